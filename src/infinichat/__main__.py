@@ -1,0 +1,3 @@
+from infinichat.cli.main import main
+
+raise SystemExit(main())

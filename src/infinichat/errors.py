@@ -1,0 +1,9 @@
+"""User-facing errors. Each message says what was wrong and what is accepted."""
+
+
+class InfinichatError(Exception):
+    """An error caused by the user's input (a file, a flag, a request), shown as one clear line."""
+
+
+class ModelLoadError(InfinichatError):
+    """A model file or folder that cannot be loaded: missing, truncated, corrupt or unsupported."""

@@ -1,0 +1,116 @@
+"""GGUF weights -> canonical float32 tensors (dequantized with the `gguf` package)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType as Q
+from gguf import GGUFReader
+from gguf.quants import dequantize
+
+from infinichat.errors import ModelLoadError
+from infinichat.model.config import ModelConfig
+from infinichat.model.weights import unpermute_rope_rows, validate
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_TYPES = (Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q4_K, Q.Q5_K, Q.Q6_K)
+_SUPPORTED_NAMES = ", ".join(t.name for t in SUPPORTED_TYPES)
+
+
+def open_reader(path: Path) -> GGUFReader:
+    try:
+        return GGUFReader(path)
+    except Exception as e:  # the gguf package raises ValueError/IndexError/... on damaged files
+        raise ModelLoadError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
+
+
+def _canonical_name(gguf_name: str) -> tuple[str, str] | None:
+    """GGUF tensor name -> (canonical name or fusion key, part). None for tensors we do not use."""
+    simple = {
+        "token_embd.weight": "embed.weight",
+        "output_norm.weight": "norm.weight",
+        "output_norm.bias": "norm.bias",
+        "output.weight": "lm_head.weight",
+        "rope_freqs.weight": "rope_freqs",
+    }
+    if gguf_name in simple:
+        return simple[gguf_name], ""
+    if not gguf_name.startswith("blk."):
+        return None
+    _, i, rest = gguf_name.split(".", 2)
+    p = f"layers.{i}."
+    part, _, kind = rest.rpartition(".")  # e.g. "attn_q", "weight"
+    table = {
+        "attn_norm": ("attn_norm", ""),
+        "ffn_norm": ("ffn_norm", ""),
+        "attn_output": ("wo", ""),
+        "attn_qkv": ("wqkv", ""),
+        "attn_q": ("wqkv", "q"),
+        "attn_k": ("wqkv", "k"),
+        "attn_v": ("wqkv", "v"),
+        "ffn_gate": ("w_in", "gate"),
+        "ffn_up": ("w_in", "up"),
+        "ffn_down": ("w_out", ""),
+    }
+    if part not in table:
+        return None
+    name, piece = table[part]
+    return f"{p}{name}.{kind}", piece
+
+
+def load_gguf_weights(
+    path: Path,
+    reader: GGUFReader,
+    cfg: ModelConfig,
+    gguf_arch: str,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Dequantize every used tensor to float32 and arrange it in the canonical layout.
+
+    llama.cpp's converter interleaves the Q/K rows of `llama`/`mistral` files for its RoPE kernel; we undo
+    that. GPT-NeoX files already store `attn_qkv` as [q | k | v] blocks, our layout.
+    """
+    permuted_rope = gguf_arch in ("llama", "mistral")
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    out: dict[str, torch.Tensor] = {}
+    tensors = list(reader.tensors)
+    for n, t in enumerate(tensors):
+        target = _canonical_name(t.name)
+        if target is None:
+            log.debug("ignoring GGUF tensor %s", t.name)
+            continue
+        if t.tensor_type not in SUPPORTED_TYPES:
+            raise ModelLoadError(
+                f"{path}: tensor {t.name} has quantization type {t.tensor_type.name}, "
+                f"which is not supported; supported: {_SUPPORTED_NAMES}"
+            )
+        shape = tuple(int(s) for s in reversed(t.shape))  # GGML lists dimensions fastest-first
+        try:
+            arr = dequantize(np.asarray(t.data), t.tensor_type).reshape(shape)
+        except Exception as e:
+            raise ModelLoadError(f"{path}: tensor {t.name} is damaged or truncated ({e})") from None
+        tensor = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
+        name, piece = target
+        if piece in ("q", "k") and permuted_rope:
+            heads = cfg.n_heads if piece == "q" else cfg.n_kv_heads
+            tensor = unpermute_rope_rows(tensor, heads)
+        if piece:
+            parts.setdefault(name, {})[piece] = tensor
+        else:
+            out[name] = tensor
+        if progress:
+            progress(n + 1, len(tensors))
+    for name, pieces in parts.items():
+        order = ("q", "k", "v") if "q" in pieces or "k" in pieces or "v" in pieces else ("gate", "up")
+        missing = [p for p in order if p not in pieces]
+        if missing:
+            raise ModelLoadError(f"{path}: tensor for {name} part {missing[0]!r} is missing")
+        out[name] = torch.cat([pieces[p] for p in order], dim=0)
+    validate(cfg, out, str(path))
+    return out
+

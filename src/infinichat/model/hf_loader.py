@@ -1,0 +1,134 @@
+"""Hugging Face checkpoint folders (config.json + one or many .safetensors) -> canonical tensors."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from infinichat.errors import ModelLoadError
+from infinichat.model.config import ModelConfig
+from infinichat.model.weights import validate
+
+log = logging.getLogger(__name__)
+
+
+def read_hf_config(folder: Path) -> dict:
+    path = folder / "config.json"
+    if not path.is_file():
+        raise ModelLoadError(f"{folder}: no config.json; a model folder needs config.json and .safetensors weights")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelLoadError(f"{path}: not valid JSON ({e})") from None
+
+
+def _read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        extra = " (PyTorch .bin checkpoints are not supported; convert them to safetensors)" if any(
+            folder.glob("*.bin")
+        ) else ""
+        raise ModelLoadError(f"{folder}: no .safetensors weight files{extra}")
+    tensors: dict[str, torch.Tensor] = {}
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as st:
+                for name in st.keys():
+                    tensors[name] = st.get_tensor(name)
+        except Exception as e:  # safetensors raises its own SafetensorError on damaged files
+            raise ModelLoadError(f"{f}: damaged or truncated safetensors file ({e})") from None
+    return tensors
+
+
+def _llama_map(i: int) -> dict[str, tuple[str, str]]:
+    hf, p = f"model.layers.{i}.", f"layers.{i}."
+    m = {
+        hf + "input_layernorm.weight": (p + "attn_norm.weight", ""),
+        hf + "post_attention_layernorm.weight": (p + "ffn_norm.weight", ""),
+        hf + "self_attn.o_proj.weight": (p + "wo.weight", ""),
+        hf + "self_attn.o_proj.bias": (p + "wo.bias", ""),
+        hf + "mlp.gate_proj.weight": (p + "w_in.weight", "gate"),
+        hf + "mlp.up_proj.weight": (p + "w_in.weight", "up"),
+        hf + "mlp.gate_proj.bias": (p + "w_in.bias", "gate"),
+        hf + "mlp.up_proj.bias": (p + "w_in.bias", "up"),
+        hf + "mlp.down_proj.weight": (p + "w_out.weight", ""),
+        hf + "mlp.down_proj.bias": (p + "w_out.bias", ""),
+    }
+    for x in "qkv":
+        m[hf + f"self_attn.{x}_proj.weight"] = (p + "wqkv.weight", x)
+        m[hf + f"self_attn.{x}_proj.bias"] = (p + "wqkv.bias", x)
+    return m
+
+
+def _neox_map(i: int) -> dict[str, tuple[str, str]]:
+    hf, p = f"gpt_neox.layers.{i}.", f"layers.{i}."
+    m = {}
+    for kind in ("weight", "bias"):
+        m[hf + f"input_layernorm.{kind}"] = (p + f"attn_norm.{kind}", "")
+        m[hf + f"post_attention_layernorm.{kind}"] = (p + f"ffn_norm.{kind}", "")
+        m[hf + f"attention.query_key_value.{kind}"] = (p + f"wqkv.{kind}", "neox_qkv")
+        m[hf + f"attention.dense.{kind}"] = (p + f"wo.{kind}", "")
+        m[hf + f"mlp.dense_h_to_4h.{kind}"] = (p + f"w_in.{kind}", "")
+        m[hf + f"mlp.dense_4h_to_h.{kind}"] = (p + f"w_out.{kind}", "")
+    return m
+
+
+def _name_map(cfg: ModelConfig) -> dict[str, tuple[str, str]]:
+    if cfg.arch == "gptneox":
+        m = {
+            "gpt_neox.embed_in.weight": ("embed.weight", ""),
+            "gpt_neox.final_layer_norm.weight": ("norm.weight", ""),
+            "gpt_neox.final_layer_norm.bias": ("norm.bias", ""),
+            "embed_out.weight": ("lm_head.weight", ""),
+        }
+        per_layer = _neox_map
+    else:
+        m = {
+            "model.embed_tokens.weight": ("embed.weight", ""),
+            "model.norm.weight": ("norm.weight", ""),
+            "lm_head.weight": ("lm_head.weight", ""),
+        }
+        per_layer = _llama_map
+    for i in range(cfg.n_layers):
+        m.update(per_layer(i))
+    return m
+
+
+def neox_qkv_to_blocks(t: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """HF GPT-NeoX query_key_value rows are per head [q, k, v]; reorder to [all q | all k | all v]."""
+    rest = t.shape[1:]
+    return t.reshape(n_heads, 3, -1, *rest).transpose(0, 1).reshape(t.shape)
+
+
+def load_hf_folder(folder: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    cfg = ModelConfig.from_hf(read_hf_config(folder), source=str(folder / "config.json"))
+    raw = _read_safetensors(folder)
+    names = _name_map(cfg)
+    out: dict[str, torch.Tensor] = {}
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for hf_name, tensor in raw.items():
+        if hf_name not in names:
+            log.debug("ignoring tensor %s", hf_name)
+            continue
+        name, piece = names[hf_name]
+        tensor = tensor.float()
+        if piece == "neox_qkv":
+            out[name] = neox_qkv_to_blocks(tensor, cfg.n_heads)
+        elif piece:
+            parts.setdefault(name, {})[piece] = tensor
+        else:
+            out[name] = tensor
+    for name, pieces in parts.items():
+        order = ("q", "k", "v") if "wqkv" in name else ("gate", "up")
+        missing = [p for p in order if p not in pieces]
+        if missing:
+            raise ModelLoadError(f"{folder}: the {missing[0]} part of {name} is missing")
+        out[name] = torch.cat([pieces[p] for p in order], dim=0)
+    if cfg.tie_embeddings:
+        out.pop("lm_head.weight", None)
+    validate(cfg, out, str(folder))
+    return cfg, out

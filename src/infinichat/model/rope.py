@@ -1,0 +1,79 @@
+"""Rotary position embeddings (half-split / GPT-NeoX layout) with linear, dynamic-NTK and llama3 scaling.
+
+Positions are explicit: cos/sin are computed for the positions of the tokens being evaluated, so the KV
+store can re-rotate keys after a removal (R(p - d) = R(-d) R(p)) with the same functions.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from infinichat.model.config import ModelConfig
+
+
+def base_inv_freq(cfg: ModelConfig, theta: float | None = None) -> torch.Tensor:
+    d = cfg.rot_dim
+    theta = cfg.rope_theta if theta is None else theta
+    return 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))  # (d/2,)
+
+
+def inv_freq_for(cfg: ModelConfig, seq_len: int = 0) -> torch.Tensor:
+    """Inverse frequencies (rot_dim/2,) float32. `seq_len` (max position + 1) matters only for dynamic NTK."""
+    rs = cfg.rope_scaling
+    if rs.kind == "none":
+        return base_inv_freq(cfg)
+    if rs.kind == "linear":
+        return base_inv_freq(cfg) / rs.factor
+    if rs.kind == "dynamic":
+        n = max(seq_len, cfg.max_position)
+        d = cfg.rot_dim
+        theta = cfg.rope_theta * ((rs.factor * n / cfg.max_position) - (rs.factor - 1)) ** (d / (d - 2))
+        return base_inv_freq(cfg, theta)
+    if rs.kind == "llama3":
+        inv = base_inv_freq(cfg)
+        low_wavelen = rs.original_max_position / rs.low_freq_factor
+        high_wavelen = rs.original_max_position / rs.high_freq_factor
+        wavelen = 2 * math.pi / inv
+        scaled = torch.where(wavelen > low_wavelen, inv / rs.factor, inv)
+        smooth = (rs.original_max_position / wavelen - rs.low_freq_factor) / (rs.high_freq_factor - rs.low_freq_factor)
+        blended = (1 - smooth) * scaled / rs.factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        return torch.where(medium, blended, scaled)
+    raise ValueError(f"unknown rope scaling {rs.kind!r}")
+
+
+class Rope:
+    """Holds the static inverse frequencies; gives (cos, sin) for explicit positions."""
+
+    def __init__(self, cfg: ModelConfig, freq_factors: torch.Tensor | None = None):
+        self.cfg = cfg
+        self.dynamic = cfg.rope_scaling.kind == "dynamic"
+        inv = inv_freq_for(cfg)
+        if freq_factors is not None:  # GGUF `rope_freqs.weight` (Llama 3.1 stores its scaling this way)
+            inv = inv / freq_factors.float()
+        self.inv_freq = inv
+
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions (T,) int -> cos, sin (T, rot_dim) in `dtype` (computed in float32)."""
+        inv = self.inv_freq
+        if self.dynamic:
+            inv = inv_freq_for(self.cfg, int(positions.max()) + 1)
+        freqs = positions.float()[:, None] * inv[None, :]  # (T, d/2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (T, d)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    h = x.shape[-1] // 2
+    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (..., T, head_dim); cos/sin (T, rot_dim). Rotates the first rot_dim dims (partial rotary)."""
+    d = cos.shape[-1]
+    if d == x.shape[-1]:
+        return x * cos + rotate_half(x) * sin
+    rot, rest = x[..., :d], x[..., d:]
+    return torch.cat((rot * cos + rotate_half(rot) * sin, rest), dim=-1)

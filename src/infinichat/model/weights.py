@@ -1,0 +1,88 @@
+"""The canonical weight layout of our forward pass, and its validation.
+
+Every loader (GGUF, safetensors folder) produces a dict of these names. Projections are fused at load
+time so the forward runs one matmul for Q/K/V and one for gate/up:
+
+    embed.weight                 (V, D)
+    layers.{i}.attn_norm.weight  (D,)          [+ .bias for LayerNorm]
+    layers.{i}.wqkv.weight       (Hq*hd + 2*Hkv*hd, D)   rows: [q heads | k heads | v heads]  [+ .bias]
+    layers.{i}.wo.weight         (D, Hq*hd)                                                  [+ .bias]
+    layers.{i}.ffn_norm.weight   (D,)          [+ .bias]
+    layers.{i}.w_in.weight       (2F, D) rows [gate | up] for gated MLPs, (F, D) otherwise   [+ .bias]
+    layers.{i}.w_out.weight      (D, F)                                                      [+ .bias]
+    norm.weight                  (D,)          [+ .bias]
+    lm_head.weight               (V, D)        absent when the embeddings are tied
+    rope_freqs                   (rot_dim/2,)  optional per-frequency divisors (GGUF Llama 3.1)
+"""
+
+from __future__ import annotations
+
+import torch
+
+from infinichat.errors import ModelLoadError
+from infinichat.model.config import ModelConfig
+
+OPTIONAL = ("rope_freqs",)
+
+
+def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    D, hd, F = cfg.dim, cfg.head_dim, cfg.ffn_dim
+    q, kv = cfg.n_heads * hd, cfg.n_kv_heads * hd
+    layer_norm = cfg.norm == "layer"
+    shapes: dict[str, tuple[int, ...]] = {"embed.weight": (cfg.vocab_size, D), "norm.weight": (D,)}
+    if layer_norm:
+        shapes["norm.bias"] = (D,)
+    if not cfg.tie_embeddings:
+        shapes["lm_head.weight"] = (cfg.vocab_size, D)
+    for i in range(cfg.n_layers):
+        p = f"layers.{i}."
+        shapes[p + "attn_norm.weight"] = (D,)
+        shapes[p + "ffn_norm.weight"] = (D,)
+        shapes[p + "wqkv.weight"] = (q + 2 * kv, D)
+        shapes[p + "wo.weight"] = (D, q)
+        shapes[p + "w_in.weight"] = (2 * F if cfg.gated_mlp else F, D)
+        shapes[p + "w_out.weight"] = (D, F)
+        if layer_norm:
+            shapes[p + "attn_norm.bias"] = (D,)
+            shapes[p + "ffn_norm.bias"] = (D,)
+        if cfg.qkv_bias:
+            shapes[p + "wqkv.bias"] = (q + 2 * kv,)
+        if cfg.out_bias:
+            shapes[p + "wo.bias"] = (D,)
+        if cfg.mlp_bias:
+            shapes[p + "w_in.bias"] = (2 * F if cfg.gated_mlp else F,)
+            shapes[p + "w_out.bias"] = (D,)
+    return shapes
+
+
+def validate(cfg: ModelConfig, weights: dict[str, torch.Tensor], source: str) -> None:
+    """Every expected tensor present with the right shape; a clear error naming the first problems."""
+    expected = expected_shapes(cfg)
+    missing = [n for n in expected if n not in weights]
+    wrong = [
+        f"{n} has shape {tuple(weights[n].shape)}, expected {shape}"
+        for n, shape in expected.items()
+        if n in weights and tuple(weights[n].shape) != shape
+    ]
+    if missing:
+        more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
+        raise ModelLoadError(f"{source}: missing tensors {', '.join(missing[:3])}{more}")
+    if wrong:
+        raise ModelLoadError(f"{source}: {wrong[0]}" + (f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else ""))
+
+
+def unpermute_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Undo llama.cpp's GGUF Q/K row order (interleaved RoPE pairs) back to the half-split layout.
+
+    GGUF stores, per head, rows as (pair, 2) where the HF layout is (2, pair); w is (n_heads*hd, ...) .
+    """
+    hd = w.shape[0] // n_heads
+    rest = w.shape[1:]
+    return w.reshape(n_heads, hd // 2, 2, *rest).transpose(1, 2).reshape(w.shape)
+
+
+def permute_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """HF half-split layout -> llama.cpp's GGUF interleaved layout (the inverse of `unpermute_rope_rows`)."""
+    hd = w.shape[0] // n_heads
+    rest = w.shape[1:]
+    return w.reshape(n_heads, 2, hd // 2, *rest).transpose(1, 2).reshape(w.shape)

@@ -1,0 +1,110 @@
+"""Our forward pass against transformers, per architecture, on tiny random-weight models (fp32, 1e-4).
+
+Each model is built with transformers, saved as a HF folder, loaded by our HF loader and compared for a
+prefill and for 20 decode steps after it (both sides decode incrementally with their own KV cache).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from infinichat.kv.cache import KVCache
+from infinichat.model.hf_loader import load_hf_folder
+from infinichat.model.transformer import Transformer
+
+transformers = pytest.importorskip("transformers")
+from transformers import DynamicCache  # noqa: E402
+
+TOL = 1e-4
+PREFILL, DECODE = 24, 20
+
+_small = dict(vocab_size=211, hidden_size=64, intermediate_size=96, num_hidden_layers=3, initializer_range=0.08)
+
+
+def _llama(**kw):
+    return transformers.LlamaConfig(**{**_small, "num_attention_heads": 4, "num_key_value_heads": 4, **kw})
+
+
+ARCHS = {
+    "llama2": lambda: _llama(max_position_embeddings=128),
+    "llama3-gqa": lambda: _llama(num_key_value_heads=2, rope_theta=500000.0, max_position_embeddings=128),
+    "llama3.1-rope-scaling": lambda: _llama(
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        rope_parameters={
+            "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 16,
+        },
+    ),
+    "llama-linear-scaling": lambda: _llama(
+        max_position_embeddings=128, rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0}
+    ),
+    # max_position 32 < 44 tokens: the dynamic NTK base changes at every decode step past 32
+    "llama-dynamic-ntk": lambda: _llama(
+        max_position_embeddings=32, rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0}
+    ),
+    "smollm-tied": lambda: _llama(num_key_value_heads=1, tie_word_embeddings=True, max_position_embeddings=128),
+    "tinyllama": lambda: _llama(num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=128),
+    "mistral": lambda: transformers.MistralConfig(
+        **{**_small, "num_attention_heads": 4, "num_key_value_heads": 2, "sliding_window": None}
+    ),
+    "qwen2-qkv-bias": lambda: transformers.Qwen2Config(
+        **{**_small, "num_attention_heads": 4, "num_key_value_heads": 2, "tie_word_embeddings": False}
+    ),
+    "pythia": lambda: transformers.GPTNeoXConfig(
+        **{**_small, "num_attention_heads": 4, "rotary_pct": 0.25, "use_parallel_residual": True}
+    ),
+    "gptneox-sequential": lambda: transformers.GPTNeoXConfig(
+        **{**_small, "num_attention_heads": 4, "rotary_pct": 0.5, "use_parallel_residual": False}
+    ),
+}
+
+
+def _build(name, tmp_path):
+    torch.manual_seed(0)
+    hf_cfg = ARCHS[name]()
+    model = transformers.AutoModelForCausalLM.from_config(hf_cfg).eval().float()
+    with torch.no_grad():  # biases are zero-initialised: give them values so they are really tested
+        for n, p in model.named_parameters():
+            if n.endswith(".bias"):
+                p.normal_(0, 0.05)
+    folder = tmp_path / name
+    model.save_pretrained(folder)
+    cfg, weights = load_hf_folder(folder)
+    return model, cfg, Transformer(cfg, weights, torch.float32)
+
+
+@pytest.mark.parametrize("name", list(ARCHS))
+def test_prefill_and_decode_match_transformers(name, tmp_path):
+    ref, cfg, ours = _build(name, tmp_path)
+    g = torch.Generator().manual_seed(1)
+    prompt = torch.randint(0, cfg.vocab_size, (PREFILL,), generator=g)
+    follow = torch.randint(0, cfg.vocab_size, (DECODE,), generator=g)
+
+    cache = KVCache(cfg, 64)
+    got = [ours(prompt, torch.arange(PREFILL), cache, 0, all_logits=True)]  # (T, V)
+    with torch.no_grad():
+        hf_cache = DynamicCache(config=ref.config)
+        out = ref(prompt[None], past_key_values=hf_cache, use_cache=True)
+        want = [out.logits[0]]
+        for t, tok in enumerate(follow.tolist()):
+            pos = PREFILL + t
+            got.append(ours(torch.tensor([tok]), torch.tensor([pos]), cache, pos)[None])
+            out = ref(torch.tensor([[tok]]), past_key_values=out.past_key_values, use_cache=True)
+            want.append(out.logits[0])
+    got_t, want_t = torch.cat(got), torch.cat(want)
+    assert got_t.shape == (PREFILL + DECODE, cfg.vocab_size)
+    assert want_t.abs().max() > 0.05, "logits too small for the comparison to mean anything"
+    diff = (got_t - want_t).abs().max().item()
+    assert diff <= TOL, f"{name}: max abs diff {diff:.2e} > {TOL}"
+
+
+def test_chunked_prefill_equals_one_prefill(tmp_path):
+    """Prefill in chunks (the causal mask with an offset) gives the same logits as one prefill."""
+    _, cfg, ours = _build("llama3-gqa", tmp_path)
+    ids = torch.randint(0, cfg.vocab_size, (30,), generator=torch.Generator().manual_seed(2))
+    whole = ours(ids, torch.arange(30), KVCache(cfg, 32), 0, all_logits=True)
+    cache = KVCache(cfg, 32)
+    parts = [ours(ids[a:b], torch.arange(a, b), cache, a, all_logits=True) for a, b in ((0, 7), (7, 19), (19, 30))]
+    assert (torch.cat(parts) - whole).abs().max().item() <= 1e-5
