@@ -26,10 +26,13 @@ def open_reader(path: Path) -> GGUFReader:
     try:
         return GGUFReader(path)
     except Exception as e:  # the gguf package raises ValueError/IndexError/... on damaged files
-        raise ModelLoadError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
+        raise ModelLoadError(
+            f"{path}: damaged or truncated GGUF file, its tensor data cannot be read ({type(e).__name__}: {e}); "
+            "download or convert it again"
+        ) from None
 
 
-def _canonical_name(gguf_name: str) -> tuple[str, str] | None:
+def _canonical_name(gguf_name: str, gated_mlp: bool) -> tuple[str, str] | None:
     """GGUF tensor name -> (canonical name or fusion key, part). None for tensors we do not use."""
     simple = {
         "token_embd.weight": "embed.weight",
@@ -54,7 +57,7 @@ def _canonical_name(gguf_name: str) -> tuple[str, str] | None:
         "attn_k": ("wqkv", "k"),
         "attn_v": ("wqkv", "v"),
         "ffn_gate": ("w_in", "gate"),
-        "ffn_up": ("w_in", "up"),
+        "ffn_up": ("w_in", "up" if gated_mlp else ""),  # GPT-NeoX: no gate, ffn_up is the whole w_in
         "ffn_down": ("w_out", ""),
     }
     if part not in table:
@@ -80,7 +83,7 @@ def load_gguf_weights(
     out: dict[str, torch.Tensor] = {}
     tensors = list(reader.tensors)
     for n, t in enumerate(tensors):
-        target = _canonical_name(t.name)
+        target = _canonical_name(t.name, cfg.gated_mlp)
         if target is None:
             log.debug("ignoring GGUF tensor %s", t.name)
             continue
@@ -94,7 +97,7 @@ def load_gguf_weights(
             arr = dequantize(np.asarray(t.data), t.tensor_type).reshape(shape)
         except Exception as e:
             raise ModelLoadError(f"{path}: tensor {t.name} is damaged or truncated ({e})") from None
-        tensor = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
+        tensor = torch.from_numpy(np.array(arr, dtype=np.float32))  # a writable copy
         name, piece = target
         if piece in ("q", "k") and permuted_rope:
             heads = cfg.n_heads if piece == "q" else cfg.n_kv_heads

@@ -1,0 +1,309 @@
+"""Token sampling: repetition / presence / frequency penalties, top-k, top-p, min-p, temperature, seeded draw.
+
+The order is llama.cpp's default chain: penalties -> top_k -> top_p -> min_p -> temperature -> draw.
+top_p and min_p therefore see temperature-1 probabilities of the tokens that survived the filters
+before them. Ties at a cut are all kept (top_k and top_p), so a result never depends on the order of
+equal logits.
+
+Every piece is a free function on a 1-D logits tensor (`apply_penalties`, `apply_top_k`,
+`apply_top_p`, `apply_min_p`) that never modifies its input. `Sampler` runs the same selections on a
+shrinking candidate set (no full-vocab sort: top_k uses torch.topk, top_p sorts only the tokens near
+the best) and owns the seeded `torch.Generator`. The draw is one uniform number per step (inverse
+CDF), so the same seed gives the same tokens on the same device.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from infinichat.errors import InfinichatError
+
+log = logging.getLogger(__name__)
+
+MAX_TOP_LOGPROBS = 20
+PENALTY_RANGE = 2.0  # presence / frequency penalties accepted in [-2, 2], as in the OpenAI API
+_NO_MASS = "cannot sample: every logit is -inf or NaN after the filters"
+_TOP_P_GAPS = (6.0, 12.0, math.inf)  # top_p sorts tokens within this many nats of the best, widening if < p
+
+
+@dataclass
+class SamplingParams:
+    temperature: float = 0.7  # 0 => greedy
+    top_k: int = 0  # 0 => off
+    top_p: float = 1.0  # 1 => off
+    min_p: float = 0.0  # 0 => off
+    repetition_penalty: float = 1.0  # logit > 0 -> logit / penalty, else logit * penalty (distinct tokens)
+    repeat_last_n: int = 64  # look-back window of the three penalties; 0 => off, -1 => whole history
+    presence_penalty: float = 0.0  # logit -= presence * (count > 0)
+    frequency_penalty: float = 0.0  # logit -= frequency * count
+    seed: int | None = None  # None => a random seed (see Sampler.seed)
+    max_tokens: int = 256
+    stop: tuple[str, ...] = ()
+    top_logprobs: int = 0  # alternatives returned per step, 0..20
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = (self.stop,)
+        elif isinstance(self.stop, list):
+            self.stop = tuple(self.stop)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def validate(self) -> None:
+        """Raise InfinichatError naming the first bad field, its value and what is accepted."""
+        _check_real("temperature", self.temperature, 0.0, math.inf, "a number >= 0 (0 = greedy)")
+        _check_int("top_k", self.top_k, 0, None, "an integer >= 0 (0 = off)")
+        if not _is_real(self.top_p) or not 0.0 < self.top_p <= 1.0:
+            _bad("top_p", self.top_p, "a number in (0, 1] (1 = off)")
+        _check_real("min_p", self.min_p, 0.0, 1.0, "a number in [0, 1] (0 = off)")
+        if not _is_real(self.repetition_penalty) or not 0.0 < self.repetition_penalty < math.inf:
+            _bad("repetition_penalty", self.repetition_penalty, "a finite number > 0 (1 = off)")
+        _check_int("repeat_last_n", self.repeat_last_n, -1, None, "an integer >= -1 (0 = off, -1 = whole history)")
+        accepted = f"a number in [-{PENALTY_RANGE:g}, {PENALTY_RANGE:g}] (0 = off)"
+        _check_real("presence_penalty", self.presence_penalty, -PENALTY_RANGE, PENALTY_RANGE, accepted)
+        _check_real("frequency_penalty", self.frequency_penalty, -PENALTY_RANGE, PENALTY_RANGE, accepted)
+        if self.seed is not None:
+            _check_int("seed", self.seed, 0, 2**64 - 1, "null or an integer in [0, 2**64 - 1]")
+        _check_int("max_tokens", self.max_tokens, 1, None, "an integer >= 1")
+        if not isinstance(self.stop, tuple) or not all(isinstance(s, str) and s for s in self.stop):
+            _bad("stop", self.stop, "a list of non-empty strings")
+        _check_int("top_logprobs", self.top_logprobs, 0, MAX_TOP_LOGPROBS, f"an integer in [0, {MAX_TOP_LOGPROBS}]")
+
+
+def _is_real(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v)
+
+
+def _bad(name: str, value: object, accepted: str) -> None:
+    raise InfinichatError(f"sampling parameter {name}={value!r} is not accepted; expected {accepted}")
+
+
+def _check_real(name: str, value: object, lo: float, hi: float, accepted: str) -> None:
+    if not _is_real(value) or not lo <= value <= hi or math.isinf(value):
+        _bad(name, value, accepted)
+
+
+def _check_int(name: str, value: object, lo: int, hi: int | None, accepted: str) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < lo or (hi is not None and value > hi):
+        _bad(name, value, accepted)
+
+
+@dataclass
+class SampledToken:
+    token: int
+    logprob: float  # log-prob of `token` under the final distribution (greedy: after penalties, temperature 1)
+    top: list[tuple[int, float]] = field(default_factory=list)  # (id, logprob), best first
+
+
+# ---------------------------------------------------------------------------------------------------
+# Pure pieces. Each takes 1-D logits and returns a new tensor; the input is never modified.
+
+
+def penalty_window(history: Sequence[int] | torch.Tensor, repeat_last_n: int) -> torch.Tensor:
+    """The token ids the penalties look at: the last `repeat_last_n` of history (-1: all, 0: none)."""
+    if repeat_last_n == 0 or len(history) == 0:
+        return torch.empty(0, dtype=torch.long)
+    tail = history if repeat_last_n < 0 else history[-repeat_last_n:]
+    if isinstance(tail, torch.Tensor):
+        return tail.reshape(-1).long()
+    return torch.as_tensor(list(tail), dtype=torch.long)  # (n,)
+
+
+def _penalties_active(params: SamplingParams) -> bool:
+    return params.repeat_last_n != 0 and (
+        params.repetition_penalty != 1.0 or params.presence_penalty != 0.0 or params.frequency_penalty != 0.0
+    )
+
+
+def _penalize_(x: torch.Tensor, window: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """In place on float32 `x` (V,): repetition (once per distinct id), then presence and frequency."""
+    V = x.shape[0]
+    window = window.to(x.device)
+    window = window[(window >= 0) & (window < V)]  # (n,) ids outside the logits cannot be penalized
+    if window.numel() == 0:
+        return x
+    ids, counts = torch.unique(window, return_counts=True)  # (u,), (u,)
+    vals = x[ids]  # (u,)
+    if params.repetition_penalty != 1.0:
+        rp = params.repetition_penalty
+        vals = torch.where(vals > 0, vals / rp, vals * rp)
+    if params.presence_penalty != 0.0 or params.frequency_penalty != 0.0:
+        vals = vals - params.frequency_penalty * counts.to(vals.dtype) - params.presence_penalty
+    x[ids] = vals
+    return x
+
+
+def apply_penalties(
+    logits: torch.Tensor, history: Sequence[int] | torch.Tensor, params: SamplingParams
+) -> torch.Tensor:
+    """llama.cpp penalties over the look-back window, on a float32 copy of `logits` (V,).
+
+    repetition: each distinct id in the window once, logit > 0 -> logit / penalty, else logit * penalty;
+    then logit -= frequency_penalty * count + presence_penalty * (count > 0).
+    """
+    x = logits.detach().to(torch.float32, copy=True)  # (V,)
+    if not _penalties_active(params):
+        return x
+    return _penalize_(x, penalty_window(history, params.repeat_last_n), params)
+
+
+def _keep_only(logits: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    out = torch.full_like(logits, -math.inf)  # (n,)
+    out[keep] = logits[keep]
+    return out
+
+
+def _nonzero(mask: torch.Tensor) -> torch.Tensor:
+    return torch.nonzero(mask).squeeze(1)  # (m,) indices where mask is true
+
+
+def _top_k_keep(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k largest logits plus any tied with the k-th (k < n)."""
+    vals, idx = torch.topk(logits, k + 1)  # (k+1,) sorted; the extra one tells whether the cut splits ties
+    if vals[-1] < vals[-2]:
+        return idx[:-1]  # (k,)
+    return _nonzero(logits >= vals[-2])
+
+
+def _top_p_keep(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Indices of the smallest set of best tokens whose mass (softmax of logits) is >= p, plus ties.
+
+    Only the tokens within a few nats of the best are sorted, unless they hold less than p of the mass.
+    """
+    best = logits.max()
+    if not torch.isfinite(best):  # all -inf, or NaN: nothing to rank; let the caller see it
+        return torch.arange(logits.shape[0], device=logits.device)
+    lse = torch.logsumexp(logits, dim=-1).double()  # ()
+    for gap in _TOP_P_GAPS:
+        near_ids = _nonzero(logits >= best - gap) if gap < math.inf else _nonzero(logits > -math.inf)  # (m,)
+        near = logits[near_ids]  # (m,) every token of the set is among these
+        vals = torch.sort(near, descending=True).values  # (m,) best first
+        mass = torch.exp(vals.double() - lse).cumsum(0)  # (m,) cumulative probability, float64
+        if mass[-1] >= p or gap == math.inf:
+            break
+    cut = min(int(torch.searchsorted(mass, p)), mass.shape[0] - 1)  # first position reaching p
+    return near_ids[near >= vals[cut]]
+
+
+def _min_p_keep(logits: torch.Tensor, min_p: float) -> torch.Tensor:
+    return _nonzero(logits >= logits.max() + math.log(min_p))  # p >= min_p * p_max
+
+
+def apply_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the k largest logits (and any tied with the k-th); mask the rest to -inf. k = 0: off."""
+    if k <= 0 or k >= logits.shape[-1]:
+        return logits.clone()
+    return _keep_only(logits, _top_k_keep(logits, k))
+
+
+def apply_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Keep the smallest set of best tokens whose probability mass (softmax of `logits`) is >= p.
+
+    Tokens tied with the last one kept are kept too; at least one token always survives. p = 1: off.
+    """
+    if p >= 1.0:
+        return logits.clone()
+    return _keep_only(logits, _top_p_keep(logits, p))
+
+
+def apply_min_p(logits: torch.Tensor, min_p: float) -> torch.Tensor:
+    """Keep tokens with p >= min_p * p_max (i.e. logit >= max logit + log(min_p)). min_p = 0: off."""
+    if min_p <= 0.0:
+        return logits.clone()
+    return _keep_only(logits, _min_p_keep(logits, min_p))
+
+
+# ---------------------------------------------------------------------------------------------------
+
+
+class Sampler:
+    """Samples one sequence's tokens with fixed params and its own seeded generator.
+
+    The generator is created on the device of the first logits it sees; same seed and device ->
+    same tokens.
+    """
+
+    def __init__(self, params: SamplingParams, vocab_size: int) -> None:
+        params.validate()
+        if vocab_size <= 0:
+            raise ValueError(f"vocab_size must be > 0, got {vocab_size}")
+        self.params = params
+        self.vocab_size = vocab_size
+        self.seed: int = params.seed if params.seed is not None else secrets.randbits(63)
+        self._generator: torch.Generator | None = None
+        self._work: torch.Tensor | None = None  # (V,) float32 scratch, reused every step
+
+    def _setup(self, device: torch.device) -> torch.Tensor:
+        if self._work is None or self._work.device != device:
+            if self._generator is not None:
+                log.warning("sampler moved from %s to %s; the seeded stream restarts", self._work.device, device)
+            self._generator = torch.Generator(device=device)
+            self._generator.manual_seed(self.seed)
+            self._work = torch.empty(self.vocab_size, dtype=torch.float32, device=device)
+        return self._work
+
+    def sample(self, logits: torch.Tensor, history: Sequence[int] | torch.Tensor) -> SampledToken:
+        """Pick the next token from `logits` (V,), any float dtype; `history` = all ids so far."""
+        if logits.shape != (self.vocab_size,):
+            raise ValueError(f"logits must have shape ({self.vocab_size},), got {tuple(logits.shape)}")
+        p = self.params
+        x = self._setup(logits.device).copy_(logits)  # (V,) float32
+        if _penalties_active(p):
+            _penalize_(x, penalty_window(history, p.repeat_last_n), p)
+
+        if p.greedy:
+            j = int(torch.argmax(x))
+            lse = float(torch.logsumexp(x, dim=0))  # temperature 1
+            top = [(i, v - lse) for i, v in _top(x, None, p.top_logprobs)]
+            return SampledToken(j, float(x[j]) - lse, top)
+
+        # Each filter shrinks the candidate set; `ids` maps candidates to vocab ids (None: the whole vocab).
+        ids: torch.Tensor | None = None
+        cand = x  # (n,)
+        for keep_fn, arg, on in (
+            (_top_k_keep, p.top_k, 0 < p.top_k < cand.shape[0]),
+            (_top_p_keep, p.top_p, p.top_p < 1.0),
+            (_min_p_keep, p.min_p, p.min_p > 0.0),
+        ):
+            if on:
+                keep = keep_fn(cand, arg)  # (m,) positions in cand
+                if keep.numel() == 0:
+                    raise ValueError(_NO_MASS)
+                cand = cand[keep]  # (m,)
+                ids = keep if ids is None else ids[keep]
+        scaled = cand.div_(p.temperature)  # (n,) cand is a scratch buffer or a fresh gather
+
+        probs = torch.softmax(scaled, dim=0)  # (n,)
+        cdf = torch.cumsum(probs, dim=0)  # (n,)
+        total = float(cdf[-1])
+        if not total > 0 or math.isinf(total):
+            raise ValueError(_NO_MASS)
+        u = float(torch.rand((), generator=self._generator, device=x.device)) * total  # inverse CDF draw
+        j = min(int(torch.searchsorted(cdf, u, right=True)), cdf.shape[0] - 1)
+        pj = float(probs[j])
+        if pj <= 0:  # u rounded up onto the total: take the last token that has mass
+            j = int(torch.nonzero(probs).max())
+            pj = float(probs[j])
+        token = j if ids is None else int(ids[j])
+        if p.top_logprobs:
+            logp = torch.log_softmax(scaled, dim=0)  # (n,)
+            return SampledToken(token, float(logp[j]), _top(logp, ids, p.top_logprobs))
+        return SampledToken(token, math.log(pj))
+
+
+def _top(logp: torch.Tensor, ids: torch.Tensor | None, n: int) -> list[tuple[int, float]]:
+    """The n best (id, score) of `logp` (n_cand,), best first; tokens masked to -inf are left out."""
+    if n <= 0:
+        return []
+    vals, idx = torch.topk(logp, min(n, logp.shape[0]))  # (n,), sorted
+    if ids is not None:
+        idx = ids[idx]
+    return [(int(i), float(v)) for i, v in zip(idx.tolist(), vals.tolist()) if v > -math.inf]

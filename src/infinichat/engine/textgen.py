@@ -1,0 +1,63 @@
+"""Text streaming over the engine's token loop: whole UTF-8 characters only, and stop strings."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+from infinichat.engine.detok import StopMatcher, StreamDecoder
+from infinichat.engine.sampling import SamplingParams
+from infinichat.engine.torch_engine import Step, TorchEngine
+from infinichat.kv.cache import KVCache
+
+
+@dataclass
+class TextChunk:
+    """New text (possibly empty while a character or a possible stop string is incomplete) and the step."""
+
+    text: str
+    step: Step | None  # None for the final flush
+
+
+@dataclass
+class Generation:
+    """What a finished generation produced."""
+
+    tokens: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str = "length"  # "stop" (EOS or a stop string) | "length" | "cancelled"
+
+
+def stream_text(
+    engine: TorchEngine,
+    tokenizer,
+    cache: KVCache,
+    prompt: Sequence[int],
+    params: SamplingParams,
+    history: Sequence[int] = (),
+    should_stop: Callable[[], bool] | None = None,
+    result: Generation | None = None,
+) -> Iterator[TextChunk]:
+    """Yield text chunks as tokens are generated; fill `result` (tokens, text, finish reason) as it goes."""
+    result = result if result is not None else Generation()
+    decoder = StreamDecoder(tokenizer, skip_special=True, prefix_ids=list(prompt[-4:]))
+    stops = StopMatcher(params.stop)
+    n = 0
+    for step in engine.generate(cache, prompt, params, history=history, should_stop=should_stop):
+        n += 1
+        result.tokens.append(step.token)
+        text, hit = stops.push(decoder.push(step.token))
+        result.text += text
+        yield TextChunk(text, step)
+        if hit:
+            result.finish_reason = "stop"
+            return
+    tail, hit = stops.push(decoder.flush())
+    tail += "" if hit else stops.flush()
+    result.text += tail
+    if should_stop is not None and should_stop():
+        result.finish_reason = "cancelled"
+    elif hit or (n < params.max_tokens and cache.length < cache.capacity):
+        result.finish_reason = "stop"  # a stop string at the very end, or EOS
+    if tail:
+        yield TextChunk(tail, None)

