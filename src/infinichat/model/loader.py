@@ -150,6 +150,22 @@ def _convert_gguf(path: Path, target: Path, show_progress: bool) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _cached_weights(entry: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The converted weights in `dtype`, memory-mapped; made from the float32 file on first use of a dtype
+    (later starts skip both the conversion and reading the twice-larger float32 file)."""
+    if dtype == torch.float32:
+        return load_file(str(entry / "weights.safetensors"))
+    path = entry / f"weights-{str(dtype).removeprefix('torch.')}.safetensors"
+    if not path.is_file():
+        weights = {n: t if n == "rope_freqs" else t.to(dtype) for n, t in load_file(str(entry / "weights.safetensors")).items()}
+        fd, tmp = tempfile.mkstemp(dir=entry, prefix=".tmp-", suffix=".safetensors")
+        os.close(fd)
+        save_file(weights, tmp)
+        os.replace(tmp, path)
+        return weights
+    return load_file(str(path))
+
+
 def load_model(
     path: Path | str | None = None,
     dtype: torch.dtype | str = torch.bfloat16,
@@ -182,7 +198,7 @@ def load_model(
         _convert_gguf(path, entry, show_progress)
     try:
         cfg = config_from_json((entry / "config.json").read_text())
-        weights = load_file(str(entry / "weights.safetensors"))
+        weights = _cached_weights(entry, dtype)
         tokenizer = Tokenizer.from_saved(entry / "tokenizer")
         name = json.loads((entry / "source.json").read_text()).get("name", path.stem)
     except Exception as e:  # a damaged cache entry: convert again rather than fail
