@@ -82,7 +82,7 @@ def _run_prompt(args: argparse.Namespace, messages: list[dict] | None, raw: str 
         ids = tok.encode(tok.apply_chat_template(messages, add_generation_prompt=True), add_bos=tok.add_bos)
     else:
         ids = tok.encode(raw, add_bos=tok.add_bos, parse_special=False)
-    cache = engine.new_cache(args.ctx or None)
+    cache = engine.new_sequence(budget=args.ctx or None, policy="streaming")  # never runs out of room
     console = _console()
     steps = _stream(console, stream_text(engine, tok, cache, ids, params))
     if getattr(args, "show_probs", False):
@@ -119,8 +119,8 @@ def chat(args: argparse.Namespace) -> int:
     params = _params(args)  # bad flags are reported before the (possibly slow) model load
     loaded, engine = _load(args)
     tok = loaded.tokenizer
-    cache = engine.new_cache(args.ctx or None)
-    cached: list[int] = []  # token ids in the cache, slot by slot
+    # StreamingLLM: the conversation never runs out of room; the oldest turns are evicted past the budget
+    cache = engine.new_sequence(budget=args.ctx or None, policy="streaming")
     messages: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
     console = _console()
     console.print(f"[dim]{loaded.name} · {cache.capacity} tokens of context · :exit to leave[/]")
@@ -137,22 +137,14 @@ def chat(args: argparse.Namespace) -> int:
             return 0
         messages.append({"role": "user", "content": text})
         ids = tok.encode(tok.apply_chat_template(messages, add_generation_prompt=True), add_bos=tok.add_bos)
-        keep = _common_prefix(cached, ids, limit=len(ids) - 1)
-        cache.length = keep
-        if len(ids) - keep + params.max_tokens > cache.capacity - keep:
-            messages.pop()
-            console.print(
-                f"[red]the conversation is full ({len(ids)} of {cache.capacity} tokens); "
-                "start a new chat or raise --ctx (unlimited chats come with the KV store)[/]"
-            )
-            continue
-        result = Generation()
+        keep = _common_prefix(cache.token_ids(), ids, limit=len(ids) - 1)
+        cache.truncate(keep)  # after evictions the cache no longer holds the whole history: re-feed from
+        result = Generation()  # the first difference (the sessions layer replaces this with per-turn segments)
         console.print("[bold cyan]bot>[/] ", end="")
         try:
             _stream(console, stream_text(engine, tok, cache, ids[keep:], params, history=ids[:keep], result=result))
         except KeyboardInterrupt:
             console.print("[dim] (stopped)[/]")
-        cached = ids + result.tokens[: cache.length - len(ids)]
         messages.append({"role": "assistant", "content": result.text})
 
 

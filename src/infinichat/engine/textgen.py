@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from infinichat.engine.detok import StopMatcher, StreamDecoder
 from infinichat.engine.sampling import SamplingParams
 from infinichat.engine.torch_engine import Step, TorchEngine
-from infinichat.kv.cache import KVCache
+from infinichat.kv.sequence import KVSequence
 
 
 @dataclass
@@ -31,7 +31,7 @@ class Generation:
 def stream_text(
     engine: TorchEngine,
     tokenizer,
-    cache: KVCache,
+    cache: KVSequence,
     prompt: Sequence[int],
     params: SamplingParams,
     history: Sequence[int] = (),
@@ -57,7 +57,7 @@ def stream_text(
     result.text += tail
     if should_stop is not None and should_stop():
         result.finish_reason = "cancelled"
-    elif hit or (n < params.max_tokens and cache.length < cache.capacity):
+    elif hit or (n < params.max_tokens and not cache.full):
         result.finish_reason = "stop"  # a stop string at the very end, or EOS
     if tail:
         yield TextChunk(tail, None)

@@ -1,7 +1,9 @@
 """The PyTorch engine: token ids in, logits / sampled tokens out. No chat templates, no JSON.
 
-gpt-fast style: `prefill` and `decode_one` are small methods over an explicit cache; `generate` is the
-loop that samples, checks stop conditions and yields one `Step` per token.
+gpt-fast style: `prefill` and `decode_one` are small methods over an explicit cache (a `kv.KVSequence`);
+`generate` is the loop that samples, checks stop conditions and yields one `Step` per token. Before each
+forward call the sequence makes room within its budget through its eviction policy; a policy that asks
+for recomputation leaves stale slots, which are re-evaluated here before the new tokens.
 """
 
 from __future__ import annotations
@@ -15,13 +17,16 @@ import torch
 
 from infinichat.engine.sampling import Sampler, SamplingParams
 from infinichat.errors import InfinichatError
-from infinichat.kv.cache import KVCache
+from infinichat.kv.policy import EvictionPolicy
+from infinichat.kv.registry import make_policy
+from infinichat.kv.sequence import KVSequence
+from infinichat.kv.store import KVStore
 from infinichat.model.config import ModelConfig
 from infinichat.model.transformer import Transformer
 
 log = logging.getLogger(__name__)
 
-PREFILL_CHUNK = 1024  # tokens per forward call while prefilling (bounds the attention-mask memory)
+PREFILL_CHUNK = 1024  # max tokens per forward call while prefilling (bounds the attention-mask memory)
 
 
 def physical_cores() -> int:
@@ -63,43 +68,72 @@ class TorchEngine:
         self.cfg: ModelConfig = model.cfg
         self.eos_ids = frozenset(eos_ids)
 
-    def new_cache(self, capacity: int | None = None) -> KVCache:
-        return KVCache(self.cfg, capacity or self.cfg.max_position, self.model.dtype)
+    def new_sequence(
+        self,
+        budget: int | None = None,
+        policy: str | EvictionPolicy = "full",
+        capacity: int | None = None,
+        **policy_params,
+    ) -> KVSequence:
+        """A KV sequence holding at most `budget` tokens (default: the capacity), evicting with `policy`
+        (a name from `kv.POLICIES` plus its parameters, or a policy object). The capacity defaults to the
+        budget, else the model's trained context; positions never reach it."""
+        capacity = capacity or budget or self.cfg.max_position
+        store = KVStore(self.cfg, capacity, self.model.dtype, rope=self.model.rope)
+        return KVSequence(store, budget, make_policy(policy, **policy_params))
+
+    def new_cache(self, capacity: int | None = None) -> KVSequence:
+        """A sequence that never evicts (the `full` policy) with room for `capacity` tokens."""
+        return self.new_sequence(capacity=capacity)
 
     # ------------------------------------------------------------------ forward wrappers
-    def prefill(self, cache: KVCache, tokens: Sequence[int], all_logits: bool = False) -> torch.Tensor:
-        """Append `tokens` to the cache; logits of the last token (V,), or of every token (T, V)."""
-        if not tokens:
+    def prefill(
+        self, seq: KVSequence, tokens: Sequence[int], all_logits: bool = False, chunk: int | None = None
+    ) -> torch.Tensor:
+        """Append `tokens` to the sequence; logits of the last token (V,), or of every token (T, V).
+        Tokens are evaluated in forward calls of at most `chunk` tokens (and what the policy allows); the
+        budget is enforced before each call, so a long text streams through a small cache."""
+        if len(tokens) == 0:
             raise InfinichatError("cannot evaluate an empty token list")
-        if cache.length + len(tokens) > cache.capacity:
-            raise InfinichatError(
-                f"the context is full: {cache.length} cached + {len(tokens)} new tokens > capacity {cache.capacity}"
-            )
-        ids = torch.tensor(tokens, dtype=torch.long)
+        if not seq.policy.drops_tokens and seq.length + len(tokens) > seq.budget:
+            seq.make_room(len(tokens))  # raises the policy's "context is full" error before any work
+        ids = torch.as_tensor(tokens, dtype=torch.long)
         outs = []
-        for a in range(0, len(tokens), PREFILL_CHUNK):
-            chunk = ids[a : a + PREFILL_CHUNK]
-            start = cache.length
-            positions = torch.arange(start, start + len(chunk))
-            last = a + PREFILL_CHUNK >= len(tokens)
-            out = self.model(chunk, positions, cache, start, all_logits=all_logits)
-            cache.length += len(chunk)
-            if all_logits or last:
+        a = 0
+        while a < len(tokens):
+            step = min(chunk or PREFILL_CHUNK, PREFILL_CHUNK, seq.policy.prefill_chunk(seq))
+            out = self._append(seq, ids[a : a + step], all_logits)
+            a += step
+            if all_logits or a >= len(tokens):
                 outs.append(out)
         return torch.cat(outs) if all_logits else outs[-1]
 
-    def decode_one(self, cache: KVCache, token: int) -> torch.Tensor:
-        if cache.length + 1 > cache.capacity:
-            raise InfinichatError(f"the context is full: {cache.length} tokens, capacity {cache.capacity}")
-        start = cache.length
-        logits = self.model(torch.tensor([token]), torch.tensor([start]), cache, start)
-        cache.length += 1
-        return logits
+    def decode_one(self, seq: KVSequence, token: int) -> torch.Tensor:
+        return self._append(seq, torch.tensor([token]), False)
+
+    def _append(self, seq: KVSequence, ids: torch.Tensor, all_logits: bool) -> torch.Tensor:
+        """One forward call: make room within the budget, recompute stale slots, evaluate `ids` (T,)."""
+        seq.make_room(ids.shape[0])
+        if seq.stale_from is not None:
+            self._recompute(seq)
+        start = seq.length
+        positions = seq.next_positions(ids.shape[0])
+        out = self.model(ids, positions, seq.store, start, all_logits=all_logits)
+        seq.append(ids, positions)
+        return out
+
+    def _recompute(self, seq: KVSequence) -> None:
+        """Re-evaluate the K/V of slots [stale_from, length) in place (a recomputing policy evicted)."""
+        store, end = seq.store, seq.length
+        for a in range(seq.stale_from, end, PREFILL_CHUNK):
+            b = min(a + PREFILL_CHUNK, end)
+            self.model(store.tokens[a:b], store.positions[a:b], store, a)
+        seq.mark_fresh()
 
     # ------------------------------------------------------------------ the loop
     def generate(
         self,
-        cache: KVCache,
+        cache: KVSequence,
         prompt: Sequence[int],
         params: SamplingParams,
         history: Sequence[int] = (),
@@ -107,8 +141,9 @@ class TorchEngine:
         logits: torch.Tensor | None = None,
     ) -> Iterator[Step]:
         """Evaluate `prompt` (may be empty when `logits` of the last cached token are given), then sample up
-        to `params.max_tokens` tokens, yielding each. Stops at an EOS token (not yielded) or when
-        `should_stop()` says so. `history` = the tokens already in the cache, for repetition penalties.
+        to `params.max_tokens` tokens, yielding each. Stops at an EOS token (not yielded), when
+        `should_stop()` says so, or when the cache is full (a policy that never evicts, at its budget).
+        `history` = the tokens already in the cache, for repetition penalties.
         Stop strings are text-level: the caller checks them and closes the generator."""
         params.validate()
         sampler = Sampler(params, self.cfg.vocab_size)
@@ -125,6 +160,6 @@ class TorchEngine:
                 return
             seen.append(step.token)
             yield Step(step.token, step.logprob, step.top)
-            if cache.length >= cache.capacity:
+            if cache.full:
                 return
             logits = self.decode_one(cache, step.token)

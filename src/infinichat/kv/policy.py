@@ -1,0 +1,107 @@
+"""Eviction policies: the interface, and the oldest-first selection shared by the sliding policies.
+
+A policy is a small dataclass. The sequence asks it, when new tokens do not fit the budget, which slots
+to evict (`select(seq, n_needed)` -> sorted, disjoint slot spans); the sequence checks the answer (pinned
+slots are never evicted, enough room is made) and cuts the spans out with one compaction and re-rotation.
+Engines branch on the declared capabilities, never on the policy's type:
+
+- `needs_attention_weights`: the engine must collect attention statistics for `select` (H2O, TOVA, ...).
+- `phase`: when the policy acts: "overflow" (when appended tokens would exceed the budget), later also
+  "prefill" (compress once after the prompt, SnapKV) and "decode" (select at every step, OmniKV).
+- `drops_tokens`: False for a policy that never evicts (`full`) or only selects what to attend to.
+- `recompute`: kept slots after an eviction must have their K/V recomputed from scratch (the engine
+  re-evaluates `seq.stale_from..length` before appending).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+
+from infinichat.errors import InfinichatError
+
+if TYPE_CHECKING:
+    from infinichat.kv.sequence import KVSequence
+
+
+@dataclass
+class EvictionPolicy:
+    name: ClassVar[str] = "?"
+    needs_attention_weights: ClassVar[bool] = False
+    phase: ClassVar[str] = "overflow"
+    drops_tokens: ClassVar[bool] = True
+    recompute: ClassVar[bool] = False
+
+    def select(self, seq: KVSequence, n_needed: int) -> list[tuple[int, int]]:
+        """Slot spans to evict so that at least `n_needed` slots are freed."""
+        raise NotImplementedError
+
+    def prefill_chunk(self, seq: KVSequence) -> int:
+        """How many tokens one forward call should append at most (the engine chunks prefills by it)."""
+        return seq.budget
+
+
+@dataclass
+class SlidingPolicy(EvictionPolicy):
+    """Evict the oldest unprotected tokens, at least `n_discard` at a time (at most half of the evictable
+    tokens, so that a recent window always survives), to amortize the re-rotation. Protected: pinned
+    segments; with nothing pinned, the first `n_sink` tokens. With `snap`, the cut moves to a segment
+    start (or a slot holding one of `boundary_tokens`, e.g. a chat template's message start) when one
+    lies within a quarter of the chunk."""
+
+    n_sink: int = 0
+    n_discard: int = 256
+    snap: bool = False
+    boundary_tokens: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.n_sink < 0 or self.n_discard < 1:
+            raise InfinichatError(
+                f"{self.name}: n_sink must be >= 0 and n_discard >= 1, got {self.n_sink} and {self.n_discard}"
+            )
+
+    def protected(self, seq: KVSequence) -> torch.Tensor:
+        mask = seq.pinned_mask()  # (length,) bool
+        if self.n_sink and not mask.any():
+            mask[: self.n_sink] = True
+        return mask
+
+    def prefill_chunk(self, seq: KVSequence) -> int:
+        """Half the evictable room, so that each chunk still sees a recent window."""
+        n_protected = max(int(self.protected(seq).sum()), min(self.n_sink, seq.budget))
+        return max(1, (seq.budget - n_protected) // 2)
+
+    def select(self, seq: KVSequence, n_needed: int) -> list[tuple[int, int]]:
+        cand = (~self.protected(seq)).nonzero().flatten()  # evictable slots, oldest first
+        if cand.shape[0] < n_needed:
+            raise InfinichatError(
+                f"{self.name}: cannot free {n_needed} slots: only {cand.shape[0]} of {seq.length} cached tokens "
+                f"are evictable (the rest are pinned or sinks) within the budget of {seq.budget}"
+            )
+        target = max(n_needed, min(self.n_discard, cand.shape[0] // 2))
+        count = self._snap(seq, cand, n_needed, target) if self.snap else target
+        return slots_to_spans(cand[:count])
+
+    def _snap(self, seq: KVSequence, cand: torch.Tensor, lo: int, target: int) -> int:
+        """The eviction count whose cut lands on a boundary nearest to `target` (within a quarter of it)."""
+        bounds = set(seq.segments.boundaries())
+        if self.boundary_tokens:
+            hits = torch.isin(seq.store.tokens[: seq.length], torch.tensor(self.boundary_tokens))
+            bounds.update(hits.nonzero().flatten().tolist())
+        slack = max(1, target // 4)
+        counts = torch.searchsorted(cand, torch.tensor(sorted(bounds), dtype=torch.long)).tolist()  # evicted before b
+        near = [c for c in counts if lo <= c <= cand.shape[0] and abs(c - target) <= slack]
+        return min(near, key=lambda c: (abs(c - target), c)) if near else target
+
+
+def slots_to_spans(slots: torch.Tensor) -> list[tuple[int, int]]:
+    """Sorted slot indices (n,) -> maximal runs as (start, end) spans."""
+    if slots.numel() == 0:
+        return []
+    breaks = ((slots[1:] - slots[:-1]) != 1).nonzero().flatten() + 1
+    starts = [0, *breaks.tolist()]
+    ends = [*breaks.tolist(), slots.shape[0]]
+    s = slots.tolist()
+    return [(s[a], s[b - 1] + 1) for a, b in zip(starts, ends)]

@@ -1,0 +1,27 @@
+"""Policies by name (for flags and config)."""
+
+from __future__ import annotations
+
+from infinichat.errors import InfinichatError
+from infinichat.kv.full import FullPolicy
+from infinichat.kv.policy import EvictionPolicy
+from infinichat.kv.recompute import RecomputePolicy
+from infinichat.kv.streaming import StreamingPolicy
+from infinichat.kv.window import WindowPolicy
+
+POLICIES: dict[str, type[EvictionPolicy]] = {
+    p.name: p for p in (StreamingPolicy, WindowPolicy, FullPolicy, RecomputePolicy)
+}
+
+
+def make_policy(policy: str | EvictionPolicy, **params) -> EvictionPolicy:
+    """A policy object from its name and parameters (an object is returned as is)."""
+    if isinstance(policy, EvictionPolicy):
+        return policy
+    cls = POLICIES.get(policy)
+    if cls is None:
+        raise InfinichatError(f"unknown KV policy {policy!r}; accepted: {', '.join(POLICIES)}")
+    try:
+        return cls(**params)
+    except TypeError as e:
+        raise InfinichatError(f"bad parameters for the {policy} policy: {e}") from None
