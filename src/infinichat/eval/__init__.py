@@ -1,0 +1,1 @@
+"""Evaluation over the engine: long-text perplexity under KV policies (`ppl`), its plot (`plot`)."""

@@ -1,0 +1,44 @@
+"""The running-perplexity plot: windowed ppl against position, one line per policy (matplotlib, headless)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+LOG_SCALE_RATIO = 10.0  # log-scale y when the highest point is this many times the lowest
+
+
+def plot_running_ppl(report: dict[str, Any], path: Path) -> Path:
+    """Draw `report` (the JSON written by `eval ppl`) into a PNG file at `path`."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 5), dpi=110)
+    values: list[float] = []
+    for rec in report["policies"]:
+        s = rec["series"]
+        pts = [(p, v) for p, v in zip(s["position"], s["window_ppl"]) if v is not None]
+        if not pts:
+            continue
+        xs, ys = zip(*pts)
+        values.extend(ys)
+        suffix = f" (stops at {rec['stopped_at']})" if rec.get("stopped_at") else ""
+        ax.plot(xs, ys, label=f"{rec['label']}{suffix}", linewidth=1.4)
+    trained = report["trained_context"]
+    if report["tokens"] > trained:
+        ax.axvline(trained, color="grey", linestyle="--", linewidth=1)
+        ax.text(trained, 1.0, f" trained context {trained}", transform=ax.get_xaxis_transform(),
+                va="top", ha="left", fontsize=8, color="grey")
+    if values and min(values) > 0 and max(values) / min(values) > LOG_SCALE_RATIO:
+        ax.set_yscale("log")
+    ax.set_xlabel("position (tokens)")
+    ax.set_ylabel(f"perplexity (last {report['series_window']} tokens)")
+    ax.set_title(f"{report['model']}: running perplexity on {Path(report['text']).name}", fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
