@@ -37,12 +37,11 @@ def physical_cores() -> int:
         n_avail = os.cpu_count() or 1
     try:
         with open("/proc/cpuinfo") as f:
-            text = f.read()
-        siblings = [int(line.split(":")[1]) for line in text.splitlines() if line.startswith("siblings")]
-        cores = [int(line.split(":")[1]) for line in text.splitlines() if line.startswith("cpu cores")]
-        if siblings and cores and siblings[0] > cores[0]:
-            return max(1, n_avail * cores[0] // siblings[0])
-    except (OSError, ValueError, IndexError):
+            info = {k.strip(): v for k, v in (ln.split(":", 1) for ln in f if ln.startswith(("siblings", "cpu cores")))}
+        siblings, cores = int(info["siblings"]), int(info["cpu cores"])
+        if siblings > cores:
+            return max(1, n_avail * cores // siblings)
+    except (OSError, ValueError, KeyError):
         pass
     return max(1, n_avail)
 

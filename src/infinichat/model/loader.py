@@ -15,6 +15,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,15 +90,20 @@ def file_sha256(path: Path, cache_dir: Path) -> str:
             h.update(block)
     memo[key] = h.hexdigest()
     cache_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_write(memo_path, json.dumps(memo, indent=0))
+    _atomic_write(memo_path, lambda tmp: Path(tmp).write_text(json.dumps(memo, indent=0)))
     return memo[key]
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    """Write a file through `write(temporary path)`, then rename it into place (readers never see half)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def config_to_json(cfg: ModelConfig) -> str:
@@ -157,11 +163,9 @@ def _cached_weights(entry: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         return load_file(str(entry / "weights.safetensors"))
     path = entry / f"weights-{str(dtype).removeprefix('torch.')}.safetensors"
     if not path.is_file():
-        weights = {n: t if n == "rope_freqs" else t.to(dtype) for n, t in load_file(str(entry / "weights.safetensors")).items()}
-        fd, tmp = tempfile.mkstemp(dir=entry, prefix=".tmp-", suffix=".safetensors")
-        os.close(fd)
-        save_file(weights, tmp)
-        os.replace(tmp, path)
+        fp32 = load_file(str(entry / "weights.safetensors"))
+        weights = {n: t if n == "rope_freqs" else t.to(dtype) for n, t in fp32.items()}
+        _atomic_write(path, lambda tmp: save_file(weights, tmp))
         return weights
     return load_file(str(path))
 
@@ -193,16 +197,19 @@ def load_model(
         raise ModelLoadError(f"{path}: unsupported model file; --model takes a .gguf file or a Hugging Face folder")
     digest = file_sha256(path, cache_dir)
     entry = cache_dir / "models" / f"{digest[:24]}-v{CACHE_FORMAT}"
-    if not (entry / "weights.safetensors").is_file():
-        log.info("converting %s into %s", path, entry)
-        _convert_gguf(path, entry, show_progress)
-    try:
-        cfg = config_from_json((entry / "config.json").read_text())
-        weights = _cached_weights(entry, dtype)
-        tokenizer = Tokenizer.from_saved(entry / "tokenizer")
-        name = json.loads((entry / "source.json").read_text()).get("name", path.stem)
-    except Exception as e:  # a damaged cache entry: convert again rather than fail
-        log.warning("cached conversion %s is unreadable (%s); converting again", entry, e)
-        shutil.rmtree(entry, ignore_errors=True)
-        return load_model(path, dtype, cache_dir, show_progress)
-    return LoadedModel(cfg, Transformer(cfg, weights, dtype), tokenizer, path, digest, name)
+    for attempt in (1, 2):  # a damaged cache entry is converted again, once
+        if not (entry / "weights.safetensors").is_file():
+            log.info("converting %s into %s", path, entry)
+            _convert_gguf(path, entry, show_progress)
+        try:
+            cfg = config_from_json((entry / "config.json").read_text())
+            weights = _cached_weights(entry, dtype)
+            tokenizer = Tokenizer.from_saved(entry / "tokenizer")
+            name = json.loads((entry / "source.json").read_text()).get("name", path.stem)
+            return LoadedModel(cfg, Transformer(cfg, weights, dtype), tokenizer, path, digest, name)
+        except Exception as e:
+            if attempt == 2:
+                raise ModelLoadError(f"{entry}: the converted model cannot be read back ({e})") from None
+            log.warning("cached conversion %s is unreadable (%s); converting again", entry, e)
+            shutil.rmtree(entry, ignore_errors=True)
+    raise AssertionError("unreachable")

@@ -17,8 +17,8 @@ from infinichat.model.config import ModelConfig
 from infinichat.model.rope import Rope, apply_rope
 
 # Measured on the reference CPU (benchmarks/NOTES.md): bf16 matrix-vector products are twice as fast with
-# weights pre-packed for oneDNN; bf16 matrix-matrix products are slower than fp32 ones, so prompts of more
-# than FP32_PREFILL_MIN tokens are computed in float32 (weights upcast exactly, layer by layer).
+# weights pre-packed for oneDNN; bf16 matrix-matrix products are slower than fp32 ones, so prompts of at least
+# FP32_PREFILL_MIN tokens are computed in float32 (weights upcast exactly, layer by layer).
 PACKED_MAX_T = 16
 FP32_PREFILL_MIN = 32
 
