@@ -5,3 +5,27 @@ workers cost a little latency per parallel region and nothing else."""
 import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf_1k(tmp_path_factory):
+    """A tiny random Llama GGUF (byte-level vocabulary, 1024 trained positions) for end-to-end CLI tests."""
+    import gguf_util
+
+    path = tmp_path_factory.mktemp("tiny-gguf-1k") / "tiny.gguf"
+    gguf_util.write_gguf(path, gguf_util.RandomLlama(max_position_embeddings=1024))
+    return path
+
+
+@pytest.fixture
+def cli_threads(monkeypatch):
+    """An in-process CLI run sets torch's thread count (--threads): restore it; a wide console for tables."""
+    import torch
+
+    monkeypatch.setenv("COLUMNS", "200")
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
