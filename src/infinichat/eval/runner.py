@@ -109,8 +109,12 @@ def policy_params(names: Sequence[str], items: Sequence[str], n_sink: int | None
             raise InfinichatError(f"--param {item!r}: {where} has no parameter {key!r}; known: {', '.join(known)}")
         for n in targets:
             params[n][key] = parse_value(value)
-    for n in names:  # construct once now: bad values fail before the model loads
-        make_policy(n, **params[n])
+    for n in names:  # construct each once now (a stand-in selection budget): bad values fail before the model loads
+        trial = dict(params[n])
+        select = selection_budget_field(policy_class(n))
+        if select is not None:
+            trial.setdefault(select, 1)
+        make_policy(n, **trial)
     return params
 
 
