@@ -129,11 +129,13 @@ class PolicyRun:
 
     @property
     def label(self) -> str:
+        """'streaming 25%', 'streaming 512', 'full'; parameters given on the command line follow."""
+        label = self.name
         if self.tokens is not None:
-            return f"{self.name} {self.tokens}"
-        if self.frac is not None:
-            return f"{self.name} {self.frac * 100:g}%"
-        return self.name
+            label = f"{self.name} {self.tokens}"
+        elif self.frac is not None:
+            label = f"{self.name} {self.frac * 100:g}%"
+        return " ".join([label, *(f"{k}={v}" for k, v in self.params.items())])
 
     def budget_for(self, n_prompt: int) -> int | None:
         if self.tokens is not None:
