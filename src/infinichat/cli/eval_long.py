@@ -71,8 +71,9 @@ def _load(args: argparse.Namespace, err: Console):
 
 
 def _progress(err: Console) -> Progress:
-    return Progress(TextColumn("{task.description:<34}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[acc]}"),
-                    TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=err, transient=False)
+    return Progress(TextColumn("{task.description:<34}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[acc]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                    console=err, transient=False)
 
 
 def _print_table(title: str, header: list[str], rows: list[list[str]]) -> None:
@@ -138,19 +139,22 @@ def _retrieval(args: argparse.Namespace, task: str) -> int:
         def step(run, sample, rec) -> None:
             records.append(rec)
             mine = [x["correct"] for x in records if x["policy"] == run.label]
-            progress.update(bars[run.label], advance=1, acc=f"acc {100 * sum(mine) / len(mine):.0f}%  len {sample.length}")
+            acc = f"acc {100 * sum(mine) / len(mine):.0f}%  len {sample.length}"
+            progress.update(bars[run.label], advance=1, acc=acc)
 
         retrieval.run_samples(engine, decode, runs, samples, max_new, on_result=step)
 
     report = retrieval.build_report(
         task=task, variant=variant, runs=runs, records=records, lengths=lengths, depths=depths, samples=args.samples,
         seed=args.seed, max_new=max_new, model=loaded.name, dtype=args.dtype, threads=threads,
-        chat_template=fmt.chat, haystack=getattr(args, "haystack", None), n_keys=n_keys if variant == "multikey" else None,
+        chat_template=fmt.chat, haystack=getattr(args, "haystack", None),
+        n_keys=n_keys if variant == "multikey" else None,
     )
     paths = retrieval.write_report(report, out_dir)
     header, rows = retrieval.accuracy_rows(report)
     _print_table(f"{task} accuracy (%), mean over depths, {loaded.name}", header, rows)
-    Console(highlight=False).print(f"results: {paths['json']}  tables: {paths['md']}  heatmaps: {out_dir}/{task}-heatmap-*.png")
+    Console(highlight=False).print(
+        f"results: {paths['json']}  tables: {paths['md']}  heatmaps: {out_dir}/{task}-heatmap-*.png")
     return 0
 
 

@@ -82,11 +82,13 @@ def _add_long_context_args(p: argparse.ArgumentParser, max_new: str) -> None:
     g.add_argument("--param", action="append", default=[], metavar="[POLICY.]NAME=VALUE",
                    help="a policy parameter, e.g. streaming.n_discard=64 or n_sink=8 (repeatable)")
     g = p.add_argument_group("decoding and output")
-    g.add_argument("--max-new-tokens", type=int, default=None, metavar="N", help=f"greedy tokens per answer ({max_new})")
+    g.add_argument("--max-new-tokens", type=int, default=None, metavar="N",
+                   help=f"greedy tokens per answer ({max_new})")
     g.add_argument("--no-chat-template", action="store_true",
                    help="plain-text prompts instead of the model's chat template")
     g.add_argument("--seed", type=int, default=0, help="seed of the generated prompts (default 0)")
-    g.add_argument("--out", metavar="DIR", help="where the JSON, Markdown and PNG files go (default results/<task>-<time>/)")
+    g.add_argument("--out", metavar="DIR",
+                   help="where the JSON, Markdown and PNG files go (default results/<task>-<time>/)")
     _add_model_args(p, dtype=EVAL_DTYPE, ctx=False)
 
 

@@ -218,5 +218,6 @@ def markdown(report: dict[str, Any]) -> str:
         cells = ["-" if s["by_dataset"][d] is None else f"{s['by_dataset'][d]:.2f}" for d in ds]
         mean = "-" if s["mean"] is None else f"{s['mean']:.2f}"
         kept = "-" if s["kept"] is None else f"{s['kept']:.0f}"
-        lines.append("| " + " | ".join([label, *cells, mean, kept, f"{s['prefill_s']:.1f}", f"{s['decode_s']:.1f}"]) + " |")
+        row = [label, *cells, mean, kept, f"{s['prefill_s']:.1f}", f"{s['decode_s']:.1f}"]
+        lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"

@@ -43,7 +43,9 @@ NIAH_INSTRUCTION = (
     "I will quiz you about the numbers afterwards."
 )
 NIAH_NEEDLE = "One of the special magic numbers for {key} is: {value}."
-NIAH_QUESTION = "What is the special magic number for {key} mentioned in the provided text? Answer with the number only."
+NIAH_QUESTION = (
+    "What is the special magic number for {key} mentioned in the provided text? Answer with the number only."
+)
 NIAH_ANSWER_PREFIX = " The special magic number for {key} mentioned in the provided text is"
 
 

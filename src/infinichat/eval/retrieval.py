@@ -117,7 +117,8 @@ def accuracy_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     header = ["policy", *[str(n) for n in report["lengths"]], "mean"]
     rows = []
     for label, s in report["summary"].items():
-        rows.append([label, *[_pct(s["by_length"][str(n)]["accuracy"]) for n in report["lengths"]], _pct(s["accuracy"])])
+        cells = [_pct(s["by_length"][str(n)]["accuracy"]) for n in report["lengths"]]
+        rows.append([label, *cells, _pct(s["accuracy"])])
     return header, rows
 
 
@@ -126,7 +127,8 @@ def markdown(report: dict[str, Any]) -> str:
     parts = [
         f"## {task}: accuracy (%), {report['model']}\n",
         f"Mean over depths {', '.join(f'{d:g}' for d in report['depths'])} and {report['samples']} sample(s) each; "
-        f"greedy, {report['max_new_tokens']} new tokens; chat template: {'yes' if report['chat_template'] else 'no'}.\n",
+        f"greedy, {report['max_new_tokens']} new tokens; "
+        f"chat template: {'yes' if report['chat_template'] else 'no'}.\n",
         _table(*accuracy_rows(report)),
         "\n### accuracy (%) by depth\n",
     ]
@@ -144,8 +146,8 @@ def markdown(report: dict[str, Any]) -> str:
     for label, s in report["summary"].items():
         for n in report["lengths"]:
             c = s["by_length"][str(n)]
-            rows.append([label, str(n), _num(c["kept"], ".0f"), _num(c["n_evictions"], ".1f"), _num(c["prefill_s"], ".2f"),
-                         _num(c["prefill_tok_s"], ".0f"), _num(c["decode_tok_s"], ".1f")])
+            rows.append([label, str(n), _num(c["kept"], ".0f"), _num(c["n_evictions"], ".1f"),
+                         _num(c["prefill_s"], ".2f"), _num(c["prefill_tok_s"], ".0f"), _num(c["decode_tok_s"], ".1f")])
     parts.append(_table(header, rows))
     return "\n".join(parts)
 
