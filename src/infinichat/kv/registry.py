@@ -7,10 +7,11 @@ from infinichat.kv.full import FullPolicy
 from infinichat.kv.policy import EvictionPolicy
 from infinichat.kv.recompute import RecomputePolicy
 from infinichat.kv.streaming import StreamingPolicy
+from infinichat.kv.turns import TurnsPolicy
 from infinichat.kv.window import WindowPolicy
 
 POLICIES: dict[str, type[EvictionPolicy]] = {
-    p.name: p for p in (StreamingPolicy, WindowPolicy, FullPolicy, RecomputePolicy)
+    p.name: p for p in (StreamingPolicy, TurnsPolicy, WindowPolicy, FullPolicy, RecomputePolicy)
 }
 
 

@@ -144,6 +144,10 @@ class KVSequence:
     def close_segment(self) -> None:
         self.segments.close()
 
+    def reopen_segment(self, seg_id: int) -> Segment:
+        """Reopen the last segment so appended tokens extend it (continue a reply)."""
+        return self.segments.reopen(seg_id, self.length)
+
     def revert_to(self, seg_id: int) -> None:
         """Drop the segment and everything after it."""
         n = self.segments.drop_from(seg_id)
@@ -158,17 +162,18 @@ class KVSequence:
         return self.segments.merge(seg_id)
 
     # ------------------------------------------------------------------ snapshot / restore / fork
-    def _extra(self) -> dict:
-        return {"segments": self.segments.to_json(), "stale_from": self.stale_from}
+    def _extra(self, more: dict | None = None) -> dict:
+        return {**(more or {}), "segments": self.segments.to_json(), "stale_from": self.stale_from}
 
-    def snapshot(self) -> bytes:
-        """Bit-exact bytes of the cache and its segments (budget and policy are configuration, not state)."""
-        return self.store.snapshot(self._extra())
+    def snapshot(self, extra: dict | None = None) -> bytes:
+        """Bit-exact bytes of the cache and its segments (budget and policy are configuration, not state),
+        plus the caller's `extra` (JSON), which `restore` returns."""
+        return self.store.snapshot(self._extra(extra))
 
-    def save(self, path: str | Path) -> None:
-        self.store.save(path, self._extra())
+    def save(self, path: str | Path, extra: dict | None = None) -> None:
+        self.store.save(path, self._extra(extra))
 
-    def restore(self, data: bytes) -> None:
+    def restore(self, data: bytes) -> dict:
         snap = decode_snapshot(data)
         n = snap.tokens.shape[0]
         if n > self.budget:
@@ -180,13 +185,14 @@ class KVSequence:
         self.store.load_snapshot(snap)
         self.segments = segments
         self.stale_from = snap.extra.get("stale_from")
+        return snap.extra
 
-    def load(self, path: str | Path) -> None:
+    def load(self, path: str | Path) -> dict:
         try:
             data = Path(path).read_bytes()
         except OSError as e:
             raise InfinichatError(f"cannot read the KV snapshot {path}: {e.strerror or e}") from None
-        self.restore(data)
+        return self.restore(data)
 
     def fork(self) -> KVSequence:
         """An independent copy: own buffers, own segment map, a copy of the policy."""
