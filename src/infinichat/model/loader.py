@@ -173,14 +173,14 @@ def _cached_weights(entry: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
 def load_model(
     path: Path | str | None = None,
     dtype: torch.dtype | str = torch.bfloat16,
-    cache_dir: Path | None = None,
+    cache_dir: Path | str | None = None,
     show_progress: bool = False,
 ) -> LoadedModel:
     """Load a model ready for the engine. `path=None` loads the embedded default model."""
     if isinstance(dtype, str):
         dtype = parse_dtype(dtype)
     path = Path(path) if path is not None else default_model_path()
-    cache_dir = cache_dir or default_cache_dir()
+    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
     if not path.exists():
         raise ModelLoadError(f"{path}: no such file or folder; --model takes a .gguf file or a Hugging Face folder")
     if path.is_dir():

@@ -363,6 +363,7 @@ class Session:
             self._close_reply(m, turn, header, alt.tokens)
             if after is not None:
                 after()
+            self._make_headroom(params.max_tokens)
             self._changed()
         yield Event("done", turn=turn, finish_reason=result.finish_reason, message=m, text=alt.text)
 
@@ -397,6 +398,15 @@ class Session:
         seq.close_segment()
         m.n_header = len(header)
         m.n_tokens = len(header) + len(body) + len(suffix)
+
+    def _make_headroom(self, max_tokens: int) -> None:
+        """Evict now, while the user reads the reply, what the next turn would need evicted: the eviction
+        cost (cut + re-rotation) then never lands in the next reply's time to first token."""
+        seq = self.seq
+        reserve = min(seq.budget // 4, max_tokens + 64)
+        if seq.policy.drops_tokens and seq.budget - seq.length < reserve:
+            seq.make_room(reserve)
+            self._logits = None
 
     def _start_reply(self, kind: str, role: str, params, should_stop,
                      after: Callable[[], None] | None = None) -> Iterator[Event]:
