@@ -46,7 +46,9 @@ class SessionManager:
         self.defaults = (defaults or SessionSettings()).validate()
         self.kv_cap_bytes = kv_cap_bytes
         self.fmt = ChatFormat(tokenizer, chat_template)
-        self.prefix = PrefixCache(self.db.dir / "prefix", model_id)
+        # the KV of a prefix depends on the model file, the backend and the KV dtype
+        kv_id = f"{model_id}:{type(engine).__name__}:{getattr(getattr(engine, 'model', None), 'dtype', '')}"
+        self.prefix = PrefixCache(self.db.dir / "prefix", kv_id)
         self.model_id = model_id
         self.sessions: dict[str, Session] = {}  # loaded (their KV may or may not be resident)
         self.n_offloads = 0
