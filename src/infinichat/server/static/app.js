@@ -26,6 +26,8 @@ const state = {
 window.__infinichat = state; // handy for debugging in the console
 
 // ------------------------------------------------------------------ small helpers
+let finished = 0; // actions completed (generations, edits, loads): body[data-done], for tests and automation
+function markDone() { document.body.dataset.done = String(++finished); }
 function setStatus(text, kind = "") {
   const s = $("status");
   s.textContent = text;
@@ -104,6 +106,8 @@ async function openSession(id) {
     await refreshKv();
   } catch (e) {
     showError(e);
+  } finally {
+    markDone();
   }
 }
 
@@ -333,7 +337,7 @@ function liveEl() {
 function paintLive() {
   const L = state.live;
   if (!L || !L.body) return;
-  L.painted = false;
+  if (L.text) L.paints = (L.paints || 0) + 1;
   const fresh = bodyFor(L.text, L.toks, L.kind);
   fresh.append(h("span", { class: "caret" }));
   L.body.replaceWith(fresh);
@@ -476,6 +480,8 @@ async function generate(mode, url, body, kind) {
     const why = done && done.finish_reason ? ` · ${done.finish_reason}` : "";
     setStatus(`${L.n} token${L.n === 1 ? "" : "s"} in ${secs}s${why}`);
   }
+  state.lastRun = { mode, tokens: L.n, paints: L.paints || 0, finish: done && done.finish_reason };
+  markDone();
   return done;
 }
 
@@ -509,7 +515,7 @@ async function mutate(method, suffix, body, what) {
     await refreshKv();
     loadSessions().catch(() => {});
     setStatus(what);
-  } catch (e) { showError(e); }
+  } catch (e) { showError(e); } finally { markDone(); }
 }
 const select = (turn, index) => mutate("POST", "/select", { turn, index }, `Showing alternative ${index + 1} of message #${turn}`);
 const revert = (turn) => mutate("POST", "/revert", { turn }, `Reverted: messages after #${turn - 1} dropped`);
@@ -577,6 +583,8 @@ $("settings-form").addEventListener("submit", async (e) => {
   } catch (err) {
     msg.textContent = err.message;
     msg.className = "form-msg error";
+  } finally {
+    markDone();
   }
 });
 

@@ -90,10 +90,11 @@ export function renderCacheMap(kv, zoom, onPick) {
   });
   const forgotten = document.getElementById("cm-forgotten");
   if (gone.length || kv.evicted_tokens) {
-    forgotten.replaceChildren(h("span", { class: "fg-title" }, "Forgotten:"),
+    forgotten.replaceChildren(...[h("span", { class: "fg-title" }, "Forgotten:"),
       gone.length > 10 ? h("span", { class: "chip evicted more" }, `+${gone.length - 10} earlier`) : null,
       ...chips,
-      !gone.length ? h("span", { class: "chip evicted" }, `${fmt(kv.evicted_tokens)} tokens (token-level)`) : null);
+      !gone.length ? h("span", { class: "chip evicted" }, `${fmt(kv.evicted_tokens)} tokens (token-level)`) : null,
+    ].filter(Boolean));
     forgotten.hidden = false;
   } else {
     forgotten.replaceChildren();
