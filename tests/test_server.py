@@ -11,7 +11,6 @@ import time
 import httpx
 import pytest
 
-from gguf_util import tiny_llama, write_gguf
 from infinichat.model.loader import load_model
 from infinichat.session.session import Session
 from server_util import LiveServer
@@ -20,19 +19,12 @@ GREEDY = {"temperature": 0.0, "max_tokens": 8}
 
 
 @pytest.fixture(scope="module")
-def loaded(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny")
-    write_gguf(d / "tiny.gguf", tiny_llama(seed=3, max_position_embeddings=4096))
-    return load_model(d / "tiny.gguf", "float32", cache_dir=d / "cache")
-
-
-@pytest.fixture(scope="module")
-def live(loaded, tmp_path_factory):
-    with LiveServer(loaded, tmp_path_factory.mktemp("data")) as srv:
+def live(tiny_chat_model, tmp_path_factory):
+    with LiveServer(tiny_chat_model, tmp_path_factory.mktemp("data")) as srv:
         yield srv
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def client(live):
     with httpx.Client(base_url=live.url, timeout=60) as c:
         yield c
@@ -158,7 +150,7 @@ def test_two_sessions_interleave_and_stop(live, client):
     assert client.post("/api/sessions/fa/stop").json() == {"stopped": False}
 
 
-def test_disconnect_cancels_and_session_stays_consistent(live, client, loaded):
+def test_disconnect_cancels_and_session_stays_consistent(live, client):
     new_session(client, "dc", settings={"temperature": 1.0, "seed": 2})
     log, done = [], {}
     body = {"text": "Go on forever.", "params": {"max_tokens": 100000, "repetition_penalty": 1.0}}
