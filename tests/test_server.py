@@ -258,3 +258,45 @@ def test_default_model_through_the_openai_client(tmp_path):
         parts = list(oc.chat.completions.create(model=loaded.name, temperature=0, max_tokens=16, stream=True,
                                                 messages=[{"role": "user", "content": "What is the capital of France?"}]))
         assert "".join(p.choices[0].delta.content or "" for p in parts) == r.choices[0].message.content
+
+
+@pytest.fixture(params=["http", "local"])
+def backend(request, live, tiny_chat_model, tmp_path):
+    from infinichat.cli.chat_backends import HttpBackend, LocalBackend
+    from infinichat.engine.torch_engine import TorchEngine
+    from infinichat.session.manager import SessionManager
+
+    if request.param == "http":
+        b = HttpBackend(live.url)
+    else:
+        m = tiny_chat_model
+        b = LocalBackend(SessionManager(TorchEngine(m.model, m.tokenizer.eos_ids), m.tokenizer, m.file_hash,
+                                        tmp_path / "local"), m.name)
+    yield b
+    b.close()
+
+
+def test_terminal_client_commands(backend):
+    """The same command loop drives a server and an in-process manager."""
+    from rich.console import Console
+
+    from infinichat.cli.chat import run_command
+    from infinichat.errors import InfinichatError
+
+    console = Console(record=True, width=200, force_terminal=False)
+    sid = f"cli-{type(backend).__name__}"
+    backend.open(sid, {"temperature": 0.0, "max_tokens": 6}, "Be kind.")
+    for line in ("Hello", ":retry", ":continue", ":narrate", ":suggest", ":rag The code is 42.", ":history",
+                 ":sessions", ":help"):
+        assert run_command(console, backend, line, {})
+    h = backend.history()
+    assert [m["kind"] for m in h["messages"]] == ["user", "assistant", "narration", "rag"]
+    assert len(h["messages"][1]["alternatives"]) == 2
+    assert run_command(console, backend, ":revert 1", {})
+    assert len(backend.history()["messages"]) == 1
+    for bad in (":revert x", ":rag", ":nope", ":revert 9"):
+        with pytest.raises(InfinichatError):
+            run_command(console, backend, bad, {})
+    assert not run_command(console, backend, ":exit", {})
+    out = console.export_text()
+    assert "bot>" in out and "narrator>" in out and "suggestion>" in out and sid in out and ":revert N" in out

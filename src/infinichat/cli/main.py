@@ -76,7 +76,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     chat = sub.add_parser("chat", help="chat in the terminal (type :exit to leave)")
-    chat.add_argument("--system", default=None, help="system prompt (default: the model's own)")
+    chat.add_argument("--system", default=None, help="system prompt of a new session (default: the model's own)")
+    chat.add_argument("--session", default=None, metavar="NAME",
+                      help="session to open or create (default: a new one named chat-<time>)")
+    chat.add_argument("--server", default=None, metavar="URL",
+                      help="chat through an infinichat server (e.g. http://127.0.0.1:8000) instead of in-process")
+    chat.add_argument("--api-key", default=None, help="the server's API key (with --server)")
+    chat.add_argument("--data-dir", default=None, metavar="DIR",
+                      help="sessions database, in-process mode (default $INFINICHAT_DATA or ~/.local/share/infinichat)")
+    chat.add_argument("--backend", default="torch", choices=("torch", "llamacpp"), help="engine, in-process mode")
     _add_model_args(chat)
     _add_sampling_args(chat, max_tokens=512, temperature=0.7)
 

@@ -13,6 +13,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 from fastapi.staticfiles import StaticFiles
 
+from infinichat.engine.backends import load_engine
 from infinichat.errors import InfinichatError
 from infinichat.kv.registry import POLICIES
 from infinichat.server import errors, routes_actions, routes_openai, routes_sessions
@@ -29,17 +30,8 @@ MAX_BODY = 16 << 20  # bytes; a character card PNG in base64 fits
 
 
 def make_engine(args: argparse.Namespace):
-    """(engine, tokenizer, model id, model name) for `--backend`. The one place an engine is built."""
-    from infinichat.engine.torch_engine import TorchEngine, set_threads
-    from infinichat.model.loader import load_model
-
-    if args.backend == "llamacpp":
-        raise InfinichatError("--backend llamacpp is not available in this build; accepted: torch")
-    if args.backend != "torch":
-        raise InfinichatError(f"unknown backend {args.backend!r}; accepted: torch, llamacpp")
-    set_threads(args.threads or None)
-    loaded = load_model(args.model, args.dtype, Path(args.cache_dir) if args.cache_dir else None)
-    return TorchEngine(loaded.model, loaded.tokenizer.eos_ids), loaded.tokenizer, loaded.file_hash, loaded.name
+    """(engine, tokenizer, model id, model name) for `--backend`."""
+    return load_engine(args.backend, args.model, args.dtype, args.threads, args.cache_dir)
 
 
 def _auth(request: Request) -> None:
