@@ -108,6 +108,7 @@ def test_card_session(client):
 
 
 def _reader(client, sid, body, log, done, stop_after=None):
+    toks = []
     with client.stream("POST", f"/api/sessions/{sid}/messages", json=body) as r:
         name = None
         for line in r.iter_lines():
@@ -115,13 +116,25 @@ def _reader(client, sid, body, log, done, stop_after=None):
                 name = line[7:]
             elif line.startswith("data: "):
                 log.append((sid, name, time.monotonic()))
+                data = json.loads(line[6:])
+                if name == "token":
+                    toks.append(data)
                 if name == "done":
-                    done[sid] = json.loads(line[6:])
+                    done[sid] = {**data, "_tokens": toks}
                 if stop_after is not None and sum(1 for s, k, _ in log if s == sid and k == "token") >= stop_after:
                     return  # leaving the block closes the connection: a disconnect
 
 
 def test_two_sessions_interleave_and_stop(live, client):
+    cap = live.manager.kv_cap_bytes
+    live.manager.kv_cap_bytes = 1  # every request offloads the idle caches; a generating one must stay
+    try:
+        _interleave_and_stop(live, client)
+    finally:
+        live.manager.kv_cap_bytes = cap
+
+
+def _interleave_and_stop(live, client):
     for sid in ("fa", "fb"):
         new_session(client, sid, settings={"temperature": 1.0, "seed": 1})
     log, done = [], {}
@@ -147,7 +160,9 @@ def test_two_sessions_interleave_and_stop(live, client):
         assert done[sid]["finish_reason"] == "cancelled"
         h = client.get(f"/api/sessions/{sid}").json()
         assert h["messages"][1]["alternatives"][0]["finish_reason"] == "cancelled"
+        assert h["messages"][1]["text"] == "".join(d["text"] for d in done[sid]["_tokens"])
     assert client.post("/api/sessions/fa/stop").json() == {"stopped": False}
+    assert live.manager.n_offloads > 0
 
 
 def test_disconnect_cancels_and_session_stays_consistent(live, client):

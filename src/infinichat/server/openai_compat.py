@@ -197,7 +197,7 @@ def session_chat(m, sid: str, messages: list[dict], params: SamplingParams, shou
         s.add_message("assistant", last["content"])
         gen = s.continue_(params, should_stop)
     n, prompt = 0, 0
-    for name, data in session_events(m, s, gen, metrics):
+    for name, data in session_events(s, gen, metrics):
         if name == "token":
             if data["token"] is not None:
                 n += 1

@@ -35,7 +35,7 @@ async def _stream(request: Request, sid: str, action: str, params: dict | None, 
             gen = s.send(text, p, job.should_stop)
         else:
             gen = getattr(s, {"continue": "continue_"}.get(action, action))(p, job.should_stop)
-        return session_events(m, s, gen, metrics)
+        return session_events(s, gen, metrics)
 
     _, items = await open_stream(request.app.state.worker, run, session=sid)
     return sse_response(items, lambda item: sse(item[0], item[1]))

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, ConfigDict
 
 from infinichat.server.errors import ApiError
-from infinichat.server.sessionops import checked_id, get_session
+from infinichat.server.sessionops import checked_id, get_session, require_session
 
 router = APIRouter(prefix="/api")
 
@@ -86,7 +86,7 @@ async def kv(sid: str, request: Request):
 
 @router.delete("/sessions/{sid}", status_code=204)
 async def delete(sid: str, request: Request):
-    await _worker(request).acall(lambda m: (get_session(m, sid), m.delete(sid)), session=checked_id(sid))
+    await _worker(request).acall(lambda m: m.delete(require_session(m, sid)), session=checked_id(sid))
     return Response(status_code=204)
 
 

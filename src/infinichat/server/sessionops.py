@@ -22,11 +22,16 @@ def checked_id(sid: str) -> str:
         raise ApiError(400, str(e), param="id") from None
 
 
-def get_session(m, sid: str):
+def require_session(m, sid: str) -> str:
+    """sid, after checking that it is valid (400) and that the session exists (404); loads nothing."""
     checked_id(sid)
     if sid not in m.sessions and not m.db.exists(sid):
         raise ApiError(404, f"no session {sid!r}; list them with GET /api/sessions", param="id")
-    return m.get(sid)
+    return sid
+
+
+def get_session(m, sid: str):
+    return m.get(require_session(m, sid))
 
 
 def sampling(s, overrides: dict | None) -> SamplingParams:
@@ -55,13 +60,11 @@ def message_json(s, turn: int | None) -> dict | None:
     return msgs[turn] if 0 <= turn < len(msgs) else None
 
 
-def session_events(m, s, gen: Iterator, metrics=None) -> Iterator[tuple[str, dict]]:
-    """(event, data) items of the session API stream: token..., kv every KV_EVERY tokens, kv, done.
-    The session's cache is pinned in memory meanwhile (other sessions' requests may offload caches)."""
+def session_events(s, gen: Iterator, metrics=None) -> Iterator[tuple[str, dict]]:
+    """(event, data) items of the session API stream: token..., kv every KV_EVERY tokens, kv, done."""
     tok = s.tok
     n = 0
     start = s.seq.length if s.seq is not None else 0
-    m.pinned.add(s.id)
     try:
         for ev in gen:
             if ev.kind == "token":
@@ -78,9 +81,6 @@ def session_events(m, s, gen: Iterator, metrics=None) -> Iterator[tuple[str, dic
                 yield "done", {"turn": ev.turn, "finish_reason": ev.finish_reason, "text": ev.text,
                                "message": message_json(s, ev.turn)}
     finally:
-        try:
-            close = getattr(gen, "close", None)
-            if close is not None:
-                close()
-        finally:
-            m.pinned.discard(s.id)
+        close = getattr(gen, "close", None)
+        if close is not None:
+            close()

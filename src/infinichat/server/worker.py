@@ -163,14 +163,22 @@ class EngineWorker:
                     job.future.set_exception(e)
             self._finish(job)
             return
+        self._pin(job, True)
         try:
             job.it = iter(job.fn(self.manager))
         except Exception as e:
             job.sink(e)
             job.sink(END)
+            self._pin(job, False)
             self._finish(job)
             return
         self._active.append(job)
+
+    def _pin(self, job: Job, on: bool) -> None:
+        """A session generating keeps its cache in memory (other requests may offload idle caches)."""
+        pinned = getattr(self.manager, "pinned", None)
+        if job.session is not None and pinned is not None:
+            (pinned.add if on else pinned.discard)(job.session)
 
     def _step(self, job: Job) -> None:
         done = False
@@ -194,6 +202,7 @@ class EngineWorker:
         if done:
             job.sink(END)
             self._active.remove(job)
+            self._pin(job, False)
             self._finish(job)
 
     def _shutdown(self) -> None:
