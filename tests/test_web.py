@@ -71,6 +71,11 @@ class Page:
         self.p.fill("#input", text)
         self.act(lambda: self.p.press("#input", "Enter"))
 
+    def click_msg_action(self, turn: int, action: str) -> None:
+        """Hover message `turn` (its action bar shows on hover) and click one of its actions."""
+        self.p.hover(f".msg[data-turn='{turn}'] .msg-head")
+        self.p.click(f".msg[data-turn='{turn}'] .act-{action}")
+
     def history(self, sid: str) -> dict:
         return self.server.api("GET", f"/api/sessions/{sid}")
 
@@ -162,7 +167,7 @@ def test_revert_then_suggest_and_send(page):
     assert p.locator(".messages .msg").count() == 4
     assert page.kv_used() > used_after_one_turn
 
-    page.act(lambda: p.click(".msg[data-turn='1'] .act-revert"))  # keep messages #0 and #1
+    page.act(lambda: page.click_msg_action(1, "revert"))  # keep messages #0 and #1
     assert p.locator(".messages .msg").count() == 2
     assert len(page.history(sid)["messages"]) == 2
     assert page.kv_used() == used_after_one_turn  # the cache map shrank back to the first turn
@@ -233,7 +238,7 @@ def test_markup_from_model_and_card_is_text(page, tmp_path):
 
     # an edited (model) message with markup stays text too
     evil = "<script>alert(3)</script><img src=x onerror=alert(4)> **still bold**"
-    p.click(".msg[data-turn='0'] .act-edit")
+    page.click_msg_action(0, "edit")
     p.fill(".msg[data-turn='0'] textarea", evil)
     page.act(lambda: p.click(".msg[data-turn='0'] .act-save"))
     body = p.locator(".msg[data-turn='0'] .msg-body")
