@@ -4,8 +4,11 @@ runs in about a minute. Screenshots of the main states go to test-artifacts/ (lo
 
 from __future__ import annotations
 
+import base64
 import json
 import re
+import struct
+import zlib
 
 import pytest
 
@@ -249,6 +252,56 @@ def test_markup_from_model_and_card_is_text(page, tmp_path):
     assert p.evaluate("window.pwned") is None
     assert page.dialogs == []
     shot(p, "07-markup-as-text")
+
+
+def png_card(card: dict) -> bytes:
+    """A 1x1 PNG carrying a character card in a tEXt "chara" chunk (base64 JSON), as Tavern tools write it."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    text = b"chara\0" + base64.b64encode(json.dumps(card).encode())
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 1, 1, 8, 2, 0, 0, 0))
+            + chunk(b"tEXt", text) + chunk(b"IDAT", zlib.compress(b"\0\xff\x80\x40")) + chunk(b"IEND", b""))
+
+
+def test_png_card_continue_narrate_delete_reset(page, tmp_path):
+    p = page.p
+    card = {"spec": "chara_card_v2", "spec_version": "2.0", "data": {
+        "name": "Captain Mira", "description": "A starship captain.", "personality": "calm",
+        "scenario": "On the bridge.", "mes_example": "", "first_mes": "Welcome aboard, {{user}}."}}
+    path = tmp_path / "mira.png"
+    path.write_bytes(png_card(card))
+    p.goto(page.server.url + "/")
+    p.wait_for_selector("body[data-ready='1']")
+    p.click("#btn-new-empty")
+    p.set_input_files("#card-file", str(path))
+    p.wait_for_selector("#card-preview img")
+    page.act(lambda: p.click("#btn-create"))
+    sid = p.evaluate("window.__infinichat.cur.id")
+    assert page.history(sid)["messages"][0]["text"] == "Welcome aboard, User."
+    assert "Welcome aboard, User." in p.inner_text(".msg[data-turn='0'] .msg-body")
+    p.click("#btn-settings")  # settings panel: fewer tokens for speed
+    p.fill("#settings-form [name=max_tokens]", "4")
+    page.act(lambda: p.click("#btn-apply"))
+    p.click("#btn-settings-close")
+
+    page.send("Status report?")
+    before = page.history(sid)["messages"][2]["text"]  # message 0 is the card's greeting
+    page.act(lambda: p.click("#btn-continue"))  # the reply grows in place
+    msgs = page.history(sid)["messages"]
+    assert len(msgs) == 3 and msgs[2]["text"].startswith(before) and len(msgs[2]["text"]) >= len(before)
+    page.act(lambda: p.click("#btn-narrate"))
+    msgs = page.history(sid)["messages"]
+    assert [m["kind"] for m in msgs] == ["assistant", "user", "assistant", "narration"]
+    assert p.inner_text(".msg[data-turn='3'] .who") == "Narrator"
+    shot(p, "12-card-narration")
+    page.act(lambda: page.click_msg_action(1, "delete"))
+    assert [m["kind"] for m in page.history(sid)["messages"]] == ["assistant", "assistant", "narration"]
+    assert p.locator(".messages .msg").count() == 3
+    page.act(lambda: p.click("#btn-reset"))  # confirm() is accepted by the Page helper
+    assert [m["text"] for m in page.history(sid)["messages"]] == ["Welcome aboard, User."]
+    assert p.locator(".messages .msg").count() == 1
+    assert [d.split(":")[0] for d in page.dialogs] == ["confirm"]
+    page.dialogs.clear()
 
 
 def test_stop_keeps_the_partial_reply(page):

@@ -49,12 +49,13 @@ function probColor(p, alpha) {
 }
 
 // ------------------------------------------------------------------ API key
-onAuthNeeded(() => new Promise((resolve) => {
+let keyAsked = null; // one prompt, however many requests got a 401 meanwhile
+onAuthNeeded(() => keyAsked || (keyAsked = new Promise((resolve) => {
   const dlg = $("dlg-key");
   $("key-input").value = "";
-  dlg.onclose = () => resolve($("key-input").value.trim() || null);
-  if (!dlg.open) dlg.showModal();
-}));
+  dlg.onclose = () => { keyAsked = null; resolve($("key-input").value.trim() || null); };
+  dlg.showModal();
+})));
 
 // ------------------------------------------------------------------ sessions
 async function loadSessions() {

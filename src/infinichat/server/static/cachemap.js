@@ -78,7 +78,7 @@ export function renderCacheMap(kv, zoom, onPick) {
     h("span", { class: "lg k-evicted" }, h("span", { class: "sw" }), "Evicted"));
 
   const chips = gone.slice(-10).map((g) => {
-    const el = h("span", { class: `chip evicted k-${g.kind}`, "data-turn": g.turn }, `#${g.turn} ${g.kind} · ${fmt(g.tokens)}`);
+    const el = h("span", { class: `chip evicted k-${g.kind}`, "data-turn": g.turn }, `#${g.turn} ${g.kind} · ${fmt(g.tokens)} tok`);
     attachTip(el, () => h("div", { class: "tip-seg" },
       h("div", { class: "tip-title k-evicted" }, h("span", { class: "sw" }), "Forgotten"),
       h("table", {},
