@@ -124,7 +124,8 @@ async function refreshKv() {
 }
 
 function drawCacheMap() {
-  $("cm-zoom").textContent = state.zoom ? "Show whole budget" : "Zoom to used";
+  $("cm-zoom").textContent = state.zoom ? "⤡ whole budget" : "⤢ zoom";
+  $("cm-zoom").title = state.zoom ? "Scale the bar to the whole token budget" : "Scale the bar to the tokens in use";
   $("cm-zoom").setAttribute("aria-pressed", state.zoom ? "true" : "false");
   renderCacheMap(state.kv, state.zoom, (turn) => {
     const el = document.querySelector(`.msg[data-turn="${turn}"]`);
@@ -340,7 +341,8 @@ function paintLive() {
   if (!L || !L.body) return;
   if (L.text) L.paints = (L.paints || 0) + 1;
   const fresh = bodyFor(L.text, L.toks, L.kind);
-  fresh.append(h("span", { class: "caret" }));
+  const tokens = fresh.querySelector(".tokens"); // Markdown bodies get a CSS caret instead
+  if (tokens) tokens.append(h("span", { class: "caret" }));
   L.body.replaceWith(fresh);
   L.body = fresh;
   scrollToEnd();
