@@ -77,21 +77,33 @@ export function renderCacheMap(kv, zoom, onPick) {
     h("span", { class: "lg k-free" }, h("span", { class: "sw" }), "Free"),
     h("span", { class: "lg k-evicted" }, h("span", { class: "sw" }), "Evicted"));
 
-  const chips = gone.slice(-10).map((g) => {
-    const el = h("span", { class: `chip evicted k-${g.kind}`, "data-turn": g.turn }, `#${g.turn} ${g.kind} · ${fmt(g.tokens)} tok`);
+  // one hatched chip per run of consecutive forgotten turns (usually a single run: the oldest turns)
+  const runs = [];
+  for (const g of gone) {
+    const run = runs[runs.length - 1];
+    if (run && g.turn === run[run.length - 1].turn + 1) run.push(g); else runs.push([g]);
+  }
+  const chips = runs.slice(-6).map((run) => {
+    const first = run[0], last = run[run.length - 1];
+    const tokens = run.reduce((a, g) => a + g.tokens, 0);
+    const label = run.length === 1 ? `#${first.turn} ${first.kind} · ${fmt(tokens)} tok`
+      : `#${first.turn}–#${last.turn} · ${run.length} turns · ${fmt(tokens)} tok`;
+    const el = h("span", { class: `chip evicted k-${run.length === 1 ? first.kind : "mixed"}`,
+      "data-turn": first.turn, "data-turns": run.map((g) => g.turn).join(",") }, label);
     attachTip(el, () => h("div", { class: "tip-seg" },
-      h("div", { class: "tip-title k-evicted" }, h("span", { class: "sw" }), "Forgotten"),
-      h("table", {},
-        h("tr", {}, h("th", {}, "Turn"), h("td", {}, `#${g.turn} (${KIND_LABEL[g.kind] || g.kind})`)),
-        h("tr", {}, h("th", {}, "Tokens"), h("td", {}, `${fmt(g.tokens)} evicted from the cache`)),
+      h("div", { class: "tip-title k-evicted" }, h("span", { class: "sw" }),
+        run.length === 1 ? "Forgotten turn" : `${run.length} forgotten turns`),
+      h("table", {}, run.slice(-8).map((g) => h("tr", {},
+        h("th", {}, `#${g.turn}`), h("td", {}, `${KIND_LABEL[g.kind] || g.kind} · ${fmt(g.tokens)} tokens`))),
+        run.length > 8 ? h("tr", {}, h("td", { colspan: 2, class: "muted" }, `…and ${run.length - 8} earlier`)) : null,
         h("tr", {}, h("td", { colspan: 2, class: "muted" }, "Still in the transcript, no longer seen by the model.")))));
-    if (onPick) el.addEventListener("dblclick", () => onPick(g.turn));
+    if (onPick) el.addEventListener("dblclick", () => onPick(first.turn));
     return el;
   });
   const forgotten = document.getElementById("cm-forgotten");
   if (gone.length || kv.evicted_tokens) {
     forgotten.replaceChildren(...[h("span", { class: "fg-title" }, "Forgotten:"),
-      gone.length > 10 ? h("span", { class: "chip evicted more" }, `+${gone.length - 10} earlier`) : null,
+      runs.length > 6 ? h("span", { class: "chip evicted more" }, `+${runs.length - 6} earlier runs`) : null,
       ...chips,
       !gone.length ? h("span", { class: "chip evicted" }, `${fmt(kv.evicted_tokens)} tokens (token-level)`) : null,
     ].filter(Boolean));
