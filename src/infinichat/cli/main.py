@@ -76,7 +76,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     chat = sub.add_parser("chat", help="chat in the terminal (type :exit to leave)")
-    chat.add_argument("--system", default=None, help="system prompt (default: the model's own)")
+    chat.add_argument("--system", default=None, help="system prompt of a new session (default: the model's own)")
+    chat.add_argument("--session", default=None, metavar="NAME",
+                      help="session to open or create (default: a new one named chat-<time>)")
+    chat.add_argument("--server", default=None, metavar="URL",
+                      help="chat through an infinichat server (e.g. http://127.0.0.1:8000) instead of in-process")
+    chat.add_argument("--api-key", default=None, help="the server's API key (with --server)")
+    chat.add_argument("--data-dir", default=None, metavar="DIR",
+                      help="sessions database, in-process mode (default $INFINICHAT_DATA or ~/.local/share/infinichat)")
+    chat.add_argument("--backend", default="torch", choices=("torch", "llamacpp"), help="engine, in-process mode")
     _add_model_args(chat)
     _add_sampling_args(chat, max_tokens=512, temperature=0.7)
 
@@ -91,6 +99,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(gen)
     _add_sampling_args(gen, max_tokens=128, temperature=0.7)
 
+    serve = sub.add_parser("serve", help="the chat server: session API, OpenAI-compatible API, web page")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /api and /v1")
+    serve.add_argument("--data-dir", default=None, metavar="DIR",
+                       help="sessions database and KV files (default $INFINICHAT_DATA or ~/.local/share/infinichat)")
+    serve.add_argument("--backend", default="torch", choices=("torch", "llamacpp"), help="engine (default torch)")
+    serve.add_argument("--budget", type=int, default=None, help="default KV budget of a session, tokens (2048)")
+    serve.add_argument("--policy", default=None, help="default eviction policy of a session (turns)")
+    serve.add_argument("--kv-cap-mb", type=int, default=1024,
+                       help="resident KV memory of all sessions; past it, idle caches go to disk (default 1024)")
+    serve.add_argument("--max-queue", type=int, default=64,
+                       help="requests waiting or running at once; more get 429 (default 64)")
+    _add_model_args(serve, ctx=False)
+
     _add_eval_parser(sub)
     return parser
 
@@ -101,6 +124,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
     try:
+        if args.command == "serve":
+            from infinichat.server.app import serve
+
+            return serve(args)
         from infinichat.cli import commands, eval_cmd
 
         return {"chat": commands.chat, "story": commands.story, "generate": commands.generate,

@@ -51,6 +51,7 @@ class SessionManager:
         self.prefix = PrefixCache(self.db.dir / "prefix", kv_id)
         self.model_id = model_id
         self.sessions: dict[str, Session] = {}  # loaded (their KV may or may not be resident)
+        self.pinned: set[str] = set()  # sessions whose cache must stay resident (a generation is running)
         self.n_offloads = 0
         self.n_restores = 0
 
@@ -166,7 +167,8 @@ class SessionManager:
         return sum(s.seq.store.nbytes for s in self.sessions.values() if s.seq is not None)
 
     def _enforce_cap(self, keep: Session) -> None:
-        resident = sorted((s for s in self.sessions.values() if s.seq is not None and s is not keep),
+        resident = sorted((s for s in self.sessions.values()
+                           if s.seq is not None and s is not keep and s.id not in self.pinned),
                           key=lambda s: s.last_used)
         total = self.resident_bytes()
         for s in resident:
