@@ -13,7 +13,9 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+from infinichat.errors import InfinichatError
 from infinichat.model.config import ModelConfig
+from infinichat.model.quant import QUANT_SUFFIXES, QuantLinear, check_mode, quantize
 from infinichat.model.rope import Rope, apply_rope
 
 # Measured on the reference CPU (benchmarks/NOTES.md): bf16 matrix-vector products are twice as fast with
@@ -21,6 +23,10 @@ from infinichat.model.rope import Rope, apply_rope
 # FP32_PREFILL_MIN tokens are computed in float32 (weights upcast exactly, layer by layer).
 PACKED_MAX_T = 16
 FP32_PREFILL_MIN = 32
+# Quantized weights: products of fewer rows run in the int8/int4 kernels; from QUANT_DENSE_MIN_T rows on the
+# layer's weights are dequantized to float32 and the float32 GEMM runs (the kernels are made for few rows).
+QUANT_DENSE_MIN_T = 32
+LINEARS = ("wqkv", "wo", "w_in", "w_out")
 
 
 def _packing_works() -> bool:
@@ -45,34 +51,68 @@ class Transformer:
     """Weights in the canonical layout (see weights.py) plus the forward pass. Not an nn.Module: it has
     no training concerns, and plain tensors keep the per-token path free of module dispatch."""
 
-    def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32):
+    def __init__(
+        self, cfg: ModelConfig, weights: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32,
+        quant: str = "none",
+    ):
+        """`weights`: the canonical dense layout (weights.py), or its quantized form (quant.quantize)."""
         self.cfg = cfg
         self.dtype = dtype
-        w = {n: t.to(dtype).contiguous() for n, t in weights.items() if n != "rope_freqs"}  # no copy when equal
+        self.quant = check_mode(quant)
+        if self.quant != "none":
+            if dtype != torch.bfloat16:
+                raise InfinichatError(
+                    f"--quant {self.quant} runs with --dtype bfloat16 (the CPU int8/int4 kernels take bfloat16 "
+                    f"activations), not {str(dtype).removeprefix('torch.')}"
+                )
+            if not any(n.endswith((".q8", ".q4")) for n in weights):
+                weights = quantize(weights, self.quant, cfg.tie_embeddings)
+        w = {  # no copy when the dtype is already right; quantized tensors stay as they are
+            n: t if n.endswith(QUANT_SUFFIXES) else t.to(dtype).contiguous()
+            for n, t in weights.items() if n != "rope_freqs"
+        }
         self.rope = Rope(cfg, weights.get("rope_freqs"))
-        self.embed = w["embed.weight"]  # (V, D)
-        self.lm_head = w["embed.weight"] if cfg.tie_embeddings else w["lm_head.weight"]  # (V, D)
+        head = "embed" if cfg.tie_embeddings else "lm_head"
+        qhead = QuantLinear.from_tensors(w, head)
+        self.lm_head: torch.Tensor | QuantLinear = qhead or w[head + ".weight"]  # (V, D)
+        # the embedding table; a tied quantized table is looked up through the head's int8 rows
+        self.embed: torch.Tensor | None = None if (cfg.tie_embeddings and qhead) else w["embed.weight"]  # (V, D)
         self.norm = (w["norm.weight"], w.get("norm.bias"))
-        self.layers = [
-            {k[len(f"layers.{i}.") :]: t for k, t in w.items() if k.startswith(f"layers.{i}.")}
-            for i in range(cfg.n_layers)
-        ]
+        self.layers: list[dict[str, torch.Tensor | QuantLinear]] = []
+        for i in range(cfg.n_layers):
+            p = f"layers.{i}."
+            L: dict = {k[len(p):]: t for k, t in w.items() if k.startswith(p)}
+            for name in LINEARS:
+                ql = QuantLinear.from_tensors(w, p + name)
+                if ql is not None:
+                    L = {k: t for k, t in L.items() if not k.startswith(name + ".") or k == name + ".bias"}
+                    L[name + ".weight"] = ql
+            self.layers.append(L)
         self.packed: dict[int, torch.Tensor] = {}  # id(weight) -> oneDNN-packed bf16 copy
         if dtype == torch.bfloat16 and _packing_works():
-            for t in [self.lm_head] + [t for L in self.layers for n, t in L.items() if n.endswith("weight") and t.dim() == 2]:
-                self.packed[id(t)] = torch.ops.mkldnn._reorder_linear_weight(t, None)
+            dense = [self.lm_head] + [t for L in self.layers for n, t in L.items() if n.endswith("weight")]
+            for t in dense:
+                if isinstance(t, torch.Tensor) and t.dim() == 2:
+                    self.packed[id(t)] = torch.ops.mkldnn._reorder_linear_weight(t, None)
         self.q_size = cfg.n_heads * cfg.head_dim
         self.kv_size = cfg.n_kv_heads * cfg.head_dim
         self.scale = cfg.head_dim**-0.5
 
     # ------------------------------------------------------------------ pieces
-    def _linear(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    def _linear(self, x: torch.Tensor, w: torch.Tensor | QuantLinear, b: torch.Tensor | None = None) -> torch.Tensor:
+        if isinstance(w, QuantLinear):  # float32 inputs (long prompts): over the dequantized weight
+            return w(x, b) if x.dtype == torch.bfloat16 else F.linear(x, w.dense(x.dtype), None if b is None else b.to(x.dtype))
         if x.dtype != w.dtype:  # float32 prefill over bf16 weights: the upcast is exact
             return F.linear(x, w.to(x.dtype), None if b is None else b.to(x.dtype))
         packed = self.packed.get(id(w)) if x.shape[0] <= PACKED_MAX_T else None
         if packed is not None:
             return torch.ops.mkldnn._linear_pointwise(x, packed, b, "none", [], "")
         return F.linear(x, w, b)
+
+    def _embed(self, tokens: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        if self.embed is None:
+            return self.lm_head.rows(tokens, dtype)  # (T, D) from the tied int8 table
+        return self.embed[tokens].to(dtype)  # (T, D)
 
     def _norm(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self.cfg.norm == "layer":
@@ -140,8 +180,9 @@ class Transformer:
         Writes K/V of the new tokens into cache slots [start, start+T); attends over [0, start+T).
         """
         T = tokens.shape[0]
-        compute = torch.float32 if self.dtype == torch.bfloat16 and T >= FP32_PREFILL_MIN else self.dtype
-        x = self.embed[tokens].to(compute)  # (T, D)
+        fp32_min = QUANT_DENSE_MIN_T if self.quant != "none" else FP32_PREFILL_MIN
+        compute = torch.float32 if self.dtype == torch.bfloat16 and T >= fp32_min else self.dtype
+        x = self._embed(tokens, compute)  # (T, D)
         cos, sin = self.rope.cos_sin(positions, compute)  # (T, rot)
         mask = None  # a prefill from slot 0 uses SDPA's own causal mask
         if T > 1 and start > 0:
