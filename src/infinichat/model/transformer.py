@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from infinichat.errors import InfinichatError
 from infinichat.model.config import ModelConfig
 from infinichat.model.quant import QUANT_SUFFIXES, QuantLinear, check_mode, quantize
-from infinichat.model.rope import Rope, apply_rope
+from infinichat.model.rope import Rope, apply_rope, rotate, signed_sin
 
 # Measured on the reference CPU (benchmarks/NOTES.md): bf16 matrix-vector products are twice as fast with
 # weights pre-packed for oneDNN; bf16 matrix-matrix products are slower than fp32 ones, so prompts of at least
@@ -119,8 +119,10 @@ class Transformer:
             if weight.dtype != x.dtype:  # float32 prefill over bf16 weights
                 weight, bias = weight.to(x.dtype), None if bias is None else bias.to(x.dtype)
             return F.layer_norm(x, (x.shape[-1],), weight, bias, self.cfg.norm_eps)
-        # RMSNorm in float32, then back to the model dtype before the weight (as the reference does)
-        return F.rms_norm(x.float(), (x.shape[-1],), eps=self.cfg.norm_eps).to(x.dtype) * weight
+        # RMSNorm in float32, then back to the model dtype before the weight, written as the reference writes it
+        # (bit for bit what F.rms_norm gives, in fewer dispatched ops: benchmarks/NOTES.md)
+        h = x.float()
+        return (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.cfg.norm_eps)).to(x.dtype) * weight
 
     def _mlp(self, L: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         h = self._linear(x, L["w_in.weight"], L.get("w_in.bias"))  # (T, 2F) or (T, F)
@@ -144,13 +146,18 @@ class Transformer:
     ) -> torch.Tensor:
         cfg = self.cfg
         T = x.shape[0]
+        H, Hkv, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         qkv = self._linear(x, L["wqkv.weight"], L.get("wqkv.bias"))  # (T, q + 2kv)
-        q, k, v = qkv.split((self.q_size, self.kv_size, self.kv_size), dim=-1)
-        q = q.view(T, cfg.n_heads, cfg.head_dim).transpose(0, 1)  # (H, T, hd)
-        k = k.view(T, cfg.n_kv_heads, cfg.head_dim).transpose(0, 1)  # (Hkv, T, hd)
-        v = v.view(T, cfg.n_kv_heads, cfg.head_dim).transpose(0, 1)  # (Hkv, T, hd)
-        q = apply_rope(q, cos, sin)
-        k = apply_rope(k, cos, sin)
+        if cos.shape[-1] == hd:  # full-width RoPE: q and k heads rotated in one go
+            qk = qkv[:, : self.q_size + self.kv_size].view(T, H + Hkv, hd)  # (T, H+Hkv, hd)
+            qk = rotate(qk, cos[:, None], sin[:, None])
+            q = qk[:, :H].transpose(0, 1)  # (H, T, hd)
+            k = qk[:, H:].transpose(0, 1)  # (Hkv, T, hd)
+        else:  # partial rotary (GPT-NeoX)
+            q, k = qkv[:, : self.q_size], qkv[:, self.q_size : self.q_size + self.kv_size]
+            q = apply_rope(q.view(T, H, hd).transpose(0, 1), cos, sin)  # (H, T, hd)
+            k = apply_rope(k.view(T, Hkv, hd).transpose(0, 1), cos, sin)  # (Hkv, T, hd)
+        v = qkv[:, self.q_size + self.kv_size :].view(T, Hkv, hd).transpose(0, 1)  # (Hkv, T, hd)
         end = start + T
         k_buf[:, start:end] = k
         v_buf[:, start:end] = v
@@ -184,6 +191,8 @@ class Transformer:
         compute = torch.float32 if self.dtype == torch.bfloat16 and T >= fp32_min else self.dtype
         x = self._embed(tokens, compute)  # (T, D)
         cos, sin = self.rope.cos_sin(positions, compute)  # (T, rot)
+        if cos.shape[-1] == self.cfg.head_dim:
+            sin = signed_sin(sin)  # what `rotate` takes
         mask = None  # a prefill from slot 0 uses SDPA's own causal mask
         if T > 1 and start > 0:
             i = torch.arange(T).unsqueeze(1)
@@ -192,11 +201,14 @@ class Transformer:
         for li, L in enumerate(self.layers):
             h = self._norm(x, L["attn_norm.weight"], L.get("attn_norm.bias"))
             a = self._attention(L, h, cos, sin, cache.k[li], cache.v[li], start, mask)
+            # residual adds in place: x is this call's own tensor (the embedding lookup made it)
             if self.cfg.parallel_residual:
-                x = x + a + self._mlp(L, self._norm(x, L["ffn_norm.weight"], L.get("ffn_norm.bias")))
+                m = self._mlp(L, self._norm(x, L["ffn_norm.weight"], L.get("ffn_norm.bias")))
+                x += a
+                x += m
             else:
-                x = x + a
-                x = x + self._mlp(L, self._norm(x, L["ffn_norm.weight"], L.get("ffn_norm.bias")))
+                x += a
+                x += self._mlp(L, self._norm(x, L["ffn_norm.weight"], L.get("ffn_norm.bias")))
         if not all_logits:
             x = x[-1:].to(self.dtype)  # one row: the model dtype's (packed) product beats upcasting the head
         x = self._norm(x, *self.norm)
