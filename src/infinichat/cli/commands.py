@@ -38,7 +38,8 @@ def _load(args: argparse.Namespace) -> tuple[LoadedModel, TorchEngine]:
     err = _err_console()
     with err.status("loading model...", spinner="dots"):
         loaded = load_model(
-            args.model, args.dtype, Path(args.cache_dir) if args.cache_dir else None, show_progress=err.is_terminal
+            args.model, args.dtype, Path(args.cache_dir) if args.cache_dir else None, show_progress=err.is_terminal,
+            quant=args.quant,
         )
     return loaded, TorchEngine(loaded.model, loaded.tokenizer.eos_ids)
 

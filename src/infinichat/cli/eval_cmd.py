@@ -65,7 +65,8 @@ def ppl(args: argparse.Namespace) -> int:
     threads = set_threads(args.threads or None)
     with err.status("loading model...", spinner="dots"):
         loaded = load_model(
-            args.model, args.dtype, Path(args.cache_dir) if args.cache_dir else None, show_progress=err.is_terminal
+            args.model, args.dtype, Path(args.cache_dir) if args.cache_dir else None, show_progress=err.is_terminal,
+            quant=args.quant,
         )
     trained = loaded.cfg.max_position
     specs = ev.make_specs(names, args.budget, args.sinks, args.chunk, trained, discard=args.discard)
@@ -92,7 +93,7 @@ def ppl(args: argparse.Namespace) -> int:
 
     report = ev.build_report(
         results, model=loaded.name, dtype=args.dtype, text=str(args.text), text_tokens=n_text,
-        chunk=args.chunk, trained_context=trained, threads=threads,
+        chunk=args.chunk, trained_context=trained, threads=threads, quant=args.quant,
     )
     paths = ev.write_report(report, out_dir)
     _print_table(report)

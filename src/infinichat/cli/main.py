@@ -23,6 +23,9 @@ def _add_model_args(p: argparse.ArgumentParser, dtype: str = DEFAULT_DTYPE, ctx:
                    "(default: the embedded SmolLM2-135M-Instruct Q4_1)")
     g.add_argument("--dtype", default=dtype, choices=("float32", "bfloat16", "float16"),
                    help=f"compute dtype (default {dtype})")
+    g.add_argument("--quant", default="none", choices=("none", "int8", "int4"),
+                   help="store the weights as int8 (per row) or int4 (groups of 32) for faster CPU decode; "
+                   "needs --dtype bfloat16; quantized once, then cached (default none)")
     g.add_argument("--threads", type=int, default=0, help="CPU threads (default: physical cores)")
     if ctx:
         g.add_argument("--ctx", type=int, default=0, metavar="N",

@@ -209,6 +209,7 @@ def build_report(
     chunk: int,
     trained_context: int,
     threads: int,
+    quant: str = "none",
 ) -> dict[str, Any]:
     """The whole run as one JSON-able dict (the documented fields, README "Evaluation")."""
     return {
@@ -216,6 +217,7 @@ def build_report(
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "model": model,
         "dtype": dtype,
+        "quant": quant,
         "threads": threads,
         "text": text,
         "text_tokens": text_tokens,
