@@ -19,3 +19,24 @@ def tiny_chat_model(tmp_path_factory):
     d = tmp_path_factory.mktemp("tiny-chat")
     write_gguf(d / "tiny.gguf", tiny_llama(seed=3, max_position_embeddings=4096))
     return load_model(d / "tiny.gguf", "float32", cache_dir=d / "cache")
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf_1k(tmp_path_factory):
+    """A tiny random Llama GGUF (byte-level vocabulary, 1024 trained positions) for end-to-end CLI tests."""
+    import gguf_util
+
+    path = tmp_path_factory.mktemp("tiny-gguf-1k") / "tiny.gguf"
+    gguf_util.write_gguf(path, gguf_util.RandomLlama(max_position_embeddings=1024))
+    return path
+
+
+@pytest.fixture
+def cli_threads(monkeypatch):
+    """An in-process CLI run sets torch's thread count (--threads): restore it; a wide console for tables."""
+    import torch
+
+    monkeypatch.setenv("COLUMNS", "200")
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)

@@ -1,4 +1,5 @@
-"""`infinichat eval ...`: evaluation commands. `eval ppl`: long-text perplexity per KV policy."""
+"""`infinichat eval ...`: evaluation commands. `eval ppl`: long-text perplexity per KV policy; passkey, niah and
+longbench live in `eval_long`."""
 
 from __future__ import annotations
 
@@ -116,4 +117,7 @@ def _print_table(report: dict) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    return {"ppl": ppl}[args.eval_command](args)
+    from infinichat.cli import eval_long
+
+    return {"ppl": ppl, "passkey": eval_long.passkey, "niah": eval_long.niah,
+            "longbench": eval_long.longbench}[args.eval_command](args)

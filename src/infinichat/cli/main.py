@@ -51,7 +51,7 @@ def _add_sampling_args(p: argparse.ArgumentParser, max_tokens: int, temperature:
 
 
 def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
-    ev = sub.add_parser("eval", help="evaluation: long-text perplexity under KV policies")
+    ev = sub.add_parser("eval", help="evaluation under KV policies: perplexity, passkey, niah, longbench")
     ev_sub = ev.add_subparsers(dest="eval_command", metavar="EVAL", required=True)
     p = ev_sub.add_parser("ppl", help="token-by-token perplexity over a long text, per KV policy (JSON + PNG)")
     p.add_argument("--text", metavar="FILE", help="the UTF-8 text to evaluate (required)")
@@ -67,6 +67,60 @@ def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tokens", type=int, default=20000, help="tokens of the text to evaluate (default 20000)")
     p.add_argument("--out", metavar="DIR", help="where ppl.json, ppl.png, ppl.md go (default results/ppl-<time>/)")
     _add_model_args(p, dtype=EVAL_DTYPE, ctx=False)
+    _add_long_eval_parsers(ev_sub)
+
+
+def _add_long_context_args(p: argparse.ArgumentParser, max_new: str) -> None:
+    """Flags shared by eval passkey / niah / longbench: policies, budgets, decoding, output."""
+    g = p.add_argument_group("KV policies")
+    g.add_argument("--policies", default="full,streaming", metavar="NAMES",
+                   help="comma-separated KV policies from the registry, e.g. full,streaming,h2o,tova,snapkv,omnikv "
+                   "(default full,streaming); full keeps everything and runs once")
+    b = g.add_mutually_exclusive_group()
+    b.add_argument("--budget", metavar="N[,N...]", help="KV budget(s) in tokens, absolute")
+    b.add_argument("--budget-frac", metavar="F[,F...]",
+                   help="KV budget(s) as a fraction of each prompt's length, e.g. 0.25,0.5 (default 0.25)")
+    g.add_argument("--n-sink", type=int, default=None, metavar="N",
+                   help="attention sinks for every policy that has them (window keeps none) (default: the policy's)")
+    g.add_argument("--param", action="append", default=[], metavar="[POLICY.]NAME=VALUE",
+                   help="a policy parameter, e.g. streaming.n_discard=64 or n_sink=8 (repeatable)")
+    g = p.add_argument_group("decoding and output")
+    g.add_argument("--max-new-tokens", type=int, default=None, metavar="N", help=f"greedy tokens per answer ({max_new})")
+    g.add_argument("--no-chat-template", action="store_true",
+                   help="plain-text prompts instead of the model's chat template")
+    g.add_argument("--seed", type=int, default=0, help="seed of the generated prompts (default 0)")
+    g.add_argument("--out", metavar="DIR", help="where the JSON, Markdown and PNG files go (default results/<task>-<time>/)")
+    _add_model_args(p, dtype=EVAL_DTYPE, ctx=False)
+
+
+def _add_long_eval_parsers(ev_sub: argparse._SubParsersAction) -> None:
+    """eval passkey / niah / longbench."""
+    for name, help_text in (
+        ("passkey", "passkey retrieval: a 5-digit key hidden in filler, per policy x length x depth"),
+        ("niah", "RULER-style needle in a haystack (single, multikey, value7), per policy x length x depth"),
+    ):
+        p = ev_sub.add_parser(name, help=help_text)
+        g = p.add_argument_group("prompts")
+        g.add_argument("--lengths", default="1024,2048,4096,7168", metavar="N,N...",
+                       help="prompt lengths in model tokens (default 1024,2048,4096,7168)")
+        g.add_argument("--depths", default="0.1,0.3,0.5,0.7,0.9", metavar="D,D...",
+                       help="needle depths, fractions of the haystack before it (default 0.1,0.3,0.5,0.7,0.9)")
+        g.add_argument("--samples", type=int, default=1, help="prompts per length x depth (default 1)")
+        if name == "niah":
+            g.add_argument("--variant", default="single", help="single, multikey or value7 (default single)")
+            g.add_argument("--n-keys", type=int, default=4, help="needles of the multikey variant (default 4)")
+            g.add_argument("--haystack", metavar="FILE", help="a UTF-8 text file as the haystack "
+                           "(default: generated essay-like text)")
+        _add_long_context_args(p, "default 12")
+    p = ev_sub.add_parser("longbench", help="LongBench-format JSONL files (--data), official prompts and metrics")
+    g = p.add_argument_group("data")
+    g.add_argument("--data", action="append", default=[], metavar="FILE", help="a LongBench JSONL file (repeatable)")
+    g.add_argument("--dataset", default=None, help="the dataset of records without a 'dataset' field "
+                   "(default: from the file name)")
+    g.add_argument("--limit", type=int, default=None, metavar="N", help="at most N records per file")
+    g.add_argument("--max-length", type=int, default=None, metavar="N", help="prompts longer than N tokens are "
+                   "cut in the middle (default: the trained context - the answer length - 64)")
+    _add_long_context_args(p, "default: the dataset's LongBench answer length")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,225 @@
+"""`infinichat eval passkey|niah|longbench`: long-context retrieval and LongBench under KV policies."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from infinichat.errors import InfinichatError
+
+log = logging.getLogger(__name__)
+
+
+def parse_list(flag: str, text: str, conv: Callable[[str], Any], what: str) -> list:
+    """'1024,2048' -> [1024, 2048] (duplicates dropped, order kept); a bad item names the flag."""
+    items = []
+    for part in (p.strip() for p in str(text).split(",")):
+        if not part:
+            continue
+        try:
+            value = conv(part)
+        except ValueError:
+            raise InfinichatError(f"{flag}: {part!r} is not {what}; give a comma-separated list") from None
+        if value not in items:
+            items.append(value)
+    if not items:
+        raise InfinichatError(f"{flag} is empty; give a comma-separated list of {what}s")
+    return items
+
+
+def _policy_runs(args: argparse.Namespace):
+    """The policy runs of the command line (checked before the model loads)."""
+    from infinichat.eval import runner
+
+    names = runner.parse_policies(args.policies)
+    params = runner.policy_params(names, args.param, args.n_sink)
+    tokens = parse_list("--budget", args.budget, int, "an integer") if args.budget else None
+    fracs = None
+    if tokens is None:
+        fracs = parse_list("--budget-frac", args.budget_frac or "0.25", float, "a number")
+    return runner.make_runs(names, params, tokens, fracs)
+
+
+def _check_common(args: argparse.Namespace) -> None:
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        raise InfinichatError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.threads < 0:
+        raise InfinichatError(f"--threads must be a positive number, got {args.threads}")
+
+
+def _load(args: argparse.Namespace, err: Console):
+    from infinichat.engine.torch_engine import TorchEngine, set_threads
+    from infinichat.model.loader import load_model
+
+    threads = set_threads(args.threads or None)
+    with err.status("loading model...", spinner="dots"):
+        loaded = load_model(args.model, args.dtype, Path(args.cache_dir) if args.cache_dir else None,
+                            show_progress=err.is_terminal)
+    return loaded, TorchEngine(loaded.model, loaded.tokenizer.eos_ids), threads
+
+
+def _progress(err: Console) -> Progress:
+    return Progress(TextColumn("{task.description:<34}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[acc]}"),
+                    TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=err, transient=False)
+
+
+def _print_table(title: str, header: list[str], rows: list[list[str]]) -> None:
+    table = Table(title=title)
+    for i, h in enumerate(header):
+        table.add_column(h, justify="left" if i == 0 else "right")
+    for r in rows:
+        table.add_row(*r)
+    Console(highlight=False).print(table)
+
+
+# ------------------------------------------------------------------------------------------- passkey / niah
+
+
+def _retrieval(args: argparse.Namespace, task: str) -> int:
+    from infinichat.eval import haystack, needle, retrieval
+    from infinichat.eval.prompt import prompt_format
+
+    _check_common(args)
+    lengths = parse_list("--lengths", args.lengths, int, "an integer")
+    needle.check_lengths(lengths)
+    depths = parse_list("--depths", args.depths, float, "a number")
+    needle.check_depths(depths)
+    if args.samples < 1:
+        raise InfinichatError(f"--samples must be >= 1, got {args.samples}")
+    variant = getattr(args, "variant", "single")
+    n_keys = getattr(args, "n_keys", None)
+    sentences = None
+    if task == "niah":
+        needle.check_variant(variant)
+        if variant == "multikey" and n_keys < 2:
+            raise InfinichatError(f"--n-keys must be at least 2 for the multikey variant, got {n_keys}")
+        if args.haystack:
+            sentences = haystack.read_sentences(args.haystack)
+    runs = _policy_runs(args)
+    max_new = args.max_new_tokens or 12
+    out_dir = Path(args.out) if args.out else Path("results") / time.strftime(f"{task}-%Y%m%d-%H%M%S")
+
+    err = Console(stderr=True, highlight=False)
+    loaded, engine, threads = _load(args, err)
+    tok = loaded.tokenizer
+    fmt = prompt_format(tok, chat=not args.no_chat_template)
+    too_long = [n for n in lengths if n + max_new > loaded.cfg.max_position]
+    if too_long:
+        err.print(f"note: lengths {too_long} (+ {max_new} new tokens) exceed the model's trained context "
+                  f"{loaded.cfg.max_position}; full attention goes past the positions it was trained on")
+    samples = []
+    for n in lengths:
+        for d in depths:
+            for i in range(args.samples):
+                if task == "passkey":
+                    samples.append(needle.passkey_sample(tok, fmt, n, d, i, args.seed))
+                else:
+                    samples.append(needle.niah_sample(tok, fmt, n, d, i, args.seed, variant, n_keys, sentences))
+
+    def decode(ids):
+        return tok.decode(ids, skip_special=True)
+
+    records: list[dict] = []
+    with _progress(err) as progress:
+        bars = {r.label: progress.add_task(r.label, total=len(samples), acc="") for r in runs}
+
+        def step(run, sample, rec) -> None:
+            records.append(rec)
+            mine = [x["correct"] for x in records if x["policy"] == run.label]
+            progress.update(bars[run.label], advance=1, acc=f"acc {100 * sum(mine) / len(mine):.0f}%  len {sample.length}")
+
+        retrieval.run_samples(engine, decode, runs, samples, max_new, on_result=step)
+
+    report = retrieval.build_report(
+        task=task, variant=variant, runs=runs, records=records, lengths=lengths, depths=depths, samples=args.samples,
+        seed=args.seed, max_new=max_new, model=loaded.name, dtype=args.dtype, threads=threads,
+        chat_template=fmt.chat, haystack=getattr(args, "haystack", None), n_keys=n_keys if variant == "multikey" else None,
+    )
+    paths = retrieval.write_report(report, out_dir)
+    header, rows = retrieval.accuracy_rows(report)
+    _print_table(f"{task} accuracy (%), mean over depths, {loaded.name}", header, rows)
+    Console(highlight=False).print(f"results: {paths['json']}  tables: {paths['md']}  heatmaps: {out_dir}/{task}-heatmap-*.png")
+    return 0
+
+
+def passkey(args: argparse.Namespace) -> int:
+    return _retrieval(args, "passkey")
+
+
+def niah(args: argparse.Namespace) -> int:
+    return _retrieval(args, "niah")
+
+
+# ------------------------------------------------------------------------------------------------ longbench
+
+
+def longbench(args: argparse.Namespace) -> int:
+    import json
+
+    from infinichat.eval import longbench as lb
+    from infinichat.eval.longbench_metrics import score_sample
+    from infinichat.eval.prompt import prompt_format
+    from infinichat.eval.runner import generate
+
+    _check_common(args)
+    if not args.data:
+        raise InfinichatError("eval longbench needs LongBench-format data: --data FILE.jsonl (repeatable)")
+    if args.dataset is not None and args.dataset not in lb.DATASETS:
+        raise InfinichatError(f"unknown --dataset {args.dataset!r}; accepted: {', '.join(lb.DATASETS)}")
+    if args.limit is not None and args.limit < 1:
+        raise InfinichatError(f"--limit must be >= 1, got {args.limit}")
+    if args.max_length is not None and args.max_length < 16:
+        raise InfinichatError(f"--max-length must be at least 16 tokens, got {args.max_length}")
+    records = [r for path in args.data for r in lb.load_jsonl(path, args.dataset, args.limit)]
+    runs = _policy_runs(args)
+    out_dir = Path(args.out) if args.out else Path("results") / time.strftime("longbench-%Y%m%d-%H%M%S")
+
+    err = Console(stderr=True, highlight=False)
+    loaded, engine, threads = _load(args, err)
+    tok = loaded.tokenizer
+    chat_fmt = prompt_format(tok, chat=not args.no_chat_template)
+    plain_fmt = prompt_format(tok, chat=False)
+    datasets = list(dict.fromkeys(r.dataset for r in records))
+    results: list[dict] = []
+    with _progress(err) as progress:
+        for run in runs:
+            bar = progress.add_task(run.label, total=len(records), acc="")
+            for rec in records:
+                spec = lb.DATASETS[rec.dataset]
+                max_new = args.max_new_tokens or spec.max_gen
+                max_length = args.max_length or max(16, loaded.cfg.max_position - max_new - 64)
+                ids, truncated = lb.build_prompt(tok, rec, max_length, chat_fmt, plain_fmt)
+                gen = generate(engine, run, ids, max_new, lambda x: tok.decode(x, skip_special=True))
+                pred = lb.postprocess(rec.dataset, gen.text)
+                score = score_sample(spec.metric, pred, rec.answers, rec.all_classes)
+                results.append({"policy": run.label, "dataset": rec.dataset, "id": rec.id, "line": rec.line,
+                                "truncated": truncated, "prediction": pred, "answers": rec.answers, "score": score,
+                                **gen.to_json()})
+                progress.update(bar, advance=1, acc=f"{rec.dataset} {100 * score:.0f}")
+    report = {
+        "version": 1, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "task": "longbench", "model": loaded.name,
+        "dtype": args.dtype, "threads": threads, "data": [str(p) for p in args.data], "limit": args.limit,
+        "max_length": args.max_length or f"{loaded.cfg.max_position} - answer tokens - 64",
+        "chat_template": chat_fmt.chat, "datasets": datasets, "policies": [r.to_json() for r in runs],
+        "summary": lb.records_summary(results, [r.label for r in runs], datasets), "results": results,
+    }
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "longbench.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+        (out_dir / "longbench.md").write_text(lb.markdown(report), encoding="utf-8")
+    except OSError as e:
+        raise InfinichatError(f"cannot write the results into {out_dir}: {e.strerror or e}") from None
+    header = ["policy", *datasets, "mean"]
+    rows = [[label, *["-" if s["by_dataset"][d] is None else f"{s['by_dataset'][d]:.2f}" for d in datasets],
+             "-" if s["mean"] is None else f"{s['mean']:.2f}"] for label, s in report["summary"].items()]
+    _print_table(f"LongBench scores, {loaded.name}", header, rows)
+    Console(highlight=False).print(f"results: {out_dir / 'longbench.json'}  table: {out_dir / 'longbench.md'}")
+    return 0
