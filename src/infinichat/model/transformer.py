@@ -13,6 +13,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+from infinichat.model.attention import AttentionRequest, requested_attention
 from infinichat.model.config import ModelConfig
 from infinichat.model.rope import Rope, apply_rope
 
@@ -101,6 +102,8 @@ class Transformer:
         v_buf: torch.Tensor,
         start: int,
         mask: torch.Tensor | None,
+        li: int = 0,
+        attn: AttentionRequest | None = None,
     ) -> torch.Tensor:
         cfg = self.cfg
         T = x.shape[0]
@@ -114,15 +117,18 @@ class Transformer:
         end = start + T
         k_buf[:, start:end] = k
         v_buf[:, start:end] = v
-        keys, values = k_buf[:, :end], v_buf[:, :end]  # (Hkv, L, hd)
-        if keys.dtype != q.dtype:
-            keys, values = keys.to(q.dtype), values.to(q.dtype)
-        out = F.scaled_dot_product_attention(
-            q.unsqueeze(0), keys.unsqueeze(0), values.unsqueeze(0),
-            attn_mask=mask, is_causal=T > 1 and mask is None, scale=self.scale,
-            enable_gqa=cfg.n_heads != cfg.n_kv_heads,
-        )  # (1, H, T, hd)
-        out = out[0].transpose(0, 1).reshape(T, self.q_size)  # (T, H*hd)
+        if attn is not None:  # a policy asked for weights, a token subset or offloading (model/attention.py)
+            out = requested_attention(attn, li, q, k_buf, v_buf, start, self.scale)  # (H, T, hd)
+        else:
+            keys, values = k_buf[:, :end], v_buf[:, :end]  # (Hkv, L, hd)
+            if keys.dtype != q.dtype:
+                keys, values = keys.to(q.dtype), values.to(q.dtype)
+            out = F.scaled_dot_product_attention(
+                q.unsqueeze(0), keys.unsqueeze(0), values.unsqueeze(0),
+                attn_mask=mask, is_causal=T > 1 and mask is None, scale=self.scale,
+                enable_gqa=cfg.n_heads != cfg.n_kv_heads,
+            )[0]  # (H, T, hd)
+        out = out.transpose(0, 1).reshape(T, self.q_size)  # (T, H*hd)
         return self._linear(out, L["wo.weight"], L.get("wo.bias"))  # (T, D)
 
     # ------------------------------------------------------------------ forward
@@ -134,10 +140,12 @@ class Transformer:
         cache: LayerCache,
         start: int,
         all_logits: bool = False,
+        attn: AttentionRequest | None = None,
     ) -> torch.Tensor:
         """tokens (T,) int64, positions (T,) int64 -> logits (T, V) if all_logits else (V,), float32.
 
-        Writes K/V of the new tokens into cache slots [start, start+T); attends over [0, start+T).
+        Writes K/V of the new tokens into cache slots [start, start+T); attends over [0, start+T), or as
+        `attn` asks (attention weights for some layers, per-layer token subsets: model/attention.py).
         """
         T = tokens.shape[0]
         compute = torch.float32 if self.dtype == torch.bfloat16 and T >= FP32_PREFILL_MIN else self.dtype
@@ -150,7 +158,7 @@ class Transformer:
             mask = j <= i + start  # (T, start+T) bool
         for li, L in enumerate(self.layers):
             h = self._norm(x, L["attn_norm.weight"], L.get("attn_norm.bias"))
-            a = self._attention(L, h, cos, sin, cache.k[li], cache.v[li], start, mask)
+            a = self._attention(L, h, cos, sin, cache.k[li], cache.v[li], start, mask, li, attn)
             if self.cfg.parallel_residual:
                 x = x + a + self._mlp(L, self._norm(x, L["ffn_norm.weight"], L.get("ffn_norm.bias")))
             else:
