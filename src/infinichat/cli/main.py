@@ -53,7 +53,7 @@ def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
     p = ev_sub.add_parser("ppl", help="token-by-token perplexity over a long text, per KV policy (JSON + PNG)")
     p.add_argument("--text", metavar="FILE", help="the UTF-8 text to evaluate (required)")
     p.add_argument("--policy", action="append", default=[], metavar="NAMES",
-                   help="KV policies: full, window, streaming, recompute; repeatable or comma-separated "
+                   help="KV policies: full, window, streaming, recompute, h2o, tova; repeatable or comma-separated "
                    "(default: full,window,streaming). full runs up to the trained context, then stops")
     p.add_argument("--budget", type=int, default=1024, help="KV budget in tokens, sinks included (default 1024)")
     p.add_argument("--sinks", type=int, default=4, help="attention sinks of the streaming policy (default 4)")
