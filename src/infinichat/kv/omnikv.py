@@ -10,7 +10,8 @@ consecutive layers, and change from step to step. So at every decode step:
 - each filter layer attends over the whole context too, and its attention (the current query's
   probabilities summed over heads) picks the top-k tokens;
 - the layers after a filter layer, up to the next one, attend only to those picked tokens, plus every
-  token generated since the prompt ended (the last prompt's forward call marks where decoding starts), plus
+  token generated since the prompt ended (the last prompt's forward call marks where decoding starts; for
+  a policy attached to an already filled cache, the first decode step does), plus
   the first `n_sink` tokens (attention sinks: an addition to the paper, on by default: 4).
 `k` is a number of tokens (an int >= 1) or a fraction (a float in (0, 1]) of the tokens a filter layer
 picks from (the cache before decoding started, sinks excluded). Prompts are evaluated with full attention.
@@ -57,7 +58,7 @@ class OmniKVPolicy(EvictionPolicy):
     n_sink: int = 4
     offload: bool = False
     device: str | None = None  # the compute device of the offloaded path (None: the store's)
-    _decode_start: int = field(default=0, init=False, repr=False, compare=False)
+    _decode_start: int | None = field(default=None, init=False, repr=False, compare=False)
     _mirrors: LayerMirrors | None = field(default=None, init=False, repr=False, compare=False)
     # the latest decode step, for inspection (eval, tests): its request, and each filter layer's picks
     last_request: AttentionRequest | None = field(default=None, init=False, repr=False, compare=False)
@@ -98,6 +99,8 @@ class OmniKVPolicy(EvictionPolicy):
             return None
         cfg = seq.store.cfg
         filters = self.filters(cfg)
+        if self._decode_start is None:  # attached to a filled cache: what it holds is the context
+            self._decode_start = start
         decode_start = min(self._decode_start, start)
         bounds = (*filters, cfg.n_layers)
         served = {f: range(f + 1, nxt) for f, nxt in zip(filters, bounds[1:])}  # layers fed by each filter
