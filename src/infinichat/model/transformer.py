@@ -119,16 +119,16 @@ class Transformer:
         v_buf[:, start:end] = v
         if attn is not None:  # a policy asked for weights, a token subset or offloading (model/attention.py)
             out = requested_attention(attn, li, q, k_buf, v_buf, start, self.scale)  # (H, T, hd)
-        else:
-            keys, values = k_buf[:, :end], v_buf[:, :end]  # (Hkv, L, hd)
-            if keys.dtype != q.dtype:
-                keys, values = keys.to(q.dtype), values.to(q.dtype)
-            out = F.scaled_dot_product_attention(
-                q.unsqueeze(0), keys.unsqueeze(0), values.unsqueeze(0),
-                attn_mask=mask, is_causal=T > 1 and mask is None, scale=self.scale,
-                enable_gqa=cfg.n_heads != cfg.n_kv_heads,
-            )[0]  # (H, T, hd)
-        out = out.transpose(0, 1).reshape(T, self.q_size)  # (T, H*hd)
+            return self._linear(out.transpose(0, 1).reshape(T, self.q_size), L["wo.weight"], L.get("wo.bias"))
+        keys, values = k_buf[:, :end], v_buf[:, :end]  # (Hkv, L, hd)
+        if keys.dtype != q.dtype:
+            keys, values = keys.to(q.dtype), values.to(q.dtype)
+        out = F.scaled_dot_product_attention(
+            q.unsqueeze(0), keys.unsqueeze(0), values.unsqueeze(0),
+            attn_mask=mask, is_causal=T > 1 and mask is None, scale=self.scale,
+            enable_gqa=cfg.n_heads != cfg.n_kv_heads,
+        )  # (1, H, T, hd)
+        out = out[0].transpose(0, 1).reshape(T, self.q_size)  # (T, H*hd)
         return self._linear(out, L["wo.weight"], L.get("wo.bias"))  # (T, D)
 
     # ------------------------------------------------------------------ forward
