@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from infinichat.engine.sampling import SamplingParams
 from infinichat.engine.torch_engine import TorchEngine

@@ -14,13 +14,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar
 
-import torch
-
-from infinichat.errors import InfinichatError
-from infinichat.kv.offload import LayerMirrors
-from infinichat.kv.omnikv import check_filter_layers
-from infinichat.kv.omnikv_defaults import default_filter_layers
-from infinichat.kv.policy import EvictionPolicy
+from infinichat.kv.offload import LayerMirrors, mirrors_for
+from infinichat.kv.omnikv import check_filter_layers, resolve_filter_layers
+from infinichat.kv.policy import EvictionPolicy, context_full
 from infinichat.model.attention import AttentionRequest
 
 if TYPE_CHECKING:
@@ -44,21 +40,12 @@ class BrutalOffloadPolicy(EvictionPolicy):
             self.filter_layers = check_filter_layers(self.name, self.filter_layers)
 
     def select(self, seq: KVSequence, n_needed: int) -> list[tuple[int, int]]:
-        raise InfinichatError(
-            f"the context is full: {seq.length} cached + {n_needed - seq.length + seq.budget} new tokens > "
-            f"budget {seq.budget}; {self.name} never evicts: raise the budget"
-        )
+        raise context_full(seq, n_needed, f"{self.name} never evicts: raise the budget")
 
     def attention_request(self, seq: KVSequence, start: int, n: int, stage: str) -> AttentionRequest | None:
         if stage != "decode":
             return None
-        cfg = seq.store.cfg
-        filters = self.filter_layers if self.filter_layers is not None else default_filter_layers(cfg)
-        if filters[-1] >= cfg.n_layers:
-            raise InfinichatError(f"{self.name}: filter layers {filters} do not all exist in a {cfg.n_layers}-layer model")
-        resident = tuple(li for li in range(cfg.n_layers) if li <= filters[0] or li in filters)
-        if self._mirrors is None or self._mirrors.layers != resident:
-            device = torch.device(self.device) if self.device else seq.store.k_all.device
-            self._mirrors = LayerMirrors(resident, device)
+        filters = resolve_filter_layers(self.name, self.filter_layers, seq.store.cfg)
+        self._mirrors = mirrors_for(self._mirrors, filters, seq.store, self.device)
         self.last_request = AttentionRequest(resident=self._mirrors.sync(seq.store, start, start + n), transfer=True)
         return self.last_request

@@ -50,3 +50,14 @@ class LayerMirrors:
     @property
     def nbytes(self) -> int:
         return sum(t.nbytes for t in (*self.k.values(), *self.v.values()))
+
+
+def mirrors_for(
+    current: LayerMirrors | None, filters: tuple[int, ...], store: KVStore, device: str | None
+) -> LayerMirrors:
+    """The mirrors an offloading policy with these filter layers needs (the layers up to the first filter
+    layer, and the filter layers: those that attend over the whole context); `current` if it fits."""
+    resident = tuple(li for li in range(store.cfg.n_layers) if li <= filters[0] or li in filters)
+    if current is not None and current.layers == resident:
+        return current
+    return LayerMirrors(resident, torch.device(device) if device else store.k_all.device)

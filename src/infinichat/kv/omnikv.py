@@ -34,9 +34,9 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 
 from infinichat.errors import InfinichatError
-from infinichat.kv.offload import LayerMirrors
+from infinichat.kv.offload import LayerMirrors, mirrors_for
 from infinichat.kv.omnikv_defaults import default_filter_layers
-from infinichat.kv.policy import EvictionPolicy
+from infinichat.kv.policy import EvictionPolicy, context_full
 from infinichat.model.attention import AttentionRequest
 from infinichat.model.config import ModelConfig
 
@@ -72,20 +72,11 @@ class OmniKVPolicy(EvictionPolicy):
             self.filter_layers = check_filter_layers(self.name, self.filter_layers)
 
     def select(self, seq: KVSequence, n_needed: int) -> list[tuple[int, int]]:
-        raise InfinichatError(
-            f"the context is full: {seq.length} cached + {n_needed - seq.length + seq.budget} new tokens > "
-            f"budget {seq.budget}; {self.name} keeps every token (it selects what to attend to): raise the "
-            "budget, or use an evicting policy (streaming, h2o, tova, snapkv)"
-        )
+        raise context_full(seq, n_needed, f"{self.name} keeps every token (it selects what to attend to): raise "
+                           "the budget, or use an evicting policy (streaming, h2o, tova, snapkv)")
 
     def filters(self, cfg: ModelConfig) -> tuple[int, ...]:
-        layers = self.filter_layers if self.filter_layers is not None else default_filter_layers(cfg)
-        bad = [i for i in layers if i >= cfg.n_layers]
-        if bad:
-            raise InfinichatError(
-                f"{self.name}: filter layers {bad} do not exist; this model has layers 0..{cfg.n_layers - 1}"
-            )
-        return layers
+        return resolve_filter_layers(self.name, self.filter_layers, cfg)
 
     def n_pick(self, n_candidates: int) -> int:
         """How many of `n_candidates` tokens a filter layer picks."""
@@ -114,10 +105,7 @@ class OmniKVPolicy(EvictionPolicy):
 
         req.observe = observe
         if self.offload:
-            resident = tuple(li for li in range(cfg.n_layers) if li <= filters[0] or li in filters)
-            if self._mirrors is None or self._mirrors.layers != resident:
-                device = torch.device(self.device) if self.device else seq.store.k_all.device
-                self._mirrors = LayerMirrors(resident, device)
+            self._mirrors = mirrors_for(self._mirrors, filters, seq.store, self.device)
             req.resident = self._mirrors.sync(seq.store, start, end)
             req.transfer = True
         self.last_request = req
@@ -131,6 +119,15 @@ class OmniKVPolicy(EvictionPolicy):
         kk = self.n_pick(decode_start - sinks)
         top = torch.topk(score[sinks:decode_start], kk, sorted=False).indices.sort().values + sinks
         return torch.cat((torch.arange(sinks, device=dev), top, torch.arange(decode_start, end, device=dev)))
+
+
+def resolve_filter_layers(name: str, given: tuple[int, ...] | None, cfg: ModelConfig) -> tuple[int, ...]:
+    """The given filter layers (checked against the model), else the model's default."""
+    layers = given if given is not None else default_filter_layers(cfg)
+    bad = [i for i in layers if i >= cfg.n_layers]
+    if bad:
+        raise InfinichatError(f"{name}: filter layers {bad} do not exist; this model has layers 0..{cfg.n_layers - 1}")
+    return layers
 
 
 def check_k(name: str, k: object) -> None:

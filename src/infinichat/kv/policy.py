@@ -120,6 +120,14 @@ class SlidingPolicy(EvictionPolicy):
         return min(near, key=lambda c: (abs(c - target), c)) if near else target
 
 
+def context_full(seq: KVSequence, n_needed: int, why: str) -> InfinichatError:
+    """The error of a policy that never evicts, when `n_needed` slots would have to go."""
+    return InfinichatError(
+        f"the context is full: {seq.length} cached + {n_needed - seq.length + seq.budget} new tokens > "
+        f"budget {seq.budget}; {why}"
+    )
+
+
 def slots_to_spans(slots: torch.Tensor) -> list[tuple[int, int]]:
     """Sorted slot indices (n,) -> maximal runs as (start, end) spans."""
     if slots.numel() == 0:
