@@ -18,11 +18,24 @@ def engine():
     return tiny_engine()
 
 
+CAPABILITIES = {  # name: (phase, needs_attention_weights, offloads, drops_tokens, recompute)
+    "streaming": ("overflow", False, False, True, False),
+    "window": ("overflow", False, False, True, False),
+    "full": ("overflow", False, False, False, False),
+    "recompute": ("overflow", False, False, True, True),
+    "h2o": ("overflow", True, False, True, False),
+    "tova": ("overflow", True, False, True, False),
+    "snapkv": ("prefill", True, False, True, False),
+    "omnikv": ("decode", True, False, False, False),
+    "brutal-offload": ("decode", False, True, False, False),
+}
+
+
 def test_policies_declare_capabilities():
+    assert set(POLICIES) == set(CAPABILITIES)
     for name, cls in POLICIES.items():
         assert cls.name == name
-        assert cls.phase == "overflow" and cls.needs_attention_weights is False
-    assert POLICIES["full"].drops_tokens is False and POLICIES["recompute"].recompute is True
+        assert (cls.phase, cls.needs_attention_weights, cls.offloads, cls.drops_tokens, cls.recompute) == CAPABILITIES[name]
 
 
 @pytest.mark.parametrize("policy", ["streaming", "window", "recompute"])

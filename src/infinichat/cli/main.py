@@ -56,7 +56,7 @@ def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
     p = ev_sub.add_parser("ppl", help="token-by-token perplexity over a long text, per KV policy (JSON + PNG)")
     p.add_argument("--text", metavar="FILE", help="the UTF-8 text to evaluate (required)")
     p.add_argument("--policy", action="append", default=[], metavar="NAMES",
-                   help="KV policies: full, window, streaming, recompute; repeatable or comma-separated "
+                   help="KV policies: full, window, streaming, recompute, h2o, tova; repeatable or comma-separated "
                    "(default: full,window,streaming). full runs up to the trained context, then stops")
     p.add_argument("--budget", type=int, default=1024, help="KV budget in tokens, sinks included (default 1024)")
     p.add_argument("--sinks", type=int, default=4, help="attention sinks of the streaming policy (default 4)")
@@ -121,6 +121,25 @@ def _add_long_eval_parsers(ev_sub: argparse._SubParsersAction) -> None:
     g.add_argument("--max-length", type=int, default=None, metavar="N", help="prompts longer than N tokens are "
                    "cut in the middle (default: the trained context - the answer length - 64)")
     _add_long_context_args(p, "default: the dataset's LongBench answer length")
+
+    f = ev_sub.add_parser("filter-layers", help="OmniKV: how well each layer's top-k picks cover the later "
+                          "layers' attention on a text; recommends filter layers (JSON + PNG + table)")
+    f.add_argument("--text", metavar="FILE", help="the UTF-8 text to measure on (required)")
+    f.add_argument("--tokens", type=int, default=4096, help="tokens of the text (default 4096, at most the "
+                   "trained context)")
+    f.add_argument("--k", action="append", default=[], metavar="K", help="tokens picked: a count (256) or a "
+                   "fraction of the context (0.1); repeatable or comma-separated (default 0.1,0.05,0.2; the "
+                   "recommendation is for the first)")
+    f.add_argument("--queries", type=int, default=64, help="the text's last tokens act as decode steps (default 64)")
+    f.add_argument("--sinks", type=int, default=4, help="first tokens always picked (default 4, as omnikv)")
+    f.add_argument("--filters", type=int, default=3, help="how many filter layers to recommend (default 3)")
+    f.add_argument("--max-first", type=int, default=None, metavar="L",
+                   help="deepest first filter layer (default: a fifth of the layers)")
+    f.add_argument("--tolerance", type=float, default=0.005, help="coverage a shallower first filter layer "
+                   "may give up: the layers before it attend fully, which costs speed (default 0.005)")
+    f.add_argument("--out", metavar="DIR", help="where filter_layers.{json,png,md} go "
+                   "(default results/filter-layers-<time>/)")
+    _add_model_args(f, dtype=EVAL_DTYPE, ctx=False)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -3,7 +3,9 @@
 gpt-fast style: `prefill` and `decode_one` are small methods over an explicit cache (a `kv.KVSequence`);
 `generate` is the loop that samples, checks stop conditions and yields one `Step` per token. Before each
 forward call the sequence makes room within its budget through its eviction policy; a policy that asks
-for recomputation leaves stale slots, which are re-evaluated here before the new tokens.
+for recomputation leaves stale slots, which are re-evaluated here before the new tokens. A policy that
+needs attention weights (or offloads) is asked for an `AttentionRequest` for each call; one whose phase is
+"prefill" lets a prompt grow the cache up to its capacity and is compressed to the budget after it.
 """
 
 from __future__ import annotations
@@ -77,9 +79,12 @@ class TorchEngine:
         """A KV sequence holding at most `budget` tokens (default: the capacity), evicting with `policy`
         (a name from `kv.POLICIES` plus its parameters, or a policy object). The capacity defaults to the
         budget, else the model's trained context; positions never reach it."""
+        policy = make_policy(policy, **policy_params)
+        if not capacity and policy.phase == "prefill":  # a prompt grows past the budget before compression
+            capacity = max(budget or 0, self.cfg.max_position)
         capacity = capacity or budget or self.cfg.max_position
         store = KVStore(self.cfg, capacity, self.model.dtype, rope=self.model.rope)
-        return KVSequence(store, budget, make_policy(policy, **policy_params))
+        return KVSequence(store, budget, policy)
 
     def new_cache(self, capacity: int | None = None) -> KVSequence:
         """A sequence that never evicts (the `full` policy) with room for `capacity` tokens."""
@@ -97,28 +102,40 @@ class TorchEngine:
         if not seq.policy.drops_tokens and seq.length + len(tokens) > seq.budget:
             seq.make_room(len(tokens))  # raises the policy's "context is full" error before any work
         ids = torch.as_tensor(tokens, dtype=torch.long)
+        n, tail = len(tokens), seq.policy.prompt_tail
         outs = []
         a = 0
-        while a < len(tokens):
+        while a < n:
             step = min(chunk or PREFILL_CHUNK, PREFILL_CHUNK, seq.policy.prefill_chunk(seq))
-            out = self._append(seq, ids[a : a + step], all_logits)
+            if step < n - a < step + tail:  # the last call must hold the policy's tail (SnapKV's window)
+                step = max(1, n - a - tail)
+            last = a + step >= n
+            out = self._append(seq, ids[a : a + step], all_logits, "prompt_end" if last else "prompt")
             a += step
-            if all_logits or a >= len(tokens):
+            if all_logits or last:
                 outs.append(out)
         return torch.cat(outs) if all_logits else outs[-1]
 
     def decode_one(self, seq: KVSequence, token: int) -> torch.Tensor:
-        return self._append(seq, torch.tensor([token]), False)
+        return self._append(seq, torch.tensor([token]), False, "decode")
 
-    def _append(self, seq: KVSequence, ids: torch.Tensor, all_logits: bool) -> torch.Tensor:
-        """One forward call: make room within the budget, recompute stale slots, evaluate `ids` (T,)."""
-        seq.make_room(ids.shape[0])
+    def _append(self, seq: KVSequence, ids: torch.Tensor, all_logits: bool, stage: str) -> torch.Tensor:
+        """One forward call: make room within the budget, recompute stale slots, evaluate `ids` (T,).
+        `stage`: "prompt", "prompt_end" (a prompt's last call) or "decode" (kv/policy.py)."""
+        policy = seq.policy
+        compress = policy.phase == "prefill" and stage != "decode"
+        seq.make_room(ids.shape[0], limit=seq.capacity if compress else None)
         if seq.stale_from is not None:
             self._recompute(seq)
         start = seq.length
         positions = seq.next_positions(ids.shape[0])
-        out = self.model(ids, positions, seq.store, start, all_logits=all_logits)
+        attn = None
+        if policy.needs_attention_weights or policy.offloads:
+            attn = policy.attention_request(seq, start, ids.shape[0], stage)
+        out = self.model(ids, positions, seq.store, start, all_logits=all_logits, attn=attn)
         seq.append(ids, positions)
+        if compress and stage == "prompt_end":
+            seq.make_room(0)  # down to the budget, with the scores of the prompt's last queries
         return out
 
     def _recompute(self, seq: KVSequence) -> None:

@@ -35,6 +35,7 @@ class KVSequence:
         self.stale_from: int | None = None  # slots [stale_from, length) need their K/V recomputed
         self.n_evictions = 0
         self.n_evicted = 0
+        self._scores: torch.Tensor | None = None  # (capacity,) per-slot attention scores, for scoring policies
 
     # ------------------------------------------------------------------ state
     @property
@@ -67,6 +68,14 @@ class KVSequence:
         """The segment id of every slot (-1: untagged)."""
         return self.segments.tags(self.length)
 
+    @property
+    def scores(self) -> torch.Tensor:
+        """Per-slot attention statistics (capacity,) float32 kept by a scoring policy (H2O, TOVA, SnapKV):
+        compacted with the slots on every removal, reset to 0 by a restore. Allocated on first use."""
+        if self._scores is None:
+            self._scores = torch.zeros(self.capacity, dtype=torch.float32)
+        return self._scores
+
     def pinned_mask(self) -> torch.Tensor:
         mask = torch.zeros(self.length, dtype=torch.bool)  # (length,)
         for s, e in self.segments.pinned_spans():
@@ -82,14 +91,16 @@ class KVSequence:
         start = self.store.append(tokens, positions)
         self.segments.on_append(start, tokens.shape[0])
 
-    def make_room(self, n: int) -> list[tuple[int, int]]:
-        """Evict (through the policy) so that `n` more tokens fit the budget; returns the evicted spans.
-        With a recomputing policy, `stale_from` then marks the slots the engine must re-evaluate."""
-        over = self.length + n - self.budget
+    def make_room(self, n: int, limit: int | None = None) -> list[tuple[int, int]]:
+        """Evict (through the policy) so that `n` more tokens fit the budget (or `limit`, e.g. the capacity
+        while a prompt streams in under a "prefill" policy); returns the evicted spans. With a
+        recomputing policy, `stale_from` then marks the slots the engine must re-evaluate."""
+        limit = self.budget if limit is None else limit
+        over = self.length + n - limit
         if over <= 0:
             return []
-        if n > self.budget and self.policy.drops_tokens:
-            raise InfinichatError(f"{n} new tokens cannot fit a budget of {self.budget}: append them in chunks")
+        if n > limit and self.policy.drops_tokens:
+            raise InfinichatError(f"{n} new tokens cannot fit a budget of {limit}: append them in chunks")
         spans = self.policy.select(self, over)
         check_spans(spans, self.length)
         mask = self.pinned_mask()
@@ -125,6 +136,12 @@ class KVSequence:
 
     def remove_spans(self, spans: list[tuple[int, int]], rotate: bool = True) -> None:
         spans = [(s, e) for s, e in spans if e > s]
+        if self._scores is not None and spans:
+            keep = torch.ones(self.length, dtype=torch.bool)  # (length,)
+            for s, e in spans:
+                keep[s:e] = False
+            kept = self._scores[: self.length][keep]
+            self._scores[: kept.shape[0]] = kept
         self.store.remove_spans(spans, shift=True, rotate=rotate)
         self.segments.on_remove(spans)
         if self.stale_from is not None:
@@ -185,6 +202,7 @@ class KVSequence:
         self.store.load_snapshot(snap)
         self.segments = segments
         self.stale_from = snap.extra.get("stale_from")
+        self._scores = None  # attention statistics are not part of a snapshot
         return snap.extra
 
     def load(self, path: str | Path) -> dict:
@@ -199,4 +217,5 @@ class KVSequence:
         other = KVSequence(self.store.fork(), self.budget, copy.deepcopy(self.policy))
         other.segments = copy.deepcopy(self.segments)
         other.stale_from = self.stale_from
+        other._scores = None if self._scores is None else self._scores.clone()
         return other

@@ -62,6 +62,7 @@ class KVStore:
         self.positions = torch.zeros(capacity, dtype=torch.long)  # (C,)
         self._length = 0
         self._next_pos = 0  # position of the next appended token
+        self.edits = 0  # bumped by every change other than an append (copies kept elsewhere resync on it)
 
     # ------------------------------------------------------------------ state
     @property
@@ -112,6 +113,7 @@ class KVStore:
         """Drop every slot from n on."""
         if not 0 <= n <= self._length:
             raise InfinichatError(f"cannot truncate to {n} tokens: the cache holds {self._length}")
+        self.edits += 1
         self._length = n
         self._next_pos = int(self.positions[n - 1]) + 1 if n else 0
 
@@ -129,6 +131,7 @@ class KVStore:
         check_spans(spans, self._length)
         if not spans:
             return
+        self.edits += 1
         L = self._length
         first = spans[0][0]
         keep = torch.ones(L - first, dtype=torch.bool)  # (L - first,)
@@ -166,6 +169,7 @@ class KVStore:
                 f"cannot shift slots {start}..{L - 1} by {delta}: positions would span {lo}..{hi}, "
                 f"but they must stay in [{floor}, {self.capacity - 1}] (increasing, below the capacity)"
             )
+        self.edits += 1
         self.positions[start:L] += delta
         self._next_pos = hi + 1
         self._rerotate(start, L, torch.full((L - start,), delta, dtype=torch.long))
@@ -241,6 +245,7 @@ class KVStore:
             raise InfinichatError(f"the KV snapshot holds {snap.k.dtype} keys, this cache is {self.dtype}")
         if n > self.capacity or (n and int(snap.positions[-1]) >= self.capacity):
             raise InfinichatError(f"the KV snapshot holds {n} tokens, more than this cache's capacity {self.capacity}")
+        self.edits += 1
         self.k_all[:, :, :n] = snap.k
         self.v_all[:, :, :n] = snap.v
         self.tokens[:n] = snap.tokens

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from infinichat.errors import InfinichatError
+from infinichat.model.attention import AttentionRequest, requested_attention
 from infinichat.model.config import ModelConfig
 from infinichat.model.quant import QUANT_SUFFIXES, QuantLinear, check_mode, quantize
 from infinichat.model.rope import Rope, apply_rope, rotate, signed_sin
@@ -143,6 +144,8 @@ class Transformer:
         v_buf: torch.Tensor,
         start: int,
         mask: torch.Tensor | None,
+        li: int = 0,
+        attn: AttentionRequest | None = None,
     ) -> torch.Tensor:
         cfg = self.cfg
         T = x.shape[0]
@@ -161,6 +164,9 @@ class Transformer:
         end = start + T
         k_buf[:, start:end] = k
         v_buf[:, start:end] = v
+        if attn is not None:  # a policy asked for weights, a token subset or offloading (model/attention.py)
+            out = requested_attention(attn, li, q, k_buf, v_buf, start, self.scale)  # (H, T, hd)
+            return self._linear(out.transpose(0, 1).reshape(T, self.q_size), L["wo.weight"], L.get("wo.bias"))
         keys, values = k_buf[:, :end], v_buf[:, :end]  # (Hkv, L, hd)
         if keys.dtype != q.dtype:
             keys, values = keys.to(q.dtype), values.to(q.dtype)
@@ -181,10 +187,12 @@ class Transformer:
         cache: LayerCache,
         start: int,
         all_logits: bool = False,
+        attn: AttentionRequest | None = None,
     ) -> torch.Tensor:
         """tokens (T,) int64, positions (T,) int64 -> logits (T, V) if all_logits else (V,), float32.
 
-        Writes K/V of the new tokens into cache slots [start, start+T); attends over [0, start+T).
+        Writes K/V of the new tokens into cache slots [start, start+T); attends over [0, start+T), or as
+        `attn` asks (attention weights for some layers, per-layer token subsets: model/attention.py).
         """
         T = tokens.shape[0]
         fp32_min = QUANT_DENSE_MIN_T if self.quant != "none" else FP32_PREFILL_MIN
@@ -200,7 +208,7 @@ class Transformer:
             mask = j <= i + start  # (T, start+T) bool
         for li, L in enumerate(self.layers):
             h = self._norm(x, L["attn_norm.weight"], L.get("attn_norm.bias"))
-            a = self._attention(L, h, cos, sin, cache.k[li], cache.v[li], start, mask)
+            a = self._attention(L, h, cos, sin, cache.k[li], cache.v[li], start, mask, li, attn)
             # residual adds in place: x is this call's own tensor (the embedding lookup made it)
             if self.cfg.parallel_residual:
                 m = self._mlp(L, self._norm(x, L["ffn_norm.weight"], L.get("ffn_norm.bias")))
