@@ -69,6 +69,8 @@ class Rope:
         """positions (T,) int -> cos, sin (T, rot_dim) in `dtype` (computed in float32)."""
         if self.dynamic:
             return self._compute(positions, inv_freq_for(self.cfg, int(positions.max()) + 1), dtype)
+        if positions.shape[0] == 0:  # e.g. re-rotating an empty span
+            return self._compute(positions, self.inv_freq, dtype)
         lo, hi = (int(positions[0]),) * 2 if positions.shape[0] == 1 else map(int, torch.aminmax(positions))
         if lo < 0:  # negative positions (a shift reference, tests): computed directly
             return self._compute(positions, self.inv_freq, dtype)
