@@ -73,8 +73,9 @@ class SessionDB:
     def kv_path(self, sid: str) -> Path:
         return self.dir / "kv" / f"{check_session_id(sid)}.kv"
 
-    def save(self, row: dict, messages: list[dict]) -> None:
-        """Write a session and all its messages in one transaction."""
+    def save(self, row: dict, changed: list[tuple[int, dict]], n_messages: int) -> None:
+        """Write a session, the messages that changed (turn, message) and its message count, in one
+        transaction."""
         with self._lock:
             c = self.conn
             c.execute("BEGIN IMMEDIATE")
@@ -88,9 +89,9 @@ class SessionDB:
                     {**row, "updated": time.time(), "card": _dump(row.get("card")),
                      "settings": _dump(row["settings"]), "segments": _dump(row.get("segments"))},
                 )
-                c.execute("DELETE FROM messages WHERE session_id = ?", (row["id"],))
-                c.executemany("INSERT INTO messages (session_id, turn, data) VALUES (?, ?, ?)",
-                              [(row["id"], i, json.dumps(m)) for i, m in enumerate(messages)])
+                c.execute("DELETE FROM messages WHERE session_id = ? AND turn >= ?", (row["id"], n_messages))
+                c.executemany("INSERT OR REPLACE INTO messages (session_id, turn, data) VALUES (?, ?, ?)",
+                              [(row["id"], i, json.dumps(m)) for i, m in changed])
                 c.execute("COMMIT")
             except BaseException:
                 c.execute("ROLLBACK")

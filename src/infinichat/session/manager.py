@@ -51,6 +51,7 @@ class SessionManager:
         self.prefix = PrefixCache(self.db.dir / "prefix", kv_id)
         self.model_id = model_id
         self.sessions: dict[str, Session] = {}  # loaded (their KV may or may not be resident)
+        self._saved: dict[str, list[tuple]] = {}  # per session: the fingerprints of the message rows on disk
         self.pinned: set[str] = set()  # sessions whose cache must stay resident (a generation is running)
         self.n_offloads = 0
         self.n_restores = 0
@@ -104,6 +105,7 @@ class SessionManager:
         if sid not in self.sessions and not self.db.exists(sid):
             raise InfinichatError(f"no session {sid!r}")
         self.sessions.pop(sid, None)
+        self._saved.pop(sid, None)
         self.db.delete(sid)
 
     def close(self) -> None:
@@ -122,7 +124,11 @@ class SessionManager:
         s.created = row["created"]
         # a reply still being generated is saved when it ends, never half-written
         done = [m for m in s.messages if m.alternatives[m.selected].finish_reason != "incomplete" or m.kind == "user"]
-        self.db.save(row, [m.to_json() for m in done])
+        prints = [m.fingerprint() for m in done]
+        old = self._saved.get(s.id, [])
+        changed = [(i, m.to_json()) for i, (m, fp) in enumerate(zip(done, prints)) if i >= len(old) or old[i] != fp]
+        self.db.save(row, changed, len(done))  # only the rows that changed: a turn costs O(1), not O(history)
+        self._saved[s.id] = prints
 
     def _load(self, sid: str) -> Session:
         got = self.db.load(sid)
@@ -133,6 +139,7 @@ class SessionManager:
         s = self._session(sid, row["name"], row["system_prompt"], SessionSettings.from_json(row["settings"]), card)
         s.created = row["created"]
         s.messages = [Message.from_json(m) for m in msgs]
+        self._saved[sid] = [m.fingerprint() for m in s.messages]
         for m in s.messages:  # an alternative interrupted by a crash (saved incomplete) stays, marked
             for a in m.alternatives:
                 if a.finish_reason == "incomplete" and m.kind != "user":

@@ -42,6 +42,7 @@ NARRATOR_PREFIX = "Narrator: "
 GENERATED = ("assistant", "narration")  # kinds whose content the model writes
 RAG_PREFIX = "Relevant information for the conversation:\n"
 MAX_MESSAGE_CHARS = 200_000
+HISTORY_WINDOW = 4  # messages of context for rendering the next one (see _chat_history)
 
 
 @dataclass
@@ -77,6 +78,12 @@ class Message:
     @property
     def segment_name(self) -> str:
         return f"m{self.uid}"
+
+    def fingerprint(self) -> tuple:
+        """Cheap, changes whenever to_json() would (str hashes are cached by Python)."""
+        return (self.uid, self.kind, self.selected, self.in_context, self.n_tokens, self.n_header,
+                tuple((hash(a.text), a.finish_reason, -1 if a.tokens is None else len(a.tokens), len(a.logprobs))
+                      for a in self.alternatives))
 
     def to_json(self) -> dict:
         return {"uid": self.uid, "kind": self.kind, "role": self.role, "selected": self.selected,
@@ -185,9 +192,19 @@ class Session:
 
     # ------------------------------------------------------------------ the cache
     def _chat_history(self, upto: int | None = None) -> list[dict]:
+        """The conversation before message `upto` as the template sees it, for cutting the next message's
+        pieces: the system message and the last few messages only, starting at a user message (the template
+        renders a message from its neighbours; rendering the whole transcript would make every turn cost
+        O(history))."""
         sys = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
-        msgs = self.messages if upto is None else self.messages[:upto]
-        return sys + [{"role": m.role, "content": m.content} for m in msgs if m.in_context]
+        upto = len(self.messages) if upto is None else upto
+        window: list[Message] = []
+        for m in reversed(self.messages[:upto]):
+            if m.in_context:
+                window.append(m)
+                if len(window) >= HISTORY_WINDOW and m.role == "user":
+                    break
+        return sys + [{"role": m.role, "content": m.content} for m in reversed(window)]
 
     def _new_sequence(self) -> KVSequence:
         s = self.settings
