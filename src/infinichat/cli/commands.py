@@ -9,11 +9,13 @@ from pathlib import Path
 from rich.console import Console
 from rich.text import Text
 
+from infinichat.engine.base import Engine
 from infinichat.engine.sampling import SamplingParams
 from infinichat.engine.textgen import Generation, stream_text
 from infinichat.engine.torch_engine import TorchEngine, set_threads
 from infinichat.errors import InfinichatError
-from infinichat.model.loader import LoadedModel, load_model
+from infinichat.model.loader import load_model
+from infinichat.model.tokenizer import Tokenizer
 
 STORY_SYSTEM = (
     "You are a gifted storyteller. Write vivid, coherent stories with characters, dialogue and a plot "
@@ -29,18 +31,30 @@ def _err_console() -> Console:
     return Console(stderr=True, highlight=False)
 
 
-def _load(args: argparse.Namespace) -> tuple[LoadedModel, TorchEngine]:
-    if args.ctx < 0:
-        raise InfinichatError(f"--ctx must be a positive number of tokens, got {args.ctx}")
+def load_engine(args: argparse.Namespace, n_ctx: int | None = None) -> tuple[Tokenizer, str, Engine]:
+    """Tokenizer, model name and engine of `--backend` (llamacpp: a context of `n_ctx` tokens, default the
+    trained context)."""
     if args.threads < 0:
         raise InfinichatError(f"--threads must be a positive number, got {args.threads}")
-    set_threads(args.threads or None)
     err = _err_console()
+    if args.backend == "llamacpp":
+        from infinichat.engine.llamacpp import load_llamacpp
+
+        set_threads(1)  # torch only samples here; its threads would compete with llama.cpp's for the cores
+        with err.status("loading model...", spinner="dots"):
+            return load_llamacpp(args.model, n_ctx=n_ctx, threads=args.threads or None)
+    set_threads(args.threads or None)
     with err.status("loading model...", spinner="dots"):
         loaded = load_model(
             args.model, args.dtype, Path(args.cache_dir) if args.cache_dir else None, show_progress=err.is_terminal
         )
-    return loaded, TorchEngine(loaded.model, loaded.tokenizer.eos_ids)
+    return loaded.tokenizer, loaded.name, TorchEngine(loaded.model, loaded.tokenizer.eos_ids)
+
+
+def _load(args: argparse.Namespace) -> tuple[Tokenizer, str, Engine]:
+    if args.ctx < 0:
+        raise InfinichatError(f"--ctx must be a positive number of tokens, got {args.ctx}")
+    return load_engine(args, n_ctx=args.ctx or None)
 
 
 def _params(args: argparse.Namespace) -> SamplingParams:
@@ -76,8 +90,7 @@ def _stream(console: Console, chunks) -> list:
 
 def _run_prompt(args: argparse.Namespace, messages: list[dict] | None, raw: str | None) -> int:
     params = _params(args)  # bad flags are reported before the (possibly slow) model load
-    loaded, engine = _load(args)
-    tok = loaded.tokenizer
+    tok, _, engine = _load(args)
     if messages is not None:
         ids = tok.encode(tok.apply_chat_template(messages, add_generation_prompt=True), add_bos=tok.add_bos)
     else:
@@ -117,13 +130,12 @@ def chat(args: argparse.Namespace) -> int:
     """Terminal chat. The cache keeps the conversation: each turn re-renders the template, keeps the
     longest common token prefix in the cache and evaluates only the rest."""
     params = _params(args)  # bad flags are reported before the (possibly slow) model load
-    loaded, engine = _load(args)
-    tok = loaded.tokenizer
+    tok, name, engine = _load(args)
     # StreamingLLM: the conversation never runs out of room; the oldest turns are evicted past the budget
     cache = engine.new_sequence(budget=args.ctx or None, policy="streaming")
     messages: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
     console = _console()
-    console.print(f"[dim]{loaded.name} · {cache.capacity} tokens of context · :exit to leave[/]")
+    console.print(f"[dim]{name} · {cache.capacity} tokens of context · :exit to leave[/]")
     while True:
         try:
             line = console.input("[bold green]you>[/] ")
