@@ -111,6 +111,8 @@ def test_parked_sequences_come_back_intact(ids):
     with pytest.raises(InfinichatError, match="does not fit the llama.cpp context"):
         engine.new_sequence(capacity=512)
     engine.close()
+    with pytest.raises(InfinichatError, match="was closed"):
+        engine.decode_one(big, ids[250])
 
 
 def test_snapshots_do_not_cross_backends(torch_default_engine, llamacpp_default_engine):

@@ -36,6 +36,14 @@ class Engine:
     eos_ids: frozenset[int]
     max_chunk: int = 1024  # max tokens per forward call while prefilling
 
+    def new_sequence(self, budget: int | None = None, policy="full", capacity: int | None = None,
+                     **policy_params) -> KVSequence:
+        raise NotImplementedError
+
+    def new_cache(self, capacity: int | None = None) -> KVSequence:
+        """A sequence that never evicts (the `full` policy) with room for `capacity` tokens."""
+        return self.new_sequence(capacity=capacity)
+
     def _append(self, seq: KVSequence, ids: torch.Tensor, all_logits: bool) -> torch.Tensor:
         raise NotImplementedError
 

@@ -25,8 +25,9 @@ the store under the sequence differs.
 - Policies that need attention weights (H2O, TOVA, SnapKV, OmniKV) are refused: llama.cpp does not
   expose them. `recompute` works by re-evaluating the kept tokens.
 - Threads: default to the physical cores. llama.cpp's threads busy-wait at every barrier, so running
-  more threads than free cores (or another busy process on "its" core) collapses its speed: measured on
-  a 2-core machine, about 90 tokens/s quiet and under 1 token/s when another process used the second core.
+  more threads than free cores (or another busy process on "its" core) collapses its speed (issue 8, on
+  this project's 2-core machine: about 90 tokens/s quiet, under 1 token/s when another process used the
+  second core).
   For the same reason callers should keep torch (which only samples here) at one thread.
 """
 
@@ -182,6 +183,7 @@ class _SeqPool:
         self.free = list(range(n_seq_max - 1, -1, -1))
         self.resident: OrderedDict[int, weakref.ref] = OrderedDict()
         self.dead: list[int] = []  # ids of stores that were garbage collected
+        self.closed = False  # the engine freed its context
 
     def drain(self) -> None:
         while self.dead:
@@ -199,7 +201,8 @@ class _SeqPool:
         self.resident.move_to_end(sid)
 
     def release(self, sid: int) -> None:
-        self.lib.llama_memory_seq_rm(self.mem, sid, -1, -1)
+        if not self.closed:
+            self.lib.llama_memory_seq_rm(self.mem, sid, -1, -1)
         if self.resident.pop(sid, None) is not None:
             self.free.append(sid)
 
@@ -248,6 +251,8 @@ class LlamaCppStore(SlotTable):
     def activate(self) -> int:
         """This sequence's id, resident in the context (unparking it, or parking another, if needed)."""
         pool = self.engine._pool
+        if pool.closed:
+            raise InfinichatError("the llama.cpp engine of this KV sequence was closed")
         pool.drain()
         if self._sid is not None:
             pool.touch(self._sid)
@@ -293,6 +298,9 @@ class LlamaCppStore(SlotTable):
         self._set_length(0)
 
     def _state_bytes(self) -> bytes:
+        """llama.cpp's state of this (resident) sequence's cells."""
+        if self.engine._pool.closed:
+            raise InfinichatError("the llama.cpp engine of this KV sequence was closed")
         lib, ctx = self.engine._lib, self.engine._ctx
         size = lib.llama_state_seq_get_size(ctx, self._sid)
         buf = (ctypes.c_uint8 * size)()
@@ -490,6 +498,8 @@ class LlamaCppEngine(Engine):
     def close(self) -> None:
         """Free the context and the model (sequences of this engine are unusable afterwards)."""
         lib = self._lib
+        if getattr(self, "_pool", None) is not None:
+            self._pool.closed = True
         if self._ctx:
             lib.llama_free(self._ctx)
             self._ctx = None
@@ -527,9 +537,6 @@ class LlamaCppEngine(Engine):
                 f"use a budget <= {self.n_ctx} or start the engine with a larger context (--ctx)"
             )
         return KVSequence(LlamaCppStore(self, capacity), budget, pol)
-
-    def new_cache(self, capacity: int | None = None) -> KVSequence:
-        return self.new_sequence(capacity=capacity)
 
     # ------------------------------------------------------------------ one forward call (prefill / decode_one: Engine)
     def _append(self, seq: KVSequence, ids: torch.Tensor, all_logits: bool) -> torch.Tensor:

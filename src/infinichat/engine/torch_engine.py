@@ -73,10 +73,6 @@ class TorchEngine(Engine):
         store = KVStore(self.cfg, capacity, self.model.dtype, rope=self.model.rope)
         return KVSequence(store, budget, make_policy(policy, **policy_params))
 
-    def new_cache(self, capacity: int | None = None) -> KVSequence:
-        """A sequence that never evicts (the `full` policy) with room for `capacity` tokens."""
-        return self.new_sequence(capacity=capacity)
-
     # ------------------------------------------------------------------ one forward call (prefill / decode_one: Engine)
     def _append(self, seq: KVSequence, ids: torch.Tensor, all_logits: bool) -> torch.Tensor:
         """One forward call: make room within the budget, recompute stale slots, evaluate `ids` (T,)."""
