@@ -52,7 +52,7 @@ def _backend(args: argparse.Namespace) -> ChatBackend:
     err = Console(stderr=True, highlight=False)
     with err.status("loading model...", spinner="dots"):
         engine, tok, model_id, name = load_engine(args.backend, args.model, args.dtype, args.threads, args.cache_dir,
-                                                  show_progress=err.is_terminal)
+                                                  show_progress=err.is_terminal, quant=getattr(args, "quant", "none"))
     return LocalBackend(SessionManager(engine, tok, model_id, args.data_dir, SessionSettings()), name)
 
 

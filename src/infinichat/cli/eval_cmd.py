@@ -52,9 +52,9 @@ def _check_args(args: argparse.Namespace) -> None:
 
 
 def ppl(args: argparse.Namespace) -> int:
-    from infinichat.engine.torch_engine import TorchEngine, set_threads
+    from infinichat.cli.commands import load_engine
+    from infinichat.engine.torch_engine import physical_cores
     from infinichat.eval import ppl as ev
-    from infinichat.model.loader import load_model
 
     _check_args(args)
     names = ev.parse_policies(args.policy or [ev.DEFAULT_POLICIES])
@@ -63,22 +63,17 @@ def ppl(args: argparse.Namespace) -> int:
     out_dir = Path(args.out) if args.out else Path("results") / time.strftime("ppl-%Y%m%d-%H%M%S")
 
     err = Console(stderr=True, highlight=False)
-    threads = set_threads(args.threads or None)
-    with err.status("loading model...", spinner="dots"):
-        loaded = load_model(
-            args.model, args.dtype, Path(args.cache_dir) if args.cache_dir else None, show_progress=err.is_terminal,
-            quant=args.quant,
-        )
-    trained = loaded.cfg.max_position
+    threads = args.threads or physical_cores()
+    tokenizer, name, engine = load_engine(args)  # llamacpp: a context of the trained length
+    trained = engine.cfg.max_position
     specs = ev.make_specs(names, args.budget, args.sinks, args.chunk, trained, discard=args.discard)
-    ids = loaded.tokenizer.encode(text, add_bos=loaded.tokenizer.add_bos, parse_special=False)
+    ids = tokenizer.encode(text, add_bos=tokenizer.add_bos, parse_special=False)
     if len(ids) < 2:
         raise InfinichatError(f"--text {args.text} holds {len(ids)} token(s); perplexity needs at least 2")
     n_text = len(ids)
     if len(ids) < args.tokens:
         err.print(f"note: {args.text} holds only {len(ids)} tokens; evaluating all {len(ids)} (--tokens {args.tokens})")
     ids = ids[: args.tokens]
-    engine = TorchEngine(loaded.model, loaded.tokenizer.eos_ids)
 
     results = []
     columns = (TextColumn("{task.description:<22}"), BarColumn(), MofNCompleteColumn(), TokensPerSecond(),
@@ -93,8 +88,8 @@ def ppl(args: argparse.Namespace) -> int:
             results.append(ev.evaluate(engine, ids, spec, args.chunk, on_chunk=step))
 
     report = ev.build_report(
-        results, model=loaded.name, dtype=args.dtype, text=str(args.text), text_tokens=n_text,
-        chunk=args.chunk, trained_context=trained, threads=threads, quant=args.quant,
+        results, model=name, dtype="llama.cpp" if args.backend == "llamacpp" else args.dtype, text=str(args.text),
+        text_tokens=n_text, chunk=args.chunk, trained_context=trained, threads=threads, quant=args.quant,
     )
     paths = ev.write_report(report, out_dir)
     _print_table(report)

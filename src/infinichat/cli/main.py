@@ -21,12 +21,16 @@ def _add_model_args(p: argparse.ArgumentParser, dtype: str = DEFAULT_DTYPE, ctx:
     g = p.add_argument_group("model")
     g.add_argument("--model", metavar="PATH", help="a .gguf file or a Hugging Face checkpoint folder "
                    "(default: the embedded SmolLM2-135M-Instruct Q4_1)")
+    g.add_argument("--backend", default="torch", choices=("torch", "llamacpp"),
+                   help="torch: our PyTorch engine (every KV policy); llamacpp: llama.cpp on the quantized GGUF "
+                   "file (needs llama-cpp-python: pip install 'infinichat[llamacpp]') (default torch)")
     g.add_argument("--dtype", default=dtype, choices=("float32", "bfloat16", "float16"),
-                   help=f"compute dtype (default {dtype})")
+                   help=f"compute dtype of the torch backend (default {dtype})")
     g.add_argument("--quant", default="none", choices=("none", "int8", "int4"),
                    help="store the weights as int8 (per row) or int4 (groups of 32) for faster CPU decode; "
                    "needs --dtype bfloat16; quantized once, then cached (default none)")
-    g.add_argument("--threads", type=int, default=0, help="CPU threads (default: physical cores)")
+    g.add_argument("--threads", type=int, default=0, help="CPU threads (default: physical cores; more "
+                   "threads than free cores slows llama.cpp down badly)")
     if ctx:
         g.add_argument("--ctx", type=int, default=0, metavar="N",
                        help="KV cache budget in tokens; past it the oldest tokens are evicted "

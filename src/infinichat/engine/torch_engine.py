@@ -1,24 +1,24 @@
 """The PyTorch engine: token ids in, logits / sampled tokens out. No chat templates, no JSON.
 
-gpt-fast style: `prefill` and `decode_one` are small methods over an explicit cache (a `kv.KVSequence`);
-`generate` is the loop that samples, checks stop conditions and yields one `Step` per token. Before each
-forward call the sequence makes room within its budget through its eviction policy; a policy that asks
-for recomputation leaves stale slots, which are re-evaluated here before the new tokens. A policy that
-needs attention weights (or offloads) is asked for an `AttentionRequest` for each call; one whose phase is
-"prefill" lets a prompt grow the cache up to its capacity and is compressed to the budget after it.
+gpt-fast style: one forward call `_append` over an explicit cache (a `kv.KVSequence`); `prefill`,
+`decode_one` and `generate` (the loop that samples, checks stop conditions and yields one `Step` per
+token) are shared with the llama.cpp backend in `engine.base`. Before each forward call the sequence
+makes room within its budget through its eviction policy; a policy that asks for recomputation leaves
+stale slots, which are re-evaluated here before the new tokens.
+A policy that needs attention weights (or offloads) is asked for an `AttentionRequest` for each call; one
+whose phase is "prefill" lets a prompt grow the cache up to its capacity and is compressed to the budget
+after it.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 
 import torch
 
-from infinichat.engine.sampling import Sampler, SamplingParams
-from infinichat.errors import InfinichatError
+from infinichat.engine.base import Engine, Step  # noqa: F401  (Step: re-exported for older imports)
 from infinichat.kv.policy import EvictionPolicy
 from infinichat.kv.registry import make_policy
 from infinichat.kv.sequence import KVSequence
@@ -54,16 +54,9 @@ def set_threads(n: int | None) -> int:
     return n
 
 
-@dataclass
-class Step:
-    """One generated token. `top` holds (token id, logprob) alternatives when asked for."""
+class TorchEngine(Engine):
+    max_chunk = PREFILL_CHUNK
 
-    token: int
-    logprob: float
-    top: list[tuple[int, float]] = field(default_factory=list)
-
-
-class TorchEngine:
     def __init__(self, model: Transformer, eos_ids: Sequence[int] = ()):
         self.model = model
         self.cfg: ModelConfig = model.cfg
@@ -86,40 +79,8 @@ class TorchEngine:
         store = KVStore(self.cfg, capacity, self.model.dtype, rope=self.model.rope)
         return KVSequence(store, budget, policy)
 
-    def new_cache(self, capacity: int | None = None) -> KVSequence:
-        """A sequence that never evicts (the `full` policy) with room for `capacity` tokens."""
-        return self.new_sequence(capacity=capacity)
-
-    # ------------------------------------------------------------------ forward wrappers
-    def prefill(
-        self, seq: KVSequence, tokens: Sequence[int], all_logits: bool = False, chunk: int | None = None
-    ) -> torch.Tensor:
-        """Append `tokens` to the sequence; logits of the last token (V,), or of every token (T, V).
-        Tokens are evaluated in forward calls of at most `chunk` tokens (and what the policy allows); the
-        budget is enforced before each call, so a long text streams through a small cache."""
-        if len(tokens) == 0:
-            raise InfinichatError("cannot evaluate an empty token list")
-        if not seq.policy.drops_tokens and seq.length + len(tokens) > seq.budget:
-            seq.make_room(len(tokens))  # raises the policy's "context is full" error before any work
-        ids = torch.as_tensor(tokens, dtype=torch.long)
-        n, tail = len(tokens), seq.policy.prompt_tail
-        outs = []
-        a = 0
-        while a < n:
-            step = min(chunk or PREFILL_CHUNK, PREFILL_CHUNK, seq.policy.prefill_chunk(seq))
-            if step < n - a < step + tail:  # the last call must hold the policy's tail (SnapKV's window)
-                step = max(1, n - a - tail)
-            last = a + step >= n
-            out = self._append(seq, ids[a : a + step], all_logits, "prompt_end" if last else "prompt")
-            a += step
-            if all_logits or last:
-                outs.append(out)
-        return torch.cat(outs) if all_logits else outs[-1]
-
-    def decode_one(self, seq: KVSequence, token: int) -> torch.Tensor:
-        return self._append(seq, torch.tensor([token]), False, "decode")
-
-    def _append(self, seq: KVSequence, ids: torch.Tensor, all_logits: bool, stage: str) -> torch.Tensor:
+    # ------------------------------------------------------------------ one forward call (prefill / decode_one: Engine)
+    def _append(self, seq: KVSequence, ids: torch.Tensor, all_logits: bool, stage: str = "decode") -> torch.Tensor:
         """One forward call: make room within the budget, recompute stale slots, evaluate `ids` (T,).
         `stage`: "prompt", "prompt_end" (a prompt's last call) or "decode" (kv/policy.py)."""
         policy = seq.policy
@@ -145,37 +106,3 @@ class TorchEngine:
             b = min(a + PREFILL_CHUNK, end)
             self.model(store.tokens[a:b], store.positions[a:b], store, a)
         seq.mark_fresh()
-
-    # ------------------------------------------------------------------ the loop
-    def generate(
-        self,
-        cache: KVSequence,
-        prompt: Sequence[int],
-        params: SamplingParams,
-        history: Sequence[int] = (),
-        should_stop: Callable[[], bool] | None = None,
-        logits: torch.Tensor | None = None,
-    ) -> Iterator[Step]:
-        """Evaluate `prompt` (may be empty when `logits` of the last cached token are given), then sample up
-        to `params.max_tokens` tokens, yielding each. Stops at an EOS token (not yielded), when
-        `should_stop()` says so, or when the cache is full (a policy that never evicts, at its budget).
-        `history` = the tokens already in the cache, for repetition penalties.
-        Stop strings are text-level: the caller checks them and closes the generator."""
-        params.validate()
-        sampler = Sampler(params, self.cfg.vocab_size)
-        seen = list(history) + list(prompt)
-        if prompt:
-            logits = self.prefill(cache, prompt)
-        if logits is None:
-            raise InfinichatError("nothing to generate from: give a prompt or the last logits")
-        for _ in range(params.max_tokens):
-            if should_stop is not None and should_stop():
-                return
-            step = sampler.sample(logits, seen)
-            if step.token in self.eos_ids:
-                return
-            seen.append(step.token)
-            yield Step(step.token, step.logprob, step.top)
-            if cache.full:
-                return
-            logits = self.decode_one(cache, step.token)

@@ -1,7 +1,8 @@
-"""A sequence's cache: a tensor store, its segment map, a token budget and an eviction policy.
+"""A sequence's cache: a store, its segment map, a token budget and an eviction policy.
 
-Every edit goes through here so the store (tensors: K/V, token ids, positions) and the segment map
-(plain Python: named slot spans) stay consistent. The engine appends with `next_positions` -> forward ->
+Every edit goes through here so the store (K/V, token ids, positions: the torch `KVStore`, or the llama.cpp
+backend's store with the same interface) and the segment map (plain Python: named slot spans) stay
+consistent. The engine appends with `next_positions` -> forward ->
 `append`, calling `make_room` first; sessions use the segment operations; the eviction policy picks the
 slots and this class cuts them out.
 """
@@ -18,13 +19,14 @@ from infinichat.errors import InfinichatError
 from infinichat.kv.full import FullPolicy
 from infinichat.kv.policy import EvictionPolicy
 from infinichat.kv.segments import Segment, SegmentMap, new_index
-from infinichat.kv.store import KVStore, check_spans, decode_snapshot
+from infinichat.kv.slots import SlotTable
+from infinichat.kv.store import check_spans
 
 log = logging.getLogger(__name__)
 
 
 class KVSequence:
-    def __init__(self, store: KVStore, budget: int | None = None, policy: EvictionPolicy | None = None):
+    def __init__(self, store: SlotTable, budget: int | None = None, policy: EvictionPolicy | None = None):
         budget = store.capacity if budget is None else budget
         if not 1 <= budget <= store.capacity:
             raise InfinichatError(f"the token budget must be in [1, capacity {store.capacity}], got {budget}")
@@ -87,7 +89,7 @@ class KVSequence:
         return self.store.next_positions(n)
 
     def append(self, tokens: torch.Tensor, positions: torch.Tensor) -> None:
-        """Record tokens whose K/V the forward wrote at slot `length` on (see `KVStore.append`)."""
+        """Record tokens whose K/V the forward wrote at slot `length` on (see `SlotTable.append`)."""
         start = self.store.append(tokens, positions)
         self.segments.on_append(start, tokens.shape[0])
 
@@ -191,7 +193,7 @@ class KVSequence:
         self.store.save(path, self._extra(extra))
 
     def restore(self, data: bytes) -> dict:
-        snap = decode_snapshot(data)
+        snap = self.store.decode_snapshot(data)  # each store reads its own format
         n = snap.tokens.shape[0]
         if n > self.budget:
             raise InfinichatError(f"the KV snapshot holds {n} tokens, more than this sequence's budget {self.budget}")
