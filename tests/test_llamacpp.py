@@ -46,7 +46,7 @@ class PerStepSelection(SlidingPolicy):
 
 
 def test_policies_needing_attention_weights_are_refused_by_name():
-    assert llamacpp.supported_policies() == ["streaming", "window", "full", "recompute"]
+    assert llamacpp.supported_policies() == ["streaming", "turns", "window", "full", "recompute"]
 
 
 @pytest.mark.parametrize("policy", [AttentionScoredPolicy(), PerStepSelection()])
@@ -54,7 +54,7 @@ def test_refusal_names_the_policies_that_work(llamacpp_default_engine, policy):
     with pytest.raises(InfinichatError) as e:
         llamacpp_default_engine.new_sequence(budget=64, policy=policy)
     msg = str(e.value)
-    assert policy.name in msg and "streaming, window, full, recompute" in msg and "--backend torch" in msg
+    assert policy.name in msg and "streaming, turns, window, full, recompute" in msg and "--backend torch" in msg
 
 
 def test_teacher_forced_top1_parity_with_the_torch_engine(torch_default_engine, llamacpp_default_engine, ids):
