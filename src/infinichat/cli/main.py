@@ -164,7 +164,6 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--api-key", default=None, help="the server's API key (with --server)")
     chat.add_argument("--data-dir", default=None, metavar="DIR",
                       help="sessions database, in-process mode (default $INFINICHAT_DATA or ~/.local/share/infinichat)")
-    chat.add_argument("--backend", default="torch", choices=("torch", "llamacpp"), help="engine, in-process mode")
     _add_model_args(chat)
     _add_sampling_args(chat, max_tokens=512, temperature=0.7)
 
@@ -185,7 +184,6 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /api and /v1")
     serve.add_argument("--data-dir", default=None, metavar="DIR",
                        help="sessions database and KV files (default $INFINICHAT_DATA or ~/.local/share/infinichat)")
-    serve.add_argument("--backend", default="torch", choices=("torch", "llamacpp"), help="engine (default torch)")
     serve.add_argument("--budget", type=int, default=None, help="default KV budget of a session, tokens (2048)")
     serve.add_argument("--policy", default=None, help="default eviction policy of a session (turns)")
     serve.add_argument("--kv-cap-mb", type=int, default=1024,
