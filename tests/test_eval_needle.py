@@ -180,8 +180,8 @@ def test_make_runs_labels_and_budget_free_full():
     runs = runner.make_runs(["full", "streaming"], {}, fracs=[0.25, 0.5])
     assert [r.label for r in runs] == ["full", "streaming 25%", "streaming 50%"]
     assert runs[1].budget_for(1000) == 250
-    runs = runner.make_runs(["streaming"], {}, tokens=[128])
-    assert [r.label for r in runs] == ["streaming 128"] and runs[0].budget_for(5000) == 128
+    runs = runner.make_runs(["streaming"], {"streaming": {"n_discard": 16}}, tokens=[128])
+    assert [r.label for r in runs] == ["streaming 128 n_discard=16"] and runs[0].budget_for(5000) == 128
     with pytest.raises(InfinichatError, match=r"--budget-frac must be in \(0, 1\]"):
         runner.make_runs(["streaming"], {}, fracs=[1.5])
 
@@ -247,19 +247,19 @@ def test_cli_passkey_writes_json_markdown_and_heatmaps(tiny_gguf_1k, tmp_path, c
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     report = json.loads((out / "passkey.json").read_text())
-    assert [p["label"] for p in report["policies"]] == ["full", "streaming 50%"]
+    assert [p["label"] for p in report["policies"]] == ["full", "streaming 50% n_sink=4"]
     assert report["policies"][1]["params"] == {"n_sink": 4}
     assert len(report["results"]) == 2 * 2 * 2 and report["lengths"] == [420, 520]
     for r in report["results"]:
         assert r["prompt_tokens"] == r["length"] and r["generated"] <= 3
         assert r["kept"] <= (r["length"] if r["policy"] == "full" else r["budget"])
         assert isinstance(r["correct"], bool) and r["prefill_s"] > 0
-    assert set(report["summary"]) == {"full", "streaming 50%"}
+    assert set(report["summary"]) == {"full", "streaming 50% n_sink=4"}
     md = (out / "passkey.md").read_text()
-    assert "| policy | 420 | 520 | mean |" in md and "| streaming 50% | 520 |" in md
-    for name in ("passkey-heatmap-full.png", "passkey-heatmap-streaming-50pct.png"):
+    assert "| policy | 420 | 520 | mean |" in md and "| streaming 50% n_sink=4 | 520 |" in md
+    for name in ("passkey-heatmap-full.png", "passkey-heatmap-streaming-50pct-n-sink-4.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "streaming 50%" in captured.out
+    assert "streaming 50% n_sink=4" in captured.out
 
 
 def test_cli_niah_multikey_plain_text_from_a_haystack_file(tiny_gguf_1k, tmp_path, capsys, cli_threads):

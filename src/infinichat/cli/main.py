@@ -115,7 +115,7 @@ def _add_long_eval_parsers(ev_sub: argparse._SubParsersAction) -> None:
             g.add_argument("--n-keys", type=int, default=4, help="needles of the multikey variant (default 4)")
             g.add_argument("--haystack", metavar="FILE", help="a UTF-8 text file as the haystack "
                            "(default: generated essay-like text)")
-        _add_long_context_args(p, "default 12")
+        _add_long_context_args(p, "default 12" if name == "passkey" else "default 32")
     p = ev_sub.add_parser("longbench", help="LongBench-format JSONL files (--data), official prompts and metrics")
     g = p.add_argument_group("data")
     g.add_argument("--data", action="append", default=[], metavar="FILE", help="a LongBench JSONL file (repeatable)")

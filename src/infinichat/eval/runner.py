@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +27,7 @@ from infinichat.engine.torch_engine import TorchEngine
 from infinichat.errors import InfinichatError
 from infinichat.kv.policy import EvictionPolicy
 from infinichat.kv.registry import POLICIES, make_policy
+from infinichat.kv.sequence import KVSequence
 
 log = logging.getLogger(__name__)
 
@@ -129,11 +130,13 @@ class PolicyRun:
 
     @property
     def label(self) -> str:
+        """'streaming 25%', 'streaming 512', 'full'; parameters given on the command line follow."""
+        label = self.name
         if self.tokens is not None:
-            return f"{self.name} {self.tokens}"
-        if self.frac is not None:
-            return f"{self.name} {self.frac * 100:g}%"
-        return self.name
+            label = f"{self.name} {self.tokens}"
+        elif self.frac is not None:
+            label = f"{self.name} {self.frac * 100:g}%"
+        return " ".join([label, *(f"{k}={v}" for k, v in self.params.items())])
 
     def budget_for(self, n_prompt: int) -> int | None:
         if self.tokens is not None:
@@ -195,8 +198,9 @@ class Generation:
                 "n_evicted": self.n_evicted, "prefill_s": round(self.prefill_s, 4), "decode_s": round(self.decode_s, 4)}
 
 
-def new_sequence(engine: TorchEngine, run: PolicyRun, n_prompt: int, max_new: int):
-    """The run's KV sequence for a prompt of `n_prompt` tokens and up to `max_new` generated ones."""
+def new_sequence(engine: TorchEngine, run: PolicyRun, n_prompt: int, max_new: int) -> tuple[KVSequence, int | None]:
+    """The run's KV sequence for a prompt of `n_prompt` tokens and up to `max_new` generated ones, and the
+    budget it applies (None: budget-free)."""
     cls = policy_class(run.name)
     room = n_prompt + max_new
     budget = run.budget_for(n_prompt)
@@ -210,7 +214,8 @@ def new_sequence(engine: TorchEngine, run: PolicyRun, n_prompt: int, max_new: in
     return engine.new_sequence(budget=room, policy=run.name, **params), budget if select_field else None
 
 
-def generate(engine: TorchEngine, run: PolicyRun, ids: Sequence[int], max_new: int, decode_text) -> Generation:
+def generate(engine: TorchEngine, run: PolicyRun, ids: Sequence[int], max_new: int,
+             decode_text: Callable[[list[int]], str]) -> Generation:
     """Greedy decoding of up to `max_new` tokens after `ids` under `run` (stops at EOS)."""
     seq, budget = new_sequence(engine, run, len(ids), max_new)
     t0 = time.perf_counter()
