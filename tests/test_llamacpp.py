@@ -103,6 +103,12 @@ def test_parked_sequences_come_back_intact(ids):
         single = engine.new_sequence(capacity=128)
         engine.prefill(single, ids[i * 70 : i * 70 + 70])
         assert_close(engine, got, engine.decode_one(single, ids[i * 70 + 70]))
+    snap = seqs[0].snapshot()
+    hlen = int.from_bytes(snap[4:8], "little")
+    state = 8 + hlen + 16 * seqs[0].length  # where llama.cpp's state bytes start
+    damaged = snap[:state] + bytes(8) + snap[state + 8 :]
+    with pytest.raises(InfinichatError, match="refused"):
+        seqs[1].restore(damaged)
     del seqs, seq, single  # dead sequences give their ids and cells back
     n_parked = engine.n_parked
     big = engine.new_sequence()
@@ -113,6 +119,16 @@ def test_parked_sequences_come_back_intact(ids):
     engine.close()
     with pytest.raises(InfinichatError, match="was closed"):
         engine.decode_one(big, ids[250])
+
+
+def test_recompute_across_a_positional_gap_is_refused(llamacpp_default_engine, ids):
+    engine = llamacpp_default_engine
+    seq = engine.new_sequence(budget=64, capacity=128, policy="recompute", n_discard=16)
+    engine.prefill(seq, ids[:40])
+    seq.shift(20, 5)  # positions 0..19, 25..44
+    with pytest.raises(InfinichatError, match="gap in their positions"):
+        engine.prefill(seq, ids[40:70])  # evicts 16 tokens, then would re-evaluate 0..3, 9..28
+    assert seq.token_ids() == ids[16:40] and seq.store.cell_positions() == (0, 28)
 
 
 def test_snapshots_do_not_cross_backends(torch_default_engine, llamacpp_default_engine):

@@ -23,7 +23,8 @@ the store under the sequence differs.
   of sharing: a decode attends over the used cell range of every resident sequence (masked), so idle
   resident sequences slow the others a little; park them (snapshot + drop) when many are idle.
 - Policies that need attention weights (H2O, TOVA, SnapKV, OmniKV) are refused: llama.cpp does not
-  expose them. `recompute` works by re-evaluating the kept tokens.
+  expose them. `recompute` works by re-evaluating the kept tokens (except across a positional gap made
+  by a positive `shift`: llama.cpp evaluates consecutive positions only).
 - Threads: default to the physical cores. llama.cpp's threads busy-wait at every barrier, so running
   more threads than free cores (or another busy process on "its" core) collapses its speed (issue 8, on
   this project's 2-core machine: about 90 tokens/s quiet, under 1 token/s when another process used the
@@ -70,6 +71,10 @@ SNAP_VERSION = 1
 DEFAULT_BATCH = 512  # tokens per llama_decode call (llama-cpp-python's default n_batch)
 DEFAULT_SEQ_MAX = 8  # sequence ids resident at once; more sequences park (see the module docstring)
 _KV_BYTES = 2  # f16 K and V cells (llama.cpp's default type_k / type_v)
+# llama.cpp evaluates consecutive positions only (its batch check), and attention depends on a gap, so
+# tokens after a gap (a positive `shift`) cannot be re-evaluated where they are
+_GAP = ("the llama.cpp backend cannot re-evaluate tokens across a gap in their positions (made by a positive "
+        "shift); use the torch backend to recompute with shifted positions")
 
 
 def supports(policy: type[EvictionPolicy] | EvictionPolicy) -> bool:
@@ -166,10 +171,14 @@ class _Batch:
     def fill(self, sid: int, tokens: np.ndarray, first_pos: int, all_logits: bool) -> None:
         m = tokens.shape[0]
         self.sid.value = sid
-        self.token[:m] = tokens
-        self.pos[:m] = np.arange(first_pos, first_pos + m, dtype=np.int32)
-        self.logits[:m] = 1 if all_logits else 0
-        self.logits[m - 1] = 1
+        self.token[:m] = tokens  # int64 -> int32
+        if m == 1:  # a decode step: skip the array calls
+            self.pos[0] = first_pos
+            self.logits[0] = 1
+        else:
+            self.pos[:m] = np.arange(first_pos, first_pos + m, dtype=np.int32)
+            self.logits[:m] = 1 if all_logits else 0
+            self.logits[m - 1] = 1
         self.struct.n_tokens = m
 
 
@@ -546,6 +555,9 @@ class LlamaCppEngine(Engine):
         seq.make_room(ids.shape[0])
         if seq.stale_from is not None:  # a recomputing policy evicted: re-evaluate the kept tokens after the cut
             a, end = seq.stale_from, seq.length
+            first = int(store.positions[a - 1]) + 1 if a else int(store.positions[0])
+            if int(store.positions[end - 1]) - first != end - a - 1:
+                raise InfinichatError(_GAP)
             store.activate()
             store._rm(int(store.positions[a]), -1)
             for b in range(a, end, self.n_batch):
@@ -560,19 +572,14 @@ class LlamaCppEngine(Engine):
     def _write(
         self, store: LlamaCppStore, ids: torch.Tensor, positions: torch.Tensor, all_logits: bool
     ) -> torch.Tensor:
-        """Decode tokens (m,) <= n_batch into the store's cells at `positions` (consecutive, or the
-        re-evaluation of a span after a positional gap); logits (V,) or (m, V)."""
+        """Decode tokens (m,) <= n_batch into the store's cells at `positions`; logits (V,) or (m, V)."""
         lib, ctx = self._lib, self._ctx
         m, p0 = ids.shape[0], int(positions[0])
-        if int(positions[-1]) - p0 != m - 1:  # a gap inside (after `shift`): llama.cpp needs consecutive positions
-            k = int((positions[1:] - positions[:-1] != 1).nonzero()[0]) + 1
-            first = self._write(store, ids[:k], positions[:k], all_logits)
-            rest = self._write(store, ids[k:], positions[k:], all_logits)
-            return torch.cat([first.reshape(-1, self.n_vocab), rest.reshape(-1, self.n_vocab)]) if all_logits else rest
         sid = store.activate()
         last = lib.llama_memory_seq_pos_max(self._mem, sid)  # -1 when empty
-        at = p0 if last < 0 else last + 1  # llama.cpp appends right after the last position; shifted below
-        self._batch.fill(sid, ids.numpy().astype(np.int32), at, all_logits)
+        if int(positions[-1]) - p0 != m - 1 or (last >= 0 and p0 != last + 1):
+            raise InfinichatError(_GAP)
+        self._batch.fill(sid, ids.numpy(), p0, all_logits)
         while (rc := lib.llama_decode(ctx, self._batch.struct)) == 1:  # no free cells: park another sequence
             if not self._pool.park_lru(store):
                 raise InfinichatError(
@@ -581,9 +588,7 @@ class LlamaCppEngine(Engine):
                 )
         if rc != 0:
             raise InfinichatError(f"llama.cpp failed to evaluate {m} tokens (llama_decode returned {rc})")
-        if at != p0:
-            store._add(at, p0 - at)
-        n_out = m if all_logits else 1
+        out = torch.empty((m, self.n_vocab) if all_logits else (self.n_vocab,), dtype=torch.float32)  # (m, V) | (V,)
         ptr = lib.llama_get_logits(ctx) if all_logits else lib.llama_get_logits_ith(ctx, -1)
-        out = torch.from_numpy(np.ctypeslib.as_array(ptr, shape=(n_out * self.n_vocab,)).copy())
-        return out.view(m, self.n_vocab) if all_logits else out  # (m, V) or (V,)
+        ctypes.memmove(out.data_ptr(), ptr, out.nbytes)  # llama.cpp reuses its buffer at the next decode
+        return out
