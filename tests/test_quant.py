@@ -152,3 +152,23 @@ def test_quant_needs_bfloat16():
         Transformer(cfg, _weights(cfg), torch.float32, quant="int8")
     with pytest.raises(InfinichatError, match=r"int5"):
         Transformer(cfg, _weights(cfg), torch.bfloat16, quant="int5")
+
+
+def test_quantized_head_rescores_its_top_candidates_exactly():
+    """The int8 head ranks the vocabulary; its top candidates get the dense head's logits back, so the
+    greedy token is the one a dense head over the same (quantized) layers would pick."""
+    from infinichat.model.transformer import RESCORE_TOP
+
+    cfg = _cfg(tie_embeddings=True)
+    flat = quant.quantize(_weights(cfg), "int4", tie_embeddings=True)
+    rescored = Transformer(cfg, flat, torch.bfloat16, quant="int4")
+    dense_head = Transformer(cfg, {k: v for k, v in flat.items() if not k.startswith("embed.") or k == "embed.weight"},
+                             torch.bfloat16, quant="int4")
+    assert isinstance(rescored.lm_head, quant.QuantLinear) and isinstance(dense_head.lm_head, torch.Tensor)
+    ids = torch.randint(0, cfg.vocab_size, (12,), generator=torch.Generator().manual_seed(9))
+    caches = [KVCache(cfg, 16, torch.bfloat16) for _ in range(2)]
+    for t in range(12):
+        a, b = (m(ids[t : t + 1], torch.tensor([t]), c, t) for m, c in zip((rescored, dense_head), caches))
+        top = b.topk(RESCORE_TOP // 2).indices  # well inside the int8 head's candidates
+        assert a.argmax() == b.argmax()
+        assert ((a[top] - b[top]).abs() <= b[top].abs() * 2**-7).all()  # within one bf16 rounding
