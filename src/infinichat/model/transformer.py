@@ -23,9 +23,10 @@ from infinichat.model.rope import Rope, apply_rope, rotate, signed_sin
 # FP32_PREFILL_MIN tokens are computed in float32 (weights upcast exactly, layer by layer).
 PACKED_MAX_T = 16
 FP32_PREFILL_MIN = 32
-# Quantized weights: products of fewer rows run in the int8/int4 kernels; from QUANT_DENSE_MIN_T rows on the
-# layer's weights are dequantized to float32 and the float32 GEMM runs (the kernels are made for few rows).
-QUANT_DENSE_MIN_T = 32
+# Quantized weights: calls of fewer tokens run in the int8/int4 kernels (bf16 activations); from
+# QUANT_DENSE_MIN_T[mode] tokens on, each weight is dequantized to float32 and the float32 GEMM runs: the kernels
+# re-dequantize per block of 4 rows, so they fall behind as rows grow (crossovers measured: NOTES.md).
+QUANT_DENSE_MIN_T = {"int8": 256, "int4": 512}
 LINEARS = ("wqkv", "wo", "w_in", "w_out")
 # A quantized head's RESCORE_TOP best tokens per row get their logits again from the dense bf16 table
 # (benchmarks/NOTES.md: the int8 head alone moved 0.8% of the greedy choices; this costs ~k*D reads).
@@ -216,7 +217,7 @@ class Transformer:
         Writes K/V of the new tokens into cache slots [start, start+T); attends over [0, start+T).
         """
         T = tokens.shape[0]
-        fp32_min = QUANT_DENSE_MIN_T if self.quant != "none" else FP32_PREFILL_MIN
+        fp32_min = QUANT_DENSE_MIN_T[self.quant] if self.quant != "none" else FP32_PREFILL_MIN
         compute = torch.float32 if self.dtype == torch.bfloat16 and T >= fp32_min else self.dtype
         x = self._embed(tokens, compute)  # (T, D)
         cos, sin = self.rope.cos_sin(positions, compute)  # (T, rot)
