@@ -190,9 +190,13 @@ class Transformer:
         if keys.dtype != q.dtype:
             keys, values = keys.to(q.dtype), values.to(q.dtype)
         if T == 1 and self.flash_decode:  # the kernel F.scaled_dot_product_attention picks, minus its dispatch
+            # Quantized models: the G query heads sharing a KV head go in as G query rows of that head, so
+            # each KV head is read once, by one thread (~30% faster at short context, ~7% at 4k: NOTES.md).
+            # Not bit for bit the per-head result at long context, so bf16/fp32 models keep the per-head call.
+            qq = q.view(1, Hkv, H // Hkv, hd) if self.quant != "none" else q.unsqueeze(0)  # (1, Hkv, G, hd)
             out = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-                q.unsqueeze(0), keys.unsqueeze(0), values.unsqueeze(0), 0.0, False, scale=self.scale
-            )[0]  # (1, H, 1, hd); GQA handled by the kernel
+                qq, keys.unsqueeze(0), values.unsqueeze(0), 0.0, False, scale=self.scale
+            )[0].reshape(1, H, 1, hd)  # GQA handled by the kernel
         else:
             out = F.scaled_dot_product_attention(
                 q.unsqueeze(0), keys.unsqueeze(0), values.unsqueeze(0),
