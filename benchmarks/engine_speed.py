@@ -85,15 +85,22 @@ class LlamaCpp:
         self.llm.reset()
         return timed(lambda: self.llm.eval(ids))
 
-    def decode_rate(self, ids: list[int], n: int) -> float:
+    def next_token(self) -> int:
+        """Greedy choice from the last evaluated token's logits (`Llama.eval` keeps them only with
+        logits_all, so they are read from the context, as `Llama.sample` does)."""
+        import llama_cpp
         import numpy as np
 
+        ptr = llama_cpp.llama_get_logits_ith(self.llm.ctx, -1)
+        return int(np.argmax(np.ctypeslib.as_array(ptr, shape=(self.llm.n_vocab(),))))
+
+    def decode_rate(self, ids: list[int], n: int) -> float:
         llm = self.llm
         llm.reset()
         llm.eval(ids)
         t = time.perf_counter()
         for _ in range(n - 1):
-            llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
+            llm.eval([self.next_token()])
         return (n - 1) / (time.perf_counter() - t)
 
 

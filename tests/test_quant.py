@@ -132,9 +132,9 @@ def test_quantized_model_matches_float32_model_of_its_dequantized_weights(mode, 
     qm = Transformer(cfg, _weights(cfg), torch.bfloat16, quant=mode)
     assert all(isinstance(L["wqkv.weight"], quant.QuantLinear) for L in qm.layers)
     ref = Transformer(cfg, _dequantized(qm), torch.float32)
-    n = QUANT_DENSE_MIN_T + 8  # a prompt long enough for the float32 path over dequantized weights
+    n = QUANT_DENSE_MIN_T[mode] + 8  # a prompt long enough for the float32 path over dequantized weights
     ids = torch.randint(0, cfg.vocab_size, (n + 6,), generator=torch.Generator().manual_seed(8))
-    cq, cr = KVCache(cfg, 64, torch.bfloat16), KVCache(cfg, 64)
+    cq, cr = KVCache(cfg, n + 32, torch.bfloat16), KVCache(cfg, n + 32)
     got = qm(ids[:n], torch.arange(n), cq, 0, all_logits=True)
     want = ref(ids[:n], torch.arange(n), cr, 0, all_logits=True)
     # float32 products over the same weights; the K/V cache is bf16 on the quantized side only
@@ -144,6 +144,11 @@ def test_quantized_model_matches_float32_model_of_its_dequantized_weights(mode, 
         want = ref(ids[t : t + 1], torch.tensor([t]), cr, t)
         assert (got - want).abs().max().item() <= 0.05 * want.abs().max().item() + 0.02
         assert got.argmax() == want.argmax() or want.topk(2).values.diff().abs().item() < 0.05
+    a, b = n + 6, n + 6 + 20  # a chunk of several tokens through the kernels
+    more = torch.randint(0, cfg.vocab_size, (20,), generator=torch.Generator().manual_seed(10))
+    got = qm(more, torch.arange(a, b), cq, a, all_logits=True)
+    want = ref(more, torch.arange(a, b), cr, a, all_logits=True)
+    assert (got - want).abs().max().item() <= 0.05 * want.abs().max().item() + 0.02
 
 
 def test_quant_needs_bfloat16():
@@ -152,3 +157,23 @@ def test_quant_needs_bfloat16():
         Transformer(cfg, _weights(cfg), torch.float32, quant="int8")
     with pytest.raises(InfinichatError, match=r"int5"):
         Transformer(cfg, _weights(cfg), torch.bfloat16, quant="int5")
+
+
+def test_quantized_head_rescores_its_top_candidates_exactly():
+    """The int8 head ranks the vocabulary; its top candidates get the dense head's logits back, so the
+    greedy token is the one a dense head over the same (quantized) layers would pick."""
+    from infinichat.model.transformer import RESCORE_TOP
+
+    cfg = _cfg(tie_embeddings=True)
+    flat = quant.quantize(_weights(cfg), "int4", tie_embeddings=True)
+    rescored = Transformer(cfg, flat, torch.bfloat16, quant="int4")
+    dense_head = Transformer(cfg, {k: v for k, v in flat.items() if not k.startswith("embed.") or k == "embed.weight"},
+                             torch.bfloat16, quant="int4")
+    assert isinstance(rescored.lm_head, quant.QuantLinear) and isinstance(dense_head.lm_head, torch.Tensor)
+    ids = torch.randint(0, cfg.vocab_size, (12,), generator=torch.Generator().manual_seed(9))
+    caches = [KVCache(cfg, 16, torch.bfloat16) for _ in range(2)]
+    for t in range(12):
+        a, b = (m(ids[t : t + 1], torch.tensor([t]), c, t) for m, c in zip((rescored, dense_head), caches))
+        top = b.topk(RESCORE_TOP // 2).indices  # well inside the int8 head's candidates
+        assert a.argmax() == b.argmax()
+        assert ((a[top] - b[top]).abs() <= b[top].abs() * 2**-7).all()  # within one bf16 rounding

@@ -10,8 +10,9 @@ is more tokens per second. Activations stay bfloat16; the products run in PyTorc
 
 `quantize(weights, mode)` turns the canonical dense weights (weights.py) into a flat dict of tensors (so a
 quantized model caches to one safetensors file); `QuantLinear.from_tensors` builds the matmul objects
-from it. In int4 mode the output head (and tied embedding) stays int8: the vocabulary projection decides
-the next token and is the most sensitive matrix (llama.cpp keeps it at 8 bits in Q4 files too).
+from it. The output head is int8 in both modes (llama.cpp keeps it at 8 bits in Q4 files too), and its
+dense bf16 table is kept as well, read only where it is cheap: the embedding lookup, and the exact
+re-scoring of the head's top candidates (transformer.py), which the next token's choice depends on.
 Weights the kernels cannot take (int4: output rows not a multiple of 16, inputs not a multiple of the
 group) fall back to int8.
 """
@@ -27,6 +28,7 @@ from infinichat.errors import InfinichatError
 log = logging.getLogger(__name__)
 
 QUANT_MODES = ("none", "int8", "int4")
+QUANT_FORMAT = 1  # in the cached file names: bump when what `quantize` produces changes
 GROUP = 32  # int4 group size: the GGUF Q4_0/Q4_1 block size; also what K=576 (SmolLM2) divides into
 ACT_DTYPE = torch.bfloat16  # the kernels' activation (and scale) dtype
 QUANT_SUFFIXES = (".q8", ".scale", ".q4", ".scale_zero")  # the tensors `quantize` makes
@@ -67,9 +69,9 @@ def int4_fits(w: torch.Tensor, group: int = GROUP) -> bool:
 
 
 def quantize(weights: dict[str, torch.Tensor], mode: str, tie_embeddings: bool) -> dict[str, torch.Tensor]:
-    """Dense canonical weights -> a flat dict where each quantized matrix `X.weight` becomes
-    `X.q8` + `X.scale` (int8) or `X.q4` + `X.scale_zero` (int4). Norms, biases and the embedding table
-    (when not tied to the head) stay as they are; the tied head is quantized once and serves both."""
+    """Dense canonical weights -> a flat dict where each quantized layer matrix `X.weight` becomes
+    `X.q8` + `X.scale` (int8) or `X.q4` + `X.scale_zero` (int4). The head gets `.q8` + `.scale` next to
+    its dense `.weight`; norms, biases and an untied embedding table stay as they are."""
     mode = check_mode(mode)
     if mode == "none":
         return dict(weights)
@@ -77,6 +79,8 @@ def quantize(weights: dict[str, torch.Tensor], mode: str, tie_embeddings: bool) 
     head = "embed.weight" if tie_embeddings else "lm_head.weight"
     for name, t in weights.items():
         is_matrix = name.endswith(".weight") and t.dim() == 2 and name.startswith("layers.")
+        if name == head:
+            out[name] = t
         if name == head or (is_matrix and (mode == "int8" or not int4_fits(t))):
             base = name.removesuffix(".weight")
             out[base + ".q8"], out[base + ".scale"] = quantize_int8(t)
@@ -97,7 +101,7 @@ class QuantLinear:
         self.N, self.K = N, K
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        y = self._mm(x.to(ACT_DTYPE))  # (T, N)
+        y = self._mm(x if x.dtype == ACT_DTYPE else x.to(ACT_DTYPE))  # (T, N)
         return y if bias is None else y + bias.to(y.dtype)
 
     def _mm(self, x: torch.Tensor) -> torch.Tensor:
@@ -130,10 +134,6 @@ class Int8Linear(QuantLinear):
 
     def dense(self, dtype: torch.dtype) -> torch.Tensor:
         return (self.q.to(dtype) * self.scale.to(dtype)[:, None])  # (N, K)
-
-    def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """Dequantized rows (T, K): the embedding lookup of a tied int8 table."""
-        return self.q[ids].to(dtype) * self.scale[ids].to(dtype)[:, None]
 
     @property
     def nbytes(self) -> int:

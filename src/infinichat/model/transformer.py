@@ -24,10 +24,14 @@ from infinichat.model.rope import Rope, apply_rope, rotate, signed_sin
 # FP32_PREFILL_MIN tokens are computed in float32 (weights upcast exactly, layer by layer).
 PACKED_MAX_T = 16
 FP32_PREFILL_MIN = 32
-# Quantized weights: products of fewer rows run in the int8/int4 kernels; from QUANT_DENSE_MIN_T rows on the
-# layer's weights are dequantized to float32 and the float32 GEMM runs (the kernels are made for few rows).
-QUANT_DENSE_MIN_T = 32
+# Quantized weights: calls of fewer tokens run in the int8/int4 kernels (bf16 activations); from
+# QUANT_DENSE_MIN_T[mode] tokens on, each weight is dequantized to float32 and the float32 GEMM runs: the kernels
+# re-dequantize per block of 4 rows, so they fall behind as rows grow (crossovers measured: NOTES.md).
+QUANT_DENSE_MIN_T = {"int8": 256, "int4": 512}
 LINEARS = ("wqkv", "wo", "w_in", "w_out")
+# A quantized head's RESCORE_TOP best tokens per row get their logits again from the dense bf16 table
+# (benchmarks/NOTES.md: the int8 head alone moved 0.8% of the greedy choices; this costs ~k*D reads).
+RESCORE_TOP = 8
 
 
 def _packing_works() -> bool:
@@ -37,6 +41,17 @@ def _packing_works() -> bool:
         packed = torch.ops.mkldnn._reorder_linear_weight(w, None)
         torch.ops.mkldnn._linear_pointwise(torch.zeros(1, 8, dtype=torch.bfloat16), packed, None, "none", [], "")
         return torch.backends.mkldnn.is_available()
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _flash_decode_works() -> bool:
+    """Whether F.scaled_dot_product_attention's CPU flash kernel can be called directly (probed once): one
+    query, GQA heads, bf16, the same result as through the dispatcher."""
+    try:
+        q, k = torch.ones(1, 4, 1, 8, dtype=torch.bfloat16), torch.ones(1, 2, 3, 8, dtype=torch.bfloat16)
+        out = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, k, 0.0, False, scale=0.5)[0]
+        return torch.equal(out, F.scaled_dot_product_attention(q, k, k, scale=0.5, enable_gqa=True))
     except (AttributeError, RuntimeError):
         return False
 
@@ -76,8 +91,8 @@ class Transformer:
         head = "embed" if cfg.tie_embeddings else "lm_head"
         qhead = QuantLinear.from_tensors(w, head)
         self.lm_head: torch.Tensor | QuantLinear = qhead or w[head + ".weight"]  # (V, D)
-        # the embedding table; a tied quantized table is looked up through the head's int8 rows
-        self.embed: torch.Tensor | None = None if (cfg.tie_embeddings and qhead) else w["embed.weight"]  # (V, D)
+        self.head_exact = w[head + ".weight"] if qhead else None  # (V, D) dense rows for re-scoring
+        self.embed = w["embed.weight"]  # (V, D)
         self.norm = (w["norm.weight"], w.get("norm.bias"))
         self.layers: list[dict[str, torch.Tensor | QuantLinear]] = []
         for i in range(cfg.n_layers):
@@ -98,6 +113,7 @@ class Transformer:
         self.q_size = cfg.n_heads * cfg.head_dim
         self.kv_size = cfg.n_kv_heads * cfg.head_dim
         self.scale = cfg.head_dim**-0.5
+        self.flash_decode = _flash_decode_works()
 
     # ------------------------------------------------------------------ pieces
     def _linear(self, x: torch.Tensor, w: torch.Tensor | QuantLinear, b: torch.Tensor | None = None) -> torch.Tensor:
@@ -111,9 +127,18 @@ class Transformer:
         return F.linear(x, w, b)
 
     def _embed(self, tokens: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        if self.embed is None:
-            return self.lm_head.rows(tokens, dtype)  # (T, D) from the tied int8 table
         return self.embed[tokens].to(dtype)  # (T, D)
+
+    def _head(self, x: torch.Tensor) -> torch.Tensor:
+        """x (T, D) -> logits (T, V) float32. A quantized head's top candidates are re-scored exactly: the
+        dense rows in float32, rounded as the dense model's product would be (bf16 for bf16 inputs)."""
+        logits = self._linear(x, self.lm_head).float()  # (T, V)
+        if self.head_exact is None:
+            return logits
+        top = logits.topk(RESCORE_TOP, dim=-1).indices  # (T, k)
+        rows = self.head_exact[top].float()  # (T, k, D)
+        exact = torch.bmm(rows, x.float().unsqueeze(-1)).squeeze(-1)  # (T, k)
+        return logits.scatter_(-1, top, exact.to(x.dtype).float())
 
     def _norm(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self.cfg.norm == "layer":
@@ -153,7 +178,7 @@ class Transformer:
         qkv = self._linear(x, L["wqkv.weight"], L.get("wqkv.bias"))  # (T, q + 2kv)
         if cos.shape[-1] == hd:  # full-width RoPE: q and k heads rotated in one go
             qk = qkv[:, : self.q_size + self.kv_size].view(T, H + Hkv, hd)  # (T, H+Hkv, hd)
-            qk = rotate(qk, cos[:, None], sin[:, None])
+            qk = rotate(qk, cos, sin)  # cos, sin (T, 1, hd)
             q = qk[:, :H].transpose(0, 1)  # (H, T, hd)
             k = qk[:, H:].transpose(0, 1)  # (Hkv, T, hd)
         else:  # partial rotary (GPT-NeoX)
@@ -170,11 +195,20 @@ class Transformer:
         keys, values = k_buf[:, :end], v_buf[:, :end]  # (Hkv, L, hd)
         if keys.dtype != q.dtype:
             keys, values = keys.to(q.dtype), values.to(q.dtype)
-        out = F.scaled_dot_product_attention(
-            q.unsqueeze(0), keys.unsqueeze(0), values.unsqueeze(0),
-            attn_mask=mask, is_causal=T > 1 and mask is None, scale=self.scale,
-            enable_gqa=cfg.n_heads != cfg.n_kv_heads,
-        )  # (1, H, T, hd)
+        if T == 1 and self.flash_decode:  # the kernel F.scaled_dot_product_attention picks, minus its dispatch
+            # Quantized models: the G query heads sharing a KV head go in as G query rows of that head, so
+            # each KV head is read once, by one thread (~30% faster at short context, ~7% at 4k: NOTES.md).
+            # Not bit for bit the per-head result at long context, so bf16/fp32 models keep the per-head call.
+            qq = q.view(1, Hkv, H // Hkv, hd) if self.quant != "none" else q.unsqueeze(0)  # (1, Hkv, G, hd)
+            out = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                qq, keys.unsqueeze(0), values.unsqueeze(0), 0.0, False, scale=self.scale
+            )[0].reshape(1, H, 1, hd)  # GQA handled by the kernel
+        else:
+            out = F.scaled_dot_product_attention(
+                q.unsqueeze(0), keys.unsqueeze(0), values.unsqueeze(0),
+                attn_mask=mask, is_causal=T > 1 and mask is None, scale=self.scale,
+                enable_gqa=cfg.n_heads != cfg.n_kv_heads,
+            )  # (1, H, T, hd)
         out = out[0].transpose(0, 1).reshape(T, self.q_size)  # (T, H*hd)
         return self._linear(out, L["wo.weight"], L.get("wo.bias"))  # (T, D)
 
@@ -195,12 +229,12 @@ class Transformer:
         `attn` asks (attention weights for some layers, per-layer token subsets: model/attention.py).
         """
         T = tokens.shape[0]
-        fp32_min = QUANT_DENSE_MIN_T if self.quant != "none" else FP32_PREFILL_MIN
+        fp32_min = QUANT_DENSE_MIN_T[self.quant] if self.quant != "none" else FP32_PREFILL_MIN
         compute = torch.float32 if self.dtype == torch.bfloat16 and T >= fp32_min else self.dtype
         x = self._embed(tokens, compute)  # (T, D)
         cos, sin = self.rope.cos_sin(positions, compute)  # (T, rot)
-        if cos.shape[-1] == self.cfg.head_dim:
-            sin = signed_sin(sin)  # what `rotate` takes
+        if cos.shape[-1] == self.cfg.head_dim:  # what `rotate` takes, broadcast over heads: (T, 1, hd)
+            cos, sin = cos[:, None], signed_sin(sin)[:, None]
         mask = None  # a prefill from slot 0 uses SDPA's own causal mask
         if T > 1 and start > 0:
             i = torch.arange(T).unsqueeze(1)
@@ -220,7 +254,7 @@ class Transformer:
         if not all_logits:
             x = x[-1:].to(self.dtype)  # one row: the model dtype's (packed) product beats upcasting the head
         x = self._norm(x, *self.norm)
-        logits = self._linear(x, self.lm_head).float()  # (T, V)
+        logits = self._head(x)  # (T, V)
         return logits if all_logits else logits[0]
 
     __call__ = forward
