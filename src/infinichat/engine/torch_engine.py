@@ -26,7 +26,11 @@ from infinichat.model.transformer import Transformer
 
 log = logging.getLogger(__name__)
 
-PREFILL_CHUNK = 1024  # max tokens per forward call while prefilling (bounds the attention-mask memory)
+# Max tokens per forward call while prefilling. A prompt from slot 0 in one call uses SDPA's causal kernel
+# (no mask) and converts the layers' weights to float32 once: 2048 covers the common prompt in one call.
+# Later chunks build a (T, start+T) bool mask; all-logits calls stop at LOGITS_CHUNK ((T, V) float32 each).
+PREFILL_CHUNK = 2048
+LOGITS_CHUNK = 1024
 
 
 def physical_cores() -> int:
@@ -100,7 +104,8 @@ class TorchEngine:
         outs = []
         a = 0
         while a < len(tokens):
-            step = min(chunk or PREFILL_CHUNK, PREFILL_CHUNK, seq.policy.prefill_chunk(seq))
+            cap = LOGITS_CHUNK if all_logits else PREFILL_CHUNK
+            step = min(chunk or cap, cap, seq.policy.prefill_chunk(seq))
             out = self._append(seq, ids[a : a + step], all_logits)
             a += step
             if all_logits or a >= len(tokens):
