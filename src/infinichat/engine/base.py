@@ -35,6 +35,7 @@ class Engine:
     cfg: ModelConfig
     eos_ids: frozenset[int]
     max_chunk: int = 1024  # max tokens per forward call while prefilling
+    logits_chunk: int = 1024  # the same when every token's logits are returned ((T, V) float32 per call)
 
     def new_sequence(self, budget: int | None = None, policy="full", capacity: int | None = None,
                      **policy_params) -> KVSequence:
@@ -63,7 +64,8 @@ class Engine:
         outs = []
         a = 0
         while a < n:
-            step = min(chunk or self.max_chunk, self.max_chunk, seq.policy.prefill_chunk(seq))
+            cap = self.logits_chunk if all_logits else self.max_chunk
+            step = min(chunk or cap, cap, seq.policy.prefill_chunk(seq))
             if step < n - a < step + tail:  # the last call must hold the policy's tail (SnapKV's window)
                 step = max(1, n - a - tail)
             last = a + step >= n

@@ -28,7 +28,11 @@ from infinichat.model.transformer import Transformer
 
 log = logging.getLogger(__name__)
 
-PREFILL_CHUNK = 1024  # max tokens per forward call while prefilling (bounds the attention-mask memory)
+# Max tokens per forward call while prefilling. A prompt from slot 0 in one call uses SDPA's causal kernel
+# (no mask) and converts the layers' weights to float32 once: 2048 covers the common prompt in one call.
+# Later chunks build a (T, start+T) bool mask; all-logits calls stop at LOGITS_CHUNK ((T, V) float32 each).
+PREFILL_CHUNK = 2048
+LOGITS_CHUNK = 1024
 
 
 def physical_cores() -> int:
@@ -56,6 +60,7 @@ def set_threads(n: int | None) -> int:
 
 class TorchEngine(Engine):
     max_chunk = PREFILL_CHUNK
+    logits_chunk = LOGITS_CHUNK
 
     def __init__(self, model: Transformer, eos_ids: Sequence[int] = ()):
         self.model = model
