@@ -61,7 +61,8 @@ def message_json(s, turn: int | None) -> dict | None:
 
 
 def session_events(s, gen: Iterator, metrics=None) -> Iterator[tuple[str, dict]]:
-    """(event, data) items of the session API stream: token..., kv every KV_EVERY tokens, kv, done."""
+    """(event, data) items of the session API stream: token..., kv after the first token and every KV_EVERY
+    tokens, kv, done."""
     tok = s.tok
     n = 0
     start = s.seq.length if s.seq is not None else 0
@@ -74,7 +75,7 @@ def session_events(s, gen: Iterator, metrics=None) -> Iterator[tuple[str, dict]]
                         metrics.tokens(n_in=max(0, s.seq.length - start) if n == 1 else 0, n_out=1)
                 yield "token", {"text": ev.text, "token": ev.token, "logprob": ev.logprob,
                                 "top": top_json(tok, ev.top), "turn": ev.turn}
-                if n and ev.token is not None and n % KV_EVERY == 0:
+                if ev.token is not None and (n == 1 or n % KV_EVERY == 0):  # the new turn shows at once
                     yield "kv", s.kv_map()
             else:
                 yield "kv", s.kv_map()
