@@ -196,7 +196,7 @@ def test_disconnect_cancels_and_session_stays_consistent(live, client):
 
 
 def test_busy_session_is_409(live, client):
-    new_session(client, "busy", settings={"temperature": 1.0, "seed": 3})
+    new_session(client, "busy", settings={"temperature": 0.0})  # greedy: this tiny model never samples EOS here
     log, done = [], {}
     body = {"text": "Long.", "params": {"max_tokens": 100000, "repetition_penalty": 1.0}}
     t = threading.Thread(target=_reader, args=(httpx.Client(base_url=live.url, timeout=60), "busy", body, log, done))
