@@ -1,6 +1,10 @@
 """Test-wide settings. Set before torch starts its OpenMP pool: on a small, shared machine (2 cores, other
 processes busy) spinning OpenMP workers starve each other and the suite slows by 10x or more; sleeping
-workers cost a little latency per parallel region and nothing else."""
+workers cost a little latency per parallel region and nothing else.
+
+Engine fixtures on the real default model, loaded once per session: `torch_default_engine` (float32),
+`llamacpp_default_engine` (skipped where llama-cpp-python is not installed), and `default_engine`, which
+is each of them in turn: a test that takes `default_engine` runs on both backends."""
 
 import os
 
@@ -8,6 +12,17 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_model(tmp_path_factory):
+    """A tiny random Llama (4096 positions) loaded in float32, shared by the server tests."""
+    from gguf_util import tiny_llama, write_gguf
+    from infinichat.model.loader import load_model
+
+    d = tmp_path_factory.mktemp("tiny-chat")
+    write_gguf(d / "tiny.gguf", tiny_llama(seed=3, max_position_embeddings=4096))
+    return load_model(d / "tiny.gguf", "float32", cache_dir=d / "cache")
 
 
 @pytest.fixture(scope="session")
@@ -29,3 +44,42 @@ def cli_threads(monkeypatch):
     n = torch.get_num_threads()
     yield
     torch.set_num_threads(n)
+
+
+BACKENDS = ("torch", "llamacpp")
+TEST_THREADS = 1  # llama.cpp's threads busy-wait: on a shared 2-core machine, 2 threads can collapse to ~1 token/s
+
+
+@pytest.fixture(scope="session")
+def torch_default_engine(tmp_path_factory):
+    """Our PyTorch engine on the default model, float32 (the reference numerics); loaded once per session."""
+    from infinichat.engine.torch_engine import TorchEngine
+    from infinichat.model.loader import load_model
+
+    loaded = load_model(None, "float32", cache_dir=tmp_path_factory.mktemp("engine-cache"))
+    return TorchEngine(loaded.model, loaded.tokenizer.eos_ids)
+
+
+@pytest.fixture(scope="session")
+def llamacpp_default_engine():
+    """The llama.cpp backend on the default model's GGUF file; loaded once per session."""
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (bash scripts/setup.sh --test)")
+    from infinichat.engine.llamacpp import load_llamacpp
+
+    _, _, engine = load_llamacpp(None, threads=TEST_THREADS)
+    yield engine
+    engine.close()
+
+
+@pytest.fixture(scope="session", params=BACKENDS)
+def default_engine(request):
+    """An engine on the default model for each backend: parametrize a test over both by using this fixture."""
+    return request.getfixturevalue(f"{request.param}_default_engine")
+
+
+@pytest.fixture(scope="session")
+def default_tokenizer():
+    from infinichat.model.loader import default_model_path
+    from infinichat.model.tokenizer import Tokenizer
+
+    return Tokenizer.from_gguf(default_model_path())

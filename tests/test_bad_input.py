@@ -93,6 +93,8 @@ FLAGS = {  # flag arguments -> regex for the flag named in the message
     "negative temperature": (["--temperature", "-1"], r"temperature"),
     "unknown dtype": (["--dtype", "int3"], r"--dtype"),
     "top-p above 1": (["--top-p", "2"], r"top[-_]p"),
+    "unknown quant": (["--quant", "int3"], r"--quant"),
+    "quant without bfloat16": (["--quant", "int8", "--dtype", "float32"], r"--quant int8 .*bfloat16"),
 }
 
 

@@ -38,8 +38,9 @@ def test_generate_greedy_is_deterministic_and_seeded_sampling_repeats(cache):
 
 
 @pytest.mark.slow
-def test_chat_answers_each_turn_and_exits(cache):
-    out = run(["chat", "-n", "24", "--temperature", "0"], cache, stdin="Hello!\nWhat is the capital of France?\n:exit\n")
+def test_chat_answers_each_turn_and_exits(cache, tmp_path):
+    out = run(["chat", "-n", "24", "--temperature", "0", "--data-dir", str(tmp_path)], cache,
+              stdin="Hello!\nWhat is the capital of France?\n:exit\n")
     assert out.returncode == 0, out.stderr
     replies = out.stdout.split("bot>")[1:]
     assert len(replies) == 2 and all(r.split("you>")[0].strip() for r in replies), out.stdout

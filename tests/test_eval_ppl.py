@@ -184,7 +184,8 @@ BAD = {
     "missing file": (["--text", "{tmp}/nope.txt"], r"cannot read --text .*nope\.txt"),
     "not UTF-8": (["--text", "{tmp}/latin1.txt"], r"not UTF-8"),
     "budget below sinks + chunk": (["--text", "{tmp}/ok.txt", "--budget", "60"], r"--budget 60 is too small"),
-    "unknown policy": (["--text", "{tmp}/ok.txt", "--policy", "streaming,h2o"], r"unknown policy 'h2o'.*accepted"),
+    "unknown policy": (["--text", "{tmp}/ok.txt", "--policy", "streaming,h3o"], r"unknown policy 'h3o'.*accepted"),
+    "decode-only policy": (["--text", "{tmp}/ok.txt", "--policy", "omnikv"], r"'omnikv' cannot be evaluated by perp"),
     "tokens <= 1": (["--text", "{tmp}/ok.txt", "--tokens", "1"], r"--tokens must be at least 2"),
     "chunk above 64": (["--text", "{tmp}/ok.txt", "--chunk", "65"], r"--chunk must be in \[1, 64\]"),
 }

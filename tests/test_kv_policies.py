@@ -18,14 +18,28 @@ def engine():
     return tiny_engine()
 
 
+CAPABILITIES = {  # name: (phase, needs_attention_weights, offloads, drops_tokens, recompute)
+    "streaming": ("overflow", False, False, True, False),
+    "window": ("overflow", False, False, True, False),
+    "turns": ("overflow", False, False, True, False),
+    "full": ("overflow", False, False, False, False),
+    "recompute": ("overflow", False, False, True, True),
+    "h2o": ("overflow", True, False, True, False),
+    "tova": ("overflow", True, False, True, False),
+    "snapkv": ("prefill", True, False, True, False),
+    "omnikv": ("decode", True, False, False, False),
+    "brutal-offload": ("decode", False, True, False, False),
+}
+
+
 def test_policies_declare_capabilities():
+    assert set(POLICIES) == set(CAPABILITIES)
     for name, cls in POLICIES.items():
         assert cls.name == name
-        assert cls.phase == "overflow" and cls.needs_attention_weights is False
-    assert POLICIES["full"].drops_tokens is False and POLICIES["recompute"].recompute is True
+        assert (cls.phase, cls.needs_attention_weights, cls.offloads, cls.drops_tokens, cls.recompute) == CAPABILITIES[name]
 
 
-@pytest.mark.parametrize("policy", ["streaming", "window", "recompute"])
+@pytest.mark.parametrize("policy", ["streaming", "window", "recompute", "turns"])
 def test_generation_runs_forever_within_the_budget(engine, policy):
     seq = engine.new_sequence(budget=48, policy=policy, n_discard=16)
     params = SamplingParams(temperature=1.0, seed=0, max_tokens=400)
@@ -34,7 +48,7 @@ def test_generation_runs_forever_within_the_budget(engine, policy):
         seen += 1
     assert seen == 400 and _ok(seq)
     assert seq.n_evictions >= 20 and seq.positions() == list(range(seq.length))
-    if policy == "streaming":
+    if policy in ("streaming", "turns"):  # turns without segments falls back to streaming
         assert seq.token_ids()[:4] == rand_ids(10)[:4]  # the sinks
 
 

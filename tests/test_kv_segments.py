@@ -369,5 +369,5 @@ def test_full_policy_error_and_pinned_budget_error():
     fake_forward(pinned, [1] * 14)
     with pytest.raises(InfinichatError, match="only 0 of 14 cached tokens are evictable"):
         pinned.make_room(3)
-    with pytest.raises(InfinichatError, match="unknown KV policy 'h2o'; accepted: streaming"):
-        make_policy("h2o")
+    with pytest.raises(InfinichatError, match="unknown KV policy 'h3o'; accepted: streaming"):
+        make_policy("h3o")

@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import argparse
 import math
-from pathlib import Path
 
 from rich.console import Console
 from rich.text import Text
 
+from infinichat.engine.base import Engine
 from infinichat.engine.sampling import SamplingParams
-from infinichat.engine.textgen import Generation, stream_text
-from infinichat.engine.torch_engine import TorchEngine, set_threads
+from infinichat.engine.textgen import stream_text
 from infinichat.errors import InfinichatError
-from infinichat.model.loader import LoadedModel, load_model
+from infinichat.model.tokenizer import Tokenizer
 
 STORY_SYSTEM = (
     "You are a gifted storyteller. Write vivid, coherent stories with characters, dialogue and a plot "
@@ -29,18 +28,22 @@ def _err_console() -> Console:
     return Console(stderr=True, highlight=False)
 
 
-def _load(args: argparse.Namespace) -> tuple[LoadedModel, TorchEngine]:
-    if args.ctx < 0:
-        raise InfinichatError(f"--ctx must be a positive number of tokens, got {args.ctx}")
-    if args.threads < 0:
-        raise InfinichatError(f"--threads must be a positive number, got {args.threads}")
-    set_threads(args.threads or None)
+def load_engine(args: argparse.Namespace, n_ctx: int | None = None) -> tuple[Tokenizer, str, Engine]:
+    """Tokenizer, model name and engine of `--backend` (llamacpp: a context of `n_ctx` tokens, default the
+    trained context)."""
+    from infinichat.engine.backends import load_engine as build
+
     err = _err_console()
     with err.status("loading model...", spinner="dots"):
-        loaded = load_model(
-            args.model, args.dtype, Path(args.cache_dir) if args.cache_dir else None, show_progress=err.is_terminal
-        )
-    return loaded, TorchEngine(loaded.model, loaded.tokenizer.eos_ids)
+        engine, tok, _, name = build(args.backend, args.model, args.dtype, args.threads, args.cache_dir,
+                                     show_progress=err.is_terminal, quant=getattr(args, "quant", "none"), n_ctx=n_ctx)
+    return tok, name, engine
+
+
+def _load(args: argparse.Namespace) -> tuple[Tokenizer, str, Engine]:
+    if args.ctx < 0:
+        raise InfinichatError(f"--ctx must be a positive number of tokens, got {args.ctx}")
+    return load_engine(args, n_ctx=args.ctx or None)
 
 
 def _params(args: argparse.Namespace) -> SamplingParams:
@@ -76,8 +79,7 @@ def _stream(console: Console, chunks) -> list:
 
 def _run_prompt(args: argparse.Namespace, messages: list[dict] | None, raw: str | None) -> int:
     params = _params(args)  # bad flags are reported before the (possibly slow) model load
-    loaded, engine = _load(args)
-    tok = loaded.tokenizer
+    tok, _, engine = _load(args)
     if messages is not None:
         ids = tok.encode(tok.apply_chat_template(messages, add_generation_prompt=True), add_bos=tok.add_bos)
     else:
@@ -114,44 +116,10 @@ def generate(args: argparse.Namespace) -> int:
 
 
 def chat(args: argparse.Namespace) -> int:
-    """Terminal chat. The cache keeps the conversation: each turn re-renders the template, keeps the
-    longest common token prefix in the cache and evaluates only the rest."""
-    params = _params(args)  # bad flags are reported before the (possibly slow) model load
-    loaded, engine = _load(args)
-    tok = loaded.tokenizer
-    # StreamingLLM: the conversation never runs out of room; the oldest turns are evicted past the budget
-    cache = engine.new_sequence(budget=args.ctx or None, policy="streaming")
-    messages: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
-    console = _console()
-    console.print(f"[dim]{loaded.name} · {cache.capacity} tokens of context · :exit to leave[/]")
-    while True:
-        try:
-            line = console.input("[bold green]you>[/] ")
-        except EOFError:
-            console.print()
-            return 0
-        text = line.strip()
-        if not text:
-            continue
-        if text in (":exit", ":quit", ":q"):
-            return 0
-        messages.append({"role": "user", "content": text})
-        ids = tok.encode(tok.apply_chat_template(messages, add_generation_prompt=True), add_bos=tok.add_bos)
-        keep = _common_prefix(cache.token_ids(), ids, limit=len(ids) - 1)
-        cache.truncate(keep)  # after evictions the cache no longer holds the whole history: re-feed from
-        result = Generation()  # the first difference (the sessions layer replaces this with per-turn segments)
-        console.print("[bold cyan]bot>[/] ", end="")
-        try:
-            _stream(console, stream_text(engine, tok, cache, ids[keep:], params, history=ids[:keep], result=result))
-        except KeyboardInterrupt:
-            console.print("[dim] (stopped)[/]")
-        messages.append({"role": "assistant", "content": result.text})
+    """Terminal chat over sessions, in-process or through a server (see cli/chat.py)."""
+    from infinichat.cli.chat import chat as run_chat
+    from infinichat.cli.main import build_parser
 
-
-def _common_prefix(a: list[int], b: list[int], limit: int) -> int:
-    n = min(len(a), len(b), limit)
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
-
+    _params(args)  # bad flags are reported before the (possibly slow) model load
+    defaults = vars(build_parser().parse_args(["chat"]))
+    return run_chat(args, defaults)

@@ -26,9 +26,9 @@ class TokensPerSecond(ProgressColumn):
         return Text("" if speed is None else f"{speed:.0f} tok/s", style="progress.data.speed")
 
 
-def read_text(path: str | None) -> str:
+def read_text(path: str | None, command: str = "eval ppl") -> str:
     if not path:
-        raise InfinichatError("eval ppl needs a text to evaluate: --text FILE (a UTF-8 text file)")
+        raise InfinichatError(f"{command} needs a text to evaluate: --text FILE (a UTF-8 text file)")
     p = Path(path)
     try:
         data = p.read_bytes()
@@ -52,9 +52,9 @@ def _check_args(args: argparse.Namespace) -> None:
 
 
 def ppl(args: argparse.Namespace) -> int:
-    from infinichat.engine.torch_engine import TorchEngine, set_threads
+    from infinichat.cli.commands import load_engine
+    from infinichat.engine.torch_engine import physical_cores
     from infinichat.eval import ppl as ev
-    from infinichat.model.loader import load_model
 
     _check_args(args)
     names = ev.parse_policies(args.policy or [ev.DEFAULT_POLICIES])
@@ -63,21 +63,17 @@ def ppl(args: argparse.Namespace) -> int:
     out_dir = Path(args.out) if args.out else Path("results") / time.strftime("ppl-%Y%m%d-%H%M%S")
 
     err = Console(stderr=True, highlight=False)
-    threads = set_threads(args.threads or None)
-    with err.status("loading model...", spinner="dots"):
-        loaded = load_model(
-            args.model, args.dtype, Path(args.cache_dir) if args.cache_dir else None, show_progress=err.is_terminal
-        )
-    trained = loaded.cfg.max_position
+    threads = args.threads or physical_cores()
+    tokenizer, name, engine = load_engine(args)  # llamacpp: a context of the trained length
+    trained = engine.cfg.max_position
     specs = ev.make_specs(names, args.budget, args.sinks, args.chunk, trained, discard=args.discard)
-    ids = loaded.tokenizer.encode(text, add_bos=loaded.tokenizer.add_bos, parse_special=False)
+    ids = tokenizer.encode(text, add_bos=tokenizer.add_bos, parse_special=False)
     if len(ids) < 2:
         raise InfinichatError(f"--text {args.text} holds {len(ids)} token(s); perplexity needs at least 2")
     n_text = len(ids)
     if len(ids) < args.tokens:
         err.print(f"note: {args.text} holds only {len(ids)} tokens; evaluating all {len(ids)} (--tokens {args.tokens})")
     ids = ids[: args.tokens]
-    engine = TorchEngine(loaded.model, loaded.tokenizer.eos_ids)
 
     results = []
     columns = (TextColumn("{task.description:<22}"), BarColumn(), MofNCompleteColumn(), TokensPerSecond(),
@@ -92,8 +88,8 @@ def ppl(args: argparse.Namespace) -> int:
             results.append(ev.evaluate(engine, ids, spec, args.chunk, on_chunk=step))
 
     report = ev.build_report(
-        results, model=loaded.name, dtype=args.dtype, text=str(args.text), text_tokens=n_text,
-        chunk=args.chunk, trained_context=trained, threads=threads,
+        results, model=name, dtype="llama.cpp" if args.backend == "llamacpp" else args.dtype, text=str(args.text),
+        text_tokens=n_text, chunk=args.chunk, trained_context=trained, threads=threads, quant=args.quant,
     )
     paths = ev.write_report(report, out_dir)
     _print_table(report)
@@ -115,8 +111,41 @@ def _print_table(report: dict) -> None:
     Console(highlight=False).print(table)
 
 
+def filter_layers(args: argparse.Namespace) -> int:
+    from infinichat.engine.torch_engine import set_threads
+    from infinichat.eval import filter_layers as fl
+    from infinichat.model.loader import load_model
+
+    ks = tuple(fl.parse_k(v) for arg in (args.k or ["0.1,0.05,0.2"]) for v in arg.split(",") if v.strip())
+    if args.tokens < 128 or args.queries < 1 or args.sinks < 0 or args.threads < 0:
+        raise InfinichatError(
+            f"--tokens must be >= 128, --queries >= 1, --sinks and --threads >= 0; got {args.tokens}, "
+            f"{args.queries}, {args.sinks}, {args.threads}"
+        )
+    text = read_text(args.text, "eval filter-layers")
+    out_dir = Path(args.out) if args.out else Path("results") / time.strftime("filter-layers-%Y%m%d-%H%M%S")
+    err = Console(stderr=True, highlight=False)
+    set_threads(args.threads or None)
+    with err.status("loading model...", spinner="dots"):
+        loaded = load_model(
+            args.model, args.dtype, Path(args.cache_dir) if args.cache_dir else None, show_progress=err.is_terminal
+        )
+    tokens = min(args.tokens, loaded.cfg.max_position)
+    ids = loaded.tokenizer.encode(text, add_bos=loaded.tokenizer.add_bos, parse_special=False)[:tokens]
+    settings = fl.Settings(ks=ks, queries=args.queries, n_sink=args.sinks, n_filters=args.filters,
+                           max_first=args.max_first, tolerance=args.tolerance)
+    with err.status(f"attention of {args.queries} queries over {len(ids)} tokens...", spinner="dots"):
+        report = fl.analyze(loaded.model, ids, settings)
+    report.update(model=loaded.name, text=Path(args.text).name, dtype=args.dtype)
+    paths = fl.write_report(report, out_dir)
+    console = Console(highlight=False)
+    console.print(fl.markdown(report))
+    console.print(f"results: {paths['json']}  plot: {paths['png']}  table: {paths['md']}")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     from infinichat.cli import eval_long
 
-    return {"ppl": ppl, "passkey": eval_long.passkey, "niah": eval_long.niah,
+    return {"ppl": ppl, "filter-layers": filter_layers, "passkey": eval_long.passkey, "niah": eval_long.niah,
             "longbench": eval_long.longbench}[args.eval_command](args)

@@ -21,9 +21,16 @@ def _add_model_args(p: argparse.ArgumentParser, dtype: str = DEFAULT_DTYPE, ctx:
     g = p.add_argument_group("model")
     g.add_argument("--model", metavar="PATH", help="a .gguf file or a Hugging Face checkpoint folder "
                    "(default: the embedded SmolLM2-135M-Instruct Q4_1)")
+    g.add_argument("--backend", default="torch", choices=("torch", "llamacpp"),
+                   help="torch: our PyTorch engine (every KV policy); llamacpp: llama.cpp on the quantized GGUF "
+                   "file (needs llama-cpp-python: pip install 'infinichat[llamacpp]') (default torch)")
     g.add_argument("--dtype", default=dtype, choices=("float32", "bfloat16", "float16"),
-                   help=f"compute dtype (default {dtype})")
-    g.add_argument("--threads", type=int, default=0, help="CPU threads (default: physical cores)")
+                   help=f"compute dtype of the torch backend (default {dtype})")
+    g.add_argument("--quant", default="none", choices=("none", "int8", "int4"),
+                   help="store the weights as int8 (per row) or int4 (groups of 32) for faster CPU decode; "
+                   "needs --dtype bfloat16; quantized once, then cached (default none)")
+    g.add_argument("--threads", type=int, default=0, help="CPU threads (default: physical cores; more "
+                   "threads than free cores slows llama.cpp down badly)")
     if ctx:
         g.add_argument("--ctx", type=int, default=0, metavar="N",
                        help="KV cache budget in tokens; past it the oldest tokens are evicted "
@@ -53,7 +60,7 @@ def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
     p = ev_sub.add_parser("ppl", help="token-by-token perplexity over a long text, per KV policy (JSON + PNG)")
     p.add_argument("--text", metavar="FILE", help="the UTF-8 text to evaluate (required)")
     p.add_argument("--policy", action="append", default=[], metavar="NAMES",
-                   help="KV policies: full, window, streaming, recompute; repeatable or comma-separated "
+                   help="KV policies: full, window, streaming, recompute, h2o, tova; repeatable or comma-separated "
                    "(default: full,window,streaming). full runs up to the trained context, then stops")
     p.add_argument("--budget", type=int, default=1024, help="KV budget in tokens, sinks included (default 1024)")
     p.add_argument("--sinks", type=int, default=4, help="attention sinks of the streaming policy (default 4)")
@@ -121,6 +128,25 @@ def _add_long_eval_parsers(ev_sub: argparse._SubParsersAction) -> None:
                    "cut in the middle (default: the trained context - the answer length - 64)")
     _add_long_context_args(p, "default: the dataset's LongBench answer length")
 
+    f = ev_sub.add_parser("filter-layers", help="OmniKV: how well each layer's top-k picks cover the later "
+                          "layers' attention on a text; recommends filter layers (JSON + PNG + table)")
+    f.add_argument("--text", metavar="FILE", help="the UTF-8 text to measure on (required)")
+    f.add_argument("--tokens", type=int, default=4096, help="tokens of the text (default 4096, at most the "
+                   "trained context)")
+    f.add_argument("--k", action="append", default=[], metavar="K", help="tokens picked: a count (256) or a "
+                   "fraction of the context (0.1); repeatable or comma-separated (default 0.1,0.05,0.2; the "
+                   "recommendation is for the first)")
+    f.add_argument("--queries", type=int, default=64, help="the text's last tokens act as decode steps (default 64)")
+    f.add_argument("--sinks", type=int, default=4, help="first tokens always picked (default 4, as omnikv)")
+    f.add_argument("--filters", type=int, default=3, help="how many filter layers to recommend (default 3)")
+    f.add_argument("--max-first", type=int, default=None, metavar="L",
+                   help="deepest first filter layer (default: a fifth of the layers)")
+    f.add_argument("--tolerance", type=float, default=0.005, help="coverage a shallower first filter layer "
+                   "may give up: the layers before it attend fully, which costs speed (default 0.005)")
+    f.add_argument("--out", metavar="DIR", help="where filter_layers.{json,png,md} go "
+                   "(default results/filter-layers-<time>/)")
+    _add_model_args(f, dtype=EVAL_DTYPE, ctx=False)
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -132,7 +158,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     chat = sub.add_parser("chat", help="chat in the terminal (type :exit to leave)")
-    chat.add_argument("--system", default=None, help="system prompt (default: the model's own)")
+    chat.add_argument("--system", default=None, help="system prompt of a new session (default: the model's own)")
+    chat.add_argument("--session", default=None, metavar="NAME",
+                      help="session to open or create (default: a new one named chat-<time>)")
+    chat.add_argument("--server", default=None, metavar="URL",
+                      help="chat through an infinichat server (e.g. http://127.0.0.1:8000) instead of in-process")
+    chat.add_argument("--api-key", default=None, help="the server's API key (with --server)")
+    chat.add_argument("--data-dir", default=None, metavar="DIR",
+                      help="sessions database, in-process mode (default $INFINICHAT_DATA or ~/.local/share/infinichat)")
     _add_model_args(chat)
     _add_sampling_args(chat, max_tokens=512, temperature=0.7)
 
@@ -147,6 +180,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(gen)
     _add_sampling_args(gen, max_tokens=128, temperature=0.7)
 
+    serve = sub.add_parser("serve", help="the chat server: session API, OpenAI-compatible API, web page")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /api and /v1")
+    serve.add_argument("--data-dir", default=None, metavar="DIR",
+                       help="sessions database and KV files (default $INFINICHAT_DATA or ~/.local/share/infinichat)")
+    serve.add_argument("--budget", type=int, default=None, help="default KV budget of a session, tokens (2048)")
+    serve.add_argument("--policy", default=None, help="default eviction policy of a session (turns)")
+    serve.add_argument("--kv-cap-mb", type=int, default=1024,
+                       help="resident KV memory of all sessions; past it, idle caches go to disk (default 1024)")
+    serve.add_argument("--max-queue", type=int, default=64,
+                       help="requests waiting or running at once; more get 429 (default 64)")
+    _add_model_args(serve, ctx=False)
+
     _add_eval_parser(sub)
     return parser
 
@@ -157,6 +204,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
     try:
+        if args.command == "serve":
+            from infinichat.server.app import serve
+
+            return serve(args)
         from infinichat.cli import commands, eval_cmd
 
         return {"chat": commands.chat, "story": commands.story, "generate": commands.generate,

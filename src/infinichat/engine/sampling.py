@@ -260,7 +260,7 @@ class Sampler:
             _penalize_(x, penalty_window(history, p.repeat_last_n), p)
 
         if p.greedy:
-            j = int(torch.argmax(x))
+            j = _argmax(x)
             lse = float(torch.logsumexp(x, dim=0))  # temperature 1
             top = [(i, v - lse) for i, v in _top(x, None, p.top_logprobs)]
             return SampledToken(j, float(x[j]) - lse, top)
@@ -297,6 +297,14 @@ class Sampler:
             logp = torch.log_softmax(scaled, dim=0)  # (n,)
             return SampledToken(token, float(logp[j]), _top(logp, ids, p.top_logprobs))
         return SampledToken(token, math.log(pj))
+
+
+def _argmax(x: torch.Tensor) -> int:
+    """Index of the first largest value of x (V,). On CPU through numpy: torch's CPU argmax took 217 us over a
+    49k vocab against numpy's 10 us, a visible share of a llama.cpp decode step (~11 ms)."""
+    if x.device.type == "cpu":
+        return int(x.numpy().argmax())
+    return int(torch.argmax(x))
 
 
 def _top(logp: torch.Tensor, ids: torch.Tensor | None, n: int) -> list[tuple[int, float]]:

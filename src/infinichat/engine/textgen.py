@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from infinichat.engine.detok import StopMatcher, StreamDecoder
 from infinichat.engine.sampling import SamplingParams
-from infinichat.engine.torch_engine import Step, TorchEngine
+from infinichat.engine.base import Engine, Step
 from infinichat.kv.sequence import KVSequence
 
 
@@ -29,7 +29,7 @@ class Generation:
 
 
 def stream_text(
-    engine: TorchEngine,
+    engine: Engine,
     tokenizer,
     cache: KVSequence,
     prompt: Sequence[int],

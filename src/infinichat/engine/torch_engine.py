@@ -1,22 +1,24 @@
 """The PyTorch engine: token ids in, logits / sampled tokens out. No chat templates, no JSON.
 
-gpt-fast style: `prefill` and `decode_one` are small methods over an explicit cache (a `kv.KVSequence`);
-`generate` is the loop that samples, checks stop conditions and yields one `Step` per token. Before each
-forward call the sequence makes room within its budget through its eviction policy; a policy that asks
-for recomputation leaves stale slots, which are re-evaluated here before the new tokens.
+gpt-fast style: one forward call `_append` over an explicit cache (a `kv.KVSequence`); `prefill`,
+`decode_one` and `generate` (the loop that samples, checks stop conditions and yields one `Step` per
+token) are shared with the llama.cpp backend in `engine.base`. Before each forward call the sequence
+makes room within its budget through its eviction policy; a policy that asks for recomputation leaves
+stale slots, which are re-evaluated here before the new tokens.
+A policy that needs attention weights (or offloads) is asked for an `AttentionRequest` for each call; one
+whose phase is "prefill" lets a prompt grow the cache up to its capacity and is compressed to the budget
+after it.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 
 import torch
 
-from infinichat.engine.sampling import Sampler, SamplingParams
-from infinichat.errors import InfinichatError
+from infinichat.engine.base import Engine, Step  # noqa: F401  (Step: re-exported for older imports)
 from infinichat.kv.policy import EvictionPolicy
 from infinichat.kv.registry import make_policy
 from infinichat.kv.sequence import KVSequence
@@ -26,7 +28,11 @@ from infinichat.model.transformer import Transformer
 
 log = logging.getLogger(__name__)
 
-PREFILL_CHUNK = 1024  # max tokens per forward call while prefilling (bounds the attention-mask memory)
+# Max tokens per forward call while prefilling. A prompt from slot 0 in one call uses SDPA's causal kernel
+# (no mask) and converts the layers' weights to float32 once: 2048 covers the common prompt in one call.
+# Later chunks build a (T, start+T) bool mask; all-logits calls stop at LOGITS_CHUNK ((T, V) float32 each).
+PREFILL_CHUNK = 2048
+LOGITS_CHUNK = 1024
 
 
 def physical_cores() -> int:
@@ -52,16 +58,10 @@ def set_threads(n: int | None) -> int:
     return n
 
 
-@dataclass
-class Step:
-    """One generated token. `top` holds (token id, logprob) alternatives when asked for."""
+class TorchEngine(Engine):
+    max_chunk = PREFILL_CHUNK
+    logits_chunk = LOGITS_CHUNK
 
-    token: int
-    logprob: float
-    top: list[tuple[int, float]] = field(default_factory=list)
-
-
-class TorchEngine:
     def __init__(self, model: Transformer, eos_ids: Sequence[int] = ()):
         self.model = model
         self.cfg: ModelConfig = model.cfg
@@ -77,48 +77,31 @@ class TorchEngine:
         """A KV sequence holding at most `budget` tokens (default: the capacity), evicting with `policy`
         (a name from `kv.POLICIES` plus its parameters, or a policy object). The capacity defaults to the
         budget, else the model's trained context; positions never reach it."""
+        policy = make_policy(policy, **policy_params)
+        if not capacity and policy.phase == "prefill":  # a prompt grows past the budget before compression
+            capacity = max(budget or 0, self.cfg.max_position)
         capacity = capacity or budget or self.cfg.max_position
         store = KVStore(self.cfg, capacity, self.model.dtype, rope=self.model.rope)
-        return KVSequence(store, budget, make_policy(policy, **policy_params))
+        return KVSequence(store, budget, policy)
 
-    def new_cache(self, capacity: int | None = None) -> KVSequence:
-        """A sequence that never evicts (the `full` policy) with room for `capacity` tokens."""
-        return self.new_sequence(capacity=capacity)
-
-    # ------------------------------------------------------------------ forward wrappers
-    def prefill(
-        self, seq: KVSequence, tokens: Sequence[int], all_logits: bool = False, chunk: int | None = None
-    ) -> torch.Tensor:
-        """Append `tokens` to the sequence; logits of the last token (V,), or of every token (T, V).
-        Tokens are evaluated in forward calls of at most `chunk` tokens (and what the policy allows); the
-        budget is enforced before each call, so a long text streams through a small cache."""
-        if len(tokens) == 0:
-            raise InfinichatError("cannot evaluate an empty token list")
-        if not seq.policy.drops_tokens and seq.length + len(tokens) > seq.budget:
-            seq.make_room(len(tokens))  # raises the policy's "context is full" error before any work
-        ids = torch.as_tensor(tokens, dtype=torch.long)
-        outs = []
-        a = 0
-        while a < len(tokens):
-            step = min(chunk or PREFILL_CHUNK, PREFILL_CHUNK, seq.policy.prefill_chunk(seq))
-            out = self._append(seq, ids[a : a + step], all_logits)
-            a += step
-            if all_logits or a >= len(tokens):
-                outs.append(out)
-        return torch.cat(outs) if all_logits else outs[-1]
-
-    def decode_one(self, seq: KVSequence, token: int) -> torch.Tensor:
-        return self._append(seq, torch.tensor([token]), False)
-
-    def _append(self, seq: KVSequence, ids: torch.Tensor, all_logits: bool) -> torch.Tensor:
-        """One forward call: make room within the budget, recompute stale slots, evaluate `ids` (T,)."""
-        seq.make_room(ids.shape[0])
+    # ------------------------------------------------------------------ one forward call (prefill / decode_one: Engine)
+    def _append(self, seq: KVSequence, ids: torch.Tensor, all_logits: bool, stage: str = "decode") -> torch.Tensor:
+        """One forward call: make room within the budget, recompute stale slots, evaluate `ids` (T,).
+        `stage`: "prompt", "prompt_end" (a prompt's last call) or "decode" (kv/policy.py)."""
+        policy = seq.policy
+        compress = policy.phase == "prefill" and stage != "decode"
+        seq.make_room(ids.shape[0], limit=seq.capacity if compress else None)
         if seq.stale_from is not None:
             self._recompute(seq)
         start = seq.length
         positions = seq.next_positions(ids.shape[0])
-        out = self.model(ids, positions, seq.store, start, all_logits=all_logits)
+        attn = None
+        if policy.needs_attention_weights or policy.offloads:
+            attn = policy.attention_request(seq, start, ids.shape[0], stage)
+        out = self.model(ids, positions, seq.store, start, all_logits=all_logits, attn=attn)
         seq.append(ids, positions)
+        if compress and stage == "prompt_end":
+            seq.make_room(0)  # down to the budget, with the scores of the prompt's last queries
         return out
 
     def _recompute(self, seq: KVSequence) -> None:
@@ -128,37 +111,3 @@ class TorchEngine:
             b = min(a + PREFILL_CHUNK, end)
             self.model(store.tokens[a:b], store.positions[a:b], store, a)
         seq.mark_fresh()
-
-    # ------------------------------------------------------------------ the loop
-    def generate(
-        self,
-        cache: KVSequence,
-        prompt: Sequence[int],
-        params: SamplingParams,
-        history: Sequence[int] = (),
-        should_stop: Callable[[], bool] | None = None,
-        logits: torch.Tensor | None = None,
-    ) -> Iterator[Step]:
-        """Evaluate `prompt` (may be empty when `logits` of the last cached token are given), then sample up
-        to `params.max_tokens` tokens, yielding each. Stops at an EOS token (not yielded), when
-        `should_stop()` says so, or when the cache is full (a policy that never evicts, at its budget).
-        `history` = the tokens already in the cache, for repetition penalties.
-        Stop strings are text-level: the caller checks them and closes the generator."""
-        params.validate()
-        sampler = Sampler(params, self.cfg.vocab_size)
-        seen = list(history) + list(prompt)
-        if prompt:
-            logits = self.prefill(cache, prompt)
-        if logits is None:
-            raise InfinichatError("nothing to generate from: give a prompt or the last logits")
-        for _ in range(params.max_tokens):
-            if should_stop is not None and should_stop():
-                return
-            step = sampler.sample(logits, seen)
-            if step.token in self.eos_ids:
-                return
-            seen.append(step.token)
-            yield Step(step.token, step.logprob, step.top)
-            if cache.full:
-                return
-            logits = self.decode_one(cache, step.token)

@@ -66,19 +66,31 @@ class PolicyResult:
         return int(self.nll.shape[0])
 
 
+def ppl_policies() -> list[str]:
+    """The policies perplexity can evaluate: those that hold the budget at every chunk of a text ("overflow"
+    phase). SnapKV compresses only after a prompt; OmniKV and brutal-offload act only while decoding."""
+    return [name for name, cls in POLICIES.items() if cls.phase == "overflow"]
+
+
 def parse_policies(values: Sequence[str]) -> list[str]:
     """`--policy a,b --policy c` -> [a, b, c] (order kept, duplicates dropped); unknown names are an error."""
     names: list[str] = []
+    accepted = ppl_policies()
     for v in values:
         for name in (s.strip() for s in v.split(",")):
             if not name:
                 continue
+            if name in POLICIES and name not in accepted:
+                raise InfinichatError(
+                    f"policy {name!r} cannot be evaluated by perplexity: it acts after a prompt or while decoding "
+                    f"(phase {POLICIES[name].phase!r}), not at every chunk of a text; accepted: {', '.join(accepted)}"
+                )
             if name not in POLICIES:
-                raise InfinichatError(f"unknown policy {name!r} in --policy; accepted: {', '.join(POLICIES)}")
+                raise InfinichatError(f"unknown policy {name!r} in --policy; accepted: {', '.join(accepted)}")
             if name not in names:
                 names.append(name)
     if not names:
-        raise InfinichatError(f"--policy names no policy; accepted: {', '.join(POLICIES)}")
+        raise InfinichatError(f"--policy names no policy; accepted: {', '.join(accepted)}")
     return names
 
 
@@ -209,6 +221,7 @@ def build_report(
     chunk: int,
     trained_context: int,
     threads: int,
+    quant: str = "none",
 ) -> dict[str, Any]:
     """The whole run as one JSON-able dict (the documented fields, README "Evaluation")."""
     return {
@@ -216,6 +229,7 @@ def build_report(
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "model": model,
         "dtype": dtype,
+        "quant": quant,
         "threads": threads,
         "text": text,
         "text_tokens": text_tokens,

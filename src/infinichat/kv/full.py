@@ -5,8 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
-from infinichat.errors import InfinichatError
-from infinichat.kv.policy import EvictionPolicy
+from infinichat.kv.policy import EvictionPolicy, context_full
 
 if TYPE_CHECKING:
     from infinichat.kv.sequence import KVSequence
@@ -18,8 +17,5 @@ class FullPolicy(EvictionPolicy):
     drops_tokens: ClassVar[bool] = False
 
     def select(self, seq: KVSequence, n_needed: int) -> list[tuple[int, int]]:
-        raise InfinichatError(
-            f"the context is full: {seq.length} cached + {n_needed - seq.length + seq.budget} new tokens > "
-            f"budget {seq.budget}; the 'full' policy never evicts: raise the budget, or use one of the "
-            "policies streaming, window, recompute"
-        )
+        raise context_full(seq, n_needed, "the 'full' policy never evicts: raise the budget, or use one of the "
+                           "policies streaming, window, recompute")

@@ -5,12 +5,22 @@ to evict (`select(seq, n_needed)` -> sorted, disjoint slot spans); the sequence 
 slots are never evicted, enough room is made) and cuts the spans out with one compaction and re-rotation.
 Engines branch on the declared capabilities, never on the policy's type:
 
-- `needs_attention_weights`: the engine must collect attention statistics for `select` (H2O, TOVA, ...).
-- `phase`: when the policy acts: "overflow" (when appended tokens would exceed the budget), later also
-  "prefill" (compress once after the prompt, SnapKV) and "decode" (select at every step, OmniKV).
+- `needs_attention_weights`: before every forward call the engine asks `attention_request(seq, start, n,
+  stage)` for a `model.attention.AttentionRequest` (None: plain attention for this call). The request
+  names the layers whose attention probabilities the forward computes (only those) and the policy's
+  callback that turns them into per-slot scores (`seq.scores`) or token selections.
+- `phase`: when the policy acts: "overflow" (evict when appended tokens would exceed the budget: the
+  sliding policies, H2O, TOVA), "prefill" (a prompt may grow the cache past the budget, up to the
+  capacity; after its last forward call the cache is compressed to the budget: SnapKV; during decoding
+  it evicts on overflow like the others) or "decode" (selects what each decode step attends to: OmniKV).
+- `offloads`: some layers' K/V live off the compute device; the engine asks for a request at every forward
+  call, as for `needs_attention_weights`, though no weights are computed (brutal-offload).
 - `drops_tokens`: False for a policy that never evicts (`full`) or only selects what to attend to.
 - `recompute`: kept slots after an eviction must have their K/V recomputed from scratch (the engine
   re-evaluates `seq.stale_from..length` before appending).
+
+A forward call's `stage` is "prompt" (a chunk of a prompt), "prompt_end" (its last chunk) or "decode"
+(one generated token).
 """
 
 from __future__ import annotations
@@ -24,12 +34,16 @@ from infinichat.errors import InfinichatError
 
 if TYPE_CHECKING:
     from infinichat.kv.sequence import KVSequence
+    from infinichat.model.attention import AttentionRequest
+
+STAGES = ("prompt", "prompt_end", "decode")
 
 
 @dataclass
 class EvictionPolicy:
     name: ClassVar[str] = "?"
     needs_attention_weights: ClassVar[bool] = False
+    offloads: ClassVar[bool] = False
     phase: ClassVar[str] = "overflow"
     drops_tokens: ClassVar[bool] = True
     recompute: ClassVar[bool] = False
@@ -41,6 +55,16 @@ class EvictionPolicy:
     def prefill_chunk(self, seq: KVSequence) -> int:
         """How many tokens one forward call should append at most (the engine chunks prefills by it)."""
         return seq.budget
+
+    @property
+    def prompt_tail(self) -> int:
+        """The last forward call of a prompt must hold at least this many tokens (SnapKV's window)."""
+        return 0
+
+    def attention_request(self, seq: KVSequence, start: int, n: int, stage: str) -> AttentionRequest | None:
+        """What the forward call appending `n` tokens at slot `start` must compute for this policy (only
+        asked when `needs_attention_weights`)."""
+        return None
 
 
 @dataclass
@@ -94,6 +118,14 @@ class SlidingPolicy(EvictionPolicy):
         counts = torch.searchsorted(cand, torch.tensor(sorted(bounds), dtype=torch.long)).tolist()  # evicted before b
         near = [c for c in counts if lo <= c <= cand.shape[0] and abs(c - target) <= slack]
         return min(near, key=lambda c: (abs(c - target), c)) if near else target
+
+
+def context_full(seq: KVSequence, n_needed: int, why: str) -> InfinichatError:
+    """The error of a policy that never evicts, when `n_needed` slots would have to go."""
+    return InfinichatError(
+        f"the context is full: {seq.length} cached + {n_needed - seq.length + seq.budget} new tokens > "
+        f"budget {seq.budget}; {why}"
+    )
 
 
 def slots_to_spans(slots: torch.Tensor) -> list[tuple[int, int]]:

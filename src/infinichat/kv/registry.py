@@ -3,14 +3,24 @@
 from __future__ import annotations
 
 from infinichat.errors import InfinichatError
+from infinichat.kv.brutal_offload import BrutalOffloadPolicy
 from infinichat.kv.full import FullPolicy
+from infinichat.kv.h2o import H2OPolicy
+from infinichat.kv.omnikv import OmniKVPolicy
 from infinichat.kv.policy import EvictionPolicy
 from infinichat.kv.recompute import RecomputePolicy
+from infinichat.kv.snapkv import SnapKVPolicy
 from infinichat.kv.streaming import StreamingPolicy
+from infinichat.kv.tova import TOVAPolicy
+from infinichat.kv.turns import TurnsPolicy
 from infinichat.kv.window import WindowPolicy
 
 POLICIES: dict[str, type[EvictionPolicy]] = {
-    p.name: p for p in (StreamingPolicy, WindowPolicy, FullPolicy, RecomputePolicy)
+    p.name: p
+    for p in (
+        StreamingPolicy, TurnsPolicy, WindowPolicy, FullPolicy, RecomputePolicy,
+        H2OPolicy, TOVAPolicy, SnapKVPolicy, OmniKVPolicy, BrutalOffloadPolicy,
+    )
 }
 
 

@@ -98,6 +98,17 @@ class SegmentMap:
         else:
             seg.closed = True
 
+    def reopen(self, seg_id: int, length: int) -> Segment:
+        """Make the last segment open again (it must end at the cache `length`), e.g. to continue a reply."""
+        seg = self.get(seg_id)
+        if seg is not self.segments[-1] or seg.end != length:
+            raise InfinichatError(
+                f"segment {seg_id} ({seg.kind}) cannot be reopened: only the last segment, ending at the "
+                f"cache length {length}, can receive more tokens"
+            )
+        seg.closed = False
+        return seg
+
     def merge(self, seg_id: int) -> Segment:
         """Fold a closed segment into the pinned segment directly before it (or pin it if it starts at 0).
         Returns the pinned segment that now holds its slots."""

@@ -1,7 +1,8 @@
-"""A sequence's cache: a tensor store, its segment map, a token budget and an eviction policy.
+"""A sequence's cache: a store, its segment map, a token budget and an eviction policy.
 
-Every edit goes through here so the store (tensors: K/V, token ids, positions) and the segment map
-(plain Python: named slot spans) stay consistent. The engine appends with `next_positions` -> forward ->
+Every edit goes through here so the store (K/V, token ids, positions: the torch `KVStore`, or the llama.cpp
+backend's store with the same interface) and the segment map (plain Python: named slot spans) stay
+consistent. The engine appends with `next_positions` -> forward ->
 `append`, calling `make_room` first; sessions use the segment operations; the eviction policy picks the
 slots and this class cuts them out.
 """
@@ -18,13 +19,14 @@ from infinichat.errors import InfinichatError
 from infinichat.kv.full import FullPolicy
 from infinichat.kv.policy import EvictionPolicy
 from infinichat.kv.segments import Segment, SegmentMap, new_index
-from infinichat.kv.store import KVStore, check_spans, decode_snapshot
+from infinichat.kv.slots import SlotTable
+from infinichat.kv.store import check_spans
 
 log = logging.getLogger(__name__)
 
 
 class KVSequence:
-    def __init__(self, store: KVStore, budget: int | None = None, policy: EvictionPolicy | None = None):
+    def __init__(self, store: SlotTable, budget: int | None = None, policy: EvictionPolicy | None = None):
         budget = store.capacity if budget is None else budget
         if not 1 <= budget <= store.capacity:
             raise InfinichatError(f"the token budget must be in [1, capacity {store.capacity}], got {budget}")
@@ -35,6 +37,7 @@ class KVSequence:
         self.stale_from: int | None = None  # slots [stale_from, length) need their K/V recomputed
         self.n_evictions = 0
         self.n_evicted = 0
+        self._scores: torch.Tensor | None = None  # (capacity,) per-slot attention scores, for scoring policies
 
     # ------------------------------------------------------------------ state
     @property
@@ -67,6 +70,14 @@ class KVSequence:
         """The segment id of every slot (-1: untagged)."""
         return self.segments.tags(self.length)
 
+    @property
+    def scores(self) -> torch.Tensor:
+        """Per-slot attention statistics (capacity,) float32 kept by a scoring policy (H2O, TOVA, SnapKV):
+        compacted with the slots on every removal, reset to 0 by a restore. Allocated on first use."""
+        if self._scores is None:
+            self._scores = torch.zeros(self.capacity, dtype=torch.float32)
+        return self._scores
+
     def pinned_mask(self) -> torch.Tensor:
         mask = torch.zeros(self.length, dtype=torch.bool)  # (length,)
         for s, e in self.segments.pinned_spans():
@@ -78,18 +89,20 @@ class KVSequence:
         return self.store.next_positions(n)
 
     def append(self, tokens: torch.Tensor, positions: torch.Tensor) -> None:
-        """Record tokens whose K/V the forward wrote at slot `length` on (see `KVStore.append`)."""
+        """Record tokens whose K/V the forward wrote at slot `length` on (see `SlotTable.append`)."""
         start = self.store.append(tokens, positions)
         self.segments.on_append(start, tokens.shape[0])
 
-    def make_room(self, n: int) -> list[tuple[int, int]]:
-        """Evict (through the policy) so that `n` more tokens fit the budget; returns the evicted spans.
-        With a recomputing policy, `stale_from` then marks the slots the engine must re-evaluate."""
-        over = self.length + n - self.budget
+    def make_room(self, n: int, limit: int | None = None) -> list[tuple[int, int]]:
+        """Evict (through the policy) so that `n` more tokens fit the budget (or `limit`, e.g. the capacity
+        while a prompt streams in under a "prefill" policy); returns the evicted spans. With a
+        recomputing policy, `stale_from` then marks the slots the engine must re-evaluate."""
+        limit = self.budget if limit is None else limit
+        over = self.length + n - limit
         if over <= 0:
             return []
-        if n > self.budget and self.policy.drops_tokens:
-            raise InfinichatError(f"{n} new tokens cannot fit a budget of {self.budget}: append them in chunks")
+        if n > limit and self.policy.drops_tokens:
+            raise InfinichatError(f"{n} new tokens cannot fit a budget of {limit}: append them in chunks")
         spans = self.policy.select(self, over)
         check_spans(spans, self.length)
         mask = self.pinned_mask()
@@ -125,6 +138,12 @@ class KVSequence:
 
     def remove_spans(self, spans: list[tuple[int, int]], rotate: bool = True) -> None:
         spans = [(s, e) for s, e in spans if e > s]
+        if self._scores is not None and spans:
+            keep = torch.ones(self.length, dtype=torch.bool)  # (length,)
+            for s, e in spans:
+                keep[s:e] = False
+            kept = self._scores[: self.length][keep]
+            self._scores[: kept.shape[0]] = kept
         self.store.remove_spans(spans, shift=True, rotate=rotate)
         self.segments.on_remove(spans)
         if self.stale_from is not None:
@@ -144,6 +163,10 @@ class KVSequence:
     def close_segment(self) -> None:
         self.segments.close()
 
+    def reopen_segment(self, seg_id: int) -> Segment:
+        """Reopen the last segment so appended tokens extend it (continue a reply)."""
+        return self.segments.reopen(seg_id, self.length)
+
     def revert_to(self, seg_id: int) -> None:
         """Drop the segment and everything after it."""
         n = self.segments.drop_from(seg_id)
@@ -158,18 +181,19 @@ class KVSequence:
         return self.segments.merge(seg_id)
 
     # ------------------------------------------------------------------ snapshot / restore / fork
-    def _extra(self) -> dict:
-        return {"segments": self.segments.to_json(), "stale_from": self.stale_from}
+    def _extra(self, more: dict | None = None) -> dict:
+        return {**(more or {}), "segments": self.segments.to_json(), "stale_from": self.stale_from}
 
-    def snapshot(self) -> bytes:
-        """Bit-exact bytes of the cache and its segments (budget and policy are configuration, not state)."""
-        return self.store.snapshot(self._extra())
+    def snapshot(self, extra: dict | None = None) -> bytes:
+        """Bit-exact bytes of the cache and its segments (budget and policy are configuration, not state),
+        plus the caller's `extra` (JSON), which `restore` returns."""
+        return self.store.snapshot(self._extra(extra))
 
-    def save(self, path: str | Path) -> None:
-        self.store.save(path, self._extra())
+    def save(self, path: str | Path, extra: dict | None = None) -> None:
+        self.store.save(path, self._extra(extra))
 
-    def restore(self, data: bytes) -> None:
-        snap = decode_snapshot(data)
+    def restore(self, data: bytes) -> dict:
+        snap = self.store.decode_snapshot(data)  # each store reads its own format
         n = snap.tokens.shape[0]
         if n > self.budget:
             raise InfinichatError(f"the KV snapshot holds {n} tokens, more than this sequence's budget {self.budget}")
@@ -180,17 +204,20 @@ class KVSequence:
         self.store.load_snapshot(snap)
         self.segments = segments
         self.stale_from = snap.extra.get("stale_from")
+        self._scores = None  # attention statistics are not part of a snapshot
+        return snap.extra
 
-    def load(self, path: str | Path) -> None:
+    def load(self, path: str | Path) -> dict:
         try:
             data = Path(path).read_bytes()
         except OSError as e:
             raise InfinichatError(f"cannot read the KV snapshot {path}: {e.strerror or e}") from None
-        self.restore(data)
+        return self.restore(data)
 
     def fork(self) -> KVSequence:
         """An independent copy: own buffers, own segment map, a copy of the policy."""
         other = KVSequence(self.store.fork(), self.budget, copy.deepcopy(self.policy))
         other.segments = copy.deepcopy(self.segments)
         other.stale_from = self.stale_from
+        other._scores = None if self._scores is None else self._scores.clone()
         return other

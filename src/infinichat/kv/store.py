@@ -9,6 +9,7 @@ frequencies depend on the length, so shifting is refused there unless every posi
 trained context (where dynamic NTK is plain RoPE).
 
 No segments here: `segments.SegmentMap` is the bookkeeping, `sequence.KVSequence` ties the two together.
+Token ids, positions and their checks live in `slots.SlotTable`, shared with the llama.cpp backend's store.
 """
 
 from __future__ import annotations
@@ -17,11 +18,11 @@ import json
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from infinichat.errors import InfinichatError
+from infinichat.kv.slots import SlotTable
 from infinichat.model.config import ModelConfig
 from infinichat.model.rope import Rope, rotate_half
 
@@ -41,16 +42,14 @@ class Snapshot:
     extra: dict
 
 
-class KVStore:
+class KVStore(SlotTable):
     """K/V buffers (n_layers, Hkv, capacity, hd) with a per-layer view list (`k`, `v`) for the forward."""
 
     def __init__(
         self, cfg: ModelConfig, capacity: int, dtype: torch.dtype = torch.float32, rope: Rope | None = None
     ):
-        if capacity < 1:
-            raise InfinichatError(f"KV capacity must be at least 1 token, got {capacity}")
+        super().__init__(capacity)
         self.cfg = cfg
-        self.capacity = capacity
         self.dtype = dtype
         self.rope = rope if rope is not None else Rope(cfg)
         shape = (cfg.n_layers, cfg.n_kv_heads, capacity, cfg.head_dim)
@@ -58,62 +57,15 @@ class KVStore:
         self.v_all = torch.zeros(shape, dtype=dtype)  # (L, Hkv, C, hd)
         self.k = list(self.k_all.unbind(0))  # L x (Hkv, C, hd) views
         self.v = list(self.v_all.unbind(0))
-        self.tokens = torch.zeros(capacity, dtype=torch.long)  # (C,)
-        self.positions = torch.zeros(capacity, dtype=torch.long)  # (C,)
-        self._length = 0
-        self._next_pos = 0  # position of the next appended token
-
-    # ------------------------------------------------------------------ state
-    @property
-    def length(self) -> int:
-        return self._length
-
-    @length.setter
-    def length(self, n: int) -> None:
-        """Compatibility with `cache.length = keep`: only shrinking is allowed; prefer `truncate(n)`."""
-        if n > self._length:
-            raise InfinichatError(f"cannot grow the cache by setting length ({self._length} -> {n}): append tokens")
-        self.truncate(n)
-
-    @property
-    def next_position(self) -> int:
-        return self._next_pos
 
     @property
     def nbytes(self) -> int:
         return self.k_all.nbytes + self.v_all.nbytes
 
-    def token_ids(self) -> list[int]:
-        return self.tokens[: self._length].tolist()
-
-    def position_list(self) -> list[int]:
-        return self.positions[: self._length].tolist()
-
-    # ------------------------------------------------------------------ append / truncate
-    def next_positions(self, n: int) -> torch.Tensor:
-        """Positions (n,) for n tokens appended next; checks that slots and positions fit the capacity."""
-        if self._length + n > self.capacity or self._next_pos + n > self.capacity:
-            raise InfinichatError(
-                f"the KV store is full: {self._length} cached + {n} new tokens > capacity {self.capacity}"
-            )
-        return torch.arange(self._next_pos, self._next_pos + n)
-
-    def append(self, tokens: torch.Tensor, positions: torch.Tensor) -> int:
-        """Record n tokens whose K/V the forward has just written into slots [length, length + n).
-        `positions` come from `next_positions`. Returns the first slot."""
-        start, n = self._length, tokens.shape[0]
-        self.tokens[start : start + n] = tokens
-        self.positions[start : start + n] = positions
-        self._length = start + n
-        self._next_pos = int(positions[-1]) + 1
-        return start
-
     def truncate(self, n: int) -> None:
         """Drop every slot from n on."""
-        if not 0 <= n <= self._length:
-            raise InfinichatError(f"cannot truncate to {n} tokens: the cache holds {self._length}")
-        self._length = n
-        self._next_pos = int(self.positions[n - 1]) + 1 if n else 0
+        self._check_truncate(n)
+        self._set_length(n)
 
     # ------------------------------------------------------------------ remove / shift
     def remove(self, start: int, end: int, shift: bool = True) -> None:
@@ -129,45 +81,20 @@ class KVStore:
         check_spans(spans, self._length)
         if not spans:
             return
-        L = self._length
-        first = spans[0][0]
-        keep = torch.ones(L - first, dtype=torch.bool)  # (L - first,)
-        delta = torch.zeros(L - first, dtype=torch.long)
-        for s, e in spans:
-            keep[s - first : e - first] = False
-            if shift and e < L:
-                delta[e - first :] -= int(self.positions[e] - self.positions[s])
-        idx = keep.nonzero().flatten()  # kept slots, relative to `first`
-        m = idx.shape[0]
-        src = idx + first
+        first, src, delta = self._cut(spans, shift)
+        m = src.shape[0]
         self.k_all[:, :, first : first + m] = self.k_all[:, :, src]  # (L, Hkv, m, hd); the gather copies first
         self.v_all[:, :, first : first + m] = self.v_all[:, :, src]
-        self.tokens[first : first + m] = self.tokens[src].clone()
-        new_pos = self.positions[src] + delta[idx]
-        self.positions[first : first + m] = new_pos
-        self._length = first + m
-        self._next_pos = int(self.positions[self._length - 1]) + 1 if self._length else 0
         if shift and rotate and m:
-            self._rerotate(first, first + m, delta[idx])
+            self._rerotate(first, first + m, delta)
 
     def shift(self, start: int, delta: int) -> None:
         """Move the positions of slots [start, length) by `delta` (llama.cpp's `seq_add`), re-rotating keys.
         Positions must stay strictly increasing, >= 0 and below the capacity."""
-        L = self._length
-        if not 0 <= start <= L:
-            raise InfinichatError(f"cannot shift from slot {start}: the cache holds {L} tokens")
-        if start == L or delta == 0:
+        if not self._check_shift(start, delta):
             return
-        lo = int(self.positions[start]) + delta
-        hi = int(self.positions[L - 1]) + delta
-        floor = int(self.positions[start - 1]) + 1 if start else 0
-        if lo < floor or hi >= self.capacity:
-            raise InfinichatError(
-                f"cannot shift slots {start}..{L - 1} by {delta}: positions would span {lo}..{hi}, "
-                f"but they must stay in [{floor}, {self.capacity - 1}] (increasing, below the capacity)"
-            )
-        self.positions[start:L] += delta
-        self._next_pos = hi + 1
+        self._shift_positions(start, delta)
+        L = self._length
         self._rerotate(start, L, torch.full((L - start,), delta, dtype=torch.long))
 
     def _rerotate(self, start: int, end: int, delta: torch.Tensor) -> None:
@@ -187,19 +114,6 @@ class KVStore:
         k.copy_(kf * cos + rotate_half(kf) * sin)
 
     # ------------------------------------------------------------------ snapshot / restore / fork
-    def snapshot(self, extra: dict | None = None) -> bytes:
-        """The used slots, bit-exact, as bytes (a JSON header, then raw K, V, token ids, positions)."""
-        return b"".join(self._snapshot_parts(extra))
-
-    def save(self, path: str | Path, extra: dict | None = None) -> None:
-        """Write a snapshot to a file (atomically: a temporary file renamed into place)."""
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as f:
-            for part in self._snapshot_parts(extra):
-                f.write(part)
-        tmp.replace(path)
-
     def _snapshot_parts(self, extra: dict | None):
         n, cfg = self._length, self.cfg
         header = {
@@ -216,18 +130,8 @@ class KVStore:
         for t in (self.k_all[:, :, :n], self.v_all[:, :, :n], self.tokens[:n], self.positions[:n]):
             yield t.contiguous().view(torch.uint8).numpy().tobytes()
 
-    def restore(self, data: bytes) -> dict:
-        """Load a snapshot (from `snapshot`) into this store; returns the extras saved with it."""
-        snap = decode_snapshot(data)
-        self.load_snapshot(snap)
-        return snap.extra
-
-    def load(self, path: str | Path) -> dict:
-        try:
-            data = Path(path).read_bytes()
-        except OSError as e:
-            raise InfinichatError(f"cannot read the KV snapshot {path}: {e.strerror or e}") from None
-        return self.restore(data)
+    def decode_snapshot(self, data: bytes) -> Snapshot:
+        return decode_snapshot(data)
 
     def load_snapshot(self, snap: Snapshot) -> None:
         L, Hkv, n, hd = snap.k.shape
@@ -241,12 +145,10 @@ class KVStore:
             raise InfinichatError(f"the KV snapshot holds {snap.k.dtype} keys, this cache is {self.dtype}")
         if n > self.capacity or (n and int(snap.positions[-1]) >= self.capacity):
             raise InfinichatError(f"the KV snapshot holds {n} tokens, more than this cache's capacity {self.capacity}")
+        self.edits += 1
         self.k_all[:, :, :n] = snap.k
         self.v_all[:, :, :n] = snap.v
-        self.tokens[:n] = snap.tokens
-        self.positions[:n] = snap.positions
-        self._length = n
-        self._next_pos = int(snap.positions[-1]) + 1 if n else 0
+        self._load_slots(snap.tokens, snap.positions)
 
     def fork(self) -> KVStore:
         """An independent copy (no shared storage)."""

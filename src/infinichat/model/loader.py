@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from infinichat.errors import ModelLoadError
 from infinichat.model.config import ModelConfig, RopeScaling
 from infinichat.model.gguf_meta import read_gguf_fields
+from infinichat.model.quant import QUANT_FORMAT, QUANT_SUFFIXES, check_mode, quantize
 from infinichat.model.tokenizer import Tokenizer
 from infinichat.model.transformer import Transformer
 
@@ -156,15 +157,22 @@ def _convert_gguf(path: Path, target: Path, show_progress: bool) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _cached_weights(entry: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The converted weights in `dtype`, memory-mapped; made from the float32 file on first use of a dtype
-    (later starts skip both the conversion and reading the twice-larger float32 file)."""
-    if dtype == torch.float32:
+def _cached_weights(entry: Path, dtype: torch.dtype, quant: str = "none") -> dict[str, torch.Tensor]:
+    """The converted weights in `dtype` (and quantized when `quant` is int8/int4), memory-mapped; made from
+    the float32 file on first use of a dtype / quantization (later starts skip the conversion, reading the
+    twice-larger float32 file, and the quantization, which takes seconds)."""
+    if dtype == torch.float32 and quant == "none":
         return load_file(str(entry / "weights.safetensors"))
-    path = entry / f"weights-{str(dtype).removeprefix('torch.')}.safetensors"
+    suffix = "" if quant == "none" else f"-{quant}v{QUANT_FORMAT}"
+    path = entry / f"weights-{str(dtype).removeprefix('torch.')}{suffix}.safetensors"
     if not path.is_file():
-        fp32 = load_file(str(entry / "weights.safetensors"))
-        weights = {n: t if n == "rope_freqs" else t.to(dtype) for n, t in fp32.items()}
+        weights = load_file(str(entry / "weights.safetensors"))  # float32
+        if quant != "none":  # from float32: a Q4_1 file's grid is recovered exactly (quant.py)
+            log.info("quantizing the weights to %s (first use only)", quant)
+            cfg = config_from_json((entry / "config.json").read_text())
+            weights = quantize(weights, quant, cfg.tie_embeddings)
+        keep = lambda n, t: n == "rope_freqs" or n.endswith(QUANT_SUFFIXES)  # noqa: E731
+        weights = {n: t if keep(n, t) else t.to(dtype) for n, t in weights.items()}
         _atomic_write(path, lambda tmp: save_file(weights, tmp))
         return weights
     return load_file(str(path))
@@ -173,14 +181,22 @@ def _cached_weights(entry: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
 def load_model(
     path: Path | str | None = None,
     dtype: torch.dtype | str = torch.bfloat16,
-    cache_dir: Path | None = None,
+    cache_dir: Path | str | None = None,
     show_progress: bool = False,
+    quant: str = "none",
 ) -> LoadedModel:
-    """Load a model ready for the engine. `path=None` loads the embedded default model."""
+    """Load a model ready for the engine. `path=None` loads the embedded default model. `quant` (none, int8,
+    int4) stores the layers' weights quantized (bfloat16 activations; see model/quant.py)."""
     if isinstance(dtype, str):
         dtype = parse_dtype(dtype)
+    quant = check_mode(quant)
+    if quant != "none" and dtype != torch.bfloat16:
+        raise ModelLoadError(
+            f"--quant {quant} runs with --dtype bfloat16 (the CPU int8/int4 kernels take bfloat16 activations), "
+            f"not {str(dtype).removeprefix('torch.')}"
+        )
     path = Path(path) if path is not None else default_model_path()
-    cache_dir = cache_dir or default_cache_dir()
+    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
     if not path.exists():
         raise ModelLoadError(f"{path}: no such file or folder; --model takes a .gguf file or a Hugging Face folder")
     if path.is_dir():
@@ -191,7 +207,7 @@ def load_model(
         digest = hashlib.sha256(
             b"".join(file_sha256(f, cache_dir).encode() for f in sorted(path.glob("*.safetensors")))
         ).hexdigest()
-        return LoadedModel(cfg, Transformer(cfg, weights, dtype), tokenizer, path, digest, path.name)
+        return LoadedModel(cfg, Transformer(cfg, weights, dtype, quant), tokenizer, path, digest, path.name)
 
     if path.suffix.lower() != ".gguf":
         raise ModelLoadError(f"{path}: unsupported model file; --model takes a .gguf file or a Hugging Face folder")
@@ -203,10 +219,10 @@ def load_model(
             _convert_gguf(path, entry, show_progress)
         try:
             cfg = config_from_json((entry / "config.json").read_text())
-            weights = _cached_weights(entry, dtype)
+            weights = _cached_weights(entry, dtype, quant)
             tokenizer = Tokenizer.from_saved(entry / "tokenizer")
             name = json.loads((entry / "source.json").read_text()).get("name", path.stem)
-            return LoadedModel(cfg, Transformer(cfg, weights, dtype), tokenizer, path, digest, name)
+            return LoadedModel(cfg, Transformer(cfg, weights, dtype, quant), tokenizer, path, digest, name)
         except Exception as e:
             if attempt == 2:
                 raise ModelLoadError(f"{entry}: the converted model cannot be read back ({e})") from None

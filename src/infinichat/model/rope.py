@@ -45,7 +45,11 @@ def inv_freq_for(cfg: ModelConfig, seq_len: int = 0) -> torch.Tensor:
 
 
 class Rope:
-    """Holds the static inverse frequencies; gives (cos, sin) for explicit positions."""
+    """Holds the static inverse frequencies; gives (cos, sin) for explicit positions.
+
+    Without dynamic NTK the angles depend on the position only, so cos/sin come from a table computed
+    once per dtype (grown on demand) and indexed by position: the same float32 arithmetic, element for
+    element, as computing them per call, without the half-dozen small ops per forward call."""
 
     def __init__(self, cfg: ModelConfig, freq_factors: torch.Tensor | None = None):
         self.cfg = cfg
@@ -54,20 +58,47 @@ class Rope:
         if freq_factors is not None:  # GGUF `rope_freqs.weight` (Llama 3.1 stores its scaling this way)
             inv = inv / freq_factors.float()
         self.inv_freq = inv
+        self._tables: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}  # dtype -> cos, sin (n, rot)
 
-    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions (T,) int -> cos, sin (T, rot_dim) in `dtype` (computed in float32)."""
-        inv = self.inv_freq
-        if self.dynamic:
-            inv = inv_freq_for(self.cfg, int(positions.max()) + 1)
+    def _compute(self, positions: torch.Tensor, inv: torch.Tensor, dtype: torch.dtype):
         freqs = positions.float()[:, None] * inv[None, :]  # (T, d/2)
         emb = torch.cat((freqs, freqs), dim=-1)  # (T, d)
         return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions (T,) int -> cos, sin (T, rot_dim) in `dtype` (computed in float32)."""
+        if self.dynamic:
+            return self._compute(positions, inv_freq_for(self.cfg, int(positions.max()) + 1), dtype)
+        if positions.shape[0] == 0:  # e.g. re-rotating an empty span
+            return self._compute(positions, self.inv_freq, dtype)
+        lo, hi = (int(positions[0]),) * 2 if positions.shape[0] == 1 else map(int, torch.aminmax(positions))
+        if lo < 0:  # negative positions (a shift reference, tests): computed directly
+            return self._compute(positions, self.inv_freq, dtype)
+        table = self._tables.get(dtype)
+        if table is None or table[0].shape[0] <= hi:
+            n = max(hi + 1, 2 * table[0].shape[0] if table else 1024)
+            table = self._compute(torch.arange(n), self.inv_freq, dtype)
+            self._tables[dtype] = table
+        if positions.shape[0] == 1:  # decode: a view, no gather
+            return table[0][hi : hi + 1], table[1][hi : hi + 1]
+        return table[0][positions], table[1][positions]
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     h = x.shape[-1] // 2
     return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+
+
+def signed_sin(sin: torch.Tensor) -> torch.Tensor:
+    """(..., rot) -> the sin with its first half negated, for `rotate`."""
+    h = sin.shape[-1] // 2
+    return torch.cat((-sin[..., :h], sin[..., h:]), dim=-1)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """Full-width RoPE, bit for bit `apply_rope(x, cos, sin)` with sin_signed = signed_sin(sin): rotate_half(x) * sin
+    is roll(x) * sin_signed (the sign moves between exact factors), and one roll is cheaper than negate + cat."""
+    return x * cos + torch.roll(x, x.shape[-1] // 2, dims=-1) * sin_signed
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

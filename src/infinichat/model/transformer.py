@@ -13,14 +13,25 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+from infinichat.errors import InfinichatError
+from infinichat.model.attention import AttentionRequest, requested_attention
 from infinichat.model.config import ModelConfig
-from infinichat.model.rope import Rope, apply_rope
+from infinichat.model.quant import QUANT_SUFFIXES, QuantLinear, check_mode, quantize
+from infinichat.model.rope import Rope, apply_rope, rotate, signed_sin
 
 # Measured on the reference CPU (benchmarks/NOTES.md): bf16 matrix-vector products are twice as fast with
 # weights pre-packed for oneDNN; bf16 matrix-matrix products are slower than fp32 ones, so prompts of at least
 # FP32_PREFILL_MIN tokens are computed in float32 (weights upcast exactly, layer by layer).
 PACKED_MAX_T = 16
 FP32_PREFILL_MIN = 32
+# Quantized weights: calls of fewer tokens run in the int8/int4 kernels (bf16 activations); from
+# QUANT_DENSE_MIN_T[mode] tokens on, each weight is dequantized to float32 and the float32 GEMM runs: the kernels
+# re-dequantize per block of 4 rows, so they fall behind as rows grow (crossovers measured: NOTES.md).
+QUANT_DENSE_MIN_T = {"int8": 256, "int4": 512}
+LINEARS = ("wqkv", "wo", "w_in", "w_out")
+# A quantized head's RESCORE_TOP best tokens per row get their logits again from the dense bf16 table
+# (benchmarks/NOTES.md: the int8 head alone moved 0.8% of the greedy choices; this costs ~k*D reads).
+RESCORE_TOP = 8
 
 
 def _packing_works() -> bool:
@@ -30,6 +41,17 @@ def _packing_works() -> bool:
         packed = torch.ops.mkldnn._reorder_linear_weight(w, None)
         torch.ops.mkldnn._linear_pointwise(torch.zeros(1, 8, dtype=torch.bfloat16), packed, None, "none", [], "")
         return torch.backends.mkldnn.is_available()
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _flash_decode_works() -> bool:
+    """Whether F.scaled_dot_product_attention's CPU flash kernel can be called directly (probed once): one
+    query, GQA heads, bf16, the same result as through the dispatcher."""
+    try:
+        q, k = torch.ones(1, 4, 1, 8, dtype=torch.bfloat16), torch.ones(1, 2, 3, 8, dtype=torch.bfloat16)
+        out = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, k, 0.0, False, scale=0.5)[0]
+        return torch.equal(out, F.scaled_dot_product_attention(q, k, k, scale=0.5, enable_gqa=True))
     except (AttributeError, RuntimeError):
         return False
 
@@ -45,28 +67,58 @@ class Transformer:
     """Weights in the canonical layout (see weights.py) plus the forward pass. Not an nn.Module: it has
     no training concerns, and plain tensors keep the per-token path free of module dispatch."""
 
-    def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32):
+    def __init__(
+        self, cfg: ModelConfig, weights: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32,
+        quant: str = "none",
+    ):
+        """`weights`: the canonical dense layout (weights.py), or its quantized form (quant.quantize)."""
         self.cfg = cfg
         self.dtype = dtype
-        w = {n: t.to(dtype).contiguous() for n, t in weights.items() if n != "rope_freqs"}  # no copy when equal
+        self.quant = check_mode(quant)
+        if self.quant != "none":
+            if dtype != torch.bfloat16:
+                raise InfinichatError(
+                    f"--quant {self.quant} runs with --dtype bfloat16 (the CPU int8/int4 kernels take bfloat16 "
+                    f"activations), not {str(dtype).removeprefix('torch.')}"
+                )
+            if not any(n.endswith((".q8", ".q4")) for n in weights):
+                weights = quantize(weights, self.quant, cfg.tie_embeddings)
+        w = {  # no copy when the dtype is already right; quantized tensors stay as they are
+            n: t if n.endswith(QUANT_SUFFIXES) else t.to(dtype).contiguous()
+            for n, t in weights.items() if n != "rope_freqs"
+        }
         self.rope = Rope(cfg, weights.get("rope_freqs"))
+        head = "embed" if cfg.tie_embeddings else "lm_head"
+        qhead = QuantLinear.from_tensors(w, head)
+        self.lm_head: torch.Tensor | QuantLinear = qhead or w[head + ".weight"]  # (V, D)
+        self.head_exact = w[head + ".weight"] if qhead else None  # (V, D) dense rows for re-scoring
         self.embed = w["embed.weight"]  # (V, D)
-        self.lm_head = w["embed.weight"] if cfg.tie_embeddings else w["lm_head.weight"]  # (V, D)
         self.norm = (w["norm.weight"], w.get("norm.bias"))
-        self.layers = [
-            {k[len(f"layers.{i}.") :]: t for k, t in w.items() if k.startswith(f"layers.{i}.")}
-            for i in range(cfg.n_layers)
-        ]
+        self.layers: list[dict[str, torch.Tensor | QuantLinear]] = []
+        for i in range(cfg.n_layers):
+            p = f"layers.{i}."
+            L: dict = {k[len(p):]: t for k, t in w.items() if k.startswith(p)}
+            for name in LINEARS:
+                ql = QuantLinear.from_tensors(w, p + name)
+                if ql is not None:
+                    L = {k: t for k, t in L.items() if not k.startswith(name + ".") or k == name + ".bias"}
+                    L[name + ".weight"] = ql
+            self.layers.append(L)
         self.packed: dict[int, torch.Tensor] = {}  # id(weight) -> oneDNN-packed bf16 copy
         if dtype == torch.bfloat16 and _packing_works():
-            for t in [self.lm_head] + [t for L in self.layers for n, t in L.items() if n.endswith("weight") and t.dim() == 2]:
-                self.packed[id(t)] = torch.ops.mkldnn._reorder_linear_weight(t, None)
+            dense = [self.lm_head] + [t for L in self.layers for n, t in L.items() if n.endswith("weight")]
+            for t in dense:
+                if isinstance(t, torch.Tensor) and t.dim() == 2:
+                    self.packed[id(t)] = torch.ops.mkldnn._reorder_linear_weight(t, None)
         self.q_size = cfg.n_heads * cfg.head_dim
         self.kv_size = cfg.n_kv_heads * cfg.head_dim
         self.scale = cfg.head_dim**-0.5
+        self.flash_decode = _flash_decode_works()
 
     # ------------------------------------------------------------------ pieces
-    def _linear(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    def _linear(self, x: torch.Tensor, w: torch.Tensor | QuantLinear, b: torch.Tensor | None = None) -> torch.Tensor:
+        if isinstance(w, QuantLinear):  # float32 inputs (long prompts): over the dequantized weight
+            return w(x, b) if x.dtype == torch.bfloat16 else F.linear(x, w.dense(x.dtype), None if b is None else b.to(x.dtype))
         if x.dtype != w.dtype:  # float32 prefill over bf16 weights: the upcast is exact
             return F.linear(x, w.to(x.dtype), None if b is None else b.to(x.dtype))
         packed = self.packed.get(id(w)) if x.shape[0] <= PACKED_MAX_T else None
@@ -74,13 +126,29 @@ class Transformer:
             return torch.ops.mkldnn._linear_pointwise(x, packed, b, "none", [], "")
         return F.linear(x, w, b)
 
+    def _embed(self, tokens: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return self.embed[tokens].to(dtype)  # (T, D)
+
+    def _head(self, x: torch.Tensor) -> torch.Tensor:
+        """x (T, D) -> logits (T, V) float32. A quantized head's top candidates are re-scored exactly: the
+        dense rows in float32, rounded as the dense model's product would be (bf16 for bf16 inputs)."""
+        logits = self._linear(x, self.lm_head).float()  # (T, V)
+        if self.head_exact is None:
+            return logits
+        top = logits.topk(RESCORE_TOP, dim=-1).indices  # (T, k)
+        rows = self.head_exact[top].float()  # (T, k, D)
+        exact = torch.bmm(rows, x.float().unsqueeze(-1)).squeeze(-1)  # (T, k)
+        return logits.scatter_(-1, top, exact.to(x.dtype).float())
+
     def _norm(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self.cfg.norm == "layer":
             if weight.dtype != x.dtype:  # float32 prefill over bf16 weights
                 weight, bias = weight.to(x.dtype), None if bias is None else bias.to(x.dtype)
             return F.layer_norm(x, (x.shape[-1],), weight, bias, self.cfg.norm_eps)
-        # RMSNorm in float32, then back to the model dtype before the weight (as the reference does)
-        return F.rms_norm(x.float(), (x.shape[-1],), eps=self.cfg.norm_eps).to(x.dtype) * weight
+        # RMSNorm in float32, then back to the model dtype before the weight, written as the reference writes it
+        # (bit for bit what F.rms_norm gives, in fewer dispatched ops: benchmarks/NOTES.md)
+        h = x.float()
+        return (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.cfg.norm_eps)).to(x.dtype) * weight
 
     def _mlp(self, L: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         h = self._linear(x, L["w_in.weight"], L.get("w_in.bias"))  # (T, 2F) or (T, F)
@@ -101,27 +169,46 @@ class Transformer:
         v_buf: torch.Tensor,
         start: int,
         mask: torch.Tensor | None,
+        li: int = 0,
+        attn: AttentionRequest | None = None,
     ) -> torch.Tensor:
         cfg = self.cfg
         T = x.shape[0]
+        H, Hkv, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         qkv = self._linear(x, L["wqkv.weight"], L.get("wqkv.bias"))  # (T, q + 2kv)
-        q, k, v = qkv.split((self.q_size, self.kv_size, self.kv_size), dim=-1)
-        q = q.view(T, cfg.n_heads, cfg.head_dim).transpose(0, 1)  # (H, T, hd)
-        k = k.view(T, cfg.n_kv_heads, cfg.head_dim).transpose(0, 1)  # (Hkv, T, hd)
-        v = v.view(T, cfg.n_kv_heads, cfg.head_dim).transpose(0, 1)  # (Hkv, T, hd)
-        q = apply_rope(q, cos, sin)
-        k = apply_rope(k, cos, sin)
+        if cos.shape[-1] == hd:  # full-width RoPE: q and k heads rotated in one go
+            qk = qkv[:, : self.q_size + self.kv_size].view(T, H + Hkv, hd)  # (T, H+Hkv, hd)
+            qk = rotate(qk, cos, sin)  # cos, sin (T, 1, hd)
+            q = qk[:, :H].transpose(0, 1)  # (H, T, hd)
+            k = qk[:, H:].transpose(0, 1)  # (Hkv, T, hd)
+        else:  # partial rotary (GPT-NeoX)
+            q, k = qkv[:, : self.q_size], qkv[:, self.q_size : self.q_size + self.kv_size]
+            q = apply_rope(q.view(T, H, hd).transpose(0, 1), cos, sin)  # (H, T, hd)
+            k = apply_rope(k.view(T, Hkv, hd).transpose(0, 1), cos, sin)  # (Hkv, T, hd)
+        v = qkv[:, self.q_size + self.kv_size :].view(T, Hkv, hd).transpose(0, 1)  # (Hkv, T, hd)
         end = start + T
         k_buf[:, start:end] = k
         v_buf[:, start:end] = v
+        if attn is not None:  # a policy asked for weights, a token subset or offloading (model/attention.py)
+            out = requested_attention(attn, li, q, k_buf, v_buf, start, self.scale)  # (H, T, hd)
+            return self._linear(out.transpose(0, 1).reshape(T, self.q_size), L["wo.weight"], L.get("wo.bias"))
         keys, values = k_buf[:, :end], v_buf[:, :end]  # (Hkv, L, hd)
         if keys.dtype != q.dtype:
             keys, values = keys.to(q.dtype), values.to(q.dtype)
-        out = F.scaled_dot_product_attention(
-            q.unsqueeze(0), keys.unsqueeze(0), values.unsqueeze(0),
-            attn_mask=mask, is_causal=T > 1 and mask is None, scale=self.scale,
-            enable_gqa=cfg.n_heads != cfg.n_kv_heads,
-        )  # (1, H, T, hd)
+        if T == 1 and self.flash_decode:  # the kernel F.scaled_dot_product_attention picks, minus its dispatch
+            # Quantized models: the G query heads sharing a KV head go in as G query rows of that head, so
+            # each KV head is read once, by one thread (~30% faster at short context, ~7% at 4k: NOTES.md).
+            # Not bit for bit the per-head result at long context, so bf16/fp32 models keep the per-head call.
+            qq = q.view(1, Hkv, H // Hkv, hd) if self.quant != "none" else q.unsqueeze(0)  # (1, Hkv, G, hd)
+            out = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                qq, keys.unsqueeze(0), values.unsqueeze(0), 0.0, False, scale=self.scale
+            )[0].reshape(1, H, 1, hd)  # GQA handled by the kernel
+        else:
+            out = F.scaled_dot_product_attention(
+                q.unsqueeze(0), keys.unsqueeze(0), values.unsqueeze(0),
+                attn_mask=mask, is_causal=T > 1 and mask is None, scale=self.scale,
+                enable_gqa=cfg.n_heads != cfg.n_kv_heads,
+            )  # (1, H, T, hd)
         out = out[0].transpose(0, 1).reshape(T, self.q_size)  # (T, H*hd)
         return self._linear(out, L["wo.weight"], L.get("wo.bias"))  # (T, D)
 
@@ -134,15 +221,20 @@ class Transformer:
         cache: LayerCache,
         start: int,
         all_logits: bool = False,
+        attn: AttentionRequest | None = None,
     ) -> torch.Tensor:
         """tokens (T,) int64, positions (T,) int64 -> logits (T, V) if all_logits else (V,), float32.
 
-        Writes K/V of the new tokens into cache slots [start, start+T); attends over [0, start+T).
+        Writes K/V of the new tokens into cache slots [start, start+T); attends over [0, start+T), or as
+        `attn` asks (attention weights for some layers, per-layer token subsets: model/attention.py).
         """
         T = tokens.shape[0]
-        compute = torch.float32 if self.dtype == torch.bfloat16 and T >= FP32_PREFILL_MIN else self.dtype
-        x = self.embed[tokens].to(compute)  # (T, D)
+        fp32_min = QUANT_DENSE_MIN_T[self.quant] if self.quant != "none" else FP32_PREFILL_MIN
+        compute = torch.float32 if self.dtype == torch.bfloat16 and T >= fp32_min else self.dtype
+        x = self._embed(tokens, compute)  # (T, D)
         cos, sin = self.rope.cos_sin(positions, compute)  # (T, rot)
+        if cos.shape[-1] == self.cfg.head_dim:  # what `rotate` takes, broadcast over heads: (T, 1, hd)
+            cos, sin = cos[:, None], signed_sin(sin)[:, None]
         mask = None  # a prefill from slot 0 uses SDPA's own causal mask
         if T > 1 and start > 0:
             i = torch.arange(T).unsqueeze(1)
@@ -150,16 +242,19 @@ class Transformer:
             mask = j <= i + start  # (T, start+T) bool
         for li, L in enumerate(self.layers):
             h = self._norm(x, L["attn_norm.weight"], L.get("attn_norm.bias"))
-            a = self._attention(L, h, cos, sin, cache.k[li], cache.v[li], start, mask)
+            a = self._attention(L, h, cos, sin, cache.k[li], cache.v[li], start, mask, li, attn)
+            # residual adds in place: x is this call's own tensor (the embedding lookup made it)
             if self.cfg.parallel_residual:
-                x = x + a + self._mlp(L, self._norm(x, L["ffn_norm.weight"], L.get("ffn_norm.bias")))
+                m = self._mlp(L, self._norm(x, L["ffn_norm.weight"], L.get("ffn_norm.bias")))
+                x += a
+                x += m
             else:
-                x = x + a
-                x = x + self._mlp(L, self._norm(x, L["ffn_norm.weight"], L.get("ffn_norm.bias")))
+                x += a
+                x += self._mlp(L, self._norm(x, L["ffn_norm.weight"], L.get("ffn_norm.bias")))
         if not all_logits:
             x = x[-1:].to(self.dtype)  # one row: the model dtype's (packed) product beats upcasting the head
         x = self._norm(x, *self.norm)
-        logits = self._linear(x, self.lm_head).float()  # (T, V)
+        logits = self._head(x)  # (T, V)
         return logits if all_logits else logits[0]
 
     __call__ = forward

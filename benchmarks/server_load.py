@@ -1,0 +1,160 @@
+"""Load test of the real HTTP server: N concurrent clients x T turns on the default model.
+
+Starts `infinichat serve` in a subprocess (a fresh data dir), runs N asyncio clients, each with its own
+session, sending T messages one after the other through the session API (SSE), and checks:
+- no request fails (any HTTP error or SSE error event is counted and reported);
+- each transcript, read back with GET /api/sessions/{id}, holds exactly that client's messages in order,
+  each reply equal to the text streamed for it (no lost or mixed-up turns);
+then prints time-to-first-token and per-reply decode tokens/s (p50 / p95) and the aggregate throughput.
+
+    python benchmarks/server_load.py [--clients 20] [--turns 10] [--max-tokens 24] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))] if xs else float("nan")
+
+
+async def client(c: httpx.AsyncClient, i: int, turns: int, max_tokens: int, stats: dict) -> None:
+    sid = f"load-{i:02d}"
+    r = await c.post("/api/sessions", json={"id": sid, "system_prompt": "You are a helpful assistant. Be brief."})
+    if r.status_code != 201:
+        stats["errors"].append(f"{sid} create: {r.status_code} {r.text[:200]}")
+        return
+    sent, got = [], []
+    for t in range(turns):
+        text = f"I am client {i}, this is my message {t}. Name a fruit."
+        t0 = time.perf_counter()
+        first = last = None
+        n, streamed, done = 0, "", None
+        async with c.stream("POST", f"/api/sessions/{sid}/messages",
+                            json={"text": text, "params": {"max_tokens": max_tokens, "seed": i * 100 + t}}) as resp:
+            if resp.status_code != 200:
+                stats["errors"].append(f"{sid} turn {t}: {resp.status_code} {(await resp.aread())[:200]!r}")
+                return
+            event = None
+            async for line in resp.aiter_lines():
+                if line.startswith("event: "):
+                    event = line[7:]
+                elif line.startswith("data: "):
+                    data = json.loads(line[6:])
+                    if event == "token":
+                        now = time.perf_counter()
+                        if data["token"] is not None:
+                            first = first or now
+                            last = now
+                            n += 1
+                        streamed += data["text"]
+                    elif event == "done":
+                        done = data
+                    elif event == "error":
+                        stats["errors"].append(f"{sid} turn {t}: {data}")
+                        return
+        if done is None or done["text"] != streamed:
+            stats["errors"].append(f"{sid} turn {t}: stream ended without a matching done event")
+            return
+        sent.append(text)
+        got.append(streamed)
+        if first is not None:
+            stats["ttft"].append(first - t0)
+            if n > 1:
+                stats["tps"].append((n - 1) / (last - first))
+        stats["tokens"] += n
+    h = (await c.get(f"/api/sessions/{sid}")).json()
+    have = [(m["kind"], m["text"]) for m in h["messages"]]
+    want = [x for s, g in zip(sent, got) for x in (("user", s), ("assistant", g))]
+    if have != want:
+        stats["errors"].append(f"{sid}: transcript mismatch ({len(have)} messages, {len(want)} expected)")
+    else:
+        stats["checked"] += 1
+
+
+async def main_async(args, url: str) -> dict:
+    stats = {"errors": [], "ttft": [], "tps": [], "tokens": 0, "checked": 0}
+    limits = httpx.Limits(max_connections=args.clients + 5)
+    async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(60, read=1800), limits=limits) as c:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client(c, i, args.turns, args.max_tokens, stats) for i in range(args.clients)))
+        stats["wall"] = time.perf_counter() - t0
+        stats["metrics"] = (await c.get("/metrics")).text
+    return stats
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--clients", type=int, default=20)
+    ap.add_argument("--turns", type=int, default=10)
+    ap.add_argument("--max-tokens", type=int, default=24)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--budget", type=int, default=1024)
+    ap.add_argument("--dtype", default="bfloat16")
+    args = ap.parse_args()
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with tempfile.TemporaryDirectory() as data:
+        env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_WAIT_POLICY": "PASSIVE"}
+        proc = subprocess.Popen([sys.executable, "-m", "infinichat", "serve", "--port", str(port), "--data-dir", data,
+                                 "--threads", str(args.threads), "--budget", str(args.budget), "--dtype", args.dtype],
+                                env=env)
+        try:
+            deadline = time.monotonic() + 300
+            while True:
+                try:
+                    if httpx.get(url + "/health", timeout=2).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    print("the server did not start", file=sys.stderr)
+                    return 1
+                time.sleep(0.5)
+            stats = asyncio.run(main_async(args, url))
+        finally:
+            proc.terminate()
+            proc.wait(60)
+    n = args.clients * args.turns
+    print(f"\n{args.clients} clients x {args.turns} turns, max_tokens {args.max_tokens}, budget {args.budget}, "
+          f"{args.dtype}, {args.threads} thread(s), wall {stats['wall']:.0f} s")
+    print(f"errors: {len(stats['errors'])}; transcripts checked and intact: {stats['checked']}/{args.clients}; "
+          f"replies: {len(stats['ttft'])}/{n}")
+    for e in stats["errors"][:10]:
+        print("  ", e)
+    print("\n| measure | p50 | p95 | mean |\n|---|---:|---:|---:|")
+    for name, xs, unit in (("time to first token", stats["ttft"], "s"), ("decode tokens/s per reply", stats["tps"], "")):
+        print(f"| {name} ({unit or 'tok/s'}) | {pct(xs, .5):.2f} | {pct(xs, .95):.2f} | {statistics.fmean(xs):.2f} |"
+              if xs else f"| {name} | - | - | - |")
+    print(f"\naggregate: {stats['tokens']} tokens generated in {stats['wall']:.0f} s = "
+          f"{stats['tokens'] / stats['wall']:.1f} tok/s over all clients")
+    for line in stats["metrics"].splitlines():
+        if line.startswith(("infinichat_kv_offloads", "infinichat_evictions", "infinichat_tokens_in", "infinichat_tokens_out")):
+            print(line)
+    return 0 if not stats["errors"] and stats["checked"] == args.clients else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

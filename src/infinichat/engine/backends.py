@@ -1,0 +1,36 @@
+"""Building an engine for a `--backend` name: the one place the server and the CLI construct engines."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from infinichat.errors import InfinichatError
+
+BACKENDS = ("torch", "llamacpp")
+
+
+def load_engine(backend: str, model: str | None, dtype: str, threads: int = 0, cache_dir: str | None = None,
+                show_progress: bool = False, quant: str = "none", n_ctx: int | None = None):
+    """(engine, tokenizer, model id, model name). `model` None = the embedded default model. The model id
+    (the file's SHA-256) keys caches of evaluated KV, together with the engine type and KV dtype.
+    llamacpp: a context of `n_ctx` tokens (default: the trained context)."""
+    if backend not in BACKENDS:
+        raise InfinichatError(f"unknown backend {backend!r}; accepted: {', '.join(BACKENDS)}")
+    if not isinstance(threads, int) or threads < 0:
+        raise InfinichatError(f"--threads must be a positive number, got {threads}")
+    from infinichat.engine.torch_engine import TorchEngine, set_threads
+    from infinichat.model.loader import default_cache_dir, file_sha256, load_model
+
+    cache = Path(cache_dir) if cache_dir else None
+    if backend == "llamacpp":
+        if quant != "none":
+            raise InfinichatError("--quant applies to the torch backend; llama.cpp runs the GGUF file's own types")
+        from infinichat.engine.llamacpp import gguf_path, load_llamacpp
+
+        set_threads(1)  # torch only samples here; its threads would compete with llama.cpp's for the cores
+        tok, name, engine = load_llamacpp(model, n_ctx=n_ctx, threads=threads or None)
+        return engine, tok, file_sha256(gguf_path(model), cache or default_cache_dir()), name
+    set_threads(threads or None)
+    loaded = load_model(model, dtype, cache, show_progress=show_progress, quant=quant)
+    model_id = loaded.file_hash if quant == "none" else f"{loaded.file_hash}:{quant}"
+    return TorchEngine(loaded.model, loaded.tokenizer.eos_ids), loaded.tokenizer, model_id, loaded.name

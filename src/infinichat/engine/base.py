@@ -1,0 +1,112 @@
+"""What every engine shares: the `Step` it yields and the sampling loop over its `prefill` / `decode_one`.
+
+An engine (the PyTorch one, the llama.cpp backend) provides `cfg`, `eos_ids`, `new_sequence` and one
+forward call `_append`; `Engine.prefill` chunks a prompt into such calls within the sequence's budget,
+and `Engine.generate` samples tokens with our own `Sampler`, so a seeded run samples the same way on
+every backend (given the same logits).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from infinichat.engine.sampling import Sampler, SamplingParams
+from infinichat.errors import InfinichatError
+from infinichat.kv.sequence import KVSequence
+from infinichat.model.config import ModelConfig
+
+
+@dataclass
+class Step:
+    """One generated token. `top` holds (token id, logprob) alternatives when asked for."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+class Engine:
+    """Base of the engines: subclasses set `cfg`, `eos_ids` and `max_chunk` and implement `_append` (one
+    forward call: make room within the budget, evaluate the tokens, record them in the sequence)."""
+
+    cfg: ModelConfig
+    eos_ids: frozenset[int]
+    max_chunk: int = 1024  # max tokens per forward call while prefilling
+    logits_chunk: int = 1024  # the same when every token's logits are returned ((T, V) float32 per call)
+
+    def new_sequence(self, budget: int | None = None, policy="full", capacity: int | None = None,
+                     **policy_params) -> KVSequence:
+        raise NotImplementedError
+
+    def new_cache(self, capacity: int | None = None) -> KVSequence:
+        """A sequence that never evicts (the `full` policy) with room for `capacity` tokens."""
+        return self.new_sequence(capacity=capacity)
+
+    def _append(self, seq: KVSequence, ids: torch.Tensor, all_logits: bool, stage: str = "decode") -> torch.Tensor:
+        """`stage`: "prompt", "prompt_end" (a prompt's last call) or "decode" (see kv/policy.py)."""
+        raise NotImplementedError
+
+    def prefill(
+        self, seq: KVSequence, tokens: Sequence[int], all_logits: bool = False, chunk: int | None = None
+    ) -> torch.Tensor:
+        """Append `tokens` to the sequence; logits of the last token (V,), or of every token (T, V).
+        Tokens are evaluated in forward calls of at most `chunk` tokens (and what the policy allows); the
+        budget is enforced before each call, so a long text streams through a small cache."""
+        if len(tokens) == 0:
+            raise InfinichatError("cannot evaluate an empty token list")
+        if not seq.policy.drops_tokens and seq.length + len(tokens) > seq.budget:
+            seq.make_room(len(tokens))  # raises the policy's "context is full" error before any work
+        ids = torch.as_tensor(tokens, dtype=torch.long)
+        n, tail = len(tokens), seq.policy.prompt_tail
+        outs = []
+        a = 0
+        while a < n:
+            cap = self.logits_chunk if all_logits else self.max_chunk
+            step = min(chunk or cap, cap, seq.policy.prefill_chunk(seq))
+            if step < n - a < step + tail:  # the last call must hold the policy's tail (SnapKV's window)
+                step = max(1, n - a - tail)
+            last = a + step >= n
+            out = self._append(seq, ids[a : a + step], all_logits, "prompt_end" if last else "prompt")
+            a += step
+            if all_logits or last:
+                outs.append(out)
+        return torch.cat(outs) if all_logits else outs[-1]
+
+    def decode_one(self, seq: KVSequence, token: int) -> torch.Tensor:
+        return self._append(seq, torch.tensor([token]), False, "decode")
+
+    def generate(
+        self,
+        cache: KVSequence,
+        prompt: Sequence[int],
+        params: SamplingParams,
+        history: Sequence[int] = (),
+        should_stop: Callable[[], bool] | None = None,
+        logits: torch.Tensor | None = None,
+    ) -> Iterator[Step]:
+        """Evaluate `prompt` (may be empty when `logits` of the last cached token are given), then sample up
+        to `params.max_tokens` tokens, yielding each. Stops at an EOS token (not yielded), when
+        `should_stop()` says so, or when the cache is full (a policy that never evicts, at its budget).
+        `history` = the tokens already in the cache, for repetition penalties.
+        Stop strings are text-level: the caller checks them and closes the generator."""
+        params.validate()
+        sampler = Sampler(params, self.cfg.vocab_size)
+        seen = list(history) + list(prompt)
+        if prompt:
+            logits = self.prefill(cache, prompt)
+        if logits is None:
+            raise InfinichatError("nothing to generate from: give a prompt or the last logits")
+        for _ in range(params.max_tokens):
+            if should_stop is not None and should_stop():
+                return
+            step = sampler.sample(logits, seen)
+            if step.token in self.eos_ids:
+                return
+            seen.append(step.token)
+            yield Step(step.token, step.logprob, step.top)
+            if cache.full:
+                return
+            logits = self.decode_one(cache, step.token)

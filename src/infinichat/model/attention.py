@@ -1,0 +1,134 @@
+"""Attention requests: what a KV policy asks of one forward call beyond plain causal attention.
+
+`Transformer.forward(..., attn=None)` runs scaled-dot-product attention (SDPA) and computes no weights. A
+policy that needs more passes an `AttentionRequest`:
+
+- `layers` / `rows` / `observe`: for these layers, the attention probabilities of the call's last `rows`
+  queries are computed explicitly (softmax(QK^T / sqrt(d)) in float32) and handed to `observe(layer, probs,
+  row0)`, probs (H, r, S) over the keys the layer attends to. When every row of the call is requested
+  (decode, or H2O over a whole prompt chunk), the layer's output is computed from those same
+  probabilities, in blocks of ROW_BLOCK rows (one pass, not SDPA plus a second one); when only the last
+  rows are (SnapKV's observation window), SDPA computes the output and the explicit product covers just
+  those rows.
+- `subset`: per layer, the sorted slot indices (n,) the layer attends to instead of every slot (OmniKV's
+  selected tokens; they must include the call's own new slots). `observe` may fill it during the
+  forward for the layers after the one observed.
+- `resident`: per layer, (k, v) buffers on the compute device that mirror the cache's (offloading: the
+  cache itself stays in CPU memory); the new rows are written to both and the mirror is read.
+- `transfer`: count in `moved_bytes` the K/V bytes read from the cache's own buffers (not from a
+  mirror): what an offloaded layer moves to the compute device. Reads are moved to the query's device.
+
+Layers with nothing requested take the same SDPA path as a forward without a request.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+ROW_BLOCK = 128  # query rows per explicit block: bounds the (H, rows, S) probabilities in memory
+
+Observer = Callable[[int, torch.Tensor, int], None]
+
+
+@dataclass
+class AttentionRequest:
+    layers: frozenset[int] = frozenset()
+    rows: int = 1
+    observe: Observer | None = None
+    subset: dict[int, torch.Tensor] = field(default_factory=dict)
+    resident: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    transfer: bool = False
+    moved_bytes: int = 0
+
+
+def requested_attention(
+    req: AttentionRequest,
+    li: int,
+    q: torch.Tensor,
+    k_buf: torch.Tensor,
+    v_buf: torch.Tensor,
+    start: int,
+    scale: float,
+) -> torch.Tensor:
+    """Layer `li`'s attention under `req`. q (H, T, hd) for slots [start, start+T), whose K/V the caller has
+    already written into the cache buffers (Hkv, C, hd). Returns (H, T, hd) in q's dtype."""
+    H, T, _ = q.shape
+    end = start + T
+    mirror = req.resident.get(li)
+    if mirror is not None:
+        kb, vb = mirror
+        kb[:, start:end] = k_buf[:, start:end]  # the new rows go to the mirror as well
+        vb[:, start:end] = v_buf[:, start:end]
+    else:
+        kb, vb = k_buf, v_buf
+    idx = req.subset.get(li)
+    if idx is None:
+        keys, values = kb[:, :end], vb[:, :end]  # (Hkv, S, hd) views
+    else:
+        idx = idx.to(kb.device)
+        keys, values = kb.index_select(1, idx), vb.index_select(1, idx)  # (Hkv, n, hd) gathered
+    if mirror is None and req.transfer:
+        req.moved_bytes += keys.nbytes + values.nbytes
+    keys, values = keys.to(q.device, q.dtype), values.to(q.device, q.dtype)
+    slots = None if idx is None else idx.to(q.device)
+    if li in req.layers:
+        return _explicit(req, li, q, keys, values, slots, start, scale)
+    return _sdpa(q, keys, values, slots, start, scale)
+
+
+def _sdpa(q, keys, values, slots, start, scale) -> torch.Tensor:
+    T = q.shape[1]
+    mask = None
+    if T > 1 and (start > 0 or slots is not None):
+        mask = causal_mask(slots if slots is not None else torch.arange(start + T, device=q.device), start, T)
+    out = F.scaled_dot_product_attention(
+        q.unsqueeze(0), keys.unsqueeze(0), values.unsqueeze(0), attn_mask=mask,
+        is_causal=T > 1 and mask is None, scale=scale, enable_gqa=q.shape[0] != keys.shape[0],
+    )  # (1, H, T, hd)
+    return out[0]
+
+
+def causal_mask(slots: torch.Tensor, start: int, T: int) -> torch.Tensor:
+    """(T, S) bool: query row i (slot start + i) may attend to key slot `slots[j]` iff slots[j] <= start + i."""
+    rows = torch.arange(start, start + T, device=slots.device)
+    return slots[None, :] <= rows[:, None]
+
+
+def attention_probs(
+    q: torch.Tensor, keys: torch.Tensor, slots: torch.Tensor, q_slot0: int, scale: float
+) -> torch.Tensor:
+    """softmax(q k^T * scale) in float32 with the causal mask. q (H, b, hd) for slots q_slot0.., keys
+    (Hkv, S, hd) at key slots `slots` (S,). Query head h uses KV head h // (H / Hkv). -> (H, b, S)."""
+    H, b, hd = q.shape
+    Hkv, S, _ = keys.shape
+    qg = q.float().reshape(Hkv, (H // Hkv) * b, hd)  # query heads grouped by their KV head
+    scores = torch.matmul(qg, keys.float().transpose(-1, -2)).mul_(scale).view(H, b, S)  # (H, b, S)
+    scores.masked_fill_(~causal_mask(slots, q_slot0, b), float("-inf"))
+    return torch.softmax(scores, dim=-1)
+
+
+def _explicit(req, li, q, keys, values, slots, start, scale) -> torch.Tensor:
+    H, T, hd = q.shape
+    Hkv, S, _ = keys.shape
+    R = min(req.rows, T)
+    key_slots = slots if slots is not None else torch.arange(S, device=q.device)
+    if R < T:  # only the last rows: SDPA for the output, the explicit product for those rows
+        out = _sdpa(q, keys, values, slots, start, scale)
+        probs = attention_probs(q[:, T - R :], keys, key_slots, start + T - R, scale)  # (H, R, S)
+        if req.observe is not None:
+            req.observe(li, probs, 0)
+        return out
+    vf = values.float()
+    out = torch.empty_like(q)  # (H, T, hd)
+    for r0 in range(0, T, ROW_BLOCK):
+        r1 = min(T, r0 + ROW_BLOCK)
+        probs = attention_probs(q[:, r0:r1], keys, key_slots, start + r0, scale)  # (H, b, S)
+        o = torch.matmul(probs.view(Hkv, -1, S), vf)  # (Hkv, G*b, hd)
+        out[:, r0:r1] = o.view(H, r1 - r0, hd).to(q.dtype)
+        if req.observe is not None:
+            req.observe(li, probs, r0)
+    return out

@@ -1,0 +1,187 @@
+"""Weight-only quantization for CPU decode: int8 per output channel, int4 per group of 32 inputs.
+
+Decode on CPU reads every weight once per token, so it runs at the memory bandwidth: fewer bytes per weight
+is more tokens per second. Activations stay bfloat16; the products run in PyTorch's own CPU kernels
+(`torch._weight_int8pack_mm`, `aten._weight_int4pack_mm_for_cpu`), which dequantize tiles in registers.
+
+    int8:  w = q * s            q int8 in [-127, 127], s per output row (symmetric)
+    int4:  w = (q - 8) * s + z  q in [0, 15], s and z per row and group of GROUP inputs (asymmetric
+                                min/max, as GGUF Q4_1 does; from a Q4_1 file the grid is recovered exactly)
+
+`quantize(weights, mode)` turns the canonical dense weights (weights.py) into a flat dict of tensors (so a
+quantized model caches to one safetensors file); `QuantLinear.from_tensors` builds the matmul objects
+from it. The output head is int8 in both modes (llama.cpp keeps it at 8 bits in Q4 files too), and its
+dense bf16 table is kept as well, read only where it is cheap: the embedding lookup, and the exact
+re-scoring of the head's top candidates (transformer.py), which the next token's choice depends on.
+Weights the kernels cannot take (int4: output rows not a multiple of 16, inputs not a multiple of the
+group) fall back to int8.
+"""
+
+from __future__ import annotations
+
+import logging
+import torch
+import torch.nn.functional as F
+
+from infinichat.errors import InfinichatError
+
+log = logging.getLogger(__name__)
+
+QUANT_MODES = ("none", "int8", "int4")
+QUANT_FORMAT = 1  # in the cached file names: bump when what `quantize` produces changes
+GROUP = 32  # int4 group size: the GGUF Q4_0/Q4_1 block size; also what K=576 (SmolLM2) divides into
+ACT_DTYPE = torch.bfloat16  # the kernels' activation (and scale) dtype
+QUANT_SUFFIXES = (".q8", ".scale", ".q4", ".scale_zero")  # the tensors `quantize` makes
+
+
+def check_mode(quant: str | None) -> str:
+    quant = quant or "none"
+    if quant not in QUANT_MODES:
+        raise InfinichatError(f"unknown --quant {quant!r}; accepted: {', '.join(QUANT_MODES)}")
+    return quant
+
+
+# ---------------------------------------------------------------------------------------------- quantizing
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, K) float -> q (N, K) int8, scale (N,) bf16, symmetric per row: w ~ q * scale."""
+    w = w.float()
+    scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-12).to(ACT_DTYPE)  # (N,) rounded first: q uses it
+    q = torch.round(w / scale.float()[:, None]).clamp(-127, 127).to(torch.int8)  # (N, K)
+    return q, scale
+
+
+def quantize_int4(w: torch.Tensor, group: int = GROUP) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, K) float -> nibbles (N, K/2) uint8 (values in [0, 15], see `pack_nibbles`), scale_zero
+    (N, K/group, 2) bf16: w ~ (q - 8) * s + z."""
+    N, K = w.shape
+    wg = w.float().view(N, K // group, group)  # (N, G, g)
+    lo, hi = wg.amin(dim=-1), wg.amax(dim=-1)  # (N, G)
+    scale = ((hi - lo) / 15).clamp(min=1e-12).to(ACT_DTYPE)  # (N, G)
+    zero = (lo + 8 * scale.float()).to(ACT_DTYPE)  # (N, G): the value of q = 8
+    s, z = scale.float()[..., None], zero.float()[..., None]
+    q = torch.round((wg - z) / s + 8).clamp(0, 15).view(N, K)  # (N, K)
+    return pack_nibbles(q), torch.stack((scale, zero), dim=-1)  # (N, K/2), (N, G, 2)
+
+
+def int4_fits(w: torch.Tensor, group: int = GROUP) -> bool:
+    N, K = w.shape
+    return N % 16 == 0 and K % group == 0
+
+
+def quantize(weights: dict[str, torch.Tensor], mode: str, tie_embeddings: bool) -> dict[str, torch.Tensor]:
+    """Dense canonical weights -> a flat dict where each quantized layer matrix `X.weight` becomes
+    `X.q8` + `X.scale` (int8) or `X.q4` + `X.scale_zero` (int4). The head gets `.q8` + `.scale` next to
+    its dense `.weight`; norms, biases and an untied embedding table stay as they are."""
+    mode = check_mode(mode)
+    if mode == "none":
+        return dict(weights)
+    out: dict[str, torch.Tensor] = {}
+    head = "embed.weight" if tie_embeddings else "lm_head.weight"
+    for name, t in weights.items():
+        is_matrix = name.endswith(".weight") and t.dim() == 2 and name.startswith("layers.")
+        if name == head:
+            out[name] = t
+        if name == head or (is_matrix and (mode == "int8" or not int4_fits(t))):
+            base = name.removesuffix(".weight")
+            out[base + ".q8"], out[base + ".scale"] = quantize_int8(t)
+        elif is_matrix:
+            base = name.removesuffix(".weight")
+            out[base + ".q4"], out[base + ".scale_zero"] = quantize_int4(t)
+        else:
+            out[name] = t
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- matmuls
+class QuantLinear:
+    """A quantized (N, K) weight: `self(x)` = x @ dequant(W)^T for bf16 x (T, K); `dense(dtype)` gives
+    the dequantized matrix for large products (prefill runs in float32 over it)."""
+
+    def __init__(self, N: int, K: int):
+        self.N, self.K = N, K
+
+    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        y = self._mm(x if x.dtype == ACT_DTYPE else x.to(ACT_DTYPE))  # (T, N)
+        return y if bias is None else y + bias.to(y.dtype)
+
+    def _mm(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def dense(self, dtype: torch.dtype) -> torch.Tensor:
+        raise NotImplementedError
+
+    @property
+    def nbytes(self) -> int:
+        raise NotImplementedError
+
+    @staticmethod
+    def from_tensors(flat: dict[str, torch.Tensor], base: str) -> QuantLinear | None:
+        if base + ".q8" in flat:
+            return Int8Linear(flat[base + ".q8"], flat[base + ".scale"])
+        if base + ".q4" in flat:
+            return Int4Linear(flat[base + ".q4"], flat[base + ".scale_zero"])
+        return None
+
+
+class Int8Linear(QuantLinear):
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor):
+        super().__init__(*q.shape)
+        self.q = q.contiguous()  # (N, K) int8
+        self.scale = scale.to(ACT_DTYPE).contiguous()  # (N,)
+
+    def _mm(self, x: torch.Tensor) -> torch.Tensor:
+        return torch._weight_int8pack_mm(x, self.q, self.scale)  # (T, N) bf16
+
+    def dense(self, dtype: torch.dtype) -> torch.Tensor:
+        return (self.q.to(dtype) * self.scale.to(dtype)[:, None])  # (N, K)
+
+    @property
+    def nbytes(self) -> int:
+        return self.q.nbytes + self.scale.nbytes
+
+
+class Int4Linear(QuantLinear):
+    """Two copies of the 4-bit values: the kernel's packed layout (it depends on the CPU's vector width,
+    so it is made at load, never cached) and our own nibbles (low nibble = even input), which `dense`
+    dequantizes for large products."""
+
+    def __init__(self, nibbles: torch.Tensor, scale_zero: torch.Tensor):
+        N, K2 = nibbles.shape
+        super().__init__(N, 2 * K2)
+        self.nibbles = nibbles.contiguous()  # (N, K/2) uint8
+        self.group = self.K // scale_zero.shape[1]
+        self.scale_zero = scale_zero.to(ACT_DTYPE).contiguous()  # (N, K/g, 2)
+        q = unpack_nibbles(self.nibbles).to(torch.int32)  # (N, K)
+        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)  # (N, K/2) uint8, kernel layout
+        self.kernel_sz = self.scale_zero.transpose(0, 1).contiguous()  # (K/g, N, 2): the kernel's layout
+
+    def _mm(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, self.group, self.kernel_sz)  # (T, N)
+
+    def dense(self, dtype: torch.dtype) -> torch.Tensor:
+        q = unpack_nibbles(self.nibbles).view(self.N, -1, self.group).to(torch.float32)  # (N, K/g, g)
+        s, z = self.scale_zero.float().unbind(-1)  # (N, K/g) each
+        return ((q - 8) * s[..., None] + z[..., None]).view(self.N, self.K).to(dtype)  # (N, K)
+
+    @property
+    def nbytes(self) -> int:
+        return self.nibbles.nbytes + self.packed.nbytes + self.scale_zero.nbytes + self.kernel_sz.nbytes
+
+
+def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
+    """(N, K) values in [0, 15] -> (N, K/2) uint8, even inputs in the low nibble."""
+    q = q.to(torch.uint8)
+    return q[:, 0::2] | (q[:, 1::2] << 4)
+
+
+def unpack_nibbles(b: torch.Tensor) -> torch.Tensor:
+    """(N, K/2) uint8 -> (N, K) uint8 in [0, 15]."""
+    return torch.stack((b & 15, b >> 4), dim=-1).view(b.shape[0], -1)
+
+
+def linear(x: torch.Tensor, w: QuantLinear, bias: torch.Tensor | None, dense_min_t: int) -> torch.Tensor:
+    """x (T, K) -> (T, N): the quantized kernel for short inputs, a dense product over the dequantized
+    weight (in x's dtype) from `dense_min_t` rows on, where the kernels fall behind the float32 GEMM."""
+    if x.shape[0] < dense_min_t:
+        return w(x, bias).to(x.dtype)
+    return F.linear(x, w.dense(x.dtype), None if bias is None else bias.to(x.dtype))

@@ -1,0 +1,105 @@
+"""JSON errors: `{"error": {"message", "type", "param"}}` with the right 4xx, for every failure path."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from infinichat.errors import InfinichatError
+from infinichat.server.worker import Busy, QueueFull
+
+log = logging.getLogger(__name__)
+
+TYPES = {400: "invalid_request_error", 401: "auth", 404: "not_found", 409: "busy", 413: "invalid_request_error",
+         429: "busy"}
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, type: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param = status, message, param
+        self.type = type or TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+
+
+def error_body(status: int, message: str, param: str | None = None, type: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type or TYPES.get(status, "server_error"), "param": param}}
+
+
+def to_api_error(e: BaseException) -> ApiError:
+    """Any exception raised while serving a request, as the ApiError the client sees."""
+    if isinstance(e, ApiError):
+        return e
+    if isinstance(e, Busy):
+        return ApiError(409, str(e), type="busy")
+    if isinstance(e, QueueFull):
+        return ApiError(429, str(e), type="busy")
+    if isinstance(e, InfinichatError):
+        return ApiError(400, str(e))
+    log.error("internal error", exc_info=e)
+    return ApiError(500, f"internal error: {type(e).__name__}: {e}", type="server_error")
+
+
+def error_response(e: BaseException) -> JSONResponse:
+    a = to_api_error(e)
+    return JSONResponse(error_body(a.status, a.message, a.param, a.type), status_code=a.status)
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    errs = exc.errors()
+    if not errs:
+        return "invalid request", None
+    e = errs[0]
+    loc = [str(p) for p in e.get("loc", ()) if p != "body"]
+    if e.get("type") == "json_invalid":
+        ctx = e.get("ctx", {}).get("error", "")
+        return f"malformed JSON body: {ctx or e.get('msg')}; send a JSON object", None
+    field = ".".join(loc) or None
+    if e.get("type") == "missing":
+        return f"missing required field {field!r}", field
+    if e.get("type") == "extra_forbidden":
+        return f"unknown field {field!r}", field
+    got = repr(e.get("input"))[:80]
+    where = f"field {field!r}" if field else "the request body"
+    return f"{where}: {e.get('msg')} (got {got})", field
+
+
+def install(app: FastAPI) -> None:
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError):
+        msg, param = _validation_message(exc)
+        return JSONResponse(error_body(400, msg, param), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException):
+        msg = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+        if exc.status_code == 404 and msg == "Not Found":
+            msg = f"no such endpoint: {request.method} {request.url.path}"
+        if exc.status_code == 400 and msg == "There was an error parsing the body":
+            msg = "the request body could not be parsed: send a JSON object encoded as UTF-8"
+        if exc.status_code == 405:
+            msg = f"method {request.method} is not allowed on {request.url.path}"
+        return JSONResponse(error_body(exc.status_code, msg), status_code=exc.status_code)
+
+    @app.exception_handler(ApiError)
+    async def _api(request: Request, exc: ApiError):
+        return error_response(exc)
+
+    @app.exception_handler(InfinichatError)
+    async def _user(request: Request, exc: InfinichatError):
+        return error_response(exc)
+
+    @app.exception_handler(Busy)
+    async def _busy(request: Request, exc: Busy):
+        return error_response(exc)
+
+    @app.exception_handler(QueueFull)
+    async def _full(request: Request, exc: QueueFull):
+        return error_response(exc)
+
+    @app.exception_handler(Exception)
+    async def _bug(request: Request, exc: Exception):
+        return error_response(exc)

@@ -1,0 +1,210 @@
+"""OpenAI-compatible generation, run in the engine worker: request bodies, the prefix cache of anonymous
+requests, and the mapping of a chat onto a named session.
+
+- With a session id (the `X-Session-Id` header), the chat's messages are mapped onto that session (created on
+  first use, with the request's system message as its system prompt): the messages it already holds are kept,
+  a divergence reverts the session to the common prefix, and only the new messages are evaluated.
+- Without one, the prompt's tokens reuse the longest common token prefix among a few recently used caches
+  (`PrefixLRU`), which are truncated to that prefix; only the rest is evaluated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from infinichat.engine.sampling import SamplingParams
+from infinichat.engine.textgen import Generation, stream_text
+from infinichat.server.errors import ApiError
+from infinichat.server.sessionops import checked_id, get_session
+
+MAX_STOP = 4
+
+
+class Msg(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: str
+    content: str | list[dict[str, Any]] | None = None
+
+
+class GenBody(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    model: str | None = None
+    max_tokens: int | None = Field(None)
+    max_completion_tokens: int | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    n: int = 1
+    stream: bool = False
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    user: str | None = None
+
+
+class ChatBody(GenBody):
+    messages: list[Msg]
+    logprobs: bool = False
+    top_logprobs: int | None = None
+
+
+class CompletionBody(GenBody):
+    prompt: str | list[str] | list[int]
+    logprobs: int | None = None
+    echo: bool = False
+    suffix: str | None = None
+
+
+def params_of(body: GenBody, top: int, default_max: int) -> SamplingParams:
+    if body.n != 1:
+        raise ApiError(400, f"n={body.n} is not supported: this server returns exactly one choice (n=1)", param="n")
+    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    if len(stop) > MAX_STOP:
+        raise ApiError(400, f"stop accepts at most {MAX_STOP} strings, got {len(stop)}", param="stop")
+    max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    p = SamplingParams(temperature=body.temperature, top_k=0, top_p=body.top_p, min_p=0.0, repetition_penalty=1.0,
+                       presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
+                       seed=body.seed, max_tokens=default_max if max_tokens is None else max_tokens,
+                       stop=tuple(stop), top_logprobs=top)
+    try:
+        p.validate()
+    except Exception as e:
+        name = str(e).split("sampling parameter ", 1)[-1].split("=", 1)[0]
+        raise ApiError(400, str(e), param=name) from None
+    return p
+
+
+def text_of(msg: Msg, i: int) -> str:
+    if msg.content is None:
+        return ""
+    if isinstance(msg.content, str):
+        return msg.content
+    parts = []
+    for part in msg.content:
+        if part.get("type") != "text" or not isinstance(part.get("text"), str):
+            raise ApiError(400, f"messages[{i}].content: only text parts ({{'type': 'text', 'text': ...}}) are "
+                           f"supported, got type {part.get('type')!r}", param=f"messages.{i}.content")
+        parts.append(part["text"])
+    return "".join(parts)
+
+
+def chat_messages(body: ChatBody) -> list[dict]:
+    if not body.messages:
+        raise ApiError(400, "messages must hold at least one message", param="messages")
+    out = []
+    for i, m in enumerate(body.messages):
+        role = "system" if m.role == "developer" else m.role
+        if role not in ("system", "user", "assistant"):
+            raise ApiError(400, f"messages[{i}].role {m.role!r} is not supported; accepted: system, developer, "
+                           f"user, assistant", param=f"messages.{i}.role")
+        if role == "system" and i > 0:
+            raise ApiError(400, f"messages[{i}]: a system message is accepted only first", param=f"messages.{i}.role")
+        out.append({"role": role, "content": text_of(m, i)})
+    return out
+
+
+class PrefixLRU:
+    """A few KV sequences of recent anonymous requests; a new prompt takes the one sharing the longest token
+    prefix with it (truncated to that prefix), or a fresh one. A sequence in use is out of the list."""
+
+    def __init__(self, engine, budget: int, size: int = 4):
+        self.engine, self.budget, self.size = engine, budget, size
+        self.free: list = []  # least recently used first
+        self.hits = 0
+
+    def acquire(self, ids: list[int]):
+        best, keep = None, 0
+        for seq in self.free:
+            have = seq.token_ids()
+            n = 0
+            lim = min(len(have), len(ids) - 1)
+            while n < lim and have[n] == ids[n]:
+                n += 1
+            if best is None or n > keep:
+                best, keep = seq, n
+        if best is not None and (keep > 0 or len(self.free) >= self.size):
+            self.free.remove(best)
+            best.truncate(keep)
+            self.hits += keep > 0
+            return best, keep
+        return self.engine.new_sequence(budget=self.budget, policy="full"), 0
+
+    def release(self, seq) -> None:
+        self.free.append(seq)
+        while len(self.free) > self.size:
+            self.free.pop(0)
+
+
+def _item(tok, chunk_text: str, step) -> dict:
+    d = {"text": chunk_text, "token": None, "logprob": None, "top": []}
+    if step is not None:
+        d.update(token=step.token, logprob=step.logprob, top=list(step.top))
+    return d
+
+
+def anonymous(engine, tok, lru: PrefixLRU, ids: list[int], params: SamplingParams, should_stop, metrics
+              ) -> Iterator[dict]:
+    if len(ids) + 1 > lru.budget:
+        raise ApiError(400, f"the prompt is {len(ids)} tokens; the context budget of this server is {lru.budget} "
+                       f"tokens (serve --budget)", param="messages")
+    seq, keep = lru.acquire(ids)
+    result = Generation()
+    n = 0
+    try:
+        for chunk in stream_text(engine, tok, seq, ids[keep:], params, history=ids[:keep], should_stop=should_stop,
+                                 result=result):
+            if chunk.step is not None:
+                n += 1
+                metrics.tokens(n_in=len(ids) - keep if n == 1 else 0, n_out=1)
+            yield _item(tok, chunk.text, chunk.step)
+    finally:
+        lru.release(seq)
+    yield {"done": result.finish_reason, "prompt_tokens": len(ids), "completion_tokens": n, "cached_tokens": keep}
+
+
+def session_chat(m, sid: str, messages: list[dict], params: SamplingParams, should_stop, metrics) -> Iterator[dict]:
+    """Map the chat onto session `sid` (append only what it lacks) and generate the reply."""
+    from infinichat.server.sessionops import session_events
+
+    checked_id(sid)
+    system = messages[0]["content"] if messages[0]["role"] == "system" else None
+    rest = messages[1:] if system is not None else messages
+    if not rest:
+        raise ApiError(400, "messages must hold a user or assistant message after the system message",
+                       param="messages")
+    if sid in m.sessions or m.db.exists(sid):
+        s = get_session(m, sid)
+        if (s.system_prompt or None) != (system or None):
+            raise ApiError(400, f"session {sid!r} has a different system prompt than this request's system message; "
+                           f"use another X-Session-Id", param="messages")
+    else:
+        s = m.create(sid, system_prompt=system)
+    k = 0
+    while k < min(len(s.messages), len(rest) - 1) and s.messages[k].kind == rest[k]["role"] and \
+            s.messages[k].text == rest[k]["content"]:
+        k += 1
+    if k < len(s.messages):
+        s.revert_to(k)
+    for msg in rest[k:-1]:
+        s.add_message(msg["role"], msg["content"])
+    last = rest[-1]
+    if last["role"] == "user":
+        gen = s.send(last["content"], params, should_stop)
+    else:
+        s.add_message("assistant", last["content"])
+        gen = s.continue_(params, should_stop)
+    n, prompt = 0, 0
+    for name, data in session_events(s, gen, metrics):
+        if name == "token":
+            if data["token"] is not None:
+                n += 1
+                prompt = prompt or s.seq.length
+            data["top"] = [(t["token"], t["logprob"]) for t in data["top"]]
+            yield data
+        elif name == "done":
+            reason = data["finish_reason"]
+            yield {"done": "stop" if reason == "cancelled" else reason, "prompt_tokens": prompt,
+                   "completion_tokens": n, "cached_tokens": 0}

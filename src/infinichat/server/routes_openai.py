@@ -1,0 +1,132 @@
+"""OpenAI-compatible endpoints: /v1/chat/completions, /v1/completions, /v1/models.
+
+A request with the header `X-Session-Id: <id>` runs in that session (see openai_compat.session_chat);
+otherwise the longest cached token prefix of recent requests is reused."""
+
+from __future__ import annotations
+
+import secrets
+import time
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from infinichat.server.errors import ApiError
+from infinichat.server.openai_compat import ChatBody, CompletionBody, anonymous, chat_messages, params_of, session_chat
+from infinichat.server.streaming import open_stream, sse, sse_response
+
+router = APIRouter(prefix="/v1")
+DEFAULT_MAX_TOKENS = 256
+
+
+@router.get("/models")
+async def models(request: Request):
+    info = request.app.state.info
+    return {"object": "list", "data": [{"id": info["model"], "object": "model", "created": int(info["started"]),
+                                        "owned_by": "infinichat"}]}
+
+
+def _chat_logprobs(tok, item: dict) -> dict:
+    def one(t, lp):
+        return {"token": tok.decode([t]), "logprob": lp, "bytes": list(tok.token_bytes(t))}
+
+    return {**one(item["token"], item["logprob"]), "top_logprobs": [one(t, lp) for t, lp in item["top"]]}
+
+
+def _completion_logprobs(tok, items: list[dict]) -> dict:
+    toks = [i for i in items if i["token"] is not None]
+    return {"tokens": [tok.decode([i["token"]]) for i in toks], "token_logprobs": [i["logprob"] for i in toks],
+            "top_logprobs": [{tok.decode([t]): lp for t, lp in i["top"]} for i in toks], "text_offset": []}
+
+
+async def _generate(request: Request, body, kind: str):
+    st = request.app.state
+    tok = st.tokenizer
+    if kind == "chat":
+        if body.top_logprobs is not None and not body.logprobs:
+            raise ApiError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
+        top = (body.top_logprobs or 0) if body.logprobs else 0
+        messages = chat_messages(body)
+    else:
+        if body.echo or body.suffix:
+            raise ApiError(400, "echo and suffix are not supported", param="echo" if body.echo else "suffix")
+        top = body.logprobs or 0
+        prompt = body.prompt
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
+            if len(prompt) != 1:
+                raise ApiError(400, f"prompt: exactly one prompt is supported, got {len(prompt)}", param="prompt")
+            prompt = prompt[0]
+    params = params_of(body, top, DEFAULT_MAX_TOKENS)
+    sid = request.headers.get("x-session-id")
+    if sid is not None and kind != "chat":
+        raise ApiError(400, "X-Session-Id is supported on /v1/chat/completions only", param="X-Session-Id")
+
+    def run(m, job):
+        if sid is not None:
+            return session_chat(m, sid, messages, params, job.should_stop, st.metrics)
+        if kind == "chat":
+            ids = tok.encode(tok.apply_chat_template(messages, add_generation_prompt=True), add_bos=tok.add_bos)
+        elif isinstance(prompt, str):
+            ids = tok.encode(prompt, add_bos=tok.add_bos, parse_special=False)
+        else:
+            if not prompt or any(not 0 <= t < tok.vocab_size for t in prompt):
+                raise ApiError(400, f"prompt token ids must be a non-empty list in [0, {tok.vocab_size})",
+                               param="prompt")
+            ids = list(prompt)
+        return anonymous(st.engine, tok, st.prefix_lru, ids, params, job.should_stop, st.metrics)
+
+    _, items = await open_stream(st.worker, run, session=sid)
+    rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + secrets.token_hex(12)
+    obj = "chat.completion" if kind == "chat" else "text_completion"
+    created, model = int(time.time()), st.info["model"]
+
+    def usage(d):
+        return {"prompt_tokens": d["prompt_tokens"], "completion_tokens": d["completion_tokens"],
+                "total_tokens": d["prompt_tokens"] + d["completion_tokens"],
+                "prompt_tokens_details": {"cached_tokens": d["cached_tokens"]}}
+
+    if body.stream:
+        def frame(item):
+            done = "done" in item
+            if kind == "chat":
+                lp = body.logprobs and not done and item["token"] is not None
+                choice = {"index": 0, "delta": {} if done else {"role": "assistant", "content": item["text"]},
+                          "finish_reason": item["done"] if done else None,
+                          "logprobs": {"content": [_chat_logprobs(tok, item)]} if lp else None}
+            else:
+                choice = {"index": 0, "text": "" if done else item["text"],
+                          "finish_reason": item["done"] if done else None,
+                          "logprobs": None if done or not body.logprobs or item["token"] is None
+                          else _completion_logprobs(tok, [item])}
+            chunk = {"id": rid, "object": obj + (".chunk" if kind == "chat" else ""), "created": created,
+                     "model": model, "choices": [choice]}
+            if done:
+                chunk["usage"] = usage(item)
+            return sse(None, chunk)
+
+        return sse_response(items, frame, error_event=None, tail="data: [DONE]\n\n")
+    got = [i async for i in items]
+    done = got[-1] if got and "done" in got[-1] else {"done": "stop", "prompt_tokens": 0, "completion_tokens": 0,
+                                                        "cached_tokens": 0}
+    text = "".join(i.get("text", "") for i in got if "done" not in i)
+    toks = [i for i in got if "done" not in i and i["token"] is not None]
+    if kind == "chat":
+        lp = {"content": [_chat_logprobs(tok, i) for i in toks]} if body.logprobs else None
+        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": done["done"],
+                  "logprobs": lp}
+    else:
+        choice = {"index": 0, "text": text, "finish_reason": done["done"],
+                  "logprobs": _completion_logprobs(tok, toks) if body.logprobs is not None else None}
+    return JSONResponse({"id": rid, "object": obj, "created": created, "model": model, "choices": [choice],
+                         "usage": usage(done)})
+
+
+@router.post("/chat/completions")
+async def chat_completions(body: ChatBody, request: Request):
+    return await _generate(request, body, "chat")
+
+
+@router.post("/completions")
+async def completions(body: CompletionBody, request: Request):
+    return await _generate(request, body, "completion")
+

@@ -1,0 +1,87 @@
+"""Worker-side helpers of the session API: look a session up, build sampling parameters, turn a session's
+generation events into SSE items. These run in the engine worker thread (sessions are not thread-safe)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import fields, replace
+
+from infinichat.engine.sampling import SamplingParams
+from infinichat.errors import InfinichatError
+from infinichat.server.errors import ApiError
+from infinichat.session.db import check_session_id
+
+KV_EVERY = 16  # a kv event every this many tokens
+SAMPLING_KEYS = tuple(f.name for f in fields(SamplingParams))
+
+
+def checked_id(sid: str) -> str:
+    try:
+        return check_session_id(sid)
+    except InfinichatError as e:
+        raise ApiError(400, str(e), param="id") from None
+
+
+def require_session(m, sid: str) -> str:
+    """sid, after checking that it is valid (400) and that the session exists (404); loads nothing."""
+    checked_id(sid)
+    if sid not in m.sessions and not m.db.exists(sid):
+        raise ApiError(404, f"no session {sid!r}; list them with GET /api/sessions", param="id")
+    return sid
+
+
+def get_session(m, sid: str):
+    return m.get(require_session(m, sid))
+
+
+def sampling(s, overrides: dict | None) -> SamplingParams:
+    """The session's sampling settings with per-request overrides (names of SamplingParams fields)."""
+    base = s.settings.sampling()
+    if not overrides:
+        return base
+    bad = sorted(set(overrides) - set(SAMPLING_KEYS))
+    if bad:
+        raise ApiError(400, f"unknown sampling parameter(s) {', '.join(bad)}; accepted: {', '.join(SAMPLING_KEYS)}",
+                       param="params")
+    p = replace(base, **overrides)
+    p.__post_init__()  # a stop given as a string or list
+    p.validate()
+    return p
+
+
+def top_json(tok, top) -> list[dict]:
+    return [{"token": int(t), "text": tok.decode([int(t)]), "logprob": float(lp)} for t, lp in top]
+
+
+def message_json(s, turn: int | None) -> dict | None:
+    if turn is None:
+        return None
+    msgs = s.history()["messages"]
+    return msgs[turn] if 0 <= turn < len(msgs) else None
+
+
+def session_events(s, gen: Iterator, metrics=None) -> Iterator[tuple[str, dict]]:
+    """(event, data) items of the session API stream: token..., kv after the first token and every KV_EVERY
+    tokens, kv, done."""
+    tok = s.tok
+    n = 0
+    start = s.seq.length if s.seq is not None else 0
+    try:
+        for ev in gen:
+            if ev.kind == "token":
+                if ev.token is not None:
+                    n += 1
+                    if metrics is not None:
+                        metrics.tokens(n_in=max(0, s.seq.length - start) if n == 1 else 0, n_out=1)
+                yield "token", {"text": ev.text, "token": ev.token, "logprob": ev.logprob,
+                                "top": top_json(tok, ev.top), "turn": ev.turn}
+                if ev.token is not None and (n == 1 or n % KV_EVERY == 0):  # the new turn shows at once
+                    yield "kv", s.kv_map()
+            else:
+                yield "kv", s.kv_map()
+                yield "done", {"turn": ev.turn, "finish_reason": ev.finish_reason, "text": ev.text,
+                               "message": message_json(s, ev.turn)}
+    finally:
+        close = getattr(gen, "close", None)
+        if close is not None:
+            close()

@@ -1,0 +1,219 @@
+"""The engine worker: one thread owns the engine and the SessionManager; HTTP handlers submit jobs to it.
+
+Two kinds of job: a *call* (a function of the manager, run once, its result handed back through a
+concurrent Future) and a *stream* (a function of the manager returning an iterator of JSON-ready items,
+advanced one item at a time). Active streams are served round-robin, one item (about one token) each per
+turn, with pending calls taken in between, so one long reply never starves the other sessions.
+
+Jobs that touch a session carry its id; a second mutating job on a session that has one running is refused
+(`Busy`, 409), and the number of jobs waiting or running is bounded (`QueueFull`, 429). A stream's job can be
+stopped (`should_stop` turns true: the generation ends with finish_reason "cancelled" and its last item is
+still delivered) or abandoned (the client went away: the iterator is closed, so the session keeps the partial
+reply, marked cancelled, with a consistent cache).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+END = object()  # the last item a stream's sink receives
+
+
+class Busy(Exception):
+    """The session already has an operation running."""
+
+
+class QueueFull(Exception):
+    """Too many jobs waiting or running."""
+
+
+@dataclass
+class Job:
+    fn: Callable[[Any], Any]  # manager -> result (call) or iterator (stream)
+    session: str | None = None
+    mutates: bool = True
+    future: concurrent.futures.Future | None = None  # calls
+    sink: Callable[[Any], None] | None = None  # streams: receives items, an exception, then END
+    stop: threading.Event = field(default_factory=threading.Event)
+    abandoned: bool = False
+    it: Iterator | None = None
+
+    def should_stop(self) -> bool:
+        return self.stop.is_set()
+
+
+class EngineWorker:
+    def __init__(self, manager, max_jobs: int = 64, on_idle: Callable[[Any], None] | None = None):
+        self.manager = manager
+        self.max_jobs = max_jobs
+        self.on_idle = on_idle  # called in the worker between rounds (metrics snapshot)
+        self._q: queue.Queue[Job | None] = queue.Queue()
+        self._lock = threading.Lock()
+        self._jobs = 0  # waiting + running
+        self._busy: dict[str, Job] = {}  # session id -> its running mutating job
+        self._active: list[Job] = []
+        self._thread = threading.Thread(target=self._run, name="infinichat-engine", daemon=True)
+        self._closed = False
+
+    # ------------------------------------------------------------------ handler side (any thread)
+    def start(self) -> EngineWorker:
+        self._thread.start()
+        return self
+
+    @property
+    def depth(self) -> int:
+        return self._jobs
+
+    def _admit(self, job: Job) -> None:
+        with self._lock:
+            if self._closed:
+                raise QueueFull("the server is shutting down")
+            if self._jobs >= self.max_jobs:
+                raise QueueFull(f"the server has {self._jobs} requests waiting or running (at most "
+                                f"{self.max_jobs}); retry later")
+            if job.session is not None and job.mutates:
+                if job.session in self._busy:
+                    raise Busy(f"session {job.session!r} is busy with another request; wait for it to finish "
+                               f"or POST /api/sessions/{job.session}/stop")
+                self._busy[job.session] = job
+            self._jobs += 1
+        self._q.put(job)
+
+    def call(self, fn: Callable[[Any], Any], session: str | None = None, mutates: bool = True) -> concurrent.futures.Future:
+        job = Job(fn, session, mutates, future=concurrent.futures.Future())
+        self._admit(job)
+        return job.future
+
+    async def acall(self, fn: Callable[[Any], Any], session: str | None = None, mutates: bool = True) -> Any:
+        return await asyncio.wrap_future(self.call(fn, session, mutates))
+
+    def stream(self, fn: Callable[[Any, Job], Iterator], sink: Callable[[Any], None],
+               session: str | None = None) -> Job:
+        """Submit a stream job; `fn(manager, job)` returns the iterator (it may use job.should_stop)."""
+        job = Job(lambda m: None, session, True, sink=sink)
+        job.fn = lambda m: fn(m, job)
+        self._admit(job)
+        return job
+
+    def stop_session(self, session: str) -> bool:
+        with self._lock:
+            job = self._busy.get(session)
+        if job is None or job.sink is None:
+            return False
+        job.stop.set()
+        return True
+
+    def abandon(self, job: Job) -> None:
+        """The client went away: close the job's iterator at the worker's next turn."""
+        job.abandoned = True
+        job.stop.set()
+
+    def close(self, timeout: float = 30.0) -> None:
+        with self._lock:
+            self._closed = True
+        self._q.put(None)
+        self._thread.join(timeout)
+
+    # ------------------------------------------------------------------ worker side
+    def _finish(self, job: Job) -> None:
+        with self._lock:
+            self._jobs -= 1
+            if job.session is not None and self._busy.get(job.session) is job:
+                del self._busy[job.session]
+
+    def _run(self) -> None:
+        while True:
+            try:
+                job = self._q.get(block=not self._active, timeout=None if not self._active else 0)
+            except queue.Empty:
+                job = False
+            while job is not False:
+                if job is None:
+                    self._shutdown()
+                    return
+                self._start(job)
+                try:
+                    job = self._q.get_nowait()
+                except queue.Empty:
+                    job = False
+            for job in list(self._active):
+                self._step(job)
+            if self.on_idle is not None:
+                try:
+                    self.on_idle(self.manager)
+                except Exception:  # metrics must never stop the worker
+                    log.exception("on_idle failed")
+
+    def _start(self, job: Job) -> None:
+        if job.future is not None:
+            if job.future.set_running_or_notify_cancel():
+                try:
+                    job.future.set_result(job.fn(self.manager))
+                except BaseException as e:  # handed to the handler, which maps it to an HTTP error
+                    job.future.set_exception(e)
+            self._finish(job)
+            return
+        self._pin(job, True)
+        try:
+            job.it = iter(job.fn(self.manager))
+        except Exception as e:
+            job.sink(e)
+            job.sink(END)
+            self._pin(job, False)
+            self._finish(job)
+            return
+        self._active.append(job)
+
+    def _pin(self, job: Job, on: bool) -> None:
+        """A session generating keeps its cache in memory (other requests may offload idle caches)."""
+        pinned = getattr(self.manager, "pinned", None)
+        if job.session is not None and pinned is not None:
+            (pinned.add if on else pinned.discard)(job.session)
+
+    def _step(self, job: Job) -> None:
+        done = False
+        if job.abandoned:
+            try:
+                job.it.close()  # the session keeps the partial reply (cancelled), cache consistent
+            except Exception:
+                log.exception("closing an abandoned generation failed")
+            done = True
+        else:
+            t = time.monotonic()
+            try:
+                job.sink(next(job.it))
+            except StopIteration:
+                done = True
+            except Exception as e:
+                job.sink(e)
+                done = True
+            if time.monotonic() - t > 5:
+                log.info("one generation step took %.1f s", time.monotonic() - t)
+        if done:
+            job.sink(END)
+            self._active.remove(job)
+            self._pin(job, False)
+            self._finish(job)
+
+    def _shutdown(self) -> None:
+        for job in self._active:
+            try:
+                job.it.close()
+            except Exception:
+                log.exception("closing a generation at shutdown failed")
+            job.sink(END)
+        self._active.clear()
+        try:
+            self.manager.close()
+        except Exception:
+            log.exception("closing the session manager failed")

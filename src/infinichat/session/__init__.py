@@ -1,0 +1,1 @@
+"""Sessions: a conversation mapped onto named KV cache segments, its actions, character cards and persistence."""

@@ -1,0 +1,654 @@
+"""A conversation whose every part lives in a named cache segment, so each turn evaluates only its new tokens.
+
+Cache layout: the system part (system prompt or character card; pinned, never evicted), then one segment per
+message in the model's context, in transcript order. Segment names are `m<uid>` (a message's stable id), so
+the transcript and the cache map can always be matched. Every action keeps the two consistent:
+
+- `send` appends the user message's segment and a reply segment (header, generated tokens, the template's
+  end-of-turn suffix). The header's last token is always evaluated on its own, so a `retry` (which cuts the
+  reply back to just before that token) reproduces the first attempt's logits bit for bit.
+- `revert_to`, `edit`, `delete`, `select` cut the cache at the first affected segment and re-evaluate what
+  follows; `suggest` works in a scratch segment (or a fork when the budget is tight) and leaves the cache
+  bit-identical; `narrate` keeps only the last K narrations; `inject_rag` replaces the previous RAG segment.
+- Over budget, the eviction policy (default `turns`: whole old turns, then token-level streaming) cuts old
+  segments; `history()` reports per message how many of its tokens the model still holds.
+
+"Turn" N means the N-th message of the transcript (0-based, a greeting included); `revert_to(N)` keeps
+messages 0..N-1. Generating actions are generators of `Event`s; the last one has kind "done". Closing the
+generator early (or `should_stop()` turning true) cancels cleanly: the partial reply is kept, marked
+`finish_reason="cancelled"`, and the cache stays consistent.
+
+Not thread-safe: one engine worker owns all sessions (the server queues requests to it).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from infinichat.engine.textgen import Generation, stream_text
+from infinichat.errors import InfinichatError
+from infinichat.kv.sequence import KVSequence
+from infinichat.session.chatformat import ChatFormat
+from infinichat.session.settings import SessionSettings
+
+log = logging.getLogger(__name__)
+
+NARRATOR_PREFIX = "Narrator: "
+GENERATED = ("assistant", "narration")  # kinds whose content the model writes
+RAG_PREFIX = "Relevant information for the conversation:\n"
+MAX_MESSAGE_CHARS = 200_000
+HISTORY_WINDOW = 4  # messages of context for rendering the next one (see _chat_history)
+
+
+@dataclass
+class Alternative:
+    text: str
+    tokens: list[int] | None = None  # the reply's tokens as generated (None: tokenize the text)
+    finish_reason: str = "stop"
+    logprobs: list[float] = field(default_factory=list)
+
+
+@dataclass
+class Message:
+    uid: int
+    kind: str  # user | assistant | narration | rag
+    role: str  # the chat-template role it is rendered with
+    alternatives: list[Alternative]
+    selected: int = 0
+    in_context: bool = True  # False: left the model's context on purpose (an old narration, a replaced RAG)
+    n_tokens: int = 0  # tokens its segment had when evaluated
+    n_header: int = 0
+    created: float = field(default_factory=time.time)
+
+    @property
+    def text(self) -> str:
+        return self.alternatives[self.selected].text
+
+    @property
+    def content(self) -> str:
+        """What the template renders for it."""
+        prefix = {"narration": NARRATOR_PREFIX, "rag": RAG_PREFIX}.get(self.kind, "")
+        return prefix + self.text
+
+    @property
+    def segment_name(self) -> str:
+        return f"m{self.uid}"
+
+    def fingerprint(self) -> tuple:
+        """Cheap, changes whenever to_json() would (str hashes are cached by Python)."""
+        return (self.uid, self.kind, self.selected, self.in_context, self.n_tokens, self.n_header,
+                tuple((hash(a.text), a.finish_reason, -1 if a.tokens is None else len(a.tokens), len(a.logprobs))
+                      for a in self.alternatives))
+
+    def to_json(self) -> dict:
+        return {"uid": self.uid, "kind": self.kind, "role": self.role, "selected": self.selected,
+                "in_context": self.in_context, "n_tokens": self.n_tokens, "n_header": self.n_header,
+                "created": self.created,
+                "alternatives": [{"text": a.text, "tokens": a.tokens, "finish_reason": a.finish_reason,
+                                  "logprobs": a.logprobs} for a in self.alternatives]}
+
+    @classmethod
+    def from_json(cls, d: dict) -> Message:
+        alts = [Alternative(a["text"], a.get("tokens"), a.get("finish_reason", "stop"), a.get("logprobs") or [])
+                for a in d["alternatives"]]
+        return cls(d["uid"], d["kind"], d["role"], alts, d.get("selected", 0), d.get("in_context", True),
+                   d.get("n_tokens", 0), d.get("n_header", 0), d.get("created", 0.0))
+
+
+@dataclass
+class Event:
+    """A streamed piece of a generation: kind "token" (text may be empty while a character or a possible
+    stop string is incomplete) or "done" (`message` set, or `text` for a suggestion)."""
+
+    kind: str
+    text: str = ""
+    token: int | None = None
+    logprob: float | None = None
+    top: list[tuple[int, float]] = field(default_factory=list)
+    turn: int | None = None
+    finish_reason: str | None = None
+    message: Message | None = None
+
+
+class Session:
+    def __init__(self, sid: str, engine, tokenizer, *, name: str = "", system_prompt: str | None = None,
+                 settings: SessionSettings | None = None, card=None, chat_format: ChatFormat | None = None,
+                 prefix_cache=None, on_change: Callable[[Session], None] | None = None):
+        self.id = sid
+        self.name = name or sid
+        self.engine = engine
+        self.tok = tokenizer
+        self.fmt = chat_format or ChatFormat(tokenizer)
+        self.settings = (settings or SessionSettings()).validate()
+        self.card = card
+        self.system_prompt = system_prompt
+        self.messages: list[Message] = []
+        self.seq: KVSequence | None = None
+        self.prefix_cache = prefix_cache
+        self.on_change = on_change
+        self.next_uid = 1
+        self.version = 0  # bumped on every change; a KV snapshot is valid for one version
+        self.last_used = time.monotonic()
+        self._logits: torch.Tensor | None = None  # next-token logits after the last cached token
+
+    # ------------------------------------------------------------------ queries
+    def history(self) -> dict:
+        seq = self.seq
+        held = {s.name: len(s) for s in seq.segments.segments} if seq is not None else None
+        msgs = []
+        for i, m in enumerate(self.messages):
+            d = m.to_json()
+            d.pop("alternatives")
+            d["turn"] = i
+            d["text"] = m.text
+            d["alternatives"] = [{"text": a.text, "finish_reason": a.finish_reason} for a in m.alternatives]
+            d["complete"] = m.alternatives[m.selected].finish_reason != "incomplete"
+            if held is not None:
+                kept = held.get(m.segment_name, 0) if m.in_context else 0
+                d["tokens_in_cache"] = kept
+                d["evicted_tokens"] = max(0, m.n_tokens - kept) if m.in_context else 0
+            msgs.append(d)
+        return {"id": self.id, "name": self.name, "system_prompt": self.system_prompt,
+                "settings": self.settings.to_json(), "messages": msgs, "cache": self.cache_stats()}
+
+    def cache_stats(self) -> dict:
+        seq = self.seq
+        if seq is None:
+            return {"resident": False}
+        return {"resident": True, "tokens": seq.length, "budget": seq.budget, "policy": seq.policy.name,
+                "evictions": seq.n_evictions, "evicted_tokens": seq.n_evicted, "bytes": seq.store.nbytes}
+
+    def kv_map(self) -> dict:
+        """The cache map: segments in slot order with kind, tokens, pinned, and the message they hold."""
+        seq = self.ensure_cache()
+        by_name = {m.segment_name: (i, m) for i, m in enumerate(self.messages)}
+        segs = []
+        for s in seq.segments.segments:
+            turn, msg = by_name.get(s.name, (None, None))
+            segs.append({"id": s.id, "kind": s.kind, "name": s.name, "start": s.start, "tokens": len(s),
+                         "pinned": s.pinned, "turn": turn,
+                         "evicted": max(0, msg.n_tokens - len(s)) if msg is not None else 0})
+        gone = [{"turn": i, "kind": m.kind, "tokens": m.n_tokens} for i, m in enumerate(self.messages)
+                if m.in_context and m.segment_name not in {s.name for s in seq.segments.segments}]
+        return {"length": seq.length, "budget": seq.budget, "free": seq.budget - seq.length,
+                "policy": seq.policy.name, "segments": segs, "evicted_turns": gone,
+                "evictions": seq.n_evictions, "evicted_tokens": seq.n_evicted}
+
+    def next_logits(self) -> torch.Tensor:
+        """Next-token logits after the cached conversation (re-evaluates the last token if needed)."""
+        if self._logits is None:
+            seq = self.ensure_cache()
+            if seq.length == 0:
+                raise InfinichatError("the cache is empty: there is nothing to predict from")
+            last = seq.token_ids()[-1]
+            self._cut(seq.length - 1)
+            self._logits = self.engine.prefill(seq, [last])
+        return self._logits
+
+    # ------------------------------------------------------------------ the cache
+    def _chat_history(self, upto: int | None = None) -> list[dict]:
+        """The conversation before message `upto` as the template sees it, for cutting the next message's
+        pieces: the system message and the last few messages only, starting at a user message (the template
+        renders a message from its neighbours; rendering the whole transcript would make every turn cost
+        O(history))."""
+        sys = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+        upto = len(self.messages) if upto is None else upto
+        window: list[Message] = []
+        for m in reversed(self.messages[:upto]):
+            if m.in_context:
+                window.append(m)
+                if len(window) >= HISTORY_WINDOW and m.role == "user":
+                    break
+        return sys + [{"role": m.role, "content": m.content} for m in reversed(window)]
+
+    def _new_sequence(self) -> KVSequence:
+        s = self.settings
+        return self.engine.new_sequence(budget=s.budget, policy=s.policy, **s.policy_params())
+
+    def ensure_cache(self) -> KVSequence:
+        """The session's KV sequence, rebuilt from the transcript if it is not resident."""
+        if self.seq is None:
+            self.rebuild()
+        self.last_used = time.monotonic()
+        return self.seq
+
+    def rebuild(self) -> None:
+        """A fresh cache: the system part (from the prefix cache when possible), then every message."""
+        self.seq = self._new_sequence()
+        self._logits = None
+        self._eval_system()
+        live = [i for i, m in enumerate(self.messages) if m.in_context]
+        first = 0
+        if self.seq.policy.drops_tokens:  # skip turns the policy would evict anyway: rebuilds cost O(budget)
+            room, first = (self.seq.budget - self.seq.length) * 3 // 4, len(live)
+            while first > 0 and self.messages[live[first - 1]].n_tokens <= room:
+                first -= 1
+                room -= self.messages[live[first]].n_tokens
+            first = min(first, max(0, len(live) - 1))
+        for i in live[first:]:
+            self._eval_message(i)
+
+    def _eval_system(self) -> None:
+        seq = self.seq
+        ids = self.fmt.system_tokens(self.system_prompt)
+        if not ids:
+            return
+        if len(ids) > seq.budget // 2:
+            raise InfinichatError(
+                f"the system prompt / character card is {len(ids)} tokens, more than half the budget of "
+                f"{seq.budget}: raise the budget or shorten the card"
+            )
+        cache, key = self.prefix_cache, None
+        if cache is not None:
+            key = cache.key(ids)
+            data = cache.get(key)
+            if data is not None:
+                try:
+                    seq.restore(data)
+                    if seq.token_ids() == ids:
+                        return
+                except InfinichatError as e:
+                    log.warning("prefix cache entry unusable (%s); evaluating the system prompt", e)
+                seq.truncate(0)
+                seq.segments = type(seq.segments)()
+        seq.create_segment("system", "system", pinned=True)
+        self._logits = self.engine.prefill(seq, ids)
+        seq.close_segment()
+        if cache is not None:
+            cache.put(key, seq.snapshot())
+
+    def _segment(self, m: Message):
+        for s in self.seq.segments.segments:
+            if s.name == m.segment_name:
+                return s
+        return None
+
+    def _message_tokens(self, i: int) -> tuple[list[int], int]:
+        """All tokens of message i as it sits in the context (header, content, suffix)."""
+        m = self.messages[i]
+        hist = self._chat_history(i)
+        if m.kind in GENERATED:
+            header = self._gen_header(hist, m)
+            alt = m.alternatives[m.selected]
+            body = alt.tokens if alt.tokens is not None else self.fmt.encode_plain(alt.text)
+            return header + body + self.fmt.encode_special(self.fmt.pieces(hist, m.role).suffix), len(header)
+        return self.fmt.message_tokens(hist, m.role, m.content)
+
+    def _eval_message(self, i: int) -> None:
+        m = self.messages[i]
+        ids, m.n_header = self._message_tokens(i)
+        self.seq.create_segment(m.kind, m.segment_name)
+        self._logits = self.engine.prefill(self.seq, ids)
+        self.seq.close_segment()
+        m.n_tokens = len(ids)
+
+    def _cut(self, n: int) -> None:
+        self.seq.truncate(n)
+        self._logits = None
+
+    def _cut_from_turn(self, turn: int) -> None:
+        """Drop the cache from the first surviving segment of messages[turn:] on."""
+        names = {m.segment_name for m in self.messages[turn:]}
+        for s in self.seq.segments.segments:
+            if s.name in names:
+                self.seq.revert_to(s.id)
+                self._logits = None
+                return
+
+    def _repair_from(self, turn: int) -> None:
+        """After messages[turn:] changed: cut the cache there and re-evaluate what follows."""
+        self.ensure_cache()
+        self._cut_from_turn(turn)
+        for i in range(turn, len(self.messages)):
+            if self.messages[i].in_context and self._segment(self.messages[i]) is None:
+                self._eval_message(i)
+
+    def _changed(self) -> None:
+        self.version += 1
+        self.last_used = time.monotonic()
+        if self.on_change is not None:
+            self.on_change(self)
+
+    def _new_message(self, kind: str, role: str, text: str) -> Message:
+        m = Message(self.next_uid, kind, role, [Alternative(text)])
+        self.next_uid += 1
+        return m
+
+    def _check_turn(self, turn: int, allow_end: bool = False) -> int:
+        n = len(self.messages)
+        hi = n if allow_end else n - 1
+        if not isinstance(turn, int) or isinstance(turn, bool) or not 0 <= turn <= hi:
+            raise InfinichatError(f"turn must be an integer in [0, {hi}] (this session has {n} messages), got {turn!r}")
+        return turn
+
+    @staticmethod
+    def _check_text(text: str, what: str = "message") -> str:
+        if not isinstance(text, str):
+            raise InfinichatError(f"the {what} must be a string, got {type(text).__name__}")
+        if len(text) > MAX_MESSAGE_CHARS:
+            raise InfinichatError(f"the {what} is {len(text)} characters; at most {MAX_MESSAGE_CHARS} are accepted")
+        return text
+
+    # ------------------------------------------------------------------ generation
+    def _gen_header(self, hist: list[dict], m: Message) -> list[int]:
+        """Tokens before the generated content of m: the reply header, or a narration's header + prefix."""
+        if m.kind == "assistant":
+            return self._reply_header(hist)
+        return self.fmt.encode_special(self.fmt.pieces(hist, m.role).header) + self.fmt.encode_plain(NARRATOR_PREFIX)
+
+    def _reply_header(self, hist: list[dict]) -> list[int]:
+        ids = self.fmt.encode_special(self.fmt.generation_header(hist))
+        phi = self.card.post_history(self.settings.user_name) if self.card is not None else ""
+        if phi:  # the card's post-history instructions sit right before each reply, inside its segment
+            pre, _ = self.fmt.message_tokens(hist, "system", phi)
+            ids = pre + ids
+        return ids
+
+    def _generate(self, m: Message, turn: int, header: list[int], body: list[int], params, should_stop,
+                  after: Callable[[], None] | None = None) -> Iterator[Event]:
+        """Generate into message m's open segment, which holds `header` + `body` minus the last token;
+        append the new alternative text/tokens to `body`. Closes the segment consistently at the end."""
+        seq = self.seq
+        prompt = (header + body)[-1:]
+        history = seq.token_ids() + prompt
+        result = Generation()
+        logprobs: list[float] = []
+        alt = m.alternatives[m.selected]
+        prior_text = alt.text
+        try:
+            for chunk in stream_text(self.engine, self.tok, seq, prompt, params, history=history,
+                                     should_stop=should_stop, result=result):
+                if chunk.step is not None:
+                    logprobs.append(chunk.step.logprob)
+                    yield Event("token", chunk.text, chunk.step.token, chunk.step.logprob, chunk.step.top, turn)
+                elif chunk.text:
+                    yield Event("token", chunk.text, turn=turn)
+        except GeneratorExit:
+            result.finish_reason = "cancelled"
+            raise
+        finally:
+            alt.text = prior_text + result.text
+            alt.finish_reason = result.finish_reason
+            alt.logprobs = alt.logprobs + logprobs
+            gen = self._tokens_for(result)
+            alt.tokens = body + gen
+            self._close_reply(m, turn, header, alt.tokens)
+            if after is not None:
+                after()
+            self._make_headroom(params.max_tokens)
+            self._changed()
+        yield Event("done", turn=turn, finish_reason=result.finish_reason, message=m, text=alt.text)
+
+    def _tokens_for(self, result: Generation) -> list[int]:
+        """The generated tokens that make exactly the final text (a stop string may have cut it)."""
+        toks = list(result.tokens)
+        while toks and self.tok.decode(toks, skip_special=True) != result.text:
+            if len(self.tok.decode(toks, skip_special=True)) <= len(result.text):
+                return self.fmt.encode_plain(result.text)
+            toks.pop()
+        return toks
+
+    def _close_reply(self, m: Message, turn: int, header: list[int], body: list[int]) -> None:
+        """Make m's open segment hold exactly header + body + the template's suffix, and close it."""
+        seq = self.seq
+        seg = seq.segments.open
+        suffix = self.fmt.encode_special(self.fmt.pieces(self._chat_history(turn), m.role).suffix)
+        want = header + body
+        rest = suffix
+        if seg is None:  # cannot happen while generating; be safe
+            seg = seq.create_segment(m.kind, m.segment_name)
+        have = seq.token_ids()[seg.start:seg.end]
+        if have[: len(header)] == header:  # intact (a reply longer than the budget may have lost its start)
+            p = 0
+            while p < min(len(have), len(want)) and have[p] == want[p]:
+                p += 1
+            if p < len(have):
+                self._cut(seg.start + p)  # e.g. the tokens of a stop string, or a token never evaluated
+            rest = want[p:] + suffix
+        if rest:
+            self._logits = self.engine.prefill(seq, rest)
+        seq.close_segment()
+        m.n_header = len(header)
+        m.n_tokens = len(header) + len(body) + len(suffix)
+
+    def _make_headroom(self, max_tokens: int) -> None:
+        """Evict now, while the user reads the reply, what the next turn would need evicted: the eviction
+        cost (cut + re-rotation) then never lands in the next reply's time to first token."""
+        seq = self.seq
+        reserve = min(seq.budget // 4, max_tokens + 64)
+        if seq.policy.drops_tokens and seq.budget - seq.length < reserve:
+            seq.make_room(reserve)
+            self._logits = None
+
+    def _start_reply(self, kind: str, role: str, params, should_stop,
+                     after: Callable[[], None] | None = None) -> Iterator[Event]:
+        """Append a new message of `kind` and generate its content."""
+        self.ensure_cache()
+        m = self._new_message(kind, role, "")
+        m.alternatives[0].finish_reason = "incomplete"
+        header = self._gen_header(self._chat_history(), m)
+        self.messages.append(m)
+        turn = len(self.messages) - 1
+        self.seq.create_segment(kind, m.segment_name)
+        if len(header) > 1:
+            self.engine.prefill(self.seq, header[:-1])
+        yield from self._generate(m, turn, header, [], params, should_stop, after)
+
+    # ------------------------------------------------------------------ actions
+    def send(self, text: str, params=None, should_stop=None) -> Iterator[Event]:
+        """Add a user message and stream the reply."""
+        self._check_text(text)
+        params = params or self.settings.sampling()
+        params.validate()
+        self.ensure_cache()
+        self.messages.append(self._new_message("user", "user", text))
+        self._eval_message(len(self.messages) - 1)
+        self._changed()  # the user's message is saved before the reply starts
+        yield from self._start_reply("assistant", "assistant", params, should_stop)
+
+    def add_message(self, kind: str, text: str) -> int:
+        """Append a message without generating (a user message, or a greeting as an assistant message)."""
+        self._check_text(text)
+        roles = {"user": "user", "assistant": "assistant"}
+        if kind not in roles:
+            raise InfinichatError(f"add_message kind must be one of {', '.join(roles)}, got {kind!r}")
+        self.ensure_cache()
+        self.messages.append(self._new_message(kind, roles[kind], text))
+        self._eval_message(len(self.messages) - 1)
+        self._changed()
+        return len(self.messages) - 1
+
+    def retry(self, params=None, should_stop=None) -> Iterator[Event]:
+        """A new reply to the last user message; earlier replies stay as alternatives. After a trailing user
+        message (e.g. an interrupted reply), this generates its missing reply."""
+        if not self.messages:
+            raise InfinichatError("nothing to retry: the session has no messages")
+        params = params or self.settings.sampling()
+        params.validate()
+        last = self.messages[-1]
+        if last.kind == "user":
+            self.ensure_cache()
+            yield from self._start_reply("assistant", "assistant", params, should_stop)
+            return
+        if last.kind not in ("assistant", "narration"):
+            raise InfinichatError(f"the last message is a {last.kind} message: only a reply or a narration can be retried")
+        self.ensure_cache()
+        turn = len(self.messages) - 1
+        seg = self._segment(last)
+        header, body = self._gen_header(self._chat_history(turn), last), []
+        if seg is None or seg.start + last.n_header > self.seq.length or \
+                self.seq.token_ids()[seg.start:seg.start + len(header)] != header:
+            self._cut_from_turn(turn)  # evicted or damaged: rebuild the header
+            self.seq.create_segment(last.kind, last.segment_name)
+            if len(header) > 1:
+                self.engine.prefill(self.seq, header[:-1])
+        else:
+            self._cut(seg.start + len(header) - 1)
+            self.seq.reopen_segment(seg.id)
+        last.alternatives.append(Alternative("", finish_reason="incomplete"))
+        last.selected = len(last.alternatives) - 1
+        after = self._trim_narrations if last.kind == "narration" else None
+        yield from self._generate(last, turn, header, body, params, should_stop, after)
+
+    def select(self, turn: int, index: int) -> None:
+        """Show alternative `index` of message `turn` (a "swipe"); the cache follows."""
+        self._check_turn(turn)
+        m = self.messages[turn]
+        if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < len(m.alternatives):
+            raise InfinichatError(f"alternative must be in [0, {len(m.alternatives) - 1}] for turn {turn}, got {index!r}")
+        if index == m.selected:
+            return
+        m.selected = index
+        self._repair_from(turn)
+        self._changed()
+
+    def continue_(self, params=None, should_stop=None) -> Iterator[Event]:
+        """Extend the last reply (or narration)."""
+        if not self.messages or self.messages[-1].kind not in ("assistant", "narration"):
+            raise InfinichatError("continue needs the last message to be a reply or a narration")
+        params = params or self.settings.sampling()
+        params.validate()
+        self.ensure_cache()
+        turn = len(self.messages) - 1
+        m = self.messages[turn]
+        alt = m.alternatives[m.selected]
+        header = self._gen_header(self._chat_history(turn), m)
+        body = list(alt.tokens if alt.tokens is not None else self.fmt.encode_plain(alt.text))
+        seg = self._segment(m)
+        intact = seg is not None and seg.end == self.seq.length and \
+            self.seq.token_ids()[seg.start:seg.start + len(header) + len(body)] == header + body
+        if intact and header + body:
+            self._cut(seg.start + len(header) + len(body) - 1)
+            self.seq.reopen_segment(seg.id)
+        else:
+            self._cut_from_turn(turn)
+            self.seq.create_segment(m.kind, m.segment_name)
+            if len(header + body) > 1:
+                self.engine.prefill(self.seq, (header + body)[:-1])
+        alt.tokens = body
+        yield from self._generate(m, turn, header, body, params, should_stop)
+
+    def narrate(self, params=None, should_stop=None) -> Iterator[Event]:
+        """A narration in the narrator's voice; only the last `narrations_kept` stay in the cache."""
+        params = params or self.settings.sampling()
+        params.validate()
+        yield from self._start_reply("narration", "system", params, should_stop, after=self._trim_narrations)
+
+    def _trim_narrations(self) -> None:
+        keep = self.settings.narrations_kept
+        live = [m for m in self.messages if m.kind == "narration" and m.in_context]
+        for m in live[: max(0, len(live) - keep)]:
+            seg = self._segment(m)
+            if seg is not None:
+                self.seq.remove_segment(seg.id)
+                self._logits = None
+            m.in_context = False
+
+    def suggest(self, params=None, should_stop=None) -> Iterator[Event]:
+        """Draft the user's next message. The cache afterwards is bit-identical to before."""
+        params = params or self.settings.sampling()
+        params.validate()
+        seq = self.ensure_cache()
+        header = self.fmt.encode_special(self.fmt.pieces(self._chat_history(), "user").header)
+        in_place = seq.length + len(header) + params.max_tokens + 1 <= seq.budget
+        work = seq if in_place else seq.fork()
+        logits0, next_id = self._logits, seq.segments.next_id
+        result = Generation()
+        scratch = work.create_segment("scratch", "suggestion")
+        try:
+            if len(header) > 1:
+                self.engine.prefill(work, header[:-1])
+            for chunk in stream_text(self.engine, self.tok, work, header[-1:], params,
+                                     history=work.token_ids(), should_stop=should_stop, result=result):
+                yield Event("token", chunk.text, *((chunk.step.token, chunk.step.logprob, chunk.step.top)
+                                                   if chunk.step is not None else (None, None, [])))
+        finally:
+            if in_place:
+                seq.revert_to(scratch.id)
+                seq.segments.next_id = next_id  # the segment map too is exactly as before
+                self._logits = logits0
+        yield Event("done", text=result.text.strip(), finish_reason=result.finish_reason)
+
+    def inject_rag(self, text: str) -> int:
+        """Put retrieved text in the context, replacing the previous RAG segment. Returns its turn."""
+        self._check_text(text, "RAG text")
+        self.ensure_cache()
+        for m in self.messages:
+            if m.kind == "rag" and m.in_context:
+                seg = self._segment(m)
+                if seg is not None:
+                    self.seq.remove_segment(seg.id)
+                    self._logits = None
+                m.in_context = False
+        self.messages.append(self._new_message("rag", "system", text))
+        self._eval_message(len(self.messages) - 1)
+        self._changed()
+        return len(self.messages) - 1
+
+    def revert_to(self, turn: int) -> None:
+        """The session as it was before message `turn`: messages[turn:] and their cache are dropped."""
+        self._check_turn(turn, allow_end=True)
+        self.ensure_cache()
+        self._cut_from_turn(turn)
+        del self.messages[turn:]
+        self._changed()
+
+    def edit(self, turn: int, text: str) -> None:
+        """Replace a message's text; the cache is cut there and what follows is re-evaluated."""
+        self._check_turn(turn)
+        self._check_text(text)
+        m = self.messages[turn]
+        alt = m.alternatives[m.selected]
+        alt.text, alt.tokens = text, None
+        if alt.finish_reason == "incomplete":
+            alt.finish_reason = "stop"
+        self._repair_from(turn)
+        self._changed()
+
+    def delete(self, turn: int) -> None:
+        """Remove a message; the cache is cut there and what follows is re-evaluated."""
+        self._check_turn(turn)
+        self.ensure_cache()
+        self._cut_from_turn(turn)
+        del self.messages[turn]
+        self._repair_from(turn)
+        self._changed()
+
+    def reset(self) -> None:
+        """Back to the start: the system part (and the card's greeting, if any)."""
+        self.messages = []
+        self.seq = None
+        self.ensure_cache()
+        self._add_greeting()
+        self._changed()
+
+    def _add_greeting(self, index: int = 0) -> None:
+        if self.card is None:
+            return
+        greetings = self.card.greetings(self.settings.user_name)
+        if greetings:
+            m = self._new_message("assistant", "assistant", greetings[0])
+            m.alternatives += [Alternative(g) for g in greetings[1:]]
+            self.messages.append(m)
+            self._eval_message(len(self.messages) - 1)
+
+    def update_settings(self, changes: dict) -> SessionSettings:
+        """Apply setting changes; a new budget or policy rebuilds the cache (from the old one when it fits)."""
+        new = self.settings.updated(changes)
+        old = self.settings
+        self.settings = new
+        if self.seq is not None and (new.budget, new.policy, new.n_sink) != (old.budget, old.policy, old.n_sink):
+            seq = self._new_sequence()
+            if self.seq.length <= seq.budget:
+                seq.restore(self.seq.snapshot())
+                self.seq = seq
+            else:
+                self.seq = None
+                self.rebuild()
+        self._changed()
+        return new

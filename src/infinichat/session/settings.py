@@ -1,0 +1,65 @@
+"""Per-session settings: sampling, cache budget and policy. Changes apply to the next generation."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+
+from infinichat.engine.sampling import SamplingParams
+from infinichat.errors import InfinichatError
+from infinichat.kv.registry import POLICIES
+
+MAX_BUDGET = 1 << 20
+
+
+@dataclass(frozen=True)
+class SessionSettings:
+    temperature: float = 0.7
+    top_k: int = 40
+    top_p: float = 0.95
+    min_p: float = 0.05
+    repetition_penalty: float = 1.1
+    seed: int | None = None
+    max_tokens: int = 256
+    budget: int = 2048  # tokens the session's cache may hold
+    policy: str = "turns"  # eviction when over budget: whole old turns, then streaming
+    n_sink: int = 4
+    narrations_kept: int = 3  # only the last K narrations stay in the cache
+    user_name: str = "User"
+
+    def validate(self) -> SessionSettings:
+        self.sampling().validate()
+        if not isinstance(self.budget, int) or isinstance(self.budget, bool) or not 64 <= self.budget <= MAX_BUDGET:
+            raise InfinichatError(f"budget must be an integer number of tokens in [64, {MAX_BUDGET}], got {self.budget!r}")
+        if self.policy not in POLICIES:
+            raise InfinichatError(f"unknown policy {self.policy!r}; accepted: {', '.join(POLICIES)}")
+        for name, lo in (("n_sink", 0), ("narrations_kept", 0)):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= 4096:
+                raise InfinichatError(f"{name} must be an integer in [{lo}, 4096], got {v!r}")
+        if not isinstance(self.user_name, str) or not 1 <= len(self.user_name) <= 64:
+            raise InfinichatError(f"user_name must be a string of 1 to 64 characters, got {self.user_name!r}")
+        return self
+
+    def sampling(self, **overrides) -> SamplingParams:
+        p = SamplingParams(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, min_p=self.min_p,
+                           repetition_penalty=self.repetition_penalty, seed=self.seed, max_tokens=self.max_tokens)
+        return replace(p, **overrides) if overrides else p
+
+    def policy_params(self) -> dict:
+        return {"n_sink": self.n_sink} if "n_sink" in {f.name for f in fields(POLICIES[self.policy])} else {}
+
+    def updated(self, changes: dict) -> SessionSettings:
+        """A copy with `changes` applied and validated; unknown names are an error."""
+        known = {f.name for f in fields(self)}
+        bad = sorted(set(changes) - known)
+        if bad:
+            raise InfinichatError(f"unknown setting(s) {', '.join(bad)}; accepted: {', '.join(sorted(known))}")
+        return replace(self, **changes).validate()
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> SessionSettings:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
