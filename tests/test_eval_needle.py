@@ -226,6 +226,23 @@ def test_a_selecting_policy_gets_the_budget_as_its_parameter(engine, monkeypatch
     assert seq.policy.top_k == 50 == budget and seq.budget == 208
 
 
+@pytest.mark.parametrize("name", list(POLICIES))
+def test_every_registry_policy_runs_within_its_budget(engine, name):
+    ids = rand_ids(300, seed=4)
+    for run in runner.make_runs([name], {}, fracs=[0.25]):
+        gen = runner.generate(engine, run, ids, 5, str)
+        assert len(gen.tokens) == 5
+        if POLICIES[name].drops_tokens:
+            assert gen.budget == 75 and 0 < gen.kept <= 75 and gen.n_evictions > 0, run.label
+        else:  # keeps every token (full, omnikv, brutal-offload); omnikv selects k = 75 of them
+            assert gen.kept == 300 and gen.n_evictions == 0, run.label
+
+
+def test_snapkv_takes_the_whole_prompt_before_compressing(engine):
+    seq, budget = runner.new_sequence(engine, runner.PolicyRun("snapkv", frac=0.25), 200, 8)
+    assert (seq.budget, seq.capacity, budget) == (50, 208, 50)
+
+
 def test_summary_averages_over_depths_and_samples():
     recs = [{"policy": "p", "length": 100, "depth": d, "correct": c, "generated": 2, "decode_s": 1.0,
              "prefill_s": 1.0, "prompt_tokens": 100, "kept": 50, "n_evictions": 1, "distractor_answered": False}

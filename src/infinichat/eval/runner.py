@@ -5,7 +5,8 @@ registry holds: H2O, TOVA, SnapKV, OmniKV), each with its parameters, and are us
 
 - a policy that drops tokens (`drops_tokens`) gets a sequence whose budget is the run's budget, absolute
   (`--budget`) or a fraction of the prompt (`--budget-frac`); the prompt streams through it (the engine
-  prefills in chunks and the policy evicts);
+  prefills in chunks and the policy evicts), or, for a policy of phase "prefill" (SnapKV), the whole
+  prompt enters a sequence with room for it and is compressed to the budget after it;
 - a policy that keeps every token (`full`, or a selecting policy such as OmniKV) gets room for the whole
   prompt and answer; if it declares a selection-budget field (one of `SELECTION_BUDGET_FIELDS`), the run's
   budget goes there, else the budget does not apply and the policy runs once, whatever the budgets.
@@ -207,7 +208,10 @@ def new_sequence(engine: TorchEngine, run: PolicyRun, n_prompt: int, max_new: in
     params = dict(run.params)
     if cls.drops_tokens:
         budget = budget if budget is not None else room
-        return engine.new_sequence(budget=min(budget, room), policy=run.name, **params), budget
+        # a prefill-phase policy (SnapKV) takes the whole prompt before compressing it to the budget
+        capacity = room if cls.phase == "prefill" else None
+        seq = engine.new_sequence(budget=min(budget, room), policy=run.name, capacity=capacity, **params)
+        return seq, budget
     select_field = selection_budget_field(cls)
     if select_field is not None and budget is not None:
         params.setdefault(select_field, budget)
