@@ -9,7 +9,8 @@ Measures, on the default model (or --model), with --threads threads (default 2):
 Decode rates exclude the prompt: ours and llama.cpp time the decode steps themselves; transformers'
 generate() is timed as time(prompt + N tokens) - time(prompt + 1 token).
 Every implementation is measured once per round, in turn, for --repeats rounds (so a busy machine slows all
-of them alike); each figure is the best round.
+of them alike); each rate is the best round. The ratios are given twice: best against best, and the median over
+rounds of the ratio within a round (the steadier estimate on a host whose speed drifts).
 
 Implementations:
   infinichat <dtype>[+<quant>]  ours, one per dtype and quantization;
@@ -27,6 +28,7 @@ from __future__ import annotations
 import argparse
 import gc
 import os
+import statistics
 import time
 from pathlib import Path
 
@@ -225,9 +227,11 @@ def main() -> None:
     for impl in impls.values():  # warm-up
         impl.decode_rate(short_ids, 4)
     best = {name: dict.fromkeys(METRICS, 0.0) for name in impls}
+    rounds: dict[str, list[dict[str, float]]] = {name: [] for name in impls}
     for r in range(args.repeats):
         for name, impl in impls.items():
             res = measure_round(impl, short_ids, long_ids, prompt_ids, args.tokens)
+            rounds[name].append(res)
             best[name] = {m: max(best[name][m], res[m]) for m in METRICS}
             print(f"round {r + 1}: {name:28s} " + "  ".join(f"{m} {res[m]:7.1f}" for m in METRICS), flush=True)
 
@@ -244,19 +248,28 @@ def main() -> None:
             or next((n for n in best if n.startswith("hf-dense")), None),
             "llama.cpp": "llama.cpp" if "llama.cpp" in best else None}
     ours_names = [n for n in best if n.startswith("infinichat")]
-    print(f"\nratios ours / reference (hf-dense = {refs['hf-dense']}); target in brackets, * = met\n")
-    print("| implementation | " + " | ".join(f"{m} / {r} [>= {t}]" for m, r, t in TARGETS) + " |")
-    print("|---|" + "---:|" * len(TARGETS))
-    for name in ours_names:
-        cells = []
-        for m, r, t in TARGETS:
-            ref = refs[r]
-            if ref is None:
-                cells.append("-")
-                continue
-            ratio = best[name][m] / best[ref][m]
-            cells.append(f"{ratio:.2f}x{' *' if ratio >= t else ''}")
-        print(f"| {name} | " + " | ".join(cells) + " |")
+    for how in ("best", "paired"):
+        if how == "best":
+            print(f"\nratios ours / reference, best of the rounds on each side (hf-dense = {refs['hf-dense']}); "
+                  "target in brackets, * = met\n")
+        else:
+            print("\nthe same, as the median over rounds of each round's ratio (both sides measured in the same round, "
+                  "a minute or two apart: the host's slow drifts in speed cancel better)\n")
+        print("| implementation | " + " | ".join(f"{m} / {r} [>= {t}]" for m, r, t in TARGETS) + " |")
+        print("|---|" + "---:|" * len(TARGETS))
+        for name in ours_names:
+            cells = []
+            for m, r, t in TARGETS:
+                ref = refs[r]
+                if ref is None:
+                    cells.append("-")
+                    continue
+                if how == "best":
+                    ratio = best[name][m] / best[ref][m]
+                else:
+                    ratio = statistics.median(a[m] / b[m] for a, b in zip(rounds[name], rounds[ref]))
+                cells.append(f"{ratio:.2f}x{' *' if ratio >= t else ''}")
+            print(f"| {name} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":
