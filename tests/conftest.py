@@ -25,6 +25,18 @@ def tiny_chat_model(tmp_path_factory):
     return load_model(d / "tiny.gguf", "float32", cache_dir=d / "cache")
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """For a module's tiny models (`pytestmark = pytest.mark.usefixtures("one_torch_thread")`): they gain nothing
+    from threads, and two threads on a busy 2-core machine only contend (spinning, up to ~50x slower)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def tiny_gguf_1k(tmp_path_factory):
     """A tiny random Llama GGUF (byte-level vocabulary, 1024 trained positions) for end-to-end CLI tests."""

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import ClassVar
 
 import pytest
-import torch
 
 from infinichat.cli.main import main
 from infinichat.errors import InfinichatError
@@ -30,12 +29,7 @@ from infinichat.model.tokenizer import Tokenizer
 from test_kv_store import rand_ids, tiny_engine
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _smollm_gguf() -> Path | None:

@@ -24,13 +24,7 @@ from test_kv_store import rand_ids, tiny_engine
 REL = 1e-4  # fp32: chunked and token-by-token evaluation differ only by summation order (~1e-6 seen)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny models gain nothing from threads, and 2 threads on a busy 2-core machine spin (~50x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -124,16 +118,7 @@ def tiny_gguf(tmp_path_factory):
     return path
 
 
-@pytest.fixture
-def keep_threads(monkeypatch):
-    """The CLI sets the thread count (--threads 1): restore it; and a wide console for the table."""
-    monkeypatch.setenv("COLUMNS", "200")
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-
-
-def test_cli_writes_json_png_and_table(tiny_gguf, tmp_path, capsys, keep_threads):
+def test_cli_writes_json_png_and_table(tiny_gguf, tmp_path, capsys, cli_threads):
     text = tmp_path / "text.txt"
     text.write_text(TEXT, encoding="utf-8")
     out = tmp_path / "out"
@@ -166,7 +151,7 @@ def test_cli_writes_json_png_and_table(tiny_gguf, tmp_path, capsys, keep_threads
     assert "streaming 4+60" in captured.out and "ppl all" in captured.out
 
 
-def test_cli_says_when_the_text_is_shorter_than_asked(tiny_gguf, tmp_path, capsys, keep_threads):
+def test_cli_says_when_the_text_is_shorter_than_asked(tiny_gguf, tmp_path, capsys, cli_threads):
     text = tmp_path / "short.txt"
     text.write_text("Call me Ishmael.", encoding="utf-8")
     rc = main(["eval", "ppl", "--text", str(text), "--policy", "streaming", "--budget", "32", "--chunk", "8",

@@ -28,13 +28,7 @@ LOGIT_TOL = 1e-4  # logits of ~8 in magnitude after 3 layers: float32 summation 
 V = 211
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads; on a busy 2-core machine two threads only contend."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
