@@ -84,22 +84,8 @@ def install(app: FastAPI) -> None:
             msg = f"method {request.method} is not allowed on {request.url.path}"
         return JSONResponse(error_body(exc.status_code, msg), status_code=exc.status_code)
 
-    @app.exception_handler(ApiError)
-    async def _api(request: Request, exc: ApiError):
-        return error_response(exc)
+    async def _as_json(request: Request, exc: Exception):
+        return error_response(exc)  # maps each exception type to its status and message
 
-    @app.exception_handler(InfinichatError)
-    async def _user(request: Request, exc: InfinichatError):
-        return error_response(exc)
-
-    @app.exception_handler(Busy)
-    async def _busy(request: Request, exc: Busy):
-        return error_response(exc)
-
-    @app.exception_handler(QueueFull)
-    async def _full(request: Request, exc: QueueFull):
-        return error_response(exc)
-
-    @app.exception_handler(Exception)
-    async def _bug(request: Request, exc: Exception):
-        return error_response(exc)
+    for kind in (ApiError, InfinichatError, Busy, QueueFull, Exception):
+        app.add_exception_handler(kind, _as_json)
