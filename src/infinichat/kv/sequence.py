@@ -19,7 +19,7 @@ from infinichat.errors import InfinichatError
 from infinichat.kv.full import FullPolicy
 from infinichat.kv.policy import EvictionPolicy
 from infinichat.kv.segments import Segment, SegmentMap, new_index
-from infinichat.kv.slots import SlotTable
+from infinichat.kv.slots import SlotTable, read_snapshot_file
 from infinichat.kv.store import check_spans
 
 log = logging.getLogger(__name__)
@@ -208,11 +208,7 @@ class KVSequence:
         return snap.extra
 
     def load(self, path: str | Path) -> dict:
-        try:
-            data = Path(path).read_bytes()
-        except OSError as e:
-            raise InfinichatError(f"cannot read the KV snapshot {path}: {e.strerror or e}") from None
-        return self.restore(data)
+        return self.restore(read_snapshot_file(path))
 
     def fork(self) -> KVSequence:
         """An independent copy: own buffers, own segment map, a copy of the policy."""

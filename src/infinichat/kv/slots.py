@@ -15,6 +15,13 @@ import torch
 from infinichat.errors import InfinichatError
 
 
+def read_snapshot_file(path: str | Path) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as e:
+        raise InfinichatError(f"cannot read the KV snapshot {path}: {e.strerror or e}") from None
+
+
 class SlotTable:
     """Token ids (C,) and positions (C,) of the slots, the length and the next position."""
 
@@ -162,8 +169,4 @@ class SlotTable:
         return snap.extra
 
     def load(self, path: str | Path) -> dict:
-        try:
-            data = Path(path).read_bytes()
-        except OSError as e:
-            raise InfinichatError(f"cannot read the KV snapshot {path}: {e.strerror or e}") from None
-        return self.restore(data)
+        return self.restore(read_snapshot_file(path))
