@@ -1,7 +1,7 @@
 """What every engine shares: the `Step` it yields and the sampling loop over its `prefill` / `decode_one`.
 
-An engine (the PyTorch one, the llama.cpp backend) provides `cfg`, `eos_ids`, `new_sequence` and one
-forward call `_append`; `Engine.prefill` chunks a prompt into such calls within the sequence's budget,
+An engine (the PyTorch one, the llama.cpp backend) provides `cfg`, `eos_ids`, a store for new sequences
+(`_new_store`) and one forward call `_append`; `Engine.prefill` chunks a prompt into such calls within the sequence's budget,
 and `Engine.generate` samples tokens with our own `Sampler`, so a seeded run samples the same way on
 every backend (given the same logits).
 """
@@ -15,7 +15,10 @@ import torch
 
 from infinichat.engine.sampling import Sampler, SamplingParams
 from infinichat.errors import InfinichatError
+from infinichat.kv.policy import EvictionPolicy
+from infinichat.kv.registry import make_policy
 from infinichat.kv.sequence import KVSequence
+from infinichat.kv.slots import SlotTable
 from infinichat.model.config import ModelConfig
 
 
@@ -29,16 +32,28 @@ class Step:
 
 
 class Engine:
-    """Base of the engines: subclasses set `cfg`, `eos_ids` and `max_chunk` and implement `_append` (one
-    forward call: make room within the budget, evaluate the tokens, record them in the sequence)."""
+    """Base of the engines: subclasses set `cfg`, `eos_ids` and `max_chunk` and implement `_new_store` and
+    `_append` (one forward call: make room within the budget, evaluate the tokens, record them in the sequence)."""
 
     cfg: ModelConfig
     eos_ids: frozenset[int]
     max_chunk: int = 1024  # max tokens per forward call while prefilling
     logits_chunk: int = 1024  # the same when every token's logits are returned ((T, V) float32 per call)
 
-    def new_sequence(self, budget: int | None = None, policy="full", capacity: int | None = None,
-                     **policy_params) -> KVSequence:
+    def new_sequence(
+        self,
+        budget: int | None = None,
+        policy: str | EvictionPolicy = "full",
+        capacity: int | None = None,
+        **policy_params,
+    ) -> KVSequence:
+        """A KV sequence holding at most `budget` tokens (default: the capacity), evicting with `policy` (a name
+        from `kv.POLICIES` plus its parameters, or a policy object). The engine's `_new_store` picks the
+        capacity (default: the budget, else the model's context) and may refuse the policy."""
+        pol = make_policy(policy, **policy_params)
+        return KVSequence(self._new_store(pol, budget, capacity), budget, pol)
+
+    def _new_store(self, policy: EvictionPolicy, budget: int | None, capacity: int | None) -> SlotTable:
         raise NotImplementedError
 
     def new_cache(self, capacity: int | None = None) -> KVSequence:

@@ -52,7 +52,7 @@ from infinichat.engine.base import Engine
 from infinichat.engine.torch_engine import physical_cores
 from infinichat.errors import InfinichatError, ModelLoadError
 from infinichat.kv.policy import EvictionPolicy
-from infinichat.kv.registry import POLICIES, make_policy
+from infinichat.kv.registry import POLICIES
 from infinichat.kv.sequence import KVSequence
 from infinichat.kv.slots import SlotTable
 from infinichat.kv.store import MAGIC as TORCH_MAGIC
@@ -524,19 +524,12 @@ class LlamaCppEngine(Engine):
                 pass
 
     # ------------------------------------------------------------------ sequences
-    def new_sequence(
-        self,
-        budget: int | None = None,
-        policy: str | EvictionPolicy = "full",
-        capacity: int | None = None,
-        **policy_params,
-    ) -> KVSequence:
-        """A KV sequence holding at most `budget` tokens (default: the capacity), evicting with `policy`. The
-        capacity defaults to the budget, else the context size; it cannot exceed the context's `n_ctx`."""
-        pol = make_policy(policy, **policy_params)
-        if not supports(pol):
+    def _new_store(self, policy: EvictionPolicy, budget: int | None, capacity: int | None) -> LlamaCppStore:
+        """The capacity defaults to the budget, else the context size; it cannot exceed the context's `n_ctx`.
+        Policies that need attention weights are refused."""
+        if not supports(policy):
             raise InfinichatError(
-                f"the {pol.name} policy needs attention weights, which the llama.cpp backend does not expose; "
+                f"the {policy.name} policy needs attention weights, which the llama.cpp backend does not expose; "
                 f"policies that work here: {', '.join(supported_policies())} (or use --backend torch)"
             )
         capacity = capacity or budget or self.n_ctx
@@ -545,7 +538,7 @@ class LlamaCppEngine(Engine):
                 f"a KV capacity of {capacity} tokens does not fit the llama.cpp context of {self.n_ctx} tokens; "
                 f"use a budget <= {self.n_ctx} or start the engine with a larger context (--ctx)"
             )
-        return KVSequence(LlamaCppStore(self, capacity), budget, pol)
+        return LlamaCppStore(self, capacity)
 
     # ------------------------------------------------------------------ one forward call (prefill / decode_one: Engine)
     def _append(self, seq: KVSequence, ids: torch.Tensor, all_logits: bool, stage: str = "decode") -> torch.Tensor:

@@ -18,9 +18,8 @@ from collections.abc import Sequence
 
 import torch
 
-from infinichat.engine.base import Engine, Step  # noqa: F401  (Step: re-exported for older imports)
+from infinichat.engine.base import Engine
 from infinichat.kv.policy import EvictionPolicy
-from infinichat.kv.registry import make_policy
 from infinichat.kv.sequence import KVSequence
 from infinichat.kv.store import KVStore
 from infinichat.model.config import ModelConfig
@@ -67,22 +66,12 @@ class TorchEngine(Engine):
         self.cfg: ModelConfig = model.cfg
         self.eos_ids = frozenset(eos_ids)
 
-    def new_sequence(
-        self,
-        budget: int | None = None,
-        policy: str | EvictionPolicy = "full",
-        capacity: int | None = None,
-        **policy_params,
-    ) -> KVSequence:
-        """A KV sequence holding at most `budget` tokens (default: the capacity), evicting with `policy`
-        (a name from `kv.POLICIES` plus its parameters, or a policy object). The capacity defaults to the
-        budget, else the model's trained context; positions never reach it."""
-        policy = make_policy(policy, **policy_params)
+    def _new_store(self, policy: EvictionPolicy, budget: int | None, capacity: int | None) -> KVStore:
+        """The capacity defaults to the budget, else the model's trained context; positions never reach it."""
         if not capacity and policy.phase == "prefill":  # a prompt grows past the budget before compression
             capacity = max(budget or 0, self.cfg.max_position)
         capacity = capacity or budget or self.cfg.max_position
-        store = KVStore(self.cfg, capacity, self.model.dtype, rope=self.model.rope)
-        return KVSequence(store, budget, policy)
+        return KVStore(self.cfg, capacity, self.model.dtype, rope=self.model.rope)
 
     # ------------------------------------------------------------------ one forward call (prefill / decode_one: Engine)
     def _append(self, seq: KVSequence, ids: torch.Tensor, all_logits: bool, stage: str = "decode") -> torch.Tensor:

@@ -145,10 +145,9 @@ class KVStore(SlotTable):
             raise InfinichatError(f"the KV snapshot holds {snap.k.dtype} keys, this cache is {self.dtype}")
         if n > self.capacity or (n and int(snap.positions[-1]) >= self.capacity):
             raise InfinichatError(f"the KV snapshot holds {n} tokens, more than this cache's capacity {self.capacity}")
-        self.edits += 1
         self.k_all[:, :, :n] = snap.k
         self.v_all[:, :, :n] = snap.v
-        self._load_slots(snap.tokens, snap.positions)
+        self._load_slots(snap.tokens, snap.positions)  # counts the edit
 
     def fork(self) -> KVStore:
         """An independent copy (no shared storage)."""

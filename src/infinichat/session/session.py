@@ -199,7 +199,8 @@ class Session:
         sys = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
         upto = len(self.messages) if upto is None else upto
         window: list[Message] = []
-        for m in reversed(self.messages[:upto]):
+        for i in range(upto - 1, -1, -1):  # newest first, no copy of the transcript
+            m = self.messages[i]
             if m.in_context:
                 window.append(m)
                 if len(window) >= HISTORY_WINDOW and m.role == "user":
