@@ -59,15 +59,18 @@ def _check_common(args: argparse.Namespace) -> None:
         raise InfinichatError(f"--threads must be a positive number, got {args.threads}")
 
 
-def _load(args: argparse.Namespace, err: Console):
-    from infinichat.engine.torch_engine import TorchEngine, set_threads
-    from infinichat.model.loader import load_model
+def _load(args: argparse.Namespace):
+    """(tokenizer, model name, engine, threads, compute label) through the CLI's shared loader, so --backend
+    and --quant apply here as in every other command."""
+    from infinichat.cli.commands import load_engine
+    from infinichat.engine.torch_engine import physical_cores
 
-    threads = set_threads(args.threads or None)
-    with err.status("loading model...", spinner="dots"):
-        loaded = load_model(args.model, args.dtype, Path(args.cache_dir) if args.cache_dir else None,
-                            show_progress=err.is_terminal)
-    return loaded, TorchEngine(loaded.model, loaded.tokenizer.eos_ids), threads
+    tok, name, engine = load_engine(args)
+    if args.backend == "llamacpp":
+        compute = "llama.cpp"
+    else:
+        compute = args.dtype if args.quant == "none" else f"{args.dtype}+{args.quant}"
+    return tok, name, engine, args.threads or physical_cores(), compute
 
 
 def _progress(err: Console) -> Progress:
@@ -113,13 +116,12 @@ def _retrieval(args: argparse.Namespace, task: str) -> int:
     out_dir = Path(args.out) if args.out else Path("results") / time.strftime(f"{task}-%Y%m%d-%H%M%S")
 
     err = Console(stderr=True, highlight=False)
-    loaded, engine, threads = _load(args, err)
-    tok = loaded.tokenizer
+    tok, name, engine, threads, compute = _load(args)
     fmt = prompt_format(tok, chat=not args.no_chat_template)
-    too_long = [n for n in lengths if n + max_new > loaded.cfg.max_position]
+    too_long = [n for n in lengths if n + max_new > engine.cfg.max_position]
     if too_long:
         err.print(f"note: lengths {too_long} (+ {max_new} new tokens) exceed the model's trained context "
-                  f"{loaded.cfg.max_position}; full attention goes past the positions it was trained on")
+                  f"{engine.cfg.max_position}; full attention goes past the positions it was trained on")
     samples = []
     for n in lengths:
         for d in depths:
@@ -146,13 +148,13 @@ def _retrieval(args: argparse.Namespace, task: str) -> int:
 
     report = retrieval.build_report(
         task=task, variant=variant, runs=runs, records=records, lengths=lengths, depths=depths, samples=args.samples,
-        seed=args.seed, max_new=max_new, model=loaded.name, dtype=args.dtype, threads=threads,
+        seed=args.seed, max_new=max_new, model=name, dtype=compute, threads=threads,
         chat_template=fmt.chat, haystack=getattr(args, "haystack", None),
         n_keys=n_keys if variant == "multikey" else None,
     )
     paths = retrieval.write_report(report, out_dir)
     header, rows = retrieval.accuracy_rows(report)
-    _print_table(f"{task} accuracy (%), mean over depths, {loaded.name}", header, rows)
+    _print_table(f"{task} accuracy (%), mean over depths, {name}", header, rows)
     Console(highlight=False).print(
         f"results: {paths['json']}  tables: {paths['md']}  heatmaps: {out_dir}/{task}-heatmap-*.png")
     return 0
@@ -191,8 +193,7 @@ def longbench(args: argparse.Namespace) -> int:
     out_dir = Path(args.out) if args.out else Path("results") / time.strftime("longbench-%Y%m%d-%H%M%S")
 
     err = Console(stderr=True, highlight=False)
-    loaded, engine, threads = _load(args, err)
-    tok = loaded.tokenizer
+    tok, name, engine, threads, compute = _load(args)
     chat_fmt = prompt_format(tok, chat=not args.no_chat_template)
     plain_fmt = prompt_format(tok, chat=False)
     datasets = list(dict.fromkeys(r.dataset for r in records))
@@ -203,7 +204,7 @@ def longbench(args: argparse.Namespace) -> int:
             for rec in records:
                 spec = lb.DATASETS[rec.dataset]
                 max_new = args.max_new_tokens or spec.max_gen
-                max_length = args.max_length or max(16, loaded.cfg.max_position - max_new - 64)
+                max_length = args.max_length or max(16, engine.cfg.max_position - max_new - 64)
                 ids, truncated = lb.build_prompt(tok, rec, max_length, chat_fmt, plain_fmt)
                 gen = generate(engine, run, ids, max_new, lambda x: tok.decode(x, skip_special=True))
                 pred = lb.postprocess(rec.dataset, gen.text)
@@ -213,9 +214,9 @@ def longbench(args: argparse.Namespace) -> int:
                                 **gen.to_json()})
                 progress.update(bar, advance=1, acc=f"{rec.dataset} {100 * score:.0f}")
     report = {
-        "version": 1, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "task": "longbench", "model": loaded.name,
-        "dtype": args.dtype, "threads": threads, "data": [str(p) for p in args.data], "limit": args.limit,
-        "max_length": args.max_length or f"{loaded.cfg.max_position} - answer tokens - 64",
+        "version": 1, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "task": "longbench", "model": name,
+        "dtype": compute, "threads": threads, "data": [str(p) for p in args.data], "limit": args.limit,
+        "max_length": args.max_length or f"{engine.cfg.max_position} - answer tokens - 64",
         "chat_template": chat_fmt.chat, "datasets": datasets, "policies": [r.to_json() for r in runs],
         "summary": lb.records_summary(results, [r.label for r in runs], datasets), "results": results,
     }
@@ -228,6 +229,6 @@ def longbench(args: argparse.Namespace) -> int:
     header = ["policy", *datasets, "mean"]
     rows = [[label, *["-" if s["by_dataset"][d] is None else f"{s['by_dataset'][d]:.2f}" for d in datasets],
              "-" if s["mean"] is None else f"{s['mean']:.2f}"] for label, s in report["summary"].items()]
-    _print_table(f"LongBench scores, {loaded.name}", header, rows)
+    _print_table(f"LongBench scores, {name}", header, rows)
     Console(highlight=False).print(f"results: {out_dir / 'longbench.json'}  table: {out_dir / 'longbench.md'}")
     return 0
