@@ -18,6 +18,7 @@ from infinichat.model.attention import AttentionRequest, requested_attention
 from infinichat.model.config import ModelConfig
 from infinichat.model.quant import QUANT_SUFFIXES, QuantLinear, check_mode, quantize
 from infinichat.model.rope import Rope, apply_rope, rotate, signed_sin
+from infinichat.native import decoder_for
 
 # Measured on the reference CPU (benchmarks/NOTES.md): bf16 matrix-vector products are twice as fast with
 # weights pre-packed for oneDNN; bf16 matrix-matrix products are slower than fp32 ones, so prompts of at least
@@ -114,6 +115,8 @@ class Transformer:
         self.kv_size = cfg.n_kv_heads * cfg.head_dim
         self.scale = cfg.head_dim**-0.5
         self.flash_decode = _flash_decode_works()
+        # quantized models: one-token steps run natively (native/decode.c) where it builds and fits
+        self.native = decoder_for(self) if self.quant != "none" else None
 
     # ------------------------------------------------------------------ pieces
     def _linear(self, x: torch.Tensor, w: torch.Tensor | QuantLinear, b: torch.Tensor | None = None) -> torch.Tensor:
@@ -132,7 +135,9 @@ class Transformer:
     def _head(self, x: torch.Tensor) -> torch.Tensor:
         """x (T, D) -> logits (T, V) float32. A quantized head's top candidates are re-scored exactly: the
         dense rows in float32, rounded as the dense model's product would be (bf16 for bf16 inputs)."""
-        logits = self._linear(x, self.lm_head).float()  # (T, V)
+        return self._rescore(x, self._linear(x, self.lm_head).float())  # (T, V)
+
+    def _rescore(self, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         if self.head_exact is None:
             return logits
         top = logits.topk(RESCORE_TOP, dim=-1).indices  # (T, k)
@@ -229,6 +234,10 @@ class Transformer:
         `attn` asks (attention weights for some layers, per-layer token subsets: model/attention.py).
         """
         T = tokens.shape[0]
+        if T == 1 and attn is None and self.native is not None and self.native.usable(cache.k, cache.v):
+            x, logits = self.native.decode(int(tokens[0]), positions, cache.k, cache.v, start)
+            logits = self._rescore(x.to(self.dtype)[None], logits[None])  # (1, V)
+            return logits if all_logits else logits[0]
         fp32_min = QUANT_DENSE_MIN_T[self.quant] if self.quant != "none" else FP32_PREFILL_MIN
         compute = torch.float32 if self.dtype == torch.bfloat16 and T >= fp32_min else self.dtype
         x = self._embed(tokens, compute)  # (T, D)

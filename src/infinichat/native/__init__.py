@@ -1,0 +1,236 @@
+"""The native decode step for quantized models (decode.c), built with the system's C compiler at first use.
+
+`--quant int8|int4` decode on CPU runs one token through the whole model in one C call (one OpenMP parallel
+region, integer products over the quantized weights, attention over the KV store's bf16 buffers), instead of
+~25 PyTorch ops per layer. The library is compiled once per source version into the cache directory
+(`$INFINICHAT_CACHE/native`, by default `~/.cache/infinichat/native`), in about a second, and loaded with
+ctypes; it shares PyTorch's OpenMP runtime (same `libgomp.so.1`, loaded by torch first).
+
+Where it cannot run, the PyTorch path runs instead, with the same results up to rounding: a CPU without
+AVX2/FMA, no C compiler (`$CC`, else `cc`/`gcc`), a model outside the Llama family layout, or
+`INFINICHAT_NATIVE=0` in the environment. `status()` says which, and `infinichat info` shows it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("decode.c")
+CFLAGS = ("-O3", "-std=gnu11", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC")
+BLOCK = 32  # decode.c's QB: int4 group and activation block
+
+_state: dict[str, object] = {}
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _compiler() -> str | None:
+    for cc in (os.environ.get("CC"), "cc", "gcc"):
+        if cc and shutil.which(cc):
+            return cc
+    return None
+
+
+def _build(cc: str) -> Path:
+    src = SOURCE.read_bytes()
+    key = hashlib.sha256(src + " ".join((cc, *CFLAGS)).encode()).hexdigest()[:16]
+    from infinichat.model.loader import default_cache_dir  # here: loader imports the model, which imports us
+
+    out_dir = default_cache_dir() / "native"
+    out = out_dir / f"decode-{key}.so"
+    if out.exists():
+        return out
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".so.tmp")
+    os.close(fd)
+    try:
+        proc = subprocess.run([cc, *CFLAGS, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True, timeout=300)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{cc} failed: {proc.stderr.strip()[-2000:]}")
+        os.replace(tmp, out)  # atomic: concurrent first uses each build, one file wins
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded library, or None (the reason is in `status()`); built and loaded once per process."""
+    if "lib" in _state:
+        return _state["lib"]  # type: ignore[return-value]
+    lib, why = None, "available"
+    if os.environ.get("INFINICHAT_NATIVE", "1") == "0":
+        why = "disabled by INFINICHAT_NATIVE=0"
+    elif platform.machine().lower() not in ("x86_64", "amd64") or not {"avx2", "fma"} <= _cpu_flags():
+        why = "needs an x86-64 CPU with AVX2 and FMA"
+    elif (cc := _compiler()) is None:
+        why = "no C compiler found (set CC, or install gcc)"
+    else:
+        try:
+            lib = ctypes.CDLL(str(_build(cc)))
+            _declare(lib)
+        except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+            lib, why = None, f"build failed: {e}"
+            log.warning("native decode unavailable, using the PyTorch path: %s", e)
+    _state["lib"], _state["why"] = lib, why
+    return lib
+
+
+def status() -> str:
+    library()
+    return str(_state["why"])
+
+
+# ---------------------------------------------------------------------------------------------- ABI
+class _Mat(ctypes.Structure):
+    _fields_ = [("kind", ctypes.c_int32), ("n", ctypes.c_int32), ("k", ctypes.c_int32),
+                ("q", ctypes.c_void_p), ("s", ctypes.c_void_p), ("bias", ctypes.c_void_p)]
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [("attn_norm", ctypes.c_void_p), ("ffn_norm", ctypes.c_void_p),
+                ("wqkv", _Mat), ("wo", _Mat), ("win", _Mat), ("wout", _Mat)]
+
+
+class _Model(ctypes.Structure):
+    _fields_ = [("n_layers", ctypes.c_int32), ("dim", ctypes.c_int32), ("n_heads", ctypes.c_int32),
+                ("n_kv", ctypes.c_int32), ("head_dim", ctypes.c_int32), ("ffn", ctypes.c_int32),
+                ("vocab", ctypes.c_int32), ("eps", ctypes.c_float), ("attn_scale", ctypes.c_float),
+                ("embed", ctypes.c_void_p), ("final_norm", ctypes.c_void_p), ("head", _Mat),
+                ("layers", ctypes.POINTER(_Layer))]
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    lib.ic_work_size.restype = ctypes.c_size_t
+    lib.ic_check.argtypes = [ctypes.POINTER(_Model)]
+    lib.ic_decode.argtypes = [
+        ctypes.POINTER(_Model), ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+        ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
+    ]
+
+
+# ---------------------------------------------------------------------------------------------- the decoder
+def unsupported(model) -> str | None:
+    """Why `model` (a Transformer) cannot take the native step, or None if it can."""
+    from infinichat.model.quant import Int4Linear, Int8Linear
+
+    cfg = model.cfg
+    if model.quant == "none":
+        return "dense weights (the native step is for --quant int8/int4)"
+    if cfg.arch != "llama" or cfg.norm != "rms" or cfg.parallel_residual or not cfg.gated_mlp:
+        return f"architecture {cfg.arch!r} (the native step covers the Llama family)"
+    if cfg.rot_dim != cfg.head_dim:
+        return "partial rotary embeddings"
+    if model.embed.dtype != torch.bfloat16 or not isinstance(model.lm_head, Int8Linear):
+        return "the head is not int8 over a bfloat16 embedding"
+    mats = [model.lm_head] + [L[n + ".weight"] for L in model.layers for n in ("wqkv", "wo", "w_in", "w_out")]
+    for m in mats:
+        if not (isinstance(m, Int8Linear) or (isinstance(m, Int4Linear) and m.group == BLOCK)) or m.K % BLOCK:
+            return f"a {type(m).__name__} ({m.N}x{m.K}) outside the native formats"
+    return None
+
+
+class NativeDecoder:
+    """The native step for one Transformer: holds the C view of its weights (pointers into its tensors)."""
+
+    def __init__(self, model, lib: ctypes.CDLL):
+        self.lib = lib
+        self.model = model
+        cfg = model.cfg
+        self._keep: list[torch.Tensor] = []  # tensors the C side points into
+        layers = (_Layer * cfg.n_layers)()
+        for i, L in enumerate(model.layers):
+            layers[i].attn_norm = self._f32(L["attn_norm.weight"])
+            layers[i].ffn_norm = self._f32(L["ffn_norm.weight"])
+            for field, name in (("wqkv", "wqkv"), ("wo", "wo"), ("win", "w_in"), ("wout", "w_out")):
+                setattr(layers[i], field, self._mat(L[name + ".weight"], L.get(name + ".bias")))
+        self.layers = layers
+        self.m = _Model(
+            n_layers=cfg.n_layers, dim=cfg.dim, n_heads=cfg.n_heads, n_kv=cfg.n_kv_heads, head_dim=cfg.head_dim,
+            ffn=cfg.ffn_dim, vocab=model.embed.shape[0], eps=cfg.norm_eps, attn_scale=model.scale,
+            embed=self._ptr(model.embed), final_norm=self._f32(model.norm[0]), head=self._mat(model.lm_head, None),
+            layers=ctypes.cast(layers, ctypes.POINTER(_Layer)),
+        )
+        self.mref = ctypes.byref(self.m)
+        code = lib.ic_check(self.mref)
+        if code:
+            raise ValueError(f"model shape outside the native step's limits (code {code})")
+        self.work = torch.empty(lib.ic_work_size(), dtype=torch.uint8)
+        self.vocab = model.lm_head.N
+
+    def _ptr(self, t: torch.Tensor) -> int:
+        t = t.contiguous()
+        self._keep.append(t)
+        return t.data_ptr()
+
+    def _f32(self, t: torch.Tensor) -> int:
+        return self._ptr(t.float())
+
+    def _mat(self, w, bias: torch.Tensor | None) -> _Mat:
+        from infinichat.model.quant import Int4Linear
+
+        if isinstance(w, Int4Linear):
+            q, s, kind = w.nibbles, w.scale_zero, 4
+        else:
+            q, s, kind = w.q, w.scale, 8
+        assert s.dtype == torch.bfloat16
+        return _Mat(kind=kind, n=w.N, k=w.K, q=self._ptr(q), s=self._ptr(s),
+                    bias=None if bias is None else self._f32(bias))
+
+    def usable(self, k: list[torch.Tensor], v: list[torch.Tensor]) -> bool:
+        b = k[0]
+        return b.dtype == torch.bfloat16 and all(t.is_contiguous() and t.shape == b.shape for t in (*k, *v))
+
+    def decode(self, token: int, position: torch.Tensor, k: list[torch.Tensor], v: list[torch.Tensor], start: int,
+               logits: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One token at slot `start` (its K/V written there) -> final hidden state (D,) float32 and, if asked,
+        the head's logits (V,) float32 (not yet re-scored)."""
+        cos, sin = self.model.rope.cos_sin(position, torch.float32)  # (1, hd) each
+        cos, sin = cos.contiguous(), sin.contiguous()
+        n = len(k)
+        kp = (ctypes.c_void_p * n)(*[t.data_ptr() for t in k])
+        vp = (ctypes.c_void_p * n)(*[t.data_ptr() for t in v])
+        x = torch.empty(self.model.cfg.dim, dtype=torch.float32)
+        out = torch.empty(self.vocab, dtype=torch.float32) if logits else None
+        rc = self.lib.ic_decode(
+            self.mref, token, cos.data_ptr(), sin.data_ptr(), kp, vp, k[0].shape[1], start, x.data_ptr(),
+            None if out is None else out.data_ptr(), self.work.data_ptr(), torch.get_num_threads(),
+        )
+        if rc:
+            raise ValueError(f"native decode refused token {token} at slot {start} (capacity {k[0].shape[1]})")
+        return x, out
+
+
+def decoder_for(model) -> NativeDecoder | None:
+    """A NativeDecoder for `model`, or None (PyTorch path) with the reason logged at debug level."""
+    why = unsupported(model)
+    lib = None if why else library()
+    if lib is None:
+        log.debug("native decode not used: %s", why or status())
+        return None
+    try:
+        return NativeDecoder(model, lib)
+    except ValueError as e:
+        log.debug("native decode not used: %s", e)
+        return None

@@ -1,0 +1,444 @@
+/* infinichat native decode step: one token through a Llama-family model with int8/int4 weights, on CPU.
+
+   Built on the user's machine at first use (native/__init__.py: gcc -O3 -mavx2 -mfma -fopenmp), loaded with
+   ctypes. Everything of one token runs inside one OpenMP parallel region (the worksharing loops below bind to
+   it), so a decode step costs one fork/join instead of one per PyTorch op, and no Python runs per layer.
+
+   Weights stay in the formats model/quant.py makes (nothing is copied):
+     int8  q (N, K) int8, scale (N,) bf16              w = q * scale
+     int4  nibbles (N, K/2) uint8, sz (N, K/32, 2) bf16 w = (nib - 8) * s + z, s/z per row and 32 inputs;
+           byte j of a group holds input 2j (low nibble) and 2j+1 (high nibble)
+   Activations are quantized to int8 per block of 32 (one float scale per block, as GGUF's Q8 does) so the
+   products run as integer multiply-adds (AVX2 maddubs): 32 weights per few instructions, and decode stays
+   bound by reading the weights. The int4 zero term uses the exact float sum of each activation block.
+
+   The KV cache is the KV store's own bf16 buffers (Hkv, capacity, hd) per layer: the new key/value rows are
+   written at slot `start` and attention reads slots [0, start]. Attention is split over the threads by key
+   slots (flash-decoding): each thread keeps a running max, sum and weighted value sum per query head over
+   its slots, in blocks of ABLK, and the partial results are merged at the end. */
+
+#include <immintrin.h>
+#include <math.h>
+#include <omp.h>
+#include <stdint.h>
+#include <string.h>
+
+#define QB 32          /* activation / int4 block */
+#define ABLK 64        /* attention key block */
+#define MAX_THREADS 32
+#define MAX_HD 256
+#define MAX_HEADS 128
+#define MAX_GROUP 16    /* query heads per KV head */
+
+typedef struct {
+    int32_t kind;          /* 4 or 8 */
+    int32_t n, k;          /* rows (outputs), inputs */
+    const uint8_t *q;      /* int4: (N, K/2) nibbles; int8: (N, K) int8 */
+    const uint16_t *s;     /* int4: (N, K/32, 2) bf16 scale, zero; int8: (N,) bf16 scale */
+    const float *bias;     /* (N,) float32 or NULL */
+} Mat;
+
+typedef struct {
+    const float *attn_norm, *ffn_norm; /* (D,) float32 */
+    Mat wqkv, wo, win, wout;
+} Layer;
+
+typedef struct {
+    int32_t n_layers, dim, n_heads, n_kv, head_dim, ffn, vocab;
+    float eps, attn_scale;
+    const uint16_t *embed;   /* (V, D) bf16 */
+    const float *final_norm; /* (D,) float32 */
+    Mat head;                /* int8 (V, D) */
+    const Layer *layers;
+} Model;
+
+/* ------------------------------------------------------------------------------------------- helpers */
+static inline float bf16_f32(uint16_t h) {
+    union { uint32_t u; float f; } c;
+    c.u = (uint32_t)h << 16;
+    return c.f;
+}
+
+static inline uint16_t f32_bf16(float f) { /* round to nearest even, as torch's .to(bfloat16) */
+    union { uint32_t u; float f; } c;
+    c.f = f;
+    if ((c.u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((c.u >> 16) | 0x40); /* NaN stays NaN */
+    c.u += 0x7fffu + ((c.u >> 16) & 1u);
+    return (uint16_t)(c.u >> 16);
+}
+
+static inline __m256 load_bf16x8(const uint16_t *p) {
+    __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+}
+
+static inline float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+static inline float hmax8(__m256 v) {
+    __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_max_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* e^x for x <= 0 (softmax arguments): 2^n * p(r), x = n ln2 + r, |r| <= ln2/2, degree-6 Taylor polynomial of
+   e^r (relative error < 2e-7); arguments below -87 flush to 0. */
+static inline __m256 exp8(__m256 x) {
+    const __m256 lo = _mm256_set1_ps(-87.0f);
+    __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+    x = _mm256_max_ps(x, lo);
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x); /* ln2 in two parts */
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428606765330187045e-06f), r);
+    __m256 p = _mm256_set1_ps(1.0f / 720);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    __m256 y = _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+    return _mm256_andnot_ps(under, y);
+}
+
+/* thread `t` of `nt`: its share [*a, *b) of n items, in whole units of `unit` */
+static inline void share(int64_t n, int unit, int t, int nt, int64_t *a, int64_t *b) {
+    int64_t units = (n + unit - 1) / unit;
+    int64_t ua = units * t / nt, ub = units * (t + 1) / nt;
+    *a = ua * unit < n ? ua * unit : n;
+    *b = ub * unit < n ? ub * unit : n;
+}
+
+/* ------------------------------------------------------------------------------------------- activations */
+typedef struct {
+    int8_t q[1 << 16];          /* x ~ d * (q + q2 / 128) */
+    int8_t q2[1 << 16];         /* the rounding residual of q, in steps of d / 128 */
+    float d[(1 << 16) / QB];    /* per-block scale */
+    float sum[(1 << 16) / QB];  /* exact per-block sum (int4 zero term) */
+} QAct;
+
+/* x (k,) -> int8 blocks of 32. `split`: each block stored as its even inputs then its odd inputs, matching the
+   int4 nibble order (low nibbles = even inputs). */
+static void quantize_act(const float *x, int k, int split, QAct *out) {
+    for (int g = 0; g < k / QB; g++) {
+        const float *xb = x + g * QB;
+        __m256 m = _mm256_setzero_ps(), s = _mm256_setzero_ps();
+        const __m256 sign = _mm256_set1_ps(-0.0f);
+        for (int i = 0; i < QB; i += 8) {
+            __m256 v = _mm256_loadu_ps(xb + i);
+            m = _mm256_max_ps(m, _mm256_andnot_ps(sign, v));
+            s = _mm256_add_ps(s, v);
+        }
+        float amax = hmax8(m);
+        float d = amax / 127.0f;
+        float inv = amax > 0 ? 127.0f / amax : 0.0f;
+        out->d[g] = d;
+        out->sum[g] = hsum8(s);
+        int8_t *q = out->q + g * QB, *q2 = out->q2 + g * QB;
+        for (int i = 0; i < QB; i++) {
+            int dst = split ? (i & 1) * (QB / 2) + i / 2 : i;
+            float v = xb[i] * inv;
+            float r = rintf(v);
+            q[dst] = (int8_t)r;
+            q2[dst] = (int8_t)rintf((v - r) * 128.0f);  /* |v - r| <= 1/2: in [-64, 64] */
+        }
+    }
+}
+
+/* ------------------------------------------------------------------------------------------- mat-vec */
+static inline __m256i dot_i8_32(__m256i w_u8, __m256i x_s8) { /* 8 int32 partial sums of 32 u8*s8 products */
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(w_u8, x_s8), _mm256_set1_epi16(1));
+}
+
+/* sum of w * (x + x2 / 128), scaled by 128 (exact in int32): the two-level activation's product */
+static inline __m256i dot2_i8_32(__m256i w_u8, const int8_t *x, const int8_t *x2) {
+    __m256i p1 = dot_i8_32(w_u8, _mm256_loadu_si256((const __m256i *)x));
+    __m256i p2 = dot_i8_32(w_u8, _mm256_loadu_si256((const __m256i *)x2));
+    return _mm256_add_epi32(_mm256_slli_epi32(p1, 7), p2);
+}
+
+static inline __m256i unpack_nibbles(const uint8_t *p) {
+    const __m128i mask = _mm_set1_epi8(0x0f);
+    __m128i b = _mm_loadu_si128((const __m128i *)p);
+    __m128i lo = _mm_and_si128(b, mask);
+    __m128i hi = _mm_and_si128(_mm_srli_epi16(b, 4), mask);
+    return _mm256_set_m128i(hi, lo);
+}
+
+static float row_int4(const Mat *m, int64_t r, const QAct *a) {
+    const int G = m->k / QB;
+    const uint8_t *w = m->q + r * (m->k / 2);
+    const uint16_t *sz = m->s + r * G * 2;
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    float zacc = 0.0f;
+    int g = 0;
+    for (; g + 1 < G; g += 2) {
+        __m256i p0 = dot2_i8_32(unpack_nibbles(w + 16 * g), a->q + QB * g, a->q2 + QB * g);
+        __m256i p1 = dot2_i8_32(unpack_nibbles(w + 16 * (g + 1)), a->q + QB * (g + 1), a->q2 + QB * (g + 1));
+        float s0 = bf16_f32(sz[2 * g]), z0 = bf16_f32(sz[2 * g + 1]);
+        float s1 = bf16_f32(sz[2 * g + 2]), z1 = bf16_f32(sz[2 * g + 3]);
+        acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(s0 * a->d[g]), acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_set1_ps(s1 * a->d[g + 1]), acc1);
+        zacc += (z0 - 8.0f * s0) * a->sum[g] + (z1 - 8.0f * s1) * a->sum[g + 1];
+    }
+    for (; g < G; g++) {
+        __m256i p0 = dot2_i8_32(unpack_nibbles(w + 16 * g), a->q + QB * g, a->q2 + QB * g);
+        float s0 = bf16_f32(sz[2 * g]), z0 = bf16_f32(sz[2 * g + 1]);
+        acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(s0 * a->d[g]), acc0);
+        zacc += (z0 - 8.0f * s0) * a->sum[g];
+    }
+    return hsum8(_mm256_add_ps(acc0, acc1)) * (1.0f / 128) + zacc;
+}
+
+/* int8 weights: u8 x s8 products as |w| times x with w's sign (w in [-127, 127]) */
+static inline __m256i dot2_s8_32(const int8_t *w, const int8_t *x, const int8_t *x2) {
+    __m256i wv = _mm256_loadu_si256((const __m256i *)w);
+    __m256i aw = _mm256_sign_epi8(wv, wv);
+    __m256i p1 = dot_i8_32(aw, _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)x), wv));
+    __m256i p2 = dot_i8_32(aw, _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)x2), wv));
+    return _mm256_add_epi32(_mm256_slli_epi32(p1, 7), p2);
+}
+
+static float row_int8(const Mat *m, int64_t r, const QAct *a) {
+    const int G = m->k / QB;
+    const int8_t *w = (const int8_t *)m->q + r * m->k;
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    int g = 0;
+    for (; g + 1 < G; g += 2) {
+        __m256i p0 = dot2_s8_32(w + QB * g, a->q + QB * g, a->q2 + QB * g);
+        __m256i p1 = dot2_s8_32(w + QB * (g + 1), a->q + QB * (g + 1), a->q2 + QB * (g + 1));
+        acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(a->d[g]), acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_set1_ps(a->d[g + 1]), acc1);
+    }
+    for (; g < G; g++) {
+        __m256i p0 = dot2_s8_32(w + QB * g, a->q + QB * g, a->q2 + QB * g);
+        acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(a->d[g]), acc0);
+    }
+    return hsum8(_mm256_add_ps(acc0, acc1)) * bf16_f32(m->s[r]) * (1.0f / 128);
+}
+
+/* y = W x (+ bias) (+ y if `accumulate`), rows split over the team. `a` must hold x quantized for m->kind
+   (split order for int4). Ends with the loop's barrier. */
+static void matvec(const Mat *m, const QAct *a, float *y, int accumulate) {
+    int64_t n = m->n;
+    #pragma omp for schedule(static)
+    for (int64_t r = 0; r < n; r++) {
+        float v = m->kind == 4 ? row_int4(m, r, a) : row_int8(m, r, a);
+        if (m->bias) v += m->bias[r];
+        y[r] = accumulate ? y[r] + v : v;
+    }
+}
+
+/* ------------------------------------------------------------------------------------------- small ops */
+static void rmsnorm(const float *x, const float *w, int n, float eps, float *out) {
+    double ss = 0;
+    for (int i = 0; i < n; i++) ss += (double)x[i] * x[i];
+    float r = 1.0f / sqrtf((float)(ss / n) + eps);
+    for (int i = 0; i < n; i++) out[i] = x[i] * r * w[i];
+}
+
+/* half-split RoPE on one head: out[i] = x[i] cos[i] - x[i+h] sin[i], out[i+h] = x[i+h] cos[i+h] + x[i] sin[i+h] */
+static void rope(float *x, const float *cos, const float *sin, int hd) {
+    int h = hd / 2;
+    for (int i = 0; i < h; i++) {
+        float a = x[i], b = x[i + h];
+        x[i] = a * cos[i] - b * sin[i];
+        x[i + h] = b * cos[i + h] + a * sin[i + h];
+    }
+}
+
+/* ------------------------------------------------------------------------------------------- attention */
+typedef struct {
+    float m[MAX_HEADS], l[MAX_HEADS];
+    float acc[MAX_HEADS * MAX_HD];
+} Partial;
+
+/* Partial attention of all query heads over key slots [a, b): running max m, sum l and sum of weighted
+   values acc per head (q already scaled). kbuf/vbuf (Hkv, cap, hd) bf16. The G query heads of a KV head
+   are done together, so each key and value row is read and widened once. */
+static void attend_part(const Model *M, const float *q, const uint16_t *kbuf, const uint16_t *vbuf, int64_t cap,
+                        int64_t a, int64_t b, Partial *P) {
+    const int H = M->n_heads, Hkv = M->n_kv, hd = M->head_dim, G = H / Hkv;
+    for (int h = 0; h < H; h++) {
+        P->m[h] = -INFINITY;
+        P->l[h] = 0.0f;
+        memset(P->acc + h * hd, 0, sizeof(float) * hd);
+    }
+    float sc[MAX_GROUP][ABLK] __attribute__((aligned(32)));
+    float corr[MAX_GROUP];
+    for (int kh = 0; kh < Hkv; kh++) {
+        const uint16_t *K = kbuf + (int64_t)kh * cap * hd;
+        const uint16_t *V = vbuf + (int64_t)kh * cap * hd;
+        const float *qk = q + kh * G * hd;
+        for (int64_t t0 = a; t0 < b; t0 += ABLK) {
+            const int nb = (int)(b - t0 < ABLK ? b - t0 : ABLK);
+            for (int j = 0; j < nb; j++) { /* scores of the block */
+                const uint16_t *kr = K + (t0 + j) * hd;
+                __m256 s[MAX_GROUP];
+                for (int g = 0; g < G; g++) s[g] = _mm256_setzero_ps();
+                for (int i = 0; i < hd; i += 8) {
+                    __m256 kv = load_bf16x8(kr + i);
+                    for (int g = 0; g < G; g++) s[g] = _mm256_fmadd_ps(kv, _mm256_loadu_ps(qk + g * hd + i), s[g]);
+                }
+                for (int g = 0; g < G; g++) sc[g][j] = hsum8(s[g]);
+            }
+            for (int g = 0; g < G; g++) { /* online softmax update */
+                const int h = kh * G + g;
+                float bmax = -INFINITY;
+                for (int j = 0; j < nb; j++) bmax = sc[g][j] > bmax ? sc[g][j] : bmax;
+                const float mnew = bmax > P->m[h] ? bmax : P->m[h];
+                corr[g] = P->m[h] == -INFINITY ? 0.0f : expf(P->m[h] - mnew);
+                P->m[h] = mnew;
+                int j = 0;
+                __m256 ls = _mm256_setzero_ps();
+                for (; j + 8 <= nb; j += 8) {
+                    __m256 p = exp8(_mm256_sub_ps(_mm256_loadu_ps(sc[g] + j), _mm256_set1_ps(mnew)));
+                    _mm256_storeu_ps(sc[g] + j, p);
+                    ls = _mm256_add_ps(ls, p);
+                }
+                float lsum = hsum8(ls);
+                for (; j < nb; j++) {
+                    sc[g][j] = expf(sc[g][j] - mnew);
+                    lsum += sc[g][j];
+                }
+                P->l[h] = P->l[h] * corr[g] + lsum;
+            }
+            for (int i = 0; i < hd; i += 8) { /* weighted values, 8 dims at a time */
+                __m256 o[MAX_GROUP];
+                for (int g = 0; g < G; g++)
+                    o[g] = _mm256_mul_ps(_mm256_loadu_ps(P->acc + (kh * G + g) * hd + i), _mm256_set1_ps(corr[g]));
+                for (int j = 0; j < nb; j++) {
+                    __m256 vv = load_bf16x8(V + (t0 + j) * hd + i);
+                    for (int g = 0; g < G; g++) o[g] = _mm256_fmadd_ps(_mm256_set1_ps(sc[g][j]), vv, o[g]);
+                }
+                for (int g = 0; g < G; g++) _mm256_storeu_ps(P->acc + (kh * G + g) * hd + i, o[g]);
+            }
+        }
+    }
+}
+
+/* ------------------------------------------------------------------------------------------- the step */
+typedef struct {
+    float x[1 << 14];      /* residual stream */
+    float h[1 << 14];      /* normed input of a product */
+    float qkv[1 << 15];
+    float att[1 << 14];
+    float mlp[1 << 17];
+    QAct a4, a8;
+    Partial part[MAX_THREADS];
+} Work;
+
+static void quantize_for(const Mat *m, const float *x, Work *W) {
+    if (m->kind == 4) quantize_act(x, m->k, 1, &W->a4);
+    else quantize_act(x, m->k, 0, &W->a8);
+}
+
+static const QAct *act_for(const Mat *m, Work *W) { return m->kind == 4 ? &W->a4 : &W->a8; }
+
+size_t ic_work_size(void) { return sizeof(Work); }
+
+/* Limits the fast path checks before use (Python side); 0 if the model fits them. */
+int ic_check(const Model *M) {
+    if (M->dim > (1 << 14) || M->head_dim > MAX_HD || M->head_dim % 8 || M->n_heads > MAX_HEADS) return 1;
+    if (M->n_heads % M->n_kv || M->n_heads / M->n_kv > MAX_GROUP) return 2;
+    if ((M->n_heads + 2 * M->n_kv) * M->head_dim > (1 << 15) || 2 * M->ffn > (1 << 17)) return 3;
+    if (M->dim % QB || M->ffn % QB || M->n_heads * M->head_dim % QB) return 4;
+    return 0;
+}
+
+/* One token: x = embed[token]; every layer writes its key/value row at slot `start` of kbufs[l]/vbufs[l]
+   (Hkv, cap, hd) bf16 and attends over slots [0, start]. Writes the final normed hidden state (D,) to
+   `out_x` and, if `logits` is not NULL, the head's logits (V,). cos/sin: (hd,) for this token's position. */
+int ic_decode(const Model *M, int64_t token, const float *cos, const float *sin, uint16_t *const *kbufs,
+              uint16_t *const *vbufs, int64_t cap, int64_t start, float *out_x, float *logits, void *work,
+              int nthreads) {
+    if (token < 0 || token >= M->vocab || start < 0 || start >= cap) return 1;
+    if (nthreads < 1) nthreads = 1;
+    if (nthreads > MAX_THREADS) nthreads = MAX_THREADS;
+    Work *W = (Work *)work;
+    const int D = M->dim, H = M->n_heads, Hkv = M->n_kv, hd = M->head_dim, F = M->ffn;
+    const int qs = H * hd, kvs = Hkv * hd;
+    const int64_t n = start + 1;
+    for (int i = 0; i < D; i++) W->x[i] = bf16_f32(M->embed[token * D + i]);
+
+    #pragma omp parallel num_threads(nthreads)
+    {
+        const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+        for (int li = 0; li < M->n_layers; li++) {
+            const Layer *L = &M->layers[li];
+            #pragma omp single
+            {
+                rmsnorm(W->x, L->attn_norm, D, M->eps, W->h);
+                quantize_for(&L->wqkv, W->h, W);
+            }
+            matvec(&L->wqkv, act_for(&L->wqkv, W), W->qkv, 0);
+            #pragma omp single
+            {
+                float *q = W->qkv, *k = W->qkv + qs, *v = W->qkv + qs + kvs;
+                for (int h = 0; h < H; h++) {
+                    rope(q + h * hd, cos, sin, hd);
+                    for (int i = 0; i < hd; i++) q[h * hd + i] *= M->attn_scale;
+                }
+                for (int h = 0; h < Hkv; h++) {
+                    rope(k + h * hd, cos, sin, hd);
+                    uint16_t *kd = kbufs[li] + ((int64_t)h * cap + start) * hd;
+                    uint16_t *vd = vbufs[li] + ((int64_t)h * cap + start) * hd;
+                    for (int i = 0; i < hd; i++) {
+                        kd[i] = f32_bf16(k[h * hd + i]);
+                        vd[i] = f32_bf16(v[h * hd + i]);
+                    }
+                }
+            }
+            int64_t a, b;
+            share(n, ABLK, t, nt, &a, &b);
+            attend_part(M, W->qkv, kbufs[li], vbufs[li], cap, a, b, &W->part[t]);
+            #pragma omp barrier
+            #pragma omp for schedule(static)
+            for (int h = 0; h < H; h++) { /* merge the threads' partial softmaxes */
+                float mx = -INFINITY;
+                for (int p = 0; p < nt; p++) mx = W->part[p].m[h] > mx ? W->part[p].m[h] : mx;
+                float l = 0.0f;
+                float *o = W->att + h * hd;
+                for (int i = 0; i < hd; i++) o[i] = 0.0f;
+                for (int p = 0; p < nt; p++) {
+                    if (W->part[p].m[h] == -INFINITY) continue;
+                    float c = expf(W->part[p].m[h] - mx);
+                    l += W->part[p].l[h] * c;
+                    for (int i = 0; i < hd; i++) o[i] += W->part[p].acc[h * hd + i] * c;
+                }
+                for (int i = 0; i < hd; i++) o[i] /= l;
+            }
+            #pragma omp single
+            quantize_for(&L->wo, W->att, W);
+            matvec(&L->wo, act_for(&L->wo, W), W->x, 1);
+            #pragma omp single
+            {
+                rmsnorm(W->x, L->ffn_norm, D, M->eps, W->h);
+                quantize_for(&L->win, W->h, W);
+            }
+            matvec(&L->win, act_for(&L->win, W), W->mlp, 0);
+            #pragma omp for schedule(static)
+            for (int i = 0; i < F; i++) {
+                float g = W->mlp[i];
+                W->mlp[i] = g / (1.0f + expf(-g)) * W->mlp[F + i];
+            }
+            #pragma omp single
+            quantize_for(&L->wout, W->mlp, W);
+            matvec(&L->wout, act_for(&L->wout, W), W->x, 1);
+        }
+        #pragma omp single
+        {
+            rmsnorm(W->x, M->final_norm, D, M->eps, out_x);
+            if (logits) quantize_for(&M->head, out_x, W);
+        }
+        if (logits) matvec(&M->head, act_for(&M->head, W), logits, 0);
+    }
+    return 0;
+}
