@@ -190,3 +190,55 @@ def test_a_broken_compiler_falls_back_with_its_message(monkeypatch, tmp_path):
     finally:
         native._state.clear()
         native._state.update(saved)
+
+
+# ---------------------------------------------------------------------------------------------- prompt attention
+needs_avx512 = pytest.mark.skipif(not (CAN_BUILD and native.AVX512 <= native._cpu_flags()),
+                                  reason="the native prompt attention needs AVX-512")
+
+
+@needs_avx512
+@pytest.mark.parametrize("T,start,H,Hkv,hd,kv_dtype", [
+    (2000, 0, 9, 3, 64, torch.bfloat16),   # the default model's shape, a whole prompt
+    (37, 0, 9, 3, 64, torch.bfloat16),     # fewer rows than a block
+    (300, 517, 9, 3, 64, torch.bfloat16),  # a later chunk: row i sees slots [0, start + i]
+    (130, 70, 8, 2, 128, torch.float32),   # head_dim 128, float32 cache (read in place)
+    (65, 0, 4, 4, 64, torch.float32),      # no grouping
+])
+def test_prompt_attention_matches_sdpa(T, start, H, Hkv, hd, kv_dtype):
+    """Against F.scaled_dot_product_attention with the explicit causal mask, float32: within 2e-6 (float32
+    sums in another order; the exponential is a polynomial within 2e-7)."""
+    g = torch.Generator().manual_seed(T)
+    cap = start + T + 9
+    qk = torch.randn(T, H + Hkv, hd, generator=g)
+    q = qk[:, :H].transpose(0, 1)  # (H, T, hd), strided as the forward's
+    k_buf = torch.randn(Hkv, cap, hd, generator=g).to(kv_dtype)
+    v_buf = torch.randn(Hkv, cap, hd, generator=g).to(kv_dtype)
+    attn = native.prompt_attention()
+    assert attn is not None and attn.takes(q, Hkv)
+    got = attn(q, k_buf, v_buf, start, hd**-0.5).transpose(0, 1)  # (H, T, hd)
+    S = start + T
+    mask = torch.arange(S)[None, :] <= torch.arange(start, S)[:, None]
+    want = torch.nn.functional.scaled_dot_product_attention(
+        q[None], k_buf[None, :, :S].float(), v_buf[None, :, :S].float(), attn_mask=mask, scale=hd**-0.5,
+        enable_gqa=H != Hkv,
+    )[0]
+    assert (got - want).abs().max().item() <= 2e-6
+
+
+@needs_avx512
+def test_models_route_prompts_through_it_and_keep_their_logits():
+    """A float32 model with head_dim 64: a prompt in two chunks through the native attention gives the logits
+    of the same model with it switched off (SDPA), within float32 rounding."""
+    cfg = _cfg(head_dim=64, n_heads=3, n_kv_heads=1, dim=128)
+    m = Transformer(cfg, _weights(cfg), torch.float32)
+    assert m.prompt_attn is not None
+    ids = torch.randint(0, cfg.vocab_size, (90,), generator=torch.Generator().manual_seed(4))
+    outs = []
+    for use in (m.prompt_attn, None):
+        m.prompt_attn = use
+        c = KVCache(cfg, 96)
+        a = m(ids[:50], torch.arange(50), c, 0, all_logits=True)
+        b = m(ids[50:], torch.arange(50, 90), c, 50, all_logits=True)
+        outs.append(torch.cat([a, b]))
+    assert (outs[0] - outs[1]).abs().max().item() <= 1e-4 * outs[1].abs().max().item()

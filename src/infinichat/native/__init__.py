@@ -122,12 +122,61 @@ class _Model(ctypes.Structure):
 
 
 def _declare(lib: ctypes.CDLL) -> None:
+    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.ic_prompt_attention.argtypes = [p, i64, i64, p, i64, p, i64, i64, i64, i32, i32, i32, ctypes.c_float, p, i32]
     lib.ic_work_size.restype = ctypes.c_size_t
     lib.ic_check.argtypes = [ctypes.POINTER(_Model)]
     lib.ic_decode.argtypes = [
         ctypes.POINTER(_Model), ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
         ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
     ]
+
+
+# ---------------------------------------------------------------------------------------------- prompt attention
+AVX512 = {"avx512f", "avx512bw", "avx512dq", "avx512vl"}
+PROMPT_HEAD_DIMS = (64, 128)
+
+
+class PromptAttention:
+    """Causal attention of a float32 prompt chunk over the cache (decode.c's ic_prompt_attention, AVX-512)."""
+
+    def __init__(self, lib: ctypes.CDLL):
+        self.lib = lib
+
+    def takes(self, q: torch.Tensor, n_kv: int) -> bool:
+        H, T, hd = q.shape
+        return q.dtype == torch.float32 and hd in PROMPT_HEAD_DIMS and H % n_kv == 0 and H // n_kv <= 16
+
+    def __call__(self, q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, start: int, scale: float) -> torch.Tensor:
+        """q (H, T, hd) float32 for slots [start, start+T), whose K/V are already in k_buf/v_buf (Hkv, C, hd);
+        row i attends slots [0, start+i]. -> (T, H, hd) float32."""
+        H, T, hd = q.shape
+        Hkv, S = k_buf.shape[0], start + T
+        if q.stride(-1) != 1:
+            q = q.contiguous()
+        ldk = -(-S // 16) * 16
+        kt = torch.empty(Hkv, hd, ldk, dtype=torch.float32)
+        kt[:, :, :S] = k_buf[:, :S].transpose(1, 2)  # keys transposed and widened, once per call
+        if v_buf.dtype == torch.float32 and v_buf.is_contiguous():
+            vf, ldv = v_buf, v_buf.shape[1]
+        else:
+            vf, ldv = v_buf[:, :S].float().contiguous(), S
+        out = torch.empty(T, H, hd, dtype=torch.float32)
+        rc = self.lib.ic_prompt_attention(
+            q.data_ptr(), q.stride(0), q.stride(1), kt.data_ptr(), ldk, vf.data_ptr(), ldv, start, T, H, Hkv, hd,
+            scale, out.data_ptr(), torch.get_num_threads(),
+        )
+        if rc:
+            raise ValueError(f"prompt attention refused shape q {tuple(q.shape)}, kv {tuple(k_buf.shape)}")
+        return out
+
+
+def prompt_attention() -> PromptAttention | None:
+    """The native prompt attention where the library builds and the CPU has AVX-512, else None (SDPA)."""
+    lib = library()
+    if lib is None or not AVX512 <= _cpu_flags():
+        return None
+    return PromptAttention(lib)
 
 
 # ---------------------------------------------------------------------------------------------- the decoder

@@ -442,3 +442,148 @@ int ic_decode(const Model *M, int64_t token, const float *cos, const float *sin,
     }
     return 0;
 }
+
+/* ------------------------------------------------------------------------------------------- prompt attention
+   Causal attention of a float32 prompt (T query rows at slots start..start+T-1) over cache slots [0, start+T),
+   with AVX-512 (used only where the CPU has it; the caller checks). One task = one KV head x PQ query rows:
+   its G query heads' rows share every key/value block, widened to float32 once per task (keys transposed),
+   and two register-tiled products per block of PK keys: scores S = Q K^T (4 rows x 64 keys in 16 registers)
+   and O += P V (4 rows x hd). Online softmax per row, as in flash attention. */
+#define PQ 32
+#define PK 64
+
+#define AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,fma")))
+
+AVX512 static inline __m512 exp16(__m512 x) { /* e^x for x <= 0, below -87 -> 0; same polynomial as exp8 */
+    const __m512 lo = _mm512_set1_ps(-87.0f);
+    __mmask16 under = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
+    x = _mm512_max_ps(x, lo);
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187045e-06f), r);
+    __m512 p = _mm512_set1_ps(1.0f / 720);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    return _mm512_maskz_mov_ps(~under, _mm512_scalef_ps(p, n));
+}
+
+/* One task. NV = hd / 16 (4 or 8), R rows per register tile. kt: this KV head's keys transposed (hd, ldk) and
+   vv its values (kend, hd), float32. */
+AVX512 static inline __attribute__((always_inline)) void prompt_attn_task(
+    const float *q, int64_t q_sh, int64_t q_st, const float *kt, int64_t ldk, const float *vv, int64_t start,
+    int64_t t0, int64_t t1, int kh, int G, float scale, float *out, int H, const int NV, const int R) {
+    const int hd = NV * 16;
+    const int nq = (int)(t1 - t0), rows = G * nq;
+    /* on the thread's stack: ~50 KB for G = 3, hd = 64; ~100 KB for G = 4, hd = 128 */
+    float Q[rows * hd] __attribute__((aligned(64)));
+    float O[rows * hd] __attribute__((aligned(64)));
+    float P[rows * PK] __attribute__((aligned(64)));
+    float m[rows], l[rows], corr[rows];
+    int64_t pos[rows];
+    for (int g = 0; g < G; g++)
+        for (int i = 0; i < nq; i++) { /* row r = g * nq + i: head kh*G+g, slot start+t0+i */
+            const int r = g * nq + i;
+            const float *src = q + (int64_t)(kh * G + g) * q_sh + (t0 + i) * q_st;
+            for (int d = 0; d < hd; d++) Q[r * hd + d] = src[d] * scale;
+            memset(O + r * hd, 0, sizeof(float) * hd);
+            m[r] = -INFINITY;
+            l[r] = 0.0f;
+            pos[r] = start + t0 + i;
+        }
+    const int64_t kend = start + t1; /* keys [0, kend) */
+    for (int64_t k0 = 0; k0 < kend; k0 += PK) {
+        const int nk = (int)(kend - k0 < PK ? kend - k0 : PK);
+        for (int r0 = 0; r0 < rows; r0 += R) {
+            const int rn = rows - r0 < R ? rows - r0 : R;
+            int64_t pmax = pos[r0];
+            for (int i = 1; i < rn; i++) pmax = pos[r0 + i] > pmax ? pos[r0 + i] : pmax;
+            if (k0 > pmax) continue; /* the whole block is in these rows' future */
+            __m512 s[6][4];
+            for (int i = 0; i < R; i++)
+                for (int c = 0; c < 4; c++) s[i][c] = _mm512_setzero_ps();
+            for (int d = 0; d < hd; d++) { /* S = Q K^T: R rows x 64 keys */
+                const float *kr = kt + d * ldk + k0;
+                __m512 k4[4];
+                for (int c = 0; c < 4; c++) k4[c] = _mm512_loadu_ps(kr + c * 16);
+                for (int i = 0; i < R; i++) {
+                    __m512 b = _mm512_set1_ps(Q[(r0 + (i < rn ? i : 0)) * hd + d]);
+                    for (int c = 0; c < 4; c++) s[i][c] = _mm512_fmadd_ps(b, k4[c], s[i][c]);
+                }
+            }
+            for (int i = 0; i < rn; i++) { /* causal mask, online softmax; P row */
+                const int r = r0 + i;
+                const int64_t lim = pos[r] - k0 + 1 < nk ? pos[r] - k0 + 1 : nk; /* valid keys: j < lim */
+                __m512 mx = _mm512_set1_ps(-INFINITY);
+                for (int c = 0; c < 4; c++) {
+                    int64_t left = lim - c * 16;
+                    __mmask16 ok = left >= 16 ? 0xffff : left <= 0 ? 0 : (__mmask16)((1u << left) - 1);
+                    s[i][c] = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), ok, s[i][c]);
+                    mx = _mm512_max_ps(mx, s[i][c]);
+                }
+                const float bmax = _mm512_reduce_max_ps(mx);
+                const float mnew = bmax > m[r] ? bmax : m[r];
+                corr[r] = m[r] == -INFINITY ? 0.0f : expf(m[r] - mnew);
+                m[r] = mnew;
+                __m512 ls = _mm512_setzero_ps();
+                for (int c = 0; c < 4; c++) {
+                    __m512 p = exp16(_mm512_sub_ps(s[i][c], _mm512_set1_ps(mnew)));
+                    _mm512_store_ps(P + r * PK + c * 16, p);
+                    ls = _mm512_add_ps(ls, p);
+                }
+                l[r] = l[r] * corr[r] + _mm512_reduce_add_ps(ls);
+            }
+            __m512 o[6][8]; /* O = O * corr + P V: R rows x hd */
+            for (int i = 0; i < R; i++) {
+                const int r = r0 + (i < rn ? i : 0);
+                const __m512 cr = _mm512_set1_ps(corr[r]);
+                for (int c = 0; c < NV; c++) o[i][c] = _mm512_mul_ps(_mm512_load_ps(O + r * hd + c * 16), cr);
+            }
+            const float *vb = vv + k0 * hd;
+            for (int j = 0; j < nk; j++) {
+                __m512 v8[8];
+                for (int c = 0; c < NV; c++) v8[c] = _mm512_loadu_ps(vb + j * hd + c * 16);
+                for (int i = 0; i < R; i++) {
+                    __m512 b = _mm512_set1_ps(P[(r0 + (i < rn ? i : 0)) * PK + j]);
+                    for (int c = 0; c < NV; c++) o[i][c] = _mm512_fmadd_ps(b, v8[c], o[i][c]);
+                }
+            }
+            for (int i = 0; i < rn; i++)
+                for (int c = 0; c < NV; c++) _mm512_store_ps(O + (r0 + i) * hd + c * 16, o[i][c]);
+        }
+    }
+    for (int g = 0; g < G; g++)
+        for (int i = 0; i < nq; i++) {
+            const int r = g * nq + i;
+            float *dst = out + ((t0 + i) * H + kh * G + g) * (int64_t)hd;
+            const float inv = 1.0f / l[r];
+            for (int d = 0; d < hd; d++) dst[d] = O[r * hd + d] * inv;
+        }
+}
+
+/* q[h, t, d] at q + h*q_sh + t*q_st + d; kt (Hkv, hd, ldk): keys transposed; v (Hkv, ldv, hd); all float32, keys
+   and values at slots [0, start+T). out (T, H, hd). Returns nonzero for shapes it does not take (head_dim not
+   64 or 128, more than MAX_GROUP query heads per KV head). */
+AVX512 int ic_prompt_attention(const float *q, int64_t q_sh, int64_t q_st, const float *kt, int64_t ldk,
+                               const float *v, int64_t ldv, int64_t start, int64_t T, int H, int Hkv, int hd,
+                               float scale, float *out, int nthreads) {
+    if ((hd != 64 && hd != 128) || H % Hkv || H / Hkv > MAX_GROUP || start + T > ldk || start + T > ldv) return 1;
+    const int G = H / Hkv;
+    const int64_t nblk = (T + PQ - 1) / PQ;
+    #pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
+    for (int64_t task = 0; task < nblk * Hkv; task++) {
+        const int64_t b = nblk - 1 - task / Hkv; /* the longest (latest) query blocks first */
+        const int kh = (int)(task % Hkv);
+        const int64_t t0 = b * PQ, t1 = t0 + PQ < T ? t0 + PQ : T;
+        const float *ktk = kt + (int64_t)kh * hd * ldk, *vk = v + (int64_t)kh * ldv * hd;
+        if (hd == 64)
+            prompt_attn_task(q, q_sh, q_st, ktk, ldk, vk, start, t0, t1, kh, G, scale, out, H, 4, 6);
+        else
+            prompt_attn_task(q, q_sh, q_st, ktk, ldk, vk, start, t0, t1, kh, G, scale, out, H, 8, 3);
+    }
+    return 0;
+}
