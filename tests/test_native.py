@@ -242,3 +242,46 @@ def test_models_route_prompts_through_it_and_keep_their_logits():
         b = m(ids[50:], torch.arange(50, 90), c, 50, all_logits=True)
         outs.append(torch.cat([a, b]))
     assert (outs[0] - outs[1]).abs().max().item() <= 1e-4 * outs[1].abs().max().item()
+
+
+# ---------------------------------------------------------------------------------------------- prompt row ops
+needs_ops = pytest.mark.skipif(not CAN_BUILD, reason="the native library cannot be built here")
+
+
+@needs_ops
+def test_prompt_row_ops_match_their_pytorch_formulas():
+    """RMSNorm, RoPE and SiLU-multiply of float32 rows against the PyTorch expressions they replace: within
+    float32 rounding (1e-6 relative; the SiLU's exponential is a polynomial within 2e-7)."""
+    from infinichat.model.rope import apply_rope
+
+    ops = native.prompt_ops()
+    g = torch.Generator().manual_seed(5)
+    x, w = torch.randn(70, 96, generator=g) * 3, torch.randn(96, generator=g)
+    want = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * w
+    assert torch.allclose(ops.rmsnorm(x, w, 1e-5), want, rtol=1e-6, atol=1e-6)
+    T, H, hd = 70, 5, 32  # 3 q heads + 2 k heads rotated, then 2 v heads left alone
+    qkv = torch.randn(T, (H + 2) * hd, generator=g)
+    ang = torch.rand(T, hd // 2, generator=g) * 100
+    cos, sin = torch.cat((ang, ang), -1).cos(), torch.cat((ang, ang), -1).sin()
+    want = torch.cat((apply_rope(qkv[:, : H * hd].view(T, H, hd).transpose(0, 1), cos, sin).transpose(0, 1).reshape(T, -1),
+                      qkv[:, H * hd :]), dim=1)
+    got = qkv.clone()
+    ops.rope_(got, H, hd, cos, sin)
+    assert torch.allclose(got, want, rtol=1e-6, atol=1e-6)
+    h = torch.randn(70, 2 * 104, generator=g) * 30  # saturating arguments too (|g| up to ~150)
+    gate, up = h.chunk(2, dim=-1)
+    assert torch.allclose(ops.silu_mul(h.contiguous()), torch.nn.functional.silu(gate) * up, rtol=1e-6, atol=1e-5)
+
+
+@needs_ops
+def test_float32_prompts_keep_their_logits_with_the_row_ops():
+    """A float32 model's prompt with the row ops and without: the same logits within float32 rounding."""
+    cfg = _cfg()
+    m = Transformer(cfg, _weights(cfg), torch.float32)
+    assert m.prompt_ops is not None
+    ids = torch.randint(0, cfg.vocab_size, (80,), generator=torch.Generator().manual_seed(6))
+    outs = []
+    for use in (m.prompt_ops, None):
+        m.prompt_ops = use
+        outs.append(m(ids, torch.arange(80), KVCache(cfg, 80), 0, all_logits=True))
+    assert (outs[0] - outs[1]).abs().max().item() <= 1e-4 * outs[1].abs().max().item()

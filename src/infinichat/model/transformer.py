@@ -18,7 +18,7 @@ from infinichat.model.attention import AttentionRequest, requested_attention
 from infinichat.model.config import ModelConfig
 from infinichat.model.quant import QUANT_SUFFIXES, QuantLinear, check_mode, quantize
 from infinichat.model.rope import Rope, apply_rope, rotate, signed_sin
-from infinichat.native import decoder_for, prompt_attention
+from infinichat.native import decoder_for, prompt_attention, prompt_ops
 
 # Measured on the reference CPU (benchmarks/NOTES.md): bf16 matrix-vector products are twice as fast with
 # weights pre-packed for oneDNN; bf16 matrix-matrix products are slower than fp32 ones, so prompts of at least
@@ -119,6 +119,9 @@ class Transformer:
         self.native = decoder_for(self) if self.quant != "none" else None
         # float32 prompt chunks: causal attention natively (AVX-512), ~1.3x the CPU flash kernel (NOTES.md)
         self.prompt_attn = prompt_attention()
+        # float32 prompts: RMSNorm, RoPE and SiLU-multiply fused, one pass each (native/decode.c)
+        self.prompt_ops = prompt_ops()
+        self._f32_norms: dict[int, torch.Tensor] = {}  # id(norm weight) -> its float32 copy for prompt_ops
 
     # ------------------------------------------------------------------ pieces
     def _linear(self, x: torch.Tensor, w: torch.Tensor | QuantLinear, b: torch.Tensor | None = None) -> torch.Tensor:
@@ -152,6 +155,11 @@ class Transformer:
             if weight.dtype != x.dtype:  # float32 prefill over bf16 weights
                 weight, bias = weight.to(x.dtype), None if bias is None else bias.to(x.dtype)
             return F.layer_norm(x, (x.shape[-1],), weight, bias, self.cfg.norm_eps)
+        if self.prompt_ops is not None and x.dtype == torch.float32 and x.shape[0] >= FP32_PREFILL_MIN:
+            w32 = self._f32_norms.get(id(weight))
+            if w32 is None:
+                w32 = self._f32_norms[id(weight)] = weight.float().contiguous()
+            return self.prompt_ops.rmsnorm(x.contiguous(), w32, self.cfg.norm_eps)
         # RMSNorm in float32, then back to the model dtype before the weight, written as the reference writes it
         # (bit for bit what F.rms_norm gives, in fewer dispatched ops: benchmarks/NOTES.md)
         h = x.float()
@@ -159,7 +167,9 @@ class Transformer:
 
     def _mlp(self, L: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         h = self._linear(x, L["w_in.weight"], L.get("w_in.bias"))  # (T, 2F) or (T, F)
-        if self.cfg.gated_mlp:
+        if self.cfg.gated_mlp and self.prompt_ops is not None and h.dtype == torch.float32 and h.shape[0] >= FP32_PREFILL_MIN:
+            h = self.prompt_ops.silu_mul(h.contiguous())  # (T, F)
+        elif self.cfg.gated_mlp:
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate) * up  # (T, F)
         else:
@@ -183,7 +193,12 @@ class Transformer:
         T = x.shape[0]
         H, Hkv, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         qkv = self._linear(x, L["wqkv.weight"], L.get("wqkv.bias"))  # (T, q + 2kv)
-        if cos.shape[-1] == hd:  # full-width RoPE: q and k heads rotated in one go
+        if cos.dim() == 2 and cos.shape[-1] == hd:  # float32 prompt rows: RoPE fused, in place on q and k heads
+            qkv = qkv.contiguous()
+            self.prompt_ops.rope_(qkv, H + Hkv, hd, cos, sin)
+            q = qkv[:, : self.q_size].view(T, H, hd).transpose(0, 1)  # (H, T, hd)
+            k = qkv[:, self.q_size : self.q_size + self.kv_size].view(T, Hkv, hd).transpose(0, 1)  # (Hkv, T, hd)
+        elif cos.shape[-1] == hd:  # full-width RoPE: q and k heads rotated in one go
             qk = qkv[:, : self.q_size + self.kv_size].view(T, H + Hkv, hd)  # (T, H+Hkv, hd)
             qk = rotate(qk, cos, sin)  # cos, sin (T, 1, hd)
             q = qk[:, :H].transpose(0, 1)  # (H, T, hd)
@@ -247,7 +262,10 @@ class Transformer:
         compute = torch.float32 if self.dtype == torch.bfloat16 and T >= fp32_min else self.dtype
         x = self._embed(tokens, compute)  # (T, D)
         cos, sin = self.rope.cos_sin(positions, compute)  # (T, rot)
-        if cos.shape[-1] == self.cfg.head_dim:  # what `rotate` takes, broadcast over heads: (T, 1, hd)
+        fused = self.prompt_ops is not None and compute == torch.float32 and T >= FP32_PREFILL_MIN
+        if cos.shape[-1] == self.cfg.head_dim and fused:  # (T, hd) float32 rows for prompt_ops.rope_
+            cos, sin = cos.contiguous(), sin.contiguous()
+        elif cos.shape[-1] == self.cfg.head_dim:  # what `rotate` takes, broadcast over heads: (T, 1, hd)
             cos, sin = cos[:, None], signed_sin(sin)[:, None]
         mask = None  # a prefill from slot 0 uses SDPA's own causal mask
         if T > 1 and start > 0:

@@ -123,6 +123,9 @@ class _Model(ctypes.Structure):
 
 def _declare(lib: ctypes.CDLL) -> None:
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.ic_rmsnorm_rows.argtypes = [p, p, i64, i32, ctypes.c_float, p, i32]
+    lib.ic_rope_rows.argtypes = [p, i64, i64, i32, i32, p, p, i32]
+    lib.ic_silu_mul_rows.argtypes = [p, i64, i32, p, i32]
     lib.ic_prompt_attention.argtypes = [p, i64, i64, p, i64, p, i64, i64, i64, i32, i32, i32, ctypes.c_float, p, i32]
     lib.ic_work_size.restype = ctypes.c_size_t
     lib.ic_check.argtypes = [ctypes.POINTER(_Model)]
@@ -130,6 +133,39 @@ def _declare(lib: ctypes.CDLL) -> None:
         ctypes.POINTER(_Model), ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
         ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
     ]
+
+
+# ---------------------------------------------------------------------------------------------- prompt row ops
+class PromptOps:
+    """Fused row-wise ops for float32 prompts (decode.c's prompt row ops). The caller passes float32 tensors
+    with contiguous rows."""
+
+    def __init__(self, lib: ctypes.CDLL):
+        self.lib = lib
+
+    def rmsnorm(self, x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+        """x (T, D), w (D,) float32 -> x / sqrt(mean(x^2) + eps) * w."""
+        out = torch.empty_like(x)
+        self.lib.ic_rmsnorm_rows(x.data_ptr(), w.data_ptr(), x.shape[0], x.shape[1], eps, out.data_ptr(),
+                                 torch.get_num_threads())
+        return out
+
+    def rope_(self, x: torch.Tensor, heads: int, hd: int, cos: torch.Tensor, sin: torch.Tensor) -> None:
+        """In place: the first `heads` heads of each row of x (T, ld), half-split RoPE, cos/sin (T, hd)."""
+        self.lib.ic_rope_rows(x.data_ptr(), x.shape[0], x.stride(0), heads, hd, cos.data_ptr(), sin.data_ptr(),
+                              torch.get_num_threads())
+
+    def silu_mul(self, h: torch.Tensor) -> torch.Tensor:
+        """h (T, 2F) -> silu(h[:, :F]) * h[:, F:], (T, F)."""
+        T, F2 = h.shape
+        out = torch.empty(T, F2 // 2, dtype=h.dtype)
+        self.lib.ic_silu_mul_rows(h.data_ptr(), T, F2 // 2, out.data_ptr(), torch.get_num_threads())
+        return out
+
+
+def prompt_ops() -> PromptOps | None:
+    lib = library()
+    return None if lib is None else PromptOps(lib)
 
 
 # ---------------------------------------------------------------------------------------------- prompt attention
