@@ -1,6 +1,6 @@
 """Engine speed: ours (per dtype and --quant) against transformers' generate() and llama.cpp, in one run.
 
-    OMP_WAIT_POLICY=PASSIVE python3 benchmarks/engine_speed.py --dtype bfloat16 --quant none int8 int4 --llamacpp
+    python3 benchmarks/engine_speed.py --dtype bfloat16 --quant none int8 int4 --llamacpp
 
 Measures, on the default model (or --model), with --threads threads (default 2):
   decode_short  tokens/s: --tokens greedy tokens after a short prompt
@@ -8,7 +8,10 @@ Measures, on the default model (or --model), with --threads threads (default 2):
   prefill       tokens/s: a --prompt-tokens prompt (default 2000 tokens of Moby Dick), one call, first token
 Decode rates exclude the prompt: ours and llama.cpp time the decode steps themselves; transformers'
 generate() is timed as time(prompt + N tokens) - time(prompt + 1 token).
-Every implementation is measured once per round, in turn, for --repeats rounds (so a busy machine slows all
+Leave OMP_WAIT_POLICY unset: PASSIVE (threads sleep at every barrier) made every implementation here 2-3x
+slower, ours (one OpenMP barrier per op) and llama.cpp's OpenMP threads alike.
+Every implementation is measured once per round, in turn (the order reversed every other round, so that no
+side is always measured last while the host's speed drifts), for --repeats rounds (a busy machine slows all
 of them alike); each rate is the best round. The ratios are given twice: best against best, and the median over
 rounds of the ratio within a round (the steadier estimate on a host whose speed drifts).
 
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import math
 import os
 import statistics
 import time
@@ -172,9 +176,14 @@ class Reference:
         return (n - 1) / (timed(lambda: self.run(ids, n)) - timed(lambda: self.run(ids, 1)))
 
 
-def measure_round(impl, short_ids, long_ids, prompt_ids, n) -> dict[str, float]:
-    out = {"decode_short": impl.decode_rate(short_ids, n), "decode_long": impl.decode_rate(long_ids, n)}
-    out["prefill"] = len(prompt_ids) / impl.prefill_time(prompt_ids)
+def measure_round(impl, short_ids, long_ids, prompt_ids, n, metrics=METRICS) -> dict[str, float]:
+    out = dict.fromkeys(METRICS, float("nan"))  # metrics not asked for stay NaN (printed as "-")
+    if "decode_short" in metrics:
+        out["decode_short"] = impl.decode_rate(short_ids, n)
+    if "decode_long" in metrics:
+        out["decode_long"] = impl.decode_rate(long_ids, n)
+    if "prefill" in metrics:
+        out["prefill"] = len(prompt_ids) / impl.prefill_time(prompt_ids)
     gc.collect()
     return out
 
@@ -190,6 +199,8 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=2000, help="prefill prompt length")
     ap.add_argument("--long-context", type=int, default=4000, help="prompt length before decode_long")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--metrics", nargs="+", default=list(METRICS), choices=METRICS,
+                    help="what to measure (default: all); e.g. --metrics prefill --repeats 7 for the prefill ratio alone")
     ap.add_argument("--no-reference", action="store_true", help="no transformers reference")
     ap.add_argument("--hf-gguf", action="store_true", help="also transformers' own GGUF loading (slow)")
     ap.add_argument("--llamacpp", action="store_true", help="also plain llama-cpp-python on the same GGUF file")
@@ -226,13 +237,14 @@ def main() -> None:
 
     for impl in impls.values():  # warm-up
         impl.decode_rate(short_ids, 4)
-    best = {name: dict.fromkeys(METRICS, 0.0) for name in impls}
+    best = {name: dict.fromkeys(METRICS, float("nan")) for name in impls}
     rounds: dict[str, list[dict[str, float]]] = {name: [] for name in impls}
     for r in range(args.repeats):
-        for name, impl in impls.items():
-            res = measure_round(impl, short_ids, long_ids, prompt_ids, args.tokens)
+        order = list(impls.items()) if r % 2 == 0 else list(impls.items())[::-1]  # no side always measured last
+        for name, impl in order:
+            res = measure_round(impl, short_ids, long_ids, prompt_ids, args.tokens, args.metrics)
             rounds[name].append(res)
-            best[name] = {m: max(best[name][m], res[m]) for m in METRICS}
+            best[name] = {m: res[m] if math.isnan(best[name][m]) else max(best[name][m], res[m]) for m in METRICS}
             print(f"round {r + 1}: {name:28s} " + "  ".join(f"{m} {res[m]:7.1f}" for m in METRICS), flush=True)
 
     load = os.getloadavg()
@@ -242,7 +254,7 @@ def main() -> None:
     print("| implementation | decode short tok/s | decode @" + f"{args.long_context} tok/s | prefill {len(prompt_ids)} tok/s |")
     print("|---|---:|---:|---:|")
     for name, b in best.items():
-        print(f"| {name} | " + " | ".join(f"{b[m]:.1f}" for m in METRICS) + " |")
+        print(f"| {name} | " + " | ".join("-" if math.isnan(b[m]) else f"{b[m]:.1f}" for m in METRICS) + " |")
 
     refs = {"hf-dense": next((n for n in best if n.startswith("hf-dense bfloat16")), None)
             or next((n for n in best if n.startswith("hf-dense")), None),
@@ -261,7 +273,7 @@ def main() -> None:
             cells = []
             for m, r, t in TARGETS:
                 ref = refs[r]
-                if ref is None:
+                if ref is None or m not in args.metrics:
                     cells.append("-")
                     continue
                 if how == "best":

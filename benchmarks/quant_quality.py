@@ -1,11 +1,12 @@
 """Quality of --quant int8 / int4 against bfloat16 on the same text: teacher-forced top-1 agreement and
 perplexity (issue 9's targets: agreement >= 98%, perplexity within 2% of bfloat16).
 
-    OMP_WAIT_POLICY=PASSIVE python3 benchmarks/quant_quality.py [--tokens 4096] [--chunk 512] [--quant int8 int4]
+    python3 benchmarks/quant_quality.py [--tokens 4096] [--chunk 512] [--quant int8 int4]
 
 Each model reads the first --tokens tokens of Moby Dick (../shared/data/moby_dick.txt, or --text) in one
 sequence, --chunk tokens per forward call. Chunks of 32 tokens or more run in float32 over the dequantized
-weights; --chunk 1 runs every token through the int8/int4 decode kernels (slower; use fewer --tokens).
+weights; --chunk 1 runs every token through the decode path (the native step where it builds, else the
+int8/int4 kernels; the bfloat16 reference decodes token by token too).
 """
 
 from __future__ import annotations

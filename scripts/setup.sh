@@ -32,3 +32,8 @@ if [ "${1:-}" = "--test" ] && ! command -v chromium >/dev/null 2>&1; then
     $SUDO apt-get update -q
     $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium
 fi
+
+# The native decode step and prompt kernels (src/infinichat/native/decode.c) are compiled with the system's C
+# compiler at first use; building them here says at once whether they work on this machine (without a
+# compiler or AVX2 the PyTorch path runs instead).
+"$PY" -c 'import infinichat.native as n; print("infinichat native kernels:", n.status())'

@@ -8,7 +8,12 @@ ctypes; it shares PyTorch's OpenMP runtime (same `libgomp.so.1`, loaded by torch
 
 Where it cannot run, the PyTorch path runs instead, with the same results up to rounding: a CPU without
 AVX2/FMA, no C compiler (`$CC`, else `cc`/`gcc`), a model outside the Llama family layout, or
-`INFINICHAT_NATIVE=0` in the environment. `status()` says which, and `infinichat info` shows it.
+`INFINICHAT_NATIVE=0` in the environment. `status()` says which (`python3 -c "import infinichat.native as n;
+print(n.status())"`); a failed build is also logged as a warning.
+
+The same library carries two float32 prompt paths, used by every model (dense or quantized) for prompts
+computed in float32: fused row ops (RMSNorm, RoPE, SiLU-multiply: `prompt_ops`) and, on CPUs with AVX-512,
+causal attention for head_dim 64/128 (`prompt_attention`); elsewhere PyTorch's ops and SDPA run instead.
 """
 
 from __future__ import annotations
