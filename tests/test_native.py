@@ -42,6 +42,17 @@ def _pair(mode: str, **kw) -> tuple[Transformer, Transformer]:
     return qm, Transformer(cfg, _dequantized(qm), torch.float32)
 
 
+def _with_and_without(model: Transformer, attr: str, run):
+    """run() with the model's native `attr` as it is, then with it switched off (None); restores it."""
+    kept = getattr(model, attr)
+    try:
+        on = run()
+        setattr(model, attr, None)
+        return on, run()
+    finally:
+        setattr(model, attr, kept)
+
+
 def test_the_library_builds_where_it_can():
     """On an x86-64 machine with AVX2/FMA and a C compiler (CI's), the library must build: a silent fallback
     would hide a broken build behind the slower path."""
@@ -234,14 +245,14 @@ def test_models_route_prompts_through_it_and_keep_their_logits():
     m = Transformer(cfg, _weights(cfg), torch.float32)
     assert m.prompt_attn is not None
     ids = torch.randint(0, cfg.vocab_size, (90,), generator=torch.Generator().manual_seed(4))
-    outs = []
-    for use in (m.prompt_attn, None):
-        m.prompt_attn = use
+
+    def two_chunks():
         c = KVCache(cfg, 96)
-        a = m(ids[:50], torch.arange(50), c, 0, all_logits=True)
-        b = m(ids[50:], torch.arange(50, 90), c, 50, all_logits=True)
-        outs.append(torch.cat([a, b]))
-    assert (outs[0] - outs[1]).abs().max().item() <= 1e-4 * outs[1].abs().max().item()
+        return torch.cat([m(ids[:50], torch.arange(50), c, 0, all_logits=True),
+                          m(ids[50:], torch.arange(50, 90), c, 50, all_logits=True)])
+
+    on, off = _with_and_without(m, "prompt_attn", two_chunks)
+    assert (on - off).abs().max().item() <= 1e-4 * off.abs().max().item()
 
 
 # ---------------------------------------------------------------------------------------------- prompt row ops
@@ -280,8 +291,5 @@ def test_float32_prompts_keep_their_logits_with_the_row_ops():
     m = Transformer(cfg, _weights(cfg), torch.float32)
     assert m.prompt_ops is not None
     ids = torch.randint(0, cfg.vocab_size, (80,), generator=torch.Generator().manual_seed(6))
-    outs = []
-    for use in (m.prompt_ops, None):
-        m.prompt_ops = use
-        outs.append(m(ids, torch.arange(80), KVCache(cfg, 80), 0, all_logits=True))
-    assert (outs[0] - outs[1]).abs().max().item() <= 1e-4 * outs[1].abs().max().item()
+    on, off = _with_and_without(m, "prompt_ops", lambda: m(ids, torch.arange(80), KVCache(cfg, 80), 0, all_logits=True))
+    assert (on - off).abs().max().item() <= 1e-4 * off.abs().max().item()

@@ -86,23 +86,24 @@ static inline float hmax8(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
+/* e^x = 2^n e^r with n = round(x log2 e), r = x - n ln2 (ln2 in two parts, the second one's product exact
+   enough), e^r by its degree-6 Taylor polynomial (|r| <= ln2/2: relative error < 2e-7). Written once for
+   both vector widths (AVX2 here, AVX-512 in the prompt attention). */
+#define LOG2E 1.44269504088896341f
+#define EXP_REDUCE(FNMADD, SET1, n, x) FNMADD(n, SET1(1.428606765330187045e-06f), FNMADD(n, SET1(0.693145751953125f), x))
+#define EXP_POLY(FMA, SET1, r)                                                                                 \
+    FMA(FMA(FMA(FMA(FMA(FMA(SET1(1.0f / 720), r, SET1(1.0f / 120)), r, SET1(1.0f / 24)), r, SET1(1.0f / 6)), r, \
+                SET1(0.5f)), r, SET1(1.0f)), r, SET1(1.0f))
+
 /* e^x for x <= 0 (softmax arguments): 2^n * p(r), x = n ln2 + r, |r| <= ln2/2, degree-6 Taylor polynomial of
    e^r (relative error < 2e-7); arguments below -87 flush to 0. */
 static inline __m256 exp8(__m256 x) {
     const __m256 lo = _mm256_set1_ps(-87.0f);
     __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
     x = _mm256_max_ps(x, lo);
-    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x); /* ln2 in two parts */
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428606765330187045e-06f), r);
-    __m256 p = _mm256_set1_ps(1.0f / 720);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(LOG2E)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = EXP_REDUCE(_mm256_fnmadd_ps, _mm256_set1_ps, n, x);
+    __m256 p = EXP_POLY(_mm256_fmadd_ps, _mm256_set1_ps, r);
     __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
     __m256 y = _mm256_mul_ps(p, _mm256_castsi256_ps(e));
     return _mm256_andnot_ps(under, y);
@@ -458,17 +459,9 @@ AVX512 static inline __m512 exp16(__m512 x) { /* e^x for x <= 0, below -87 -> 0;
     const __m512 lo = _mm512_set1_ps(-87.0f);
     __mmask16 under = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
     x = _mm512_max_ps(x, lo);
-    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187045e-06f), r);
-    __m512 p = _mm512_set1_ps(1.0f / 720);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(LOG2E)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = EXP_REDUCE(_mm512_fnmadd_ps, _mm512_set1_ps, n, x);
+    __m512 p = EXP_POLY(_mm512_fmadd_ps, _mm512_set1_ps, r);
     return _mm512_maskz_mov_ps(~under, _mm512_scalef_ps(p, n));
 }
 
