@@ -26,6 +26,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 
 import torch
@@ -266,7 +267,8 @@ class NativeDecoder:
         code = lib.ic_check(self.mref)
         if code:
             raise ValueError(f"model shape outside the native step's limits (code {code})")
-        self.work = torch.empty(lib.ic_work_size(), dtype=torch.uint8)
+        self.work = torch.empty(lib.ic_work_size(), dtype=torch.uint8)  # the step's scratch: one step at a time
+        self._lock = threading.Lock()
         self.vocab = model.lm_head.N
 
     def _ptr(self, t: torch.Tensor) -> int:
@@ -303,10 +305,11 @@ class NativeDecoder:
         vp = (ctypes.c_void_p * n)(*[t.data_ptr() for t in v])
         x = torch.empty(self.model.cfg.dim, dtype=torch.float32)
         out = torch.empty(self.vocab, dtype=torch.float32) if logits else None
-        rc = self.lib.ic_decode(
-            self.mref, token, cos.data_ptr(), sin.data_ptr(), kp, vp, k[0].shape[1], start, x.data_ptr(),
-            None if out is None else out.data_ptr(), self.work.data_ptr(), torch.get_num_threads(),
-        )
+        with self._lock:  # threads sharing a model (several engines over one) take turns on the scratch
+            rc = self.lib.ic_decode(
+                self.mref, token, cos.data_ptr(), sin.data_ptr(), kp, vp, k[0].shape[1], start, x.data_ptr(),
+                None if out is None else out.data_ptr(), self.work.data_ptr(), torch.get_num_threads(),
+            )
         if rc:
             raise ValueError(f"native decode refused token {token} at slot {start} (capacity {k[0].shape[1]})")
         return x, out
