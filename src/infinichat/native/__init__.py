@@ -291,8 +291,14 @@ class NativeDecoder:
                     bias=None if bias is None else self._f32(bias))
 
     def usable(self, k: list[torch.Tensor], v: list[torch.Tensor]) -> bool:
+        """Whether the step can read and write these per-layer caches: bf16 (Hkv, capacity, hd), contiguous."""
+        cfg = self.model.cfg
         b = k[0]
-        return b.dtype == torch.bfloat16 and all(t.is_contiguous() and t.shape == b.shape for t in (*k, *v))
+        if len(k) != cfg.n_layers or len(v) != cfg.n_layers or b.dtype != torch.bfloat16 or b.dim() != 3:
+            return False
+        if b.shape[0] != cfg.n_kv_heads or b.shape[2] != cfg.head_dim:
+            return False
+        return all(t.is_contiguous() and t.shape == b.shape and t.dtype == b.dtype for t in (*k, *v))
 
     def decode(self, token: int, position: torch.Tensor, k: list[torch.Tensor], v: list[torch.Tensor], start: int,
                logits: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
