@@ -119,8 +119,10 @@ class Transformer:
         self.native = decoder_for(self) if self.quant != "none" else None
         # float32 prompt chunks: causal attention natively (AVX-512), ~1.3x the CPU flash kernel (NOTES.md)
         self.prompt_attn = prompt_attention()
-        # float32 prompts: RMSNorm, RoPE and SiLU-multiply fused, one pass each (native/decode.c)
-        self.prompt_ops = prompt_ops()
+        # float32 prompts of bf16/quantized models: RMSNorm, RoPE and SiLU-multiply fused, one pass each
+        # (native/decode.c). float32 models keep PyTorch's formulas: the reference's own, op for op, so that
+        # their logits and attention weights follow transformers' float32 ones to the last bits tested.
+        self.prompt_ops = prompt_ops() if dtype != torch.float32 else None
         self._f32_norms: dict[int, torch.Tensor] = {}  # id(norm weight) -> its float32 copy for prompt_ops
 
     # ------------------------------------------------------------------ pieces
