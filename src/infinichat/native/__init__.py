@@ -11,9 +11,9 @@ AVX2/FMA, no C compiler (`$CC`, else `cc`/`gcc`), a model outside the Llama fami
 `INFINICHAT_NATIVE=0` in the environment. `status()` says which (`python3 -c "import infinichat.native as n;
 print(n.status())"`); a failed build is also logged as a warning.
 
-The same library carries two float32 prompt paths, used by every model (dense or quantized) for prompts
-computed in float32: fused row ops (RMSNorm, RoPE, SiLU-multiply: `prompt_ops`) and, on CPUs with AVX-512,
-causal attention for head_dim 64/128 (`prompt_attention`); elsewhere PyTorch's ops and SDPA run instead.
+The same library carries two paths for prompts computed in float32: fused row ops (RMSNorm, RoPE,
+SiLU-multiply: `prompt_ops`; bf16 and quantized models) and, on CPUs with AVX-512, causal attention for
+head_dim 64/128 (`prompt_attention`; every model); elsewhere PyTorch's ops and SDPA run instead.
 """
 
 from __future__ import annotations
