@@ -237,22 +237,55 @@ static void matvec(const Mat *m, const QAct *a, float *y, int accumulate) {
     }
 }
 
-/* ------------------------------------------------------------------------------------------- small ops */
+/* ------------------------------------------------------------------------------------------- small ops
+   One row each; the decode step calls them for its single token, the prompt row ops (end of file) per row. */
+
+/* out = x / sqrt(mean(x^2) + eps) * w, n values; w float32 */
 static void rmsnorm(const float *x, const float *w, int n, float eps, float *out) {
-    double ss = 0;
-    for (int i = 0; i < n; i++) ss += (double)x[i] * x[i];
-    float r = 1.0f / sqrtf((float)(ss / n) + eps);
-    for (int i = 0; i < n; i++) out[i] = x[i] * r * w[i];
+    __m256 ss = _mm256_setzero_ps();
+    int i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256 v = _mm256_loadu_ps(x + i);
+        ss = _mm256_fmadd_ps(v, v, ss);
+    }
+    float s = hsum8(ss);
+    for (; i < n; i++) s += x[i] * x[i];
+    const float r = 1.0f / sqrtf(s / n + eps);
+    const __m256 rv = _mm256_set1_ps(r);
+    for (i = 0; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(x + i), rv), _mm256_loadu_ps(w + i)));
+    for (; i < n; i++) out[i] = x[i] * r * w[i];
 }
 
-/* half-split RoPE on one head: out[i] = x[i] cos[i] - x[i+h] sin[i], out[i+h] = x[i+h] cos[i+h] + x[i] sin[i+h] */
+/* In place, half-split RoPE on one head: out[i] = x[i] cos[i] - x[i+h] sin[i],
+   out[i+h] = x[i+h] cos[i+h] + x[i] sin[i+h] */
 static void rope(float *x, const float *cos, const float *sin, int hd) {
-    int h = hd / 2;
-    for (int i = 0; i < h; i++) {
+    const int h = hd / 2;
+    int i = 0;
+    for (; i + 8 <= h; i += 8) {
+        __m256 a = _mm256_loadu_ps(x + i), b = _mm256_loadu_ps(x + i + h);
+        __m256 lo = _mm256_fnmadd_ps(b, _mm256_loadu_ps(sin + i), _mm256_mul_ps(a, _mm256_loadu_ps(cos + i)));
+        __m256 hi = _mm256_fmadd_ps(a, _mm256_loadu_ps(sin + i + h), _mm256_mul_ps(b, _mm256_loadu_ps(cos + i + h)));
+        _mm256_storeu_ps(x + i, lo);
+        _mm256_storeu_ps(x + i + h, hi);
+    }
+    for (; i < h; i++) {
         float a = x[i], b = x[i + h];
         x[i] = a * cos[i] - b * sin[i];
         x[i + h] = b * cos[i + h] + a * sin[i + h];
     }
+}
+
+/* out[i] = silu(g[i]) * u[i], silu(g) = g / (1 + e^-g), e^-g clamped at e^88; n values (out may be g) */
+static void silu_mul(const float *g, const float *u, int64_t n, float *out) {
+    const __m256 one = _mm256_set1_ps(1.0f), top = _mm256_set1_ps(88.0f);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256 gv = _mm256_loadu_ps(g + i);
+        __m256 e = exp8(_mm256_min_ps(_mm256_sub_ps(_mm256_setzero_ps(), gv), top));
+        _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_div_ps(gv, _mm256_add_ps(one, e)), _mm256_loadu_ps(u + i)));
+    }
+    for (; i < n; i++) out[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
 }
 
 /* ------------------------------------------------------------------------------------------- attention */
@@ -425,11 +458,9 @@ int ic_decode(const Model *M, int64_t token, const float *cos, const float *sin,
                 quantize_for(&L->win, W->h, W);
             }
             matvec(&L->win, act_for(&L->win, W), W->mlp, 0);
-            #pragma omp for schedule(static)
-            for (int i = 0; i < F; i++) {
-                float g = W->mlp[i];
-                W->mlp[i] = g / (1.0f + expf(-g)) * W->mlp[F + i];
-            }
+            share(F, 8, t, nt, &a, &b);
+            silu_mul(W->mlp + a, W->mlp + F + a, b - a, W->mlp + a);
+            #pragma omp barrier
             #pragma omp single
             quantize_for(&L->wout, W->mlp, W);
             matvec(&L->wout, act_for(&L->wout, W), W->x, 1);
@@ -588,64 +619,18 @@ AVX512 int ic_prompt_attention(const float *q, int64_t q_sh, int64_t q_st, const
 /* out[t] = x[t] / sqrt(mean(x[t]^2) + eps) * w, rows of (T, D); w float32 */
 void ic_rmsnorm_rows(const float *x, const float *w, int64_t T, int D, float eps, float *out, int nthreads) {
     #pragma omp parallel for schedule(static) num_threads(nthreads)
-    for (int64_t t = 0; t < T; t++) {
-        const float *xr = x + t * D;
-        float *o = out + t * D;
-        __m256 ss = _mm256_setzero_ps();
-        int i = 0;
-        for (; i + 8 <= D; i += 8) {
-            __m256 v = _mm256_loadu_ps(xr + i);
-            ss = _mm256_fmadd_ps(v, v, ss);
-        }
-        float s = hsum8(ss);
-        for (; i < D; i++) s += xr[i] * xr[i];
-        const float r = 1.0f / sqrtf(s / D + eps);
-        const __m256 rv = _mm256_set1_ps(r);
-        for (i = 0; i + 8 <= D; i += 8)
-            _mm256_storeu_ps(o + i, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(xr + i), rv), _mm256_loadu_ps(w + i)));
-        for (; i < D; i++) o[i] = xr[i] * r * w[i];
-    }
+    for (int64_t t = 0; t < T; t++) rmsnorm(x + t * D, w, D, eps, out + t * D);
 }
 
-/* In place, the first nh heads (of hd) of each row of x (T rows, ld apart): half-split RoPE with the row's
-   cos/sin (T, hd): out[i] = x[i] cos[i] - x[i+h] sin[i], out[i+h] = x[i+h] cos[i+h] + x[i] sin[i+h]. */
+/* In place, the first nh heads (of hd) of each row of x (T rows, ld apart), with the row's cos/sin (T, hd) */
 void ic_rope_rows(float *x, int64_t T, int64_t ld, int nh, int hd, const float *cos, const float *sin, int nthreads) {
-    const int h = hd / 2;
     #pragma omp parallel for schedule(static) num_threads(nthreads)
-    for (int64_t t = 0; t < T; t++) {
-        const float *c = cos + t * hd, *s = sin + t * hd;
-        for (int k = 0; k < nh; k++) {
-            float *v = x + t * ld + (int64_t)k * hd;
-            int i = 0;
-            for (; i + 8 <= h; i += 8) {
-                __m256 a = _mm256_loadu_ps(v + i), b = _mm256_loadu_ps(v + i + h);
-                __m256 lo = _mm256_fnmadd_ps(b, _mm256_loadu_ps(s + i), _mm256_mul_ps(a, _mm256_loadu_ps(c + i)));
-                __m256 hi = _mm256_fmadd_ps(a, _mm256_loadu_ps(s + i + h), _mm256_mul_ps(b, _mm256_loadu_ps(c + i + h)));
-                _mm256_storeu_ps(v + i, lo);
-                _mm256_storeu_ps(v + i + h, hi);
-            }
-            for (; i < h; i++) {
-                float a = v[i], b = v[i + h];
-                v[i] = a * c[i] - b * s[i];
-                v[i + h] = b * c[i + h] + a * s[i + h];
-            }
-        }
-    }
+    for (int64_t t = 0; t < T; t++)
+        for (int k = 0; k < nh; k++) rope(x + t * ld + (int64_t)k * hd, cos + t * hd, sin + t * hd, hd);
 }
 
-/* out (T, F) = silu(h[:, :F]) * h[:, F:] for h (T, 2F); silu(g) = g / (1 + e^-g), e^-g clamped at e^88 */
+/* out (T, F) = silu(h[:, :F]) * h[:, F:] for h (T, 2F) */
 void ic_silu_mul_rows(const float *hm, int64_t T, int F, float *out, int nthreads) {
     #pragma omp parallel for schedule(static) num_threads(nthreads)
-    for (int64_t t = 0; t < T; t++) {
-        const float *g = hm + t * 2 * (int64_t)F, *u = g + F;
-        float *o = out + t * F;
-        int i = 0;
-        const __m256 one = _mm256_set1_ps(1.0f), top = _mm256_set1_ps(88.0f);
-        for (; i + 8 <= F; i += 8) {
-            __m256 gv = _mm256_loadu_ps(g + i);
-            __m256 e = exp8(_mm256_min_ps(_mm256_sub_ps(_mm256_setzero_ps(), gv), top));
-            _mm256_storeu_ps(o + i, _mm256_mul_ps(_mm256_div_ps(gv, _mm256_add_ps(one, e)), _mm256_loadu_ps(u + i)));
-        }
-        for (; i < F; i++) o[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
-    }
+    for (int64_t t = 0; t < T; t++) silu_mul(hm + t * 2 * (int64_t)F, hm + t * 2 * (int64_t)F + F, F, out + t * F);
 }
