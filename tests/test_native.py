@@ -140,7 +140,7 @@ def test_thread_counts_give_the_same_step():
         torch.set_num_threads(threads)
         c = KVCache(cfg, 256, torch.bfloat16)
         qm(ids[:199], torch.arange(199), c, 0)  # prompt through PyTorch, then one native step over 200 slots
-        out.append(qm.native.decode(int(ids[199]), torch.tensor([199]), c.k, c.v, 199))  # hidden state, raw logits
+        out.append(qm.native.decode(int(ids[199]), torch.tensor([199]), c, 199))  # hidden state, raw logits
     torch.set_num_threads(1)
     for x, logits in out[1:]:
         assert (x - out[0][0]).abs().max().item() <= 1e-3 * out[0][0].abs().max().item()

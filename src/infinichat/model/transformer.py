@@ -256,16 +256,15 @@ class Transformer:
         `attn` asks (attention weights for some layers, per-layer token subsets: model/attention.py).
         """
         T = tokens.shape[0]
-        if T == 1 and attn is None and self.native is not None and self.native.usable(cache.k, cache.v):
-            x, logits = self.native.decode(int(tokens[0]), positions, cache.k, cache.v, start)
+        if T == 1 and attn is None and self.native is not None and self.native.bind(cache) is not None:
+            x, logits = self.native.decode(int(tokens[0]), positions, cache, start)
             logits = self._rescore(x.to(self.dtype)[None], logits[None])  # (1, V)
             return logits if all_logits else logits[0]
         fp32_min = QUANT_DENSE_MIN_T[self.quant] if self.quant != "none" else FP32_PREFILL_MIN
         compute = torch.float32 if self.dtype == torch.bfloat16 and T >= fp32_min else self.dtype
         x = self._embed(tokens, compute)  # (T, D)
         cos, sin = self.rope.cos_sin(positions, compute)  # (T, rot)
-        fused = self.prompt_ops is not None and compute == torch.float32 and T >= FP32_PREFILL_MIN
-        if cos.shape[-1] == self.cfg.head_dim and fused:  # (T, hd) float32 rows for prompt_ops.rope_
+        if cos.shape[-1] == self.cfg.head_dim and self._row_ops(x) is not None:  # (T, hd) rows for rope_
             cos, sin = cos.contiguous(), sin.contiguous()
         elif cos.shape[-1] == self.cfg.head_dim:  # what `rotate` takes, broadcast over heads: (T, 1, hd)
             cos, sin = cos[:, None], signed_sin(sin)[:, None]

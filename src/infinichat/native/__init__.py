@@ -27,6 +27,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import weakref
 from pathlib import Path
 
 import torch
@@ -135,10 +136,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.ic_prompt_attention.argtypes = [p, i64, i64, p, i64, p, i64, i64, i64, i32, i32, i32, ctypes.c_float, p, i32]
     lib.ic_work_size.restype = ctypes.c_size_t
     lib.ic_check.argtypes = [ctypes.POINTER(_Model)]
-    lib.ic_decode.argtypes = [
-        ctypes.POINTER(_Model), ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-        ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
-    ]
+    lib.ic_decode.argtypes = [ctypes.POINTER(_Model), i64, p, p, p, p, i64, i64, p, p, p, i32]
 
 
 # ---------------------------------------------------------------------------------------------- prompt row ops
@@ -269,6 +267,7 @@ class NativeDecoder:
             raise ValueError(f"model shape outside the native step's limits (code {code})")
         self.work = torch.empty(lib.ic_work_size(), dtype=torch.uint8)  # the step's scratch: one step at a time
         self._lock = threading.Lock()
+        self._bindings: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # cache -> bind(cache)
         self.vocab = model.lm_head.N
 
     def _ptr(self, t: torch.Tensor) -> int:
@@ -290,8 +289,27 @@ class NativeDecoder:
         return _Mat(kind=kind, n=w.N, k=w.K, q=self._ptr(q), s=self._ptr(s),
                     bias=None if bias is None else self._f32(bias))
 
-    def usable(self, k: list[torch.Tensor], v: list[torch.Tensor]) -> bool:
-        """Whether the step can read and write these per-layer caches: bf16 (Hkv, capacity, hd), contiguous."""
+    def bind(self, cache) -> tuple | None:
+        """The C view of a cache (`LayerCache`: per-layer bf16 (Hkv, capacity, hd) buffers): the layers' key and
+        value pointers and the capacity; None if the step cannot read it. Worked out once per cache object (a
+        KV store's buffers never move) rather than at every token."""
+        try:
+            return self._bindings[cache]
+        except (KeyError, TypeError):  # TypeError: a cache object that takes no weak reference
+            pass
+        k, v = cache.k, cache.v
+        binding = None
+        if self._fits(k, v):
+            n = len(k)
+            binding = ((ctypes.c_void_p * n)(*[t.data_ptr() for t in k]),
+                       (ctypes.c_void_p * n)(*[t.data_ptr() for t in v]), k[0].shape[1])
+        try:
+            self._bindings[cache] = binding
+        except TypeError:
+            pass
+        return binding
+
+    def _fits(self, k: list[torch.Tensor], v: list[torch.Tensor]) -> bool:
         cfg = self.model.cfg
         b = k[0]
         if len(k) != cfg.n_layers or len(v) != cfg.n_layers or b.dtype != torch.bfloat16 or b.dim() != 3:
@@ -300,24 +318,22 @@ class NativeDecoder:
             return False
         return all(t.is_contiguous() and t.shape == b.shape and t.dtype == b.dtype for t in (*k, *v))
 
-    def decode(self, token: int, position: torch.Tensor, k: list[torch.Tensor], v: list[torch.Tensor], start: int,
+    def decode(self, token: int, position: torch.Tensor, cache, start: int,
                logits: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """One token at slot `start` (its K/V written there) -> final hidden state (D,) float32 and, if asked,
-        the head's logits (V,) float32 (not yet re-scored)."""
+        """One token at slot `start` of `cache` (its K/V written there; `bind(cache)` must not be None) -> final
+        hidden state (D,) float32 and, if asked, the head's logits (V,) float32 (not yet re-scored)."""
+        kp, vp, cap = self.bind(cache)
         cos, sin = self.model.rope.cos_sin(position, torch.float32)  # (1, hd) each
         cos, sin = cos.contiguous(), sin.contiguous()
-        n = len(k)
-        kp = (ctypes.c_void_p * n)(*[t.data_ptr() for t in k])
-        vp = (ctypes.c_void_p * n)(*[t.data_ptr() for t in v])
         x = torch.empty(self.model.cfg.dim, dtype=torch.float32)
         out = torch.empty(self.vocab, dtype=torch.float32) if logits else None
         with self._lock:  # threads sharing a model (several engines over one) take turns on the scratch
             rc = self.lib.ic_decode(
-                self.mref, token, cos.data_ptr(), sin.data_ptr(), kp, vp, k[0].shape[1], start, x.data_ptr(),
+                self.mref, token, cos.data_ptr(), sin.data_ptr(), kp, vp, cap, start, x.data_ptr(),
                 None if out is None else out.data_ptr(), self.work.data_ptr(), torch.get_num_threads(),
             )
         if rc:
-            raise ValueError(f"native decode refused token {token} at slot {start} (capacity {k[0].shape[1]})")
+            raise ValueError(f"native decode refused token {token} at slot {start} (capacity {cap})")
         return x, out
 
 
