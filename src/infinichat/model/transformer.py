@@ -126,6 +126,12 @@ class Transformer:
         self._f32_norms: dict[int, torch.Tensor] = {}  # id(norm weight) -> its float32 copy for prompt_ops
 
     # ------------------------------------------------------------------ pieces
+    def _row_ops(self, x: torch.Tensor):
+        """The native row ops for this float32 prompt tensor (T, ...), or None: PyTorch's formulas."""
+        if self.prompt_ops is not None and x.dtype == torch.float32 and x.shape[0] >= FP32_PREFILL_MIN:
+            return self.prompt_ops
+        return None
+
     def _linear(self, x: torch.Tensor, w: torch.Tensor | QuantLinear, b: torch.Tensor | None = None) -> torch.Tensor:
         if isinstance(w, QuantLinear):  # float32 inputs (long prompts): over the dequantized weight
             return w(x, b) if x.dtype == torch.bfloat16 else F.linear(x, w.dense(x.dtype), None if b is None else b.to(x.dtype))
@@ -157,11 +163,11 @@ class Transformer:
             if weight.dtype != x.dtype:  # float32 prefill over bf16 weights
                 weight, bias = weight.to(x.dtype), None if bias is None else bias.to(x.dtype)
             return F.layer_norm(x, (x.shape[-1],), weight, bias, self.cfg.norm_eps)
-        if self.prompt_ops is not None and x.dtype == torch.float32 and x.shape[0] >= FP32_PREFILL_MIN:
+        if (ops := self._row_ops(x)) is not None:
             w32 = self._f32_norms.get(id(weight))
             if w32 is None:
                 w32 = self._f32_norms[id(weight)] = weight.float().contiguous()
-            return self.prompt_ops.rmsnorm(x.contiguous(), w32, self.cfg.norm_eps)
+            return ops.rmsnorm(x.contiguous(), w32, self.cfg.norm_eps)
         # RMSNorm in float32, then back to the model dtype before the weight, written as the reference writes it
         # (bit for bit what F.rms_norm gives, in fewer dispatched ops: benchmarks/NOTES.md)
         h = x.float()
@@ -169,8 +175,8 @@ class Transformer:
 
     def _mlp(self, L: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         h = self._linear(x, L["w_in.weight"], L.get("w_in.bias"))  # (T, 2F) or (T, F)
-        if self.cfg.gated_mlp and self.prompt_ops is not None and h.dtype == torch.float32 and h.shape[0] >= FP32_PREFILL_MIN:
-            h = self.prompt_ops.silu_mul(h.contiguous())  # (T, F)
+        if self.cfg.gated_mlp and (ops := self._row_ops(h)) is not None:
+            h = ops.silu_mul(h.contiguous())  # (T, F)
         elif self.cfg.gated_mlp:
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate) * up  # (T, F)
@@ -195,9 +201,9 @@ class Transformer:
         T = x.shape[0]
         H, Hkv, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         qkv = self._linear(x, L["wqkv.weight"], L.get("wqkv.bias"))  # (T, q + 2kv)
-        if cos.dim() == 2 and cos.shape[-1] == hd:  # float32 prompt rows: RoPE fused, in place on q and k heads
+        if cos.shape[-1] == hd and (ops := self._row_ops(qkv)) is not None:  # fused, in place on the q and k heads
             qkv = qkv.contiguous()
-            self.prompt_ops.rope_(qkv, H + Hkv, hd, cos, sin)
+            ops.rope_(qkv, H + Hkv, hd, cos, sin)  # cos, sin (T, hd): see forward
             q = qkv[:, : self.q_size].view(T, H, hd).transpose(0, 1)  # (H, T, hd)
             k = qkv[:, self.q_size : self.q_size + self.kv_size].view(T, Hkv, hd).transpose(0, 1)  # (Hkv, T, hd)
         elif cos.shape[-1] == hd:  # full-width RoPE: q and k heads rotated in one go
