@@ -100,13 +100,11 @@ def main() -> int:
         seq = ours.new_sequence(capacity=len(prompt) + args.tokens + 8)
         logits = ours.prefill(seq, prompt)
         a, b = [], []
+        sides = [lambda: a.append(ours_tps(ours, seq, logits, len(prompt), args.tokens)),
+                 lambda: b.append(plain_tps(plain, prompt, args.tokens))]
         for r in range(args.repeats):
-            if r % 2:
-                b.append(plain_tps(plain, prompt, args.tokens))
-                a.append(ours_tps(ours, seq, logits, len(prompt), args.tokens))
-            else:
-                a.append(ours_tps(ours, seq, logits, len(prompt), args.tokens))
-                b.append(plain_tps(plain, prompt, args.tokens))
+            for measure in (sides if r % 2 == 0 else sides[::-1]):  # who goes first alternates
+                measure()
         rows.append((ctx, a, b))
         del seq
     ok = True
