@@ -123,11 +123,19 @@ class QuantLinear:
         return None
 
 
+def aligned(t: torch.Tensor, to: int = 64) -> torch.Tensor:
+    """t contiguous and starting on a `to`-byte boundary (copied if not). Tensors memory-mapped from a
+    safetensors file start wherever the file's header leaves them (8-byte steps), and PyTorch's int8 kernel
+    crashes (segfault) on weights that are not 64-byte aligned, for more than one input row."""
+    t = t.contiguous()
+    return t if t.data_ptr() % to == 0 else t.clone()
+
+
 class Int8Linear(QuantLinear):
     def __init__(self, q: torch.Tensor, scale: torch.Tensor):
         super().__init__(*q.shape)
-        self.q = q.contiguous()  # (N, K) int8
-        self.scale = scale.to(ACT_DTYPE).contiguous()  # (N,)
+        self.q = aligned(q)  # (N, K) int8
+        self.scale = aligned(scale.to(ACT_DTYPE))  # (N,)
 
     def _mm(self, x: torch.Tensor) -> torch.Tensor:
         return torch._weight_int8pack_mm(x, self.q, self.scale)  # (T, N) bf16
