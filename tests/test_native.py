@@ -17,6 +17,7 @@ import torch
 from infinichat import native
 from infinichat.engine.torch_engine import TorchEngine
 from infinichat.kv.cache import KVCache
+from infinichat.model import quant
 from infinichat.model.config import ModelConfig
 from infinichat.model.transformer import Transformer
 
@@ -37,8 +38,14 @@ def _cfg(**kw) -> ModelConfig:
 
 
 def _pair(mode: str, **kw) -> tuple[Transformer, Transformer]:
+    """(quantized model, float32 model of its dequantized weights). mode int8 (grouped, what --quant int8 stores
+    where the library builds), int8-row (per-row int8 layers: where it does not; the native step takes them
+    too) or int4."""
     cfg = _cfg(**kw)
-    qm = Transformer(cfg, _weights(cfg), torch.bfloat16, quant=mode)
+    w = _weights(cfg)
+    if mode == "int8-row":
+        mode, w = "int8", quant.quantize(w, "int8", cfg.tie_embeddings, int8_groups=False)
+    qm = Transformer(cfg, w, torch.bfloat16, quant=mode)
     return qm, Transformer(cfg, _dequantized(qm), torch.float32)
 
 
@@ -67,11 +74,13 @@ needs_lib = pytest.mark.skipif(not CAN_BUILD, reason="the native library cannot 
 
 
 @needs_lib
-@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("mode", ["int8", "int8-row", "int4"])
 @pytest.mark.parametrize("kw", [{}, {"qkv_bias": True, "tie_embeddings": True}])
 def test_native_decode_matches_float32_model_of_the_dequantized_weights(mode, kw):
     qm, ref = _pair(mode, **kw)
     assert qm.native is not None
+    layer_type = {"int8": quant.Int8GroupLinear, "int8-row": quant.Int8Linear, "int4": quant.Int4Linear}[mode]
+    assert all(isinstance(L[n + ".weight"], layer_type) for L in qm.layers for n in ("wqkv", "wo", "w_in", "w_out"))
     cfg = qm.cfg
     n = 150  # more than one attention block of 64 slots, split over two threads below
     ids = torch.randint(0, cfg.vocab_size, (n,), generator=torch.Generator().manual_seed(1))
@@ -100,7 +109,7 @@ def test_native_decode_matches_float32_model_of_the_dequantized_weights(mode, kw
 
 
 @needs_lib
-@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("mode", ["int8", "int8-row", "int4"])
 def test_native_steps_through_the_engine_follow_the_float32_model(mode):
     """A prompt through the engine (the PyTorch kernels), then 40 tokens that the float32 model of the same
     weights picks greedily, fed to the quantized engine one step at a time (native): its logits stay within

@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from infinichat.errors import ModelLoadError
 from infinichat.model.config import ModelConfig, RopeScaling
 from infinichat.model.gguf_meta import read_gguf_fields
-from infinichat.model.quant import QUANT_FORMAT, QUANT_SUFFIXES, check_mode, quantize
+from infinichat.model.quant import QUANT_FORMAT, QUANT_SUFFIXES, cache_tag, check_mode, quantize
 from infinichat.model.tokenizer import Tokenizer
 from infinichat.model.transformer import Transformer
 
@@ -163,7 +163,7 @@ def _cached_weights(entry: Path, dtype: torch.dtype, quant: str = "none") -> dic
     twice-larger float32 file, and the quantization, which takes seconds)."""
     if dtype == torch.float32 and quant == "none":
         return load_file(str(entry / "weights.safetensors"))
-    suffix = "" if quant == "none" else f"-{quant}v{QUANT_FORMAT}"
+    suffix = "" if quant == "none" else f"-{cache_tag(quant)}v{QUANT_FORMAT}"
     path = entry / f"weights-{str(dtype).removeprefix('torch.')}{suffix}.safetensors"
     if not path.is_file():
         weights = load_file(str(entry / "weights.safetensors"))  # float32

@@ -1,12 +1,21 @@
-"""Weight-only quantization for CPU decode: int8 per output channel, int4 per group of 32 inputs.
+"""Weight-only quantization for CPU decode: int8 and int4 per group of 32 inputs.
 
 Decode on CPU reads every weight once per token, so it runs at the memory bandwidth: fewer bytes per weight
-is more tokens per second. Activations stay bfloat16; the products run in PyTorch's own CPU kernels
-(`torch._weight_int8pack_mm`, `aten._weight_int4pack_mm_for_cpu`), which dequantize tiles in registers.
+is more tokens per second. One-token steps run in the native decode step (native/decode.c); other calls of
+fewer than transformer.QUANT_DENSE_MIN_T tokens run in the native multi-token product (grouped int8) or in
+PyTorch's own CPU kernels (`aten._weight_int4pack_mm_for_cpu`, `torch._weight_int8pack_mm`), with bfloat16
+activations.
 
-    int8:  w = q * s            q int8 in [-127, 127], s per output row (symmetric)
-    int4:  w = (q - 8) * s + z  q in [0, 15], s and z per row and group of GROUP inputs (asymmetric
-                                min/max, as GGUF Q4_1 does; from a Q4_1 file the grid is recovered exactly)
+    int8 (grouped):  w = q * s + z        q int8 in [-128, 127], s and z per row and group of GROUP inputs
+                                          (the group's min/max on 256 levels; 9 bits per weight)
+    int8 (per row):  w = q * s            q int8 in [-127, 127], s per output row (symmetric)
+    int4:            w = (q - 8) * s + z  q in [0, 15], s and z per row and group of GROUP inputs (asymmetric
+                                          min/max, as GGUF Q4_1 does; from a Q4_1 file the grid is recovered exactly)
+
+`--quant int8` stores the layers' weights grouped where the native library runs (the grid holds a Q4_1 file's
+16 levels as every 17th of its 256, so the default model's weights are kept up to the bf16 rounding of s and z:
+98.9% top-1 agreement with bf16 where per-row int8 had 97.2%, benchmarks/NOTES.md), and per row elsewhere
+(PyTorch's int8 kernel takes one scale per row; `int8_layout()`).
 
 `quantize(weights, mode)` turns the canonical dense weights (weights.py) into a flat dict of tensors (so a
 quantized model caches to one safetensors file); `QuantLinear.from_tensors` builds the matmul objects
@@ -28,10 +37,10 @@ from infinichat.errors import InfinichatError
 log = logging.getLogger(__name__)
 
 QUANT_MODES = ("none", "int8", "int4")
-QUANT_FORMAT = 1  # in the cached file names: bump when what `quantize` produces changes
+QUANT_FORMAT = 1  # in the cached file names (with `cache_tag`): bump when what `quantize` produces changes
 GROUP = 32  # int4 group size: the GGUF Q4_0/Q4_1 block size; also what K=576 (SmolLM2) divides into
 ACT_DTYPE = torch.bfloat16  # the kernels' activation (and scale) dtype
-QUANT_SUFFIXES = (".q8", ".scale", ".q4", ".scale_zero")  # the tensors `quantize` makes
+QUANT_SUFFIXES = (".q8", ".scale", ".q8g", ".q4", ".scale_zero")  # the tensors `quantize` makes
 
 
 def check_mode(quant: str | None) -> str:
@@ -63,30 +72,64 @@ def quantize_int4(w: torch.Tensor, group: int = GROUP) -> tuple[torch.Tensor, to
     return pack_nibbles(q), torch.stack((scale, zero), dim=-1)  # (N, K/2), (N, G, 2)
 
 
+def quantize_int8_group(w: torch.Tensor, group: int = GROUP) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, K) float -> q (N, K) int8 in [-128, 127], scale_zero (N, K/group, 2) bf16: w ~ q * s + z, the
+    group's min/max mapped onto the 256 levels. A Q4_1 group (16 levels lo + i*d) lands on levels 17*i - 128:
+    its values are kept up to the bf16 rounding of s and z."""
+    N, K = w.shape
+    wg = w.float().view(N, K // group, group)  # (N, G, g)
+    lo, hi = wg.amin(dim=-1), wg.amax(dim=-1)  # (N, G)
+    scale = ((hi - lo) / 255).clamp(min=1e-12).to(ACT_DTYPE)  # (N, G)
+    zero = (lo + 128 * scale.float()).to(ACT_DTYPE)  # (N, G): the value of q = 0
+    s, z = scale.float()[..., None], zero.float()[..., None]
+    q = torch.round((wg - z) / s).clamp(-128, 127).to(torch.int8).view(N, K)  # (N, K)
+    return q, torch.stack((scale, zero), dim=-1)  # (N, K), (N, G, 2)
+
+
 def int4_fits(w: torch.Tensor, group: int = GROUP) -> bool:
     N, K = w.shape
     return N % 16 == 0 and K % group == 0
 
 
-def quantize(weights: dict[str, torch.Tensor], mode: str, tie_embeddings: bool) -> dict[str, torch.Tensor]:
+def int8_layout() -> str:
+    """'group' where the native library runs (its products take per-group scales), else 'row' (PyTorch's
+    int8 kernel takes per-row scales only)."""
+    from infinichat import native
+
+    return "group" if native.library() is not None else "row"
+
+
+def cache_tag(mode: str) -> str:
+    """The name of what `quantize(.., mode)` makes on this machine, for cached files: int8g, int8, int4."""
+    return "int8g" if mode == "int8" and int8_layout() == "group" else mode
+
+
+def quantize(
+    weights: dict[str, torch.Tensor], mode: str, tie_embeddings: bool, int8_groups: bool | None = None
+) -> dict[str, torch.Tensor]:
     """Dense canonical weights -> a flat dict where each quantized layer matrix `X.weight` becomes
-    `X.q8` + `X.scale` (int8) or `X.q4` + `X.scale_zero` (int4). The head gets `.q8` + `.scale` next to
-    its dense `.weight`; norms, biases and an untied embedding table stay as they are."""
+    `X.q8g` + `X.scale_zero` (int8 grouped), `X.q8` + `X.scale` (int8 per row: without `int8_groups`, which
+    defaults to `int8_layout()`, or where K is not a multiple of GROUP) or `X.q4` + `X.scale_zero` (int4;
+    per-row int8 where the kernel cannot take the shape). The head gets `.q8` + `.scale` next to its dense
+    `.weight`; norms, biases and an untied embedding table stay as they are."""
     mode = check_mode(mode)
     if mode == "none":
         return dict(weights)
+    if int8_groups is None:
+        int8_groups = mode == "int8" and int8_layout() == "group"
     out: dict[str, torch.Tensor] = {}
     head = "embed.weight" if tie_embeddings else "lm_head.weight"
     for name, t in weights.items():
         is_matrix = name.endswith(".weight") and t.dim() == 2 and name.startswith("layers.")
+        base = name.removesuffix(".weight")
         if name == head:
             out[name] = t
-        if name == head or (is_matrix and (mode == "int8" or not int4_fits(t))):
-            base = name.removesuffix(".weight")
-            out[base + ".q8"], out[base + ".scale"] = quantize_int8(t)
-        elif is_matrix:
-            base = name.removesuffix(".weight")
+        if is_matrix and mode == "int4" and int4_fits(t):
             out[base + ".q4"], out[base + ".scale_zero"] = quantize_int4(t)
+        elif is_matrix and mode == "int8" and int8_groups and t.shape[1] % GROUP == 0:
+            out[base + ".q8g"], out[base + ".scale_zero"] = quantize_int8_group(t)
+        elif is_matrix or name == head:
+            out[base + ".q8"], out[base + ".scale"] = quantize_int8(t)
         else:
             out[name] = t
     return out
@@ -120,6 +163,8 @@ class QuantLinear:
             return Int8Linear(flat[base + ".q8"], flat[base + ".scale"])
         if base + ".q4" in flat:
             return Int4Linear(flat[base + ".q4"], flat[base + ".scale_zero"])
+        if base + ".q8g" in flat:
+            return Int8GroupLinear(flat[base + ".q8g"], flat[base + ".scale_zero"])
         return None
 
 
@@ -146,6 +191,37 @@ class Int8Linear(QuantLinear):
     @property
     def nbytes(self) -> int:
         return self.q.nbytes + self.scale.nbytes
+
+
+class Int8GroupLinear(QuantLinear):
+    """int8 with a scale and a zero per row and group of inputs. Its products run natively (decode.c); without
+    the native library (where `quantize` does not choose this layout, but a flat dict may still hold it) over
+    the dequantized weight, which is correct but re-dequantizes it at every call."""
+
+    def __init__(self, q: torch.Tensor, scale_zero: torch.Tensor):
+        super().__init__(*q.shape)
+        self.q = q.contiguous()  # (N, K) int8
+        self.group = self.K // scale_zero.shape[1]
+        self.scale_zero = scale_zero.to(ACT_DTYPE).contiguous()  # (N, K/g, 2)
+        self._native: object = False  # native.Matmul for this weight, None without one; made at first use
+
+    def _mm(self, x: torch.Tensor) -> torch.Tensor:
+        if self._native is False:
+            from infinichat import native
+
+            self._native = native.matmul_for(self)
+        if self._native is None:
+            return F.linear(x.float(), self.dense(torch.float32)).to(ACT_DTYPE)
+        return self._native(x).to(ACT_DTYPE)  # (T, N)
+
+    def dense(self, dtype: torch.dtype) -> torch.Tensor:
+        q = self.q.view(self.N, -1, self.group).to(torch.float32)  # (N, K/g, g)
+        s, z = self.scale_zero.float().unbind(-1)  # (N, K/g) each
+        return (q * s[..., None] + z[..., None]).view(self.N, self.K).to(dtype)  # (N, K)
+
+    @property
+    def nbytes(self) -> int:
+        return self.q.nbytes + self.scale_zero.nbytes
 
 
 class Int4Linear(QuantLinear):
@@ -186,10 +262,3 @@ def unpack_nibbles(b: torch.Tensor) -> torch.Tensor:
     """(N, K/2) uint8 -> (N, K) uint8 in [0, 15]."""
     return torch.stack((b & 15, b >> 4), dim=-1).view(b.shape[0], -1)
 
-
-def linear(x: torch.Tensor, w: QuantLinear, bias: torch.Tensor | None, dense_min_t: int) -> torch.Tensor:
-    """x (T, K) -> (T, N): the quantized kernel for short inputs, a dense product over the dequantized
-    weight (in x's dtype) from `dense_min_t` rows on, where the kernels fall behind the float32 GEMM."""
-    if x.shape[0] < dense_min_t:
-        return w(x, bias).to(x.dtype)
-    return F.linear(x, w.dense(x.dtype), None if bias is None else bias.to(x.dtype))

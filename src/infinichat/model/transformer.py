@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from infinichat.errors import InfinichatError
 from infinichat.model.attention import AttentionRequest, requested_attention
 from infinichat.model.config import ModelConfig
-from infinichat.model.quant import QUANT_SUFFIXES, QuantLinear, check_mode, quantize
+from infinichat.model.quant import QUANT_SUFFIXES, Int8GroupLinear, QuantLinear, check_mode, quantize
 from infinichat.model.rope import Rope, apply_rope, rotate, signed_sin
 from infinichat.native import decoder_for, prompt_attention, prompt_ops
 
@@ -25,10 +25,11 @@ from infinichat.native import decoder_for, prompt_attention, prompt_ops
 # FP32_PREFILL_MIN tokens are computed in float32 (weights upcast exactly, layer by layer).
 PACKED_MAX_T = 16
 FP32_PREFILL_MIN = 32
-# Quantized weights: calls of fewer tokens run in the int8/int4 kernels (bf16 activations); from
-# QUANT_DENSE_MIN_T[mode] tokens on, each weight is dequantized to float32 and the float32 GEMM runs: the kernels
-# re-dequantize per block of 4 rows, so they fall behind as rows grow (crossovers measured: NOTES.md).
-QUANT_DENSE_MIN_T = {"int8": 256, "int4": 512}
+# Quantized weights: calls of fewer tokens run in the int8/int4 kernels; from QUANT_DENSE_MIN_T[layout] tokens
+# on, each weight is dequantized to float32 and the float32 GEMM runs: the kernels fall behind as rows grow.
+# Crossovers measured with benchmarks/quant_chunks.py (NOTES.md): grouped int8 (native product) ~80 tokens,
+# per-row int8 (PyTorch's kernel) ~140, int4 (PyTorch's kernel) ~350. Keyed by `quant_layout`.
+QUANT_DENSE_MIN_T = {"int8g": 80, "int8": 128, "int4": 384}
 LINEARS = ("wqkv", "wo", "w_in", "w_out")
 # A quantized head's RESCORE_TOP best tokens per row get their logits again from the dense bf16 table
 # (benchmarks/NOTES.md: the int8 head alone moved 0.8% of the greedy choices; this costs ~k*D reads).
@@ -82,7 +83,7 @@ class Transformer:
                     f"--quant {self.quant} runs with --dtype bfloat16 (the CPU int8/int4 kernels take bfloat16 "
                     f"activations), not {str(dtype).removeprefix('torch.')}"
                 )
-            if not any(n.endswith((".q8", ".q4")) for n in weights):
+            if not any(n.endswith((".q8", ".q8g", ".q4")) for n in weights):
                 weights = quantize(weights, self.quant, cfg.tie_embeddings)
         w = {  # no copy when the dtype is already right; quantized tensors stay as they are
             n: t if n.endswith(QUANT_SUFFIXES) else t.to(dtype).contiguous()
@@ -105,6 +106,9 @@ class Transformer:
                     L = {k: t for k, t in L.items() if not k.startswith(name + ".") or k == name + ".bias"}
                     L[name + ".weight"] = ql
             self.layers.append(L)
+        # the quantized layers' layout (QUANT_DENSE_MIN_T's key): int8g (grouped int8), int8 (per row), int4
+        grouped = any(isinstance(L.get("wqkv.weight"), Int8GroupLinear) for L in self.layers)
+        self.quant_layout = "int8g" if grouped else self.quant
         self.packed: dict[int, torch.Tensor] = {}  # id(weight) -> oneDNN-packed bf16 copy
         if dtype == torch.bfloat16 and _packing_works():
             dense = [self.lm_head] + [t for L in self.layers for n, t in L.items() if n.endswith("weight")]
@@ -266,7 +270,7 @@ class Transformer:
             x, logits = self.native.decode(int(tokens[0]), positions, cache, start)
             logits = self._rescore(x.to(self.dtype)[None], logits[None])  # (1, V)
             return logits if all_logits else logits[0]
-        fp32_min = QUANT_DENSE_MIN_T[self.quant] if self.quant != "none" else FP32_PREFILL_MIN
+        fp32_min = QUANT_DENSE_MIN_T[self.quant_layout] if self.quant != "none" else FP32_PREFILL_MIN
         compute = torch.float32 if self.dtype == torch.bfloat16 and T >= fp32_min else self.dtype
         x = self._embed(tokens, compute)  # (T, D)
         cos, sin = self.rope.cos_sin(positions, compute)  # (T, rot)

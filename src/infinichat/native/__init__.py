@@ -137,6 +137,65 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.ic_work_size.restype = ctypes.c_size_t
     lib.ic_check.argtypes = [ctypes.POINTER(_Model)]
     lib.ic_decode.argtypes = [ctypes.POINTER(_Model), i64, p, p, p, p, i64, i64, p, p, p, i32]
+    lib.ic_matmul.argtypes = [ctypes.POINTER(_Mat), p, i64, p, i32]
+
+
+KIND_INT4, KIND_INT8, KIND_INT8_GROUP = 4, 8, 9  # decode.c's Mat kinds
+
+
+def _kind(w) -> int | None:
+    """decode.c's kind for a QuantLinear, or None for a format it does not take."""
+    from infinichat.model.quant import Int4Linear, Int8GroupLinear, Int8Linear
+
+    if w.K % BLOCK:
+        return None
+    if isinstance(w, Int8Linear):
+        return KIND_INT8
+    if isinstance(w, Int8GroupLinear) and w.group == BLOCK:
+        return KIND_INT8_GROUP
+    if isinstance(w, Int4Linear) and w.group == BLOCK:
+        return KIND_INT4
+    return None
+
+
+def _mat(w, bias_ptr: int | None = None) -> _Mat:
+    """The C view of a QuantLinear `w` (pointers into its own tensors: keep `w` alive while it is used)."""
+    kind = _kind(w)
+    if kind is None:
+        raise ValueError(f"a {type(w).__name__} ({w.N}x{w.K}) is outside the native formats")
+    q, s = (w.nibbles, w.scale_zero) if kind == KIND_INT4 else (w.q, w.scale_zero if kind == KIND_INT8_GROUP else w.scale)
+    assert s.dtype == torch.bfloat16 and q.is_contiguous() and s.is_contiguous()
+    return _Mat(kind=kind, n=w.N, k=w.K, q=q.data_ptr(), s=s.data_ptr(), bias=bias_ptr)
+
+
+# ---------------------------------------------------------------------------------------------- multi-token products
+class Matmul:
+    """x (T, K) -> x W^T (T, N) float32 for one quantized weight (decode.c's ic_matmul: the decode step's row
+    products, activations quantized per block of 32)."""
+
+    def __init__(self, lib: ctypes.CDLL, w):
+        self.lib, self.n, self.k = lib, w.N, w.K
+        self.mat = _mat(w)  # points into w's tensors: w owns this object
+        self.mref = ctypes.byref(self.mat)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        T, K = x.shape
+        if K != self.k:
+            raise ValueError(f"input of {K} features for a {self.n}x{self.k} weight")
+        x = x.to(torch.float32).contiguous()
+        y = torch.empty(T, self.n, dtype=torch.float32)
+        rc = self.lib.ic_matmul(self.mref, x.data_ptr(), T, y.data_ptr(), torch.get_num_threads())
+        if rc:
+            raise MemoryError(f"native product of {T} rows: out of memory") if rc == 2 else ValueError("native product refused")
+        return y
+
+
+def matmul_for(w) -> Matmul | None:
+    """A native product for QuantLinear `w`, or None (no library, or a format it does not take)."""
+    lib = library()
+    if lib is None or _kind(w) is None:
+        return None
+    return Matmul(lib, w)
 
 
 # ---------------------------------------------------------------------------------------------- prompt row ops
@@ -222,7 +281,7 @@ def prompt_attention() -> PromptAttention | None:
 # ---------------------------------------------------------------------------------------------- the decoder
 def unsupported(model) -> str | None:
     """Why `model` (a Transformer) cannot take the native step, or None if it can."""
-    from infinichat.model.quant import Int4Linear, Int8Linear
+    from infinichat.model.quant import Int8Linear
 
     cfg = model.cfg
     if model.quant == "none":
@@ -235,8 +294,8 @@ def unsupported(model) -> str | None:
         return "the head is not int8 over a bfloat16 embedding"
     mats = [model.lm_head] + [L[n + ".weight"] for L in model.layers for n in ("wqkv", "wo", "w_in", "w_out")]
     for m in mats:
-        if not (isinstance(m, Int8Linear) or (isinstance(m, Int4Linear) and m.group == BLOCK)) or m.K % BLOCK:
-            return f"a {type(m).__name__} ({m.N}x{m.K}) outside the native formats"
+        if not hasattr(m, "K") or _kind(m) is None:
+            return f"a {type(m).__name__} outside the native formats"
     return None
 
 
@@ -253,12 +312,13 @@ class NativeDecoder:
             layers[i].attn_norm = self._f32(L["attn_norm.weight"])
             layers[i].ffn_norm = self._f32(L["ffn_norm.weight"])
             for field, name in (("wqkv", "wqkv"), ("wo", "wo"), ("win", "w_in"), ("wout", "w_out")):
-                setattr(layers[i], field, self._mat(L[name + ".weight"], L.get(name + ".bias")))
+                bias = L.get(name + ".bias")
+                setattr(layers[i], field, _mat(L[name + ".weight"], None if bias is None else self._f32(bias)))
         self.layers = layers
         self.m = _Model(
             n_layers=cfg.n_layers, dim=cfg.dim, n_heads=cfg.n_heads, n_kv=cfg.n_kv_heads, head_dim=cfg.head_dim,
             ffn=cfg.ffn_dim, vocab=model.embed.shape[0], eps=cfg.norm_eps, attn_scale=model.scale,
-            embed=self._ptr(model.embed), final_norm=self._f32(model.norm[0]), head=self._mat(model.lm_head, None),
+            embed=self._ptr(model.embed), final_norm=self._f32(model.norm[0]), head=_mat(model.lm_head),
             layers=ctypes.cast(layers, ctypes.POINTER(_Layer)),
         )
         self.mref = ctypes.byref(self.m)
@@ -277,17 +337,6 @@ class NativeDecoder:
 
     def _f32(self, t: torch.Tensor) -> int:
         return self._ptr(t.float())
-
-    def _mat(self, w, bias: torch.Tensor | None) -> _Mat:
-        from infinichat.model.quant import Int4Linear
-
-        if isinstance(w, Int4Linear):
-            q, s, kind = w.nibbles, w.scale_zero, 4
-        else:
-            q, s, kind = w.q, w.scale, 8
-        assert s.dtype == torch.bfloat16
-        return _Mat(kind=kind, n=w.N, k=w.K, q=self._ptr(q), s=self._ptr(s),
-                    bias=None if bias is None else self._f32(bias))
 
     def bind(self, cache) -> tuple | None:
         """The C view of a cache (`LayerCache`: per-layer bf16 (Hkv, capacity, hd) buffers): the layers' key and

@@ -5,12 +5,14 @@
    it), so a decode step costs one fork/join instead of one per PyTorch op, and no Python runs per layer.
 
    Weights stay in the formats model/quant.py makes (nothing is copied):
-     int8  q (N, K) int8, scale (N,) bf16              w = q * scale
-     int4  nibbles (N, K/2) uint8, sz (N, K/32, 2) bf16 w = (nib - 8) * s + z, s/z per row and 32 inputs;
-           byte j of a group holds input 2j (low nibble) and 2j+1 (high nibble)
+     int8 per row    q (N, K) int8, scale (N,) bf16              w = q * scale
+     int8 per group  q (N, K) int8, sz (N, K/32, 2) bf16         w = q * s + z, s/z per row and 32 inputs
+     int4            nibbles (N, K/2) uint8, sz (N, K/32, 2) bf16 w = (nib - 8) * s + z, s/z as above;
+                     byte j of a group holds input 2j (low nibble) and 2j+1 (high nibble)
    Activations are quantized to int8 per block of 32 (one float scale per block, as GGUF's Q8 does) so the
    products run as integer multiply-adds (AVX2 maddubs): 32 weights per few instructions, and decode stays
-   bound by reading the weights. The int4 zero term uses the exact float sum of each activation block.
+   bound by reading the weights. The zero terms (int4, grouped int8) use the exact float sum of each activation
+   block. The same row products serve multi-token calls of the PyTorch path (ic_matmul, end of file).
 
    The KV cache is the KV store's own bf16 buffers (Hkv, capacity, hd) per layer: the new key/value rows are
    written at slot `start` and attention reads slots [0, start]. Attention is split over the threads by key
@@ -21,6 +23,7 @@
 #include <math.h>
 #include <omp.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define QB 32          /* activation / int4 block */
@@ -30,11 +33,13 @@
 #define MAX_HEADS 128
 #define MAX_GROUP 16    /* query heads per KV head */
 
+enum { KIND_INT4 = 4, KIND_INT8 = 8, KIND_INT8_GROUP = 9 };
+
 typedef struct {
-    int32_t kind;          /* 4 or 8 */
+    int32_t kind;          /* KIND_* */
     int32_t n, k;          /* rows (outputs), inputs */
     const uint8_t *q;      /* int4: (N, K/2) nibbles; int8: (N, K) int8 */
-    const uint16_t *s;     /* int4: (N, K/32, 2) bf16 scale, zero; int8: (N,) bf16 scale */
+    const uint16_t *s;     /* int4, grouped int8: (N, K/32, 2) bf16 scale, zero; int8: (N,) bf16 scale */
     const float *bias;     /* (N,) float32 or NULL */
 } Mat;
 
@@ -118,16 +123,23 @@ static inline void share(int64_t n, int unit, int t, int nt, int64_t *a, int64_t
 }
 
 /* ------------------------------------------------------------------------------------------- activations */
-typedef struct {
-    int8_t q[1 << 16];          /* x ~ d * (q + q2 / 128) */
-    int8_t q2[1 << 16];         /* the rounding residual of q, in steps of d / 128 */
-    float d[(1 << 16) / QB];    /* per-block scale */
-    float sum[(1 << 16) / QB];  /* exact per-block sum (int4 zero term) */
+typedef struct {      /* one activation row quantized per block of 32 */
+    int8_t *q;        /* x ~ d * (q + q2 / 128) */
+    int8_t *q2;       /* the rounding residual of q, in steps of d / 128 */
+    float *d;         /* per-block scale */
+    float *sum;       /* exact per-block sum (the zero terms) */
+} Act;
+
+typedef struct {      /* storage for one Act of up to 2^16 inputs (the decode step's) */
+    int8_t q[1 << 16], q2[1 << 16];
+    float d[(1 << 16) / QB], sum[(1 << 16) / QB];
 } QAct;
+
+static inline Act act_in(QAct *s) { return (Act){s->q, s->q2, s->d, s->sum}; }
 
 /* x (k,) -> int8 blocks of 32. `split`: each block stored as its even inputs then its odd inputs, matching the
    int4 nibble order (low nibbles = even inputs). */
-static void quantize_act(const float *x, int k, int split, QAct *out) {
+static void quantize_act(const float *x, int k, int split, const Act *out) {
     for (int g = 0; g < k / QB; g++) {
         const float *xb = x + g * QB;
         __m256 m = _mm256_setzero_ps(), s = _mm256_setzero_ps();
@@ -173,7 +185,7 @@ static inline __m256i unpack_nibbles(const uint8_t *p) {
     return _mm256_set_m128i(hi, lo);
 }
 
-static float row_int4(const Mat *m, int64_t r, const QAct *a) {
+static float row_int4(const Mat *m, int64_t r, const Act *a) {
     const int G = m->k / QB;
     const uint8_t *w = m->q + r * (m->k / 2);
     const uint16_t *sz = m->s + r * G * 2;
@@ -198,7 +210,8 @@ static float row_int4(const Mat *m, int64_t r, const QAct *a) {
     return hsum8(_mm256_add_ps(acc0, acc1)) * (1.0f / 128) + zacc;
 }
 
-/* int8 weights: u8 x s8 products as |w| times x with w's sign (w in [-127, 127]) */
+/* int8 weights: u8 x s8 products as |w| times x with w's sign. w in [-128, 127]: |-128| is 128 as a u8, and
+   128 * 127 * 2 still fits maddubs' saturating int16 sums */
 static inline __m256i dot2_s8_32(const int8_t *w, const int8_t *x, const int8_t *x2) {
     __m256i wv = _mm256_loadu_si256((const __m256i *)w);
     __m256i aw = _mm256_sign_epi8(wv, wv);
@@ -207,7 +220,7 @@ static inline __m256i dot2_s8_32(const int8_t *w, const int8_t *x, const int8_t 
     return _mm256_add_epi32(_mm256_slli_epi32(p1, 7), p2);
 }
 
-static float row_int8(const Mat *m, int64_t r, const QAct *a) {
+static float row_int8(const Mat *m, int64_t r, const Act *a) {
     const int G = m->k / QB;
     const int8_t *w = (const int8_t *)m->q + r * m->k;
     __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
@@ -225,13 +238,43 @@ static float row_int8(const Mat *m, int64_t r, const QAct *a) {
     return hsum8(_mm256_add_ps(acc0, acc1)) * bf16_f32(m->s[r]) * (1.0f / 128);
 }
 
+static float row_int8_group(const Mat *m, int64_t r, const Act *a) {
+    const int G = m->k / QB;
+    const int8_t *w = (const int8_t *)m->q + r * m->k;
+    const uint16_t *sz = m->s + r * G * 2;
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    float zacc = 0.0f;
+    int g = 0;
+    for (; g + 1 < G; g += 2) {
+        __m256i p0 = dot2_s8_32(w + QB * g, a->q + QB * g, a->q2 + QB * g);
+        __m256i p1 = dot2_s8_32(w + QB * (g + 1), a->q + QB * (g + 1), a->q2 + QB * (g + 1));
+        acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(bf16_f32(sz[2 * g]) * a->d[g]), acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_set1_ps(bf16_f32(sz[2 * g + 2]) * a->d[g + 1]), acc1);
+        zacc += bf16_f32(sz[2 * g + 1]) * a->sum[g] + bf16_f32(sz[2 * g + 3]) * a->sum[g + 1];
+    }
+    for (; g < G; g++) {
+        __m256i p0 = dot2_s8_32(w + QB * g, a->q + QB * g, a->q2 + QB * g);
+        acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(bf16_f32(sz[2 * g]) * a->d[g]), acc0);
+        zacc += bf16_f32(sz[2 * g + 1]) * a->sum[g];
+    }
+    return hsum8(_mm256_add_ps(acc0, acc1)) * (1.0f / 128) + zacc;
+}
+
+static inline float row_dot(const Mat *m, int64_t r, const Act *a) {
+    switch (m->kind) {
+    case KIND_INT4: return row_int4(m, r, a);
+    case KIND_INT8_GROUP: return row_int8_group(m, r, a);
+    default: return row_int8(m, r, a);
+    }
+}
+
 /* y = W x (+ bias) (+ y if `accumulate`), rows split over the team. `a` must hold x quantized for m->kind
    (split order for int4). Ends with the loop's barrier. */
-static void matvec(const Mat *m, const QAct *a, float *y, int accumulate) {
+static void matvec(const Mat *m, Act a, float *y, int accumulate) {
     int64_t n = m->n;
     #pragma omp for schedule(static)
     for (int64_t r = 0; r < n; r++) {
-        float v = m->kind == 4 ? row_int4(m, r, a) : row_int8(m, r, a);
+        float v = row_dot(m, r, &a);
         if (m->bias) v += m->bias[r];
         y[r] = accumulate ? y[r] + v : v;
     }
@@ -369,12 +412,12 @@ typedef struct {
     Partial part[MAX_THREADS];
 } Work;
 
-static void quantize_for(const Mat *m, const float *x, Work *W) {
-    if (m->kind == 4) quantize_act(x, m->k, 1, &W->a4);
-    else quantize_act(x, m->k, 0, &W->a8);
-}
+static Act act_for(const Mat *m, Work *W) { return act_in(m->kind == KIND_INT4 ? &W->a4 : &W->a8); }
 
-static const QAct *act_for(const Mat *m, Work *W) { return m->kind == 4 ? &W->a4 : &W->a8; }
+static void quantize_for(const Mat *m, const float *x, Work *W) {
+    Act a = act_for(m, W);
+    quantize_act(x, m->k, m->kind == KIND_INT4, &a);
+}
 
 size_t ic_work_size(void) { return sizeof(Work); }
 
@@ -633,4 +676,110 @@ void ic_rope_rows(float *x, int64_t T, int64_t ld, int nh, int hd, const float *
 void ic_silu_mul_rows(const float *hm, int64_t T, int F, float *out, int nthreads) {
     #pragma omp parallel for schedule(static) num_threads(nthreads)
     for (int64_t t = 0; t < T; t++) silu_mul(hm + t * 2 * (int64_t)F, hm + t * 2 * (int64_t)F + F, F, out + t * F);
+}
+
+/* ------------------------------------------------------------------------------------------- multi-token products
+   y (T, N) = x (T, K) W^T (+ bias) for the PyTorch path's calls of more than one token (and its one-token calls
+   where the native step does not run). int8 weights (per row or per group): activations rounded to int16 per
+   block of 32 (x ~ d * q, |q| <= 32767: finer than the decode step's two int8 levels), products with
+   madd_epi16 over the weights widened to int16 once per block and applied to TT tokens; blocks of RB weight
+   rows stay in L1 while every token passes over them. int4 weights: the decode step's row products per token. */
+#define RB 16
+#define TT 4
+
+static void quantize_act16(const float *x, int k, int16_t *q, float *d, float *sum) {
+    for (int g = 0; g < k / QB; g++) {
+        const float *xb = x + g * QB;
+        float amax = 0.0f, s = 0.0f;
+        for (int i = 0; i < QB; i++) {
+            amax = fabsf(xb[i]) > amax ? fabsf(xb[i]) : amax;
+            s += xb[i];
+        }
+        d[g] = amax / 32767.0f;
+        sum[g] = s;
+        const float inv = amax > 0 ? 32767.0f / amax : 0.0f;
+        for (int i = 0; i < QB; i++) q[g * QB + i] = (int16_t)rintf(xb[i] * inv);
+    }
+}
+
+/* rows [r0, r1) of an int8 weight (`grouped`: per-group scale and zero, else per-row scale) for tokens
+   [t0, t0 + nt), nt <= TT; q/d/sum: all tokens' int16 activations */
+static inline __attribute__((always_inline)) void rows_int8_x16(
+    const Mat *m, int64_t r0, int64_t r1, int64_t t0, int nt, const int16_t *q, const float *d, const float *sum,
+    float *y, const int grouped) {
+    const int64_t K = m->k, N = m->n, G = K / QB;
+    for (int64_t r = r0; r < r1; r++) {
+        const int8_t *w = (const int8_t *)m->q + r * K;
+        const uint16_t *sz = m->s + r * G * 2;
+        __m256 acc[TT];
+        float zacc[TT];
+        for (int j = 0; j < TT; j++) {
+            acc[j] = _mm256_setzero_ps();
+            zacc[j] = 0.0f;
+        }
+        for (int64_t g = 0; g < G; g++) {
+            const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w + QB * g)));
+            const __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w + QB * g + 16)));
+            const float sg = grouped ? bf16_f32(sz[2 * g]) : 1.0f;
+            for (int j = 0; j < nt; j++) {
+                const int16_t *x = q + (t0 + j) * K + QB * g;
+                __m256i p = _mm256_add_epi32(_mm256_madd_epi16(w0, _mm256_loadu_si256((const __m256i *)x)),
+                                             _mm256_madd_epi16(w1, _mm256_loadu_si256((const __m256i *)(x + 16))));
+                acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(sg * d[(t0 + j) * G + g]), acc[j]);
+                if (grouped) zacc[j] += bf16_f32(sz[2 * g + 1]) * sum[(t0 + j) * G + g];
+            }
+        }
+        const float rs = grouped ? 1.0f : bf16_f32(m->s[r]);
+        const float b = m->bias ? m->bias[r] : 0.0f;
+        for (int j = 0; j < nt; j++) y[(t0 + j) * N + r] = hsum8(acc[j]) * rs + zacc[j] + b;
+    }
+}
+
+int ic_matmul(const Mat *m, const float *x, int64_t T, float *y, int nthreads) {
+    if (m->k % QB || T < 1) return 1;
+    const int64_t K = m->k, N = m->n, G = K / QB;
+    const int int4 = m->kind == KIND_INT4;
+    /* int4: two int8 levels per value (q, q2); int8: one int16 per value, in the same bytes */
+    int8_t *q = malloc((size_t)(T * K) * 2), *q2 = q + T * K;
+    float *d = malloc(sizeof(float) * T * G), *sum = malloc(sizeof(float) * T * G);
+    int rc = 0;
+    if (!q || !d || !sum) {
+        rc = 2;
+        goto done;
+    }
+    #pragma omp parallel num_threads(nthreads)
+    {
+        #pragma omp for schedule(static)
+        for (int64_t t = 0; t < T; t++) {
+            if (int4) {
+                Act a = {q + t * K, q2 + t * K, d + t * G, sum + t * G};
+                quantize_act(x + t * K, (int)K, 1, &a);
+            } else {
+                quantize_act16(x + t * K, (int)K, (int16_t *)q + t * K, d + t * G, sum + t * G);
+            }
+        }
+        #pragma omp for schedule(static)
+        for (int64_t r0 = 0; r0 < N; r0 += RB) {
+            const int64_t r1 = r0 + RB < N ? r0 + RB : N;
+            for (int64_t t0 = 0; t0 < T; t0 += TT) {
+                const int nt = (int)(T - t0 < TT ? T - t0 : TT);
+                if (m->kind == KIND_INT8_GROUP) {
+                    rows_int8_x16(m, r0, r1, t0, nt, (const int16_t *)q, d, sum, y, 1);
+                } else if (m->kind == KIND_INT8) {
+                    rows_int8_x16(m, r0, r1, t0, nt, (const int16_t *)q, d, sum, y, 0);
+                } else {
+                    for (int j = 0; j < nt; j++) {
+                        const int64_t t = t0 + j;
+                        Act a = {q + t * K, q2 + t * K, d + t * G, sum + t * G};
+                        for (int64_t r = r0; r < r1; r++) y[t * N + r] = row_dot(m, r, &a) + (m->bias ? m->bias[r] : 0.0f);
+                    }
+                }
+            }
+        }
+    }
+done:
+    free(q);
+    free(d);
+    free(sum);
+    return rc;
 }
