@@ -27,7 +27,8 @@ def _add_model_args(p: argparse.ArgumentParser, dtype: str = DEFAULT_DTYPE, ctx:
     g.add_argument("--dtype", default=dtype, choices=("float32", "bfloat16", "float16"),
                    help=f"compute dtype of the torch backend (default {dtype})")
     g.add_argument("--quant", default="none", choices=("none", "int8", "int4"),
-                   help="store the weights as int8 (per row) or int4 (groups of 32) for faster CPU decode; "
+                   help="store the weights as int8 or int4 (per group of 32 inputs; int8 per row where the "
+                   "native library cannot be built) for faster CPU decode; "
                    "needs --dtype bfloat16; quantized once, then cached (default none)")
     g.add_argument("--threads", type=int, default=0, help="CPU threads (default: physical cores; more "
                    "threads than free cores slows llama.cpp down badly)")
