@@ -146,14 +146,20 @@ def test_int8_group_quantizer_error():
     assert err.mean() * 1.3 <= row_err.mean(), (err.mean().item(), row_err.mean().item())
 
 
+def _q4_1_levels(N: int, K: int, g: torch.Generator) -> torch.Tensor:
+    """(N, K) random 4-bit levels in which every group spans the whole grid, as Q4_1's min/max blocks do."""
+    q = torch.randint(0, 16, (N, K), generator=g)
+    q[:, :: quant.GROUP] = 0
+    q[:, 1 :: quant.GROUP] = 15
+    return q
+
+
 def test_int8_group_holds_a_q4_1_grid():
     """A Q4_1 group (16 levels lo + i*d) lands on every 17th of the 256 levels: exactly where d/17 and the zero
     are representable in bf16, and within a step of them (d/17) otherwise."""
     g = torch.Generator().manual_seed(6)
     N, K = 64, 128
-    q = torch.randint(0, 16, (N, K), generator=g)
-    q[:, :: quant.GROUP] = 0  # every group spans the whole grid, as Q4_1's min/max blocks do
-    q[:, 1 :: quant.GROUP] = 15
+    q = _q4_1_levels(N, K, g)
     s = 2.0 ** torch.randint(-13, -9, (N, K // quant.GROUP, 1), generator=g)  # (N, G, 1) the int8 step
     lo = -128 * s + s * torch.randint(-64, 64, s.shape, generator=g)  # zero = lo + 128 s: a few bits
     w = (q.view(N, -1, quant.GROUP) * 17 * s + lo).view(N, K)  # d = 17 s
@@ -173,9 +179,7 @@ def test_int4_recovers_a_q4_1_grid():
     grid's step and offset are representable in bf16."""
     g = torch.Generator().manual_seed(5)
     N, K = 64, 128
-    q = torch.randint(0, 16, (N, K), generator=g)
-    q[:, :: quant.GROUP] = 0  # every group spans the whole grid, as Q4_1's min/max blocks do
-    q[:, 1 :: quant.GROUP] = 15
+    q = _q4_1_levels(N, K, g)
     d = 2.0 ** torch.randint(-9, -5, (N, K // quant.GROUP, 1), generator=g)  # (N, G, 1) powers of two
     m = -8 * d * torch.randint(1, 3, d.shape, generator=g)  # offsets on the same grid
     w = (q.view(N, -1, quant.GROUP) * d + m).view(N, K)

@@ -59,31 +59,33 @@ def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
-def quantize_int4(w: torch.Tensor, group: int = GROUP) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, K) float -> nibbles (N, K/2) uint8 (values in [0, 15], see `pack_nibbles`), scale_zero
-    (N, K/group, 2) bf16: w ~ (q - 8) * s + z."""
+def _minmax_groups(w: torch.Tensor, group: int, levels: int, centre: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each group's [min, max] on `levels` evenly spaced levels, q - centre in [-centre, levels - 1 - centre]:
+    -> q (N, K) float, centred, and scale_zero (N, K/group, 2) bf16, zero the value of the centre level, so
+    w ~ q * s + z. The scale and zero are rounded to bf16 first, and q is rounded against them."""
     N, K = w.shape
     wg = w.float().view(N, K // group, group)  # (N, G, g)
     lo, hi = wg.amin(dim=-1), wg.amax(dim=-1)  # (N, G)
-    scale = ((hi - lo) / 15).clamp(min=1e-12).to(ACT_DTYPE)  # (N, G)
-    zero = (lo + 8 * scale.float()).to(ACT_DTYPE)  # (N, G): the value of q = 8
+    scale = ((hi - lo) / (levels - 1)).clamp(min=1e-12).to(ACT_DTYPE)  # (N, G)
+    zero = (lo + centre * scale.float()).to(ACT_DTYPE)  # (N, G)
     s, z = scale.float()[..., None], zero.float()[..., None]
-    q = torch.round((wg - z) / s + 8).clamp(0, 15).view(N, K)  # (N, K)
-    return pack_nibbles(q), torch.stack((scale, zero), dim=-1)  # (N, K/2), (N, G, 2)
+    q = torch.round((wg - z) / s).clamp(-centre, levels - 1 - centre).view(N, K)  # (N, K)
+    return q, torch.stack((scale, zero), dim=-1)
+
+
+def quantize_int4(w: torch.Tensor, group: int = GROUP) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, K) float -> nibbles (N, K/2) uint8 (values in [0, 15], see `pack_nibbles`), scale_zero
+    (N, K/group, 2) bf16: w ~ (q - 8) * s + z."""
+    q, scale_zero = _minmax_groups(w, group, 16, 8)
+    return pack_nibbles(q + 8), scale_zero  # (N, K/2), (N, G, 2)
 
 
 def quantize_int8_group(w: torch.Tensor, group: int = GROUP) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, K) float -> q (N, K) int8 in [-128, 127], scale_zero (N, K/group, 2) bf16: w ~ q * s + z, the
     group's min/max mapped onto the 256 levels. A Q4_1 group (16 levels lo + i*d) lands on levels 17*i - 128:
     its values are kept up to the bf16 rounding of s and z."""
-    N, K = w.shape
-    wg = w.float().view(N, K // group, group)  # (N, G, g)
-    lo, hi = wg.amin(dim=-1), wg.amax(dim=-1)  # (N, G)
-    scale = ((hi - lo) / 255).clamp(min=1e-12).to(ACT_DTYPE)  # (N, G)
-    zero = (lo + 128 * scale.float()).to(ACT_DTYPE)  # (N, G): the value of q = 0
-    s, z = scale.float()[..., None], zero.float()[..., None]
-    q = torch.round((wg - z) / s).clamp(-128, 127).to(torch.int8).view(N, K)  # (N, K)
-    return q, torch.stack((scale, zero), dim=-1)  # (N, K), (N, G, 2)
+    q, scale_zero = _minmax_groups(w, group, 256, 128)
+    return q.to(torch.int8), scale_zero  # (N, K), (N, G, 2)
 
 
 def int4_fits(w: torch.Tensor, group: int = GROUP) -> bool:
