@@ -1,12 +1,12 @@
 """Quantized models on calls of several tokens (a chat turn's prompt, a tool result): the products each weight
 layout runs on, by chunk length, and where the float32 product over dequantized weights overtakes them
-(transformer.QUANT_DENSE_MIN_T).
+(transformer.QUANT_DENSE_MIN_T: the model's `dense_min_t`).
 
     python3 benchmarks/quant_chunks.py [--chunks 2 8 32 64 128 256 512] [--rounds 3] [--threads 2]
 
 Variants, each on the default model, a chunk of T tokens of Moby Dick appended after 64 tokens of context:
   int8            grouped int8 (what --quant int8 stores where the native library builds): the native
-                  multi-token product (decode.c's ic_matmul), bf16 activations between products
+                  multi-token product (decode.c's ic_matmul), float32 activations from 32 tokens on
   int8-row        per-row int8 (what it stores elsewhere): torch._weight_int8pack_mm
   int4            int4: aten._weight_int4pack_mm_for_cpu
   <mode> f32      the same weights dequantized to float32 per call and multiplied by MKL's GEMM
@@ -22,10 +22,9 @@ import time
 from pathlib import Path
 from unittest import mock
 
-import torch
 
 from infinichat.engine.torch_engine import TorchEngine, set_threads
-from infinichat.model import quant, transformer
+from infinichat.model import quant
 from infinichat.model.loader import load_model
 
 MOBY = Path(__file__).resolve().parents[2] / "shared" / "data" / "moby_dick.txt"
@@ -37,9 +36,12 @@ def chunk_rate(model, ids: list[int], T: int, dense: bool) -> float:
     engine = TorchEngine(model)
     seq = engine.new_cache(CONTEXT + T + 8)
     engine.prefill(seq, ids[:CONTEXT])
-    limits = dict(transformer.QUANT_DENSE_MIN_T)
-    limits[model.quant_layout] = 0 if dense else 1 << 30
-    with mock.patch.dict(transformer.QUANT_DENSE_MIN_T, limits):
+    never = 1 << 30
+    if dense:  # float32 activations, products over the dequantized weights
+        limits = {"dense_min_t": 0, "fp32_min": 0}
+    else:  # the kernels at any length, activations as the model keeps them below its threshold
+        limits = {"dense_min_t": never, "fp32_min": never if model.fp32_min == model.dense_min_t else model.fp32_min}
+    with mock.patch.multiple(model, **limits):
         t0 = time.perf_counter()
         engine.prefill(seq, ids[CONTEXT : CONTEXT + T], chunk=T)
         return T / (time.perf_counter() - t0)

@@ -207,14 +207,19 @@ class Int8GroupLinear(QuantLinear):
         self.scale_zero = scale_zero.to(ACT_DTYPE).contiguous()  # (N, K/g, 2)
         self._native: object = False  # native.Matmul for this weight, None without one; made at first use
 
-    def _mm(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """x (T, K) bf16 or float32 -> (T, N) in x's dtype: float32 inputs stay float32 (the product is)."""
         if self._native is False:
             from infinichat import native
 
             self._native = native.matmul_for(self)
         if self._native is None:
-            return F.linear(x.float(), self.dense(torch.float32)).to(ACT_DTYPE)
-        return self._native(x).to(ACT_DTYPE)  # (T, N)
+            y = F.linear(x.float(), self.dense(torch.float32))
+        else:
+            y = self._native(x)  # (T, N) float32
+        if bias is not None:
+            y += bias.float()
+        return y if x.dtype == torch.float32 else y.to(x.dtype)
 
     def dense(self, dtype: torch.dtype) -> torch.Tensor:
         q = self.q.view(self.N, -1, self.group).to(torch.float32)  # (N, K/g, g)

@@ -27,9 +27,10 @@ PACKED_MAX_T = 16
 FP32_PREFILL_MIN = 32
 # Quantized weights: calls of fewer tokens run in the int8/int4 kernels; from QUANT_DENSE_MIN_T[layout] tokens
 # on, each weight is dequantized to float32 and the float32 GEMM runs: the kernels fall behind as rows grow.
-# Crossovers measured with benchmarks/quant_chunks.py (NOTES.md): grouped int8 (native product) ~80 tokens,
-# per-row int8 (PyTorch's kernel) ~140, int4 (PyTorch's kernel) ~350. Keyed by `quant_layout`.
-QUANT_DENSE_MIN_T = {"int8g": 80, "int8": 128, "int4": 384}
+# Crossovers measured with benchmarks/quant_chunks.py (NOTES.md; they move with the host's load): grouped int8
+# (native product, AVX-512 VNNI, float32 activations) ~220 tokens, per-row int8 (PyTorch's kernel) 50-140,
+# int4 (PyTorch's kernel) 220-350. Keyed by `quant_layout`.
+QUANT_DENSE_MIN_T = {"int8g": 224, "int8": 96, "int4": 288}
 LINEARS = ("wqkv", "wo", "w_in", "w_out")
 # A quantized head's RESCORE_TOP best tokens per row get their logits again from the dense bf16 table
 # (benchmarks/NOTES.md: the int8 head alone moved 0.8% of the greedy choices; this costs ~k*D reads).
@@ -109,6 +110,12 @@ class Transformer:
         # the quantized layers' layout (QUANT_DENSE_MIN_T's key): int8g (grouped int8), int8 (per row), int4
         grouped = any(isinstance(L.get("wqkv.weight"), Int8GroupLinear) for L in self.layers)
         self.quant_layout = "int8g" if grouped else self.quant
+        # prompts of fp32_min tokens or more are computed in float32 (bf16 models: faster from there; grouped
+        # int8: its native product takes float32 inputs, so its chunks keep float32 activations, as bf16
+        # models' do); below dense_min_t tokens quantized products run in their kernels, from there over the
+        # dequantized weights
+        self.dense_min_t = QUANT_DENSE_MIN_T.get(self.quant_layout, 0)
+        self.fp32_min = self.dense_min_t if self.quant_layout in ("int8", "int4") else FP32_PREFILL_MIN
         self.packed: dict[int, torch.Tensor] = {}  # id(weight) -> oneDNN-packed bf16 copy
         if dtype == torch.bfloat16 and _packing_works():
             dense = [self.lm_head] + [t for L in self.layers for n, t in L.items() if n.endswith("weight")]
@@ -137,8 +144,10 @@ class Transformer:
         return None
 
     def _linear(self, x: torch.Tensor, w: torch.Tensor | QuantLinear, b: torch.Tensor | None = None) -> torch.Tensor:
-        if isinstance(w, QuantLinear):  # float32 inputs (long prompts): over the dequantized weight
-            return w(x, b) if x.dtype == torch.bfloat16 else F.linear(x, w.dense(x.dtype), None if b is None else b.to(x.dtype))
+        if isinstance(w, QuantLinear):  # the kernel for short inputs, else over the dequantized weight
+            if x.dtype == torch.bfloat16 or x.shape[0] < self.dense_min_t:
+                return w(x, b).to(x.dtype)
+            return F.linear(x, w.dense(x.dtype), None if b is None else b.to(x.dtype))
         if x.dtype != w.dtype:  # float32 prefill over bf16 weights: the upcast is exact
             return F.linear(x, w.to(x.dtype), None if b is None else b.to(x.dtype))
         packed = self.packed.get(id(w)) if x.shape[0] <= PACKED_MAX_T else None
@@ -270,8 +279,7 @@ class Transformer:
             x, logits = self.native.decode(int(tokens[0]), positions, cache, start)
             logits = self._rescore(x.to(self.dtype)[None], logits[None])  # (1, V)
             return logits if all_logits else logits[0]
-        fp32_min = QUANT_DENSE_MIN_T[self.quant_layout] if self.quant != "none" else FP32_PREFILL_MIN
-        compute = torch.float32 if self.dtype == torch.bfloat16 and T >= fp32_min else self.dtype
+        compute = torch.float32 if self.dtype == torch.bfloat16 and T >= self.fp32_min else self.dtype
         x = self._embed(tokens, compute)  # (T, D)
         cos, sin = self.rope.cos_sin(positions, compute)  # (T, rot)
         if cos.shape[-1] == self.cfg.head_dim and self._row_ops(x) is not None:  # (T, hd) rows for rope_

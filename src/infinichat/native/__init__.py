@@ -11,7 +11,9 @@ AVX2/FMA, no C compiler (`$CC`, else `cc`/`gcc`), a model outside the Llama fami
 `INFINICHAT_NATIVE=0` in the environment. `status()` says which (`python3 -c "import infinichat.native as n;
 print(n.status())"`); a failed build is also logged as a warning.
 
-The same library carries two paths for prompts computed in float32: fused row ops (RMSNorm, RoPE,
+The same library multiplies quantized weights for the PyTorch path's calls of several tokens (`matmul_for`:
+grouped int8 has no PyTorch kernel; AVX-512 VNNI CPUs get a kernel with the tokens in the vector lanes), and
+carries two paths for prompts computed in float32: fused row ops (RMSNorm, RoPE,
 SiLU-multiply: `prompt_ops`; bf16 and quantized models) and, on CPUs with AVX-512, causal attention for
 head_dim 64/128 (`prompt_attention`; every model); elsewhere PyTorch's ops and SDPA run instead.
 """
@@ -37,6 +39,8 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("decode.c")
 CFLAGS = ("-O3", "-std=gnu11", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC")
 BLOCK = 32  # decode.c's QB: int4 group and activation block
+AVX512 = {"avx512f", "avx512bw", "avx512dq", "avx512vl"}  # the prompt attention's
+VNNI = AVX512 | {"avx512_vnni"}  # the int8 multi-token product's tokens-in-lanes kernel
 
 _state: dict[str, object] = {}
 
@@ -137,7 +141,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.ic_work_size.restype = ctypes.c_size_t
     lib.ic_check.argtypes = [ctypes.POINTER(_Model)]
     lib.ic_decode.argtypes = [ctypes.POINTER(_Model), i64, p, p, p, p, i64, i64, p, p, p, i32]
-    lib.ic_matmul.argtypes = [ctypes.POINTER(_Mat), p, i64, p, i32]
+    lib.ic_matmul.argtypes = [ctypes.POINTER(_Mat), p, i64, p, i32, i32]
 
 
 KIND_INT4, KIND_INT8, KIND_INT8_GROUP = 4, 8, 9  # decode.c's Mat kinds
@@ -173,8 +177,10 @@ class Matmul:
     """x (T, K) -> x W^T (T, N) float32 for one quantized weight (decode.c's ic_matmul: the decode step's row
     products, activations quantized per block of 32)."""
 
-    def __init__(self, lib: ctypes.CDLL, w):
+    def __init__(self, lib: ctypes.CDLL, w, vnni: bool | None = None):
+        """`vnni`: use the AVX-512 VNNI kernel for int8 (default: where the CPU has it)."""
         self.lib, self.n, self.k = lib, w.N, w.K
+        self.vnni = int(VNNI <= _cpu_flags() if vnni is None else vnni)
         self.mat = _mat(w)  # points into w's tensors: w owns this object
         self.mref = ctypes.byref(self.mat)
 
@@ -184,7 +190,7 @@ class Matmul:
             raise ValueError(f"input of {K} features for a {self.n}x{self.k} weight")
         x = x.to(torch.float32).contiguous()
         y = torch.empty(T, self.n, dtype=torch.float32)
-        rc = self.lib.ic_matmul(self.mref, x.data_ptr(), T, y.data_ptr(), torch.get_num_threads())
+        rc = self.lib.ic_matmul(self.mref, x.data_ptr(), T, y.data_ptr(), torch.get_num_threads(), self.vnni)
         if rc:
             raise MemoryError(f"native product of {T} rows: out of memory") if rc == 2 else ValueError("native product refused")
         return y
@@ -232,7 +238,6 @@ def prompt_ops() -> PromptOps | None:
 
 
 # ---------------------------------------------------------------------------------------------- prompt attention
-AVX512 = {"avx512f", "avx512bw", "avx512dq", "avx512vl"}
 PROMPT_HEAD_DIMS = (64, 128)
 
 

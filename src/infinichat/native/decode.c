@@ -735,8 +735,108 @@ static inline __attribute__((always_inline)) void rows_int8_x16(
     }
 }
 
-int ic_matmul(const Mat *m, const float *x, int64_t T, float *y, int nthreads) {
+/* With AVX-512 VNNI, tokens go in the vector lanes instead: a tile of MT = 16 tokens' int16 activations is laid
+   out input pair by input pair (pair p: 16 tokens x 2 inputs = one register), so one dpwssd multiplies a pair of
+   weights (broadcast) into all 16 tokens and accumulates in int32; the per-group scale and zero are then applied
+   once per group for the 16 tokens together. MR weight rows share each activation load. */
+#define MT 16
+#define MR 4
+#define VNNI __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512vnni,fma")))
+
+/* rows [r, r + nr) x the tile's 16 tokens -> out[i][t] (before the per-row scale and bias) */
+VNNI static inline __attribute__((always_inline)) void tile_int8_vnni(
+    const Mat *m, int64_t r, const int nr, const int16_t *xt, const float *dT, const float *sumT, int64_t Tpad,
+    int64_t t0, float out[][MT], const int grouped) {
+    const int64_t K = m->k, G = K / QB;
+    __m512 facc[MR];
+    int32_t wbuf[MR][QB / 2] __attribute__((aligned(64))); /* one group of each row, widened: pairs of int16 */
+    for (int i = 0; i < nr; i++) facc[i] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < G; g++) {
+        for (int i = 0; i < nr; i++)
+            _mm512_store_si512((void *)wbuf[i], _mm512_cvtepi8_epi16(_mm256_loadu_si256(
+                (const __m256i *)((const int8_t *)m->q + (r + i) * K + QB * g))));
+        __m512i iacc[MR];
+        for (int i = 0; i < nr; i++) iacc[i] = _mm512_setzero_si512();
+        const int16_t *xg = xt + g * (QB / 2) * MT * 2;
+        for (int p = 0; p < QB / 2; p++) {
+            const __m512i xv = _mm512_load_si512((const void *)(xg + p * MT * 2));
+            for (int i = 0; i < nr; i++) iacc[i] = _mm512_dpwssd_epi32(iacc[i], xv, _mm512_set1_epi32(wbuf[i][p]));
+        }
+        const __m512 dv = _mm512_loadu_ps(dT + g * Tpad + t0);
+        const __m512 sv = _mm512_loadu_ps(sumT + g * Tpad + t0);
+        for (int i = 0; i < nr; i++) {
+            const uint16_t *sz = m->s + (r + i) * G * 2 + 2 * g;
+            const __m512 sd = grouped ? _mm512_mul_ps(dv, _mm512_set1_ps(bf16_f32(sz[0]))) : dv;
+            facc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iacc[i]), sd, facc[i]);
+            if (grouped) facc[i] = _mm512_fmadd_ps(sv, _mm512_set1_ps(bf16_f32(sz[1])), facc[i]);
+        }
+    }
+    for (int i = 0; i < nr; i++) _mm512_storeu_ps(out[i], facc[i]);
+}
+
+VNNI static int matmul_int8_vnni(const Mat *m, const float *x, int64_t T, float *y, int nthreads) {
+    const int64_t K = m->k, N = m->n, G = K / QB, tiles = (T + MT - 1) / MT, Tpad = tiles * MT;
+    const int grouped = m->kind == KIND_INT8_GROUP;
+    /* xt[tile][pair k/2][token][k & 1]; dT/sumT (G, Tpad); padded tokens are zeros */
+    int16_t *xt = aligned_alloc(64, (size_t)(Tpad * K) * sizeof(int16_t));
+    float *dT = calloc((size_t)(G * Tpad), sizeof(float)), *sumT = calloc((size_t)(G * Tpad), sizeof(float));
+    int rc = 0;
+    if (!xt || !dT || !sumT) {
+        rc = 2;
+        goto done;
+    }
+    memset(xt + (Tpad - MT) * K, 0, sizeof(int16_t) * MT * K);
+    #pragma omp parallel num_threads(nthreads)
+    {
+        #pragma omp for schedule(static)
+        for (int64_t t = 0; t < T; t++) {
+            int16_t q[1 << 16];
+            float d[(1 << 16) / QB], sum[(1 << 16) / QB];
+            quantize_act16(x + t * K, (int)K, q, d, sum);
+            int16_t *dst = xt + (t / MT) * MT * K + (t % MT) * 2;
+            for (int64_t k = 0; k < K; k += 2) {
+                dst[(k / 2) * MT * 2] = q[k];
+                dst[(k / 2) * MT * 2 + 1] = q[k + 1];
+            }
+            for (int64_t g = 0; g < G; g++) {
+                dT[g * Tpad + t] = d[g];
+                sumT[g * Tpad + t] = sum[g];
+            }
+        }
+        #pragma omp for schedule(static)
+        for (int64_t r0 = 0; r0 < N; r0 += RB) {
+            const int64_t r1 = r0 + RB < N ? r0 + RB : N;
+            float out[MR][MT];
+            for (int64_t tile = 0; tile < tiles; tile++) {
+                const int64_t t0 = tile * MT;
+                const int nt = (int)(T - t0 < MT ? T - t0 : MT);
+                for (int64_t r = r0; r < r1; r += MR) {
+                    const int nr = (int)(r1 - r < MR ? r1 - r : MR);
+                    if (nr == MR)
+                        tile_int8_vnni(m, r, MR, xt + t0 * K, dT, sumT, Tpad, t0, out, grouped);
+                    else
+                        for (int i = 0; i < nr; i++)
+                            tile_int8_vnni(m, r + i, 1, xt + t0 * K, dT, sumT, Tpad, t0, out + i, grouped);
+                    for (int i = 0; i < nr; i++) {
+                        const float rs = grouped ? 1.0f : bf16_f32(m->s[r + i]), b = m->bias ? m->bias[r + i] : 0.0f;
+                        for (int j = 0; j < nt; j++) y[(t0 + j) * N + r + i] = out[i][j] * rs + b;
+                    }
+                }
+            }
+        }
+    }
+done:
+    free(xt);
+    free(dT);
+    free(sumT);
+    return rc;
+}
+
+/* `vnni`: the caller found AVX-512 VNNI on this CPU; int8 products of MT tokens or more then take the
+   tokens-in-lanes path (fewer would mostly multiply the padding) */
+int ic_matmul(const Mat *m, const float *x, int64_t T, float *y, int nthreads, int vnni) {
     if (m->k % QB || T < 1) return 1;
+    if (vnni && m->kind != KIND_INT4 && T >= MT) return matmul_int8_vnni(m, x, T, y, nthreads);
     const int64_t K = m->k, N = m->n, G = K / QB;
     const int int4 = m->kind == KIND_INT4;
     /* int4: two int8 levels per value (q, q2); int8: one int16 per value, in the same bytes */
