@@ -21,6 +21,7 @@ head_dim 64/128 (`prompt_attention`; every model); elsewhere PyTorch's ops and S
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import logging
 import os
@@ -45,15 +46,16 @@ VNNI = AVX512 | {"avx512_vnni"}  # the int8 multi-token product's tokens-in-lane
 _state: dict[str, object] = {}
 
 
-def _cpu_flags() -> set[str]:
+@functools.lru_cache(maxsize=1)
+def _cpu_flags() -> frozenset[str]:
     try:
         with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
             for line in f:
                 if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
+                    return frozenset(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return set()
+    return frozenset()
 
 
 def _compiler() -> str | None:
@@ -174,8 +176,8 @@ def _mat(w, bias_ptr: int | None = None) -> _Mat:
 
 # ---------------------------------------------------------------------------------------------- multi-token products
 class Matmul:
-    """x (T, K) -> x W^T (T, N) float32 for one quantized weight (decode.c's ic_matmul: the decode step's row
-    products, activations quantized per block of 32)."""
+    """x (T, K) -> x W^T (T, N) float32 for one quantized weight (decode.c's ic_matmul: int8 weights against
+    int16 activations per block of 32, int4 weights with the decode step's row products)."""
 
     def __init__(self, lib: ctypes.CDLL, w, vnni: bool | None = None):
         """`vnni`: use the AVX-512 VNNI kernel for int8 (default: where the CPU has it)."""
