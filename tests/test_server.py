@@ -214,6 +214,46 @@ def test_busy_session_is_409(live, client):
     assert done["busy"]["finish_reason"] == "cancelled"
 
 
+def test_a_session_is_free_when_its_client_sees_the_outcome():
+    """The moment a client sees a stream's end or a call's result, the session takes its next request: the
+    worker marks the job finished first (it used to end the stream, then free the session, so a client that
+    answered at once could get 409 busy). Here the next request is submitted from inside the worker's own
+    hand-over (the sink receiving END, the future's done-callback), the earliest a client could send it."""
+    import concurrent.futures
+    import types
+
+    from infinichat.server.worker import END, Busy, EngineWorker
+
+    worker = EngineWorker(manager=types.SimpleNamespace(close=lambda: None)).start()
+    seen: list[str] = []
+
+    def submit_next(follow_up: concurrent.futures.Future) -> None:
+        try:  # admission is immediate: Busy is raised here, before anything runs
+            worker.call(lambda m: "next", session="s").add_done_callback(lambda f: follow_up.set_result(f.result()))
+        except Exception as e:
+            follow_up.set_exception(e)
+
+    try:
+        for _ in range(3):
+            follow_up = concurrent.futures.Future()
+            sink = lambda item, fu=follow_up: submit_next(fu) if item is END else seen.append(item)  # noqa: E731
+            worker.stream(lambda m, job: iter(["a", "b"]), sink, session="s")
+            assert follow_up.result(timeout=10) == "next"
+            follow_up = concurrent.futures.Future()
+            worker.call(lambda m: "first", session="s").add_done_callback(lambda f, fu=follow_up: submit_next(fu))
+            assert follow_up.result(timeout=10) == "next"
+        assert seen == ["a", "b"] * 3
+        gate = threading.Event()
+        worker.call(lambda m: gate.wait(10), session="s")
+        try:
+            with pytest.raises(Busy):  # while a job runs, the session is still busy
+                worker.call(lambda m: None, session="s")
+        finally:
+            gate.set()
+    finally:
+        worker.close()
+
+
 def test_openai_client(live):
     openai = pytest.importorskip("openai")
     oc = openai.OpenAI(base_url=live.url + "/v1", api_key="unused")

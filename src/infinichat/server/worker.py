@@ -155,22 +155,30 @@ class EngineWorker:
                     log.exception("on_idle failed")
 
     def _start(self, job: Job) -> None:
+        # A job is finished (the session free again) before its client can see the outcome: a client that
+        # sends its next request the moment a reply arrives must not find the session still busy.
         if job.future is not None:
-            if job.future.set_running_or_notify_cancel():
-                try:
-                    job.future.set_result(job.fn(self.manager))
-                except BaseException as e:  # handed to the handler, which maps it to an HTTP error
-                    job.future.set_exception(e)
+            if not job.future.set_running_or_notify_cancel():
+                self._finish(job)
+                return
+            try:
+                result, error = job.fn(self.manager), None
+            except BaseException as e:  # handed to the handler, which maps it to an HTTP error
+                result, error = None, e
             self._finish(job)
+            if error is None:
+                job.future.set_result(result)
+            else:
+                job.future.set_exception(error)
             return
         self._pin(job, True)
         try:
             job.it = iter(job.fn(self.manager))
         except Exception as e:
-            job.sink(e)
-            job.sink(END)
             self._pin(job, False)
             self._finish(job)
+            job.sink(e)
+            job.sink(END)
             return
         self._active.append(job)
 
@@ -200,10 +208,10 @@ class EngineWorker:
             if time.monotonic() - t > 5:
                 log.info("one generation step took %.1f s", time.monotonic() - t)
         if done:
-            job.sink(END)
             self._active.remove(job)
             self._pin(job, False)
             self._finish(job)
+            job.sink(END)  # after _finish: see _start
 
     def _shutdown(self) -> None:
         for job in self._active:
