@@ -139,21 +139,26 @@ static inline Act act_in(QAct *s) { return (Act){s->q, s->q2, s->d, s->sum}; }
 
 /* x (k,) -> int8 blocks of 32. `split`: each block stored as its even inputs then its odd inputs, matching the
    int4 nibble order (low nibbles = even inputs). */
+/* the largest |x| of a block of 32 and its sum */
+static inline float block_stats(const float *xb, float *sum) {
+    __m256 m = _mm256_setzero_ps(), s = _mm256_setzero_ps();
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    for (int i = 0; i < QB; i += 8) {
+        __m256 v = _mm256_loadu_ps(xb + i);
+        m = _mm256_max_ps(m, _mm256_andnot_ps(sign, v));
+        s = _mm256_add_ps(s, v);
+    }
+    *sum = hsum8(s);
+    return hmax8(m);
+}
+
 static void quantize_act(const float *x, int k, int split, const Act *out) {
     for (int g = 0; g < k / QB; g++) {
         const float *xb = x + g * QB;
-        __m256 m = _mm256_setzero_ps(), s = _mm256_setzero_ps();
-        const __m256 sign = _mm256_set1_ps(-0.0f);
-        for (int i = 0; i < QB; i += 8) {
-            __m256 v = _mm256_loadu_ps(xb + i);
-            m = _mm256_max_ps(m, _mm256_andnot_ps(sign, v));
-            s = _mm256_add_ps(s, v);
-        }
-        float amax = hmax8(m);
+        float amax = block_stats(xb, &out->sum[g]);
         float d = amax / 127.0f;
         float inv = amax > 0 ? 127.0f / amax : 0.0f;
         out->d[g] = d;
-        out->sum[g] = hsum8(s);
         int8_t *q = out->q + g * QB, *q2 = out->q2 + g * QB;
         for (int i = 0; i < QB; i++) {
             int dst = split ? (i & 1) * (QB / 2) + i / 2 : i;
@@ -690,13 +695,8 @@ void ic_silu_mul_rows(const float *hm, int64_t T, int F, float *out, int nthread
 static void quantize_act16(const float *x, int k, int16_t *q, float *d, float *sum) {
     for (int g = 0; g < k / QB; g++) {
         const float *xb = x + g * QB;
-        float amax = 0.0f, s = 0.0f;
-        for (int i = 0; i < QB; i++) {
-            amax = fabsf(xb[i]) > amax ? fabsf(xb[i]) : amax;
-            s += xb[i];
-        }
+        const float amax = block_stats(xb, &sum[g]);
         d[g] = amax / 32767.0f;
-        sum[g] = s;
         const float inv = amax > 0 ? 32767.0f / amax : 0.0f;
         for (int i = 0; i < QB; i++) q[g * QB + i] = (int16_t)rintf(xb[i] * inv);
     }
@@ -790,8 +790,8 @@ VNNI static int matmul_int8_vnni(const Mat *m, const float *x, int64_t T, float 
     {
         #pragma omp for schedule(static)
         for (int64_t t = 0; t < T; t++) {
-            int16_t q[1 << 16];
-            float d[(1 << 16) / QB], sum[(1 << 16) / QB];
+            int16_t q[K];  /* one token's row, then spread into its tile's lanes */
+            float d[G], sum[G];
             quantize_act16(x + t * K, (int)K, q, d, sum);
             int16_t *dst = xt + (t / MT) * MT * K + (t % MT) * 2;
             for (int64_t k = 0; k < K; k += 2) {
