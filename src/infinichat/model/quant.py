@@ -118,7 +118,7 @@ def quantize(
     if mode == "none":
         return dict(weights)
     if int8_groups is None:
-        int8_groups = mode == "int8" and int8_layout() == "group"
+        int8_groups = cache_tag(mode) == "int8g"
     out: dict[str, torch.Tensor] = {}
     head = "embed.weight" if tie_embeddings else "lm_head.weight"
     for name, t in weights.items():

@@ -126,6 +126,7 @@ class Transformer:
         self.kv_size = cfg.n_kv_heads * cfg.head_dim
         self.scale = cfg.head_dim**-0.5
         self.flash_decode = _flash_decode_works()
+        self._f32: dict[int, torch.Tensor] = {}  # id(weight) -> its float32 copy (f32_weight)
         # quantized models: one-token steps run natively (native/decode.c) where it builds and fits
         self.native = decoder_for(self) if self.quant != "none" else None
         # float32 prompt chunks: causal attention natively (AVX-512), ~1.3x the CPU flash kernel (NOTES.md)
@@ -134,9 +135,16 @@ class Transformer:
         # (native/decode.c). float32 models keep PyTorch's formulas: the reference's own, op for op, so that
         # their logits and attention weights follow transformers' float32 ones to the last bits tested.
         self.prompt_ops = prompt_ops() if dtype != torch.float32 else None
-        self._f32_norms: dict[int, torch.Tensor] = {}  # id(norm weight) -> its float32 copy for prompt_ops
 
     # ------------------------------------------------------------------ pieces
+    def f32_weight(self, t: torch.Tensor) -> torch.Tensor:
+        """A float32 contiguous copy of one of the model's (norm) weights, made once: the native row ops and
+        the native decode step read norms in float32."""
+        w32 = self._f32.get(id(t))
+        if w32 is None:
+            w32 = self._f32[id(t)] = t.float().contiguous()
+        return w32
+
     def _row_ops(self, x: torch.Tensor):
         """The native row ops for this float32 prompt tensor (T, ...), or None: PyTorch's formulas."""
         if self.prompt_ops is not None and x.dtype == torch.float32 and x.shape[0] >= FP32_PREFILL_MIN:
@@ -177,10 +185,7 @@ class Transformer:
                 weight, bias = weight.to(x.dtype), None if bias is None else bias.to(x.dtype)
             return F.layer_norm(x, (x.shape[-1],), weight, bias, self.cfg.norm_eps)
         if (ops := self._row_ops(x)) is not None:
-            w32 = self._f32_norms.get(id(weight))
-            if w32 is None:
-                w32 = self._f32_norms[id(weight)] = weight.float().contiguous()
-            return ops.rmsnorm(x.contiguous(), w32, self.cfg.norm_eps)
+            return ops.rmsnorm(x.contiguous(), self.f32_weight(weight), self.cfg.norm_eps)
         # RMSNorm in float32, then back to the model dtype before the weight, written as the reference writes it
         # (bit for bit what F.rms_norm gives, in fewer dispatched ops: benchmarks/NOTES.md)
         h = x.float()

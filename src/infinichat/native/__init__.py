@@ -150,10 +150,10 @@ KIND_INT4, KIND_INT8, KIND_INT8_GROUP = 4, 8, 9  # decode.c's Mat kinds
 
 
 def _kind(w) -> int | None:
-    """decode.c's kind for a QuantLinear, or None for a format it does not take."""
-    from infinichat.model.quant import Int4Linear, Int8GroupLinear, Int8Linear
+    """decode.c's kind for a QuantLinear, or None for anything it does not take (dense tensors included)."""
+    from infinichat.model.quant import Int4Linear, Int8GroupLinear, Int8Linear, QuantLinear
 
-    if w.K % BLOCK:
+    if not isinstance(w, QuantLinear) or w.K % BLOCK:
         return None
     if isinstance(w, Int8Linear):
         return KIND_INT8
@@ -301,7 +301,7 @@ def unsupported(model) -> str | None:
         return "the head is not int8 over a bfloat16 embedding"
     mats = [model.lm_head] + [L[n + ".weight"] for L in model.layers for n in ("wqkv", "wo", "w_in", "w_out")]
     for m in mats:
-        if not hasattr(m, "K") or _kind(m) is None:
+        if _kind(m) is None:
             return f"a {type(m).__name__} outside the native formats"
     return None
 
@@ -313,19 +313,19 @@ class NativeDecoder:
         self.lib = lib
         self.model = model
         cfg = model.cfg
-        self._keep: list[torch.Tensor] = []  # tensors the C side points into
+        self._keep: list[torch.Tensor] = []  # tensors the C side points into (norms, biases: model.f32_weight's)
         layers = (_Layer * cfg.n_layers)()
         for i, L in enumerate(model.layers):
-            layers[i].attn_norm = self._f32(L["attn_norm.weight"])
-            layers[i].ffn_norm = self._f32(L["ffn_norm.weight"])
+            layers[i].attn_norm = model.f32_weight(L["attn_norm.weight"]).data_ptr()
+            layers[i].ffn_norm = model.f32_weight(L["ffn_norm.weight"]).data_ptr()
             for field, name in (("wqkv", "wqkv"), ("wo", "wo"), ("win", "w_in"), ("wout", "w_out")):
-                bias = L.get(name + ".bias")
-                setattr(layers[i], field, _mat(L[name + ".weight"], None if bias is None else self._f32(bias)))
+                bias = None if (b := L.get(name + ".bias")) is None else model.f32_weight(b).data_ptr()
+                setattr(layers[i], field, _mat(L[name + ".weight"], bias))
         self.layers = layers
         self.m = _Model(
             n_layers=cfg.n_layers, dim=cfg.dim, n_heads=cfg.n_heads, n_kv=cfg.n_kv_heads, head_dim=cfg.head_dim,
             ffn=cfg.ffn_dim, vocab=model.embed.shape[0], eps=cfg.norm_eps, attn_scale=model.scale,
-            embed=self._ptr(model.embed), final_norm=self._f32(model.norm[0]), head=_mat(model.lm_head),
+            embed=self._ptr(model.embed), final_norm=model.f32_weight(model.norm[0]).data_ptr(), head=_mat(model.lm_head),
             layers=ctypes.cast(layers, ctypes.POINTER(_Layer)),
         )
         self.mref = ctypes.byref(self.m)
@@ -341,9 +341,6 @@ class NativeDecoder:
         t = t.contiguous()
         self._keep.append(t)
         return t.data_ptr()
-
-    def _f32(self, t: torch.Tensor) -> int:
-        return self._ptr(t.float())
 
     def bind(self, cache) -> tuple | None:
         """The C view of a cache (`LayerCache`: per-layer bf16 (Hkv, capacity, hd) buffers): the layers' key and
