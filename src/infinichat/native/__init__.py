@@ -169,7 +169,8 @@ def _mat(w, bias_ptr: int | None = None) -> _Mat:
     kind = _kind(w)
     if kind is None:
         raise ValueError(f"a {type(w).__name__} ({w.N}x{w.K}) is outside the native formats")
-    q, s = (w.nibbles, w.scale_zero) if kind == KIND_INT4 else (w.q, w.scale_zero if kind == KIND_INT8_GROUP else w.scale)
+    q = w.nibbles if kind == KIND_INT4 else w.q
+    s = w.scale if kind == KIND_INT8 else w.scale_zero  # per row, or per group (int4, grouped int8)
     assert s.dtype == torch.bfloat16 and q.is_contiguous() and s.is_contiguous()
     return _Mat(kind=kind, n=w.N, k=w.K, q=q.data_ptr(), s=s.data_ptr(), bias=bias_ptr)
 
@@ -193,8 +194,10 @@ class Matmul:
         x = x.to(torch.float32).contiguous()
         y = torch.empty(T, self.n, dtype=torch.float32)
         rc = self.lib.ic_matmul(self.mref, x.data_ptr(), T, y.data_ptr(), torch.get_num_threads(), self.vnni)
+        if rc == 2:
+            raise MemoryError(f"native product of {T} rows: out of memory")
         if rc:
-            raise MemoryError(f"native product of {T} rows: out of memory") if rc == 2 else ValueError("native product refused")
+            raise ValueError("native product refused")
         return y
 
 
