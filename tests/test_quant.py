@@ -44,20 +44,23 @@ def test_int8_kernel_equals_dequantized_product(N, K, T):
     assert (err <= ref.abs() * 2**-8 + 1e-4 * ref.abs().max()).all(), f"max err {err.max().item():.2e}"
 
 
+def _at_offset(t: torch.Tensor, offset: int) -> torch.Tensor:
+    """A copy of t starting `offset` bytes past a 64-byte boundary."""
+    size = t.element_size()
+    buf = torch.empty(t.numel() + 128 // size, dtype=t.dtype)
+    start = ((-buf.data_ptr()) % 64 + offset) // size
+    out = buf[start : start + t.numel()].view_as(t)
+    out.copy_(t)
+    return out
+
+
 @pytest.mark.parametrize("offset", [8, 24, 40])
 def test_int8_kernel_takes_weights_at_any_8_byte_offset(offset):
     """Weights memory-mapped from a cached file start at 8-byte steps; torch._weight_int8pack_mm segfaulted on
     such a head (not 64-byte aligned) for 5+ input rows. Int8Linear copies them onto an aligned start."""
     w, x = _rand(3072, 576, seed=14), _rand(5, 576, seed=15, scale=1.0).bfloat16()
     q, s = quantize_int8(w)
-    buf = torch.empty(q.numel() + 128, dtype=torch.int8)
-    start = (-buf.data_ptr()) % 64 + offset
-    moved = buf[start : start + q.numel()].view_as(q)
-    moved.copy_(q)
-    sbuf = torch.empty(s.numel() + 64, dtype=torch.bfloat16)
-    sstart = ((-sbuf.data_ptr()) % 64 + offset) // 2
-    smoved = sbuf[sstart : sstart + s.numel()]
-    smoved.copy_(s)
+    moved, smoved = _at_offset(q, offset), _at_offset(s, offset)
     assert moved.data_ptr() % 64 == offset and smoved.data_ptr() % 64 == offset
     assert torch.equal(Int8Linear(moved, smoved)(x), Int8Linear(q, s)(x))
 
