@@ -47,8 +47,11 @@ MOBY = Path(__file__).resolve().parents[2] / "shared" / "data" / "moby_dick.txt"
 METRICS = ("decode_short", "decode_long", "prefill")
 # issue 9's targets: (metric, reference, minimum ratio ours / reference)
 TARGETS = [
-    ("decode_short", "hf-dense", 2.5), ("decode_short", "llama.cpp", 0.9), ("decode_long", "llama.cpp", 0.9),
-    ("prefill", "hf-dense", 1.0), ("prefill", "llama.cpp", 5.0),
+    ("decode_short", "hf-dense", 2.5),
+    ("decode_short", "llama.cpp", 0.9),
+    ("decode_long", "llama.cpp", 0.9),
+    ("prefill", "hf-dense", 1.0),
+    ("prefill", "llama.cpp", 5.0),
 ]
 
 
@@ -76,7 +79,9 @@ class Ours:
 
     def decode_rate(self, ids: list[int], n: int) -> float:
         seq = self.engine.new_cache(len(ids) + n + 1)
-        stamps = [time.perf_counter() for _ in self.engine.generate(seq, ids, SamplingParams(temperature=0, max_tokens=n))]
+        stamps = [
+            time.perf_counter() for _ in self.engine.generate(seq, ids, SamplingParams(temperature=0, max_tokens=n))
+        ]
         return (n - 1) / (stamps[-1] - stamps[0])  # from the first sampled token (after the prompt) to the last
 
 
@@ -84,8 +89,14 @@ class LlamaCpp:
     def __init__(self, model_path: Path, threads: int, n_ctx: int):
         from llama_cpp import Llama
 
-        self.llm = Llama(model_path=str(model_path), n_threads=threads, n_threads_batch=threads, n_ctx=n_ctx,
-                         n_batch=512, verbose=False)
+        self.llm = Llama(
+            model_path=str(model_path),
+            n_threads=threads,
+            n_threads_batch=threads,
+            n_ctx=n_ctx,
+            n_batch=512,
+            verbose=False,
+        )
 
     def prefill_time(self, ids: list[int]) -> float:
         self.llm.reset()
@@ -121,9 +132,9 @@ class Reference:
         import transformers
 
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        return cls(transformers.AutoModelForCausalLM.from_pretrained(
-            model_path.parent, gguf_file=model_path.name, dtype=dtype
-        ))
+        return cls(
+            transformers.AutoModelForCausalLM.from_pretrained(model_path.parent, gguf_file=model_path.name, dtype=dtype)
+        )
 
     @classmethod
     def dense_from(cls, ours: Ours, dtype) -> Reference:
@@ -134,10 +145,17 @@ class Reference:
         if cfg.arch != "llama" or cfg.rope_scaling.kind != "none" or m.quant != "none":
             raise SystemExit("the dense reference is built from an unquantized plain Llama-family model only")
         hf_cfg = transformers.LlamaConfig(
-            vocab_size=cfg.vocab_size, hidden_size=cfg.dim, intermediate_size=cfg.ffn_dim,
-            num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,
-            head_dim=cfg.head_dim, rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta,
-            max_position_embeddings=cfg.max_position, tie_word_embeddings=cfg.tie_embeddings,
+            vocab_size=cfg.vocab_size,
+            hidden_size=cfg.dim,
+            intermediate_size=cfg.ffn_dim,
+            num_hidden_layers=cfg.n_layers,
+            num_attention_heads=cfg.n_heads,
+            num_key_value_heads=cfg.n_kv_heads,
+            head_dim=cfg.head_dim,
+            rms_norm_eps=cfg.norm_eps,
+            rope_theta=cfg.rope_theta,
+            max_position_embeddings=cfg.max_position,
+            tie_word_embeddings=cfg.tie_embeddings,
             attention_bias=cfg.qkv_bias,
         )
         q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
@@ -147,9 +165,12 @@ class Reference:
             wq, wk, wv = L["wqkv.weight"].split((q, kv, kv))
             gate, up = L["w_in.weight"].chunk(2)
             sd |= {
-                p + "self_attn.q_proj.weight": wq, p + "self_attn.k_proj.weight": wk,
-                p + "self_attn.v_proj.weight": wv, p + "self_attn.o_proj.weight": L["wo.weight"],
-                p + "mlp.gate_proj.weight": gate, p + "mlp.up_proj.weight": up,
+                p + "self_attn.q_proj.weight": wq,
+                p + "self_attn.k_proj.weight": wk,
+                p + "self_attn.v_proj.weight": wv,
+                p + "self_attn.o_proj.weight": L["wo.weight"],
+                p + "mlp.gate_proj.weight": gate,
+                p + "mlp.up_proj.weight": up,
                 p + "mlp.down_proj.weight": L["w_out.weight"],
                 p + "input_layernorm.weight": L["attn_norm.weight"],
                 p + "post_attention_layernorm.weight": L["ffn_norm.weight"],
@@ -165,8 +186,12 @@ class Reference:
     def run(self, ids: list[int], n: int) -> None:
         with torch.inference_mode():
             self.model.generate(
-                torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                eos_token_id=None, pad_token_id=0,
+                torch.tensor([ids]),
+                max_new_tokens=n,
+                min_new_tokens=n,
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=0,
             )
 
     def prefill_time(self, ids: list[int]) -> float:
@@ -192,15 +217,25 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, default=None, help="a .gguf file (default: the embedded model)")
     ap.add_argument("--dtype", nargs="+", default=["bfloat16"], choices=("float32", "bfloat16", "float16"))
-    ap.add_argument("--quant", nargs="+", default=["none"], choices=("none", "int8", "int4"),
-                    help="our weight formats to measure (int8/int4 with bfloat16 only)")
+    ap.add_argument(
+        "--quant",
+        nargs="+",
+        default=["none"],
+        choices=("none", "int8", "int4"),
+        help="our weight formats to measure (int8/int4 with bfloat16 only)",
+    )
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tokens", type=int, default=128, help="greedy tokens per decode measurement")
     ap.add_argument("--prompt-tokens", type=int, default=2000, help="prefill prompt length")
     ap.add_argument("--long-context", type=int, default=4000, help="prompt length before decode_long")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--metrics", nargs="+", default=list(METRICS), choices=METRICS,
-                    help="what to measure (default: all); e.g. --metrics prefill --repeats 7 for the prefill ratio alone")
+    ap.add_argument(
+        "--metrics",
+        nargs="+",
+        default=list(METRICS),
+        choices=METRICS,
+        help="what to measure (default: all); e.g. --metrics prefill --repeats 7 for the prefill ratio alone",
+    )
     ap.add_argument("--no-reference", action="store_true", help="no transformers reference")
     ap.add_argument("--hf-gguf", action="store_true", help="also transformers' own GGUF loading (slow)")
     ap.add_argument("--llamacpp", action="store_true", help="also plain llama-cpp-python on the same GGUF file")
@@ -219,8 +254,9 @@ def main() -> None:
     tok = first.loaded.tokenizer
     short_ids = tok.encode(SHORT_PROMPT)
     long_ids = text_ids(tok, args.long_context)
-    prompt_ids = long_ids[: args.prompt_tokens] if args.prompt_tokens <= args.long_context else text_ids(
-        tok, args.prompt_tokens)
+    prompt_ids = (
+        long_ids[: args.prompt_tokens] if args.prompt_tokens <= args.long_context else text_ids(tok, args.prompt_tokens)
+    )
     if not args.no_reference:
         for dname in args.dtype:
             dtype = getattr(torch, dname)
@@ -228,8 +264,10 @@ def main() -> None:
             ref = impls[f"hf-dense {dname}"] = Reference.dense_from(dense_src, dtype)
             logits = ref.last_logits(short_ids)  # the dense reference really holds our weights
             ours = dense_src.engine.prefill(dense_src.engine.new_cache(64), short_ids)
-            print(f"{dname}: hf-dense vs ours, last-token logits max abs diff "
-                  f"{(logits - ours).abs().max().item():.2e} (of max {logits.abs().max().item():.1f})")
+            print(
+                f"{dname}: hf-dense vs ours, last-token logits max abs diff "
+                f"{(logits - ours).abs().max().item():.2e} (of max {logits.abs().max().item():.1f})"
+            )
             if args.hf_gguf:
                 impls[f"hf-gguf {dname}"] = Reference.from_gguf(path, dtype)
     if args.llamacpp:
@@ -248,25 +286,36 @@ def main() -> None:
             print(f"round {r + 1}: {name:28s} " + "  ".join(f"{m} {res[m]:7.1f}" for m in METRICS), flush=True)
 
     load = os.getloadavg()
-    print(f"\nmodel {path.name}, {args.threads} threads, torch {torch.__version__}, decode {args.tokens} tokens "
-          f"(long: after {args.long_context}), prefill {len(prompt_ids)} tokens, best of {args.repeats} rounds, "
-          f"load average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}\n")
-    print("| implementation | decode short tok/s | decode @" + f"{args.long_context} tok/s | prefill {len(prompt_ids)} tok/s |")
+    print(
+        f"\nmodel {path.name}, {args.threads} threads, torch {torch.__version__}, decode {args.tokens} tokens "
+        f"(long: after {args.long_context}), prefill {len(prompt_ids)} tokens, best of {args.repeats} rounds, "
+        f"load average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}\n"
+    )
+    print(
+        "| implementation | decode short tok/s | decode @"
+        + f"{args.long_context} tok/s | prefill {len(prompt_ids)} tok/s |"
+    )
     print("|---|---:|---:|---:|")
     for name, b in best.items():
         print(f"| {name} | " + " | ".join("-" if math.isnan(b[m]) else f"{b[m]:.1f}" for m in METRICS) + " |")
 
-    refs = {"hf-dense": next((n for n in best if n.startswith("hf-dense bfloat16")), None)
-            or next((n for n in best if n.startswith("hf-dense")), None),
-            "llama.cpp": "llama.cpp" if "llama.cpp" in best else None}
+    refs = {
+        "hf-dense": next((n for n in best if n.startswith("hf-dense bfloat16")), None)
+        or next((n for n in best if n.startswith("hf-dense")), None),
+        "llama.cpp": "llama.cpp" if "llama.cpp" in best else None,
+    }
     ours_names = [n for n in best if n.startswith("infinichat")]
     for how in ("best", "paired"):
         if how == "best":
-            print(f"\nratios ours / reference, best of the rounds on each side (hf-dense = {refs['hf-dense']}); "
-                  "target in brackets, * = met\n")
+            print(
+                f"\nratios ours / reference, best of the rounds on each side (hf-dense = {refs['hf-dense']}); "
+                "target in brackets, * = met\n"
+            )
         else:
-            print("\nthe same, as the median over rounds of each round's ratio (both sides measured in the same round, "
-                  "a minute or two apart: the host's slow drifts in speed cancel better)\n")
+            print(
+                "\nthe same, as the median over rounds of each round's ratio (both sides measured in the same round, "
+                "a minute or two apart: the host's slow drifts in speed cancel better)\n"
+            )
         print("| implementation | " + " | ".join(f"{m} / {r} [>= {t}]" for m, r, t in TARGETS) + " |")
         print("|---|" + "---:|" * len(TARGETS))
         for name in ours_names:

@@ -34,8 +34,10 @@ from infinichat.engine.torch_engine import physical_cores  # noqa: E402
 from infinichat.model.tokenizer import Tokenizer  # noqa: E402
 
 CONTEXTS = (0, 1024, 4096)
-TEXT_CANDIDATES = (Path(__file__).resolve().parents[2] / "shared" / "data" / "moby_dick.txt",
-                   Path(__file__).resolve().parents[1] / "tests" / "data" / "moby_dick_loomings.txt")
+TEXT_CANDIDATES = (
+    Path(__file__).resolve().parents[2] / "shared" / "data" / "moby_dick.txt",
+    Path(__file__).resolve().parents[1] / "tests" / "data" / "moby_dick_loomings.txt",
+)
 
 
 def text_ids(tok: Tokenizer, n: int) -> list[int]:
@@ -90,38 +92,56 @@ def main() -> int:
     tok = Tokenizer.from_gguf(path)
     n_ctx = max(CONTEXTS) + args.tokens + 64
     ours = LlamaCppEngine(path, n_ctx=n_ctx, threads=threads, eos_ids=(), flash_attn=args.flash_attn)
-    plain = llama_cpp.Llama(str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, n_batch=512,
-                            n_ubatch=512, flash_attn=args.flash_attn, verbose=False)
-    print(f"model {path.name}, {threads} thread(s), n_ctx {n_ctx}, {args.tokens} tokens x {args.repeats} per side, "
-          f"llama-cpp-python {llama_cpp.__version__}, load average {os.getloadavg()[0]:.1f}")
+    plain = llama_cpp.Llama(
+        str(path),
+        n_ctx=n_ctx,
+        n_threads=threads,
+        n_threads_batch=threads,
+        n_batch=512,
+        n_ubatch=512,
+        flash_attn=args.flash_attn,
+        verbose=False,
+    )
+    print(
+        f"model {path.name}, {threads} thread(s), n_ctx {n_ctx}, {args.tokens} tokens x {args.repeats} per side, "
+        f"llama-cpp-python {llama_cpp.__version__}, load average {os.getloadavg()[0]:.1f}"
+    )
     rows = []
     for ctx in CONTEXTS:
         prompt = text_ids(tok, max(ctx, 1))[: max(ctx, 1)]
         seq = ours.new_sequence(capacity=len(prompt) + args.tokens + 8)
         logits = ours.prefill(seq, prompt)
         a, b = [], []
-        sides = [lambda: a.append(ours_tps(ours, seq, logits, len(prompt), args.tokens)),
-                 lambda: b.append(plain_tps(plain, prompt, args.tokens))]
+        sides = [
+            lambda: a.append(ours_tps(ours, seq, logits, len(prompt), args.tokens)),
+            lambda: b.append(plain_tps(plain, prompt, args.tokens)),
+        ]
         for r in range(args.repeats):
-            for measure in (sides if r % 2 == 0 else sides[::-1]):  # who goes first alternates
+            for measure in sides if r % 2 == 0 else sides[::-1]:  # who goes first alternates
                 measure()
         rows.append((ctx, a, b))
         del seq
     ok = True
     for k, clock in enumerate(("wall", "CPU")):
         print(f"\ntokens/s of {clock} time" + (" (this process only: less sensitive to other load)" if k else ""))
-        print(f"{'context':>8} | {'ours (median, best)':>20} | {'plain (median, best)':>20} | "
-              f"{'ratio (median)':>14} | {'ratio (best)':>12} | {'paired ratio (median)':>21}")
+        print(
+            f"{'context':>8} | {'ours (median, best)':>20} | {'plain (median, best)':>20} | "
+            f"{'ratio (median)':>14} | {'ratio (best)':>12} | {'paired ratio (median)':>21}"
+        )
         print("-" * 110)
         for ctx, a, b in rows:
             a_, b_ = [x[k] for x in a], [x[k] for x in b]
             rm, rb = statistics.median(a_) / statistics.median(b_), max(a_) / max(b_)
             rp = statistics.median(x / y for x, y in zip(a_, b_))
             ok &= rp >= 0.95 or k == 0
-            print(f"{ctx:>8} | {statistics.median(a_):>9.1f}, {max(a_):>8.1f} | {statistics.median(b_):>9.1f}, "
-                  f"{max(b_):>8.1f} | {rm:>14.3f} | {rb:>12.3f} | {rp:>21.3f}")
-    print(f"\ntarget ours >= 0.95x plain (median of the paired CPU-time ratios): {'PASS' if ok else 'FAIL'}; load average "
-          f"now {os.getloadavg()[0]:.1f}")
+            print(
+                f"{ctx:>8} | {statistics.median(a_):>9.1f}, {max(a_):>8.1f} | {statistics.median(b_):>9.1f}, "
+                f"{max(b_):>8.1f} | {rm:>14.3f} | {rb:>12.3f} | {rp:>21.3f}"
+            )
+    print(
+        f"\ntarget ours >= 0.95x plain (median of the paired CPU-time ratios): {'PASS' if ok else 'FAIL'}; load average "
+        f"now {os.getloadavg()[0]:.1f}"
+    )
     ours.close()
     return 0
 

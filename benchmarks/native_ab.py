@@ -30,7 +30,7 @@ def alternate(variants: dict, apply, measure, rounds: int) -> tuple[dict[str, li
     rates: dict[str, list[float]] = {k: [] for k in variants}
     outs = {}
     for r in range(rounds):
-        for name in (list(variants) if r % 2 == 0 else list(variants)[::-1]):
+        for name in list(variants) if r % 2 == 0 else list(variants)[::-1]:
             apply(variants[name])
             rate, out = measure()
             rates[name].append(rate)
@@ -90,6 +90,7 @@ def main() -> None:
         raise SystemExit("the native decode step is not available for this model")
     long_ids = q.tokenizer.encode(text[:40000], parse_special=False)[:4000]
     for label, prompt in (("short prompt", ids[:16]), (f"after {len(long_ids)} tokens", long_ids)):
+
         def apply_decode(v):
             qm.native = v
 

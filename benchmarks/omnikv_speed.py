@@ -62,8 +62,10 @@ def main() -> None:
     full = engine.new_sequence(budget=cap, capacity=cap)
     t0 = time.perf_counter()
     logits = engine.prefill(full, ids)
-    print(f"{loaded.name}, {args.dtype}, {threads} threads: prefilled {len(ids)} tokens in "
-          f"{time.perf_counter() - t0:.1f} s")
+    print(
+        f"{loaded.name}, {args.dtype}, {threads} threads: prefilled {len(ids)} tokens in "
+        f"{time.perf_counter() - t0:.1f} s"
+    )
     first = int(torch.argmax(logits))
 
     k = int(args.k) if args.k.isdigit() else float(args.k)
@@ -95,8 +97,10 @@ def main() -> None:
         agree += nxt == omni_choice
         tok = nxt
     for name, ts in times.items():
-        print(f"{name:>7}: decode at {len(ids)}-{len(ids) + args.decode} tokens: {len(ts) / sum(ts):.2f} tok/s "
-              f"(total), {1 / statistics.median(ts):.2f} tok/s (median step)")
+        print(
+            f"{name:>7}: decode at {len(ids)}-{len(ids) + args.decode} tokens: {len(ts) / sum(ts):.2f} tok/s "
+            f"(total), {1 / statistics.median(ts):.2f} tok/s (median step)"
+        )
     total = sum(times["full"]) / sum(times["omnikv"])
     median = statistics.median(times["full"]) / statistics.median(times["omnikv"])
     print(f"greedy choice equal to full's: {agree}/{args.decode} steps (same tokens fed to both)")

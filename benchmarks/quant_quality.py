@@ -48,8 +48,12 @@ def main() -> None:
     ap.add_argument("--model", type=Path, default=None)
     ap.add_argument("--text", type=Path, default=MOBY)
     ap.add_argument("--tokens", type=int, default=4096)
-    ap.add_argument("--start", default="", metavar="TEXT",
-                    help="begin at the first occurrence of TEXT (e.g. 'Call me Ishmael'; default: the file's start)")
+    ap.add_argument(
+        "--start",
+        default="",
+        metavar="TEXT",
+        help="begin at the first occurrence of TEXT (e.g. 'Call me Ishmael'; default: the file's start)",
+    )
     ap.add_argument("--chunk", type=int, default=512)
     ap.add_argument("--quant", nargs="+", default=["int8", "int4"], choices=("int8", "int4"))
     ap.add_argument("--threads", type=int, default=2)
@@ -74,8 +78,11 @@ def main() -> None:
         logits = teacher_forced_logits(loaded, ids, args.chunk)
         ppl = perplexity(logits, ids)
         c = compare(ref, logits)
-        print(f"| bfloat16+{quant} | {ppl:.3f} | {100 * (ppl / ppl_ref - 1):+.2f}% | {100 * c['top1']:.2f}% "
-              f"| {c['kl']:.4f} |", flush=True)
+        print(
+            f"| bfloat16+{quant} | {ppl:.3f} | {100 * (ppl / ppl_ref - 1):+.2f}% | {100 * c['top1']:.2f}% "
+            f"| {c['kl']:.4f} |",
+            flush=True,
+        )
         del loaded
 
 

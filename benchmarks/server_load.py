@@ -52,8 +52,11 @@ async def client(c: httpx.AsyncClient, i: int, turns: int, max_tokens: int, stat
         t0 = time.perf_counter()
         first = last = None
         n, streamed, done = 0, "", None
-        async with c.stream("POST", f"/api/sessions/{sid}/messages",
-                            json={"text": text, "params": {"max_tokens": max_tokens, "seed": i * 100 + t}}) as resp:
+        async with c.stream(
+            "POST",
+            f"/api/sessions/{sid}/messages",
+            json={"text": text, "params": {"max_tokens": max_tokens, "seed": i * 100 + t}},
+        ) as resp:
             if resp.status_code != 200:
                 stats["errors"].append(f"{sid} turn {t}: {resp.status_code} {(await resp.aread())[:200]!r}")
                 return
@@ -118,9 +121,25 @@ def main() -> int:
     url = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryDirectory() as data:
         env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_WAIT_POLICY": "PASSIVE"}
-        proc = subprocess.Popen([sys.executable, "-m", "infinichat", "serve", "--port", str(port), "--data-dir", data,
-                                 "--threads", str(args.threads), "--budget", str(args.budget), "--dtype", args.dtype],
-                                env=env)
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "infinichat",
+                "serve",
+                "--port",
+                str(port),
+                "--data-dir",
+                data,
+                "--threads",
+                str(args.threads),
+                "--budget",
+                str(args.budget),
+                "--dtype",
+                args.dtype,
+            ],
+            env=env,
+        )
         try:
             deadline = time.monotonic() + 300
             while True:
@@ -138,20 +157,34 @@ def main() -> int:
             proc.terminate()
             proc.wait(60)
     n = args.clients * args.turns
-    print(f"\n{args.clients} clients x {args.turns} turns, max_tokens {args.max_tokens}, budget {args.budget}, "
-          f"{args.dtype}, {args.threads} thread(s), wall {stats['wall']:.0f} s")
-    print(f"errors: {len(stats['errors'])}; transcripts checked and intact: {stats['checked']}/{args.clients}; "
-          f"replies: {len(stats['ttft'])}/{n}")
+    print(
+        f"\n{args.clients} clients x {args.turns} turns, max_tokens {args.max_tokens}, budget {args.budget}, "
+        f"{args.dtype}, {args.threads} thread(s), wall {stats['wall']:.0f} s"
+    )
+    print(
+        f"errors: {len(stats['errors'])}; transcripts checked and intact: {stats['checked']}/{args.clients}; "
+        f"replies: {len(stats['ttft'])}/{n}"
+    )
     for e in stats["errors"][:10]:
         print("  ", e)
     print("\n| measure | p50 | p95 | mean |\n|---|---:|---:|---:|")
-    for name, xs, unit in (("time to first token", stats["ttft"], "s"), ("decode tokens/s per reply", stats["tps"], "")):
-        print(f"| {name} ({unit or 'tok/s'}) | {pct(xs, .5):.2f} | {pct(xs, .95):.2f} | {statistics.fmean(xs):.2f} |"
-              if xs else f"| {name} | - | - | - |")
-    print(f"\naggregate: {stats['tokens']} tokens generated in {stats['wall']:.0f} s = "
-          f"{stats['tokens'] / stats['wall']:.1f} tok/s over all clients")
+    for name, xs, unit in (
+        ("time to first token", stats["ttft"], "s"),
+        ("decode tokens/s per reply", stats["tps"], ""),
+    ):
+        print(
+            f"| {name} ({unit or 'tok/s'}) | {pct(xs, 0.5):.2f} | {pct(xs, 0.95):.2f} | {statistics.fmean(xs):.2f} |"
+            if xs
+            else f"| {name} | - | - | - |"
+        )
+    print(
+        f"\naggregate: {stats['tokens']} tokens generated in {stats['wall']:.0f} s = "
+        f"{stats['tokens'] / stats['wall']:.1f} tok/s over all clients"
+    )
     for line in stats["metrics"].splitlines():
-        if line.startswith(("infinichat_kv_offloads", "infinichat_evictions", "infinichat_tokens_in", "infinichat_tokens_out")):
+        if line.startswith(
+            ("infinichat_kv_offloads", "infinichat_evictions", "infinichat_tokens_in", "infinichat_tokens_out")
+        ):
             print(line)
     return 0 if not stats["errors"] and stats["checked"] == args.clients else 1
 

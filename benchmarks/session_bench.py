@@ -25,8 +25,14 @@ from infinichat.engine.torch_engine import TorchEngine, set_threads  # noqa: E40
 from infinichat.model.loader import load_model  # noqa: E402
 from infinichat.session.manager import SessionManager  # noqa: E402
 
-QUESTIONS = ["Tell me one fact about the sea.", "What should I cook tonight?", "Name a bird that cannot fly.",
-             "Why is the sky blue?", "Give me a word that rhymes with cat.", "What is a good name for a dog?"]
+QUESTIONS = [
+    "Tell me one fact about the sea.",
+    "What should I cook tonight?",
+    "Name a bird that cannot fly.",
+    "Why is the sky blue?",
+    "Give me a word that rhymes with cat.",
+    "What is a good name for a dog?",
+]
 
 
 def first_token_time(gen) -> float:
@@ -41,40 +47,58 @@ def first_token_time(gen) -> float:
 def part_ttft(engine, tok, model_id, args) -> None:
     with tempfile.TemporaryDirectory() as d:
         mgr = SessionManager(engine, tok, model_id, d)
-        s = mgr.create("bench", system_prompt="You are a friendly assistant. Answer in one or two sentences.",
-                       settings={"budget": args.budget, "max_tokens": args.reply_tokens, "temperature": 0.7})
+        s = mgr.create(
+            "bench",
+            system_prompt="You are a friendly assistant. Answer in one or two sentences.",
+            settings={"budget": args.budget, "max_tokens": args.reply_tokens, "temperature": 0.7},
+        )
         times = []
         for turn in range(1, args.turns + 1):
             params = s.settings.sampling(seed=turn)
             times.append(first_token_time(s.send(QUESTIONS[turn % len(QUESTIONS)], params)))
             if turn % 25 == 0:
-                print(f"  turn {turn}: ttft {times[-1] * 1000:.0f} ms, cache {s.seq.length}/{s.seq.budget} tokens, "
-                      f"{s.seq.n_evictions} evictions ({s.seq.n_evicted} tokens)", flush=True)
+                print(
+                    f"  turn {turn}: ttft {times[-1] * 1000:.0f} ms, cache {s.seq.length}/{s.seq.budget} tokens, "
+                    f"{s.seq.n_evictions} evictions ({s.seq.n_evicted} tokens)",
+                    flush=True,
+                )
         n = args.turns
-        early, late = times[1:6], times[n - 5:n]
-        print(f"\n| budget {args.budget}, {n} turns | turn 2 | turn {n} | ratio | median turns 2-6 | "
-              f"median turns {n - 4}-{n} | ratio |")
+        early, late = times[1:6], times[n - 5 : n]
+        print(
+            f"\n| budget {args.budget}, {n} turns | turn 2 | turn {n} | ratio | median turns 2-6 | "
+            f"median turns {n - 4}-{n} | ratio |"
+        )
         print("|---|---:|---:|---:|---:|---:|---:|")
-        print(f"| time to first token | {times[1] * 1000:.0f} ms | {times[n - 1] * 1000:.0f} ms | "
-              f"{times[n - 1] / times[1]:.2f}x | {statistics.median(early) * 1000:.0f} ms | "
-              f"{statistics.median(late) * 1000:.0f} ms | {statistics.median(late) / statistics.median(early):.2f}x |")
-        print(f"final cache: {s.seq.length}/{s.seq.budget} tokens; evictions {s.seq.n_evictions} "
-              f"({s.seq.n_evicted} tokens); messages {len(s.messages)}")
+        print(
+            f"| time to first token | {times[1] * 1000:.0f} ms | {times[n - 1] * 1000:.0f} ms | "
+            f"{times[n - 1] / times[1]:.2f}x | {statistics.median(early) * 1000:.0f} ms | "
+            f"{statistics.median(late) * 1000:.0f} ms | {statistics.median(late) / statistics.median(early):.2f}x |"
+        )
+        print(
+            f"final cache: {s.seq.length}/{s.seq.budget} tokens; evictions {s.seq.n_evictions} "
+            f"({s.seq.n_evicted} tokens); messages {len(s.messages)}"
+        )
         mgr.db.close()
 
 
 def card_text(n_tokens: int, tok) -> str:
     src = Path(__file__).resolve().parents[2] / "shared" / "data" / "moby_dick.txt"
-    base = src.read_text(encoding="utf-8")[20000:80000] if src.exists() else \
-        "The old ship sailed on through the grey morning, and the crew watched the long swell. " * 400
+    base = (
+        src.read_text(encoding="utf-8")[20000:80000]
+        if src.exists()
+        else "The old ship sailed on through the grey morning, and the crew watched the long swell. " * 400
+    )
     ids = tok.encode(base)[:n_tokens]
     return tok.decode(ids)
 
 
 def part_prefix(engine, tok, model_id, args) -> None:
     desc = card_text(args.card_tokens, tok)
-    card = {"spec": "chara_card_v2", "spec_version": "2.0",
-            "data": {"name": "Ishmael", "description": desc, "first_mes": "Call me Ishmael."}}
+    card = {
+        "spec": "chara_card_v2",
+        "spec_version": "2.0",
+        "data": {"name": "Ishmael", "description": desc, "first_mes": "Call me Ishmael."},
+    }
     rows = []
     with tempfile.TemporaryDirectory() as d:
         for label in ("cold", "warm", "warm"):

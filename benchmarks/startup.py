@@ -36,16 +36,31 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16")
     args = ap.parse_args()
     cache = tempfile.mkdtemp(prefix="infinichat-startup-")
-    cmd = [sys.executable, "-m", "infinichat", "generate", "Once upon a time", "-n", "8", "--temperature", "0",
-           "--dtype", args.dtype, "--cache-dir", cache]
+    cmd = [
+        sys.executable,
+        "-m",
+        "infinichat",
+        "generate",
+        "Once upon a time",
+        "-n",
+        "8",
+        "--temperature",
+        "0",
+        "--dtype",
+        args.dtype,
+        "--cache-dir",
+        cache,
+    ]
     if args.model:
         cmd += ["--model", args.model]
     env = dict(os.environ)
     cold = first_token_seconds(cmd, env)
     warm = [first_token_seconds(cmd, env) for _ in range(args.runs)]
     print(f"cold start (converts the model): {cold:.2f} s to the first token")
-    print(f"warm starts: median {statistics.median(warm):.2f} s, min {min(warm):.2f} s, max {max(warm):.2f} s "
-          f"over {len(warm)} runs (target < 3 s)")
+    print(
+        f"warm starts: median {statistics.median(warm):.2f} s, min {min(warm):.2f} s, max {max(warm):.2f} s "
+        f"over {len(warm)} runs (target < 3 s)"
+    )
 
 
 if __name__ == "__main__":

@@ -75,8 +75,12 @@ class Stream:
             assert self.seq.length <= self.seq.budget
             self.done = b
             rate = self.done / (time.perf_counter() - self.t0)
-            print(f"\r  streamed {self.done:>7} tokens, {rate:.0f} tok/s, cache {self.seq.length}/{self.seq.budget}, "
-                  f"{self.seq.n_evictions} evictions", end="", flush=True)
+            print(
+                f"\r  streamed {self.done:>7} tokens, {rate:.0f} tok/s, cache {self.seq.length}/{self.seq.budget}, "
+                f"{self.seq.n_evictions} evictions",
+                end="",
+                flush=True,
+            )
         print()
 
 
@@ -114,8 +118,14 @@ def main() -> None:
     ap.add_argument("--decode-tokens", type=int, default=256, help="tokens per decode-speed measurement")
     ap.add_argument("--repeats", type=int, default=4, help="decode-speed measurements per state (best and median)")
     ap.add_argument("--budgets", type=int, nargs="+", default=[512, 1024, 2048], help="budgets of (c)")
-    ap.add_argument("--latency-tokens", type=int, nargs=2, default=[32, 4], metavar=("STREAMING", "RECOMPUTE"),
-                    help="tokens timed per budget in (c), for streaming and for recompute (default 32 4)")
+    ap.add_argument(
+        "--latency-tokens",
+        type=int,
+        nargs=2,
+        default=[32, 4],
+        metavar=("STREAMING", "RECOMPUTE"),
+        help="tokens timed per budget in (c), for streaming and for recompute (default 32 4)",
+    )
     args = ap.parse_args()
     if args.stream_tokens < 10_000:
         raise SystemExit("--stream-tokens must be at least 10000 (memory is compared after 10k)")
@@ -124,8 +134,10 @@ def main() -> None:
     loaded = load_model(args.model, args.dtype)
     engine = TorchEngine(loaded.model, eos_ids=())
     ids = text_ids(loaded.tokenizer, args.stream_tokens + 1)
-    print(f"model {loaded.name}, {args.dtype}, {threads} thread(s); stream of {args.stream_tokens} tokens, "
-          f"budget {args.budget}, streaming 4 sinks, n_discard 256, chunk {STREAM_CHUNK}")
+    print(
+        f"model {loaded.name}, {args.dtype}, {threads} thread(s); stream of {args.stream_tokens} tokens, "
+        f"budget {args.budget}, streaming 4 sinks, n_discard 256, chunk {STREAM_CHUNK}"
+    )
 
     # (a) and (b): one long stream
     seq = engine.new_sequence(budget=args.budget, policy="streaming", n_sink=4)
@@ -151,34 +163,52 @@ def main() -> None:
     # (c): per-token latency with a full cache, streaming vs recompute
     lat = {}
     for b in args.budgets:
-        lat[b] = (decode_latency(engine, ids, b, "streaming", args.latency_tokens[0]),
-                  decode_latency(engine, ids, b, "recompute", args.latency_tokens[1]),
-                  decode_latency(engine, ids, b, "streaming", AMORTIZED, n_discard=AMORTIZED))
-        print(f"  budget {b}: streaming {lat[b][0] * 1000:.1f} ms/token, recompute {lat[b][1] * 1000:.0f} ms/token, "
-              f"streaming with n_discard {AMORTIZED} {lat[b][2] * 1000:.1f} ms/token")
+        lat[b] = (
+            decode_latency(engine, ids, b, "streaming", args.latency_tokens[0]),
+            decode_latency(engine, ids, b, "recompute", args.latency_tokens[1]),
+            decode_latency(engine, ids, b, "streaming", AMORTIZED, n_discard=AMORTIZED),
+        )
+        print(
+            f"  budget {b}: streaming {lat[b][0] * 1000:.1f} ms/token, recompute {lat[b][1] * 1000:.0f} ms/token, "
+            f"streaming with n_discard {AMORTIZED} {lat[b][2] * 1000:.1f} ms/token"
+        )
 
     n_end = f"{args.stream_tokens // 1000}k"
     ok = lambda cond: "PASS" if cond else "FAIL"  # noqa: E731
-    print(f"\nstreamed {args.stream_tokens - 10_000} tokens in {stream_s:.0f} s "
-          f"({(args.stream_tokens - 10_000) / stream_s:.0f} tok/s, chunks of {STREAM_CHUNK}); "
-          f"{seq.n_evictions} evictions, {seq.n_evicted} tokens evicted\n")
+    print(
+        f"\nstreamed {args.stream_tokens - 10_000} tokens in {stream_s:.0f} s "
+        f"({(args.stream_tokens - 10_000) / stream_s:.0f} tok/s, chunks of {STREAM_CHUNK}); "
+        f"{seq.n_evictions} evictions, {seq.n_evicted} tokens evicted\n"
+    )
     print("| measurement | after 2k / 10k | after " + n_end + " | ratio | target | result |")
     print("|---|---:|---:|---:|---|---|")
-    print(f"| (a) decode tok/s (budget {args.budget}, {args.decode_tokens} tokens, best of {args.repeats}) | "
-          f"{r2k:.1f} | {rend:.1f} | {rend / r2k:.3f} | >= 0.90 | {ok(rend / r2k >= 0.9)} |")
-    print(f"| (a') the same, median of {args.repeats} | {m2k:.1f} | {mend:.1f} | {mend / m2k:.3f} | >= 0.90 | "
-          f"{ok(mend / m2k >= 0.9)} |")
-    print(f"| (b) resident memory MB (VmRSS) | {rss_10k:.0f} | {rss_end:.0f} | {rss_end / rss_10k:.3f} | "
-          f"< 1.05 | {ok(rss_end / rss_10k < 1.05)} |")
-    print(f"| (b') VmRSS MB after malloc_trim(0) | {trim_10k:.0f} | {trim_end:.0f} | {trim_end / trim_10k:.3f} | "
-          f"< 1.05 | {ok(trim_end / trim_10k < 1.05)} |")
-    print(f"\n| (c) budget | streaming ms/token | recompute ms/token | recompute / streaming | "
-          f"streaming, n_discard {AMORTIZED} | recompute / that |")
+    print(
+        f"| (a) decode tok/s (budget {args.budget}, {args.decode_tokens} tokens, best of {args.repeats}) | "
+        f"{r2k:.1f} | {rend:.1f} | {rend / r2k:.3f} | >= 0.90 | {ok(rend / r2k >= 0.9)} |"
+    )
+    print(
+        f"| (a') the same, median of {args.repeats} | {m2k:.1f} | {mend:.1f} | {mend / m2k:.3f} | >= 0.90 | "
+        f"{ok(mend / m2k >= 0.9)} |"
+    )
+    print(
+        f"| (b) resident memory MB (VmRSS) | {rss_10k:.0f} | {rss_end:.0f} | {rss_end / rss_10k:.3f} | "
+        f"< 1.05 | {ok(rss_end / rss_10k < 1.05)} |"
+    )
+    print(
+        f"| (b') VmRSS MB after malloc_trim(0) | {trim_10k:.0f} | {trim_end:.0f} | {trim_end / trim_10k:.3f} | "
+        f"< 1.05 | {ok(trim_end / trim_10k < 1.05)} |"
+    )
+    print(
+        f"\n| (c) budget | streaming ms/token | recompute ms/token | recompute / streaming | "
+        f"streaming, n_discard {AMORTIZED} | recompute / that |"
+    )
     print("|---:|---:|---:|---:|---:|---:|")
     for b, (s, r, s_am) in lat.items():
         print(f"| {b} | {s * 1000:.1f} | {r * 1000:.0f} | {r / s:.1f}x | {s_am * 1000:.1f} | {r / s_am:.1f}x |")
-    print(f"\ndecode tok/s samples: after 2k {[round(x, 1) for x in rates['2k']]}, "
-          f"after {n_end} {[round(x, 1) for x in rates['end']]}; KV store {seq.store.nbytes / 2**20:.0f} MB")
+    print(
+        f"\ndecode tok/s samples: after 2k {[round(x, 1) for x in rates['2k']]}, "
+        f"after {n_end} {[round(x, 1) for x in rates['end']]}; KV store {seq.store.nbytes / 2**20:.0f} MB"
+    )
 
 
 if __name__ == "__main__":

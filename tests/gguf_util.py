@@ -26,8 +26,20 @@ from gguf.quants import quantize
 # GGUF token types (llama.cpp's llama_token_type)
 NORMAL, CONTROL = 1, 3
 
-MERGES = [("h", "i"), ("Ġ", "t"), ("t", "h"), ("e", "r"), ("i", "n"), ("o", "n"), ("a", "n"), ("Ġ", "a"),
-          ("Ġt", "h"), ("Ġth", "e"), ("e", "n"), ("o", "r")]
+MERGES = [
+    ("h", "i"),
+    ("Ġ", "t"),
+    ("t", "h"),
+    ("e", "r"),
+    ("i", "n"),
+    ("o", "n"),
+    ("a", "n"),
+    ("Ġ", "a"),
+    ("Ġt", "h"),
+    ("Ġth", "e"),
+    ("e", "n"),
+    ("o", "r"),
+]
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 
@@ -80,9 +92,20 @@ def _finish(model, seed: int):
 def tiny_llama(seed: int = 0, **overrides):
     """A random Llama with GQA (4 query heads, 2 KV heads) and the tiny vocabulary."""
     tf = _transformers()
-    kw = dict(vocab_size=VOCAB_SIZE, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, rope_theta=10000.0,
-              initializer_range=0.08, bos_token_id=EOS_ID, eos_token_id=EOS_ID, tie_word_embeddings=False)
+    kw = dict(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        rope_theta=10000.0,
+        initializer_range=0.08,
+        bos_token_id=EOS_ID,
+        eos_token_id=EOS_ID,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(seed)
     return _finish(tf.AutoModelForCausalLM.from_config(tf.LlamaConfig(**{**kw, **overrides})), seed)
 
@@ -90,9 +113,20 @@ def tiny_llama(seed: int = 0, **overrides):
 def tiny_neox(seed: int = 0, **overrides):
     """A random GPT-NeoX (Pythia layout: partial rotary, parallel residual, biases everywhere)."""
     tf = _transformers()
-    kw = dict(vocab_size=VOCAB_SIZE, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-              num_attention_heads=4, rotary_pct=0.25, use_parallel_residual=True, max_position_embeddings=128,
-              initializer_range=0.08, bos_token_id=EOS_ID, eos_token_id=EOS_ID, tie_word_embeddings=False)
+    kw = dict(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        rotary_pct=0.25,
+        use_parallel_residual=True,
+        max_position_embeddings=128,
+        initializer_range=0.08,
+        bos_token_id=EOS_ID,
+        eos_token_id=EOS_ID,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(seed)
     return _finish(tf.AutoModelForCausalLM.from_config(tf.GPTNeoXConfig(**{**kw, **overrides})), seed)
 
@@ -102,28 +136,45 @@ class RandomLlama:
     only need a valid file and should not pay for importing transformers."""
 
     def __init__(self, seed: int = 0, **overrides):
-        c = dict(model_type="llama", vocab_size=VOCAB_SIZE, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                 rope_parameters={"rope_theta": 10000.0}, rms_norm_eps=1e-6, tie_word_embeddings=False)
+        c = dict(
+            model_type="llama",
+            vocab_size=VOCAB_SIZE,
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=128,
+            rope_parameters={"rope_theta": 10000.0},
+            rms_norm_eps=1e-6,
+            tie_word_embeddings=False,
+        )
         self.config = SimpleNamespace(**{**c, **overrides})
         self.seed = seed
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         c, g = self.config, torch.Generator().manual_seed(self.seed)
         D, F, hd = c.hidden_size, c.intermediate_size, c.hidden_size // c.num_attention_heads
-        shapes = {"model.embed_tokens.weight": (c.vocab_size, D), "model.norm.weight": (D,),
-                  "lm_head.weight": (c.vocab_size, D)}
+        shapes = {
+            "model.embed_tokens.weight": (c.vocab_size, D),
+            "model.norm.weight": (D,),
+            "lm_head.weight": (c.vocab_size, D),
+        }
         for i in range(c.num_hidden_layers):
             p = f"model.layers.{i}."
-            shapes.update({
-                p + "input_layernorm.weight": (D,), p + "post_attention_layernorm.weight": (D,),
-                p + "self_attn.q_proj.weight": (c.num_attention_heads * hd, D),
-                p + "self_attn.k_proj.weight": (c.num_key_value_heads * hd, D),
-                p + "self_attn.v_proj.weight": (c.num_key_value_heads * hd, D),
-                p + "self_attn.o_proj.weight": (D, c.num_attention_heads * hd),
-                p + "mlp.gate_proj.weight": (F, D), p + "mlp.up_proj.weight": (F, D),
-                p + "mlp.down_proj.weight": (D, F),
-            })
+            shapes.update(
+                {
+                    p + "input_layernorm.weight": (D,),
+                    p + "post_attention_layernorm.weight": (D,),
+                    p + "self_attn.q_proj.weight": (c.num_attention_heads * hd, D),
+                    p + "self_attn.k_proj.weight": (c.num_key_value_heads * hd, D),
+                    p + "self_attn.v_proj.weight": (c.num_key_value_heads * hd, D),
+                    p + "self_attn.o_proj.weight": (D, c.num_attention_heads * hd),
+                    p + "mlp.gate_proj.weight": (F, D),
+                    p + "mlp.up_proj.weight": (F, D),
+                    p + "mlp.down_proj.weight": (D, F),
+                }
+            )
         return {n: torch.ones(s) if len(s) == 1 else torch.randn(s, generator=g) * 0.08 for n, s in shapes.items()}
 
 
@@ -168,8 +219,13 @@ def _neox_tensors(sd: dict[str, np.ndarray], c) -> dict[str, np.ndarray]:
     }
     if not c.tie_word_embeddings:
         out["output.weight"] = sd["embed_out.weight"] if "embed_out.weight" in sd else sd["lm_head.weight"]
-    pairs = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "attention.dense": "attn_output",
-             "mlp.dense_h_to_4h": "ffn_up", "mlp.dense_4h_to_h": "ffn_down"}
+    pairs = {
+        "input_layernorm": "attn_norm",
+        "post_attention_layernorm": "ffn_norm",
+        "attention.dense": "attn_output",
+        "mlp.dense_h_to_4h": "ffn_up",
+        "mlp.dense_4h_to_h": "ffn_down",
+    }
     for i in range(c.num_hidden_layers):
         hf, b = f"gpt_neox.layers.{i}.", f"blk.{i}."
         for kind in ("weight", "bias"):

@@ -60,8 +60,10 @@ def _make_cases(tmp: Path) -> dict[str, Case]:
     block, size = GGML_QUANT_SIZES[Q.IQ4_NL]
     raw = np.random.default_rng(0).integers(0, 256, (rows, cols // block * size), dtype=np.uint8)
     gguf_util.write_gguf(iq4, gguf_util.RandomLlama(), raw={"blk.0.ffn_down.weight": (raw, Q.IQ4_NL)})
-    llama_config = '{"architectures": ["LlamaForCausalLM"], "vocab_size": 271, "hidden_size": 64, ' \
+    llama_config = (
+        '{"architectures": ["LlamaForCausalLM"], "vocab_size": 271, "hidden_size": 64, '
         '"intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4}'
+    )
 
     return {
         "missing file": Case(tmp / "nope.gguf", r"no such file", r"\.gguf"),
@@ -80,7 +82,8 @@ def _make_cases(tmp: Path) -> dict[str, Case]:
         "folder without weights": Case(folder("no-weights", llama_config), r"no \.safetensors"),
         "unsupported HF architecture": Case(
             folder("mamba-hf", '{"architectures": ["MambaForCausalLM"]}'),
-            r"architecture 'MambaForCausalLM'", r"supported: .*LlamaForCausalLM",
+            r"architecture 'MambaForCausalLM'",
+            r"supported: .*LlamaForCausalLM",
         ),
         "config is not JSON": Case(folder("bad-json", "{architectures: llama"), r"not valid JSON"),
         "unknown suffix": Case(file("model.bin", blob), r"unsupported model file", r"\.gguf"),
@@ -100,8 +103,22 @@ FLAGS = {  # flag arguments -> regex for the flag named in the message
 
 def _run(model: Path, cache: Path, extra: Sequence[str] = ()) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "NO_COLOR": "1", "COLUMNS": "250"}
-    cmd = [sys.executable, "-m", "infinichat", "generate", "hi", "--model", str(model), "-n", "1",
-           "--cache-dir", str(cache), "--threads", "1", *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "infinichat",
+        "generate",
+        "hi",
+        "--model",
+        str(model),
+        "-n",
+        "1",
+        "--cache-dir",
+        str(cache),
+        "--threads",
+        "1",
+        *extra,
+    ]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
 
 
@@ -113,15 +130,26 @@ def results(tmp_path_factory):
     jobs = {name: (case.path, []) for name, case in cases.items()}
     jobs.update({name: (tmp / "tiny.gguf", args) for name, (args, _) in FLAGS.items()})
     with ThreadPoolExecutor(max_workers=4) as pool:
-        futures = {name: pool.submit(_run, path, tmp / f"cache-{i}", args)
-                   for i, (name, (path, args)) in enumerate(jobs.items())}
+        futures = {
+            name: pool.submit(_run, path, tmp / f"cache-{i}", args)
+            for i, (name, (path, args)) in enumerate(jobs.items())
+        }
         return cases, {name: f.result() for name, f in futures.items()}
 
 
 CASE_NAMES = [
-    "missing file", "empty file", "truncated metadata", "truncated tensor data", "random bytes",
-    "unsupported architecture", "unsupported tensor type", "empty folder", "folder without weights",
-    "unsupported HF architecture", "config is not JSON", "unknown suffix",
+    "missing file",
+    "empty file",
+    "truncated metadata",
+    "truncated tensor data",
+    "random bytes",
+    "unsupported architecture",
+    "unsupported tensor type",
+    "empty folder",
+    "folder without weights",
+    "unsupported HF architecture",
+    "config is not JSON",
+    "unknown suffix",
 ]
 
 

@@ -79,8 +79,10 @@ V2 = {
         "personality": "kind, protective",
         "scenario": "{{user}} wakes up in {{char}}'s glade.",
         "first_mes": "*{{char}} smiles.* Welcome, {{user}}.",
-        "mes_example": ("<START>\n{{user}}: Who are you?\n{{char}}: I am {{char}}.\n<START>\n\n"
-                        "<START>\r\n<USER>: Hi\r\n<BOT>: Hello!\n"),
+        "mes_example": (
+            "<START>\n{{user}}: Who are you?\n{{char}}: I am {{char}}.\n<START>\n\n"
+            "<START>\r\n<USER>: Hi\r\n<BOT>: Hello!\n"
+        ),
         "creator_notes": "notes",
         "system_prompt": "{{original}}\nNever break character, {{char}}.",
         "post_history_instructions": "{{original}}Reply to {{user}} in one paragraph.",
@@ -113,9 +115,23 @@ V1 = {
 
 
 def card_fields(card: CharacterCard) -> dict:
-    keys = ["name", "description", "personality", "scenario", "first_mes", "mes_example", "alternate_greetings",
-            "system_prompt", "post_history_instructions", "creator_notes", "tags", "creator", "character_version",
-            "extensions", "character_book"]
+    keys = [
+        "name",
+        "description",
+        "personality",
+        "scenario",
+        "first_mes",
+        "mes_example",
+        "alternate_greetings",
+        "system_prompt",
+        "post_history_instructions",
+        "creator_notes",
+        "tags",
+        "creator",
+        "character_version",
+        "extensions",
+        "character_book",
+    ]
     return {k: getattr(card, k) for k in keys}
 
 
@@ -160,15 +176,27 @@ def test_v2_edited_fields_export_and_keep_unknowns() -> None:
 
 
 def test_v2_nulls_read_as_empty_and_stay_null_on_export() -> None:
-    d = {"spec": "chara_card_v2", "spec_version": "2.0",
-         "data": {"name": "N", "description": None, "tags": None, "extensions": None, "character_version": 3}}
+    d = {
+        "spec": "chara_card_v2",
+        "spec_version": "2.0",
+        "data": {"name": "N", "description": None, "tags": None, "extensions": None, "character_version": 3},
+    }
     card = load_card(d)
     assert card.description == "" and card.tags == [] and card.extensions == {} and card.character_version == "3"
     out = card.to_json_dict()
     assert out["data"]["description"] is None and out["data"]["character_version"] == 3
     # fields the V2 spec requires are filled in
-    for k in ("personality", "scenario", "first_mes", "mes_example", "creator_notes", "system_prompt",
-              "post_history_instructions", "alternate_greetings", "creator"):
+    for k in (
+        "personality",
+        "scenario",
+        "first_mes",
+        "mes_example",
+        "creator_notes",
+        "system_prompt",
+        "post_history_instructions",
+        "alternate_greetings",
+        "creator",
+    ):
         assert k in out["data"]
 
 
@@ -189,9 +217,16 @@ def test_v1_round_trip_exports_as_v2() -> None:
 
 
 def test_v3_read_like_v2_extras_kept_nickname_used() -> None:
-    d = {"spec": "chara_card_v3", "spec_version": "3.0",
-         "data": {**copy.deepcopy(V2["data"]), "nickname": "Sera", "group_only_greetings": ["Hi all"],
-                  "assets": [{"type": "icon", "uri": "ccdefault:", "name": "main", "ext": "png"}]}}
+    d = {
+        "spec": "chara_card_v3",
+        "spec_version": "3.0",
+        "data": {
+            **copy.deepcopy(V2["data"]),
+            "nickname": "Sera",
+            "group_only_greetings": ["Hi all"],
+            "assets": [{"type": "icon", "uri": "ccdefault:", "name": "main", "ext": "png"}],
+        },
+    }
     card = load_card(d)
     assert card.spec == "chara_card_v3" and card.char_name == "Sera"
     assert card.greetings()[0] == "*Sera smiles.* Welcome, User."
@@ -215,8 +250,10 @@ def test_future_spec_read_with_warning(caplog: pytest.LogCaptureFixture) -> None
 # ---------------------------------------------------------------------------------------- rendering
 def test_substitution() -> None:
     card = CharacterCard(name="Alice")
-    assert card.substitute("{{char}} {{CHAR}} {{ Char }} {{user}} {{USER}} <BOT> <USER> <user> {{other}}", "Bob") == \
-        "Alice Alice Alice Bob Bob Alice Bob Bob {{other}}"
+    assert (
+        card.substitute("{{char}} {{CHAR}} {{ Char }} {{user}} {{USER}} <BOT> <USER> <user> {{other}}", "Bob")
+        == "Alice Alice Alice Bob Bob Alice Bob Bob {{other}}"
+    )
     assert card.substitute("hi {{user}}") == "hi User"  # default user name
     assert card.substitute("{{user}} and {{char}}", user="{{char}}") == "{{char}} and Alice"  # one pass only
     assert card.substitute("{{original}}") == "{{original}}"  # only meaningful in system_prompt
@@ -349,10 +386,16 @@ BAD: list[tuple[str, object, str]] = [
     ("v1 name type", {"name": 5}, r": name must be a string, got int"),
     ("v1 field type", {"name": "B", "first_mes": ["a"]}, r": first_mes must be a string, got list"),
     ("v2 no name", {"spec": "chara_card_v2", "data": {}}, r"data\.name is missing"),
-    ("v2 greetings int", v2_with(alternate_greetings=3),
-     r"data\.alternate_greetings must be a list of strings, got int"),
-    ("v2 greetings item", v2_with(alternate_greetings=["a", None]),
-     r"data\.alternate_greetings must be a list of strings; item 1 is null"),
+    (
+        "v2 greetings int",
+        v2_with(alternate_greetings=3),
+        r"data\.alternate_greetings must be a list of strings, got int",
+    ),
+    (
+        "v2 greetings item",
+        v2_with(alternate_greetings=["a", None]),
+        r"data\.alternate_greetings must be a list of strings; item 1 is null",
+    ),
     ("v2 tags str", v2_with(tags="a,b"), r"data\.tags must be a list of strings, got str"),
     ("v2 extensions", v2_with(extensions=[]), r"data\.extensions must be an object, got list"),
     ("v2 book", v2_with(character_book="x"), r"data\.character_book must be an object or null, got str"),
@@ -363,22 +406,33 @@ BAD: list[tuple[str, object, str]] = [
     ("spec unknown", {"spec": "tavern", "data": {"name": "X"}}, r"unknown spec 'tavern'; accepted: 'chara_card_v2'"),
     ("spec future no data", {"spec": "chara_card_v4", "name": "X"}, r"unknown spec 'chara_card_v4'"),
     ("spec type", {"spec": 2, "data": {"name": "X"}}, r"spec must be a string .*got int"),
-    ("spec_version type", {"spec": "chara_card_v2", "spec_version": [2], "data": {"name": "X"}},
-     r"spec_version must be a string"),
+    (
+        "spec_version type",
+        {"spec": "chara_card_v2", "spec_version": [2], "data": {"name": "X"}},
+        r"spec_version must be a string",
+    ),
     ("data without spec", {"data": {"name": "X"}}, r"spec is missing but there is a 'data' field"),
     ("png no chara", png(text_chunk("Comment", b"hi")), r"PNG has no character card .*'chara' or 'ccv3'"),
     ("png bad base64", png(text_chunk("chara", b"eyJuYW1lIjo*!!")), r"tEXt chunk 'chara'.*not valid base64"),
     ("png base64 not json", png(text_chunk("chara", base64.b64encode(b"hello"))), r"chunk 'chara'.*not valid JSON"),
-    ("png card field", png(text_chunk("chara", b64(v2_with(tags=1)))),
-     r"chunk 'chara'.*data\.tags must be a list of strings, got int"),
-    ("png bad ccv3", png(text_chunk("ccv3", b64([1])), text_chunk("chara", b64(v2_with()))),
-     r"chunk 'ccv3'.*got list"),
+    (
+        "png card field",
+        png(text_chunk("chara", b64(v2_with(tags=1)))),
+        r"chunk 'chara'.*data\.tags must be a list of strings, got int",
+    ),
+    ("png bad ccv3", png(text_chunk("ccv3", b64([1])), text_chunk("chara", b64(v2_with()))), r"chunk 'ccv3'.*got list"),
     ("png bad zlib", png(chunk(b"zTXt", b"chara\0\0not zlib")), r"compressed text is corrupt"),
-    ("png zlib cut", png(chunk(b"zTXt", b"chara\0\0" + zlib.compress(b64(v2_with()))[:-6])),
-     r"compressed text is truncated"),
+    (
+        "png zlib cut",
+        png(chunk(b"zTXt", b"chara\0\0" + zlib.compress(b64(v2_with()))[:-6])),
+        r"compressed text is truncated",
+    ),
     ("png crc", corrupt_crc(), r"chunk 'IDAT' at byte \d+ fails its CRC check"),
-    ("png truncated", png(text_chunk("chara", b64(v2_with())))[:-20],
-     r"PNG is truncated: chunk 'tEXt' at byte \d+ needs"),
+    (
+        "png truncated",
+        png(text_chunk("chara", b64(v2_with())))[:-20],
+        r"PNG is truncated: chunk 'tEXt' at byte \d+ needs",
+    ),
     ("png no iend", png()[:-12], r"PNG is truncated: it ends at byte \d+ without an IEND chunk"),
     ("png bad signature", b"\x89PNG\r\n\x00\x00" + png()[8:], r"not a PNG \(bad signature\)"),
     ("png first chunk", SIG + chunk(b"IDAT", b"") + chunk(b"IEND", b""), r"first chunk is 'IDAT', not 'IHDR'"),

@@ -52,7 +52,7 @@ def test_greedy_64_tokens_identical_to_transformers(ours, reference):
         out = ref_model.generate(
             torch.tensor([ids]), max_new_tokens=64, do_sample=False, eos_token_id=sorted(ours.tokenizer.eos_ids)
         )
-    want = out[0, len(ids):].tolist()
+    want = out[0, len(ids) :].tolist()
     want = [t for t in want if t not in ours.tokenizer.eos_ids]  # generate() appends the EOS it stopped at
     assert len(got) >= 32, f"the reply is too short to be a meaningful comparison: {got}"
     assert got == want, f"ours: {ours.tokenizer.decode(got)!r}\nreference: {ref_tok.decode(want)!r}"

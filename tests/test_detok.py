@@ -280,4 +280,3 @@ def test_stop_matcher_equals_searching_the_whole_text(stops: list[str], parts: l
     whole = "".join(parts)
     assert out == _reference(stops, whole)
     assert stopped == any(s in whole for s in stops)
-

@@ -18,6 +18,8 @@ from logit_checks import assert_close
 pytestmark = pytest.mark.slow
 
 TEXT = (Path(__file__).parent / "data" / "moby_dick_loomings.txt").read_text(encoding="utf-8")
+
+
 @pytest.fixture(scope="module")
 def ids(default_tokenizer) -> list[int]:
     return default_tokenizer.encode(TEXT, add_bos=default_tokenizer.add_bos, parse_special=False)

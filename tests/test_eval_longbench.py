@@ -12,7 +12,15 @@ from infinichat.cli.main import main
 from infinichat.errors import InfinichatError
 from infinichat.eval import longbench as lb
 from infinichat.eval.longbench_metrics import (
-    classification, code_sim, count, dataset_score, lcs_length, normalize_answer, qa_f1, retrieval, rouge_l,
+    classification,
+    code_sim,
+    count,
+    dataset_score,
+    lcs_length,
+    normalize_answer,
+    qa_f1,
+    retrieval,
+    rouge_l,
     score_sample,
 )
 
@@ -25,23 +33,29 @@ def test_normalize_answer():
     assert normalize_answer("The Theory of a Thing.") == "theory of thing"
 
 
-@pytest.mark.parametrize("pred, ref, want", [
-    ("The Eiffel Tower, Paris!", "eiffel tower in paris", 6 / 7),  # P = 3/3, R = 3/4
-    ("Paris", "Paris", 1.0),
-    ("London", "Paris", 0.0),
-    ("", "Paris", 0.0),
-    ("x b b c", "b b b d", 0.5),  # common {b: 2}: P = 2/4, R = 2/4
-])
+@pytest.mark.parametrize(
+    "pred, ref, want",
+    [
+        ("The Eiffel Tower, Paris!", "eiffel tower in paris", 6 / 7),  # P = 3/3, R = 3/4
+        ("Paris", "Paris", 1.0),
+        ("London", "Paris", 0.0),
+        ("", "Paris", 0.0),
+        ("x b b c", "b b b d", 0.5),  # common {b: 2}: P = 2/4, R = 2/4
+    ],
+)
 def test_qa_f1(pred, ref, want):
     assert qa_f1(pred, ref) == pytest.approx(want)
 
 
-@pytest.mark.parametrize("pred, ref, want", [
-    ("the cat sat on the mat", "the cat lay on the mat", 5 / 6),  # LCS "the cat on the mat"
-    ("a b c d", "b a d", 4 / 7),  # LCS 2: P = 2/4, R = 2/3, F = 2PR/(P+R) = 4/7
-    ("A B", "a b", 1.0),  # lowercased
-    ("x y", "a b", 0.0),
-])
+@pytest.mark.parametrize(
+    "pred, ref, want",
+    [
+        ("the cat sat on the mat", "the cat lay on the mat", 5 / 6),  # LCS "the cat on the mat"
+        ("a b c d", "b a d", 4 / 7),  # LCS 2: P = 2/4, R = 2/3, F = 2PR/(P+R) = 4/7
+        ("A B", "a b", 1.0),  # lowercased
+        ("x y", "a b", 0.0),
+    ],
+)
 def test_rouge_l(pred, ref, want):
     assert rouge_l(pred, ref) == pytest.approx(want)
 
@@ -82,10 +96,24 @@ def test_sample_and_dataset_scores():
 # ---------------------------------------------------------------------------------------------------- loader
 
 RECORDS = [
-    {"input": "Where is the tower?", "context": "Passage 1:\nThe tower stands in Paris. " * 30,
-     "answers": ["Paris"], "length": 200, "dataset": "hotpotqa", "all_classes": None, "_id": "a1"},
-    {"input": "What is the capital of Peru?", "context": "Question: Who wrote Hamlet?\nType: Human being\n" * 10,
-     "answers": ["LOC:city"], "length": 90, "dataset": "trec", "all_classes": ["LOC:city", "HUM:ind"], "_id": "b2"},
+    {
+        "input": "Where is the tower?",
+        "context": "Passage 1:\nThe tower stands in Paris. " * 30,
+        "answers": ["Paris"],
+        "length": 200,
+        "dataset": "hotpotqa",
+        "all_classes": None,
+        "_id": "a1",
+    },
+    {
+        "input": "What is the capital of Peru?",
+        "context": "Question: Who wrote Hamlet?\nType: Human being\n" * 10,
+        "answers": ["LOC:city"],
+        "length": 90,
+        "dataset": "trec",
+        "all_classes": ["LOC:city", "HUM:ind"],
+        "_id": "b2",
+    },
 ]
 
 
@@ -106,13 +134,19 @@ def test_load_jsonl(tmp_path):
     assert lb.load_jsonl(_write(tmp_path / "x.jsonl", [json.dumps(bare)]), dataset="lcc")[0].dataset == "lcc"
 
 
-@pytest.mark.parametrize("line, pattern", [
-    ("{not json", r"line 2: not valid JSON"),
-    ("[1, 2]", r"line 2: expected a JSON object, got list"),
-    ('{"input": "q", "context": "c"}', r"line 2: missing field\(s\) answers"),
-    ('{"input": "q", "context": "c", "answers": "x", "dataset": "nope"}', r"line 2: unknown LongBench dataset 'nope'"),
-    ('{"input": 3, "context": "c", "answers": ["x"]}', r"line 2: 'input' and 'context' must be strings"),
-])
+@pytest.mark.parametrize(
+    "line, pattern",
+    [
+        ("{not json", r"line 2: not valid JSON"),
+        ("[1, 2]", r"line 2: expected a JSON object, got list"),
+        ('{"input": "q", "context": "c"}', r"line 2: missing field\(s\) answers"),
+        (
+            '{"input": "q", "context": "c", "answers": "x", "dataset": "nope"}',
+            r"line 2: unknown LongBench dataset 'nope'",
+        ),
+        ('{"input": 3, "context": "c", "answers": ["x"]}', r"line 2: 'input' and 'context' must be strings"),
+    ],
+)
 def test_malformed_lines_name_the_line(tmp_path, line, pattern):
     f = _write(tmp_path / "hotpotqa.jsonl", [json.dumps(RECORDS[0]), line])
     with pytest.raises(InfinichatError, match=pattern):
@@ -141,9 +175,30 @@ def test_every_dataset_has_a_usable_spec():
 def test_cli_longbench_scores_and_writes(tiny_gguf_1k, tmp_path, capsys, cli_threads):
     f = _write(tmp_path / "lb.jsonl", [json.dumps(r) for r in RECORDS])
     out = tmp_path / "out"
-    rc = main(["eval", "longbench", "--data", str(f), "--policies", "full,streaming", "--budget-frac", "0.5",
-               "--max-length", "300", "--max-new-tokens", "3", "--out", str(out), "--model", str(tiny_gguf_1k),
-               "--cache-dir", str(tmp_path / "cache"), "--threads", "1"])
+    rc = main(
+        [
+            "eval",
+            "longbench",
+            "--data",
+            str(f),
+            "--policies",
+            "full,streaming",
+            "--budget-frac",
+            "0.5",
+            "--max-length",
+            "300",
+            "--max-new-tokens",
+            "3",
+            "--out",
+            str(out),
+            "--model",
+            str(tiny_gguf_1k),
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            "--threads",
+            "1",
+        ]
+    )
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     report = json.loads((out / "longbench.json").read_text())
@@ -151,23 +206,28 @@ def test_cli_longbench_scores_and_writes(tiny_gguf_1k, tmp_path, capsys, cli_thr
     hot = [r for r in report["results"] if r["dataset"] == "hotpotqa"]
     assert all(r["truncated"] for r in hot)  # ~900 prompt tokens cut to 300 (+ the template)
     for r in report["results"]:
-        assert r["score"] == pytest.approx(score_sample(lb.DATASETS[r["dataset"]].metric, r["prediction"],
-                                                        r["answers"], ["LOC:city", "HUM:ind"]))
+        assert r["score"] == pytest.approx(
+            score_sample(lb.DATASETS[r["dataset"]].metric, r["prediction"], r["answers"], ["LOC:city", "HUM:ind"])
+        )
         assert r["generated"] <= 3
     assert set(report["summary"]) == {"full", "streaming 50%"}
     assert "| policy | hotpotqa | trec | mean |" in (out / "longbench.md").read_text()
 
 
-@pytest.mark.parametrize("args, pattern", [
-    ([], r"needs LongBench-format data: --data FILE"),
-    (["--data", "{tmp}/nope.jsonl"], r"cannot read --data .*nope\.jsonl"),
-    (["--data", "{tmp}/bad.jsonl"], r"--data .*bad\.jsonl, line 2: not valid JSON"),
-    (["--data", "{tmp}/bad.jsonl", "--dataset", "wiki"], r"unknown --dataset 'wiki'; accepted: narrativeqa"),
-])
+@pytest.mark.parametrize(
+    "args, pattern",
+    [
+        ([], r"needs LongBench-format data: --data FILE"),
+        (["--data", "{tmp}/nope.jsonl"], r"cannot read --data .*nope\.jsonl"),
+        (["--data", "{tmp}/bad.jsonl"], r"--data .*bad\.jsonl, line 2: not valid JSON"),
+        (["--data", "{tmp}/bad.jsonl", "--dataset", "wiki"], r"unknown --dataset 'wiki'; accepted: narrativeqa"),
+    ],
+)
 def test_cli_longbench_bad_input(args, pattern, tmp_path, capsys):
     _write(tmp_path / "bad.jsonl", [json.dumps(RECORDS[0]), '{"input": '])
-    rc = main(["eval", "longbench", *[a.format(tmp=tmp_path) for a in args],
-               "--model", str(tmp_path / "never-loaded.gguf")])
+    rc = main(
+        ["eval", "longbench", *[a.format(tmp=tmp_path) for a in args], "--model", str(tmp_path / "never-loaded.gguf")]
+    )
     err = capsys.readouterr().err
     lines = err.strip().splitlines()
     assert rc == 2 and len(lines) == 1 and re.search(pattern, lines[0]), err

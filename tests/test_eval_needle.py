@@ -91,8 +91,10 @@ def test_generators_are_seeded(tok, chat):
     a = needle.niah_sample(tok, chat, 800, 0.3, 0, seed=7, variant="multikey")
     b = needle.niah_sample(tok, chat, 800, 0.3, 0, seed=7, variant="multikey")
     assert a.ids == b.ids and a.answer == b.answer and a.distractors == b.distractors
-    others = [needle.niah_sample(tok, chat, 800, 0.3, 1, seed=7, variant="multikey"),
-              needle.niah_sample(tok, chat, 800, 0.3, 0, seed=8, variant="multikey")]
+    others = [
+        needle.niah_sample(tok, chat, 800, 0.3, 1, seed=7, variant="multikey"),
+        needle.niah_sample(tok, chat, 800, 0.3, 0, seed=8, variant="multikey"),
+    ]
     assert all(o.ids != a.ids and o.answer != a.answer for o in others)
     p1, p2 = needle.passkey_sample(tok, chat, 500, 0.5, 0, 1), needle.passkey_sample(tok, chat, 500, 0.5, 0, 1)
     assert p1.ids == p2.ids
@@ -238,9 +240,22 @@ def test_snapkv_takes_the_whole_prompt_before_compressing(engine):
 
 
 def test_summary_averages_over_depths_and_samples():
-    recs = [{"policy": "p", "length": 100, "depth": d, "correct": c, "generated": 2, "decode_s": 1.0,
-             "prefill_s": 1.0, "prompt_tokens": 100, "kept": 50, "n_evictions": 1, "distractor_answered": False}
-            for d, c in [(0.1, True), (0.1, False), (0.9, True), (0.9, True)]]
+    recs = [
+        {
+            "policy": "p",
+            "length": 100,
+            "depth": d,
+            "correct": c,
+            "generated": 2,
+            "decode_s": 1.0,
+            "prefill_s": 1.0,
+            "prompt_tokens": 100,
+            "kept": 50,
+            "n_evictions": 1,
+            "distractor_answered": False,
+        }
+        for d, c in [(0.1, True), (0.1, False), (0.9, True), (0.9, True)]
+    ]
     s = summarize(recs, ["p"], [100], [0.1, 0.9])["p"]
     assert s["by_length"]["100"]["by_depth"] == {"0.1": 0.5, "0.9": 1.0}
     assert s["by_length"]["100"]["accuracy"] == 0.75 and s["accuracy"] == 0.75
@@ -252,9 +267,32 @@ def test_summary_averages_over_depths_and_samples():
 
 def test_cli_passkey_writes_json_markdown_and_heatmaps(tiny_gguf_1k, tmp_path, capsys, cli_threads):
     out = tmp_path / "out"
-    rc = main(["eval", "passkey", "--lengths", "420,520", "--depths", "0.2,0.8", "--policies", "full,streaming",
-               "--budget-frac", "0.5", "--n-sink", "4", "--max-new-tokens", "3", "--out", str(out),
-               "--model", str(tiny_gguf_1k), "--cache-dir", str(tmp_path / "cache"), "--threads", "1"])
+    rc = main(
+        [
+            "eval",
+            "passkey",
+            "--lengths",
+            "420,520",
+            "--depths",
+            "0.2,0.8",
+            "--policies",
+            "full,streaming",
+            "--budget-frac",
+            "0.5",
+            "--n-sink",
+            "4",
+            "--max-new-tokens",
+            "3",
+            "--out",
+            str(out),
+            "--model",
+            str(tiny_gguf_1k),
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            "--threads",
+            "1",
+        ]
+    )
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     report = json.loads((out / "passkey.json").read_text())
@@ -277,10 +315,37 @@ def test_cli_niah_multikey_plain_text_from_a_haystack_file(tiny_gguf_1k, tmp_pat
     hay = tmp_path / "hay.txt"
     hay.write_text("The sea is wide. Ropes creak at night. " * 20, encoding="utf-8")
     out = tmp_path / "o"
-    rc = main(["eval", "niah", "--variant", "multikey", "--n-keys", "3", "--haystack", str(hay), "--no-chat-template",
-               "--lengths", "600", "--depths", "0.5", "--policies", "window", "--budget", "300",
-               "--max-new-tokens", "2", "--out", str(out), "--model", str(tiny_gguf_1k),
-               "--cache-dir", str(tmp_path / "cache"), "--threads", "1"])
+    rc = main(
+        [
+            "eval",
+            "niah",
+            "--variant",
+            "multikey",
+            "--n-keys",
+            "3",
+            "--haystack",
+            str(hay),
+            "--no-chat-template",
+            "--lengths",
+            "600",
+            "--depths",
+            "0.5",
+            "--policies",
+            "window",
+            "--budget",
+            "300",
+            "--max-new-tokens",
+            "2",
+            "--out",
+            str(out),
+            "--model",
+            str(tiny_gguf_1k),
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            "--threads",
+            "1",
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
     report = json.loads((out / "niah.json").read_text())
     assert report["variant"] == "multikey" and report["n_keys"] == 3 and report["chat_template"] is False

@@ -105,9 +105,11 @@ def test_running_series_is_cumulative_and_windowed():
 
 # ----------------------------------------------------------------------------------------------- CLI
 
-TEXT = ("Call me Ishmael. Some years ago, never mind how long precisely, having little or no money in my "
-        "purse, and nothing particular to interest me on shore, I thought I would sail about a little and "
-        "see the watery part of the world. ") * 3
+TEXT = (
+    "Call me Ishmael. Some years ago, never mind how long precisely, having little or no money in my "
+    "purse, and nothing particular to interest me on shore, I thought I would sail about a little and "
+    "see the watery part of the world. "
+) * 3
 
 
 @pytest.fixture(scope="module")
@@ -122,22 +124,74 @@ def test_cli_writes_json_png_and_table(tiny_gguf, tmp_path, capsys, cli_threads)
     text = tmp_path / "text.txt"
     text.write_text(TEXT, encoding="utf-8")
     out = tmp_path / "out"
-    rc = main(["eval", "ppl", "--text", str(text), "--policy", "full,window", "--policy", "streaming,recompute",
-               "--budget", "64", "--sinks", "4", "--chunk", "16", "--tokens", "400", "--out", str(out),
-               "--model", str(tiny_gguf), "--cache-dir", str(tmp_path / "cache"), "--threads", "1"])
+    rc = main(
+        [
+            "eval",
+            "ppl",
+            "--text",
+            str(text),
+            "--policy",
+            "full,window",
+            "--policy",
+            "streaming,recompute",
+            "--budget",
+            "64",
+            "--sinks",
+            "4",
+            "--chunk",
+            "16",
+            "--tokens",
+            "400",
+            "--out",
+            str(out),
+            "--model",
+            str(tiny_gguf),
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            "--threads",
+            "1",
+        ]
+    )
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     report = json.loads((out / "ppl.json").read_text())
     assert (out / "ppl.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| policy |" in (out / "ppl.md").read_text()
-    for key in ("version", "created", "model", "dtype", "threads", "text", "text_tokens", "tokens", "chunk",
-                "trained_context", "series_every", "series_window", "policies"):
+    for key in (
+        "version",
+        "created",
+        "model",
+        "dtype",
+        "threads",
+        "text",
+        "text_tokens",
+        "tokens",
+        "chunk",
+        "trained_context",
+        "series_every",
+        "series_window",
+        "policies",
+    ):
         assert key in report, key
     assert report["trained_context"] == 256 and report["chunk"] == 16 and report["tokens"] == 400
     assert [p["policy"] for p in report["policies"]] == ["full", "window", "streaming", "recompute"]
     for rec in report["policies"]:
-        for key in ("label", "budget", "params", "tokens", "stopped_at", "ppl_trained", "ppl_beyond", "ppl_all",
-                    "max_cache", "n_evictions", "n_evicted", "seconds", "tokens_per_s", "series"):
+        for key in (
+            "label",
+            "budget",
+            "params",
+            "tokens",
+            "stopped_at",
+            "ppl_trained",
+            "ppl_beyond",
+            "ppl_all",
+            "max_cache",
+            "n_evictions",
+            "n_evicted",
+            "seconds",
+            "tokens_per_s",
+            "series",
+        ):
             assert key in rec, key
         s = rec["series"]
         assert len(s["position"]) == len(s["cumulative_ppl"]) == len(s["window_ppl"])
@@ -154,9 +208,30 @@ def test_cli_writes_json_png_and_table(tiny_gguf, tmp_path, capsys, cli_threads)
 def test_cli_says_when_the_text_is_shorter_than_asked(tiny_gguf, tmp_path, capsys, cli_threads):
     text = tmp_path / "short.txt"
     text.write_text("Call me Ishmael.", encoding="utf-8")
-    rc = main(["eval", "ppl", "--text", str(text), "--policy", "streaming", "--budget", "32", "--chunk", "8",
-               "--tokens", "1000", "--out", str(tmp_path / "o"), "--model", str(tiny_gguf),
-               "--cache-dir", str(tmp_path / "cache"), "--threads", "1"])
+    rc = main(
+        [
+            "eval",
+            "ppl",
+            "--text",
+            str(text),
+            "--policy",
+            "streaming",
+            "--budget",
+            "32",
+            "--chunk",
+            "8",
+            "--tokens",
+            "1000",
+            "--out",
+            str(tmp_path / "o"),
+            "--model",
+            str(tiny_gguf),
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            "--threads",
+            "1",
+        ]
+    )
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     assert re.search(r"holds only \d+ tokens; evaluating all", captured.err)
@@ -181,8 +256,7 @@ def test_cli_bad_input_is_one_line_and_exit_2(case, tmp_path, capsys):
     (tmp_path / "latin1.txt").write_bytes("Ahab's p\xeaquod".encode("latin-1"))
     (tmp_path / "ok.txt").write_text(TEXT, encoding="utf-8")
     args, pattern = BAD[case]
-    rc = main(["eval", "ppl", "--model", str(tmp_path / "never-loaded.gguf"),
-               *[a.format(tmp=tmp_path) for a in args]])
+    rc = main(["eval", "ppl", "--model", str(tmp_path / "never-loaded.gguf"), *[a.format(tmp=tmp_path) for a in args]])
     err = capsys.readouterr().err
     assert rc == 2
     lines = err.strip().splitlines()

@@ -64,7 +64,9 @@ def test_recommend_finds_the_best_set_and_prefers_a_shallower_first_layer_within
     assert fl.served_coverage(cov, (1, 3)) == pytest.approx((0.8 + 0.95 + 0.95) / 3)
     best = fl.best_per_first(cov, 2, max_first=3)  # by hand: (0, 2) 0.826, (1, 2) 0.935, (2, 3) 0.95, (3, 5) 0.95
     assert [f for f, _ in best] == [(0, 2), (1, 2), (2, 3), (3, 5)]
-    assert [c for _, c in best] == pytest.approx([(0.5 + 0.904 + 0.95 + 0.95) / 4, (0.904 + 0.95 + 0.95) / 3, 0.95, 0.95])
+    assert [c for _, c in best] == pytest.approx(
+        [(0.5 + 0.904 + 0.95 + 0.95) / 4, (0.904 + 0.95 + 0.95) / 3, 0.95, 0.95]
+    )
     assert fl.recommend(cov, 2, max_first=3, tolerance=0.0) == ((2, 3), pytest.approx(0.95))  # tie: shallower
     assert fl.recommend(cov, 2, max_first=3, tolerance=0.02)[0] == (1, 2)  # 0.935 is within 0.02 of 0.95
     assert fl.recommend(cov, 2, max_first=0, tolerance=0.0)[0] == (0, 2)
@@ -78,8 +80,10 @@ def test_parse_k():
 
 
 # ------------------------------------------------------------------ CLI
-TEXT = ("Call me Ishmael. Some years ago, never mind how long precisely, having little or no money in my "
-        "purse, and nothing particular to interest me on shore, I thought I would sail about a little. ") * 4
+TEXT = (
+    "Call me Ishmael. Some years ago, never mind how long precisely, having little or no money in my "
+    "purse, and nothing particular to interest me on shore, I thought I would sail about a little. "
+) * 4
 
 
 @pytest.fixture(scope="module")
@@ -95,9 +99,30 @@ def test_cli_writes_json_png_and_table(tiny_gguf, tmp_path, capsys, monkeypatch)
     text = tmp_path / "text.txt"
     text.write_text(TEXT, encoding="utf-8")
     out = tmp_path / "out"
-    rc = main(["eval", "filter-layers", "--text", str(text), "--tokens", "200", "--queries", "8", "--k", "0.2,16",
-               "--filters", "1", "--out", str(out), "--model", str(tiny_gguf), "--cache-dir", str(tmp_path / "c"),
-               "--threads", "1"])
+    rc = main(
+        [
+            "eval",
+            "filter-layers",
+            "--text",
+            str(text),
+            "--tokens",
+            "200",
+            "--queries",
+            "8",
+            "--k",
+            "0.2,16",
+            "--filters",
+            "1",
+            "--out",
+            str(out),
+            "--model",
+            str(tiny_gguf),
+            "--cache-dir",
+            str(tmp_path / "c"),
+            "--threads",
+            "1",
+        ]
+    )
     torch.set_num_threads(n_threads)
     captured = capsys.readouterr()
     assert rc == 0, captured.err
@@ -123,8 +148,15 @@ def test_cli_writes_json_png_and_table(tiny_gguf, tmp_path, capsys, monkeypatch)
 )
 def test_cli_bad_input_is_one_line_and_exit_2(args, pattern, tmp_path, capsys):
     (tmp_path / "ok.txt").write_text(TEXT, encoding="utf-8")
-    rc = main(["eval", "filter-layers", "--model", str(tmp_path / "never-loaded.gguf"),
-               *[a.format(tmp=tmp_path) for a in args]])
+    rc = main(
+        [
+            "eval",
+            "filter-layers",
+            "--model",
+            str(tmp_path / "never-loaded.gguf"),
+            *[a.format(tmp=tmp_path) for a in args],
+        ]
+    )
     err = capsys.readouterr().err
     lines = err.strip().splitlines()
     assert rc == 2 and len(lines) == 1 and re.search(pattern, lines[0]), err

@@ -33,8 +33,12 @@ ARCHS = {
         num_key_value_heads=2,
         max_position_embeddings=128,
         rope_parameters={
-            "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0, "original_max_position_embeddings": 16,
+            "rope_type": "llama3",
+            "rope_theta": 500000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 16,
         },
     ),
     "llama-linear-scaling": lambda: _llama(
@@ -117,12 +121,15 @@ def test_bfloat16_paths(name, tmp_path):
     from infinichat.model import transformer as tmod
 
     _, cfg, ours32 = _build(name, tmp_path)
-    weights = {k: v for k, v in (
-        [("embed.weight", ours32.embed), ("norm.weight", ours32.norm[0])]
-        + ([("norm.bias", ours32.norm[1])] if ours32.norm[1] is not None else [])
-        + ([] if cfg.tie_embeddings else [("lm_head.weight", ours32.lm_head)])
-        + [(f"layers.{i}.{n}", t) for i, L in enumerate(ours32.layers) for n, t in L.items()]
-    )}
+    weights = {
+        k: v
+        for k, v in (
+            [("embed.weight", ours32.embed), ("norm.weight", ours32.norm[0])]
+            + ([("norm.bias", ours32.norm[1])] if ours32.norm[1] is not None else [])
+            + ([] if cfg.tie_embeddings else [("lm_head.weight", ours32.lm_head)])
+            + [(f"layers.{i}.{n}", t) for i, L in enumerate(ours32.layers) for n, t in L.items()]
+        )
+    }
     bf = Transformer(cfg, weights, torch.bfloat16)
     plain = Transformer(cfg, weights, torch.bfloat16)
     plain.packed.clear()

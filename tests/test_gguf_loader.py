@@ -161,8 +161,11 @@ def _canonical_from_bytes(path: Path, n_heads: int, n_kv: int) -> dict[str, np.n
     for i in range(n_layers):
         b, p = f"blk.{i}.", f"layers.{i}."
         out[p + "wqkv.weight"] = np.concatenate(
-            [halves(raw[b + "attn_q.weight"], n_heads), halves(raw[b + "attn_k.weight"], n_kv),
-             raw[b + "attn_v.weight"]]
+            [
+                halves(raw[b + "attn_q.weight"], n_heads),
+                halves(raw[b + "attn_k.weight"], n_kv),
+                raw[b + "attn_v.weight"],
+            ]
         )
         out[p + "wo.weight"] = raw[b + "attn_output.weight"]
         out[p + "w_in.weight"] = np.concatenate([raw[b + "ffn_gate.weight"], raw[b + "ffn_up.weight"]])
@@ -192,7 +195,11 @@ def _block_bound(x: np.ndarray, qtype: Q) -> np.ndarray:
     rng = blocks.max(-1, keepdims=True) - blocks.min(-1, keepdims=True)
     fp16 = (amax + rng) * 2.0**-10
     bound = {
-        Q.Q8_0: amax / 254, Q.Q4_0: amax / 8, Q.Q5_0: amax / 16, Q.Q4_1: rng / 30, Q.Q5_1: rng / 62,
+        Q.Q8_0: amax / 254,
+        Q.Q4_0: amax / 8,
+        Q.Q5_0: amax / 16,
+        Q.Q4_1: rng / 30,
+        Q.Q5_1: rng / 62,
     }[qtype] + fp16
     return np.broadcast_to(bound, blocks.shape).reshape(x.shape)
 
@@ -305,8 +312,12 @@ def test_k_quant_tensors_load_as_reference_dequantizer(qtype, tmp_path):
     (one block a row; two for the 512-wide down projection)."""
     ref = gguf_util.tiny_llama(seed=6, hidden_size=256, intermediate_size=512, num_hidden_layers=1)
     rng = np.random.default_rng(7)
-    shapes = {"token_embd.weight": (gguf_util.VOCAB_SIZE, 256), "blk.0.attn_q.weight": (256, 256),
-              "blk.0.attn_output.weight": (256, 256), "blk.0.ffn_down.weight": (256, 512)}
+    shapes = {
+        "token_embd.weight": (gguf_util.VOCAB_SIZE, 256),
+        "blk.0.attn_q.weight": (256, 256),
+        "blk.0.attn_output.weight": (256, 256),
+        "blk.0.ffn_down.weight": (256, 512),
+    }
     blocks = {name: random_k_blocks(qtype, rows * cols // 256, rng) for name, (rows, cols) in shapes.items()}
     path = tmp_path / f"tiny-{qtype.name}.gguf"
     raw = {name: (b.reshape(shapes[name][0], -1), qtype) for name, b in blocks.items()}
@@ -315,8 +326,12 @@ def test_k_quant_tensors_load_as_reference_dequantizer(qtype, tmp_path):
     cfg, weights = _load(path)
     want = {name: reference_dequantize_k(b, qtype).reshape(shapes[name]) for name, b in blocks.items()}
     q_rows = unpermute_rope_rows(torch.from_numpy(want["blk.0.attn_q.weight"]), cfg.n_heads).numpy()
-    pairs = {"embed.weight": want["token_embd.weight"], "layers.0.wo.weight": want["blk.0.attn_output.weight"],
-             "layers.0.w_out.weight": want["blk.0.ffn_down.weight"], "layers.0.wqkv.weight": q_rows}
+    pairs = {
+        "embed.weight": want["token_embd.weight"],
+        "layers.0.wo.weight": want["blk.0.attn_output.weight"],
+        "layers.0.w_out.weight": want["blk.0.ffn_down.weight"],
+        "layers.0.wqkv.weight": q_rows,
+    }
     for name, expected in pairs.items():
         got = weights[name].numpy()[: expected.shape[0]]  # wqkv: the q rows come first
         np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-7, err_msg=f"{qtype.name} {name}")

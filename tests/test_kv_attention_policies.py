@@ -36,8 +36,14 @@ def hf(tmp_path_factory):
     """A tiny GQA Llama in transformers (eager attention) and the same weights in our Transformer."""
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(
-        vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.3,
+        vocab_size=V,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        initializer_range=0.3,
     )
     ref = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval().float()
     folder = tmp_path_factory.mktemp("hf") / "llama"
@@ -66,7 +72,9 @@ def test_explicit_weights_equal_transformers_eager_and_outputs_equal_sdpa(hf):
     assert max(a.max().item() for a in want) > 0.2, "attention too flat for the comparison to mean anything"
     L = ours.cfg.n_layers
     got: dict[int, list[torch.Tensor]] = {}
-    req = AttentionRequest(layers=frozenset(range(L)), rows=T, observe=lambda li, p, r0: got.setdefault(li, []).append(p))
+    req = AttentionRequest(
+        layers=frozenset(range(L)), rows=T, observe=lambda li, p, r0: got.setdefault(li, []).append(p)
+    )
     pos = torch.arange(T)
     logits = ours(torch.tensor(ids), pos, KVStore(ours.cfg, T), 0, all_logits=True, attn=req)
     plain = ours(torch.tensor(ids), pos, KVStore(ours.cfg, T), 0, all_logits=True)
@@ -340,8 +348,11 @@ def test_chat_turns_stay_in_budget_and_keep_pinned_and_sinks(policy, params, bud
     for turn in range(2):
         seq.create_segment("user")
         sampling = SamplingParams(temperature=1.0, seed=turn, max_tokens=30)
-        steps = list(engine.generate(seq, rand_ids(70, seed=17 + turn), sampling,
-                                     should_stop=lambda: lengths.append(seq.length) and False))
+        steps = list(
+            engine.generate(
+                seq, rand_ids(70, seed=17 + turn), sampling, should_stop=lambda: lengths.append(seq.length) and False
+            )
+        )
         assert len(steps) == 30
         assert seq.token_ids()[: 6 if pinned else n_sink] == head[: 6 if pinned else n_sink]
     if drops:

@@ -69,7 +69,15 @@ def test_3000_tokens_of_streaming_generation_in_a_256_token_budget(tmp_path_fact
     assert seq.positions() == list(range(seq.length))
     tail = out[-TAIL:]
     distinct, ratio = distinct_ngrams(tail), compression_ratio(tok.decode(tail))
-    log.info("%d tokens in %.0f s (%.1f tok/s), %d evictions; last %d tokens: distinct 4-grams %.3f, "
-             "zlib ratio %.3f", N_TOKENS, elapsed, N_TOKENS / elapsed, seq.n_evictions, TAIL, distinct, ratio)
+    log.info(
+        "%d tokens in %.0f s (%.1f tok/s), %d evictions; last %d tokens: distinct 4-grams %.3f, zlib ratio %.3f",
+        N_TOKENS,
+        elapsed,
+        N_TOKENS / elapsed,
+        seq.n_evictions,
+        TAIL,
+        distinct,
+        ratio,
+    )
     assert distinct >= 0.6, f"repetition loop: only {distinct:.0%} distinct 4-grams\n{tok.decode(tail)}"
     assert ratio >= 0.25, f"repetition loop: the text compresses to {ratio:.0%}\n{tok.decode(tail)}"

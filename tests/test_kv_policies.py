@@ -36,7 +36,9 @@ def test_policies_declare_capabilities():
     assert set(POLICIES) == set(CAPABILITIES)
     for name, cls in POLICIES.items():
         assert cls.name == name
-        assert (cls.phase, cls.needs_attention_weights, cls.offloads, cls.drops_tokens, cls.recompute) == CAPABILITIES[name]
+        assert (cls.phase, cls.needs_attention_weights, cls.offloads, cls.drops_tokens, cls.recompute) == CAPABILITIES[
+            name
+        ]
 
 
 @pytest.mark.parametrize("policy", ["streaming", "window", "recompute", "turns"])

@@ -19,8 +19,9 @@ from infinichat.kv import KINDS, KVSequence, KVStore, make_policy
 from infinichat.model.config import ModelConfig
 from infinichat.model.rope import apply_rope
 
-CFG = ModelConfig(arch="llama", vocab_size=50, dim=16, n_layers=2, n_heads=2, n_kv_heads=1, head_dim=8, ffn_dim=8,
-                  max_position=256)
+CFG = ModelConfig(
+    arch="llama", vocab_size=50, dim=16, n_layers=2, n_heads=2, n_kv_heads=1, head_dim=8, ffn_dim=8, max_position=256
+)
 BUDGET = 40
 U = torch.randn(CFG.vocab_size, CFG.head_dim, generator=torch.Generator().manual_seed(0))  # (V, hd)
 
@@ -70,8 +71,9 @@ class Ref:
     # operations
     def create(self, kind, pinned):
         self.close()
-        self.segs.append(dict(id=self.next_id, kind=kind, pinned=kind == "system" if pinned is None else pinned,
-                              closed=False))
+        self.segs.append(
+            dict(id=self.next_id, kind=kind, pinned=kind == "system" if pinned is None else pinned, closed=False)
+        )
         self.next_id += 1
 
     def close(self):
@@ -157,8 +159,12 @@ class CacheMachine(RuleBasedStateMachine):
     def _seg_ids(self):
         return [s["id"] for s in self.ref.segs]
 
-    @rule(policy=st.sampled_from(["streaming", "window", "recompute"]), n_sink=st.integers(0, 5),
-          n_discard=st.integers(1, 20), snap=st.booleans())
+    @rule(
+        policy=st.sampled_from(["streaming", "window", "recompute"]),
+        n_sink=st.integers(0, 5),
+        n_discard=st.integers(1, 20),
+        snap=st.booleans(),
+    )
     def set_policy(self, policy, n_sink, n_discard, snap):
         self.seq.policy = make_policy(policy, n_sink=n_sink, n_discard=n_discard, snap=snap)
 
@@ -291,8 +297,9 @@ class CacheMachine(RuleBasedStateMachine):
 
 
 TestCacheMachine = CacheMachine.TestCase
-TestCacheMachine.settings = settings(max_examples=80, stateful_step_count=40, deadline=None,
-                                     suppress_health_check=[HealthCheck.too_slow])
+TestCacheMachine.settings = settings(
+    max_examples=80, stateful_step_count=40, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
 
 
 # ------------------------------------------------------------------ a few readable cases

@@ -17,8 +17,18 @@ TOL = 1e-5
 
 def tiny_model(seed: int = 0, rope_scaling: RopeScaling | None = None, **cfg_changes) -> Transformer:
     """A random Llama-style model in our canonical weight layout (no transformers needed)."""
-    base = dict(arch="llama", vocab_size=97, dim=64, n_layers=3, n_heads=4, n_kv_heads=2, head_dim=16,
-                ffn_dim=96, max_position=512, rope_scaling=rope_scaling or RopeScaling())
+    base = dict(
+        arch="llama",
+        vocab_size=97,
+        dim=64,
+        n_layers=3,
+        n_heads=4,
+        n_kv_heads=2,
+        head_dim=16,
+        ffn_dim=96,
+        max_position=512,
+        rope_scaling=rope_scaling or RopeScaling(),
+    )
     cfg = ModelConfig(**{**base, **cfg_changes})
     g = torch.Generator().manual_seed(seed)
 
@@ -26,8 +36,11 @@ def tiny_model(seed: int = 0, rope_scaling: RopeScaling | None = None, **cfg_cha
         return torch.randn(*shape, generator=g) * std
 
     q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
-    w = {"embed.weight": rnd(cfg.vocab_size, cfg.dim, std=1.0), "norm.weight": 1 + rnd(cfg.dim),
-         "lm_head.weight": rnd(cfg.vocab_size, cfg.dim, std=0.3)}
+    w = {
+        "embed.weight": rnd(cfg.vocab_size, cfg.dim, std=1.0),
+        "norm.weight": 1 + rnd(cfg.dim),
+        "lm_head.weight": rnd(cfg.vocab_size, cfg.dim, std=0.3),
+    }
     for i in range(cfg.n_layers):
         p = f"layers.{i}."
         w[p + "attn_norm.weight"] = 1 + rnd(cfg.dim)

@@ -159,8 +159,21 @@ def test_missing_llama_cpp_says_how_to_install(monkeypatch):
 
 
 def test_cli_generate_with_the_llamacpp_backend(capsys):
-    rc = main(["generate", "The capital of France is", "-n", "8", "--temperature", "0", "--backend", "llamacpp",
-               "--threads", "1", "--show-probs"])
+    rc = main(
+        [
+            "generate",
+            "The capital of France is",
+            "-n",
+            "8",
+            "--temperature",
+            "0",
+            "--backend",
+            "llamacpp",
+            "--threads",
+            "1",
+            "--show-probs",
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0 and "Paris" in out
 

@@ -25,15 +25,24 @@ from test_quant import _dequantized, _weights
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-CAN_BUILD = platform.machine() in ("x86_64", "AMD64") and {"avx2", "fma"} <= native._cpu_flags() and bool(
-    native._compiler()
+CAN_BUILD = (
+    platform.machine() in ("x86_64", "AMD64") and {"avx2", "fma"} <= native._cpu_flags() and bool(native._compiler())
 )
 
 
 def _cfg(**kw) -> ModelConfig:
     # head_dim 32 and 3 query heads per KV head, as the default model groups them (9 / 3)
-    base = dict(arch="llama", vocab_size=300, dim=96, n_layers=3, n_heads=6, n_kv_heads=2, head_dim=32,
-                ffn_dim=160, max_position=1024)
+    base = dict(
+        arch="llama",
+        vocab_size=300,
+        dim=96,
+        n_layers=3,
+        n_heads=6,
+        n_kv_heads=2,
+        head_dim=32,
+        ffn_dim=160,
+        max_position=1024,
+    )
     return ModelConfig(**{**base, **kw})
 
 
@@ -213,18 +222,22 @@ def test_a_broken_compiler_falls_back_with_its_message(monkeypatch, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- prompt attention
-needs_avx512 = pytest.mark.skipif(not (CAN_BUILD and native.AVX512 <= native._cpu_flags()),
-                                  reason="the native prompt attention needs AVX-512")
+needs_avx512 = pytest.mark.skipif(
+    not (CAN_BUILD and native.AVX512 <= native._cpu_flags()), reason="the native prompt attention needs AVX-512"
+)
 
 
 @needs_avx512
-@pytest.mark.parametrize("T,start,H,Hkv,hd,kv_dtype", [
-    (2000, 0, 9, 3, 64, torch.bfloat16),   # the default model's shape, a whole prompt
-    (37, 0, 9, 3, 64, torch.bfloat16),     # fewer rows than a block
-    (300, 517, 9, 3, 64, torch.bfloat16),  # a later chunk: row i sees slots [0, start + i]
-    (130, 70, 8, 2, 128, torch.float32),   # head_dim 128, float32 cache (read in place)
-    (65, 0, 4, 4, 64, torch.float32),      # no grouping
-])
+@pytest.mark.parametrize(
+    "T,start,H,Hkv,hd,kv_dtype",
+    [
+        (2000, 0, 9, 3, 64, torch.bfloat16),  # the default model's shape, a whole prompt
+        (37, 0, 9, 3, 64, torch.bfloat16),  # fewer rows than a block
+        (300, 517, 9, 3, 64, torch.bfloat16),  # a later chunk: row i sees slots [0, start + i]
+        (130, 70, 8, 2, 128, torch.float32),  # head_dim 128, float32 cache (read in place)
+        (65, 0, 4, 4, 64, torch.float32),  # no grouping
+    ],
+)
 def test_prompt_attention_matches_sdpa(T, start, H, Hkv, hd, kv_dtype):
     """Against F.scaled_dot_product_attention with the explicit causal mask, float32: within 2e-6 (float32
     sums in another order; the exponential is a polynomial within 2e-7)."""
@@ -240,7 +253,11 @@ def test_prompt_attention_matches_sdpa(T, start, H, Hkv, hd, kv_dtype):
     S = start + T
     mask = torch.arange(S)[None, :] <= torch.arange(start, S)[:, None]
     want = torch.nn.functional.scaled_dot_product_attention(
-        q[None], k_buf[None, :, :S].float(), v_buf[None, :, :S].float(), attn_mask=mask, scale=hd**-0.5,
+        q[None],
+        k_buf[None, :, :S].float(),
+        v_buf[None, :, :S].float(),
+        attn_mask=mask,
+        scale=hd**-0.5,
         enable_gqa=H != Hkv,
     )[0]
     assert (got - want).abs().max().item() <= 2e-6
@@ -257,8 +274,12 @@ def test_models_route_prompts_through_it_and_keep_their_logits():
 
     def two_chunks():
         c = KVCache(cfg, 96)
-        return torch.cat([m(ids[:50], torch.arange(50), c, 0, all_logits=True),
-                          m(ids[50:], torch.arange(50, 90), c, 50, all_logits=True)])
+        return torch.cat(
+            [
+                m(ids[:50], torch.arange(50), c, 0, all_logits=True),
+                m(ids[50:], torch.arange(50, 90), c, 50, all_logits=True),
+            ]
+        )
 
     on, off = _with_and_without(m, "prompt_attn", two_chunks)
     assert (on - off).abs().max().item() <= 1e-4 * off.abs().max().item()
@@ -283,8 +304,13 @@ def test_prompt_row_ops_match_their_pytorch_formulas():
     qkv = torch.randn(T, (H + 2) * hd, generator=g)
     ang = torch.rand(T, hd // 2, generator=g) * 100
     cos, sin = torch.cat((ang, ang), -1).cos(), torch.cat((ang, ang), -1).sin()
-    want = torch.cat((apply_rope(qkv[:, : H * hd].view(T, H, hd).transpose(0, 1), cos, sin).transpose(0, 1).reshape(T, -1),
-                      qkv[:, H * hd :]), dim=1)
+    want = torch.cat(
+        (
+            apply_rope(qkv[:, : H * hd].view(T, H, hd).transpose(0, 1), cos, sin).transpose(0, 1).reshape(T, -1),
+            qkv[:, H * hd :],
+        ),
+        dim=1,
+    )
     got = qkv.clone()
     ops.rope_(got, H, hd, cos, sin)
     assert torch.allclose(got, want, rtol=1e-6, atol=1e-6)
@@ -302,5 +328,6 @@ def test_bf16_models_prompts_keep_their_logits_with_the_row_ops():
     assert m.prompt_ops is not None and Transformer(cfg, _weights(cfg), torch.float32).prompt_ops is None
     ids = torch.randint(0, cfg.vocab_size, (80,), generator=torch.Generator().manual_seed(6))
     on, off = _with_and_without(
-        m, "prompt_ops", lambda: m(ids, torch.arange(80), KVCache(cfg, 80, torch.bfloat16), 0, all_logits=True))
+        m, "prompt_ops", lambda: m(ids, torch.arange(80), KVCache(cfg, 80, torch.bfloat16), 0, all_logits=True)
+    )
     assert (on - off).abs().max().item() <= 2**-6 * off.abs().max().item()

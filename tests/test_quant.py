@@ -13,8 +13,14 @@ from infinichat.kv.cache import KVCache
 from infinichat.model import quant
 from infinichat.model.config import ModelConfig
 from infinichat import native
-from infinichat.model.quant import (Int4Linear, Int8GroupLinear, Int8Linear, quantize_int4, quantize_int8,
-                                    quantize_int8_group)
+from infinichat.model.quant import (
+    Int4Linear,
+    Int8GroupLinear,
+    Int8Linear,
+    quantize_int4,
+    quantize_int8,
+    quantize_int8_group,
+)
 from infinichat.model.transformer import QUANT_DENSE_MIN_T, Transformer
 
 
@@ -203,9 +209,13 @@ def test_int4_recovers_a_q4_1_grid():
 
 
 def test_quantize_picks_formats_and_rejects_bad_modes():
-    w = {"embed.weight": _rand(300, 64), "norm.weight": torch.ones(64),
-         "layers.0.wqkv.weight": _rand(128, 64), "layers.0.w_out.weight": _rand(64, 40),  # K=40: no int4 group
-         "layers.0.attn_norm.weight": torch.ones(64)}
+    w = {
+        "embed.weight": _rand(300, 64),
+        "norm.weight": torch.ones(64),
+        "layers.0.wqkv.weight": _rand(128, 64),
+        "layers.0.w_out.weight": _rand(64, 40),  # K=40: no int4 group
+        "layers.0.attn_norm.weight": torch.ones(64),
+    }
     flat = quant.quantize(w, "int4", tie_embeddings=True)
     assert "layers.0.wqkv.q4" in flat and "layers.0.w_out.q8" in flat and "embed.q8" in flat
     flat = quant.quantize(w, "int8", tie_embeddings=True, int8_groups=True)
@@ -223,16 +233,28 @@ def test_quantize_picks_formats_and_rejects_bad_modes():
 
 # ---------------------------------------------------------------------------------------------- whole model
 def _cfg(**kw) -> ModelConfig:
-    return ModelConfig(arch="llama", vocab_size=211, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
-                       ffn_dim=96, max_position=512, **kw)
+    return ModelConfig(
+        arch="llama",
+        vocab_size=211,
+        dim=64,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        head_dim=16,
+        ffn_dim=96,
+        max_position=512,
+        **kw,
+    )
 
 
 def _weights(cfg: ModelConfig) -> dict[str, torch.Tensor]:
     from infinichat.model.weights import expected_shapes
 
     g = torch.Generator().manual_seed(7)
-    return {n: (1 + 0.1 * torch.randn(s, generator=g)) if len(s) == 1 else torch.randn(s, generator=g) * 0.15
-            for n, s in expected_shapes(cfg).items()}
+    return {
+        n: (1 + 0.1 * torch.randn(s, generator=g)) if len(s) == 1 else torch.randn(s, generator=g) * 0.15
+        for n, s in expected_shapes(cfg).items()
+    }
 
 
 def _dequantized(model: Transformer) -> dict[str, torch.Tensor]:
@@ -295,8 +317,12 @@ def test_quantized_head_rescores_its_top_candidates_exactly():
     cfg = _cfg(tie_embeddings=True)
     flat = quant.quantize(_weights(cfg), "int4", tie_embeddings=True)
     rescored = Transformer(cfg, flat, torch.bfloat16, quant="int4")
-    dense_head = Transformer(cfg, {k: v for k, v in flat.items() if not k.startswith("embed.") or k == "embed.weight"},
-                             torch.bfloat16, quant="int4")
+    dense_head = Transformer(
+        cfg,
+        {k: v for k, v in flat.items() if not k.startswith("embed.") or k == "embed.weight"},
+        torch.bfloat16,
+        quant="int4",
+    )
     assert isinstance(rescored.lm_head, quant.QuantLinear) and isinstance(dense_head.lm_head, torch.Tensor)
     rescored.native = None  # both through the PyTorch layers (a dense head has no native step): same hidden states
     ids = torch.randint(0, cfg.vocab_size, (12,), generator=torch.Generator().manual_seed(9))

@@ -56,13 +56,17 @@ def new_session(client, sid, **kw) -> dict:
 def test_session_lifecycle(client):
     h = new_session(client, "life", system_prompt="You are terse.", settings={"temperature": 0})
     assert h["messages"] == [] and h["cache"]["resident"]
-    ev = stream(client, "/api/sessions/life/messages", {"text": "Hello", "params": {"max_tokens": 20, "top_logprobs": 3}})
+    ev = stream(
+        client, "/api/sessions/life/messages", {"text": "Hello", "params": {"max_tokens": 20, "top_logprobs": 3}}
+    )
     kinds = [k for k, _ in ev]
     assert kinds[-1] == "done" and "kv" in kinds and kinds.count("token") >= 1
     toks = [d for k, d in ev if k == "token" and d["token"] is not None]
     assert all(len(d["top"]) == 3 and d["turn"] == 1 for d in toks)
     done = ev[-1][1]
-    assert done["turn"] == 1 and done["message"]["text"] == done["text"] == "".join(d["text"] for k, d in ev if k == "token")
+    assert done["turn"] == 1 and done["message"]["text"] == done["text"] == "".join(
+        d["text"] for k, d in ev if k == "token"
+    )
     h = client.get("/api/sessions/life").json()
     assert [m["kind"] for m in h["messages"]] == ["user", "assistant"]
     assert h["messages"][1]["tokens_in_cache"] == h["messages"][1]["n_tokens"] > 0
@@ -101,8 +105,11 @@ def test_session_lifecycle(client):
 
 
 def test_card_session(client):
-    card = {"spec": "chara_card_v2", "spec_version": "2.0",
-            "data": {"name": "Ada", "description": "A robot.", "first_mes": "Hello, {{user}}."}}
+    card = {
+        "spec": "chara_card_v2",
+        "spec_version": "2.0",
+        "data": {"name": "Ada", "description": "A robot.", "first_mes": "Hello, {{user}}."},
+    }
     h = new_session(client, "card1", card=card)
     assert h["name"] == "Ada" and h["messages"][0]["text"] == "Hello, User."
 
@@ -139,8 +146,10 @@ def _interleave_and_stop(live, client):
         new_session(client, sid, settings={"temperature": 0.0})  # greedy: no EOS in 3000 tokens, so only stop ends it
     log, done = [], {}
     body = {"text": "Tell me everything.", "params": {"max_tokens": 100000, "repetition_penalty": 1.0}}
-    threads = [threading.Thread(target=_reader, args=(httpx.Client(base_url=live.url, timeout=60), sid, body, log, done))
-               for sid in ("fa", "fb")]
+    threads = [
+        threading.Thread(target=_reader, args=(httpx.Client(base_url=live.url, timeout=60), sid, body, log, done))
+        for sid in ("fa", "fb")
+    ]
     threads[0].start()
     while not any(s == "fa" and k == "token" for s, k, _ in log):
         time.sleep(0.01)
@@ -296,9 +305,15 @@ def test_openai_session_header_reuses_the_session(live, client):
 def test_metrics_and_health(client):
     assert client.get("/health").json()["status"] == "ok"
     text = client.get("/metrics").text
-    for name in ("infinichat_requests_total{", "infinichat_tokens_in_total", "infinichat_tokens_out_total",
-                 "infinichat_tokens_per_second", "infinichat_queue_depth", "infinichat_cache_tokens",
-                 "infinichat_evictions_total"):
+    for name in (
+        "infinichat_requests_total{",
+        "infinichat_tokens_in_total",
+        "infinichat_tokens_out_total",
+        "infinichat_tokens_per_second",
+        "infinichat_queue_depth",
+        "infinichat_cache_tokens",
+        "infinichat_evictions_total",
+    ):
         assert name in text
     assert 'endpoint="/health",status="200"' in text
 
@@ -309,11 +324,22 @@ def test_default_model_through_the_openai_client(tmp_path):
     loaded = load_model(None, "bfloat16")
     with LiveServer(loaded, tmp_path / "data") as srv:
         oc = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused")
-        r = oc.chat.completions.create(model=loaded.name, temperature=0, max_tokens=16,
-                                       messages=[{"role": "user", "content": "What is the capital of France?"}])
+        r = oc.chat.completions.create(
+            model=loaded.name,
+            temperature=0,
+            max_tokens=16,
+            messages=[{"role": "user", "content": "What is the capital of France?"}],
+        )
         assert "Paris" in r.choices[0].message.content
-        parts = list(oc.chat.completions.create(model=loaded.name, temperature=0, max_tokens=16, stream=True,
-                                                messages=[{"role": "user", "content": "What is the capital of France?"}]))
+        parts = list(
+            oc.chat.completions.create(
+                model=loaded.name,
+                temperature=0,
+                max_tokens=16,
+                stream=True,
+                messages=[{"role": "user", "content": "What is the capital of France?"}],
+            )
+        )
         assert "".join(p.choices[0].delta.content or "" for p in parts) == r.choices[0].message.content
 
 
@@ -327,8 +353,10 @@ def backend(request, live, tiny_chat_model, tmp_path):
         b = HttpBackend(live.url)
     else:
         m = tiny_chat_model
-        b = LocalBackend(SessionManager(TorchEngine(m.model, m.tokenizer.eos_ids), m.tokenizer, m.file_hash,
-                                        tmp_path / "local"), m.name)
+        b = LocalBackend(
+            SessionManager(TorchEngine(m.model, m.tokenizer.eos_ids), m.tokenizer, m.file_hash, tmp_path / "local"),
+            m.name,
+        )
     yield b
     b.close()
 
@@ -343,8 +371,17 @@ def test_terminal_client_commands(backend):
     console = Console(record=True, width=200, force_terminal=False)
     sid = f"cli-{type(backend).__name__}"
     backend.open(sid, {"temperature": 0.0, "max_tokens": 6}, "Be kind.")
-    for line in ("Hello", ":retry", ":continue", ":narrate", ":suggest", ":rag The code is 42.", ":history",
-                 ":sessions", ":help"):
+    for line in (
+        "Hello",
+        ":retry",
+        ":continue",
+        ":narrate",
+        ":suggest",
+        ":rag The code is 42.",
+        ":history",
+        ":sessions",
+        ":help",
+    ):
         assert run_command(console, backend, line, {})
     h = backend.history()
     assert [m["kind"] for m in h["messages"]] == ["user", "assistant", "narration", "rag"]

@@ -84,8 +84,9 @@ def run(gen):
 
 def rebuilt(s: Session) -> Session:
     """The same transcript evaluated from scratch in a new session object."""
-    r = Session("ref", s.engine, s.tok, system_prompt=s.system_prompt, settings=s.settings, card=s.card,
-                chat_format=s.fmt)
+    r = Session(
+        "ref", s.engine, s.tok, system_prompt=s.system_prompt, settings=s.settings, card=s.card, chat_format=s.fmt
+    )
     r.messages = s.messages
     r.rebuild()
     return r
@@ -96,8 +97,9 @@ def assert_consistent(s: Session, logits: bool = True) -> None:
     exact = isinstance(s.engine, TorchEngine)
     assert s.seq.token_ids() == r.seq.token_ids()
     assert s.seq.positions() == list(range(s.seq.length))
-    assert [(g.kind, g.name, len(g)) for g in s.seq.segments.segments] == \
-        [(g.kind, g.name, len(g)) for g in r.seq.segments.segments]
+    assert [(g.kind, g.name, len(g)) for g in s.seq.segments.segments] == [
+        (g.kind, g.name, len(g)) for g in r.seq.segments.segments
+    ]
     if logits:
         a, b = s.next_logits(), r.next_logits()
         # llama.cpp quantizes activations per batch: the same tokens evaluated in other batch shapes differ by
@@ -148,8 +150,11 @@ def test_revert_then_new_message_equals_fresh_session(mgr):
 
 
 def test_revert_to_one_after_a_greeting_equals_fresh(mgr):
-    card = {"spec": "chara_card_v2", "spec_version": "2.0",
-            "data": {"name": "Ada", "description": "{{char}} is a mathematician.", "first_mes": "Hello {{user}}."}}
+    card = {
+        "spec": "chara_card_v2",
+        "spec_version": "2.0",
+        "data": {"name": "Ada", "description": "{{char}} is a mathematician.", "first_mes": "Hello {{user}}."},
+    }
     a = mgr.create("a", card=card, settings=GREEDY)
     assert a.messages[0].text == "Hello User." and a.messages[0].kind == "assistant"
     run(a.send("one"))

@@ -44,8 +44,13 @@ def tiny(tmp_path_factory):
 def test_sigkill_mid_reply_loses_no_completed_turn(tiny, tmp_path):
     data = tmp_path / "data"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    child = subprocess.Popen([sys.executable, "-c", CHILD, str(tiny / "tiny.gguf"), str(tiny / "cache"), str(data)],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD, str(tiny / "tiny.gguf"), str(tiny / "cache"), str(data)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     try:
         line = child.stdout.readline()
         assert line.strip() == "GENERATING", child.stderr.read()

@@ -207,7 +207,12 @@ def test_save_and_from_saved_round_trip(ours, tmp_path):
     assert back.encode(HARD_TEXT, parse_special=False) == ours.encode(HARD_TEXT, parse_special=False)
     assert back.meta == ours.meta
     assert (back.bos_id, back.eos_id, back.eos_ids, back.pad_id, back.add_bos) == (
-        ours.bos_id, ours.eos_id, ours.eos_ids, ours.pad_id, ours.add_bos)
+        ours.bos_id,
+        ours.eos_id,
+        ours.eos_ids,
+        ours.pad_id,
+        ours.add_bos,
+    )
     assert back.chat_template == ours.chat_template
     assert all(back.is_special(i) == ours.is_special(i) for i in range(64))
 
@@ -218,15 +223,62 @@ def test_save_and_from_saved_round_trip(ours, tmp_path):
 def sentencepiece_vocab() -> list[tuple[str, float, int]]:
     tokens = [("<unk>", 0.0, 2), ("<s>", 0.0, 3), ("</s>", 0.0, 3)]
     tokens += [(f"<0x{b:02X}>", 0.0, 6) for b in range(256)]
-    pieces = ["▁the", "▁hello", "▁world", "▁wor", "▁hel", "▁he", "▁th", "he", "ll", "lo", "or", "ld", "▁w",
-              "▁h", "▁t", "▁", "e", "h", "l", "o", "w", "r", "d", "t", "a", "n", "▁a", "an", "▁an", "s", "▁is",
-              "is", "i", "!", ",", "x", "▁x", "y", "中", "文"]
+    pieces = [
+        "▁the",
+        "▁hello",
+        "▁world",
+        "▁wor",
+        "▁hel",
+        "▁he",
+        "▁th",
+        "he",
+        "ll",
+        "lo",
+        "or",
+        "ld",
+        "▁w",
+        "▁h",
+        "▁t",
+        "▁",
+        "e",
+        "h",
+        "l",
+        "o",
+        "w",
+        "r",
+        "d",
+        "t",
+        "a",
+        "n",
+        "▁a",
+        "an",
+        "▁an",
+        "s",
+        "▁is",
+        "is",
+        "i",
+        "!",
+        ",",
+        "x",
+        "▁x",
+        "y",
+        "中",
+        "文",
+    ]
     tokens += [(p, -float(k), 1) for k, p in enumerate(pieces)]  # earlier piece = higher score
     return tokens
 
 
-SPM_TEXTS = ["hello world", " hello  world!", "the world is, an x y\n\tz 中文 字 😀",
-             "<s>hello</s> world<unk>x", "", "   ", "hello<s> world", "thethe\nworld\r\n"]
+SPM_TEXTS = [
+    "hello world",
+    " hello  world!",
+    "the world is, an x y\n\tz 中文 字 😀",
+    "<s>hello</s> world<unk>x",
+    "",
+    "   ",
+    "hello<s> world",
+    "thethe\nworld\r\n",
+]
 
 
 def test_tiny_sentencepiece_gguf_matches_transformers(tmp_path):
@@ -250,8 +302,32 @@ def byte_level_vocab() -> tuple[list[tuple[str, float, int]], list[str]]:
     table = byte_to_unicode()
     tokens = [("<|endoftext|>", 0.0, 3), ("<|im_start|>", 0.0, 3), ("<|im_end|>", 0.0, 3)]
     tokens += [(table[b], 0.0, 1) for b in range(256)]
-    merges = ["Ġ t", "h e", "Ġt he", "l l", "he ll", "hell o", "Ġ hello", "o r", "w or", "wor l", "worl d",
-              "Ġ world", "Ġ Ġ", "ĠĠ ĠĠ", "Ċ Ċ", "1 2", "12 3", "Ġ 1", "' s", "i s", "Ġ is", "ä ¸", "Ġ (", "x )"]
+    merges = [
+        "Ġ t",
+        "h e",
+        "Ġt he",
+        "l l",
+        "he ll",
+        "hell o",
+        "Ġ hello",
+        "o r",
+        "w or",
+        "wor l",
+        "worl d",
+        "Ġ world",
+        "Ġ Ġ",
+        "ĠĠ ĠĠ",
+        "Ċ Ċ",
+        "1 2",
+        "12 3",
+        "Ġ 1",
+        "' s",
+        "i s",
+        "Ġ is",
+        "ä ¸",
+        "Ġ (",
+        "x )",
+    ]
     vocab = {t for t, _, _ in tokens}
     for m in merges:
         piece = m.replace(" ", "")
@@ -261,8 +337,15 @@ def byte_level_vocab() -> tuple[list[tuple[str, float, int]], list[str]]:
     return tokens, merges
 
 
-BPE_TEXTS = ["hello world", "the world's 123 is 1234567", "  hello\n\n\nworld   (x)  12", "中文 😀\t\ttabs",
-             "<|im_start|>user\nhello<|im_end|>\n", "HELLO'S 'll don't", ""]
+BPE_TEXTS = [
+    "hello world",
+    "the world's 123 is 1234567",
+    "  hello\n\n\nworld   (x)  12",
+    "中文 😀\t\ttabs",
+    "<|im_start|>user\nhello<|im_end|>\n",
+    "HELLO'S 'll don't",
+    "",
+]
 
 
 @pytest.mark.parametrize("pre", ["gpt-2", "llama-bpe", "qwen2"])

@@ -208,7 +208,10 @@ def test_settings_apply_and_debug_view(page):
         prob = float(toks.nth(i).get_attribute("data-p"))
         assert 0.0 < prob <= 1.0
     # the tokens spell the reply
-    assert "".join(toks.nth(i).inner_text() for i in range(toks.count())).strip() == page.history(sid)["messages"][1]["text"].strip()
+    assert (
+        "".join(toks.nth(i).inner_text() for i in range(toks.count())).strip()
+        == page.history(sid)["messages"][1]["text"].strip()
+    )
     toks.nth(0).hover()
     p.wait_for_selector("#tooltip:not([hidden]) .tip-tok")
     rows = p.locator("#tooltip .tip-tok tr")
@@ -219,11 +222,18 @@ def test_settings_apply_and_debug_view(page):
 
 def test_markup_from_model_and_card_is_text(page, tmp_path):
     p = page.p
-    card = {"spec": "chara_card_v2", "spec_version": "2.0", "data": {
-        "name": "Eve <b>bold</b>",
-        "description": "<img src=x onerror=\"window.pwned=1\"> Eve is a <script>window.pwned=2</script> cat.",
-        "personality": "curious", "scenario": "", "mes_example": "",
-        "first_mes": "Hello <script>alert(1)</script> *waves* <img src=x onerror=alert(2)>"}}
+    card = {
+        "spec": "chara_card_v2",
+        "spec_version": "2.0",
+        "data": {
+            "name": "Eve <b>bold</b>",
+            "description": '<img src=x onerror="window.pwned=1"> Eve is a <script>window.pwned=2</script> cat.',
+            "personality": "curious",
+            "scenario": "",
+            "mes_example": "",
+            "first_mes": "Hello <script>alert(1)</script> *waves* <img src=x onerror=alert(2)>",
+        },
+    }
     path = tmp_path / "eve.json"
     path.write_text(json.dumps(card))
     p.goto(page.server.url + "/")
@@ -237,7 +247,7 @@ def test_markup_from_model_and_card_is_text(page, tmp_path):
     assert "<script>alert(1)</script>" in greeting.inner_text()
     assert "<img src=x onerror=alert(2)>" in greeting.inner_text()
     p.click("#system-box summary")
-    assert "<img src=x onerror=\"window.pwned=1\">" in p.inner_text("#system-text")
+    assert '<img src=x onerror="window.pwned=1">' in p.inner_text("#system-text")
 
     # an edited (model) message with markup stays text too
     evil = "<script>alert(3)</script><img src=x onerror=alert(4)> **still bold**"
@@ -256,18 +266,34 @@ def test_markup_from_model_and_card_is_text(page, tmp_path):
 
 def png_card(card: dict) -> bytes:
     """A 1x1 PNG carrying a character card in a tEXt "chara" chunk (base64 JSON), as Tavern tools write it."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
     text = b"chara\0" + base64.b64encode(json.dumps(card).encode())
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 1, 1, 8, 2, 0, 0, 0))
-            + chunk(b"tEXt", text) + chunk(b"IDAT", zlib.compress(b"\0\xff\x80\x40")) + chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", 1, 1, 8, 2, 0, 0, 0))
+        + chunk(b"tEXt", text)
+        + chunk(b"IDAT", zlib.compress(b"\0\xff\x80\x40"))
+        + chunk(b"IEND", b"")
+    )
 
 
 def test_png_card_continue_narrate_delete_reset(page, tmp_path):
     p = page.p
-    card = {"spec": "chara_card_v2", "spec_version": "2.0", "data": {
-        "name": "Captain Mira", "description": "A starship captain.", "personality": "calm",
-        "scenario": "On the bridge.", "mes_example": "", "first_mes": "Welcome aboard, {{user}}."}}
+    card = {
+        "spec": "chara_card_v2",
+        "spec_version": "2.0",
+        "data": {
+            "name": "Captain Mira",
+            "description": "A starship captain.",
+            "personality": "calm",
+            "scenario": "On the bridge.",
+            "mes_example": "",
+            "first_mes": "Welcome aboard, {{user}}.",
+        },
+    }
     path = tmp_path / "mira.png"
     path.write_bytes(png_card(card))
     p.goto(page.server.url + "/")
@@ -320,8 +346,11 @@ def test_stop_keeps_the_partial_reply(page):
 
 
 def test_eviction_shows_forgotten_turns(page):
-    sid = page.open(name="tiny budget", system_prompt="Be brief.",
-                    settings={"max_tokens": 8, "budget": 64, "policy": "turns", "seed": 5})
+    sid = page.open(
+        name="tiny budget",
+        system_prompt="Be brief.",
+        settings={"max_tokens": 8, "budget": 64, "policy": "turns", "seed": 5},
+    )
     p = page.p
     for i in range(6):
         page.send(f"Message number {i}: tell me something.")
@@ -353,7 +382,8 @@ def test_phone_width(browser, server):
         assert p.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]
         assert p.is_visible("#cm-bar") and p.is_visible("#input") and p.is_visible("#btn-send")
         assert not p.locator("#sidebar").is_visible() or p.evaluate(
-            "document.getElementById('sidebar').getBoundingClientRect().right <= 0")
+            "document.getElementById('sidebar').getBoundingClientRect().right <= 0"
+        )
         shot(p, "10-phone")
         p.click("#btn-sidebar")
         p.wait_for_timeout(300)

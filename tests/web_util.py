@@ -16,8 +16,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "test-artifacts"
 CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 def web_prerequisites() -> str | None:
@@ -44,9 +52,22 @@ class ServeProcess:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = data_dir / "serve.log"
-        env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE",
-                   PYTHONPATH=os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]))
-        cmd = [sys.executable, "-m", "infinichat", "serve", "--port", str(self.port), "--data-dir", str(data_dir), *extra]
+        env = dict(
+            os.environ,
+            OMP_WAIT_POLICY="PASSIVE",
+            PYTHONPATH=os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
+        )
+        cmd = [
+            sys.executable,
+            "-m",
+            "infinichat",
+            "serve",
+            "--port",
+            str(self.port),
+            "--data-dir",
+            str(data_dir),
+            *extra,
+        ]
         self._log = open(self.log, "w")
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
 
@@ -79,16 +100,18 @@ class ServeProcess:
 
     def api(self, method: str, path: str, body: dict | None = None) -> dict | None:
         data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(self.url + path, data=data, method=method,
-                                     headers={"Content-Type": "application/json"} if data else {})
+        req = urllib.request.Request(
+            self.url + path, data=data, method=method, headers={"Content-Type": "application/json"} if data else {}
+        )
         with urllib.request.urlopen(req, timeout=120) as r:
             raw = r.read()
         return json.loads(raw) if raw else None
 
 
 def launch_browser(playwright):
-    return playwright.chromium.launch(executable_path=CHROMIUM if os.access(CHROMIUM, os.X_OK) else shutil.which("chromium"),
-                                      args=CHROMIUM_ARGS)
+    return playwright.chromium.launch(
+        executable_path=CHROMIUM if os.access(CHROMIUM, os.X_OK) else shutil.which("chromium"), args=CHROMIUM_ARGS
+    )
 
 
 def shot(page, name: str) -> Path:

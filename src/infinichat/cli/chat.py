@@ -21,10 +21,21 @@ HELP = """\
 :exit           leave (Ctrl-C stops a reply)"""
 
 # chat flags that are session settings (used when the session is created) / per-request parameters
-SETTING_FLAGS = {"temperature": "temperature", "top_k": "top_k", "top_p": "top_p", "min_p": "min_p",
-                 "repeat_penalty": "repetition_penalty", "seed": "seed", "max_tokens": "max_tokens"}
-PARAM_FLAGS = {"repeat_last_n": "repeat_last_n", "presence_penalty": "presence_penalty",
-               "frequency_penalty": "frequency_penalty", "stop": "stop"}
+SETTING_FLAGS = {
+    "temperature": "temperature",
+    "top_k": "top_k",
+    "top_p": "top_p",
+    "min_p": "min_p",
+    "repeat_penalty": "repetition_penalty",
+    "seed": "seed",
+    "max_tokens": "max_tokens",
+}
+PARAM_FLAGS = {
+    "repeat_last_n": "repeat_last_n",
+    "presence_penalty": "presence_penalty",
+    "frequency_penalty": "frequency_penalty",
+    "stop": "stop",
+}
 
 
 def _settings(args: argparse.Namespace) -> dict:
@@ -51,8 +62,15 @@ def _backend(args: argparse.Namespace) -> ChatBackend:
 
     err = Console(stderr=True, highlight=False)
     with err.status("loading model...", spinner="dots"):
-        engine, tok, model_id, name = load_engine(args.backend, args.model, args.dtype, args.threads, args.cache_dir,
-                                                  show_progress=err.is_terminal, quant=getattr(args, "quant", "none"))
+        engine, tok, model_id, name = load_engine(
+            args.backend,
+            args.model,
+            args.dtype,
+            args.threads,
+            args.cache_dir,
+            show_progress=err.is_terminal,
+            quant=getattr(args, "quant", "none"),
+        )
     return LocalBackend(SessionManager(engine, tok, model_id, args.data_dir, SessionSettings()), name)
 
 
@@ -86,8 +104,13 @@ def _show_history(console: Console, h: dict) -> None:
 def _show_sessions(console: Console, rows: list[dict]) -> None:
     t = Table("id", "name", "messages", "updated", "resident")
     for r in rows:
-        t.add_row(r["id"], r["name"], str(r["messages"]),
-                  time.strftime("%Y-%m-%d %H:%M", time.localtime(r["updated"])), "yes" if r["resident"] else "")
+        t.add_row(
+            r["id"],
+            r["name"],
+            str(r["messages"]),
+            time.strftime("%Y-%m-%d %H:%M", time.localtime(r["updated"])),
+            "yes" if r["resident"] else "",
+        )
     console.print(t)
 
 

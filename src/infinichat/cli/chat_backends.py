@@ -47,7 +47,8 @@ class LocalBackend:
         p = replace(self.s.settings.sampling(), **params)
         p.validate()
         fn = {"send": lambda: self.s.send(text, p), "continue": lambda: self.s.continue_(p)}.get(
-            action, lambda: getattr(self.s, action)(p))
+            action, lambda: getattr(self.s, action)(p)
+        )
         gen = fn()
         try:
             for ev in gen:
@@ -100,7 +101,9 @@ class HttpBackend:
         self.sid = sid
         r = self.c.get(f"/api/sessions/{sid}")
         if r.status_code == 404:
-            return self._json("POST", "/api/sessions", {"id": sid, "system_prompt": system_prompt, "settings": settings})
+            return self._json(
+                "POST", "/api/sessions", {"id": sid, "system_prompt": system_prompt, "settings": settings}
+            )
         self._check(r)
         return r.json()
 

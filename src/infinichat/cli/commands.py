@@ -35,8 +35,16 @@ def load_engine(args: argparse.Namespace, n_ctx: int | None = None) -> tuple[Tok
 
     err = _err_console()
     with err.status("loading model...", spinner="dots"):
-        engine, tok, _, name = build(args.backend, args.model, args.dtype, args.threads, args.cache_dir,
-                                     show_progress=err.is_terminal, quant=getattr(args, "quant", "none"), n_ctx=n_ctx)
+        engine, tok, _, name = build(
+            args.backend,
+            args.model,
+            args.dtype,
+            args.threads,
+            args.cache_dir,
+            show_progress=err.is_terminal,
+            quant=getattr(args, "quant", "none"),
+            n_ctx=n_ctx,
+        )
     return tok, name, engine
 
 

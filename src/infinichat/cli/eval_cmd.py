@@ -10,7 +10,14 @@ from pathlib import Path
 
 from rich.console import Console
 from rich.progress import (
-    BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TextColumn, TimeElapsedColumn, TimeRemainingColumn,
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
 )
 from rich.table import Table
 from rich.text import Text
@@ -76,20 +83,36 @@ def ppl(args: argparse.Namespace) -> int:
     ids = ids[: args.tokens]
 
     results = []
-    columns = (TextColumn("{task.description:<22}"), BarColumn(), MofNCompleteColumn(), TokensPerSecond(),
-               TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
+    columns = (
+        TextColumn("{task.description:<22}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TokensPerSecond(),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+    )
     with Progress(*columns, console=err, transient=False) as progress:
-        tasks = [progress.add_task(s.label, total=min(len(ids), s.budget) if s.name == "full" else len(ids))
-                 for s in specs]
+        tasks = [
+            progress.add_task(s.label, total=min(len(ids), s.budget) if s.name == "full" else len(ids)) for s in specs
+        ]
         for spec, task in zip(specs, tasks):
+
             def step(seq, done: int, task=task) -> None:
                 progress.update(task, completed=done)
 
             results.append(ev.evaluate(engine, ids, spec, args.chunk, on_chunk=step))
 
     report = ev.build_report(
-        results, model=name, dtype="llama.cpp" if args.backend == "llamacpp" else args.dtype, text=str(args.text),
-        text_tokens=n_text, chunk=args.chunk, trained_context=trained, threads=threads, quant=args.quant,
+        results,
+        model=name,
+        dtype="llama.cpp" if args.backend == "llamacpp" else args.dtype,
+        text=str(args.text),
+        text_tokens=n_text,
+        chunk=args.chunk,
+        trained_context=trained,
+        threads=threads,
+        quant=args.quant,
     )
     paths = ev.write_report(report, out_dir)
     _print_table(report)
@@ -132,8 +155,14 @@ def filter_layers(args: argparse.Namespace) -> int:
         )
     tokens = min(args.tokens, loaded.cfg.max_position)
     ids = loaded.tokenizer.encode(text, add_bos=loaded.tokenizer.add_bos, parse_special=False)[:tokens]
-    settings = fl.Settings(ks=ks, queries=args.queries, n_sink=args.sinks, n_filters=args.filters,
-                           max_first=args.max_first, tolerance=args.tolerance)
+    settings = fl.Settings(
+        ks=ks,
+        queries=args.queries,
+        n_sink=args.sinks,
+        n_filters=args.filters,
+        max_first=args.max_first,
+        tolerance=args.tolerance,
+    )
     with err.status(f"attention of {args.queries} queries over {len(ids)} tokens...", spinner="dots"):
         report = fl.analyze(loaded.model, ids, settings)
     report.update(model=loaded.name, text=Path(args.text).name, dtype=args.dtype)
@@ -147,5 +176,10 @@ def filter_layers(args: argparse.Namespace) -> int:
 def run(args: argparse.Namespace) -> int:
     from infinichat.cli import eval_long
 
-    return {"ppl": ppl, "filter-layers": filter_layers, "passkey": eval_long.passkey, "niah": eval_long.niah,
-            "longbench": eval_long.longbench}[args.eval_command](args)
+    return {
+        "ppl": ppl,
+        "filter-layers": filter_layers,
+        "passkey": eval_long.passkey,
+        "niah": eval_long.niah,
+        "longbench": eval_long.longbench,
+    }[args.eval_command](args)

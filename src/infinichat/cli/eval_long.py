@@ -74,9 +74,17 @@ def _load(args: argparse.Namespace):
 
 
 def _progress(err: Console) -> Progress:
-    return Progress(TextColumn("{task.description:<34}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("{task.fields[acc]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-                    console=err, transient=False)
+    return Progress(
+        TextColumn("{task.description:<34}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[acc]}"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=err,
+        transient=False,
+    )
 
 
 def _print_table(title: str, header: list[str], rows: list[list[str]]) -> None:
@@ -120,8 +128,10 @@ def _retrieval(args: argparse.Namespace, task: str) -> int:
     fmt = prompt_format(tok, chat=not args.no_chat_template)
     too_long = [n for n in lengths if n + max_new > engine.cfg.max_position]
     if too_long:
-        err.print(f"note: lengths {too_long} (+ {max_new} new tokens) exceed the model's trained context "
-                  f"{engine.cfg.max_position}; full attention goes past the positions it was trained on")
+        err.print(
+            f"note: lengths {too_long} (+ {max_new} new tokens) exceed the model's trained context "
+            f"{engine.cfg.max_position}; full attention goes past the positions it was trained on"
+        )
     samples = []
     for n in lengths:
         for d in depths:
@@ -147,16 +157,28 @@ def _retrieval(args: argparse.Namespace, task: str) -> int:
         retrieval.run_samples(engine, decode, runs, samples, max_new, on_result=step)
 
     report = retrieval.build_report(
-        task=task, variant=variant, runs=runs, records=records, lengths=lengths, depths=depths, samples=args.samples,
-        seed=args.seed, max_new=max_new, model=name, dtype=compute, threads=threads,
-        chat_template=fmt.chat, haystack=getattr(args, "haystack", None),
+        task=task,
+        variant=variant,
+        runs=runs,
+        records=records,
+        lengths=lengths,
+        depths=depths,
+        samples=args.samples,
+        seed=args.seed,
+        max_new=max_new,
+        model=name,
+        dtype=compute,
+        threads=threads,
+        chat_template=fmt.chat,
+        haystack=getattr(args, "haystack", None),
         n_keys=n_keys if variant == "multikey" else None,
     )
     paths = retrieval.write_report(report, out_dir)
     header, rows = retrieval.accuracy_rows(report)
     _print_table(f"{task} accuracy (%), mean over depths, {name}", header, rows)
     Console(highlight=False).print(
-        f"results: {paths['json']}  tables: {paths['md']}  heatmaps: {out_dir}/{task}-heatmap-*.png")
+        f"results: {paths['json']}  tables: {paths['md']}  heatmaps: {out_dir}/{task}-heatmap-*.png"
+    )
     return 0
 
 
@@ -209,16 +231,35 @@ def longbench(args: argparse.Namespace) -> int:
                 gen = generate(engine, run, ids, max_new, lambda x: tok.decode(x, skip_special=True))
                 pred = lb.postprocess(rec.dataset, gen.text)
                 score = score_sample(spec.metric, pred, rec.answers, rec.all_classes)
-                results.append({"policy": run.label, "dataset": rec.dataset, "id": rec.id, "line": rec.line,
-                                "truncated": truncated, "prediction": pred, "answers": rec.answers, "score": score,
-                                **gen.to_json()})
+                results.append(
+                    {
+                        "policy": run.label,
+                        "dataset": rec.dataset,
+                        "id": rec.id,
+                        "line": rec.line,
+                        "truncated": truncated,
+                        "prediction": pred,
+                        "answers": rec.answers,
+                        "score": score,
+                        **gen.to_json(),
+                    }
+                )
                 progress.update(bar, advance=1, acc=f"{rec.dataset} {100 * score:.0f}")
     report = {
-        "version": 1, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "task": "longbench", "model": name,
-        "dtype": compute, "threads": threads, "data": [str(p) for p in args.data], "limit": args.limit,
+        "version": 1,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "task": "longbench",
+        "model": name,
+        "dtype": compute,
+        "threads": threads,
+        "data": [str(p) for p in args.data],
+        "limit": args.limit,
         "max_length": args.max_length or f"{engine.cfg.max_position} - answer tokens - 64",
-        "chat_template": chat_fmt.chat, "datasets": datasets, "policies": [r.to_json() for r in runs],
-        "summary": lb.records_summary(results, [r.label for r in runs], datasets), "results": results,
+        "chat_template": chat_fmt.chat,
+        "datasets": datasets,
+        "policies": [r.to_json() for r in runs],
+        "summary": lb.records_summary(results, [r.label for r in runs], datasets),
+        "results": results,
     }
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -227,8 +268,14 @@ def longbench(args: argparse.Namespace) -> int:
     except OSError as e:
         raise InfinichatError(f"cannot write the results into {out_dir}: {e.strerror or e}") from None
     header = ["policy", *datasets, "mean"]
-    rows = [[label, *["-" if s["by_dataset"][d] is None else f"{s['by_dataset'][d]:.2f}" for d in datasets],
-             "-" if s["mean"] is None else f"{s['mean']:.2f}"] for label, s in report["summary"].items()]
+    rows = [
+        [
+            label,
+            *["-" if s["by_dataset"][d] is None else f"{s['by_dataset'][d]:.2f}" for d in datasets],
+            "-" if s["mean"] is None else f"{s['mean']:.2f}",
+        ]
+        for label, s in report["summary"].items()
+    ]
     _print_table(f"LongBench scores, {name}", header, rows)
     Console(highlight=False).print(f"results: {out_dir / 'longbench.json'}  table: {out_dir / 'longbench.md'}")
     return 0

@@ -19,25 +19,52 @@ STORY_DEFAULT = "a lighthouse keeper who finds a message in a bottle"
 
 def _add_model_args(p: argparse.ArgumentParser, dtype: str = DEFAULT_DTYPE, ctx: bool = True) -> None:
     g = p.add_argument_group("model")
-    g.add_argument("--model", metavar="PATH", help="a .gguf file or a Hugging Face checkpoint folder "
-                   "(default: the embedded SmolLM2-135M-Instruct Q4_1)")
-    g.add_argument("--backend", default="torch", choices=("torch", "llamacpp"),
-                   help="torch: our PyTorch engine (every KV policy); llamacpp: llama.cpp on the quantized GGUF "
-                   "file (needs llama-cpp-python: pip install 'infinichat[llamacpp]') (default torch)")
-    g.add_argument("--dtype", default=dtype, choices=("float32", "bfloat16", "float16"),
-                   help=f"compute dtype of the torch backend (default {dtype})")
-    g.add_argument("--quant", default="none", choices=("none", "int8", "int4"),
-                   help="store the weights as int8 or int4 (per group of 32 inputs; int8 per row where the "
-                   "native library cannot be built) for faster CPU decode; "
-                   "needs --dtype bfloat16; quantized once, then cached (default none)")
-    g.add_argument("--threads", type=int, default=0, help="CPU threads (default: physical cores; more "
-                   "threads than free cores slows llama.cpp down badly)")
+    g.add_argument(
+        "--model",
+        metavar="PATH",
+        help="a .gguf file or a Hugging Face checkpoint folder (default: the embedded SmolLM2-135M-Instruct Q4_1)",
+    )
+    g.add_argument(
+        "--backend",
+        default="torch",
+        choices=("torch", "llamacpp"),
+        help="torch: our PyTorch engine (every KV policy); llamacpp: llama.cpp on the quantized GGUF "
+        "file (needs llama-cpp-python: pip install 'infinichat[llamacpp]') (default torch)",
+    )
+    g.add_argument(
+        "--dtype",
+        default=dtype,
+        choices=("float32", "bfloat16", "float16"),
+        help=f"compute dtype of the torch backend (default {dtype})",
+    )
+    g.add_argument(
+        "--quant",
+        default="none",
+        choices=("none", "int8", "int4"),
+        help="store the weights as int8 or int4 (per group of 32 inputs; int8 per row where the "
+        "native library cannot be built) for faster CPU decode; "
+        "needs --dtype bfloat16; quantized once, then cached (default none)",
+    )
+    g.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="CPU threads (default: physical cores; more threads than free cores slows llama.cpp down badly)",
+    )
     if ctx:
-        g.add_argument("--ctx", type=int, default=0, metavar="N",
-                       help="KV cache budget in tokens; past it the oldest tokens are evicted "
-                       "(StreamingLLM: the first tokens stay as attention sinks) (default: the trained context)")
-    g.add_argument("--cache-dir", metavar="DIR", help="where converted models are cached "
-                   "(default: $INFINICHAT_CACHE or ~/.cache/infinichat)")
+        g.add_argument(
+            "--ctx",
+            type=int,
+            default=0,
+            metavar="N",
+            help="KV cache budget in tokens; past it the oldest tokens are evicted "
+            "(StreamingLLM: the first tokens stay as attention sinks) (default: the trained context)",
+        )
+    g.add_argument(
+        "--cache-dir",
+        metavar="DIR",
+        help="where converted models are cached (default: $INFINICHAT_CACHE or ~/.cache/infinichat)",
+    )
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, max_tokens: int, temperature: float) -> None:
@@ -60,15 +87,29 @@ def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
     ev_sub = ev.add_subparsers(dest="eval_command", metavar="EVAL", required=True)
     p = ev_sub.add_parser("ppl", help="token-by-token perplexity over a long text, per KV policy (JSON + PNG)")
     p.add_argument("--text", metavar="FILE", help="the UTF-8 text to evaluate (required)")
-    p.add_argument("--policy", action="append", default=[], metavar="NAMES",
-                   help="KV policies: full, window, streaming, recompute, h2o, tova; repeatable or comma-separated "
-                   "(default: full,window,streaming). full runs up to the trained context, then stops")
+    p.add_argument(
+        "--policy",
+        action="append",
+        default=[],
+        metavar="NAMES",
+        help="KV policies: full, window, streaming, recompute, h2o, tova; repeatable or comma-separated "
+        "(default: full,window,streaming). full runs up to the trained context, then stops",
+    )
     p.add_argument("--budget", type=int, default=1024, help="KV budget in tokens, sinks included (default 1024)")
     p.add_argument("--sinks", type=int, default=4, help="attention sinks of the streaming policy (default 4)")
-    p.add_argument("--chunk", type=int, default=64,
-                   help="tokens per forward call, 1..64; the budget holds at every chunk (default 64; 1 = exact)")
-    p.add_argument("--discard", type=int, default=None, metavar="N",
-                   help="tokens evicted at once when the budget is reached (default: the chunk size)")
+    p.add_argument(
+        "--chunk",
+        type=int,
+        default=64,
+        help="tokens per forward call, 1..64; the budget holds at every chunk (default 64; 1 = exact)",
+    )
+    p.add_argument(
+        "--discard",
+        type=int,
+        default=None,
+        metavar="N",
+        help="tokens evicted at once when the budget is reached (default: the chunk size)",
+    )
     p.add_argument("--tokens", type=int, default=20000, help="tokens of the text to evaluate (default 20000)")
     p.add_argument("--out", metavar="DIR", help="where ppl.json, ppl.png, ppl.md go (default results/ppl-<time>/)")
     _add_model_args(p, dtype=EVAL_DTYPE, ctx=False)
@@ -78,25 +119,45 @@ def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
 def _add_long_context_args(p: argparse.ArgumentParser, max_new: str) -> None:
     """Flags shared by eval passkey / niah / longbench: policies, budgets, decoding, output."""
     g = p.add_argument_group("KV policies")
-    g.add_argument("--policies", default="full,streaming", metavar="NAMES",
-                   help="comma-separated KV policies from the registry, e.g. full,streaming,h2o,tova,snapkv,omnikv "
-                   "(default full,streaming); full keeps everything and runs once")
+    g.add_argument(
+        "--policies",
+        default="full,streaming",
+        metavar="NAMES",
+        help="comma-separated KV policies from the registry, e.g. full,streaming,h2o,tova,snapkv,omnikv "
+        "(default full,streaming); full keeps everything and runs once",
+    )
     b = g.add_mutually_exclusive_group()
     b.add_argument("--budget", metavar="N[,N...]", help="KV budget(s) in tokens, absolute")
-    b.add_argument("--budget-frac", metavar="F[,F...]",
-                   help="KV budget(s) as a fraction of each prompt's length, e.g. 0.25,0.5 (default 0.25)")
-    g.add_argument("--n-sink", type=int, default=None, metavar="N",
-                   help="attention sinks for every policy that has them (window keeps none) (default: the policy's)")
-    g.add_argument("--param", action="append", default=[], metavar="[POLICY.]NAME=VALUE",
-                   help="a policy parameter, e.g. streaming.n_discard=64 or n_sink=8 (repeatable)")
+    b.add_argument(
+        "--budget-frac",
+        metavar="F[,F...]",
+        help="KV budget(s) as a fraction of each prompt's length, e.g. 0.25,0.5 (default 0.25)",
+    )
+    g.add_argument(
+        "--n-sink",
+        type=int,
+        default=None,
+        metavar="N",
+        help="attention sinks for every policy that has them (window keeps none) (default: the policy's)",
+    )
+    g.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="[POLICY.]NAME=VALUE",
+        help="a policy parameter, e.g. streaming.n_discard=64 or n_sink=8 (repeatable)",
+    )
     g = p.add_argument_group("decoding and output")
-    g.add_argument("--max-new-tokens", type=int, default=None, metavar="N",
-                   help=f"greedy tokens per answer ({max_new})")
-    g.add_argument("--no-chat-template", action="store_true",
-                   help="plain-text prompts instead of the model's chat template")
+    g.add_argument(
+        "--max-new-tokens", type=int, default=None, metavar="N", help=f"greedy tokens per answer ({max_new})"
+    )
+    g.add_argument(
+        "--no-chat-template", action="store_true", help="plain-text prompts instead of the model's chat template"
+    )
     g.add_argument("--seed", type=int, default=0, help="seed of the generated prompts (default 0)")
-    g.add_argument("--out", metavar="DIR",
-                   help="where the JSON, Markdown and PNG files go (default results/<task>-<time>/)")
+    g.add_argument(
+        "--out", metavar="DIR", help="where the JSON, Markdown and PNG files go (default results/<task>-<time>/)"
+    )
     _add_model_args(p, dtype=EVAL_DTYPE, ctx=False)
 
 
@@ -108,44 +169,83 @@ def _add_long_eval_parsers(ev_sub: argparse._SubParsersAction) -> None:
     ):
         p = ev_sub.add_parser(name, help=help_text)
         g = p.add_argument_group("prompts")
-        g.add_argument("--lengths", default="1024,2048,4096,7168", metavar="N,N...",
-                       help="prompt lengths in model tokens (default 1024,2048,4096,7168)")
-        g.add_argument("--depths", default="0.1,0.3,0.5,0.7,0.9", metavar="D,D...",
-                       help="needle depths, fractions of the haystack before it (default 0.1,0.3,0.5,0.7,0.9)")
+        g.add_argument(
+            "--lengths",
+            default="1024,2048,4096,7168",
+            metavar="N,N...",
+            help="prompt lengths in model tokens (default 1024,2048,4096,7168)",
+        )
+        g.add_argument(
+            "--depths",
+            default="0.1,0.3,0.5,0.7,0.9",
+            metavar="D,D...",
+            help="needle depths, fractions of the haystack before it (default 0.1,0.3,0.5,0.7,0.9)",
+        )
         g.add_argument("--samples", type=int, default=1, help="prompts per length x depth (default 1)")
         if name == "niah":
             g.add_argument("--variant", default="single", help="single, multikey or value7 (default single)")
             g.add_argument("--n-keys", type=int, default=4, help="needles of the multikey variant (default 4)")
-            g.add_argument("--haystack", metavar="FILE", help="a UTF-8 text file as the haystack "
-                           "(default: generated essay-like text)")
+            g.add_argument(
+                "--haystack",
+                metavar="FILE",
+                help="a UTF-8 text file as the haystack (default: generated essay-like text)",
+            )
         _add_long_context_args(p, "default 12" if name == "passkey" else "default 32")
     p = ev_sub.add_parser("longbench", help="LongBench-format JSONL files (--data), official prompts and metrics")
     g = p.add_argument_group("data")
     g.add_argument("--data", action="append", default=[], metavar="FILE", help="a LongBench JSONL file (repeatable)")
-    g.add_argument("--dataset", default=None, help="the dataset of records without a 'dataset' field "
-                   "(default: from the file name)")
+    g.add_argument(
+        "--dataset", default=None, help="the dataset of records without a 'dataset' field (default: from the file name)"
+    )
     g.add_argument("--limit", type=int, default=None, metavar="N", help="at most N records per file")
-    g.add_argument("--max-length", type=int, default=None, metavar="N", help="prompts longer than N tokens are "
-                   "cut in the middle (default: the trained context - the answer length - 64)")
+    g.add_argument(
+        "--max-length",
+        type=int,
+        default=None,
+        metavar="N",
+        help="prompts longer than N tokens are "
+        "cut in the middle (default: the trained context - the answer length - 64)",
+    )
     _add_long_context_args(p, "default: the dataset's LongBench answer length")
 
-    f = ev_sub.add_parser("filter-layers", help="OmniKV: how well each layer's top-k picks cover the later "
-                          "layers' attention on a text; recommends filter layers (JSON + PNG + table)")
+    f = ev_sub.add_parser(
+        "filter-layers",
+        help="OmniKV: how well each layer's top-k picks cover the later "
+        "layers' attention on a text; recommends filter layers (JSON + PNG + table)",
+    )
     f.add_argument("--text", metavar="FILE", help="the UTF-8 text to measure on (required)")
-    f.add_argument("--tokens", type=int, default=4096, help="tokens of the text (default 4096, at most the "
-                   "trained context)")
-    f.add_argument("--k", action="append", default=[], metavar="K", help="tokens picked: a count (256) or a "
-                   "fraction of the context (0.1); repeatable or comma-separated (default 0.1,0.05,0.2; the "
-                   "recommendation is for the first)")
+    f.add_argument(
+        "--tokens", type=int, default=4096, help="tokens of the text (default 4096, at most the trained context)"
+    )
+    f.add_argument(
+        "--k",
+        action="append",
+        default=[],
+        metavar="K",
+        help="tokens picked: a count (256) or a "
+        "fraction of the context (0.1); repeatable or comma-separated (default 0.1,0.05,0.2; the "
+        "recommendation is for the first)",
+    )
     f.add_argument("--queries", type=int, default=64, help="the text's last tokens act as decode steps (default 64)")
     f.add_argument("--sinks", type=int, default=4, help="first tokens always picked (default 4, as omnikv)")
     f.add_argument("--filters", type=int, default=3, help="how many filter layers to recommend (default 3)")
-    f.add_argument("--max-first", type=int, default=None, metavar="L",
-                   help="deepest first filter layer (default: a fifth of the layers)")
-    f.add_argument("--tolerance", type=float, default=0.005, help="coverage a shallower first filter layer "
-                   "may give up: the layers before it attend fully, which costs speed (default 0.005)")
-    f.add_argument("--out", metavar="DIR", help="where filter_layers.{json,png,md} go "
-                   "(default results/filter-layers-<time>/)")
+    f.add_argument(
+        "--max-first",
+        type=int,
+        default=None,
+        metavar="L",
+        help="deepest first filter layer (default: a fifth of the layers)",
+    )
+    f.add_argument(
+        "--tolerance",
+        type=float,
+        default=0.005,
+        help="coverage a shallower first filter layer "
+        "may give up: the layers before it attend fully, which costs speed (default 0.005)",
+    )
+    f.add_argument(
+        "--out", metavar="DIR", help="where filter_layers.{json,png,md} go (default results/filter-layers-<time>/)"
+    )
     _add_model_args(f, dtype=EVAL_DTYPE, ctx=False)
 
 
@@ -160,13 +260,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     chat = sub.add_parser("chat", help="chat in the terminal (type :exit to leave)")
     chat.add_argument("--system", default=None, help="system prompt of a new session (default: the model's own)")
-    chat.add_argument("--session", default=None, metavar="NAME",
-                      help="session to open or create (default: a new one named chat-<time>)")
-    chat.add_argument("--server", default=None, metavar="URL",
-                      help="chat through an infinichat server (e.g. http://127.0.0.1:8000) instead of in-process")
+    chat.add_argument(
+        "--session",
+        default=None,
+        metavar="NAME",
+        help="session to open or create (default: a new one named chat-<time>)",
+    )
+    chat.add_argument(
+        "--server",
+        default=None,
+        metavar="URL",
+        help="chat through an infinichat server (e.g. http://127.0.0.1:8000) instead of in-process",
+    )
     chat.add_argument("--api-key", default=None, help="the server's API key (with --server)")
-    chat.add_argument("--data-dir", default=None, metavar="DIR",
-                      help="sessions database, in-process mode (default $INFINICHAT_DATA or ~/.local/share/infinichat)")
+    chat.add_argument(
+        "--data-dir",
+        default=None,
+        metavar="DIR",
+        help="sessions database, in-process mode (default $INFINICHAT_DATA or ~/.local/share/infinichat)",
+    )
     _add_model_args(chat)
     _add_sampling_args(chat, max_tokens=512, temperature=0.7)
 
@@ -185,14 +297,23 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /api and /v1")
-    serve.add_argument("--data-dir", default=None, metavar="DIR",
-                       help="sessions database and KV files (default $INFINICHAT_DATA or ~/.local/share/infinichat)")
+    serve.add_argument(
+        "--data-dir",
+        default=None,
+        metavar="DIR",
+        help="sessions database and KV files (default $INFINICHAT_DATA or ~/.local/share/infinichat)",
+    )
     serve.add_argument("--budget", type=int, default=None, help="default KV budget of a session, tokens (2048)")
     serve.add_argument("--policy", default=None, help="default eviction policy of a session (turns)")
-    serve.add_argument("--kv-cap-mb", type=int, default=1024,
-                       help="resident KV memory of all sessions; past it, idle caches go to disk (default 1024)")
-    serve.add_argument("--max-queue", type=int, default=64,
-                       help="requests waiting or running at once; more get 429 (default 64)")
+    serve.add_argument(
+        "--kv-cap-mb",
+        type=int,
+        default=1024,
+        help="resident KV memory of all sessions; past it, idle caches go to disk (default 1024)",
+    )
+    serve.add_argument(
+        "--max-queue", type=int, default=64, help="requests waiting or running at once; more get 429 (default 64)"
+    )
     _add_model_args(serve, ctx=False)
 
     _add_eval_parser(sub)
@@ -211,8 +332,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return serve(args)
         from infinichat.cli import commands, eval_cmd
 
-        return {"chat": commands.chat, "story": commands.story, "generate": commands.generate,
-                "eval": eval_cmd.run}[args.command](args)
+        return {"chat": commands.chat, "story": commands.story, "generate": commands.generate, "eval": eval_cmd.run}[
+            args.command
+        ](args)
     except InfinichatError as e:
         print(f"infinichat: error: {e}", file=sys.stderr)
         return 2

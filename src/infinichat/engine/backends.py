@@ -9,8 +9,16 @@ from infinichat.errors import InfinichatError
 BACKENDS = ("torch", "llamacpp")
 
 
-def load_engine(backend: str, model: str | None, dtype: str, threads: int = 0, cache_dir: str | None = None,
-                show_progress: bool = False, quant: str = "none", n_ctx: int | None = None):
+def load_engine(
+    backend: str,
+    model: str | None,
+    dtype: str,
+    threads: int = 0,
+    cache_dir: str | None = None,
+    show_progress: bool = False,
+    quant: str = "none",
+    n_ctx: int | None = None,
+):
     """(engine, tokenizer, model id, model name). `model` None = the embedded default model. The model id
     (the file's SHA-256) keys caches of evaluated KV, together with the engine type and KV dtype.
     llamacpp: a context of `n_ctx` tokens (default: the trained context)."""

@@ -73,8 +73,10 @@ DEFAULT_SEQ_MAX = 8  # sequence ids resident at once; more sequences park (see t
 _KV_BYTES = 2  # f16 K and V cells (llama.cpp's default type_k / type_v)
 # llama.cpp evaluates consecutive positions only (its batch check), and attention depends on a gap, so
 # tokens after a gap (a positive `shift`) cannot be re-evaluated where they are
-_GAP = ("the llama.cpp backend cannot re-evaluate tokens across a gap in their positions (made by a positive "
-        "shift); use the torch backend to recompute with shifted positions")
+_GAP = (
+    "the llama.cpp backend cannot re-evaluate tokens across a gap in their positions (made by a positive "
+    "shift); use the torch backend to recompute with shifted positions"
+)
 
 
 def supports(policy: type[EvictionPolicy] | EvictionPolicy) -> bool:
@@ -372,8 +374,13 @@ class LlamaCppStore(SlotTable):
     def _snapshot_parts(self, extra: dict | None):
         n = self._length
         state = self._current_state()
-        header = {"version": SNAP_VERSION, "model": self.engine.fingerprint, "length": n, "state_bytes": len(state),
-                  "extra": extra or {}}
+        header = {
+            "version": SNAP_VERSION,
+            "model": self.engine.fingerprint,
+            "length": n,
+            "state_bytes": len(state),
+            "extra": extra or {},
+        }
         hb = json.dumps(header).encode()
         yield SNAP_MAGIC + struct.pack("<I", len(hb)) + hb
         yield self.tokens[:n].numpy().tobytes()
@@ -383,8 +390,10 @@ class LlamaCppStore(SlotTable):
     def decode_snapshot(self, data: bytes) -> LlamaSnapshot:
         """Parse and check `snapshot` bytes (written on this model)."""
         if data[:4] == TORCH_MAGIC:
-            raise InfinichatError("this KV snapshot was written by the torch engine; the llama.cpp backend cannot "
-                                  "restore it (a snapshot restores on the backend and model that wrote it)")
+            raise InfinichatError(
+                "this KV snapshot was written by the torch engine; the llama.cpp backend cannot "
+                "restore it (a snapshot restores on the backend and model that wrote it)"
+            )
         if len(data) < 8 or data[:4] != SNAP_MAGIC:
             raise InfinichatError("not an infinichat llama.cpp KV snapshot (bad magic bytes)")
         (hlen,) = struct.unpack("<I", data[4:8])
@@ -470,8 +479,9 @@ class LlamaCppEngine(Engine):
         cparams.n_seq_max = n_seq_max
         cparams.kv_unified = True
         cparams.n_threads = cparams.n_threads_batch = self.threads
-        cparams.flash_attn_type = (lib.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn
-                                   else lib.LLAMA_FLASH_ATTN_TYPE_DISABLED)
+        cparams.flash_attn_type = (
+            lib.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else lib.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        )
         cparams.no_perf = True
         self._ctx = lib.llama_init_from_model(self._model, cparams)
         if not self._ctx:
@@ -498,11 +508,15 @@ class LlamaCppEngine(Engine):
         self._pool = _SeqPool(lib, self._mem, n_seq_max)
         self.n_parked = 0  # how often a sequence was moved out to host memory
         self.fingerprint = {  # what a snapshot must match
-            "n_params": lib.llama_model_n_params(self._model), "size": lib.llama_model_size(self._model),
-            "n_layers": self.cfg.n_layers, "n_vocab": self.n_vocab, "kv": "f16",
+            "n_params": lib.llama_model_n_params(self._model),
+            "size": lib.llama_model_size(self._model),
+            "n_layers": self.cfg.n_layers,
+            "n_vocab": self.n_vocab,
+            "kv": "f16",
         }
-        log.info("llama.cpp: %s, n_ctx %d, %d threads, %d resident sequences", path.name, self.n_ctx, self.threads,
-                 n_seq_max)
+        log.info(
+            "llama.cpp: %s, n_ctx %d, %d threads, %d resident sequences", path.name, self.n_ctx, self.threads, n_seq_max
+        )
 
     def close(self) -> None:
         """Free the context and the model (sequences of this engine are unusable afterwards)."""

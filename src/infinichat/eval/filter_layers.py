@@ -160,15 +160,17 @@ def analyze(model: Transformer, ids: list[int], settings: Settings) -> dict[str,
         later = [torch.nanmean(cov[c, c + 1 :]).item() for c in range(L - 1)]
         per_first = best_per_first(cov, settings.n_filters, max_first)
         filters, score = recommend(cov, settings.n_filters, max_first, settings.tolerance)
-        per_k.append({
-            "k": k,
-            "k_tokens": n_pick(k, len(ids) - Q - min(settings.n_sink, len(ids) - Q)),
-            "coverage_of_later_layers": [round(v, 4) for v in later],  # per candidate layer 0..L-2
-            "coverage_matrix": [[None if v != v else round(v, 4) for v in row] for row in cov.tolist()],
-            "best_per_first_layer": [{"filters": list(f), "coverage": round(c, 4)} for f, c in per_first],
-            "recommended": list(filters),
-            "recommended_coverage": round(score, 4),
-        })
+        per_k.append(
+            {
+                "k": k,
+                "k_tokens": n_pick(k, len(ids) - Q - min(settings.n_sink, len(ids) - Q)),
+                "coverage_of_later_layers": [round(v, 4) for v in later],  # per candidate layer 0..L-2
+                "coverage_matrix": [[None if v != v else round(v, 4) for v in row] for row in cov.tolist()],
+                "best_per_first_layer": [{"filters": list(f), "coverage": round(c, 4)} for f, c in per_first],
+                "recommended": list(filters),
+                "recommended_coverage": round(score, 4),
+            }
+        )
     return {
         "version": JSON_VERSION,
         "tokens": len(ids),
@@ -189,8 +191,11 @@ def analyze(model: Transformer, ids: list[int], settings: Settings) -> dict[str,
 # ------------------------------------------------------------------ outputs
 def write_report(report: dict[str, Any], out_dir: Path) -> dict[str, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out_dir / "filter_layers.json", "png": out_dir / "filter_layers.png",
-             "md": out_dir / "filter_layers.md"}
+    paths = {
+        "json": out_dir / "filter_layers.json",
+        "png": out_dir / "filter_layers.png",
+        "md": out_dir / "filter_layers.md",
+    }
     paths["json"].write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
     paths["md"].write_text(markdown(report), encoding="utf-8")
     plot(report, paths["png"])
@@ -211,8 +216,12 @@ def markdown(report: dict[str, Any]) -> str:
     ]
     for c in range(report["n_layers"] - 1):
         lines.append(f"| {c} | " + " | ".join(f"{r['coverage_of_later_layers'][c]:.3f}" for r in res) + " |")
-    lines += ["", f"Recommended filter layers (the shallowest first layer <= {report['max_first']} within "
-              f"{report['tolerance']} of the best served coverage):", ""]
+    lines += [
+        "",
+        f"Recommended filter layers (the shallowest first layer <= {report['max_first']} within "
+        f"{report['tolerance']} of the best served coverage):",
+        "",
+    ]
     for r in res:
         lines.append(f"- k={r['k']}: {r['recommended']} (served layers' mean coverage {r['recommended_coverage']:.3f})")
     return "\n".join(lines) + "\n"
@@ -234,8 +243,9 @@ def plot(report: dict[str, Any], path: Path) -> Path:
     ax.set_xlabel("candidate filter layer")
     ax.set_ylabel("mean share of later layers' attention on its picks")
     ax.set_ylim(0, 1.02)
-    ax.set_title(f"{report.get('model', '')}: recommended {report['recommended']} (k={report['recommended_for_k']})",
-                 fontsize=9)
+    ax.set_title(
+        f"{report.get('model', '')}: recommended {report['recommended']} (k={report['recommended_for_k']})", fontsize=9
+    )
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     m = [[float("nan") if v is None else v for v in row] for row in res[0]["coverage_matrix"]]

@@ -32,8 +32,8 @@ _QA_PASSAGES = (
 )
 _QASPER_RULES = (  # follows "Answer the question" in both places of the qasper prompt
     " as concisely as you can, using a single phrase or sentence if possible. If the question cannot be answered "
-    "based on the information in the article, write \"unanswerable\". If the question is a yes/no question, answer "
-    "\"yes\", \"no\", or \"unanswerable\". Do not provide any explanation."
+    'based on the information in the article, write "unanswerable". If the question is a yes/no question, answer '
+    '"yes", "no", or "unanswerable". Do not provide any explanation.'
 )
 
 
@@ -51,53 +51,92 @@ DATASETS: dict[str, DatasetSpec] = {
         "You are given a story, which can be either a novel or a movie script, and a question. Answer the "
         "question asconcisely as you can, using a single phrase if possible. Do not provide any explanation."  # sic
         "\n\nStory: {context}\n\nNow, answer the question based on the story asconcisely as you can, using a "
-        "single phrase if possible. Do not provide any explanation.\n\nQuestion: {input}\n\nAnswer:", 128, "qa_f1"),
+        "single phrase if possible. Do not provide any explanation.\n\nQuestion: {input}\n\nAnswer:",
+        128,
+        "qa_f1",
+    ),
     "qasper": DatasetSpec(
-        "You are given a scientific article and a question. Answer the question" + _QASPER_RULES
-        + "\n\nArticle: {context}\n\n Answer the question based on the above article" + _QASPER_RULES
+        "You are given a scientific article and a question. Answer the question"
+        + _QASPER_RULES
+        + "\n\nArticle: {context}\n\n Answer the question based on the above article"
+        + _QASPER_RULES
         + "\n\nQuestion: {input}\n\nAnswer:",
-        128, "qa_f1"),
+        128,
+        "qa_f1",
+    ),
     "multifieldqa_en": DatasetSpec(
         "Read the following text and answer briefly.\n\n{context}\n\nNow, answer the following question based on "
         "the above text, only give me the answer and do not output any other words.\n\nQuestion: {input}\nAnswer:",
-        64, "qa_f1"),
+        64,
+        "qa_f1",
+    ),
     "hotpotqa": DatasetSpec(_QA_PASSAGES, 32, "qa_f1"),
     "2wikimqa": DatasetSpec(_QA_PASSAGES, 32, "qa_f1"),
     "musique": DatasetSpec(_QA_PASSAGES, 32, "qa_f1"),
     "gov_report": DatasetSpec(
         "You are given a report by a government agency. Write a one-page summary of the report.\n\nReport:\n"
-        "{context}\n\nNow, write a one-page summary of the report.\n\nSummary:", 512, "rouge_l"),
+        "{context}\n\nNow, write a one-page summary of the report.\n\nSummary:",
+        512,
+        "rouge_l",
+    ),
     "qmsum": DatasetSpec(
         "You are given a meeting transcript and a query containing a question or instruction. Answer the query "
         "in one or more sentences.\n\nTranscript:\n{context}\n\nNow, answer the query based on the above meeting "
-        "transcript in one or more sentences.\n\nQuery: {input}\nAnswer:", 512, "rouge_l"),
+        "transcript in one or more sentences.\n\nQuery: {input}\nAnswer:",
+        512,
+        "rouge_l",
+    ),
     "multi_news": DatasetSpec(
         "You are given several news passages. Write a one-page summary of all news. \n\nNews:\n{context}\n\n"
-        "Now, write a one-page summary of all the news.\n\nSummary:", 512, "rouge_l"),
+        "Now, write a one-page summary of all the news.\n\nSummary:",
+        512,
+        "rouge_l",
+    ),
     "trec": DatasetSpec(
-        "Please determine the type of the question below. Here are some examples of questions.\n\n{context}\n"
-        "{input}", 64, "classification", chat=False, first_line=True),
+        "Please determine the type of the question below. Here are some examples of questions.\n\n{context}\n{input}",
+        64,
+        "classification",
+        chat=False,
+        first_line=True,
+    ),
     "triviaqa": DatasetSpec(
         "Answer the question based on the given passage. Only give me the answer and do not output any other "
-        "words. The following are some examples.\n\n{context}\n\n{input}", 32, "qa_f1", chat=False, first_line=True),
+        "words. The following are some examples.\n\n{context}\n\n{input}",
+        32,
+        "qa_f1",
+        chat=False,
+        first_line=True,
+    ),
     "samsum": DatasetSpec(
-        "Summarize the dialogue into a few short sentences. The following are some examples.\n\n{context}\n\n"
-        "{input}", 128, "rouge_l", chat=False, first_line=True),
+        "Summarize the dialogue into a few short sentences. The following are some examples.\n\n{context}\n\n{input}",
+        128,
+        "rouge_l",
+        chat=False,
+        first_line=True,
+    ),
     "passage_count": DatasetSpec(
         "There are some paragraphs below sourced from Wikipedia. Some of them may be duplicates. Please carefully "
         "read these paragraphs and determine how many unique paragraphs there are after removing duplicates. In "
         "other words, how many non-repeating paragraphs are there in total?\n\n{context}\n\nPlease enter the "
         "final count of unique paragraphs after removing duplicates. The output format should only contain the "
-        "number, such as 1, 2, 3, and so on.\n\nThe final answer is: ", 32, "count"),
+        "number, such as 1, 2, 3, and so on.\n\nThe final answer is: ",
+        32,
+        "count",
+    ),
     "passage_retrieval_en": DatasetSpec(
         "Here are 30 paragraphs from Wikipedia, along with an abstract. Please determine which paragraph the "
         "abstract is from.\n\n{context}\n\nThe following is an abstract.\n\n{input}\n\nPlease enter the number "
-        "of the paragraph that the abstract is from. The answer format must be like \"Paragraph 1\", "
-        "\"Paragraph 2\", etc.\n\nThe answer is: ", 32, "retrieval"),
-    "lcc": DatasetSpec("Please complete the code given below. \n{context}Next line of code:\n", 64, "code_sim",
-                       chat=False),
-    "repobench-p": DatasetSpec("Please complete the code given below. \n{context}{input}Next line of code:\n", 64,
-                               "code_sim", chat=False),
+        'of the paragraph that the abstract is from. The answer format must be like "Paragraph 1", '
+        '"Paragraph 2", etc.\n\nThe answer is: ',
+        32,
+        "retrieval",
+    ),
+    "lcc": DatasetSpec(
+        "Please complete the code given below. \n{context}Next line of code:\n", 64, "code_sim", chat=False
+    ),
+    "repobench-p": DatasetSpec(
+        "Please complete the code given below. \n{context}{input}Next line of code:\n", 64, "code_sim", chat=False
+    ),
 }
 
 
@@ -146,8 +185,9 @@ def load_jsonl(path: str | Path, dataset: str | None = None, limit: int | None =
             raise InfinichatError(f"{where}: expected a JSON object, got {type(obj).__name__}")
         missing = [k for k in REQUIRED if k not in obj]
         if missing:
-            raise InfinichatError(f"{where}: missing field(s) {', '.join(missing)}; a record needs "
-                                  f"{', '.join(REQUIRED)}")
+            raise InfinichatError(
+                f"{where}: missing field(s) {', '.join(missing)}; a record needs {', '.join(REQUIRED)}"
+            )
         answers = obj["answers"]
         if isinstance(answers, str):
             answers = [answers]
@@ -157,13 +197,22 @@ def load_jsonl(path: str | Path, dataset: str | None = None, limit: int | None =
             raise InfinichatError(f"{where}: 'input' and 'context' must be strings")
         name = obj.get("dataset") or fallback
         if name not in DATASETS:
-            raise InfinichatError(f"{where}: unknown LongBench dataset {name!r} (give --dataset NAME); accepted: "
-                                  f"{', '.join(DATASETS)}")
+            raise InfinichatError(
+                f"{where}: unknown LongBench dataset {name!r} (give --dataset NAME); accepted: {', '.join(DATASETS)}"
+            )
         classes = obj.get("all_classes") or []
-        records.append(Record(name, obj["input"], obj["context"], [str(a) for a in answers],
-                              [str(c) for c in classes] if isinstance(classes, list) else [],
-                              obj.get("length") if isinstance(obj.get("length"), int) else None,
-                              str(obj.get("_id", "")), no))
+        records.append(
+            Record(
+                name,
+                obj["input"],
+                obj["context"],
+                [str(a) for a in answers],
+                [str(c) for c in classes] if isinstance(classes, list) else [],
+                obj.get("length") if isinstance(obj.get("length"), int) else None,
+                str(obj.get("_id", "")),
+                no,
+            )
+        )
     if not records:
         raise InfinichatError(f"--data {path} holds no records")
     return records
@@ -174,11 +223,12 @@ def truncate_middle(ids: Sequence[int], max_length: int) -> list[int]:
     if len(ids) <= max_length:
         return list(ids)
     half = max_length // 2
-    return list(ids[:half]) + list(ids[len(ids) - (max_length - half):])
+    return list(ids[:half]) + list(ids[len(ids) - (max_length - half) :])
 
 
-def build_prompt(tok: Tokenizer, rec: Record, max_length: int, chat_fmt: PromptFormat, plain_fmt: PromptFormat
-                 ) -> tuple[list[int], bool]:
+def build_prompt(
+    tok: Tokenizer, rec: Record, max_length: int, chat_fmt: PromptFormat, plain_fmt: PromptFormat
+) -> tuple[list[int], bool]:
     """(prompt ids, whether it was truncated): the dataset's prompt, cut in the middle, in its format."""
     spec = DATASETS[rec.dataset]
     text = spec.prompt.format(context=rec.context, input=rec.input)
@@ -192,28 +242,38 @@ def postprocess(dataset: str, prediction: str) -> str:
     return prediction.lstrip("\n").split("\n")[0] if DATASETS[dataset].first_line else prediction
 
 
-def records_summary(records: Sequence[dict[str, Any]], labels: Sequence[str], datasets: Sequence[str]
-                    ) -> dict[str, Any]:
+def records_summary(
+    records: Sequence[dict[str, Any]], labels: Sequence[str], datasets: Sequence[str]
+) -> dict[str, Any]:
     """Score per label x dataset (LongBench's 100 x mean of best-over-references) and the mean of those."""
     from infinichat.eval.longbench_metrics import dataset_score
 
     out: dict[str, Any] = {}
     for label in labels:
-        scores = {d: dataset_score([r["score"] for r in records if r["policy"] == label and r["dataset"] == d])
-                  for d in datasets}
+        scores = {
+            d: dataset_score([r["score"] for r in records if r["policy"] == label and r["dataset"] == d])
+            for d in datasets
+        }
         vals = [v for v in scores.values() if v is not None]
         mine = [r for r in records if r["policy"] == label]
-        out[label] = {"by_dataset": scores, "mean": sum(vals) / len(vals) if vals else None,
-                      "prefill_s": sum(r["prefill_s"] for r in mine), "decode_s": sum(r["decode_s"] for r in mine),
-                      "kept": sum(r["kept"] for r in mine) / len(mine) if mine else None}
+        out[label] = {
+            "by_dataset": scores,
+            "mean": sum(vals) / len(vals) if vals else None,
+            "prefill_s": sum(r["prefill_s"] for r in mine),
+            "decode_s": sum(r["decode_s"] for r in mine),
+            "kept": sum(r["kept"] for r in mine) / len(mine) if mine else None,
+        }
     return out
 
 
 def markdown(report: dict[str, Any]) -> str:
     ds = report["datasets"]
     header = ["policy", *ds, "mean", "kept (mean)", "prefill s", "decode s"]
-    lines = [f"## LongBench, {report['model']} (scores x100; prompts cut to {report['max_length']} tokens)\n",
-             "| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+    lines = [
+        f"## LongBench, {report['model']} (scores x100; prompts cut to {report['max_length']} tokens)\n",
+        "| " + " | ".join(header) + " |",
+        "|---|" + "---:|" * (len(header) - 1),
+    ]
     for label, s in report["summary"].items():
         cells = ["-" if s["by_dataset"][d] is None else f"{s['by_dataset'][d]:.2f}" for d in ds]
         mean = "-" if s["mean"] is None else f"{s['mean']:.2f}"

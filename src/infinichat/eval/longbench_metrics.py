@@ -96,8 +96,12 @@ def code_sim(prediction: str, reference: str, **_) -> float:
 
 
 METRICS: dict[str, Callable[..., float]] = {
-    "qa_f1": qa_f1, "rouge_l": rouge_l, "classification": classification, "retrieval": retrieval,
-    "count": count, "code_sim": code_sim,
+    "qa_f1": qa_f1,
+    "rouge_l": rouge_l,
+    "classification": classification,
+    "retrieval": retrieval,
+    "count": count,
+    "code_sim": code_sim,
 }
 
 

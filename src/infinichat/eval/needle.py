@@ -175,32 +175,62 @@ def build_prompt(
     assert len(ids) == length, (len(ids), length)
     answer = next(x.value for x in items if x.answer)
     return NeedleSample(
-        task=task, variant=variant, length=length, depth=depth, index=index, ids=ids, answer=answer, key=key,
-        needle_span=needle_span, haystack_span=(hay_start, hay_end),
+        task=task,
+        variant=variant,
+        length=length,
+        depth=depth,
+        index=index,
+        ids=ids,
+        answer=answer,
+        key=key,
+        needle_span=needle_span,
+        haystack_span=(hay_start, hay_end),
         distractors=[x.value for x in items if not x.answer],
-        n_needle_tokens=sum(len(x.ids) for x in items), n_needle_tokens_before=n_before,
+        n_needle_tokens=sum(len(x.ids) for x in items),
+        n_needle_tokens_before=n_before,
     )
 
 
-def passkey_sample(tok: Tokenizer, fmt: PromptFormat, length: int, depth: float, index: int, seed: int = 0
-                   ) -> NeedleSample:
+def passkey_sample(
+    tok: Tokenizer, fmt: PromptFormat, length: int, depth: float, index: int, seed: int = 0
+) -> NeedleSample:
     rng = _rng(seed, "passkey", "single", length, depth, index)
     value = haystack.random_number(rng, 5)
     return build_prompt(
-        tok, fmt, task="passkey", variant="single", length=length, depth=depth, index=index,
-        instruction=PASSKEY_INSTRUCTION, question=PASSKEY_QUESTION, answer_prefix=PASSKEY_ANSWER_PREFIX,
-        needles=[(PASSKEY_NEEDLE.format(value=value), value, True)], key="", filler=haystack.passkey_filler(rng),
+        tok,
+        fmt,
+        task="passkey",
+        variant="single",
+        length=length,
+        depth=depth,
+        index=index,
+        instruction=PASSKEY_INSTRUCTION,
+        question=PASSKEY_QUESTION,
+        answer_prefix=PASSKEY_ANSWER_PREFIX,
+        needles=[(PASSKEY_NEEDLE.format(value=value), value, True)],
+        key="",
+        filler=haystack.passkey_filler(rng),
         rng=rng,
     )
 
 
-def niah_sample(tok: Tokenizer, fmt: PromptFormat, length: int, depth: float, index: int, seed: int = 0,
-                variant: str = "single", n_keys: int = 4, sentences: list[str] | None = None) -> NeedleSample:
+def niah_sample(
+    tok: Tokenizer,
+    fmt: PromptFormat,
+    length: int,
+    depth: float,
+    index: int,
+    seed: int = 0,
+    variant: str = "single",
+    n_keys: int = 4,
+    sentences: list[str] | None = None,
+) -> NeedleSample:
     """`sentences`: the haystack file's sentences (None: generated essay-like filler)."""
     check_variant(variant)
     if variant == "multikey" and n_keys < 2:
-        raise InfinichatError(f"--n-keys must be at least 2 for the multikey variant (one asked, others distract), "
-                              f"got {n_keys}")
+        raise InfinichatError(
+            f"--n-keys must be at least 2 for the multikey variant (one asked, others distract), got {n_keys}"
+        )
     rng = _rng(seed, "niah", variant, length, depth, index)
     digits = 7 if variant == "value7" else 5
     n = n_keys if variant == "multikey" else 1
@@ -212,7 +242,18 @@ def niah_sample(tok: Tokenizer, fmt: PromptFormat, length: int, depth: float, in
     needles = [(NIAH_NEEDLE.format(key=k, value=v), v, i == 0) for i, (k, v) in enumerate(zip(keys, values))]
     filler = haystack.essay_filler(rng) if sentences is None else haystack.file_filler(sentences, rng)
     return build_prompt(
-        tok, fmt, task="niah", variant=variant, length=length, depth=depth, index=index,
-        instruction=NIAH_INSTRUCTION, question=NIAH_QUESTION.format(key=keys[0]),
-        answer_prefix=NIAH_ANSWER_PREFIX.format(key=keys[0]), needles=needles, key=keys[0], filler=filler, rng=rng,
+        tok,
+        fmt,
+        task="niah",
+        variant=variant,
+        length=length,
+        depth=depth,
+        index=index,
+        instruction=NIAH_INSTRUCTION,
+        question=NIAH_QUESTION.format(key=keys[0]),
+        answer_prefix=NIAH_ANSWER_PREFIX.format(key=keys[0]),
+        needles=needles,
+        key=keys[0],
+        filler=filler,
+        rng=rng,
     )

@@ -29,8 +29,16 @@ def plot_running_ppl(report: dict[str, Any], path: Path) -> Path:
     trained = report["trained_context"]
     if report["tokens"] > trained:
         ax.axvline(trained, color="grey", linestyle="--", linewidth=1)
-        ax.text(trained, 1.0, f" trained context {trained}", transform=ax.get_xaxis_transform(),
-                va="top", ha="left", fontsize=8, color="grey")
+        ax.text(
+            trained,
+            1.0,
+            f" trained context {trained}",
+            transform=ax.get_xaxis_transform(),
+            va="top",
+            ha="left",
+            fontsize=8,
+            color="grey",
+        )
     if values and min(values) > 0 and max(values) / min(values) > LOG_SCALE_RATIO:
         ax.set_yscale("log")
     ax.set_xlabel("position (tokens)")

@@ -255,10 +255,18 @@ def table_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
         beyond = _fmt(rec["ppl_beyond"])
         if rec["stopped_at"]:
             beyond = f"- (stops at {rec['stopped_at']})"
-        rows.append([
-            rec["label"], str(rec["tokens"]), _fmt(rec["ppl_trained"]), beyond, _fmt(rec["ppl_all"]),
-            str(rec["n_evictions"]), str(rec["max_cache"]), f"{rec['tokens_per_s'] or 0:.0f}",
-        ])
+        rows.append(
+            [
+                rec["label"],
+                str(rec["tokens"]),
+                _fmt(rec["ppl_trained"]),
+                beyond,
+                _fmt(rec["ppl_all"]),
+                str(rec["n_evictions"]),
+                str(rec["max_cache"]),
+                f"{rec['tokens_per_s'] or 0:.0f}",
+            ]
+        )
     return header, rows
 
 

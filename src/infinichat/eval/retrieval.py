@@ -40,14 +40,30 @@ def run_samples(
         for s in samples:
             gen: Generation = generate(engine, run, s.ids, max_new, decode_text)
             rec = {
-                "policy": run.label, "length": s.length, "depth": s.depth, "sample": s.index, "answer": s.answer,
-                "key": s.key, "correct": contains_number(gen.text, s.answer),
+                "policy": run.label,
+                "length": s.length,
+                "depth": s.depth,
+                "sample": s.index,
+                "answer": s.answer,
+                "key": s.key,
+                "correct": contains_number(gen.text, s.answer),
                 "distractor_answered": any(contains_number(gen.text, v) for v in s.distractors),
-                "needle_slot": s.needle_span[0], "needle_depth": round(s.needle_depth, 4), **gen.to_json(),
+                "needle_slot": s.needle_span[0],
+                "needle_depth": round(s.needle_depth, 4),
+                **gen.to_json(),
             }
             records.append(rec)
-            log.info("%s len %d depth %g #%d: %s (%r; prefill %.1f s, kept %d)", run.label, s.length, s.depth,
-                     s.index, "right" if rec["correct"] else "wrong", gen.text, gen.prefill_s, gen.kept)
+            log.info(
+                "%s len %d depth %g #%d: %s (%r; prefill %.1f s, kept %d)",
+                run.label,
+                s.length,
+                s.depth,
+                s.index,
+                "right" if rec["correct"] else "wrong",
+                gen.text,
+                gen.prefill_s,
+                gen.kept,
+            )
             if on_result is not None:
                 on_result(run, s, rec)
     return records
@@ -57,8 +73,9 @@ def _mean(xs: Sequence[float]) -> float | None:
     return sum(xs) / len(xs) if xs else None
 
 
-def summarize(records: Sequence[dict[str, Any]], labels: Sequence[str], lengths: Sequence[int],
-              depths: Sequence[float]) -> dict[str, Any]:
+def summarize(
+    records: Sequence[dict[str, Any]], labels: Sequence[str], lengths: Sequence[int], depths: Sequence[float]
+) -> dict[str, Any]:
     """Accuracy per label x length x depth and per label x length (mean over depths), plus costs."""
     out: dict[str, Any] = {}
     for label in labels:
@@ -73,8 +90,11 @@ def summarize(records: Sequence[dict[str, Any]], labels: Sequence[str], lengths:
                 "accuracy": _mean([v for v in cells.values() if v is not None]),
                 "by_depth": cells,
                 "prefill_s": _mean([r["prefill_s"] for r in at_n]),
-                "prefill_tok_s": (sum(r["prompt_tokens"] for r in at_n) / sum(r["prefill_s"] for r in at_n)
-                                  if at_n and sum(r["prefill_s"] for r in at_n) > 0 else None),
+                "prefill_tok_s": (
+                    sum(r["prompt_tokens"] for r in at_n) / sum(r["prefill_s"] for r in at_n)
+                    if at_n and sum(r["prefill_s"] for r in at_n) > 0
+                    else None
+                ),
                 "decode_tok_s": gen / dec if dec > 0 else None,
                 "kept": _mean([r["kept"] for r in at_n]),
                 "n_evictions": _mean([r["n_evictions"] for r in at_n]),
@@ -85,17 +105,43 @@ def summarize(records: Sequence[dict[str, Any]], labels: Sequence[str], lengths:
 
 
 def build_report(
-    *, task: str, variant: str, runs: Sequence[PolicyRun], records: Sequence[dict[str, Any]],
-    lengths: Sequence[int], depths: Sequence[float], samples: int, seed: int, max_new: int, model: str,
-    dtype: str, threads: int, chat_template: bool, haystack: str | None = None, n_keys: int | None = None,
+    *,
+    task: str,
+    variant: str,
+    runs: Sequence[PolicyRun],
+    records: Sequence[dict[str, Any]],
+    lengths: Sequence[int],
+    depths: Sequence[float],
+    samples: int,
+    seed: int,
+    max_new: int,
+    model: str,
+    dtype: str,
+    threads: int,
+    chat_template: bool,
+    haystack: str | None = None,
+    n_keys: int | None = None,
 ) -> dict[str, Any]:
     labels = [r.label for r in runs]
     return {
-        "version": JSON_VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "task": task,
-        "variant": variant, "model": model, "dtype": dtype, "threads": threads, "chat_template": chat_template,
-        "haystack": haystack, "n_keys": n_keys, "seed": seed, "samples": samples, "max_new_tokens": max_new,
-        "lengths": list(lengths), "depths": list(depths), "policies": [r.to_json() for r in runs],
-        "summary": summarize(records, labels, lengths, depths), "results": list(records),
+        "version": JSON_VERSION,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "task": task,
+        "variant": variant,
+        "model": model,
+        "dtype": dtype,
+        "threads": threads,
+        "chat_template": chat_template,
+        "haystack": haystack,
+        "n_keys": n_keys,
+        "seed": seed,
+        "samples": samples,
+        "max_new_tokens": max_new,
+        "lengths": list(lengths),
+        "depths": list(depths),
+        "policies": [r.to_json() for r in runs],
+        "summary": summarize(records, labels, lengths, depths),
+        "results": list(records),
     }
 
 
@@ -137,8 +183,9 @@ def markdown(report: dict[str, Any]) -> str:
     for label, s in report["summary"].items():
         for n in report["lengths"]:
             cell = s["by_length"][str(n)]
-            rows.append([label, str(n), *[_pct(cell["by_depth"][f"{d:g}"]) for d in report["depths"]],
-                         _pct(cell["accuracy"])])
+            rows.append(
+                [label, str(n), *[_pct(cell["by_depth"][f"{d:g}"]) for d in report["depths"]], _pct(cell["accuracy"])]
+            )
     parts.append(_table(header, rows))
     parts.append("\n### cost\n")
     header = ["policy", "length", "kept tokens", "evictions", "prefill s", "prefill tok/s", "decode tok/s"]
@@ -146,8 +193,17 @@ def markdown(report: dict[str, Any]) -> str:
     for label, s in report["summary"].items():
         for n in report["lengths"]:
             c = s["by_length"][str(n)]
-            rows.append([label, str(n), _num(c["kept"], ".0f"), _num(c["n_evictions"], ".1f"),
-                         _num(c["prefill_s"], ".2f"), _num(c["prefill_tok_s"], ".0f"), _num(c["decode_tok_s"], ".1f")])
+            rows.append(
+                [
+                    label,
+                    str(n),
+                    _num(c["kept"], ".0f"),
+                    _num(c["n_evictions"], ".1f"),
+                    _num(c["prefill_s"], ".2f"),
+                    _num(c["prefill_tok_s"], ".0f"),
+                    _num(c["decode_tok_s"], ".1f"),
+                ]
+            )
     parts.append(_table(header, rows))
     return "\n".join(parts)
 

@@ -147,8 +147,13 @@ class PolicyRun:
         return None
 
     def to_json(self) -> dict[str, Any]:
-        return {"label": self.label, "policy": self.name, "budget_tokens": self.tokens, "budget_frac": self.frac,
-                "params": dict(self.params)}
+        return {
+            "label": self.label,
+            "policy": self.name,
+            "budget_tokens": self.tokens,
+            "budget_frac": self.frac,
+            "params": dict(self.params),
+        }
 
 
 def check_budgets(tokens: Sequence[int] | None, fracs: Sequence[float] | None) -> None:
@@ -160,8 +165,12 @@ def check_budgets(tokens: Sequence[int] | None, fracs: Sequence[float] | None) -
             raise InfinichatError(f"--budget-frac must be in (0, 1] (a fraction of the prompt), got {f:g}")
 
 
-def make_runs(names: Sequence[str], params: Mapping[str, Mapping[str, Any]],
-              tokens: Sequence[int] | None = None, fracs: Sequence[float] | None = None) -> list[PolicyRun]:
+def make_runs(
+    names: Sequence[str],
+    params: Mapping[str, Mapping[str, Any]],
+    tokens: Sequence[int] | None = None,
+    fracs: Sequence[float] | None = None,
+) -> list[PolicyRun]:
     """Every policy at every budget; a budget-free policy (`full`) once."""
     check_budgets(tokens, fracs)
     runs = []
@@ -194,9 +203,17 @@ class Generation:
     decode_s: float
 
     def to_json(self) -> dict[str, Any]:
-        return {"output": self.text, "generated": len(self.tokens), "prompt_tokens": self.prompt_tokens,
-                "budget": self.budget, "kept": self.kept, "n_evictions": self.n_evictions,
-                "n_evicted": self.n_evicted, "prefill_s": round(self.prefill_s, 4), "decode_s": round(self.decode_s, 4)}
+        return {
+            "output": self.text,
+            "generated": len(self.tokens),
+            "prompt_tokens": self.prompt_tokens,
+            "budget": self.budget,
+            "kept": self.kept,
+            "n_evictions": self.n_evictions,
+            "n_evicted": self.n_evicted,
+            "prefill_s": round(self.prefill_s, 4),
+            "decode_s": round(self.decode_s, 4),
+        }
 
 
 def new_sequence(engine: TorchEngine, run: PolicyRun, n_prompt: int, max_new: int) -> tuple[KVSequence, int | None]:
@@ -218,8 +235,9 @@ def new_sequence(engine: TorchEngine, run: PolicyRun, n_prompt: int, max_new: in
     return engine.new_sequence(budget=room, policy=run.name, **params), budget if select_field else None
 
 
-def generate(engine: TorchEngine, run: PolicyRun, ids: Sequence[int], max_new: int,
-             decode_text: Callable[[list[int]], str]) -> Generation:
+def generate(
+    engine: TorchEngine, run: PolicyRun, ids: Sequence[int], max_new: int, decode_text: Callable[[list[int]], str]
+) -> Generation:
     """Greedy decoding of up to `max_new` tokens after `ids` under `run` (stops at EOS)."""
     seq, budget = new_sequence(engine, run, len(ids), max_new)
     t0 = time.perf_counter()

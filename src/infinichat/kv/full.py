@@ -17,5 +17,8 @@ class FullPolicy(EvictionPolicy):
     drops_tokens: ClassVar[bool] = False
 
     def select(self, seq: KVSequence, n_needed: int) -> list[tuple[int, int]]:
-        raise context_full(seq, n_needed, "the 'full' policy never evicts: raise the budget, or use one of the "
-                           "policies streaming, window, recompute")
+        raise context_full(
+            seq,
+            n_needed,
+            "the 'full' policy never evicts: raise the budget, or use one of the policies streaming, window, recompute",
+        )

@@ -72,8 +72,12 @@ class OmniKVPolicy(EvictionPolicy):
             self.filter_layers = check_filter_layers(self.name, self.filter_layers)
 
     def select(self, seq: KVSequence, n_needed: int) -> list[tuple[int, int]]:
-        raise context_full(seq, n_needed, f"{self.name} keeps every token (it selects what to attend to): raise "
-                           "the budget, or use an evicting policy (streaming, h2o, tova, snapkv)")
+        raise context_full(
+            seq,
+            n_needed,
+            f"{self.name} keeps every token (it selects what to attend to): raise "
+            "the budget, or use an evicting policy (streaming, h2o, tova, snapkv)",
+        )
 
     def filters(self, cfg: ModelConfig) -> tuple[int, ...]:
         return resolve_filter_layers(self.name, self.filter_layers, cfg)

@@ -18,8 +18,16 @@ from infinichat.kv.window import WindowPolicy
 POLICIES: dict[str, type[EvictionPolicy]] = {
     p.name: p
     for p in (
-        StreamingPolicy, TurnsPolicy, WindowPolicy, FullPolicy, RecomputePolicy,
-        H2OPolicy, TOVAPolicy, SnapKVPolicy, OmniKVPolicy, BrutalOffloadPolicy,
+        StreamingPolicy,
+        TurnsPolicy,
+        WindowPolicy,
+        FullPolicy,
+        RecomputePolicy,
+        H2OPolicy,
+        TOVAPolicy,
+        SnapKVPolicy,
+        OmniKVPolicy,
+        BrutalOffloadPolicy,
     )
 }
 

@@ -45,9 +45,7 @@ class Snapshot:
 class KVStore(SlotTable):
     """K/V buffers (n_layers, Hkv, capacity, hd) with a per-layer view list (`k`, `v`) for the forward."""
 
-    def __init__(
-        self, cfg: ModelConfig, capacity: int, dtype: torch.dtype = torch.float32, rope: Rope | None = None
-    ):
+    def __init__(self, cfg: ModelConfig, capacity: int, dtype: torch.dtype = torch.float32, rope: Rope | None = None):
         super().__init__(capacity)
         self.cfg = cfg
         self.dtype = dtype
@@ -152,8 +150,15 @@ class KVStore(SlotTable):
     def fork(self) -> KVStore:
         """An independent copy (no shared storage)."""
         other = KVStore(self.cfg, self.capacity, self.dtype, self.rope)
-        other.load_snapshot(Snapshot(self.k_all[:, :, : self._length], self.v_all[:, :, : self._length],
-                                     self.tokens[: self._length], self.positions[: self._length], {}))
+        other.load_snapshot(
+            Snapshot(
+                self.k_all[:, :, : self._length],
+                self.v_all[:, :, : self._length],
+                self.tokens[: self._length],
+                self.positions[: self._length],
+                {},
+            )
+        )
         return other
 
 
@@ -185,7 +190,9 @@ def decode_snapshot(data: bytes) -> Snapshot:
     sizes = [kv_bytes, kv_bytes, 8 * n, 8 * n]
     off = 8 + hlen
     if len(data) != off + sum(sizes):
-        raise InfinichatError(f"the KV snapshot is truncated or damaged: {len(data)} bytes, expected {off + sum(sizes)}")
+        raise InfinichatError(
+            f"the KV snapshot is truncated or damaged: {len(data)} bytes, expected {off + sum(sizes)}"
+        )
     parts = []
     for size in sizes:
         buf = bytearray(data[off : off + size])

@@ -86,8 +86,13 @@ def _sdpa(q, keys, values, slots, start, scale) -> torch.Tensor:
     if T > 1 and (start > 0 or slots is not None):
         mask = causal_mask(slots if slots is not None else torch.arange(start + T, device=q.device), start, T)
     out = F.scaled_dot_product_attention(
-        q.unsqueeze(0), keys.unsqueeze(0), values.unsqueeze(0), attn_mask=mask,
-        is_causal=T > 1 and mask is None, scale=scale, enable_gqa=q.shape[0] != keys.shape[0],
+        q.unsqueeze(0),
+        keys.unsqueeze(0),
+        values.unsqueeze(0),
+        attn_mask=mask,
+        is_causal=T > 1 and mask is None,
+        scale=scale,
+        enable_gqa=q.shape[0] != keys.shape[0],
     )  # (1, H, T, hd)
     return out[0]
 

@@ -150,7 +150,9 @@ class ModelConfig:
         scaling = RopeScaling()
         kind = get("rope.scaling.type", "none")
         if kind not in ("none", "linear"):
-            raise ModelLoadError(f"{source}: rope scaling {kind!r} is not supported in GGUF files; supported: none, linear")
+            raise ModelLoadError(
+                f"{source}: rope scaling {kind!r} is not supported in GGUF files; supported: none, linear"
+            )
         if kind == "linear":
             scaling = RopeScaling(kind="linear", factor=float(get("rope.scaling.factor")))
         common = dict(

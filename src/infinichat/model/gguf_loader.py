@@ -116,4 +116,3 @@ def load_gguf_weights(
         out[name] = torch.cat([pieces[p] for p in order], dim=0)
     validate(cfg, out, str(path))
     return out
-

@@ -29,9 +29,11 @@ def read_hf_config(folder: Path) -> dict:
 def _read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
     files = sorted(folder.glob("*.safetensors"))
     if not files:
-        extra = " (PyTorch .bin checkpoints are not supported; convert them to safetensors)" if any(
-            folder.glob("*.bin")
-        ) else ""
+        extra = (
+            " (PyTorch .bin checkpoints are not supported; convert them to safetensors)"
+            if any(folder.glob("*.bin"))
+            else ""
+        )
         raise ModelLoadError(f"{folder}: no .safetensors weight files{extra}")
     tensors: dict[str, torch.Tensor] = {}
     for f in files:

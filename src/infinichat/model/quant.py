@@ -188,7 +188,7 @@ class Int8Linear(QuantLinear):
         return torch._weight_int8pack_mm(x, self.q, self.scale)  # (T, N) bf16
 
     def dense(self, dtype: torch.dtype) -> torch.Tensor:
-        return (self.q.to(dtype) * self.scale.to(dtype)[:, None])  # (N, K)
+        return self.q.to(dtype) * self.scale.to(dtype)[:, None]  # (N, K)
 
     @property
     def nbytes(self) -> int:
@@ -268,4 +268,3 @@ def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
 def unpack_nibbles(b: torch.Tensor) -> torch.Tensor:
     """(N, K/2) uint8 -> (N, K) uint8 in [0, 15]."""
     return torch.stack((b & 15, b >> 4), dim=-1).view(b.shape[0], -1)
-

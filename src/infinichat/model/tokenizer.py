@@ -39,8 +39,16 @@ NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
 # pieces that end a turn in common chat formats; counted as EOS when the vocab has them as special tokens
 END_OF_TURN_PIECES = (
-    "<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|endoftext|>", "<|end_of_text|>", "<|end|>",
-    "<end_of_turn>", "<|return|>", "</s>", "<|END_OF_TURN_TOKEN|>",
+    "<|im_end|>",
+    "<|eot_id|>",
+    "<|eom_id|>",
+    "<|endoftext|>",
+    "<|end_of_text|>",
+    "<|end|>",
+    "<end_of_turn>",
+    "<|return|>",
+    "</s>",
+    "<|END_OF_TURN_TOKEN|>",
 )
 
 # ---------------------------------------------------------------------------------------------
@@ -95,8 +103,25 @@ PRE_TOKENIZERS: dict[str, PreTokenizerSpec] = {
     # llama.cpp's fallback for files without a known pre-tokenizer
     "default": PreTokenizerSpec((r"[\p{P}\$\+<=>\^~\|]+", _GPT2, r"\p{N}+", r"[0-9][0-9][0-9]")),
     **dict.fromkeys(
-        ("gpt2", "gpt-2", "phi-2", "mpt", "olmo", "jais", "jina-es", "jina-de", "jina-v2-es", "jina-v2-de",
-         "gigachat", "exaone4", "trillion", "granite-docling", "mellum", "a.x-4.0", "modern-bert"),
+        (
+            "gpt2",
+            "gpt-2",
+            "phi-2",
+            "mpt",
+            "olmo",
+            "jais",
+            "jina-es",
+            "jina-de",
+            "jina-v2-es",
+            "jina-v2-de",
+            "gigachat",
+            "exaone4",
+            "trillion",
+            "granite-docling",
+            "mellum",
+            "a.x-4.0",
+            "modern-bert",
+        ),
         _GPT2_SPEC,
     ),
     **dict.fromkeys(
@@ -185,8 +210,10 @@ class Tokenizer:
                 raise ModelLoadError(f"{meta.source}: {name}={i} is outside the vocabulary (0..{self.vocab_size - 1})")
 
     def __repr__(self) -> str:
-        return (f"Tokenizer(vocab_size={self.vocab_size}, bos_id={self.bos_id}, eos_ids={sorted(self.eos_ids)}, "
-                f"add_bos={self.add_bos}, kind={self.meta.kind!r}, source={self.meta.source!r})")
+        return (
+            f"Tokenizer(vocab_size={self.vocab_size}, bos_id={self.bos_id}, eos_ids={sorted(self.eos_ids)}, "
+            f"add_bos={self.add_bos}, kind={self.meta.kind!r}, source={self.meta.source!r})"
+        )
 
     @property
     def backend(self) -> HFTokenizer:
@@ -244,8 +271,12 @@ class Tokenizer:
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **extra: Any) -> str:
         """The model's prompt text for `messages` (ChatML when the model has no template)."""
         return render_chat_template(
-            self.chat_template, messages, add_generation_prompt=add_generation_prompt,
-            bos_token=self.bos_token, eos_token=self.eos_token, **extra,
+            self.chat_template,
+            messages,
+            add_generation_prompt=add_generation_prompt,
+            bos_token=self.bos_token,
+            eos_token=self.eos_token,
+            **extra,
         )
 
     def _literal_backend(self) -> HFTokenizer:
@@ -486,8 +517,9 @@ def _sentencepiece_backend(
     mergeable = {p: i for p, i in vocab.items() if types[i] in (NORMAL, USER_DEFINED, UNUSED)}
     unk = tokens[unk_id] if unk_id is not None else None
     backend = HFTokenizer(
-        models.BPE(vocab=vocab, merges=_merges_from_scores(mergeable, scores), unk_token=unk,
-                   fuse_unk=True, byte_fallback=True)
+        models.BPE(
+            vocab=vocab, merges=_merges_from_scores(mergeable, scores), unk_token=unk, fuse_unk=True, byte_fallback=True
+        )
     )
     backend.pre_tokenizer = pre_tokenizers.Metaspace(
         replacement="▁", prepend_scheme="first" if add_prefix else "never", split=False

@@ -71,7 +71,10 @@ class Transformer:
     no training concerns, and plain tensors keep the per-token path free of module dispatch."""
 
     def __init__(
-        self, cfg: ModelConfig, weights: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32,
+        self,
+        cfg: ModelConfig,
+        weights: dict[str, torch.Tensor],
+        dtype: torch.dtype = torch.float32,
         quant: str = "none",
     ):
         """`weights`: the canonical dense layout (weights.py), or its quantized form (quant.quantize)."""
@@ -88,7 +91,8 @@ class Transformer:
                 weights = quantize(weights, self.quant, cfg.tie_embeddings)
         w = {  # no copy when the dtype is already right; quantized tensors stay as they are
             n: t if n.endswith(QUANT_SUFFIXES) else t.to(dtype).contiguous()
-            for n, t in weights.items() if n != "rope_freqs"
+            for n, t in weights.items()
+            if n != "rope_freqs"
         }
         self.rope = Rope(cfg, weights.get("rope_freqs"))
         head = "embed" if cfg.tie_embeddings else "lm_head"
@@ -100,7 +104,7 @@ class Transformer:
         self.layers: list[dict[str, torch.Tensor | QuantLinear]] = []
         for i in range(cfg.n_layers):
             p = f"layers.{i}."
-            L: dict = {k[len(p):]: t for k, t in w.items() if k.startswith(p)}
+            L: dict = {k[len(p) :]: t for k, t in w.items() if k.startswith(p)}
             for name in LINEARS:
                 ql = QuantLinear.from_tensors(w, p + name)
                 if ql is not None:
@@ -256,8 +260,12 @@ class Transformer:
             )[0].reshape(1, H, 1, hd)  # GQA handled by the kernel
         else:
             out = F.scaled_dot_product_attention(
-                q.unsqueeze(0), keys.unsqueeze(0), values.unsqueeze(0),
-                attn_mask=mask, is_causal=T > 1 and mask is None, scale=self.scale,
+                q.unsqueeze(0),
+                keys.unsqueeze(0),
+                values.unsqueeze(0),
+                attn_mask=mask,
+                is_causal=T > 1 and mask is None,
+                scale=self.scale,
                 enable_gqa=cfg.n_heads != cfg.n_kv_heads,
             )  # (1, H, T, hd)
         out = out[0].transpose(0, 1).reshape(T, self.q_size)  # (T, H*hd)

@@ -117,21 +117,43 @@ def status() -> str:
 
 # ---------------------------------------------------------------------------------------------- ABI
 class _Mat(ctypes.Structure):
-    _fields_ = [("kind", ctypes.c_int32), ("n", ctypes.c_int32), ("k", ctypes.c_int32),
-                ("q", ctypes.c_void_p), ("s", ctypes.c_void_p), ("bias", ctypes.c_void_p)]
+    _fields_ = [
+        ("kind", ctypes.c_int32),
+        ("n", ctypes.c_int32),
+        ("k", ctypes.c_int32),
+        ("q", ctypes.c_void_p),
+        ("s", ctypes.c_void_p),
+        ("bias", ctypes.c_void_p),
+    ]
 
 
 class _Layer(ctypes.Structure):
-    _fields_ = [("attn_norm", ctypes.c_void_p), ("ffn_norm", ctypes.c_void_p),
-                ("wqkv", _Mat), ("wo", _Mat), ("win", _Mat), ("wout", _Mat)]
+    _fields_ = [
+        ("attn_norm", ctypes.c_void_p),
+        ("ffn_norm", ctypes.c_void_p),
+        ("wqkv", _Mat),
+        ("wo", _Mat),
+        ("win", _Mat),
+        ("wout", _Mat),
+    ]
 
 
 class _Model(ctypes.Structure):
-    _fields_ = [("n_layers", ctypes.c_int32), ("dim", ctypes.c_int32), ("n_heads", ctypes.c_int32),
-                ("n_kv", ctypes.c_int32), ("head_dim", ctypes.c_int32), ("ffn", ctypes.c_int32),
-                ("vocab", ctypes.c_int32), ("eps", ctypes.c_float), ("attn_scale", ctypes.c_float),
-                ("embed", ctypes.c_void_p), ("final_norm", ctypes.c_void_p), ("head", _Mat),
-                ("layers", ctypes.POINTER(_Layer))]
+    _fields_ = [
+        ("n_layers", ctypes.c_int32),
+        ("dim", ctypes.c_int32),
+        ("n_heads", ctypes.c_int32),
+        ("n_kv", ctypes.c_int32),
+        ("head_dim", ctypes.c_int32),
+        ("ffn", ctypes.c_int32),
+        ("vocab", ctypes.c_int32),
+        ("eps", ctypes.c_float),
+        ("attn_scale", ctypes.c_float),
+        ("embed", ctypes.c_void_p),
+        ("final_norm", ctypes.c_void_p),
+        ("head", _Mat),
+        ("layers", ctypes.POINTER(_Layer)),
+    ]
 
 
 def _declare(lib: ctypes.CDLL) -> None:
@@ -220,14 +242,16 @@ class PromptOps:
     def rmsnorm(self, x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
         """x (T, D), w (D,) float32 -> x / sqrt(mean(x^2) + eps) * w."""
         out = torch.empty_like(x)
-        self.lib.ic_rmsnorm_rows(x.data_ptr(), w.data_ptr(), x.shape[0], x.shape[1], eps, out.data_ptr(),
-                                 torch.get_num_threads())
+        self.lib.ic_rmsnorm_rows(
+            x.data_ptr(), w.data_ptr(), x.shape[0], x.shape[1], eps, out.data_ptr(), torch.get_num_threads()
+        )
         return out
 
     def rope_(self, x: torch.Tensor, heads: int, hd: int, cos: torch.Tensor, sin: torch.Tensor) -> None:
         """In place: the first `heads` heads of each row of x (T, ld), half-split RoPE, cos/sin (T, hd)."""
-        self.lib.ic_rope_rows(x.data_ptr(), x.shape[0], x.stride(0), heads, hd, cos.data_ptr(), sin.data_ptr(),
-                              torch.get_num_threads())
+        self.lib.ic_rope_rows(
+            x.data_ptr(), x.shape[0], x.stride(0), heads, hd, cos.data_ptr(), sin.data_ptr(), torch.get_num_threads()
+        )
 
     def silu_mul(self, h: torch.Tensor) -> torch.Tensor:
         """h (T, 2F) -> silu(h[:, :F]) * h[:, F:], (T, F)."""
@@ -256,7 +280,9 @@ class PromptAttention:
         H, T, hd = q.shape
         return q.dtype == torch.float32 and hd in PROMPT_HEAD_DIMS and H % n_kv == 0 and H // n_kv <= 16
 
-    def __call__(self, q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, start: int, scale: float) -> torch.Tensor:
+    def __call__(
+        self, q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, start: int, scale: float
+    ) -> torch.Tensor:
         """q (H, T, hd) float32 for slots [start, start+T), whose K/V are already in k_buf/v_buf (Hkv, C, hd);
         row i attends slots [0, start+i]. -> (T, H, hd) float32."""
         H, T, hd = q.shape
@@ -272,8 +298,21 @@ class PromptAttention:
             vf, ldv = v_buf[:, :S].float().contiguous(), S
         out = torch.empty(T, H, hd, dtype=torch.float32)
         rc = self.lib.ic_prompt_attention(
-            q.data_ptr(), q.stride(0), q.stride(1), kt.data_ptr(), ldk, vf.data_ptr(), ldv, start, T, H, Hkv, hd,
-            scale, out.data_ptr(), torch.get_num_threads(),
+            q.data_ptr(),
+            q.stride(0),
+            q.stride(1),
+            kt.data_ptr(),
+            ldk,
+            vf.data_ptr(),
+            ldv,
+            start,
+            T,
+            H,
+            Hkv,
+            hd,
+            scale,
+            out.data_ptr(),
+            torch.get_num_threads(),
         )
         if rc:
             raise ValueError(f"prompt attention refused shape q {tuple(q.shape)}, kv {tuple(k_buf.shape)}")
@@ -326,9 +365,18 @@ class NativeDecoder:
                 setattr(layers[i], field, _mat(L[name + ".weight"], bias))
         self.layers = layers
         self.m = _Model(
-            n_layers=cfg.n_layers, dim=cfg.dim, n_heads=cfg.n_heads, n_kv=cfg.n_kv_heads, head_dim=cfg.head_dim,
-            ffn=cfg.ffn_dim, vocab=model.embed.shape[0], eps=cfg.norm_eps, attn_scale=model.scale,
-            embed=self._ptr(model.embed), final_norm=model.f32_weight(model.norm[0]).data_ptr(), head=_mat(model.lm_head),
+            n_layers=cfg.n_layers,
+            dim=cfg.dim,
+            n_heads=cfg.n_heads,
+            n_kv=cfg.n_kv_heads,
+            head_dim=cfg.head_dim,
+            ffn=cfg.ffn_dim,
+            vocab=model.embed.shape[0],
+            eps=cfg.norm_eps,
+            attn_scale=model.scale,
+            embed=self._ptr(model.embed),
+            final_norm=model.f32_weight(model.norm[0]).data_ptr(),
+            head=_mat(model.lm_head),
             layers=ctypes.cast(layers, ctypes.POINTER(_Layer)),
         )
         self.mref = ctypes.byref(self.m)
@@ -357,8 +405,11 @@ class NativeDecoder:
         binding = None
         if self._fits(k, v):
             n = len(k)
-            binding = ((ctypes.c_void_p * n)(*[t.data_ptr() for t in k]),
-                       (ctypes.c_void_p * n)(*[t.data_ptr() for t in v]), k[0].shape[1])
+            binding = (
+                (ctypes.c_void_p * n)(*[t.data_ptr() for t in k]),
+                (ctypes.c_void_p * n)(*[t.data_ptr() for t in v]),
+                k[0].shape[1],
+            )
         try:
             self._bindings[cache] = binding
         except TypeError:
@@ -374,8 +425,9 @@ class NativeDecoder:
             return False
         return all(t.is_contiguous() and t.shape == b.shape and t.dtype == b.dtype for t in (*k, *v))
 
-    def decode(self, token: int, position: torch.Tensor, cache, start: int,
-               logits: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def decode(
+        self, token: int, position: torch.Tensor, cache, start: int, logits: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One token at slot `start` of `cache` (its K/V written there; `bind(cache)` must not be None) -> final
         hidden state (D,) float32 and, if asked, the head's logits (V,) float32 (not yet re-scored)."""
         kp, vp, cap = self.bind(cache)
@@ -385,8 +437,18 @@ class NativeDecoder:
         out = torch.empty(self.vocab, dtype=torch.float32) if logits else None
         with self._lock:  # threads sharing a model (several engines over one) take turns on the scratch
             rc = self.lib.ic_decode(
-                self.mref, token, cos.data_ptr(), sin.data_ptr(), kp, vp, cap, start, x.data_ptr(),
-                None if out is None else out.data_ptr(), self.work.data_ptr(), torch.get_num_threads(),
+                self.mref,
+                token,
+                cos.data_ptr(),
+                sin.data_ptr(),
+                kp,
+                vp,
+                cap,
+                start,
+                x.data_ptr(),
+                None if out is None else out.data_ptr(),
+                self.work.data_ptr(),
+                torch.get_num_threads(),
             )
         if rc:
             raise ValueError(f"native decode refused token {token} at slot {start} (capacity {cap})")

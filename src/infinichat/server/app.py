@@ -31,8 +31,9 @@ MAX_BODY = 16 << 20  # bytes; a character card PNG in base64 fits
 
 def make_engine(args: argparse.Namespace):
     """(engine, tokenizer, model id, model name) for `--backend`."""
-    return load_engine(args.backend, args.model, args.dtype, args.threads, args.cache_dir,
-                       quant=getattr(args, "quant", "none"))
+    return load_engine(
+        args.backend, args.model, args.dtype, args.threads, args.cache_dir, quant=getattr(args, "quant", "none")
+    )
 
 
 def _auth(request: Request) -> None:
@@ -49,15 +50,29 @@ def _auth(request: Request) -> None:
 def _cache_snapshot(metrics: Metrics, lru: PrefixLRU):
     def snap(m) -> None:
         seqs = [s.seq for s in m.sessions.values() if s.seq is not None] + list(lru.free)
-        metrics.snapshot_cache({"cache_tokens": sum(q.length for q in seqs),
-                                "resident_sessions": sum(s.seq is not None for s in m.sessions.values()),
-                                "evictions": sum(q.n_evictions for q in seqs),
-                                "evicted_tokens": sum(q.n_evicted for q in seqs), "kv_offloads": m.n_offloads})
+        metrics.snapshot_cache(
+            {
+                "cache_tokens": sum(q.length for q in seqs),
+                "resident_sessions": sum(s.seq is not None for s in m.sessions.values()),
+                "evictions": sum(q.n_evictions for q in seqs),
+                "evicted_tokens": sum(q.n_evicted for q in seqs),
+                "kv_offloads": m.n_offloads,
+            }
+        )
+
     return snap
 
 
-def create_app(manager: SessionManager, engine, tokenizer, model_name: str, backend: str = "torch",
-               api_key: str | None = None, max_jobs: int = 64, anon_budget: int | None = None) -> FastAPI:
+def create_app(
+    manager: SessionManager,
+    engine,
+    tokenizer,
+    model_name: str,
+    backend: str = "torch",
+    api_key: str | None = None,
+    max_jobs: int = 64,
+    anon_budget: int | None = None,
+) -> FastAPI:
     metrics = Metrics()
     lru = PrefixLRU(engine, anon_budget or manager.defaults.budget)
     worker = EngineWorker(manager, max_jobs, on_idle=_cache_snapshot(metrics, lru))
@@ -69,9 +84,16 @@ def create_app(manager: SessionManager, engine, tokenizer, model_name: str, back
         worker.close()  # finishes the running generations as cancelled and writes resident caches to disk
 
     app = FastAPI(title="infinichat", docs_url="/docs", redoc_url=None, lifespan=lifespan)
-    for k, v in dict(worker=worker, metrics=metrics, prefix_lru=lru, engine=engine, tokenizer=tokenizer,
-                     manager=manager, api_key=api_key,
-                     info={"model": model_name, "backend": backend, "started": time.time()}).items():
+    for k, v in dict(
+        worker=worker,
+        metrics=metrics,
+        prefix_lru=lru,
+        engine=engine,
+        tokenizer=tokenizer,
+        manager=manager,
+        api_key=api_key,
+        info={"model": model_name, "backend": backend, "started": time.time()},
+    ).items():
         setattr(app.state, k, v)
     errors.install(app)
 
@@ -79,12 +101,15 @@ def create_app(manager: SessionManager, engine, tokenizer, model_name: str, back
     async def count(request: Request, call_next):
         size = request.headers.get("content-length")
         if size is not None and size.isdigit() and int(size) > MAX_BODY:
-            response = JSONResponse(errors.error_body(413, f"request body of {size} bytes is over the limit of "
-                                                      f"{MAX_BODY} bytes"), status_code=413)
+            response = JSONResponse(
+                errors.error_body(413, f"request body of {size} bytes is over the limit of {MAX_BODY} bytes"),
+                status_code=413,
+            )
         else:
             if request.url.path.startswith(("/api/", "/v1/")):  # every body is JSON, whatever the client says
-                request.scope["headers"] = [(k, v) for k, v in request.scope["headers"] if k != b"content-type"] + \
-                    [(b"content-type", b"application/json")]
+                request.scope["headers"] = [(k, v) for k, v in request.scope["headers"] if k != b"content-type"] + [
+                    (b"content-type", b"application/json")
+                ]
             response = await call_next(request)
         route = request.scope.get("route")
         metrics.request(request.method, getattr(route, "path", "other"), response.status_code)
@@ -96,8 +121,12 @@ def create_app(manager: SessionManager, engine, tokenizer, model_name: str, back
 
     @app.get("/api/info", dependencies=auth)
     async def info():
-        return {"model": model_name, "backend": backend, "policies": list(POLICIES),
-                "defaults": manager.defaults.to_json()}
+        return {
+            "model": model_name,
+            "backend": backend,
+            "policies": list(POLICIES),
+            "defaults": manager.defaults.to_json(),
+        }
 
     @app.get("/health")
     async def health():
@@ -115,8 +144,9 @@ def create_app(manager: SessionManager, engine, tokenizer, model_name: str, back
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    defaults = SessionSettings().updated({k: v for k, v in (("budget", args.budget), ("policy", args.policy))
-                                          if v is not None})
+    defaults = SessionSettings().updated(
+        {k: v for k, v in (("budget", args.budget), ("policy", args.policy)) if v is not None}
+    )
     if args.port < 0 or args.port > 65535:
         raise InfinichatError(f"--port must be in [0, 65535], got {args.port}")
     engine, tok, model_id, name = make_engine(args)

@@ -14,8 +14,14 @@ from infinichat.server.worker import Busy, QueueFull
 
 log = logging.getLogger(__name__)
 
-TYPES = {400: "invalid_request_error", 401: "auth", 404: "not_found", 409: "busy", 413: "invalid_request_error",
-         429: "busy"}
+TYPES = {
+    400: "invalid_request_error",
+    401: "auth",
+    404: "not_found",
+    409: "busy",
+    413: "invalid_request_error",
+    429: "busy",
+}
 
 
 class ApiError(Exception):

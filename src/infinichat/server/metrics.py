@@ -15,8 +15,7 @@ class Metrics:
         self.tokens_out = 0
         self.gen_seconds = 0.0  # wall time with at least one generation running
         self._recent: list[tuple[float, int]] = []  # (time, tokens out) for the 60 s rate
-        self.cache = {"cache_tokens": 0, "resident_sessions": 0, "evictions": 0, "evicted_tokens": 0,
-                      "kv_offloads": 0}
+        self.cache = {"cache_tokens": 0, "resident_sessions": 0, "evictions": 0, "evicted_tokens": 0, "kv_offloads": 0}
         self.started = time.time()
 
     def request(self, method: str, route: str, status: int) -> None:
@@ -41,23 +40,37 @@ class Metrics:
         with self._lock:
             now = time.monotonic()
             recent = sum(n for t, n in self._recent if t >= now - 60)
-            lines = ["# HELP infinichat_requests_total HTTP requests by endpoint and status",
-                     "# TYPE infinichat_requests_total counter"]
+            lines = [
+                "# HELP infinichat_requests_total HTTP requests by endpoint and status",
+                "# TYPE infinichat_requests_total counter",
+            ]
             for (method, route, status), n in sorted(self.requests.items()):
                 lines.append(f'infinichat_requests_total{{method="{method}",endpoint="{route}",status="{status}"}} {n}')
-            gauges = [("tokens_in_total", "counter", "prompt tokens evaluated", self.tokens_in),
-                      ("tokens_out_total", "counter", "tokens generated", self.tokens_out),
-                      ("tokens_per_second", "gauge", "tokens generated per second over the last 60 s", recent / 60),
-                      ("queue_depth", "gauge", "requests waiting or running in the engine worker", queue_depth),
-                      ("cache_tokens", "gauge", "tokens held in resident KV caches", self.cache["cache_tokens"]),
-                      ("resident_sessions", "gauge", "sessions whose KV cache is in memory",
-                       self.cache["resident_sessions"]),
-                      ("evictions_total", "counter", "eviction events in resident caches", self.cache["evictions"]),
-                      ("evicted_tokens_total", "counter", "tokens evicted from resident caches",
-                       self.cache["evicted_tokens"]),
-                      ("kv_offloads_total", "counter", "session caches written to disk under the memory cap",
-                       self.cache["kv_offloads"])]
+            gauges = [
+                ("tokens_in_total", "counter", "prompt tokens evaluated", self.tokens_in),
+                ("tokens_out_total", "counter", "tokens generated", self.tokens_out),
+                ("tokens_per_second", "gauge", "tokens generated per second over the last 60 s", recent / 60),
+                ("queue_depth", "gauge", "requests waiting or running in the engine worker", queue_depth),
+                ("cache_tokens", "gauge", "tokens held in resident KV caches", self.cache["cache_tokens"]),
+                ("resident_sessions", "gauge", "sessions whose KV cache is in memory", self.cache["resident_sessions"]),
+                ("evictions_total", "counter", "eviction events in resident caches", self.cache["evictions"]),
+                (
+                    "evicted_tokens_total",
+                    "counter",
+                    "tokens evicted from resident caches",
+                    self.cache["evicted_tokens"],
+                ),
+                (
+                    "kv_offloads_total",
+                    "counter",
+                    "session caches written to disk under the memory cap",
+                    self.cache["kv_offloads"],
+                ),
+            ]
             for name, kind, help_, v in gauges:
-                lines += [f"# HELP infinichat_{name} {help_}", f"# TYPE infinichat_{name} {kind}",
-                          f"infinichat_{name} {v:g}" if isinstance(v, float) else f"infinichat_{name} {v}"]
+                lines += [
+                    f"# HELP infinichat_{name} {help_}",
+                    f"# TYPE infinichat_{name} {kind}",
+                    f"infinichat_{name} {v:g}" if isinstance(v, float) else f"infinichat_{name} {v}",
+                ]
         return "\n".join(lines) + "\n"

@@ -65,10 +65,19 @@ def params_of(body: GenBody, top: int, default_max: int) -> SamplingParams:
     if len(stop) > MAX_STOP:
         raise ApiError(400, f"stop accepts at most {MAX_STOP} strings, got {len(stop)}", param="stop")
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-    p = SamplingParams(temperature=body.temperature, top_k=0, top_p=body.top_p, min_p=0.0, repetition_penalty=1.0,
-                       presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
-                       seed=body.seed, max_tokens=default_max if max_tokens is None else max_tokens,
-                       stop=tuple(stop), top_logprobs=top)
+    p = SamplingParams(
+        temperature=body.temperature,
+        top_k=0,
+        top_p=body.top_p,
+        min_p=0.0,
+        repetition_penalty=1.0,
+        presence_penalty=body.presence_penalty,
+        frequency_penalty=body.frequency_penalty,
+        seed=body.seed,
+        max_tokens=default_max if max_tokens is None else max_tokens,
+        stop=tuple(stop),
+        top_logprobs=top,
+    )
     try:
         p.validate()
     except Exception as e:
@@ -85,8 +94,12 @@ def text_of(msg: Msg, i: int) -> str:
     parts = []
     for part in msg.content:
         if part.get("type") != "text" or not isinstance(part.get("text"), str):
-            raise ApiError(400, f"messages[{i}].content: only text parts ({{'type': 'text', 'text': ...}}) are "
-                           f"supported, got type {part.get('type')!r}", param=f"messages.{i}.content")
+            raise ApiError(
+                400,
+                f"messages[{i}].content: only text parts ({{'type': 'text', 'text': ...}}) are "
+                f"supported, got type {part.get('type')!r}",
+                param=f"messages.{i}.content",
+            )
         parts.append(part["text"])
     return "".join(parts)
 
@@ -98,8 +111,11 @@ def chat_messages(body: ChatBody) -> list[dict]:
     for i, m in enumerate(body.messages):
         role = "system" if m.role == "developer" else m.role
         if role not in ("system", "user", "assistant"):
-            raise ApiError(400, f"messages[{i}].role {m.role!r} is not supported; accepted: system, developer, "
-                           f"user, assistant", param=f"messages.{i}.role")
+            raise ApiError(
+                400,
+                f"messages[{i}].role {m.role!r} is not supported; accepted: system, developer, user, assistant",
+                param=f"messages.{i}.role",
+            )
         if role == "system" and i > 0:
             raise ApiError(400, f"messages[{i}]: a system message is accepted only first", param=f"messages.{i}.role")
         out.append({"role": role, "content": text_of(m, i)})
@@ -145,17 +161,23 @@ def _item(tok, chunk_text: str, step) -> dict:
     return d
 
 
-def anonymous(engine, tok, lru: PrefixLRU, ids: list[int], params: SamplingParams, should_stop, metrics
-              ) -> Iterator[dict]:
+def anonymous(
+    engine, tok, lru: PrefixLRU, ids: list[int], params: SamplingParams, should_stop, metrics
+) -> Iterator[dict]:
     if len(ids) + 1 > lru.budget:
-        raise ApiError(400, f"the prompt is {len(ids)} tokens; the context budget of this server is {lru.budget} "
-                       f"tokens (serve --budget)", param="messages")
+        raise ApiError(
+            400,
+            f"the prompt is {len(ids)} tokens; the context budget of this server is {lru.budget} "
+            f"tokens (serve --budget)",
+            param="messages",
+        )
     seq, keep = lru.acquire(ids)
     result = Generation()
     n = 0
     try:
-        for chunk in stream_text(engine, tok, seq, ids[keep:], params, history=ids[:keep], should_stop=should_stop,
-                                 result=result):
+        for chunk in stream_text(
+            engine, tok, seq, ids[keep:], params, history=ids[:keep], should_stop=should_stop, result=result
+        ):
             if chunk.step is not None:
                 n += 1
                 metrics.tokens(n_in=len(ids) - keep if n == 1 else 0, n_out=1)
@@ -173,18 +195,24 @@ def session_chat(m, sid: str, messages: list[dict], params: SamplingParams, shou
     system = messages[0]["content"] if messages[0]["role"] == "system" else None
     rest = messages[1:] if system is not None else messages
     if not rest:
-        raise ApiError(400, "messages must hold a user or assistant message after the system message",
-                       param="messages")
+        raise ApiError(400, "messages must hold a user or assistant message after the system message", param="messages")
     if sid in m.sessions or m.db.exists(sid):
         s = get_session(m, sid)
         if (s.system_prompt or None) != (system or None):
-            raise ApiError(400, f"session {sid!r} has a different system prompt than this request's system message; "
-                           f"use another X-Session-Id", param="messages")
+            raise ApiError(
+                400,
+                f"session {sid!r} has a different system prompt than this request's system message; "
+                f"use another X-Session-Id",
+                param="messages",
+            )
     else:
         s = m.create(sid, system_prompt=system)
     k = 0
-    while k < min(len(s.messages), len(rest) - 1) and s.messages[k].kind == rest[k]["role"] and \
-            s.messages[k].text == rest[k]["content"]:
+    while (
+        k < min(len(s.messages), len(rest) - 1)
+        and s.messages[k].kind == rest[k]["role"]
+        and s.messages[k].text == rest[k]["content"]
+    ):
         k += 1
     if k < len(s.messages):
         s.revert_to(k)
@@ -206,5 +234,9 @@ def session_chat(m, sid: str, messages: list[dict], params: SamplingParams, shou
             yield data
         elif name == "done":
             reason = data["finish_reason"]
-            yield {"done": "stop" if reason == "cancelled" else reason, "prompt_tokens": prompt,
-                   "completion_tokens": n, "cached_tokens": 0}
+            yield {
+                "done": "stop" if reason == "cancelled" else reason,
+                "prompt_tokens": prompt,
+                "completion_tokens": n,
+                "cached_tokens": 0,
+            }

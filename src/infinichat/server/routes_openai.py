@@ -22,8 +22,10 @@ DEFAULT_MAX_TOKENS = 256
 @router.get("/models")
 async def models(request: Request):
     info = request.app.state.info
-    return {"object": "list", "data": [{"id": info["model"], "object": "model", "created": int(info["started"]),
-                                        "owned_by": "infinichat"}]}
+    return {
+        "object": "list",
+        "data": [{"id": info["model"], "object": "model", "created": int(info["started"]), "owned_by": "infinichat"}],
+    }
 
 
 def _chat_logprobs(tok, item: dict) -> dict:
@@ -35,8 +37,12 @@ def _chat_logprobs(tok, item: dict) -> dict:
 
 def _completion_logprobs(tok, items: list[dict]) -> dict:
     toks = [i for i in items if i["token"] is not None]
-    return {"tokens": [tok.decode([i["token"]]) for i in toks], "token_logprobs": [i["logprob"] for i in toks],
-            "top_logprobs": [{tok.decode([t]): lp for t, lp in i["top"]} for i in toks], "text_offset": []}
+    return {
+        "tokens": [tok.decode([i["token"]]) for i in toks],
+        "token_logprobs": [i["logprob"] for i in toks],
+        "top_logprobs": [{tok.decode([t]): lp for t, lp in i["top"]} for i in toks],
+        "text_offset": [],
+    }
 
 
 async def _generate(request: Request, body, kind: str):
@@ -70,8 +76,9 @@ async def _generate(request: Request, body, kind: str):
             ids = tok.encode(prompt, add_bos=tok.add_bos, parse_special=False)
         else:
             if not prompt or any(not 0 <= t < tok.vocab_size for t in prompt):
-                raise ApiError(400, f"prompt token ids must be a non-empty list in [0, {tok.vocab_size})",
-                               param="prompt")
+                raise ApiError(
+                    400, f"prompt token ids must be a non-empty list in [0, {tok.vocab_size})", param="prompt"
+                )
             ids = list(prompt)
         return anonymous(st.engine, tok, st.prefix_lru, ids, params, job.should_stop, st.metrics)
 
@@ -81,44 +88,72 @@ async def _generate(request: Request, body, kind: str):
     created, model = int(time.time()), st.info["model"]
 
     def usage(d):
-        return {"prompt_tokens": d["prompt_tokens"], "completion_tokens": d["completion_tokens"],
-                "total_tokens": d["prompt_tokens"] + d["completion_tokens"],
-                "prompt_tokens_details": {"cached_tokens": d["cached_tokens"]}}
+        return {
+            "prompt_tokens": d["prompt_tokens"],
+            "completion_tokens": d["completion_tokens"],
+            "total_tokens": d["prompt_tokens"] + d["completion_tokens"],
+            "prompt_tokens_details": {"cached_tokens": d["cached_tokens"]},
+        }
 
     if body.stream:
+
         def frame(item):
             done = "done" in item
             if kind == "chat":
                 lp = body.logprobs and not done and item["token"] is not None
-                choice = {"index": 0, "delta": {} if done else {"role": "assistant", "content": item["text"]},
-                          "finish_reason": item["done"] if done else None,
-                          "logprobs": {"content": [_chat_logprobs(tok, item)]} if lp else None}
+                choice = {
+                    "index": 0,
+                    "delta": {} if done else {"role": "assistant", "content": item["text"]},
+                    "finish_reason": item["done"] if done else None,
+                    "logprobs": {"content": [_chat_logprobs(tok, item)]} if lp else None,
+                }
             else:
-                choice = {"index": 0, "text": "" if done else item["text"],
-                          "finish_reason": item["done"] if done else None,
-                          "logprobs": None if done or not body.logprobs or item["token"] is None
-                          else _completion_logprobs(tok, [item])}
-            chunk = {"id": rid, "object": obj + (".chunk" if kind == "chat" else ""), "created": created,
-                     "model": model, "choices": [choice]}
+                choice = {
+                    "index": 0,
+                    "text": "" if done else item["text"],
+                    "finish_reason": item["done"] if done else None,
+                    "logprobs": None
+                    if done or not body.logprobs or item["token"] is None
+                    else _completion_logprobs(tok, [item]),
+                }
+            chunk = {
+                "id": rid,
+                "object": obj + (".chunk" if kind == "chat" else ""),
+                "created": created,
+                "model": model,
+                "choices": [choice],
+            }
             if done:
                 chunk["usage"] = usage(item)
             return sse(None, chunk)
 
         return sse_response(items, frame, error_event=None, tail="data: [DONE]\n\n")
     got = [i async for i in items]
-    done = got[-1] if got and "done" in got[-1] else {"done": "stop", "prompt_tokens": 0, "completion_tokens": 0,
-                                                        "cached_tokens": 0}
+    done = (
+        got[-1]
+        if got and "done" in got[-1]
+        else {"done": "stop", "prompt_tokens": 0, "completion_tokens": 0, "cached_tokens": 0}
+    )
     text = "".join(i.get("text", "") for i in got if "done" not in i)
     toks = [i for i in got if "done" not in i and i["token"] is not None]
     if kind == "chat":
         lp = {"content": [_chat_logprobs(tok, i) for i in toks]} if body.logprobs else None
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": done["done"],
-                  "logprobs": lp}
+        choice = {
+            "index": 0,
+            "message": {"role": "assistant", "content": text},
+            "finish_reason": done["done"],
+            "logprobs": lp,
+        }
     else:
-        choice = {"index": 0, "text": text, "finish_reason": done["done"],
-                  "logprobs": _completion_logprobs(tok, toks) if body.logprobs is not None else None}
-    return JSONResponse({"id": rid, "object": obj, "created": created, "model": model, "choices": [choice],
-                         "usage": usage(done)})
+        choice = {
+            "index": 0,
+            "text": text,
+            "finish_reason": done["done"],
+            "logprobs": _completion_logprobs(tok, toks) if body.logprobs is not None else None,
+        }
+    return JSONResponse(
+        {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice], "usage": usage(done)}
+    )
 
 
 @router.post("/chat/completions")
@@ -129,4 +164,3 @@ async def chat_completions(body: ChatBody, request: Request):
 @router.post("/completions")
 async def completions(body: CompletionBody, request: Request):
     return await _generate(request, body, "completion")
-

@@ -41,8 +41,9 @@ def sampling(s, overrides: dict | None) -> SamplingParams:
         return base
     bad = sorted(set(overrides) - set(SAMPLING_KEYS))
     if bad:
-        raise ApiError(400, f"unknown sampling parameter(s) {', '.join(bad)}; accepted: {', '.join(SAMPLING_KEYS)}",
-                       param="params")
+        raise ApiError(
+            400, f"unknown sampling parameter(s) {', '.join(bad)}; accepted: {', '.join(SAMPLING_KEYS)}", param="params"
+        )
     p = replace(base, **overrides)
     p.__post_init__()  # a stop given as a string or list
     p.validate()
@@ -73,14 +74,29 @@ def session_events(s, gen: Iterator, metrics=None) -> Iterator[tuple[str, dict]]
                     n += 1
                     if metrics is not None:
                         metrics.tokens(n_in=max(0, s.seq.length - start) if n == 1 else 0, n_out=1)
-                yield "token", {"text": ev.text, "token": ev.token, "logprob": ev.logprob,
-                                "top": top_json(tok, ev.top), "turn": ev.turn}
+                yield (
+                    "token",
+                    {
+                        "text": ev.text,
+                        "token": ev.token,
+                        "logprob": ev.logprob,
+                        "top": top_json(tok, ev.top),
+                        "turn": ev.turn,
+                    },
+                )
                 if ev.token is not None and (n == 1 or n % KV_EVERY == 0):  # the new turn shows at once
                     yield "kv", s.kv_map()
             else:
                 yield "kv", s.kv_map()
-                yield "done", {"turn": ev.turn, "finish_reason": ev.finish_reason, "text": ev.text,
-                               "message": message_json(s, ev.turn)}
+                yield (
+                    "done",
+                    {
+                        "turn": ev.turn,
+                        "finish_reason": ev.finish_reason,
+                        "text": ev.text,
+                        "message": message_json(s, ev.turn),
+                    },
+                )
     finally:
         close = getattr(gen, "close", None)
         if close is not None:

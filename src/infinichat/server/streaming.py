@@ -13,8 +13,9 @@ from infinichat.server.errors import error_body, to_api_error
 from infinichat.server.worker import END, EngineWorker, Job
 
 
-async def open_stream(worker: EngineWorker, fn: Callable[[Any, Job], Iterator], session: str | None = None
-                      ) -> tuple[Job, AsyncIterator]:
+async def open_stream(
+    worker: EngineWorker, fn: Callable[[Any, Job], Iterator], session: str | None = None
+) -> tuple[Job, AsyncIterator]:
     """Submit `fn` as a stream job and wait for its first item, so that an error before any output (bad
     parameters, a prompt over the budget) still becomes a plain JSON error with its 4xx status."""
     loop = asyncio.get_running_loop()
@@ -56,8 +57,9 @@ def sse(event: str | None, data: Any) -> str:
     return f"{head}data: {body}\n\n"
 
 
-def sse_response(items: AsyncIterator, frame: Callable[[Any], str], error_event: str | None = "error",
-                 tail: str = "") -> StreamingResponse:
+def sse_response(
+    items: AsyncIterator, frame: Callable[[Any], str], error_event: str | None = "error", tail: str = ""
+) -> StreamingResponse:
     """Stream `items` as SSE frames; an error mid-stream becomes one error frame, then the stream ends."""
 
     async def body():
@@ -72,5 +74,6 @@ def sse_response(items: AsyncIterator, frame: Callable[[Any], str], error_event:
         finally:
             await items.aclose()
 
-    return StreamingResponse(body(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return StreamingResponse(
+        body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    )

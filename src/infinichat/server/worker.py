@@ -79,17 +79,22 @@ class EngineWorker:
             if self._closed:
                 raise QueueFull("the server is shutting down")
             if self._jobs >= self.max_jobs:
-                raise QueueFull(f"the server has {self._jobs} requests waiting or running (at most "
-                                f"{self.max_jobs}); retry later")
+                raise QueueFull(
+                    f"the server has {self._jobs} requests waiting or running (at most {self.max_jobs}); retry later"
+                )
             if job.session is not None and job.mutates:
                 if job.session in self._busy:
-                    raise Busy(f"session {job.session!r} is busy with another request; wait for it to finish "
-                               f"or POST /api/sessions/{job.session}/stop")
+                    raise Busy(
+                        f"session {job.session!r} is busy with another request; wait for it to finish "
+                        f"or POST /api/sessions/{job.session}/stop"
+                    )
                 self._busy[job.session] = job
             self._jobs += 1
         self._q.put(job)
 
-    def call(self, fn: Callable[[Any], Any], session: str | None = None, mutates: bool = True) -> concurrent.futures.Future:
+    def call(
+        self, fn: Callable[[Any], Any], session: str | None = None, mutates: bool = True
+    ) -> concurrent.futures.Future:
         job = Job(fn, session, mutates, future=concurrent.futures.Future())
         self._admit(job)
         return job.future
@@ -97,8 +102,9 @@ class EngineWorker:
     async def acall(self, fn: Callable[[Any], Any], session: str | None = None, mutates: bool = True) -> Any:
         return await asyncio.wrap_future(self.call(fn, session, mutates))
 
-    def stream(self, fn: Callable[[Any, Job], Iterator], sink: Callable[[Any], None],
-               session: str | None = None) -> Job:
+    def stream(
+        self, fn: Callable[[Any, Job], Iterator], sink: Callable[[Any], None], session: str | None = None
+    ) -> Job:
         """Submit a stream job; `fn(manager, job)` returns the iterator (it may use job.should_stop)."""
         job = Job(lambda m: None, session, True, sink=sink)
         job.fn = lambda m: fn(m, job)

@@ -248,8 +248,9 @@ def load_card(source: str | os.PathLike[str] | bytes | bytearray | dict[str, Any
         except OSError as e:
             raise _err(where, f"cannot be read ({e.strerror or e})") from None
         return _card_from_bytes(blob, where, png_expected=path.suffix.lower() == ".png")
-    raise CardError(f"cannot read a character card from a {_type_name(source)}; "
-                    "accepted: a file path, bytes, JSON text or a dict")
+    raise CardError(
+        f"cannot read a character card from a {_type_name(source)}; accepted: a file path, bytes, JSON text or a dict"
+    )
 
 
 def save_card(card: CharacterCard, path: str | os.PathLike[str], image_bytes: bytes | None = None) -> None:
@@ -342,8 +343,11 @@ def _card_from_dict(d: Any, where: str) -> CharacterCard:
     spec = d.get("spec")
     if "spec" not in d:
         if "data" in d:
-            raise _err(where, f"spec is missing but there is a 'data' field; a V2/V3 card needs "
-                            f"spec '{SPEC_V2}' or '{SPEC_V3}', a V1 card has its fields at the top level")
+            raise _err(
+                where,
+                f"spec is missing but there is a 'data' field; a V2/V3 card needs "
+                f"spec '{SPEC_V2}' or '{SPEC_V3}', a V1 card has its fields at the top level",
+            )
         obj, prefix, names = d, "", V1_FIELDS
         spec, version = SPEC_V1, "1.0"
     else:
@@ -351,10 +355,14 @@ def _card_from_dict(d: Any, where: str) -> CharacterCard:
             raise _err(where, f"spec must be a string ('{SPEC_V2}' or '{SPEC_V3}'), got {_type_name(spec)}")
         if spec not in SPEC_VERSIONS:
             if not (re.fullmatch(r"chara_card_v\d+", spec) and isinstance(d.get("data"), dict)):
-                raise _err(where, f"unknown spec {spec!r}; accepted: '{SPEC_V2}', '{SPEC_V3}', "
-                                "or a V1 card (no spec, fields at the top level)")
-            log.warning("character card %s: spec %r is newer than this reader knows; reading it as %s",
-                        where, spec, SPEC_V2)
+                raise _err(
+                    where,
+                    f"unknown spec {spec!r}; accepted: '{SPEC_V2}', '{SPEC_V3}', "
+                    "or a V1 card (no spec, fields at the top level)",
+                )
+            log.warning(
+                "character card %s: spec %r is newer than this reader knows; reading it as %s", where, spec, SPEC_V2
+            )
         version = d.get("spec_version", SPEC_VERSIONS.get(spec, ""))
         if isinstance(version, (int, float)) and not isinstance(version, bool):
             version = str(version)
@@ -424,16 +432,22 @@ def _png_chunks(blob: bytes, where: str) -> list[_Chunk]:
             raise _err(where, f"PNG is corrupt: invalid chunk type {name!r} at byte {pos}")
         end = pos + 12 + length
         if end > len(blob):
-            raise _err(where, f"PNG is truncated: chunk {name!r} at byte {pos} needs {length + 12} "
-                            f"bytes, only {len(blob) - pos} are left")
+            raise _err(
+                where,
+                f"PNG is truncated: chunk {name!r} at byte {pos} needs {length + 12} "
+                f"bytes, only {len(blob) - pos} are left",
+            )
         if not chunks and ctype != b"IHDR":
             raise _err(where, f"PNG is corrupt: the first chunk is {name!r}, not 'IHDR'")
         data = blob[pos + 8 : end - 4]
         (stored,) = struct.unpack(">I", blob[end - 4 : end])
         computed = zlib.crc32(ctype + data)
         if stored != computed:
-            raise _err(where, f"PNG is corrupt: chunk {name!r} at byte {pos} fails its CRC check "
-                            f"(stored {stored:08x}, computed {computed:08x})")
+            raise _err(
+                where,
+                f"PNG is corrupt: chunk {name!r} at byte {pos} fails its CRC check "
+                f"(stored {stored:08x}, computed {computed:08x})",
+            )
         chunks.append(_Chunk(ctype, data, blob[pos:end]))
         pos = end
         if ctype == b"IEND":
@@ -515,8 +529,10 @@ def _card_from_png(blob: bytes, where: str) -> CharacterCard:
             c = found[kw]
             label = f"{where} (PNG {c.type.decode()} chunk {kw!r})"
             return _card_from_dict(_decode_payload(_chunk_text(c, label), label), label)
-    raise _err(where, f"PNG has no character card (no tEXt/zTXt/iTXt chunk with keyword "
-                    "'chara' or 'ccv3'); it is a plain image")
+    raise _err(
+        where,
+        f"PNG has no character card (no tEXt/zTXt/iTXt chunk with keyword 'chara' or 'ccv3'); it is a plain image",
+    )
 
 
 def _chunk_bytes(ctype: bytes, data: bytes) -> bytes:

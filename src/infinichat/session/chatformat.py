@@ -50,15 +50,24 @@ class ChatFormat:
 
     # ------------------------------------------------------------------ rendering
     def render(self, messages: Sequence[dict], gen: bool = False) -> str:
-        return render_chat_template(self.template, messages, add_generation_prompt=gen,
-                                    bos_token=self.tok.bos_token, eos_token=self.tok.eos_token)
+        return render_chat_template(
+            self.template,
+            messages,
+            add_generation_prompt=gen,
+            bos_token=self.tok.bos_token,
+            eos_token=self.tok.eos_token,
+        )
 
     def _works(self) -> bool:
         """Probe: a few conversations render as extensions of each other and split around a sentinel."""
         try:
             for sys in ([], [{"role": "system", "content": "Be brief."}]):
-                convo = [*sys, {"role": "user", "content": _PROBE_A}, {"role": "assistant", "content": "Hi."},
-                         {"role": "user", "content": _PROBE_B}]
+                convo = [
+                    *sys,
+                    {"role": "user", "content": _PROBE_A},
+                    {"role": "assistant", "content": "Hi."},
+                    {"role": "user", "content": _PROBE_B},
+                ]
                 base = self.system_text(sys[0]["content"] if sys else None)
                 for k in range(1, len(convo) + 1):
                     text = self.render(convo[:k])
@@ -105,7 +114,7 @@ class ChatFormat:
                 "the chat template rendered earlier messages differently once a message was added; "
                 "infinichat needs a template that extends the conversation (e.g. ChatML)"
             )
-        return full[len(base):]
+        return full[len(base) :]
 
     def pieces(self, history: Sequence[dict], role: str) -> Pieces:
         """Header and suffix the template puts around a `role` message appended to `history`."""
@@ -113,7 +122,7 @@ class ChatFormat:
         i = text.find(SENTINEL)
         if i < 0:
             raise InfinichatError(f"the chat template dropped the content of a {role!r} message")
-        return Pieces(text[:i], text[i + len(SENTINEL):])
+        return Pieces(text[:i], text[i + len(SENTINEL) :])
 
     def generation_header(self, history: Sequence[dict]) -> str:
         """What the template adds to ask for an assistant reply (`<|im_start|>assistant\\n`)."""

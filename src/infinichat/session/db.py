@@ -86,12 +86,19 @@ class SessionDB:
                     ":settings, :next_uid, :segments) ON CONFLICT(id) DO UPDATE SET name=:name, updated=:updated, "
                     "version=:version, system_prompt=:system_prompt, card=:card, settings=:settings, "
                     "next_uid=:next_uid, segments=:segments",
-                    {**row, "updated": time.time(), "card": _dump(row.get("card")),
-                     "settings": _dump(row["settings"]), "segments": _dump(row.get("segments"))},
+                    {
+                        **row,
+                        "updated": time.time(),
+                        "card": _dump(row.get("card")),
+                        "settings": _dump(row["settings"]),
+                        "segments": _dump(row.get("segments")),
+                    },
                 )
                 c.execute("DELETE FROM messages WHERE session_id = ? AND turn >= ?", (row["id"], n_messages))
-                c.executemany("INSERT OR REPLACE INTO messages (session_id, turn, data) VALUES (?, ?, ?)",
-                              [(row["id"], i, json.dumps(m)) for i, m in changed])
+                c.executemany(
+                    "INSERT OR REPLACE INTO messages (session_id, turn, data) VALUES (?, ?, ?)",
+                    [(row["id"], i, json.dumps(m)) for i, m in changed],
+                )
                 c.execute("COMMIT")
             except BaseException:
                 c.execute("ROLLBACK")
@@ -101,14 +108,28 @@ class SessionDB:
         with self._lock:
             cur = self.conn.execute(
                 "SELECT id, name, created, updated, version, system_prompt, card, settings, next_uid, segments "
-                "FROM sessions WHERE id = ?", (sid,))
+                "FROM sessions WHERE id = ?",
+                (sid,),
+            )
             r = cur.fetchone()
             if r is None:
                 return None
-            msgs = [json.loads(d) for (d,) in self.conn.execute(
-                "SELECT data FROM messages WHERE session_id = ? ORDER BY turn", (sid,))]
-        keys = ("id", "name", "created", "updated", "version", "system_prompt", "card", "settings", "next_uid",
-                "segments")
+            msgs = [
+                json.loads(d)
+                for (d,) in self.conn.execute("SELECT data FROM messages WHERE session_id = ? ORDER BY turn", (sid,))
+            ]
+        keys = (
+            "id",
+            "name",
+            "created",
+            "updated",
+            "version",
+            "system_prompt",
+            "card",
+            "settings",
+            "next_uid",
+            "segments",
+        )
         row = dict(zip(keys, r))
         for k in ("card", "settings", "segments"):
             row[k] = json.loads(row[k]) if row[k] else None
@@ -118,7 +139,8 @@ class SessionDB:
         with self._lock:
             rows = self.conn.execute(
                 "SELECT s.id, s.name, s.created, s.updated, COUNT(m.turn) FROM sessions s "
-                "LEFT JOIN messages m ON m.session_id = s.id GROUP BY s.id ORDER BY s.updated DESC").fetchall()
+                "LEFT JOIN messages m ON m.session_id = s.id GROUP BY s.id ORDER BY s.updated DESC"
+            ).fetchall()
         return [{"id": i, "name": n, "created": c, "updated": u, "messages": k} for i, n, c, u, k in rows]
 
     def exists(self, sid: str) -> bool:

@@ -37,9 +37,16 @@ def default_data_dir() -> Path:
 
 
 class SessionManager:
-    def __init__(self, engine, tokenizer, model_id: str, data_dir: str | Path | None = None,
-                 defaults: SessionSettings | None = None, kv_cap_bytes: int = 1 << 30,
-                 chat_template: str | None = None):
+    def __init__(
+        self,
+        engine,
+        tokenizer,
+        model_id: str,
+        data_dir: str | Path | None = None,
+        defaults: SessionSettings | None = None,
+        kv_cap_bytes: int = 1 << 30,
+        chat_template: str | None = None,
+    ):
         self.engine = engine
         self.tok = tokenizer
         self.db = SessionDB(data_dir or default_data_dir())
@@ -57,8 +64,14 @@ class SessionManager:
         self.n_restores = 0
 
     # ------------------------------------------------------------------ lifecycle
-    def create(self, sid: str | None = None, name: str = "", system_prompt: str | None = None,
-               card: CharacterCard | dict | bytes | str | None = None, settings: dict | None = None) -> Session:
+    def create(
+        self,
+        sid: str | None = None,
+        name: str = "",
+        system_prompt: str | None = None,
+        card: CharacterCard | dict | bytes | str | None = None,
+        settings: dict | None = None,
+    ) -> Session:
         sid = check_session_id(sid) if sid is not None else secrets.token_hex(6)
         if sid in self.sessions or self.db.exists(sid):
             raise InfinichatError(f"a session named {sid!r} already exists")
@@ -76,8 +89,18 @@ class SessionManager:
         return s
 
     def _session(self, sid, name, system_prompt, settings, card) -> Session:
-        s = Session(sid, self.engine, self.tok, name=name, system_prompt=system_prompt or None, settings=settings,
-                    card=card, chat_format=self.fmt, prefix_cache=self.prefix, on_change=self._save)
+        s = Session(
+            sid,
+            self.engine,
+            self.tok,
+            name=name,
+            system_prompt=system_prompt or None,
+            settings=settings,
+            card=card,
+            chat_format=self.fmt,
+            prefix_cache=self.prefix,
+            on_change=self._save,
+        )
         self.sessions[sid] = s
         return s
 
@@ -117,10 +140,17 @@ class SessionManager:
 
     # ------------------------------------------------------------------ persistence
     def _save(self, s: Session) -> None:
-        row = {"id": s.id, "name": s.name, "created": getattr(s, "created", time.time()), "version": s.version,
-               "system_prompt": s.system_prompt, "card": s.card.to_json_dict() if s.card is not None else None,
-               "settings": s.settings.to_json(), "next_uid": s.next_uid,
-               "segments": s.seq.segments.to_json() if s.seq is not None else None}
+        row = {
+            "id": s.id,
+            "name": s.name,
+            "created": getattr(s, "created", time.time()),
+            "version": s.version,
+            "system_prompt": s.system_prompt,
+            "card": s.card.to_json_dict() if s.card is not None else None,
+            "settings": s.settings.to_json(),
+            "next_uid": s.next_uid,
+            "segments": s.seq.segments.to_json() if s.seq is not None else None,
+        }
         s.created = row["created"]
         # a reply still being generated is saved when it ends, never half-written
         done = [m for m in s.messages if m.alternatives[m.selected].finish_reason != "incomplete" or m.kind == "user"]
@@ -164,8 +194,12 @@ class SessionManager:
                     s.seq = seq
                     self.n_restores += 1
                     return
-                log.info("session %s: its KV file is for version %s, the session is at %s; rebuilding",
-                         s.id, extra.get("version"), s.version)
+                log.info(
+                    "session %s: its KV file is for version %s, the session is at %s; rebuilding",
+                    s.id,
+                    extra.get("version"),
+                    s.version,
+                )
             except InfinichatError as e:
                 log.warning("session %s: cannot restore its KV (%s); rebuilding from the transcript", s.id, e)
         s.rebuild()
@@ -174,9 +208,10 @@ class SessionManager:
         return sum(s.seq.store.nbytes for s in self.sessions.values() if s.seq is not None)
 
     def _enforce_cap(self, keep: Session) -> None:
-        resident = sorted((s for s in self.sessions.values()
-                           if s.seq is not None and s is not keep and s.id not in self.pinned),
-                          key=lambda s: s.last_used)
+        resident = sorted(
+            (s for s in self.sessions.values() if s.seq is not None and s is not keep and s.id not in self.pinned),
+            key=lambda s: s.last_used,
+        )
         total = self.resident_bytes()
         for s in resident:
             if total <= self.kv_cap_bytes:

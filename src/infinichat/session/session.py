@@ -81,23 +81,52 @@ class Message:
 
     def fingerprint(self) -> tuple:
         """Cheap, changes whenever to_json() would (str hashes are cached by Python)."""
-        return (self.uid, self.kind, self.selected, self.in_context, self.n_tokens, self.n_header,
-                tuple((hash(a.text), a.finish_reason, -1 if a.tokens is None else len(a.tokens), len(a.logprobs))
-                      for a in self.alternatives))
+        return (
+            self.uid,
+            self.kind,
+            self.selected,
+            self.in_context,
+            self.n_tokens,
+            self.n_header,
+            tuple(
+                (hash(a.text), a.finish_reason, -1 if a.tokens is None else len(a.tokens), len(a.logprobs))
+                for a in self.alternatives
+            ),
+        )
 
     def to_json(self) -> dict:
-        return {"uid": self.uid, "kind": self.kind, "role": self.role, "selected": self.selected,
-                "in_context": self.in_context, "n_tokens": self.n_tokens, "n_header": self.n_header,
-                "created": self.created,
-                "alternatives": [{"text": a.text, "tokens": a.tokens, "finish_reason": a.finish_reason,
-                                  "logprobs": a.logprobs} for a in self.alternatives]}
+        return {
+            "uid": self.uid,
+            "kind": self.kind,
+            "role": self.role,
+            "selected": self.selected,
+            "in_context": self.in_context,
+            "n_tokens": self.n_tokens,
+            "n_header": self.n_header,
+            "created": self.created,
+            "alternatives": [
+                {"text": a.text, "tokens": a.tokens, "finish_reason": a.finish_reason, "logprobs": a.logprobs}
+                for a in self.alternatives
+            ],
+        }
 
     @classmethod
     def from_json(cls, d: dict) -> Message:
-        alts = [Alternative(a["text"], a.get("tokens"), a.get("finish_reason", "stop"), a.get("logprobs") or [])
-                for a in d["alternatives"]]
-        return cls(d["uid"], d["kind"], d["role"], alts, d.get("selected", 0), d.get("in_context", True),
-                   d.get("n_tokens", 0), d.get("n_header", 0), d.get("created", 0.0))
+        alts = [
+            Alternative(a["text"], a.get("tokens"), a.get("finish_reason", "stop"), a.get("logprobs") or [])
+            for a in d["alternatives"]
+        ]
+        return cls(
+            d["uid"],
+            d["kind"],
+            d["role"],
+            alts,
+            d.get("selected", 0),
+            d.get("in_context", True),
+            d.get("n_tokens", 0),
+            d.get("n_header", 0),
+            d.get("created", 0.0),
+        )
 
 
 @dataclass
@@ -116,9 +145,20 @@ class Event:
 
 
 class Session:
-    def __init__(self, sid: str, engine, tokenizer, *, name: str = "", system_prompt: str | None = None,
-                 settings: SessionSettings | None = None, card=None, chat_format: ChatFormat | None = None,
-                 prefix_cache=None, on_change: Callable[[Session], None] | None = None):
+    def __init__(
+        self,
+        sid: str,
+        engine,
+        tokenizer,
+        *,
+        name: str = "",
+        system_prompt: str | None = None,
+        settings: SessionSettings | None = None,
+        card=None,
+        chat_format: ChatFormat | None = None,
+        prefix_cache=None,
+        on_change: Callable[[Session], None] | None = None,
+    ):
         self.id = sid
         self.name = name or sid
         self.engine = engine
@@ -153,15 +193,28 @@ class Session:
                 d["tokens_in_cache"] = kept
                 d["evicted_tokens"] = max(0, m.n_tokens - kept) if m.in_context else 0
             msgs.append(d)
-        return {"id": self.id, "name": self.name, "system_prompt": self.system_prompt,
-                "settings": self.settings.to_json(), "messages": msgs, "cache": self.cache_stats()}
+        return {
+            "id": self.id,
+            "name": self.name,
+            "system_prompt": self.system_prompt,
+            "settings": self.settings.to_json(),
+            "messages": msgs,
+            "cache": self.cache_stats(),
+        }
 
     def cache_stats(self) -> dict:
         seq = self.seq
         if seq is None:
             return {"resident": False}
-        return {"resident": True, "tokens": seq.length, "budget": seq.budget, "policy": seq.policy.name,
-                "evictions": seq.n_evictions, "evicted_tokens": seq.n_evicted, "bytes": seq.store.nbytes}
+        return {
+            "resident": True,
+            "tokens": seq.length,
+            "budget": seq.budget,
+            "policy": seq.policy.name,
+            "evictions": seq.n_evictions,
+            "evicted_tokens": seq.n_evicted,
+            "bytes": seq.store.nbytes,
+        }
 
     def kv_map(self) -> dict:
         """The cache map: segments in slot order with kind, tokens, pinned, and the message they hold."""
@@ -170,14 +223,33 @@ class Session:
         segs = []
         for s in seq.segments.segments:
             turn, msg = by_name.get(s.name, (None, None))
-            segs.append({"id": s.id, "kind": s.kind, "name": s.name, "start": s.start, "tokens": len(s),
-                         "pinned": s.pinned, "turn": turn,
-                         "evicted": max(0, msg.n_tokens - len(s)) if msg is not None else 0})
-        gone = [{"turn": i, "kind": m.kind, "tokens": m.n_tokens} for i, m in enumerate(self.messages)
-                if m.in_context and m.segment_name not in {s.name for s in seq.segments.segments}]
-        return {"length": seq.length, "budget": seq.budget, "free": seq.budget - seq.length,
-                "policy": seq.policy.name, "segments": segs, "evicted_turns": gone,
-                "evictions": seq.n_evictions, "evicted_tokens": seq.n_evicted}
+            segs.append(
+                {
+                    "id": s.id,
+                    "kind": s.kind,
+                    "name": s.name,
+                    "start": s.start,
+                    "tokens": len(s),
+                    "pinned": s.pinned,
+                    "turn": turn,
+                    "evicted": max(0, msg.n_tokens - len(s)) if msg is not None else 0,
+                }
+            )
+        gone = [
+            {"turn": i, "kind": m.kind, "tokens": m.n_tokens}
+            for i, m in enumerate(self.messages)
+            if m.in_context and m.segment_name not in {s.name for s in seq.segments.segments}
+        ]
+        return {
+            "length": seq.length,
+            "budget": seq.budget,
+            "free": seq.budget - seq.length,
+            "policy": seq.policy.name,
+            "segments": segs,
+            "evicted_turns": gone,
+            "evictions": seq.n_evictions,
+            "evicted_tokens": seq.n_evicted,
+        }
 
     def next_logits(self) -> torch.Tensor:
         """Next-token logits after the cached conversation (re-evaluates the last token if needed)."""
@@ -350,8 +422,16 @@ class Session:
             ids = pre + ids
         return ids
 
-    def _generate(self, m: Message, turn: int, header: list[int], body: list[int], params, should_stop,
-                  after: Callable[[], None] | None = None) -> Iterator[Event]:
+    def _generate(
+        self,
+        m: Message,
+        turn: int,
+        header: list[int],
+        body: list[int],
+        params,
+        should_stop,
+        after: Callable[[], None] | None = None,
+    ) -> Iterator[Event]:
         """Generate into message m's open segment, which holds `header` + `body` minus the last token;
         append the new alternative text/tokens to `body`. Closes the segment consistently at the end."""
         seq = self.seq
@@ -362,8 +442,9 @@ class Session:
         alt = m.alternatives[m.selected]
         prior_text = alt.text
         try:
-            for chunk in stream_text(self.engine, self.tok, seq, prompt, params, history=history,
-                                     should_stop=should_stop, result=result):
+            for chunk in stream_text(
+                self.engine, self.tok, seq, prompt, params, history=history, should_stop=should_stop, result=result
+            ):
                 if chunk.step is not None:
                     logprobs.append(chunk.step.logprob)
                     yield Event("token", chunk.text, chunk.step.token, chunk.step.logprob, chunk.step.top, turn)
@@ -403,7 +484,7 @@ class Session:
         rest = suffix
         if seg is None:  # cannot happen while generating; be safe
             seg = seq.create_segment(m.kind, m.segment_name)
-        have = seq.token_ids()[seg.start:seg.end]
+        have = seq.token_ids()[seg.start : seg.end]
         if have[: len(header)] == header:  # intact (a reply longer than the budget may have lost its start)
             p = 0
             while p < min(len(have), len(want)) and have[p] == want[p]:
@@ -426,8 +507,9 @@ class Session:
             seq.make_room(reserve)
             self._logits = None
 
-    def _start_reply(self, kind: str, role: str, params, should_stop,
-                     after: Callable[[], None] | None = None) -> Iterator[Event]:
+    def _start_reply(
+        self, kind: str, role: str, params, should_stop, after: Callable[[], None] | None = None
+    ) -> Iterator[Event]:
         """Append a new message of `kind` and generate its content."""
         self.ensure_cache()
         m = self._new_message(kind, role, "")
@@ -477,13 +559,18 @@ class Session:
             yield from self._start_reply("assistant", "assistant", params, should_stop)
             return
         if last.kind not in ("assistant", "narration"):
-            raise InfinichatError(f"the last message is a {last.kind} message: only a reply or a narration can be retried")
+            raise InfinichatError(
+                f"the last message is a {last.kind} message: only a reply or a narration can be retried"
+            )
         self.ensure_cache()
         turn = len(self.messages) - 1
         seg = self._segment(last)
         header, body = self._gen_header(self._chat_history(turn), last), []
-        if seg is None or seg.start + last.n_header > self.seq.length or \
-                self.seq.token_ids()[seg.start:seg.start + len(header)] != header:
+        if (
+            seg is None
+            or seg.start + last.n_header > self.seq.length
+            or self.seq.token_ids()[seg.start : seg.start + len(header)] != header
+        ):
             self._cut_from_turn(turn)  # evicted or damaged: rebuild the header
             self.seq.create_segment(last.kind, last.segment_name)
             if len(header) > 1:
@@ -501,7 +588,9 @@ class Session:
         self._check_turn(turn)
         m = self.messages[turn]
         if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < len(m.alternatives):
-            raise InfinichatError(f"alternative must be in [0, {len(m.alternatives) - 1}] for turn {turn}, got {index!r}")
+            raise InfinichatError(
+                f"alternative must be in [0, {len(m.alternatives) - 1}] for turn {turn}, got {index!r}"
+            )
         if index == m.selected:
             return
         m.selected = index
@@ -521,8 +610,11 @@ class Session:
         header = self._gen_header(self._chat_history(turn), m)
         body = list(alt.tokens if alt.tokens is not None else self.fmt.encode_plain(alt.text))
         seg = self._segment(m)
-        intact = seg is not None and seg.end == self.seq.length and \
-            self.seq.token_ids()[seg.start:seg.start + len(header) + len(body)] == header + body
+        intact = (
+            seg is not None
+            and seg.end == self.seq.length
+            and self.seq.token_ids()[seg.start : seg.start + len(header) + len(body)] == header + body
+        )
         if intact and header + body:
             self._cut(seg.start + len(header) + len(body) - 1)
             self.seq.reopen_segment(seg.id)
@@ -564,10 +656,25 @@ class Session:
         try:
             if len(header) > 1:
                 self.engine.prefill(work, header[:-1])
-            for chunk in stream_text(self.engine, self.tok, work, header[-1:], params,
-                                     history=work.token_ids(), should_stop=should_stop, result=result):
-                yield Event("token", chunk.text, *((chunk.step.token, chunk.step.logprob, chunk.step.top)
-                                                   if chunk.step is not None else (None, None, [])))
+            for chunk in stream_text(
+                self.engine,
+                self.tok,
+                work,
+                header[-1:],
+                params,
+                history=work.token_ids(),
+                should_stop=should_stop,
+                result=result,
+            ):
+                yield Event(
+                    "token",
+                    chunk.text,
+                    *(
+                        (chunk.step.token, chunk.step.logprob, chunk.step.top)
+                        if chunk.step is not None
+                        else (None, None, [])
+                    ),
+                )
         finally:
             if in_place:
                 seq.revert_to(scratch.id)

@@ -29,7 +29,9 @@ class SessionSettings:
     def validate(self) -> SessionSettings:
         self.sampling().validate()
         if not isinstance(self.budget, int) or isinstance(self.budget, bool) or not 64 <= self.budget <= MAX_BUDGET:
-            raise InfinichatError(f"budget must be an integer number of tokens in [64, {MAX_BUDGET}], got {self.budget!r}")
+            raise InfinichatError(
+                f"budget must be an integer number of tokens in [64, {MAX_BUDGET}], got {self.budget!r}"
+            )
         if self.policy not in POLICIES:
             raise InfinichatError(f"unknown policy {self.policy!r}; accepted: {', '.join(POLICIES)}")
         for name, lo in (("n_sink", 0), ("narrations_kept", 0)):
@@ -41,8 +43,15 @@ class SessionSettings:
         return self
 
     def sampling(self, **overrides) -> SamplingParams:
-        p = SamplingParams(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, min_p=self.min_p,
-                           repetition_penalty=self.repetition_penalty, seed=self.seed, max_tokens=self.max_tokens)
+        p = SamplingParams(
+            temperature=self.temperature,
+            top_k=self.top_k,
+            top_p=self.top_p,
+            min_p=self.min_p,
+            repetition_penalty=self.repetition_penalty,
+            seed=self.seed,
+            max_tokens=self.max_tokens,
+        )
         return replace(p, **overrides) if overrides else p
 
     def policy_params(self) -> dict:
