@@ -292,8 +292,7 @@ def main() -> None:
         f"load average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}\n"
     )
     print(
-        "| implementation | decode short tok/s | decode @"
-        + f"{args.long_context} tok/s | prefill {len(prompt_ids)} tok/s |"
+        f"| implementation | decode short tok/s | decode @{args.long_context} tok/s | prefill {len(prompt_ids)} tok/s |"
     )
     print("|---|---:|---:|---:|")
     for name, b in best.items():

@@ -25,13 +25,13 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import torch  # noqa: E402
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from infinichat.engine.llamacpp import LlamaCppEngine, gguf_path  # noqa: E402
-from infinichat.engine.sampling import SamplingParams  # noqa: E402
-from infinichat.engine.torch_engine import physical_cores  # noqa: E402
-from infinichat.model.tokenizer import Tokenizer  # noqa: E402
+from infinichat.engine.llamacpp import LlamaCppEngine, gguf_path
+from infinichat.engine.sampling import SamplingParams
+from infinichat.engine.torch_engine import physical_cores
+from infinichat.model.tokenizer import Tokenizer
 
 CONTEXTS = (0, 1024, 4096)
 TEXT_CANDIDATES = (

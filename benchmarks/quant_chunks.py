@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 from unittest import mock
 
-
 from infinichat.engine.torch_engine import TorchEngine, set_threads
 from infinichat.model import quant
 from infinichat.model.loader import load_model

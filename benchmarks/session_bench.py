@@ -21,9 +21,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from infinichat.engine.torch_engine import TorchEngine, set_threads  # noqa: E402
-from infinichat.model.loader import load_model  # noqa: E402
-from infinichat.session.manager import SessionManager  # noqa: E402
+from infinichat.engine.torch_engine import TorchEngine, set_threads
+from infinichat.model.loader import load_model
+from infinichat.session.manager import SessionManager
 
 QUESTIONS = [
     "Tell me one fact about the sea.",

@@ -11,13 +11,14 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
-import pytest  # noqa: E402
+import pytest
 
 
 @pytest.fixture(scope="session")
 def tiny_chat_model(tmp_path_factory):
     """A tiny random Llama (4096 positions) loaded in float32, shared by the server tests."""
     from gguf_util import tiny_llama, write_gguf
+
     from infinichat.model.loader import load_model
 
     d = tmp_path_factory.mktemp("tiny-chat")

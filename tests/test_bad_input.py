@@ -17,12 +17,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import gguf_util
 import numpy as np
 import pytest
 from gguf import GGML_QUANT_SIZES, GGUFReader
 from gguf import GGMLQuantizationType as Q
-
-import gguf_util
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from logit_checks import assert_close
 
 from infinichat.engine.sampling import Sampler, SamplingParams
 from infinichat.errors import InfinichatError
-from logit_checks import assert_close
 
 pytestmark = pytest.mark.slow
 

@@ -24,7 +24,6 @@ from infinichat.eval.longbench_metrics import (
     score_sample,
 )
 
-
 # --------------------------------------------------------------------------------------------------- metrics
 
 

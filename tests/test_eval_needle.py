@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import ClassVar
 
 import pytest
+from test_kv_store import rand_ids, tiny_engine
 
 from infinichat.cli.main import main
 from infinichat.errors import InfinichatError
@@ -25,9 +26,6 @@ from infinichat.kv.full import FullPolicy
 from infinichat.kv.registry import POLICIES
 from infinichat.model.gguf_meta import read_gguf_fields
 from infinichat.model.tokenizer import Tokenizer
-
-from test_kv_store import rand_ids, tiny_engine
-
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

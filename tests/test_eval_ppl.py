@@ -10,16 +10,15 @@ import json
 import math
 import re
 
+import gguf_util
 import numpy as np
 import pytest
 import torch
+from test_kv_store import rand_ids, tiny_engine
 
 from infinichat.cli.main import main
 from infinichat.eval.ppl import PolicySpec, evaluate, make_specs, ppl, running_series
 from infinichat.kv.store import KVStore
-
-import gguf_util
-from test_kv_store import rand_ids, tiny_engine
 
 REL = 1e-4  # fp32: chunked and token-by-token evaluation differ only by summation order (~1e-6 seen)
 

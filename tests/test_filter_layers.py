@@ -6,14 +6,13 @@ from __future__ import annotations
 import json
 import re
 
+import gguf_util
 import pytest
 import torch
+from test_kv_store import rand_ids, tiny_model
 
 from infinichat.cli.main import main
 from infinichat.eval import filter_layers as fl
-
-import gguf_util
-from test_kv_store import rand_ids, tiny_model
 
 
 def random_attention(L: int, Q: int, N: int, seed: int = 0) -> torch.Tensor:

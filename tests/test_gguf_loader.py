@@ -14,6 +14,7 @@ import importlib.util
 import re
 from pathlib import Path
 
+import gguf_util
 import numpy as np
 import pytest
 import torch
@@ -21,7 +22,6 @@ from gguf import GGML_QUANT_SIZES, GGUFReader
 from gguf import GGMLQuantizationType as Q
 from gguf.quants import dequantize
 
-import gguf_util
 from infinichat.errors import ModelLoadError
 from infinichat.kv.cache import KVCache
 from infinichat.model import loader as loader_mod

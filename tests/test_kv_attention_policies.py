@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_kv_store import rand_ids, tiny_engine
 
 from infinichat.engine.sampling import SamplingParams
 from infinichat.engine.torch_engine import TorchEngine
@@ -18,8 +19,6 @@ from infinichat.kv.store import KVStore
 from infinichat.model.attention import ROW_BLOCK, AttentionRequest
 from infinichat.model.hf_loader import load_hf_folder
 from infinichat.model.transformer import Transformer
-
-from test_kv_store import rand_ids, tiny_engine
 
 transformers = pytest.importorskip("transformers")
 

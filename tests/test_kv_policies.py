@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_kv_store import TOL, fresh_keys, rand_ids, tiny_engine
 
 from infinichat.engine.sampling import SamplingParams
 from infinichat.engine.textgen import Generation, stream_text
 from infinichat.errors import InfinichatError
 from infinichat.kv import POLICIES
-
-from test_kv_store import TOL, fresh_keys, rand_ids, tiny_engine
 
 
 @pytest.fixture(scope="module")

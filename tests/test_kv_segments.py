@@ -286,7 +286,7 @@ class CacheMachine(RuleBasedStateMachine):
         got = [(s.id, s.kind, s.pinned, s.closed) for s in seq.segments.segments]
         assert got == [(s["id"], s["kind"], s["pinned"], s["closed"]) for s in ref.segs]
         for s in seq.segments.segments:
-            assert s.closed or s is seq.segments.segments[-1] and s.end == n, "the open segment ends the cache"
+            assert s.closed or (s is seq.segments.segments[-1] and s.end == n), "the open segment ends the cache"
             assert len(s) > 0 or not s.closed
         assert seq.store.next_position == ref.next_pos() and ref.next_pos() <= BUDGET
         ids = seq.store.tokens[:n]

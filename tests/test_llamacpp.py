@@ -11,11 +11,11 @@ from typing import ClassVar
 
 import pytest
 import torch
+from logit_checks import assert_close
 
 from infinichat.cli.main import main
 from infinichat.errors import InfinichatError
 from infinichat.kv.policy import SlidingPolicy
-from logit_checks import assert_close
 
 pytestmark = pytest.mark.slow
 pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (bash scripts/setup.sh --test)")

@@ -13,6 +13,7 @@ import platform
 
 import pytest
 import torch
+from test_quant import _dequantized, _weights
 
 from infinichat import native
 from infinichat.engine.torch_engine import TorchEngine
@@ -20,8 +21,6 @@ from infinichat.kv.cache import KVCache
 from infinichat.model import quant
 from infinichat.model.config import ModelConfig
 from infinichat.model.transformer import Transformer
-
-from test_quant import _dequantized, _weights
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -223,7 +222,7 @@ def test_a_broken_compiler_falls_back_with_its_message(monkeypatch, tmp_path):
 
 # ---------------------------------------------------------------------------------------------- prompt attention
 needs_avx512 = pytest.mark.skipif(
-    not (CAN_BUILD and native.AVX512 <= native._cpu_flags()), reason="the native prompt attention needs AVX-512"
+    not (CAN_BUILD and native._cpu_flags() >= native.AVX512), reason="the native prompt attention needs AVX-512"
 )
 
 
@@ -258,7 +257,7 @@ def test_prompt_attention_matches_sdpa(T, start, H, Hkv, hd, kv_dtype):
         v_buf[None, :, :S].float(),
         attn_mask=mask,
         scale=hd**-0.5,
-        enable_gqa=H != Hkv,
+        enable_gqa=Hkv != H,
     )[0]
     assert (got - want).abs().max().item() <= 2e-6
 

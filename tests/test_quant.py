@@ -8,11 +8,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from infinichat import native
 from infinichat.errors import InfinichatError
 from infinichat.kv.cache import KVCache
 from infinichat.model import quant
 from infinichat.model.config import ModelConfig
-from infinichat import native
 from infinichat.model.quant import (
     Int4Linear,
     Int8GroupLinear,
@@ -81,7 +81,7 @@ def test_int4_kernel_equals_dequantized_product(N, K, T):
     assert (err <= ref.abs() * 2**-8 + 1e-4 * ref.abs().max()).all(), f"max err {err.max().item():.2e}"
 
 
-HAS_VNNI = native.library() is not None and native.VNNI <= native._cpu_flags()
+HAS_VNNI = native.library() is not None and native._cpu_flags() >= native.VNNI
 
 
 @pytest.mark.parametrize("N,K", SHAPES)

@@ -10,10 +10,10 @@ import time
 
 import httpx
 import pytest
+from server_util import LiveServer
 
 from infinichat.model.loader import load_model
 from infinichat.session.session import Session
-from server_util import LiveServer
 
 GREEDY = {"temperature": 0.0, "max_tokens": 8}
 

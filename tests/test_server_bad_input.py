@@ -7,7 +7,6 @@ import threading
 
 import httpx
 import pytest
-
 from server_util import LiveServer
 
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from gguf_util import tiny_llama, write_gguf
+
 from infinichat.engine.sampling import SamplingParams
 from infinichat.engine.torch_engine import TorchEngine
 from infinichat.errors import InfinichatError

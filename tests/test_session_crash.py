@@ -10,8 +10,8 @@ import textwrap
 import time
 
 import pytest
-
 from gguf_util import tiny_llama, write_gguf
+
 from infinichat.engine.torch_engine import TorchEngine
 from infinichat.model.loader import load_model
 from infinichat.session.manager import SessionManager

@@ -11,7 +11,6 @@ import struct
 import zlib
 
 import pytest
-
 from web_util import ServeProcess, launch_browser, shot, web_prerequisites
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(web_prerequisites() is not None, reason=str(web_prerequisites()))]

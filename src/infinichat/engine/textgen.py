@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
+from infinichat.engine.base import Engine, Step
 from infinichat.engine.detok import StopMatcher, StreamDecoder
 from infinichat.engine.sampling import SamplingParams
-from infinichat.engine.base import Engine, Step
 from infinichat.kv.sequence import KVSequence
 
 

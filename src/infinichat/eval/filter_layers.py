@@ -123,7 +123,7 @@ def best_per_first(cov: torch.Tensor, n_filters: int, max_first: int) -> list[tu
     """For each first filter layer 0..max_first: the best set starting there and its served coverage."""
     L = cov.shape[0]
     out = []
-    for first in range(0, min(max_first, L - n_filters) + 1):
+    for first in range(min(max_first, L - n_filters) + 1):
         sets = [(first, *rest) for rest in itertools.combinations(range(first + 1, L), n_filters - 1)]
         scores = [served_coverage(cov, f) for f in sets]
         i = max(range(len(sets)), key=lambda j: (scores[j], [-x for x in sets[j]]))  # ties: shallower

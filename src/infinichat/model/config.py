@@ -61,12 +61,12 @@ class ModelConfig:
     def gated_mlp(self) -> bool:
         return self.act == "silu"
 
-    def with_(self, **changes: Any) -> "ModelConfig":
+    def with_(self, **changes: Any) -> ModelConfig:
         return replace(self, **changes)
 
     # ------------------------------------------------------------------ HF config.json
     @classmethod
-    def from_hf(cls, cfg: dict[str, Any], source: str = "config.json") -> "ModelConfig":
+    def from_hf(cls, cfg: dict[str, Any], source: str = "config.json") -> ModelConfig:
         archs = cfg.get("architectures") or []
         arch_name = archs[0] if archs else cfg.get("model_type", "?")
         if arch_name not in SUPPORTED_HF_ARCHS:
@@ -127,7 +127,7 @@ class ModelConfig:
 
     # ------------------------------------------------------------------ GGUF metadata
     @classmethod
-    def from_gguf(cls, fields: dict[str, Any], source: str = "model.gguf") -> "ModelConfig":
+    def from_gguf(cls, fields: dict[str, Any], source: str = "model.gguf") -> ModelConfig:
         arch = fields.get("general.architecture")
         if arch not in SUPPORTED_GGUF_ARCHS:
             raise ModelLoadError(

@@ -29,6 +29,7 @@ group) fall back to int8.
 from __future__ import annotations
 
 import logging
+
 import torch
 import torch.nn.functional as F
 

@@ -176,7 +176,7 @@ class TokenizerMeta:
         return asdict(self)
 
     @classmethod
-    def from_json(cls, data: Mapping[str, Any], source: str) -> "TokenizerMeta":
+    def from_json(cls, data: Mapping[str, Any], source: str) -> TokenizerMeta:
         known = {f for f in cls.__dataclass_fields__}
         unknown = set(data) - known
         if unknown:
@@ -313,7 +313,7 @@ class Tokenizer:
         (folder / META_FILE).write_text(json.dumps(self.meta.to_json(), ensure_ascii=False, indent=1), "utf-8")
 
     @classmethod
-    def from_saved(cls, folder: Path) -> "Tokenizer":
+    def from_saved(cls, folder: Path) -> Tokenizer:
         folder = Path(folder)
         tok_path, meta_path = folder / TOKENIZER_FILE, folder / META_FILE
         for p in (tok_path, meta_path):
@@ -328,7 +328,7 @@ class Tokenizer:
 
     # ---------------------------------------------------------------------- Hugging Face folder
     @classmethod
-    def from_hf_dir(cls, folder: Path) -> "Tokenizer":
+    def from_hf_dir(cls, folder: Path) -> Tokenizer:
         folder = Path(folder)
         tok_path = folder / TOKENIZER_FILE
         if not tok_path.is_file():
@@ -381,14 +381,14 @@ class Tokenizer:
 
     # ---------------------------------------------------------------------- GGUF metadata
     @classmethod
-    def from_gguf(cls, path: Path) -> "Tokenizer":
+    def from_gguf(cls, path: Path) -> Tokenizer:
         """Shorthand for `from_gguf_fields(read_gguf_fields(path))`."""
         from infinichat.model.gguf_meta import read_gguf_fields
 
         return cls.from_gguf_fields(read_gguf_fields(path), source=str(path))
 
     @classmethod
-    def from_gguf_fields(cls, fields: Mapping[str, Any], source: str = "GGUF metadata") -> "Tokenizer":
+    def from_gguf_fields(cls, fields: Mapping[str, Any], source: str = "GGUF metadata") -> Tokenizer:
         """Build from GGUF metadata already read into python values (see `gguf_meta.read_gguf_fields`)."""
         model = fields.get("tokenizer.ggml.model")
         tokens = fields.get("tokenizer.ggml.tokens")
@@ -600,4 +600,4 @@ def _kind_of(backend: HFTokenizer) -> str:
     return "other"
 
 
-__all__ = ["Tokenizer", "TokenizerMeta", "PreTokenizerSpec", "PRE_TOKENIZERS", "byte_to_unicode"]
+__all__ = ["PRE_TOKENIZERS", "PreTokenizerSpec", "Tokenizer", "TokenizerMeta", "byte_to_unicode"]

@@ -292,7 +292,7 @@ class Transformer:
             x, logits = self.native.decode(int(tokens[0]), positions, cache, start)
             logits = self._rescore(x.to(self.dtype)[None], logits[None])  # (1, V)
             return logits if all_logits else logits[0]
-        compute = torch.float32 if self.dtype == torch.bfloat16 and T >= self.fp32_min else self.dtype
+        compute = torch.float32 if self.dtype == torch.bfloat16 and self.fp32_min <= T else self.dtype
         x = self._embed(tokens, compute)  # (T, D)
         cos, sin = self.rope.cos_sin(positions, compute)  # (T, rot)
         if cos.shape[-1] == self.cfg.head_dim and self._row_ops(x) is not None:  # (T, hd) rows for rope_

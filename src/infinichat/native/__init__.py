@@ -205,13 +205,13 @@ class Matmul:
     def __init__(self, lib: ctypes.CDLL, w, vnni: bool | None = None):
         """`vnni`: use the AVX-512 VNNI kernel for int8 (default: where the CPU has it)."""
         self.lib, self.n, self.k = lib, w.N, w.K
-        self.vnni = int(VNNI <= _cpu_flags() if vnni is None else vnni)
+        self.vnni = int(_cpu_flags() >= VNNI if vnni is None else vnni)
         self.mat = _mat(w)  # points into w's tensors: w owns this object
         self.mref = ctypes.byref(self.mat)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         T, K = x.shape
-        if K != self.k:
+        if self.k != K:
             raise ValueError(f"input of {K} features for a {self.n}x{self.k} weight")
         x = x.to(torch.float32).contiguous()
         y = torch.empty(T, self.n, dtype=torch.float32)
@@ -322,7 +322,7 @@ class PromptAttention:
 def prompt_attention() -> PromptAttention | None:
     """The native prompt attention where the library builds and the CPU has AVX-512, else None (SDPA)."""
     lib = library()
-    if lib is None or not AVX512 <= _cpu_flags():
+    if lib is None or not _cpu_flags() >= AVX512:
         return None
     return PromptAttention(lib)
 

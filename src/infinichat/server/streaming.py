@@ -68,7 +68,7 @@ def sse_response(
                 yield frame(item)
             if tail:
                 yield tail
-        except Exception as e:  # noqa: BLE001 - every failure is reported to the client as a JSON error
+        except Exception as e:
             a = to_api_error(e)
             yield sse(error_event, error_body(a.status, a.message, a.param, a.type))
         finally:

@@ -421,7 +421,7 @@ class _Chunk:
 def _png_chunks(blob: bytes, where: str) -> list[_Chunk]:
     """Every chunk up to IEND, with the signature, chunk framing and CRCs checked."""
     if not blob.startswith(PNG_SIGNATURE):
-        raise _err(where, f"is not a PNG (bad signature)")
+        raise _err(where, "is not a PNG (bad signature)")
     pos, chunks = len(PNG_SIGNATURE), []
     while True:
         if pos + 12 > len(blob):
@@ -471,7 +471,7 @@ def _inflate(data: bytes, where: str) -> bytes:
     if len(out) > MAX_CARD_BYTES:
         raise _err(where, f"decompressed text is over {MAX_CARD_BYTES // 2**20} MiB")
     if not d.eof:
-        raise _err(where, f"compressed text is truncated")
+        raise _err(where, "compressed text is truncated")
     return out
 
 
@@ -482,14 +482,14 @@ def _chunk_text(c: _Chunk, where: str) -> str:
         return rest.decode("latin-1")
     if c.type == b"zTXt":
         if rest[:1] != b"\0":
-            raise _err(where, f"unknown compression method (only 0, zlib, exists)")
+            raise _err(where, "unknown compression method (only 0, zlib, exists)")
         return _inflate(rest[1:], where).decode("latin-1")
     if len(rest) < 2:  # iTXt: flag, method, language\0, translated keyword\0, text
-        raise _err(where, f"iTXt chunk is cut short")
+        raise _err(where, "iTXt chunk is cut short")
     compressed, method = rest[0], rest[1]
     text = rest[2:].split(b"\0", 2)
     if len(text) < 3:
-        raise _err(where, f"iTXt chunk is missing its language or translated keyword field")
+        raise _err(where, "iTXt chunk is missing its language or translated keyword field")
     body = text[2]
     if compressed:
         if method != 0:
@@ -531,7 +531,7 @@ def _card_from_png(blob: bytes, where: str) -> CharacterCard:
             return _card_from_dict(_decode_payload(_chunk_text(c, label), label), label)
     raise _err(
         where,
-        f"PNG has no character card (no tEXt/zTXt/iTXt chunk with keyword 'chara' or 'ccv3'); it is a plain image",
+        "PNG has no character card (no tEXt/zTXt/iTXt chunk with keyword 'chara' or 'ccv3'); it is a plain image",
     )
 
 
