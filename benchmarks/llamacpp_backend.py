@@ -112,10 +112,14 @@ def main() -> int:
         seq = ours.new_sequence(capacity=len(prompt) + args.tokens + 8)
         logits = ours.prefill(seq, prompt)
         a, b = [], []
-        sides = [
-            lambda: a.append(ours_tps(ours, seq, logits, len(prompt), args.tokens)),
-            lambda: b.append(plain_tps(plain, prompt, args.tokens)),
-        ]
+
+        def ours_side(seq=seq, logits=logits, prompt=prompt, out=a):
+            out.append(ours_tps(ours, seq, logits, len(prompt), args.tokens))
+
+        def plain_side(prompt=prompt, out=b):
+            out.append(plain_tps(plain, prompt, args.tokens))
+
+        sides = [ours_side, plain_side]
         for r in range(args.repeats):
             for measure in sides if r % 2 == 0 else sides[::-1]:  # who goes first alternates
                 measure()

@@ -94,7 +94,7 @@ def main() -> None:
         def apply_decode(v):
             qm.native = v
 
-        def measure_decode():
+        def measure_decode(prompt=prompt):
             seq = qeng.new_cache(len(prompt) + args.decode_tokens + 1)
             logits = qeng.prefill(seq, prompt)
             t0 = time.perf_counter()

@@ -22,6 +22,7 @@ the machine's load; the ratios are measured in one run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import gc
 import statistics
@@ -44,10 +45,8 @@ def rss_mb(trim: bool = False) -> float:
     blocks the allocator keeps (bf16 prefills allocate ~100 MB of float32 weight copies per call)."""
     gc.collect()
     if trim:
-        try:
+        with contextlib.suppress(OSError, AttributeError):
             ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):
-            pass
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith("VmRSS:"):

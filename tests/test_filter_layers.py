@@ -42,13 +42,13 @@ def test_coverage_equals_a_from_scratch_loop_and_k_everything_covers_all():
     cov = fl.coverage_matrix(att, masks)
     prompt = N - Q
     for c in range(L):
-        for l in range(c + 1, L):
+        for later in range(c + 1, L):
             total = 0.0
             for q in range(Q):
                 order = sorted(range(sinks, prompt), key=lambda j: -att[c, q, j].item())[:k]
                 seen = set(range(sinks)) | set(order) | set(range(prompt, N))
-                total += sum(att[l, q, j].item() for j in seen)
-            assert cov[c, l].item() == pytest.approx(total / Q, abs=1e-6)
+                total += sum(att[later, q, j].item() for j in seen)
+            assert cov[c, later].item() == pytest.approx(total / Q, abs=1e-6)
         assert all(v != v for v in cov[c, : c + 1].tolist())  # NaN on and below the diagonal
     everything = fl.coverage_matrix(att, fl.pick_masks(att, 1.0, sinks))
     assert torch.allclose(everything[0, 1:], torch.ones(L - 1, dtype=torch.float64), atol=1e-6)

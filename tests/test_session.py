@@ -235,7 +235,7 @@ def test_edit_and_delete_repair_the_cache(mgr):
 def test_cancel_and_stop_string_keep_cache_consistent(mgr):
     s = mgr.create("a", system_prompt=SYSTEM, settings={"temperature": 0.0, "max_tokens": 40})
     gen = s.send("go")
-    for i, ev in enumerate(gen):
+    for i, _ev in enumerate(gen):
         if i == 5:
             break
     gen.close()

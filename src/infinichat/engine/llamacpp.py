@@ -34,6 +34,7 @@ the store under the sequence differs.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import json
@@ -220,7 +221,7 @@ class _SeqPool:
     def park_lru(self, keep: LlamaCppStore) -> bool:
         """Park the least recently used resident store other than `keep`; False if there is none."""
         self.drain()
-        for sid, ref in list(self.resident.items()):
+        for ref in list(self.resident.values()):
             store = ref()
             if store is not None and store is not keep:
                 store.park()
@@ -532,10 +533,8 @@ class LlamaCppEngine(Engine):
 
     def __del__(self) -> None:
         if getattr(self, "_lib", None) is not None:
-            try:
+            with contextlib.suppress(Exception):  # interpreter shutdown: the library may be gone already
                 self.close()
-            except Exception:  # interpreter shutdown: the library may be gone already
-                pass
 
     # ------------------------------------------------------------------ sequences
     def _new_store(self, policy: EvictionPolicy, budget: int | None, capacity: int | None) -> LlamaCppStore:

@@ -20,6 +20,7 @@ head_dim 64/128 (`prompt_attention`; every model); elsewhere PyTorch's ops and S
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -410,10 +411,8 @@ class NativeDecoder:
                 (ctypes.c_void_p * n)(*[t.data_ptr() for t in v]),
                 k[0].shape[1],
             )
-        try:
+        with contextlib.suppress(TypeError):  # a cache object that takes no weak reference
             self._bindings[cache] = binding
-        except TypeError:
-            pass
         return binding
 
     def _fits(self, k: list[torch.Tensor], v: list[torch.Tensor]) -> bool:

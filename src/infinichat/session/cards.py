@@ -403,7 +403,7 @@ def _parse_json(blob: bytes, where: str) -> Any:
 
 def _card_from_bytes(blob: bytes, where: str, png_expected: bool = False) -> CharacterCard:
     _check_size(len(blob), where)
-    if blob.startswith(PNG_SIGNATURE) or blob.startswith(b"\x89PNG"):
+    if blob.startswith((PNG_SIGNATURE, b"\x89PNG")):
         return _card_from_png(blob, where)
     if png_expected:
         raise _err(where, f"is not a PNG (bad signature); {ACCEPTED}")
