@@ -37,7 +37,7 @@ def free_port() -> int:
 
 def pct(xs: list[float], q: float) -> float:
     xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))] if xs else float("nan")
+    return xs[min(len(xs) - 1, round(q * (len(xs) - 1)))] if xs else float("nan")
 
 
 async def client(c: httpx.AsyncClient, i: int, turns: int, max_tokens: int, stats: dict) -> None:

@@ -92,20 +92,20 @@ def _finish(model, seed: int):
 def tiny_llama(seed: int = 0, **overrides):
     """A random Llama with GQA (4 query heads, 2 KV heads) and the tiny vocabulary."""
     tf = _transformers()
-    kw = dict(
-        vocab_size=VOCAB_SIZE,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        rope_theta=10000.0,
-        initializer_range=0.08,
-        bos_token_id=EOS_ID,
-        eos_token_id=EOS_ID,
-        tie_word_embeddings=False,
-    )
+    kw = {
+        "vocab_size": VOCAB_SIZE,
+        "hidden_size": 64,
+        "intermediate_size": 96,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 128,
+        "rope_theta": 10000.0,
+        "initializer_range": 0.08,
+        "bos_token_id": EOS_ID,
+        "eos_token_id": EOS_ID,
+        "tie_word_embeddings": False,
+    }
     torch.manual_seed(seed)
     return _finish(tf.AutoModelForCausalLM.from_config(tf.LlamaConfig(**{**kw, **overrides})), seed)
 
@@ -113,20 +113,20 @@ def tiny_llama(seed: int = 0, **overrides):
 def tiny_neox(seed: int = 0, **overrides):
     """A random GPT-NeoX (Pythia layout: partial rotary, parallel residual, biases everywhere)."""
     tf = _transformers()
-    kw = dict(
-        vocab_size=VOCAB_SIZE,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        rotary_pct=0.25,
-        use_parallel_residual=True,
-        max_position_embeddings=128,
-        initializer_range=0.08,
-        bos_token_id=EOS_ID,
-        eos_token_id=EOS_ID,
-        tie_word_embeddings=False,
-    )
+    kw = {
+        "vocab_size": VOCAB_SIZE,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "rotary_pct": 0.25,
+        "use_parallel_residual": True,
+        "max_position_embeddings": 128,
+        "initializer_range": 0.08,
+        "bos_token_id": EOS_ID,
+        "eos_token_id": EOS_ID,
+        "tie_word_embeddings": False,
+    }
     torch.manual_seed(seed)
     return _finish(tf.AutoModelForCausalLM.from_config(tf.GPTNeoXConfig(**{**kw, **overrides})), seed)
 
@@ -136,19 +136,19 @@ class RandomLlama:
     only need a valid file and should not pay for importing transformers."""
 
     def __init__(self, seed: int = 0, **overrides):
-        c = dict(
-            model_type="llama",
-            vocab_size=VOCAB_SIZE,
-            hidden_size=64,
-            intermediate_size=96,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=128,
-            rope_parameters={"rope_theta": 10000.0},
-            rms_norm_eps=1e-6,
-            tie_word_embeddings=False,
-        )
+        c = {
+            "model_type": "llama",
+            "vocab_size": VOCAB_SIZE,
+            "hidden_size": 64,
+            "intermediate_size": 96,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 128,
+            "rope_parameters": {"rope_theta": 10000.0},
+            "rms_norm_eps": 1e-6,
+            "tie_word_embeddings": False,
+        }
         self.config = SimpleNamespace(**{**c, **overrides})
         self.seed = seed
 

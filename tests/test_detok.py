@@ -100,7 +100,7 @@ def test_multibyte_characters_really_are_split_across_tokens(smol: Decoder) -> N
 
 
 def test_special_tokens_skipped_or_shown(smol: Decoder) -> None:
-    ids = [1] + smol.encode("user\nHi 👋 there") + [2] + smol.encode("\n")
+    ids = [1, *smol.encode("user\nHi 👋 there"), 2, *smol.encode("\n")]
     chunks, tail = _stream(smol, ids)
     assert "".join(chunks) + tail == smol.decode(ids, skip_special=True) == "user\nHi 👋 there\n"
     chunks, tail = _stream(smol, ids, skip_special=False)

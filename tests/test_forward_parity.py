@@ -19,7 +19,13 @@ from transformers import DynamicCache  # noqa: E402
 TOL = 1e-4
 PREFILL, DECODE = 24, 20
 
-_small = dict(vocab_size=211, hidden_size=64, intermediate_size=96, num_hidden_layers=3, initializer_range=0.08)
+_small = {
+    "vocab_size": 211,
+    "hidden_size": 64,
+    "intermediate_size": 96,
+    "num_hidden_layers": 3,
+    "initializer_range": 0.08,
+}
 
 
 def _llama(**kw):
@@ -121,15 +127,14 @@ def test_bfloat16_paths(name, tmp_path):
     from infinichat.model import transformer as tmod
 
     _, cfg, ours32 = _build(name, tmp_path)
-    weights = {
-        k: v
-        for k, v in (
+    weights = dict(
+        (
             [("embed.weight", ours32.embed), ("norm.weight", ours32.norm[0])]
             + ([("norm.bias", ours32.norm[1])] if ours32.norm[1] is not None else [])
             + ([] if cfg.tie_embeddings else [("lm_head.weight", ours32.lm_head)])
             + [(f"layers.{i}.{n}", t) for i, L in enumerate(ours32.layers) for n, t in L.items()]
         )
-    }
+    )
     bf = Transformer(cfg, weights, torch.bfloat16)
     plain = Transformer(cfg, weights, torch.bfloat16)
     plain.packed.clear()

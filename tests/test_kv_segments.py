@@ -72,7 +72,12 @@ class Ref:
     def create(self, kind, pinned):
         self.close()
         self.segs.append(
-            dict(id=self.next_id, kind=kind, pinned=kind == "system" if pinned is None else pinned, closed=False)
+            {
+                "id": self.next_id,
+                "kind": kind,
+                "pinned": kind == "system" if pinned is None else pinned,
+                "closed": False,
+            }
         )
         self.next_id += 1
 

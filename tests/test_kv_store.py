@@ -17,18 +17,18 @@ TOL = 1e-5
 
 def tiny_model(seed: int = 0, rope_scaling: RopeScaling | None = None, **cfg_changes) -> Transformer:
     """A random Llama-style model in our canonical weight layout (no transformers needed)."""
-    base = dict(
-        arch="llama",
-        vocab_size=97,
-        dim=64,
-        n_layers=3,
-        n_heads=4,
-        n_kv_heads=2,
-        head_dim=16,
-        ffn_dim=96,
-        max_position=512,
-        rope_scaling=rope_scaling or RopeScaling(),
-    )
+    base = {
+        "arch": "llama",
+        "vocab_size": 97,
+        "dim": 64,
+        "n_layers": 3,
+        "n_heads": 4,
+        "n_kv_heads": 2,
+        "head_dim": 16,
+        "ffn_dim": 96,
+        "max_position": 512,
+        "rope_scaling": rope_scaling or RopeScaling(),
+    }
     cfg = ModelConfig(**{**base, **cfg_changes})
     g = torch.Generator().manual_seed(seed)
 

@@ -31,17 +31,17 @@ CAN_BUILD = (
 
 def _cfg(**kw) -> ModelConfig:
     # head_dim 32 and 3 query heads per KV head, as the default model groups them (9 / 3)
-    base = dict(
-        arch="llama",
-        vocab_size=300,
-        dim=96,
-        n_layers=3,
-        n_heads=6,
-        n_kv_heads=2,
-        head_dim=32,
-        ffn_dim=160,
-        max_position=1024,
-    )
+    base = {
+        "arch": "llama",
+        "vocab_size": 300,
+        "dim": 96,
+        "n_layers": 3,
+        "n_heads": 6,
+        "n_kv_heads": 2,
+        "head_dim": 32,
+        "ffn_dim": 160,
+        "max_position": 1024,
+    }
     return ModelConfig(**{**base, **kw})
 
 

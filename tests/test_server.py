@@ -297,7 +297,7 @@ def test_openai_session_header_reuses_the_session(live, client):
     assert [m["text"] for m in h["messages"][:3]] == [m["content"] for m in msgs[1:]]
     assert len(h["messages"]) == 4 and h["system_prompt"] == "Be brief."
     # a diverging history reverts the session to the common prefix
-    oc.chat.completions.create(model="x", messages=msgs[:1] + [{"role": "user", "content": "Other"}], max_tokens=3)
+    oc.chat.completions.create(model="x", messages=[*msgs[:1], {"role": "user", "content": "Other"}], max_tokens=3)
     h = client.get("/api/sessions/oai").json()
     assert [m["text"] for m in h["messages"]][:1] == ["Other"] and len(h["messages"]) == 2
 

@@ -208,8 +208,10 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [
         f"# Filter-layer analysis: {report.get('model', '?')}",
         "",
-        f"{report['tokens']} tokens of {report.get('text', '?')}; the last {report['queries']} act as decode "
-        f"steps; {report['n_sink']} sinks. Mean share of the later layers' attention mass on each layer's picks:",
+        (
+            f"{report['tokens']} tokens of {report.get('text', '?')}; the last {report['queries']} act as decode "
+            f"steps; {report['n_sink']} sinks. Mean share of the later layers' attention mass on each layer's picks:"
+        ),
         "",
         head,
         "|---:|" + "---:|" * len(res),
@@ -218,8 +220,10 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append(f"| {c} | " + " | ".join(f"{r['coverage_of_later_layers'][c]:.3f}" for r in res) + " |")
     lines += [
         "",
-        f"Recommended filter layers (the shallowest first layer <= {report['max_first']} within "
-        f"{report['tolerance']} of the best served coverage):",
+        (
+            f"Recommended filter layers (the shallowest first layer <= {report['max_first']} within "
+            f"{report['tolerance']} of the best served coverage):"
+        ),
         "",
     ]
     for r in res:

@@ -115,7 +115,7 @@ def _fill(sentences: Iterator[str], tok: Tokenizer, n: int) -> tuple[list[int], 
     while len(ids) < n:
         starts.append(len(ids))
         ids.extend(encode_text(tok, " " + next(sentences)))
-    return ids[:n], starts + [n]
+    return ids[:n], [*starts, n]
 
 
 def build_prompt(

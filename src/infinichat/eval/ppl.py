@@ -180,7 +180,7 @@ def running_series(nll: np.ndarray, every: int = SERIES_EVERY, window: int = SER
     over the last `window` tokens before p."""
     n = nll.shape[0]
     csum = np.concatenate([[0.0], np.cumsum(np.nan_to_num(nll[1:]))])  # csum[k] = sum of nll[1 : 1 + k]
-    points = list(range(every, n, every)) + [n]
+    points = [*range(every, n, every), n]
     cum, win = [], []
     for p in points:
         k = p - 1  # tokens with a prediction in [1, p)

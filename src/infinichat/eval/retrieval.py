@@ -172,9 +172,11 @@ def markdown(report: dict[str, Any]) -> str:
     task = report["task"] + ("" if report["task"] == "passkey" else f" ({report['variant']})")
     parts = [
         f"## {task}: accuracy (%), {report['model']}\n",
-        f"Mean over depths {', '.join(f'{d:g}' for d in report['depths'])} and {report['samples']} sample(s) each; "
-        f"greedy, {report['max_new_tokens']} new tokens; "
-        f"chat template: {'yes' if report['chat_template'] else 'no'}.\n",
+        (
+            f"Mean over depths {', '.join(f'{d:g}' for d in report['depths'])} and {report['samples']} sample(s) each; "
+            f"greedy, {report['max_new_tokens']} new tokens; "
+            f"chat template: {'yes' if report['chat_template'] else 'no'}.\n"
+        ),
         _table(*accuracy_rows(report)),
         "\n### accuracy (%) by depth\n",
     ]

@@ -68,7 +68,7 @@ class SnapKVPolicy(ScoredPolicy):
         self._sums.clear()
 
     def observe(self, seq: KVSequence, layer: int, probs: torch.Tensor, row0: int, rows: int) -> None:
-        H, r, S = probs.shape
+        _H, r, S = probs.shape
         acc = probs.sum(dim=1) if row0 == 0 else self._sums[layer] + probs.sum(dim=1)  # (H, S)
         if row0 + r < rows:  # more row blocks of this layer to come
             self._sums[layer] = acc

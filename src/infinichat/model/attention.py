@@ -56,7 +56,7 @@ def requested_attention(
 ) -> torch.Tensor:
     """Layer `li`'s attention under `req`. q (H, T, hd) for slots [start, start+T), whose K/V the caller has
     already written into the cache buffers (Hkv, C, hd). Returns (H, T, hd) in q's dtype."""
-    H, T, _ = q.shape
+    _H, T, _ = q.shape
     end = start + T
     mirror = req.resident.get(li)
     if mirror is not None:

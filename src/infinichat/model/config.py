@@ -155,18 +155,18 @@ class ModelConfig:
             )
         if kind == "linear":
             scaling = RopeScaling(kind="linear", factor=float(get("rope.scaling.factor")))
-        common = dict(
-            vocab_size=vocab,
-            dim=dim,
-            n_layers=int(get("block_count")),
-            n_heads=n_heads,
-            n_kv_heads=int(get("attention.head_count_kv", n_heads)),
-            head_dim=head_dim,
-            ffn_dim=int(get("feed_forward_length")),
-            rope_theta=float(get("rope.freq_base", 10000.0)),
-            max_position=int(get("context_length", 4096)),
-            rope_scaling=scaling,
-        )
+        common = {
+            "vocab_size": vocab,
+            "dim": dim,
+            "n_layers": int(get("block_count")),
+            "n_heads": n_heads,
+            "n_kv_heads": int(get("attention.head_count_kv", n_heads)),
+            "head_dim": head_dim,
+            "ffn_dim": int(get("feed_forward_length")),
+            "rope_theta": float(get("rope.freq_base", 10000.0)),
+            "max_position": int(get("context_length", 4096)),
+            "rope_scaling": scaling,
+        }
         if arch == "gptneox":
             return cls(
                 arch="gptneox",

@@ -278,7 +278,7 @@ class PromptAttention:
         self.lib = lib
 
     def takes(self, q: torch.Tensor, n_kv: int) -> bool:
-        H, T, hd = q.shape
+        H, _T, hd = q.shape
         return q.dtype == torch.float32 and hd in PROMPT_HEAD_DIMS and H % n_kv == 0 and H // n_kv <= 16
 
     def __call__(

@@ -84,16 +84,16 @@ def create_app(
         worker.close()  # finishes the running generations as cancelled and writes resident caches to disk
 
     app = FastAPI(title="infinichat", docs_url="/docs", redoc_url=None, lifespan=lifespan)
-    for k, v in dict(
-        worker=worker,
-        metrics=metrics,
-        prefix_lru=lru,
-        engine=engine,
-        tokenizer=tokenizer,
-        manager=manager,
-        api_key=api_key,
-        info={"model": model_name, "backend": backend, "started": time.time()},
-    ).items():
+    for k, v in {
+        "worker": worker,
+        "metrics": metrics,
+        "prefix_lru": lru,
+        "engine": engine,
+        "tokenizer": tokenizer,
+        "manager": manager,
+        "api_key": api_key,
+        "info": {"model": model_name, "backend": backend, "started": time.time()},
+    }.items():
         setattr(app.state, k, v)
     errors.install(app)
 
