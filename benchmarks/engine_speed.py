@@ -327,7 +327,7 @@ def main() -> None:
                 if how == "best":
                     ratio = best[name][m] / best[ref][m]
                 else:
-                    ratio = statistics.median(a[m] / b[m] for a, b in zip(rounds[name], rounds[ref]))
+                    ratio = statistics.median(a[m] / b[m] for a, b in zip(rounds[name], rounds[ref], strict=True))
                 cells.append(f"{ratio:.2f}x{' *' if ratio >= t else ''}")
             print(f"| {name} | " + " | ".join(cells) + " |")
 

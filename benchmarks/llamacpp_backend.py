@@ -136,7 +136,7 @@ def main() -> int:
         for ctx, a, b in rows:
             a_, b_ = [x[k] for x in a], [x[k] for x in b]
             rm, rb = statistics.median(a_) / statistics.median(b_), max(a_) / max(b_)
-            rp = statistics.median(x / y for x, y in zip(a_, b_))
+            rp = statistics.median(x / y for x, y in zip(a_, b_, strict=True))
             ok &= rp >= 0.95 or k == 0
             print(
                 f"{ctx:>8} | {statistics.median(a_):>9.1f}, {max(a_):>8.1f} | {statistics.median(b_):>9.1f}, "

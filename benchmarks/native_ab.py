@@ -43,7 +43,7 @@ def report(title: str, rates: dict[str, list[float]], outs: dict, base: str) -> 
     for name, v in rates.items():
         line = f"  {name:28s} " + " ".join(f"{x:7.1f}" for x in v)
         if name != base:
-            ratio = statistics.median(a / b for a, b in zip(v, rates[base]))
+            ratio = statistics.median(a / b for a, b in zip(v, rates[base], strict=True))
             diff = (outs[name] - outs[base]).abs().max().item()
             line += f"   median ratio vs {base}: {ratio:.3f}x, max logit diff {diff:.3g}"
         print(line)

@@ -78,7 +78,9 @@ def main() -> None:
             for v in variants if r % 2 == 0 else variants[::-1]:
                 rates[v].append(chunk_rate(models[v[0]], ids, T, v[1]))
         cells = [f"{statistics.median(rates[v]):.0f}" for v in variants]
-        ratios = [statistics.median(a / b for a, b in zip(rates[(n, False)], rates[(n, True)])) for n in models]
+        ratios = [
+            statistics.median(a / b for a, b in zip(rates[(n, False)], rates[(n, True)], strict=True)) for n in models
+        ]
         print(f"| {T} | " + " | ".join(cells) + " | " + " | ".join(f"{x:.2f}x" for x in ratios) + " |", flush=True)
 
 

@@ -168,12 +168,12 @@ def test_several_sequences_alive_do_not_interfere(default_engine, ids):
     engine = default_engine
     starts = [0, 150, 300, 450]
     seqs = [engine.new_sequence(capacity=128) for _ in starts]
-    for s, seq in zip(starts, seqs):
+    for s, seq in zip(starts, seqs, strict=True):
         engine.prefill(seq, ids[s : s + 40])
     for k in range(3):  # interleaved decoding
-        for s, seq in zip(starts, seqs):
+        for s, seq in zip(starts, seqs, strict=True):
             logits = engine.decode_one(seq, ids[s + 40 + k])
-    for s, seq in zip(starts, seqs):
+    for s, seq in zip(starts, seqs, strict=True):
         assert seq.token_ids() == ids[s : s + 43]
     assert_close(engine, logits, fresh(engine, ids[450:493]))
     assert_close(engine, engine.decode_one(seqs[0], ids[43]), fresh(engine, ids[:44]))

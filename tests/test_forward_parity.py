@@ -141,9 +141,9 @@ def test_bfloat16_paths(name, tmp_path):
     n = tmod.FP32_PREFILL_MIN + 8
     ids = torch.randint(0, cfg.vocab_size, (n + 4,), generator=torch.Generator().manual_seed(3))
     caches = [KVCache(cfg, 64, torch.bfloat16) for _ in range(2)] + [KVCache(cfg, 64)]
-    outs = [m(ids[:n], torch.arange(n), c, 0) for m, c in zip((bf, plain, ours32), caches)]
+    outs = [m(ids[:n], torch.arange(n), c, 0) for m, c in zip((bf, plain, ours32), caches, strict=True)]
     for t in range(n, n + 4):
-        outs = [m(ids[t : t + 1], torch.tensor([t]), c, t) for m, c in zip((bf, plain, ours32), caches)]
+        outs = [m(ids[t : t + 1], torch.tensor([t]), c, t) for m, c in zip((bf, plain, ours32), caches, strict=True)]
         assert torch.equal(outs[0], outs[1]), "packed and plain bf16 decode differ"
         scale = outs[2].abs().max().item()
         assert (outs[0] - outs[2]).abs().max().item() <= 0.05 * scale + 0.02, "bf16 drifted from fp32"

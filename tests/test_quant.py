@@ -328,7 +328,7 @@ def test_quantized_head_rescores_its_top_candidates_exactly():
     ids = torch.randint(0, cfg.vocab_size, (12,), generator=torch.Generator().manual_seed(9))
     caches = [KVCache(cfg, 16, torch.bfloat16) for _ in range(2)]
     for t in range(12):
-        a, b = (m(ids[t : t + 1], torch.tensor([t]), c, t) for m, c in zip((rescored, dense_head), caches))
+        a, b = (m(ids[t : t + 1], torch.tensor([t]), c, t) for m, c in zip((rescored, dense_head), caches, strict=True))
         top = b.topk(RESCORE_TOP // 2).indices  # well inside the int8 head's candidates
         assert a.argmax() == b.argmax()
         assert ((a[top] - b[top]).abs() <= b[top].abs() * 2**-7).all()  # within one bf16 rounding

@@ -96,7 +96,7 @@ def ppl(args: argparse.Namespace) -> int:
         tasks = [
             progress.add_task(s.label, total=min(len(ids), s.budget) if s.name == "full" else len(ids)) for s in specs
         ]
-        for spec, task in zip(specs, tasks):
+        for spec, task in zip(specs, tasks, strict=True):
 
             def step(seq, done: int, task=task) -> None:
                 progress.update(task, completed=done)

@@ -314,4 +314,4 @@ def _top(logp: torch.Tensor, ids: torch.Tensor | None, n: int) -> list[tuple[int
     vals, idx = torch.topk(logp, min(n, logp.shape[0]))  # (n,), sorted
     if ids is not None:
         idx = ids[idx]
-    return [(int(i), float(v)) for i, v in zip(idx.tolist(), vals.tolist()) if v > -math.inf]
+    return [(int(i), float(v)) for i, v in zip(idx.tolist(), vals.tolist(), strict=True) if v > -math.inf]

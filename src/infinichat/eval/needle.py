@@ -239,7 +239,9 @@ def niah_sample(
     for _ in range(n):
         keys.append(haystack.random_key(rng, set(keys)))
         values.append(haystack.random_number(rng, digits, set(values)))
-    needles = [(NIAH_NEEDLE.format(key=k, value=v), v, i == 0) for i, (k, v) in enumerate(zip(keys, values))]
+    needles = [
+        (NIAH_NEEDLE.format(key=k, value=v), v, i == 0) for i, (k, v) in enumerate(zip(keys, values, strict=True))
+    ]
     filler = haystack.essay_filler(rng) if sentences is None else haystack.file_filler(sentences, rng)
     return build_prompt(
         tok,

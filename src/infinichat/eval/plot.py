@@ -19,10 +19,10 @@ def plot_running_ppl(report: dict[str, Any], path: Path) -> Path:
     values: list[float] = []
     for rec in report["policies"]:
         s = rec["series"]
-        pts = [(p, v) for p, v in zip(s["position"], s["window_ppl"]) if v is not None]
+        pts = [(p, v) for p, v in zip(s["position"], s["window_ppl"], strict=True) if v is not None]
         if not pts:
             continue
-        xs, ys = zip(*pts)
+        xs, ys = zip(*pts, strict=True)
         values.extend(ys)
         suffix = f" (stops at {rec['stopped_at']})" if rec.get("stopped_at") else ""
         ax.plot(xs, ys, label=f"{rec['label']}{suffix}", linewidth=1.4)

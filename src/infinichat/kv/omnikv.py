@@ -98,7 +98,7 @@ class OmniKVPolicy(EvictionPolicy):
             self._decode_start = start
         decode_start = min(self._decode_start, start)
         bounds = (*filters, cfg.n_layers)
-        served = {f: range(f + 1, nxt) for f, nxt in zip(filters, bounds[1:])}  # layers fed by each filter
+        served = {f: range(f + 1, nxt) for f, nxt in zip(filters, bounds[1:], strict=True)}  # layers fed by each filter
         req = AttentionRequest(layers=frozenset(filters), rows=1)
 
         def observe(layer: int, probs: torch.Tensor, row0: int) -> None:

@@ -136,4 +136,4 @@ def slots_to_spans(slots: torch.Tensor) -> list[tuple[int, int]]:
     starts = [0, *breaks.tolist()]
     ends = [*breaks.tolist(), slots.shape[0]]
     s = slots.tolist()
-    return [(s[a], s[b - 1] + 1) for a, b in zip(starts, ends)]
+    return [(s[a], s[b - 1] + 1) for a, b in zip(starts, ends, strict=True)]

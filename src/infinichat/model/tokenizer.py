@@ -475,7 +475,7 @@ def _byte_level_backend(
     alphabet = set(byte_to_unicode().values())
     spell = byte_to_unicode()
     pieces = []
-    for tok, typ in zip(tokens, types):
+    for tok, typ in zip(tokens, types, strict=True):
         if typ in (CONTROL, USER_DEFINED, UNKNOWN) or set(tok) <= alphabet:
             pieces.append(tok)  # added tokens are stored as raw text and matched as such
         else:
@@ -536,8 +536,14 @@ def _sentencepiece_backend(
 def _add_gguf_added_tokens(backend: HFTokenizer, tokens: list[str], types: list[int]) -> None:
     """Control and unknown tokens become special added tokens, user-defined ones plain added tokens:
     both are then cut out of the text whole before the BPE sees it, as llama.cpp does."""
-    special = [AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types) if k in (CONTROL, UNKNOWN)]
-    user = [AddedToken(t, special=False, normalized=False) for t, k in zip(tokens, types) if k == USER_DEFINED]
+    special = [
+        AddedToken(t, special=True, normalized=False)
+        for t, k in zip(tokens, types, strict=True)
+        if k in (CONTROL, UNKNOWN)
+    ]
+    user = [
+        AddedToken(t, special=False, normalized=False) for t, k in zip(tokens, types, strict=True) if k == USER_DEFINED
+    ]
     if special:
         backend.add_special_tokens(special)
     if user:

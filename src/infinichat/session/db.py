@@ -130,7 +130,7 @@ class SessionDB:
             "next_uid",
             "segments",
         )
-        row = dict(zip(keys, r))
+        row = dict(zip(keys, r, strict=True))
         for k in ("card", "settings", "segments"):
             row[k] = json.loads(row[k]) if row[k] else None
         return row, msgs

@@ -156,7 +156,11 @@ class SessionManager:
         done = [m for m in s.messages if m.alternatives[m.selected].finish_reason != "incomplete" or m.kind == "user"]
         prints = [m.fingerprint() for m in done]
         old = self._saved.get(s.id, [])
-        changed = [(i, m.to_json()) for i, (m, fp) in enumerate(zip(done, prints)) if i >= len(old) or old[i] != fp]
+        changed = [
+            (i, m.to_json())
+            for i, (m, fp) in enumerate(zip(done, prints, strict=True))
+            if i >= len(old) or old[i] != fp
+        ]
         self.db.save(row, changed, len(done))  # only the rows that changed: a turn costs O(1), not O(history)
         self._saved[s.id] = prints
 
