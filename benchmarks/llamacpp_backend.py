@@ -143,8 +143,8 @@ def main() -> int:
                 f"{max(b_):>8.1f} | {rm:>14.3f} | {rb:>12.3f} | {rp:>21.3f}"
             )
     print(
-        f"\ntarget ours >= 0.95x plain (median of the paired CPU-time ratios): {'PASS' if ok else 'FAIL'}; load average "
-        f"now {os.getloadavg()[0]:.1f}"
+        f"\ntarget ours >= 0.95x plain (median of the paired CPU-time ratios): {'PASS' if ok else 'FAIL'}; "
+        f"load average now {os.getloadavg()[0]:.1f}"
     )
     ours.close()
     return 0

@@ -475,7 +475,7 @@ def test_bad_files(tmp_path: Path) -> None:
 
 def test_to_png_rejects_a_bad_image() -> None:
     card = CharacterCard(name="x")
-    with pytest.raises(CardError, match="image for the card.*not a PNG"):
+    with pytest.raises(CardError, match=r"image for the card.*not a PNG"):
         card.to_png(b"GIF89a....")
-    with pytest.raises(CardError, match="image for the card.*CRC"):
+    with pytest.raises(CardError, match=r"image for the card.*CRC"):
         card.to_png(corrupt_crc())

@@ -128,12 +128,10 @@ def test_bfloat16_paths(name, tmp_path):
 
     _, cfg, ours32 = _build(name, tmp_path)
     weights = dict(
-        (
-            [("embed.weight", ours32.embed), ("norm.weight", ours32.norm[0])]
-            + ([("norm.bias", ours32.norm[1])] if ours32.norm[1] is not None else [])
-            + ([] if cfg.tie_embeddings else [("lm_head.weight", ours32.lm_head)])
-            + [(f"layers.{i}.{n}", t) for i, L in enumerate(ours32.layers) for n, t in L.items()]
-        )
+        [("embed.weight", ours32.embed), ("norm.weight", ours32.norm[0])]
+        + ([("norm.bias", ours32.norm[1])] if ours32.norm[1] is not None else [])
+        + ([] if cfg.tie_embeddings else [("lm_head.weight", ours32.lm_head)])
+        + [(f"layers.{i}.{n}", t) for i, L in enumerate(ours32.layers) for n, t in L.items()]
     )
     bf = Transformer(cfg, weights, torch.bfloat16)
     plain = Transformer(cfg, weights, torch.bfloat16)

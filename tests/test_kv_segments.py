@@ -255,7 +255,7 @@ class CacheMachine(RuleBasedStateMachine):
             self.seq.merge_segment(sid)
         else:
             self.ref = before
-            with pytest.raises(InfinichatError, match="close it|pinned base"):
+            with pytest.raises(InfinichatError, match=r"close it|pinned base"):
                 self.seq.merge_segment(sid)
 
     @rule()

@@ -114,7 +114,7 @@ def test_parked_sequences_come_back_intact(ids):
     big = engine.new_sequence()
     engine.prefill(big, ids[:250])  # 250 of the 256 cells: nothing else holds any
     assert engine.n_parked == n_parked and big.capacity == 256
-    with pytest.raises(InfinichatError, match="does not fit the llama.cpp context"):
+    with pytest.raises(InfinichatError, match=r"does not fit the llama\.cpp context"):
         engine.new_sequence(capacity=512)
     engine.close()
     with pytest.raises(InfinichatError, match="was closed"):

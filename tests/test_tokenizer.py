@@ -193,7 +193,7 @@ def test_from_hf_dir_matches_transformers(hf_ref, tmp_path):
 
 
 def test_from_hf_dir_without_tokenizer_json(tmp_path):
-    with pytest.raises(ModelLoadError, match="tokenizer.json"):
+    with pytest.raises(ModelLoadError, match=r"tokenizer\.json"):
         Tokenizer.from_hf_dir(tmp_path)
 
 
@@ -378,11 +378,11 @@ def test_every_pre_tokenizer_compiles_and_round_trips(tmp_path):
 
 def test_unsupported_vocabularies_are_refused():
     base = {"tokenizer.ggml.tokens": ["a", "b"], "tokenizer.ggml.merges": ["a b"]}
-    with pytest.raises(ModelLoadError, match="'bert'.*accepted"):
+    with pytest.raises(ModelLoadError, match=r"'bert'.*accepted"):
         Tokenizer.from_gguf_fields({**base, "tokenizer.ggml.model": "bert"})
-    with pytest.raises(ModelLoadError, match="'mystery'.*accepted"):
+    with pytest.raises(ModelLoadError, match=r"'mystery'.*accepted"):
         Tokenizer.from_gguf_fields({**base, "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "mystery"})
-    with pytest.raises(ModelLoadError, match="no tokenizer.ggml.tokens"):
+    with pytest.raises(ModelLoadError, match=r"no tokenizer\.ggml\.tokens"):
         Tokenizer.from_gguf_fields({"tokenizer.ggml.model": "gpt2"})
 
 
@@ -415,7 +415,7 @@ def test_template_globals_filters_and_extras():
     )
     out = render_chat_template(template, [{"role": "user", "content": "中"}], bos_token="<s>", tools=[{"a": 1}])
     assert out == '<s>{"role": "user", "content": "中"}4[{"a": 1}]'
-    with pytest.raises(InfinichatError, match="refused.*no bad roles"):
+    with pytest.raises(InfinichatError, match=r"refused.*no bad roles"):
         render_chat_template(template, [{"role": "bad", "content": ""}], tools=[])
     marked = "{% for m in messages %}{% generation %}{{ m.content }}{% endgeneration %}{% endfor %}"
     assert render_chat_template(marked, CONVERSATION[:2]) == "What is 2+2?4."

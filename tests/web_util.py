@@ -68,7 +68,7 @@ class ServeProcess:
             str(data_dir),
             *extra,
         ]
-        self._log = open(self.log, "w")
+        self._log = open(self.log, "w")  # noqa: SIM115  (the server's log for its lifetime; closed in __exit__)
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
 
     def __enter__(self) -> ServeProcess:

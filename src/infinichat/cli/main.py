@@ -336,10 +336,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.command
         ](args)
     except InfinichatError as e:
-        print(f"infinichat: error: {e}", file=sys.stderr)
+        print(f"infinichat: error: {e}", file=sys.stderr)  # noqa: T201  (the CLI's error line)
         return 2
     except KeyboardInterrupt:
-        print(file=sys.stderr)
+        print(file=sys.stderr)  # noqa: T201  (ends the interrupted line)
         return 130
 
 

@@ -1,8 +1,8 @@
 """What every engine shares: the `Step` it yields and the sampling loop over its `prefill` / `decode_one`.
 
 An engine (the PyTorch one, the llama.cpp backend) provides `cfg`, `eos_ids`, a store for new sequences
-(`_new_store`) and one forward call `_append`; `Engine.prefill` chunks a prompt into such calls within the sequence's budget,
-and `Engine.generate` samples tokens with our own `Sampler`, so a seeded run samples the same way on
+(`_new_store`) and one forward call `_append`; `Engine.prefill` chunks a prompt into such calls within the
+sequence's budget, and `Engine.generate` samples tokens with our own `Sampler`, so a seeded run samples the same way on
 every backend (given the same logits).
 """
 

@@ -56,7 +56,7 @@ def _tojson(
 class _GenerationBlock(jinja2.ext.Extension):
     """`{% generation %}...{% endgeneration %}` (marks assistant text for training masks): renders its body."""
 
-    tags = {"generation"}
+    tags = {"generation"}  # noqa: RUF012  (jinja2's Extension API: a plain class attribute set)
 
     def parse(self, parser: Any) -> list[Any]:
         next(parser.stream)  # the `generation` name token

@@ -214,10 +214,7 @@ class Int8GroupLinear(QuantLinear):
             from infinichat import native
 
             self._native = native.matmul_for(self)
-        if self._native is None:
-            y = F.linear(x.float(), self.dense(torch.float32))
-        else:
-            y = self._native(x)  # (T, N) float32
+        y = F.linear(x.float(), self.dense(torch.float32)) if self._native is None else self._native(x)  # (T, N) f32
         if bias is not None:
             y += bias.float()
         return y if x.dtype == torch.float32 else y.to(x.dtype)

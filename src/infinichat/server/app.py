@@ -154,6 +154,7 @@ def serve(args: argparse.Namespace) -> int:
     app = create_app(manager, engine, tok, name, args.backend, args.api_key, args.max_queue)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         log.warning("serving on %s without --api-key: anyone who can reach it can use it", args.host)
-    print(f"infinichat: serving {name} on http://{args.host}:{args.port} (web page /, API /api and /v1)", flush=True)
+    # the line a person starting the server reads, on stdout even when it is not a terminal (logging may be off)
+    print(f"infinichat: serving {name} on http://{args.host}:{args.port} (web page /, API /api and /v1)", flush=True)  # noqa: T201
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0

@@ -88,7 +88,7 @@ class ChatFormat:
         sys = [{"role": "system", "content": system_prompt}] if system_prompt else []
         a = self.render([*sys, {"role": "user", "content": _PROBE_A}])
         b = self.render([*sys, {"role": "user", "content": _PROBE_B}])
-        common = os.path.commonprefix([a, b])
+        common = os.path.commonprefix([a, b])  # noqa: RUF071  (character by character is what is meant here)
         if sys:
             only = self.render(sys)
             if only and common.startswith(only):
