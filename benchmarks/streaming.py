@@ -173,7 +173,10 @@ def main() -> None:
         )
 
     n_end = f"{args.stream_tokens // 1000}k"
-    ok = lambda cond: "PASS" if cond else "FAIL"  # noqa: E731
+
+    def ok(cond: bool) -> str:
+        return "PASS" if cond else "FAIL"
+
     print(
         f"\nstreamed {args.stream_tokens - 10_000} tokens in {stream_s:.0f} s "
         f"({(args.stream_tokens - 10_000) / stream_s:.0f} tok/s, chunks of {STREAM_CHUNK}); "

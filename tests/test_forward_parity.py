@@ -14,7 +14,7 @@ from infinichat.model.hf_loader import load_hf_folder
 from infinichat.model.transformer import Transformer
 
 transformers = pytest.importorskip("transformers")
-from transformers import DynamicCache  # noqa: E402
+from transformers import DynamicCache  # noqa: E402  (after the importorskip of transformers)
 
 TOL = 1e-4
 PREFILL, DECODE = 24, 20

@@ -19,7 +19,7 @@ from infinichat.kv.policy import SlidingPolicy
 
 pytestmark = pytest.mark.slow
 pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (bash scripts/setup.sh --test)")
-from infinichat.engine import llamacpp  # noqa: E402
+from infinichat.engine import llamacpp  # noqa: E402  (after the importorskip of llama_cpp)
 
 TEXT = (Path(__file__).parent / "data" / "moby_dick_loomings.txt").read_text(encoding="utf-8")
 

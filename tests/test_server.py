@@ -245,7 +245,7 @@ def test_a_session_is_free_when_its_client_sees_the_outcome():
     try:
         for _ in range(3):
             follow_up = concurrent.futures.Future()
-            sink = lambda item, fu=follow_up: submit_next(fu) if item is END else seen.append(item)  # noqa: E731
+            sink = lambda item, fu=follow_up: submit_next(fu) if item is END else seen.append(item)  # noqa: E731  (binds fu per round)
             worker.stream(lambda m, job: iter(["a", "b"]), sink, session="s")
             assert follow_up.result(timeout=10) == "next"
             follow_up = concurrent.futures.Future()

@@ -15,6 +15,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # every reference below is built f
 
 gguf = pytest.importorskip("gguf")
 
+# after the importorskip of gguf:
 from infinichat.errors import InfinichatError, ModelLoadError  # noqa: E402
 from infinichat.model.chat_template import CHATML_TEMPLATE, render_chat_template  # noqa: E402
 from infinichat.model.gguf_meta import read_gguf_fields  # noqa: E402

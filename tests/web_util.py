@@ -31,7 +31,7 @@ CHROMIUM_ARGS = [
 def web_prerequisites() -> str | None:
     """Why the web tests cannot run here (None: they can). `scripts/setup.sh --test` installs both."""
     try:
-        import playwright.sync_api  # noqa: F401
+        import playwright.sync_api  # noqa: F401  (only whether it imports)
     except ImportError:
         return "playwright is not installed (bash scripts/setup.sh --test installs it)"
     if not (os.access(CHROMIUM, os.X_OK) or shutil.which("chromium")):

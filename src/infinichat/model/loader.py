@@ -171,8 +171,7 @@ def _cached_weights(entry: Path, dtype: torch.dtype, quant: str = "none") -> dic
             log.info("quantizing the weights to %s (first use only)", quant)
             cfg = config_from_json((entry / "config.json").read_text())
             weights = quantize(weights, quant, cfg.tie_embeddings)
-        keep = lambda n, t: n == "rope_freqs" or n.endswith(QUANT_SUFFIXES)  # noqa: E731
-        weights = {n: t if keep(n, t) else t.to(dtype) for n, t in weights.items()}
+        weights = {n: t if n == "rope_freqs" or n.endswith(QUANT_SUFFIXES) else t.to(dtype) for n, t in weights.items()}
         _atomic_write(path, lambda tmp: save_file(weights, tmp))
         return weights
     return load_file(str(path))
