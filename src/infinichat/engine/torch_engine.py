@@ -21,7 +21,7 @@ import torch
 from infinichat.engine.base import Engine
 from infinichat.kv.policy import EvictionPolicy
 from infinichat.kv.sequence import KVSequence
-from infinichat.kv.store import KVStore
+from infinichat.kv.store import KVStore, torch_store
 from infinichat.model.config import ModelConfig
 from infinichat.model.transformer import Transformer
 
@@ -81,22 +81,24 @@ class TorchEngine(Engine):
         compress = policy.phase == "prefill" and stage != "decode"
         seq.make_room(ids.shape[0], limit=seq.capacity if compress else None)
         if seq.stale_from is not None:
-            self._recompute(seq)
+            self._recompute(seq, seq.stale_from)
         start = seq.length
         positions = seq.next_positions(ids.shape[0])
         attn = None
         if policy.needs_attention_weights or policy.offloads:
             attn = policy.attention_request(seq, start, ids.shape[0], stage)
-        out = self.model(ids, positions, seq.store, start, all_logits=all_logits, attn=attn)
+        out = self.model(
+            ids, positions, torch_store(seq.store, "the torch engine"), start, all_logits=all_logits, attn=attn
+        )
         seq.append(ids, positions)
         if compress and stage == "prompt_end":
             seq.make_room(0)  # down to the budget, with the scores of the prompt's last queries
         return out
 
-    def _recompute(self, seq: KVSequence) -> None:
+    def _recompute(self, seq: KVSequence, stale_from: int) -> None:
         """Re-evaluate the K/V of slots [stale_from, length) in place (a recomputing policy evicted)."""
-        store, end = seq.store, seq.length
-        for a in range(seq.stale_from, end, PREFILL_CHUNK):
+        store, end = torch_store(seq.store, "the torch engine"), seq.length
+        for a in range(stale_from, end, PREFILL_CHUNK):
             b = min(a + PREFILL_CHUNK, end)
             self.model(store.tokens[a:b], store.positions[a:b], store, a)
         seq.mark_fresh()

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, ClassVar
 from infinichat.kv.offload import LayerMirrors, mirrors_for
 from infinichat.kv.omnikv import check_filter_layers, resolve_filter_layers
 from infinichat.kv.policy import EvictionPolicy, context_full
+from infinichat.kv.store import torch_store
 from infinichat.model.attention import AttentionRequest
 
 if TYPE_CHECKING:
@@ -45,7 +46,8 @@ class BrutalOffloadPolicy(EvictionPolicy):
     def attention_request(self, seq: KVSequence, start: int, n: int, stage: str) -> AttentionRequest | None:
         if stage != "decode":
             return None
-        filters = resolve_filter_layers(self.name, self.filter_layers, seq.store.cfg)
-        self._mirrors = mirrors_for(self._mirrors, filters, seq.store, self.device)
-        self.last_request = AttentionRequest(resident=self._mirrors.sync(seq.store, start, start + n), transfer=True)
+        store = torch_store(seq.store, self.name)
+        filters = resolve_filter_layers(self.name, self.filter_layers, store.cfg)
+        self._mirrors = mirrors_for(self._mirrors, filters, store, self.device)
+        self.last_request = AttentionRequest(resident=self._mirrors.sync(store, start, start + n), transfer=True)
         return self.last_request

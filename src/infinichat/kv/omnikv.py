@@ -29,7 +29,7 @@ other models, the same relative depths.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
@@ -37,6 +37,7 @@ from infinichat.errors import InfinichatError
 from infinichat.kv.offload import LayerMirrors, mirrors_for
 from infinichat.kv.omnikv_defaults import default_filter_layers
 from infinichat.kv.policy import EvictionPolicy, context_full
+from infinichat.kv.store import torch_store
 from infinichat.model.attention import AttentionRequest
 from infinichat.model.config import ModelConfig
 
@@ -109,8 +110,9 @@ class OmniKVPolicy(EvictionPolicy):
 
         req.observe = observe
         if self.offload:
-            self._mirrors = mirrors_for(self._mirrors, filters, seq.store, self.device)
-            req.resident = self._mirrors.sync(seq.store, start, end)
+            store = torch_store(seq.store, f"{self.name} with offload")
+            self._mirrors = mirrors_for(self._mirrors, filters, store, self.device)
+            req.resident = self._mirrors.sync(store, start, end)
             req.transfer = True
         self.last_request = req
         return req
@@ -143,9 +145,10 @@ def check_k(name: str, k: object) -> None:
         )
 
 
-def check_filter_layers(name: str, layers: object) -> tuple[int, ...]:
+def check_filter_layers(name: str, layers: Any) -> tuple[int, ...]:
+    """`layers` as given by a user (any JSON value or CLI text) -> sorted layer numbers, or a clear error."""
     try:
-        out = tuple(sorted({int(i) for i in layers}))  # type: ignore[union-attr]
+        out = tuple(sorted({int(i) for i in layers}))
     except (TypeError, ValueError):
         raise InfinichatError(f"{name}: filter_layers must be layer numbers, got {layers!r}") from None
     if not out or out[0] < 0:

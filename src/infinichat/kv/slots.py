@@ -7,12 +7,14 @@ K/V its own way and calls these helpers so that both agree on what a cut, a shif
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Self
 
 import torch
 
 from infinichat.errors import InfinichatError
+from infinichat.model.config import ModelConfig
 
 
 def read_snapshot_file(path: str | Path) -> bytes:
@@ -23,7 +25,11 @@ def read_snapshot_file(path: str | Path) -> bytes:
 
 
 class SlotTable:
-    """Token ids (C,) and positions (C,) of the slots, the length and the next position."""
+    """Token ids (C,) and positions (C,) of the slots, the length and the next position. A store subclasses
+    it and supplies its K/V side: `cfg`, `nbytes`, `truncate`, `remove_spans`, `shift`, `fork` and the
+    snapshot methods (what `KVSequence` and the policies call, whichever backend holds the K/V)."""
+
+    cfg: ModelConfig  # the model whose K/V the store holds
 
     def __init__(self, capacity: int):
         if capacity < 1:
@@ -59,7 +65,25 @@ class SlotTable:
     def position_list(self) -> list[int]:
         return self.positions[: self._length].tolist()
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of K/V memory the store holds."""
+        raise NotImplementedError
+
     def truncate(self, n: int) -> None:
+        raise NotImplementedError
+
+    def remove_spans(self, spans: Sequence[tuple[int, int]], shift: bool = True, rotate: bool = True) -> None:
+        """Cut out sorted, disjoint slot spans (with `shift`, later positions close the gap; with `rotate`, their
+        keys are re-rotated to the new positions)."""
+        raise NotImplementedError
+
+    def shift(self, start: int, delta: int) -> None:
+        """Move the positions of slots [start, length) by `delta` (keys re-rotated)."""
+        raise NotImplementedError
+
+    def fork(self) -> Self:
+        """An independent copy."""
         raise NotImplementedError
 
     # ------------------------------------------------------------------ append / truncate

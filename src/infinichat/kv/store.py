@@ -162,6 +162,16 @@ class KVStore(SlotTable):
         return other
 
 
+def torch_store(store: SlotTable, who: str) -> KVStore:
+    """`store` as the torch engine's `KVStore`, for what needs its K/V tensors (`who` says what); a clear error
+    for a store of another backend (the llama.cpp one keeps its K/V inside llama.cpp)."""
+    if not isinstance(store, KVStore):
+        raise InfinichatError(
+            f"{who} needs the torch engine's KV store (its K/V tensors), not a {type(store).__name__}"
+        )
+    return store
+
+
 def check_spans(spans: Sequence[tuple[int, int]], length: int) -> None:
     prev = 0
     for s, e in spans:
