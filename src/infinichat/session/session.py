@@ -283,22 +283,29 @@ class Session:
         s = self.settings
         return self.engine.new_sequence(budget=s.budget, policy=s.policy, **s.policy_params())
 
+    @property
+    def kv(self) -> KVSequence:
+        """The resident KV sequence, for the steps that run after `ensure_cache` (a parked session has none)."""
+        if self.seq is None:
+            raise InfinichatError(f"session {self.id!r}: its cache is not resident (ensure_cache first)")
+        return self.seq
+
     def ensure_cache(self) -> KVSequence:
         """The session's KV sequence, rebuilt from the transcript if it is not resident."""
         if self.seq is None:
             self.rebuild()
         self.last_used = time.monotonic()
-        return self.seq
+        return self.kv
 
     def rebuild(self) -> None:
         """A fresh cache: the system part (from the prefix cache when possible), then every message."""
-        self.seq = self._new_sequence()
+        self.seq = seq = self._new_sequence()
         self._logits = None
         self._eval_system()
         live = [i for i, m in enumerate(self.messages) if m.in_context]
         first = 0
-        if self.seq.policy.drops_tokens:  # skip turns the policy would evict anyway: rebuilds cost O(budget)
-            room, first = (self.seq.budget - self.seq.length) * 3 // 4, len(live)
+        if seq.policy.drops_tokens:  # skip turns the policy would evict anyway: rebuilds cost O(budget)
+            room, first = (seq.budget - seq.length) * 3 // 4, len(live)
             while first > 0 and self.messages[live[first - 1]].n_tokens <= room:
                 first -= 1
                 room -= self.messages[live[first]].n_tokens
@@ -307,7 +314,7 @@ class Session:
             self._eval_message(i)
 
     def _eval_system(self) -> None:
-        seq = self.seq
+        seq = self.kv
         ids = self.fmt.system_tokens(self.system_prompt)
         if not ids:
             return
@@ -336,7 +343,7 @@ class Session:
             cache.put(key, seq.snapshot())
 
     def _segment(self, m: Message):
-        for s in self.seq.segments.segments:
+        for s in self.kv.segments.segments:
             if s.name == m.segment_name:
                 return s
         return None
@@ -355,21 +362,21 @@ class Session:
     def _eval_message(self, i: int) -> None:
         m = self.messages[i]
         ids, m.n_header = self._message_tokens(i)
-        self.seq.create_segment(m.kind, m.segment_name)
-        self._logits = self.engine.prefill(self.seq, ids)
-        self.seq.close_segment()
+        self.kv.create_segment(m.kind, m.segment_name)
+        self._logits = self.engine.prefill(self.kv, ids)
+        self.kv.close_segment()
         m.n_tokens = len(ids)
 
     def _cut(self, n: int) -> None:
-        self.seq.truncate(n)
+        self.kv.truncate(n)
         self._logits = None
 
     def _cut_from_turn(self, turn: int) -> None:
         """Drop the cache from the first surviving segment of messages[turn:] on."""
         names = {m.segment_name for m in self.messages[turn:]}
-        for s in self.seq.segments.segments:
+        for s in self.kv.segments.segments:
             if s.name in names:
-                self.seq.revert_to(s.id)
+                self.kv.revert_to(s.id)
                 self._logits = None
                 return
 
@@ -434,7 +441,7 @@ class Session:
     ) -> Iterator[Event]:
         """Generate into message m's open segment, which holds `header` + `body` minus the last token;
         append the new alternative text/tokens to `body`. Closes the segment consistently at the end."""
-        seq = self.seq
+        seq = self.kv
         prompt = (header + body)[-1:]
         history = seq.token_ids() + prompt
         result = Generation()
@@ -477,7 +484,7 @@ class Session:
 
     def _close_reply(self, m: Message, turn: int, header: list[int], body: list[int]) -> None:
         """Make m's open segment hold exactly header + body + the template's suffix, and close it."""
-        seq = self.seq
+        seq = self.kv
         seg = seq.segments.open
         suffix = self.fmt.encode_special(self.fmt.pieces(self._chat_history(turn), m.role).suffix)
         want = header + body
@@ -501,7 +508,7 @@ class Session:
     def _make_headroom(self, max_tokens: int) -> None:
         """Evict now, while the user reads the reply, what the next turn would need evicted: the eviction
         cost (cut + re-rotation) then never lands in the next reply's time to first token."""
-        seq = self.seq
+        seq = self.kv
         reserve = min(seq.budget // 4, max_tokens + 64)
         if seq.policy.drops_tokens and seq.budget - seq.length < reserve:
             seq.make_room(reserve)
@@ -517,9 +524,9 @@ class Session:
         header = self._gen_header(self._chat_history(), m)
         self.messages.append(m)
         turn = len(self.messages) - 1
-        self.seq.create_segment(kind, m.segment_name)
+        self.kv.create_segment(kind, m.segment_name)
         if len(header) > 1:
-            self.engine.prefill(self.seq, header[:-1])
+            self.engine.prefill(self.kv, header[:-1])
         yield from self._generate(m, turn, header, [], params, should_stop, after)
 
     # ------------------------------------------------------------------ actions
@@ -568,16 +575,16 @@ class Session:
         header, body = self._gen_header(self._chat_history(turn), last), []
         if (
             seg is None
-            or seg.start + last.n_header > self.seq.length
-            or self.seq.token_ids()[seg.start : seg.start + len(header)] != header
+            or seg.start + last.n_header > self.kv.length
+            or self.kv.token_ids()[seg.start : seg.start + len(header)] != header
         ):
             self._cut_from_turn(turn)  # evicted or damaged: rebuild the header
-            self.seq.create_segment(last.kind, last.segment_name)
+            self.kv.create_segment(last.kind, last.segment_name)
             if len(header) > 1:
-                self.engine.prefill(self.seq, header[:-1])
+                self.engine.prefill(self.kv, header[:-1])
         else:
             self._cut(seg.start + len(header) - 1)
-            self.seq.reopen_segment(seg.id)
+            self.kv.reopen_segment(seg.id)
         last.alternatives.append(Alternative("", finish_reason="incomplete"))
         last.selected = len(last.alternatives) - 1
         after = self._trim_narrations if last.kind == "narration" else None
@@ -612,17 +619,17 @@ class Session:
         seg = self._segment(m)
         intact = (
             seg is not None
-            and seg.end == self.seq.length
-            and self.seq.token_ids()[seg.start : seg.start + len(header) + len(body)] == header + body
+            and seg.end == self.kv.length
+            and self.kv.token_ids()[seg.start : seg.start + len(header) + len(body)] == header + body
         )
         if intact and header + body:
             self._cut(seg.start + len(header) + len(body) - 1)
-            self.seq.reopen_segment(seg.id)
+            self.kv.reopen_segment(seg.id)
         else:
             self._cut_from_turn(turn)
-            self.seq.create_segment(m.kind, m.segment_name)
+            self.kv.create_segment(m.kind, m.segment_name)
             if len(header + body) > 1:
-                self.engine.prefill(self.seq, (header + body)[:-1])
+                self.engine.prefill(self.kv, (header + body)[:-1])
         alt.tokens = body
         yield from self._generate(m, turn, header, body, params, should_stop)
 
@@ -638,7 +645,7 @@ class Session:
         for m in live[: max(0, len(live) - keep)]:
             seg = self._segment(m)
             if seg is not None:
-                self.seq.remove_segment(seg.id)
+                self.kv.remove_segment(seg.id)
                 self._logits = None
             m.in_context = False
 
@@ -690,7 +697,7 @@ class Session:
             if m.kind == "rag" and m.in_context:
                 seg = self._segment(m)
                 if seg is not None:
-                    self.seq.remove_segment(seg.id)
+                    self.kv.remove_segment(seg.id)
                     self._logits = None
                 m.in_context = False
         self.messages.append(self._new_message("rag", "system", text))
