@@ -17,8 +17,9 @@ from __future__ import annotations
 import logging
 import math
 import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TypeGuard
 
 import torch
 
@@ -78,7 +79,7 @@ class SamplingParams:
         _check_int("top_logprobs", self.top_logprobs, 0, MAX_TOP_LOGPROBS, f"an integer in [0, {MAX_TOP_LOGPROBS}]")
 
 
-def _is_real(v: object) -> bool:
+def _is_real(v: object) -> TypeGuard[int | float]:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v)
 
 
@@ -243,7 +244,7 @@ class Sampler:
 
     def _setup(self, device: torch.device) -> torch.Tensor:
         if self._work is None or self._work.device != device:
-            if self._generator is not None:
+            if self._generator is not None and self._work is not None:
                 log.warning("sampler moved from %s to %s; the seeded stream restarts", self._work.device, device)
             self._generator = torch.Generator(device=device)
             self._generator.manual_seed(self.seed)
@@ -268,13 +269,14 @@ class Sampler:
         # Each filter shrinks the candidate set; `ids` maps candidates to vocab ids (None: the whole vocab).
         ids: torch.Tensor | None = None
         cand = x  # (n,)
-        for keep_fn, arg, on in (
-            (_top_k_keep, p.top_k, 0 < p.top_k < cand.shape[0]),
-            (_top_p_keep, p.top_p, p.top_p < 1.0),
-            (_min_p_keep, p.min_p, p.min_p > 0.0),
-        ):
+        filters: tuple[tuple[Callable[[torch.Tensor], torch.Tensor], bool], ...] = (
+            (lambda c: _top_k_keep(c, p.top_k), 0 < p.top_k < cand.shape[0]),
+            (lambda c: _top_p_keep(c, p.top_p), p.top_p < 1.0),
+            (lambda c: _min_p_keep(c, p.min_p), p.min_p > 0.0),
+        )
+        for keep_fn, on in filters:
             if on:
-                keep = keep_fn(cand, arg)  # (m,) positions in cand
+                keep = keep_fn(cand)  # (m,) positions in cand
                 if keep.numel() == 0:
                     raise ValueError(_NO_MASS)
                 cand = cand[keep]  # (m,)

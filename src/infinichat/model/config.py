@@ -155,7 +155,7 @@ class ModelConfig:
             )
         if kind == "linear":
             scaling = RopeScaling(kind="linear", factor=float(get("rope.scaling.factor")))
-        common = {
+        common: dict[str, Any] = {
             "vocab_size": vocab,
             "dim": dim,
             "n_layers": int(get("block_count")),
