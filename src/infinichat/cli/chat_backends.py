@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from infinichat.errors import InfinichatError
+
+if TYPE_CHECKING:
+    from infinichat.session.session import Session
 
 ACTIONS = ("send", "retry", "continue", "narrate", "suggest")
 
@@ -26,11 +29,19 @@ class ChatBackend(Protocol):
 
 class LocalBackend:
     def __init__(self, manager, name: str):
-        self.m, self.name, self.s = manager, name, None
+        self.m, self.name = manager, name
+        self._s: Session | None = None
+
+    @property
+    def s(self) -> Session:
+        """The open session."""
+        if self._s is None:
+            raise InfinichatError("no session is open")
+        return self._s
 
     def open(self, sid, settings, system_prompt):
         exists = sid in self.m.sessions or self.m.db.exists(sid)
-        self.s = self.m.get(sid) if exists else self.m.create(sid, system_prompt=system_prompt, settings=settings)
+        self._s = self.m.get(sid) if exists else self.m.create(sid, system_prompt=system_prompt, settings=settings)
         return self.s.history()
 
     def history(self):

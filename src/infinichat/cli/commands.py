@@ -85,13 +85,14 @@ def _stream(console: Console, chunks) -> list:
     return steps
 
 
-def _run_prompt(args: argparse.Namespace, messages: list[dict] | None, raw: str | None) -> int:
+def _run_prompt(args: argparse.Namespace, prompt: list[dict] | str) -> int:
+    """Generate after `prompt`: chat messages (rendered with the model's template) or raw text."""
     params = _params(args)  # bad flags are reported before the (possibly slow) model load
     tok, _, engine = _load(args)
-    if messages is not None:
-        ids = tok.encode(tok.apply_chat_template(messages, add_generation_prompt=True), add_bos=tok.add_bos)
+    if isinstance(prompt, str):
+        ids = tok.encode(prompt, add_bos=tok.add_bos, parse_special=False)
     else:
-        ids = tok.encode(raw, add_bos=tok.add_bos, parse_special=False)
+        ids = tok.encode(tok.apply_chat_template(prompt, add_generation_prompt=True), add_bos=tok.add_bos)
     cache = engine.new_sequence(budget=args.ctx or None, policy="streaming")  # never runs out of room
     console = _console()
     steps = _stream(console, stream_text(engine, tok, cache, ids, params))
@@ -116,11 +117,11 @@ def story(args: argparse.Namespace) -> int:
         {"role": "system", "content": STORY_SYSTEM},
         {"role": "user", "content": f"Write a story about {args.prompt}."},
     ]
-    return _run_prompt(args, messages, None)
+    return _run_prompt(args, messages)
 
 
 def generate(args: argparse.Namespace) -> int:
-    return _run_prompt(args, None, args.prompt)
+    return _run_prompt(args, args.prompt)
 
 
 def chat(args: argparse.Namespace) -> int:

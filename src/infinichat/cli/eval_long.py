@@ -111,7 +111,7 @@ def _retrieval(args: argparse.Namespace, task: str) -> int:
     if args.samples < 1:
         raise InfinichatError(f"--samples must be >= 1, got {args.samples}")
     variant = getattr(args, "variant", "single")
-    n_keys = getattr(args, "n_keys", None)
+    n_keys: int = getattr(args, "n_keys", 4)  # niah's --n-keys (passkey has none)
     sentences = None
     if task == "niah":
         needle.check_variant(variant)

@@ -42,7 +42,7 @@ import logging
 import struct
 import weakref
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -370,7 +370,11 @@ class LlamaCppStore(SlotTable):
     def _current_state(self) -> bytes:
         if not self._length:
             return b""
-        return self._state_bytes() if self._sid is not None else self._parked
+        if self._sid is not None:
+            return self._state_bytes()
+        if self._parked is None:
+            raise InfinichatError(f"a parked llama.cpp sequence of {self._length} tokens has lost its state bytes")
+        return self._parked
 
     def _snapshot_parts(self, extra: dict | None):
         n = self._length
@@ -451,7 +455,7 @@ class LlamaCppEngine(Engine):
         threads: int | None = None,
         n_seq_max: int = DEFAULT_SEQ_MAX,
         n_batch: int = DEFAULT_BATCH,
-        eos_ids: Sequence[int] | None = None,
+        eos_ids: Iterable[int] | None = None,
         flash_attn: bool = False,
         fields: dict | None = None,
     ):

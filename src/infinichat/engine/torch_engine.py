@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable
 
 import torch
 
@@ -61,7 +61,7 @@ class TorchEngine(Engine):
     max_chunk = PREFILL_CHUNK
     logits_chunk = LOGITS_CHUNK
 
-    def __init__(self, model: Transformer, eos_ids: Sequence[int] = ()):
+    def __init__(self, model: Transformer, eos_ids: Iterable[int] = ()):
         self.model = model
         self.cfg: ModelConfig = model.cfg
         self.eos_ids = frozenset(eos_ids)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import random
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Set
 from itertools import cycle
 from pathlib import Path
 
@@ -222,7 +222,7 @@ def file_filler(sentences: list[str], rng: random.Random) -> Iterator[str]:
     return cycle(sentences[start:] + sentences[:start])
 
 
-def random_key(rng: random.Random, taken: set[str] = frozenset()) -> str:
+def random_key(rng: random.Random, taken: Set[str] = frozenset()) -> str:
     """An 'adjective-noun' key not in `taken`."""
     while True:
         key = f"{rng.choice(_ADJ)}-{rng.choice(_NOUN)}"
@@ -230,7 +230,7 @@ def random_key(rng: random.Random, taken: set[str] = frozenset()) -> str:
             return key
 
 
-def random_number(rng: random.Random, digits: int, taken: set[str] = frozenset()) -> str:
+def random_number(rng: random.Random, digits: int, taken: Set[str] = frozenset()) -> str:
     """A `digits`-digit number (no leading zero) not in `taken`."""
     while True:
         value = str(rng.randrange(10 ** (digits - 1), 10**digits))

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from infinichat.engine.torch_engine import TorchEngine
+from infinichat.engine.base import Engine
 from infinichat.errors import InfinichatError
 from infinichat.kv.registry import POLICIES
 from infinichat.kv.sequence import KVSequence
@@ -131,7 +131,7 @@ def make_specs(
 
 
 def evaluate(
-    engine: TorchEngine,
+    engine: Engine,
     ids: Sequence[int],
     spec: PolicySpec,
     chunk: int = MAX_CHUNK,

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from infinichat.engine.torch_engine import TorchEngine
+from infinichat.engine.base import Engine
 from infinichat.errors import InfinichatError
 from infinichat.eval.needle import NeedleSample, contains_number
 from infinichat.eval.runner import Generation, PolicyRun, generate
@@ -27,7 +27,7 @@ JSON_VERSION = 1
 
 
 def run_samples(
-    engine: TorchEngine,
+    engine: Engine,
     decode_text: Callable[[Sequence[int]], str],
     runs: Sequence[PolicyRun],
     samples: Sequence[NeedleSample],

@@ -23,8 +23,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from infinichat.engine.base import Engine
 from infinichat.engine.sampling import SamplingParams
-from infinichat.engine.torch_engine import TorchEngine
 from infinichat.errors import InfinichatError
 from infinichat.kv.policy import EvictionPolicy
 from infinichat.kv.registry import POLICIES, make_policy
@@ -216,7 +216,7 @@ class Generation:
         }
 
 
-def new_sequence(engine: TorchEngine, run: PolicyRun, n_prompt: int, max_new: int) -> tuple[KVSequence, int | None]:
+def new_sequence(engine: Engine, run: PolicyRun, n_prompt: int, max_new: int) -> tuple[KVSequence, int | None]:
     """The run's KV sequence for a prompt of `n_prompt` tokens and up to `max_new` generated ones, and the
     budget it applies (None: budget-free)."""
     cls = policy_class(run.name)
@@ -236,7 +236,7 @@ def new_sequence(engine: TorchEngine, run: PolicyRun, n_prompt: int, max_new: in
 
 
 def generate(
-    engine: TorchEngine, run: PolicyRun, ids: Sequence[int], max_new: int, decode_text: Callable[[list[int]], str]
+    engine: Engine, run: PolicyRun, ids: Sequence[int], max_new: int, decode_text: Callable[[list[int]], str]
 ) -> Generation:
     """Greedy decoding of up to `max_new` tokens after `ids` under `run` (stops at EOS)."""
     seq, budget = new_sequence(engine, run, len(ids), max_new)

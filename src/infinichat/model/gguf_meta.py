@@ -12,7 +12,7 @@ import logging
 import mmap
 import struct
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from gguf import GGUFValueType
@@ -42,7 +42,7 @@ _SCALARS: dict[int, tuple[str, str]] = {
 class _Cursor:
     """A read position over the mapped file, in the file's byte order."""
 
-    def __init__(self, buf: mmap.mmap, order: str, source: str):
+    def __init__(self, buf: mmap.mmap, order: Literal["<", ">"], source: str):
         self.buf, self.order, self.source, self.pos = buf, order, source, 0
 
     def unpack(self, code: str) -> Any:
@@ -115,7 +115,7 @@ def read_gguf_fields(path: Path | str) -> dict[str, Any]:
 def _read_fields(buf: mmap.mmap, source: str) -> dict[str, Any]:
     if buf[:4] != b"GGUF":
         raise ModelLoadError(f"{source}: not a GGUF file (starts with {bytes(buf[:4])!r}, expected b'GGUF')")
-    order = "<"
+    order: Literal["<", ">"] = "<"
     (version,) = struct.unpack_from("<I", buf, 4)
     if version & 0xFFFF == 0 and version not in _SUPPORTED_VERSIONS:  # written on a big-endian machine
         order = ">"

@@ -95,7 +95,7 @@ def file_sha256(path: Path, cache_dir: Path) -> str:
     return memo[key]
 
 
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
+def _atomic_write(path: Path, write: Callable[[str], object]) -> None:
     """Write a file through `write(temporary path)`, then rename it into place (readers never see half)."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
     os.close(fd)

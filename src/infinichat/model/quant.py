@@ -29,11 +29,15 @@ group) fall back to int8.
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
 
 from infinichat.errors import InfinichatError
+
+if TYPE_CHECKING:
+    from infinichat.native import Matmul
 
 log = logging.getLogger(__name__)
 
@@ -206,7 +210,7 @@ class Int8GroupLinear(QuantLinear):
         self.q = q.contiguous()  # (N, K) int8
         self.group = self.K // scale_zero.shape[1]
         self.scale_zero = scale_zero.to(ACT_DTYPE).contiguous()  # (N, K/g, 2)
-        self._native: object = False  # native.Matmul for this weight, None without one; made at first use
+        self._native: Matmul | Literal[False] | None = False  # native.Matmul, None without one; made at first use
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """x (T, K) bf16 or float32 -> (T, N) in x's dtype: float32 inputs stay float32 (the product is)."""

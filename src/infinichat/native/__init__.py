@@ -36,6 +36,8 @@ from pathlib import Path
 
 import torch
 
+from infinichat.errors import InfinichatError
+
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("decode.c")
@@ -429,7 +431,10 @@ class NativeDecoder:
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One token at slot `start` of `cache` (its K/V written there; `bind(cache)` must not be None) -> final
         hidden state (D,) float32 and, if asked, the head's logits (V,) float32 (not yet re-scored)."""
-        kp, vp, cap = self.bind(cache)
+        binding = self.bind(cache)
+        if binding is None:
+            raise InfinichatError("the native decode step cannot read this cache (check bind(cache) first)")
+        kp, vp, cap = binding
         cos, sin = self.model.rope.cos_sin(position, torch.float32)  # (1, hd) each
         cos, sin = cos.contiguous(), sin.contiguous()
         x = torch.empty(self.model.cfg.dim, dtype=torch.float32)

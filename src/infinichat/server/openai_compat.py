@@ -155,7 +155,7 @@ class PrefixLRU:
 
 
 def _item(tok, chunk_text: str, step) -> dict:
-    d = {"text": chunk_text, "token": None, "logprob": None, "top": []}
+    d: dict[str, Any] = {"text": chunk_text, "token": None, "logprob": None, "top": []}
     if step is not None:
         d.update(token=step.token, logprob=step.logprob, top=list(step.top))
     return d

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncGenerator, Callable, Iterator
 from typing import Any
 
 from fastapi.responses import StreamingResponse
@@ -15,7 +15,7 @@ from infinichat.server.worker import END, EngineWorker, Job
 
 async def open_stream(
     worker: EngineWorker, fn: Callable[[Any, Job], Iterator], session: str | None = None
-) -> tuple[Job, AsyncIterator]:
+) -> tuple[Job, AsyncGenerator]:
     """Submit `fn` as a stream job and wait for its first item, so that an error before any output (bad
     parameters, a prompt over the budget) still becomes a plain JSON error with its 4xx status."""
     loop = asyncio.get_running_loop()
@@ -58,7 +58,7 @@ def sse(event: str | None, data: Any) -> str:
 
 
 def sse_response(
-    items: AsyncIterator, frame: Callable[[Any], str], error_event: str | None = "error", tail: str = ""
+    items: AsyncGenerator, frame: Callable[[Any], str], error_event: str | None = "error", tail: str = ""
 ) -> StreamingResponse:
     """Stream `items` as SSE frames; an error mid-stream becomes one error frame, then the stream ends."""
 

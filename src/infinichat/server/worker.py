@@ -22,7 +22,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 log = logging.getLogger(__name__)
 
@@ -37,16 +37,27 @@ class QueueFull(Exception):
     """Too many jobs waiting or running."""
 
 
+def _no_sink(item: Any) -> None:
+    """The sink of a call job: its outcome goes to its future."""
+
+
+def _close(it: Iterator) -> None:
+    """Close a stream's iterator: a generator runs its cleanup (the session marks the reply cancelled)."""
+    close = getattr(it, "close", None)
+    if close is not None:
+        close()
+
+
 @dataclass
 class Job:
     fn: Callable[[Any], Any]  # manager -> result (call) or iterator (stream)
     session: str | None = None
     mutates: bool = True
-    future: concurrent.futures.Future | None = None  # calls
-    sink: Callable[[Any], None] | None = None  # streams: receives items, an exception, then END
+    future: concurrent.futures.Future | None = None  # calls (None: a stream)
+    sink: Callable[[Any], object] = _no_sink  # streams: receives items, an exception, then END
     stop: threading.Event = field(default_factory=threading.Event)
     abandoned: bool = False
-    it: Iterator | None = None
+    it: Iterator = field(default_factory=lambda: iter(()))  # a stream's items, once started
 
     def should_stop(self) -> bool:
         return self.stop.is_set()
@@ -95,15 +106,15 @@ class EngineWorker:
     def call(
         self, fn: Callable[[Any], Any], session: str | None = None, mutates: bool = True
     ) -> concurrent.futures.Future:
-        job = Job(fn, session, mutates, future=concurrent.futures.Future())
-        self._admit(job)
-        return job.future
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._admit(Job(fn, session, mutates, future=future))
+        return future
 
     async def acall(self, fn: Callable[[Any], Any], session: str | None = None, mutates: bool = True) -> Any:
         return await asyncio.wrap_future(self.call(fn, session, mutates))
 
     def stream(
-        self, fn: Callable[[Any, Job], Iterator], sink: Callable[[Any], None], session: str | None = None
+        self, fn: Callable[[Any, Job], Iterator], sink: Callable[[Any], object], session: str | None = None
     ) -> Job:
         """Submit a stream job; `fn(manager, job)` returns the iterator (it may use job.should_stop)."""
         job = Job(lambda m: None, session, True, sink=sink)
@@ -114,7 +125,7 @@ class EngineWorker:
     def stop_session(self, session: str) -> bool:
         with self._lock:
             job = self._busy.get(session)
-        if job is None or job.sink is None:
+        if job is None or job.future is not None:  # nothing running, or a call (not a stream)
             return False
         job.stop.set()
         return True
@@ -138,6 +149,7 @@ class EngineWorker:
                 del self._busy[job.session]
 
     def _run(self) -> None:
+        job: Job | Literal[False] | None  # False: nothing new to start; None: shut down
         while True:
             try:
                 job = self._q.get(block=not self._active, timeout=None if not self._active else 0)
@@ -198,7 +210,7 @@ class EngineWorker:
         done = False
         if job.abandoned:
             try:
-                job.it.close()  # the session keeps the partial reply (cancelled), cache consistent
+                _close(job.it)  # the session keeps the partial reply (cancelled), cache consistent
             except Exception:
                 log.exception("closing an abandoned generation failed")
             done = True
@@ -222,7 +234,7 @@ class EngineWorker:
     def _shutdown(self) -> None:
         for job in self._active:
             try:
-                job.it.close()
+                _close(job.it)
             except Exception:
                 log.exception("closing a generation at shutdown failed")
             job.sink(END)

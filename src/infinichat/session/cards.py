@@ -191,7 +191,8 @@ class CharacterCard:
             raw_data: dict[str, Any] = {}
         else:
             top = copy.deepcopy(raw)
-            raw_data = raw.get("data") if isinstance(raw.get("data"), dict) else {}
+            given = raw.get("data")
+            raw_data = given if isinstance(given, dict) else {}
         data = copy.deepcopy(raw_data)
         for k in KNOWN_FIELDS:
             cur = getattr(self, k)
@@ -348,6 +349,7 @@ def _card_from_dict(d: Any, where: str) -> CharacterCard:
                 f"spec is missing but there is a 'data' field; a V2/V3 card needs "
                 f"spec '{SPEC_V2}' or '{SPEC_V3}', a V1 card has its fields at the top level",
             )
+        names: tuple[str, ...]
         obj, prefix, names = d, "", V1_FIELDS
         spec, version = SPEC_V1, "1.0"
     else:
@@ -422,7 +424,7 @@ def _png_chunks(blob: bytes, where: str) -> list[_Chunk]:
     """Every chunk up to IEND, with the signature, chunk framing and CRCs checked."""
     if not blob.startswith(PNG_SIGNATURE):
         raise _err(where, "is not a PNG (bad signature)")
-    pos, chunks = len(PNG_SIGNATURE), []
+    pos, chunks = len(PNG_SIGNATURE), list[_Chunk]()
     while True:
         if pos + 12 > len(blob):
             raise _err(where, f"PNG is truncated: it ends at byte {len(blob)} without an IEND chunk")

@@ -143,7 +143,7 @@ class SessionManager:
         row = {
             "id": s.id,
             "name": s.name,
-            "created": getattr(s, "created", time.time()),
+            "created": s.created,
             "version": s.version,
             "system_prompt": s.system_prompt,
             "card": s.card.to_json_dict() if s.card is not None else None,
@@ -151,7 +151,6 @@ class SessionManager:
             "next_uid": s.next_uid,
             "segments": s.seq.segments.to_json() if s.seq is not None else None,
         }
-        s.created = row["created"]
         # a reply still being generated is saved when it ends, never half-written
         done = [m for m in s.messages if m.alternatives[m.selected].finish_reason != "incomplete" or m.kind == "user"]
         prints = [m.fingerprint() for m in done]
@@ -183,7 +182,7 @@ class SessionManager:
         return s
 
     def _offload(self, s: Session) -> None:
-        s.seq.save(self.db.kv_path(s.id), {"version": s.version, "session": s.id})  # atomic
+        s.kv.save(self.db.kv_path(s.id), {"version": s.version, "session": s.id})  # atomic
         s.seq = None
         s._logits = None
         self.n_offloads += 1
@@ -220,5 +219,5 @@ class SessionManager:
         for s in resident:
             if total <= self.kv_cap_bytes:
                 break
-            total -= s.seq.store.nbytes
+            total -= s.kv.store.nbytes
             self._offload(s)

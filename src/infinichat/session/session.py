@@ -174,6 +174,7 @@ class Session:
         self.next_uid = 1
         self.version = 0  # bumped on every change; a KV snapshot is valid for one version
         self.last_used = time.monotonic()
+        self.created = time.time()  # wall clock; a stored session keeps the time it was first made
         self._logits: torch.Tensor | None = None  # next-token logits after the last cached token
 
     # ------------------------------------------------------------------ queries
@@ -572,7 +573,7 @@ class Session:
         self.ensure_cache()
         turn = len(self.messages) - 1
         seg = self._segment(last)
-        header, body = self._gen_header(self._chat_history(turn), last), []
+        header, body = self._gen_header(self._chat_history(turn), last), list[int]()
         if (
             seg is None
             or seg.start + last.n_header > self.kv.length
