@@ -39,7 +39,7 @@ def _read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
     for f in files:
         try:
             with safe_open(str(f), framework="pt") as st:
-                for name in st:
+                for name in st.keys():  # noqa: SIM118  (safe_open objects are not iterable)
                     tensors[name] = st.get_tensor(name)
         except Exception as e:  # safetensors raises its own SafetensorError on damaged files
             raise ModelLoadError(f"{f}: damaged or truncated safetensors file ({e})") from None
