@@ -135,11 +135,9 @@ def _convert_gguf(path: Path, target: Path, show_progress: bool) -> None:
 
         with Progress(transient=True) as bar:
             task = bar.add_task(f"converting {path.name} (first start only)", total=len(reader.tensors))
-            weights = load_gguf_weights(
-                path, reader, cfg, fields["general.architecture"], lambda n, total: bar.update(task, completed=n)
-            )
+            weights = load_gguf_weights(path, reader, cfg, lambda n, total: bar.update(task, completed=n))
     else:
-        weights = load_gguf_weights(path, reader, cfg, fields["general.architecture"])
+        weights = load_gguf_weights(path, reader, cfg)
 
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".converting-"))
