@@ -112,7 +112,12 @@ def neox_qkv_to_blocks(t: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 def load_hf_folder(folder: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     cfg = ModelConfig.from_hf(read_hf_config(folder), source=str(folder / "config.json"))
-    raw = _read_safetensors(folder)
+    return cfg, canonical_weights(cfg, _read_safetensors(folder), str(folder))
+
+
+def canonical_weights(cfg: ModelConfig, raw: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+    """HF-named tensors (a checkpoint's, or a transformers model's state_dict) -> the canonical float32 layout,
+    strictly: a tensor neither used nor on the entry's ignore list is a ModelLoadError."""
     names = _name_map(cfg)
     out: dict[str, torch.Tensor] = {}
     parts: dict[str, dict[str, torch.Tensor]] = {}
@@ -124,7 +129,7 @@ def load_hf_folder(folder: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
         ignore = (*arch.hf_ignore, "lm_head.weight", "embed_out.weight")
     else:
         ignore = arch.hf_ignore
-    refuse_unused(unused_tensors(raw, used, ignore), arch, str(folder))
+    refuse_unused(unused_tensors(raw, used, ignore), arch, source)
     for hf_name in sorted(used):
         tensor = raw[hf_name]
         name, piece = names[hf_name]
@@ -139,7 +144,7 @@ def load_hf_folder(folder: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
         order = ("q", "k", "v") if "wqkv" in name else ("gate", "up")
         missing = [p for p in order if p not in pieces]
         if missing:
-            raise ModelLoadError(f"{folder}: the {missing[0]} part of {name} is missing")
+            raise ModelLoadError(f"{source}: the {missing[0]} part of {name} is missing")
         out[name] = torch.cat([pieces[p] for p in order], dim=0)
-    validate(cfg, out, str(folder))
-    return cfg, out
+    validate(cfg, out, source)
+    return out
