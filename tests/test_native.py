@@ -334,3 +334,26 @@ def test_bf16_models_prompts_keep_their_logits_with_the_row_ops():
         m, "prompt_ops", lambda: m(ids, torch.arange(80), KVCache(cfg, 80, torch.bfloat16), 0, all_logits=True)
     )
     assert (on - off).abs().max().item() <= 2**-6 * off.abs().max().item()
+
+
+def test_abi_check_refuses_a_library_that_disagrees(monkeypatch):
+    """The library's ABI version and struct sizes are compared with the ctypes side's at load."""
+    lib = native.library()
+    if lib is None:
+        pytest.skip(f"native library unavailable: {native.status()}")
+    native.check_abi(lib)  # the built library agrees
+    monkeypatch.setattr(native, "ABI_VERSION", native.ABI_VERSION + 1)
+    with pytest.raises(RuntimeError, match=r"ABI mismatch: the library is version \d+ with struct sizes"):
+        native.check_abi(lib)
+
+
+def test_native_decode_is_picked_by_declared_features():
+    """The step is used where native.DECODE_FEATURES covers the model's features, else the reason names them."""
+    qk = _cfg(qk_norm=True)
+    w = _weights(qk)
+    for i in range(qk.n_layers):
+        w[f"layers.{i}.q_norm.weight"] = torch.ones(qk.head_dim)
+        w[f"layers.{i}.k_norm.weight"] = torch.ones(qk.head_dim)
+    qm = Transformer(qk, w, torch.bfloat16, quant="int8")
+    assert qm.kernels.decoder is None and "qk_norm" in str(native.unsupported(qm))
+    assert native.unsupported(Transformer(_cfg(), _weights(_cfg()), torch.bfloat16, quant="int8")) is None
