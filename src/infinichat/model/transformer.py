@@ -20,7 +20,7 @@ from typing import Protocol
 import torch
 
 from infinichat.errors import DeviceError, InfinichatError
-from infinichat.kernels import make_kernels, resolve_device
+from infinichat.kernels import RopeTables, make_kernels, resolve_device
 from infinichat.model.arch import features
 from infinichat.model.attention import AttentionRequest, requested_attention
 from infinichat.model.config import ModelConfig
@@ -152,7 +152,7 @@ class Transformer:
         self,
         L: dict,
         x: torch.Tensor,
-        rope,
+        rope: RopeTables,
         seqs: Sequence[BatchItem],
         rows: list[int],
         masks: list[torch.Tensor | None],
@@ -166,12 +166,12 @@ class Transformer:
             qkv = self._qk_norm(L, qkv)
         q, k, v = kern.rope_qkv(qkv, rope)  # (H, N, hd), (Hkv, N, hd), (Hkv, N, hd)
         outs = []
-        r0 = 0
+        r0, one = 0, len(seqs) == 1  # one sequence: the fast path, no row slicing
         for s, T, mask in zip(seqs, rows, masks, strict=True):
             k_buf, v_buf = s.cache.k[li], s.cache.v[li]  # (Hkv, C, hd)
-            qs = q[:, r0 : r0 + T] if len(seqs) > 1 else q  # (H, T, hd)
-            k_buf[:, s.start : s.start + T] = k[:, r0 : r0 + T]
-            v_buf[:, s.start : s.start + T] = v[:, r0 : r0 + T]
+            qs = q if one else q[:, r0 : r0 + T]  # (H, T, hd)
+            k_buf[:, s.start : s.start + T] = k if one else k[:, r0 : r0 + T]
+            v_buf[:, s.start : s.start + T] = v if one else v[:, r0 : r0 + T]
             if attn is not None:  # a policy asked for weights, a token subset or offloading (model/attention.py)
                 out = requested_attention(attn, li, qs, k_buf, v_buf, s.start, self.scale)  # (H, T, hd)
                 outs.append(out.transpose(0, 1).reshape(T, self.q_size))
