@@ -63,7 +63,7 @@ def main() -> None:
     loaded = load_model(None, torch.bfloat16)
     m, eng = loaded.model, TorchEngine(loaded.model)
     ids = loaded.tokenizer.encode(text[: 12 * args.prompt_tokens], parse_special=False)[: args.prompt_tokens]
-    ops, attn = m.prompt_ops, m.prompt_attn
+    ops, attn = m.kernels.prompt_ops, m.kernels.prompt_attn
     variants = {"row ops + attention": (ops, attn), "attention only": (None, attn), "pytorch": (None, None)}
     if attn is None:
         variants = {"row ops": (ops, None), "pytorch": (None, None)}
@@ -71,7 +71,7 @@ def main() -> None:
         raise SystemExit("the native library is not available here; nothing to compare")
 
     def apply_prompt(v):
-        m.prompt_ops, m.prompt_attn = v
+        m.kernels.prompt_ops, m.kernels.prompt_attn = v
 
     def measure_prompt():
         seq = eng.new_cache(len(ids) + 1)
@@ -81,18 +81,18 @@ def main() -> None:
 
     rates, outs = alternate(variants, apply_prompt, measure_prompt, args.rounds)
     report(f"prefill tok/s, bfloat16, {len(ids)} tokens from slot 0, {args.threads} threads", rates, outs, "pytorch")
-    m.prompt_ops, m.prompt_attn = ops, attn
+    m.kernels.prompt_ops, m.kernels.prompt_attn = ops, attn
 
     q = load_model(None, torch.bfloat16, quant="int4")
     qm, qeng = q.model, TorchEngine(q.model, eos_ids=())
-    nd = qm.native
+    nd = qm.kernels.decoder
     if nd is None:
         raise SystemExit("the native decode step is not available for this model")
     long_ids = q.tokenizer.encode(text[:40000], parse_special=False)[:4000]
     for label, prompt in (("short prompt", ids[:16]), (f"after {len(long_ids)} tokens", long_ids)):
 
         def apply_decode(v):
-            qm.native = v
+            qm.kernels.decoder = v
 
         def measure_decode(prompt=prompt):
             seq = qeng.new_cache(len(prompt) + args.decode_tokens + 1)
@@ -106,7 +106,7 @@ def main() -> None:
 
         rates, outs = alternate({"native step": nd, "pytorch": None}, apply_decode, measure_decode, args.rounds)
         report(f"decode tok/s, int4, {label}", rates, outs, "pytorch")
-        qm.native = nd
+        qm.kernels.decoder = nd
 
 
 if __name__ == "__main__":

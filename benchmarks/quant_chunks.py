@@ -1,6 +1,6 @@
 """Quantized models on calls of several tokens (a chat turn's prompt, a tool result): the products each weight
 layout runs on, by chunk length, and where the float32 product over dequantized weights overtakes them
-(transformer.QUANT_DENSE_MIN_T: the model's `dense_min_t`).
+(kernels/cpu_native.py QUANT_DENSE_MIN_T: the model's `dense_min_t`).
 
     python3 benchmarks/quant_chunks.py [--chunks 2 8 32 64 128 256 512] [--rounds 3] [--threads 2]
 
@@ -39,8 +39,11 @@ def chunk_rate(model, ids: list[int], T: int, dense: bool) -> float:
     if dense:  # float32 activations, products over the dequantized weights
         limits = {"dense_min_t": 0, "fp32_min": 0}
     else:  # the kernels at any length, activations as the model keeps them below its threshold
-        limits = {"dense_min_t": never, "fp32_min": never if model.fp32_min == model.dense_min_t else model.fp32_min}
-    with mock.patch.multiple(model, **limits):
+        limits = {
+            "dense_min_t": never,
+            "fp32_min": never if model.kernels.fp32_min == model.kernels.dense_min_t else model.kernels.fp32_min,
+        }
+    with mock.patch.multiple(model.kernels, **limits):
         t0 = time.perf_counter()
         engine.prefill(seq, ids[CONTEXT : CONTEXT + T], chunk=T)
         return T / (time.perf_counter() - t0)

@@ -96,3 +96,15 @@ def default_tokenizer():
     from infinichat.model.tokenizer import Tokenizer
 
     return Tokenizer.from_gguf(default_model_path())
+
+
+def pytest_collection_modifyitems(config, items):
+    """`@pytest.mark.cuda` tests need a CUDA device: skipped (with the reason) where torch sees none."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (torch sees none here)")
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(skip)

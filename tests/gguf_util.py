@@ -313,6 +313,7 @@ def write_gguf(
     raw: Mapping[str, tuple[np.ndarray, Q]] | None = None,
     vocab: bool = True,
     drop: tuple[str, ...] = (),
+    extra: Mapping[str, np.ndarray] | None = None,
 ) -> dict[str, Q]:
     """Write `model` as a GGUF file; returns each tensor's GGML type as written.
 
@@ -321,6 +322,7 @@ def write_gguf(
     arch: the `general.architecture` (and key prefix) to write instead of the model's own.
     vocab: store the tiny vocabulary (tokenizer.ggml.*) in the metadata.
     drop: GGUF names of tensors to leave out.
+    extra: GGUF name -> float array of tensors to add (F32), e.g. ones the loader does not know.
     """
     real_arch, tensors = gguf_tensors(model)
     arch = arch or real_arch
@@ -340,6 +342,9 @@ def write_gguf(
         data, t = encode(arr, _type_for(name, qtype))
         w.add_tensor(name, data, raw_dtype=t if t != Q.F32 else None)
         written[name] = t
+    for name, arr in (extra or {}).items():
+        w.add_tensor(name, np.ascontiguousarray(arr, dtype=np.float32))
+        written[name] = Q.F32
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

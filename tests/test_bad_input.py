@@ -59,6 +59,8 @@ def _make_cases(tmp: Path) -> dict[str, Case]:
     block, size = GGML_QUANT_SIZES[Q.IQ4_NL]
     raw = np.random.default_rng(0).integers(0, 256, (rows, cols // block * size), dtype=np.uint8)
     gguf_util.write_gguf(iq4, gguf_util.RandomLlama(), raw={"blk.0.ffn_down.weight": (raw, Q.IQ4_NL)})
+    extra = tmp / "extra-tensor.gguf"  # a Qwen3-style q_norm the llama entry does not read
+    gguf_util.write_gguf(extra, gguf_util.RandomLlama(), extra={"blk.0.attn_q_norm.weight": np.ones(16)})
     llama_config = (
         '{"architectures": ["LlamaForCausalLM"], "vocab_size": 271, "hidden_size": 64, '
         '"intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4}'
@@ -77,6 +79,7 @@ def _make_cases(tmp: Path) -> dict[str, Case]:
         ),
         "unsupported architecture": Case(mamba, r"architecture 'mamba'", r"supported: .*llama"),
         "unsupported tensor type": Case(iq4, r"IQ4_NL", r"supported: .*Q4_0"),
+        "unknown tensor": Case(extra, r"blk\.0\.attn_q_norm\.weight", r"llama entry does not use"),
         "empty folder": Case(folder("empty-folder", None), r"no config\.json", r"safetensors"),
         "folder without weights": Case(folder("no-weights", llama_config), r"no \.safetensors"),
         "unsupported HF architecture": Case(
@@ -144,6 +147,7 @@ CASE_NAMES = [
     "random bytes",
     "unsupported architecture",
     "unsupported tensor type",
+    "unknown tensor",
     "empty folder",
     "folder without weights",
     "unsupported HF architecture",

@@ -43,7 +43,7 @@ def _load(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     reader = open_reader(path)
     cfg = ModelConfig.from_gguf(fields, source=str(path))
     cfg = cfg.with_(tie_embeddings=not any(t.name == "output.weight" for t in reader.tensors))
-    return cfg, load_gguf_weights(path, reader, cfg, fields["general.architecture"])
+    return cfg, load_gguf_weights(path, reader, cfg)
 
 
 def _ours(cfg: ModelConfig, weights: dict[str, torch.Tensor], ids: torch.Tensor = IDS) -> torch.Tensor:

@@ -109,6 +109,7 @@ class Spy:
 
     def __init__(self, model: Transformer):
         self.model, self.cfg, self.dtype, self.rope = model, model.cfg, model.dtype, model.rope
+        self.device = model.device
         self.requests: list[AttentionRequest | None] = []
 
     def __call__(self, *args, attn=None, **kw):

@@ -58,14 +58,14 @@ def _pair(mode: str, **kw) -> tuple[Transformer, Transformer]:
 
 
 def _with_and_without(model: Transformer, attr: str, run):
-    """run() with the model's native `attr` as it is, then with it switched off (None); restores it."""
-    kept = getattr(model, attr)
+    """run() with the kernel set's native member `attr` as it is, then switched off (None); restores it."""
+    kept = getattr(model.kernels, attr)
     try:
         on = run()
-        setattr(model, attr, None)
+        setattr(model.kernels, attr, None)
         return on, run()
     finally:
-        setattr(model, attr, kept)
+        setattr(model.kernels, attr, kept)
 
 
 def test_the_library_builds_where_it_can():
@@ -75,7 +75,7 @@ def test_the_library_builds_where_it_can():
         pytest.skip(f"no AVX2/FMA or no C compiler here: {native.status()}")
     assert native.status() == "available"
     qm, _ = _pair("int4")
-    assert qm.native is not None
+    assert qm.kernels.decoder is not None
 
 
 needs_lib = pytest.mark.skipif(not CAN_BUILD, reason="the native library cannot be built here")
@@ -86,7 +86,7 @@ needs_lib = pytest.mark.skipif(not CAN_BUILD, reason="the native library cannot 
 @pytest.mark.parametrize("kw", [{}, {"qkv_bias": True, "tie_embeddings": True}])
 def test_native_decode_matches_float32_model_of_the_dequantized_weights(mode, kw):
     qm, ref = _pair(mode, **kw)
-    assert qm.native is not None
+    assert qm.kernels.decoder is not None
     layer_type = {"int8": quant.Int8GroupLinear, "int8-row": quant.Int8Linear, "int4": quant.Int4Linear}[mode]
     assert all(isinstance(L[n + ".weight"], layer_type) for L in qm.layers for n in ("wqkv", "wo", "w_in", "w_out"))
     cfg = qm.cfg
@@ -129,15 +129,15 @@ def test_native_steps_through_the_engine_follow_the_float32_model(mode):
     sr, sq = er.new_cache(256), eq.new_cache(256)
     lr, lq = er.prefill(sr, prompt), eq.prefill(sq, prompt)
     calls = []
-    real = qm.native.decode
-    qm.native.decode = lambda *a, **k: calls.append(1) or real(*a, **k)
+    real = qm.kernels.decoder.decode
+    qm.kernels.decoder.decode = lambda *a, **k: calls.append(1) or real(*a, **k)
     try:
         for _ in range(40):
             tok = int(lr.argmax())
             lr, lq = er.prefill(sr, [tok]), eq.prefill(sq, [tok])
             assert (lq - lr).abs().max().item() <= 0.05 * lr.abs().max().item()
     finally:
-        qm.native.decode = real
+        qm.kernels.decoder.decode = real
     assert len(calls) == 40
     n = sr.store.length  # the rows the native steps wrote: [70, n)
     for a, b in ((sq.store.k_all, sr.store.k_all), (sq.store.v_all, sr.store.v_all)):
@@ -157,7 +157,7 @@ def test_thread_counts_give_the_same_step():
         torch.set_num_threads(threads)
         c = KVCache(cfg, 256, torch.bfloat16)
         qm(ids[:199], torch.arange(199), c, 0)  # prompt through PyTorch, then one native step over 200 slots
-        out.append(qm.native.decode(int(ids[199]), torch.tensor([199]), c, 199))  # hidden state, raw logits
+        out.append(qm.kernels.decoder.decode(int(ids[199]), torch.tensor([199]), c, 199))  # hidden state, raw logits
     torch.set_num_threads(1)
     for x, logits in out[1:]:
         assert (x - out[0][0]).abs().max().item() <= 1e-3 * out[0][0].abs().max().item()
@@ -169,7 +169,9 @@ def test_attention_requests_and_other_caches_take_the_pytorch_path(monkeypatch):
     """A policy's attention request needs the PyTorch attention; a float32 cache cannot be read natively."""
     qm, _ = _pair("int8")
     calls = []
-    monkeypatch.setattr(qm.native, "decode", lambda *a, **k: calls.append(1) or (_ for _ in ()).throw(AssertionError))
+    monkeypatch.setattr(
+        qm.kernels.decoder, "decode", lambda *a, **k: calls.append(1) or (_ for _ in ()).throw(AssertionError)
+    )
     from infinichat.model.attention import AttentionRequest
 
     c = KVCache(qm.cfg, 8, torch.bfloat16)
@@ -186,7 +188,7 @@ def test_fallbacks_are_explained(monkeypatch):
         monkeypatch.setenv("INFINICHAT_NATIVE", "0")
         assert native.library() is None and "INFINICHAT_NATIVE=0" in native.status()
         qm, _ = _pair("int4")
-        assert qm.native is None
+        assert qm.kernels.decoder is None
         native._state.clear()
         monkeypatch.delenv("INFINICHAT_NATIVE")
         monkeypatch.setattr(native, "_compiler", lambda: None)
@@ -198,9 +200,9 @@ def test_fallbacks_are_explained(monkeypatch):
         native._state.update(saved)
     neox = _cfg(arch="gptneox", norm="layer", parallel_residual=True, act="gelu", n_kv_heads=6)
     qm = Transformer(neox, _weights(neox), torch.bfloat16, quant="int8")
-    assert qm.native is None and "gptneox" in native.unsupported(qm)
+    assert qm.kernels.decoder is None and "norm:layer" in str(native.unsupported(qm))
     dense = Transformer(_cfg(), _weights(_cfg()), torch.bfloat16)
-    assert dense.native is None and "dense" in native.unsupported(dense)
+    assert dense.kernels.decoder is None and "dense" in native.unsupported(dense)
 
 
 @needs_lib
@@ -268,7 +270,7 @@ def test_models_route_prompts_through_it_and_keep_their_logits():
     of the same model with it switched off (SDPA), within float32 rounding."""
     cfg = _cfg(head_dim=64, n_heads=3, n_kv_heads=1, dim=128)
     m = Transformer(cfg, _weights(cfg), torch.float32)
-    assert m.prompt_attn is not None
+    assert m.kernels.prompt_attn is not None
     ids = torch.randint(0, cfg.vocab_size, (90,), generator=torch.Generator().manual_seed(4))
 
     def two_chunks():
@@ -324,9 +326,34 @@ def test_bf16_models_prompts_keep_their_logits_with_the_row_ops():
     bf16 rounding of the last layer's output; float32 models do not use them (reference formulas, op for op)."""
     cfg = _cfg()
     m = Transformer(cfg, _weights(cfg), torch.bfloat16)
-    assert m.prompt_ops is not None and Transformer(cfg, _weights(cfg), torch.float32).prompt_ops is None
+    assert (
+        m.kernels.prompt_ops is not None and Transformer(cfg, _weights(cfg), torch.float32).kernels.prompt_ops is None
+    )
     ids = torch.randint(0, cfg.vocab_size, (80,), generator=torch.Generator().manual_seed(6))
     on, off = _with_and_without(
         m, "prompt_ops", lambda: m(ids, torch.arange(80), KVCache(cfg, 80, torch.bfloat16), 0, all_logits=True)
     )
     assert (on - off).abs().max().item() <= 2**-6 * off.abs().max().item()
+
+
+def test_abi_check_refuses_a_library_that_disagrees(monkeypatch):
+    """The library's ABI version and struct sizes are compared with the ctypes side's at load."""
+    lib = native.library()
+    if lib is None:
+        pytest.skip(f"native library unavailable: {native.status()}")
+    native.check_abi(lib)  # the built library agrees
+    monkeypatch.setattr(native, "ABI_VERSION", native.ABI_VERSION + 1)
+    with pytest.raises(RuntimeError, match=r"ABI mismatch: the library is version \d+ with struct sizes"):
+        native.check_abi(lib)
+
+
+def test_native_decode_is_picked_by_declared_features():
+    """The step is used where native.DECODE_FEATURES covers the model's features, else the reason names them."""
+    qk = _cfg(qk_norm=True)
+    w = _weights(qk)
+    for i in range(qk.n_layers):
+        w[f"layers.{i}.q_norm.weight"] = torch.ones(qk.head_dim)
+        w[f"layers.{i}.k_norm.weight"] = torch.ones(qk.head_dim)
+    qm = Transformer(qk, w, torch.bfloat16, quant="int8")
+    assert qm.kernels.decoder is None and "qk_norm" in str(native.unsupported(qm))
+    assert native.unsupported(Transformer(_cfg(), _weights(_cfg()), torch.bfloat16, quant="int8")) is None

@@ -10,6 +10,7 @@ import torch
 
 from infinichat import native
 from infinichat.errors import InfinichatError
+from infinichat.kernels.cpu_native import QUANT_DENSE_MIN_T
 from infinichat.kv.cache import KVCache
 from infinichat.model import quant
 from infinichat.model.config import ModelConfig
@@ -21,7 +22,7 @@ from infinichat.model.quant import (
     quantize_int8,
     quantize_int8_group,
 )
-from infinichat.model.transformer import QUANT_DENSE_MIN_T, Transformer
+from infinichat.model.transformer import Transformer
 
 
 def _rand(*shape, seed=0, scale=0.05):
@@ -277,7 +278,9 @@ def test_quantized_model_matches_float32_model_of_its_dequantized_weights(mode, 
     qm = Transformer(cfg, _weights(cfg), torch.bfloat16, quant=mode)
     assert all(isinstance(L["wqkv.weight"], quant.QuantLinear) for L in qm.layers)
     ref = Transformer(cfg, _dequantized(qm), torch.float32)
-    n = QUANT_DENSE_MIN_T[qm.quant_layout] + 8  # a prompt long enough for the float32 path over dequantized weights
+    n = (
+        QUANT_DENSE_MIN_T[qm.kernels.quant_layout] + 8
+    )  # a prompt long enough for the float32 path over dequantized weights
     ids = torch.randint(0, cfg.vocab_size, (n + 6,), generator=torch.Generator().manual_seed(8))
     cq, cr = KVCache(cfg, n + 72, torch.bfloat16), KVCache(cfg, n + 72)
     got = qm(ids[:n], torch.arange(n), cq, 0, all_logits=True)
@@ -296,7 +299,7 @@ def test_quantized_model_matches_float32_model_of_its_dequantized_weights(mode, 
         want = ref(more, torch.arange(a, a + size), cr, a, all_logits=True)
         err = (got - want).abs().max().item() / want.abs().max().item()
         assert err <= 0.05 + 0.02 / want.abs().max().item()
-        if qm.quant_layout == "int8g" and size >= qm.fp32_min:  # float32 activations: measured 0.8-1.0%
+        if qm.kernels.quant_layout == "int8g" and size >= qm.kernels.fp32_min:  # float32 activations: measured 0.8-1.0%
             assert err <= 0.02, err  # (int4's bf16 activations: 1.4-2.1% on the same chunk)
         a += size
 
@@ -324,7 +327,9 @@ def test_quantized_head_rescores_its_top_candidates_exactly():
         quant="int4",
     )
     assert isinstance(rescored.lm_head, quant.QuantLinear) and isinstance(dense_head.lm_head, torch.Tensor)
-    rescored.native = None  # both through the PyTorch layers (a dense head has no native step): same hidden states
+    rescored.kernels.decoder = (
+        None  # both through the PyTorch layers (a dense head has no native step): same hidden states
+    )
     ids = torch.randint(0, cfg.vocab_size, (12,), generator=torch.Generator().manual_seed(9))
     caches = [KVCache(cfg, 16, torch.bfloat16) for _ in range(2)]
     for t in range(12):

@@ -7,3 +7,7 @@ class InfinichatError(Exception):
 
 class ModelLoadError(InfinichatError):
     """A model file or folder that cannot be loaded: missing, truncated, corrupt or unsupported."""
+
+
+class DeviceError(InfinichatError):
+    """A --device that does not exist here (e.g. cuda without a CUDA device), or a choice it cannot run."""

@@ -70,6 +70,7 @@ def _backend(args: argparse.Namespace) -> ChatBackend:
             args.cache_dir,
             show_progress=err.is_terminal,
             quant=getattr(args, "quant", "none"),
+            device=getattr(args, "device", "auto"),
         )
     return LocalBackend(SessionManager(engine, tok, model_id, args.data_dir, SessionSettings()), name)
 

@@ -44,6 +44,7 @@ def load_engine(args: argparse.Namespace, n_ctx: int | None = None) -> tuple[Tok
             show_progress=err.is_terminal,
             quant=getattr(args, "quant", "none"),
             n_ctx=n_ctx,
+            device=getattr(args, "device", "auto"),
         )
     return tok, name, engine
 

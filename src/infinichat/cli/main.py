@@ -46,6 +46,13 @@ def _add_model_args(p: argparse.ArgumentParser, dtype: str = DEFAULT_DTYPE, ctx:
         "needs --dtype bfloat16; quantized once, then cached (default none)",
     )
     g.add_argument(
+        "--device",
+        default="auto",
+        metavar="{auto,cpu,cuda,cuda:N}",
+        help="where the torch backend runs the model and keeps its KV cache (auto: CUDA when torch sees a "
+        "GPU, else the CPU; --quant runs on the CPU) (default auto)",
+    )
+    g.add_argument(
         "--threads",
         type=int,
         default=0,

@@ -71,7 +71,15 @@ class TorchEngine(Engine):
         if not capacity and policy.phase == "prefill":  # a prompt grows past the budget before compression
             capacity = max(budget or 0, self.cfg.max_position)
         capacity = capacity or budget or self.cfg.max_position
-        return KVStore(self.cfg, capacity, self.model.dtype, rope=self.model.rope)
+        device = self.model.device
+        if (
+            policy.home_in_host_memory() and device.type != "cpu"
+        ):  # OmniKV / brutal offload: the store is the home copy in
+            # host memory; the policy's mirrors and the picked rows go to the model's device (kv/offload.py)
+            if getattr(policy, "device", "") is None:  # the offloading policies' compute device: the model's
+                policy.device = str(device)  # type: ignore[attr-defined]
+            device = torch.device("cpu")
+        return KVStore(self.cfg, capacity, self.model.dtype, rope=self.model.rope, device=device)
 
     # ------------------------------------------------------------------ one forward call (prefill / decode_one: Engine)
     def _append(self, seq: KVSequence, ids: torch.Tensor, all_logits: bool, stage: str = "decode") -> torch.Tensor:

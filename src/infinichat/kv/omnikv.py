@@ -65,6 +65,9 @@ class OmniKVPolicy(EvictionPolicy):
     last_request: AttentionRequest | None = field(default=None, init=False, repr=False, compare=False)
     picked: dict[int, torch.Tensor] = field(default_factory=dict, init=False, repr=False, compare=False)
 
+    def home_in_host_memory(self) -> bool:
+        return self.offload
+
     def __post_init__(self) -> None:
         check_k(self.name, self.k)
         if self.n_sink < 0:

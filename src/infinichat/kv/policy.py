@@ -48,6 +48,11 @@ class EvictionPolicy:
     drops_tokens: ClassVar[bool] = True
     recompute: ClassVar[bool] = False
 
+    def home_in_host_memory(self) -> bool:
+        """Whether this instance keeps the store's K/V in host memory, the compute device holding only mirrors and
+        moved rows (kv/offload.py): where the model is on a GPU, the engine then allocates the store on the CPU."""
+        return self.offloads
+
     def select(self, seq: KVSequence, n_needed: int) -> list[tuple[int, int]]:
         """Slot spans to evict so that at least `n_needed` slots are freed."""
         raise NotImplementedError

@@ -43,16 +43,28 @@ class Snapshot:
 
 
 class KVStore(SlotTable):
-    """K/V buffers (n_layers, Hkv, capacity, hd) with a per-layer view list (`k`, `v`) for the forward."""
+    """K/V buffers (n_layers, Hkv, capacity, hd) with a per-layer view list (`k`, `v`) for the forward. The
+    buffers live on `device` (the model's: default the rope's device, else the CPU); token ids and positions
+    stay on the CPU."""
 
-    def __init__(self, cfg: ModelConfig, capacity: int, dtype: torch.dtype = torch.float32, rope: Rope | None = None):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        capacity: int,
+        dtype: torch.dtype = torch.float32,
+        rope: Rope | None = None,
+        device: torch.device | str | None = None,
+    ):
         super().__init__(capacity)
         self.cfg = cfg
         self.dtype = dtype
-        self.rope = rope if rope is not None else Rope(cfg)
+        self.device = (
+            torch.device(device) if device is not None else rope.device if rope is not None else torch.device("cpu")
+        )
+        self.rope = rope if rope is not None else Rope(cfg, device=self.device)
         shape = (cfg.n_layers, cfg.n_kv_heads, capacity, cfg.head_dim)
-        self.k_all = torch.zeros(shape, dtype=dtype)  # (L, Hkv, C, hd)
-        self.v_all = torch.zeros(shape, dtype=dtype)  # (L, Hkv, C, hd)
+        self.k_all = torch.zeros(shape, dtype=dtype, device=self.device)  # (L, Hkv, C, hd)
+        self.v_all = torch.zeros(shape, dtype=dtype, device=self.device)  # (L, Hkv, C, hd)
         self.k = list(self.k_all.unbind(0))  # L x (Hkv, C, hd) views
         self.v = list(self.v_all.unbind(0))
 
@@ -81,6 +93,7 @@ class KVStore(SlotTable):
             return
         first, src, delta = self._cut(spans, shift)
         m = src.shape[0]
+        src = src.to(self.device)
         self.k_all[:, :, first : first + m] = self.k_all[:, :, src]  # (L, Hkv, m, hd); the gather copies first
         self.v_all[:, :, first : first + m] = self.v_all[:, :, src]
         if shift and rotate and m:
@@ -105,7 +118,7 @@ class KVStore(SlotTable):
             )
         angles = delta.double()[:, None] * self.rope.inv_freq.double()[None, :]  # (n, rot/2), exact enough
         emb = torch.cat((angles, angles), dim=-1)  # (n, rot) half-split layout, as in rope.cos_sin
-        cos, sin = emb.cos().float(), emb.sin().float()
+        cos, sin = emb.cos().float().to(self.device), emb.sin().float().to(self.device)
         rot = cos.shape[-1]
         k = self.k_all[:, :, start:end, :rot]  # (L, Hkv, n, rot) view
         kf = k.float()
@@ -126,7 +139,7 @@ class KVStore(SlotTable):
         hb = json.dumps(header).encode()
         yield MAGIC + struct.pack("<I", len(hb)) + hb
         for t in (self.k_all[:, :, :n], self.v_all[:, :, :n], self.tokens[:n], self.positions[:n]):
-            yield t.contiguous().view(torch.uint8).numpy().tobytes()
+            yield t.contiguous().cpu().view(torch.uint8).numpy().tobytes()
 
     def decode_snapshot(self, data: bytes) -> Snapshot:
         return decode_snapshot(data)
@@ -149,7 +162,7 @@ class KVStore(SlotTable):
 
     def fork(self) -> KVStore:
         """An independent copy (no shared storage)."""
-        other = KVStore(self.cfg, self.capacity, self.dtype, self.rope)
+        other = KVStore(self.cfg, self.capacity, self.dtype, self.rope, self.device)
         other.load_snapshot(
             Snapshot(
                 self.k_all[:, :, : self._length],

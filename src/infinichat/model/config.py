@@ -1,6 +1,7 @@
 """ModelConfig: one dataclass for every supported architecture, built from HF config.json or GGUF metadata.
 
-Adding a variant = one entry in `_HF_ARCHS` / `_GGUF_ARCHS` (plus a weight-name map in `weights.py`).
+The family's defaults come from its entry in the architecture table (model/arch.py); a checkpoint's own
+config overrides the per-checkpoint ones (biases, parallel residual, tied head, RoPE).
 """
 
 from __future__ import annotations
@@ -9,14 +10,10 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from infinichat.errors import ModelLoadError
+from infinichat.model.arch import GGUF_ARCHS, HF_ARCHS, ArchSpec
 
-SUPPORTED_HF_ARCHS = (
-    "LlamaForCausalLM",
-    "MistralForCausalLM",
-    "Qwen2ForCausalLM",
-    "GPTNeoXForCausalLM",
-)
-SUPPORTED_GGUF_ARCHS = ("llama", "mistral", "qwen2", "gptneox")
+SUPPORTED_HF_ARCHS = tuple(HF_ARCHS)
+SUPPORTED_GGUF_ARCHS = tuple(GGUF_ARCHS)
 
 
 @dataclass(frozen=True)
@@ -32,7 +29,7 @@ class RopeScaling:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    arch: str  # "llama" (Llama 2/3, Mistral, Qwen2, SmolLM, TinyLlama) | "gptneox" (Pythia)
+    arch: str  # the architecture table's key (model/arch.py): llama, mistral, qwen2, qwen3, gptneox
     vocab_size: int
     dim: int
     n_layers: int
@@ -52,6 +49,8 @@ class ModelConfig:
     norm: str = "rms"  # "rms" | "layer"
     parallel_residual: bool = False  # GPT-NeoX
     act: str = "silu"  # "silu" (gated MLP) | "gelu" (plain MLP)
+    qk_norm: bool = False  # per-head RMSNorm of q and k before RoPE (Qwen3)
+    embed_scale: float = 1.0  # the embeddings are multiplied by it (Gemma: sqrt(dim))
 
     @property
     def rot_dim(self) -> int:
@@ -69,58 +68,55 @@ class ModelConfig:
     def from_hf(cls, cfg: dict[str, Any], source: str = "config.json") -> ModelConfig:
         archs = cfg.get("architectures") or []
         arch_name = archs[0] if archs else cfg.get("model_type", "?")
-        if arch_name not in SUPPORTED_HF_ARCHS:
+        spec = HF_ARCHS.get(arch_name)
+        if spec is None:
             raise ModelLoadError(
                 f"{source}: unsupported architecture {arch_name!r}; supported: {', '.join(SUPPORTED_HF_ARCHS)}"
             )
         try:
-            if arch_name == "GPTNeoXForCausalLM":
-                n_heads = cfg["num_attention_heads"]
-                head_dim = cfg["hidden_size"] // n_heads
-                return cls(
-                    arch="gptneox",
-                    vocab_size=cfg["vocab_size"],
-                    dim=cfg["hidden_size"],
-                    n_layers=cfg["num_hidden_layers"],
-                    n_heads=n_heads,
-                    n_kv_heads=n_heads,
-                    head_dim=head_dim,
-                    ffn_dim=cfg["intermediate_size"],
-                    norm_eps=cfg.get("layer_norm_eps", 1e-5),
-                    rope_theta=_rope_theta(cfg, cfg.get("rotary_emb_base", 10000.0)),
-                    rotary_dim=int(head_dim * _rope_param(cfg, "partial_rotary_factor", cfg.get("rotary_pct", 1.0))),
-                    max_position=cfg.get("max_position_embeddings", 2048),
-                    rope_scaling=_hf_rope_scaling(cfg, source),
-                    qkv_bias=cfg.get("attention_bias", True),
-                    out_bias=cfg.get("attention_bias", True),
-                    mlp_bias=True,
-                    tie_embeddings=cfg.get("tie_word_embeddings", False),
-                    norm="layer",
-                    parallel_residual=cfg.get("use_parallel_residual", True),
-                    act=_neox_act(cfg.get("hidden_act", "gelu"), source),
-                )
             n_heads = cfg["num_attention_heads"]
             head_dim = cfg.get("head_dim") or cfg["hidden_size"] // n_heads
-            act = cfg.get("hidden_act", "silu")
-            if act != "silu":
-                raise ModelLoadError(f"{source}: hidden_act {act!r} is not supported for {arch_name}; supported: silu")
+            neox = spec.layout == "neox"
+            if neox:  # GPT-NeoX's config names
+                bias = bool(cfg.get("attention_bias", True))
+                qkv_bias, out_bias, mlp_bias = bias, bias, spec.mlp_bias
+                eps = cfg.get("layer_norm_eps", 1e-5)
+                theta = _rope_theta(cfg, cfg.get("rotary_emb_base", 10000.0))
+                rotary_dim = int(head_dim * _rope_param(cfg, "partial_rotary_factor", cfg.get("rotary_pct", 1.0)))
+                max_position = cfg.get("max_position_embeddings", 2048)
+                parallel = bool(cfg.get("use_parallel_residual", spec.parallel_residual))
+            else:
+                bias = bool(cfg.get("attention_bias", False))
+                qkv_bias, out_bias = spec.qkv_bias or bias, bias and not spec.qkv_bias
+                mlp_bias = bool(cfg.get("mlp_bias", spec.mlp_bias))
+                eps = cfg.get("rms_norm_eps", 1e-6)
+                theta = _rope_theta(cfg, 10000.0)
+                rotary_dim = 0
+                max_position = cfg.get("max_position_embeddings", 4096)
+                parallel = spec.parallel_residual
             return cls(
-                arch="llama",
+                arch=spec.name,
                 vocab_size=cfg["vocab_size"],
                 dim=cfg["hidden_size"],
                 n_layers=cfg["num_hidden_layers"],
                 n_heads=n_heads,
-                n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
+                n_kv_heads=(None if neox else cfg.get("num_key_value_heads")) or n_heads,
                 head_dim=head_dim,
                 ffn_dim=cfg["intermediate_size"],
-                norm_eps=cfg.get("rms_norm_eps", 1e-6),
-                rope_theta=_rope_theta(cfg, 10000.0),
-                max_position=cfg.get("max_position_embeddings", 4096),
-                rope_scaling=_hf_rope_scaling(cfg, source),
-                qkv_bias=arch_name == "Qwen2ForCausalLM" or bool(cfg.get("attention_bias", False)),
-                out_bias=bool(cfg.get("attention_bias", False)) and arch_name != "Qwen2ForCausalLM",
-                mlp_bias=bool(cfg.get("mlp_bias", False)),
+                norm_eps=eps,
+                rope_theta=theta,
+                rotary_dim=rotary_dim,
+                max_position=max_position,
+                rope_scaling=_hf_rope_scaling(cfg, source, spec),
+                qkv_bias=qkv_bias,
+                out_bias=out_bias,
+                mlp_bias=mlp_bias,
                 tie_embeddings=cfg.get("tie_word_embeddings", False),
+                norm=spec.norm,
+                parallel_residual=parallel,
+                act=_act(cfg.get("hidden_act", spec.act), spec, source),
+                qk_norm=spec.qk_norm,
+                embed_scale=float(cfg["hidden_size"]) ** 0.5 if spec.embed_scale else 1.0,
             )
         except KeyError as e:
             raise ModelLoadError(f"{source}: missing required field {e.args[0]!r} for {arch_name}") from None
@@ -129,7 +125,8 @@ class ModelConfig:
     @classmethod
     def from_gguf(cls, fields: dict[str, Any], source: str = "model.gguf") -> ModelConfig:
         arch = fields.get("general.architecture")
-        if arch not in SUPPORTED_GGUF_ARCHS:
+        spec = GGUF_ARCHS.get(arch) if isinstance(arch, str) else None
+        if spec is None or arch is None:
             raise ModelLoadError(
                 f"{source}: unsupported architecture {arch!r}; supported: {', '.join(SUPPORTED_GGUF_ARCHS)}"
             )
@@ -149,42 +146,37 @@ class ModelConfig:
         vocab = int(get("vocab_size", len(tokens) if tokens is not None else 0))
         scaling = RopeScaling()
         kind = get("rope.scaling.type", "none")
-        if kind not in ("none", "linear"):
+        if kind not in spec.gguf_rope_scalings:
             raise ModelLoadError(
-                f"{source}: rope scaling {kind!r} is not supported in GGUF files; supported: none, linear"
+                f"{source}: rope scaling {kind!r} is not supported in GGUF files; "
+                f"supported: {', '.join(spec.gguf_rope_scalings)}"
             )
         if kind == "linear":
             scaling = RopeScaling(kind="linear", factor=float(get("rope.scaling.factor")))
-        common: dict[str, Any] = {
-            "vocab_size": vocab,
-            "dim": dim,
-            "n_layers": int(get("block_count")),
-            "n_heads": n_heads,
-            "n_kv_heads": int(get("attention.head_count_kv", n_heads)),
-            "head_dim": head_dim,
-            "ffn_dim": int(get("feed_forward_length")),
-            "rope_theta": float(get("rope.freq_base", 10000.0)),
-            "max_position": int(get("context_length", 4096)),
-            "rope_scaling": scaling,
-        }
-        if arch == "gptneox":
-            return cls(
-                arch="gptneox",
-                norm_eps=float(get("attention.layer_norm_epsilon", 1e-5)),
-                rotary_dim=int(get("rope.dimension_count", head_dim)),
-                qkv_bias=True,
-                out_bias=True,
-                mlp_bias=True,
-                norm="layer",
-                parallel_residual=bool(get("use_parallel_residual", True)),
-                act="gelu",
-                **common,
-            )
+        layer_norm = spec.norm == "layer"
+        eps_key = "attention.layer_norm_epsilon" if layer_norm else "attention.layer_norm_rms_epsilon"
         return cls(
-            arch="llama",
-            norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
-            qkv_bias=arch == "qwen2",
-            **common,
+            arch=spec.name,
+            vocab_size=vocab,
+            dim=dim,
+            n_layers=int(get("block_count")),
+            n_heads=n_heads,
+            n_kv_heads=int(get("attention.head_count_kv", n_heads)),
+            head_dim=head_dim,
+            ffn_dim=int(get("feed_forward_length")),
+            norm_eps=float(get(eps_key, 1e-5)),
+            rope_theta=float(get("rope.freq_base", 10000.0)),
+            rotary_dim=int(get("rope.dimension_count", head_dim)) if spec.layout == "neox" else 0,
+            max_position=int(get("context_length", 4096)),
+            rope_scaling=scaling,
+            qkv_bias=spec.qkv_bias,
+            out_bias=spec.out_bias,
+            mlp_bias=spec.mlp_bias,
+            norm=spec.norm,
+            parallel_residual=bool(get("use_parallel_residual", spec.parallel_residual)),
+            act=spec.act,
+            qk_norm=spec.qk_norm,
+            embed_scale=float(dim) ** 0.5 if spec.embed_scale else 1.0,
         )
 
 
@@ -200,15 +192,14 @@ def _rope_theta(cfg: dict[str, Any], default: float) -> float:
     return float(_rope_param(cfg, "rope_theta", default))
 
 
-def _hf_rope_scaling(cfg: dict[str, Any], source: str) -> RopeScaling:
+def _hf_rope_scaling(cfg: dict[str, Any], source: str, spec: ArchSpec) -> RopeScaling:
     rs = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
     kind = rs.get("rope_type") or rs.get("type") or "default"
     if kind == "default":
         return RopeScaling()
-    if kind not in ("linear", "dynamic", "llama3"):
-        raise ModelLoadError(
-            f"{source}: rope scaling {kind!r} is not supported; supported: default, linear, dynamic, llama3"
-        )
+    if kind not in spec.rope_scalings or kind == "none":
+        accepted = ", ".join("default" if k == "none" else k for k in spec.rope_scalings)
+        raise ModelLoadError(f"{source}: rope scaling {kind!r} is not supported; supported: {accepted}")
     return RopeScaling(
         kind=kind,
         factor=float(rs.get("factor", 1.0)),
@@ -220,7 +211,7 @@ def _hf_rope_scaling(cfg: dict[str, Any], source: str) -> RopeScaling:
     )
 
 
-def _neox_act(act: str, source: str) -> str:
-    if act not in ("gelu",):
-        raise ModelLoadError(f"{source}: hidden_act {act!r} is not supported for GPT-NeoX; supported: gelu")
+def _act(act: str, spec: ArchSpec, source: str) -> str:
+    if act != spec.act:
+        raise ModelLoadError(f"{source}: hidden_act {act!r} is not supported for {spec.name}; supported: {spec.act}")
     return act

@@ -13,6 +13,7 @@ from gguf import GGUFReader
 from gguf.quants import dequantize
 
 from infinichat.errors import ModelLoadError
+from infinichat.model.arch import refuse_unused, spec, unused_tensors
 from infinichat.model.config import ModelConfig
 from infinichat.model.weights import unpermute_rope_rows, validate
 
@@ -32,7 +33,7 @@ def open_reader(path: Path) -> GGUFReader:
         ) from None
 
 
-def _canonical_name(gguf_name: str, gated_mlp: bool) -> tuple[str, str] | None:
+def _canonical_name(gguf_name: str, cfg: ModelConfig) -> tuple[str, str] | None:
     """GGUF tensor name -> (canonical name or fusion key, part). None for tensors we do not use."""
     simple = {
         "token_embd.weight": "embed.weight",
@@ -57,9 +58,11 @@ def _canonical_name(gguf_name: str, gated_mlp: bool) -> tuple[str, str] | None:
         "attn_k": ("wqkv", "k"),
         "attn_v": ("wqkv", "v"),
         "ffn_gate": ("w_in", "gate"),
-        "ffn_up": ("w_in", "up" if gated_mlp else ""),  # GPT-NeoX: no gate, ffn_up is the whole w_in
+        "ffn_up": ("w_in", "up" if cfg.gated_mlp else ""),  # GPT-NeoX: no gate, ffn_up is the whole w_in
         "ffn_down": ("w_out", ""),
     }
+    if cfg.qk_norm:  # only where the entry reads them: elsewhere they are unused tensors, refused
+        table |= {"attn_q_norm": ("q_norm", ""), "attn_k_norm": ("k_norm", "")}
     if part not in table:
         return None
     name, piece = table[part]
@@ -70,22 +73,25 @@ def load_gguf_weights(
     path: Path,
     reader: GGUFReader,
     cfg: ModelConfig,
-    gguf_arch: str,
     progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Dequantize every used tensor to float32 and arrange it in the canonical layout.
 
-    llama.cpp's converter interleaves the Q/K rows of `llama`/`mistral` files for its RoPE kernel; we undo
-    that. GPT-NeoX files already store `attn_qkv` as [q | k | v] blocks, our layout.
+    llama.cpp's converter interleaves the Q/K rows of `llama`/`mistral` files for its RoPE kernel
+    (`gguf_permuted_qk` in the architecture table); we undo that. GPT-NeoX files already store `attn_qkv` as
+    [q | k | v] blocks, our layout. A tensor the entry neither uses nor ignores is refused (ModelLoadError).
     """
-    permuted_rope = gguf_arch in ("llama", "mistral")
+    arch = spec(cfg.arch)
+    permuted_rope = arch.gguf_permuted_qk
     parts: dict[str, dict[str, torch.Tensor]] = {}
     out: dict[str, torch.Tensor] = {}
     tensors = list(reader.tensors)
+    targets = {t.name: _canonical_name(t.name, cfg) for t in tensors}
+    used = {n for n, target in targets.items() if target is not None}
+    refuse_unused(unused_tensors(targets, used, arch.gguf_ignore), arch, str(path))
     for n, t in enumerate(tensors):
-        target = _canonical_name(t.name, cfg.gated_mlp)
+        target = targets[t.name]
         if target is None:
-            log.debug("ignoring GGUF tensor %s", t.name)
             continue
         if t.tensor_type not in SUPPORTED_TYPES:
             raise ModelLoadError(

@@ -10,6 +10,7 @@ import torch
 from safetensors import safe_open
 
 from infinichat.errors import ModelLoadError
+from infinichat.model.arch import refuse_unused, spec, unused_tensors
 from infinichat.model.config import ModelConfig
 from infinichat.model.weights import validate
 
@@ -46,7 +47,7 @@ def _read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _llama_map(i: int) -> dict[str, tuple[str, str]]:
+def _llama_map(i: int, cfg: ModelConfig) -> dict[str, tuple[str, str]]:
     hf, p = f"model.layers.{i}.", f"layers.{i}."
     m = {
         hf + "input_layernorm.weight": (p + "attn_norm.weight", ""),
@@ -63,10 +64,13 @@ def _llama_map(i: int) -> dict[str, tuple[str, str]]:
     for x in "qkv":
         m[hf + f"self_attn.{x}_proj.weight"] = (p + "wqkv.weight", x)
         m[hf + f"self_attn.{x}_proj.bias"] = (p + "wqkv.bias", x)
+    if cfg.qk_norm:  # only where the entry reads them: elsewhere they are unused tensors, refused
+        m[hf + "self_attn.q_norm.weight"] = (p + "q_norm.weight", "")
+        m[hf + "self_attn.k_norm.weight"] = (p + "k_norm.weight", "")
     return m
 
 
-def _neox_map(i: int) -> dict[str, tuple[str, str]]:
+def _neox_map(i: int, cfg: ModelConfig) -> dict[str, tuple[str, str]]:
     hf, p = f"gpt_neox.layers.{i}.", f"layers.{i}."
     m = {}
     for kind in ("weight", "bias"):
@@ -80,7 +84,7 @@ def _neox_map(i: int) -> dict[str, tuple[str, str]]:
 
 
 def _name_map(cfg: ModelConfig) -> dict[str, tuple[str, str]]:
-    if cfg.arch == "gptneox":
+    if spec(cfg.arch).layout == "neox":
         m = {
             "gpt_neox.embed_in.weight": ("embed.weight", ""),
             "gpt_neox.final_layer_norm.weight": ("norm.weight", ""),
@@ -96,7 +100,7 @@ def _name_map(cfg: ModelConfig) -> dict[str, tuple[str, str]]:
         }
         per_layer = _llama_map
     for i in range(cfg.n_layers):
-        m.update(per_layer(i))
+        m.update(per_layer(i, cfg))
     return m
 
 
@@ -108,14 +112,26 @@ def neox_qkv_to_blocks(t: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 def load_hf_folder(folder: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     cfg = ModelConfig.from_hf(read_hf_config(folder), source=str(folder / "config.json"))
-    raw = _read_safetensors(folder)
+    return cfg, canonical_weights(cfg, _read_safetensors(folder), str(folder))
+
+
+def canonical_weights(cfg: ModelConfig, raw: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+    """HF-named tensors (a checkpoint's, or a transformers model's state_dict) -> the canonical float32 layout,
+    strictly: a tensor neither used nor on the entry's ignore list is a ModelLoadError."""
     names = _name_map(cfg)
     out: dict[str, torch.Tensor] = {}
     parts: dict[str, dict[str, torch.Tensor]] = {}
-    for hf_name, tensor in raw.items():
-        if hf_name not in names:
-            log.debug("ignoring tensor %s", hf_name)
-            continue
+    arch = spec(cfg.arch)
+    used = {n for n in raw if n in names}
+    if cfg.tie_embeddings:  # a tied checkpoint may still save its head: the same tensor as the embeddings
+        used.discard("lm_head.weight")
+        used.discard("embed_out.weight")
+        ignore = (*arch.hf_ignore, "lm_head.weight", "embed_out.weight")
+    else:
+        ignore = arch.hf_ignore
+    refuse_unused(unused_tensors(raw, used, ignore), arch, source)
+    for hf_name in sorted(used):
+        tensor = raw[hf_name]
         name, piece = names[hf_name]
         tensor = tensor.float()
         if piece == "neox_qkv":
@@ -128,9 +144,7 @@ def load_hf_folder(folder: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
         order = ("q", "k", "v") if "wqkv" in name else ("gate", "up")
         missing = [p for p in order if p not in pieces]
         if missing:
-            raise ModelLoadError(f"{folder}: the {missing[0]} part of {name} is missing")
+            raise ModelLoadError(f"{source}: the {missing[0]} part of {name} is missing")
         out[name] = torch.cat([pieces[p] for p in order], dim=0)
-    if cfg.tie_embeddings:
-        out.pop("lm_head.weight", None)
-    validate(cfg, out, str(folder))
-    return cfg, out
+    validate(cfg, out, source)
+    return out

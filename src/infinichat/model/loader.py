@@ -135,11 +135,9 @@ def _convert_gguf(path: Path, target: Path, show_progress: bool) -> None:
 
         with Progress(transient=True) as bar:
             task = bar.add_task(f"converting {path.name} (first start only)", total=len(reader.tensors))
-            weights = load_gguf_weights(
-                path, reader, cfg, fields["general.architecture"], lambda n, total: bar.update(task, completed=n)
-            )
+            weights = load_gguf_weights(path, reader, cfg, lambda n, total: bar.update(task, completed=n))
     else:
-        weights = load_gguf_weights(path, reader, cfg, fields["general.architecture"])
+        weights = load_gguf_weights(path, reader, cfg)
 
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".converting-"))
@@ -183,9 +181,16 @@ def load_model(
     cache_dir: Path | str | None = None,
     show_progress: bool = False,
     quant: str = "none",
+    device: str | torch.device = "cpu",
+    kernels: str = "auto",
 ) -> LoadedModel:
     """Load a model ready for the engine. `path=None` loads the embedded default model. `quant` (none, int8,
-    int4) stores the layers' weights quantized (bfloat16 activations; see model/quant.py)."""
+    int4) stores the layers' weights quantized (bfloat16 activations; see model/quant.py). `device` (auto,
+    cpu, cuda, cuda:N) is where the weights and the KV stores live; `kernels` (auto, torch, cpu-native) how
+    the forward's ops run there (kernels/)."""
+    from infinichat.kernels import resolve_device
+
+    device = resolve_device(device)  # before any work: a missing device is one clear line
     if isinstance(dtype, str):
         dtype = parse_dtype(dtype)
     quant = check_mode(quant)
@@ -206,7 +211,9 @@ def load_model(
         digest = hashlib.sha256(
             b"".join(file_sha256(f, cache_dir).encode() for f in sorted(path.glob("*.safetensors")))
         ).hexdigest()
-        return LoadedModel(cfg, Transformer(cfg, weights, dtype, quant), tokenizer, path, digest, path.name)
+        return LoadedModel(
+            cfg, Transformer(cfg, weights, dtype, quant, device, kernels), tokenizer, path, digest, path.name
+        )
 
     if path.suffix.lower() != ".gguf":
         raise ModelLoadError(f"{path}: unsupported model file; --model takes a .gguf file or a Hugging Face folder")
@@ -221,7 +228,9 @@ def load_model(
             weights = _cached_weights(entry, dtype, quant)
             tokenizer = Tokenizer.from_saved(entry / "tokenizer")
             name = json.loads((entry / "source.json").read_text()).get("name", path.stem)
-            return LoadedModel(cfg, Transformer(cfg, weights, dtype, quant), tokenizer, path, digest, name)
+            return LoadedModel(
+                cfg, Transformer(cfg, weights, dtype, quant, device, kernels), tokenizer, path, digest, name
+            )
         except Exception as e:
             if attempt == 2:
                 raise ModelLoadError(f"{entry}: the converted model cannot be read back ({e})") from None

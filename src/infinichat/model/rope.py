@@ -51,22 +51,25 @@ class Rope:
     once per dtype (grown on demand) and indexed by position: the same float32 arithmetic, element for
     element, as computing them per call, without the half-dozen small ops per forward call."""
 
-    def __init__(self, cfg: ModelConfig, freq_factors: torch.Tensor | None = None):
+    def __init__(self, cfg: ModelConfig, freq_factors: torch.Tensor | None = None, device: torch.device | str = "cpu"):
+        """`device`: where cos_sin's tables live (the model's device); the inverse frequencies stay on the CPU."""
         self.cfg = cfg
+        self.device = torch.device(device)
         self.dynamic = cfg.rope_scaling.kind == "dynamic"
         inv = inv_freq_for(cfg)
         if freq_factors is not None:  # GGUF `rope_freqs.weight` (Llama 3.1 stores its scaling this way)
             inv = inv / freq_factors.float()
-        self.inv_freq = inv
+        self.inv_freq = inv.cpu()
         self._tables: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}  # dtype -> cos, sin (n, rot)
 
     def _compute(self, positions: torch.Tensor, inv: torch.Tensor, dtype: torch.dtype):
-        freqs = positions.float()[:, None] * inv[None, :]  # (T, d/2)
+        freqs = positions.cpu().float()[:, None] * inv[None, :]  # (T, d/2), on the CPU
         emb = torch.cat((freqs, freqs), dim=-1)  # (T, d)
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+        return emb.cos().to(self.device, dtype), emb.sin().to(self.device, dtype)
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions (T,) int -> cos, sin (T, rot_dim) in `dtype` (computed in float32)."""
+        """positions (T,) int (on the CPU, as the KV store keeps them) -> cos, sin (T, rot_dim) in `dtype`
+        (computed in float32) on the rope's device."""
         if self.dynamic:
             return self._compute(positions, inv_freq_for(self.cfg, int(positions.max()) + 1), dtype)
         if positions.shape[0] == 0:  # e.g. re-rotating an empty span
@@ -81,7 +84,8 @@ class Rope:
             self._tables[dtype] = table
         if positions.shape[0] == 1:  # decode: a view, no gather
             return table[0][hi : hi + 1], table[1][hi : hi + 1]
-        return table[0][positions], table[1][positions]
+        idx = positions.to(self.device)
+        return table[0][idx], table[1][idx]
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:

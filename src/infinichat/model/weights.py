@@ -6,6 +6,8 @@ time so the forward runs one matmul for Q/K/V and one for gate/up:
     embed.weight                 (V, D)
     layers.{i}.attn_norm.weight  (D,)          [+ .bias for LayerNorm]
     layers.{i}.wqkv.weight       (Hq*hd + 2*Hkv*hd, D)   rows: [q heads | k heads | v heads]  [+ .bias]
+    layers.{i}.q_norm.weight     (hd,)         per-head q / k RMSNorm weights (qk_norm architectures)
+    layers.{i}.k_norm.weight     (hd,)
     layers.{i}.wo.weight         (D, Hq*hd)                                                  [+ .bias]
     layers.{i}.ffn_norm.weight   (D,)          [+ .bias]
     layers.{i}.w_in.weight       (2F, D) rows [gate | up] for gated MLPs, (F, D) otherwise   [+ .bias]
@@ -20,6 +22,7 @@ from __future__ import annotations
 import torch
 
 from infinichat.errors import ModelLoadError
+from infinichat.model.arch import refuse_unused, spec
 from infinichat.model.config import ModelConfig
 
 OPTIONAL = ("rope_freqs",)
@@ -45,6 +48,9 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
         if layer_norm:
             shapes[p + "attn_norm.bias"] = (D,)
             shapes[p + "ffn_norm.bias"] = (D,)
+        if cfg.qk_norm:
+            shapes[p + "q_norm.weight"] = (hd,)
+            shapes[p + "k_norm.weight"] = (hd,)
         if cfg.qkv_bias:
             shapes[p + "wqkv.bias"] = (q + 2 * kv,)
         if cfg.out_bias:
@@ -56,8 +62,12 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 
 def validate(cfg: ModelConfig, weights: dict[str, torch.Tensor], source: str) -> None:
-    """Every expected tensor present with the right shape; a clear error naming the first problems."""
+    """Every expected tensor present with the right shape, nothing else; a clear error naming the first
+    problems. Then the family's norm offset (arch.py) is folded into the norm weights, in place."""
     expected = expected_shapes(cfg)
+    extra = [n for n in weights if n not in expected and n not in OPTIONAL]
+    if extra:  # a loader mapped a tensor this config does not read: the checkpoint does not fit its entry
+        refuse_unused(sorted(extra), spec(cfg.arch), source)
     missing = [n for n in expected if n not in weights]
     wrong = [
         f"{n} has shape {tuple(weights[n].shape)}, expected {shape}"
@@ -69,6 +79,11 @@ def validate(cfg: ModelConfig, weights: dict[str, torch.Tensor], source: str) ->
         raise ModelLoadError(f"{source}: missing tensors {', '.join(missing[:3])}{more}")
     if wrong:
         raise ModelLoadError(f"{source}: {wrong[0]}" + (f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else ""))
+    offset = spec(cfg.arch).norm_offset
+    if offset:
+        for n in expected:
+            if n.endswith("norm.weight"):
+                weights[n] = weights[n].float() + offset
 
 
 def unpermute_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:

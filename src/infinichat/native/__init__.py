@@ -32,6 +32,7 @@ import subprocess
 import tempfile
 import threading
 import weakref
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -106,7 +107,8 @@ def library() -> ctypes.CDLL | None:
         try:
             lib = ctypes.CDLL(str(_build(cc)))
             _declare(lib)
-        except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+            check_abi(lib)
+        except (OSError, RuntimeError, AttributeError, subprocess.SubprocessError) as e:
             lib, why = None, f"build failed: {e}"
             log.warning("native decode unavailable, using the PyTorch path: %s", e)
     _state["lib"], _state["why"] = lib, why
@@ -166,12 +168,27 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.ic_silu_mul_rows.argtypes = [p, i64, i32, p, i32]
     lib.ic_prompt_attention.argtypes = [p, i64, i64, p, i64, p, i64, i64, i64, i32, i32, i32, ctypes.c_float, p, i32]
     lib.ic_work_size.restype = ctypes.c_size_t
+    lib.ic_abi.argtypes = [p]
+    lib.ic_abi.restype = i32
     lib.ic_check.argtypes = [ctypes.POINTER(_Model)]
     lib.ic_decode.argtypes = [ctypes.POINTER(_Model), i64, p, p, p, p, i64, i64, p, p, p, i32]
     lib.ic_matmul.argtypes = [ctypes.POINTER(_Mat), p, i64, p, i32, i32]
 
 
 KIND_INT4, KIND_INT8, KIND_INT8_GROUP = 4, 8, 9  # decode.c's Mat kinds
+ABI_VERSION = 2  # decode.c's IC_ABI_VERSION: the structures above and the signatures in _declare
+
+
+def check_abi(lib: ctypes.CDLL) -> None:
+    """Refuse (RuntimeError) a library whose ABI version or structure sizes differ from the ctypes side's."""
+    sizes = (ctypes.c_int64 * 3)()
+    version = lib.ic_abi(sizes)
+    want = (ctypes.sizeof(_Mat), ctypes.sizeof(_Layer), ctypes.sizeof(_Model))
+    if version != ABI_VERSION or tuple(sizes) != want:
+        raise RuntimeError(
+            f"ABI mismatch: the library is version {version} with struct sizes {tuple(sizes)} (Mat, Layer, Model); "
+            f"the Python side expects version {ABI_VERSION} with {want}"
+        )
 
 
 def _kind(w) -> int | None:
@@ -331,17 +348,27 @@ def prompt_attention() -> PromptAttention | None:
 
 
 # ---------------------------------------------------------------------------------------------- the decoder
+# The architecture features (model/arch.py `features`) the C step implements: RMSNorm, gated SiLU MLP, full-width
+# half-split RoPE (any frequency scaling: the caller passes cos/sin), biases on any projection, a tied head.
+DECODE_FEATURES = frozenset(
+    {"norm:rms", "act:silu", "rope:none", "rope:linear", "rope:dynamic", "rope:llama3"}
+    | {"qkv_bias", "out_bias", "mlp_bias", "tied_head"}
+)
+
+
 def unsupported(model) -> str | None:
-    """Why `model` (a Transformer) cannot take the native step, or None if it can."""
+    """Why `model` (a Transformer) cannot take the native step, or None if it can: its architecture features
+    against DECODE_FEATURES, then its weight formats."""
+    from infinichat.model.arch import features
     from infinichat.model.quant import Int8Linear
 
-    cfg = model.cfg
     if model.quant == "none":
         return "dense weights (the native step is for --quant int8/int4)"
-    if cfg.arch != "llama" or cfg.norm != "rms" or cfg.parallel_residual or not cfg.gated_mlp:
-        return f"architecture {cfg.arch!r} (the native step covers the Llama family)"
-    if cfg.rot_dim != cfg.head_dim:
-        return "partial rotary embeddings"
+    missing = features(model.cfg) - DECODE_FEATURES
+    if missing:
+        return f"architecture features the native step does not implement: {', '.join(sorted(missing))}"
+    if model.device.type != "cpu":
+        return f"weights on {model.device}"
     if model.embed.dtype != torch.bfloat16 or not isinstance(model.lm_head, Int8Linear):
         return "the head is not int8 over a bfloat16 embedding"
     mats = [model.lm_head] + [L[n + ".weight"] for L in model.layers for n in ("wqkv", "wo", "w_in", "w_out")]
@@ -354,17 +381,18 @@ def unsupported(model) -> str | None:
 class NativeDecoder:
     """The native step for one Transformer: holds the C view of its weights (pointers into its tensors)."""
 
-    def __init__(self, model, lib: ctypes.CDLL):
+    def __init__(self, model, lib: ctypes.CDLL, f32_weight: Callable[[torch.Tensor], torch.Tensor]):
+        """`f32_weight(t)`: the kernel set's float32 copy of a norm weight or bias (kept alive by it)."""
         self.lib = lib
         self.model = model
         cfg = model.cfg
-        self._keep: list[torch.Tensor] = []  # tensors the C side points into (norms, biases: model.f32_weight's)
+        self._keep: list[torch.Tensor] = []  # tensors the C side points into (norms, biases: f32_weight's)
         layers = (_Layer * cfg.n_layers)()
         for i, L in enumerate(model.layers):
-            layers[i].attn_norm = model.f32_weight(L["attn_norm.weight"]).data_ptr()
-            layers[i].ffn_norm = model.f32_weight(L["ffn_norm.weight"]).data_ptr()
+            layers[i].attn_norm = f32_weight(L["attn_norm.weight"]).data_ptr()
+            layers[i].ffn_norm = f32_weight(L["ffn_norm.weight"]).data_ptr()
             for field, name in (("wqkv", "wqkv"), ("wo", "wo"), ("win", "w_in"), ("wout", "w_out")):
-                bias = None if (b := L.get(name + ".bias")) is None else model.f32_weight(b).data_ptr()
+                bias = None if (b := L.get(name + ".bias")) is None else f32_weight(b).data_ptr()
                 setattr(layers[i], field, _mat(L[name + ".weight"], bias))
         self.layers = layers
         self.m = _Model(
@@ -378,7 +406,7 @@ class NativeDecoder:
             eps=cfg.norm_eps,
             attn_scale=model.scale,
             embed=self._ptr(model.embed),
-            final_norm=model.f32_weight(model.norm[0]).data_ptr(),
+            final_norm=f32_weight(model.norm[0]).data_ptr(),
             head=_mat(model.lm_head),
             layers=ctypes.cast(layers, ctypes.POINTER(_Layer)),
         )
@@ -459,7 +487,7 @@ class NativeDecoder:
         return x, out
 
 
-def decoder_for(model) -> NativeDecoder | None:
+def decoder_for(model, f32_weight: Callable[[torch.Tensor], torch.Tensor]) -> NativeDecoder | None:
     """A NativeDecoder for `model`, or None (PyTorch path) with the reason logged at debug level."""
     why = unsupported(model)
     lib = None if why else library()
@@ -467,7 +495,7 @@ def decoder_for(model) -> NativeDecoder | None:
         log.debug("native decode not used: %s", why or status())
         return None
     try:
-        return NativeDecoder(model, lib)
+        return NativeDecoder(model, lib, f32_weight)
     except ValueError as e:
         log.debug("native decode not used: %s", e)
         return None

@@ -426,6 +426,17 @@ static void quantize_for(const Mat *m, const float *x, Work *W) {
 
 size_t ic_work_size(void) { return sizeof(Work); }
 
+/* The ABI the Python side (native/__init__.py) was written against: bump IC_ABI_VERSION whenever a struct
+   or an exported signature changes. Fills sizes[0..2] with sizeof(Mat), sizeof(Layer), sizeof(Model); the
+   loader compares them with its ctypes structures and refuses a library that disagrees. */
+#define IC_ABI_VERSION 2
+int ic_abi(int64_t *sizes) {
+    sizes[0] = (int64_t)sizeof(Mat);
+    sizes[1] = (int64_t)sizeof(Layer);
+    sizes[2] = (int64_t)sizeof(Model);
+    return IC_ABI_VERSION;
+}
+
 /* Limits the fast path checks before use (Python side); 0 if the model fits them. */
 int ic_check(const Model *M) {
     if (M->dim > (1 << 14) || M->head_dim > MAX_HD || M->head_dim % 8 || M->n_heads > MAX_HEADS) return 1;

@@ -32,7 +32,13 @@ MAX_BODY = 16 << 20  # bytes; a character card PNG in base64 fits
 def make_engine(args: argparse.Namespace):
     """(engine, tokenizer, model id, model name) for `--backend`."""
     return load_engine(
-        args.backend, args.model, args.dtype, args.threads, args.cache_dir, quant=getattr(args, "quant", "none")
+        args.backend,
+        args.model,
+        args.dtype,
+        args.threads,
+        args.cache_dir,
+        quant=getattr(args, "quant", "none"),
+        device=getattr(args, "device", "auto"),
     )
 
 

@@ -1,0 +1,126 @@
+"""The `torch` kernel set: plain PyTorch ops that run on any device. This is the code a CUDA device runs, and
+CI runs it on the CPU (`Transformer(..., kernels="torch")`), so the GPU path is exercised without a GPU.
+
+Each op takes the tensors in the forward's layout (shape comments) and nothing CPU-specific: no packed
+weights, no CPU-only aten ops, no native library.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from infinichat.model.arch import ALL_FEATURES
+from infinichat.model.quant import QuantLinear
+from infinichat.model.rope import apply_rope, rotate, signed_sin
+
+if TYPE_CHECKING:
+    from infinichat.model.transformer import Transformer
+
+
+@dataclass
+class RopeTables:
+    """cos/sin for the rows of one forward call, in the form the kernel set's `rope_qkv` takes."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    full: bool  # full-width rotary (head_dim == rot_dim)
+    rows: bool = False  # (T, hd) contiguous rows for a fused kernel; else `rotate`'s (T, 1, hd) / apply_rope's (T, rot)
+
+
+class TorchKernels:
+    """Linear, norms, activations, RoPE, attention and the one-token step in plain PyTorch."""
+
+    name = "torch"
+    supports: frozenset[str] = ALL_FEATURES  # every architecture feature of the table
+    device_types: tuple[str, ...] = ("cpu", "cuda")
+
+    def bind(self, model: Transformer) -> None:
+        """Called once at load, after the model's weights are in place on its device."""
+        self.dtype = model.dtype
+        self.H, self.Hkv, self.hd = model.cfg.n_heads, model.cfg.n_kv_heads, model.cfg.head_dim
+        self.scale = model.scale
+
+    def describe(self) -> str:
+        return self.name
+
+    # ------------------------------------------------------------------ per-call choices
+    def compute_dtype(self, rows: int) -> torch.dtype:
+        """The activations' dtype for a call of `rows` stacked token rows."""
+        return self.dtype
+
+    def decode_step(self, tokens: torch.Tensor, positions: torch.Tensor, cache, start: int):
+        """A whole-model one-token step, (hidden (D,) float32, logits (V,) float32), or None: the layer-by-layer
+        forward runs. The torch set has none (a CUDA-graph captured step would go here)."""
+        return None
+
+    # ------------------------------------------------------------------ ops
+    def linear(self, x: torch.Tensor, w: torch.Tensor | QuantLinear, b: torch.Tensor | None = None) -> torch.Tensor:
+        """x (T, K) @ w (N, K)^T (+ b) -> (T, N) in x's dtype."""
+        if isinstance(w, QuantLinear):
+            return w(x, b).to(x.dtype)
+        if x.dtype != w.dtype:  # e.g. float32 activations over bf16 weights: the upcast is exact
+            return F.linear(x, w.to(x.dtype), None if b is None else b.to(x.dtype))
+        return F.linear(x, w, b)
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        """(..., D): in float32, back to x's dtype before the weight, as the reference writes it (bit for bit
+        what F.rms_norm gives, in fewer dispatched ops)."""
+        h = x.float()
+        return (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
+
+    def layer_norm(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
+        if weight.dtype != x.dtype:  # float32 activations over bf16 weights
+            weight, bias = weight.to(x.dtype), None if bias is None else bias.to(x.dtype)
+        return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+
+    def silu_mul(self, h: torch.Tensor) -> torch.Tensor:
+        """(T, 2F) rows [gate | up] -> silu(gate) * up (T, F)."""
+        gate, up = h.chunk(2, dim=-1)
+        return F.silu(gate) * up
+
+    def gelu(self, h: torch.Tensor) -> torch.Tensor:
+        return F.gelu(h)
+
+    def rope_tables(self, cos: torch.Tensor, sin: torch.Tensor) -> RopeTables:
+        """cos, sin (T, rot) from model.rope -> the form `rope_qkv` takes."""
+        if cos.shape[-1] == self.hd:  # what `rotate` takes, broadcast over heads: (T, 1, hd)
+            return RopeTables(cos[:, None], signed_sin(sin)[:, None], full=True)
+        return RopeTables(cos, sin, full=False)
+
+    def rope_qkv(self, qkv: torch.Tensor, rope: RopeTables) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """qkv (T, (H + 2 Hkv) hd) -> q (H, T, hd), k (Hkv, T, hd) rotated, v (Hkv, T, hd)."""
+        H, Hkv, hd = self.H, self.Hkv, self.hd
+        T = qkv.shape[0]
+        heads = qkv.view(T, H + 2 * Hkv, hd)  # (T, H+2Hkv, hd)
+        if rope.full:  # q and k heads rotated in one go
+            qk = rotate(heads[:, : H + Hkv], rope.cos, rope.sin)  # (T, H+Hkv, hd)
+            q, k = qk[:, :H].transpose(0, 1), qk[:, H:].transpose(0, 1)
+        else:  # partial rotary (GPT-NeoX)
+            q = apply_rope(heads[:, :H].transpose(0, 1), rope.cos, rope.sin)  # (H, T, hd)
+            k = apply_rope(heads[:, H : H + Hkv].transpose(0, 1), rope.cos, rope.sin)  # (Hkv, T, hd)
+        return q, k, heads[:, H + Hkv :].transpose(0, 1)
+
+    def attention(
+        self, q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, start: int, mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """q (H, T, hd) for slots [start, start+T), whose K/V are already in the buffers (Hkv, C, hd); causal
+        over slots [0, start+T) (`mask` (T, start+T) bool where start > 0 and T > 1). -> (T, H*hd)."""
+        H, T, hd = q.shape
+        end = start + T
+        keys, values = k_buf[:, :end], v_buf[:, :end]  # (Hkv, S, hd)
+        if keys.dtype != q.dtype:
+            keys, values = keys.to(q.dtype), values.to(q.dtype)
+        out = F.scaled_dot_product_attention(
+            q.unsqueeze(0),
+            keys.unsqueeze(0),
+            values.unsqueeze(0),
+            attn_mask=mask,
+            is_causal=T > 1 and mask is None,
+            scale=self.scale,
+            enable_gqa=keys.shape[0] != H,
+        )  # (1, H, T, hd)
+        return out[0].transpose(0, 1).reshape(T, H * hd)

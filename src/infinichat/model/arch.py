@@ -1,0 +1,159 @@
+"""The architecture table: one `ArchSpec` per family says what the forward needs, as data.
+
+`ModelConfig.from_hf` / `from_gguf` read the entry of a checkpoint's architecture to build the config (the
+family's defaults, overridden where the checkpoint's own config says so), the loaders read its tensor-name
+layout and its explicit ignore lists (every other unknown tensor is refused: `unused_tensors`), and the
+forward reads the resolved `ModelConfig` fields. `features(cfg)` names what a model's forward uses, so that a
+kernel set (kernels/) can declare what it supports and be picked by that declaration.
+
+Adding a Llama-like architecture: one entry here (and a name layout in the loaders if its tensors are named
+differently).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from infinichat.errors import ModelLoadError
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """A family's forward, as data. Fields marked "default" may be overridden by a checkpoint's config."""
+
+    name: str  # the table key, ModelConfig.arch
+    hf_names: tuple[str, ...]  # config.json `architectures` values
+    gguf_names: tuple[str, ...]  # GGUF `general.architecture` values
+    norm: str = "rms"  # "rms" | "layer" (LayerNorm with bias)
+    norm_offset: float = 0.0  # the norm multiplies by (weight + offset) (Gemma: 1); folded into the weight at load
+    act: str = "silu"  # "silu" (gated: silu(gate) * up) | "gelu" (plain MLP)
+    qk_norm: bool = False  # per-head RMSNorm of q and k before RoPE (Qwen3)
+    qkv_bias: bool = False  # default
+    out_bias: bool = False  # default (attention output projection)
+    mlp_bias: bool = False  # default
+    embed_scale: bool = False  # embeddings multiplied by sqrt(dim) (Gemma)
+    parallel_residual: bool = False  # default: x + attn(norm1(x)) + mlp(norm2(x)) (GPT-NeoX)
+    rope_scalings: tuple[str, ...] = ("none", "linear", "dynamic", "llama3")  # accepted RoPE scaling kinds
+    gguf_rope_scalings: tuple[str, ...] = ("none", "linear")
+    gguf_permuted_qk: bool = False  # llama.cpp's converter interleaves the Q/K rows (undone at load)
+    layout: str = "llama"  # tensor-name layout of the loaders: "llama" | "neox"
+    hf_ignore: tuple[str, ...] = ()  # regexes (full match) of HF tensors known and deliberately not used
+    gguf_ignore: tuple[str, ...] = ()  # the same for GGUF tensor names
+
+    @property
+    def gated_mlp(self) -> bool:
+        return self.act == "silu"
+
+
+_ROTARY_CACHE = r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq"  # older exports store RoPE's own table
+
+ARCHS: dict[str, ArchSpec] = {
+    s.name: s
+    for s in (
+        ArchSpec(
+            name="llama",
+            hf_names=("LlamaForCausalLM",),
+            gguf_names=("llama",),
+            gguf_permuted_qk=True,
+            hf_ignore=(_ROTARY_CACHE,),
+        ),
+        ArchSpec(
+            name="mistral",
+            hf_names=("MistralForCausalLM",),
+            gguf_names=("mistral",),
+            gguf_permuted_qk=True,
+            hf_ignore=(_ROTARY_CACHE,),
+        ),
+        ArchSpec(
+            name="qwen2",
+            hf_names=("Qwen2ForCausalLM",),
+            gguf_names=("qwen2",),
+            qkv_bias=True,
+            hf_ignore=(_ROTARY_CACHE,),
+        ),
+        ArchSpec(
+            name="qwen3",
+            hf_names=("Qwen3ForCausalLM",),
+            gguf_names=("qwen3",),
+            qk_norm=True,
+            hf_ignore=(_ROTARY_CACHE,),
+        ),
+        ArchSpec(
+            name="gptneox",
+            hf_names=("GPTNeoXForCausalLM",),
+            gguf_names=("gptneox",),
+            norm="layer",
+            act="gelu",
+            qkv_bias=True,
+            out_bias=True,
+            mlp_bias=True,
+            parallel_residual=True,
+            layout="neox",
+            # the causal-mask buffers and RoPE table that older GPT-NeoX exports save with the weights
+            hf_ignore=(r"gpt_neox\.layers\.\d+\.attention\.(bias|masked_bias|rotary_emb\.inv_freq)",),
+        ),
+    )
+}
+HF_ARCHS = {n: s for s in ARCHS.values() for n in s.hf_names}
+GGUF_ARCHS = {n: s for s in ARCHS.values() for n in s.gguf_names}
+
+
+def spec(name: str) -> ArchSpec:
+    """The table entry `name` (a ModelConfig.arch). Converted caches made before the table say "llama" for
+    every Llama-family model; their configs carry the resolved fields, so the llama entry reads them."""
+    try:
+        return ARCHS[name]
+    except KeyError:
+        raise ModelLoadError(f"unknown architecture {name!r}; supported: {', '.join(ARCHS)}") from None
+
+
+def features(cfg) -> frozenset[str]:
+    """The forward features a model (ModelConfig) uses; kernel sets declare the ones they support."""
+    f = {f"norm:{cfg.norm}", f"act:{cfg.act}", f"rope:{cfg.rope_scaling.kind}"}
+    f |= {name for name, on in _flags(cfg) if on}
+    return frozenset(f)
+
+
+def _flags(cfg) -> Iterable[tuple[str, bool]]:
+    return (
+        ("qk_norm", cfg.qk_norm),
+        ("qkv_bias", cfg.qkv_bias),
+        ("out_bias", cfg.out_bias),
+        ("mlp_bias", cfg.mlp_bias),
+        ("embed_scale", cfg.embed_scale != 1.0),
+        ("partial_rotary", cfg.rot_dim != cfg.head_dim),
+        ("parallel_residual", cfg.parallel_residual),
+        ("tied_head", cfg.tie_embeddings),
+    )
+
+
+ALL_FEATURES = frozenset(
+    [f"norm:{n}" for n in ("rms", "layer")]
+    + [f"act:{a}" for a in ("silu", "gelu")]
+    + [f"rope:{k}" for k in ("none", "linear", "dynamic", "llama3")]
+    + ["qk_norm", "qkv_bias", "out_bias", "mlp_bias", "embed_scale", "partial_rotary", "parallel_residual"]
+    + ["tied_head"]
+)
+
+
+def unused_tensors(names: Iterable[str], used: set[str], ignore: Iterable[str]) -> list[str]:
+    """The checkpoint tensors neither used nor on the ignore list (regexes, full match), sorted."""
+    pats = [re.compile(p) for p in ignore]
+    return sorted(n for n in names if n not in used and not any(p.fullmatch(n) for p in pats))
+
+
+def refuse_unused(unused: list[str], arch: ArchSpec, source: str) -> None:
+    """A clear error naming the tensors the entry does not use (layers folded: `...layers.*.q_norm.weight`)."""
+    if not unused:
+        return
+    kinds: dict[str, list[str]] = {}
+    for n in unused:
+        kinds.setdefault(re.sub(r"(?<=\.)\d+(?=\.)", "*", n), []).append(n)
+    listed = [f"{k} (x{len(ns)})" if len(ns) > 1 else ns[0] for k, ns in list(kinds.items())[:6]]
+    more = f" and {len(kinds) - 6} more kinds" if len(kinds) > 6 else ""
+    raise ModelLoadError(
+        f"{source}: this checkpoint has tensors that the {arch.name} entry does not use: {', '.join(listed)}{more}: "
+        "architecture not supported (a variant of it needs its own entry in model/arch.py)"
+    )
