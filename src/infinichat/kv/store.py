@@ -28,6 +28,7 @@ from infinichat.model.rope import Rope, rotate_half
 
 MAGIC = b"IKVS"
 VERSION = 1
+INITIAL_SLOTS = 256  # buffers start this long and double as tokens arrive
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -43,18 +44,59 @@ class Snapshot:
 
 
 class KVStore(SlotTable):
-    """K/V buffers (n_layers, Hkv, capacity, hd) with a per-layer view list (`k`, `v`) for the forward."""
+    """K/V buffers (n_layers, Hkv, allocated, hd) with a per-layer view list (`k`, `v`) for the forward.
 
-    def __init__(self, cfg: ModelConfig, capacity: int, dtype: torch.dtype = torch.float32, rope: Rope | None = None):
+    `capacity` is how many slots the store may hold; the buffers hold `allocated` of them and grow as tokens
+    arrive (doubling, up to the capacity, keeping their dtype and device), so a large budget costs memory
+    only once it is used. A growth replaces the buffers: whoever keeps pointers into them (the native
+    decode step) must check `k[0].data_ptr()` and the buffer length again."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        capacity: int,
+        dtype: torch.dtype = torch.float32,
+        rope: Rope | None = None,
+        initial: int = INITIAL_SLOTS,
+    ):
         super().__init__(capacity)
         self.cfg = cfg
         self.dtype = dtype
         self.rope = rope if rope is not None else Rope(cfg)
-        shape = (cfg.n_layers, cfg.n_kv_heads, capacity, cfg.head_dim)
-        self.k_all = torch.zeros(shape, dtype=dtype)  # (L, Hkv, C, hd)
-        self.v_all = torch.zeros(shape, dtype=dtype)  # (L, Hkv, C, hd)
-        self.k = list(self.k_all.unbind(0))  # L x (Hkv, C, hd) views
+        shape = (cfg.n_layers, cfg.n_kv_heads, min(capacity, max(1, initial)), cfg.head_dim)
+        self._set_buffers(torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype))
+
+    def _set_buffers(self, k_all: torch.Tensor, v_all: torch.Tensor) -> None:
+        self.k_all = k_all  # (L, Hkv, A, hd)
+        self.v_all = v_all  # (L, Hkv, A, hd)
+        self.k = list(self.k_all.unbind(0))  # L x (Hkv, A, hd) views
         self.v = list(self.v_all.unbind(0))
+
+    @property
+    def allocated(self) -> int:
+        """Slots the buffers hold now (<= capacity)."""
+        return self.k_all.shape[2]
+
+    def reserve(self, n: int) -> None:
+        """Make the buffers hold at least n slots (n <= capacity): double until they do, copying the old ones."""
+        have = self.allocated
+        if n <= have:
+            return
+        size = have
+        while size < n:
+            size *= 2
+        size = min(size, self.capacity)
+        L, H, _, hd = self.k_all.shape
+        k = self.k_all.new_zeros((L, H, size, hd))
+        v = self.v_all.new_zeros((L, H, size, hd))
+        k[:, :, :have] = self.k_all  # every old slot: a forward may have written past `length` (not yet appended)
+        v[:, :, :have] = self.v_all
+        self._set_buffers(k, v)
+
+    def next_positions(self, n: int) -> torch.Tensor:
+        positions = super().next_positions(n)  # checks the capacity
+        self.reserve(self._length + n)
+        return positions
 
     @property
     def nbytes(self) -> int:
@@ -143,13 +185,14 @@ class KVStore(SlotTable):
             raise InfinichatError(f"the KV snapshot holds {snap.k.dtype} keys, this cache is {self.dtype}")
         if n > self.capacity or (n and int(snap.positions[-1]) >= self.capacity):
             raise InfinichatError(f"the KV snapshot holds {n} tokens, more than this cache's capacity {self.capacity}")
+        self.reserve(n)
         self.k_all[:, :, :n] = snap.k
         self.v_all[:, :, :n] = snap.v
         self._load_slots(snap.tokens, snap.positions)  # counts the edit
 
     def fork(self) -> KVStore:
         """An independent copy (no shared storage)."""
-        other = KVStore(self.cfg, self.capacity, self.dtype, self.rope)
+        other = KVStore(self.cfg, self.capacity, self.dtype, self.rope, initial=self.allocated)
         other.load_snapshot(
             Snapshot(
                 self.k_all[:, :, : self._length],

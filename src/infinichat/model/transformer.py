@@ -288,6 +288,9 @@ class Transformer:
         `attn` asks (attention weights for some layers, per-layer token subsets: model/attention.py).
         """
         T = tokens.shape[0]
+        reserve = getattr(cache, "reserve", None)
+        if reserve is not None:  # a growing store (kv/store.py): its buffers hold the new slots before they are bound
+            reserve(start + T)
         if T == 1 and attn is None and self.native is not None and self.native.bind(cache) is not None:
             x, logits = self.native.decode(int(tokens[0]), positions, cache, start)
             logits = self._rescore(x.to(self.dtype)[None], logits[None])  # (1, V)

@@ -20,6 +20,7 @@ head_dim 64/128 (`prompt_attention`; every model); elsewhere PyTorch's ops and S
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -395,13 +396,15 @@ class NativeDecoder:
 
     def bind(self, cache) -> tuple | None:
         """The C view of a cache (`LayerCache`: per-layer bf16 (Hkv, capacity, hd) buffers): the layers' key and
-        value pointers and the capacity; None if the step cannot read it. Worked out once per cache object (a
-        KV store's buffers never move) rather than at every token."""
+        value pointers and the capacity; None if the step cannot read it. Worked out once per cache object and
+        buffer (a growing KV store replaces its buffers: the binding is redone when they move)."""
+        k, v = cache.k, cache.v
         try:
-            return self._bindings[cache]
+            binding, key = self._bindings[cache]
+            if key == (k[0].data_ptr(), v[0].data_ptr(), k[0].shape[1]):  # not moved (a store that grew moves)
+                return binding
         except (KeyError, TypeError):  # TypeError: a cache object that takes no weak reference
             pass
-        k, v = cache.k, cache.v
         binding = None
         if self._fits(k, v):
             n = len(k)
@@ -410,10 +413,8 @@ class NativeDecoder:
                 (ctypes.c_void_p * n)(*[t.data_ptr() for t in v]),
                 k[0].shape[1],
             )
-        try:
-            self._bindings[cache] = binding
-        except TypeError:
-            pass
+        with contextlib.suppress(TypeError):
+            self._bindings[cache] = (binding, (k[0].data_ptr(), v[0].data_ptr(), k[0].shape[1]))
         return binding
 
     def _fits(self, k: list[torch.Tensor], v: list[torch.Tensor]) -> bool:
