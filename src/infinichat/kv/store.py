@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import struct
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -27,7 +28,7 @@ from infinichat.model.config import ModelConfig
 from infinichat.model.rope import Rope, rotate_half
 
 MAGIC = b"IKVS"
-VERSION = 1
+VERSION = 2  # 2: the header holds the payload's CRC-32
 INITIAL_SLOTS = 256  # buffers start this long and double as tokens arrive
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -165,10 +166,17 @@ class KVStore(SlotTable):
             "length": n,
             "extra": extra or {},
         }
+        parts = [
+            t.contiguous().view(torch.uint8).numpy().tobytes()
+            for t in (self.k_all[:, :, :n], self.v_all[:, :, :n], self.tokens[:n], self.positions[:n])
+        ]
+        crc = 0
+        for p in parts:
+            crc = zlib.crc32(p, crc)
+        header["crc32"] = crc  # of the payload: a flipped byte is caught at load (then the cache is rebuilt)
         hb = json.dumps(header).encode()
         yield MAGIC + struct.pack("<I", len(hb)) + hb
-        for t in (self.k_all[:, :, :n], self.v_all[:, :, :n], self.tokens[:n], self.positions[:n]):
-            yield t.contiguous().view(torch.uint8).numpy().tobytes()
+        yield from parts
 
     def decode_snapshot(self, data: bytes) -> Snapshot:
         return decode_snapshot(data)
@@ -225,6 +233,7 @@ def decode_snapshot(data: bytes) -> Snapshot:
         L, Hkv, hd, n = (int(header[k]) for k in ("n_layers", "n_kv_heads", "head_dim", "length"))
         dtype = _DTYPES[header["dtype"]]
         version = header["version"]
+        crc = int(header.get("crc32", -1))
     except (ValueError, KeyError, TypeError) as e:
         raise InfinichatError(f"the KV snapshot header is damaged ({e})") from None
     if version != VERSION:
@@ -236,6 +245,8 @@ def decode_snapshot(data: bytes) -> Snapshot:
         raise InfinichatError(
             f"the KV snapshot is truncated or damaged: {len(data)} bytes, expected {off + sum(sizes)}"
         )
+    if zlib.crc32(memoryview(data)[8 + hlen :]) != crc:
+        raise InfinichatError("the KV snapshot is damaged: its checksum does not match its contents")
     parts = []
     for size in sizes:
         buf = bytearray(data[off : off + size])
