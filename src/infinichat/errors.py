@@ -7,3 +7,17 @@ class InfinichatError(Exception):
 
 class ModelLoadError(InfinichatError):
     """A model file or folder that cannot be loaded: missing, truncated, corrupt or unsupported."""
+
+
+class StorageError(InfinichatError):
+    """The session store cannot be read or written: a read-only or full disk, a damaged database. Not the
+    client's fault: the server answers 503 and /health reports it. Messages name no internal paths."""
+
+
+class DamagedSessionError(StorageError):
+    """A stored session whose data does not parse. It is refused (and left untouched on disk); other sessions
+    are unaffected."""
+
+
+class OverloadedError(InfinichatError):
+    """The server's memory limit for resident KV caches is reached by generations in progress; retry later."""
