@@ -314,6 +314,34 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--max-queue", type=int, default=64, help="requests waiting or running at once; more get 429 (default 64)"
     )
+    serve.add_argument(
+        "--kv-limit-mb",
+        type=int,
+        default=None,
+        help="hard limit of resident KV memory: past it, new generations get 503 while running ones hold it "
+        "(default twice --kv-cap-mb)",
+    )
+    serve.add_argument(
+        "--max-budget",
+        type=int,
+        default=None,
+        metavar="N",
+        help="the largest KV budget (tokens) a client may give a session (default: the model's trained context, "
+        "and at most what half of --kv-cap-mb holds)",
+    )
+    serve.add_argument(
+        "--allowed-hosts",
+        default=None,
+        metavar="H1,H2",
+        help="names the Host header may carry (default: 127.0.0.1, localhost, ::1 and the --host address; "
+        "'*' = any); other hosts get 400, which stops DNS-rebinding pages",
+    )
+    serve.add_argument(
+        "--cors-origins",
+        default=None,
+        metavar="O1,O2",
+        help="web origins (e.g. https://app.example) whose pages may call the API (default: none; '*' = any)",
+    )
     _add_model_args(serve, ctx=False)
 
     _add_eval_parser(sub)
