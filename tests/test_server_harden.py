@@ -87,6 +87,19 @@ def test_lone_surrogate_is_a_400_naming_the_field_and_changes_nothing(live, clie
     assert client.get("/api/sessions/new1").status_code == 404
 
 
+def test_surrogate_inside_a_png_card_is_a_400(live, client):
+    """A card_png is base64, so the edge cannot see into it: its JSON may escape a lone surrogate."""
+    import base64
+
+    from test_cards import png, text_chunk
+
+    card = {"spec": "chara_card_v2", "data": {"name": "C", "description": "d", "first_mes": "hi \ud800"}}
+    blob = png(text_chunk("chara", base64.b64encode(json.dumps(card).encode())))  # json.dumps escapes the surrogate
+    r = client.post("/api/sessions", json={"id": "pngsur", "card_png": base64.b64encode(blob).decode()})
+    assert r.status_code == 400 and "greeting" in r.json()["error"]["message"], r.text
+    assert client.get("/api/sessions/pngsur").status_code == 404
+
+
 def test_surrogate_in_the_session_layer_is_refused_before_any_change(live):
     """Defence in depth: a caller that bypasses the HTTP edge (the CLI) gets the same clear error."""
     from infinichat.errors import InfinichatError

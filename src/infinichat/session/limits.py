@@ -14,9 +14,6 @@ MAX_NAME_CHARS = 256  # a session's display name
 MAX_USER_NAME_CHARS = 64
 MAX_STOP_STRINGS = 4
 MAX_STOP_CHARS = 64  # each stop string
-MAX_CARD_FIELD_CHARS = 100_000  # each text field of a character card
-MAX_CARD_LIST_ITEMS = 64  # alternate greetings, tags, lorebook entries
-MAX_TEXT_CHARS = 1_000_000  # any other string in a request body
 MAX_NEW_TOKENS = 16384  # tokens one request may generate (and never more than the session's budget)
 
 

@@ -118,6 +118,9 @@ class SessionManager:
             name = name or card.char_name
             check_text(system_prompt, "character card's system prompt", MAX_MESSAGE_CHARS)
             check_text(name, "session name", MAX_NAME_CHARS)
+            for i, g in enumerate(card.greetings(st.user_name)):  # a PNG card's JSON may escape lone surrogates
+                check_text(g, f"character card's greeting {i}", MAX_MESSAGE_CHARS)
+            check_text(card.post_history(st.user_name), "character card's post-history instructions")
         s = self._session(sid, name, system_prompt, st, card, register=False)
         try:
             self.sessions[sid] = s
