@@ -10,7 +10,7 @@ session ids. After each refused request (4xx / 5xx), the target session's histor
 before; at the end, the witness session's too. Prints tried / 2xx / 4xx / 5xx, the 5xx, and the sessions changed
 by a failed request (the target is 0 and 0).
 
-    python benchmarks/bad_input_sweep.py [--model PATH] [--max 0] [--verbose]
+    python benchmarks/bad_input_sweep.py [--model PATH] [--max 0] [--timeout 120] [--verbose]
 """
 
 from __future__ import annotations
@@ -140,8 +140,8 @@ def mutations(body: Any) -> Iterator[tuple[str, Any]]:
 
 
 class Sweep:
-    def __init__(self, url: str, verbose: bool):
-        self.c = httpx.Client(base_url=url, timeout=120)
+    def __init__(self, url: str, verbose: bool, timeout: float = 120.0):
+        self.c = httpx.Client(base_url=url, timeout=timeout)
         self.url, self.verbose = url, verbose
         self.counts: Counter = Counter()
         self.five: list[str] = []
@@ -164,7 +164,7 @@ class Sweep:
         try:
             r = self.c.request(method, path, content=content, headers=hdr)
             status, text = r.status_code, r.text
-        except httpx.HTTPError as e:  # a reset connection counts as a failure of the server
+        except httpx.HTTPError as e:  # a reset connection or a timeout counts as a failure of the server
             status, text = 599, f"{type(e).__name__}: {e}"
         stream = status != 599 and "text/event-stream" in r.headers.get("content-type", "")
         if status < 400 and stream and '"server_error"' in text:
@@ -239,7 +239,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="GGUF file (default: a tiny random Llama written for the run)")
     ap.add_argument("--max", type=int, default=0, help="stop after this many mutated bodies (0 = all)")
-    ap.add_argument("--verbose", action="store_true")
+    ap.add_argument("--verbose", action="store_true", help="print each request's status, class and answer")
+    ap.add_argument("--timeout", type=float, default=120.0, help="seconds per request; a timeout counts as 5xx")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as d:
         model = args.model or str(tiny_model(Path(d)))
@@ -262,7 +263,7 @@ def main() -> int:
                     raise SystemExit("the server did not start")
                 time.sleep(0.2)
             t0 = time.monotonic()
-            sweep = Sweep(url, args.verbose)
+            sweep = Sweep(url, args.verbose, args.timeout)
             sweep.run(args.max)
             alive = proc.poll() is None and httpx.get(f"{url}/health", timeout=10).status_code == 200
         finally:
@@ -271,7 +272,10 @@ def main() -> int:
     c = sweep.counts
     print(f"bad-input sweep: {len(ENDPOINTS)} endpoints, {time.monotonic() - t0:.0f} s")
     resets = sum(n for (_, s), n in sweep.by_class.items() if s == 599)
-    print(f"tried {c['tried']}: 2xx {c['2xx']}, 4xx {c['4xx']}, 5xx {c['5xx']} (of which connection resets: {resets})")
+    print(
+        f"tried {c['tried']}: 2xx {c['2xx']}, 4xx {c['4xx']}, 5xx {c['5xx']} "
+        f"(of which connection reset or timeout: {resets})"
+    )
     print(f"sessions changed by a failed request: {len(sweep.changed)}; server alive at the end: {alive}")
     statuses: Counter = Counter()
     for (_, s), n in sweep.by_class.items():
