@@ -237,6 +237,11 @@ def test_bad_snapshots_are_refused(engine):
         tiny_engine(n_layers=2).new_sequence(budget=48).restore(data)
     with pytest.raises(InfinichatError, match="cannot read"):
         target.load("/nonexistent/seq.kv")
+    for at in (len(data) // 2, len(data) - 3):  # one flipped bit in the K/V, then in the positions
+        flipped = bytearray(data)
+        flipped[at] ^= 0x10
+        with pytest.raises(InfinichatError, match="checksum"):
+            target.restore(bytes(flipped))
     assert target.length == 0  # nothing half-restored
 
 

@@ -145,7 +145,7 @@ def _interleave_and_stop(live, client):
     for sid in ("fa", "fb"):
         new_session(client, sid, settings={"temperature": 0.0})  # greedy: no EOS in 3000 tokens, so only stop ends it
     log, done = [], {}
-    body = {"text": "Tell me everything.", "params": {"max_tokens": 100000, "repetition_penalty": 1.0}}
+    body = {"text": "Tell me everything.", "params": {"max_tokens": 16000, "repetition_penalty": 1.0}}
     threads = [
         threading.Thread(target=_reader, args=(httpx.Client(base_url=live.url, timeout=60), sid, body, log, done))
         for sid in ("fa", "fb")
@@ -179,7 +179,7 @@ def test_disconnect_cancels_and_session_stays_consistent(live, client):
     # (seeded sampling at temperature 1 ended with EOS after 121 tokens: a race with noticing the disconnect)
     new_session(client, "dc", settings={"temperature": 0.0})
     log, done = [], {}
-    body = {"text": "Go on forever.", "params": {"max_tokens": 100000, "repetition_penalty": 1.0}}
+    body = {"text": "Go on forever.", "params": {"max_tokens": 16000, "repetition_penalty": 1.0}}
     _reader(httpx.Client(base_url=live.url, timeout=60), "dc", body, log, done, stop_after=5)
     assert "dc" not in done
     deadline = time.monotonic() + 20
@@ -209,7 +209,7 @@ def test_disconnect_cancels_and_session_stays_consistent(live, client):
 def test_busy_session_is_409(live, client):
     new_session(client, "busy", settings={"temperature": 0.0})  # greedy: this tiny model never samples EOS here
     log, done = [], {}
-    body = {"text": "Long.", "params": {"max_tokens": 100000, "repetition_penalty": 1.0}}
+    body = {"text": "Long.", "params": {"max_tokens": 16000, "repetition_penalty": 1.0}}
     t = threading.Thread(target=_reader, args=(httpx.Client(base_url=live.url, timeout=60), "busy", body, log, done))
     t.start()
     while not log:

@@ -11,3 +11,17 @@ class ModelLoadError(InfinichatError):
 
 class DeviceError(InfinichatError):
     """A --device that does not exist here (e.g. cuda without a CUDA device), or a choice it cannot run."""
+
+
+class StorageError(InfinichatError):
+    """The session store cannot be read or written: a read-only or full disk, a damaged database. Not the
+    client's fault: the server answers 503 and /health reports it. Messages name no internal paths."""
+
+
+class DamagedSessionError(StorageError):
+    """A stored session whose data does not parse. It is refused (and left untouched on disk); other sessions
+    are unaffected."""
+
+
+class OverloadedError(InfinichatError):
+    """The server's memory limit for resident KV caches is reached by generations in progress; retry later."""

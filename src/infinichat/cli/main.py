@@ -256,6 +256,13 @@ def _add_long_eval_parsers(ev_sub: argparse._SubParsersAction) -> None:
     _add_model_args(f, dtype=EVAL_DTYPE, ctx=False)
 
 
+_SERVE_LIMITS = """request limits (a 400 names the field): body 16 MB; text valid Unicode (no lone surrogates);
+message / system prompt / RAG text 200000 characters; session name 256, user_name 64; stop: 4 strings of
+64 characters; max_tokens 16384; budget in [64, --max-budget]; temperature 0 or [0.001, 100];
+repetition_penalty [0.01, 100]. Changing /api and /v1 requests with a body need Content-Type:
+application/json (else 415); a foreign Origin gets 403 (see --cors-origins), a foreign Host 400."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="infinichat",
@@ -300,7 +307,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(gen)
     _add_sampling_args(gen, max_tokens=128, temperature=0.7)
 
-    serve = sub.add_parser("serve", help="the chat server: session API, OpenAI-compatible API, web page")
+    serve = sub.add_parser(
+        "serve",
+        help="the chat server: session API, OpenAI-compatible API, web page",
+        epilog=_SERVE_LIMITS,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /api and /v1")
@@ -320,6 +332,34 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--max-queue", type=int, default=64, help="requests waiting or running at once; more get 429 (default 64)"
+    )
+    serve.add_argument(
+        "--kv-limit-mb",
+        type=int,
+        default=None,
+        help="hard limit of resident KV memory: past it, new generations get 503 while running ones hold it "
+        "(default twice --kv-cap-mb)",
+    )
+    serve.add_argument(
+        "--max-budget",
+        type=int,
+        default=None,
+        metavar="N",
+        help="the largest KV budget (tokens) a client may give a session (default: the model's trained context, "
+        "and at most what half of --kv-cap-mb holds)",
+    )
+    serve.add_argument(
+        "--allowed-hosts",
+        default=None,
+        metavar="H1,H2",
+        help="names the Host header may carry (default: 127.0.0.1, localhost, ::1 and the --host address; "
+        "'*' = any); other hosts get 400, which stops DNS-rebinding pages",
+    )
+    serve.add_argument(
+        "--cors-origins",
+        default=None,
+        metavar="O1,O2",
+        help="web origins (e.g. https://app.example) whose pages may call the API (default: none; '*' = any)",
     )
     _add_model_args(serve, ctx=False)
 

@@ -28,6 +28,8 @@ from infinichat.errors import InfinichatError
 log = logging.getLogger(__name__)
 
 MAX_TOP_LOGPROBS = 20
+MIN_TEMPERATURE = 1e-3  # temperatures in (0, this) are refused: logits / T overflows; use 0 for greedy
+MAX_SCALE = 100.0  # the largest temperature and repetition penalty (and 1 / the smallest penalty)
 PENALTY_RANGE = 2.0  # presence / frequency penalties accepted in [-2, 2], as in the OpenAI API
 _NO_MASS = "cannot sample: every logit is -inf or NaN after the filters"
 _TOP_P_GAPS = (6.0, 12.0, math.inf)  # top_p sorts tokens within this many nats of the best, widening if < p
@@ -60,13 +62,15 @@ class SamplingParams:
 
     def validate(self) -> None:
         """Raise InfinichatError naming the first bad field, its value and what is accepted."""
-        _check_real("temperature", self.temperature, 0.0, math.inf, "a number >= 0 (0 = greedy)")
+        if self.temperature != 0:  # a tiny (or huge) divisor overflows the logits: nothing left to sample
+            accepted = f"0 (greedy) or a number in [{MIN_TEMPERATURE:g}, {MAX_SCALE:g}]"
+            _check_real("temperature", self.temperature, MIN_TEMPERATURE, MAX_SCALE, accepted)
         _check_int("top_k", self.top_k, 0, None, "an integer >= 0 (0 = off)")
         if not _is_real(self.top_p) or not 0.0 < self.top_p <= 1.0:
             _bad("top_p", self.top_p, "a number in (0, 1] (1 = off)")
         _check_real("min_p", self.min_p, 0.0, 1.0, "a number in [0, 1] (0 = off)")
-        if not _is_real(self.repetition_penalty) or not 0.0 < self.repetition_penalty < math.inf:
-            _bad("repetition_penalty", self.repetition_penalty, "a finite number > 0 (1 = off)")
+        accepted = f"a number in [{1 / MAX_SCALE:g}, {MAX_SCALE:g}] (1 = off)"
+        _check_real("repetition_penalty", self.repetition_penalty, 1 / MAX_SCALE, MAX_SCALE, accepted)
         _check_int("repeat_last_n", self.repeat_last_n, -1, None, "an integer >= -1 (0 = off, -1 = whole history)")
         accepted = f"a number in [-{PENALTY_RANGE:g}, {PENALTY_RANGE:g}] (0 = off)"
         _check_real("presence_penalty", self.presence_penalty, -PENALTY_RANGE, PENALTY_RANGE, accepted)

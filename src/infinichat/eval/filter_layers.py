@@ -75,7 +75,7 @@ def attention_rows(model: Transformer, ids: list[int], queries: int) -> torch.Te
         rows[layer, row0 : row0 + probs.shape[1]] = probs.mean(dim=0)  # (r, N)
 
     req = AttentionRequest(layers=frozenset(range(L)), rows=queries, observe=observe)
-    model(torch.tensor(ids), torch.arange(n), KVStore(model.cfg, n, rope=model.rope), 0, attn=req)
+    model(torch.tensor(ids), torch.arange(n), KVStore(model.cfg, n, rope=model.rope, initial=n), 0, attn=req)
     return rows
 
 

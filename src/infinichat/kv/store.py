@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import struct
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -27,7 +28,8 @@ from infinichat.model.config import ModelConfig
 from infinichat.model.rope import Rope, rotate_half
 
 MAGIC = b"IKVS"
-VERSION = 1
+VERSION = 2  # 2: the header holds the payload's CRC-32
+INITIAL_SLOTS = 256  # buffers start this long and double as tokens arrive
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -43,9 +45,14 @@ class Snapshot:
 
 
 class KVStore(SlotTable):
-    """K/V buffers (n_layers, Hkv, capacity, hd) with a per-layer view list (`k`, `v`) for the forward. The
+    """K/V buffers (n_layers, Hkv, allocated, hd) with a per-layer view list (`k`, `v`) for the forward. The
     buffers live on `device` (the model's: default the rope's device, else the CPU); token ids and positions
-    stay on the CPU."""
+    stay on the CPU.
+
+    `capacity` is how many slots the store may hold; the buffers hold `allocated` of them and grow as tokens
+    arrive (doubling, up to the capacity, keeping their dtype and device), so a large budget costs memory
+    only once it is used. A growth replaces the buffers: whoever keeps pointers into them (the native
+    decode step) must check `k[0].data_ptr()` and the buffer length again."""
 
     def __init__(
         self,
@@ -54,6 +61,7 @@ class KVStore(SlotTable):
         dtype: torch.dtype = torch.float32,
         rope: Rope | None = None,
         device: torch.device | str | None = None,
+        initial: int = INITIAL_SLOTS,
     ):
         super().__init__(capacity)
         self.cfg = cfg
@@ -62,11 +70,42 @@ class KVStore(SlotTable):
             torch.device(device) if device is not None else rope.device if rope is not None else torch.device("cpu")
         )
         self.rope = rope if rope is not None else Rope(cfg, device=self.device)
-        shape = (cfg.n_layers, cfg.n_kv_heads, capacity, cfg.head_dim)
-        self.k_all = torch.zeros(shape, dtype=dtype, device=self.device)  # (L, Hkv, C, hd)
-        self.v_all = torch.zeros(shape, dtype=dtype, device=self.device)  # (L, Hkv, C, hd)
-        self.k = list(self.k_all.unbind(0))  # L x (Hkv, C, hd) views
+        shape = (cfg.n_layers, cfg.n_kv_heads, min(capacity, max(1, initial)), cfg.head_dim)
+        self._set_buffers(
+            torch.zeros(shape, dtype=dtype, device=self.device), torch.zeros(shape, dtype=dtype, device=self.device)
+        )
+
+    def _set_buffers(self, k_all: torch.Tensor, v_all: torch.Tensor) -> None:
+        self.k_all = k_all  # (L, Hkv, A, hd)
+        self.v_all = v_all  # (L, Hkv, A, hd)
+        self.k = list(self.k_all.unbind(0))  # L x (Hkv, A, hd) views
         self.v = list(self.v_all.unbind(0))
+
+    @property
+    def allocated(self) -> int:
+        """Slots the buffers hold now (<= capacity)."""
+        return self.k_all.shape[2]
+
+    def reserve(self, n: int) -> None:
+        """Make the buffers hold at least n slots (n <= capacity): double until they do, copying the old ones."""
+        have = self.allocated
+        if n <= have:
+            return
+        size = have
+        while size < n:
+            size *= 2
+        size = min(size, self.capacity)
+        L, H, _, hd = self.k_all.shape
+        k = self.k_all.new_zeros((L, H, size, hd))
+        v = self.v_all.new_zeros((L, H, size, hd))
+        k[:, :, :have] = self.k_all  # every old slot: a forward may have written past `length` (not yet appended)
+        v[:, :, :have] = self.v_all
+        self._set_buffers(k, v)
+
+    def next_positions(self, n: int) -> torch.Tensor:
+        positions = super().next_positions(n)  # checks the capacity
+        self.reserve(self._length + n)
+        return positions
 
     @property
     def nbytes(self) -> int:
@@ -136,10 +175,17 @@ class KVStore(SlotTable):
             "length": n,
             "extra": extra or {},
         }
+        parts = [
+            t.contiguous().cpu().view(torch.uint8).numpy().tobytes()
+            for t in (self.k_all[:, :, :n], self.v_all[:, :, :n], self.tokens[:n], self.positions[:n])
+        ]
+        crc = 0
+        for p in parts:
+            crc = zlib.crc32(p, crc)
+        header["crc32"] = crc  # of the payload: a flipped byte is caught at load (then the cache is rebuilt)
         hb = json.dumps(header).encode()
         yield MAGIC + struct.pack("<I", len(hb)) + hb
-        for t in (self.k_all[:, :, :n], self.v_all[:, :, :n], self.tokens[:n], self.positions[:n]):
-            yield t.contiguous().cpu().view(torch.uint8).numpy().tobytes()
+        yield from parts
 
     def decode_snapshot(self, data: bytes) -> Snapshot:
         return decode_snapshot(data)
@@ -156,13 +202,14 @@ class KVStore(SlotTable):
             raise InfinichatError(f"the KV snapshot holds {snap.k.dtype} keys, this cache is {self.dtype}")
         if n > self.capacity or (n and int(snap.positions[-1]) >= self.capacity):
             raise InfinichatError(f"the KV snapshot holds {n} tokens, more than this cache's capacity {self.capacity}")
+        self.reserve(n)
         self.k_all[:, :, :n] = snap.k
         self.v_all[:, :, :n] = snap.v
         self._load_slots(snap.tokens, snap.positions)  # counts the edit
 
     def fork(self) -> KVStore:
         """An independent copy (no shared storage)."""
-        other = KVStore(self.cfg, self.capacity, self.dtype, self.rope, self.device)
+        other = KVStore(self.cfg, self.capacity, self.dtype, self.rope, self.device, initial=self.allocated)
         other.load_snapshot(
             Snapshot(
                 self.k_all[:, :, : self._length],
@@ -205,6 +252,7 @@ def decode_snapshot(data: bytes) -> Snapshot:
         L, Hkv, hd, n = (int(header[k]) for k in ("n_layers", "n_kv_heads", "head_dim", "length"))
         dtype = _DTYPES[header["dtype"]]
         version = header["version"]
+        crc = int(header.get("crc32", -1))
     except (ValueError, KeyError, TypeError) as e:
         raise InfinichatError(f"the KV snapshot header is damaged ({e})") from None
     if version != VERSION:
@@ -216,6 +264,8 @@ def decode_snapshot(data: bytes) -> Snapshot:
         raise InfinichatError(
             f"the KV snapshot is truncated or damaged: {len(data)} bytes, expected {off + sum(sizes)}"
         )
+    if zlib.crc32(memoryview(data)[8 + hlen :]) != crc:
+        raise InfinichatError("the KV snapshot is damaged: its checksum does not match its contents")
     parts = []
     for size in sizes:
         buf = bytearray(data[off : off + size])

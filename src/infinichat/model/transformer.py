@@ -34,10 +34,13 @@ RESCORE_TOP = 8
 
 
 class LayerCache(Protocol):
-    """What the forward needs from a KV cache: per-layer buffers (Hkv, capacity, hd) on the model's device."""
+    """What the forward needs from a KV cache: per-layer buffers (Hkv, allocated, hd) on the model's device, and
+    `reserve(n)`, which makes them hold n slots (a growing store replaces its buffers: kv/store.py)."""
 
     k: list[torch.Tensor]
     v: list[torch.Tensor]
+
+    def reserve(self, n: int) -> None: ...
 
 
 @dataclass
@@ -202,6 +205,7 @@ class Transformer:
         Writes K/V of the new tokens into cache slots [start, start+T); attends over [0, start+T), or as
         `attn` asks (attention weights for some layers, per-layer token subsets: model/attention.py).
         """
+        cache.reserve(start + tokens.shape[0])  # before anything binds or writes the new slots
         if tokens.shape[0] == 1 and attn is None:  # the kernel set's whole-model step, where it has one
             step = self.kernels.decode_step(tokens, positions, cache, start)
             if step is not None:
@@ -219,6 +223,8 @@ class Transformer:
         if len(seqs) == 1:
             s = seqs[0]
             return [self.forward(s.tokens, s.positions, s.cache, s.start, all_logits)]
+        for s in seqs:
+            s.cache.reserve(s.start + s.tokens.shape[0])
         return self._forward(seqs, all_logits, None)
 
     def _forward(

@@ -426,13 +426,15 @@ class NativeDecoder:
 
     def bind(self, cache) -> tuple | None:
         """The C view of a cache (`LayerCache`: per-layer bf16 (Hkv, capacity, hd) buffers): the layers' key and
-        value pointers and the capacity; None if the step cannot read it. Worked out once per cache object (a
-        KV store's buffers never move) rather than at every token."""
+        value pointers and the capacity; None if the step cannot read it. Worked out once per cache object and
+        buffer (a growing KV store replaces its buffers: the binding is redone when they move)."""
+        k, v = cache.k, cache.v
         try:
-            return self._bindings[cache]
+            binding, key = self._bindings[cache]
+            if key == (k[0].data_ptr(), v[0].data_ptr(), k[0].shape[1]):  # not moved (a store that grew moves)
+                return binding
         except (KeyError, TypeError):  # TypeError: a cache object that takes no weak reference
             pass
-        k, v = cache.k, cache.v
         binding = None
         if self._fits(k, v):
             n = len(k)
@@ -442,7 +444,7 @@ class NativeDecoder:
                 k[0].shape[1],
             )
         with contextlib.suppress(TypeError):  # a cache object that takes no weak reference
-            self._bindings[cache] = binding
+            self._bindings[cache] = (binding, (k[0].data_ptr(), v[0].data_ptr(), k[0].shape[1]))
         return binding
 
     def _fits(self, k: list[torch.Tensor], v: list[torch.Tensor]) -> bool:

@@ -7,9 +7,12 @@ import contextlib
 import logging
 import secrets
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
+import torch
 from fastapi import Depends, FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse
 from fastapi.staticfiles import StaticFiles
 
@@ -18,11 +21,12 @@ from infinichat.errors import InfinichatError
 from infinichat.kv.registry import POLICIES
 from infinichat.server import errors, routes_actions, routes_openai, routes_sessions
 from infinichat.server.errors import ApiError
+from infinichat.server.guard import Guard, default_allowed_hosts
 from infinichat.server.metrics import Metrics
 from infinichat.server.openai_compat import PrefixLRU
 from infinichat.server.worker import EngineWorker
 from infinichat.session.manager import SessionManager
-from infinichat.session.settings import SessionSettings
+from infinichat.session.settings import MAX_BUDGET, SessionSettings
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
@@ -78,9 +82,14 @@ def create_app(
     api_key: str | None = None,
     max_jobs: int = 64,
     anon_budget: int | None = None,
+    allowed_hosts: Sequence[str] | None = None,
+    cors_origins: Sequence[str] | None = None,
 ) -> FastAPI:
+    """The app. `allowed_hosts`: names the Host header may carry (default: loopback names; "*" = any);
+    `cors_origins`: other origins whose pages may call the API (default: none)."""
     metrics = Metrics()
     lru = PrefixLRU(engine, anon_budget or manager.defaults.budget)
+    manager.spare.append(lru)  # anonymous /v1 caches count in the KV memory cap
     worker = EngineWorker(manager, max_jobs, on_idle=_cache_snapshot(metrics, lru))
 
     @contextlib.asynccontextmanager
@@ -102,24 +111,17 @@ def create_app(
     }.items():
         setattr(app.state, k, v)
     errors.install(app)
-
-    @app.middleware("http")
-    async def count(request: Request, call_next):
-        size = request.headers.get("content-length")
-        if size is not None and size.isdigit() and int(size) > MAX_BODY:
-            response = JSONResponse(
-                errors.error_body(413, f"request body of {size} bytes is over the limit of {MAX_BODY} bytes"),
-                status_code=413,
-            )
-        else:
-            if request.url.path.startswith(("/api/", "/v1/")):  # every body is JSON, whatever the client says
-                request.scope["headers"] = [(k, v) for k, v in request.scope["headers"] if k != b"content-type"] + [
-                    (b"content-type", b"application/json")
-                ]
-            response = await call_next(request)
-        route = request.scope.get("route")
-        metrics.request(request.method, getattr(route, "path", "other"), response.status_code)
-        return response
+    app.add_middleware(
+        Guard, metrics=metrics, max_body=MAX_BODY, allowed_hosts=allowed_hosts, cors_origins=cors_origins or ()
+    )
+    if cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(cors_origins),
+            allow_methods=["*"],
+            allow_headers=["*"],
+            max_age=600,
+        )
 
     auth = [Depends(_auth)]
     for r in (routes_sessions.router, routes_actions.router, routes_openai.router):
@@ -136,7 +138,11 @@ def create_app(
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": model_name, "queue_depth": worker.depth}
+        fault = manager.db.fault
+        body = {"status": "ok" if fault is None else "degraded", "model": model_name, "queue_depth": worker.depth}
+        if fault is not None:  # the process serves, but sessions cannot be stored: 503 for a load balancer
+            return JSONResponse({**body, "storage": fault}, status_code=503, headers={"Retry-After": "30"})
+        return body
 
     @app.get("/metrics")
     async def metrics_text():
@@ -147,6 +153,18 @@ def create_app(
     return app
 
 
+def default_max_budget(engine, kv_cap_bytes: int) -> int:
+    """The trained context, and no more tokens than half the KV memory cap holds (at least 64)."""
+    cfg = getattr(engine, "cfg", None)
+    trained = getattr(cfg, "max_position", None) or MAX_BUDGET
+    per_token = 0
+    if cfg is not None:
+        size = torch.empty((), dtype=getattr(getattr(engine, "model", None), "dtype", torch.float32)).element_size()
+        per_token = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * size
+    by_memory = kv_cap_bytes // 2 // per_token if per_token else MAX_BUDGET
+    return max(64, min(MAX_BUDGET, trained, by_memory))
+
+
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -155,9 +173,34 @@ def serve(args: argparse.Namespace) -> int:
     )
     if args.port < 0 or args.port > 65535:
         raise InfinichatError(f"--port must be in [0, 65535], got {args.port}")
+    if args.max_budget is not None and not 64 <= args.max_budget <= MAX_BUDGET:
+        raise InfinichatError(f"--max-budget must be in [64, {MAX_BUDGET}] tokens, got {args.max_budget}")
+    if args.kv_cap_mb < 1:
+        raise InfinichatError(f"--kv-cap-mb must be at least 1, got {args.kv_cap_mb}")
     engine, tok, model_id, name = make_engine(args)
-    manager = SessionManager(engine, tok, model_id, args.data_dir, defaults, kv_cap_bytes=args.kv_cap_mb << 20)
-    app = create_app(manager, engine, tok, name, args.backend, args.api_key, args.max_queue)
+    cap = args.kv_cap_mb << 20
+    max_budget = args.max_budget or default_max_budget(engine, cap)
+    if defaults.budget > max_budget:
+        raise InfinichatError(f"--budget {defaults.budget} is over --max-budget {max_budget}")
+    limit = (args.kv_limit_mb << 20) if args.kv_limit_mb else 2 * cap
+    if limit < cap:
+        raise InfinichatError(f"--kv-limit-mb {args.kv_limit_mb} is below --kv-cap-mb {args.kv_cap_mb}")
+    manager = SessionManager(
+        engine, tok, model_id, args.data_dir, defaults, kv_cap_bytes=cap, max_budget=max_budget, kv_limit_bytes=limit
+    )
+    hosts = args.allowed_hosts.split(",") if args.allowed_hosts else default_allowed_hosts(args.host)
+    origins = [o for o in (args.cors_origins or "").split(",") if o.strip()]
+    app = create_app(
+        manager,
+        engine,
+        tok,
+        name,
+        args.backend,
+        args.api_key,
+        args.max_queue,
+        allowed_hosts=hosts,
+        cors_origins=origins,
+    )
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         log.warning("serving on %s without --api-key: anyone who can reach it can use it", args.host)
     # the line a person starting the server reads, on stdout even when it is not a terminal (logging may be off)

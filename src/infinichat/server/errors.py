@@ -9,7 +9,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from infinichat.errors import InfinichatError
+from infinichat.errors import DamagedSessionError, InfinichatError, OverloadedError, StorageError
 from infinichat.server.worker import Busy, QueueFull
 
 log = logging.getLogger(__name__)
@@ -17,11 +17,16 @@ log = logging.getLogger(__name__)
 TYPES = {
     400: "invalid_request_error",
     401: "auth",
+    403: "forbidden",
     404: "not_found",
+    405: "invalid_request_error",
     409: "busy",
     413: "invalid_request_error",
+    415: "invalid_request_error",
     429: "busy",
+    503: "unavailable",
 }
+RETRY_AFTER = 1  # seconds, sent with 429 and 503
 
 
 class ApiError(Exception):
@@ -31,8 +36,14 @@ class ApiError(Exception):
         self.type = type or TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
 
 
+def _text(s: str | None) -> str | None:
+    """`s` as valid UTF-8 text (a lone surrogate echoed from the input becomes an escape)."""
+    return None if s is None else s.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def error_body(status: int, message: str, param: str | None = None, type: str | None = None) -> dict:
-    return {"error": {"message": message, "type": type or TYPES.get(status, "server_error"), "param": param}}
+    kind = type or TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    return {"error": {"message": _text(message), "type": kind, "param": _text(param)}}
 
 
 def to_api_error(e: BaseException) -> ApiError:
@@ -43,15 +54,27 @@ def to_api_error(e: BaseException) -> ApiError:
         return ApiError(409, str(e), type="busy")
     if isinstance(e, QueueFull):
         return ApiError(429, str(e), type="busy")
+    if isinstance(e, DamagedSessionError):
+        return ApiError(500, str(e), type="damaged_session")
+    if isinstance(e, StorageError):
+        return ApiError(503, str(e), type="storage_error")
+    if isinstance(e, OverloadedError):
+        return ApiError(503, str(e), type="overloaded")
     if isinstance(e, InfinichatError):
         return ApiError(400, str(e))
     log.error("internal error", exc_info=e)
-    return ApiError(500, f"internal error: {type(e).__name__}: {e}", type="server_error")
+    return ApiError(500, f"internal error ({type(e).__name__}); the server log has the details", type="server_error")
+
+
+def retry_headers(status: int) -> dict[str, str] | None:
+    return {"Retry-After": str(RETRY_AFTER)} if status in (429, 503) else None
 
 
 def error_response(e: BaseException) -> JSONResponse:
     a = to_api_error(e)
-    return JSONResponse(error_body(a.status, a.message, a.param, a.type), status_code=a.status)
+    return JSONResponse(
+        error_body(a.status, a.message, a.param, a.type), status_code=a.status, headers=retry_headers(a.status)
+    )
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:

@@ -18,9 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from infinichat.engine.sampling import SamplingParams
 from infinichat.engine.textgen import Generation, stream_text
 from infinichat.server.errors import ApiError
-from infinichat.server.sessionops import checked_id, get_session
-
-MAX_STOP = 4
+from infinichat.server.sessionops import check_max_tokens, check_stop, checked_id, get_session
+from infinichat.session.limits import MAX_NEW_TOKENS
 
 
 class Msg(BaseModel):
@@ -62,9 +61,12 @@ def params_of(body: GenBody, top: int, default_max: int) -> SamplingParams:
     if body.n != 1:
         raise ApiError(400, f"n={body.n} is not supported: this server returns exactly one choice (n=1)", param="n")
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-    if len(stop) > MAX_STOP:
-        raise ApiError(400, f"stop accepts at most {MAX_STOP} strings, got {len(stop)}", param="stop")
+    check_stop(tuple(stop), param="stop")
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    if max_tokens is not None and max_tokens > MAX_NEW_TOKENS:
+        raise ApiError(
+            400, f"max_tokens={max_tokens} is over this server's limit of {MAX_NEW_TOKENS}", param="max_tokens"
+        )
     p = SamplingParams(
         temperature=body.temperature,
         top_k=0,
@@ -129,7 +131,23 @@ class PrefixLRU:
     def __init__(self, engine, budget: int, size: int = 4):
         self.engine, self.budget, self.size = engine, budget, size
         self.free: list = []  # least recently used first
+        self.busy: list = []  # in use by running requests
         self.hits = 0
+
+    # SpareKV (session/manager.py): counted in the server's KV memory cap
+    @property
+    def nbytes(self) -> int:
+        return sum(_store_bytes(q) for q in self.free) + self.busy_bytes
+
+    @property
+    def busy_bytes(self) -> int:
+        return sum(_store_bytes(q) for q in self.busy)
+
+    def drop_idle(self) -> bool:
+        if not self.free:
+            return False
+        self.free.pop(0)
+        return True
 
     def acquire(self, ids: list[int]):
         best, keep = None, 0
@@ -145,13 +163,22 @@ class PrefixLRU:
             self.free.remove(best)
             best.truncate(keep)
             self.hits += keep > 0
+            self.busy.append(best)
             return best, keep
-        return self.engine.new_sequence(budget=self.budget, policy="full"), 0
+        seq = self.engine.new_sequence(budget=self.budget, policy="full")
+        self.busy.append(seq)
+        return seq, 0
 
     def release(self, seq) -> None:
+        if seq in self.busy:
+            self.busy.remove(seq)
         self.free.append(seq)
         while len(self.free) > self.size:
             self.free.pop(0)
+
+
+def _store_bytes(seq) -> int:
+    return int(getattr(getattr(seq, "store", None), "nbytes", 0))
 
 
 def _item(tok, chunk_text: str, step) -> dict:
@@ -162,7 +189,7 @@ def _item(tok, chunk_text: str, step) -> dict:
 
 
 def anonymous(
-    engine, tok, lru: PrefixLRU, ids: list[int], params: SamplingParams, should_stop, metrics
+    engine, tok, lru: PrefixLRU, ids: list[int], params: SamplingParams, should_stop, metrics, m=None
 ) -> Iterator[dict]:
     if len(ids) + 1 > lru.budget:
         raise ApiError(
@@ -171,6 +198,9 @@ def anonymous(
             f"tokens (serve --budget)",
             param="messages",
         )
+    check_max_tokens(params.max_tokens, lru.budget, "max_tokens")
+    if m is not None:
+        m.check_room()  # idle caches offloaded; 503 if running generations already hold the KV memory cap
     seq, keep = lru.acquire(ids)
     result = Generation()
     n = 0
@@ -188,15 +218,15 @@ def anonymous(
 
 
 def session_chat(m, sid: str, messages: list[dict], params: SamplingParams, should_stop, metrics) -> Iterator[dict]:
-    """Map the chat onto session `sid` (append only what it lacks) and generate the reply."""
-    from infinichat.server.sessionops import session_events
-
+    """Map the chat onto session `sid` (append only what it lacks) and generate the reply. All or nothing: a
+    request that fails before its first token leaves the session as it was (or, if it created it, absent)."""
     checked_id(sid)
     system = messages[0]["content"] if messages[0]["role"] == "system" else None
     rest = messages[1:] if system is not None else messages
     if not rest:
         raise ApiError(400, "messages must hold a user or assistant message after the system message", param="messages")
-    if sid in m.sessions or m.db.exists(sid):
+    created = not (sid in m.sessions or m.db.exists(sid))
+    if not created:
         s = get_session(m, sid)
         if (s.system_prompt or None) != (system or None):
             raise ApiError(
@@ -207,6 +237,30 @@ def session_chat(m, sid: str, messages: list[dict], params: SamplingParams, shou
             )
     else:
         s = m.create(sid, system_prompt=system)
+    memo = s.memento()
+    try:
+        check_max_tokens(params.max_tokens, None, "max_tokens")
+        m.check_room(s)
+        gen = _map_chat(s, rest, params, should_stop)
+    except BaseException:
+        if created:
+            m.delete(sid)  # a request that fails leaves no session behind
+        else:
+            m.roll_back(s, memo)
+        raise
+    started = False
+    try:
+        for item in _chat_items(s, gen, metrics):
+            started = True
+            yield item
+    except Exception:
+        if not started:
+            m.delete(sid) if created else m.roll_back(s, memo)
+        raise
+
+
+def _map_chat(s, rest: list[dict], params: SamplingParams, should_stop) -> Iterator:
+    """Bring session s to the chat's history but its last message; the reply's generator."""
     k = 0
     while (
         k < min(len(s.messages), len(rest) - 1)
@@ -220,10 +274,14 @@ def session_chat(m, sid: str, messages: list[dict], params: SamplingParams, shou
         s.add_message(msg["role"], msg["content"])
     last = rest[-1]
     if last["role"] == "user":
-        gen = s.send(last["content"], params, should_stop)
-    else:
-        s.add_message("assistant", last["content"])
-        gen = s.continue_(params, should_stop)
+        return s.send(last["content"], params, should_stop)
+    s.add_message("assistant", last["content"])
+    return s.continue_(params, should_stop)
+
+
+def _chat_items(s, gen: Iterator, metrics) -> Iterator[dict]:
+    from infinichat.server.sessionops import session_events
+
     n, prompt = 0, 0
     for name, data in session_events(s, gen, metrics):
         if name == "token":

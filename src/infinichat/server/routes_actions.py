@@ -7,7 +7,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict
 
-from infinichat.server.sessionops import checked_id, get_session, sampling, session_events
+from infinichat.server.sessionops import checked_id, get_session, require_session, sampling, session_events
 from infinichat.server.streaming import open_stream, sse, sse_response
 
 router = APIRouter(prefix="/api")
@@ -31,11 +31,12 @@ async def _stream(request: Request, sid: str, action: str, params: dict | None, 
     def run(m, job):
         s = get_session(m, sid)
         p = sampling(s, params)
+        m.check_room(s)
         if action == "send":
             gen = s.send(text, p, job.should_stop)
         else:
             gen = getattr(s, {"continue": "continue_"}.get(action, action))(p, job.should_stop)
-        return session_events(s, gen, metrics)
+        return m.guarded(s, session_events(s, gen, metrics))  # a failure before the first token changes nothing
 
     _, items = await open_stream(request.app.state.worker, run, session=sid)
     return sse_response(items, lambda item: sse(item[0], item[1]))
@@ -60,4 +61,9 @@ for _name in ("retry", "continue", "narrate", "suggest"):
 
 @router.post("/sessions/{sid}/stop")
 async def stop(sid: str, request: Request):
-    return {"stopped": request.app.state.worker.stop_session(checked_id(sid))}
+    worker = request.app.state.worker
+    checked_id(sid)
+    if worker.stop_session(sid):
+        return {"stopped": True}
+    await worker.acall(lambda m: require_session(m, sid), mutates=False)  # 404 for an unknown session
+    return {"stopped": False}

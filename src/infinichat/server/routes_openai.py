@@ -11,9 +11,9 @@ import time
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from infinichat.server.errors import ApiError
+from infinichat.server.errors import ApiError, error_body
 from infinichat.server.openai_compat import ChatBody, CompletionBody, anonymous, chat_messages, params_of, session_chat
-from infinichat.server.streaming import open_stream, sse, sse_response
+from infinichat.server.streaming import collect, open_stream, sse, sse_response
 
 router = APIRouter(prefix="/v1")
 DEFAULT_MAX_TOKENS = 256
@@ -80,7 +80,7 @@ async def _generate(request: Request, body, kind: str):
                     400, f"prompt token ids must be a non-empty list in [0, {tok.vocab_size})", param="prompt"
                 )
             ids = list(prompt)
-        return anonymous(st.engine, tok, st.prefix_lru, ids, params, job.should_stop, st.metrics)
+        return anonymous(st.engine, tok, st.prefix_lru, ids, params, job.should_stop, st.metrics, m)
 
     _, items = await open_stream(st.worker, run, session=sid)
     rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + secrets.token_hex(12)
@@ -128,7 +128,9 @@ async def _generate(request: Request, body, kind: str):
             return sse(None, chunk)
 
         return sse_response(items, frame, error_event=None, tail="data: [DONE]\n\n")
-    got = [i async for i in items]
+    got = await collect(request, items)
+    if got is None:  # the client disconnected: the generation was cancelled; nobody reads this answer
+        return JSONResponse(error_body(499, "the client closed the request"), status_code=499)
     done = (
         got[-1]
         if got and "done" in got[-1]

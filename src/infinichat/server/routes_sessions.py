@@ -93,7 +93,8 @@ async def delete(sid: str, request: Request):
 async def _edit(request: Request, sid: str, action):
     def run(m):
         s = get_session(m, sid)
-        action(s)
+        with m.atomic(s):  # a failed edit leaves the session as it was
+            action(s)
         return s.history()
 
     return await _worker(request).acall(run, session=checked_id(sid))

@@ -10,6 +10,7 @@ from infinichat.engine.sampling import SamplingParams
 from infinichat.errors import InfinichatError
 from infinichat.server.errors import ApiError
 from infinichat.session.db import check_session_id
+from infinichat.session.limits import MAX_NEW_TOKENS, MAX_STOP_CHARS, MAX_STOP_STRINGS
 
 KV_EVERY = 16  # a kv event every this many tokens
 SAMPLING_KEYS = tuple(f.name for f in fields(SamplingParams))
@@ -36,18 +37,38 @@ def get_session(m, sid: str):
 
 def sampling(s, overrides: dict | None) -> SamplingParams:
     """The session's sampling settings with per-request overrides (names of SamplingParams fields)."""
-    base = s.settings.sampling()
-    if not overrides:
-        return base
-    bad = sorted(set(overrides) - set(SAMPLING_KEYS))
-    if bad:
-        raise ApiError(
-            400, f"unknown sampling parameter(s) {', '.join(bad)}; accepted: {', '.join(SAMPLING_KEYS)}", param="params"
-        )
-    p = replace(base, **overrides)
-    p.__post_init__()  # a stop given as a string or list
-    p.validate()
+    p = s.settings.sampling()
+    if overrides:
+        bad = sorted(set(overrides) - set(SAMPLING_KEYS))
+        if bad:
+            raise ApiError(
+                400,
+                f"unknown sampling parameter(s) {', '.join(bad)}; accepted: {', '.join(SAMPLING_KEYS)}",
+                param="params",
+            )
+        p = replace(p, **overrides)
+        p.__post_init__()  # a stop given as a string or list
+        p.validate()
+        check_stop(p.stop)
+    check_max_tokens(p.max_tokens, None, "params.max_tokens")
     return p
+
+
+def check_max_tokens(n: int, budget: int | None, param: str) -> None:
+    """At most MAX_NEW_TOKENS per request; with `budget` (a cache that cannot evict), at most the budget too.
+    A session's reply may outgrow its budget: its policy evicts old turns."""
+    cap = MAX_NEW_TOKENS if budget is None else min(budget, MAX_NEW_TOKENS)
+    if n > cap:
+        why = f"the budget of {budget} tokens, and at most {MAX_NEW_TOKENS}" if budget is not None else "the server's"
+        raise ApiError(400, f"max_tokens={n} is over the limit of {cap} ({why} limit)", param=param)
+
+
+def check_stop(stop: tuple[str, ...], param: str = "params.stop") -> None:
+    if len(stop) > MAX_STOP_STRINGS:
+        raise ApiError(400, f"stop accepts at most {MAX_STOP_STRINGS} strings, got {len(stop)}", param=param)
+    for x in stop:
+        if len(x) > MAX_STOP_CHARS:
+            raise ApiError(400, f"each stop string is at most {MAX_STOP_CHARS} characters, got {len(x)}", param=param)
 
 
 def top_json(tok, top) -> list[dict]:

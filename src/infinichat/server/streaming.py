@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncGenerator, Callable, Iterator
 from typing import Any
 
+from fastapi import Request
 from fastapi.responses import StreamingResponse
 
 from infinichat.server.errors import error_body, to_api_error
@@ -49,6 +51,31 @@ async def open_stream(
                 worker.abandon(job)
 
     return job, items()
+
+
+async def collect(request: Request, items: AsyncGenerator) -> list | None:
+    """Every item of a stream, for a non-streaming response; None if the client disconnected first: the
+    generation is then cancelled, as a streamed one is."""
+
+    async def gather() -> list:
+        return [i async for i in items]
+
+    async def gone() -> None:
+        while not await request.is_disconnected():
+            await asyncio.sleep(0.1)
+
+    task, watch = asyncio.ensure_future(gather()), asyncio.ensure_future(gone())
+    try:
+        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+    if not task.done():  # the client left: closing the iterator abandons the worker's job
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await items.aclose()
+        return None
+    return task.result()
 
 
 def sse(event: str | None, data: Any) -> str:

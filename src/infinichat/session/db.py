@@ -9,15 +9,18 @@ continues from its last complete turn.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import ParamSpec, TypeVar
 
-from infinichat.errors import InfinichatError
+from infinichat.errors import DamagedSessionError, InfinichatError, StorageError
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +47,47 @@ CREATE TABLE IF NOT EXISTS messages (
 """
 
 
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def storage_message(e: BaseException) -> str:
+    """What a storage fault means for the client, with no internal path in it."""
+    text = str(e).lower()
+    if isinstance(e, sqlite3.DatabaseError) and not isinstance(e, sqlite3.OperationalError):
+        return "the session database is damaged; restore it from a backup or move it away and restart"
+    if "readonly" in text or "read-only" in text or getattr(e, "errno", None) in (13, 30):
+        return "the session store cannot be written: its data directory is read-only"
+    if "full" in text or getattr(e, "errno", None) == 28:
+        return "the session store cannot be written: the disk is full"
+    if "malformed" in text or "not a database" in text or "corrupt" in text:
+        return "the session database is damaged; restore it from a backup or move it away and restart"
+    if "locked" in text or "busy" in text:
+        return "the session database is locked by another process; retry later"
+    return f"the session store failed ({type(e).__name__}); the server log has the details"
+
+
+def _storage(fn: Callable[P, R]) -> Callable[P, R]:
+    """sqlite3 and OS errors of a SessionDB method as StorageError (recorded in `db.fault` for /health)."""
+
+    @functools.wraps(fn)
+    def wrapped(*args: P.args, **kwargs: P.kwargs) -> R:
+        db = args[0]
+        try:
+            out = fn(*args, **kwargs)
+        except (sqlite3.Error, OSError) as e:
+            msg = storage_message(e)
+            log.error("session store: %s (%s: %s)", msg, type(e).__name__, e)
+            if isinstance(db, SessionDB):
+                db.last_fault = msg
+            raise StorageError(msg) from None
+        if isinstance(db, SessionDB) and db.last_fault is not None and fn.__name__ == "save":
+            db.last_fault = None  # a write went through again
+        return out
+
+    return wrapped
+
+
 def check_session_id(sid: object) -> str:
     if not isinstance(sid, str) or not SESSION_ID.match(sid):
         raise InfinichatError(
@@ -61,6 +105,8 @@ class SessionDB:
             raise InfinichatError(f"cannot create the data directory {self.dir}: {e.strerror or e}") from None
         self.path = self.dir / "sessions.sqlite3"
         self._lock = threading.Lock()
+        self.last_fault: str | None = None  # the last storage fault, until a save succeeds
+        self.damage: str | None = None  # found by the integrity check at start: stays until a restart
         try:
             self.conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
             self.conn.execute("PRAGMA journal_mode=WAL")
@@ -69,10 +115,23 @@ class SessionDB:
             self.conn.executescript(SCHEMA)
         except sqlite3.DatabaseError as e:
             raise InfinichatError(f"cannot open the session database {self.path}: {e}") from None
+        try:
+            ok = self.conn.execute("PRAGMA quick_check").fetchone()
+        except sqlite3.DatabaseError as e:
+            ok = (str(e),)
+        if ok is None or ok[0] != "ok":  # served anyway (the damage may spare most sessions), reported by /health
+            log.error("the session database %s is damaged: %s", self.path, ok[0] if ok else "no answer")
+            self.damage = "the session database is damaged; restore it from a backup or move it away and restart"
+
+    @property
+    def fault(self) -> str | None:
+        """What is wrong with the store now (reported by /health), or None."""
+        return self.damage or self.last_fault
 
     def kv_path(self, sid: str) -> Path:
         return self.dir / "kv" / f"{check_session_id(sid)}.kv"
 
+    @_storage
     def save(self, row: dict, changed: list[tuple[int, dict]], n_messages: int) -> None:
         """Write a session, the messages that changed (turn, message) and its message count, in one
         transaction."""
@@ -104,6 +163,7 @@ class SessionDB:
                 c.execute("ROLLBACK")
                 raise
 
+    @_storage
     def load(self, sid: str) -> tuple[dict, list[dict]] | None:
         with self._lock:
             cur = self.conn.execute(
@@ -114,10 +174,14 @@ class SessionDB:
             r = cur.fetchone()
             if r is None:
                 return None
-            msgs = [
-                json.loads(d)
-                for (d,) in self.conn.execute("SELECT data FROM messages WHERE session_id = ? ORDER BY turn", (sid,))
-            ]
+            raw = self.conn.execute("SELECT turn, data FROM messages WHERE session_id = ? ORDER BY turn", (sid,))
+            rows = raw.fetchall()
+        msgs = []
+        for turn, d in rows:
+            try:
+                msgs.append(json.loads(d))
+            except (ValueError, TypeError) as e:
+                raise DamagedSessionError(damaged(sid, f"message {turn} is not valid JSON: {e}")) from None
         keys = (
             "id",
             "name",
@@ -132,9 +196,13 @@ class SessionDB:
         )
         row = dict(zip(keys, r, strict=True))
         for k in ("card", "settings", "segments"):
-            row[k] = json.loads(row[k]) if row[k] else None
+            try:
+                row[k] = json.loads(row[k]) if row[k] else None
+            except (ValueError, TypeError) as e:
+                raise DamagedSessionError(damaged(sid, f"its {k} are not valid JSON: {e}")) from None
         return row, msgs
 
+    @_storage
     def list(self) -> list[dict]:
         with self._lock:
             rows = self.conn.execute(
@@ -143,10 +211,12 @@ class SessionDB:
             ).fetchall()
         return [{"id": i, "name": n, "created": c, "updated": u, "messages": k} for i, n, c, u, k in rows]
 
+    @_storage
     def exists(self, sid: str) -> bool:
         with self._lock:
             return self.conn.execute("SELECT 1 FROM sessions WHERE id = ?", (sid,)).fetchone() is not None
 
+    @_storage
     def delete(self, sid: str) -> None:
         with self._lock:
             self.conn.execute("DELETE FROM sessions WHERE id = ?", (sid,))
@@ -155,6 +225,13 @@ class SessionDB:
     def close(self) -> None:
         with self._lock:
             self.conn.close()
+
+
+def damaged(sid: str, what: str) -> str:
+    return (
+        f"session {sid!r} cannot be loaded: its stored data is damaged ({what}). It is left untouched on disk; "
+        f"delete it with DELETE /api/sessions/{sid}, or restore the database from a backup"
+    )
 
 
 def _dump(value) -> str | None:

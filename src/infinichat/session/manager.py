@@ -11,19 +11,38 @@ Not thread-safe by itself: the server's single engine worker calls it (read-only
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import secrets
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Protocol, TypeVar
 
-from infinichat.errors import InfinichatError
+from infinichat.errors import DamagedSessionError, InfinichatError, OverloadedError, StorageError
 from infinichat.session.cards import CharacterCard, load_card
 from infinichat.session.chatformat import ChatFormat
-from infinichat.session.db import SessionDB, check_session_id
+from infinichat.session.db import SessionDB, check_session_id, damaged
+from infinichat.session.limits import MAX_MESSAGE_CHARS, MAX_NAME_CHARS, check_text
 from infinichat.session.prefix_cache import PrefixCache
-from infinichat.session.session import Message, Session
-from infinichat.session.settings import SessionSettings
+from infinichat.session.session import Memento, Message, Session
+from infinichat.session.settings import MAX_BUDGET, SessionSettings, check_budget
+
+T = TypeVar("T")
+
+
+class SpareKV(Protocol):
+    """Other KV memory that counts against the cap (the server's cache of anonymous /v1 prompts)."""
+
+    @property
+    def nbytes(self) -> int: ...  # all of it, in use or idle
+
+    @property
+    def busy_bytes(self) -> int: ...  # the part in use by running generations
+
+    def drop_idle(self) -> bool: ...  # free one idle sequence; False when none is left
+
 
 log = logging.getLogger(__name__)
 
@@ -46,12 +65,21 @@ class SessionManager:
         defaults: SessionSettings | None = None,
         kv_cap_bytes: int = 1 << 30,
         chat_template: str | None = None,
+        max_budget: int | None = None,
+        kv_limit_bytes: int | None = None,
     ):
         self.engine = engine
         self.tok = tokenizer
         self.db = SessionDB(data_dir or default_data_dir())
         self.defaults = (defaults or SessionSettings()).validate()
-        self.kv_cap_bytes = kv_cap_bytes
+        self.kv_cap_bytes = kv_cap_bytes  # past it, idle caches go to disk
+        # past it, a new generation is refused (503) while running ones hold the memory: RSS stays bounded
+        self.kv_limit_bytes = kv_limit_bytes if kv_limit_bytes is not None else 2 * kv_cap_bytes
+        cfg = getattr(engine, "cfg", None)
+        trained = getattr(cfg, "max_position", None)
+        # the largest budget a client may ask for: by default the trained context (positions never pass it)
+        self.max_budget = max_budget or min(MAX_BUDGET, trained if isinstance(trained, int) else MAX_BUDGET)
+        self.spare: list[SpareKV] = []  # other KV memory counted in the cap
         self.fmt = ChatFormat(tokenizer, chat_template)
         # the KV of a prefix depends on the model file, the backend and the KV dtype
         kv_id = f"{model_id}:{type(engine).__name__}:{getattr(getattr(engine, 'model', None), 'dtype', '')}"
@@ -72,23 +100,103 @@ class SessionManager:
         card: CharacterCard | dict | bytes | str | None = None,
         settings: dict | None = None,
     ) -> Session:
+        """A new session. All or nothing: if any part fails (a system prompt over the budget, a full disk),
+        nothing of it is left behind, in memory or on disk."""
         sid = check_session_id(sid) if sid is not None else secrets.token_hex(6)
         if sid in self.sessions or self.db.exists(sid):
             raise InfinichatError(f"a session named {sid!r} already exists")
+        check_text(name, "session name", MAX_NAME_CHARS)
         st = self.defaults.updated(settings) if settings else self.defaults
+        if settings and "budget" in settings:
+            check_budget(st.budget, self.max_budget)
         if card is not None and not isinstance(card, CharacterCard):
             card = load_card(card)
         if system_prompt is not None:
-            Session._check_text(system_prompt, "system prompt")
+            check_text(system_prompt, "system prompt", MAX_MESSAGE_CHARS)
         if card is not None:
             system_prompt = card.chat_system_prompt(st.user_name)
             name = name or card.char_name
-        s = self._session(sid, name, system_prompt, st, card)
-        s.reset()  # system part (from the prefix cache when seen before) and the card's greeting
-        self._enforce_cap(keep=s)
+            check_text(system_prompt, "character card's system prompt", MAX_MESSAGE_CHARS)
+            check_text(name, "session name", MAX_NAME_CHARS)
+            for i, g in enumerate(card.greetings(st.user_name)):  # a PNG card's JSON may escape lone surrogates
+                check_text(g, f"character card's greeting {i}", MAX_MESSAGE_CHARS)
+            check_text(card.post_history(st.user_name), "character card's post-history instructions")
+        s = self._session(sid, name, system_prompt, st, card, register=False)
+        try:
+            self.sessions[sid] = s
+            s.reset()  # system part (from the prefix cache when seen before) and the card's greeting
+            self._enforce_cap(keep=s)
+        except BaseException:
+            self._forget(sid)
+            raise
         return s
 
-    def _session(self, sid, name, system_prompt, settings, card) -> Session:
+    def _forget(self, sid: str) -> None:
+        """Remove every trace of a session that failed to be created."""
+        self.sessions.pop(sid, None)
+        self._saved.pop(sid, None)
+        try:
+            self.db.delete(sid)
+        except StorageError as e:
+            log.error("session %s: its failed creation could not be undone on disk: %s", sid, e)
+
+    # ------------------------------------------------------------------ all or nothing
+    @contextlib.contextmanager
+    def atomic(self, s: Session, memo: Memento | None = None) -> Iterator[Session]:
+        """Run an action on `s`: if it raises, the session is put back as it was, in memory and on disk."""
+        memo = memo or s.memento()
+        try:
+            yield s
+        except BaseException:
+            self.roll_back(s, memo)
+            raise
+
+    def guarded(self, s: Session, items: Iterator[T], memo: Memento | None = None) -> Iterator[T]:
+        """A generating action's items; if it fails before its first item, the session is put back as it was
+        (after that, the partial reply is kept like a cancelled one: the session's generation saves it)."""
+        memo = memo or s.memento()
+        started = False
+        try:
+            for item in items:
+                started = True
+                yield item
+        except Exception:
+            if not started:
+                self.roll_back(s, memo)
+            raise
+
+    def roll_back(self, s: Session, memo: Memento) -> None:
+        saved = s.version != memo.version  # the failed action saved a part of itself
+        version = s.version
+        s.restore(memo)
+        if s.id not in self.sessions:
+            return
+        if saved:  # write the old state back, under a new version (no KV file of the failed state is valid)
+            s.version = version + 1
+            try:
+                self._save(s)
+            except StorageError as e:
+                log.error("session %s: could not write back its state after a failed action: %s", s.id, e)
+        log.info("session %s: a failed action was rolled back", s.id)
+
+    def check_room(self, s: Session | None = None) -> None:
+        """Before a generation: offload idle caches down to the cap, then refuse it (OverloadedError) if the KV
+        memory still resident (held by other running generations) is over the hard limit, rather than letting
+        memory grow."""
+        self._enforce_cap(keep=s)
+        busy = [x for x in self.sessions.values() if x.seq is not None and x.id in self.pinned and x is not s]
+        busy_bytes = sum(int(getattr(x.seq.store, "nbytes", 0)) for x in busy if x.seq is not None)
+        busy_bytes += sum(sp.busy_bytes for sp in self.spare)
+        if busy_bytes > 0 and self.total_kv_bytes() > self.kv_limit_bytes:
+            raise OverloadedError(
+                f"the server's KV memory is in use by running generations ({self.total_kv_bytes() >> 20} MiB, "
+                f"limit {self.kv_limit_bytes >> 20} MiB: serve --kv-limit-mb); retry when they finish"
+            )
+
+    def total_kv_bytes(self) -> int:
+        return self.resident_bytes() + sum(sp.nbytes for sp in self.spare)
+
+    def _session(self, sid, name, system_prompt, settings, card, register: bool = True) -> Session:
         s = Session(
             sid,
             self.engine,
@@ -100,8 +208,10 @@ class SessionManager:
             chat_format=self.fmt,
             prefix_cache=self.prefix,
             on_change=self._save,
+            max_budget=self.max_budget,
         )
-        self.sessions[sid] = s
+        if register:
+            self.sessions[sid] = s
         return s
 
     def get(self, sid: str) -> Session:
@@ -168,21 +278,39 @@ class SessionManager:
         if got is None:
             raise InfinichatError(f"no session {sid!r}")
         row, msgs = got
-        card = load_card(row["card"]) if row["card"] else None
-        s = self._session(sid, row["name"], row["system_prompt"], SessionSettings.from_json(row["settings"]), card)
-        s.created = row["created"]
-        s.messages = [Message.from_json(m) for m in msgs]
+        what = "its settings or card"
+        try:  # everything parsed before the session is registered: a damaged one is refused, never half-loaded
+            card = load_card(row["card"]) if row["card"] else None
+            settings = SessionSettings.from_json(row["settings"] or {})
+            s = self._session(sid, row["name"], row["system_prompt"], settings, card, register=False)
+            s.created = float(row["created"])
+            messages = []
+            for i, d in enumerate(msgs):
+                what = f"message {i}"
+                m = Message.from_json(d)
+                if not m.alternatives or not 0 <= m.selected < len(m.alternatives):
+                    raise ValueError("no alternative to show")
+                messages.append(m)
+            s.messages = messages
+            s.next_uid = max([int(row["next_uid"]), *(m.uid + 1 for m in s.messages)])
+            s.version = int(row["version"])
+        except (KeyError, TypeError, ValueError, AttributeError, InfinichatError) as e:
+            reason = f"{type(e).__name__}: {e}" if not isinstance(e, InfinichatError) else str(e)
+            raise DamagedSessionError(damaged(sid, f"{what}: {reason[:200]}")) from None
         self._saved[sid] = [m.fingerprint() for m in s.messages]
         for m in s.messages:  # an alternative interrupted by a crash (saved incomplete) stays, marked
             for a in m.alternatives:
                 if a.finish_reason == "incomplete" and m.kind != "user":
                     a.finish_reason = "interrupted"
-        s.next_uid = max([row["next_uid"], *(m.uid + 1 for m in s.messages)])
-        s.version = row["version"]
+        self.sessions[sid] = s
         return s
 
     def _offload(self, s: Session) -> None:
-        s.kv.save(self.db.kv_path(s.id), {"version": s.version, "session": s.id})  # atomic
+        try:
+            s.kv.save(self.db.kv_path(s.id), {"version": s.version, "session": s.id})  # atomic
+        except OSError as e:  # a full or read-only disk: the cache is dropped (rebuilt from the transcript)
+            log.warning("session %s: cannot write its KV file (%s); it will be rebuilt when used", s.id, e)
+            self.db.kv_path(s.id).with_suffix(".kv.tmp").unlink(missing_ok=True)
         s.seq = None
         s._logits = None
         self.n_offloads += 1
@@ -210,12 +338,15 @@ class SessionManager:
     def resident_bytes(self) -> int:
         return sum(s.seq.store.nbytes for s in self.sessions.values() if s.seq is not None)
 
-    def _enforce_cap(self, keep: Session) -> None:
+    def _enforce_cap(self, keep: Session | None) -> None:
         resident = sorted(
             (s for s in self.sessions.values() if s.seq is not None and s is not keep and s.id not in self.pinned),
             key=lambda s: s.last_used,
         )
-        total = self.resident_bytes()
+        total = self.total_kv_bytes()
+        for sp in self.spare:  # idle anonymous caches go first: they are only a speed-up
+            while total > self.kv_cap_bytes and sp.drop_idle():
+                total = self.total_kv_bytes()
         for s in resident:
             if total <= self.kv_cap_bytes:
                 break

@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -34,14 +34,14 @@ from infinichat.engine.textgen import Generation, stream_text
 from infinichat.errors import InfinichatError
 from infinichat.kv.sequence import KVSequence
 from infinichat.session.chatformat import ChatFormat
-from infinichat.session.settings import SessionSettings
+from infinichat.session.limits import MAX_MESSAGE_CHARS, check_text
+from infinichat.session.settings import SessionSettings, check_budget
 
 log = logging.getLogger(__name__)
 
 NARRATOR_PREFIX = "Narrator: "
 GENERATED = ("assistant", "narration")  # kinds whose content the model writes
 RAG_PREFIX = "Relevant information for the conversation:\n"
-MAX_MESSAGE_CHARS = 200_000
 HISTORY_WINDOW = 4  # messages of context for rendering the next one (see _chat_history)
 
 
@@ -78,6 +78,10 @@ class Message:
     @property
     def segment_name(self) -> str:
         return f"m{self.uid}"
+
+    def copy(self) -> Message:
+        """A copy that later in-place edits of this message (text, selection, alternatives) leave alone."""
+        return replace(self, alternatives=[replace(a) for a in self.alternatives])
 
     def fingerprint(self) -> tuple:
         """Cheap, changes whenever to_json() would (str hashes are cached by Python)."""
@@ -130,6 +134,22 @@ class Message:
 
 
 @dataclass
+class Memento:
+    """A session's state before an action, to put back if the action fails (see Session.memento)."""
+
+    name: str
+    system_prompt: str | None
+    settings: SessionSettings
+    card: object
+    next_uid: int
+    version: int
+    messages: list[Message]
+    seq: KVSequence | None
+    seq_state: tuple | None
+    logits: torch.Tensor | None
+
+
+@dataclass
 class Event:
     """A streamed piece of a generation: kind "token" (text may be empty while a character or a possible
     stop string is incomplete) or "done" (`message` set, or `text` for a suggestion)."""
@@ -158,6 +178,7 @@ class Session:
         chat_format: ChatFormat | None = None,
         prefix_cache=None,
         on_change: Callable[[Session], None] | None = None,
+        max_budget: int | None = None,
     ):
         self.id = sid
         self.name = name or sid
@@ -171,11 +192,51 @@ class Session:
         self.seq: KVSequence | None = None
         self.prefix_cache = prefix_cache
         self.on_change = on_change
+        self.max_budget = max_budget  # the server's cap on the budget a client may set (None: MAX_BUDGET)
         self.next_uid = 1
         self.version = 0  # bumped on every change; a KV snapshot is valid for one version
         self.last_used = time.monotonic()
         self.created = time.time()  # wall clock; a stored session keeps the time it was first made
         self._logits: torch.Tensor | None = None  # next-token logits after the last cached token
+
+    # ------------------------------------------------------------------ all or nothing
+    def _seq_state(self) -> tuple | None:
+        seq = self.seq
+        if seq is None:
+            return None
+        segs = seq.segments
+        return (seq.store.edits, seq.length, segs.next_id, segs.open is None, len(segs.segments))
+
+    def memento(self) -> Memento:
+        """The state to put back with `restore` if the next action fails: O(messages) small copies, no KV copy."""
+        return Memento(
+            self.name,
+            self.system_prompt,
+            self.settings,
+            self.card,
+            self.next_uid,
+            self.version,
+            [m.copy() for m in self.messages],
+            self.seq,
+            self._seq_state(),
+            self._logits,
+        )
+
+    def restore(self, memo: Memento) -> None:
+        """Back to `memo` (from `memento`). The cache is kept if the failed action left it as it was, else
+        dropped: the next use rebuilds it from the restored transcript."""
+        same_cache = self.seq is memo.seq and self._seq_state() == memo.seq_state
+        self.name, self.system_prompt, self.settings, self.card = (
+            memo.name,
+            memo.system_prompt,
+            memo.settings,
+            memo.card,
+        )
+        self.next_uid, self.version, self.messages = memo.next_uid, memo.version, memo.messages
+        if same_cache:
+            self._logits = memo.logits
+        else:
+            self.seq, self._logits = None, None
 
     # ------------------------------------------------------------------ queries
     def history(self) -> dict:
@@ -409,11 +470,7 @@ class Session:
 
     @staticmethod
     def _check_text(text: str, what: str = "message") -> str:
-        if not isinstance(text, str):
-            raise InfinichatError(f"the {what} must be a string, got {type(text).__name__}")
-        if len(text) > MAX_MESSAGE_CHARS:
-            raise InfinichatError(f"the {what} is {len(text)} characters; at most {MAX_MESSAGE_CHARS} are accepted")
-        return text
+        return check_text(text, what, MAX_MESSAGE_CHARS)
 
     # ------------------------------------------------------------------ generation
     def _gen_header(self, hist: list[dict], m: Message) -> list[int]:
@@ -756,6 +813,8 @@ class Session:
     def update_settings(self, changes: dict) -> SessionSettings:
         """Apply setting changes; a new budget or policy rebuilds the cache (from the old one when it fits)."""
         new = self.settings.updated(changes)
+        if "budget" in changes:
+            check_budget(new.budget, self.max_budget)
         old = self.settings
         self.settings = new
         if self.seq is not None and (new.budget, new.policy, new.n_sink) != (old.budget, old.policy, old.n_sink):

@@ -7,8 +7,18 @@ from dataclasses import asdict, dataclass, fields, replace
 from infinichat.engine.sampling import SamplingParams
 from infinichat.errors import InfinichatError
 from infinichat.kv.registry import POLICIES
+from infinichat.session.limits import MAX_NEW_TOKENS, MAX_USER_NAME_CHARS, bad_code_point
 
 MAX_BUDGET = 1 << 20
+
+
+def check_budget(budget: int, cap: int | None) -> int:
+    """`budget` if it is within the server's cap (`serve --max-budget`); None: no cap beyond MAX_BUDGET."""
+    if cap is not None and budget > cap:
+        raise InfinichatError(
+            f"budget {budget} is over this server's limit of {cap} tokens (serve --max-budget); accepted: [64, {cap}]"
+        )
+    return budget
 
 
 @dataclass(frozen=True)
@@ -32,14 +42,20 @@ class SessionSettings:
             raise InfinichatError(
                 f"budget must be an integer number of tokens in [64, {MAX_BUDGET}], got {self.budget!r}"
             )
+        if self.max_tokens > MAX_NEW_TOKENS:
+            raise InfinichatError(f"max_tokens must be an integer in [1, {MAX_NEW_TOKENS}], got {self.max_tokens!r}")
         if self.policy not in POLICIES:
             raise InfinichatError(f"unknown policy {self.policy!r}; accepted: {', '.join(POLICIES)}")
         for name, lo in (("n_sink", 0), ("narrations_kept", 0)):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= 4096:
                 raise InfinichatError(f"{name} must be an integer in [{lo}, 4096], got {v!r}")
-        if not isinstance(self.user_name, str) or not 1 <= len(self.user_name) <= 64:
-            raise InfinichatError(f"user_name must be a string of 1 to 64 characters, got {self.user_name!r}")
+        name = self.user_name
+        if not isinstance(name, str) or not 1 <= len(name) <= MAX_USER_NAME_CHARS or bad_code_point(name) is not None:
+            raise InfinichatError(
+                f"user_name must be a string of 1 to {MAX_USER_NAME_CHARS} valid Unicode characters, "
+                f"got {str(name)[:80]!r}"
+            )
         return self
 
     def sampling(self, **overrides) -> SamplingParams:

@@ -1,0 +1,290 @@
+"""Bad-input sweep of the real server: every class of bad input sent to every endpoint.
+
+Starts `infinichat serve` in a subprocess on 127.0.0.1 (a fresh data dir; by default a tiny random Llama GGUF
+written for the run, so no download is needed), creates a session with two turns and a witness session, then
+sends, for each endpoint, its valid body mutated field by field: lone surrogates, 5 MB strings, 1000-item lists,
+NaN / inf / 1e-300 / 1e300 / -1 / 2**70 / wrong types / null, missing and unknown fields; and for every endpoint
+malformed or non-object JSON, invalid UTF-8, 60-level nesting, non-JSON content types, a cross-site Origin, a
+foreign Host, an oversized body (declared and chunked), a wrong method, headers over 64 KB, unknown or invalid
+session ids. After each refused request (4xx / 5xx), the target session's history is compared with its state
+before; at the end, the witness session's too. Prints tried / 2xx / 4xx / 5xx, the 5xx, and the sessions changed
+by a failed request (the target is 0 and 0).
+
+    python benchmarks/bad_input_sweep.py [--model PATH] [--max 0] [--timeout 120] [--verbose]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+SID = "s1"
+P = {"max_tokens": 2, "temperature": 0.0}
+ENDPOINTS: list[tuple[str, str, Any]] = [  # (method, path, a valid body): bodies are mutated field by field
+    ("POST", "/api/sessions", {"id": "new", "name": "n", "system_prompt": "Be brief.", "settings": {"budget": 256}}),
+    ("POST", "/api/sessions", {"card": {"spec": "chara_card_v2", "data": {"name": "C", "description": "d"}}}),
+    ("GET", f"/api/sessions/{SID}", None),
+    ("GET", f"/api/sessions/{SID}/kv", None),
+    ("POST", f"/api/sessions/{SID}/messages", {"text": "hello", "params": {**P, "stop": ["x"], "top_k": 5}}),
+    ("POST", f"/api/sessions/{SID}/retry", {"params": P}),
+    ("POST", f"/api/sessions/{SID}/continue", {"params": P}),
+    ("POST", f"/api/sessions/{SID}/narrate", {"params": P}),
+    ("POST", f"/api/sessions/{SID}/suggest", {"params": P}),
+    ("POST", f"/api/sessions/{SID}/stop", None),
+    ("POST", f"/api/sessions/{SID}/revert", {"turn": 4}),
+    ("POST", f"/api/sessions/{SID}/select", {"turn": 1, "index": 0}),
+    ("POST", f"/api/sessions/{SID}/rag", {"text": "facts"}),
+    ("PATCH", f"/api/sessions/{SID}/messages/0", {"text": "edited"}),
+    ("PATCH", f"/api/sessions/{SID}/settings", {"temperature": 0.0, "user_name": "U", "budget": 512, "max_tokens": 2}),
+    (
+        "POST",
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "temperature": 0, "stop": ["q"]},
+    ),
+    ("POST", "/v1/completions", {"prompt": "Once", "max_tokens": 2, "temperature": 0}),
+    ("GET", "/v1/models", None),
+    ("GET", "/api/info", None),
+    ("GET", "/api/sessions", None),
+]
+NUMBERS: list[Any] = [float("nan"), float("inf"), -float("inf"), 1e-300, 1e300, -1, 0, 2**70, 0.5, True, "7"]
+BIG = 5_000_000
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tiny_model(d: Path) -> Path:
+    sys.path.insert(0, str(ROOT / "tests"))
+    from gguf_util import tiny_llama, write_gguf  # the tests' random tiny Llama writer
+
+    path = d / "tiny.gguf"
+    write_gguf(path, tiny_llama(seed=3, max_position_embeddings=4096))
+    return path
+
+
+def paths(v: Any, prefix: tuple = ()) -> Iterator[tuple[tuple, Any]]:
+    """Every (path, value) in a JSON value, containers included."""
+    yield prefix, v
+    if isinstance(v, dict):
+        for k, x in v.items():
+            yield from paths(x, (*prefix, k))
+    elif isinstance(v, list):
+        for i, x in enumerate(v):
+            yield from paths(x, (*prefix, i))
+
+
+def put(body: Any, path: tuple, value: Any, delete: bool = False) -> Any:
+    b = copy.deepcopy(body)
+    if not path:
+        return value
+    t = b
+    for k in path[:-1]:
+        t = t[k]
+    if delete:
+        del t[path[-1]]
+    else:
+        t[path[-1]] = value
+    return b
+
+
+def mutations(body: Any) -> Iterator[tuple[str, Any]]:
+    """(class, mutated body) for one valid body."""
+    for path, v in paths(body):
+        if not path:
+            continue
+        where = ".".join(map(str, path))
+        if isinstance(v, str):
+            yield f"surrogate {where}", put(body, path, v + "\ud800")
+            yield f"lone low surrogate {where}", put(body, path, "\udfff")
+            yield f"5MB string {where}", put(body, path, "x" * BIG)
+            yield f"NUL {where}", put(body, path, "a\x00b")
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            for n in NUMBERS:
+                yield f"number {n!r} {where}", put(body, path, n)
+        if isinstance(v, list):
+            yield f"1000 items {where}", put(body, path, ["s"] * 1000)
+        yield f"null {where}", put(body, path, None)
+        yield f"list {where}", put(body, path, [1, 2])
+        yield f"object {where}", put(body, path, {"a": 1})
+        if isinstance(path[-1], str):
+            yield f"missing {where}", put(body, path, None, delete=True)
+    if isinstance(body, dict):
+        yield "unknown field", {**body, "zzz\ud800": 1}
+        if "settings" in body:
+            yield "budget 2**20", {**body, "settings": {"budget": 1048576}}
+        if "params" in body:
+            yield "max_tokens 1e9", put(body, ("params",), {"max_tokens": 10**9})
+        if "max_tokens" in body:
+            yield "max_tokens 1e9", {**body, "max_tokens": 10**9}
+        if "stop" in body:
+            yield "1000 stop strings", {**body, "stop": ["s"] * 1000}
+    yield "not an object", [1, 2, 3]
+    yield "string body", "hello"
+
+
+class Sweep:
+    def __init__(self, url: str, verbose: bool, timeout: float = 120.0):
+        self.c = httpx.Client(base_url=url, timeout=timeout)
+        self.url, self.verbose = url, verbose
+        self.counts: Counter = Counter()
+        self.five: list[str] = []
+        self.changed: list[str] = []
+        self.by_class: Counter = Counter()
+
+    def state(self, sid: str) -> Any:
+        try:
+            r = self.c.get(f"/api/sessions/{sid}")
+        except httpx.HTTPError as e:
+            return f"unreachable: {type(e).__name__}"
+        if r.status_code != 200:
+            return r.status_code
+        h = r.json()
+        return (h["name"], h["system_prompt"], h["settings"], [(m["kind"], m["alternatives"]) for m in h["messages"]])
+
+    def send(self, what: str, method: str, path: str, content: bytes | Any = b"", headers: dict | None = None) -> None:
+        hdr = {"Content-Type": "application/json", **(headers or {})}
+        before = self.state(SID)
+        try:
+            r = self.c.request(method, path, content=content, headers=hdr)
+            status, text = r.status_code, r.text
+        except httpx.HTTPError as e:  # a reset connection or a timeout counts as a failure of the server
+            status, text = 599, f"{type(e).__name__}: {e}"
+        stream = status != 599 and "text/event-stream" in r.headers.get("content-type", "")
+        if status < 400 and stream and '"server_error"' in text:
+            status = 500  # an error event inside a stream, from the server
+        if status == 201 and path == "/api/sessions":  # an accepted create: removed, so the next one can be made
+            self.c.delete(f"/api/sessions/{r.json()['id']}")
+        self.counts["tried"] += 1
+        self.counts[f"{status // 100}xx"] += 1
+        self.by_class[(what.split(" ")[0], status)] += 1
+        if status >= 500:
+            self.five.append(f"{status} {method} {path} [{what}]: {text[:200]}")
+        if status >= 400 and self.state(SID) != before:
+            self.changed.append(f"{SID} changed by {method} {path} [{what}] -> {status}")
+        if self.verbose:
+            print(status, method, path, what[:80], text[:120].replace("\n", " "), flush=True)
+        try:
+            healthy = self.c.get("/health").status_code == 200
+        except httpx.HTTPError:
+            healthy = False
+        if not healthy:
+            self.five.append(f"/health failed after {method} {path} [{what}]")
+
+    def run(self, limit: int) -> None:
+        c = self.c
+        assert c.post("/api/sessions", json={"id": SID, "settings": {"max_tokens": 2, "temperature": 0}}).is_success
+        assert c.post("/api/sessions", json={"id": "witness"}).is_success
+        for t in ("one", "two"):
+            c.post(f"/api/sessions/{SID}/messages", json={"text": t}).read()
+        c.post("/api/sessions/witness/messages", json={"text": "I stay", "params": P}).read()
+        witness = self.state("witness")
+        n = 0
+        for method, path, body in ENDPOINTS:
+            sent: list[tuple[str, bytes]] = []
+            if body is not None:
+                sent += [(w, json.dumps(b).encode()) for w, b in mutations(body)]  # ensure_ascii: \ud800 escapes
+            if method == "GET" or body is None:  # bodies are ignored there: only the header classes below
+                sent = []
+            else:
+                sent += [
+                    ("malformed JSON", b"{not json"),
+                    ("invalid UTF-8", b'{"text": "\xff\xfe"}'),
+                    ("deep nesting", b"[" * 60 + b"]" * 60),
+                    ("very deep nesting", b"[" * 100_000 + b"]" * 100_000),
+                    ("empty", b""),
+                ]
+            for what, content in sent:
+                if limit and n >= limit:
+                    return
+                self.send(what, method, path, content)
+                n += 1
+            valid = json.dumps(body).encode() if body is not None else b""
+            self.send("text/plain", method, path, valid, {"Content-Type": "text/plain"})
+            self.send("form", method, path, valid, {"Content-Type": "application/x-www-form-urlencoded"})
+            self.send("cross-site origin", method, path, valid, {"Origin": "http://evil.example"})
+            self.send("foreign host", method, path, valid, {"Host": "evil.example"})
+            for size in (70_000, 200_000, 2_000_000):
+                self.send(f"header of {size} bytes", method, path, valid, {"X-Junk": "a" * size})
+            self.send("wrong method", "PUT", path, valid)
+            for bad in ("nope", "a.b", "x" * 65, "%00"):
+                if SID in path:
+                    self.send(f"session id {bad[:8]}", method, path.replace(SID, bad), valid)
+            if method == "POST" and path.startswith("/v1/chat"):
+                for bad in ("a.b", "x" * 65, "new-one\\"):
+                    self.send(f"X-Session-Id {bad[:8]}", method, path, valid, {"X-Session-Id": bad})
+        self.send("17 MB with Content-Length", "POST", "/api/sessions", b" " * (17 << 20))
+        self.send("17 MB chunked", "POST", "/api/sessions", (b" " * (1 << 20) for _ in range(17)))
+        if self.state("witness") != witness:
+            self.changed.append("witness changed")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="GGUF file (default: a tiny random Llama written for the run)")
+    ap.add_argument("--max", type=int, default=0, help="stop after this many mutated bodies (0 = all)")
+    ap.add_argument("--verbose", action="store_true", help="print each request's status, class and answer")
+    ap.add_argument("--timeout", type=float, default=120.0, help="seconds per request; a timeout counts as 5xx")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as d:
+        model = args.model or str(tiny_model(Path(d)))
+        port = free_port()
+        cmd = [sys.executable, "-m", "infinichat", "serve", "--model", model, "--port", str(port)]
+        cmd += ["--data-dir", f"{d}/data", "--budget", "256", "--threads", "1", "--kv-cap-mb", "64"]
+        env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + 120
+            while True:
+                try:
+                    if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    print(proc.stdout.read() if proc.stdout else "", file=sys.stderr)
+                    raise SystemExit("the server did not start")
+                time.sleep(0.2)
+            t0 = time.monotonic()
+            sweep = Sweep(url, args.verbose, args.timeout)
+            sweep.run(args.max)
+            alive = proc.poll() is None and httpx.get(f"{url}/health", timeout=10).status_code == 200
+        finally:
+            proc.terminate()
+            proc.wait(30)
+    c = sweep.counts
+    print(f"bad-input sweep: {len(ENDPOINTS)} endpoints, {time.monotonic() - t0:.0f} s")
+    resets = sum(n for (_, s), n in sweep.by_class.items() if s == 599)
+    print(
+        f"tried {c['tried']}: 2xx {c['2xx']}, 4xx {c['4xx']}, 5xx {c['5xx']} "
+        f"(of which connection reset or timeout: {resets})"
+    )
+    print(f"sessions changed by a failed request: {len(sweep.changed)}; server alive at the end: {alive}")
+    statuses: Counter = Counter()
+    for (_, s), n in sweep.by_class.items():
+        statuses[s] += n
+    print("statuses:", ", ".join(f"{s}: {n}" for s, n in sorted(statuses.items())))
+    for line in sweep.five + sweep.changed:
+        print("  ", line)
+    return 0 if not sweep.five and not sweep.changed and alive else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,46 @@
+"""Bounds on what a client may send (lengths, counts), and the check that text is valid Unicode.
+
+JSON can carry a lone UTF-16 surrogate (`"\\ud800"`), which Python decodes into a `str` that cannot be
+encoded as UTF-8: the tokenizer and SQLite reject it. Every text field is checked with `check_text` before
+it reaches a session, so such input is a 400 naming the field, never a half-applied change.
+"""
+
+from __future__ import annotations
+
+from infinichat.errors import InfinichatError
+
+MAX_MESSAGE_CHARS = 200_000  # a message, a system prompt, RAG text
+MAX_NAME_CHARS = 256  # a session's display name
+MAX_USER_NAME_CHARS = 64
+MAX_STOP_STRINGS = 4
+MAX_STOP_CHARS = 64  # each stop string
+MAX_NEW_TOKENS = 16384  # tokens one request may generate (and never more than the session's budget)
+
+
+def bad_code_point(text: str) -> int | None:
+    """The index of the first character that is not a Unicode scalar value (a lone surrogate), or None."""
+    if text.isascii():
+        return None
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return e.start
+    return None
+
+
+def check_text(text: object, what: str, max_chars: int = MAX_MESSAGE_CHARS, allow_empty: bool = True) -> str:
+    """`text` if it is a string of valid Unicode of at most `max_chars` characters; else InfinichatError
+    naming `what`."""
+    if not isinstance(text, str):
+        raise InfinichatError(f"the {what} must be a string, got {type(text).__name__}")
+    if len(text) > max_chars:
+        raise InfinichatError(f"the {what} is {len(text)} characters; at most {max_chars} are accepted")
+    if not allow_empty and not text:
+        raise InfinichatError(f"the {what} must not be empty")
+    i = bad_code_point(text)
+    if i is not None:
+        raise InfinichatError(
+            f"the {what} holds an invalid character at index {i} (U+{ord(text[i]):04X}, a lone surrogate); "
+            "send valid Unicode text"
+        )
+    return text
