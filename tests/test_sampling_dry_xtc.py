@@ -274,3 +274,33 @@ def test_session_settings_carry_dry_and_xtc() -> None:
     as_list: Any = ["a"]  # what JSON gives
     assert SamplingParams(dry_sequence_breakers=as_list).dry_sequence_breakers == ("a",)
     assert SessionSettings().sampling().dry_sequence_breakers == DRY_BREAKERS
+
+
+def test_tokens_containing_marks_every_token_with_a_breaker(default_tokenizer: Any) -> None:
+    tok = default_tokenizer
+    mask = tok.tokens_containing(DRY_BREAKERS)
+    assert mask.shape == (tok.vocab_size,) and mask is tok.tokens_containing(DRY_BREAKERS)  # computed once
+    for text in ("\n", ":", '"', "*", "\n\n", '."'):
+        assert all(mask[i] for i in tok.encode(text)), text
+    rng = random.Random(0)
+    for i in rng.sample(range(tok.vocab_size), 2000):
+        assert mask[i] == any(b.encode() in tok.token_bytes(i) for b in DRY_BREAKERS)
+    assert not mask[tok.encode(" hello")].any()
+
+
+@pytest.mark.parametrize(
+    ("flags", "field"),
+    [
+        (["--dry-base", "0.5"], "dry_base"),
+        (["--dry-allowed-length", "0"], "dry_allowed_length"),
+        (["--dry-sequence-breaker", ""], "dry_sequence_breakers"),
+        (["--xtc-probability", "2"], "xtc_probability"),
+        (["--xtc-threshold", "-1"], "xtc_threshold"),
+    ],
+)
+def test_cli_bad_dry_or_xtc_flag_is_exit_2(flags: list[str], field: str, capsys: Any, tmp_path: Any) -> None:
+    from infinichat.cli.main import main
+
+    assert main(["chat", "--data-dir", str(tmp_path), *flags]) == 2  # refused before the model loads
+    err = capsys.readouterr().err
+    assert field in err and "expected" in err
