@@ -3,6 +3,7 @@
   python3 benchmarks/long_chat.py                                  # 200 turns, every preset x policy x budget
   python3 benchmarks/long_chat.py --turns 40 --budgets 512 --threads 1 --out results/long_chat-512
   python3 benchmarks/long_chat.py --merge results/long_chat-512 results/long_chat-2048 --out results/long_chat
+  python3 benchmarks/long_chat.py --merge results/long_chat-* --first 40 --out results/long_chat-40   # comparable
 
 The user's messages and the card are fixed, in benchmarks/data/long_chat.json; their order is shuffled
 with --seed (each pass over the list reshuffled), and every reply is sampled with seed (--seed, turn), so a
@@ -134,6 +135,24 @@ def run_config(mgr, card: dict, users: list[str], preset: str, policy: str, budg
     }
 
 
+def first_turns(c: dict[str, Any], n: int) -> dict[str, Any]:
+    """Configuration `c` scored over its first n turns only (the same turns as a run of n turns: the user's
+    messages and the per-turn seeds do not depend on the length of the run)."""
+    turns = c["turns"][:n]
+    sc = score([t["reply"] for t in turns], c["greeting"], [t["user"] for t in turns])
+    sc.pop("repeated")
+    ttfts = [t["ttft_s"] for t in turns if t["ttft_s"] is not None]
+    return {
+        **c,
+        **sc,
+        "turns": turns,
+        "turns_run": len(turns),
+        "mean_reply_tokens": statistics.fmean([t["tokens"] for t in turns]),
+        "ttft_start_s": statistics.median(ttfts[1:6]) if len(ttfts) > 1 else None,
+        "ttft_end_s": statistics.median(ttfts[-5:]) if ttfts else None,
+    }
+
+
 def label(c: dict[str, Any]) -> str:
     return f"{c['preset']} / {c['policy']} / {c['budget']}"
 
@@ -196,12 +215,15 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--merge", type=Path, nargs="+", default=None, help="combine the reports of these folders")
+    ap.add_argument("--first", type=int, default=None, help="with --merge: score only the first N turns of each")
     args = ap.parse_args()
     out = args.out or Path("results") / f"long_chat-{time.strftime('%Y%m%d-%H%M%S')}"
     if args.merge:
         reports = [json.loads((d / "long_chat.json").read_text()) for d in args.merge]
-        merged = {**reports[0], "configs": [c for r in reports for c in r["configs"]], "merged_from": args.merge}
-        merged["merged_from"] = [str(d) for d in args.merge]
+        configs = [c for r in reports for c in r["configs"]]
+        if args.first:
+            configs = [first_turns(c, args.first) for c in configs]
+        merged = {**reports[0], "configs": configs, "merged_from": [str(d) for d in args.merge], "first": args.first}
         write_report(merged, out)
         return
     presets = args.presets.split(",")
