@@ -43,7 +43,7 @@ def test_bad_dry_and_xtc_values_are_400(client, method, path, body, field):
 
 
 def test_session_settings_hold_dry_and_xtc(client):
-    changes = {"dry_multiplier": 0.8, "dry_sequence_breakers": ["\n", "*"], "xtc_probability": 0.5}
+    changes = {"dry_multiplier": 1.2, "dry_sequence_breakers": ["\n", "*"], "xtc_probability": 0.5}
     r = client.patch("/api/sessions/s1/settings", json=changes)
     assert r.status_code == 200, r.text
     settings = client.get("/api/sessions/s1").json()["settings"]

@@ -77,7 +77,7 @@ def _add_sampling_args(p: argparse.ArgumentParser, max_tokens: int, temperature:
     g.add_argument("--repeat-last-n", type=int, default=64, help="look-back window of the penalties (-1 = all)")
     g.add_argument("--presence-penalty", type=float, default=0.0)
     g.add_argument("--frequency-penalty", type=float, default=0.0)
-    g.add_argument("--dry-multiplier", type=float, default=0.0, help="DRY repetition penalty scale (0 = off; e.g. 0.8)")
+    g.add_argument("--dry-multiplier", type=float, default=0.8, help="DRY repetition penalty scale (0 = off)")
     g.add_argument("--dry-base", type=float, default=1.75, help="DRY growth per token of repeat (>= 1)")
     g.add_argument("--dry-allowed-length", type=int, default=2, help="DRY: repeats this long or longer are penalised")
     g.add_argument(

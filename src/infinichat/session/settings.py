@@ -18,7 +18,9 @@ class SessionSettings:
     top_p: float = 0.95
     min_p: float = 0.05
     repetition_penalty: float = 1.1
-    dry_multiplier: float = 0.0  # DRY and XTC: see engine/sampling.py (0 = off)
+    # DRY on by default: at the default budget the session defaults without it looped (benchmarks/long_chat.py,
+    # README "Long chats"); XTC stays off. See engine/sampling.py for what each does.
+    dry_multiplier: float = 0.8
     dry_base: float = 1.75
     dry_allowed_length: int = 2
     dry_penalty_last_n: int = -1
