@@ -64,11 +64,11 @@ def test_large_budget_costs_memory_only_once_used():
 @needs_lib
 def test_native_decode_rebinds_after_a_growth():
     qm, _ = _pair("int4")
-    assert qm.native is not None
+    assert qm.kernels.decoder is not None
     ids = torch.randint(0, qm.cfg.vocab_size, (140,), generator=torch.Generator().manual_seed(2))
     calls = []
-    decode = qm.native.decode
-    qm.native.decode = lambda *a, **k: calls.append(1) or decode(*a, **k)  # type: ignore[method-assign]
+    decode = qm.kernels.decoder.decode
+    qm.kernels.decoder.decode = lambda *a, **k: calls.append(1) or decode(*a, **k)  # type: ignore[method-assign]
     grown = KVStore(qm.cfg, 256, torch.bfloat16, rope=qm.rope, initial=4)
     whole = KVStore(qm.cfg, 256, torch.bfloat16, rope=qm.rope, initial=256)
     got, want = _run(qm, grown, ids, 2), _run(qm, whole, ids, 2)

@@ -192,10 +192,18 @@ def test_settings_apply_and_debug_view(page):
     p.click("#btn-settings")
     p.fill("#settings-form [name=max_tokens]", "3")
     p.fill("#settings-form [name=temperature]", "0.5")
+    assert p.input_value("#settings-form [name=dry_sequence_breakers]") == '["\\n",":","\\"","*"]'
+    p.fill("#settings-form [name=dry_sequence_breakers]", "not json")
+    p.click("#btn-apply")
+    assert "JSON list of strings" in p.inner_text("#settings-msg")  # refused in the page, nothing sent
+    p.fill("#settings-form [name=dry_sequence_breakers]", '["\\n", "*"]')
+    p.fill("#settings-form [name=dry_multiplier]", "1.2")
+    p.fill("#settings-form [name=xtc_probability]", "0.5")
     page.act(lambda: p.click("#btn-apply"))
     assert "Applied" in p.inner_text("#settings-msg")
     s = page.history(sid)["settings"]
     assert s["max_tokens"] == 3 and s["temperature"] == 0.5
+    assert s["dry_multiplier"] == 1.2 and s["xtc_probability"] == 0.5 and s["dry_sequence_breakers"] == ["\n", "*"]
     shot(p, "05-settings")
     p.click("#btn-settings-close")
 

@@ -27,6 +27,13 @@ SETTING_FLAGS = {
     "top_p": "top_p",
     "min_p": "min_p",
     "repeat_penalty": "repetition_penalty",
+    "dry_multiplier": "dry_multiplier",
+    "dry_base": "dry_base",
+    "dry_allowed_length": "dry_allowed_length",
+    "dry_penalty_last_n": "dry_penalty_last_n",
+    "dry_sequence_breaker": "dry_sequence_breakers",
+    "xtc_probability": "xtc_probability",
+    "xtc_threshold": "xtc_threshold",
     "seed": "seed",
     "max_tokens": "max_tokens",
 }
@@ -38,8 +45,20 @@ PARAM_FLAGS = {
 }
 
 
+def breakers_of(flag: list[str] | None) -> list[str] | None:
+    """--dry-sequence-breaker values: None (not given) = the defaults, `none` = no breakers."""
+    if flag is None:
+        return None
+    return [] if flag == ["none"] else list(flag)
+
+
 def _settings(args: argparse.Namespace) -> dict:
     out = {v: getattr(args, k) for k, v in SETTING_FLAGS.items()}
+    breakers = breakers_of(args.dry_sequence_breaker)
+    if breakers is None:
+        del out["dry_sequence_breakers"]  # the session's defaults
+    else:
+        out["dry_sequence_breakers"] = breakers
     if args.ctx:
         out["budget"] = args.ctx
     return out
@@ -50,6 +69,8 @@ def _params(args: argparse.Namespace, defaults: dict) -> dict:
     out = {v: getattr(args, k) for k, v in {**SETTING_FLAGS, **PARAM_FLAGS}.items() if getattr(args, k) != defaults[k]}
     if "stop" in out:
         out["stop"] = list(out["stop"])
+    if "dry_sequence_breakers" in out:
+        out["dry_sequence_breakers"] = breakers_of(out["dry_sequence_breakers"])
     return out
 
 

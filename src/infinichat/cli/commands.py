@@ -8,8 +8,9 @@ import math
 from rich.console import Console
 from rich.text import Text
 
+from infinichat.cli.chat import breakers_of
 from infinichat.engine.base import Engine
-from infinichat.engine.sampling import SamplingParams
+from infinichat.engine.sampling import DRY_BREAKERS, SamplingParams
 from infinichat.engine.textgen import stream_text
 from infinichat.errors import InfinichatError
 from infinichat.model.tokenizer import Tokenizer
@@ -56,6 +57,7 @@ def _load(args: argparse.Namespace) -> tuple[Tokenizer, str, Engine]:
 
 
 def _params(args: argparse.Namespace) -> SamplingParams:
+    breakers = breakers_of(args.dry_sequence_breaker)
     params = SamplingParams(
         temperature=args.temperature,
         top_k=args.top_k,
@@ -65,6 +67,13 @@ def _params(args: argparse.Namespace) -> SamplingParams:
         repeat_last_n=args.repeat_last_n,
         presence_penalty=args.presence_penalty,
         frequency_penalty=args.frequency_penalty,
+        dry_multiplier=args.dry_multiplier,
+        dry_base=args.dry_base,
+        dry_allowed_length=args.dry_allowed_length,
+        dry_penalty_last_n=args.dry_penalty_last_n,
+        dry_sequence_breakers=DRY_BREAKERS if breakers is None else tuple(breakers),
+        xtc_probability=args.xtc_probability,
+        xtc_threshold=args.xtc_threshold,
         seed=args.seed,
         max_tokens=args.max_tokens,
         stop=tuple(args.stop),

@@ -84,6 +84,23 @@ def _add_sampling_args(p: argparse.ArgumentParser, max_tokens: int, temperature:
     g.add_argument("--repeat-last-n", type=int, default=64, help="look-back window of the penalties (-1 = all)")
     g.add_argument("--presence-penalty", type=float, default=0.0)
     g.add_argument("--frequency-penalty", type=float, default=0.0)
+    g.add_argument("--dry-multiplier", type=float, default=0.8, help="DRY repetition penalty scale (0 = off)")
+    g.add_argument("--dry-base", type=float, default=1.75, help="DRY growth per token of repeat (>= 1)")
+    g.add_argument("--dry-allowed-length", type=int, default=2, help="DRY: repeats this long or longer are penalised")
+    g.add_argument(
+        "--dry-penalty-last-n", type=int, default=-1, help="DRY look-back window in tokens (-1 = the cache, 0 = off)"
+    )
+    g.add_argument(
+        "--dry-sequence-breaker",
+        action="append",
+        default=None,
+        metavar="TEXT",
+        help="DRY sequence breaker (repeatable; replaces the defaults \\n : \" *; 'none' = no breakers)",
+    )
+    g.add_argument("--xtc-probability", type=float, default=0.0, help="XTC: chance per token that it acts (0 = off)")
+    g.add_argument(
+        "--xtc-threshold", type=float, default=0.1, help="XTC: removes top tokens with p >= this (> 0.5 = off)"
+    )
     g.add_argument("--seed", type=int, default=None, help="same seed, same text")
     g.add_argument("--max-tokens", "-n", type=int, default=max_tokens)
     g.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")

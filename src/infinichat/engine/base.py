@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from infinichat.engine.sampling import Sampler, SamplingParams
@@ -101,14 +102,16 @@ class Engine:
         history: Sequence[int] = (),
         should_stop: Callable[[], bool] | None = None,
         logits: torch.Tensor | None = None,
+        dry_breakers: np.ndarray | None = None,
     ) -> Iterator[Step]:
         """Evaluate `prompt` (may be empty when `logits` of the last cached token are given), then sample up
         to `params.max_tokens` tokens, yielding each. Stops at an EOS token (not yielded), when
         `should_stop()` says so, or when the cache is full (a policy that never evicts, at its budget).
-        `history` = the tokens already in the cache, for repetition penalties.
+        `history` = the tokens already in the cache, for the repetition penalties and DRY; `dry_breakers` =
+        the (V,) bool mask of DRY's sequence breakers (`Tokenizer.tokens_containing`), needed when DRY is on.
         Stop strings are text-level: the caller checks them and closes the generator."""
         params.validate()
-        sampler = Sampler(params, self.cfg.vocab_size)
+        sampler = Sampler(params, self.cfg.vocab_size, dry_breakers)
         seen = list(history) + list(prompt)
         if prompt:
             logits = self.prefill(cache, prompt)

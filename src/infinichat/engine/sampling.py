@@ -1,9 +1,22 @@
-"""Token sampling: repetition / presence / frequency penalties, top-k, top-p, min-p, temperature, seeded draw.
+"""Token sampling: repetition / presence / frequency penalties, DRY, top-k, top-p, min-p, XTC, temperature, draw.
 
-The order is llama.cpp's default chain: penalties -> top_k -> top_p -> min_p -> temperature -> draw.
-top_p and min_p therefore see temperature-1 probabilities of the tokens that survived the filters
-before them. Ties at a cut are all kept (top_k and top_p), so a result never depends on the order of
+The order is llama.cpp's default chain (`common_params_sampling::samplers` in common/common.h, documented
+for `--samplers` in tools/main/README.md: penalties;dry;top_n_sigma;top_k;typ_p;top_p;min_p;xtc;temperature),
+without the samplers we do not have: penalties -> DRY -> top_k -> top_p -> min_p -> XTC -> temperature -> draw.
+top_p, min_p and XTC therefore see temperature-1 probabilities of the tokens that survived the filters
+before them. Ties at a cut are all kept (top_k, top_p and XTC), so a result never depends on the order of
 equal logits.
+
+DRY ("don't repeat yourself", p-e-w, text-generation-webui PR 5677; also in KoboldCpp and llama.cpp): if the
+last tokens of the history repeat a sequence seen earlier in the window, the token that followed that
+earlier occurrence would extend the repetition; when the matched length L >= dry_allowed_length its
+logit is lowered by dry_multiplier * dry_base ** (L - dry_allowed_length) (the longest match per token).
+A match never crosses a sequence breaker: a token whose text contains one of `dry_sequence_breakers`
+(the strings are matched inside each vocabulary token's bytes); a breaker as the last token, or as the
+token that would follow, is never penalised. The exponent is capped where the penalty would overflow
+float32, as llama.cpp does. XTC ("exclude top choices", p-e-w, text-generation-webui PR 6335): with
+probability xtc_probability per step, when at least two candidates have probability >= xtc_threshold,
+all of them are removed except the least likely of them (ties with it kept).
 
 Every piece is a free function on a 1-D logits tensor (`apply_penalties`, `apply_top_k`,
 `apply_top_p`, `apply_min_p`) that never modifies its input. `Sampler` runs the same selections on a
@@ -21,6 +34,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TypeGuard
 
+import numpy as np
 import torch
 
 from infinichat.errors import InfinichatError
@@ -33,6 +47,10 @@ MAX_SCALE = 100.0  # the largest temperature and repetition penalty (and 1 / the
 PENALTY_RANGE = 2.0  # presence / frequency penalties accepted in [-2, 2], as in the OpenAI API
 _NO_MASS = "cannot sample: every logit is -inf or NaN after the filters"
 _TOP_P_GAPS = (6.0, 12.0, math.inf)  # top_p sorts tokens within this many nats of the best, widening if < p
+DRY_BREAKERS = ("\n", ":", '"', "*")  # the default sequence breakers of llama.cpp / text-generation-webui
+MAX_DRY_BREAKERS = 32
+MAX_BREAKER_CHARS = 64
+_LOG_FLT_MAX = 88.7228  # ln(float32 max): the DRY exponent is capped so the penalty stays finite
 
 
 @dataclass
@@ -45,6 +63,13 @@ class SamplingParams:
     repeat_last_n: int = 64  # look-back window of the three penalties; 0 => off, -1 => whole history
     presence_penalty: float = 0.0  # logit -= presence * (count > 0)
     frequency_penalty: float = 0.0  # logit -= frequency * count
+    dry_multiplier: float = 0.0  # DRY penalty scale; 0 => off
+    dry_base: float = 1.75  # growth of the DRY penalty per token of match beyond the allowed length
+    dry_allowed_length: int = 2  # matches this long or longer are penalised
+    dry_penalty_last_n: int = -1  # DRY look-back window: -1 => whole history (the cache), 0 => off
+    dry_sequence_breakers: tuple[str, ...] = DRY_BREAKERS  # a token containing one of these ends a match
+    xtc_probability: float = 0.0  # chance per step that XTC acts; 0 => off
+    xtc_threshold: float = 0.1  # XTC removes the tokens with p >= threshold but the least likely; > 0.5 => off
     seed: int | None = None  # None => a random seed (see Sampler.seed)
     max_tokens: int = 256
     stop: tuple[str, ...] = ()
@@ -55,6 +80,16 @@ class SamplingParams:
             self.stop = (self.stop,)
         elif isinstance(self.stop, list):
             self.stop = tuple(self.stop)
+        if isinstance(self.dry_sequence_breakers, list):
+            self.dry_sequence_breakers = tuple(self.dry_sequence_breakers)
+
+    @property
+    def dry_active(self) -> bool:
+        return self.dry_multiplier > 0.0 and self.dry_penalty_last_n != 0
+
+    @property
+    def xtc_active(self) -> bool:
+        return self.xtc_probability > 0.0 and self.xtc_threshold <= 0.5
 
     @property
     def greedy(self) -> bool:
@@ -75,6 +110,25 @@ class SamplingParams:
         accepted = f"a number in [-{PENALTY_RANGE:g}, {PENALTY_RANGE:g}] (0 = off)"
         _check_real("presence_penalty", self.presence_penalty, -PENALTY_RANGE, PENALTY_RANGE, accepted)
         _check_real("frequency_penalty", self.frequency_penalty, -PENALTY_RANGE, PENALTY_RANGE, accepted)
+        _check_real("dry_multiplier", self.dry_multiplier, 0.0, math.inf, "a finite number >= 0 (0 = off)")
+        _check_real("dry_base", self.dry_base, 1.0, math.inf, "a finite number >= 1")
+        _check_int("dry_allowed_length", self.dry_allowed_length, 1, None, "an integer >= 1")
+        _check_int(
+            "dry_penalty_last_n", self.dry_penalty_last_n, -1, None, "an integer >= -1 (0 = off, -1 = whole history)"
+        )
+        b = self.dry_sequence_breakers
+        if (
+            not isinstance(b, tuple)
+            or len(b) > MAX_DRY_BREAKERS
+            or not all(isinstance(s, str) and 0 < len(s) <= MAX_BREAKER_CHARS for s in b)
+        ):
+            _bad(
+                "dry_sequence_breakers",
+                b,
+                f"a list of at most {MAX_DRY_BREAKERS} non-empty strings of at most {MAX_BREAKER_CHARS} characters",
+            )
+        _check_real("xtc_probability", self.xtc_probability, 0.0, 1.0, "a number in [0, 1] (0 = off)")
+        _check_real("xtc_threshold", self.xtc_threshold, 0.0, 1.0, "a number in [0, 1] (> 0.5 = off)")
         if self.seed is not None:
             _check_int("seed", self.seed, 0, 2**64 - 1, "null or an integer in [0, 2**64 - 1]")
         _check_int("max_tokens", self.max_tokens, 1, None, "an integer >= 1")
@@ -160,6 +214,103 @@ def apply_penalties(
     return _penalize_(x, penalty_window(history, params.repeat_last_n), params)
 
 
+def dry_penalties(
+    history: Sequence[int] | torch.Tensor | np.ndarray, params: SamplingParams, breakers: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """DRY: (token ids, penalties) to subtract from their logits, given `history` (all ids so far).
+
+    For every earlier position i of the window whose token equals the last one, L(i) = how many tokens
+    ending at i equal the tokens ending the history (never counting a breaker, `breakers[id]` true).
+    The token after i would make the repetition L(i) + 1 long; if L(i) >= dry_allowed_length it gets
+    dry_multiplier * dry_base ** (L - dry_allowed_length), with the largest L over its occurrences.
+    """
+    empty = (np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float64))
+    if not params.dry_active:
+        return empty
+    h = np.asarray(history, dtype=np.int64).reshape(-1)  # (n,)
+    if params.dry_penalty_last_n > 0:
+        h = h[-params.dry_penalty_last_n :]
+    n = h.shape[0]
+    if n < 2:
+        return empty
+    if breakers is not None:
+        V = breakers.shape[0]
+        brk = breakers[np.clip(h, 0, V - 1)] & (h >= 0) & (h < V)  # (n,) ids outside the mask never break
+    else:
+        brk = np.zeros(n, dtype=bool)
+    if brk[-1]:
+        return empty
+    allowed = params.dry_allowed_length
+    base = params.dry_base
+    max_exp = int(_LOG_FLT_MAX / math.log(base)) if base > 1.0 else 0  # longer matches add nothing
+    cap = allowed + max_exp  # the longest match worth measuring
+    starts = np.nonzero(h[:-1] == h[-1])[0]  # (m,) positions i < n - 1 holding the last token
+    nxt = h[starts + 1]  # (m,) the tokens that would extend each match
+    ok = ~brk[starts + 1]
+    starts, nxt = starts[ok], nxt[ok]
+    if starts.size == 0:
+        return empty
+    length = np.ones(starts.shape[0], dtype=np.int64)  # (m,) h[i] == h[-1] and it is no breaker
+    alive = np.arange(starts.shape[0])  # matches still growing
+    k = 1
+    while alive.size and k < cap:
+        j = starts[alive] - k  # (a,) the k-th token before each match's end
+        inside = j >= 0
+        alive, j = alive[inside], j[inside]
+        grow = (h[j] == h[n - 1 - k]) & ~brk[j]
+        alive = alive[grow]
+        length[alive] += 1
+        k += 1
+    hit = length >= allowed
+    if not hit.any():
+        return empty
+    ids, inv = np.unique(nxt[hit], return_inverse=True)
+    best = np.zeros(ids.shape[0], dtype=np.int64)
+    np.maximum.at(best, inv, length[hit])  # the longest match per token
+    expo = np.minimum(best - allowed, max_exp).astype(np.float64)
+    return ids, np.minimum(params.dry_multiplier * base**expo, np.finfo(np.float32).max)
+
+
+def _dry_(
+    x: torch.Tensor, history: Sequence[int] | torch.Tensor, params: SamplingParams, breakers: np.ndarray | None
+) -> None:
+    ids, pen = dry_penalties(history, params, breakers)
+    keep = ids < x.shape[0]
+    if keep.any():
+        idx = torch.from_numpy(ids[keep]).to(x.device)
+        x[idx] -= torch.from_numpy(pen[keep]).to(device=x.device, dtype=x.dtype)
+
+
+def apply_dry(
+    logits: torch.Tensor,
+    history: Sequence[int] | torch.Tensor,
+    params: SamplingParams,
+    breakers: np.ndarray | None = None,
+) -> torch.Tensor:
+    """DRY on a float32 copy of `logits` (V,) (see `dry_penalties`); `breakers`: (V,) bool, true for a breaker."""
+    x = logits.detach().to(torch.float32, copy=True)  # (V,)
+    _dry_(x, history, params, breakers)
+    return x
+
+
+def _xtc_keep(logits: torch.Tensor, threshold: float) -> torch.Tensor | None:
+    """Positions XTC keeps in `logits` (n,), or None when fewer than two tokens reach `threshold`."""
+    probs = torch.softmax(logits, dim=0)  # (n,)
+    above = probs >= threshold
+    if int(above.sum()) < 2:
+        return None
+    least = probs[above].min()  # the least likely of the top choices stays (with its ties)
+    return _nonzero(~above | (probs <= least))
+
+
+def apply_xtc(logits: torch.Tensor, threshold: float) -> torch.Tensor:
+    """XTC when it fires: mask every token with p >= threshold (softmax of `logits`) to -inf, except the least
+    likely of them; nothing changes when fewer than two reach the threshold. (The Sampler fires it with
+    probability xtc_probability per step.)"""
+    keep = _xtc_keep(logits, threshold)
+    return logits.clone() if keep is None else _keep_only(logits, keep)
+
+
 def _keep_only(logits: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     out = torch.full_like(logits, -math.inf)  # (n,)
     out[keep] = logits[keep]
@@ -236,10 +387,15 @@ class Sampler:
     same tokens.
     """
 
-    def __init__(self, params: SamplingParams, vocab_size: int) -> None:
+    def __init__(self, params: SamplingParams, vocab_size: int, dry_breakers: np.ndarray | None = None) -> None:
+        """`dry_breakers`: (V,) bool, true for the tokens containing one of params.dry_sequence_breakers
+        (`Tokenizer.tokens_containing`); required when DRY is on with breakers (the engine has no tokenizer)."""
         params.validate()
         if vocab_size <= 0:
             raise ValueError(f"vocab_size must be > 0, got {vocab_size}")
+        if params.dry_active and params.dry_sequence_breakers and dry_breakers is None:
+            raise ValueError("DRY with sequence breakers needs their token mask (Tokenizer.tokens_containing)")
+        self.dry_breakers = dry_breakers
         self.params = params
         self.vocab_size = vocab_size
         self.seed: int = params.seed if params.seed is not None else secrets.randbits(63)
@@ -263,6 +419,8 @@ class Sampler:
         x = self._setup(logits.device).copy_(logits)  # (V,) float32
         if _penalties_active(p):
             _penalize_(x, penalty_window(history, p.repeat_last_n), p)
+        if p.dry_active:
+            _dry_(x, history, p, self.dry_breakers)
 
         if p.greedy:
             j = _argmax(x)
@@ -285,6 +443,12 @@ class Sampler:
                     raise ValueError(_NO_MASS)
                 cand = cand[keep]  # (m,)
                 ids = keep if ids is None else ids[keep]
+        if p.xtc_active:  # one draw per step, as llama.cpp does, whether or not XTC then finds two top choices
+            fire = float(torch.rand((), generator=self._generator, device=x.device)) < p.xtc_probability
+            keep_x = _xtc_keep(cand, p.xtc_threshold) if fire else None
+            if keep_x is not None:
+                cand = cand[keep_x]  # (m,)
+                ids = keep_x if ids is None else ids[keep_x]
         scaled = cand.div_(p.temperature)  # (n,) cand is a scratch buffer or a fresh gather
 
         probs = torch.softmax(scaled, dim=0)  # (n,)

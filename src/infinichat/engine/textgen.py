@@ -43,7 +43,13 @@ def stream_text(
     decoder = StreamDecoder(tokenizer, skip_special=True, prefix_ids=list(prompt[-4:]))
     stops = StopMatcher(params.stop)
     n = 0
-    for step in engine.generate(cache, prompt, params, history=history, should_stop=should_stop):
+    breakers = (
+        tokenizer.tokens_containing(params.dry_sequence_breakers)
+        if params.dry_active and params.dry_sequence_breakers
+        else None
+    )
+    steps = engine.generate(cache, prompt, params, history=history, should_stop=should_stop, dry_breakers=breakers)
+    for step in steps:
         n += 1
         result.tokens.append(step.token)
         text, hit = stops.push(decoder.push(step.token))

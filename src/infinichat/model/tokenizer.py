@@ -23,6 +23,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
@@ -195,6 +196,7 @@ class Tokenizer:
         self._backend = backend
         self._literal: HFTokenizer | None = None  # copy that reads special tokens in text as plain text
         self._bytes: list[bytes] | None = None
+        self._containing: dict[tuple[str, ...], np.ndarray] = {}  # tokens_containing, per set of strings
         self.meta = meta
         added = backend.get_added_tokens_decoder()
         self._special = frozenset(i for i, tok in added.items() if tok.special)
@@ -269,6 +271,19 @@ class Tokenizer:
         if not 0 <= i < len(self._bytes):
             raise IndexError(f"token id {i} is outside the vocabulary (0..{self.vocab_size - 1})")
         return self._bytes[i]
+
+    def tokens_containing(self, strings: Sequence[str]) -> np.ndarray:
+        """(vocab_size,) bool: the tokens whose bytes contain one of `strings` (UTF-8), e.g. DRY's sequence
+        breakers. Computed once per set of strings."""
+        key = tuple(strings)
+        mask = self._containing.get(key)
+        if mask is None:
+            if self._bytes is None:
+                self._bytes = self._build_byte_table()
+            needles = [t.encode("utf-8") for t in key]
+            mask = np.fromiter((any(n in b for n in needles) for b in self._bytes), dtype=bool, count=len(self._bytes))
+            self._containing[key] = mask
+        return mask
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **extra: Any) -> str:
         """The model's prompt text for `messages` (ChatML when the model has no template)."""

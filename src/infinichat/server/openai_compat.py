@@ -15,7 +15,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from infinichat.engine.sampling import SamplingParams
+from infinichat.engine.sampling import DRY_BREAKERS, SamplingParams
 from infinichat.engine.textgen import Generation, stream_text
 from infinichat.server.errors import ApiError
 from infinichat.server.sessionops import check_max_tokens, check_stop, checked_id, get_session
@@ -41,6 +41,14 @@ class GenBody(BaseModel):
     seed: int | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    # extensions with llama.cpp server's names (engine/sampling.py); DRY and XTC are off unless given
+    dry_multiplier: float = 0.0
+    dry_base: float = 1.75
+    dry_allowed_length: int = 2
+    dry_penalty_last_n: int = -1
+    dry_sequence_breakers: list[str] = Field(default_factory=lambda: list(DRY_BREAKERS))
+    xtc_probability: float = 0.0
+    xtc_threshold: float = 0.1
     user: str | None = None
 
 
@@ -75,6 +83,13 @@ def params_of(body: GenBody, top: int, default_max: int) -> SamplingParams:
         repetition_penalty=1.0,
         presence_penalty=body.presence_penalty,
         frequency_penalty=body.frequency_penalty,
+        dry_multiplier=body.dry_multiplier,
+        dry_base=body.dry_base,
+        dry_allowed_length=body.dry_allowed_length,
+        dry_penalty_last_n=body.dry_penalty_last_n,
+        dry_sequence_breakers=tuple(body.dry_sequence_breakers),
+        xtc_probability=body.xtc_probability,
+        xtc_threshold=body.xtc_threshold,
         seed=body.seed,
         max_tokens=default_max if max_tokens is None else max_tokens,
         stop=tuple(stop),

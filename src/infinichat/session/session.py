@@ -501,7 +501,7 @@ class Session:
         append the new alternative text/tokens to `body`. Closes the segment consistently at the end."""
         seq = self.kv
         prompt = (header + body)[-1:]
-        history = seq.token_ids() + prompt
+        history = seq.token_ids()  # the cache; generate adds the prompt
         result = Generation()
         logprobs: list[float] = []
         alt = m.alternatives[m.selected]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields, replace
 
-from infinichat.engine.sampling import SamplingParams
+from infinichat.engine.sampling import DRY_BREAKERS, SamplingParams
 from infinichat.errors import InfinichatError
 from infinichat.kv.registry import POLICIES
 from infinichat.session.limits import MAX_NEW_TOKENS, MAX_USER_NAME_CHARS, bad_code_point
@@ -28,6 +28,15 @@ class SessionSettings:
     top_p: float = 0.95
     min_p: float = 0.05
     repetition_penalty: float = 1.1
+    # DRY on by default: at the default budget the session defaults without it looped (benchmarks/long_chat.py,
+    # README "Long chats"); XTC stays off. See engine/sampling.py for what each does.
+    dry_multiplier: float = 0.8
+    dry_base: float = 1.75
+    dry_allowed_length: int = 2
+    dry_penalty_last_n: int = -1
+    dry_sequence_breakers: tuple[str, ...] = DRY_BREAKERS
+    xtc_probability: float = 0.0
+    xtc_threshold: float = 0.1
     seed: int | None = None
     max_tokens: int = 256
     budget: int = 2048  # tokens the session's cache may hold
@@ -65,6 +74,13 @@ class SessionSettings:
             top_p=self.top_p,
             min_p=self.min_p,
             repetition_penalty=self.repetition_penalty,
+            dry_multiplier=self.dry_multiplier,
+            dry_base=self.dry_base,
+            dry_allowed_length=self.dry_allowed_length,
+            dry_penalty_last_n=self.dry_penalty_last_n,
+            dry_sequence_breakers=self.dry_sequence_breakers,
+            xtc_probability=self.xtc_probability,
+            xtc_threshold=self.xtc_threshold,
             seed=self.seed,
             max_tokens=self.max_tokens,
         )
@@ -79,7 +95,7 @@ class SessionSettings:
         bad = sorted(set(changes) - known)
         if bad:
             raise InfinichatError(f"unknown setting(s) {', '.join(bad)}; accepted: {', '.join(sorted(known))}")
-        return replace(self, **changes).validate()
+        return replace(self, **_tuples(changes)).validate()
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -87,4 +103,10 @@ class SessionSettings:
     @classmethod
     def from_json(cls, data: dict) -> SessionSettings:
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        return cls(**_tuples({k: v for k, v in data.items() if k in known}))
+
+
+def _tuples(changes: dict) -> dict:
+    """JSON lists of strings (dry_sequence_breakers) as the tuples the frozen settings hold."""
+    b = changes.get("dry_sequence_breakers")
+    return {**changes, "dry_sequence_breakers": tuple(b)} if isinstance(b, list) else changes

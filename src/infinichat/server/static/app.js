@@ -9,8 +9,14 @@ const $ = (id) => document.getElementById(id);
 const GEN_PARAMS = { top_logprobs: 5 };
 const PLACEHOLDER = matchMedia("(max-width: 600px)").matches ? "Message…"
   : "Message…  (Enter sends · Shift+Enter new line · Ctrl+Enter retries)";
-const INT_FIELDS = new Set(["top_k", "seed", "max_tokens", "budget", "n_sink", "narrations_kept"]);
-const FLOAT_FIELDS = new Set(["temperature", "top_p", "min_p", "repetition_penalty"]);
+const INT_FIELDS = new Set([
+  "top_k", "seed", "max_tokens", "budget", "n_sink", "narrations_kept", "dry_allowed_length", "dry_penalty_last_n",
+]);
+const FLOAT_FIELDS = new Set([
+  "temperature", "top_p", "min_p", "repetition_penalty", "dry_multiplier", "dry_base", "xtc_probability",
+  "xtc_threshold",
+]);
+const LIST_FIELDS = new Set(["dry_sequence_breakers"]); // shown and entered as JSON lists of strings
 
 const state = {
   info: null,
@@ -554,7 +560,7 @@ function fillSettings() {
   if (pol.options.length !== policies.length) pol.replaceChildren(...policies.map((p) => h("option", { value: p }, p)));
   for (const [k, v] of Object.entries(s)) {
     const el = f.elements.namedItem(k);
-    if (el && document.activeElement !== el) el.value = v === null || v === undefined ? "" : v;
+    if (el && document.activeElement !== el) el.value = v === null || v === undefined ? "" : LIST_FIELDS.has(k) ? JSON.stringify(v) : v;
   }
 }
 
@@ -569,6 +575,15 @@ $("settings-form").addEventListener("submit", async (e) => {
     let v = el.value.trim();
     if (INT_FIELDS.has(el.name)) v = v === "" ? null : Number(v);
     else if (FLOAT_FIELDS.has(el.name)) v = v === "" ? null : Number(v);
+    else if (LIST_FIELDS.has(el.name)) {
+      try { v = JSON.parse(v === "" ? "[]" : v); } catch { v = undefined; }
+      if (!Array.isArray(v) || !v.every((x) => typeof x === "string")) {
+        $("settings-msg").textContent = `${el.name}: a JSON list of strings, e.g. ["\\n", ":"]`;
+        return;
+      }
+      if (JSON.stringify(v) !== JSON.stringify(cur[el.name])) changes[el.name] = v;
+      continue;
+    }
     if (typeof v === "number" && !Number.isFinite(v)) { $("settings-msg").textContent = `${el.name}: not a number`; return; }
     if (INT_FIELDS.has(el.name) && v !== null && !Number.isInteger(v)) { $("settings-msg").textContent = `${el.name} must be a whole number`; return; }
     if (v === null && el.name !== "seed") continue;
