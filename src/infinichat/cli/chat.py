@@ -42,6 +42,8 @@ def _settings(args: argparse.Namespace) -> dict:
     out = {v: getattr(args, k) for k, v in SETTING_FLAGS.items()}
     if args.ctx:
         out["budget"] = args.ctx
+    if getattr(args, "policy", None):
+        out["policy"] = args.policy
     return out
 
 
