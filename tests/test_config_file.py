@@ -141,3 +141,12 @@ def test_yaml_files(tmp_path):
     assert (a.dtype, a.policy, a.ctx) == ("float32", "streaming", 512)
     with pytest.raises(InfinichatError, match=re.escape("unknown key 'dtyp'")):
         _ns(_write(tmp_path, "dtyp: float32\n", "d.yaml"), "chat")
+
+
+def test_list_parameters_reach_the_policy(tmp_path):
+    from infinichat.eval.runner import policy_params
+
+    p = _write(tmp_path, "[policy]\nname = 'omnikv'\nparams = { filter_layers = [2, 14, 24], offload = false }\n")
+    a = _ns(p, "eval passkey")
+    assert a.param == ["omnikv.filter_layers=2,14,24", "omnikv.offload=false"]
+    assert policy_params(["omnikv"], a.param) == {"omnikv": {"filter_layers": (2, 14, 24), "offload": False}}
