@@ -1,4 +1,4 @@
-"""`infinichat` command line: chat, story, generate, eval."""
+"""`infinichat` command line: chat, story, generate, serve, eval, bench; `--config FILE` on every command."""
 
 from __future__ import annotations
 
