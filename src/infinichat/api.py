@@ -15,7 +15,6 @@ streams through it), a selecting policy (omnikv) keeps everything and selects `b
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -56,7 +55,7 @@ class ChatAPI:
     def from_config(cls, path: str | Path, args: Sequence[str] = (), **overrides: Any) -> ChatAPI:
         """Load the model and settings of a config file. `args`: `infinichat chat` options that override the
         file (["--model", "x.gguf", "--threads", "2"]); `overrides`: sampling fields (temperature=0.0, ...)."""
-        from infinichat.cli.commands import load_engine
+        from infinichat.cli.commands import load_engine, sampling_params
         from infinichat.cli.main import build_parser
         from infinichat.config_file import load, namespace
         from infinichat.eval.runner import parse_policies, policy_params
@@ -69,7 +68,7 @@ class ChatAPI:
         policy = names[0]
         items = [f"{k}={_text(v)}" for k, v in section.params.items()] if policy in section.names else []
         params = policy_params([policy], items, section.n_sink)[policy]
-        sampling = replace(_sampling(ns), **overrides) if overrides else _sampling(ns)
+        sampling = replace(sampling_params(ns), **overrides) if overrides else sampling_params(ns)
         tok, name, engine = load_engine(ns, n_ctx=ns.ctx or None)
         budget = ns.ctx or section.budget or None  # --ctx on the command line wins
         return cls(engine, tok, sampling, policy, budget, params, name)
@@ -102,19 +101,3 @@ def _text(v: Any) -> str:
     if isinstance(v, list):
         return ",".join(str(x) for x in v)
     return str(v).lower() if isinstance(v, bool) else str(v)
-
-
-def _sampling(args: argparse.Namespace) -> SamplingParams:
-    return SamplingParams(
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        min_p=args.min_p,
-        repetition_penalty=args.repeat_penalty,
-        repeat_last_n=args.repeat_last_n,
-        presence_penalty=args.presence_penalty,
-        frequency_penalty=args.frequency_penalty,
-        seed=args.seed,
-        max_tokens=args.max_tokens,
-        stop=tuple(args.stop),
-    )

@@ -54,7 +54,8 @@ def _load(args: argparse.Namespace) -> tuple[Tokenizer, str, Engine]:
     return load_engine(args, n_ctx=args.ctx or None)
 
 
-def _params(args: argparse.Namespace) -> SamplingParams:
+def sampling_params(args: argparse.Namespace) -> SamplingParams:
+    """The sampling flags (or a config file's [sampling]) as checked SamplingParams."""
     params = SamplingParams(
         temperature=args.temperature,
         top_k=args.top_k,
@@ -86,7 +87,7 @@ def _stream(console: Console, chunks) -> list:
 
 
 def _run_prompt(args: argparse.Namespace, messages: list[dict] | None, raw: str | None) -> int:
-    params = _params(args)  # bad flags are reported before the (possibly slow) model load
+    params = sampling_params(args)  # bad flags are reported before the (possibly slow) model load
     tok, _, engine = _load(args)
     if messages is not None:
         ids = tok.encode(tok.apply_chat_template(messages, add_generation_prompt=True), add_bos=tok.add_bos)
@@ -128,6 +129,6 @@ def chat(args: argparse.Namespace) -> int:
     from infinichat.cli.chat import chat as run_chat
     from infinichat.cli.main import build_parser
 
-    _params(args)  # bad flags are reported before the (possibly slow) model load
+    sampling_params(args)  # bad flags are reported before the (possibly slow) model load
     defaults = vars(build_parser().parse_args(["chat"]))
     return run_chat(args, defaults)

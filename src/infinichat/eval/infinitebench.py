@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from infinichat.errors import InfinichatError
-from infinichat.eval.longbench import truncate_middle
+from infinichat.eval.longbench import jsonl_objects, truncate_middle
 from infinichat.eval.longbench_metrics import qa_f1
 from infinichat.eval.prompt import PromptFormat, encode_text
 from infinichat.model.tokenizer import Tokenizer
@@ -157,25 +157,8 @@ def load_jsonl(path: str | Path, task: str | None = None, limit: int | None = No
             f"--data {path}: the file name names no InfiniteBench task; give --task NAME ({', '.join(TASKS)})"
         )
     spec = TASKS[check_task(name)]
-    try:
-        lines = p.read_bytes().decode("utf-8").splitlines()
-    except OSError as e:
-        raise InfinichatError(f"cannot read --data {path}: {e.strerror or e}") from None
-    except UnicodeDecodeError as e:
-        raise InfinichatError(f"--data {path} is not UTF-8 (byte {e.start}: {e.reason})") from None
     records: list[Record] = []
-    for no, line in enumerate(lines, 1):
-        if limit is not None and len(records) >= limit:
-            break
-        if not line.strip():
-            continue
-        where = f"--data {path}, line {no}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise InfinichatError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-        if not isinstance(obj, dict):
-            raise InfinichatError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    for where, no, obj in jsonl_objects(path, limit):
         missing = [k for k in ("context", "answer") if k not in obj]
         if missing:
             raise InfinichatError(f"{where}: missing field(s) {', '.join(missing)}; a record needs context, answer")
