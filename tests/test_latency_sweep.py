@@ -86,6 +86,20 @@ def test_sweep_in_process_and_skips(tiny_gguf_1k, tmp_path, capsys, cli_threads)
     capsys.readouterr()
 
 
+def _die(point, settings):  # runs in the point's process: as if the kernel killed it for memory
+    import os
+
+    os._exit(9)
+
+
+def test_a_point_whose_process_dies_is_recorded_and_the_sweep_goes_on(tiny_gguf_1k, tmp_path):
+    settings = lat.SweepSettings(model=str(tiny_gguf_1k), dtype="float32", threads=1, cache_dir=str(tmp_path / "c"))
+    points = [lat.Point(lat.BudgetPlan(64).run_for("streaming", {}), n) for n in (128, 256)]
+    records, _, trained = lat.run_sweep(points, settings, isolate=True, worker=_die)
+    assert trained == 1024
+    assert [r["skipped"] for r in records] == ["its process died (out of memory?)"] * 2
+
+
 @pytest.mark.parametrize(
     "extra, pattern",
     [

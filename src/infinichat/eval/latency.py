@@ -30,6 +30,7 @@ import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
@@ -101,6 +102,10 @@ def context_ids(tok: Any, n: int, seed: int) -> list[int]:
     return ids[:n]
 
 
+def base_record(point: Point) -> dict[str, Any]:
+    return {"policy": point.run.label, "name": point.run.name, "length": point.length}
+
+
 def skip_reason(point: Point, trained: int, past_trained: bool) -> str | None:
     """Why a point does not run (None: it runs): a policy that keeps every token, at a context past the trained
     one (the few decoded tokens after a context of exactly the trained length do not count)."""
@@ -114,7 +119,7 @@ def measure(engine: Any, tok: Any, point: Point, settings: SweepSettings) -> dic
     """Prefill and decode one point on a loaded engine; the point's record."""
     trained = engine.cfg.max_position
     steps = settings.warmup + settings.decode
-    base: dict[str, Any] = {"policy": point.run.label, "name": point.run.name, "length": point.length}
+    base = base_record(point)
     reason = skip_reason(point, trained, settings.past_trained)
     if reason is not None:
         return {**base, "skipped": reason}
@@ -181,9 +186,11 @@ def run_sweep(
     settings: SweepSettings,
     isolate: bool = True,
     on_point: Callable[[dict[str, Any]], None] | None = None,
+    worker: Callable[[Point, SweepSettings], dict[str, Any]] | None = None,
 ) -> tuple[list[dict[str, Any]], str, int]:
     """Every point's record, the model name and its trained context. `isolate`: each point in a fresh process
-    (spawned, so that nothing of the parent's memory counts)."""
+    (spawned, so that nothing of the parent's memory counts); `worker` (a module-level function) measures a
+    point there (default: load the model, `measure`)."""
     records: list[dict[str, Any]] = []
     if isolate:
         with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
@@ -191,10 +198,13 @@ def run_sweep(
         for point in points:
             reason = skip_reason(point, trained, settings.past_trained)
             if reason is not None:
-                rec = {"policy": point.run.label, "name": point.run.name, "length": point.length, "skipped": reason}
+                rec = {**base_record(point), "skipped": reason}
             else:
-                with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
-                    rec = pool.submit(_point_in_fresh_process, point, settings).result()
+                try:
+                    with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
+                        rec = pool.submit(worker or _point_in_fresh_process, point, settings).result()
+                except BrokenProcessPool:  # killed (out of memory, most likely): the sweep goes on without it
+                    rec = {**base_record(point), "skipped": "its process died (out of memory?)"}
             records.append(rec)
             if on_point is not None:
                 on_point(rec)
