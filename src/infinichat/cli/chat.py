@@ -61,6 +61,8 @@ def _settings(args: argparse.Namespace) -> dict:
         out["dry_sequence_breakers"] = breakers
     if args.ctx:
         out["budget"] = args.ctx
+    if getattr(args, "policy", None):
+        out["policy"] = args.policy
     return out
 
 

@@ -56,7 +56,8 @@ def _load(args: argparse.Namespace) -> tuple[Tokenizer, str, Engine]:
     return load_engine(args, n_ctx=args.ctx or None)
 
 
-def _params(args: argparse.Namespace) -> SamplingParams:
+def sampling_params(args: argparse.Namespace) -> SamplingParams:
+    """The sampling flags (or a config file's [sampling]) as checked SamplingParams."""
     breakers = breakers_of(args.dry_sequence_breaker)
     params = SamplingParams(
         temperature=args.temperature,
@@ -97,7 +98,7 @@ def _stream(console: Console, chunks) -> list:
 
 def _run_prompt(args: argparse.Namespace, prompt: list[dict] | str) -> int:
     """Generate after `prompt`: chat messages (rendered with the model's template) or raw text."""
-    params = _params(args)  # bad flags are reported before the (possibly slow) model load
+    params = sampling_params(args)  # bad flags are reported before the (possibly slow) model load
     tok, _, engine = _load(args)
     if isinstance(prompt, str):
         ids = tok.encode(prompt, add_bos=tok.add_bos, parse_special=False)
@@ -139,6 +140,6 @@ def chat(args: argparse.Namespace) -> int:
     from infinichat.cli.chat import chat as run_chat
     from infinichat.cli.main import build_parser
 
-    _params(args)  # bad flags are reported before the (possibly slow) model load
+    sampling_params(args)  # bad flags are reported before the (possibly slow) model load
     defaults = vars(build_parser().parse_args(["chat"]))
     return run_chat(args, defaults)

@@ -182,4 +182,5 @@ def run(args: argparse.Namespace) -> int:
         "passkey": eval_long.passkey,
         "niah": eval_long.niah,
         "longbench": eval_long.longbench,
+        "infinitebench": eval_long.infinitebench,
     }[args.eval_command](args)

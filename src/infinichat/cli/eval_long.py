@@ -279,3 +279,112 @@ def longbench(args: argparse.Namespace) -> int:
     _print_table(f"LongBench scores, {name}", header, rows)
     Console(highlight=False).print(f"results: {out_dir / 'longbench.json'}  table: {out_dir / 'longbench.md'}")
     return 0
+
+
+# ------------------------------------------------------------------------------------------- infinitebench
+
+
+def infinitebench(args: argparse.Namespace) -> int:
+    import json
+
+    from infinichat.eval import infinitebench as ib
+    from infinichat.eval.prompt import prompt_format
+    from infinichat.eval.runner import generate
+
+    _check_common(args)
+    if args.task is not None:
+        ib.check_task(args.task)
+    gen_tasks = parse_list("--generate", args.generate, str, "a task name") if args.generate else []
+    for t in gen_tasks:
+        if t not in ib.GENERATED:
+            raise InfinichatError(f"--generate {t!r}: only {', '.join(ib.GENERATED)} can be generated")
+    if not args.data and not gen_tasks:
+        raise InfinichatError(
+            "eval infinitebench needs data: --data FILE.jsonl (InfiniteBench format, repeatable) or "
+            f"--generate {','.join(ib.GENERATED)}"
+        )
+    if args.limit is not None and args.limit < 1:
+        raise InfinichatError(f"--limit must be >= 1, got {args.limit}")
+    if args.max_length is not None and args.max_length < 16:
+        raise InfinichatError(f"--max-length must be at least 16 tokens, got {args.max_length}")
+    if args.gen_samples < 1 or args.gen_length < 64:
+        raise InfinichatError(
+            f"--gen-samples must be >= 1 and --gen-length >= 64 tokens, got {args.gen_samples}, {args.gen_length}"
+        )
+    records = [r for path in args.data for r in ib.load_jsonl(path, args.task, args.limit)]
+    runs = _policy_runs(args)
+    out_dir = Path(args.out) if args.out else Path("results") / time.strftime("infinitebench-%Y%m%d-%H%M%S")
+
+    err = Console(stderr=True, highlight=False)
+    tok, name, engine, threads, compute = _load(args)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for t in gen_tasks:  # written next to the results, in the format --data reads
+            made = ib.generate(t, args.gen_samples, args.gen_length, lambda s: len(tok.encode(s)), args.seed)
+            ib.write_jsonl(made, out_dir / f"{t}-generated.jsonl")
+            records += made
+    except OSError as e:
+        raise InfinichatError(f"cannot write the generated data into {out_dir}: {e.strerror or e}") from None
+    chat_fmt = prompt_format(tok, chat=True) if args.prompts == "chat" else prompt_format(tok, chat=False)
+    plain_fmt = prompt_format(tok, chat=False)
+    tasks = list(dict.fromkeys(r.task for r in records))
+    results: list[dict] = []
+    with _progress(err) as progress:
+        for run in runs:
+            bar = progress.add_task(run.label, total=len(records), acc="")
+            for rec in records:
+                max_new = args.max_new_tokens or ib.TASKS[rec.task].max_new
+                max_length = args.max_length or max(16, engine.cfg.max_position - max_new - 64)
+                ids, truncated = ib.build_prompt(tok, rec, max_length, args.prompts, chat_fmt, plain_fmt)
+                gen = generate(engine, run, ids, max_new, lambda x: tok.decode(x, skip_special=True))
+                score = ib.score(rec.task, gen.text, rec.answers, rec.options)
+                results.append(
+                    {
+                        "policy": run.label,
+                        "task": rec.task,
+                        "id": rec.id,
+                        "line": rec.line,
+                        "truncated": truncated,
+                        "prediction": gen.text,
+                        "answers": rec.answers,
+                        "score": score,
+                        **gen.to_json(),
+                    }
+                )
+                progress.update(bar, advance=1, acc=f"{rec.task} {100 * score:.0f}")
+    report = {
+        "version": 1,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "task": "infinitebench",
+        "model": name,
+        "dtype": compute,
+        "threads": threads,
+        "data": [str(p) for p in args.data],
+        "generated": {
+            t: {"samples": args.gen_samples, "tokens": args.gen_length, "seed": args.seed} for t in gen_tasks
+        },
+        "limit": args.limit,
+        "prompts": args.prompts,
+        "max_length": args.max_length or f"{engine.cfg.max_position} - answer tokens - 64",
+        "tasks": tasks,
+        "policies": [r.to_json() for r in runs],
+        "summary": ib.summary(results, [r.label for r in runs], tasks),
+        "results": results,
+    }
+    try:
+        (out_dir / "infinitebench.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+        (out_dir / "infinitebench.md").write_text(ib.markdown(report), encoding="utf-8")
+    except OSError as e:
+        raise InfinichatError(f"cannot write the results into {out_dir}: {e.strerror or e}") from None
+    header = ["policy", *tasks, "mean"]
+    rows = [
+        [
+            label,
+            *["-" if s["by_task"][t] is None else f"{s['by_task'][t]:.1f}" for t in tasks],
+            "-" if s["mean"] is None else f"{s['mean']:.1f}",
+        ]
+        for label, s in report["summary"].items()
+    ]
+    _print_table(f"InfiniteBench scores, {name}", header, rows)
+    Console(highlight=False).print(f"results: {out_dir / 'infinitebench.json'}  table: {out_dir / 'infinitebench.md'}")
+    return 0

@@ -1,4 +1,4 @@
-"""`infinichat` command line: chat, story, generate, eval."""
+"""`infinichat` command line: chat, story, generate, serve, eval, bench; `--config FILE` on every command."""
 
 from __future__ import annotations
 
@@ -107,7 +107,9 @@ def _add_sampling_args(p: argparse.ArgumentParser, max_tokens: int, temperature:
 
 
 def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
-    ev = sub.add_parser("eval", help="evaluation under KV policies: perplexity, passkey, niah, longbench")
+    ev = sub.add_parser(
+        "eval", help="evaluation under KV policies: perplexity, passkey, niah, longbench, infinitebench"
+    )
     ev_sub = ev.add_subparsers(dest="eval_command", metavar="EVAL", required=True)
     p = ev_sub.add_parser("ppl", help="token-by-token perplexity over a long text, per KV policy (JSON + PNG)")
     p.add_argument("--text", metavar="FILE", help="the UTF-8 text to evaluate (required)")
@@ -140,7 +142,7 @@ def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
     _add_long_eval_parsers(ev_sub)
 
 
-def _add_long_context_args(p: argparse.ArgumentParser, max_new: str) -> None:
+def _add_long_context_args(p: argparse.ArgumentParser, max_new: str, chat_flag: bool = True) -> None:
     """Flags shared by eval passkey / niah / longbench: policies, budgets, decoding, output."""
     g = p.add_argument_group("KV policies")
     g.add_argument(
@@ -175,9 +177,10 @@ def _add_long_context_args(p: argparse.ArgumentParser, max_new: str) -> None:
     g.add_argument(
         "--max-new-tokens", type=int, default=None, metavar="N", help=f"greedy tokens per answer ({max_new})"
     )
-    g.add_argument(
-        "--no-chat-template", action="store_true", help="plain-text prompts instead of the model's chat template"
-    )
+    if chat_flag:
+        g.add_argument(
+            "--no-chat-template", action="store_true", help="plain-text prompts instead of the model's chat template"
+        )
     g.add_argument("--seed", type=int, default=0, help="seed of the generated prompts (default 0)")
     g.add_argument(
         "--out", metavar="DIR", help="where the JSON, Markdown and PNG files go (default results/<task>-<time>/)"
@@ -231,6 +234,44 @@ def _add_long_eval_parsers(ev_sub: argparse._SubParsersAction) -> None:
         "cut in the middle (default: the trained context - the answer length - 64)",
     )
     _add_long_context_args(p, "default: the dataset's LongBench answer length")
+
+    p = ev_sub.add_parser(
+        "infinitebench",
+        help="InfiniteBench-format JSONL files (--data) or generated passkey / kv_retrieval, official prompts and "
+        "scorers",
+    )
+    g = p.add_argument_group("data")
+    g.add_argument(
+        "--data", action="append", default=[], metavar="FILE", help="an InfiniteBench JSONL file (repeatable)"
+    )
+    g.add_argument("--task", default=None, help="the task of every --data file (default: from the file name)")
+    g.add_argument("--limit", type=int, default=None, metavar="N", help="at most N records per file")
+    g.add_argument(
+        "--generate",
+        default=None,
+        metavar="TASKS",
+        help="also generate records of these tasks (passkey,kv_retrieval), written next to the results",
+    )
+    g.add_argument("--gen-samples", type=int, default=5, metavar="N", help="generated records per task (default 5)")
+    g.add_argument(
+        "--gen-length", type=int, default=4096, metavar="N", help="tokens of a generated prompt, at most (default 4096)"
+    )
+    g.add_argument(
+        "--prompts",
+        default="open",
+        choices=("open", "chat"),
+        help="open: InfiniteBench's prompts for open models, plain text ending in an answer prefix; chat: its "
+        "GPT-4 prompts inside the model's chat template (default open)",
+    )
+    g.add_argument(
+        "--max-length",
+        type=int,
+        default=None,
+        metavar="N",
+        help="prompts longer than N tokens are cut in the middle (default: the trained context - the answer "
+        "length - 64)",
+    )
+    _add_long_context_args(p, "default: the task's InfiniteBench answer length", chat_flag=False)
 
     f = ev_sub.add_parser(
         "filter-layers",
@@ -304,6 +345,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="chat through an infinichat server (e.g. http://127.0.0.1:8000) instead of in-process",
     )
     chat.add_argument("--api-key", default=None, help="the server's API key (with --server)")
+    chat.add_argument(
+        "--policy", default=None, help="eviction policy of a new session (default: the session default, turns)"
+    )
     chat.add_argument(
         "--data-dir",
         default=None,
@@ -381,24 +425,43 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(serve, ctx=False)
 
     _add_eval_parser(sub)
+    from infinichat.cli.bench_cmd import add_parser as add_bench_parser
+
+    add_bench_parser(sub, lambda p, ctx: _add_model_args(p, ctx=ctx))
+    from infinichat.config_file import leaf_parsers
+
+    for leaf in leaf_parsers(parser).values():
+        leaf.add_argument(
+            "--config",
+            metavar="FILE",
+            help="a TOML (or YAML) file of this command's options (model, dtype, [policy], [sampling], ...); "
+            "the command line overrides it (README: Config files)",
+        )
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
-    )
+    parser = build_parser()
     try:
+        from infinichat.config_file import parse_args
+
+        args = parse_args(parser, argv)  # --config FILE: the file's values become the command's defaults
+        logging.basicConfig(
+            level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+        )
         if args.command == "serve":
             from infinichat.server.app import serve
 
             return serve(args)
-        from infinichat.cli import commands, eval_cmd
+        from infinichat.cli import bench_cmd, commands, eval_cmd
 
-        return {"chat": commands.chat, "story": commands.story, "generate": commands.generate, "eval": eval_cmd.run}[
-            args.command
-        ](args)
+        return {
+            "chat": commands.chat,
+            "story": commands.story,
+            "generate": commands.generate,
+            "eval": eval_cmd.run,
+            "bench": bench_cmd.run,
+        }[args.command](args)
     except InfinichatError as e:
         print(f"infinichat: error: {e}", file=sys.stderr)  # noqa: T201  (the CLI's error line)
         return 2

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -158,22 +158,19 @@ def _dataset_of(name: str) -> str:
     return name
 
 
-def load_jsonl(path: str | Path, dataset: str | None = None, limit: int | None = None) -> list[Record]:
-    """The records of a LongBench JSONL file (at most `limit`). The dataset of a record: its `dataset` field,
-    else `dataset`, else the file name (`hotpotqa.jsonl`, `hotpotqa_e.jsonl` -> hotpotqa)."""
-    p = Path(path)
+def jsonl_objects(path: str | Path, limit: int | None = None) -> Iterator[tuple[str, int, dict[str, Any]]]:
+    """(where, line number, object) of each non-blank line of a `--data` JSONL file, at most `limit`; a file
+    that cannot be read, or a line that is no JSON object, is an error naming the file and the line."""
     try:
-        lines = p.read_bytes().decode("utf-8").splitlines()
+        lines = Path(path).read_bytes().decode("utf-8").splitlines()
     except OSError as e:
         raise InfinichatError(f"cannot read --data {path}: {e.strerror or e}") from None
     except UnicodeDecodeError as e:
         raise InfinichatError(f"--data {path} is not UTF-8 (byte {e.start}: {e.reason})") from None
-    stem = p.name.split(".")[0]
-    fallback = dataset or (stem[:-2] if stem.endswith("_e") else stem)
-    records: list[Record] = []
+    n = 0
     for no, line in enumerate(lines, 1):
-        if limit is not None and len(records) >= limit:
-            break
+        if limit is not None and n >= limit:
+            return
         if not line.strip():
             continue
         where = f"--data {path}, line {no}"
@@ -183,6 +180,17 @@ def load_jsonl(path: str | Path, dataset: str | None = None, limit: int | None =
             raise InfinichatError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
         if not isinstance(obj, dict):
             raise InfinichatError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+        n += 1
+        yield where, no, obj
+
+
+def load_jsonl(path: str | Path, dataset: str | None = None, limit: int | None = None) -> list[Record]:
+    """The records of a LongBench JSONL file (at most `limit`). The dataset of a record: its `dataset` field,
+    else `dataset`, else the file name (`hotpotqa.jsonl`, `hotpotqa_e.jsonl` -> hotpotqa)."""
+    stem = Path(path).name.split(".")[0]
+    fallback = dataset or (stem[:-2] if stem.endswith("_e") else stem)
+    records: list[Record] = []
+    for where, no, obj in jsonl_objects(path, limit):
         missing = [k for k in REQUIRED if k not in obj]
         if missing:
             raise InfinichatError(

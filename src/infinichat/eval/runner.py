@@ -72,8 +72,12 @@ def parse_policies(text: str) -> list[str]:
 
 
 def parse_value(text: str) -> Any:
-    """A policy parameter's value: int, float, true/false, none, else the string."""
+    """A policy parameter's value: int, float, true/false, none, a tuple of ints ("2,14,24": layer lists such as
+    omnikv's filter_layers), else the string."""
     low = text.strip().lower()
+    parts = [x.strip() for x in low.split(",")]
+    if len(parts) > 1 and all(x.lstrip("-").isdigit() for x in parts):
+        return tuple(int(x) for x in parts)
     if low in ("true", "false"):
         return low == "true"
     if low == "none":
