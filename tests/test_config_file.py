@@ -86,7 +86,6 @@ def _write(tmp_path, text: str, name: str = "c.toml") -> Path:
         ("dtype = 'float64'\n", "chat", r"dtype = 'float64' is not one of float32, bfloat16, float16"),
         ("[eval.passkey]\nno_chat_template = 1\n", "eval passkey", r"no_chat_template must be true or false"),
         ("x = [\n", "chat", r"is not valid TOML"),
-        ("device = 'cuda'\n", "chat", r"has no --device option and runs on the CPU; accepted: cpu"),
     ],
 )
 def test_bad_files_are_refused_naming_the_key(tmp_path, text, command, pattern):
