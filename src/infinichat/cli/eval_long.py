@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -85,6 +86,26 @@ def _progress(err: Console) -> Progress:
         console=err,
         transient=False,
     )
+
+
+def _write_scores(
+    out_dir: Path, stem: str, report: dict, md: str, title: str, columns: list[str], key: str, fmt: str
+) -> int:
+    """Write `<stem>.json` and `<stem>.md` into `out_dir`, then print the summary (per policy: a score per column
+    under `key`, and the mean) as a table. Returns the exit code."""
+    try:
+        (out_dir / f"{stem}.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+        (out_dir / f"{stem}.md").write_text(md, encoding="utf-8")
+    except OSError as e:
+        raise InfinichatError(f"cannot write the results into {out_dir}: {e.strerror or e}") from None
+
+    def show(v: float | None) -> str:
+        return "-" if v is None else format(v, fmt)
+
+    rows = [[label, *[show(s[key][c]) for c in columns], show(s["mean"])] for label, s in report["summary"].items()]
+    _print_table(title, ["policy", *columns, "mean"], rows)
+    Console(highlight=False).print(f"results: {out_dir / f'{stem}.json'}  table: {out_dir / f'{stem}.md'}")
+    return 0
 
 
 def _print_table(title: str, header: list[str], rows: list[list[str]]) -> None:
@@ -194,8 +215,6 @@ def niah(args: argparse.Namespace) -> int:
 
 
 def longbench(args: argparse.Namespace) -> int:
-    import json
-
     from infinichat.eval import longbench as lb
     from infinichat.eval.longbench_metrics import score_sample
     from infinichat.eval.prompt import prompt_format
@@ -261,32 +280,16 @@ def longbench(args: argparse.Namespace) -> int:
         "summary": lb.records_summary(results, [r.label for r in runs], datasets),
         "results": results,
     }
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "longbench.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
-        (out_dir / "longbench.md").write_text(lb.markdown(report), encoding="utf-8")
-    except OSError as e:
-        raise InfinichatError(f"cannot write the results into {out_dir}: {e.strerror or e}") from None
-    header = ["policy", *datasets, "mean"]
-    rows = [
-        [
-            label,
-            *["-" if s["by_dataset"][d] is None else f"{s['by_dataset'][d]:.2f}" for d in datasets],
-            "-" if s["mean"] is None else f"{s['mean']:.2f}",
-        ]
-        for label, s in report["summary"].items()
-    ]
-    _print_table(f"LongBench scores, {name}", header, rows)
-    Console(highlight=False).print(f"results: {out_dir / 'longbench.json'}  table: {out_dir / 'longbench.md'}")
-    return 0
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return _write_scores(
+        out_dir, "longbench", report, lb.markdown(report), f"LongBench scores, {name}", datasets, "by_dataset", ".2f"
+    )
 
 
 # ------------------------------------------------------------------------------------------- infinitebench
 
 
 def infinitebench(args: argparse.Namespace) -> int:
-    import json
-
     from infinichat.eval import infinitebench as ib
     from infinichat.eval.prompt import prompt_format
     from infinichat.eval.runner import generate
@@ -371,20 +374,6 @@ def infinitebench(args: argparse.Namespace) -> int:
         "summary": ib.summary(results, [r.label for r in runs], tasks),
         "results": results,
     }
-    try:
-        (out_dir / "infinitebench.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
-        (out_dir / "infinitebench.md").write_text(ib.markdown(report), encoding="utf-8")
-    except OSError as e:
-        raise InfinichatError(f"cannot write the results into {out_dir}: {e.strerror or e}") from None
-    header = ["policy", *tasks, "mean"]
-    rows = [
-        [
-            label,
-            *["-" if s["by_task"][t] is None else f"{s['by_task'][t]:.1f}" for t in tasks],
-            "-" if s["mean"] is None else f"{s['mean']:.1f}",
-        ]
-        for label, s in report["summary"].items()
-    ]
-    _print_table(f"InfiniteBench scores, {name}", header, rows)
-    Console(highlight=False).print(f"results: {out_dir / 'infinitebench.json'}  table: {out_dir / 'infinitebench.md'}")
-    return 0
+    return _write_scores(
+        out_dir, "infinitebench", report, ib.markdown(report), f"InfiniteBench scores, {name}", tasks, "by_task", ".1f"
+    )
