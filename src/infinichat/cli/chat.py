@@ -80,22 +80,29 @@ def _backend(args: argparse.Namespace) -> ChatBackend:
     if args.server:
         return HttpBackend(args.server, args.api_key)
     from infinichat.engine.backends import load_engine
-    from infinichat.session.manager import SessionManager
+    from infinichat.session.datalock import lock_data_dir
+    from infinichat.session.manager import SessionManager, default_data_dir
     from infinichat.session.settings import SessionSettings
 
-    err = Console(stderr=True, highlight=False)
-    with err.status("loading model...", spinner="dots"):
-        engine, tok, model_id, name = load_engine(
-            args.backend,
-            args.model,
-            args.dtype,
-            args.threads,
-            args.cache_dir,
-            show_progress=err.is_terminal,
-            quant=getattr(args, "quant", "none"),
-            device=getattr(args, "device", "auto"),
-        )
-    return LocalBackend(SessionManager(engine, tok, model_id, args.data_dir, SessionSettings()), name)
+    data_dir = args.data_dir or default_data_dir()
+    lock = lock_data_dir(data_dir, "chat (in-process)")  # before the model loads: a second writer fails at once
+    try:
+        err = Console(stderr=True, highlight=False)
+        with err.status("loading model...", spinner="dots"):
+            engine, tok, model_id, name = load_engine(
+                args.backend,
+                args.model,
+                args.dtype,
+                args.threads,
+                args.cache_dir,
+                show_progress=err.is_terminal,
+                quant=getattr(args, "quant", "none"),
+                device=getattr(args, "device", "auto"),
+            )
+        return LocalBackend(SessionManager(engine, tok, model_id, data_dir, SessionSettings()), name, lock)
+    except BaseException:
+        lock.release()
+        raise
 
 
 def _stream(console: Console, events) -> dict | None:

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Protocol
 from infinichat.errors import InfinichatError
 
 if TYPE_CHECKING:
+    from infinichat.session.datalock import DataDirLock
     from infinichat.session.session import Session
 
 ACTIONS = ("send", "retry", "continue", "narrate", "suggest")
@@ -28,9 +29,10 @@ class ChatBackend(Protocol):
 
 
 class LocalBackend:
-    def __init__(self, manager, name: str):
+    def __init__(self, manager, name: str, lock: DataDirLock | None = None):
         self.m, self.name = manager, name
         self._s: Session | None = None
+        self._lock = lock  # this process's hold on the data directory, released by close()
 
     @property
     def s(self) -> Session:
@@ -79,7 +81,11 @@ class LocalBackend:
         return self.s.history()
 
     def close(self):
-        self.m.close()
+        try:
+            self.m.close()
+        finally:
+            if self._lock is not None:
+                self._lock.release()
 
 
 class HttpBackend:

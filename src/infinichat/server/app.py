@@ -25,7 +25,8 @@ from infinichat.server.guard import Guard, default_allowed_hosts
 from infinichat.server.metrics import Metrics
 from infinichat.server.openai_compat import PrefixLRU
 from infinichat.server.worker import EngineWorker
-from infinichat.session.manager import SessionManager
+from infinichat.session.datalock import lock_data_dir
+from infinichat.session.manager import SessionManager, default_data_dir
 from infinichat.session.settings import MAX_BUDGET, SessionSettings
 
 log = logging.getLogger(__name__)
@@ -166,8 +167,6 @@ def default_max_budget(engine, kv_cap_bytes: int) -> int:
 
 
 def serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
     defaults = SessionSettings().updated(
         {k: v for k, v in (("budget", args.budget), ("policy", args.policy)) if v is not None}
     )
@@ -177,6 +176,14 @@ def serve(args: argparse.Namespace) -> int:
         raise InfinichatError(f"--max-budget must be in [64, {MAX_BUDGET}] tokens, got {args.max_budget}")
     if args.kv_cap_mb < 1:
         raise InfinichatError(f"--kv-cap-mb must be at least 1, got {args.kv_cap_mb}")
+    # one writer per data directory, taken before the model loads so a second server fails at once
+    with lock_data_dir(args.data_dir or default_data_dir(), f"serve on http://{args.host}:{args.port}"):
+        return _serve_locked(args, defaults)
+
+
+def _serve_locked(args: argparse.Namespace, defaults: SessionSettings) -> int:
+    import uvicorn
+
     engine, tok, model_id, name = make_engine(args)
     cap = args.kv_cap_mb << 20
     max_budget = args.max_budget or default_max_budget(engine, cap)
