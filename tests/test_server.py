@@ -277,7 +277,8 @@ def test_openai_client(live):
     assert "".join(p.choices[0].delta.content or "" for p in parts) == c.message.content  # greedy: same text
     assert parts[-1].choices[0].finish_reason == c.finish_reason
     # the second identical request reused the cached prompt prefix
-    assert parts[-1].usage.prompt_tokens_details.cached_tokens == r.usage.prompt_tokens - 1
+    again = oc.chat.completions.create(model="x", messages=msgs, max_tokens=6, temperature=0)
+    assert again.usage.prompt_tokens_details.cached_tokens == r.usage.prompt_tokens - 1
     comp = oc.completions.create(model="x", prompt="Once upon", max_tokens=5, temperature=0, logprobs=2, seed=1)
     assert comp.choices[0].text and len(comp.choices[0].logprobs.token_logprobs) == comp.usage.completion_tokens
     st = list(oc.completions.create(model="x", prompt="Once upon", max_tokens=5, temperature=0, stream=True))

@@ -96,7 +96,7 @@ def test_bad_request(client, method, path, body, status, words):
     r = client.request(method, path, headers={"Content-Type": "application/json"}, **kw)
     assert r.status_code == status, r.text
     err = r.json()["error"]
-    assert set(err) == {"message", "type", "param"}
+    assert set(err) == {"message", "type", "param", "code"}
     for w in words:
         assert w in err["message"], err
     assert client.get("/health").json()["status"] == "ok"  # still serving

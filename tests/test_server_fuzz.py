@@ -160,7 +160,7 @@ def test_fuzzed_requests_never_5xx_and_change_nothing_when_refused(live, req):
         assert '"server_error"' not in r.text, r.text[-500:]  # nor one inside a stream
         if r.status_code >= 400:
             err = r.json()["error"]
-            assert err["message"] and set(err) == {"message", "type", "param"}
+            assert err["message"] and set(err) == {"message", "type", "param", "code"}
             assert _state(c, "fz") == target, r.text[:300]  # a refused request changed nothing
         assert _state(c, "witness") == witness  # never named: never changed
         assert c.get("/health").status_code == 200

@@ -108,7 +108,7 @@ def create_app(
         "tokenizer": tokenizer,
         "manager": manager,
         "api_key": api_key,
-        "info": {"model": model_name, "backend": backend, "started": time.time()},
+        "info": {"model": model_name, "backend": backend, "started": time.time(), "model_hash": str(manager.model_id)},
     }.items():
         setattr(app.state, k, v)
     errors.install(app)

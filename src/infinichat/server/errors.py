@@ -1,4 +1,5 @@
-"""JSON errors: `{"error": {"message", "type", "param"}}` with the right 4xx, for every failure path."""
+"""JSON errors: `{"error": {"message", "type", "param", "code"}}` (OpenAI's shape) with the right 4xx, for every
+failure path, unknown paths included."""
 
 from __future__ import annotations
 
@@ -30,9 +31,11 @@ RETRY_AFTER = 1  # seconds, sent with 429 and 503
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, type: str | None = None):
+    def __init__(
+        self, status: int, message: str, param: str | None = None, type: str | None = None, code: str | None = None
+    ):
         super().__init__(message)
-        self.status, self.message, self.param = status, message, param
+        self.status, self.message, self.param, self.code = status, message, param, code
         self.type = type or TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
 
 
@@ -41,9 +44,11 @@ def _text(s: str | None) -> str | None:
     return None if s is None else s.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
-def error_body(status: int, message: str, param: str | None = None, type: str | None = None) -> dict:
+def error_body(
+    status: int, message: str, param: str | None = None, type: str | None = None, code: str | None = None
+) -> dict:
     kind = type or TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
-    return {"error": {"message": _text(message), "type": kind, "param": _text(param)}}
+    return {"error": {"message": _text(message), "type": kind, "param": _text(param), "code": code}}
 
 
 def to_api_error(e: BaseException) -> ApiError:
@@ -73,7 +78,7 @@ def retry_headers(status: int) -> dict[str, str] | None:
 def error_response(e: BaseException) -> JSONResponse:
     a = to_api_error(e)
     return JSONResponse(
-        error_body(a.status, a.message, a.param, a.type), status_code=a.status, headers=retry_headers(a.status)
+        error_body(a.status, a.message, a.param, a.type, a.code), status_code=a.status, headers=retry_headers(a.status)
     )
 
 
@@ -96,6 +101,20 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     return f"{where}: {e.get('msg')} (got {got})", field
 
 
+def _methods_at(router, path: str) -> set[str]:
+    """The methods of the API routes whose path pattern matches `path` (empty: no API route there)."""
+    out: set[str] = set()
+    for r in router.routes:
+        inner = getattr(r, "original_router", None)  # an included router (its routes carry their full paths)
+        if inner is not None:
+            out |= _methods_at(inner, path)
+            continue
+        rx, methods = getattr(r, "path_regex", None), getattr(r, "methods", None)
+        if rx is not None and methods and rx.match(path):
+            out |= set(methods) - {"HEAD"}
+    return out
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):
@@ -105,13 +124,18 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
         msg = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
-        if exc.status_code == 404 and msg == "Not Found":
-            msg = f"no such endpoint: {request.method} {request.url.path}"
-        if exc.status_code == 400 and msg == "There was an error parsing the body":
+        status = exc.status_code
+        if status in (404, 405) and msg in ("Not Found", "Method Not Allowed"):
+            # the web page's mount at "/" answers every path no API route took, so tell them apart here
+            methods = _methods_at(request.scope.get("router") or request.app, request.url.path)
+            if methods:
+                status, msg = 405, f"method {request.method} is not allowed on {request.url.path}; accepted: "
+                msg += ", ".join(sorted(methods))
+            else:
+                status, msg = 404, f"no such endpoint: {request.method} {request.url.path}"
+        if status == 400 and msg == "There was an error parsing the body":
             msg = "the request body could not be parsed: send a JSON object encoded as UTF-8"
-        if exc.status_code == 405:
-            msg = f"method {request.method} is not allowed on {request.url.path}"
-        return JSONResponse(error_body(exc.status_code, msg), status_code=exc.status_code)
+        return JSONResponse(error_body(status, msg, code="unknown_url" if status == 404 else None), status_code=status)
 
     async def _as_json(request: Request, exc: Exception):
         return error_response(exc)  # maps each exception type to its status and message

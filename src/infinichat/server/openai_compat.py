@@ -28,6 +28,11 @@ class Msg(BaseModel):
     content: str | list[dict[str, Any]] | None = None
 
 
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    include_usage: bool = False
+
+
 class GenBody(BaseModel):
     model_config = ConfigDict(extra="ignore")
     model: str | None = None
@@ -38,7 +43,8 @@ class GenBody(BaseModel):
     n: int = 1
     stream: bool = False
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = None  # -1 (llama.cpp's convention) or null: a random seed
+    stream_options: StreamOptions | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     # extensions with llama.cpp server's names (engine/sampling.py); DRY and XTC are off unless given
@@ -90,7 +96,7 @@ def params_of(body: GenBody, top: int, default_max: int) -> SamplingParams:
         dry_sequence_breakers=tuple(body.dry_sequence_breakers),
         xtc_probability=body.xtc_probability,
         xtc_threshold=body.xtc_threshold,
-        seed=body.seed,
+        seed=None if body.seed == -1 else body.seed,
         max_tokens=default_max if max_tokens is None else max_tokens,
         stop=tuple(stop),
         top_logprobs=top,
@@ -164,12 +170,13 @@ class PrefixLRU:
         self.free.pop(0)
         return True
 
-    def acquire(self, ids: list[int]):
+    def acquire(self, ids: list[int], reuse: bool = True):
+        """(sequence, tokens of `ids` it already holds); `reuse=False`: none (a sequence from scratch)."""
         best, keep = None, 0
         for seq in self.free:
             have = seq.token_ids()
             n = 0
-            lim = min(len(have), len(ids) - 1)
+            lim = min(len(have), len(ids) - 1) if reuse else 0
             while n < lim and have[n] == ids[n]:
                 n += 1
             if best is None or n > keep:
@@ -216,7 +223,10 @@ def anonymous(
     check_max_tokens(params.max_tokens, lru.budget, "max_tokens")
     if m is not None:
         m.check_room()  # idle caches offloaded; 503 if running generations already hold the KV memory cap
-    seq, keep = lru.acquire(ids)
+    # A seeded request evaluates its whole prompt from scratch: a prompt evaluated in other pieces (a cached prefix,
+    # then the rest) gives logits that differ in the last float bits, enough to change a sampled token, so the same
+    # request and seed would give another text depending on what the cache held.
+    seq, keep = lru.acquire(ids, reuse=params.seed is None)
     result = Generation()
     n = 0
     try:

@@ -19,13 +19,28 @@ router = APIRouter(prefix="/v1")
 DEFAULT_MAX_TOKENS = 256
 
 
+def _model(info: dict) -> dict:
+    return {"id": info["model"], "object": "model", "created": int(info["started"]), "owned_by": "infinichat"}
+
+
 @router.get("/models")
 async def models(request: Request):
+    return {"object": "list", "data": [_model(request.app.state.info)]}
+
+
+@router.get("/models/{model_id:path}")
+async def model(model_id: str, request: Request):
     info = request.app.state.info
-    return {
-        "object": "list",
-        "data": [{"id": info["model"], "object": "model", "created": int(info["started"]), "owned_by": "infinichat"}],
-    }
+    if model_id != info["model"]:
+        raise ApiError(
+            404, f"no model {model_id!r}; this server serves {info['model']!r}", param="model", code="model_not_found"
+        )
+    return _model(info)
+
+
+def fingerprint(info: dict) -> str:
+    """Names what produced a result: the backend and the weights' hash (a change of either changes it)."""
+    return f"fp_{info['backend']}_{info.get('model_hash', '')[:10]}"
 
 
 def _chat_logprobs(tok, item: dict) -> dict:
@@ -35,13 +50,20 @@ def _chat_logprobs(tok, item: dict) -> dict:
     return {**one(item["token"], item["logprob"]), "top_logprobs": [one(t, lp) for t, lp in item["top"]]}
 
 
-def _completion_logprobs(tok, items: list[dict]) -> dict:
-    toks = [i for i in items if i["token"] is not None]
+def _completion_logprobs(tok, items: list[dict], start: int = 0) -> dict:
+    """`text_offset`: where each token's text starts in the completion's text (`start`: the text before `items`).
+    A token that ends inside a UTF-8 character has no text of its own yet: it starts where the next text does."""
+    toks, offsets, at = [], [], start
+    for i in items:
+        if i["token"] is not None:
+            toks.append(i)
+            offsets.append(at)
+        at += len(i.get("text", ""))
     return {
         "tokens": [tok.decode([i["token"]]) for i in toks],
         "token_logprobs": [i["logprob"] for i in toks],
         "top_logprobs": [{tok.decode([t]): lp for t, lp in i["top"]} for i in toks],
-        "text_offset": [],
+        "text_offset": offsets,
     }
 
 
@@ -85,7 +107,7 @@ async def _generate(request: Request, body, kind: str):
     _, items = await open_stream(st.worker, run, session=sid)
     rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + secrets.token_hex(12)
     obj = "chat.completion" if kind == "chat" else "text_completion"
-    created, model = int(time.time()), st.info["model"]
+    created, model, fp = int(time.time()), st.info["model"], fingerprint(st.info)
 
     def usage(d):
         return {
@@ -96,6 +118,8 @@ async def _generate(request: Request, body, kind: str):
         }
 
     if body.stream:
+        include_usage = body.stream_options is not None and body.stream_options.include_usage
+        sent = [0]  # characters of completion text streamed so far (text_offset)
 
         def frame(item):
             done = "done" in item
@@ -114,18 +138,20 @@ async def _generate(request: Request, body, kind: str):
                     "finish_reason": item["done"] if done else None,
                     "logprobs": None
                     if done or not body.logprobs or item["token"] is None
-                    else _completion_logprobs(tok, [item]),
+                    else _completion_logprobs(tok, [item], sent[0]),
                 }
-            chunk = {
+                sent[0] += 0 if done else len(item["text"])
+            head = {
                 "id": rid,
                 "object": obj + (".chunk" if kind == "chat" else ""),
                 "created": created,
                 "model": model,
-                "choices": [choice],
+                "system_fingerprint": fp,
             }
-            if done:
-                chunk["usage"] = usage(item)
-            return sse(None, chunk)
+            out = sse(None, {**head, "choices": [choice]})
+            if done and include_usage:  # OpenAI's last chunk: no choices, the whole request's usage
+                out += sse(None, {**head, "choices": [], "usage": usage(item)})
+            return out
 
         return sse_response(items, frame, error_event=None, tail="data: [DONE]\n\n")
     got = await collect(request, items)
@@ -154,7 +180,15 @@ async def _generate(request: Request, body, kind: str):
             "logprobs": _completion_logprobs(tok, toks) if body.logprobs is not None else None,
         }
     return JSONResponse(
-        {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice], "usage": usage(done)}
+        {
+            "id": rid,
+            "object": obj,
+            "created": created,
+            "model": model,
+            "system_fingerprint": fp,
+            "choices": [choice],
+            "usage": usage(done),
+        }
     )
 
 

@@ -97,7 +97,7 @@ def sse_response(
                 yield tail
         except Exception as e:
             a = to_api_error(e)
-            yield sse(error_event, error_body(a.status, a.message, a.param, a.type))
+            yield sse(error_event, error_body(a.status, a.message, a.param, a.type, a.code))
         finally:
             await items.aclose()
 
