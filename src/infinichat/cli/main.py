@@ -392,6 +392,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="resident KV memory of all sessions; past it, idle caches go to disk (default 1024)",
     )
     serve.add_argument(
+        "--max-batch",
+        type=int,
+        default=8,
+        help="generations decoded together in one forward call (1: one at a time; default 8)",
+    )
+    serve.add_argument(
         "--max-queue", type=int, default=64, help="requests waiting or running at once; more get 429 (default 64)"
     )
     serve.add_argument(

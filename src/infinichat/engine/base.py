@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from infinichat.engine.batch import DecodeBatcher
 from infinichat.engine.sampling import Sampler, SamplingParams
 from infinichat.errors import InfinichatError
 from infinichat.kv.policy import EvictionPolicy
@@ -40,6 +41,7 @@ class Engine:
     eos_ids: frozenset[int]
     max_chunk: int = 1024  # max tokens per forward call while prefilling
     logits_chunk: int = 1024  # the same when every token's logits are returned ((T, V) float32 per call)
+    batcher: DecodeBatcher | None = None  # set by a driver that batches decode steps (engine/batch.py)
 
     def new_sequence(
         self,
@@ -92,7 +94,23 @@ class Engine:
         return torch.cat(outs) if all_logits else outs[-1]
 
     def decode_one(self, seq: KVSequence, token: int) -> torch.Tensor:
+        if self.batcher is not None:
+            done = self.batcher.claim(seq, token)
+            if done is not None:  # computed in a batched call: record the token
+                positions, logits = done
+                seq.append(torch.tensor([token]), positions)
+                return logits
         return self._append(seq, torch.tensor([token]), False, "decode")
+
+    def can_batch(self, seq: KVSequence) -> bool:
+        """Whether the next decode step of `seq` may run in a batched call (`decode_rows`): an engine that
+        batches says yes when the step is a plain forward (no eviction, recomputation or attention weights)."""
+        return False
+
+    def decode_rows(self, items: Sequence[tuple[KVSequence, int]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """One forward call for several sequences, one token each: per sequence (positions (1,), logits (V,)).
+        Writes each one's K/V at its next slot and commits nothing (`decode_one` records the token)."""
+        raise NotImplementedError(f"{type(self).__name__} does not batch decode steps")
 
     def generate(
         self,
@@ -124,6 +142,8 @@ class Engine:
             if step.token in self.eos_ids:
                 return
             seen.append(step.token)
+            if self.batcher is not None and not cache.full:
+                self.batcher.offer(cache, step.token)  # the driver may compute the next step batched
             yield Step(step.token, step.logprob, step.top)
             if cache.full:
                 return

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import torch
 
@@ -23,7 +23,7 @@ from infinichat.kv.policy import EvictionPolicy
 from infinichat.kv.sequence import KVSequence
 from infinichat.kv.store import KVStore, torch_store
 from infinichat.model.config import ModelConfig
-from infinichat.model.transformer import Transformer
+from infinichat.model.transformer import BatchItem, Transformer
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +102,29 @@ class TorchEngine(Engine):
         if compress and stage == "prompt_end":
             seq.make_room(0)  # down to the budget, with the scores of the prompt's last queries
         return out
+
+    # ------------------------------------------------------------------ batched decode (engine/batch.py)
+    def can_batch(self, seq: KVSequence) -> bool:
+        p = seq.policy
+        return (
+            not (p.needs_attention_weights or p.offloads)
+            and seq.stale_from is None
+            and seq.length + 1 <= seq.budget  # make_room would do nothing
+            and isinstance(seq.store, KVStore)
+        )
+
+    def decode_rows(self, items: Sequence[tuple[KVSequence, int]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        batch = []
+        for seq, token in items:
+            if not self.can_batch(seq):
+                raise ValueError("decode_rows: a sequence whose next step needs eviction or attention weights")
+            batch.append(
+                BatchItem(
+                    torch.tensor([token]), seq.next_positions(1), torch_store(seq.store, "the torch engine"), seq.length
+                )
+            )
+        logits = self.model.forward_batch(batch)  # B x (V,)
+        return [(b.positions, x) for b, x in zip(batch, logits, strict=True)]
 
     def _recompute(self, seq: KVSequence, stale_from: int) -> None:
         """Re-evaluate the K/V of slots [stale_from, length) in place (a recomputing policy evicted)."""

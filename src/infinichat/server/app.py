@@ -29,6 +29,8 @@ from infinichat.session.datalock import lock_data_dir
 from infinichat.session.manager import SessionManager, default_data_dir
 from infinichat.session.settings import MAX_BUDGET, SessionSettings
 
+MAX_BATCH = 256  # --max-batch: sequences per batched decode call
+
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
 MAX_BODY = 16 << 20  # bytes; a character card PNG in base64 fits
@@ -85,13 +87,15 @@ def create_app(
     anon_budget: int | None = None,
     allowed_hosts: Sequence[str] | None = None,
     cors_origins: Sequence[str] | None = None,
+    max_batch: int = 8,
 ) -> FastAPI:
     """The app. `allowed_hosts`: names the Host header may carry (default: loopback names; "*" = any);
-    `cors_origins`: other origins whose pages may call the API (default: none)."""
+    `cors_origins`: other origins whose pages may call the API (default: none); `max_batch`: generations
+    decoded together in one forward call (1: one at a time)."""
     metrics = Metrics()
     lru = PrefixLRU(engine, anon_budget or manager.defaults.budget)
     manager.spare.append(lru)  # anonymous /v1 caches count in the KV memory cap
-    worker = EngineWorker(manager, max_jobs, on_idle=_cache_snapshot(metrics, lru))
+    worker = EngineWorker(manager, max_jobs, on_idle=_cache_snapshot(metrics, lru), max_batch=max_batch)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -174,6 +178,8 @@ def serve(args: argparse.Namespace) -> int:
         raise InfinichatError(f"--port must be in [0, 65535], got {args.port}")
     if args.max_budget is not None and not 64 <= args.max_budget <= MAX_BUDGET:
         raise InfinichatError(f"--max-budget must be in [64, {MAX_BUDGET}] tokens, got {args.max_budget}")
+    if not 1 <= args.max_batch <= MAX_BATCH:
+        raise InfinichatError(f"--max-batch must be in [1, {MAX_BATCH}], got {args.max_batch}")
     if args.kv_cap_mb < 1:
         raise InfinichatError(f"--kv-cap-mb must be at least 1, got {args.kv_cap_mb}")
     # one writer per data directory, taken before the model loads so a second server fails at once
@@ -207,6 +213,7 @@ def _serve_locked(args: argparse.Namespace, defaults: SessionSettings) -> int:
         args.max_queue,
         allowed_hosts=hosts,
         cors_origins=origins,
+        max_batch=args.max_batch,
     )
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         log.warning("serving on %s without --api-key: anyone who can reach it can use it", args.host)

@@ -5,6 +5,12 @@ concurrent Future) and a *stream* (a function of the manager returning an iterat
 advanced one item at a time). Active streams are served round-robin, one item (about one token) each per
 turn, with pending calls taken in between, so one long reply never starves the other sessions.
 
+Continuous batching (engine/batch.py): after a stream's turn the worker takes the decode step its generation
+offered (the sequence and its next token); at the start of the next round it runs the offered steps of all
+active streams in batched forward calls of at most `max_batch` sequences, and each generation, on its turn,
+claims its logits and samples with its own sampler. Steps that cannot be batched (eviction, attention
+weights) run alone on the generation's turn; sessions join and leave the batch at token boundaries.
+
 Jobs that touch a session carry its id; a second mutating job on a session that has one running is refused
 (`Busy`, 409), and the number of jobs waiting or running is bounded (`QueueFull`, 429). A stream's job can be
 stopped (`should_stop` turns true: the generation ends with finish_reason "cancelled" and its last item is
@@ -23,6 +29,9 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
+
+from infinichat.engine.base import Engine
+from infinichat.engine.batch import DecodeBatcher
 
 log = logging.getLogger(__name__)
 
@@ -58,15 +67,24 @@ class Job:
     stop: threading.Event = field(default_factory=threading.Event)
     abandoned: bool = False
     it: Iterator = field(default_factory=lambda: iter(()))  # a stream's items, once started
+    offers: list = field(default_factory=list)  # the decode step its generation offered on its last turn
 
     def should_stop(self) -> bool:
         return self.stop.is_set()
 
 
 class EngineWorker:
-    def __init__(self, manager, max_jobs: int = 64, on_idle: Callable[[Any], None] | None = None):
+    def __init__(self, manager, max_jobs: int = 64, on_idle: Callable[[Any], None] | None = None, max_batch: int = 8):
+        """`max_batch`: sequences per batched decode call (1: no batching; an engine that cannot batch, such
+        as the llama.cpp backend, always steps its generations one by one)."""
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be at least 1, got {max_batch}")
         self.manager = manager
         self.max_jobs = max_jobs
+        engine = getattr(manager, "engine", None)
+        self.batcher: DecodeBatcher | None = None
+        if max_batch > 1 and engine is not None and type(engine).decode_rows is not Engine.decode_rows:
+            self.batcher = engine.batcher = DecodeBatcher(engine, max_batch)
         self.on_idle = on_idle  # called in the worker between rounds (metrics snapshot)
         self._q: queue.Queue[Job | None] = queue.Queue()
         self._lock = threading.Lock()
@@ -164,8 +182,19 @@ class EngineWorker:
                     job = self._q.get_nowait()
                 except queue.Empty:
                     job = False
+            b = self.batcher
+            if b is not None:
+                b.take()  # offers made by calls (not generations driven here) are dropped
+                try:
+                    b.run(o for j in self._active if not j.abandoned for o in j.offers)
+                except Exception:  # a failed batched call: each generation runs its own step instead
+                    log.exception("a batched decode step failed")
             for job in list(self._active):
                 self._step(job)
+                if b is not None:
+                    job.offers = b.take()
+            if b is not None:
+                b.clear()
             if self.on_idle is not None:
                 try:
                     self.on_idle(self.manager)

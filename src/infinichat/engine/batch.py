@@ -1,0 +1,91 @@
+"""Continuous batching of decode steps across sequences: B generations advanced by one token in one forward.
+
+A generation (`Engine.generate`) that has just sampled a token *offers* its next decode step (the sequence
+and the token) before yielding it. Whoever drives several generations (the server's worker) takes each
+generation's offer after stepping it, then, before the next round, runs all offers in one batched forward
+(`run`, at most `max_batch` rows per call). The forward writes each sequence's K/V into its own next slot
+but commits nothing: when the generation resumes, its `decode_one` claims the logits and records the token
+(`KVSequence.append`). A generation that does not resume (a stop string, a cancel, a disconnect) leaves its
+sequence exactly as it was: the slot past its length is unused space.
+
+Only a step that needs no eviction, no recomputation and no attention weights is offered
+(`Engine.can_batch`); the others run alone in the generation's own `decode_one`, between batched calls.
+A driver that never calls `run` changes nothing: every claim misses and each step runs alone.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from infinichat.kv.sequence import KVSequence
+
+if TYPE_CHECKING:
+    from infinichat.engine.base import Engine
+
+
+@dataclass
+class Offer:
+    seq: KVSequence
+    token: int
+    length: int  # the sequence's length when offered: a claim checks nothing moved since
+
+
+@dataclass
+class _Ready:
+    offer: Offer
+    positions: torch.Tensor  # (1,)
+    logits: torch.Tensor  # (V,) float32
+
+
+class DecodeBatcher:
+    def __init__(self, engine: Engine, max_batch: int = 8):
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be at least 1, got {max_batch}")
+        self.engine = engine
+        self.max_batch = max_batch
+        self._offers: dict[int, Offer] = {}  # id(seq) -> its latest offer since the last `take`
+        self._ready: dict[int, _Ready] = {}  # id(seq) -> the logits of its offered step
+        self.sizes: Counter[int] = Counter()  # batch size -> forward calls run with it
+        self.tokens = 0  # decode steps run through `run`
+
+    # ------------------------------------------------------------------ generation side
+    def offer(self, seq: KVSequence, token: int) -> None:
+        if self.engine.can_batch(seq):
+            self._offers[id(seq)] = Offer(seq, token, seq.length)
+
+    def claim(self, seq: KVSequence, token: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(positions (1,), logits (V,)) of this sequence's precomputed step, if `run` computed it for
+        exactly this token at this length; None otherwise (the caller runs the step itself)."""
+        r = self._ready.pop(id(seq), None)
+        if r is None or r.offer.seq is not seq or r.offer.token != token or r.offer.length != seq.length:
+            return None
+        return r.positions, r.logits
+
+    # ------------------------------------------------------------------ driver side
+    def take(self) -> list[Offer]:
+        """The offers made since the last take (at most one per sequence: the latest)."""
+        out = list(self._offers.values())
+        self._offers.clear()
+        return out
+
+    def run(self, offers: Iterable[Offer]) -> int:
+        """Compute the offered steps that still hold (same length, still batchable), in forward calls of at
+        most `max_batch` sequences; returns how many were computed. Results wait for their claims."""
+        live = [o for o in offers if o.seq.length == o.length and self.engine.can_batch(o.seq)]
+        for a in range(0, len(live), self.max_batch):
+            group = live[a : a + self.max_batch]
+            outs = self.engine.decode_rows([(o.seq, o.token) for o in group])
+            for o, (positions, logits) in zip(group, outs, strict=True):
+                self._ready[id(o.seq)] = _Ready(o, positions, logits)
+            self.sizes[len(group)] += 1
+            self.tokens += len(group)
+        return len(live)
+
+    def clear(self) -> None:
+        """Drop unclaimed results (call after every generation had its turn)."""
+        self._ready.clear()
