@@ -27,7 +27,7 @@ from infinichat.session.db import SessionDB, check_session_id, damaged
 from infinichat.session.limits import MAX_MESSAGE_CHARS, MAX_NAME_CHARS, check_image, check_text
 from infinichat.session.lore import Lorebook, load_lorebook
 from infinichat.session.prefix_cache import PrefixCache
-from infinichat.session.session import Memento, Message, Session
+from infinichat.session.session import Memento, Message, Session, default_name
 from infinichat.session.settings import MAX_BUDGET, SessionSettings, check_budget
 
 T = TypeVar("T")
@@ -154,6 +154,43 @@ class SessionManager:
             self._enforce_cap(keep=s)
         except BaseException:
             self._forget(sid)
+            raise
+        return s
+
+    def import_chat(self, data, sid: str | None = None, name: str = "") -> Session:
+        """A new session from an exported chat (see transfer.py), its cache evaluated. All or nothing."""
+        from infinichat.session.transfer import parse_chat
+
+        imp = parse_chat(data)
+        known = set(self.defaults.to_json())
+        settings = {k: v for k, v in imp.settings.items() if k in known}
+        if isinstance(settings.get("budget"), int) and settings["budget"] > self.max_budget:
+            del settings["budget"]  # made on a server with a larger cap: a budget that fits is chosen
+        if isinstance(settings.get("dry_sequence_breakers"), list):
+            settings["dry_sequence_breakers"] = tuple(settings["dry_sequence_breakers"])
+        prompt = imp.system_prompt
+        s = self.create(sid, name or imp.name, prompt, imp.card, settings or None, imp.lorebook)
+        try:
+            if imp.card is not None and prompt is not None and prompt != s.system_prompt:
+                s.system_prompt = check_text(prompt, "system prompt", MAX_MESSAGE_CHARS)
+            vocab = getattr(self.tok, "vocab_size", None)
+            for m in imp.messages:
+                m.uid, s.next_uid = s.next_uid, s.next_uid + 1
+                for a in m.alternatives:  # exported tokens are kept only if this tokenizer reads them as the text
+                    if a.tokens is not None and (
+                        (isinstance(vocab, int) and any(not 0 <= t < vocab for t in a.tokens))
+                        or self.tok.decode(a.tokens, skip_special=True) != a.text
+                    ):
+                        a.tokens = None
+            s.messages = imp.messages
+            s.seq = None
+            s.rebuild()
+            if not s.name:
+                first = next((m.text for m in s.messages if m.kind == "user"), "")
+                s.name = default_name(first) if first else ""
+            s._changed()
+        except BaseException:
+            self._forget(s.id)
             raise
         return s
 

@@ -100,7 +100,13 @@ class Message:
             self.n_tokens,
             self.n_header,
             tuple(
-                (hash(a.text), a.finish_reason, -1 if a.tokens is None else len(a.tokens), len(a.logprobs), len(a.steps))
+                (
+                    hash(a.text),
+                    a.finish_reason,
+                    -1 if a.tokens is None else len(a.tokens),
+                    len(a.logprobs),
+                    len(a.steps),
+                )
                 for a in self.alternatives
             ),
             tuple(sorted(self.meta.items())),
@@ -133,7 +139,11 @@ class Message:
     def from_json(cls, d: dict) -> Message:
         alts = [
             Alternative(
-                a["text"], a.get("tokens"), a.get("finish_reason", "stop"), a.get("logprobs") or [], a.get("steps") or []
+                a["text"],
+                a.get("tokens"),
+                a.get("finish_reason", "stop"),
+                a.get("logprobs") or [],
+                a.get("steps") or [],
             )
             for a in d["alternatives"]
         ]
@@ -909,7 +919,9 @@ class Session:
             entry = m.meta.get("entry")
             if entry in hit_ids:
                 m.meta["seen"] = n_user
-            elif book is None or book.get(entry) is None or n_user - int(m.meta.get("seen", 0)) >= self.settings.lore_ttl:
+            elif (
+                book is None or book.get(entry) is None or n_user - int(m.meta.get("seen", 0)) >= self.settings.lore_ttl
+            ):
                 self._drop_from_cache(m)
         present = {m.meta.get("entry") for m in self.messages if m.kind == "lore" and m.in_context}
         user = self.settings.user_name
@@ -1036,7 +1048,11 @@ class Session:
             first = self._rerender_user(old.user_name, new.user_name)
             card = self.card
             prompt = card.chat_system_prompt(new.user_name) if card is not None else self.system_prompt
-            if card is not None and self.system_prompt == card.chat_system_prompt(old.user_name) and prompt != self.system_prompt:
+            if (
+                card is not None
+                and self.system_prompt == card.chat_system_prompt(old.user_name)
+                and prompt != self.system_prompt
+            ):
                 self._resystem(prompt)  # re-evaluates every message after it too
             elif first is not None:
                 self._repair_from(first)
