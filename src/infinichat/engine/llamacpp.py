@@ -60,7 +60,6 @@ from infinichat.kv.store import MAGIC as TORCH_MAGIC
 from infinichat.kv.store import check_spans
 from infinichat.model.config import ModelConfig
 from infinichat.model.gguf_meta import read_gguf_fields
-from infinichat.model.label import model_label
 from infinichat.model.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -138,7 +137,7 @@ def load_llamacpp(
     fields = read_gguf_fields(path)
     tokenizer = Tokenizer.from_gguf_fields(fields, source=str(path))
     engine = LlamaCppEngine(path, n_ctx=n_ctx, threads=threads, eos_ids=tokenizer.eos_ids, fields=fields)
-    return tokenizer, model_label(path, str(fields.get("general.name", ""))), engine
+    return tokenizer, str(fields.get("general.name", path.stem)), engine
 
 
 @dataclass

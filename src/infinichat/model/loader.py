@@ -25,7 +25,6 @@ from safetensors.torch import load_file, save_file
 from infinichat.errors import ModelLoadError
 from infinichat.model.config import ModelConfig, RopeScaling
 from infinichat.model.gguf_meta import read_gguf_fields
-from infinichat.model.label import model_label
 from infinichat.model.quant import QUANT_FORMAT, QUANT_SUFFIXES, cache_tag, check_mode, quantize
 from infinichat.model.tokenizer import Tokenizer
 from infinichat.model.transformer import Transformer
@@ -213,7 +212,7 @@ def load_model(
             b"".join(file_sha256(f, cache_dir).encode() for f in sorted(path.glob("*.safetensors")))
         ).hexdigest()
         return LoadedModel(
-            cfg, Transformer(cfg, weights, dtype, quant, device, kernels), tokenizer, path, digest, model_label(path)
+            cfg, Transformer(cfg, weights, dtype, quant, device, kernels), tokenizer, path, digest, path.name
         )
 
     if path.suffix.lower() != ".gguf":
@@ -228,7 +227,7 @@ def load_model(
             cfg = config_from_json((entry / "config.json").read_text())
             weights = _cached_weights(entry, dtype, quant)
             tokenizer = Tokenizer.from_saved(entry / "tokenizer")
-            name = model_label(path, json.loads((entry / "source.json").read_text()).get("name"))
+            name = json.loads((entry / "source.json").read_text()).get("name", path.stem)
             return LoadedModel(
                 cfg, Transformer(cfg, weights, dtype, quant, device, kernels), tokenizer, path, digest, name
             )

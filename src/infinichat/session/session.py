@@ -914,14 +914,12 @@ class Session:
         n_user = sum(m.kind == "user" for m in self.messages)
         recent = [m.text for m in self.messages if m.kind in SPOKEN]
         hits = book.matching(recent) if book is not None else []
-        hit_ids = {e.id for e in hits}
+        hit_ids, ttl = {e.id for e in hits}, self.settings.lore_ttl
         for m in active:
             entry = m.meta.get("entry")
             if entry in hit_ids:
                 m.meta["seen"] = n_user
-            elif (
-                book is None or book.get(entry) is None or n_user - int(m.meta.get("seen", 0)) >= self.settings.lore_ttl
-            ):
+            elif book is None or book.get(entry) is None or n_user - int(m.meta.get("seen", 0)) >= ttl:
                 self._drop_from_cache(m)
         present = {m.meta.get("entry") for m in self.messages if m.kind == "lore" and m.in_context}
         user = self.settings.user_name

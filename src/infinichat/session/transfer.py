@@ -119,9 +119,7 @@ def parse_chat(data: Any) -> Imported:
         data = [data]
     if isinstance(data, list):
         return _tavern(data)
-    raise _err(
-        'accepted: our JSON export (format "infinichat-chat") or a SillyTavern chat (.jsonl text or a list of its lines)'
-    )
+    raise _err('accepted: our JSON export (format "infinichat-chat") or a SillyTavern chat (.jsonl text or its lines)')
 
 
 def _json(text: str, where: str) -> Any:
