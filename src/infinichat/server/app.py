@@ -134,6 +134,7 @@ def create_app(
     auth = [Depends(_auth)]
     for r in (routes_chats.router, routes_sessions.router, routes_actions.router, routes_openai.router):
         app.include_router(r, dependencies=auth)
+    app.include_router(routes_chats.public)  # the code colours of the page
 
     @app.get("/api/info", dependencies=auth)
     async def info():

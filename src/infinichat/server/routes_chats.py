@@ -17,7 +17,7 @@ from infinichat.session.lore import load_lorebook
 from infinichat.session.transfer import export_json, export_jsonl
 
 router = APIRouter(prefix="/api")
-UNSET: Any = object()
+public = APIRouter(prefix="/api")  # no API key: what a <link> of the page loads
 
 
 class PatchBody(Strict):
@@ -158,6 +158,6 @@ async def inspect(body: InspectBody, request: Request):
     return await _worker(request).acall(lambda m: m.inspect(card, body.system_prompt, body.user_name), mutates=False)
 
 
-@router.get("/highlight.css")
+@public.get("/highlight.css")
 async def highlight_css():
     return PlainTextResponse(code_css(), media_type="text/css")

@@ -84,6 +84,7 @@ def history_json(m, s) -> dict:
     for msg in h["messages"]:
         msg["html"] = render_markdown(msg["text"])
     h["name"] = h["name"] or "New chat"
+    h["system_html"] = render_markdown(h["system_prompt"] or "")
     h["avatars"] = {who: m.db.avatar_path(s.id, who).exists() for who in AVATARS}
     return h
 
