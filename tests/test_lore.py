@@ -230,3 +230,41 @@ def test_failed_create_leaves_nothing(mgr):
     with pytest.raises(LoreError):
         mgr.create("lb", system_prompt="x", lorebook={"entries": 1})
     assert mgr.list() == []
+
+
+def test_without_recompute_the_tokens_after_keep_what_they_saw(mgr):
+    """The reason for `lore_recompute`: re-rotation alone gives the right tokens and positions, but the keys after
+    the cut were computed with the entry in view, so the logits differ from a fresh evaluation."""
+    s = mgr.create("r", system_prompt="You tell stories.", settings={**GREEDY, "lore_recompute": False})
+    s.set_lorebook(load_lorebook(WORLD_INFO))
+    list(s.send("Tell me about the dragon."))
+    list(s.send("And the weather?"))
+    list(s.send("What about lunch?"))
+    assert "The dragon" not in lore_names(s)
+    r = fresh(s)
+    assert s.seq.token_ids() == r.seq.token_ids() and s.seq.positions() == list(range(s.seq.length))
+    assert (s.next_logits() - r.next_logits()).abs().max() > 1e-3
+
+
+def test_an_old_database_is_migrated(tmp_path):
+    import sqlite3
+
+    from infinichat.session.db import SCHEMA, SessionDB
+
+    path = tmp_path / "sessions.sqlite3"
+    conn = sqlite3.connect(path)
+    conn.executescript(SCHEMA)  # the schema before lorebooks, with one session in it
+    conn.execute(
+        "INSERT INTO sessions (id, name, created, updated, version, settings, next_uid) VALUES ('old', 'x', 1, 1, 1, "
+        "'{}', 1)"
+    )
+    conn.commit()
+    conn.close()
+    db = SessionDB(tmp_path)
+    assert db.conn.execute("PRAGMA user_version").fetchone() == (1,)
+    row, msgs = db.load("old")
+    assert row["lorebook"] is None and msgs == []
+    db.close()
+    db = SessionDB(tmp_path)  # a second open changes nothing
+    assert db.conn.execute("PRAGMA user_version").fetchone() == (1,)
+    db.close()

@@ -173,7 +173,8 @@ def _entry(d: Any, index: int | str) -> LoreEntry:
     where = f"entry {index}"
     if not isinstance(d, dict):
         raise LoreError(f"lorebook {where}: must be an object, got {type(d).__name__}")
-    ext = d.get("extensions") if isinstance(d.get("extensions"), dict) else {}
+    given = d.get("extensions")
+    ext: dict = given if isinstance(given, dict) else {}
     eid = d.get("uid", d.get("id", index))
     content = _get(d, where, ("content",), str, "")
     check_text(content, f"lorebook {where} content", MAX_MESSAGE_CHARS)

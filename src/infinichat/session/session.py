@@ -916,12 +916,12 @@ class Session:
         hits = book.matching(recent) if book is not None else []
         hit_ids, ttl = {e.id for e in hits}, self.settings.lore_ttl
         for m in active:
-            entry = m.meta.get("entry")
+            entry = str(m.meta.get("entry"))
             if entry in hit_ids:
                 m.meta["seen"] = n_user
             elif book is None or book.get(entry) is None or n_user - int(m.meta.get("seen", 0)) >= ttl:
                 self._drop_from_cache(m)
-        present = {m.meta.get("entry") for m in self.messages if m.kind == "lore" and m.in_context}
+        present = {str(m.meta.get("entry")) for m in self.messages if m.kind == "lore" and m.in_context}
         user = self.settings.user_name
         for e in hits:
             if e.id in present:
@@ -1013,7 +1013,7 @@ class Session:
                             a.text, a.tokens, a.steps = text, None, []
                             first = i if first is None else first
             elif m.kind == "lore" and self.lorebook is not None:
-                e = self.lorebook.get(m.meta.get("entry"))
+                e = self.lorebook.get(str(m.meta.get("entry")))
                 if e is not None and m.text == self._render(e.content, old):
                     text = self._render(e.content, new)
                     if text != m.text:

@@ -76,7 +76,7 @@ def export_jsonl(s: Session) -> str:
         if m.kind not in ("user", "assistant", "narration"):
             continue
         when = _date(m.created)
-        line = {
+        line: dict[str, Any] = {
             "name": user if m.kind == "user" else NARRATOR if m.kind == "narration" else char,
             "is_user": m.kind == "user",
             "is_system": m.kind == "narration",
@@ -208,15 +208,18 @@ def _step_ok(s: Any) -> bool:
 def _tavern(lines: list) -> Imported:
     if len(lines) > MAX_MESSAGES + 1:
         raise _err(f"at most {MAX_MESSAGES} messages are accepted")
-    out, name, user = [], "", None
+    out: list[Message] = []
+    name: str = ""
+    user: str | None = None
     for i, x in enumerate(lines):
         where = f"line {i + 1}"
         if not isinstance(x, dict):
             raise _err(f"{where} must be a JSON object")
         if "mes" not in x:
             if i == 0:  # the header: names and metadata
-                name = x.get("character_name") if isinstance(x.get("character_name"), str) else ""
-                user = x.get("user_name") if isinstance(x.get("user_name"), str) else None
+                cn, un = x.get("character_name"), x.get("user_name")
+                name = cn if isinstance(cn, str) else ""
+                user = un if isinstance(un, str) else None
                 continue
             raise _err(f"{where} has no 'mes' (the message text)")
         text = _text(x["mes"], f"{where} mes")
