@@ -268,3 +268,17 @@ def test_an_old_database_is_migrated(tmp_path):
     db = SessionDB(tmp_path)  # a second open changes nothing
     assert db.conn.execute("PRAGMA user_version").fetchone() == (1,)
     db.close()
+
+
+def test_an_entry_evicted_by_the_budget_can_enter_again(mgr):
+    s = mgr.create("v", system_prompt="Tales.", settings={**GREEDY, "budget": 160, "lore_ttl": 50})
+    s.set_lorebook(load_lorebook(WORLD_INFO))
+    list(s.send("The dragon wakes."))
+    for i in range(8):  # the turns policy evicts old turns, the lore segment among them
+        list(s.send(f"Small talk number {i}."))
+        if "The dragon" not in lore_names(s):
+            break
+    assert "The dragon" not in lore_names(s)
+    list(s.send("The dragon again."))
+    assert "The dragon" in lore_names(s)
+    assert s.seq.length <= 160

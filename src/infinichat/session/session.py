@@ -917,7 +917,9 @@ class Session:
         hit_ids, ttl = {e.id for e in hits}, self.settings.lore_ttl
         for m in active:
             entry = str(m.meta.get("entry"))
-            if entry in hit_ids:
+            if self._segment(m) is None:  # evicted by the budget policy: out, free to enter again
+                m.in_context = False
+            elif entry in hit_ids:
                 m.meta["seen"] = n_user
             elif book is None or book.get(entry) is None or n_user - int(m.meta.get("seen", 0)) >= ttl:
                 self._drop_from_cache(m)
