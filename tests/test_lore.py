@@ -282,3 +282,25 @@ def test_an_entry_evicted_by_the_budget_can_enter_again(mgr):
     list(s.send("The dragon again."))
     assert "The dragon" in lore_names(s)
     assert s.seq.length <= 160
+
+
+def test_lore_on_llamacpp_leaves_no_trace(llamacpp_default_engine, default_tokenizer, tmp_path):
+    """The same on the llama.cpp backend (the cut goes through llama_memory_seq_rm / seq_add, the recompute
+    through its stale slots): after the entry leaves, the cache holds exactly the tokens of a fresh evaluation,
+    and the logits agree as closely as llama.cpp's batch shapes allow (see tests/test_session.py)."""
+    m = SessionManager(llamacpp_default_engine, default_tokenizer, "default-gguf", tmp_path / "d")
+    try:
+        book = {**WORLD_INFO, "scan_depth": 1}  # the user's message only: the model's reply cannot keep it in
+        s = m.create("l", system_prompt="You tell stories.", settings={**GREEDY, "lore_ttl": 1}, lorebook=book)
+        list(s.send("Tell me about the dragon."))
+        assert "The dragon" in lore_names(s)
+        list(s.send("What about lunch?"))
+        assert "The dragon" not in lore_names(s)
+        r = fresh(s)
+        assert s.seq.token_ids() == r.seq.token_ids() and s.seq.positions() == list(range(s.seq.length))
+        a, b = s.next_logits(), r.next_logits()
+        assert a.argmax() == b.argmax()
+        torch.testing.assert_close(a, b, atol=1.5, rtol=0)
+        r.seq = None
+    finally:
+        m.db.close()
