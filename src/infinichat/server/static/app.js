@@ -786,7 +786,8 @@ function fillChatForm() {
   if (document.activeElement !== f.chat_name) f.chat_name.value = cur.name || "";
   if (document.activeElement !== f.chat_system) f.chat_system.value = cur.system_prompt || "";
   const lb = cur.lorebook;
-  $("lore-info").textContent = lb ? `· ${lb.name || "attached"}: ${lb.entries.length} entries, ${lb.entries.filter((e) => e.active).length} in memory` : "· none";
+  const n = lb ? lb.entries.length : 0;
+  $("lore-info").textContent = lb ? `· ${lb.name || "attached"}: ${n} ${n === 1 ? "entry" : "entries"}, ${lb.entries.filter((e) => e.active).length} in memory` : "· none";
   $("btn-lore-detach").disabled = !lb;
 }
 
