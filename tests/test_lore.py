@@ -219,7 +219,10 @@ def test_suggest_and_narrate_are_bounded(mgr):
     assert sum(e.token is not None for e in ev if e.kind == "token") <= 5
     ev = list(s.narrate(SamplingParams(temperature=1.0, seed=3, max_tokens=200)))
     assert sum(e.token is not None for e in ev if e.kind == "token") <= 7
-    assert speaker_cut(s.messages[-1].text) is None
+    narration = s.messages[-1]
+    assert speaker_cut(narration.text) is None
+    steps = narration.alternatives[0].steps  # what is kept for the debug view spells the kept text
+    assert s.tok.decode([st[0] for st in steps], skip_special=True) == narration.text
     assert_equals_fresh(s)
 
 

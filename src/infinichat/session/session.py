@@ -595,8 +595,10 @@ class Session:
             alt.text = prior_text + result.text
             alt.finish_reason = result.finish_reason
             alt.logprobs = alt.logprobs + logprobs
-            alt.steps = alt.steps + steps
             gen = self._tokens_for(result)
+            if [st[0] for st in steps[: len(gen)]] == gen:
+                steps = steps[: len(gen)]  # a stop string or a speaker cut: only the tokens of the kept text
+            alt.steps = alt.steps + steps
             alt.tokens = body + gen
             self._close_reply(m, turn, header, alt.tokens)
             if after is not None:

@@ -353,8 +353,10 @@ async function loadTokens(m, i) {
   tokenLoads.add(key);
   try {
     const t = await api("GET", path(`/messages/${i}/tokens?alt=${m.selected}`));
-    if (t.tokens.length) {
-      state.tokens.set(`${m.uid}:${m.selected}`, { text: t.text, toks: t.tokens });
+    const joined = t.tokens.map((x) => x.text).join("");
+    if (t.tokens.length && t.text.endsWith(joined)) { // an edited-then-continued reply: its start is plain text
+      const head = t.text.slice(0, t.text.length - joined.length);
+      state.tokens.set(`${m.uid}:${m.selected}`, { text: t.text, toks: head ? [{ plain: true, text: head }, ...t.tokens] : t.tokens });
       if (!state.live) renderMessages();
     }
   } catch (e) { console.warn("tokens", e); }
