@@ -12,7 +12,7 @@ from infinichat.server.errors import ApiError
 from infinichat.server.markdown import code_css
 from infinichat.server.routes_sessions import Strict, b64, card_of, edit_session
 from infinichat.server.sessionops import checked_id, get_session, history_json, require_session, steps_json
-from infinichat.session.limits import image_type
+from infinichat.session.limits import check_image, image_type
 from infinichat.session.lore import load_lorebook
 from infinichat.session.transfer import export_json, export_jsonl
 
@@ -96,8 +96,6 @@ async def put_user_avatar(sid: str, body: AvatarBody, request: Request):
     def run(m):
         s = get_session(m, sid)
         if data is not None:
-            from infinichat.session.limits import check_image
-
             check_image(data, "user avatar")
         m.db.write_avatar(sid, "user", data)
         return history_json(m, s)

@@ -29,6 +29,7 @@ from infinichat.session.lore import Lorebook, load_lorebook
 from infinichat.session.prefix_cache import PrefixCache
 from infinichat.session.session import Memento, Message, Session, default_name
 from infinichat.session.settings import MAX_BUDGET, SessionSettings, check_budget
+from infinichat.session.transfer import parse_chat
 
 T = TypeVar("T")
 
@@ -159,8 +160,6 @@ class SessionManager:
 
     def import_chat(self, data, sid: str | None = None, name: str = "") -> Session:
         """A new session from an exported chat (see transfer.py), its cache evaluated. All or nothing."""
-        from infinichat.session.transfer import parse_chat
-
         imp = parse_chat(data)
         known = set(self.defaults.to_json())
         settings = {k: v for k, v in imp.settings.items() if k in known}
