@@ -187,9 +187,11 @@ async function inspectCard() {
     hint.replaceChildren(
       h("b", {}, `${info.system_tokens.toLocaleString("en-US")} tokens`), cardPayload ? " in the card" : " in the system prompt",
       ` · the budget adapts: ${info.budget.toLocaleString("en-US")} (server cap ${info.max_budget.toLocaleString("en-US")})`,
-      info.lore_entries ? ` · ${info.lore_entries} lorebook entries` : "",
+      info.lore_entries ? ` · ${info.lore_entries} lorebook ${info.lore_entries === 1 ? "entry" : "entries"}` : "",
       info.fits ? "" : h("div", { class: "error" }, "Too long for this server: the card must be under half the budget cap."));
     hint.dataset.tokens = String(info.system_tokens);
+    const label = $("card-preview").querySelector("img + span");
+    if (label && info.name) label.textContent = info.name; // a PNG card: its character's name
   } catch (e) {
     if (seq === inspectSeq) hint.replaceChildren(h("span", { class: "error" }, e.message));
   }
