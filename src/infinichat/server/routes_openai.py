@@ -84,7 +84,7 @@ async def _generate(request: Request, body, kind: str):
             if len(prompt) != 1:
                 raise ApiError(400, f"prompt: exactly one prompt is supported, got {len(prompt)}", param="prompt")
             prompt = prompt[0]
-    params = params_of(body, top, DEFAULT_MAX_TOKENS)
+    params = params_of(body, top, DEFAULT_MAX_TOKENS, tok)
     sid = request.headers.get("x-session-id")
     if sid is not None and kind != "chat":
         raise ApiError(400, "X-Session-Id is supported on /v1/chat/completions only", param="X-Session-Id")
