@@ -246,21 +246,33 @@ def text_of(msg: Msg, i: int) -> str:
     return "".join(parts)
 
 
-def chat_messages(body: ChatBody) -> list[dict]:
+def chat_messages(body: ChatBody, tools: bool = False) -> list[dict]:
+    """The messages as the chat template reads them. `tools`: the request has tools, so `tool` messages and the
+    assistant's `tool_calls` are accepted (server/tools.py)."""
     if not body.messages:
         raise ApiError(400, "messages must hold at least one message", param="messages")
+    roles = ("system", "user", "assistant", "tool") if tools else ("system", "user", "assistant")
     out = []
     for i, m in enumerate(body.messages):
         role = "system" if m.role == "developer" else m.role
-        if role not in ("system", "user", "assistant"):
+        if role not in roles:
+            hint = "" if tools or m.role != "tool" else " (tool messages need the request's tools)"
             raise ApiError(
                 400,
-                f"messages[{i}].role {m.role!r} is not supported; accepted: system, developer, user, assistant",
+                f"messages[{i}].role {m.role!r} is not supported{hint}; accepted: developer, {', '.join(roles)}",
                 param=f"messages.{i}.role",
             )
         if role == "system" and i > 0:
             raise ApiError(400, f"messages[{i}]: a system message is accepted only first", param=f"messages.{i}.role")
-        out.append({"role": role, "content": text_of(m, i)})
+        if m.tool_calls is not None and (not tools or role != "assistant"):
+            raise ApiError(
+                400, f"messages[{i}].tool_calls: only on assistant messages of a request with tools", f"messages.{i}"
+            )
+        d: dict[str, Any] = {"role": role, "content": text_of(m, i)}
+        for k in ("name", "tool_calls", "tool_call_id"):
+            if getattr(m, k) is not None:
+                d[k] = getattr(m, k)
+        out.append(d)
     return out
 
 

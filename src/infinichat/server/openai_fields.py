@@ -51,9 +51,7 @@ FIELDS: tuple[FieldRule, ...] = (
         _T + "test_server_compat.py::test_models_by_id",
     ),
     FieldRule("max_tokens", BOTH, "supported", "", _T + "test_server.py::test_openai_client"),
-    FieldRule(
-        "max_completion_tokens", (CHAT,), "supported", "", _T + "test_openai_fields.py::test_max_completion_tokens"
-    ),
+    FieldRule("max_completion_tokens", BOTH, "supported", "", _T + "test_openai_fields.py::test_max_completion_tokens"),
     FieldRule(
         "temperature",
         BOTH,
@@ -178,7 +176,7 @@ FIELDS: tuple[FieldRule, ...] = (
     FieldRule("functions", (CHAT,), "refused", "deprecated by OpenAI: use tools"),
     FieldRule("function_call", (CHAT,), "refused", "deprecated by OpenAI: use tool_choice"),
     FieldRule("best_of", (COMPLETIONS,), "refused", "one candidate per request", neutral=(None, 1)),
-    FieldRule("echo", (COMPLETIONS,), "refused", "the prompt is not echoed", neutral=(None, False)),
+    FieldRule("echo", (COMPLETIONS,), "refused", "the prompt is not echoed", neutral=(False,)),
     FieldRule("suffix", (COMPLETIONS,), "refused", "no insertion (fill-in-the-middle)"),
     # --- llama.cpp server's extensions honoured on /v1
     FieldRule("top_k", BOTH, "extension", "0 = off", _T + "test_openai_fields.py::test_extensions_are_honoured"),
