@@ -67,7 +67,7 @@ class GenBody(BaseModel):
     min_p: float = 0.0
     repeat_penalty: float = 1.0
     repeat_last_n: int = 64
-    logit_bias: dict[str, Any] | None = None
+    logit_bias: dict[str, Any] | list[Any] | None = None  # OpenAI: {"id": bias}; llama.cpp: [[id, bias]]
     response_format: dict[str, Any] | None = None
     grammar: str | None = None  # llama.cpp: a GBNF grammar
     json_schema: dict[str, Any] | None = None  # llama.cpp: a JSON schema
