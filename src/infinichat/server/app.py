@@ -19,7 +19,7 @@ from fastapi.staticfiles import StaticFiles
 from infinichat.engine.backends import load_engine
 from infinichat.errors import InfinichatError
 from infinichat.kv.registry import POLICIES
-from infinichat.server import errors, routes_actions, routes_llama, routes_openai, routes_sessions
+from infinichat.server import errors, routes_actions, routes_llama, routes_openai, routes_sessions, startup
 from infinichat.server.errors import ApiError
 from infinichat.server.guard import Guard, default_allowed_hosts
 from infinichat.server.metrics import Metrics
@@ -36,8 +36,9 @@ STATIC = Path(__file__).parent / "static"
 MAX_BODY = 16 << 20  # bytes; a character card PNG in base64 fits
 
 
-def make_engine(args: argparse.Namespace):
-    """(engine, tokenizer, model id, model name) for `--backend`."""
+def make_engine(args: argparse.Namespace, on_progress=None):
+    """(engine, tokenizer, model id, model name) for `--backend`; `on_progress(stage, done, total)` hears the
+    loading stages."""
     return load_engine(
         args.backend,
         args.model,
@@ -46,6 +47,7 @@ def make_engine(args: argparse.Namespace):
         args.cache_dir,
         quant=getattr(args, "quant", "none"),
         device=getattr(args, "device", "auto"),
+        on_progress=on_progress,
     )
 
 
@@ -188,9 +190,43 @@ def serve(args: argparse.Namespace) -> int:
 
 
 def _serve_locked(args: argparse.Namespace, defaults: SessionSettings) -> int:
+    """Bind the port first (a taken port fails at once), serve the loading shell at once, load the model in a
+    thread and hand the requests to the app when it is ready (server/startup.py)."""
     import uvicorn
 
-    engine, tok, model_id, name = make_engine(args)
+    sock = startup.bind(args.host, args.port)
+    logging.getLogger(startup.__name__).setLevel(logging.INFO)  # the loading stages reach the log
+    url = f"http://{args.host}:{args.port}"
+    # the lines a person starting the server reads, on stdout even when it is not a terminal (logging may be off)
+    print(f"infinichat: listening on {url}; loading the model (GET /health answers 503 until it is ready)", flush=True)  # noqa: T201
+    server: uvicorn.Server | None = None
+
+    def build(progress: startup.Progress) -> FastAPI:
+        app, name = _build_app(args, defaults, progress)
+        print(f"infinichat: serving {name} on {url} (web page /, API /api and /v1)", flush=True)  # noqa: T201
+        return app
+
+    def failed(e: BaseException) -> None:
+        if server is not None:
+            server.should_exit = True
+
+    shell = startup.LoadingShell(build, failed)
+    server = uvicorn.Server(uvicorn.Config(shell, log_level="warning", lifespan="on"))
+    try:
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
+    if shell.failed is not None:
+        if isinstance(shell.failed, InfinichatError):
+            raise shell.failed
+        raise InfinichatError(f"the model failed to load: {type(shell.failed).__name__}: {shell.failed}")
+    return 0
+
+
+def _build_app(args: argparse.Namespace, defaults: SessionSettings, progress: startup.Progress) -> tuple[FastAPI, str]:
+    progress("loading the model")
+    engine, tok, model_id, name = make_engine(args, progress)
+    progress("opening the sessions")
     cap = args.kv_cap_mb << 20
     max_budget = args.max_budget or default_max_budget(engine, cap)
     if defaults.budget > max_budget:
@@ -217,7 +253,4 @@ def _serve_locked(args: argparse.Namespace, defaults: SessionSettings) -> int:
     )
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         log.warning("serving on %s without --api-key: anyone who can reach it can use it", args.host)
-    # the line a person starting the server reads, on stdout even when it is not a terminal (logging may be off)
-    print(f"infinichat: serving {name} on http://{args.host}:{args.port} (web page /, API /api and /v1)", flush=True)  # noqa: T201
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
-    return 0
+    return app, name
