@@ -25,6 +25,11 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 ENV = {**os.environ, "PYTHONPATH": str(SRC), "HF_HUB_OFFLINE": "1"}
 
 
+def _serve_cmd(port: int, model: Path, tmp: Path, *extra: str) -> list[str]:
+    cmd = [sys.executable, "-m", "infinichat", "serve", "--port", str(port), "--model", str(model)]
+    return [*cmd, "--data-dir", str(tmp / "d"), "--cache-dir", str(tmp / "c"), *extra]
+
+
 def _serve(shell) -> tuple[uvicorn.Server, threading.Thread, str]:
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(shell, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
