@@ -113,20 +113,7 @@ def test_a_taken_port_fails_at_once_with_one_line(tmp_path, tiny_gguf_1k):
             bind("127.0.0.1", port)
         t0 = time.monotonic()
         out = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "infinichat",
-                "serve",
-                "--port",
-                str(port),
-                "--model",
-                str(tiny_gguf_1k),
-                "--data-dir",
-                str(tmp_path / "d"),
-                "--cache-dir",
-                str(tmp_path / "c"),
-            ],
+            _serve_cmd(port, tiny_gguf_1k, tmp_path),
             capture_output=True,
             text=True,
             env=ENV,
@@ -142,24 +129,7 @@ def test_a_taken_port_fails_at_once_with_one_line(tmp_path, tiny_gguf_1k):
 def test_serve_answers_while_loading_and_logs_progress(tmp_path, tiny_gguf_1k):
     port = free_port()
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "infinichat",
-            "serve",
-            "--port",
-            str(port),
-            "--model",
-            str(tiny_gguf_1k),
-            "--data-dir",
-            str(tmp_path / "d"),
-            "--cache-dir",
-            str(tmp_path / "c"),
-            "--dtype",
-            "float32",
-            "--budget",
-            "512",
-        ],
+        _serve_cmd(port, tiny_gguf_1k, tmp_path, "--dtype", "float32", "--budget", "512"),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
