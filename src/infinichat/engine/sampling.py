@@ -110,7 +110,7 @@ class SamplingParams:
         if isinstance(self.logit_bias, dict):
             self.logit_bias = tuple(self.logit_bias.items())
         elif isinstance(self.logit_bias, list):
-            self.logit_bias = tuple(tuple(b) for b in self.logit_bias)  # type: ignore[misc]
+            self.logit_bias = tuple(tuple(b) for b in self.logit_bias)
 
     @property
     def dry_active(self) -> bool:

@@ -148,7 +148,7 @@ async def _generate(request: Request, body, kind: str):
                     return ""
                 content, calls = parse_calls("".join(held), tools)
                 calls = calls if body.parallel_tool_calls is not False else calls[:1]
-                delta = {"role": "assistant", "content": content}
+                delta: dict = {"role": "assistant", "content": content}
                 if calls:
                     delta["tool_calls"] = [{"index": i, **c} for i, c in enumerate(calls)]
                 head = {"id": rid, "object": obj + ".chunk", "created": created, "model": model}

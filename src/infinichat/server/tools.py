@@ -40,7 +40,7 @@ def template_reads_tools(template: str | None) -> bool:
 
 def check_tools(tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The tools as the template receives them; a 400 naming the first bad one."""
-    out = []
+    out: list[dict[str, Any]] = []
     for i, t in enumerate(tools):
         fn = t.get("function") if isinstance(t, dict) else None
         if not isinstance(t, dict) or t.get("type") != "function" or not isinstance(fn, dict):
