@@ -121,6 +121,7 @@ def test_extensions_are_honoured(live):
     greedy = text(post(live, COMPLETIONS, temperature=0, max_tokens=20))
     assert text(post(live, COMPLETIONS, temperature=1.0, seed=3, top_k=1, max_tokens=20)) == greedy
     assert text(post(live, COMPLETIONS, temperature=1.0, seed=3, min_p=1.0, max_tokens=20)) == greedy
+    assert text(post(live, COMPLETIONS, temperature=1.0, seed=3, top_p=1e-6, max_tokens=20)) == greedy
     hot = text(post(live, COMPLETIONS, temperature=1.5, seed=3, max_tokens=20))
     assert hot != greedy  # the two above were not greedy by chance
     pen = text(post(live, COMPLETIONS, temperature=0, repeat_penalty=3.0, max_tokens=40))
@@ -128,3 +129,10 @@ def test_extensions_are_honoured(live):
     assert pen != text(post(live, COMPLETIONS, temperature=0, max_tokens=40)) and off == text(
         post(live, COMPLETIONS, temperature=0, max_tokens=40)
     )
+
+
+def test_stop_strings_end_the_text(live):
+    greedy = text(post(live, COMPLETIONS, temperature=0, max_tokens=20))
+    cut = greedy[len(greedy) // 2 : len(greedy) // 2 + 2]
+    r = post(live, COMPLETIONS, temperature=0, max_tokens=20, stop=[cut])
+    assert text(r) == greedy[: greedy.index(cut)] and r.json()["choices"][0]["finish_reason"] == "stop"

@@ -59,7 +59,7 @@ FIELDS: tuple[FieldRule, ...] = (
         "0 = greedy",
         _T + "test_server_compat.py::test_stream_usage_only_with_include_usage",
     ),
-    FieldRule("top_p", BOTH, "supported", "", _T + "test_sampling.py"),
+    FieldRule("top_p", BOTH, "supported", "", _T + "test_openai_fields.py::test_extensions_are_honoured"),
     FieldRule(
         "n",
         BOTH,
@@ -82,7 +82,9 @@ FIELDS: tuple[FieldRule, ...] = (
         "include_usage",
         _T + "test_server_compat.py::test_stream_usage_only_with_include_usage",
     ),
-    FieldRule("stop", BOTH, "supported", "up to 4 strings", _T + "test_server_harden.py"),
+    FieldRule(
+        "stop", BOTH, "supported", "up to 4 strings", _T + "test_openai_fields.py::test_stop_strings_end_the_text"
+    ),
     FieldRule(
         "seed",
         BOTH,
