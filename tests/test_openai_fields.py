@@ -136,3 +136,13 @@ def test_stop_strings_end_the_text(live):
     cut = greedy[len(greedy) // 2 : len(greedy) // 2 + 2]
     r = post(live, COMPLETIONS, temperature=0, max_tokens=20, stop=[cut])
     assert text(r) == greedy[: greedy.index(cut)] and r.json()["choices"][0]["finish_reason"] == "stop"
+
+
+def test_a_reply_message_goes_back_as_the_client_got_it(live):
+    openai = pytest.importorskip("openai")
+    oc = openai.OpenAI(base_url=live.url + "/v1", api_key="unused", max_retries=0)
+    r = oc.chat.completions.create(model="x", messages=MSGS, max_tokens=3, temperature=0)
+    again = [*MSGS, r.choices[0].message.model_dump(), {"role": "user", "content": "More."}]
+    assert oc.chat.completions.create(model="x", messages=again, max_tokens=3, temperature=0).choices[0].message
+    bad = post(live, CHAT, messages=[{"role": "assistant", "content": "x", "audio": {"id": "a"}}])
+    assert bad.status_code == 400 and "audio" in bad.json()["error"]["message"], bad.text

@@ -32,6 +32,12 @@ class Msg(BaseModel):
     name: str | None = None  # passed to the chat template
     tool_calls: list[dict[str, Any]] | None = None  # an assistant's calls (tools.py)
     tool_call_id: str | None = None  # a tool message's answer to that call
+    # what OpenAI's own reply message carries, so a client can send a reply back as it got it: null (or, for
+    # annotations, citations of a web search, which have no effect) is accepted; anything else is a 400
+    refusal: str | None = None
+    annotations: list[Any] | None = None
+    audio: None = None
+    function_call: None = None
 
 
 class StreamOptions(BaseModel):
@@ -268,6 +274,8 @@ def chat_messages(body: ChatBody, tools: bool = False) -> list[dict]:
             raise ApiError(
                 400, f"messages[{i}].tool_calls: only on assistant messages of a request with tools", f"messages.{i}"
             )
+        if m.refusal is not None:
+            raise ApiError(400, f"messages[{i}].refusal: only null is accepted", param=f"messages.{i}.refusal")
         d: dict[str, Any] = {"role": role, "content": text_of(m, i)}
         for k in ("name", "tool_calls", "tool_call_id"):
             if getattr(m, k) is not None:
