@@ -456,9 +456,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
         )
         if args.command == "serve":
+            from infinichat.server.startup import bind
+
+            if not 0 <= args.port <= 65535:
+                raise InfinichatError(f"--port must be in [0, 65535], got {args.port}")
+            sock = bind(args.host, args.port)  # first, before the heavy imports: a taken port fails at once
             from infinichat.server.app import serve
 
-            return serve(args)
+            return serve(args, sock)
         from infinichat.cli import bench_cmd, commands, eval_cmd
 
         return {

@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import logging
 import secrets
+import socket
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -172,7 +173,8 @@ def default_max_budget(engine, kv_cap_bytes: int) -> int:
     return max(64, min(MAX_BUDGET, trained, by_memory))
 
 
-def serve(args: argparse.Namespace) -> int:
+def serve(args: argparse.Namespace, sock: socket.socket | None = None) -> int:
+    """`infinichat serve`; `sock`: the port already bound (startup.bind), else bound here."""
     defaults = SessionSettings().updated(
         {k: v for k, v in (("budget", args.budget), ("policy", args.policy)) if v is not None}
     )
@@ -186,15 +188,15 @@ def serve(args: argparse.Namespace) -> int:
         raise InfinichatError(f"--kv-cap-mb must be at least 1, got {args.kv_cap_mb}")
     # one writer per data directory, taken before the model loads so a second server fails at once
     with lock_data_dir(args.data_dir or default_data_dir(), f"serve on http://{args.host}:{args.port}"):
-        return _serve_locked(args, defaults)
+        return _serve_locked(args, defaults, sock)
 
 
-def _serve_locked(args: argparse.Namespace, defaults: SessionSettings) -> int:
+def _serve_locked(args: argparse.Namespace, defaults: SessionSettings, sock: socket.socket | None) -> int:
     """Bind the port first (a taken port fails at once), serve the loading shell at once, load the model in a
     thread and hand the requests to the app when it is ready (server/startup.py)."""
     import uvicorn
 
-    sock = startup.bind(args.host, args.port)
+    sock = sock or startup.bind(args.host, args.port)
     logging.getLogger(startup.__name__).setLevel(logging.INFO)  # the loading stages reach the log
     url = f"http://{args.host}:{args.port}"
     # the lines a person starting the server reads, on stdout even when it is not a terminal (logging may be off)

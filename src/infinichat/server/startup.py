@@ -22,8 +22,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from infinichat.errors import InfinichatError
-from infinichat.server.errors import error_body
+from infinichat.errors import InfinichatError  # nothing heavier: the CLI binds the port before importing torch
 
 log = logging.getLogger(__name__)
 RETRY_AFTER = "2"
@@ -134,7 +133,8 @@ class LoadingShell:
         else:
             pct = f" ({state['progress'] * 100:.0f}%)" if state["progress"] is not None else ""
             msg = f"the model is loading ({state['stage']}{pct}); retry in a few seconds (GET /health says when)"
-            body = json.dumps(error_body(503, msg, type="unavailable", code="loading")).encode()
+            err = {"message": msg, "type": "unavailable", "param": None, "code": "loading"}  # errors.py's shape
+            body = json.dumps({"error": err}).encode()
         await _send(send, 503, "application/json", body, [(b"retry-after", RETRY_AFTER.encode())])
 
 
