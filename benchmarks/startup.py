@@ -33,14 +33,22 @@ def first_token_seconds(cmd: list[str], env: dict[str, str]) -> float:
     return elapsed
 
 
-def serve_seconds(cmd: list[str], env: dict[str, str]) -> tuple[float, float]:
-    """(seconds to the first answer on /health, seconds to a 200 there) for `infinichat serve` on a free port."""
+def serve_seconds(cmd: list[str], env: dict[str, str]) -> tuple[float, float, float]:
+    """(seconds until the port accepts a connection, to the first answer on /health, to a 200 there) for
+    `infinichat serve` on a free port."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     t0 = time.perf_counter()
     proc = subprocess.Popen([*cmd, "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     first = None
+    while proc.poll() is None:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            time.sleep(0.01)
+    bound = time.perf_counter() - t0
     try:
         while proc.poll() is None and time.perf_counter() - t0 < 600:
             try:
@@ -53,7 +61,7 @@ def serve_seconds(cmd: list[str], env: dict[str, str]) -> tuple[float, float]:
                 continue
             first = first if first is not None else time.perf_counter() - t0
             if status == 200:
-                return first, time.perf_counter() - t0
+                return bound, first, time.perf_counter() - t0
             time.sleep(0.05)
         raise SystemExit(f"the server did not become ready: {' '.join(cmd)}")
     finally:
@@ -74,11 +82,13 @@ def main() -> None:
         cmd = [sys.executable, "-m", "infinichat", "serve", "--dtype", args.dtype, "--cache-dir", cache]
         cmd += ["--data-dir", data] + (["--model", args.model] if args.model else [])
         runs = [serve_seconds(cmd, dict(os.environ)) for _ in range(1 + args.runs)]
-        print(f"cold start: /health answered after {runs[0][0]:.2f} s (503 loading), ready after {runs[0][1]:.2f} s")
-        warm = runs[1:]
-        first = statistics.median(r[0] for r in warm)
-        ready = statistics.median(r[1] for r in warm)
-        print(f"warm starts (median of {len(warm)}): /health answered after {first:.2f} s, ready after {ready:.2f} s")
+
+        def line(what: str, b: float, f: float, r: float) -> None:
+            print(f"{what}: the port accepted after {b:.2f} s, /health answered after {f:.2f} s, ready after {r:.2f} s")
+
+        line("cold start (converts the model)", *runs[0])
+        again = runs[1:]
+        line(f"warm starts (median of {len(again)})", *(statistics.median(x[i] for x in again) for i in range(3)))
         return
     cmd = [
         sys.executable,
