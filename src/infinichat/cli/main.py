@@ -455,15 +455,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.basicConfig(
             level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
         )
-        if args.command == "serve":
-            from infinichat.server.startup import bind
+        if args.command == "serve":  # the port answers before anything heavy is imported (server/startup.py)
+            from infinichat.server.startup import serve
 
-            if not 0 <= args.port <= 65535:
-                raise InfinichatError(f"--port must be in [0, 65535], got {args.port}")
-            sock = bind(args.host, args.port)  # first, before the heavy imports: a taken port fails at once
-            from infinichat.server.app import serve
-
-            return serve(args, sock)
+            return serve(args)
         from infinichat.cli import bench_cmd, commands, eval_cmd
 
         return {

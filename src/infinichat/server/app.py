@@ -6,7 +6,6 @@ import argparse
 import contextlib
 import logging
 import secrets
-import socket
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -173,56 +172,23 @@ def default_max_budget(engine, kv_cap_bytes: int) -> int:
     return max(64, min(MAX_BUDGET, trained, by_memory))
 
 
-def serve(args: argparse.Namespace, sock: socket.socket | None = None) -> int:
-    """`infinichat serve`; `sock`: the port already bound (startup.bind), else bound here."""
+def build_served(
+    args: argparse.Namespace, progress: startup.Progress, hold: contextlib.ExitStack
+) -> tuple[FastAPI, str]:
+    """`infinichat serve`'s app, built while the loading shell answers (server/startup.py: `serve`): the options
+    checked, the data directory locked (one writer per directory; `hold` keeps the lock until the server stops),
+    then the model loaded. (app, model name)."""
     defaults = SessionSettings().updated(
         {k: v for k, v in (("budget", args.budget), ("policy", args.policy)) if v is not None}
     )
-    if args.port < 0 or args.port > 65535:
-        raise InfinichatError(f"--port must be in [0, 65535], got {args.port}")
     if args.max_budget is not None and not 64 <= args.max_budget <= MAX_BUDGET:
         raise InfinichatError(f"--max-budget must be in [64, {MAX_BUDGET}] tokens, got {args.max_budget}")
     if not 1 <= args.max_batch <= MAX_BATCH:
         raise InfinichatError(f"--max-batch must be in [1, {MAX_BATCH}], got {args.max_batch}")
     if args.kv_cap_mb < 1:
         raise InfinichatError(f"--kv-cap-mb must be at least 1, got {args.kv_cap_mb}")
-    # one writer per data directory, taken before the model loads so a second server fails at once
-    with lock_data_dir(args.data_dir or default_data_dir(), f"serve on http://{args.host}:{args.port}"):
-        return _serve_locked(args, defaults, sock)
-
-
-def _serve_locked(args: argparse.Namespace, defaults: SessionSettings, sock: socket.socket | None) -> int:
-    """Bind the port first (a taken port fails at once), serve the loading shell at once, load the model in a
-    thread and hand the requests to the app when it is ready (server/startup.py)."""
-    import uvicorn
-
-    sock = sock or startup.bind(args.host, args.port)
-    logging.getLogger(startup.__name__).setLevel(logging.INFO)  # the loading stages reach the log
-    url = f"http://{args.host}:{args.port}"
-    # the lines a person starting the server reads, on stdout even when it is not a terminal (logging may be off)
-    print(f"infinichat: listening on {url}; loading the model (GET /health answers 503 until it is ready)", flush=True)  # noqa: T201
-    server: uvicorn.Server | None = None
-
-    def build(progress: startup.Progress) -> FastAPI:
-        app, name = _build_app(args, defaults, progress)
-        print(f"infinichat: serving {name} on {url} (web page /, API /api and /v1)", flush=True)  # noqa: T201
-        return app
-
-    def failed(e: BaseException) -> None:
-        if server is not None:
-            server.should_exit = True
-
-    shell = startup.LoadingShell(build, failed)
-    server = uvicorn.Server(uvicorn.Config(shell, log_level="warning", lifespan="on"))
-    try:
-        server.run(sockets=[sock])
-    finally:
-        sock.close()
-    if shell.failed is not None:
-        if isinstance(shell.failed, InfinichatError):
-            raise shell.failed
-        raise InfinichatError(f"the model failed to load: {type(shell.failed).__name__}: {shell.failed}")
-    return 0
+    hold.enter_context(lock_data_dir(args.data_dir or default_data_dir(), f"serve on http://{args.host}:{args.port}"))
+    return _build_app(args, defaults, progress)
 
 
 def _build_app(args: argparse.Namespace, defaults: SessionSettings, progress: startup.Progress) -> tuple[FastAPI, str]:

@@ -1,5 +1,9 @@
 """A server that talks while it starts: the port is bound before the model loads and answers at once.
 
+`serve` is `infinichat serve`: it checks and binds the port, then runs uvicorn on the loading shell right away,
+and imports and builds the real app (server/app.py: `build_served`) in the shell's loading thread, so nothing
+heavy (torch) is imported before the port answers.
+
 `bind(host, port)` takes the port first (a taken port is one clear error, before any loading). `LoadingShell` is
 the ASGI app uvicorn serves from the first moment: while the model loads (in a thread) `/health` answers 503
 `{"status": "loading", "stage", "done", "total", "progress"}`, the web page is a loading screen that polls it and
@@ -167,3 +171,41 @@ async function poll() {
 poll();
 </script></body></html>
 """
+
+
+def serve(args: Any) -> int:
+    """`infinichat serve` (see the module's docstring); raises InfinichatError when the start fails."""
+    import uvicorn
+
+    if not 0 <= args.port <= 65535:
+        raise InfinichatError(f"--port must be in [0, 65535], got {args.port}")
+    sock = bind(args.host, args.port)
+    log.setLevel(logging.INFO)  # the loading stages reach the log
+    url = f"http://{args.host}:{args.port}"
+    # the lines a person starting the server reads, on stdout even when it is not a terminal (logging may be off)
+    print(f"infinichat: listening on {url}; loading the model (GET /health answers 503 until it is ready)", flush=True)  # noqa: T201
+    holder: list[uvicorn.Server] = []
+
+    with contextlib.ExitStack() as hold:
+
+        def build(progress: Progress):
+            from infinichat.server.app import build_served
+
+            app, name = build_served(args, progress, hold)
+            print(f"infinichat: serving {name} on {url} (web page /, API /api and /v1)", flush=True)  # noqa: T201
+            return app
+
+        def failed(e: BaseException) -> None:
+            holder[0].should_exit = True
+
+        shell = LoadingShell(build, failed)
+        holder.append(uvicorn.Server(uvicorn.Config(shell, log_level="warning", lifespan="on")))
+        try:
+            holder[0].run(sockets=[sock])
+        finally:
+            sock.close()
+    if shell.failed is not None:
+        if isinstance(shell.failed, InfinichatError):
+            raise shell.failed
+        raise InfinichatError(f"the model failed to load: {type(shell.failed).__name__}: {shell.failed}")
+    return 0
