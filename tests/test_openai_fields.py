@@ -146,3 +146,12 @@ def test_a_reply_message_goes_back_as_the_client_got_it(live):
     assert oc.chat.completions.create(model="x", messages=again, max_tokens=3, temperature=0).choices[0].message
     bad = post(live, CHAT, messages=[{"role": "assistant", "content": "x", "audio": {"id": "a"}}])
     assert bad.status_code == 400 and "audio" in bad.json()["error"]["message"], bad.text
+
+
+def test_message_names_reach_the_template_or_are_refused_in_a_session(live):
+    named = [{"role": "user", "content": "Hi", "name": "ann"}]
+    assert post(live, CHAT, messages=named).status_code == 200
+    r = httpx.post(
+        live.url + PATHS[CHAT], json={"messages": named, "max_tokens": 2}, headers={"X-Session-Id": "n1"}, timeout=60
+    )
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages.0.name", r.text

@@ -385,6 +385,10 @@ def session_chat(m, sid: str, messages: list[dict], params: SamplingParams, shou
     """Map the chat onto session `sid` (append only what it lacks) and generate the reply. All or nothing: a
     request that fails before its first token leaves the session as it was (or, if it created it, absent)."""
     checked_id(sid)
+    named = [i for i, msg in enumerate(messages) if "name" in msg]
+    if named:  # a session's turns are role and text only
+        i = named[0]
+        raise ApiError(400, f"messages[{i}].name is not supported with X-Session-Id", param=f"messages.{i}.name")
     system = messages[0]["content"] if messages[0]["role"] == "system" else None
     rest = messages[1:] if system is not None else messages
     if not rest:

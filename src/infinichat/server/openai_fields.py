@@ -33,7 +33,7 @@ FIELDS: tuple[FieldRule, ...] = (
         "messages",
         (CHAT,),
         "supported",
-        "system/developer/user/assistant/tool roles, text content parts",
+        "system/developer/user/assistant/tool roles, text parts; name: to the template (400 with X-Session-Id)",
         _T + "test_server.py::test_openai_client",
     ),
     FieldRule(
