@@ -94,8 +94,38 @@ def test_props_slots_apply_template(http, tiny_chat_model):
     slots = http.get("/slots").json()
     mine = [s for s in slots if s["id_session"] == "slotted"]
     assert mine and mine[0]["n_past"] > 0 and mine[0]["is_processing"] is False
-    r = http.post(f"/slots/{mine[0]['id']}?action=save", json={"filename": "x.bin"})
-    assert r.status_code == 400 and "sessions" in r.json()["error"]["message"]
+    assert [s["id"] for s in slots] == list(range(len(slots)))
     msgs = [{"role": "user", "content": "hi"}]
     t = http.post("/apply-template", json={"messages": msgs}).json()["prompt"]
     assert t == tiny_chat_model.tokenizer.apply_chat_template(msgs, add_generation_prompt=True)
+
+
+def test_slot_save_restore_erase(http):
+    chat = "/v1/chat/completions"
+    kw = {"max_tokens": 3, "temperature": 0}
+    first = [{"role": "user", "content": "Remember the number seven."}]
+    http.post(chat, json={"messages": first, **kw}, headers={"X-Session-Id": "keep"})
+    slot = next(s for s in http.get("/slots").json() if s["id_session"] == "keep")
+    before = http.get("/api/sessions/keep").json()
+    saved = http.post(f"/slots/{slot['id']}?action=save", json={"filename": "keep-1"}).json()
+    assert saved["n_saved"] == slot["n_past"] > 0 and saved["filename"] == "keep-1"
+    # the session moves on, then comes back to the saved state (cache from the snapshot)
+    more = [*first, {"role": "assistant", "content": "ok"}, {"role": "user", "content": "And eight."}]
+    http.post(chat, json={"messages": more, **kw}, headers={"X-Session-Id": "keep"})
+    assert len(http.get("/api/sessions/keep").json()["messages"]) > len(before["messages"])
+    back = http.post(f"/slots/{slot['id']}?action=restore", json={"filename": "keep-1"})
+    assert back.status_code == 200 and back.json()["n_restored"] == slot["n_past"], back.text
+    after = http.get("/api/sessions/keep").json()
+    assert [m["text"] for m in after["messages"]] == [m["text"] for m in before["messages"]]
+    again = http.post(chat, json={"messages": first, **kw, "seed": 1}, headers={"X-Session-Id": "keep"})
+    assert again.status_code == 200
+    erased = http.post(f"/slots/{slot['id']}?action=erase").json()
+    assert erased["n_erased"] > 0
+    assert http.get("/api/sessions/keep").json()["messages"]  # the transcript stays
+    for q, body, status in [
+        ("action=save", {"filename": "../x"}, 400),
+        ("action=restore", {"filename": "nothing"}, 404),
+        ("action=fly", {"filename": "a"}, 400),
+    ]:
+        assert http.post(f"/slots/{slot['id']}?{q}", json=body).status_code == status, q
+    assert http.post("/slots/999?action=erase").status_code == 404

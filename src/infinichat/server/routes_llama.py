@@ -4,16 +4,21 @@
   longest common prefix, as a llama-server slot does); `n_predict` -1 = until EOS or the context budget; the
   sampling fields llama-server shares with /v1 (and `grammar`, `json_schema`, `logit_bias`, `n_probs`). Streaming
   sends `data: {...}` lines with `content` and `stop`, the last one with the totals, as llama-server does.
-- Slots are our sessions: `/slots` lists them (`id`: the position in the list, `id_session`: the session's id);
-  `id_slot` on /completion may only be -1 (any): a session holds chat turns, not a raw prompt (use
-  /v1/chat/completions with `X-Session-Id`). `/slots/{id}?action=save|restore|erase` is a 400 that says so:
-  sessions are saved on every change and their caches written to disk by the server itself.
+- Slots are our sessions: `/slots` lists them (`id`: the position in creation order, `id_session`: the
+  session's id); `/slots/{id}?action=save|restore` writes / reads the session's transcript and KV snapshot
+  (DATA/slots/FILENAME.json and .kv), `erase` drops its KV cache. `id_slot` on /completion may only be -1
+  (any): a session holds chat turns, not a raw prompt (use /v1/chat/completions with `X-Session-Id`).
 """
 
 from __future__ import annotations
 
+import json
+import os
+import re
 import secrets
+import shutil
 import time
+from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -184,25 +189,30 @@ async def apply_template(body: TemplateBody, request: Request):
     return {"prompt": tok.apply_chat_template(chat_messages(chat, tools=bool(body.tools)), True, **extra)}
 
 
+def _slot_ids(m) -> list[str]:
+    """Session ids in slot order: by creation (a slot keeps its number while sessions are used)."""
+    return [d["id"] for d in sorted(m.list(), key=lambda d: (d["created"], d["id"]))]
+
+
 @router.get("/slots")
 async def slots(request: Request):
     st = request.app.state
-
     busy = st.worker.busy_sessions()
 
     def run(m):
         out = []
-        for i, d in enumerate(m.list()):
-            s = m.sessions.get(d["id"])
+        by_id = {d["id"]: d for d in m.list()}
+        for i, sid in enumerate(_slot_ids(m)):
+            s = m.sessions.get(sid)
             seq = s.seq if s is not None else None
             out.append(
                 {
                     "id": i,
-                    "id_session": d["id"],
+                    "id_session": sid,
                     "n_ctx": s.settings.budget if s is not None else None,
                     "n_past": seq.length if seq is not None else 0,
-                    "is_processing": d["id"] in busy,
-                    "messages": d["messages"],
+                    "is_processing": sid in busy,
+                    "messages": by_id[sid]["messages"],
                 }
             )
         return out
@@ -210,11 +220,93 @@ async def slots(request: Request):
     return await st.worker.acall(run, mutates=False)
 
 
+class SlotFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    filename: str | None = None
+
+
+_FILENAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
+
+
 @router.post("/slots/{id_slot}")
-async def slot_action(id_slot: int, request: Request, action: str = ""):
-    raise ApiError(
-        400,
-        f"action={action!r} on slot {id_slot}: slots are sessions here; they are saved on every change and their "
-        "caches written to disk by the server (see GET /api/sessions); erase one with DELETE /api/sessions/{id}",
-        param="action",
-    )
+async def slot_action(id_slot: int, request: Request, action: str = "", body: SlotFile | None = None):
+    """save: the session's transcript and KV snapshot to DATA/slots/FILENAME(.json, .kv); restore: the session
+    becomes what the file holds (its cache from the snapshot when it matches, else rebuilt from the transcript);
+    erase: its KV cache is dropped (the transcript stays; the cache is rebuilt on next use)."""
+    st = request.app.state
+    if action not in ("save", "restore", "erase"):
+        raise ApiError(400, f"action={action!r}; accepted: save, restore, erase", param="action")
+    name = body.filename if body is not None else None
+    if action != "erase" and (name is None or not _FILENAME.fullmatch(name)):
+        raise ApiError(
+            400, f"filename {name!r}: 1-128 letters, digits, _ . - (no folders), not starting with . or -", "filename"
+        )
+    sid = await st.worker.acall(lambda m: _slot_session(m, id_slot), mutates=False)
+    t0 = time.perf_counter()
+
+    def run(m):
+        folder = m.db.dir / "slots"
+        if action == "save":
+            return _save_slot(m, sid, folder, name or "")
+        if action == "restore":
+            return _restore_slot(m, sid, folder, name or "")
+        s = m.get(sid)
+        n = s.seq.length if s.seq is not None else 0
+        s.seq, s._logits = None, None
+        m.db.kv_path(sid).unlink(missing_ok=True)
+        return {"n_erased": n}
+
+    out = await st.worker.acall(run, session=sid)
+    ms = (time.perf_counter() - t0) * 1e3
+    timing = {f"{action}_ms": ms} if action != "erase" else {}
+    return {"id_slot": id_slot, "id_session": sid, **({"filename": name} if name else {}), **out, "timings": timing}
+
+
+def _slot_session(m, id_slot: int) -> str:
+    ids = _slot_ids(m)
+    if not 0 <= id_slot < len(ids):
+        raise ApiError(404, f"no slot {id_slot}; slots are the {len(ids)} sessions (GET /slots)", param="id_slot")
+    return ids[id_slot]
+
+
+def _save_slot(m, sid: str, folder: Path, name: str) -> dict:
+    s = m.get(sid)  # the cache resident
+    got = m.db.load(sid)
+    if got is None:
+        raise ApiError(404, f"no session {sid!r}")
+    row, msgs = got
+    folder.mkdir(parents=True, exist_ok=True)
+    kv = folder / f"{name}.kv"
+    s.kv.save(kv, {"version": s.version, "session": sid})
+    data = json.dumps({"row": row, "messages": msgs}, ensure_ascii=False).encode()
+    tmp = folder / f".{name}.json.tmp"
+    tmp.write_bytes(data)
+    os.replace(tmp, folder / f"{name}.json")
+    return {"n_saved": s.kv.length, "n_written": len(data) + kv.stat().st_size}
+
+
+def _restore_slot(m, sid: str, folder: Path, name: str) -> dict:
+    src = folder / f"{name}.json"
+    if not src.is_file():
+        raise ApiError(404, f"no saved slot {name!r} (POST /slots/N?action=save first)", param="filename")
+    try:
+        saved = json.loads(src.read_text("utf-8"))
+        row, msgs = dict(saved["row"]), list(saved["messages"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise ApiError(400, f"the saved slot {name!r} cannot be read: {e}", param="filename") from None
+    old = m.db.load(sid)
+    row["id"] = sid
+    m.db.save(row, list(enumerate(msgs)), len(msgs))
+    kv = folder / f"{name}.kv"
+    m.db.kv_path(sid).unlink(missing_ok=True)
+    if kv.is_file():
+        shutil.copyfile(kv, m.db.kv_path(sid))  # used when it is this session's, at this version
+    m.sessions.pop(sid, None)
+    try:
+        s = m.get(sid)  # loads the transcript, then the cache from the snapshot or by rebuilding it
+    except Exception:
+        if old is not None:  # all or nothing: the session as it was
+            m.db.save(old[0], list(enumerate(old[1])), len(old[1]))
+        m.sessions.pop(sid, None)
+        raise
+    return {"n_restored": s.kv.length, "n_read": src.stat().st_size + (kv.stat().st_size if kv.is_file() else 0)}
