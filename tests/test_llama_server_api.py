@@ -75,6 +75,8 @@ def test_completion_sampling_and_grammar(http):
         ({"prompt": "x", "mirostat": 2}, "mirostat"),
         ({"prompt": [10**9]}, "prompt"),
         ({"prompt": "x", "grammar": "root ::= ("}, "grammar"),
+        ({"prompt": "x", "n_probs": 99}, "n_probs"),
+        ({"prompt": "x", "n_predict": 10**9}, "n_predict"),
     ],
 )
 def test_completion_bad_input_is_400(http, body, param):

@@ -102,7 +102,14 @@ async def completion(body: LlamaCompletion, request: Request):
     except ValidationError as e:
         err = e.errors()[0]
         raise ApiError(400, f"{err['loc'][0]}: {err['msg']}", param=str(err["loc"][0])) from None
-    params = params_of(v1body, body.n_probs, 1, tok)
+    try:
+        params = params_of(v1body, body.n_probs, 1, tok)
+    except ApiError as e:  # named as this endpoint names them
+        names = {"top_logprobs": "n_probs", "max_tokens": "n_predict"}
+        if e.param in names:
+            e.message = e.message.replace(e.param, names[e.param])
+            e.param = names[e.param]
+        raise
     ids = tok.encode(body.prompt, add_bos=tok.add_bos) if isinstance(body.prompt, str) else list(body.prompt)
     if not ids or any(not 0 <= t < tok.vocab_size for t in ids):
         raise ApiError(400, f"prompt: a non-empty text or token ids in [0, {tok.vocab_size})", param="prompt")
