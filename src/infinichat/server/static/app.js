@@ -57,9 +57,13 @@ function probColor(p, alpha) {
 
 // ------------------------------------------------------------------ API key
 let keyAsked = null; // one prompt, however many requests got a 401 meanwhile
-onAuthNeeded(() => keyAsked || (keyAsked = new Promise((resolve) => {
+onAuthNeeded((why) => keyAsked || (keyAsked = new Promise((resolve) => {
   const dlg = $("dlg-key");
   $("key-input").value = "";
+  $("key-msg").textContent = why === "wrong"
+    ? "Wrong key: the server refused it. Enter the API key again."
+    : "This server needs an API key.";
+  $("key-msg").classList.toggle("error", why === "wrong");
   dlg.onclose = () => { keyAsked = null; resolve($("key-input").value.trim() || null); };
   dlg.showModal();
 })));
