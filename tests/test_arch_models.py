@@ -45,7 +45,7 @@ def _theirs(ref, prompt, follow) -> torch.Tensor:
 
 def _ours(model: Transformer, prompt, follow) -> torch.Tensor:
     cfg = model.cfg
-    cache = KVCache(cfg, 64, rope=model.rope)
+    cache = KVCache(cfg, 64, model.dtype, rope=model.rope)
     got = [model(prompt, torch.arange(PREFILL), cache, 0, all_logits=True)]
     for t, tok in enumerate(follow.tolist()):
         pos = PREFILL + t
@@ -151,3 +151,43 @@ def test_unexpected_tensors_and_unknown_architectures_are_refused(tmp_path):
     (folder / "config.json").write_text(text)
     with pytest.raises(ModelLoadError, match=r"unsupported architecture 'Gemma4ForCausalLM'; supported: .*Gemma2"):
         load_hf_folder(folder)
+
+
+# the features of each family the native one-token step (native/decode.c) does not implement: it declines those
+# models by declaration (native.DECODE_FEATURES) and the layer-by-layer forward runs
+NATIVE_DECLINES = {
+    "gemma2": {"act:gelu_tanh", "attn_scale", "attn_softcap", "embed_scale", "final_softcap", "post_norms"}
+    | {"sliding_window"},
+    "gemma3": {"act:gelu_tanh", "attn_scale", "embed_scale", "post_norms", "qk_norm", "rope:local", "sliding_window"},
+    "phi3-longrope": {"rope:longrope"},
+    "phi3-short-swa": {"rope:longrope", "sliding_window"},
+    "phi3-partial-rotary": {"partial_rotary"},
+    "llama3.2": set(),
+    "qwen3": {"qk_norm"},
+}
+
+
+@pytest.mark.parametrize("name", list(NATIVE_DECLINES))
+def test_quantized_models_take_the_native_step_only_where_it_implements_their_features(name, tmp_path):
+    """int8 on cpu-native: the native step where DECODE_FEATURES covers the model (Llama 3.2), else declined
+    with the features named; either way the logits stay near the float32 model's (bf16 activations, int8)."""
+    from infinichat import native
+    from infinichat.model.arch import features
+
+    ref = gguf_archs.tiny(name)
+    folder = _saved(ref, tmp_path / name)
+    cfg, weights = load_hf_folder(folder)
+    q8 = Transformer(cfg, weights, torch.bfloat16, quant="int8", kernels="cpu-native")
+    f32 = Transformer(cfg, weights, torch.float32, kernels="torch")
+    missing = features(cfg) - native.DECODE_FEATURES
+    assert missing == NATIVE_DECLINES[name]
+    if native.library() is not None:
+        assert (q8.kernels.decoder is not None) == (not missing)
+        if not missing:  # and it binds to the model's bf16 cache: the steps below run natively
+            assert q8.kernels.decoder.bind(KVCache(cfg, 64, torch.bfloat16, rope=q8.rope)) is not None
+        else:
+            assert all(f in str(native.unsupported(q8)) for f in missing)
+    prompt, follow = _ids(cfg)
+    got, want = _ours(q8, prompt, follow), _ours(f32, prompt, follow)
+    rel = ((got - want).abs().amax(-1) / want.abs().amax(-1)).mean().item()
+    assert rel <= 0.05, f"{name}: mean relative logit error {rel:.3f}"
