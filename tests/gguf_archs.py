@@ -131,7 +131,7 @@ def tiny(name: str, seed: int = 0):
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():  # zero-initialised norms (Gemma's (1 + w)) and biases get values
         for n, p in model.named_parameters():
-            if n.endswith("norm.weight") or n.endswith(".bias"):
+            if n.endswith(("norm.weight", ".bias")):
                 p.add_(torch.randn(p.shape, generator=g) * 0.1)
     return model
 

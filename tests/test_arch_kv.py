@@ -122,7 +122,7 @@ def test_every_policy_runs_on_every_family_within_its_budget(engines, name, poli
         kw["capacity"] = rs.original_max_position  # capacity is the trained context: past it, refused)
     seq = engine.new_sequence(budget=budget, policy=policy, **kw)
     params = SamplingParams(temperature=1.0, seed=0, max_tokens=90)
-    steps = [t for t in engine.generate(seq, _ids(20, seed=2), params)]
+    steps = list(engine.generate(seq, _ids(20, seed=2), params))
     assert len(steps) == 90
     assert seq.length <= seq.budget
     assert seq.positions() == list(range(seq.length)) if drops else seq.length == 110
@@ -140,5 +140,5 @@ def test_longrope_shifts_only_within_the_original_context(tmp_path):
     assert seq.positions() == list(range(9))
     big = engine.new_sequence(budget=40)
     engine.prefill(big, _ids(30))
-    with pytest.raises(InfinichatError, match="LongRoPE RoPE scaling beyond the trained context.*capacity <= 16"):
+    with pytest.raises(InfinichatError, match=r"LongRoPE RoPE scaling beyond the trained context.*capacity <= 16"):
         big.remove_spans([(2, 5)])

@@ -191,7 +191,9 @@ class ModelConfig:
         # longrope (Phi-3): its factors are tensors, `gguf_loader.gguf_rope_scaling` completes the config
         n_layers = int(get("block_count"))
         window = int(get("attention.sliding_window", 0)) if spec.swa_period else 0
-        sliding = _gguf_sliding(fields.get(f"{arch}.attention.sliding_window_pattern"), spec, n_layers) if window else ()
+        sliding = (
+            _gguf_sliding(fields.get(f"{arch}.attention.sliding_window_pattern"), spec, n_layers) if window else ()
+        )
         if sliding and not any(sliding):
             window, sliding = 0, ()
         rot = int(get("rope.dimension_count", head_dim))

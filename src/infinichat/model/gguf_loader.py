@@ -15,7 +15,7 @@ from gguf.quants import dequantize
 
 from infinichat.errors import ModelLoadError
 from infinichat.model.arch import refuse_unused, spec, unused_tensors
-from infinichat.model.config import ModelConfig
+from infinichat.model.config import ModelConfig, RopeScaling
 from infinichat.model.weights import unpermute_rope_rows, validate
 
 log = logging.getLogger(__name__)
@@ -150,8 +150,6 @@ def gguf_rope_scaling(
     orig = int(fields.get(f"{arch}.rope.scaling.original_context_length", cfg.max_position))
     factor = cfg.max_position / orig
     default = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(orig))
-    from infinichat.model.config import RopeScaling
-
     return cfg.with_(
         rope_scaling=RopeScaling(
             kind="longrope",

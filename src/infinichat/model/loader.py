@@ -18,6 +18,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -113,7 +114,8 @@ def config_to_json(cfg: ModelConfig) -> str:
 
 def config_from_json(text: str) -> ModelConfig:
     d = json.loads(text)
-    d["rope_scaling"] = RopeScaling(**{k: tuple(v) if isinstance(v, list) else v for k, v in d["rope_scaling"].items()})
+    rs: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in d["rope_scaling"].items()}
+    d["rope_scaling"] = RopeScaling(**rs)
     d["sliding_layers"] = tuple(d.get("sliding_layers", ()))
     return ModelConfig(**d)
 

@@ -108,7 +108,10 @@ class Transformer:
         ]
         # Gemma 2/3: per layer, the norms of the attention and MLP outputs (before their residual adds)
         self.post_norms: list[tuple[torch.Tensor, torch.Tensor]] | None = (
-            [(w[f"layers.{i}.post_attn_norm.weight"], w[f"layers.{i}.post_ffn_norm.weight"]) for i in range(cfg.n_layers)]
+            [
+                (w[f"layers.{i}.post_attn_norm.weight"], w[f"layers.{i}.post_ffn_norm.weight"])
+                for i in range(cfg.n_layers)
+            ]
             if cfg.post_norms
             else None
         )
@@ -163,7 +166,9 @@ class Transformer:
         kern = self.kernels
         h = kern.linear(x, L["w_in.weight"], L.get("w_in.bias"))  # (T, 2F) or (T, F)
         act = self.cfg.act
-        h = kern.silu_mul(h) if act == "silu" else kern.gelu_tanh_mul(h) if act == "gelu_tanh" else kern.gelu(h)  # (T, F)
+        h = (
+            kern.silu_mul(h) if act == "silu" else kern.gelu_tanh_mul(h) if act == "gelu_tanh" else kern.gelu(h)
+        )  # (T, F)
         return kern.linear(h, L["w_out.weight"], L.get("w_out.bias"))  # (T, D)
 
     def _qk_norm(self, L: dict, qkv: torch.Tensor) -> torch.Tensor:
