@@ -18,6 +18,20 @@ import torch
 from gguf import GGUFWriter
 
 V = gguf_util.VOCAB_SIZE
+# a Gemma/Phi-3-style SentencePiece vocabulary with byte fallback: specials, the 256 byte pieces, a few pieces
+SPM_SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>", "<|end|>", "<|endoftext|>"]
+SPM_PIECES = ["▁the", "▁hello", "▁world", "▁wor", "▁he", "▁th", "he", "ll", "lo", "or", "ld", "▁w", "▁h", "▁t"]
+SPM_PIECES += ["▁", "e", "h", "l", "o", "w", "r", "d", "t", "a", "n", "▁a", "an", "s", "▁is", "i", "!", ",", "中"]
+
+
+def spm_vocab() -> list[tuple[str, float, int]]:
+    """(piece, score, GGUF token type): control 3, byte 6, normal 1; earlier pieces score higher."""
+    out = [(t, 0.0, 3 if t != "<unk>" else 2) for t in SPM_SPECIALS]
+    out += [(f"<0x{b:02X}>", 0.0, 6) for b in range(256)]
+    return out + [(p, -float(k), 1) for k, p in enumerate(SPM_PIECES)]
+
+
+SPM_V = len(SPM_SPECIALS) + 256 + len(SPM_PIECES)
 _SMALL = {
     "vocab_size": V,
     "hidden_size": 64,
@@ -187,10 +201,15 @@ def _rope(c) -> dict:
 
 
 def write_arch_gguf(
-    path: Path | str, model, drop: tuple[str, ...] = (), add: dict[str, np.ndarray] | None = None
+    path: Path | str,
+    model,
+    drop: tuple[str, ...] = (),
+    add: dict[str, np.ndarray] | None = None,
+    vocab: str = "bpe",
 ) -> None:
     """`model` (from `tiny`) as llama.cpp's converter writes it, all tensors F32; `drop`: names left out,
-    `add`: tensors added (ones no loader knows, for the strictness tests)."""
+    `add`: tensors added (ones no loader knows, for the strictness tests); `vocab`: "bpe" (gguf_util's tiny
+    byte-level one) or "spm" (`spm_vocab`, Gemma-style: no space prefix; the model needs SPM_V tokens)."""
     c = model.config
     arch, tensors = _tensors(model)
     rope = _rope(c)
@@ -231,10 +250,84 @@ def write_arch_gguf(
 
         ours = ModelConfig.from_hf(c.to_dict() | {"architectures": ["LlamaForCausalLM"]})
         extra["rope_freqs.weight"] = (base_inv_freq(ours) / inv_freq_for(ours)).numpy().astype(np.float32)
-    gguf_util._vocab_metadata(w)
+    if vocab == "spm":
+        _spm_metadata(w, add_space_prefix=not arch.startswith("gemma"))
+    else:
+        gguf_util._vocab_metadata(w, pre="gpt-2")  # llama.cpp's name of GPT-2's pre-tokenizer (ours reads both)
     for name, arr in {**tensors, **extra, **(add or {})}.items():
         if name not in drop:
             w.add_tensor(name, np.ascontiguousarray(arr, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def _spm_metadata(w: GGUFWriter, add_space_prefix: bool) -> None:
+    tokens = spm_vocab()
+    w.add_tokenizer_model("llama")
+    w.add_tokenizer_pre("default")
+    w.add_token_list([t for t, _, _ in tokens])
+    w.add_token_scores([s for _, s, _ in tokens])
+    w.add_token_types([k for _, _, k in tokens])
+    w.add_bos_token_id(2)
+    w.add_eos_token_id(1)
+    w.add_unk_token_id(3)
+    w.add_pad_token_id(0)
+    w.add_add_space_prefix(add_space_prefix)
+
+
+# ------------------------------------------------------------------- an architecture only llama.cpp knows
+def tiny_granite(seed: int = 0):
+    """IBM Granite 3: a Llama with four scalar multipliers (attention, embedding, residual, logits); llama.cpp
+    runs it, the torch side's architecture table has no entry for it."""
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    kw = {k: v for k, v in _SMALL.items() if k != "head_dim"}
+    cfg = tf.GraniteConfig(
+        **kw,
+        max_position_embeddings=128,
+        attention_multiplier=0.2,
+        embedding_multiplier=3.0,
+        residual_multiplier=0.5,
+        logits_scaling=2.0,
+        tie_word_embeddings=False,
+    )
+    cfg._attn_implementation = "eager"
+    return tf.AutoModelForCausalLM.from_config(cfg).eval().float()
+
+
+def write_granite_gguf(path: Path | str, model) -> None:
+    """`tiny_granite` as llama.cpp's converter writes it (the Llama layout, Q/K rows interleaved)."""
+    c = model.config
+    sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
+    a = "granite"
+    w = GGUFWriter(str(path), a)
+    w.add_string("general.name", "tiny-granite")
+    for key, value in (
+        ("block_count", c.num_hidden_layers),
+        ("context_length", c.max_position_embeddings),
+        ("embedding_length", c.hidden_size),
+        ("feed_forward_length", c.intermediate_size),
+        ("attention.head_count", c.num_attention_heads),
+        ("attention.head_count_kv", c.num_key_value_heads),
+        ("rope.dimension_count", c.hidden_size // c.num_attention_heads),
+        ("vocab_size", c.vocab_size),
+    ):
+        w.add_uint32(f"{a}.{key}", value)
+    for key, fvalue in (
+        ("attention.layer_norm_rms_epsilon", c.rms_norm_eps),
+        ("rope.freq_base", 10000.0),
+        ("attention.scale", c.attention_multiplier),
+        ("embedding_scale", c.embedding_multiplier),
+        ("residual_scale", c.residual_multiplier),
+        ("logit_scale", c.logits_scaling),
+    ):
+        w.add_float32(f"{a}.{key}", float(fvalue))
+    gguf_util._vocab_metadata(w, pre="gpt-2")
+    for name, arr in gguf_util._llama_tensors(sd, c).items():
+        w.add_tensor(name, np.ascontiguousarray(arr, dtype=np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

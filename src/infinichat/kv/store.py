@@ -56,6 +56,8 @@ class KVStore(SlotTable):
     only once it is used. A growth replaces the buffers: whoever keeps pointers into them (the native
     decode step) must check `k[0].data_ptr()` and the buffer length again."""
 
+    cfg: ModelConfig  # the torch side's full description (RoPE for re-rotation)
+
     def __init__(
         self,
         cfg: ModelConfig,

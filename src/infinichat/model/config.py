@@ -8,13 +8,34 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Protocol
 
 from infinichat.errors import ModelLoadError
 from infinichat.model.arch import GGUF_ARCHS, HF_ARCHS, ArchSpec
 
 SUPPORTED_HF_ARCHS = tuple(HF_ARCHS)
 SUPPORTED_GGUF_ARCHS = tuple(GGUF_ARCHS)
+
+
+class ModelShape(Protocol):
+    """What the engines' callers and the token-level stores read of a model (`engine.cfg`, `store.cfg`):
+    `ModelConfig` (the torch engine) and the llama.cpp backend's `LlamaModelInfo` (asked of llama.cpp, so any
+    architecture its build runs) both give it."""
+
+    @property
+    def vocab_size(self) -> int: ...
+
+    @property
+    def max_position(self) -> int: ...
+
+    @property
+    def n_layers(self) -> int: ...
+
+    @property
+    def n_kv_heads(self) -> int: ...
+
+    @property
+    def head_dim(self) -> int: ...
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,83 @@
+"""The llama.cpp backend on the 2026 families (issue 18): it reads the model's shape from llama.cpp itself
+(`LlamaModelInfo`), so it runs whatever its build runs, including architectures the torch side's table does
+not know. Tiny llama.cpp-layout GGUF files of random transformers models; llama.cpp's logits against
+transformers': KL(transformers || llama.cpp) per position (measured <= 4e-7) and the same top token.
+"""
+
+from __future__ import annotations
+
+import gguf_archs
+import pytest
+import torch
+
+from infinichat.errors import ModelLoadError
+from infinichat.model.loader import load_model
+
+pytest.importorskip("transformers")
+pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (bash scripts/setup.sh --test)")
+from infinichat.engine import llamacpp  # noqa: E402  (after the importorskip of llama_cpp)
+
+KL = 1e-4
+# (transformers model, GGUF architecture, sliding window llama.cpp reports)
+FAMILIES = {
+    "gemma2-gguf": ("gemma2", 8),
+    "gemma3-6layers": ("gemma3", 8),
+    "llama3.2": ("llama", 0),
+    "qwen3": ("qwen3", 0),
+}
+
+
+def _compare(engine, ref, n=40):
+    ids = torch.randint(0, ref.config.vocab_size, (n,), generator=torch.Generator().manual_seed(1)).tolist()
+    got = engine.prefill(engine.new_sequence(capacity=64), ids, all_logits=True)  # (n, V)
+    with torch.no_grad():
+        want = ref(torch.tensor([ids])).logits[0]
+    logp, logq = torch.log_softmax(want.double(), -1), torch.log_softmax(got.double(), -1)
+    kl = (logp.exp() * (logp - logq)).sum(-1).max().item()
+    assert kl < KL, kl
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_llamacpp_runs_the_new_families_as_transformers_does(name, tmp_path):
+    ref = gguf_archs.tiny(name)
+    path = tmp_path / f"{name}.gguf"
+    gguf_archs.write_arch_gguf(path, ref)
+    engine = llamacpp.LlamaCppEngine(path, n_ctx=128, threads=1)
+    try:
+        arch, window = FAMILIES[name]
+        c = ref.config
+        info = engine.cfg
+        assert (info.arch, info.n_layers, info.n_kv_heads, info.head_dim) == (
+            arch,
+            c.num_hidden_layers,
+            c.num_key_value_heads,
+            c.head_dim,
+        )
+        assert (info.vocab_size, info.max_position, info.sliding_window) == (c.vocab_size, 128, window)
+        _compare(engine, ref)
+    finally:
+        engine.close()
+
+
+def test_an_architecture_only_llamacpp_knows(tmp_path):
+    """Granite: the torch side refuses it by name; the llama.cpp backend runs it, matching transformers."""
+    ref = gguf_archs.tiny_granite()
+    path = tmp_path / "granite.gguf"
+    gguf_archs.write_granite_gguf(path, ref)
+    with pytest.raises(ModelLoadError, match="unsupported architecture 'granite'"):
+        load_model(path, dtype="float32", cache_dir=tmp_path / "cache")
+    engine = llamacpp.LlamaCppEngine(path, n_ctx=128, threads=1)
+    try:
+        assert engine.cfg.arch == "granite" and engine.cfg.n_layers == 3
+        _compare(engine, ref)
+    finally:
+        engine.close()
+
+
+def test_a_file_llamacpp_cannot_load_names_its_architecture(tmp_path):
+    ref = gguf_archs.tiny("llama3.2")
+    path = tmp_path / "broken.gguf"
+    gguf_archs.write_arch_gguf(path, ref, drop=("blk.1.attn_k.weight",))
+    with pytest.raises(ModelLoadError, match=r"llama\.cpp could not load this GGUF file \(architecture 'llama'"):
+        llamacpp.LlamaCppEngine(path, n_ctx=128, threads=1)
