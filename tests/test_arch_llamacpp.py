@@ -15,7 +15,7 @@ from infinichat.model.loader import load_model
 
 pytest.importorskip("transformers")
 pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (bash scripts/setup.sh --test)")
-from infinichat.engine import llamacpp  # noqa: E402  (after the importorskip of llama_cpp)
+from infinichat.engine import llamacpp
 
 KL = 1e-4
 # (transformers model, GGUF architecture, sliding window llama.cpp reports)
