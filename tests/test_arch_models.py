@@ -193,3 +193,31 @@ def test_quantized_models_take_the_native_step_only_where_it_implements_their_fe
     got, want = _ours(q8, prompt, follow), _ours(f32, prompt, follow)
     rel = ((got - want).abs().amax(-1) / want.abs().amax(-1)).mean().item()
     assert rel <= 0.05, f"{name}: mean relative logit error {rel:.3f}"
+
+
+@pytest.mark.parametrize("name", ["gemma2-gguf", "gemma3-6layers"])
+def test_gemma_sentencepiece_vocabulary_ids_equal_transformers(name, tmp_path, monkeypatch):
+    """Gemma's vocabulary kind: SentencePiece with byte fallback and no space prefix (llama.cpp writes
+    add_space_prefix false for Gemma). A tiny one in a Gemma GGUF; ids equal transformers' reading of the
+    same file on the mixed test text and the SentencePiece cases; the model itself loads with it."""
+    from test_tokenizer import MIXED_TEXT, SPM_TEXTS
+
+    from infinichat.model.tokenizer import Tokenizer
+
+    monkeypatch.setitem(gguf_archs._SMALL, "vocab_size", gguf_archs.SPM_V)
+    ref = gguf_archs.tiny(name)
+    path = tmp_path / f"{name}.gguf"
+    gguf_archs.write_arch_gguf(path, ref, vocab="spm")
+    ours = Tokenizer.from_gguf(path)
+    theirs = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=path.name)
+    assert ours.meta.kind == "sentencepiece" and ours.add_bos
+    for text in [*SPM_TEXTS, MIXED_TEXT, " leading space", "<start_of_turn>user\nhi<end_of_turn>"]:
+        ids = ours.encode(text)
+        assert ids == theirs.encode(text, add_special_tokens=False), text
+        assert ours.encode(text, add_bos=True) == theirs.encode(text), text
+    assert ours.id_to_piece(ours.encode("hello world")[0]) == "he"  # no space prefix: not "▁hello"
+    assert ours.id_to_piece(ours.encode(" hello world")[0]) == "▁hello"
+    ids = ours.encode("z")
+    assert ours.id_to_piece(ids[0]) == "<0x7A>"  # byte fallback
+    loaded = load_model(path, dtype="float32", cache_dir=tmp_path / "cache")
+    assert loaded.tokenizer.encode(MIXED_TEXT) == ours.encode(MIXED_TEXT)
