@@ -221,3 +221,27 @@ def test_gemma_sentencepiece_vocabulary_ids_equal_transformers(name, tmp_path, m
     assert ours.id_to_piece(ids[0]) == "<0x7A>"  # byte fallback
     loaded = load_model(path, dtype="float32", cache_dir=tmp_path / "cache")
     assert loaded.tokenizer.encode(MIXED_TEXT) == ours.encode(MIXED_TEXT)
+
+
+@pytest.mark.parametrize("name", ["gemma2", "gemma3", "phi3-short-swa"])
+def test_a_batch_of_windowed_soft_capped_sequences_gives_each_its_solo_logits(name, tmp_path):
+    """forward_batch (continuous batching) over sequences of different lengths, some past the window: each
+    sequence's logits equal its solo run (fp32, 1e-5)."""
+    from infinichat.model.transformer import BatchItem
+
+    _, ours = _hf(name, tmp_path, "torch")
+    cfg = ours.cfg
+    g = torch.Generator().manual_seed(5)
+    cached, new = (19, 0, 3, 12), (1, 6, 9, 1)
+    ids = [torch.randint(0, cfg.vocab_size, (c + n,), generator=g) for c, n in zip(cached, new, strict=True)]
+    solo, batch = [KVCache(cfg, 32, rope=ours.rope) for _ in ids], [KVCache(cfg, 32, rope=ours.rope) for _ in ids]
+    for t, c, a, b in zip(ids, cached, solo, batch, strict=True):
+        if c:
+            ours(t[:c], torch.arange(c), a, 0)
+            ours(t[:c], torch.arange(c), b, 0)
+    rows = list(zip(ids, cached, new, solo, batch, strict=True))
+    want = [ours(t[c:], torch.arange(c, c + n), a, c, all_logits=True) for t, c, n, a, _ in rows]
+    items = [BatchItem(t[c:], torch.arange(c, c + n), b, c) for t, c, n, _, b in rows]
+    got = ours.forward_batch(items, all_logits=True)
+    for i, (a, b) in enumerate(zip(want, got, strict=True)):
+        assert (a - b).abs().max().item() <= 1e-5, f"sequence {i}"
