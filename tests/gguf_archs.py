@@ -131,6 +131,8 @@ def configs() -> dict:
                 "original_max_position_embeddings": 16,
             },
         ),
+        # Mistral 7B v0.1 style: every layer windowed
+        "mistral-swa": lambda: tf.MistralConfig(**_SMALL, sliding_window=10, max_position_embeddings=128),
         "qwen3": lambda: tf.Qwen3Config(**_SMALL, tie_word_embeddings=False, max_position_embeddings=128),
     }
 

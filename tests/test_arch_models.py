@@ -23,7 +23,7 @@ from transformers import DynamicCache  # noqa: E402  (after the importorskip of 
 TOL = 1e-4
 PREFILL, DECODE = 24, 20
 HF_NAMES = ["gemma2", "gemma3", "gemma3-6layers", "phi3-longrope", "phi3-short-swa", "phi3-partial-rotary"]
-HF_NAMES += ["llama3.2", "qwen3"]
+HF_NAMES += ["llama3.2", "qwen3", "mistral-swa"]
 GGUF_NAMES = ["gemma2-gguf", "gemma3-6layers", "phi3-longrope", "phi3-short-swa", "llama3.2", "qwen3"]
 
 
