@@ -245,3 +245,41 @@ def test_a_batch_of_windowed_soft_capped_sequences_gives_each_its_solo_logits(na
     got = ours.forward_batch(items, all_logits=True)
     for i, (a, b) in enumerate(zip(want, got, strict=True)):
         assert (a - b).abs().max().item() <= 1e-5, f"sequence {i}"
+
+
+def test_gemma3_multimodal_checkpoint_runs_its_text_model(tmp_path):
+    """Gemma 3 4B-27B ship as Gemma3ForConditionalGeneration: `text_config` (sparse, older field names here:
+    rope_theta / rope_local_base_freq / rope_scaling / sliding_window_pattern, defaults left out) and the
+    text weights under `language_model.`; the vision tower's tensors are ignored by name. Text-only logits
+    equal transformers' multimodal model's (it reads the same edited config.json)."""
+    import json
+
+    text = gguf_archs.configs()["gemma3"]().to_dict()
+    vision = transformers.SiglipVisionConfig(
+        hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14
+    )
+    torch.manual_seed(0)
+    mm = transformers.Gemma3Config(text_config=text, vision_config=vision.to_dict(), mm_tokens_per_image=4)
+    model = transformers.Gemma3ForConditionalGeneration(mm).eval()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("norm.weight"):
+                p.add_(torch.randn(p.shape) * 0.1)
+    folder = _saved(model, tmp_path / "gemma3-mm")
+    path = folder / "config.json"
+    c = json.loads(path.read_text())
+    t = c["text_config"]
+    for k in ("rope_parameters", "layer_types", "hidden_activation", "rms_norm_eps", "_sliding_window_pattern"):
+        t.pop(k, None)
+    t |= {"rope_theta": 1e6, "rope_local_base_freq": 10000.0, "rope_scaling": {"rope_type": "linear", "factor": 2.0}}
+    t["sliding_window_pattern"] = 2  # layers 0 and 2 windowed, 1 global
+    path.write_text(json.dumps(c))
+    ref = transformers.Gemma3ForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
+    ref.config.text_config._attn_implementation = "eager"
+    cfg, weights = load_hf_folder(folder)
+    assert cfg.arch == "gemma3" and [cfg.layer_window(i) for i in range(3)] == [8, 0, 8]
+    assert cfg.tie_embeddings and cfg.rope_local_theta == 10000.0 and cfg.rope_scaling.kind == "linear"
+    ours = Transformer(cfg, weights, torch.float32, kernels="torch")
+    prompt, follow = _ids(cfg)
+    prompt, follow = prompt % 260, follow % 260  # below the image / begin-of-image tokens
+    _check(_ours(ours, prompt, follow), _theirs(ref, prompt, follow), "gemma3-multimodal")

@@ -103,7 +103,8 @@ ARCHS: dict[str, ArchSpec] = {
         ),
         ArchSpec(
             name="gemma3",
-            hf_names=("Gemma3ForCausalLM",),
+            # the multimodal releases (4B-27B): their text model; the vision tower's tensors are ignored
+            hf_names=("Gemma3ForCausalLM", "Gemma3ForConditionalGeneration"),
             gguf_names=("gemma3",),
             norm_offset=1.0,
             act="gelu_tanh",
@@ -114,6 +115,7 @@ ARCHS: dict[str, ArchSpec] = {
             swa_period=6,
             rope_scalings=("none", "linear"),
             layout="gemma",
+            hf_ignore=(r"(model\.)?(vision_tower|multi_modal_projector)\..+",),
         ),
         ArchSpec(
             name="phi3",

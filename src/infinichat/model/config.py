@@ -116,6 +116,8 @@ class ModelConfig:
             raise ModelLoadError(
                 f"{source}: unsupported architecture {arch_name!r}; supported: {', '.join(SUPPORTED_HF_ARCHS)}"
             )
+        if spec.name == "gemma3" and isinstance(cfg.get("text_config"), dict):
+            cfg = _gemma3_text_config(cfg)
         cfg, local_theta = _split_layer_rope(cfg, spec, source)
         try:
             n_heads = cfg["num_attention_heads"]
@@ -264,6 +266,35 @@ def _rope_param(cfg: dict[str, Any], key: str, default: Any) -> Any:
 
 def _rope_theta(cfg: dict[str, Any], default: float) -> float:
     return float(_rope_param(cfg, "rope_theta", default))
+
+
+# transformers' Gemma3TextConfig defaults: the multimodal releases' config.json leave most text fields out
+_GEMMA3_TEXT_DEFAULTS: dict[str, Any] = {
+    "vocab_size": 262_208,
+    "hidden_size": 2304,
+    "intermediate_size": 9216,
+    "num_hidden_layers": 26,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 4,
+    "head_dim": 256,
+    "hidden_activation": "gelu_pytorch_tanh",
+    "max_position_embeddings": 131_072,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 1_000_000.0,
+    "rope_local_base_freq": 10_000.0,
+    "query_pre_attn_scalar": 256,
+    "sliding_window": 4096,
+    "sliding_window_pattern": 6,
+}
+
+
+def _gemma3_text_config(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Gemma 3's multimodal checkpoints (Gemma3ForConditionalGeneration: 4B, 12B, 27B): the text model's
+    config is `text_config`, with transformers' defaults for what it leaves out; the vision tower is not used."""
+    text = {**_GEMMA3_TEXT_DEFAULTS, **cfg["text_config"]}
+    text["tie_word_embeddings"] = cfg.get("tie_word_embeddings", text.get("tie_word_embeddings", True))
+    text["architectures"] = cfg.get("architectures")
+    return text
 
 
 def _split_layer_rope(cfg: dict[str, Any], spec: ArchSpec, source: str) -> tuple[dict[str, Any], float]:

@@ -123,6 +123,25 @@ def neox_qkv_to_blocks(t: torch.Tensor, n_heads: int) -> torch.Tensor:
     return t.reshape(n_heads, 3, -1, *rest).transpose(0, 1).reshape(t.shape)
 
 
+# where multimodal checkpoints keep their text model (Gemma 3 4B+): as saved by transformers 4.5x and 5, and the
+# newer in-memory layout; renamed to the causal-LM names the maps use
+_TEXT_PREFIXES = (("language_model.model.", "model."), ("model.language_model.", "model."))
+_TEXT_HEADS = {"language_model.lm_head.weight": "lm_head.weight"}
+
+
+def _text_model_names(raw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    if not any(n.startswith(p) for n in raw for p, _ in _TEXT_PREFIXES):
+        return raw
+    out = {}
+    for n, t in raw.items():
+        for p, new in _TEXT_PREFIXES:
+            if n.startswith(p):
+                n = new + n[len(p) :]
+                break
+        out[_TEXT_HEADS.get(n, n)] = t
+    return out
+
+
 def load_hf_folder(folder: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     cfg = ModelConfig.from_hf(read_hf_config(folder), source=str(folder / "config.json"))
     return cfg, canonical_weights(cfg, _read_safetensors(folder), str(folder))
@@ -131,6 +150,7 @@ def load_hf_folder(folder: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
 def canonical_weights(cfg: ModelConfig, raw: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
     """HF-named tensors (a checkpoint's, or a transformers model's state_dict) -> the canonical float32 layout,
     strictly: a tensor neither used nor on the entry's ignore list is a ModelLoadError."""
+    raw = _text_model_names(raw)
     names = _name_map(cfg)
     out: dict[str, torch.Tensor] = {}
     parts: dict[str, dict[str, torch.Tensor]] = {}
