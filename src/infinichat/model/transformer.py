@@ -134,6 +134,9 @@ class Transformer:
         self.q_size = cfg.n_heads * cfg.head_dim
         self.kv_size = cfg.n_kv_heads * cfg.head_dim
         self.scale = cfg.attn_scale or cfg.head_dim**-0.5
+        # Gemma's sqrt(dim), rounded to the model's dtype first, as the reference implementations do (bf16:
+        # sqrt(1152) = 33.94 becomes 34.0)
+        self.embed_scale = float(torch.tensor(cfg.embed_scale, dtype=dtype))
         self.features = features(cfg)
         self.kernels = make_kernels(kernels, self.device, self.features)
         self.kernels.bind(self)
@@ -265,8 +268,8 @@ class Transformer:
         positions = seqs[0].positions if one else torch.cat([s.positions for s in seqs])  # (N,)
         compute = kern.compute_dtype(tokens.shape[0])
         x = self.embed[tokens.to(dev)].to(compute)  # (N, D): this call's own tensor (the residual adds in place)
-        if self.cfg.embed_scale != 1.0:
-            x *= self.cfg.embed_scale
+        if self.embed_scale != 1.0:
+            x *= self.embed_scale
         rope = kern.rope_tables(*self.rope.cos_sin(positions, compute))  # (N, rot) each, in the kernels' form
         local = self.rope.local  # Gemma 3's windowed layers rotate with their own base
         rope_local = kern.rope_tables(*local.cos_sin(positions, compute)) if local is not None else rope
