@@ -69,6 +69,9 @@ def test_removal_rerotates_every_layer_type_and_the_next_logits_equal_a_fresh_ca
         ref.v_all[:, :, slot] = v_before[:, :, old]
     diff = (seq.store.k_all[:, :, :m] - ref.k_all[:, :, :m]).abs().max().item()
     assert diff <= TOL, f"kept keys: {diff:.2e}"
+    # layer 0's keys depend on the token alone: they equal a fresh run over the kept text itself
+    fresh = fresh_keys(model, [ids[i] for i in kept], torch.arange(m))
+    assert (seq.store.k_all[0, :, :m] - fresh[0]).abs().max().item() <= TOL
     got = engine.decode_one(seq, 5)
     want = model(torch.tensor([5]), torch.tensor([m]), ref, m)
     assert (got - want).abs().max().item() <= TOL
