@@ -24,14 +24,20 @@ SPM_PIECES = ["▁the", "▁hello", "▁world", "▁wor", "▁he", "▁th", "he"
 SPM_PIECES += ["▁", "e", "h", "l", "o", "w", "r", "d", "t", "a", "n", "▁a", "an", "s", "▁is", "i", "!", ",", "中"]
 
 
-def spm_vocab() -> list[tuple[str, float, int]]:
+# Phi-3's specials: llama.cpp's phi3 vocabulary loader looks some of them up by text
+PHI3_SPECIALS = ["<unk>", "<s>", "</s>", "<|assistant|>", "<|placeholder1|>", "<|system|>", "<|end|>", "<|user|>"]
+PHI3_SPECIALS += ["<|endoftext|>"]
+
+
+def spm_vocab(specials: list[str] = SPM_SPECIALS) -> list[tuple[str, float, int]]:
     """(piece, score, GGUF token type): control 3, byte 6, normal 1; earlier pieces score higher."""
-    out = [(t, 0.0, 3 if t != "<unk>" else 2) for t in SPM_SPECIALS]
+    out = [(t, 0.0, 3 if t != "<unk>" else 2) for t in specials]
     out += [(f"<0x{b:02X}>", 0.0, 6) for b in range(256)]
     return out + [(p, -float(k), 1) for k, p in enumerate(SPM_PIECES)]
 
 
 SPM_V = len(SPM_SPECIALS) + 256 + len(SPM_PIECES)
+PHI3_V = len(PHI3_SPECIALS) + 256 + len(SPM_PIECES)
 _SMALL = {
     "vocab_size": V,
     "hidden_size": 64,
@@ -211,7 +217,8 @@ def write_arch_gguf(
 ) -> None:
     """`model` (from `tiny`) as llama.cpp's converter writes it, all tensors F32; `drop`: names left out,
     `add`: tensors added (ones no loader knows, for the strictness tests); `vocab`: "bpe" (gguf_util's tiny
-    byte-level one) or "spm" (`spm_vocab`, Gemma-style: no space prefix; the model needs SPM_V tokens)."""
+    byte-level one), "spm" (`spm_vocab`, Gemma-style: no space prefix; the model needs SPM_V tokens) or
+    "spm-phi3" (with Phi-3's special tokens, which llama.cpp's phi3 loader needs; PHI3_V tokens)."""
     c = model.config
     arch, tensors = _tensors(model)
     rope = _rope(c)
@@ -254,6 +261,8 @@ def write_arch_gguf(
         extra["rope_freqs.weight"] = (base_inv_freq(ours) / inv_freq_for(ours)).numpy().astype(np.float32)
     if vocab == "spm":
         _spm_metadata(w, add_space_prefix=not arch.startswith("gemma"))
+    elif vocab == "spm-phi3":
+        _spm_metadata(w, add_space_prefix=True, specials=PHI3_SPECIALS)
     else:
         gguf_util._vocab_metadata(w, pre="gpt-2")  # llama.cpp's name of GPT-2's pre-tokenizer (ours reads both)
     for name, arr in {**tensors, **extra, **(add or {})}.items():
@@ -265,17 +274,18 @@ def write_arch_gguf(
     w.close()
 
 
-def _spm_metadata(w: GGUFWriter, add_space_prefix: bool) -> None:
-    tokens = spm_vocab()
+def _spm_metadata(w: GGUFWriter, add_space_prefix: bool, specials: list[str] = SPM_SPECIALS) -> None:
+    tokens = spm_vocab(specials)
     w.add_tokenizer_model("llama")
     w.add_tokenizer_pre("default")
     w.add_token_list([t for t, _, _ in tokens])
     w.add_token_scores([s for _, s, _ in tokens])
     w.add_token_types([k for _, _, k in tokens])
-    w.add_bos_token_id(2)
-    w.add_eos_token_id(1)
-    w.add_unk_token_id(3)
-    w.add_pad_token_id(0)
+    ids = {t: i for i, t in enumerate(specials)}
+    w.add_bos_token_id(ids.get("<bos>", ids.get("<s>", 0)))
+    w.add_eos_token_id(ids.get("<eos>", ids.get("</s>", 0)))
+    w.add_unk_token_id(ids["<unk>"])
+    w.add_pad_token_id(ids.get("<pad>", 0))
     w.add_add_space_prefix(add_space_prefix)
 
 
