@@ -283,3 +283,15 @@ def test_gemma3_multimodal_checkpoint_runs_its_text_model(tmp_path):
     prompt, follow = _ids(cfg)
     prompt, follow = prompt % 260, follow % 260  # below the image / begin-of-image tokens
     _check(_ours(ours, prompt, follow), _theirs(ref, prompt, follow), "gemma3-multimodal")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", ["gemma2", "gemma3", "phi3-short-swa", "llama3.2"])
+def test_new_families_on_cuda_match_transformers(name, tmp_path):
+    """The torch kernels on a CUDA device (weights, store and attention variants there), fp32, against
+    transformers on the CPU. Skipped without a GPU (not run yet: benchmarks/gpu_check.py runs it)."""
+    ref = gguf_archs.tiny(name)
+    cfg, weights = load_hf_folder(_saved(ref, tmp_path / name))
+    ours = Transformer(cfg, weights, torch.float32, device="cuda", kernels="torch")
+    prompt, follow = _ids(cfg)
+    _check(_ours(ours, prompt, follow).cpu(), _theirs(ref, prompt, follow), name)
