@@ -21,7 +21,7 @@ from infinichat.kv.policy import EvictionPolicy
 from infinichat.kv.registry import make_policy
 from infinichat.kv.sequence import KVSequence
 from infinichat.kv.slots import SlotTable
-from infinichat.model.config import ModelConfig
+from infinichat.model.config import ModelShape
 
 
 @dataclass
@@ -37,7 +37,7 @@ class Engine:
     """Base of the engines: subclasses set `cfg`, `eos_ids` and `max_chunk` and implement `_new_store` and
     `_append` (one forward call: make room within the budget, evaluate the tokens, record them in the sequence)."""
 
-    cfg: ModelConfig
+    cfg: ModelShape
     eos_ids: frozenset[int]
     max_chunk: int = 1024  # max tokens per forward call while prefilling
     logits_chunk: int = 1024  # the same when every token's logits are returned ((T, V) float32 per call)

@@ -18,6 +18,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -114,13 +115,19 @@ def config_to_json(cfg: ModelConfig) -> str:
 
 def config_from_json(text: str) -> ModelConfig:
     d = json.loads(text)
-    d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
+    rs: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in d["rope_scaling"].items()}
+    d["rope_scaling"] = RopeScaling(**rs)
+    d["sliding_layers"] = tuple(d.get("sliding_layers", ()))
     return ModelConfig(**d)
 
 
 def _convert_gguf(path: Path, target: Path, show_progress: bool, on_progress: ProgressFn | None = None) -> None:
     """Dequantize a GGUF file into `target` (weights.safetensors, config.json, tokenizer files)."""
-    from infinichat.model.gguf_loader import load_gguf_weights, open_reader  # gguf import only when converting
+    from infinichat.model.gguf_loader import (  # gguf import only when converting
+        gguf_rope_scaling,
+        load_gguf_weights,
+        open_reader,
+    )
 
     fields = read_gguf_fields(path)
     cfg = ModelConfig.from_gguf(fields, source=str(path))
@@ -142,6 +149,7 @@ def _convert_gguf(path: Path, target: Path, show_progress: bool, on_progress: Pr
             weights = load_gguf_weights(path, reader, cfg, lambda n, total: bar.update(task, completed=n))
     else:
         weights = load_gguf_weights(path, reader, cfg)
+    cfg = gguf_rope_scaling(cfg, fields, weights, str(path))
 
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".converting-"))
