@@ -568,6 +568,44 @@ BATCH_VNNI static inline __m512 pair_scale(const float *d) { /* (d[0] x 8 | d[1]
     return _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(_mm_castpd_ps(_mm_load_sd((const double *)d))));
 }
 
+/* NB activation rows (acts[0..NB)) against one unpacked int4 weight row, their chains interleaved (each row's
+   own sums in row_int4's order: independent chains keep the FMA units busy instead of waiting on one) */
+BATCH_VNNI static inline __attribute__((always_inline)) void int4_block(
+    const uint8_t *w, int G, const __m512i *wv, const __m512 *S, const float *zs, const float *sc, const Act *acts,
+    float *out, const int NB) {
+    const int P = G / 2;
+    __m512 acc[4];
+    float zacc[4];
+    for (int j = 0; j < NB; j++) {
+        acc[j] = _mm512_setzero_ps();
+        zacc[j] = 0.0f;
+    }
+    for (int p = 0; p < P; p++) {
+        const int g = 2 * p;
+        for (int j = 0; j < NB; j++) {
+            const Act *a = &acts[j];
+            const __m512i x1 = _mm512_loadu_si512((const void *)(a->q + QB * g));
+            const __m512i x2 = _mm512_loadu_si512((const void *)(a->q2 + QB * g));
+            const __m512i p1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv[p], x1);
+            const __m512i p2 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv[p], x2);
+            const __m512i pi = _mm512_add_epi32(_mm512_slli_epi32(p1, 7), p2);
+            acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(pi), _mm512_mul_ps(S[p], pair_scale(a->d + g)), acc[j]);
+            zacc[j] += zs[g] * a->sum[g] + zs[g + 1] * a->sum[g + 1];
+        }
+    }
+    for (int j = 0; j < NB; j++) {
+        const Act *a = &acts[j];
+        __m256 acc0 = _mm512_castps512_ps256(acc[j]), acc1 = _mm512_extractf32x8_ps(acc[j], 1);
+        if (G % 2) {
+            const int g = G - 1;
+            __m256i p0 = dot2_i8_32(unpack_nibbles(w + 16 * g), a->q + QB * g, a->q2 + QB * g);
+            acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(sc[g] * a->d[g]), acc0);
+            zacc[j] += zs[g] * a->sum[g];
+        }
+        out[j] = hsum8(_mm256_add_ps(acc0, acc1)) * (1.0f / 128) + zacc[j];
+    }
+}
+
 BATCH_VNNI static void rows_int4_vnni(const Mat *m, int64_t r, const Act *acts, int B, float *out) {
     const int G = m->k / QB, P = G / 2;
     const uint8_t *w = m->q + r * (m->k / 2);
@@ -587,29 +625,9 @@ BATCH_VNNI static void rows_int4_vnni(const Mat *m, int64_t r, const Act *acts, 
         wv[p] = _mm512_and_si512(t, m4);
         S[p] = _mm512_insertf32x8(_mm512_set1_ps(sc[2 * p]), _mm256_set1_ps(sc[2 * p + 1]), 1);
     }
-    for (int bi = 0; bi < B; bi++) {
-        const Act *a = &acts[bi];
-        __m512 acc = _mm512_setzero_ps();
-        float zacc = 0.0f;
-        for (int p = 0; p < P; p++) {
-            const int g = 2 * p;
-            const __m512i x1 = _mm512_loadu_si512((const void *)(a->q + QB * g));
-            const __m512i x2 = _mm512_loadu_si512((const void *)(a->q2 + QB * g));
-            const __m512i p1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv[p], x1);
-            const __m512i p2 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv[p], x2);
-            const __m512i pi = _mm512_add_epi32(_mm512_slli_epi32(p1, 7), p2);
-            acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(pi), _mm512_mul_ps(S[p], pair_scale(a->d + g)), acc);
-            zacc += zs[g] * a->sum[g] + zs[g + 1] * a->sum[g + 1];
-        }
-        __m256 acc0 = _mm512_castps512_ps256(acc), acc1 = _mm512_extractf32x8_ps(acc, 1);
-        if (G % 2) {
-            const int g = G - 1;
-            __m256i p0 = dot2_i8_32(unpack_nibbles(w + 16 * g), a->q + QB * g, a->q2 + QB * g);
-            acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(sc[g] * a->d[g]), acc0);
-            zacc += zs[g] * a->sum[g];
-        }
-        out[bi] = hsum8(_mm256_add_ps(acc0, acc1)) * (1.0f / 128) + zacc;
-    }
+    int bi = 0;
+    for (; bi + 4 <= B; bi += 4) int4_block(w, G, wv, S, zs, sc, acts + bi, out + bi, 4);
+    for (; bi < B; bi++) int4_block(w, G, wv, S, zs, sc, acts + bi, out + bi, 1);
 }
 
 /* corr (P, 16): 128 * ((lane sums of q) * 128 + lane sums of q2) per group pair, the offset the unsigned int8
@@ -624,6 +642,35 @@ BATCH_VNNI static void int8_corr(const Act *a, int k, int32_t *corr) {
     }
 }
 
+BATCH_VNNI static inline __attribute__((always_inline)) void int8_block(
+    const int8_t *w, int G, const __m512i *wv, float rs, const Act *acts, const int32_t *corr, int64_t ldc,
+    float *out, const int NB) {
+    const int P = G / 2;
+    __m512 acc[4];
+    for (int j = 0; j < NB; j++) acc[j] = _mm512_setzero_ps();
+    for (int p = 0; p < P; p++) {
+        const int g = 2 * p;
+        for (int j = 0; j < NB; j++) {
+            const Act *a = &acts[j];
+            const __m512i p1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv[p], _mm512_loadu_si512((const void *)(a->q + QB * g)));
+            const __m512i p2 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv[p], _mm512_loadu_si512((const void *)(a->q2 + QB * g)));
+            const __m512i pi = _mm512_sub_epi32(_mm512_add_epi32(_mm512_slli_epi32(p1, 7), p2),
+                                                _mm512_loadu_si512((const void *)(corr + j * ldc + 16 * p)));
+            acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(pi), pair_scale(a->d + g), acc[j]);
+        }
+    }
+    for (int j = 0; j < NB; j++) {
+        const Act *a = &acts[j];
+        __m256 acc0 = _mm512_castps512_ps256(acc[j]), acc1 = _mm512_extractf32x8_ps(acc[j], 1);
+        if (G % 2) {
+            const int g = G - 1;
+            __m256i p0 = dot2_s8_32(w + QB * g, a->q + QB * g, a->q2 + QB * g);
+            acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(a->d[g]), acc0);
+        }
+        out[j] = hsum8(_mm256_add_ps(acc0, acc1)) * rs * (1.0f / 128);
+    }
+}
+
 BATCH_VNNI static void rows_int8_vnni(const Mat *m, int64_t r, const Act *acts, const int32_t *corr, int64_t ldc,
                                       int B, float *out) {
     const int G = m->k / QB, P = G / 2;
@@ -632,26 +679,9 @@ BATCH_VNNI static void rows_int8_vnni(const Mat *m, int64_t r, const Act *acts, 
     const __m512i flip = _mm512_set1_epi8((char)0x80);
     for (int p = 0; p < P; p++) wv[p] = _mm512_xor_si512(_mm512_loadu_si512((const void *)(w + 64 * p)), flip);
     const float rs = bf16_f32(m->s[r]);
-    for (int bi = 0; bi < B; bi++) {
-        const Act *a = &acts[bi];
-        const int32_t *c = corr + bi * ldc;
-        __m512 acc = _mm512_setzero_ps();
-        for (int p = 0; p < P; p++) {
-            const int g = 2 * p;
-            const __m512i p1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv[p], _mm512_loadu_si512((const void *)(a->q + QB * g)));
-            const __m512i p2 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv[p], _mm512_loadu_si512((const void *)(a->q2 + QB * g)));
-            const __m512i pi = _mm512_sub_epi32(_mm512_add_epi32(_mm512_slli_epi32(p1, 7), p2),
-                                                _mm512_loadu_si512((const void *)(c + 16 * p)));
-            acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(pi), pair_scale(a->d + g), acc);
-        }
-        __m256 acc0 = _mm512_castps512_ps256(acc), acc1 = _mm512_extractf32x8_ps(acc, 1);
-        if (G % 2) {
-            const int g = G - 1;
-            __m256i p0 = dot2_s8_32(w + QB * g, a->q + QB * g, a->q2 + QB * g);
-            acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(a->d[g]), acc0);
-        }
-        out[bi] = hsum8(_mm256_add_ps(acc0, acc1)) * rs * (1.0f / 128);
-    }
+    int bi = 0;
+    for (; bi + 4 <= B; bi += 4) int8_block(w, G, wv, rs, acts + bi, corr + bi * ldc, ldc, out + bi, 4);
+    for (; bi < B; bi++) int8_block(w, G, wv, rs, acts + bi, corr + bi * ldc, ldc, out + bi, 1);
 }
 
 typedef struct {    /* the batched step's scratch, carved out of one buffer (ic_batch_work_size) */
