@@ -11,12 +11,16 @@ sequence exactly as it was: the slot past its length is unused space.
 Only a step that needs no eviction, no recomputation and no attention weights is offered
 (`Engine.can_batch`); the others run alone in the generation's own `decode_one`, between batched calls.
 A driver that never calls `run` changes nothing: every claim misses and each step runs alone.
+
+Chunked prefill (`PrefillPacer`): a driver that also sets `Engine.pacer` has a long prompt evaluated in calls of
+at most `chunk` tokens while other generations are waiting, and advances them between the calls, so a long
+prompt does not freeze the other streams.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -89,3 +93,20 @@ class DecodeBatcher:
     def clear(self) -> None:
         """Drop unclaimed results (call after every generation had its turn)."""
         self._ready.clear()
+
+
+@dataclass
+class PrefillPacer:
+    """Set on an engine (`Engine.pacer`) by a driver that interleaves prompts with other generations' steps.
+    While `waiting()` says others are waiting, `Engine.prefill` evaluates a prompt in forward calls of at most
+    `chunk` tokens and calls `pause()` between two calls: the driver advances the others there, or raises to
+    cancel this prefill (the tokens evaluated so far stay in the cache, consistent; the caller's all-or-nothing
+    rule decides what to keep). With nobody waiting, a prompt is evaluated as without a pacer."""
+
+    chunk: int
+    waiting: Callable[[], bool]
+    pause: Callable[[], None]
+
+    def __post_init__(self) -> None:
+        if self.chunk < 1:
+            raise ValueError(f"the prefill chunk must be at least 1 token, got {self.chunk}")

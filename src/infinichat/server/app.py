@@ -30,6 +30,7 @@ from infinichat.session.manager import SessionManager, default_data_dir
 from infinichat.session.settings import MAX_BUDGET, SessionSettings
 
 MAX_BATCH = 256  # --max-batch: sequences per batched decode call
+MAX_PREFILL_CHUNK = 65536  # --prefill-chunk: prompt tokens per call while others stream
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
@@ -88,14 +89,18 @@ def create_app(
     allowed_hosts: Sequence[str] | None = None,
     cors_origins: Sequence[str] | None = None,
     max_batch: int = 8,
+    prefill_chunk: int | None = 256,
 ) -> FastAPI:
     """The app. `allowed_hosts`: names the Host header may carry (default: loopback names; "*" = any);
     `cors_origins`: other origins whose pages may call the API (default: none); `max_batch`: generations
-    decoded together in one forward call (1: one at a time)."""
+    decoded together in one forward call (1: one at a time); `prefill_chunk`: prompt tokens per call while
+    other generations stream (None: prompts in one go)."""
     metrics = Metrics()
     lru = PrefixLRU(engine, anon_budget or manager.defaults.budget)
     manager.spare.append(lru)  # anonymous /v1 caches count in the KV memory cap
-    worker = EngineWorker(manager, max_jobs, on_idle=_cache_snapshot(metrics, lru), max_batch=max_batch)
+    worker = EngineWorker(
+        manager, max_jobs, on_idle=_cache_snapshot(metrics, lru), max_batch=max_batch, prefill_chunk=prefill_chunk
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -180,6 +185,11 @@ def serve(args: argparse.Namespace) -> int:
         raise InfinichatError(f"--max-budget must be in [64, {MAX_BUDGET}] tokens, got {args.max_budget}")
     if not 1 <= args.max_batch <= MAX_BATCH:
         raise InfinichatError(f"--max-batch must be in [1, {MAX_BATCH}], got {args.max_batch}")
+    if not 0 <= args.prefill_chunk <= MAX_PREFILL_CHUNK:
+        raise InfinichatError(
+            f"--prefill-chunk must be in [1, {MAX_PREFILL_CHUNK}] tokens, or 0 (prompts in one go), "
+            f"got {args.prefill_chunk}"
+        )
     if args.kv_cap_mb < 1:
         raise InfinichatError(f"--kv-cap-mb must be at least 1, got {args.kv_cap_mb}")
     # one writer per data directory, taken before the model loads so a second server fails at once
@@ -214,6 +224,7 @@ def _serve_locked(args: argparse.Namespace, defaults: SessionSettings) -> int:
         allowed_hosts=hosts,
         cors_origins=origins,
         max_batch=args.max_batch,
+        prefill_chunk=args.prefill_chunk or None,
     )
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         log.warning("serving on %s without --api-key: anyone who can reach it can use it", args.host)
