@@ -54,7 +54,7 @@ class DecodeBatcher:
         self.max_batch = max_batch
         self._offers: dict[int, Offer] = {}  # id(seq) -> its latest offer since the last `take`
         self._ready: dict[int, _Ready] = {}  # id(seq) -> the logits of its offered step
-        self.sizes: Counter[int] = Counter()  # batch size -> forward calls run with it
+        self.sizes: Counter[int] = Counter()  # batch size -> decode forward calls run with it (alone: 1)
         self.tokens = 0  # decode steps run through `run`
 
     # ------------------------------------------------------------------ generation side
@@ -64,9 +64,11 @@ class DecodeBatcher:
 
     def claim(self, seq: KVSequence, token: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(positions (1,), logits (V,)) of this sequence's precomputed step, if `run` computed it for
-        exactly this token at this length; None otherwise (the caller runs the step itself)."""
+        exactly this token at this length; None otherwise (the caller runs the step itself: counted as a
+        forward call of one sequence)."""
         r = self._ready.pop(id(seq), None)
         if r is None or r.offer.seq is not seq or r.offer.token != token or r.offer.length != seq.length:
+            self.sizes[1] += 1
             return None
         return r.positions, r.logits
 

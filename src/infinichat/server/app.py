@@ -73,6 +73,9 @@ def _cache_snapshot(metrics: Metrics, lru: PrefixLRU):
                 "kv_offloads": m.n_offloads,
             }
         )
+        batcher = getattr(getattr(m, "engine", None), "batcher", None)
+        if batcher is not None:
+            metrics.snapshot_batches(batcher.sizes)
 
     return snap
 
