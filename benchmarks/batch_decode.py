@@ -9,7 +9,9 @@ prefilled with distinct short prompts (untimed), then each generates `--tokens` 
                generations run in one `decode_rows` call (max_batch 8), then each claims its logits and samples;
   round-robin  the same loop with no batcher (`--max-batch 1`): each generation's step is its own forward call.
   llama.cpp    (--llamacpp) llama-cpp-python's low-level API on the same GGUF file: one context, B sequence ids,
-               each round one `llama_decode` of B tokens (one per sequence), greedy choice per sequence.
+               each round one `llama_decode` of B tokens (one per sequence), greedy choice per sequence;
+               and our llama.cpp backend (`--backend llamacpp`, engine/llamacpp.py) batched and round-robin
+               through the same loop as ours (column "llamacpp-backend").
 Aggregate tokens/s = B * tokens / time of the decode rounds (the prompt excluded). Configurations are measured
 in turn, interleaved (batched and round-robin of one B back to back, the order reversed every other round),
 for --repeats rounds; each rate is the best round. Prints the table and the ratios batched / round-robin with
@@ -46,12 +48,12 @@ PROMPTS = [
 
 
 def label(quant: str) -> str:
-    return "bf16" if quant == "none" else quant
+    return {"none": "bf16"}.get(quant, quant)
 
 
-def drive(engine: TorchEngine, gens: list[Iterator], batcher: DecodeBatcher | None) -> float:
-    """Step the generators as the server worker does (one token each per round); -> seconds from the first
-    token of every generation (prompt evaluated) to the last."""
+def drive(engine, gens: list[Iterator], batcher: DecodeBatcher | None) -> tuple[float, float]:
+    """Step the generators as the server worker does (one token each per round); -> (wall, process CPU) seconds
+    from the first token of every generation (prompt evaluated) to the last."""
     engine.batcher = batcher
     offers: list[list] = [[] for _ in gens]
     try:
@@ -60,7 +62,7 @@ def drive(engine: TorchEngine, gens: list[Iterator], batcher: DecodeBatcher | No
             if batcher is not None:
                 offers[i] = batcher.take()
         live = set(range(len(gens)))
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         while live:
             if batcher is not None:
                 batcher.run(o for i in live for o in offers[i])
@@ -73,17 +75,18 @@ def drive(engine: TorchEngine, gens: list[Iterator], batcher: DecodeBatcher | No
                     offers[i] = batcher.take()
             if batcher is not None:
                 batcher.clear()
-        return time.perf_counter() - t
+        return time.perf_counter() - t, time.process_time() - c
     finally:
         engine.batcher = None
 
 
-def ours_rate(engine: TorchEngine, prompts: list[list[int]], tokens: int, batched: bool) -> float:
+def ours_rate(engine, prompts: list[list[int]], tokens: int, batched: bool) -> tuple[float, float]:
+    """(tokens/s of wall time, tokens/s of process CPU time)."""
     params = SamplingParams(temperature=0.0, max_tokens=tokens + 1)
     seqs = [engine.new_sequence(capacity=len(p) + tokens + 8) for p in prompts]
     gens = [engine.generate(s, p, params) for s, p in zip(seqs, prompts, strict=True)]
-    dt = drive(engine, gens, DecodeBatcher(engine, 8) if batched else None)
-    return len(prompts) * tokens / dt
+    wall, cpu = drive(engine, gens, DecodeBatcher(engine, 8) if batched else None)
+    return len(prompts) * tokens / wall, len(prompts) * tokens / cpu
 
 
 class LlamaCppBatch:
@@ -123,19 +126,20 @@ class LlamaCppBatch:
         ptr = self.lib.llama_get_logits_ith(self.ctx, i)
         return int(self.np.argmax(self.np.ctypeslib.as_array(ptr, shape=(self.vocab,))))
 
-    def rate(self, prompts: list[list[int]], tokens: int) -> float:
+    def rate(self, prompts: list[list[int]], tokens: int) -> tuple[float, float]:
         self.lib.llama_memory_clear(self.lib.llama_get_memory(self.ctx), True)
         nxt, pos = [], []
         for sid, p in enumerate(prompts):  # one prompt per call: their last logits are read before the next
             self._decode([(t, j, sid, j == len(p) - 1) for j, t in enumerate(p)])
             nxt.append(self._argmax(len(p) - 1))
             pos.append(len(p))
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         for _ in range(tokens):
             self._decode([(nxt[s], pos[s], s, True) for s in range(len(prompts))])
             nxt = [self._argmax(s) for s in range(len(prompts))]
             pos = [x + 1 for x in pos]
-        return len(prompts) * tokens / (time.perf_counter() - t)
+        n = len(prompts) * tokens
+        return n / (time.perf_counter() - t), n / (time.process_time() - c)
 
     def close(self) -> None:
         self.lib.llama_batch_free(self.batch)
@@ -158,7 +162,7 @@ def main() -> None:
         raise SystemExit(f"--sessions must be in [1, {len(PROMPTS)}]")
     set_threads(args.threads)
     path = default_model_path() if args.model is None else args.model
-    engines = {}
+    engines: dict = {}
     for q in args.quant:
         loaded = load_model(path, "bfloat16", quant=q)
         engines[q] = TorchEngine(loaded.model, eos_ids=())  # no EOS: every session decodes all its tokens
@@ -168,12 +172,20 @@ def main() -> None:
     if args.llamacpp:
         try:
             lcpp = LlamaCppBatch(path, args.threads, max(args.sessions), 2048)
+            from infinichat.engine.llamacpp import LlamaCppEngine
+
+            engines["llamacpp-backend"] = LlamaCppEngine(path, n_ctx=2048, threads=args.threads, eos_ids=())
         except ImportError:
             print("llama-cpp-python is not installed: no llama.cpp column")
 
-    # (config, B) -> best rate; configs: (quant, "batched" | "round-robin") and ("llama.cpp", "batched")
-    best: dict[tuple[str, str, int], float] = {}
-    ratios: dict[tuple[str, int], list[float]] = {}
+    # (config, mode, B, clock) -> best rate; clock "wall" or "cpu"; ratios per round, per clock
+    best: dict[tuple[str, str, int, str], float] = {}
+    ratios: dict[tuple[str, int, str], list[float]] = {}
+
+    def keep(key: tuple[str, str, int], rates: tuple[float, float]) -> None:
+        for clock, r in zip(("wall", "cpu"), rates, strict=True):
+            best[(*key, clock)] = max(best.get((*key, clock), 0.0), r)
+
     for rep in range(args.repeats):
         for B in args.sessions:
             ps = prompts[:B]
@@ -182,48 +194,56 @@ def main() -> None:
                 got = {}
                 for batched in modes:
                     got[batched] = ours_rate(eng, ps, args.tokens, batched)
-                    key = (q, "batched" if batched else "round-robin", B)
-                    best[key] = max(best.get(key, 0.0), got[batched])
-                ratios.setdefault((q, B), []).append(got[True] / got[False])
+                    keep((q, "batched" if batched else "round-robin", B), got[batched])
+                for i, clock in enumerate(("wall", "cpu")):
+                    ratios.setdefault((q, B, clock), []).append(got[True][i] / got[False][i])
                 print(
-                    f"round {rep + 1} {label(q):5s} B={B}: batched {got[True]:7.1f} tok/s, round-robin "
-                    f"{got[False]:7.1f} tok/s, x{got[True] / got[False]:.2f}",
+                    f"round {rep + 1} {label(q):5s} B={B}: batched {got[True][0]:7.1f} tok/s "
+                    f"({got[True][1]:.1f} per CPU s), round-robin {got[False][0]:7.1f} ({got[False][1]:.1f}), "
+                    f"x{got[True][0] / got[False][0]:.2f} wall, x{got[True][1] / got[False][1]:.2f} CPU",
                     flush=True,
                 )
             if lcpp is not None:
                 r = lcpp.rate(ps, args.tokens)
-                best[("llama.cpp", "batched", B)] = max(best.get(("llama.cpp", "batched", B), 0.0), r)
-                print(f"round {rep + 1} llama.cpp B={B}: {r:7.1f} tok/s", flush=True)
+                keep(("llama.cpp", "batched", B), r)
+                print(f"round {rep + 1} llama.cpp B={B}: {r[0]:7.1f} tok/s ({r[1]:.1f} per CPU s)", flush=True)
     if lcpp is not None:
         lcpp.close()
 
-    print(
-        f"\naggregate decode tokens/s (best of {args.repeats} rounds, {args.tokens} tokens per session, "
-        f"{args.threads} threads)"
-    )
-    head = "| sessions |" + "".join(f" {label(q)} batched | {label(q)} round-robin | ratio (median) |" for q in engines)
-    if lcpp is not None:
-        head += " llama.cpp batched |" + "".join(f" {label(q)} batched / llama.cpp |" for q in engines)
-    print(head)
-    print("|" + "---:|" * (head.count("|") - 1))
-    for B in args.sessions:
-        row = f"| {B} |"
-        for q in engines:
-            rs = sorted(ratios[(q, B)])
-            med = rs[len(rs) // 2] if len(rs) % 2 else (rs[len(rs) // 2 - 1] + rs[len(rs) // 2]) / 2
-            row += f" {best[(q, 'batched', B)]:.1f} | {best[(q, 'round-robin', B)]:.1f} | {med:.2f} |"
+    def median(xs: list[float]) -> float:
+        xs = sorted(xs)
+        return xs[len(xs) // 2] if len(xs) % 2 else (xs[len(xs) // 2 - 1] + xs[len(xs) // 2]) / 2
+
+    for clock, what in (("wall", "tokens/s of wall time"), ("cpu", "tokens per second of process CPU time")):
+        print(
+            f"\naggregate decode {what} (best of {args.repeats} rounds, {args.tokens} tokens per session, "
+            f"{args.threads} threads); ratio = median over rounds of batched / round-robin"
+        )
+        head = "| sessions |" + "".join(f" {label(q)} batched | {label(q)} round-robin | ratio |" for q in engines)
         if lcpp is not None:
-            lc = best[("llama.cpp", "batched", B)]
-            row += f" {lc:.1f} |" + "".join(f" {best[(q, 'batched', B)] / lc:.2f} |" for q in engines)
-        print(row)
+            head += " llama-cpp-python batched |"
+        print(head)
+        print("|" + "---:|" * (head.count("|") - 1))
+        for B in args.sessions:
+            row = f"| {B} |"
+            for q in engines:
+                row += (
+                    f" {best[(q, 'batched', B, clock)]:.1f} | {best[(q, 'round-robin', B, clock)]:.1f} |"
+                    f" {median(ratios[(q, B, clock)]):.2f} |"
+                )
+            if lcpp is not None:
+                row += f" {best[('llama.cpp', 'batched', B, clock)]:.1f} |"
+            print(row)
     if 8 in args.sessions:
         for q in engines:
-            rs = sorted(ratios[(q, 8)])
-            med = rs[len(rs) // 2] if len(rs) % 2 else (rs[len(rs) // 2 - 1] + rs[len(rs) // 2]) / 2
             want = TARGETS.get(q)
             if want is not None:
-                verdict = "met" if med >= want else "MISSED"
-                print(f"target {label(q)}: 8 sessions batched >= {want}x round-robin: median x{med:.2f} ({verdict})")
+                w, c = median(ratios[(q, 8, "wall")]), median(ratios[(q, 8, "cpu")])
+                verdict = "met" if w >= want else "MISSED"
+                print(
+                    f"target {label(q)}: 8 sessions batched >= {want}x round-robin: x{w:.2f} wall ({verdict}), "
+                    f"x{c:.2f} CPU"
+                )
 
 
 if __name__ == "__main__":

@@ -83,8 +83,9 @@ class DecodeBatcher:
         """Compute the offered steps that still hold (same length, still batchable), in forward calls of at
         most `max_batch` sequences; returns how many were computed. Results wait for their claims."""
         live = [o for o in offers if o.seq.length == o.length and self.engine.can_batch(o.seq)]
-        for a in range(0, len(live), self.max_batch):
-            group = live[a : a + self.max_batch]
+        size = min(self.max_batch, getattr(self.engine, "max_rows", self.max_batch))  # llama.cpp: its n_seq_max
+        for a in range(0, len(live), size):
+            group = live[a : a + size]
             outs = self.engine.decode_rows([(o.seq, o.token) for o in group])
             for o, (positions, logits) in zip(group, outs, strict=True):
                 self._ready[id(o.seq)] = _Ready(o, positions, logits)
@@ -93,7 +94,12 @@ class DecodeBatcher:
         return len(live)
 
     def clear(self) -> None:
-        """Drop unclaimed results (call after every generation had its turn)."""
+        """Drop unclaimed results (call after every generation had its turn); an engine whose cache keeps the
+        written step outside the sequence's length (llama.cpp's cells) removes it (`discard_row`)."""
+        discard = getattr(self.engine, "discard_row", None)
+        if discard is not None:
+            for r in self._ready.values():
+                discard(r.offer.seq, r.positions)
         self._ready.clear()
 
 
