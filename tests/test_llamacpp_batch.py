@@ -12,10 +12,10 @@ import torch
 
 pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (bash scripts/setup.sh --test)")
 
-from test_batch_decode import drive  # noqa: E402  (after the importorskip)
+from test_batch_decode import drive
 
-from infinichat.engine.batch import DecodeBatcher  # noqa: E402
-from infinichat.engine.sampling import SamplingParams  # noqa: E402
+from infinichat.engine.batch import DecodeBatcher
+from infinichat.engine.sampling import SamplingParams
 
 TEXTS = ["Once upon a time", "The capital of France is", "def fibonacci(n):", "My favourite fruit is", "In 1850,"]
 

@@ -103,3 +103,33 @@ def test_a_refused_batch_says_why():
     c = KVCache(qm.cfg, 8, torch.bfloat16)
     with pytest.raises(ValueError, match="native batched decode refused"):
         qm.kernels.decoder.decode_batch([qm.cfg.vocab_size + 5], [torch.tensor([0])], [c], [0])
+
+
+@needs_lib
+def test_int4_generations_batched_through_the_engine_equal_each_alone_exactly():
+    """The worker's loop (test_batch_decode.drive) over 6 greedy generations of different prompt lengths on an
+    int4 model: every token and every step's logits equal the generation run alone, exactly (the native
+    batched step), where the PyTorch prompt kernels needed a tolerance."""
+    from test_batch_decode import Recorder, drive
+
+    from infinichat.engine.sampling import SamplingParams
+    from infinichat.engine.torch_engine import TorchEngine
+
+    qm, _ = _pair("int4")
+    eng = TorchEngine(qm, ())
+    params = SamplingParams(temperature=0.0, max_tokens=20)
+    prompts = [[3 + (5 * i + j) % 250 for j in range(2 + 13 * i)] for i in range(6)]
+    with Recorder(eng) as ref:
+        alone = []
+        for p in prompts:
+            s = eng.new_sequence()
+            alone.append(([st.token for st in eng.generate(s, p, params)], s))
+    seqs = [eng.new_sequence() for _ in prompts]
+    with Recorder(eng) as rec:
+        toks, sizes = drive(eng, [eng.generate(s, p, params) for s, p in zip(seqs, prompts, strict=True)])
+    assert sizes[6] >= 18
+    assert toks == [t for t, _ in alone]
+    for (_, sa), s in zip(alone, seqs, strict=True):
+        assert len(rec.logits[id(s)]) == len(ref.logits[id(sa)]) == 20
+        for x, y in zip(rec.logits[id(s)], ref.logits[id(sa)], strict=True):
+            assert torch.equal(x, y)
