@@ -82,7 +82,9 @@ class DecodeBatcher:
     def run(self, offers: Iterable[Offer]) -> int:
         """Compute the offered steps that still hold (same length, still batchable), in forward calls of at
         most `max_batch` sequences; returns how many were computed. Results wait for their claims."""
-        live = [o for o in offers if o.seq.length == o.length and self.engine.can_batch(o.seq)]
+        live = [
+            o for o in offers if o.seq.length == o.length and self.engine.can_batch(o.seq) and not self.pending(o)
+        ]  # an offer whose result still waits for its claim (kept from an earlier round) is not run again
         size = min(self.max_batch, getattr(self.engine, "max_rows", self.max_batch))  # llama.cpp: its n_seq_max
         for a in range(0, len(live), size):
             group = live[a : a + size]
@@ -93,14 +95,23 @@ class DecodeBatcher:
             self.tokens += len(group)
         return len(live)
 
-    def clear(self) -> None:
-        """Drop unclaimed results (call after every generation had its turn); an engine whose cache keeps the
-        written step outside the sequence's length (llama.cpp's cells) removes it (`discard_row`)."""
+    def pending(self, o: Offer) -> bool:
+        """Whether this offer's result is computed and still waits for its claim."""
+        r = self._ready.get(id(o.seq))
+        return r is not None and r.offer is o and o.seq.length == o.length
+
+    def clear(self, keep: Iterable[Offer] = ()) -> None:
+        """Drop unclaimed results (call after every generation had its turn), except those of `keep` (offers of
+        generations whose turn did not reach the engine, e.g. it delivered a cache-map event: claimed later).
+        An engine whose cache keeps a written step outside the sequence's length (llama.cpp's cells) removes
+        it (`discard_row`)."""
+        kept = {id(o.seq) for o in keep if self.pending(o)}
+        drop = [k for k in self._ready if k not in kept]
         discard = getattr(self.engine, "discard_row", None)
-        if discard is not None:
-            for r in self._ready.values():
+        for k in drop:
+            r = self._ready.pop(k)
+            if discard is not None:
                 discard(r.offer.seq, r.positions)
-        self._ready.clear()
 
 
 @dataclass

@@ -220,13 +220,15 @@ class EngineWorker:
         round (its new offer is waiting) is skipped: it is batched in the next round."""
         self.rounds += 1
         b = self.batcher
+        ran: dict[int, list] = {}  # id(job) -> the offers run for it this round
         if b is not None:
             b.take()  # offers made by calls (not generations driven here) are dropped
-            offers = [o for j in jobs if not j.abandoned for o in j.offers]
             for j in jobs:
+                if not j.abandoned and j.offers:
+                    ran[id(j)] = j.offers
                 j.offers = []
             try:
-                b.run(offers)
+                b.run(o for offers in ran.values() for o in offers)
             except Exception:  # a failed batched call: each generation runs its own step instead
                 log.exception("a batched decode step failed")
         for job in jobs:
@@ -238,9 +240,12 @@ class EngineWorker:
             finally:
                 self._current = outer
             if b is not None:
-                job.offers = b.take()
+                new = b.take()
+                if not new and job in self._active:  # its turn delivered an event without a step: keep the result
+                    new = [o for o in ran.get(id(job), []) if b.pending(o)]
+                job.offers = new
         if b is not None:
-            b.clear()
+            b.clear(keep=[o for j in self._active for o in j.offers])
 
     # ------------------------------------------------------------------ chunked prefill (the engine's pacer)
     def _others_waiting(self) -> bool:
