@@ -5,7 +5,8 @@ session, sending T messages one after the other through the session API (SSE), a
 - no request fails (any HTTP error or SSE error event is counted and reported);
 - each transcript, read back with GET /api/sessions/{id}, holds exactly that client's messages in order,
   each reply equal to the text streamed for it (no lost or mixed-up turns);
-then prints time-to-first-token and per-reply decode tokens/s (p50 / p95) and the aggregate throughput.
+then prints time-to-first-token and per-reply decode tokens/s (p50 / p95) and the aggregate throughput (after one
+untimed warm-up request on its own session).
 
     python benchmarks/server_load.py [--clients 20] [--turns 10] [--max-tokens 24] [--threads 1]
         [--quant none|int8|int4] [--max-batch 8]
@@ -105,6 +106,10 @@ async def main_async(args, url: str) -> dict:
     stats = {"errors": [], "ttft": [], "tps": [], "tokens": 0, "checked": 0}
     limits = httpx.Limits(max_connections=args.clients + 5)
     async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(60, read=1800), limits=limits) as c:
+        # warm-up, untimed: a fresh server's first generation pays one-time costs (native library, first buffers)
+        r = await c.post("/api/sessions", json={"id": "warmup"})
+        if r.status_code == 201:
+            await c.post("/api/sessions/warmup/messages", json={"text": "Hello", "params": {"max_tokens": 4}})
         t0 = time.perf_counter()
         await asyncio.gather(*(client(c, i, args.turns, args.max_tokens, stats) for i in range(args.clients)))
         stats["wall"] = time.perf_counter() - t0

@@ -205,3 +205,14 @@ def test_a_stop_between_chunks_cancels_the_prefill_and_changes_nothing(tiny_chat
         assert reply[-1].kind == "done" and len(b.messages) == 4
     finally:
         worker.close()
+
+
+@pytest.mark.parametrize(
+    "flag, value, says",
+    [("--prefill-chunk", "-1", "--prefill-chunk must be in [1, 65536]"), ("--max-batch", "0", "--max-batch must")],
+)
+def test_serve_refuses_bad_batching_flags(tmp_path, capsys, flag, value, says):
+    from infinichat.cli.main import main
+
+    assert main(["serve", flag, value, "--data-dir", str(tmp_path)]) == 2
+    assert says in capsys.readouterr().err
