@@ -19,7 +19,9 @@ from fastapi.staticfiles import StaticFiles
 from infinichat.engine.backends import load_engine
 from infinichat.errors import InfinichatError
 from infinichat.kv.registry import POLICIES
-from infinichat.server import errors, routes_actions, routes_openai, routes_sessions
+from infinichat.model.label import model_label
+from infinichat.model.loader import default_model_path
+from infinichat.server import errors, routes_actions, routes_chats, routes_openai, routes_sessions
 from infinichat.server.errors import ApiError
 from infinichat.server.guard import Guard, default_allowed_hosts
 from infinichat.server.metrics import Metrics
@@ -93,6 +95,7 @@ def create_app(
     cors_origins: Sequence[str] | None = None,
     max_batch: int = 8,
     prefill_chunk: int | None = 256,
+    label: str | None = None,
 ) -> FastAPI:
     """The app. `allowed_hosts`: names the Host header may carry (default: loopback names; "*" = any);
     `cors_origins`: other origins whose pages may call the API (default: none); `max_batch`: generations
@@ -137,13 +140,15 @@ def create_app(
         )
 
     auth = [Depends(_auth)]
-    for r in (routes_sessions.router, routes_actions.router, routes_openai.router):
+    for r in (routes_chats.router, routes_sessions.router, routes_actions.router, routes_openai.router):
         app.include_router(r, dependencies=auth)
+    app.include_router(routes_chats.public)  # the code colours of the page
 
     @app.get("/api/info", dependencies=auth)
     async def info():
         return {
             "model": model_name,
+            "label": label or model_name,  # what the web page shows (see model/label.py)
             "backend": backend,
             "policies": list(POLICIES),
             "defaults": manager.defaults.to_json(),
@@ -228,6 +233,7 @@ def _serve_locked(args: argparse.Namespace, defaults: SessionSettings) -> int:
         cors_origins=origins,
         max_batch=args.max_batch,
         prefill_chunk=args.prefill_chunk or None,
+        label=model_label(args.model or default_model_path(), name),
     )
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         log.warning("serving on %s without --api-key: anyone who can reach it can use it", args.host)

@@ -261,7 +261,7 @@ def session_chat(m, sid: str, messages: list[dict], params: SamplingParams, shou
                 param="messages",
             )
     else:
-        s = m.create(sid, system_prompt=system)
+        s = m.create(sid, name=sid, system_prompt=system)
     memo = s.memento()
     try:
         check_max_tokens(params.max_tokens, None, "max_tokens")

@@ -18,6 +18,9 @@ function headers(json) {
   return h;
 }
 
+/** Headers that carry the API key, for requests made without `api` (images, downloads). */
+export function authHeaders() { return headers(false); }
+
 async function errorOf(r) {
   let data = null;
   try { data = await r.json(); } catch { /* not JSON */ }
