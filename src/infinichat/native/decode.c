@@ -586,9 +586,9 @@ BATCH_VNNI static inline __attribute__((always_inline)) void int4_block(
             const Act *a = &acts[j];
             const __m512i x1 = _mm512_loadu_si512((const void *)(a->q + QB * g));
             const __m512i x2 = _mm512_loadu_si512((const void *)(a->q2 + QB * g));
+            /* (w . x1) * 128 + w . x2, exact in int32: the second product accumulates onto the first */
             const __m512i p1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv[p], x1);
-            const __m512i p2 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv[p], x2);
-            const __m512i pi = _mm512_add_epi32(_mm512_slli_epi32(p1, 7), p2);
+            const __m512i pi = _mm512_dpbusd_epi32(_mm512_slli_epi32(p1, 7), wv[p], x2);
             acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(pi), _mm512_mul_ps(S[p], pair_scale(a->d + g)), acc[j]);
             zacc[j] += zs[g] * a->sum[g] + zs[g + 1] * a->sum[g + 1];
         }
@@ -653,9 +653,9 @@ BATCH_VNNI static inline __attribute__((always_inline)) void int8_block(
         for (int j = 0; j < NB; j++) {
             const Act *a = &acts[j];
             const __m512i p1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv[p], _mm512_loadu_si512((const void *)(a->q + QB * g)));
-            const __m512i p2 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv[p], _mm512_loadu_si512((const void *)(a->q2 + QB * g)));
-            const __m512i pi = _mm512_sub_epi32(_mm512_add_epi32(_mm512_slli_epi32(p1, 7), p2),
-                                                _mm512_loadu_si512((const void *)(corr + j * ldc + 16 * p)));
+            const __m512i base = _mm512_sub_epi32(_mm512_slli_epi32(p1, 7),
+                                                  _mm512_loadu_si512((const void *)(corr + j * ldc + 16 * p)));
+            const __m512i pi = _mm512_dpbusd_epi32(base, wv[p], _mm512_loadu_si512((const void *)(a->q2 + QB * g)));
             acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(pi), pair_scale(a->d + g), acc[j]);
         }
     }
