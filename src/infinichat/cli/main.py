@@ -398,6 +398,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="generations decoded together in one forward call (1: one at a time; default 8)",
     )
     serve.add_argument(
+        "--prefill-chunk",
+        type=int,
+        default=256,
+        help="while other replies stream, a new prompt is evaluated this many tokens at a time with their "
+        "next tokens in between (0: in one go; default 256)",
+    )
+    serve.add_argument(
         "--max-queue", type=int, default=64, help="requests waiting or running at once; more get 429 (default 64)"
     )
     serve.add_argument(

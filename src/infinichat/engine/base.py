@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from infinichat.engine.batch import DecodeBatcher
+from infinichat.engine.batch import DecodeBatcher, PrefillPacer
 from infinichat.engine.sampling import Sampler, SamplingParams, TokenConstraint
 from infinichat.errors import InfinichatError
 from infinichat.kv.policy import EvictionPolicy
@@ -42,6 +42,7 @@ class Engine:
     max_chunk: int = 1024  # max tokens per forward call while prefilling
     logits_chunk: int = 1024  # the same when every token's logits are returned ((T, V) float32 per call)
     batcher: DecodeBatcher | None = None  # set by a driver that batches decode steps (engine/batch.py)
+    pacer: PrefillPacer | None = None  # set by a driver that interleaves prompts with other steps (engine/batch.py)
 
     def new_sequence(
         self,
@@ -72,7 +73,9 @@ class Engine:
     ) -> torch.Tensor:
         """Append `tokens` to the sequence; logits of the last token (V,), or of every token (T, V).
         Tokens are evaluated in forward calls of at most `chunk` tokens (and what the policy allows); the
-        budget is enforced before each call, so a long text streams through a small cache."""
+        budget is enforced before each call, so a long text streams through a small cache. With a pacer
+        (engine/batch.py) and other generations waiting, calls hold at most its chunk, and it is paused between
+        them (where a driver may cancel this prefill by raising)."""
         if len(tokens) == 0:
             raise InfinichatError("cannot evaluate an empty token list")
         if not seq.policy.drops_tokens and seq.length + len(tokens) > seq.budget:
@@ -81,8 +84,11 @@ class Engine:
         n, tail = len(tokens), seq.policy.prompt_tail
         outs = []
         a = 0
+        pacer = self.pacer
         while a < n:
             cap = self.logits_chunk if all_logits else self.max_chunk
+            if pacer is not None and pacer.waiting():
+                cap = min(cap, pacer.chunk)
             step = min(chunk or cap, cap, seq.policy.prefill_chunk(seq))
             if step < n - a < step + tail:  # the last call must hold the policy's tail (SnapKV's window)
                 step = max(1, n - a - tail)
@@ -91,6 +97,8 @@ class Engine:
             a += step
             if all_logits or last:
                 outs.append(out)
+            if pacer is not None and not last:
+                pacer.pause()
         return torch.cat(outs) if all_logits else outs[-1]
 
     def decode_one(self, seq: KVSequence, token: int) -> torch.Tensor:

@@ -7,6 +7,7 @@ weights, no CPU-only aten ops, no native library.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -19,7 +20,7 @@ from infinichat.model.quant import QuantLinear
 from infinichat.model.rope import apply_rope, rotate, signed_sin
 
 if TYPE_CHECKING:
-    from infinichat.model.transformer import Transformer
+    from infinichat.model.transformer import BatchItem, Transformer
 
 
 @dataclass
@@ -56,6 +57,11 @@ class TorchKernels:
     def decode_step(self, tokens: torch.Tensor, positions: torch.Tensor, cache, start: int):
         """A whole-model one-token step, (hidden (D,) float32, logits (V,) float32), or None: the layer-by-layer
         forward runs. The torch set has none (a CUDA-graph captured step would go here)."""
+        return None
+
+    def decode_batch(self, seqs: Sequence[BatchItem]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """A whole-model step of several sequences, one token each, (hidden (B, D), logits (B, V)) float32, or
+        None: the layer-by-layer forward runs them stacked. The torch set has none."""
         return None
 
     # ------------------------------------------------------------------ ops

@@ -254,6 +254,11 @@ class Transformer:
             return [self.forward(s.tokens, s.positions, s.cache, s.start, all_logits)]
         for s in seqs:
             s.cache.reserve(s.start + s.tokens.shape[0])
+        if not all_logits and all(s.tokens.shape[0] == 1 for s in seqs):  # one token each: a whole-model step
+            step = self.kernels.decode_batch(seqs)
+            if step is not None:
+                x, logits = step  # (B, D), (B, V)
+                return list(self._rescore(x.to(self.dtype), logits).unbind(0))
         return self._forward(seqs, all_logits, None)
 
     def _forward(

@@ -40,6 +40,7 @@ from infinichat.session.manager import SessionManager, default_data_dir
 from infinichat.session.settings import MAX_BUDGET, SessionSettings
 
 MAX_BATCH = 256  # --max-batch: sequences per batched decode call
+MAX_PREFILL_CHUNK = 65536  # --prefill-chunk: prompt tokens per call while others stream
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
@@ -84,6 +85,9 @@ def _cache_snapshot(metrics: Metrics, lru: PrefixLRU):
                 "kv_offloads": m.n_offloads,
             }
         )
+        batcher = getattr(getattr(m, "engine", None), "batcher", None)
+        if batcher is not None:
+            metrics.snapshot_batches(batcher.sizes)
 
     return snap
 
@@ -100,15 +104,19 @@ def create_app(
     allowed_hosts: Sequence[str] | None = None,
     cors_origins: Sequence[str] | None = None,
     max_batch: int = 8,
+    prefill_chunk: int | None = 256,
     label: str | None = None,
 ) -> FastAPI:
     """The app. `allowed_hosts`: names the Host header may carry (default: loopback names; "*" = any);
     `cors_origins`: other origins whose pages may call the API (default: none); `max_batch`: generations
-    decoded together in one forward call (1: one at a time)."""
+    decoded together in one forward call (1: one at a time); `prefill_chunk`: prompt tokens per call while
+    other generations stream (None: prompts in one go)."""
     metrics = Metrics()
     lru = PrefixLRU(engine, anon_budget or manager.defaults.budget)
     manager.spare.append(lru)  # anonymous /v1 caches count in the KV memory cap
-    worker = EngineWorker(manager, max_jobs, on_idle=_cache_snapshot(metrics, lru), max_batch=max_batch)
+    worker = EngineWorker(
+        manager, max_jobs, on_idle=_cache_snapshot(metrics, lru), max_batch=max_batch, prefill_chunk=prefill_chunk
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -204,6 +212,11 @@ def build_served(
         raise InfinichatError(f"--max-budget must be in [64, {MAX_BUDGET}] tokens, got {args.max_budget}")
     if not 1 <= args.max_batch <= MAX_BATCH:
         raise InfinichatError(f"--max-batch must be in [1, {MAX_BATCH}], got {args.max_batch}")
+    if not 0 <= args.prefill_chunk <= MAX_PREFILL_CHUNK:
+        raise InfinichatError(
+            f"--prefill-chunk must be in [1, {MAX_PREFILL_CHUNK}] tokens, or 0 (prompts in one go), "
+            f"got {args.prefill_chunk}"
+        )
     if args.kv_cap_mb < 1:
         raise InfinichatError(f"--kv-cap-mb must be at least 1, got {args.kv_cap_mb}")
     hold.enter_context(lock_data_dir(args.data_dir or default_data_dir(), f"serve on http://{args.host}:{args.port}"))
@@ -237,6 +250,7 @@ def _build_app(args: argparse.Namespace, defaults: SessionSettings, progress: st
         allowed_hosts=hosts,
         cors_origins=origins,
         max_batch=args.max_batch,
+        prefill_chunk=args.prefill_chunk or None,
         label=model_label(args.model or default_model_path(), name),
     )
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
