@@ -428,6 +428,20 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="O1,O2",
         help="web origins (e.g. https://app.example) whose pages may call the API (default: none; '*' = any)",
     )
+    serve.add_argument(
+        "--db",
+        default=None,
+        metavar="URL",
+        help="the session database: postgresql://user:password@host:port/dbname (shared by the replicas of a "
+        "cluster; pip install 'infinichat[cluster]') or sqlite:///path (default: sessions.sqlite3 in --data-dir)",
+    )
+    serve.add_argument(
+        "--kv-dir",
+        default=None,
+        metavar="DIR",
+        help="where idle sessions' KV caches are written (default: DATA_DIR/kv; a directory every replica reaches "
+        "in a cluster)",
+    )
     _add_model_args(serve, ctx=False)
 
     _add_eval_parser(sub)

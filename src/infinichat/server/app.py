@@ -199,7 +199,16 @@ def _serve_locked(args: argparse.Namespace, defaults: SessionSettings) -> int:
     if limit < cap:
         raise InfinichatError(f"--kv-limit-mb {args.kv_limit_mb} is below --kv-cap-mb {args.kv_cap_mb}")
     manager = SessionManager(
-        engine, tok, model_id, args.data_dir, defaults, kv_cap_bytes=cap, max_budget=max_budget, kv_limit_bytes=limit
+        engine,
+        tok,
+        model_id,
+        args.data_dir,
+        defaults,
+        kv_cap_bytes=cap,
+        max_budget=max_budget,
+        kv_limit_bytes=limit,
+        db_url=getattr(args, "db", None),
+        kv_dir=getattr(args, "kv_dir", None),
     )
     hosts = args.allowed_hosts.split(",") if args.allowed_hosts else default_allowed_hosts(args.host)
     origins = [o for o in (args.cors_origins or "").split(",") if o.strip()]

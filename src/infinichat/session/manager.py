@@ -1,9 +1,9 @@
 """Many sessions over one engine: create / get / list / delete, persistence, and a cap on resident KV memory.
 
-Every change of a session is saved to SQLite at once (see `db.py`). The KV caches of the sessions in memory
+Every change of a session is saved to the store at once (see `db.py`). The KV caches of the sessions in memory
 count against `kv_cap_bytes`; when they pass it, the least recently used sessions' caches are written to
-`kv/<id>.kv` and freed. The next request for such a session restores its cache from that file (or, if the
-file is missing or belongs to an older version of the session, e.g. after a crash, rebuilds it from the
+`kv/<id>.kv` (or the `kv_dir`) and freed. The next request for such a session restores its cache from that file
+(or, if the file is missing or belongs to an older version of the session, e.g. after a crash, rebuilds it from the
 transcript), so eviction from memory is invisible except for the time it takes.
 
 Not thread-safe by itself: the server's single engine worker calls it (read-only listing is safe).
@@ -67,10 +67,14 @@ class SessionManager:
         chat_template: str | None = None,
         max_budget: int | None = None,
         kv_limit_bytes: int | None = None,
+        db_url: str | None = None,
+        kv_dir: str | Path | None = None,
     ):
+        """`db_url`: the session database (None: SQLite in the data directory; postgresql://... for a cluster);
+        `kv_dir`: where idle KV caches are written (default: the data directory's kv/)."""
         self.engine = engine
         self.tok = tokenizer
-        self.db = SessionDB(data_dir or default_data_dir())
+        self.db = SessionDB(data_dir or default_data_dir(), db_url, kv_dir)
         self.defaults = (defaults or SessionSettings()).validate()
         self.kv_cap_bytes = kv_cap_bytes  # past it, idle caches go to disk
         # past it, a new generation is refused (503) while running ones hold the memory: RSS stays bounded
