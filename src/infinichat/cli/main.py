@@ -442,6 +442,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="where idle sessions' KV caches are written (default: DATA_DIR/kv; a directory every replica reaches "
         "in a cluster)",
     )
+    serve.add_argument(
+        "--replicas",
+        type=int,
+        default=None,
+        metavar="N",
+        help="serve with N engine replicas on a Ray Serve cluster, each session pinned to one replica "
+        "(pip install 'infinichat[cluster]'; --threads and --device apply to each replica; default: one process)",
+    )
+    serve.add_argument(
+        "--ray-address",
+        default=None,
+        metavar="auto|ADDR",
+        help="with --replicas: the Ray cluster to join ('auto': the one `ray start --head` runs on this machine; "
+        "default: start a local one)",
+    )
     _add_model_args(serve, ctx=False)
 
     _add_eval_parser(sub)

@@ -182,14 +182,38 @@ def serve(args: argparse.Namespace) -> int:
         raise InfinichatError(f"--max-batch must be in [1, {MAX_BATCH}], got {args.max_batch}")
     if args.kv_cap_mb < 1:
         raise InfinichatError(f"--kv-cap-mb must be at least 1, got {args.kv_cap_mb}")
+    replicas = getattr(args, "replicas", None)
+    if replicas is None and getattr(args, "ray_address", None):
+        raise InfinichatError("--ray-address needs --replicas N")
     # one writer per data directory, taken before the model loads so a second server fails at once
     with lock_data_dir(args.data_dir or default_data_dir(), f"serve on http://{args.host}:{args.port}"):
+        if replicas is not None:
+            return _serve_cluster(args, defaults)
         return _serve_locked(args, defaults)
 
 
-def _serve_locked(args: argparse.Namespace, defaults: SessionSettings) -> int:
-    import uvicorn
+def _serve_cluster(args: argparse.Namespace, defaults: SessionSettings) -> int:
+    if not 1 <= args.replicas <= 256:
+        raise InfinichatError(f"--replicas must be in [1, 256], got {args.replicas}")
+    try:
+        from infinichat.server import cluster
+    except ImportError as e:
+        raise InfinichatError(
+            f"--replicas needs Ray Serve ({e.name} is missing): pip install 'infinichat[cluster]'"
+        ) from None
+    return cluster.serve_cluster(args, defaults.to_json())
 
+
+def build_app(
+    args: argparse.Namespace,
+    defaults: SessionSettings,
+    data_dir: str | Path | None = None,
+    db_url: str | None = None,
+    kv_dir: str | Path | None = None,
+    shared: bool = False,
+) -> tuple[FastAPI, str]:
+    """The engine, the session manager and the app of `serve` (one process, or one replica of a cluster:
+    then `shared`, with the cluster's store); (app, model name)."""
     engine, tok, model_id, name = make_engine(args)
     cap = args.kv_cap_mb << 20
     max_budget = args.max_budget or default_max_budget(engine, cap)
@@ -202,13 +226,14 @@ def _serve_locked(args: argparse.Namespace, defaults: SessionSettings) -> int:
         engine,
         tok,
         model_id,
-        args.data_dir,
+        data_dir or args.data_dir,
         defaults,
         kv_cap_bytes=cap,
         max_budget=max_budget,
         kv_limit_bytes=limit,
-        db_url=getattr(args, "db", None),
-        kv_dir=getattr(args, "kv_dir", None),
+        db_url=db_url or getattr(args, "db", None),
+        kv_dir=kv_dir or getattr(args, "kv_dir", None),
+        shared=shared,
     )
     hosts = args.allowed_hosts.split(",") if args.allowed_hosts else default_allowed_hosts(args.host)
     origins = [o for o in (args.cors_origins or "").split(",") if o.strip()]
@@ -224,6 +249,13 @@ def _serve_locked(args: argparse.Namespace, defaults: SessionSettings) -> int:
         cors_origins=origins,
         max_batch=args.max_batch,
     )
+    return app, name
+
+
+def _serve_locked(args: argparse.Namespace, defaults: SessionSettings) -> int:
+    import uvicorn
+
+    app, name = build_app(args, defaults)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         log.warning("serving on %s without --api-key: anyone who can reach it can use it", args.host)
     # the line a person starting the server reads, on stdout even when it is not a terminal (logging may be off)

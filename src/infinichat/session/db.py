@@ -263,6 +263,13 @@ class SessionDB:
             return bool(self.dialect.execute("SELECT 1 FROM sessions WHERE id = ?", (sid,)))
 
     @_storage
+    def version(self, sid: str) -> int | None:
+        """The stored version of a session (None: no such session): a replica compares it with its copy."""
+        with self._lock:
+            found = self.dialect.execute("SELECT version FROM sessions WHERE id = ?", (sid,))
+        return int(found[0][0]) if found else None
+
+    @_storage
     def delete(self, sid: str) -> None:
         with self._lock:
             self.dialect.execute("DELETE FROM sessions WHERE id = ?", (sid,))

@@ -69,9 +69,12 @@ class SessionManager:
         kv_limit_bytes: int | None = None,
         db_url: str | None = None,
         kv_dir: str | Path | None = None,
+        shared: bool = False,
     ):
         """`db_url`: the session database (None: SQLite in the data directory; postgresql://... for a cluster);
-        `kv_dir`: where idle KV caches are written (default: the data directory's kv/)."""
+        `kv_dir`: where idle KV caches are written (default: the data directory's kv/); `shared`: other
+        processes (the replicas of a cluster) may change the sessions in the store, so a session held in memory
+        is checked against the store's version before each use."""
         self.engine = engine
         self.tok = tokenizer
         self.db = SessionDB(data_dir or default_data_dir(), db_url, kv_dir)
@@ -94,6 +97,8 @@ class SessionManager:
         self.pinned: set[str] = set()  # sessions whose cache must stay resident (a generation is running)
         self.n_offloads = 0
         self.n_restores = 0
+        self.shared = shared
+        self.n_stale = 0  # cluster: copies in memory found older than the store (another replica moved on)
 
     # ------------------------------------------------------------------ lifecycle
     def create(
@@ -222,6 +227,13 @@ class SessionManager:
         """A session by id (loaded from disk if needed; its KV is made resident)."""
         check_session_id(sid)
         s = self.sessions.get(sid)
+        if s is not None and self.shared and sid not in self.pinned and self.db.version(sid) != s.version:
+            # another replica served it meanwhile (a failover, an ingress restart): the store is the truth
+            log.info("session %s: the copy in memory is stale; reloading it from the store", sid)
+            self.n_stale += 1
+            self.sessions.pop(sid, None)
+            self._saved.pop(sid, None)
+            s = None
         if s is None:
             s = self._load(sid)
         if s.seq is None:
