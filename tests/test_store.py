@@ -210,3 +210,28 @@ def test_another_manager_continues_a_session(tiny, url, tmp_path):
     assert c.n_restores == 0 and len(u.messages) == len(want) + 2  # rebuilt from the transcript
     assert u.seq.token_ids() == t.seq.token_ids()
     c.db.close()
+
+
+def test_a_stale_copy_in_memory_is_reloaded(tiny, url, tmp_path):
+    """Cluster replicas share the store (`shared=True`): a replica still holding a session that another replica
+    has since moved on (a failover, then the session routed back) reloads it instead of overwriting it."""
+    url = url or f"sqlite://{tmp_path}/shared.sqlite3"
+    engine = TorchEngine(tiny.model, tiny.tokenizer.eos_ids)
+
+    def manager(name: str) -> SessionManager:
+        return SessionManager(engine, tiny.tokenizer, tiny.file_hash, tmp_path / name, db_url=url, shared=True)
+
+    a, b = manager("a"), manager("b")
+    s = a.create("chat", system_prompt="Be brief.", settings={"temperature": 0.0, "max_tokens": 4})
+    list(s.send("one"))
+    list(b.get("chat").send("two"))  # b took over
+    again = a.get("chat")  # a's copy (one turn) is stale: reloaded from the store
+    assert a.n_stale == 1 and again is not s
+    assert [m.text for m in again.messages][::2] == ["one", "two"]
+    list(again.send("three"))
+    assert [m.text for m in b.get("chat").messages][::2] == ["one", "two", "three"]  # and b sees a's turn
+    assert b.n_stale == 1
+    unshared = SessionManager(engine, tiny.tokenizer, tiny.file_hash, tmp_path / "c", db_url=url)
+    assert unshared.get("chat").version == again.version and unshared.n_stale == 0
+    for m in (a, b, unshared):
+        m.db.close()

@@ -187,28 +187,29 @@ class SessionDB:
     def save(self, row: dict, changed: list[tuple[int, dict]], n_messages: int) -> None:
         """Write a session, the messages that changed (turn, message) and its message count, in one
         transaction."""
-        with self._lock, self.dialect.transaction():
+        with self._lock:
             c = self.dialect
-            c.execute(
-                "INSERT INTO sessions (id, name, created, updated, version, system_prompt, card, settings, "
-                "next_uid, segments) VALUES (:id, :name, :created, :updated, :version, :system_prompt, :card, "
-                ":settings, :next_uid, :segments) ON CONFLICT(id) DO UPDATE SET name=:name, updated=:updated, "
-                "version=:version, system_prompt=:system_prompt, card=:card, settings=:settings, "
-                "next_uid=:next_uid, segments=:segments",
-                {
-                    **row,
-                    "updated": time.time(),
-                    "card": _dump(row.get("card")),
-                    "settings": _dump(row["settings"]),
-                    "segments": _dump(row.get("segments")),
-                },
-            )
-            c.execute("DELETE FROM messages WHERE session_id = ? AND turn >= ?", (row["id"], n_messages))
-            c.executemany(
-                "INSERT INTO messages (session_id, turn, data) VALUES (?, ?, ?) "
-                "ON CONFLICT(session_id, turn) DO UPDATE SET data = excluded.data",
-                [(row["id"], i, json.dumps(m)) for i, m in changed],
-            )
+            with c.transaction():  # BEGIN (IMMEDIATE on SQLite) ... COMMIT; ROLLBACK on an error
+                c.execute(
+                    "INSERT INTO sessions (id, name, created, updated, version, system_prompt, card, settings, "
+                    "next_uid, segments) VALUES (:id, :name, :created, :updated, :version, :system_prompt, :card, "
+                    ":settings, :next_uid, :segments) ON CONFLICT(id) DO UPDATE SET name=:name, updated=:updated, "
+                    "version=:version, system_prompt=:system_prompt, card=:card, settings=:settings, "
+                    "next_uid=:next_uid, segments=:segments",
+                    {
+                        **row,
+                        "updated": time.time(),
+                        "card": _dump(row.get("card")),
+                        "settings": _dump(row["settings"]),
+                        "segments": _dump(row.get("segments")),
+                    },
+                )
+                c.execute("DELETE FROM messages WHERE session_id = ? AND turn >= ?", (row["id"], n_messages))
+                c.executemany(
+                    "INSERT INTO messages (session_id, turn, data) VALUES (?, ?, ?) "
+                    "ON CONFLICT(session_id, turn) DO UPDATE SET data = excluded.data",
+                    [(row["id"], i, json.dumps(m)) for i, m in changed],
+                )
 
     @_storage
     def load(self, sid: str) -> tuple[dict, list[dict]] | None:
