@@ -214,3 +214,8 @@ def test_a_dead_replicas_sessions_continue_elsewhere(cluster):
     for sid in set(got) - set(doomed):  # the survivor's own sessions never noticed
         assert send(cluster, sid, "still here") == survivor
     assert cluster.get("/cluster").json()["repins"] >= len(doomed)
+    pinned = sum(x["pinned"] for x in replicas(cluster).values())
+    gone = next(iter(got))
+    assert cluster.delete(f"/api/sessions/{gone}").status_code == 204
+    assert sum(x["pinned"] for x in replicas(cluster).values()) == pinned - 1  # its pin went with it
+    assert cluster.get(f"/api/sessions/{gone}").status_code == 404

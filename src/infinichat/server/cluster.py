@@ -225,8 +225,9 @@ ingress_app = FastAPI(title="infinichat cluster", docs_url=None, redoc_url=None)
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)
 @serve.ingress(ingress_app)
 class Ingress:
-    def __init__(self, engine: DeploymentHandle):
+    def __init__(self, engine: DeploymentHandle, api_key: str | None = None):
         self.stream = engine.options(stream=True)
+        self.api_key = api_key
         self.warm = False
 
     async def _replicas(self) -> list[dict[str, Any]]:
@@ -248,17 +249,23 @@ class Ingress:
         return [out[k] for k in sorted(out)]
 
     @ingress_app.get("/cluster")
-    async def cluster(self) -> dict:
+    async def cluster(self, request: Request) -> Response:
+        """The replicas, their pids and sessions (session ids: behind the API key, like /api)."""
+        got = request.headers.get("authorization", "")
+        if self.api_key and not secrets.compare_digest(got.encode(), f"Bearer {self.api_key}".encode()):
+            return error(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'", "auth")
         infos = await self._replicas()
         pinned = cluster_table.TABLE.pinned_per_replica()
-        return {
-            "replicas": [
-                {k: i[k] for k in ("replica", "pid", "sessions", "queue_depth", "storage")}
-                | {"pinned": pinned.get(i["replica"], 0)}
-                for i in infos
-            ],
-            "repins": cluster_table.TABLE.repins,
-        }
+        return JSONResponse(
+            {
+                "replicas": [
+                    {k: i[k] for k in ("replica", "pid", "sessions", "queue_depth", "storage")}
+                    | {"pinned": pinned.get(i["replica"], 0)}
+                    for i in infos
+                ],
+                "repins": cluster_table.TABLE.repins,
+            }
+        )
 
     @ingress_app.get("/health")
     async def health(self) -> Response:
@@ -312,6 +319,9 @@ class Ingress:
             except StopAsyncIteration:
                 return error(502, "the engine replica closed the request without an answer", "server_error")
         assert isinstance(first, dict) and isinstance(head, dict)
+        sid = route.get("session")
+        if request.method == "DELETE" and head["status"] == 204 and sid and request.url.path.count("/") == 3:
+            cluster_table.TABLE.pins.pop(sid, None)  # a deleted session holds no replica
 
         async def rest() -> AsyncIterator[bytes]:
             try:
@@ -353,7 +363,7 @@ def build(args: argparse.Namespace, defaults: dict[str, Any]):
         )
         .bind(replica_options(args, defaults))
     )
-    return cast(Any, Ingress).bind(engine)
+    return cast(Any, Ingress).bind(engine, args.api_key)
 
 
 def start(args: argparse.Namespace, defaults: dict[str, Any]) -> None:
@@ -366,7 +376,7 @@ def start(args: argparse.Namespace, defaults: dict[str, Any]) -> None:
         ray.init(address=args.ray_address, runtime_env=env, logging_level=logging.WARNING)
     else:  # a local cluster of this machine, just big enough for the replicas
         cpus = max(os.cpu_count() or 1, args.replicas * threads)
-        ray.init(num_cpus=cpus, runtime_env=env, logging_level=logging.WARNING)
+        ray.init(num_cpus=cpus, runtime_env=env, logging_level=logging.WARNING, include_dashboard=False)
     serve.start(http_options={"host": args.host, "port": args.port})
     serve.run(build(args, defaults), name=APP_NAME, route_prefix="/")
 
