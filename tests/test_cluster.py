@@ -219,3 +219,28 @@ def test_a_dead_replicas_sessions_continue_elsewhere(cluster):
     assert cluster.delete(f"/api/sessions/{gone}").status_code == 204
     assert sum(x["pinned"] for x in replicas(cluster).values()) == pinned - 1  # its pin went with it
     assert cluster.get(f"/api/sessions/{gone}").status_code == 404
+
+
+def test_sessions_survive_an_ingress_restart(cluster):
+    """The ingress (and the router's table of pins in it) is killed: Ray starts a new one; every session
+    continues with its turns intact and is pinned again, to one replica per session."""
+    got = converse(cluster, 4, 1)
+    before = {sid: history(cluster, sid) for sid in got}
+    info = cluster.get("/cluster").json()
+    os.kill(info["ingress_pid"], signal.SIGKILL)
+    deadline = time.monotonic() + 180
+    while True:  # the proxy answers 5xx (or drops the connection) until the new ingress is up
+        try:
+            r = cluster.get("/cluster", timeout=10)
+            if r.status_code == 200 and r.json()["ingress_pid"] != info["ingress_pid"]:
+                break
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, "no new ingress"
+        time.sleep(1)
+    for sid, h in before.items():
+        assert history(cluster, sid) == h
+        served = {send(cluster, sid, "after the restart"), send(cluster, sid, "once more")}
+        assert len(served) == 1
+        after = history(cluster, sid)
+        assert after[: len(h)] == h and [after[len(h)][1], after[len(h) + 2][1]] == ["after the restart", "once more"]

@@ -264,6 +264,7 @@ class Ingress:
                     for i in infos
                 ],
                 "repins": cluster_table.TABLE.repins,
+                "ingress_pid": os.getpid(),
             }
         )
 
