@@ -107,8 +107,9 @@ def test_failed_save_leaves_store_as_it_was(store):
 
 
 def test_migrations_run_once_even_concurrently(url, tmp_path, monkeypatch):
-    steps = (("ALTER TABLE sessions ADD COLUMN lorebook TEXT",), ("CREATE TABLE extra (k TEXT PRIMARY KEY)",))
-    SessionDB(tmp_path / "d0", url).close()  # the first release: no migrations
+    steps = (*dbmod.MIGRATIONS, ("ALTER TABLE sessions ADD COLUMN note TEXT",), ("CREATE TABLE extra (k TEXT)",))
+    monkeypatch.setattr(dbmod, "MIGRATIONS", ())
+    SessionDB(tmp_path / "d0", url).close()  # a database of the first release: no migration applied
     monkeypatch.setattr(dbmod, "MIGRATIONS", steps)
     if url is None:
         opened = [SessionDB(tmp_path / "d0", url)]
@@ -128,14 +129,14 @@ def test_migrations_run_once_even_concurrently(url, tmp_path, monkeypatch):
             t.join(60)
         assert not errors, errors
     for db in opened:
-        assert db.dialect.schema_version() == 2
+        assert db.dialect.schema_version() == len(steps)
     db = opened[0]
     db.dialect.execute("INSERT INTO extra (k) VALUES (?)", ("x",))
-    assert db.dialect.execute("SELECT lorebook FROM sessions") == []
+    assert db.dialect.execute("SELECT lorebook, note FROM sessions") == []
     for d in opened:
         d.close()
     again = SessionDB(tmp_path / "d0", url)  # reopening runs nothing twice (ADD COLUMN would fail)
-    assert again.dialect.schema_version() == 2
+    assert again.dialect.schema_version() == len(steps)
     again.close()
 
 

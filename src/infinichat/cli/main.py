@@ -484,8 +484,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.basicConfig(
             level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
         )
-        if args.command == "serve":
-            from infinichat.server.app import serve
+        if args.command == "serve" and args.replicas is not None:  # a Ray Serve application (server/cluster.py)
+            from infinichat.server.app import serve_cluster
+
+            return serve_cluster(args)
+        if args.command == "serve":  # the port answers before anything heavy is imported (server/startup.py)
+            from infinichat.server.startup import serve
 
             return serve(args)
         from infinichat.cli import bench_cmd, commands, eval_cmd

@@ -15,13 +15,13 @@ import numpy as np
 import torch
 
 from infinichat.engine.batch import DecodeBatcher
-from infinichat.engine.sampling import Sampler, SamplingParams
+from infinichat.engine.sampling import Sampler, SamplingParams, TokenConstraint
 from infinichat.errors import InfinichatError
 from infinichat.kv.policy import EvictionPolicy
 from infinichat.kv.registry import make_policy
 from infinichat.kv.sequence import KVSequence
 from infinichat.kv.slots import SlotTable
-from infinichat.model.config import ModelConfig
+from infinichat.model.config import ModelShape
 
 
 @dataclass
@@ -37,7 +37,7 @@ class Engine:
     """Base of the engines: subclasses set `cfg`, `eos_ids` and `max_chunk` and implement `_new_store` and
     `_append` (one forward call: make room within the budget, evaluate the tokens, record them in the sequence)."""
 
-    cfg: ModelConfig
+    cfg: ModelShape
     eos_ids: frozenset[int]
     max_chunk: int = 1024  # max tokens per forward call while prefilling
     logits_chunk: int = 1024  # the same when every token's logits are returned ((T, V) float32 per call)
@@ -121,15 +121,18 @@ class Engine:
         should_stop: Callable[[], bool] | None = None,
         logits: torch.Tensor | None = None,
         dry_breakers: np.ndarray | None = None,
+        constraint: TokenConstraint | None = None,
     ) -> Iterator[Step]:
         """Evaluate `prompt` (may be empty when `logits` of the last cached token are given), then sample up
         to `params.max_tokens` tokens, yielding each. Stops at an EOS token (not yielded), when
         `should_stop()` says so, or when the cache is full (a policy that never evicts, at its budget).
         `history` = the tokens already in the cache, for the repetition penalties and DRY; `dry_breakers` =
-        the (V,) bool mask of DRY's sequence breakers (`Tokenizer.tokens_containing`), needed when DRY is on.
+        the (V,) bool mask of DRY's sequence breakers (`Tokenizer.tokens_containing`), needed when DRY is on;
+        `constraint` = the grammar built from `params.grammar` (engine/grammar.py): the generation stops where it
+        is complete.
         Stop strings are text-level: the caller checks them and closes the generator."""
         params.validate()
-        sampler = Sampler(params, self.cfg.vocab_size, dry_breakers)
+        sampler = Sampler(params, self.cfg.vocab_size, dry_breakers, constraint)
         seen = list(history) + list(prompt)
         if prompt:
             logits = self.prefill(cache, prompt)
@@ -142,9 +145,10 @@ class Engine:
             if step.token in self.eos_ids:
                 return
             seen.append(step.token)
-            if self.batcher is not None and not cache.full:
+            last = cache.full or (constraint is not None and constraint.done)  # no next step to compute
+            if self.batcher is not None and not last:
                 self.batcher.offer(cache, step.token)  # the driver may compute the next step batched
             yield Step(step.token, step.logprob, step.top)
-            if cache.full:
+            if last:
                 return
             logits = self.decode_one(cache, step.token)

@@ -58,7 +58,6 @@ from infinichat.kv.sequence import KVSequence
 from infinichat.kv.slots import SlotTable
 from infinichat.kv.store import MAGIC as TORCH_MAGIC
 from infinichat.kv.store import check_spans
-from infinichat.model.config import ModelConfig
 from infinichat.model.gguf_meta import read_gguf_fields
 from infinichat.model.tokenizer import Tokenizer
 
@@ -129,6 +128,14 @@ def gguf_path(path: str | Path | None) -> Path:
     return path
 
 
+def _arch_field(path: Path) -> dict:
+    """The file's metadata for an error message (empty when even that cannot be read)."""
+    try:
+        return read_gguf_fields(path)
+    except ModelLoadError:
+        return {}
+
+
 def load_llamacpp(
     path: str | Path | None = None, n_ctx: int | None = None, threads: int | None = None
 ) -> tuple[Tokenizer, str, LlamaCppEngine]:
@@ -138,6 +145,42 @@ def load_llamacpp(
     tokenizer = Tokenizer.from_gguf_fields(fields, source=str(path))
     engine = LlamaCppEngine(path, n_ctx=n_ctx, threads=threads, eos_ids=tokenizer.eos_ids, fields=fields)
     return tokenizer, str(fields.get("general.name", path.stem)), engine
+
+
+@dataclass(frozen=True)
+class LlamaModelInfo:
+    """What this backend needs to know of a model, asked of llama.cpp itself once it has loaded the file: any
+    architecture its build runs works, whether or not the torch side's architecture table knows it."""
+
+    arch: str  # GGUF general.architecture
+    n_layers: int
+    n_kv_heads: int
+    head_dim: int
+    max_position: int  # the trained context
+    vocab_size: int
+    sliding_window: int  # llama.cpp's n_swa (0: none, or not used by its build for this architecture)
+
+    @classmethod
+    def of(cls, lib, model) -> LlamaModelInfo:
+        arch = _meta_str(lib, model, "general.architecture") or "?"
+        n_head = max(1, lib.llama_model_n_head(model))
+        key_length = _meta_str(lib, model, f"{arch}.attention.key_length")
+        return cls(
+            arch=arch,
+            n_layers=lib.llama_model_n_layer(model),
+            n_kv_heads=lib.llama_model_n_head_kv(model),
+            head_dim=int(key_length) if key_length else lib.llama_model_n_embd(model) // n_head,
+            max_position=lib.llama_model_n_ctx_train(model),
+            vocab_size=lib.llama_vocab_n_tokens(lib.llama_model_get_vocab(model)),
+            sliding_window=lib.llama_model_n_swa(model),
+        )
+
+
+def _meta_str(lib, model, key: str) -> str | None:
+    """A GGUF metadata value as llama.cpp holds it, as text (None when absent)."""
+    buf = ctypes.create_string_buffer(256)
+    n = lib.llama_model_meta_val_str(model, key.encode(), buf, ctypes.sizeof(buf))
+    return buf.value.decode("utf-8", "replace") if n >= 0 else None
 
 
 @dataclass
@@ -466,9 +509,6 @@ class LlamaCppEngine(Engine):
         lib = _lib()
         path = gguf_path(path)
         self.path = path
-        fields = fields if fields is not None else read_gguf_fields(path)
-        self.cfg: ModelConfig = ModelConfig.from_gguf(fields, source=str(path))
-        self.n_ctx = n_ctx or self.cfg.max_position
         self.threads = threads or physical_cores()
         if not 1 <= n_seq_max <= lib.llama_max_parallel_sequences():
             raise InfinichatError(f"n_seq_max must be in [1, {lib.llama_max_parallel_sequences()}], got {n_seq_max}")
@@ -477,7 +517,13 @@ class LlamaCppEngine(Engine):
         mparams = lib.llama_model_default_params()
         self._model = lib.llama_model_load_from_file(str(path).encode(), mparams)
         if not self._model:
-            raise ModelLoadError(f"{path}: llama.cpp could not load this GGUF file (see the log with -v)")
+            arch = (fields if fields is not None else _arch_field(path)).get("general.architecture", "?")
+            raise ModelLoadError(
+                f"{path}: llama.cpp could not load this GGUF file (architecture {arch!r}; see the log with -v)"
+            )
+        # the model's shape from llama.cpp, not from the torch side's architecture table (model/arch.py)
+        self.cfg = LlamaModelInfo.of(lib, self._model)
+        self.n_ctx = n_ctx or self.cfg.max_position
         cparams = lib.llama_context_default_params()
         cparams.n_ctx = self.n_ctx
         cparams.n_batch = cparams.n_ubatch = n_batch
@@ -497,14 +543,7 @@ class LlamaCppEngine(Engine):
             self.close()
             raise ModelLoadError(f"{path}: llama.cpp cannot shift positions in this model's cache")
         vocab = lib.llama_model_get_vocab(self._model)
-        self.n_vocab = lib.llama_vocab_n_tokens(vocab)
-        if self.cfg.vocab_size == 0:  # not in the metadata
-            self.cfg = self.cfg.with_(vocab_size=self.n_vocab)
-        if self.n_vocab != self.cfg.vocab_size:
-            self.close()
-            raise ModelLoadError(
-                f"{path}: llama.cpp sees {self.n_vocab} tokens, the GGUF metadata {self.cfg.vocab_size}"
-            )
+        self.n_vocab = self.cfg.vocab_size
         if eos_ids is None:
             eos_ids = [t for t in range(self.n_vocab) if lib.llama_vocab_is_eog(vocab, t)]
         self.eos_ids = frozenset(eos_ids)

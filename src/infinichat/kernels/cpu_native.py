@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from infinichat import native
+from infinichat.kernels.attn_variants import PLAIN, AttnVariant
 from infinichat.kernels.torch_ops import RopeTables, TorchKernels
 from infinichat.model.quant import Int8GroupLinear, QuantLinear
 
@@ -166,8 +167,16 @@ class CpuNativeKernels(TorchKernels):
         return super().rope_qkv(qkv, rope)
 
     def attention(
-        self, q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, start: int, mask: torch.Tensor | None
+        self,
+        q: torch.Tensor,
+        k_buf: torch.Tensor,
+        v_buf: torch.Tensor,
+        start: int,
+        mask: torch.Tensor | None,
+        var: AttnVariant = PLAIN,
     ) -> torch.Tensor:
+        if not var.plain:  # windows, soft-caps, sinks: the torch set's variant path (no native member for them)
+            return super().attention(q, k_buf, v_buf, start, mask, var)
         H, T, hd = q.shape
         Hkv = k_buf.shape[0]
         if T > 1 and self.prompt_attn is not None and self.prompt_attn.takes(q, Hkv):

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from infinichat.kernels.attn_variants import PLAIN, AttnVariant, buffer_attention
 from infinichat.model.arch import ALL_FEATURES
 from infinichat.model.quant import QuantLinear
 from infinichat.model.rope import apply_rope, rotate, signed_sin
@@ -82,6 +83,11 @@ class TorchKernels:
         gate, up = h.chunk(2, dim=-1)
         return F.silu(gate) * up
 
+    def gelu_tanh_mul(self, h: torch.Tensor) -> torch.Tensor:
+        """(T, 2F) rows [gate | up] -> gelu_tanh(gate) * up (T, F) (Gemma's GeGLU)."""
+        gate, up = h.chunk(2, dim=-1)
+        return F.gelu(gate, approximate="tanh") * up
+
     def gelu(self, h: torch.Tensor) -> torch.Tensor:
         return F.gelu(h)
 
@@ -105,10 +111,19 @@ class TorchKernels:
         return q, k, heads[:, H + Hkv :].transpose(0, 1)
 
     def attention(
-        self, q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, start: int, mask: torch.Tensor | None
+        self,
+        q: torch.Tensor,
+        k_buf: torch.Tensor,
+        v_buf: torch.Tensor,
+        start: int,
+        mask: torch.Tensor | None,
+        var: AttnVariant = PLAIN,
     ) -> torch.Tensor:
         """q (H, T, hd) for slots [start, start+T), whose K/V are already in the buffers (Hkv, C, hd); causal
-        over slots [0, start+T) (`mask` (T, start+T) bool where start > 0 and T > 1). -> (T, H*hd)."""
+        over slots [0, start+T) (`mask` (T, start+T) bool where start > 0 and T > 1). -> (T, H*hd).
+        A layer's window, soft-cap or sinks (`var`) go to kernels/attn_variants.py."""
+        if not var.plain:
+            return buffer_attention(q, k_buf, v_buf, start, self.scale, var)
         H, T, hd = q.shape
         end = start + T
         keys, values = k_buf[:, :end], v_buf[:, :end]  # (Hkv, S, hd)

@@ -19,7 +19,17 @@ from fastapi.staticfiles import StaticFiles
 from infinichat.engine.backends import load_engine
 from infinichat.errors import InfinichatError
 from infinichat.kv.registry import POLICIES
-from infinichat.server import errors, routes_actions, routes_openai, routes_sessions
+from infinichat.model.label import model_label
+from infinichat.model.loader import default_model_path
+from infinichat.server import (
+    errors,
+    routes_actions,
+    routes_chats,
+    routes_llama,
+    routes_openai,
+    routes_sessions,
+    startup,
+)
 from infinichat.server.errors import ApiError
 from infinichat.server.guard import Guard, default_allowed_hosts
 from infinichat.server.metrics import Metrics
@@ -36,8 +46,9 @@ STATIC = Path(__file__).parent / "static"
 MAX_BODY = 16 << 20  # bytes; a character card PNG in base64 fits
 
 
-def make_engine(args: argparse.Namespace):
-    """(engine, tokenizer, model id, model name) for `--backend`."""
+def make_engine(args: argparse.Namespace, on_progress=None):
+    """(engine, tokenizer, model id, model name) for `--backend`; `on_progress(stage, done, total)` hears the
+    loading stages."""
     return load_engine(
         args.backend,
         args.model,
@@ -46,6 +57,7 @@ def make_engine(args: argparse.Namespace):
         args.cache_dir,
         quant=getattr(args, "quant", "none"),
         device=getattr(args, "device", "auto"),
+        on_progress=on_progress,
     )
 
 
@@ -88,6 +100,7 @@ def create_app(
     allowed_hosts: Sequence[str] | None = None,
     cors_origins: Sequence[str] | None = None,
     max_batch: int = 8,
+    label: str | None = None,
 ) -> FastAPI:
     """The app. `allowed_hosts`: names the Host header may carry (default: loopback names; "*" = any);
     `cors_origins`: other origins whose pages may call the API (default: none); `max_batch`: generations
@@ -129,13 +142,21 @@ def create_app(
         )
 
     auth = [Depends(_auth)]
-    for r in (routes_sessions.router, routes_actions.router, routes_openai.router):
+    for r in (
+        routes_chats.router,
+        routes_sessions.router,
+        routes_actions.router,
+        routes_openai.router,
+        routes_llama.router,
+    ):
         app.include_router(r, dependencies=auth)
+    app.include_router(routes_chats.public)  # the code colours of the page
 
     @app.get("/api/info", dependencies=auth)
     async def info():
         return {
             "model": model_name,
+            "label": label or model_name,  # what the web page shows (see model/label.py)
             "backend": backend,
             "policies": list(POLICIES),
             "defaults": manager.defaults.to_json(),
@@ -170,51 +191,55 @@ def default_max_budget(engine, kv_cap_bytes: int) -> int:
     return max(64, min(MAX_BUDGET, trained, by_memory))
 
 
-def serve(args: argparse.Namespace) -> int:
+def check_serve_options(args: argparse.Namespace) -> SessionSettings:
+    """`serve`'s options checked before anything loads; the default settings of new sessions."""
     defaults = SessionSettings().updated(
         {k: v for k, v in (("budget", args.budget), ("policy", args.policy)) if v is not None}
     )
-    if args.port < 0 or args.port > 65535:
-        raise InfinichatError(f"--port must be in [0, 65535], got {args.port}")
     if args.max_budget is not None and not 64 <= args.max_budget <= MAX_BUDGET:
         raise InfinichatError(f"--max-budget must be in [64, {MAX_BUDGET}] tokens, got {args.max_budget}")
     if not 1 <= args.max_batch <= MAX_BATCH:
         raise InfinichatError(f"--max-batch must be in [1, {MAX_BATCH}], got {args.max_batch}")
     if args.kv_cap_mb < 1:
         raise InfinichatError(f"--kv-cap-mb must be at least 1, got {args.kv_cap_mb}")
-    replicas = getattr(args, "replicas", None)
-    if replicas is None and getattr(args, "ray_address", None):
+    if getattr(args, "replicas", None) is None and getattr(args, "ray_address", None):
         raise InfinichatError("--ray-address needs --replicas N")
-    # one writer per data directory, taken before the model loads so a second server fails at once
-    with lock_data_dir(args.data_dir or default_data_dir(), f"serve on http://{args.host}:{args.port}"):
-        if replicas is not None:
-            return _serve_cluster(args, defaults)
-        return _serve_locked(args, defaults)
+    return defaults
 
 
-def _serve_cluster(args: argparse.Namespace, defaults: SessionSettings) -> int:
-    if not 1 <= args.replicas <= 256:
-        raise InfinichatError(f"--replicas must be in [1, 256], got {args.replicas}")
-    try:
-        from infinichat.server import cluster
-    except ImportError as e:
-        raise InfinichatError(
-            f"--replicas needs Ray Serve ({e.name} is missing): pip install 'infinichat[cluster]'"
-        ) from None
-    return cluster.serve_cluster(args, defaults.to_json())
+def build_served(
+    args: argparse.Namespace, progress: startup.Progress, hold: contextlib.ExitStack
+) -> tuple[FastAPI, str]:
+    """`infinichat serve`'s app, built while the loading shell answers (server/startup.py: `serve`): the options
+    checked, the data directory locked (one writer per directory; `hold` keeps the lock until the server stops),
+    then the model loaded. (app, model name)."""
+    defaults = check_serve_options(args)
+    hold.enter_context(lock_data_dir(args.data_dir or default_data_dir(), f"serve on http://{args.host}:{args.port}"))
+    app, name = build_app(args, defaults, progress)
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
+        log.warning("serving on %s without --api-key: anyone who can reach it can use it", args.host)
+    return app, name
 
 
 def build_app(
     args: argparse.Namespace,
     defaults: SessionSettings,
+    progress: startup.Progress | None = None,
     data_dir: str | Path | None = None,
     db_url: str | None = None,
     kv_dir: str | Path | None = None,
     shared: bool = False,
 ) -> tuple[FastAPI, str]:
-    """The engine, the session manager and the app of `serve` (one process, or one replica of a cluster:
-    then `shared`, with the cluster's store); (app, model name)."""
-    engine, tok, model_id, name = make_engine(args)
+    """The engine, the session manager and the app of `serve` (one process, or one replica of a cluster: then
+    `shared`, with the cluster's store and its own `data_dir`); (app, model name)."""
+
+    def say(stage: str, done: int = 0, total: int = 0) -> None:
+        if progress is not None:
+            progress(stage, done, total)
+
+    say("loading the model")
+    engine, tok, model_id, name = make_engine(args, say)
+    say("opening the sessions")
     cap = args.kv_cap_mb << 20
     max_budget = args.max_budget or default_max_budget(engine, cap)
     if defaults.budget > max_budget:
@@ -248,17 +273,26 @@ def build_app(
         allowed_hosts=hosts,
         cors_origins=origins,
         max_batch=args.max_batch,
+        label=model_label(args.model or default_model_path(), name),
     )
     return app, name
 
 
-def _serve_locked(args: argparse.Namespace, defaults: SessionSettings) -> int:
-    import uvicorn
-
-    app, name = build_app(args, defaults)
+def serve_cluster(args: argparse.Namespace) -> int:
+    """`infinichat serve --replicas N`: the Ray Serve application (server/cluster.py) on --host:--port."""
+    defaults = check_serve_options(args)
+    if not 1 <= args.replicas <= 256:
+        raise InfinichatError(f"--replicas must be in [1, 256], got {args.replicas}")
+    if not 0 <= args.port <= 65535:
+        raise InfinichatError(f"--port must be in [0, 65535], got {args.port}")
+    try:
+        from infinichat.server import cluster
+    except ImportError as e:
+        raise InfinichatError(
+            f"--replicas needs Ray Serve ({e.name} is missing): pip install 'infinichat[cluster]'"
+        ) from None
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         log.warning("serving on %s without --api-key: anyone who can reach it can use it", args.host)
-    # the line a person starting the server reads, on stdout even when it is not a terminal (logging may be off)
-    print(f"infinichat: serving {name} on http://{args.host}:{args.port} (web page /, API /api and /v1)", flush=True)  # noqa: T201
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
-    return 0
+    # the driver holds the data directory (the replicas on this machine write under it)
+    with lock_data_dir(args.data_dir or default_data_dir(), f"serve --replicas on http://{args.host}:{args.port}"):
+        return cluster.serve_cluster(args, defaults.to_json())

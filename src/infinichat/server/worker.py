@@ -103,6 +103,11 @@ class EngineWorker:
     def depth(self) -> int:
         return self._jobs
 
+    def busy_sessions(self) -> set[str]:
+        """The sessions with a mutating job waiting or running."""
+        with self._lock:
+            return set(self._busy)
+
     def _admit(self, job: Job) -> None:
         with self._lock:
             if self._closed:

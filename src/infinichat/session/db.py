@@ -51,7 +51,11 @@ CREATE TABLE IF NOT EXISTS messages (
 # schema changes after the first, in order, in SQL both dialects run (e.g. "ALTER TABLE sessions ADD COLUMN x
 # TEXT"); the database's schema version counts the ones applied (SQLite: PRAGMA user_version; PostgreSQL: the
 # table infinichat_schema). Add a step at the end; never edit or reorder the ones already released.
-MIGRATIONS: tuple[tuple[str, ...], ...] = ()
+MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    # 1: a session's lorebook (per-token top-n probabilities live in each message's JSON, "steps")
+    ("ALTER TABLE sessions ADD COLUMN lorebook TEXT",),
+)
+AVATARS = ("char", "user")  # a session's avatar images: the character card's PNG, the user's picture
 
 
 P = ParamSpec("P")
@@ -150,6 +154,23 @@ class SessionDB:
             log.error("the session database %s is damaged: %s", self.dialect.where, bad)
             self.damage = "the session database is damaged; restore it from a backup or move it away and restart"
 
+    def avatar_path(self, sid: str, who: str) -> Path:
+        if who not in AVATARS:
+            raise InfinichatError(f"unknown avatar {who!r}; accepted: {', '.join(AVATARS)}")
+        return self.dir / "avatars" / f"{check_session_id(sid)}-{who}"
+
+    @_storage
+    def write_avatar(self, sid: str, who: str, data: bytes | None) -> None:
+        """Store (None: remove) an avatar image; written to a temporary file and renamed (never half-written)."""
+        path = self.avatar_path(sid, who)
+        if data is None:
+            path.unlink(missing_ok=True)
+            return
+        path.parent.mkdir(exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_bytes(data)
+        tmp.replace(path)
+
     @property
     def conn(self):
         """The driver's connection (sqlite3.Connection or psycopg.Connection)."""
@@ -192,14 +213,15 @@ class SessionDB:
             with c.transaction():  # BEGIN (IMMEDIATE on SQLite) ... COMMIT; ROLLBACK on an error
                 c.execute(
                     "INSERT INTO sessions (id, name, created, updated, version, system_prompt, card, settings, "
-                    "next_uid, segments) VALUES (:id, :name, :created, :updated, :version, :system_prompt, :card, "
-                    ":settings, :next_uid, :segments) ON CONFLICT(id) DO UPDATE SET name=:name, updated=:updated, "
-                    "version=:version, system_prompt=:system_prompt, card=:card, settings=:settings, "
-                    "next_uid=:next_uid, segments=:segments",
+                    "next_uid, segments, lorebook) VALUES (:id, :name, :created, :updated, :version, :system_prompt, "
+                    ":card, :settings, :next_uid, :segments, :lorebook) ON CONFLICT(id) DO UPDATE SET name=:name, "
+                    "updated=:updated, version=:version, system_prompt=:system_prompt, card=:card, "
+                    "settings=:settings, next_uid=:next_uid, segments=:segments, lorebook=:lorebook",
                     {
                         **row,
                         "updated": time.time(),
                         "card": _dump(row.get("card")),
+                        "lorebook": _dump(row.get("lorebook")),
                         "settings": _dump(row["settings"]),
                         "segments": _dump(row.get("segments")),
                     },
@@ -215,8 +237,8 @@ class SessionDB:
     def load(self, sid: str) -> tuple[dict, list[dict]] | None:
         with self._lock:
             found = self.dialect.execute(
-                "SELECT id, name, created, updated, version, system_prompt, card, settings, next_uid, segments "
-                "FROM sessions WHERE id = ?",
+                "SELECT id, name, created, updated, version, system_prompt, card, settings, next_uid, segments, "
+                "lorebook FROM sessions WHERE id = ?",
                 (sid,),
             )
             if not found:
@@ -240,9 +262,10 @@ class SessionDB:
             "settings",
             "next_uid",
             "segments",
+            "lorebook",
         )
         row = dict(zip(keys, r, strict=True))
-        for k in ("card", "settings", "segments"):
+        for k in ("card", "settings", "segments", "lorebook"):
             try:
                 row[k] = json.loads(row[k]) if row[k] else None
             except (ValueError, TypeError) as e:
@@ -275,6 +298,8 @@ class SessionDB:
         with self._lock:
             self.dialect.execute("DELETE FROM sessions WHERE id = ?", (sid,))
         self.kv_path(sid).unlink(missing_ok=True)
+        for who in AVATARS:
+            self.avatar_path(sid, who).unlink(missing_ok=True)
 
     def close(self) -> None:
         with self._lock:
