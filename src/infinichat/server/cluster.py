@@ -369,6 +369,12 @@ def build(args: argparse.Namespace, defaults: dict[str, Any]):
 
 def start(args: argparse.Namespace, defaults: dict[str, Any]) -> None:
     """Connect to (or start) the Ray cluster and deploy the application on --host:--port."""
+    connect(args)
+    deploy(args, defaults)
+
+
+def connect(args: argparse.Namespace) -> None:
+    """Join (--ray-address) or start the Ray cluster, and Serve's HTTP proxy on --host:--port."""
     if args.replicas < 1:
         raise InfinichatError(f"--replicas must be at least 1, got {args.replicas}")
     threads = max(1, args.threads or 1)
@@ -379,20 +385,25 @@ def start(args: argparse.Namespace, defaults: dict[str, Any]) -> None:
         cpus = max(os.cpu_count() or 1, args.replicas * threads)
         ray.init(num_cpus=cpus, runtime_env=env, logging_level=logging.WARNING, include_dashboard=False)
     serve.start(http_options={"host": args.host, "port": args.port})
+
+
+def deploy(args: argparse.Namespace, defaults: dict[str, Any]) -> None:
+    """The application: the replicas load their models; returns when it serves."""
     serve.run(build(args, defaults), name=APP_NAME, route_prefix="/")
 
 
 def serve_cluster(args: argparse.Namespace, defaults: dict[str, Any]) -> int:
-    start(args, defaults)
+    connect(args)
+    stop = threading.Event()  # SIGINT / SIGTERM (after ray.init, which installs its own), even while starting
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    deploy(args, defaults)
     # the line a person starting the server reads, on stdout even when it is not a terminal (logging may be off)
     print(  # noqa: T201
         f"infinichat: serving on http://{args.host}:{args.port} with {args.replicas} engine replicas "
         f"(Ray Serve; web page /, API /api and /v1, replicas /cluster)",
         flush=True,
     )
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
     stop.wait()
     serve.delete(APP_NAME)
     if not args.ray_address:
