@@ -435,6 +435,35 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="O1,O2",
         help="web origins (e.g. https://app.example) whose pages may call the API (default: none; '*' = any)",
     )
+    serve.add_argument(
+        "--db",
+        default=None,
+        metavar="URL",
+        help="the session database: postgresql://user:password@host:port/dbname (shared by the replicas of a "
+        "cluster; pip install 'infinichat[cluster]') or sqlite:///path (default: sessions.sqlite3 in --data-dir)",
+    )
+    serve.add_argument(
+        "--kv-dir",
+        default=None,
+        metavar="DIR",
+        help="where idle sessions' KV caches are written (default: DATA_DIR/kv; a directory every replica reaches "
+        "in a cluster)",
+    )
+    serve.add_argument(
+        "--replicas",
+        type=int,
+        default=None,
+        metavar="N",
+        help="serve with N engine replicas on a Ray Serve cluster, each session pinned to one replica "
+        "(pip install 'infinichat[cluster]'; --threads and --device apply to each replica; default: one process)",
+    )
+    serve.add_argument(
+        "--ray-address",
+        default=None,
+        metavar="auto|ADDR",
+        help="with --replicas: the Ray cluster to join ('auto': the one `ray start --head` runs on this machine; "
+        "default: start a local one)",
+    )
     _add_model_args(serve, ctx=False)
 
     _add_eval_parser(sub)
@@ -462,6 +491,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.basicConfig(
             level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
         )
+        if args.command == "serve" and args.replicas is not None:  # a Ray Serve application (server/cluster.py)
+            from infinichat.server.app import serve_cluster
+
+            return serve_cluster(args)
         if args.command == "serve":  # the port answers before anything heavy is imported (server/startup.py)
             from infinichat.server.startup import serve
 
