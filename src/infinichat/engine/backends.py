@@ -29,7 +29,7 @@ def load_engine(
         raise InfinichatError(f"unknown backend {backend!r}; accepted: {', '.join(BACKENDS)}")
     if not isinstance(threads, int) or threads < 0:
         raise InfinichatError(f"--threads must be a positive number, got {threads}")
-    from infinichat.engine.torch_engine import TorchEngine, set_threads
+    from infinichat.engine.torch_engine import TorchEngine, configure_threads, set_threads
     from infinichat.kernels import resolve_device
     from infinichat.model.loader import default_cache_dir, file_sha256, load_model
 
@@ -50,4 +50,6 @@ def load_engine(
         where = resolve_device("cpu")  # auto with --quant: the quantized kernels are CPU ones
     loaded = load_model(model, dtype, cache, show_progress=show_progress, quant=quant, device=where, kernels=kernels)
     model_id = loaded.file_hash if quant == "none" else f"{loaded.file_hash}:{quant}"
-    return TorchEngine(loaded.model, loaded.tokenizer.eos_ids), loaded.tokenizer, model_id, loaded.name
+    torch_engine = TorchEngine(loaded.model, loaded.tokenizer.eos_ids)
+    configure_threads(torch_engine, threads or None)  # the default: the decode steps' thread count adapts
+    return torch_engine, loaded.tokenizer, model_id, loaded.name
