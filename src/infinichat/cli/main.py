@@ -57,7 +57,8 @@ def _add_model_args(p: argparse.ArgumentParser, dtype: str = DEFAULT_DTYPE, ctx:
         "--threads",
         type=int,
         default=0,
-        help="CPU threads (default: physical cores; more threads than free cores slows llama.cpp down badly)",
+        help="CPU threads (default 0: torch chooses at run time, up to the physical cores, from the measured "
+        "decode steps; llama.cpp uses the physical cores, and more threads than free cores slow it down badly)",
     )
     if ctx:
         g.add_argument(
