@@ -16,6 +16,7 @@ from infinichat.cli.chat_backends import HttpBackend, LocalBackend
 from infinichat.cli.chat_commands import COMMANDS, parse_setting
 from infinichat.cli.chat_io import ScriptReader, print_stream
 from infinichat.engine.torch_engine import TorchEngine
+from infinichat.errors import InfinichatError
 from infinichat.session.manager import SessionManager
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -44,12 +45,14 @@ def backend(request, tiny_chat_model, tmp_path):
 class Run:
     """A client over `backend` whose input is `lines`; `out` is what it printed."""
 
-    def __init__(self, backend, lines: list[str], settings: dict | None = None, sid: str | None = None):
+    def __init__(
+        self, backend, lines: list[str], settings: dict | None = None, sid: str | None = None, given: dict | None = None
+    ):
         self.buf = io.StringIO()
         console = Console(file=self.buf, width=250, highlight=False, soft_wrap=True)
         self.client = ChatClient(console, backend, ScriptReader(console, lines), settings=settings or GREEDY)
         self.b = backend
-        self.client.open(sid or f"s{id(self)}")
+        self.client.open(sid or f"s{id(self)}", given=given)
         self.rc = self.client.loop()
 
     @property
@@ -238,6 +241,17 @@ def test_a_failed_action_prints_an_error_and_changes_nothing(backend):
     assert r.history()["messages"] == []
 
 
+def test_reopening_with_given_settings_changes_them_and_says_which(backend):
+    Run(backend, ["Hello", ":exit"], sid="again")
+    r = Run(backend, [":exit"], sid="again", given={"temperature": 0.9, "top_k": 40, "max_tokens": 6})
+    assert "opened session again · 2 messages" in r.out
+    assert "settings changed: temperature 0.0 -> 0.9" in r.out and "top_k" not in r.out  # unchanged ones unsaid
+    assert r.history()["settings"]["temperature"] == 0.9
+    with pytest.raises(InfinichatError, match="budget must be an integer number of tokens"):
+        Run(backend, [":exit"], sid="again", given={"temperature": 0.5, "budget": 10})
+    assert backend.history()["settings"]["temperature"] == 0.9  # the bad change changed nothing
+
+
 def test_end_of_input_leaves_cleanly(backend):
     r = Run(backend, ["Hello"])  # no :exit: the input just ends
     assert r.rc == 0 and len(r.history()["messages"]) == 2
@@ -361,3 +375,14 @@ def test_line_editing_and_a_persistent_history_in_a_terminal(tmp_path):
     assert b"PromptReader" in out, out
     assert got == ["'from an earlier run'", "'help me'", "'drafY'"], out
     assert "+help me" in hist.read_text()
+
+
+def test_generate_reports_its_speed_on_stderr_after_the_text(tiny_gguf_1k, tmp_path, capsys, cli_threads):
+    from infinichat.cli.main import main
+
+    args = ["generate", "Hello", "--model", str(tiny_gguf_1k), "-n", "6", "--temperature", "0", "--threads", "1"]
+    assert main([*args, "--cache-dir", str(tmp_path)]) == 0
+    out, err = capsys.readouterr()
+    assert "tok/s" not in out and out.strip()  # stdout: the text alone
+    line = err.strip().splitlines()[-1]
+    assert "of at most 6 tokens" in line and "tok/s" in line and "prompt" in line, err
