@@ -3,6 +3,7 @@ loop on one core, measured side by side in one run (issue 22).
 
     python3 benchmarks/busy_threads.py                      # bf16 and int4, default vs 1 vs 2 threads
     python3 benchmarks/busy_threads.py --tokens 64 --rounds 4 --quant none int4 --threads default 1 2
+    python3 benchmarks/busy_threads.py --cli --quant int4 --threads default 1   # `generate` end to end
 
 For each model variant (the default model in bf16, and --quant int4 by default), each condition (quiet: nothing
 started by us; busy: a subprocess spinning a pure-Python loop, pinned to CPU --spin-cpu) and each thread setting
@@ -56,6 +57,40 @@ def decode_rate(engine: TorchEngine, ids: list[int], n: int, max_seconds: float)
     return done / (time.perf_counter() - t), done
 
 
+def cli_rounds(args, settings: list[int | None], label: dict) -> None:
+    """--cli: `infinichat generate` end to end (model load, prompt, decode: what a user waits for), wall seconds
+    per run, the same interleaving; the line it prints on stderr gives its decode rate."""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root / "src")}
+    walls: dict[tuple[str, str, int | None], list[float]] = {}
+    for quant in args.quant:
+        for r in range(args.rounds):
+            for cond in ["quiet", "busy"] if r % 2 == 0 else ["busy", "quiet"]:
+                spin = spinner(args.spin_cpu) if cond == "busy" else None
+                try:
+                    order = settings[r % len(settings) :] + settings[: r % len(settings)]
+                    for n in order:
+                        cmd = [sys.executable, "-m", "infinichat", "generate", PROMPT, "-n", str(args.tokens)]
+                        cmd += ["--temperature", "0", "--quant", quant] + ([] if n is None else ["--threads", str(n)])
+                        t = time.perf_counter()
+                        out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+                        wall = time.perf_counter() - t
+                        walls.setdefault((quant, cond, n), []).append(wall)
+                        said = out.stderr.replace("\r", "\n").strip().splitlines()[-1:] or ["(nothing)"]
+                        print(f"  {quant:5s} {cond:5s} {label[n]:9s} round {r}: {wall:6.1f} s; {said[0]}", flush=True)
+                finally:
+                    if spin is not None:
+                        spin.kill()
+                        spin.wait()
+    print(f"\n`generate -n {args.tokens}` wall seconds, median of {args.rounds} interleaved rounds\n")
+    print("| model | condition | " + " | ".join(label[n] for n in settings) + " |")
+    print("|" + "---|" * (len(settings) + 2))
+    for quant in args.quant:
+        for cond in ("quiet", "busy"):
+            cells = " | ".join(f"{statistics.median(walls[(quant, cond, n)]):.1f}" for n in settings)
+            print(f"| {'bf16' if quant == 'none' else quant} | {cond} | {cells} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quant", nargs="+", default=["none", "int4"], help="none (bf16), int8, int4")
@@ -69,12 +104,19 @@ def main() -> None:
     )
     ap.add_argument("--rounds", type=int, default=3, help="measurements per cell, interleaved (default 3)")
     ap.add_argument("--spin-cpu", type=int, default=0, help="CPU the busy loop is pinned to (-1: not pinned)")
+    ap.add_argument(
+        "--cli", action="store_true", help="time `infinichat generate` end to end instead (subprocesses, wall time)"
+    )
     args = ap.parse_args()
     settings = [None if t == "default" else int(t) for t in args.threads]
     label = {None: "default"} | {n: f"{n} thread{'s' * (n > 1)}" for n in settings if n is not None}
     load0 = os.getloadavg()
     print(f"host: {os.cpu_count()} CPUs, affinity {sorted(os.sched_getaffinity(0))}, load average {load0}")
     print(f"torch {torch.__version__}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}")
+    if args.cli:
+        cli_rounds(args, settings, label)
+        print(f"\nload average at the start {load0[0]:.2f}, at the end {os.getloadavg()[0]:.2f}")
+        return
     rates: dict[tuple[str, str, int | None], list[float]] = {}
     for quant in args.quant:
         loaded = load_model(None, "bfloat16", quant=quant)

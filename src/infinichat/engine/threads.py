@@ -6,7 +6,8 @@ runs only in the scheduler's slices while the others spin at every barrier waiti
 2 threads then decoded ~10x slower than 1 (issue 22: 34-55 s against 4-6 s for 100 tokens), while on a quiet
 machine 2 threads are the fastest. No count fixed in advance is right in both cases, so `ThreadGovernor`:
 
-- starts at the count the idle CPUs allow (`idle_cpus()`: /proc/stat over ~0.1 s, before the first prompt);
+- starts at the count the idle CPUs allow (`starting_count()`: /proc/stat over 0.1 s, before the model loads,
+  which runs at that count too);
 - times each decode step's forward call and, now and then, runs one step at a neighbouring count on the
   ladder max, max/2, ..., 1; it moves when that step took less than `margin` x the current count's recent
   median. A probe that loses makes the next wait longer (x2; x8 when it was over twice as slow, so that a
@@ -67,10 +68,19 @@ def idle_cpus(seconds: float = 0.1) -> float | None:
     return (b - a) / (time.monotonic() - t)
 
 
+def starting_count(max_threads: int) -> int:
+    """The count on the ladder that the CPUs idle right now allow (the busy ones are somebody else's): where the
+    governor starts, and what a model loads with."""
+    counts = ladder(max_threads)
+    idle = idle_cpus() if len(counts) > 1 else None
+    room = max_threads if idle is None else max(1, round(idle))
+    return next((n for n in counts if n <= room), 1)
+
+
 @dataclass
 class ThreadGovernor:
     max_threads: int
-    start: int | None = None  # the starting count (default: what idle_cpus() allows)
+    start: int | None = None  # the starting count (default: starting_count())
     first_probe: int = 2  # steps at a new count before its first probe
     max_interval: int = 512  # steps between probes, at most
     margin: float = 0.85  # a probe wins when its step took less than margin x the current median
@@ -83,10 +93,7 @@ class ThreadGovernor:
 
     def __post_init__(self) -> None:
         self.counts = ladder(self.max_threads)
-        start = self.start
-        if start is None:
-            idle = idle_cpus() if len(self.counts) > 1 else None
-            start = self.max_threads if idle is None else round(idle)  # the busy CPUs are somebody else's
+        start = starting_count(self.max_threads) if self.start is None else self.start
         self.level = next((i for i, n in enumerate(self.counts) if n <= max(1, start)), len(self.counts) - 1)
         self._recent: deque[float] = deque(maxlen=self.window)
         self._until_probe = self.first_probe

@@ -58,13 +58,14 @@ def set_threads(n: int | None) -> int:
     return n
 
 
-def configure_threads(engine: TorchEngine, n: int | None) -> None:
+def configure_threads(engine: TorchEngine, n: int | None, start: int | None = None) -> None:
     """The engine's CPU threads: `n` fixed, or None (--threads 0, the default) = the physical cores at most, the
-    count chosen at run time by a ThreadGovernor (engine/threads.py) from the measured decode steps."""
+    count chosen at run time by a ThreadGovernor (engine/threads.py) from the measured decode steps, starting at
+    `start` (default: what the idle CPUs allow now)."""
     cores = set_threads(n)
     engine.threads = None
     if n is None and cores > 1 and engine.model.device.type == "cpu":
-        engine.threads = ThreadGovernor(cores)
+        engine.threads = ThreadGovernor(cores, start=start)
         torch.set_num_threads(engine.threads.current)  # the prompt runs at the starting count too
 
 
