@@ -146,7 +146,7 @@ def _run_prompt(args: argparse.Namespace, prompt: list[dict] | str) -> int:
             steps = _stream(console, chunks, timing)
         finish = {"stop": "the text ended", "length": "reached --max-tokens"}.get(result.finish_reason, "stopped")
     finally:  # the speed goes to stderr, after the text: stdout stays the text alone
-        err.print(f"[dim]{timing.summary(len(ids), params.max_tokens, finish)}[/]", highlight=False)
+        err.print(f"[dim]{timing.summary(len(ids), params.max_tokens, finish)}[/]", highlight=False, soft_wrap=True)
     if getattr(args, "show_probs", False):
         console.print(_probs_table(tok, steps))
     return 0
