@@ -181,11 +181,11 @@ def test_suggest_can_be_accepted_edited_or_discarded(backend, answers, sent):
     h = r.history()
     suggestion = r.out.split("suggestion> ")[1].split("\n")[0].strip()
     if sent is None:
-        assert [k for k, _ in texts(h)] == ["user", "assistant"]
+        assert [k for k, _ in texts(h)] == ["user", "assistant"], r.out
         assert "suggestion discarded" in r.out
     else:
         want = suggestion if sent == "suggestion" else sent
-        assert texts(h)[2] == ("user", want) and h["messages"][3]["kind"] == "assistant"
+        assert texts(h)[2] == ("user", want) and h["messages"][3]["kind"] == "assistant", r.out
 
 
 def test_reset_asks_first(backend):
