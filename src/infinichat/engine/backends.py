@@ -20,11 +20,13 @@ def load_engine(
     n_ctx: int | None = None,
     device: str = "auto",
     kernels: str = "auto",
+    on_progress=None,
 ):
     """(engine, tokenizer, model id, model name). `model` None = the embedded default model. The model id
     (the file's SHA-256) keys caches of evaluated KV, together with the engine type and KV dtype.
     llamacpp: a context of `n_ctx` tokens (default: the trained context). torch: the model, its KV stores
-    and its sampling on `device` (auto, cpu, cuda, cuda:N; auto = CUDA when torch sees one)."""
+    and its sampling on `device` (auto, cpu, cuda, cuda:N; auto = CUDA when torch sees one). `on_progress(stage,
+    done, total)`: the loading stages (model/loader.py)."""
     if backend not in BACKENDS:
         raise InfinichatError(f"unknown backend {backend!r}; accepted: {', '.join(BACKENDS)}")
     if not isinstance(threads, int) or threads < 0:
@@ -50,7 +52,16 @@ def load_engine(
     set_threads(threads or start)  # loading (conversion, quantization, packing) runs at that count too
     if where.type != "cpu" and device == "auto" and quant != "none":
         where = resolve_device("cpu")  # auto with --quant: the quantized kernels are CPU ones
-    loaded = load_model(model, dtype, cache, show_progress=show_progress, quant=quant, device=where, kernels=kernels)
+    loaded = load_model(
+        model,
+        dtype,
+        cache,
+        show_progress=show_progress,
+        quant=quant,
+        device=where,
+        kernels=kernels,
+        on_progress=on_progress,
+    )
     model_id = loaded.file_hash if quant == "none" else f"{loaded.file_hash}:{quant}"
     torch_engine = TorchEngine(loaded.model, loaded.tokenizer.eos_ids)
     configure_threads(torch_engine, threads or None, start)  # the default: the decode steps' thread count adapts

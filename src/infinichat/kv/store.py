@@ -4,9 +4,10 @@ Slots [0, length) are in use, compact and in logical order (the forward's causal
 positions are explicit and strictly increasing. Removing a span compacts the slots after it and, like
 llama.cpp's `seq_rm` + `seq_add`, shifts their positions down so they stay contiguous, re-rotating the
 cached keys: a key rotated at position p is moved to p - d by the rotation for -d (R(p - d) = R(-d) R(p)).
-That identity holds for plain, linear and llama3 RoPE, whose frequencies are fixed. Dynamic-NTK
-frequencies depend on the length, so shifting is refused there unless every position stays below the
-trained context (where dynamic NTK is plain RoPE).
+That identity holds for plain, linear and llama3 RoPE, whose frequencies are fixed. Dynamic-NTK and
+LongRoPE frequencies depend on the length, so shifting is refused there unless every position stays below
+the (original) trained context, where their frequencies are fixed. Each layer re-rotates with its own
+frequencies (Gemma 3's windowed layers use a local base: `Rope.layer_rope`).
 
 No segments here: `segments.SegmentMap` is the bookkeeping, `sequence.KVSequence` ties the two together.
 Token ids, positions and their checks live in `slots.SlotTable`, shared with the llama.cpp backend's store.
@@ -30,6 +31,7 @@ from infinichat.model.rope import Rope, rotate_half
 MAGIC = b"IKVS"
 VERSION = 2  # 2: the header holds the payload's CRC-32
 INITIAL_SLOTS = 256  # buffers start this long and double as tokens arrive
+_SCALING_NAMES = {"dynamic": "dynamic-NTK", "longrope": "LongRoPE"}
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -53,6 +55,8 @@ class KVStore(SlotTable):
     arrive (doubling, up to the capacity, keeping their dtype and device), so a large budget costs memory
     only once it is used. A growth replaces the buffers: whoever keeps pointers into them (the native
     decode step) must check `k[0].data_ptr()` and the buffer length again."""
+
+    cfg: ModelConfig  # the torch side's full description (RoPE for re-rotation)
 
     def __init__(
         self,
@@ -148,20 +152,35 @@ class KVStore(SlotTable):
         self._rerotate(start, L, torch.full((L - start,), delta, dtype=torch.long))
 
     def _rerotate(self, start: int, end: int, delta: torch.Tensor) -> None:
-        """Rotate the cached keys of slots [start, end) by per-slot position deltas (n,)."""
+        """Rotate the cached keys of slots [start, end) by per-slot position deltas (n,), each layer with its own
+        frequencies (Gemma 3's windowed layers rotate with a local base)."""
         cfg = self.cfg
-        if cfg.rope_scaling.kind == "dynamic" and self.capacity > cfg.max_position:
+        rs = cfg.rope_scaling
+        limit = {"dynamic": cfg.max_position, "longrope": rs.original_max_position}.get(rs.kind)
+        if limit is not None and self.capacity > limit:
             raise InfinichatError(
-                "cannot shift positions with dynamic-NTK RoPE scaling beyond the trained context: its "
-                f"frequencies depend on the length; use a capacity <= {cfg.max_position} or the full policy"
+                f"cannot shift positions with {_SCALING_NAMES[rs.kind]} RoPE scaling beyond the trained context: its "
+                f"frequencies depend on the length; use a capacity <= {limit} or the full policy"
             )
-        angles = delta.double()[:, None] * self.rope.inv_freq.double()[None, :]  # (n, rot/2), exact enough
-        emb = torch.cat((angles, angles), dim=-1)  # (n, rot) half-split layout, as in rope.cos_sin
-        cos, sin = emb.cos().float().to(self.device), emb.sin().float().to(self.device)
-        rot = cos.shape[-1]
-        k = self.k_all[:, :, start:end, :rot]  # (L, Hkv, n, rot) view
-        kf = k.float()
-        k.copy_(kf * cos + rotate_half(kf) * sin)
+        groups: dict[int, list[int]] = {}  # id(rope) -> its layers
+        ropes = {}
+        for i in range(cfg.n_layers):
+            r = self.rope.layer_rope(i)
+            groups.setdefault(id(r), []).append(i)
+            ropes[id(r)] = r
+        for key, layers in groups.items():
+            angles = delta.double()[:, None] * ropes[key].inv_freq.double()[None, :]  # (n, rot/2), exact enough
+            emb = torch.cat((angles, angles), dim=-1)  # (n, rot) half-split layout, as in rope.cos_sin
+            cos, sin = emb.cos().float().to(self.device), emb.sin().float().to(self.device)
+            rot = cos.shape[-1]
+            sel = layers if len(layers) < cfg.n_layers else slice(None)
+            k = self.k_all[sel, :, start:end, :rot]  # (L', Hkv, n, rot): a view, or a gathered copy
+            kf = k.float()
+            rotated = kf * cos + rotate_half(kf) * sin
+            if isinstance(sel, slice):
+                k.copy_(rotated)
+            else:
+                self.k_all[sel, :, start:end, :rot] = rotated.to(k.dtype)
 
     # ------------------------------------------------------------------ snapshot / restore / fork
     def _snapshot_parts(self, extra: dict | None):
