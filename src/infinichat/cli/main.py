@@ -8,6 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from infinichat import __version__
+from infinichat.cli.chat_commands import COMMANDS
 from infinichat.errors import InfinichatError
 
 log = logging.getLogger("infinichat")
@@ -56,7 +57,8 @@ def _add_model_args(p: argparse.ArgumentParser, dtype: str = DEFAULT_DTYPE, ctx:
         "--threads",
         type=int,
         default=0,
-        help="CPU threads (default: physical cores; more threads than free cores slows llama.cpp down badly)",
+        help="CPU threads (default 0: torch chooses at run time, up to the physical cores, from the measured "
+        "decode steps; llama.cpp uses the physical cores, and more threads than free cores slow it down badly)",
     )
     if ctx:
         g.add_argument(
@@ -330,7 +332,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log what happens")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    chat = sub.add_parser("chat", help="chat in the terminal (type :exit to leave)")
+    chat = sub.add_parser(
+        "chat",
+        help="chat in the terminal (:help lists the commands, :exit leaves)",
+        description="Chat in the terminal, in-process or with --server. Flags that are session settings "
+        "(sampling, --ctx, --policy) set a new session's settings and change a reopened one's (it says which). "
+        "Commands: " + ", ".join(f"{c.name} {c.args}".strip() for c in COMMANDS) + ".",
+    )
     chat.add_argument("--system", default=None, help="system prompt of a new session (default: the model's own)")
     chat.add_argument(
         "--session",
@@ -346,7 +354,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     chat.add_argument("--api-key", default=None, help="the server's API key (with --server)")
     chat.add_argument(
-        "--policy", default=None, help="eviction policy of a new session (default: the session default, turns)"
+        "--plain",
+        action="store_true",
+        help="print replies as plain text, not rendered as Markdown (always so when stdout is not a terminal)",
+    )
+    chat.add_argument(
+        "--policy", default=None, help="eviction policy of the session (default: the session default, turns)"
     )
     chat.add_argument(
         "--data-dir",
