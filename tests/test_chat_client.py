@@ -5,6 +5,7 @@ and bad input answered by one `error:` line, never a traceback, with the session
 from __future__ import annotations
 
 import io
+import json
 import re
 import sys
 
@@ -388,3 +389,34 @@ def test_generate_reports_its_speed_on_stderr_after_the_text(tiny_gguf_1k, tmp_p
     assert "tok/s" not in out and out.strip()  # stdout: the text alone
     line = err.strip().splitlines()[-1]
     assert "of at most 6 tokens" in line and "tok/s" in line and "prompt" in line, err
+
+
+def test_export_writes_both_formats_and_never_overwrites(backend, tmp_path):
+    ours, st = tmp_path / "chat.json", tmp_path / "chat.jsonl"
+    st.write_text("keep me")  # an existing file is refused, not overwritten
+    r = Run(
+        backend,
+        [
+            "Hello",
+            f":export {ours}",
+            f":export {st}",
+            f":export {tmp_path / 'st.txt'} jsonl",
+            f":export {tmp_path / 'no-such-dir' / 'x.json'}",
+            ":export",
+            f":export {tmp_path / 'y.json'} xml",
+            ":exit",
+        ],
+    )
+    errs = r.errors()
+    assert len(errs) == 4, r.out
+    assert "exists" in errs[0] and "never overwrites" in errs[0]
+    assert "no folder" in errs[1]
+    assert ":export needs a file path" in errs[2] and ":export needs a file path" in errs[3]
+    assert st.read_text() == "keep me"
+    data = json.loads(ours.read_text())
+    h = r.history()
+    assert data["format"] == "infinichat-chat"
+    assert [m["alternatives"][m["selected"]]["text"] for m in data["messages"]] == [m["text"] for m in h["messages"]]
+    lines = [json.loads(x) for x in (tmp_path / "st.txt").read_text().splitlines()]
+    assert "character_name" in lines[0] and [x["mes"] for x in lines[1:]] == [m["text"] for m in h["messages"]]
+    assert not (tmp_path / "y.json").exists()

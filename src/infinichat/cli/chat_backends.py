@@ -35,6 +35,7 @@ class ChatBackend(Protocol):
     def delete(self, turn: int) -> dict: ...
     def reset(self) -> dict: ...
     def update_settings(self, changes: dict) -> dict: ...
+    def export(self, fmt: str) -> str: ...
     def close(self) -> None: ...
 
 
@@ -114,6 +115,11 @@ class LocalBackend:
 
     def update_settings(self, changes):
         return self._edit(lambda s: s.update_settings(changes))
+
+    def export(self, fmt):
+        from infinichat.session.transfer import export_json, export_jsonl
+
+        return json.dumps(export_json(self.s), ensure_ascii=False, indent=1) if fmt == "json" else export_jsonl(self.s)
 
     def close(self):
         try:
@@ -228,6 +234,11 @@ class HttpBackend:
 
     def update_settings(self, changes):
         return self._json("PATCH", f"{self._base}/settings", changes)
+
+    def export(self, fmt):
+        r = self._request("GET", f"{self._base}/export?format={fmt}")
+        self._check(r)
+        return r.text
 
     def close(self):
         self.c.close()

@@ -7,6 +7,7 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from rich.table import Table
@@ -196,6 +197,27 @@ def cmd_suggest(c: ChatClient, rest: str) -> None:
         c.note("suggestion discarded")
 
 
+def cmd_export(c: ChatClient, rest: str) -> None:
+    """`:export PATH [json|jsonl]`: the session to a file (ours, with alternatives, or SillyTavern's chat JSONL;
+    by default from the file's extension). An existing file is never overwritten."""
+    words = rest.split()
+    if len(words) not in (1, 2) or (len(words) == 2 and words[1] not in ("json", "jsonl")):
+        raise InfinichatError(":export needs a file path and optionally json or jsonl, e.g. :export mira.jsonl")
+    path = Path(words[0]).expanduser()
+    fmt = words[1] if len(words) == 2 else ("jsonl" if path.suffix.lower() == ".jsonl" else "json")
+    if path.exists():
+        raise InfinichatError(f"{path} exists; choose another file name (an export never overwrites a file)")
+    if not path.parent.is_dir():
+        raise InfinichatError(f"no folder {path.parent} to write {path.name} into")
+    text = c.backend.export(fmt)
+    try:
+        with path.open("x", encoding="utf-8") as f:  # "x": a file created meanwhile is not overwritten either
+            f.write(text)
+    except OSError as e:
+        raise InfinichatError(f"cannot write {path}: {e.strerror or e}") from None
+    c.note(f"exported ({'SillyTavern chat JSONL' if fmt == 'jsonl' else 'infinichat JSON'}) to {path}")
+
+
 def cmd_help(c: ChatClient, rest: str) -> None:
     width = max(len(f"{x.name} {x.args}") for x in COMMANDS)
     for x in COMMANDS:
@@ -225,6 +247,7 @@ COMMANDS = [
     ),
     Command(":sessions", "", "list sessions", cmd_sessions),
     Command(":open", "SESSION", "switch to another session (a new id creates it)", cmd_open),
+    Command(":export", "PATH [json|jsonl]", "write this chat to a file (jsonl: SillyTavern's chat format)", cmd_export),
     Command(":help", "", "this list", cmd_help),
     Command(":exit", "", "leave (also :quit, :q)", lambda c, rest: False),
 ]
