@@ -403,9 +403,9 @@ def _count_conversions(monkeypatch) -> list[Path]:
     calls: list[Path] = []
     real = loader_mod._convert_gguf
 
-    def counting(path, target, show_progress):
+    def counting(path, target, *args):
         calls.append(target)
-        return real(path, target, show_progress)
+        return real(path, target, *args)
 
     monkeypatch.setattr(loader_mod, "_convert_gguf", counting)
     return calls
