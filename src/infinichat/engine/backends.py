@@ -20,26 +20,32 @@ def load_engine(
     n_ctx: int | None = None,
     device: str = "auto",
     kernels: str = "auto",
+    kv_dtype: str = "auto",
 ):
     """(engine, tokenizer, model id, model name). `model` None = the embedded default model. The model id
     (the file's SHA-256) keys caches of evaluated KV, together with the engine type and KV dtype.
     llamacpp: a context of `n_ctx` tokens (default: the trained context). torch: the model, its KV stores
-    and its sampling on `device` (auto, cpu, cuda, cuda:N; auto = CUDA when torch sees one)."""
+    and its sampling on `device` (auto, cpu, cuda, cuda:N; auto = CUDA when torch sees one), its KV stores in
+    `kv_dtype` (auto = the model's dtype, bf16, f16, f32, int8, int4: kv/quantized.py)."""
     if backend not in BACKENDS:
         raise InfinichatError(f"unknown backend {backend!r}; accepted: {', '.join(BACKENDS)}")
     if not isinstance(threads, int) or threads < 0:
         raise InfinichatError(f"--threads must be a positive number, got {threads}")
     from infinichat.engine.torch_engine import TorchEngine, set_threads
     from infinichat.kernels import resolve_device
+    from infinichat.kv.quantized import check_kv_dtype
     from infinichat.model.loader import default_cache_dir, file_sha256, load_model
 
     cache = Path(cache_dir) if cache_dir else None
+    check_kv_dtype(kv_dtype)
     where = resolve_device(device)  # first: --device cuda without CUDA is one clear line, before any loading
     if backend == "llamacpp":
         if device not in ("auto", "cpu"):
             raise InfinichatError(f"--device {device} applies to the torch backend; llama.cpp runs on the CPU here")
         if quant != "none":
             raise InfinichatError("--quant applies to the torch backend; llama.cpp runs the GGUF file's own types")
+        if kv_dtype != "auto":
+            raise InfinichatError(f"--kv-dtype {kv_dtype} applies to the torch backend; llama.cpp keeps its own KV types")
         from infinichat.engine.llamacpp import gguf_path, load_llamacpp
 
         set_threads(1)  # torch only samples here; its threads would compete with llama.cpp's for the cores
@@ -50,4 +56,5 @@ def load_engine(
         where = resolve_device("cpu")  # auto with --quant: the quantized kernels are CPU ones
     loaded = load_model(model, dtype, cache, show_progress=show_progress, quant=quant, device=where, kernels=kernels)
     model_id = loaded.file_hash if quant == "none" else f"{loaded.file_hash}:{quant}"
-    return TorchEngine(loaded.model, loaded.tokenizer.eos_ids), loaded.tokenizer, model_id, loaded.name
+    engine = TorchEngine(loaded.model, loaded.tokenizer.eos_ids, kv_dtype=kv_dtype)
+    return engine, loaded.tokenizer, model_id, loaded.name

@@ -50,6 +50,20 @@ def make_store(kv_dtype: str, cfg, capacity: int, dtype: torch.dtype, rope=None,
     return KVStore(cfg, capacity, DENSE_KV_DTYPES.get(kv_dtype, dtype), rope=rope, device=device)
 
 
+def bytes_per_token(cfg, kv_format: str) -> float:
+    """Bytes one cached token takes in a store of `kv_format` (a dtype name, int8 or int4; int4 without its
+    full-precision residual rows)."""
+    kv = cfg.n_layers * cfg.n_kv_heads  # (layer, KV head) rows of keys and of values
+    hd = cfg.head_dim
+    if kv_format == "int8":
+        return 2 * kv * (hd + 4)  # codes + a float32 scale, keys and values
+    if kv_format == "int4":
+        v_group = V_GROUP if hd % V_GROUP == 0 else hd
+        return kv * (hd / 2 + 4 * hd / K_GROUP) + kv * (hd / 2 + 4 * hd / v_group)
+    size = torch.empty((), dtype=getattr(torch, kv_format.removeprefix("torch."))).element_size()
+    return 2 * kv * hd * size
+
+
 # ---------------------------------------------------------------------------------------------- int8 codes
 def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x (..., hd) -> codes (..., hd) int8 and scales (...) float32 with x ~ q * s, per row (the native step

@@ -15,7 +15,14 @@ class Metrics:
         self.tokens_out = 0
         self.gen_seconds = 0.0  # wall time with at least one generation running
         self._recent: list[tuple[float, int]] = []  # (time, tokens out) for the 60 s rate
-        self.cache = {"cache_tokens": 0, "resident_sessions": 0, "evictions": 0, "evicted_tokens": 0, "kv_offloads": 0}
+        self.cache = {
+            "cache_tokens": 0,
+            "cache_bytes": 0,
+            "resident_sessions": 0,
+            "evictions": 0,
+            "evicted_tokens": 0,
+            "kv_offloads": 0,
+        }
         self.started = time.time()
 
     def request(self, method: str, route: str, status: int) -> None:
@@ -52,6 +59,12 @@ class Metrics:
                 ("tokens_per_second", "gauge", "tokens generated per second over the last 60 s", recent / 60),
                 ("queue_depth", "gauge", "requests waiting or running in the engine worker", queue_depth),
                 ("cache_tokens", "gauge", "tokens held in resident KV caches", self.cache["cache_tokens"]),
+                (
+                    "cache_bytes",
+                    "gauge",
+                    "bytes of K/V memory the resident KV caches hold (allocated; --kv-dtype sets the bytes per token)",
+                    self.cache["cache_bytes"],
+                ),
                 ("resident_sessions", "gauge", "sessions whose KV cache is in memory", self.cache["resident_sessions"]),
                 ("evictions_total", "counter", "eviction events in resident caches", self.cache["evictions"]),
                 (

@@ -32,6 +32,7 @@ import torch
 
 from infinichat.engine.textgen import Generation, stream_text
 from infinichat.errors import InfinichatError
+from infinichat.kv.quantized import bytes_per_token
 from infinichat.kv.sequence import KVSequence
 from infinichat.session.chatformat import ChatFormat
 from infinichat.session.limits import MAX_MESSAGE_CHARS, check_text
@@ -276,6 +277,7 @@ class Session:
             "evictions": seq.n_evictions,
             "evicted_tokens": seq.n_evicted,
             "bytes": seq.store.nbytes,
+            "kv_format": kv_bytes(seq.store)[0],
         }
 
     def kv_map(self) -> dict:
@@ -302,11 +304,17 @@ class Session:
             for i, m in enumerate(self.messages)
             if m.in_context and m.segment_name not in {s.name for s in seq.segments.segments}
         ]
+        fmt, per_token = kv_bytes(seq.store)
+        for seg in segs:
+            seg["bytes"] = round(seg["tokens"] * per_token)
         return {
             "length": seq.length,
             "budget": seq.budget,
             "free": seq.budget - seq.length,
             "policy": seq.policy.name,
+            "kv_format": fmt,
+            "bytes": seq.store.nbytes,  # allocated K/V memory
+            "bytes_per_token": per_token,
             "segments": segs,
             "evicted_turns": gone,
             "evictions": seq.n_evictions,
@@ -827,3 +835,12 @@ class Session:
                 self.rebuild()
         self._changed()
         return new
+
+
+def kv_bytes(store) -> tuple[str, float]:
+    """(format, bytes per cached token) of a KV store: a torch store's dtype name / int8 / int4 and its nominal
+    size per token; another backend's store ("llama.cpp"): its memory over its capacity."""
+    fmt = getattr(store, "kv_format", None)
+    if fmt is None:
+        return "llama.cpp", store.nbytes / max(1, store.capacity)
+    return fmt, bytes_per_token(store.cfg, fmt)
