@@ -371,8 +371,8 @@ class Int4KVStore(QuantKVStore):
         self.rk[:, :, :rest] = self.rk[:, :, m:n_res].clone()
         self.rv[:, :, :rest] = self.rv[:, :, m:n_res].clone()
         self.qlen = q + m
-        if self.rk.shape[2] > 4 * (RESIDUAL + K_GROUP) and rest <= RESIDUAL + K_GROUP:
-            self._alloc_residual(RESIDUAL + K_GROUP, keep=rest)  # after a long prompt: give the rows back
+        if self.rk.shape[2] > RESIDUAL + K_GROUP:  # after a prompt: give the rows back (rest < RESIDUAL + K_GROUP)
+            self._alloc_residual(RESIDUAL + K_GROUP, keep=rest)
 
     def _dense_quant(self, a: int, b: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Quantized slots [a, b) (b <= qlen) as float32 (L, Hkv, b - a, hd)."""
@@ -439,6 +439,8 @@ class Int4KVStore(QuantKVStore):
         return {**self._quant_parts(q), "rk": self.rk[:, :, : n - q], "rv": self.rv[:, :, : n - q]}
 
     def _check_parts(self, snap) -> None:
+        if snap.fmt != self.kv_format:
+            raise InfinichatError(f"the KV snapshot holds {snap.fmt} K/V, this cache is {self.kv_format}")
         meta = dict(snap.meta)
         if meta.get("k_group") != K_GROUP or meta.get("v_group") != self.v_group:
             raise InfinichatError(f"the KV snapshot's int4 layout {meta} differs from this cache's")
