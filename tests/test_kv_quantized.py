@@ -14,7 +14,6 @@ import torch
 from test_kv_store import rand_ids, tiny_model
 from test_native import CAN_BUILD, _pair
 
-from infinichat import native
 from infinichat.engine.torch_engine import TorchEngine
 from infinichat.errors import InfinichatError
 from infinichat.kv import quantized as kq
@@ -87,7 +86,7 @@ def test_prefill_and_20_decode_steps_follow_the_dense_store(model, kv_dtype):
     assert err.max().item() <= LOGIT_TOL[kv_dtype], err
     assert (got.argmax(-1) == ref.argmax(-1)).float().mean().item() >= 0.9
     if kv_dtype == "int4":  # KIVI: everything but the last RESIDUAL..RESIDUAL+K_GROUP-1 tokens quantized
-        assert 0 < seq.store.qlen and kq.RESIDUAL <= seq.length - seq.store.qlen < kq.RESIDUAL + kq.K_GROUP
+        assert seq.store.qlen > 0 and kq.RESIDUAL <= seq.length - seq.store.qlen < kq.RESIDUAL + kq.K_GROUP
     k, v = _dense(seq.store)
     rk, rv = _dense(ref_seq.store)
     # relative to each layer and head's largest value. Layer 0's rows differ by the rounding alone (int8: half a

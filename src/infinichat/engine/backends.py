@@ -45,7 +45,9 @@ def load_engine(
         if quant != "none":
             raise InfinichatError("--quant applies to the torch backend; llama.cpp runs the GGUF file's own types")
         if kv_dtype != "auto":
-            raise InfinichatError(f"--kv-dtype {kv_dtype} applies to the torch backend; llama.cpp keeps its own KV types")
+            raise InfinichatError(
+                f"--kv-dtype {kv_dtype} applies to the torch backend; llama.cpp keeps its own KV types"
+            )
         from infinichat.engine.llamacpp import gguf_path, load_llamacpp
 
         set_threads(1)  # torch only samples here; its threads would compete with llama.cpp's for the cores
@@ -56,5 +58,9 @@ def load_engine(
         where = resolve_device("cpu")  # auto with --quant: the quantized kernels are CPU ones
     loaded = load_model(model, dtype, cache, show_progress=show_progress, quant=quant, device=where, kernels=kernels)
     model_id = loaded.file_hash if quant == "none" else f"{loaded.file_hash}:{quant}"
-    engine = TorchEngine(loaded.model, loaded.tokenizer.eos_ids, kv_dtype=kv_dtype)
-    return engine, loaded.tokenizer, model_id, loaded.name
+    return (
+        TorchEngine(loaded.model, loaded.tokenizer.eos_ids, kv_dtype=kv_dtype),
+        loaded.tokenizer,
+        model_id,
+        loaded.name,
+    )

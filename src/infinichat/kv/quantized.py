@@ -191,7 +191,7 @@ class QuantKVStore(KVStore):
 class Int8KVStore(QuantKVStore):
     """int8 codes (L, Hkv, A, hd) and float32 scales (L, Hkv, A) for keys and values."""
 
-    kv_format = "int8"  # type: ignore[assignment]
+    kv_format = "int8"
 
     def _allocate(self, n: int) -> None:
         cfg = self.cfg
@@ -260,7 +260,9 @@ class Int4KVStore(QuantKVStore):
     (L, Hkv, R, hd) in the store's dtype. Keys: packed (L, Hkv, A, hd/2) with scale/zero (L, Hkv, A/K_GROUP,
     hd); values: packed (L, Hkv, A, hd/2) with scale/zero (L, Hkv, A, hd/V_GROUP)."""
 
-    kv_format = "int4"  # type: ignore[assignment]
+    kv_format = "int4"
+    rk: torch.Tensor  # (L, Hkv, R, hd) residual keys, slots [qlen, length)
+    rv: torch.Tensor
 
     def _allocate(self, n: int) -> None:
         cfg = self.cfg

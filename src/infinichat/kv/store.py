@@ -104,7 +104,8 @@ class KVStore(SlotTable):
 
     @property
     def kv_format(self) -> str:
-        """How the K/V are held: the buffers' dtype name (bfloat16, float16, float32), or int8 / int4 (kv/quantized.py)."""
+        """How the K/V are held: the buffers' dtype name (bfloat16, float16, float32), or int8 / int4
+        (kv/quantized.py)."""
         return str(self.dtype).removeprefix("torch.")
 
     def layer_kv(self, li: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -321,6 +322,7 @@ def decode_snapshot(data: bytes) -> Snapshot:
         header = json.loads(data[8 : 8 + hlen])
         version = header["version"]
         L, Hkv, hd, n = (int(header[k]) for k in ("n_layers", "n_kv_heads", "head_dim", "length"))
+        specs: list[tuple[str, torch.dtype, tuple[int, ...]]]
         if version == 2:  # dense K/V of one dtype
             fmt, meta = header["dtype"], {}
             specs = [(name, _DTYPES[fmt], (L, Hkv, n, hd)) for name in ("k", "v")]

@@ -41,9 +41,7 @@ class LayerCache(Protocol):
 
     def reserve(self, n: int) -> None: ...
 
-    def layer_kv(
-        self, li: int, start: int, k: torch.Tensor, v: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def layer_kv(self, li: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 @dataclass
@@ -181,7 +179,9 @@ class Transformer:
         for s, T, mask in zip(seqs, rows, masks, strict=True):
             qs = q if one else q[:, r0 : r0 + T]  # (H, T, hd)
             # the new rows go into the cache; it hands back (Hkv, >= start+T, hd) buffers (a quantized one dequantized)
-            k_buf, v_buf = s.cache.layer_kv(li, s.start, k if one else k[:, r0 : r0 + T], v if one else v[:, r0 : r0 + T])
+            k_buf, v_buf = s.cache.layer_kv(
+                li, s.start, k if one else k[:, r0 : r0 + T], v if one else v[:, r0 : r0 + T]
+            )
             if attn is not None:  # a policy asked for weights, a token subset or offloading (model/attention.py)
                 out = requested_attention(attn, li, qs, k_buf, v_buf, s.start, self.scale)  # (H, T, hd)
                 outs.append(out.transpose(0, 1).reshape(T, self.q_size))

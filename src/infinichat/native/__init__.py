@@ -463,16 +463,12 @@ class NativeDecoder:
         bufs = self._buffers(cache, fmt)
         if self._fits(bufs, fmt):
             n = self.model.cfg.n_layers
-            arrays = [(ctypes.c_void_p * n)(*[t.data_ptr() for t in group]) if group else None for group in bufs]
+            arrays = [(ctypes.c_void_p * n)(*[t.data_ptr() for t in group]) for group in bufs if group]
+            ptrs = [ctypes.cast(a, ctypes.c_void_p) for a in arrays] + [None, None]  # bf16: no scales
             binding = _KVView(
-                format=DECODE_KV_FORMATS[fmt],
-                cap=bufs[0][0].shape[1],
-                k=ctypes.cast(arrays[0], ctypes.c_void_p),
-                v=ctypes.cast(arrays[1], ctypes.c_void_p),
-                ks=None if arrays[2] is None else ctypes.cast(arrays[2], ctypes.c_void_p),
-                vs=None if arrays[3] is None else ctypes.cast(arrays[3], ctypes.c_void_p),
+                format=DECODE_KV_FORMATS[fmt], cap=bufs[0][0].shape[1], k=ptrs[0], v=ptrs[1], ks=ptrs[2], vs=ptrs[3]
             )
-            binding._arrays = arrays  # type: ignore[attr-defined]  # the pointer arrays live with the view
+            binding._arrays = arrays  # the pointer arrays live with the view
         with contextlib.suppress(TypeError):  # a cache object that takes no weak reference
             self._bindings[cache] = (binding, key)
         return binding

@@ -284,6 +284,7 @@ class Session:
         """The cache map: segments in slot order with kind, tokens, pinned, and the message they hold."""
         seq = self.ensure_cache()
         by_name = {m.segment_name: (i, m) for i, m in enumerate(self.messages)}
+        fmt, per_token = kv_bytes(seq.store)
         segs = []
         for s in seq.segments.segments:
             turn, msg = by_name.get(s.name, (None, None))
@@ -294,6 +295,7 @@ class Session:
                     "name": s.name,
                     "start": s.start,
                     "tokens": len(s),
+                    "bytes": round(len(s) * per_token),
                     "pinned": s.pinned,
                     "turn": turn,
                     "evicted": max(0, msg.n_tokens - len(s)) if msg is not None else 0,
@@ -304,9 +306,6 @@ class Session:
             for i, m in enumerate(self.messages)
             if m.in_context and m.segment_name not in {s.name for s in seq.segments.segments}
         ]
-        fmt, per_token = kv_bytes(seq.store)
-        for seg in segs:
-            seg["bytes"] = round(seg["tokens"] * per_token)
         return {
             "length": seq.length,
             "budget": seq.budget,
