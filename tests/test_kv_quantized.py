@@ -295,3 +295,50 @@ def test_int4_kv_takes_the_torch_path():
     assert qm.kernels.decoder.bind(seq.store) is None
     eng.prefill(seq, [1, 2, 3])
     assert eng.decode_one(seq, 4).isfinite().all()
+
+
+# ------------------------------------------------------------------ sessions: persistence, prefix cache, cache map
+def test_sessions_on_quantized_kv_persist_and_share_prefixes(tmp_path):
+    """--kv-dtype is server-wide: the session manager's engine holds every session's KV in that format. A
+    session offloaded to disk (int4 snapshot) comes back with the same logits; the prefix cache is keyed by
+    the KV format (an int8 server does not reuse int4 entries, and a session file of another format is
+    rebuilt from its transcript); the cache map reports the format and bytes."""
+    from gguf_util import tiny_llama, write_gguf
+
+    from infinichat.model.loader import load_model
+    from infinichat.session.manager import SessionManager
+
+    write_gguf(tmp_path / "tiny.gguf", tiny_llama(seed=3, max_position_embeddings=4096))
+    loaded = load_model(tmp_path / "tiny.gguf", "float32", cache_dir=tmp_path / "cache")
+    greedy = {"temperature": 0.0, "max_tokens": 8}
+    eng4 = TorchEngine(loaded.model, loaded.tokenizer.eos_ids, kv_dtype="int4")
+    one = SessionManager(eng4, loaded.tokenizer, loaded.file_hash, tmp_path / "data", kv_cap_bytes=1)
+    a = one.create("a", system_prompt="You are terse.", settings=greedy)
+    for _ in one.get("a").send("hello there"):
+        pass
+    kv = a.kv_map()
+    assert kv["kv_format"] == "int4" and kv["bytes"] == a.seq.store.nbytes > 0
+    assert kv["bytes_per_token"] == kq.bytes_per_token(loaded.model.cfg, "int4")
+    assert all(seg["bytes"] == round(seg["tokens"] * kv["bytes_per_token"]) for seg in kv["segments"])
+    assert a.cache_stats()["kv_format"] == "int4"
+    logits = a.next_logits()
+    one.create("b", system_prompt="You are terse.", settings=greedy)  # same system prompt: from the prefix cache
+    assert one.prefix.hits == 1 and "int4" in one.prefix.model_id
+    assert a.seq is None  # offloaded (cap of 1 byte)
+    a2 = one.get("a")
+    assert isinstance(a2.seq.store, Int4KVStore)
+    # not bit for bit: re-evaluating the last token truncates below it, and where that slot's key group was
+    # quantized in the meantime, the group returns to the residual dequantized
+    again = a2.next_logits()
+    assert (again - logits).abs().max().item() <= LOGIT_TOL["int4"] * logits.abs().max().item()
+    ids = a2.seq.token_ids()
+    one.close()
+    eng8 = TorchEngine(loaded.model, loaded.tokenizer.eos_ids, kv_dtype="int8")
+    two = SessionManager(eng8, loaded.tokenizer, loaded.file_hash, tmp_path / "data")
+    a3 = two.get("a")  # its int4 KV file does not load into an int8 store: rebuilt from the transcript
+    assert isinstance(a3.seq.store, Int8KVStore) and a3.seq.token_ids() == ids
+    two.create("c", system_prompt="You are terse.", settings=greedy)
+    # a3's rebuild missed the int4 entry and wrote an int8 one, which c then used
+    assert two.prefix.misses == 1 and two.prefix.hits == 1
+    assert len(list(two.prefix.folder.glob("*.kv"))) == 2
+    two.close()
