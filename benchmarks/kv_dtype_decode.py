@@ -4,9 +4,10 @@
                                           [--quant int8] [--kv bf16,int8]
 
 The default model (--quant int8: its decode runs the native step, which reads bf16 K/V or int8 codes directly)
-gets a --context-token prompt of Moby Dick in one KV store per dtype; then each round times --steps greedy
-decode steps on every store in turn (the order reversed every other round) and truncates them back to the
-context. Printed: ms per token per round, the median over rounds of each round's speed-up against the first
+evaluates a --context-token prompt of Moby Dick once (first dtype's store); the other dtypes' stores are
+converted from it (kv/quantized.py convert_store: the same context, quantized). Then each round times --steps
+greedy decode steps on every store in turn (the order reversed every other round) and truncates them back to
+the context. Printed: ms per token per round, the median over rounds of each round's speed-up against the first
 dtype, the K/V bytes per store, and the largest logit difference of the first step against the first dtype.
 """
 
@@ -20,6 +21,8 @@ from pathlib import Path
 import torch
 
 from infinichat.engine.torch_engine import TorchEngine, set_threads
+from infinichat.kv.quantized import convert_store
+from infinichat.kv.sequence import KVSequence
 from infinichat.model.loader import load_model
 
 MOBY = Path(__file__).resolve().parents[2] / "shared" / "data" / "moby_dick.txt"
@@ -45,13 +48,12 @@ def main() -> None:
     if len(ids) < args.context:
         raise SystemExit(f"the text holds only {len(ids)} tokens")
     engines = {k: TorchEngine(model, (), kv_dtype=k) for k in kvs}
-    seqs, first = {}, {}
-    for k, eng in engines.items():
-        t0 = time.perf_counter()
-        seqs[k] = eng.new_cache(args.context + args.steps + 1)
-        last = eng.prefill(seqs[k], ids)
-        first[k] = (eng.decode_one(seqs[k], int(last.argmax())), int(last.argmax()))
-        print(f"prefill {k}: {time.perf_counter() - t0:.1f} s", flush=True)
+    t0 = time.perf_counter()
+    base_seq = engines[kvs[0]].new_cache(args.context + args.steps + 2)
+    tok = int(engines[kvs[0]].prefill(base_seq, ids).argmax())
+    print(f"prefill of {len(ids)} tokens ({kvs[0]} KV): {time.perf_counter() - t0:.1f} s", flush=True)
+    seqs = {k: base_seq if k == kvs[0] else KVSequence(convert_store(base_seq.store, k)) for k in kvs}
+    first = {k: eng.decode_one(seqs[k], tok) for k, eng in engines.items()}  # the same step on every store
     decoder = getattr(model.kernels, "decoder", None)
     native = {k: decoder is not None and decoder.bind(seqs[k].store) is not None for k in kvs}
 
@@ -60,7 +62,7 @@ def main() -> None:
         for k in kvs if r % 2 == 0 else kvs[::-1]:
             eng, seq = engines[k], seqs[k]
             seq.truncate(args.context + 1)
-            tok = first[k][1]
+            tok = int(first[k].argmax())
             t0 = time.perf_counter()
             for _ in range(args.steps):
                 tok = int(eng.decode_one(seq, tok).argmax())
@@ -76,7 +78,7 @@ def main() -> None:
         line += " ".join(f"{x:7.2f}" for x in ms[k])
         if k != base:
             ratio = statistics.median(b / a for a, b in zip(ms[k], ms[base], strict=True))
-            diff = (first[k][0] - first[base][0]).abs().max().item() / first[base][0].abs().max().item()
+            diff = (first[k] - first[base]).abs().max().item() / first[base].abs().max().item()
             line += f"   median speed-up vs {base}: {ratio:.3f}x; first step's logits within {diff:.2%}"
         print(line)
 

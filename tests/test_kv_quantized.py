@@ -342,3 +342,17 @@ def test_sessions_on_quantized_kv_persist_and_share_prefixes(tmp_path):
     assert two.prefix.misses == 1 and two.prefix.hits == 1
     assert len(list(two.prefix.folder.glob("*.kv"))) == 2
     two.close()
+
+
+@pytest.mark.parametrize("kv_dtype", ["int8", "int4", "bf16"])
+def test_convert_store_keeps_slots_and_values_within_the_format(model, kv_dtype):
+    eng = TorchEngine(model, ())
+    seq = eng.new_cache(512)
+    eng.prefill(seq, rand_ids(200, seed=15))
+    other = kq.convert_store(seq.store, kv_dtype)
+    assert other.kv_format == {"bf16": "bfloat16"}.get(kv_dtype, kv_dtype)
+    assert other.token_ids() == seq.store.token_ids() and other.position_list() == seq.store.position_list()
+    (k, v), (rk, rv) = _dense(other), _dense(seq.store)
+    tol = {"int8": 0.0041, "int4": 0.09, "bf16": 0.004}[kv_dtype]
+    for a, b in ((k, rk), (v, rv)):
+        assert ((a - b).abs() / b.abs().amax(dim=(-1, -2), keepdim=True)).max().item() <= tol

@@ -64,6 +64,18 @@ def bytes_per_token(cfg, kv_format: str) -> float:
     return 2 * kv * hd * size
 
 
+def convert_store(store: KVStore, kv_dtype: str) -> KVStore:
+    """A copy of `store` (same capacity, slots, tokens and positions) holding its K/V in `kv_dtype`: dequantized
+    to float32, then stored in the new format (quantized again for int8 / int4)."""
+    other = make_store(kv_dtype, store.cfg, store.capacity, store.dtype, store.rope, store.device)
+    n = store.length
+    k, v = store._dense_from(0)  # (L, Hkv, n, hd) float32
+    other.reserve(n)
+    other._load_slots(store.tokens[:n], store.positions[:n])
+    other._rewrite(0, k, v)
+    return other
+
+
 # ---------------------------------------------------------------------------------------------- int8 codes
 def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x (..., hd) -> codes (..., hd) int8 and scales (...) float32 with x ~ q * s, per row (the native step

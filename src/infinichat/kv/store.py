@@ -189,6 +189,17 @@ class KVStore(SlotTable):
         L = self._length
         self._rerotate(start, L, torch.full((L - start,), delta, dtype=torch.long))
 
+    def _dense_from(self, a: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Slots [a, length) as float32 (L, Hkv, n, hd) keys and values."""
+        n = self._length
+        return self.k_all[:, :, a:n].float(), self.v_all[:, :, a:n].float()
+
+    def _rewrite(self, a: int, k: torch.Tensor, v: torch.Tensor, settle: bool = True) -> None:
+        """Store k, v (L, Hkv, m, hd) as slots [a, a+m) (the slot table already says so)."""
+        self.reserve(a + k.shape[2])
+        self.k_all[:, :, a : a + k.shape[2]] = k
+        self.v_all[:, :, a : a + v.shape[2]] = v
+
     def _rerotate(self, start: int, end: int, delta: torch.Tensor) -> None:
         """Rotate the cached keys of slots [start, end) by per-slot position deltas (n,)."""
         k = self.k_all[:, :, start:end]  # (L, Hkv, n, hd) view
