@@ -34,6 +34,9 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 SID = "s1"
 P = {"max_tokens": 2, "temperature": 0.0}
+TINY_PNG = (  # a 1x1 PNG, base64
+    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR4nGNgYGD4DwABBAEAwS2OUAAAAABJRU5ErkJggg=="
+)
 ENDPOINTS: list[tuple[str, str, Any]] = [  # (method, path, a valid body): bodies are mutated field by field
     ("POST", "/api/sessions", {"id": "new", "name": "n", "system_prompt": "Be brief.", "settings": {"budget": 256}}),
     ("POST", "/api/sessions", {"card": {"spec": "chara_card_v2", "data": {"name": "C", "description": "d"}}}),
@@ -50,6 +53,13 @@ ENDPOINTS: list[tuple[str, str, Any]] = [  # (method, path, a valid body): bodie
     ("POST", f"/api/sessions/{SID}/rag", {"text": "facts"}),
     ("PATCH", f"/api/sessions/{SID}/messages/0", {"text": "edited"}),
     ("PATCH", f"/api/sessions/{SID}/settings", {"temperature": 0.0, "user_name": "U", "budget": 512, "max_tokens": 2}),
+    ("PATCH", f"/api/sessions/{SID}", {"name": "renamed", "system_prompt": "Be brief."}),
+    ("PUT", f"/api/sessions/{SID}/lorebook", {"lorebook": {"entries": {"0": {"key": ["a"], "content": "b"}}}}),
+    ("PUT", f"/api/sessions/{SID}/avatar/user", {"image": TINY_PNG}),
+    ("GET", f"/api/sessions/{SID}/messages/1/tokens", None),
+    ("GET", f"/api/sessions/{SID}/export?format=jsonl", None),
+    ("POST", "/api/sessions/import", {"data": [{"user_name": "U"}, {"is_user": True, "mes": "hi"}], "name": "imp"}),
+    ("POST", "/api/cards/inspect", {"card": {"name": "C", "description": "d"}, "user_name": "U"}),
     (
         "POST",
         "/v1/chat/completions",
@@ -169,7 +179,7 @@ class Sweep:
         stream = status != 599 and "text/event-stream" in r.headers.get("content-type", "")
         if status < 400 and stream and '"server_error"' in text:
             status = 500  # an error event inside a stream, from the server
-        if status == 201 and path == "/api/sessions":  # an accepted create: removed, so the next one can be made
+        if status == 201 and path in ("/api/sessions", "/api/sessions/import"):  # removed: the next one can be made
             self.c.delete(f"/api/sessions/{r.json()['id']}")
         self.counts["tried"] += 1
         self.counts[f"{status // 100}xx"] += 1

@@ -348,7 +348,17 @@ def section_omnikv(args, device: torch.device) -> None:
 def section_tests(args, device: torch.device) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-rs", "tests/test_device.py"],
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-m",
+            "cuda",
+            "-rs",
+            "tests/test_device.py",
+            "tests/test_arch_models.py",
+        ],
         cwd=REPO,
         env=env,
         capture_output=True,

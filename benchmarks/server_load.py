@@ -5,9 +5,13 @@ session, sending T messages one after the other through the session API (SSE), a
 - no request fails (any HTTP error or SSE error event is counted and reported);
 - each transcript, read back with GET /api/sessions/{id}, holds exactly that client's messages in order,
   each reply equal to the text streamed for it (no lost or mixed-up turns);
-then prints time-to-first-token and per-reply decode tokens/s (p50 / p95) and the aggregate throughput.
+then prints time-to-first-token and per-reply decode tokens/s (p50 / p95) and the aggregate throughput (after one
+untimed warm-up request on its own session).
 
     python benchmarks/server_load.py [--clients 20] [--turns 10] [--max-tokens 24] [--threads 1]
+        [--quant none|int8|int4] [--max-batch 8]
+    python benchmarks/server_load.py --clients 1 8 --turns 3    # one server per client count, then compared:
+        aggregate tok/s and time to first token p50 / p95 (issue 17: p95 with 8 clients <= 2x that of 1)
 """
 
 from __future__ import annotations
@@ -102,6 +106,10 @@ async def main_async(args, url: str) -> dict:
     stats = {"errors": [], "ttft": [], "tps": [], "tokens": 0, "checked": 0}
     limits = httpx.Limits(max_connections=args.clients + 5)
     async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(60, read=1800), limits=limits) as c:
+        # warm-up, untimed: a fresh server's first generation pays one-time costs (native library, first buffers)
+        r = await c.post("/api/sessions", json={"id": "warmup"})
+        if r.status_code == 201:
+            await c.post("/api/sessions/warmup/messages", json={"text": "Hello", "params": {"max_tokens": 4}})
         t0 = time.perf_counter()
         await asyncio.gather(*(client(c, i, args.turns, args.max_tokens, stats) for i in range(args.clients)))
         stats["wall"] = time.perf_counter() - t0
@@ -109,38 +117,18 @@ async def main_async(args, url: str) -> dict:
     return stats
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--clients", type=int, default=20)
-    ap.add_argument("--turns", type=int, default=10)
-    ap.add_argument("--max-tokens", type=int, default=24)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--budget", type=int, default=1024)
-    ap.add_argument("--dtype", default="bfloat16")
-    args = ap.parse_args()
+def run_server(args, clients: int) -> dict | None:
+    """A fresh `infinichat serve` (its own data dir), `clients` concurrent clients; the stats, or None if it
+    did not start."""
+    args = argparse.Namespace(**{**vars(args), "clients": clients})
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryDirectory() as data:
         env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_WAIT_POLICY": "PASSIVE"}
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "infinichat",
-                "serve",
-                "--port",
-                str(port),
-                "--data-dir",
-                data,
-                "--threads",
-                str(args.threads),
-                "--budget",
-                str(args.budget),
-                "--dtype",
-                args.dtype,
-            ],
-            env=env,
-        )
+        cmd = [sys.executable, "-m", "infinichat", "serve", "--port", str(port), "--data-dir", data]
+        cmd += ["--threads", str(args.threads), "--budget", str(args.budget), "--dtype", args.dtype]
+        cmd += ["--quant", args.quant, "--max-batch", str(args.max_batch)]
+        proc = subprocess.Popen(cmd, env=env)
         try:
             deadline = time.monotonic() + 300
             while True:
@@ -151,19 +139,23 @@ def main() -> int:
                     pass
                 if proc.poll() is not None or time.monotonic() > deadline:
                     print("the server did not start", file=sys.stderr)
-                    return 1
+                    return None
                 time.sleep(0.5)
-            stats = asyncio.run(main_async(args, url))
+            return asyncio.run(main_async(args, url))
         finally:
             proc.terminate()
             proc.wait(60)
-    n = args.clients * args.turns
+
+
+def report(args, clients: int, stats: dict) -> bool:
+    n = clients * args.turns
     print(
-        f"\n{args.clients} clients x {args.turns} turns, max_tokens {args.max_tokens}, budget {args.budget}, "
-        f"{args.dtype}, {args.threads} thread(s), wall {stats['wall']:.0f} s"
+        f"\n{clients} clients x {args.turns} turns, max_tokens {args.max_tokens}, budget {args.budget}, "
+        f"{args.dtype} quant {args.quant}, max_batch {args.max_batch}, {args.threads} thread(s), "
+        f"wall {stats['wall']:.0f} s"
     )
     print(
-        f"errors: {len(stats['errors'])}; transcripts checked and intact: {stats['checked']}/{args.clients}; "
+        f"errors: {len(stats['errors'])}; transcripts checked and intact: {stats['checked']}/{clients}; "
         f"replies: {len(stats['ttft'])}/{n}"
     )
     for e in stats["errors"][:10]:
@@ -184,10 +176,48 @@ def main() -> int:
     )
     for line in stats["metrics"].splitlines():
         if line.startswith(
-            ("infinichat_kv_offloads", "infinichat_evictions", "infinichat_tokens_in", "infinichat_tokens_out")
+            (
+                "infinichat_kv_offloads",
+                "infinichat_evictions",
+                "infinichat_tokens_in",
+                "infinichat_tokens_out",
+                "infinichat_decode_batch_size",
+            )
         ):
             print(line)
-    return 0 if not stats["errors"] and stats["checked"] == args.clients else 1
+    return not stats["errors"] and stats["checked"] == clients
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--clients", type=int, nargs="+", default=[20], help="one run per value (e.g. 1 8: compared)")
+    ap.add_argument("--turns", type=int, default=10)
+    ap.add_argument("--max-tokens", type=int, default=24)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--budget", type=int, default=1024)
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--quant", default="none", choices=["none", "int8", "int4"])
+    ap.add_argument("--max-batch", type=int, default=8, help="serve --max-batch (1: round-robin, no batching)")
+    args = ap.parse_args()
+    ok, results = True, {}
+    for clients in args.clients:
+        stats = run_server(args, clients)
+        if stats is None:
+            return 1
+        ok = report(args, clients, stats) and ok
+        results[clients] = stats
+    if len(results) > 1:
+        base = min(results)
+        b = results[base]
+        print(f"\n| clients | aggregate tok/s | TTFT p50 (s) | TTFT p95 (s) | p95 / p95 of {base} client(s) |")
+        print("|---:|---:|---:|---:|---:|")
+        for clients, st in results.items():
+            ratio = pct(st["ttft"], 0.95) / pct(b["ttft"], 0.95)
+            print(
+                f"| {clients} | {st['tokens'] / st['wall']:.1f} | {pct(st['ttft'], 0.5):.2f} | "
+                f"{pct(st['ttft'], 0.95):.2f} | {ratio:.2f} |"
+            )
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

@@ -270,10 +270,10 @@ def _metadata(w: GGUFWriter, arch: str, c) -> None:
         w.add_uint32(f"{arch}.vocab_size", c.vocab_size)
 
 
-def _vocab_metadata(w: GGUFWriter) -> None:
+def _vocab_metadata(w: GGUFWriter, pre: str = "gpt2") -> None:
     tokens, types, merges = tiny_vocab()
     w.add_string("tokenizer.ggml.model", "gpt2")
-    w.add_string("tokenizer.ggml.pre", "gpt2")
+    w.add_string("tokenizer.ggml.pre", pre)
     w.add_array("tokenizer.ggml.tokens", tokens)
     w.add_array("tokenizer.ggml.token_type", types)
     w.add_array("tokenizer.ggml.merges", merges)

@@ -314,9 +314,33 @@ def test_metrics_and_health(client):
         "infinichat_queue_depth",
         "infinichat_cache_tokens",
         "infinichat_evictions_total",
+        "infinichat_tokens_per_second_10s",
     ):
         assert name in text
     assert 'endpoint="/health",status="200"' in text
+
+
+def test_metrics_batch_size_histogram(client):
+    """Two sessions generating at once: their decode steps are counted per forward call in the histogram."""
+    for sid in ("hist-a", "hist-b"):
+        new_session(client, sid, settings={"temperature": 0})
+
+    def one(sid):
+        stream(client, f"/api/sessions/{sid}/messages", {"text": "Count to ten", "params": {"max_tokens": 24}})
+
+    threads = [threading.Thread(target=one, args=(sid,)) for sid in ("hist-a", "hist-b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    lines = dict(
+        ln.rsplit(" ", 1) for ln in client.get("/metrics").text.splitlines() if ln.startswith("infinichat_decode_batch")
+    )
+    count, total = int(lines["infinichat_decode_batch_size_count"]), int(lines["infinichat_decode_batch_size_sum"])
+    assert count > 0 and total >= count
+    assert int(lines['infinichat_decode_batch_size_bucket{le="+Inf"}']) == count
+    buckets = [int(lines[f'infinichat_decode_batch_size_bucket{{le="{le}"}}']) for le in (1, 2, 4, 8)]
+    assert buckets == sorted(buckets) and buckets[-1] <= count
 
 
 @pytest.mark.slow

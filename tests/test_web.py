@@ -398,3 +398,192 @@ def test_phone_width(browser, server):
         shot(p, "11-phone-sessions")
     finally:
         pg.close()
+
+
+# ---------------------------------------------------------------------------------------- role play (issue 22)
+def image_png(w: int = 8, h: int = 8, rgb: tuple[int, int, int] = (200, 90, 60)) -> bytes:
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    rows = b"".join(b"\0" + bytes(rgb) * w for _ in range(h))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(rows))
+        + chunk(b"IEND", b"")
+    )
+
+
+MIRA = {
+    "spec": "chara_card_v2",
+    "spec_version": "2.0",
+    "data": {
+        "name": "Captain Mira",
+        "description": "{{char}} commands a starship.",
+        "first_mes": "Welcome aboard, {{user}}.",
+    },
+}
+ENGINE_BOOK = {
+    "name": "Ship",
+    "scan_depth": 1,  # only the newest message: the model's reply cannot keep the entry in
+    "entries": {"0": {"uid": 0, "key": ["engine"], "comment": "Engine", "content": "The engine is old and loud."}},
+}
+
+
+def test_names_avatars_and_lore_coming_and_going(page):
+    png = image_png()
+    text = b"chara\0" + base64.b64encode(json.dumps(MIRA).encode())
+    card = png[:-12] + struct.pack(">I", len(text)) + b"tEXt" + text + struct.pack(">I", zlib.crc32(b"tEXt" + text))
+    card += png[-12:]
+    sid = page.open(
+        card_png=base64.b64encode(card).decode(),
+        user_avatar=base64.b64encode(image_png(rgb=(30, 120, 220))).decode(),
+        lorebook=ENGINE_BOOK,
+        settings={"max_tokens": 4, "seed": 2, "user_name": "Ann", "lore_ttl": 1},
+    )
+    p = page.p
+    assert p.inner_text(".msg[data-turn='0'] .who") == "Captain Mira"
+    assert p.inner_text(".msg[data-turn='0'] .msg-body").strip() == "Welcome aboard, Ann."
+    assert p.evaluate("document.querySelector(\".msg[data-turn='0'] img.avatar.av-char\").naturalWidth") == 8
+    assert p.inner_text("#model-name") == "SmolLM2 135M Instruct"
+    page.send("How is the engine?")
+    assert p.inner_text(".msg[data-turn='1'] .who") == "Ann"
+    assert p.evaluate("document.querySelector(\".msg[data-turn='1'] img.avatar.av-user\").naturalWidth") == 8
+    assert p.locator(".msg.k-lore .lore-name").inner_text() == "Engine"
+    assert p.locator("#cm-bar .cm-seg[data-kind='lore'][data-label='Engine']").count() == 1
+    assert p.inner_text(".msg[data-turn='3'] .who") == "Captain Mira"
+    shot(p, "13-names-avatars-lore")
+    page.send("Let us talk about the stars.")  # no key for one turn (lore_ttl 1): its tokens leave the cache
+    assert p.locator("#cm-bar .cm-seg[data-kind='lore']").count() == 0
+    assert "left the model's memory" in p.inner_text(".msg.k-lore")
+    kv = page.server.api("GET", f"/api/sessions/{sid}/kv")
+    assert [s for s in kv["segments"] if s["kind"] == "lore"] == [] and page.kv_used() == kv["length"]
+    page.send("The engine again!")  # it comes back
+    assert p.locator("#cm-bar .cm-seg[data-kind='lore'][data-label='Engine']").count() == 1
+    shot(p, "14-lore-back")
+
+
+def test_new_chat_dialog_user_name_budget_and_rename(page, tmp_path):
+    p = page.p
+    path = tmp_path / "mira.json"
+    path.write_text(json.dumps({**MIRA, "data": {**MIRA["data"], "description": "word " * 900}}))
+    p.goto(page.server.url + "/")
+    p.wait_for_selector("body[data-ready='1']")
+    p.click("#btn-new-empty")
+    p.fill("#new-form [name=user_name]", "Zed")
+    p.set_input_files("#card-file", str(path))
+    p.wait_for_function("+(document.getElementById('budget-hint').dataset.tokens || 0) > 900")
+    tokens = int(p.get_attribute("#budget-hint", "data-tokens"))
+    auto = int(p.get_attribute("#new-form [name=budget]", "placeholder").split(": ")[1])
+    assert auto >= 2 * tokens and "adapts" in p.inner_text("#budget-hint")
+    shot(p, "15-new-chat-dialog")
+    page.act(lambda: p.click("#btn-create"))
+    sid = p.evaluate("window.__infinichat.cur.id")
+    h = page.history(sid)
+    assert h["settings"]["budget"] == auto and h["messages"][0]["text"] == "Welcome aboard, Zed."
+    assert p.inner_text("#session-list li.active .s-name") == "Captain Mira"
+    # {{user}} follows a new name, and the chat can be renamed
+    p.click("#btn-settings")
+    p.fill("#settings-form [name=user_name]", "Yara")
+    page.act(lambda: p.click("#btn-apply"))
+    assert p.inner_text(".msg[data-turn='0'] .msg-body").strip() == "Welcome aboard, Yara."
+    p.fill("#chat-form [name=chat_name]", "Bridge duty")
+    page.act(lambda: p.click("#btn-chat-save"))
+    p.wait_for_function("document.querySelector('#session-list li.active .s-name').textContent === 'Bridge duty'")
+    assert page.history(sid)["name"] == "Bridge duty"
+
+
+def test_default_name_probabilities_after_reload_and_suggestion(page):
+    sid = page.open(system_prompt="You are a helpful assistant.", settings={"max_tokens": 5, "seed": 4})
+    p = page.p
+    assert p.inner_text("#session-title") == "New chat"
+    p.check("#toggle-debug")
+    page.send("Tell me about whales and dolphins please")
+    assert page.history(sid)["name"] == "Tell me about whales and dolphins…"
+    live = [p.locator(".msg[data-turn='1'] .tok:not(.plain)").nth(i).inner_text() for i in range(3)]
+    p.reload()
+    p.wait_for_selector("body[data-ready='1']")
+    p.wait_for_selector(".msg[data-turn='1'] .tok:not(.plain)")  # the stored per-token data, after a reload
+    toks = p.locator(".msg[data-turn='1'] .tok:not(.plain)")
+    assert [toks.nth(i).inner_text() for i in range(3)] == live
+    toks.nth(0).hover()
+    p.wait_for_selector("#tooltip:not([hidden]) .tip-tok tr")
+    shot(p, "16-probabilities-after-reload")
+    p.uncheck("#toggle-debug")
+    # a suggestion can be discarded (the draft comes back), or accepted
+    p.fill("#input", "my draft")
+    page.act(lambda: p.click("#btn-suggest"))
+    assert p.is_visible("#suggest-bar") and p.input_value("#input") != "my draft"
+    p.click("#btn-sug-discard")
+    assert p.input_value("#input") == "my draft" and not p.is_visible("#suggest-bar")
+    p.fill("#input", "")
+    page.act(lambda: p.click("#btn-suggest"))
+    suggestion = p.input_value("#input")
+    page.act(lambda: p.click("#btn-sug-send"))
+    assert page.history(sid)["messages"][2]["text"] == suggestion
+
+
+def test_export_import_round_trip_and_markdown(page, tmp_path):
+    sid = page.open(name="roundtrip", system_prompt="Be brief.", settings={"max_tokens": 4, "temperature": 1.0})
+    p = page.p
+    page.send("Hi")
+    page.act(lambda: p.press("#input", "Control+Enter"))  # a second alternative
+    md = "A table:\n\n| a | b |\n|---|---|\n| 1 | 2 |\n\n```python\nprint('x')\n```\n<script>window.pwned=1</script>"
+    page.click_msg_action(1, "edit")
+    p.fill(".msg[data-turn='1'] textarea", md)
+    page.act(lambda: p.click(".msg[data-turn='1'] .act-save"))
+    body = p.locator(".msg[data-turn='1'] .msg-body")
+    assert body.locator("table td").count() == 2 and body.locator("pre code span").count() >= 1
+    assert body.locator("pre button.copy").count() == 1 and body.locator("script").count() == 0
+    assert "<script>window.pwned=1</script>" in body.inner_text() and p.evaluate("window.pwned") is None
+    shot(p, "17-markdown")
+    p.click("#btn-settings")
+    with p.expect_download() as dl:
+        p.click("#btn-export-json")
+    saved = tmp_path / "chat.json"
+    dl.value.save_as(saved)
+    with p.expect_download() as dl2:
+        p.click("#btn-export-jsonl")
+    assert dl2.value.suggested_filename == "roundtrip.jsonl"
+    p.click("#btn-settings-close")
+    page.act(lambda: p.set_input_files("#import-file", str(saved)))
+    new = p.evaluate("window.__infinichat.cur.id")
+    assert new != sid
+    a, b = page.history(sid), page.history(new)
+    assert [(m["text"], len(m["alternatives"]), m["selected"]) for m in a["messages"]] == [
+        (m["text"], len(m["alternatives"]), m["selected"]) for m in b["messages"]
+    ]
+    assert p.inner_text(".msg[data-turn='1'] .alt-pos") == "2/2"
+
+
+def test_phone_actions_delete_and_settings_without_chat(browser, server):
+    pg = Page(browser, server, viewport=PHONE)
+    try:
+        other = server.api("POST", "/api/sessions", {"name": "another chat", "system_prompt": "x"})["id"]
+        pg.open(name="phone actions", system_prompt="You are a helpful assistant.", settings={"max_tokens": 5})
+        p = pg.p
+        pg.send("Hi there")
+        assert p.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]
+        # the action bar sits in its own message, visible without hover, and covers nothing else
+        for turn in (0, 1):
+            bar = p.locator(f".msg[data-turn='{turn}'] .msg-actions").bounding_box()
+            box = p.locator(f".msg[data-turn='{turn}']").bounding_box()
+            assert box["y"] <= bar["y"] and bar["y"] + bar["height"] <= box["y"] + box["height"]
+            assert (
+                float(p.eval_on_selector(f".msg[data-turn='{turn}'] .msg-actions", "e => getComputedStyle(e).opacity"))
+                > 0.5
+            )
+        p.click("#btn-sidebar")
+        p.wait_for_timeout(300)
+        delete = p.locator(f"#session-list li[data-id='{other}'] .s-del")
+        assert delete.is_visible()
+        assert float(delete.evaluate("e => getComputedStyle(e).opacity")) > 0.5
+        shot(p, "18-phone-sidebar-delete")
+        p.goto(server.url + "/")
+        p.wait_for_selector("body[data-ready='1']")
+        p.click("#btn-settings")
+        assert p.is_visible("#settings-empty") and not p.is_visible("#settings-form")
+        assert "SmolLM2" in p.inner_text("#server-info")
+        shot(p, "19-phone-settings-no-chat")
+    finally:
+        pg.close()

@@ -406,6 +406,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="generations decoded together in one forward call (1: one at a time; default 8)",
     )
     serve.add_argument(
+        "--prefill-chunk",
+        type=int,
+        default=256,
+        help="while other replies stream, a new prompt is evaluated this many tokens at a time with their "
+        "next tokens in between (0: in one go; default 256)",
+    )
+    serve.add_argument(
         "--max-queue", type=int, default=64, help="requests waiting or running at once; more get 429 (default 64)"
     )
     serve.add_argument(
@@ -463,8 +470,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.basicConfig(
             level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
         )
-        if args.command == "serve":
-            from infinichat.server.app import serve
+        if args.command == "serve":  # the port answers before anything heavy is imported (server/startup.py)
+            from infinichat.server.startup import serve
 
             return serve(args)
         from infinichat.cli import bench_cmd, commands, eval_cmd

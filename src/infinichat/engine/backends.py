@@ -21,12 +21,14 @@ def load_engine(
     device: str = "auto",
     kernels: str = "auto",
     kv_dtype: str = "auto",
+    on_progress=None,
 ):
     """(engine, tokenizer, model id, model name). `model` None = the embedded default model. The model id
     (the file's SHA-256) keys caches of evaluated KV, together with the engine type and KV dtype.
     llamacpp: a context of `n_ctx` tokens (default: the trained context). torch: the model, its KV stores
     and its sampling on `device` (auto, cpu, cuda, cuda:N; auto = CUDA when torch sees one), its KV stores in
-    `kv_dtype` (auto = the model's dtype, bf16, f16, f32, int8, int4: kv/quantized.py)."""
+    `kv_dtype` (auto = the model's dtype, bf16, f16, f32, int8, int4: kv/quantized.py). `on_progress(stage,
+    done, total)`: the loading stages (model/loader.py)."""
     if backend not in BACKENDS:
         raise InfinichatError(f"unknown backend {backend!r}; accepted: {', '.join(BACKENDS)}")
     if not isinstance(threads, int) or threads < 0:
@@ -56,7 +58,16 @@ def load_engine(
     set_threads(threads or None)
     if where.type != "cpu" and device == "auto" and quant != "none":
         where = resolve_device("cpu")  # auto with --quant: the quantized kernels are CPU ones
-    loaded = load_model(model, dtype, cache, show_progress=show_progress, quant=quant, device=where, kernels=kernels)
+    loaded = load_model(
+        model,
+        dtype,
+        cache,
+        show_progress=show_progress,
+        quant=quant,
+        device=where,
+        kernels=kernels,
+        on_progress=on_progress,
+    )
     model_id = loaded.file_hash if quant == "none" else f"{loaded.file_hash}:{quant}"
     return (
         TorchEngine(loaded.model, loaded.tokenizer.eos_ids, kv_dtype=kv_dtype),

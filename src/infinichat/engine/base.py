@@ -14,14 +14,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from infinichat.engine.batch import DecodeBatcher
-from infinichat.engine.sampling import Sampler, SamplingParams
+from infinichat.engine.batch import DecodeBatcher, PrefillPacer
+from infinichat.engine.sampling import Sampler, SamplingParams, TokenConstraint
 from infinichat.errors import InfinichatError
 from infinichat.kv.policy import EvictionPolicy
 from infinichat.kv.registry import make_policy
 from infinichat.kv.sequence import KVSequence
 from infinichat.kv.slots import SlotTable
-from infinichat.model.config import ModelConfig
+from infinichat.model.config import ModelShape
 
 
 @dataclass
@@ -37,11 +37,12 @@ class Engine:
     """Base of the engines: subclasses set `cfg`, `eos_ids` and `max_chunk` and implement `_new_store` and
     `_append` (one forward call: make room within the budget, evaluate the tokens, record them in the sequence)."""
 
-    cfg: ModelConfig
+    cfg: ModelShape
     eos_ids: frozenset[int]
     max_chunk: int = 1024  # max tokens per forward call while prefilling
     logits_chunk: int = 1024  # the same when every token's logits are returned ((T, V) float32 per call)
     batcher: DecodeBatcher | None = None  # set by a driver that batches decode steps (engine/batch.py)
+    pacer: PrefillPacer | None = None  # set by a driver that interleaves prompts with other steps (engine/batch.py)
 
     def new_sequence(
         self,
@@ -72,7 +73,9 @@ class Engine:
     ) -> torch.Tensor:
         """Append `tokens` to the sequence; logits of the last token (V,), or of every token (T, V).
         Tokens are evaluated in forward calls of at most `chunk` tokens (and what the policy allows); the
-        budget is enforced before each call, so a long text streams through a small cache."""
+        budget is enforced before each call, so a long text streams through a small cache. With a pacer
+        (engine/batch.py) and other generations waiting, calls hold at most its chunk, and it is paused between
+        them (where a driver may cancel this prefill by raising)."""
         if len(tokens) == 0:
             raise InfinichatError("cannot evaluate an empty token list")
         if not seq.policy.drops_tokens and seq.length + len(tokens) > seq.budget:
@@ -81,8 +84,11 @@ class Engine:
         n, tail = len(tokens), seq.policy.prompt_tail
         outs = []
         a = 0
+        pacer = self.pacer
         while a < n:
             cap = self.logits_chunk if all_logits else self.max_chunk
+            if pacer is not None and pacer.waiting():
+                cap = min(cap, pacer.chunk)
             step = min(chunk or cap, cap, seq.policy.prefill_chunk(seq))
             if step < n - a < step + tail:  # the last call must hold the policy's tail (SnapKV's window)
                 step = max(1, n - a - tail)
@@ -91,6 +97,8 @@ class Engine:
             a += step
             if all_logits or last:
                 outs.append(out)
+            if pacer is not None and not last:
+                pacer.pause()
         return torch.cat(outs) if all_logits else outs[-1]
 
     def decode_one(self, seq: KVSequence, token: int) -> torch.Tensor:
@@ -121,15 +129,18 @@ class Engine:
         should_stop: Callable[[], bool] | None = None,
         logits: torch.Tensor | None = None,
         dry_breakers: np.ndarray | None = None,
+        constraint: TokenConstraint | None = None,
     ) -> Iterator[Step]:
         """Evaluate `prompt` (may be empty when `logits` of the last cached token are given), then sample up
         to `params.max_tokens` tokens, yielding each. Stops at an EOS token (not yielded), when
         `should_stop()` says so, or when the cache is full (a policy that never evicts, at its budget).
         `history` = the tokens already in the cache, for the repetition penalties and DRY; `dry_breakers` =
-        the (V,) bool mask of DRY's sequence breakers (`Tokenizer.tokens_containing`), needed when DRY is on.
+        the (V,) bool mask of DRY's sequence breakers (`Tokenizer.tokens_containing`), needed when DRY is on;
+        `constraint` = the grammar built from `params.grammar` (engine/grammar.py): the generation stops where it
+        is complete.
         Stop strings are text-level: the caller checks them and closes the generator."""
         params.validate()
-        sampler = Sampler(params, self.cfg.vocab_size, dry_breakers)
+        sampler = Sampler(params, self.cfg.vocab_size, dry_breakers, constraint)
         seen = list(history) + list(prompt)
         if prompt:
             logits = self.prefill(cache, prompt)
@@ -142,9 +153,10 @@ class Engine:
             if step.token in self.eos_ids:
                 return
             seen.append(step.token)
-            if self.batcher is not None and not cache.full:
+            last = cache.full or (constraint is not None and constraint.done)  # no next step to compute
+            if self.batcher is not None and not last:
                 self.batcher.offer(cache, step.token)  # the driver may compute the next step batched
             yield Step(step.token, step.logprob, step.top)
-            if cache.full:
+            if last:
                 return
             logits = self.decode_one(cache, step.token)

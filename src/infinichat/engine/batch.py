@@ -11,12 +11,16 @@ sequence exactly as it was: the slot past its length is unused space.
 Only a step that needs no eviction, no recomputation and no attention weights is offered
 (`Engine.can_batch`); the others run alone in the generation's own `decode_one`, between batched calls.
 A driver that never calls `run` changes nothing: every claim misses and each step runs alone.
+
+Chunked prefill (`PrefillPacer`): a driver that also sets `Engine.pacer` has a long prompt evaluated in calls of
+at most `chunk` tokens while other generations are waiting, and advances them between the calls, so a long
+prompt does not freeze the other streams.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -50,7 +54,7 @@ class DecodeBatcher:
         self.max_batch = max_batch
         self._offers: dict[int, Offer] = {}  # id(seq) -> its latest offer since the last `take`
         self._ready: dict[int, _Ready] = {}  # id(seq) -> the logits of its offered step
-        self.sizes: Counter[int] = Counter()  # batch size -> forward calls run with it
+        self.sizes: Counter[int] = Counter()  # batch size -> decode forward calls run with it (alone: 1)
         self.tokens = 0  # decode steps run through `run`
 
     # ------------------------------------------------------------------ generation side
@@ -60,9 +64,11 @@ class DecodeBatcher:
 
     def claim(self, seq: KVSequence, token: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(positions (1,), logits (V,)) of this sequence's precomputed step, if `run` computed it for
-        exactly this token at this length; None otherwise (the caller runs the step itself)."""
+        exactly this token at this length; None otherwise (the caller runs the step itself: counted as a
+        forward call of one sequence)."""
         r = self._ready.pop(id(seq), None)
         if r is None or r.offer.seq is not seq or r.offer.token != token or r.offer.length != seq.length:
+            self.sizes[1] += 1
             return None
         return r.positions, r.logits
 
@@ -76,9 +82,12 @@ class DecodeBatcher:
     def run(self, offers: Iterable[Offer]) -> int:
         """Compute the offered steps that still hold (same length, still batchable), in forward calls of at
         most `max_batch` sequences; returns how many were computed. Results wait for their claims."""
-        live = [o for o in offers if o.seq.length == o.length and self.engine.can_batch(o.seq)]
-        for a in range(0, len(live), self.max_batch):
-            group = live[a : a + self.max_batch]
+        live = [
+            o for o in offers if o.seq.length == o.length and self.engine.can_batch(o.seq) and not self.pending(o)
+        ]  # an offer whose result still waits for its claim (kept from an earlier round) is not run again
+        size = min(self.max_batch, getattr(self.engine, "max_rows", self.max_batch))  # llama.cpp: its n_seq_max
+        for a in range(0, len(live), size):
+            group = live[a : a + size]
             outs = self.engine.decode_rows([(o.seq, o.token) for o in group])
             for o, (positions, logits) in zip(group, outs, strict=True):
                 self._ready[id(o.seq)] = _Ready(o, positions, logits)
@@ -86,6 +95,37 @@ class DecodeBatcher:
             self.tokens += len(group)
         return len(live)
 
-    def clear(self) -> None:
-        """Drop unclaimed results (call after every generation had its turn)."""
-        self._ready.clear()
+    def pending(self, o: Offer) -> bool:
+        """Whether this offer's result is computed and still waits for its claim."""
+        r = self._ready.get(id(o.seq))
+        return r is not None and r.offer is o and o.seq.length == o.length
+
+    def clear(self, keep: Iterable[Offer] = ()) -> None:
+        """Drop unclaimed results (call after every generation had its turn), except those of `keep` (offers of
+        generations whose turn did not reach the engine, e.g. it delivered a cache-map event: claimed later).
+        An engine whose cache keeps a written step outside the sequence's length (llama.cpp's cells) removes
+        it (`discard_row`)."""
+        kept = {id(o.seq) for o in keep if self.pending(o)}
+        drop = [k for k in self._ready if k not in kept]
+        discard = getattr(self.engine, "discard_row", None)
+        for k in drop:
+            r = self._ready.pop(k)
+            if discard is not None:
+                discard(r.offer.seq, r.positions)
+
+
+@dataclass
+class PrefillPacer:
+    """Set on an engine (`Engine.pacer`) by a driver that interleaves prompts with other generations' steps.
+    While `waiting()` says others are waiting, `Engine.prefill` evaluates a prompt in forward calls of at most
+    `chunk` tokens and calls `pause()` between two calls: the driver advances the others there, or raises to
+    cancel this prefill (the tokens evaluated so far stay in the cache, consistent; the caller's all-or-nothing
+    rule decides what to keep). With nobody waiting, a prompt is evaluated as without a pacer."""
+
+    chunk: int
+    waiting: Callable[[], bool]
+    pause: Callable[[], None]
+
+    def __post_init__(self) -> None:
+        if self.chunk < 1:
+            raise ValueError(f"the prefill chunk must be at least 1 token, got {self.chunk}")

@@ -58,7 +58,6 @@ from infinichat.kv.sequence import KVSequence
 from infinichat.kv.slots import SlotTable
 from infinichat.kv.store import MAGIC as TORCH_MAGIC
 from infinichat.kv.store import check_spans
-from infinichat.model.config import ModelConfig
 from infinichat.model.gguf_meta import read_gguf_fields
 from infinichat.model.tokenizer import Tokenizer
 
@@ -129,6 +128,14 @@ def gguf_path(path: str | Path | None) -> Path:
     return path
 
 
+def _arch_field(path: Path) -> dict:
+    """The file's metadata for an error message (empty when even that cannot be read)."""
+    try:
+        return read_gguf_fields(path)
+    except ModelLoadError:
+        return {}
+
+
 def load_llamacpp(
     path: str | Path | None = None, n_ctx: int | None = None, threads: int | None = None
 ) -> tuple[Tokenizer, str, LlamaCppEngine]:
@@ -138,6 +145,42 @@ def load_llamacpp(
     tokenizer = Tokenizer.from_gguf_fields(fields, source=str(path))
     engine = LlamaCppEngine(path, n_ctx=n_ctx, threads=threads, eos_ids=tokenizer.eos_ids, fields=fields)
     return tokenizer, str(fields.get("general.name", path.stem)), engine
+
+
+@dataclass(frozen=True)
+class LlamaModelInfo:
+    """What this backend needs to know of a model, asked of llama.cpp itself once it has loaded the file: any
+    architecture its build runs works, whether or not the torch side's architecture table knows it."""
+
+    arch: str  # GGUF general.architecture
+    n_layers: int
+    n_kv_heads: int
+    head_dim: int
+    max_position: int  # the trained context
+    vocab_size: int
+    sliding_window: int  # llama.cpp's n_swa (0: none, or not used by its build for this architecture)
+
+    @classmethod
+    def of(cls, lib, model) -> LlamaModelInfo:
+        arch = _meta_str(lib, model, "general.architecture") or "?"
+        n_head = max(1, lib.llama_model_n_head(model))
+        key_length = _meta_str(lib, model, f"{arch}.attention.key_length")
+        return cls(
+            arch=arch,
+            n_layers=lib.llama_model_n_layer(model),
+            n_kv_heads=lib.llama_model_n_head_kv(model),
+            head_dim=int(key_length) if key_length else lib.llama_model_n_embd(model) // n_head,
+            max_position=lib.llama_model_n_ctx_train(model),
+            vocab_size=lib.llama_vocab_n_tokens(lib.llama_model_get_vocab(model)),
+            sliding_window=lib.llama_model_n_swa(model),
+        )
+
+
+def _meta_str(lib, model, key: str) -> str | None:
+    """A GGUF metadata value as llama.cpp holds it, as text (None when absent)."""
+    buf = ctypes.create_string_buffer(256)
+    n = lib.llama_model_meta_val_str(model, key.encode(), buf, ctypes.sizeof(buf))
+    return buf.value.decode("utf-8", "replace") if n >= 0 else None
 
 
 @dataclass
@@ -183,6 +226,38 @@ class _Batch:
             self.logits[:m] = 1 if all_logits else 0
             self.logits[m - 1] = 1
         self.struct.n_tokens = m
+
+
+class _RowsBatch:
+    """A reusable `llama_batch` of one token per sequence, each with its own seq id (batched decode steps)."""
+
+    def __init__(self, lib, n: int):
+        self.n = n
+        self.token = np.zeros(n, dtype=np.int32)
+        self.pos = np.zeros(n, dtype=np.int32)
+        self.n_seq_id = np.ones(n, dtype=np.int32)
+        self.logits = np.ones(n, dtype=np.int8)
+        self.sids = (ctypes.c_int32 * n)()
+        base = ctypes.addressof(self.sids)
+        step = ctypes.sizeof(ctypes.c_int32)
+        self._seq_ptrs = (ctypes.POINTER(ctypes.c_int32) * n)(
+            *[ctypes.cast(base + i * step, ctypes.POINTER(ctypes.c_int32)) for i in range(n)]
+        )
+        self.struct = lib.llama_batch(
+            n_tokens=0,
+            token=self.token.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)),
+            embd=None,
+            pos=self.pos.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)),
+            n_seq_id=self.n_seq_id.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)),
+            seq_id=self._seq_ptrs,
+            logits=self.logits.ctypes.data_as(ctypes.POINTER(ctypes.c_int8)),
+        )
+
+    def fill(self, rows: list[tuple[int, int, int]]) -> None:
+        """rows: (seq id, token, position), at most n."""
+        for i, (sid, tok, pos) in enumerate(rows):
+            self.sids[i], self.token[i], self.pos[i] = sid, tok, pos
+        self.struct.n_tokens = len(rows)
 
 
 class _SeqPool:
@@ -320,6 +395,15 @@ class LlamaCppStore(SlotTable):
         if n == 0:
             raise InfinichatError(f"llama.cpp could not serialize a sequence of {self._length} tokens")
         return bytes(memoryview(buf)[:n])
+
+    def drop_uncommitted(self) -> None:
+        """Remove cells past the last committed position (a batched step written but never claimed:
+        `LlamaCppEngine.decode_rows`); positions increase along the slots, so such cells come after it."""
+        if self._sid is None:
+            return
+        top = int(self.positions[self._length - 1]) if self._length else -1
+        if self.engine._lib.llama_memory_seq_pos_max(self.engine._mem, self._sid) > top:
+            self._rm(top + 1, -1)
 
     def _rm(self, p0: int, p1: int) -> None:
         if not self.engine._lib.llama_memory_seq_rm(self.engine._mem, self._sid, p0, p1):
@@ -466,9 +550,6 @@ class LlamaCppEngine(Engine):
         lib = _lib()
         path = gguf_path(path)
         self.path = path
-        fields = fields if fields is not None else read_gguf_fields(path)
-        self.cfg: ModelConfig = ModelConfig.from_gguf(fields, source=str(path))
-        self.n_ctx = n_ctx or self.cfg.max_position
         self.threads = threads or physical_cores()
         if not 1 <= n_seq_max <= lib.llama_max_parallel_sequences():
             raise InfinichatError(f"n_seq_max must be in [1, {lib.llama_max_parallel_sequences()}], got {n_seq_max}")
@@ -477,7 +558,13 @@ class LlamaCppEngine(Engine):
         mparams = lib.llama_model_default_params()
         self._model = lib.llama_model_load_from_file(str(path).encode(), mparams)
         if not self._model:
-            raise ModelLoadError(f"{path}: llama.cpp could not load this GGUF file (see the log with -v)")
+            arch = (fields if fields is not None else _arch_field(path)).get("general.architecture", "?")
+            raise ModelLoadError(
+                f"{path}: llama.cpp could not load this GGUF file (architecture {arch!r}; see the log with -v)"
+            )
+        # the model's shape from llama.cpp, not from the torch side's architecture table (model/arch.py)
+        self.cfg = LlamaModelInfo.of(lib, self._model)
+        self.n_ctx = n_ctx or self.cfg.max_position
         cparams = lib.llama_context_default_params()
         cparams.n_ctx = self.n_ctx
         cparams.n_batch = cparams.n_ubatch = n_batch
@@ -497,19 +584,14 @@ class LlamaCppEngine(Engine):
             self.close()
             raise ModelLoadError(f"{path}: llama.cpp cannot shift positions in this model's cache")
         vocab = lib.llama_model_get_vocab(self._model)
-        self.n_vocab = lib.llama_vocab_n_tokens(vocab)
-        if self.cfg.vocab_size == 0:  # not in the metadata
-            self.cfg = self.cfg.with_(vocab_size=self.n_vocab)
-        if self.n_vocab != self.cfg.vocab_size:
-            self.close()
-            raise ModelLoadError(
-                f"{path}: llama.cpp sees {self.n_vocab} tokens, the GGUF metadata {self.cfg.vocab_size}"
-            )
+        self.n_vocab = self.cfg.vocab_size
         if eos_ids is None:
             eos_ids = [t for t in range(self.n_vocab) if lib.llama_vocab_is_eog(vocab, t)]
         self.eos_ids = frozenset(eos_ids)
         self.n_batch = self.max_chunk = n_batch  # tokens per llama_decode call
         self._batch = _Batch(lib, n_batch)
+        self._rows = _RowsBatch(lib, n_seq_max)  # batched decode steps: one token of each resident sequence
+        self.max_rows = n_seq_max  # sequences per batched step (engine/batch.py reads it)
         self._pool = _SeqPool(lib, self._mem, n_seq_max)
         self.n_parked = 0  # how often a sequence was moved out to host memory
         self.fingerprint = {  # what a snapshot must match
@@ -579,6 +661,58 @@ class LlamaCppEngine(Engine):
         seq.append(ids, positions)
         return out
 
+    # ------------------------------------------------------------------ batched decode (engine/batch.py)
+    def can_batch(self, seq: KVSequence) -> bool:
+        """A plain step (no eviction, no re-evaluation) of a resident sequence of this engine: batching never
+        parks or brings back a sequence (the batch's members stay in the context's `n_seq_max` ids)."""
+        store = seq.store
+        return (
+            isinstance(store, LlamaCppStore)
+            and store.engine is self
+            and store.resident
+            and seq.stale_from is None
+            and seq.length + 1 <= seq.budget
+        )
+
+    def decode_rows(self, items: Sequence[tuple[KVSequence, int]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """One `llama_decode` of one token per sequence, each under its own seq id at its next position. The
+        cell written for a step that is not claimed (a stop between the batched call and the generation's turn)
+        is removed by `discard_row`, or, at the latest, by the sequence's next write."""
+        if len(items) > self._rows.n:
+            raise ValueError(f"decode_rows: {len(items)} sequences, the context holds {self._rows.n} at once")
+        lib, mem = self._lib, self._mem
+        rows, positions = [], []
+        for seq, token in items:
+            if not self.can_batch(seq):
+                raise ValueError("decode_rows: a sequence that is parked or needs eviction or re-evaluation")
+            store = seq.store
+            assert isinstance(store, LlamaCppStore) and store._sid is not None
+            pos = seq.next_positions(1)
+            p0 = int(pos[0])
+            store.drop_uncommitted()
+            last = lib.llama_memory_seq_pos_max(mem, store._sid)
+            if last >= 0 and p0 != last + 1:
+                raise InfinichatError(_GAP)
+            self._pool.touch(store._sid)
+            rows.append((store._sid, token, p0))
+            positions.append(pos)
+        self._rows.fill(rows)
+        rc = lib.llama_decode(self._ctx, self._rows.struct)
+        if rc != 0:  # 1: no free cells for them all; the steps run one by one (parking as needed) instead
+            raise InfinichatError(f"llama.cpp could not evaluate a batch of {len(rows)} steps (llama_decode {rc})")
+        out = []
+        for i, pos in enumerate(positions):
+            logits = torch.empty(self.n_vocab, dtype=torch.float32)  # (V,)
+            ctypes.memmove(logits.data_ptr(), lib.llama_get_logits_ith(self._ctx, i), logits.nbytes)
+            out.append((pos, logits))
+        return out
+
+    def discard_row(self, seq: KVSequence, positions: torch.Tensor) -> None:
+        """An unclaimed batched step: remove its cell (if the sequence still holds it, uncommitted)."""
+        store = seq.store
+        if isinstance(store, LlamaCppStore) and store.engine is self and not self._pool.closed:
+            store.drop_uncommitted()
+
     def _write(
         self, store: LlamaCppStore, ids: torch.Tensor, positions: torch.Tensor, all_logits: bool
     ) -> torch.Tensor:
@@ -586,6 +720,7 @@ class LlamaCppEngine(Engine):
         lib, ctx = self._lib, self._ctx
         m, p0 = ids.shape[0], int(positions[0])
         sid = store.activate()
+        store.drop_uncommitted()  # the cell of an unclaimed batched step (decode_rows), if any
         last = lib.llama_memory_seq_pos_max(self._mem, sid)  # -1 when empty
         if int(positions[-1]) - p0 != m - 1 or (last >= 0 and p0 != last + 1):
             raise InfinichatError(_GAP)

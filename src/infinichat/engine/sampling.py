@@ -3,6 +3,9 @@
 The order is llama.cpp's default chain (`common_params_sampling::samplers` in common/common.h, documented
 for `--samplers` in tools/main/README.md: penalties;dry;top_n_sigma;top_k;typ_p;top_p;min_p;xtc;temperature),
 without the samplers we do not have: penalties -> DRY -> top_k -> top_p -> min_p -> XTC -> temperature -> draw.
+Before them, as in llama.cpp, the logit biases (OpenAI's `logit_bias`: token id -> a bias in [-100, 100] added to
+its logit) and a grammar's mask (`TokenConstraint`, engine/grammar.py: the tokens it does not accept next get -inf),
+so every filter works on the tokens the grammar allows; the drawn token then advances the grammar.
 top_p, min_p and XTC therefore see temperature-1 probabilities of the tokens that survived the filters
 before them. Ties at a cut are all kept (top_k, top_p and XTC), so a result never depends on the order of
 equal logits.
@@ -32,12 +35,15 @@ import math
 import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TypeGuard
+from typing import TYPE_CHECKING, Protocol, TypeGuard
 
 import numpy as np
 import torch
 
 from infinichat.errors import InfinichatError
+
+if TYPE_CHECKING:
+    from infinichat.engine.grammar import Grammar
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +57,23 @@ DRY_BREAKERS = ("\n", ":", '"', "*")  # the default sequence breakers of llama.c
 MAX_DRY_BREAKERS = 32
 MAX_BREAKER_CHARS = 64
 _LOG_FLT_MAX = 88.7228  # ln(float32 max): the DRY exponent is capped so the penalty stays finite
+MAX_LOGIT_BIAS = 100.0  # OpenAI's range for logit_bias values
+MAX_LOGIT_BIAS_ENTRIES = 1024
+
+
+class TokenConstraint(Protocol):
+    """Which tokens may come next (a grammar, engine/grammar.py); the sampler masks the rest."""
+
+    def allowed(self) -> torch.Tensor:
+        """(V,) bool on the CPU: true for the tokens accepted next."""
+        ...
+
+    def accept(self, token: int) -> None: ...
+
+    @property
+    def done(self) -> bool:
+        """Nothing more can be accepted: the generation ends here."""
+        ...
 
 
 @dataclass
@@ -74,6 +97,8 @@ class SamplingParams:
     max_tokens: int = 256
     stop: tuple[str, ...] = ()
     top_logprobs: int = 0  # alternatives returned per step, 0..20
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias in [-100, 100]) added to the logits first
+    grammar: Grammar | None = None  # the output must match it (constrained decoding, engine/grammar.py)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -82,6 +107,10 @@ class SamplingParams:
             self.stop = tuple(self.stop)
         if isinstance(self.dry_sequence_breakers, list):
             self.dry_sequence_breakers = tuple(self.dry_sequence_breakers)
+        if isinstance(self.logit_bias, dict):
+            self.logit_bias = tuple(self.logit_bias.items())
+        elif isinstance(self.logit_bias, list):
+            self.logit_bias = tuple(tuple(b) for b in self.logit_bias)
 
     @property
     def dry_active(self) -> bool:
@@ -135,6 +164,21 @@ class SamplingParams:
         if not isinstance(self.stop, tuple) or not all(isinstance(s, str) and s for s in self.stop):
             _bad("stop", self.stop, "a list of non-empty strings")
         _check_int("top_logprobs", self.top_logprobs, 0, MAX_TOP_LOGPROBS, f"an integer in [0, {MAX_TOP_LOGPROBS}]")
+        lb = self.logit_bias
+        accepted = (
+            f"at most {MAX_LOGIT_BIAS_ENTRIES} pairs of a token id (an integer >= 0) and a bias in "
+            f"[-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}]"
+        )
+        if not isinstance(lb, tuple) or len(lb) > MAX_LOGIT_BIAS_ENTRIES:
+            _bad("logit_bias", lb, accepted)
+        for pair in lb:
+            ok = isinstance(pair, tuple) and len(pair) == 2
+            if not ok or not isinstance(pair[0], int) or isinstance(pair[0], bool) or pair[0] < 0:
+                _bad("logit_bias", pair, accepted)
+            if not _is_real(pair[1]) or not -MAX_LOGIT_BIAS <= pair[1] <= MAX_LOGIT_BIAS:
+                _bad("logit_bias", pair, accepted)
+        if self.grammar is not None:
+            self.grammar.validate()
 
 
 def _is_real(v: object) -> TypeGuard[int | float]:
@@ -387,12 +431,32 @@ class Sampler:
     same tokens.
     """
 
-    def __init__(self, params: SamplingParams, vocab_size: int, dry_breakers: np.ndarray | None = None) -> None:
+    def __init__(
+        self,
+        params: SamplingParams,
+        vocab_size: int,
+        dry_breakers: np.ndarray | None = None,
+        constraint: TokenConstraint | None = None,
+    ) -> None:
         """`dry_breakers`: (V,) bool, true for the tokens containing one of params.dry_sequence_breakers
-        (`Tokenizer.tokens_containing`); required when DRY is on with breakers (the engine has no tokenizer)."""
+        (`Tokenizer.tokens_containing`); required when DRY is on with breakers (the engine has no tokenizer).
+        `constraint`: the grammar the tokens must follow (built from params.grammar by the caller, who has the
+        tokenizer: engine/grammar.py); each sampled token advances it."""
         params.validate()
         if vocab_size <= 0:
             raise ValueError(f"vocab_size must be > 0, got {vocab_size}")
+        if params.grammar is not None and constraint is None:
+            raise ValueError("a grammar needs its constraint (engine/grammar.make_constraint)")
+        bad = [i for i, _ in params.logit_bias if i >= vocab_size]
+        if bad:
+            raise InfinichatError(
+                f"sampling parameter logit_bias: token id {bad[0]} is outside the vocabulary (0..{vocab_size - 1})"
+            )
+        self.constraint = constraint
+        self._bias: tuple[torch.Tensor, torch.Tensor] | None = None
+        if params.logit_bias:
+            ids = torch.tensor([i for i, _ in params.logit_bias], dtype=torch.long)  # (b,)
+            self._bias = (ids, torch.tensor([float(b) for _, b in params.logit_bias], dtype=torch.float32))
         if params.dry_active and params.dry_sequence_breakers and dry_breakers is None:
             raise ValueError("DRY with sequence breakers needs their token mask (Tokenizer.tokens_containing)")
         self.dry_breakers = dry_breakers
@@ -415,8 +479,19 @@ class Sampler:
         """Pick the next token from `logits` (V,), any float dtype; `history` = all ids so far."""
         if logits.shape != (self.vocab_size,):
             raise ValueError(f"logits must have shape ({self.vocab_size},), got {tuple(logits.shape)}")
-        p = self.params
         x = self._setup(logits.device).copy_(logits)  # (V,) float32
+        if self._bias is not None:
+            ids, bias = self._bias
+            x.index_add_(0, ids.to(x.device), bias.to(x.device))  # repeated ids add up
+        if self.constraint is not None:
+            x.masked_fill_(~self.constraint.allowed().to(x.device), -math.inf)
+        step = self._pick(x, history)
+        if self.constraint is not None:
+            self.constraint.accept(step.token)
+        return step
+
+    def _pick(self, x: torch.Tensor, history: Sequence[int] | torch.Tensor) -> SampledToken:
+        p = self.params
         if _penalties_active(p):
             _penalize_(x, penalty_window(history, p.repeat_last_n), p)
         if p.dry_active:
@@ -424,6 +499,8 @@ class Sampler:
 
         if p.greedy:
             j = _argmax(x)
+            if x[j] == -math.inf:
+                raise ValueError(_NO_MASS)
             lse = float(torch.logsumexp(x, dim=0))  # temperature 1
             top = [(i, v - lse) for i, v in _top(x, None, p.top_logprobs)]
             return SampledToken(j, float(x[j]) - lse, top)

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from infinichat.engine.base import Engine, Step
 from infinichat.engine.detok import StopMatcher, StreamDecoder
+from infinichat.engine.grammar import make_constraint
 from infinichat.engine.sampling import SamplingParams
 from infinichat.kv.sequence import KVSequence
 
@@ -48,7 +49,10 @@ def stream_text(
         if params.dry_active and params.dry_sequence_breakers
         else None
     )
-    steps = engine.generate(cache, prompt, params, history=history, should_stop=should_stop, dry_breakers=breakers)
+    constraint = make_constraint(params.grammar, tokenizer, engine.cfg.vocab_size)
+    steps = engine.generate(
+        cache, prompt, params, history=history, should_stop=should_stop, dry_breakers=breakers, constraint=constraint
+    )
     for step in steps:
         n += 1
         result.tokens.append(step.token)

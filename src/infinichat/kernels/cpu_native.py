@@ -7,7 +7,8 @@ Members (each measured in benchmarks/NOTES.md), chosen once at `bind`:
 - PyTorch's CPU flash-attention kernel called directly for one-token steps;
 - from the native library (native/decode.c), where it builds: fused RMSNorm / RoPE / SiLU-multiply rows for
   float32 prompts of bf16 and quantized models, causal prompt attention (AVX-512), and the whole-model
-  one-token step of quantized models, used when its declared features (native.DECODE_FEATURES) cover the
+  one-token step of quantized models (and its batched form, several sequences' one-token steps in one call
+  reading the weights once: continuous batching), used when its declared features (native.DECODE_FEATURES) cover the
   model's (model/arch.py `features`) and its weights are in the step's formats.
 float32 models keep PyTorch's formulas for norms and RoPE: the reference's own, op for op, so their logits and
 attention weights follow transformers' float32 ones to the last bits tested.
@@ -15,19 +16,22 @@ attention weights follow transformers' float32 ones to the last bits tested.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from infinichat import native
+from infinichat.kernels.attn_variants import PLAIN, AttnVariant
 from infinichat.kernels.torch_ops import RopeTables, TorchKernels
 from infinichat.model.quant import Int8GroupLinear, QuantLinear
 
 if TYPE_CHECKING:
-    from infinichat.model.transformer import Transformer
+    from infinichat.model.transformer import BatchItem, Transformer
 
 PACKED_MAX_T = 16
+NATIVE_BATCH_MAX = 16  # rows per native batched step (its scratch holds a softmax partial per row and thread)
 FP32_PREFILL_MIN = 32
 # Quantized weights: calls of fewer tokens run in the int8/int4 kernels; from QUANT_DENSE_MIN_T[layout] tokens
 # on, each weight is dequantized to float32 and the float32 GEMM runs: the kernels fall behind as rows grow.
@@ -123,6 +127,27 @@ class CpuNativeKernels(TorchKernels):
             return None
         return self.decoder.decode(int(tokens[0]), positions, cache, start)
 
+    def decode_batch(self, seqs: Sequence[BatchItem]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The native batched step (decode.c's ic_decode_batch: the weights read once for all rows, each row
+        bit for bit its one-token step) for distinct caches it can read, at most NATIVE_BATCH_MAX rows per call."""
+        dec = self.decoder
+        if dec is None or len({id(s.cache) for s in seqs}) != len(seqs):
+            return None
+        if any(s.tokens.shape[0] != 1 or not dec.batchable(s.cache) for s in seqs):
+            return None  # (int8 KV: the batched step reads bf16 buffers only; the rows run one by one)
+        xs, outs = [], []
+        for a in range(0, len(seqs), NATIVE_BATCH_MAX):
+            part = seqs[a : a + NATIVE_BATCH_MAX]
+            x, logits = dec.decode_batch(
+                [int(s.tokens[0]) for s in part],
+                [s.positions for s in part],
+                [s.cache for s in part],
+                [s.start for s in part],
+            )  # (b, D), (b, V)
+            xs.append(x)
+            outs.append(logits)
+        return (xs[0], outs[0]) if len(xs) == 1 else (torch.cat(xs), torch.cat(outs))
+
     # ------------------------------------------------------------------ ops
     def linear(self, x: torch.Tensor, w: torch.Tensor | QuantLinear, b: torch.Tensor | None = None) -> torch.Tensor:
         if isinstance(w, QuantLinear):  # the kernel for short inputs, else over the dequantized weight
@@ -166,8 +191,16 @@ class CpuNativeKernels(TorchKernels):
         return super().rope_qkv(qkv, rope)
 
     def attention(
-        self, q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, start: int, mask: torch.Tensor | None
+        self,
+        q: torch.Tensor,
+        k_buf: torch.Tensor,
+        v_buf: torch.Tensor,
+        start: int,
+        mask: torch.Tensor | None,
+        var: AttnVariant = PLAIN,
     ) -> torch.Tensor:
+        if not var.plain:  # windows, soft-caps, sinks: the torch set's variant path (no native member for them)
+            return super().attention(q, k_buf, v_buf, start, mask, var)
         H, T, hd = q.shape
         Hkv = k_buf.shape[0]
         if T > 1 and self.prompt_attn is not None and self.prompt_attn.takes(q, Hkv):

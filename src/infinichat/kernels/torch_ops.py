@@ -7,18 +7,20 @@ weights, no CPU-only aten ops, no native library.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
+from infinichat.kernels.attn_variants import PLAIN, AttnVariant, buffer_attention
 from infinichat.model.arch import ALL_FEATURES
 from infinichat.model.quant import QuantLinear
 from infinichat.model.rope import apply_rope, rotate, signed_sin
 
 if TYPE_CHECKING:
-    from infinichat.model.transformer import Transformer
+    from infinichat.model.transformer import BatchItem, Transformer
 
 
 @dataclass
@@ -57,6 +59,11 @@ class TorchKernels:
         forward runs. The torch set has none (a CUDA-graph captured step would go here)."""
         return None
 
+    def decode_batch(self, seqs: Sequence[BatchItem]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """A whole-model step of several sequences, one token each, (hidden (B, D), logits (B, V)) float32, or
+        None: the layer-by-layer forward runs them stacked. The torch set has none."""
+        return None
+
     # ------------------------------------------------------------------ ops
     def linear(self, x: torch.Tensor, w: torch.Tensor | QuantLinear, b: torch.Tensor | None = None) -> torch.Tensor:
         """x (T, K) @ w (N, K)^T (+ b) -> (T, N) in x's dtype."""
@@ -82,6 +89,11 @@ class TorchKernels:
         gate, up = h.chunk(2, dim=-1)
         return F.silu(gate) * up
 
+    def gelu_tanh_mul(self, h: torch.Tensor) -> torch.Tensor:
+        """(T, 2F) rows [gate | up] -> gelu_tanh(gate) * up (T, F) (Gemma's GeGLU)."""
+        gate, up = h.chunk(2, dim=-1)
+        return F.gelu(gate, approximate="tanh") * up
+
     def gelu(self, h: torch.Tensor) -> torch.Tensor:
         return F.gelu(h)
 
@@ -105,10 +117,19 @@ class TorchKernels:
         return q, k, heads[:, H + Hkv :].transpose(0, 1)
 
     def attention(
-        self, q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, start: int, mask: torch.Tensor | None
+        self,
+        q: torch.Tensor,
+        k_buf: torch.Tensor,
+        v_buf: torch.Tensor,
+        start: int,
+        mask: torch.Tensor | None,
+        var: AttnVariant = PLAIN,
     ) -> torch.Tensor:
         """q (H, T, hd) for slots [start, start+T), whose K/V are already in the buffers (Hkv, C, hd); causal
-        over slots [0, start+T) (`mask` (T, start+T) bool where start > 0 and T > 1). -> (T, H*hd)."""
+        over slots [0, start+T) (`mask` (T, start+T) bool where start > 0 and T > 1). -> (T, H*hd).
+        A layer's window, soft-cap or sinks (`var`) go to kernels/attn_variants.py."""
+        if not var.plain:
+            return buffer_attention(q, k_buf, v_buf, start, self.scale, var)
         H, T, hd = q.shape
         end = start + T
         keys, values = k_buf[:, :end], v_buf[:, :end]  # (Hkv, S, hd)

@@ -96,7 +96,7 @@ class OmniKVPolicy(EvictionPolicy):
         if stage != "decode":
             self._decode_start = end  # prompts: full attention; decoding starts after them
             return None
-        cfg = seq.store.cfg
+        cfg = torch_store(seq.store, self.name).cfg
         filters = self.filters(cfg)
         if self._decode_start is None:  # attached to a filled cache: what it holds is the context
             self._decode_start = start

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 
 from infinichat.errors import InfinichatError
 
-KINDS = ("system", "user", "assistant", "narration", "rag", "scratch")
+KINDS = ("system", "user", "assistant", "narration", "rag", "lore", "scratch")
 UNTAGGED = -1
 
 

@@ -172,9 +172,14 @@ class KVSequence:
         n = self.segments.drop_from(seg_id)
         self.truncate(n)
 
-    def remove_segment(self, seg_id: int) -> None:
-        """Cut a segment out of the middle; the rest shifts down."""
-        self.remove_spans([self.segments.cut(seg_id)])
+    def remove_segment(self, seg_id: int, recompute: bool = False) -> None:
+        """Cut a segment out of the middle; the rest shifts down (keys re-rotated). With `recompute`, the slots
+        after it are also marked stale: the engine re-evaluates them before its next forward, so the cache
+        then equals a fresh evaluation of what remains (they no longer carry what they attended to)."""
+        start, end = self.segments.cut(seg_id)
+        self.remove_spans([(start, end)])
+        if recompute and end > start and start < self.length:
+            self.stale_from = start if self.stale_from is None else min(self.stale_from, start)
 
     def merge_segment(self, seg_id: int) -> Segment:
         """Fold a closed segment into the pinned base directly before it (it is never evicted then)."""

@@ -14,7 +14,7 @@ from typing import Self
 import torch
 
 from infinichat.errors import InfinichatError
-from infinichat.model.config import ModelConfig
+from infinichat.model.config import ModelShape
 
 
 def read_snapshot_file(path: str | Path) -> bytes:
@@ -29,7 +29,7 @@ class SlotTable:
     it and supplies its K/V side: `cfg`, `nbytes`, `truncate`, `remove_spans`, `shift`, `fork` and the
     snapshot methods (what `KVSequence` and the policies call, whichever backend holds the K/V)."""
 
-    cfg: ModelConfig  # the model whose K/V the store holds
+    cfg: ModelShape  # the model whose K/V the store holds
 
     def __init__(self, capacity: int):
         if capacity < 1:

@@ -4,9 +4,10 @@ Slots [0, length) are in use, compact and in logical order (the forward's causal
 positions are explicit and strictly increasing. Removing a span compacts the slots after it and, like
 llama.cpp's `seq_rm` + `seq_add`, shifts their positions down so they stay contiguous, re-rotating the
 cached keys: a key rotated at position p is moved to p - d by the rotation for -d (R(p - d) = R(-d) R(p)).
-That identity holds for plain, linear and llama3 RoPE, whose frequencies are fixed. Dynamic-NTK
-frequencies depend on the length, so shifting is refused there unless every position stays below the
-trained context (where dynamic NTK is plain RoPE).
+That identity holds for plain, linear and llama3 RoPE, whose frequencies are fixed. Dynamic-NTK and
+LongRoPE frequencies depend on the length, so shifting is refused there unless every position stays below
+the (original) trained context, where their frequencies are fixed. Each layer re-rotates with its own
+frequencies (Gemma 3's windowed layers use a local base: `Rope.layer_rope`).
 
 No segments here: `segments.SegmentMap` is the bookkeeping, `sequence.KVSequence` ties the two together.
 Token ids, positions and their checks live in `slots.SlotTable`, shared with the llama.cpp backend's store.
@@ -32,6 +33,7 @@ MAGIC = b"IKVS"
 VERSION = 3  # 2: the header holds the payload's CRC-32; 3: the K/V format and its named parts (quantized KV)
 ACCEPTED_VERSIONS = (2, 3)  # version 2 files (dense K/V) still load
 INITIAL_SLOTS = 256  # buffers start this long and double as tokens arrive
+_SCALING_NAMES = {"dynamic": "dynamic-NTK", "longrope": "LongRoPE"}
 _DTYPES = {
     "float32": torch.float32,
     "bfloat16": torch.bfloat16,
@@ -75,6 +77,8 @@ class KVStore(SlotTable):
     arrive (doubling, up to the capacity, keeping their dtype and device), so a large budget costs memory
     only once it is used. A growth replaces the buffers: whoever keeps pointers into them (the native
     decode step) must check `k[0].data_ptr()` and the buffer length again."""
+
+    cfg: ModelConfig  # the torch side's full description (RoPE for re-rotation)
 
     def __init__(
         self,
@@ -206,20 +210,31 @@ class KVStore(SlotTable):
         k.copy_(self._rotated(k.float(), delta))
 
     def _rotated(self, k: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-        """Keys k (..., n, hd) float32 rotated by per-slot position deltas (n,) (their rotary part)."""
+        """Keys k (L, Hkv, n, hd) float32 rotated by per-slot position deltas (n,) (their rotary part), each layer
+        with its own frequencies (Gemma 3's windowed layers rotate with a local base)."""
         cfg = self.cfg
-        if cfg.rope_scaling.kind == "dynamic" and self.capacity > cfg.max_position:
+        rs = cfg.rope_scaling
+        limit = {"dynamic": cfg.max_position, "longrope": rs.original_max_position}.get(rs.kind)
+        if limit is not None and self.capacity > limit:
             raise InfinichatError(
-                "cannot shift positions with dynamic-NTK RoPE scaling beyond the trained context: its "
-                f"frequencies depend on the length; use a capacity <= {cfg.max_position} or the full policy"
+                f"cannot shift positions with {_SCALING_NAMES[rs.kind]} RoPE scaling beyond the trained context: its "
+                f"frequencies depend on the length; use a capacity <= {limit} or the full policy"
             )
-        angles = delta.double()[:, None] * self.rope.inv_freq.double()[None, :]  # (n, rot/2), exact enough
-        emb = torch.cat((angles, angles), dim=-1)  # (n, rot) half-split layout, as in rope.cos_sin
-        cos, sin = emb.cos().float().to(k.device), emb.sin().float().to(k.device)
-        rot = cos.shape[-1]
-        kr = k[..., :rot]  # (..., n, rot)
+        groups: dict[int, list[int]] = {}  # id(rope) -> its layers
+        ropes = {}
+        for i in range(cfg.n_layers):
+            r = self.rope.layer_rope(i)
+            groups.setdefault(id(r), []).append(i)
+            ropes[id(r)] = r
         out = k.clone()
-        out[..., :rot] = kr * cos + rotate_half(kr) * sin
+        for key, layers in groups.items():
+            angles = delta.double()[:, None] * ropes[key].inv_freq.double()[None, :]  # (n, rot/2), exact enough
+            emb = torch.cat((angles, angles), dim=-1)  # (n, rot) half-split layout, as in rope.cos_sin
+            cos, sin = emb.cos().float().to(k.device), emb.sin().float().to(k.device)
+            rot = cos.shape[-1]
+            sel = layers if len(layers) < cfg.n_layers else slice(None)
+            kr = k[sel, :, :, :rot]  # (L', Hkv, n, rot)
+            out[sel, :, :, :rot] = kr * cos + rotate_half(kr) * sin
         return out
 
     # ------------------------------------------------------------------ snapshot / restore / fork

@@ -28,23 +28,31 @@ class ArchSpec:
     gguf_names: tuple[str, ...]  # GGUF `general.architecture` values
     norm: str = "rms"  # "rms" | "layer" (LayerNorm with bias)
     norm_offset: float = 0.0  # the norm multiplies by (weight + offset) (Gemma: 1); folded into the weight at load
-    act: str = "silu"  # "silu" (gated: silu(gate) * up) | "gelu" (plain MLP)
+    # (llama.cpp's converter folds it already: GGUF norm weights are taken as they are)
+    act: str = "silu"  # "silu" (gated: silu(gate) * up) | "gelu_tanh" (gated: gelu_tanh(gate) * up) | "gelu" (plain)
+    post_norms: bool = False  # RMSNorms after attention and after the MLP too, before each residual add (Gemma 2/3)
     qk_norm: bool = False  # per-head RMSNorm of q and k before RoPE (Qwen3)
     qkv_bias: bool = False  # default
     out_bias: bool = False  # default (attention output projection)
     mlp_bias: bool = False  # default
     embed_scale: bool = False  # embeddings multiplied by sqrt(dim) (Gemma)
+    tied_default: bool = False  # tie_word_embeddings when config.json does not say (Gemma: tied)
+    # sliding-window layers when the config lists no `layer_types`: every `swa_period`-th layer is global, the
+    # others windowed (Gemma 2: 2, Gemma 3: 6); 1: every layer windowed when the config has a window (Mistral,
+    # Phi-3); 0: the config's window is not used (Qwen2/3 without `use_sliding_window`, Llama)
+    swa_period: int = 0
+    attn_sinks: bool = False  # a learned per-head logit in each softmax's denominator (gpt-oss); weights `sinks`
     parallel_residual: bool = False  # default: x + attn(norm1(x)) + mlp(norm2(x)) (GPT-NeoX)
     rope_scalings: tuple[str, ...] = ("none", "linear", "dynamic", "llama3")  # accepted RoPE scaling kinds
     gguf_rope_scalings: tuple[str, ...] = ("none", "linear")
     gguf_permuted_qk: bool = False  # llama.cpp's converter interleaves the Q/K rows (undone at load)
-    layout: str = "llama"  # tensor-name layout of the loaders: "llama" | "neox"
+    layout: str = "llama"  # tensor-name layout of the loaders: "llama" | "neox" | "gemma" | "phi3" (fused)
     hf_ignore: tuple[str, ...] = ()  # regexes (full match) of HF tensors known and deliberately not used
     gguf_ignore: tuple[str, ...] = ()  # the same for GGUF tensor names
 
     @property
     def gated_mlp(self) -> bool:
-        return self.act == "silu"
+        return self.act != "gelu"
 
 
 _ROTARY_CACHE = r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq"  # older exports store RoPE's own table
@@ -64,6 +72,7 @@ ARCHS: dict[str, ArchSpec] = {
             hf_names=("MistralForCausalLM",),
             gguf_names=("mistral",),
             gguf_permuted_qk=True,
+            swa_period=1,
             hf_ignore=(_ROTARY_CACHE,),
         ),
         ArchSpec(
@@ -79,6 +88,43 @@ ARCHS: dict[str, ArchSpec] = {
             gguf_names=("qwen3",),
             qk_norm=True,
             hf_ignore=(_ROTARY_CACHE,),
+        ),
+        ArchSpec(
+            name="gemma2",
+            hf_names=("Gemma2ForCausalLM",),
+            gguf_names=("gemma2",),
+            norm_offset=1.0,
+            act="gelu_tanh",
+            post_norms=True,
+            embed_scale=True,
+            tied_default=True,
+            swa_period=2,
+            layout="gemma",
+        ),
+        ArchSpec(
+            name="gemma3",
+            # the multimodal releases (4B-27B): their text model; the vision tower's tensors are ignored
+            hf_names=("Gemma3ForCausalLM", "Gemma3ForConditionalGeneration"),
+            gguf_names=("gemma3",),
+            norm_offset=1.0,
+            act="gelu_tanh",
+            post_norms=True,
+            qk_norm=True,
+            embed_scale=True,
+            tied_default=True,
+            swa_period=6,
+            rope_scalings=("none", "linear"),
+            layout="gemma",
+            hf_ignore=(r"(model\.)?(vision_tower|multi_modal_projector)\..+",),
+        ),
+        ArchSpec(
+            name="phi3",
+            hf_names=("Phi3ForCausalLM",),
+            gguf_names=("phi3",),
+            swa_period=1,
+            rope_scalings=("none", "longrope"),
+            gguf_rope_scalings=("none", "longrope"),
+            layout="phi3",
         ),
         ArchSpec(
             name="gptneox",
@@ -112,6 +158,8 @@ def spec(name: str) -> ArchSpec:
 def features(cfg) -> frozenset[str]:
     """The forward features a model (ModelConfig) uses; kernel sets declare the ones they support."""
     f = {f"norm:{cfg.norm}", f"act:{cfg.act}", f"rope:{cfg.rope_scaling.kind}"}
+    if cfg.rope_local_theta:
+        f.add("rope:local")
     f |= {name for name, on in _flags(cfg) if on}
     return frozenset(f)
 
@@ -126,15 +174,21 @@ def _flags(cfg) -> Iterable[tuple[str, bool]]:
         ("partial_rotary", cfg.rot_dim != cfg.head_dim),
         ("parallel_residual", cfg.parallel_residual),
         ("tied_head", cfg.tie_embeddings),
+        ("post_norms", cfg.post_norms),
+        ("attn_scale", cfg.attn_scale != 0.0),
+        ("attn_softcap", cfg.attn_softcap != 0.0),
+        ("final_softcap", cfg.final_softcap != 0.0),
+        ("sliding_window", any(cfg.layer_window(i) for i in range(cfg.n_layers))),
+        ("attn_sinks", cfg.attn_sinks),
     )
 
 
 ALL_FEATURES = frozenset(
     [f"norm:{n}" for n in ("rms", "layer")]
-    + [f"act:{a}" for a in ("silu", "gelu")]
-    + [f"rope:{k}" for k in ("none", "linear", "dynamic", "llama3")]
+    + [f"act:{a}" for a in ("silu", "gelu_tanh", "gelu")]
+    + [f"rope:{k}" for k in ("none", "linear", "dynamic", "llama3", "longrope", "local")]
     + ["qk_norm", "qkv_bias", "out_bias", "mlp_bias", "embed_scale", "partial_rotary", "parallel_residual"]
-    + ["tied_head"]
+    + ["tied_head", "post_norms", "attn_scale", "attn_softcap", "final_softcap", "sliding_window", "attn_sinks"]
 )
 
 

@@ -18,7 +18,9 @@ policy that needs more passes an `AttentionRequest`:
 - `transfer`: count in `moved_bytes` the K/V bytes read from the cache's own buffers (not from a
   mirror): what an offloaded layer moves to the compute device. Reads are moved to the query's device.
 
-Layers with nothing requested take the same SDPA path as a forward without a request.
+Layers with nothing requested take the same SDPA path as a forward without a request. A layer whose attention
+is not plain (a sliding window, soft-capping, sinks: kernels/attn_variants.py) takes the variant path for its
+output and its observed weights, over the same keys (the window counted in slots, as the forward does).
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+
+from infinichat.kernels.attn_variants import PLAIN, AttnVariant, variant_attention, variant_probs
 
 ROW_BLOCK = 128  # query rows per explicit block: bounds the (H, rows, S) probabilities in memory
 
@@ -53,6 +57,7 @@ def requested_attention(
     v_buf: torch.Tensor,
     start: int,
     scale: float,
+    var: AttnVariant = PLAIN,
 ) -> torch.Tensor:
     """Layer `li`'s attention under `req`. q (H, T, hd) for slots [start, start+T), whose K/V the caller has
     already written into the cache buffers (Hkv, C, hd). Returns (H, T, hd) in q's dtype."""
@@ -75,6 +80,8 @@ def requested_attention(
         req.moved_bytes += keys.nbytes + values.nbytes
     keys, values = keys.to(q.device, q.dtype), values.to(q.device, q.dtype)
     slots = None if idx is None else idx.to(q.device)
+    if not var.plain:
+        return _variant(req, li, q, keys, values, slots, start, scale, var)
     if li in req.layers:
         return _explicit(req, li, q, keys, values, slots, start, scale)
     return _sdpa(q, keys, values, slots, start, scale)
@@ -136,4 +143,18 @@ def _explicit(req, li, q, keys, values, slots, start, scale) -> torch.Tensor:
         out[:, r0:r1] = o.view(H, r1 - r0, hd).to(q.dtype)
         if req.observe is not None:
             req.observe(li, probs, r0)
+    return out
+
+
+def _variant(req, li, q, keys, values, slots, start, scale, var: AttnVariant) -> torch.Tensor:
+    """A windowed / soft-capped / sink layer: its output, and its weights for the observer when requested."""
+    T = q.shape[1]
+    key_slots = slots if slots is not None else torch.arange(keys.shape[1], device=q.device)
+    out = variant_attention(q, keys, values, key_slots, start, scale, var)  # (H, T, hd)
+    if li in req.layers and req.observe is not None:
+        R = min(req.rows, T)
+        for r0 in range(T - R, T, ROW_BLOCK):
+            r1 = min(T, r0 + ROW_BLOCK)
+            probs = variant_probs(q[:, r0:r1], keys, key_slots, start + r0, scale, var)  # (H, b, S)
+            req.observe(li, probs, r0 - (T - R))
     return out

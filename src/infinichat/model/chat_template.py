@@ -86,6 +86,13 @@ def compile_template(source: str) -> jinja2.Template:
         ) from None
 
 
+def template_variables(source: str) -> set[str]:
+    """The variables a template reads from its caller (e.g. `tools`: the template has tool support)."""
+    from jinja2 import meta
+
+    return set(meta.find_undeclared_variables(_environment().parse(source)))
+
+
 def _check_messages(messages: Sequence[Mapping[str, Any]]) -> None:
     if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
         raise InfinichatError(

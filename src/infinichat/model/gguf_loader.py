@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from gguf.quants import dequantize
 
 from infinichat.errors import ModelLoadError
 from infinichat.model.arch import refuse_unused, spec, unused_tensors
-from infinichat.model.config import ModelConfig
+from infinichat.model.config import ModelConfig, RopeScaling
 from infinichat.model.weights import unpermute_rope_rows, validate
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,8 @@ def _canonical_name(gguf_name: str, cfg: ModelConfig) -> tuple[str, str] | None:
         "output_norm.bias": "norm.bias",
         "output.weight": "lm_head.weight",
         "rope_freqs.weight": "rope_freqs",
+        "rope_factors_short.weight": "rope_factors_short",  # Phi-3 LongRoPE (gguf_rope_scaling)
+        "rope_factors_long.weight": "rope_factors_long",
     }
     if gguf_name in simple:
         return simple[gguf_name], ""
@@ -58,14 +61,21 @@ def _canonical_name(gguf_name: str, cfg: ModelConfig) -> tuple[str, str] | None:
         "attn_k": ("wqkv", "k"),
         "attn_v": ("wqkv", "v"),
         "ffn_gate": ("w_in", "gate"),
-        "ffn_up": ("w_in", "up" if cfg.gated_mlp else ""),  # GPT-NeoX: no gate, ffn_up is the whole w_in
+        # GPT-NeoX: no gate; Phi-3: gate and up fused: ffn_up is the whole w_in
+        "ffn_up": ("w_in", "up" if cfg.gated_mlp and spec(cfg.arch).layout != "phi3" else ""),
         "ffn_down": ("w_out", ""),
     }
+    if cfg.post_norms:  # Gemma: llama.cpp's ffn_norm is the MLP input's norm, as ours
+        table |= {"post_attention_norm": ("post_attn_norm", ""), "post_ffw_norm": ("post_ffn_norm", "")}
+    if cfg.attn_sinks:
+        table["attn_sinks"] = ("sinks", "")
     if cfg.qk_norm:  # only where the entry reads them: elsewhere they are unused tensors, refused
         table |= {"attn_q_norm": ("q_norm", ""), "attn_k_norm": ("k_norm", "")}
     if part not in table:
         return None
     name, piece = table[part]
+    if name == "sinks":  # a bare tensor in the canonical layout
+        return f"{p}sinks", piece
     return f"{p}{name}.{kind}", piece
 
 
@@ -120,5 +130,33 @@ def load_gguf_weights(
         if missing:
             raise ModelLoadError(f"{path}: tensor for {name} part {missing[0]!r} is missing")
         out[name] = torch.cat([pieces[p] for p in order], dim=0)
-    validate(cfg, out, str(path))
+    validate(cfg, out, str(path), offset_folded=True)  # llama.cpp's converter adds Gemma's norm offset
     return out
+
+
+def gguf_rope_scaling(
+    cfg: ModelConfig, fields: dict, weights: dict[str, torch.Tensor], source: str = "model.gguf"
+) -> ModelConfig:
+    """Phi-3's LongRoPE lives in tensors in a GGUF file (`rope_factors_short/long`) plus metadata
+    (`rope.scaling.attn_factor`, `rope.scaling.original_context_length`): move it into the config (the
+    tensors leave `weights`). llama.cpp picks the long factors for contexts past the original one; we pick
+    them per call as transformers does (model/rope.py)."""
+    short, long = weights.pop("rope_factors_short", None), weights.pop("rope_factors_long", None)
+    if short is None and long is None:
+        return cfg
+    if short is None or long is None:
+        raise ModelLoadError(f"{source}: LongRoPE needs both rope_factors_short and rope_factors_long")
+    arch = fields.get("general.architecture")
+    orig = int(fields.get(f"{arch}.rope.scaling.original_context_length", cfg.max_position))
+    factor = cfg.max_position / orig
+    default = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(orig))
+    return cfg.with_(
+        rope_scaling=RopeScaling(
+            kind="longrope",
+            factor=factor,
+            original_max_position=orig,
+            short_factor=tuple(short.tolist()),
+            long_factor=tuple(long.tolist()),
+            attention_factor=float(fields.get(f"{arch}.rope.scaling.attn_factor", default)),
+        )
+    )

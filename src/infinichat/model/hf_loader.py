@@ -48,22 +48,35 @@ def _read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def _llama_map(i: int, cfg: ModelConfig) -> dict[str, tuple[str, str]]:
+    """Llama-family names; Gemma's four norms (its `post_attention_layernorm` is the attention output's norm,
+    `pre_feedforward_layernorm` the MLP input's) and Phi-3's fused qkv_proj / gate_up_proj by their layouts."""
     hf, p = f"model.layers.{i}.", f"layers.{i}."
+    layout = spec(cfg.arch).layout
     m = {
         hf + "input_layernorm.weight": (p + "attn_norm.weight", ""),
-        hf + "post_attention_layernorm.weight": (p + "ffn_norm.weight", ""),
         hf + "self_attn.o_proj.weight": (p + "wo.weight", ""),
         hf + "self_attn.o_proj.bias": (p + "wo.bias", ""),
-        hf + "mlp.gate_proj.weight": (p + "w_in.weight", "gate"),
-        hf + "mlp.up_proj.weight": (p + "w_in.weight", "up"),
-        hf + "mlp.gate_proj.bias": (p + "w_in.bias", "gate"),
-        hf + "mlp.up_proj.bias": (p + "w_in.bias", "up"),
         hf + "mlp.down_proj.weight": (p + "w_out.weight", ""),
         hf + "mlp.down_proj.bias": (p + "w_out.bias", ""),
     }
-    for x in "qkv":
-        m[hf + f"self_attn.{x}_proj.weight"] = (p + "wqkv.weight", x)
-        m[hf + f"self_attn.{x}_proj.bias"] = (p + "wqkv.bias", x)
+    if layout == "gemma":
+        m[hf + "post_attention_layernorm.weight"] = (p + "post_attn_norm.weight", "")
+        m[hf + "pre_feedforward_layernorm.weight"] = (p + "ffn_norm.weight", "")
+        m[hf + "post_feedforward_layernorm.weight"] = (p + "post_ffn_norm.weight", "")
+    else:
+        m[hf + "post_attention_layernorm.weight"] = (p + "ffn_norm.weight", "")
+    if layout == "phi3":  # already fused, in our row order: [q | k | v], [gate | up]
+        m[hf + "self_attn.qkv_proj.weight"] = (p + "wqkv.weight", "")
+        m[hf + "mlp.gate_up_proj.weight"] = (p + "w_in.weight", "")
+    else:
+        for x in "qkv":
+            m[hf + f"self_attn.{x}_proj.weight"] = (p + "wqkv.weight", x)
+            m[hf + f"self_attn.{x}_proj.bias"] = (p + "wqkv.bias", x)
+        for x in ("gate", "up"):
+            m[hf + f"mlp.{x}_proj.weight"] = (p + "w_in.weight", x)
+            m[hf + f"mlp.{x}_proj.bias"] = (p + "w_in.bias", x)
+    if cfg.attn_sinks:
+        m[hf + "self_attn.sinks"] = (p + "sinks", "")
     if cfg.qk_norm:  # only where the entry reads them: elsewhere they are unused tensors, refused
         m[hf + "self_attn.q_norm.weight"] = (p + "q_norm.weight", "")
         m[hf + "self_attn.k_norm.weight"] = (p + "k_norm.weight", "")
@@ -110,6 +123,25 @@ def neox_qkv_to_blocks(t: torch.Tensor, n_heads: int) -> torch.Tensor:
     return t.reshape(n_heads, 3, -1, *rest).transpose(0, 1).reshape(t.shape)
 
 
+# where multimodal checkpoints keep their text model (Gemma 3 4B+): as saved by transformers 4.5x and 5, and the
+# newer in-memory layout; renamed to the causal-LM names the maps use
+_TEXT_PREFIXES = (("language_model.model.", "model."), ("model.language_model.", "model."))
+_TEXT_HEADS = {"language_model.lm_head.weight": "lm_head.weight"}
+
+
+def _text_model_names(raw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    if not any(n.startswith(p) for n in raw for p, _ in _TEXT_PREFIXES):
+        return raw
+    out = {}
+    for n, t in raw.items():
+        for p, new in _TEXT_PREFIXES:
+            if n.startswith(p):
+                n = new + n[len(p) :]
+                break
+        out[_TEXT_HEADS.get(n, n)] = t
+    return out
+
+
 def load_hf_folder(folder: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     cfg = ModelConfig.from_hf(read_hf_config(folder), source=str(folder / "config.json"))
     return cfg, canonical_weights(cfg, _read_safetensors(folder), str(folder))
@@ -118,6 +150,7 @@ def load_hf_folder(folder: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
 def canonical_weights(cfg: ModelConfig, raw: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
     """HF-named tensors (a checkpoint's, or a transformers model's state_dict) -> the canonical float32 layout,
     strictly: a tensor neither used nor on the entry's ignore list is a ModelLoadError."""
+    raw = _text_model_names(raw)
     names = _name_map(cfg)
     out: dict[str, torch.Tensor] = {}
     parts: dict[str, dict[str, torch.Tensor]] = {}

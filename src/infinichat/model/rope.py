@@ -1,7 +1,8 @@
-"""Rotary position embeddings (half-split / GPT-NeoX layout) with linear, dynamic-NTK and llama3 scaling.
+"""Rotary position embeddings (half-split / GPT-NeoX layout) with linear, dynamic-NTK, llama3 and LongRoPE
+scaling, and a second, local table for the windowed layers of models that rotate them differently (Gemma 3).
 
 Positions are explicit: cos/sin are computed for the positions of the tokens being evaluated, so the KV
-store can re-rotate keys after a removal (R(p - d) = R(-d) R(p)) with the same functions.
+store can re-rotate keys after a removal (R(p - d) = R(-d) R(p)) with the same frequencies.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import math
 
 import torch
 
-from infinichat.model.config import ModelConfig
+from infinichat.model.config import ModelConfig, RopeScaling
 
 
 def base_inv_freq(cfg: ModelConfig, theta: float | None = None) -> torch.Tensor:
@@ -31,6 +32,13 @@ def inv_freq_for(cfg: ModelConfig, seq_len: int = 0) -> torch.Tensor:
         d = cfg.rot_dim
         theta = cfg.rope_theta * ((rs.factor * n / cfg.max_position) - (rs.factor - 1)) ** (d / (d - 2))
         return base_inv_freq(cfg, theta)
+    if rs.kind == "longrope":  # Phi-3: the long divisors once the call reaches past the original context
+        factors = rs.long_factor if seq_len > rs.original_max_position else rs.short_factor
+        if len(factors) != cfg.rot_dim // 2:
+            raise ValueError(f"longrope has {len(factors)} factors for {cfg.rot_dim // 2} frequencies")
+        d = cfg.rot_dim
+        exps = torch.arange(0, d, 2, dtype=torch.int64).float() / d
+        return 1.0 / (torch.tensor(factors, dtype=torch.float32) * cfg.rope_theta**exps)
     if rs.kind == "llama3":
         inv = base_inv_freq(cfg)
         low_wavelen = rs.original_max_position / rs.low_freq_factor
@@ -52,20 +60,36 @@ class Rope:
     element, as computing them per call, without the half-dozen small ops per forward call."""
 
     def __init__(self, cfg: ModelConfig, freq_factors: torch.Tensor | None = None, device: torch.device | str = "cpu"):
-        """`device`: where cos_sin's tables live (the model's device); the inverse frequencies stay on the CPU."""
+        """`device`: where cos_sin's tables live (the model's device); the inverse frequencies stay on the CPU.
+        A config with `rope_local_theta` gets `local`, the Rope of its windowed layers (base rope_local_theta,
+        unscaled); `layer_rope(i)` is layer i's."""
         self.cfg = cfg
         self.device = torch.device(device)
-        self.dynamic = cfg.rope_scaling.kind == "dynamic"
+        rs = cfg.rope_scaling
+        # the frequencies depend on the call's length: dynamic NTK, LongRoPE (short / long divisors)
+        self.dynamic = rs.kind == "dynamic" or rs.kind == "longrope"
+        self.mscale = rs.attention_factor if rs.kind == "longrope" else 1.0  # cos and sin are multiplied by it
+        self.local: Rope | None = None
+        if cfg.rope_local_theta:
+            local_cfg = cfg.with_(rope_theta=cfg.rope_local_theta, rope_scaling=RopeScaling(), rope_local_theta=0.0)
+            self.local = Rope(local_cfg, device=device)
         inv = inv_freq_for(cfg)
         if freq_factors is not None:  # GGUF `rope_freqs.weight` (Llama 3.1 stores its scaling this way)
             inv = inv / freq_factors.float()
         self.inv_freq = inv.cpu()
         self._tables: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}  # dtype -> cos, sin (n, rot)
 
+    def layer_rope(self, i: int) -> Rope:
+        """The Rope layer i rotates with: `local` for Gemma 3's windowed layers, else this one."""
+        return self.local if self.local is not None and self.cfg.local_rope(i) else self
+
     def _compute(self, positions: torch.Tensor, inv: torch.Tensor, dtype: torch.dtype):
         freqs = positions.cpu().float()[:, None] * inv[None, :]  # (T, d/2), on the CPU
         emb = torch.cat((freqs, freqs), dim=-1)  # (T, d)
-        return emb.cos().to(self.device, dtype), emb.sin().to(self.device, dtype)
+        cos, sin = emb.cos(), emb.sin()
+        if self.mscale != 1.0:
+            cos, sin = cos * self.mscale, sin * self.mscale
+        return cos.to(self.device, dtype), sin.to(self.device, dtype)
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """positions (T,) int (on the CPU, as the KV store keeps them) -> cos, sin (T, rot_dim) in `dtype`

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from functools import cache
 from pathlib import Path
@@ -197,6 +197,7 @@ class Tokenizer:
         self._literal: HFTokenizer | None = None  # copy that reads special tokens in text as plain text
         self._bytes: list[bytes] | None = None
         self._containing: dict[tuple[str, ...], np.ndarray] = {}  # tokens_containing, per set of strings
+        self._derived: dict[str, Any] = {}  # derived(): built once per key
         self.meta = meta
         added = backend.get_added_tokens_decoder()
         self._special = frozenset(i for i, tok in added.items() if tok.special)
@@ -284,6 +285,13 @@ class Tokenizer:
             mask = np.fromiter((any(n in b for n in needles) for b in self._bytes), dtype=bool, count=len(self._bytes))
             self._containing[key] = mask
         return mask
+
+    def derived(self, key: str, build: Callable[[], Any]) -> Any:
+        """A structure built from this tokenizer once and kept with it (e.g. a grammar library's view of the
+        vocabulary, engine/grammar.py): `build()` on the first call for `key`, the same object after."""
+        if key not in self._derived:
+            self._derived[key] = build()
+        return self._derived[key]
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **extra: Any) -> str:
         """The model's prompt text for `messages` (ChatML when the model has no template)."""

@@ -21,6 +21,7 @@ import torch
 
 from infinichat.errors import DeviceError, InfinichatError
 from infinichat.kernels import RopeTables, make_kernels, resolve_device
+from infinichat.kernels.attn_variants import PLAIN, AttnVariant
 from infinichat.model.arch import features
 from infinichat.model.attention import AttentionRequest, requested_attention
 from infinichat.model.config import ModelConfig
@@ -106,6 +107,22 @@ class Transformer:
             tuple((w[f"layers.{i}.{n}.weight"], w.get(f"layers.{i}.{n}.bias")) for n in ("attn_norm", "ffn_norm"))
             for i in range(cfg.n_layers)
         ]
+        # Gemma 2/3: per layer, the norms of the attention and MLP outputs (before their residual adds)
+        self.post_norms: list[tuple[torch.Tensor, torch.Tensor]] | None = (
+            [
+                (w[f"layers.{i}.post_attn_norm.weight"], w[f"layers.{i}.post_ffn_norm.weight"])
+                for i in range(cfg.n_layers)
+            ]
+            if cfg.post_norms
+            else None
+        )
+        # per layer, what its attention adds to plain causal softmax: window, soft-cap, sinks (kernels/attn_variants)
+        self.layer_attn: list[AttnVariant] = [
+            AttnVariant(cfg.layer_window(i), cfg.attn_softcap, w.get(f"layers.{i}.sinks"))
+            if cfg.layer_window(i) or cfg.attn_softcap or cfg.attn_sinks
+            else PLAIN
+            for i in range(cfg.n_layers)
+        ]
         for i in range(cfg.n_layers):
             p = f"layers.{i}."
             L: dict = {k[len(p) :]: t for k, t in w.items() if k.startswith(p)}
@@ -117,7 +134,10 @@ class Transformer:
             self.layers.append(L)
         self.q_size = cfg.n_heads * cfg.head_dim
         self.kv_size = cfg.n_kv_heads * cfg.head_dim
-        self.scale = cfg.head_dim**-0.5
+        self.scale = cfg.attn_scale or cfg.head_dim**-0.5
+        # Gemma's sqrt(dim), rounded to the model's dtype first, as the reference implementations do (bf16:
+        # sqrt(1152) = 33.94 becomes 34.0)
+        self.embed_scale = float(torch.tensor(cfg.embed_scale, dtype=dtype))
         self.features = features(cfg)
         self.kernels = make_kernels(kernels, self.device, self.features)
         self.kernels.bind(self)
@@ -126,7 +146,12 @@ class Transformer:
     def _head(self, x: torch.Tensor) -> torch.Tensor:
         """x (T, D) -> logits (T, V) float32. A quantized head's top candidates are re-scored exactly: the
         dense rows in float32, rounded as the dense model's product would be (bf16 for bf16 inputs)."""
-        return self._rescore(x, self.kernels.linear(x, self.lm_head).float())  # (T, V)
+        return self._softcap(self._rescore(x, self.kernels.linear(x, self.lm_head).float()))  # (T, V)
+
+    def _softcap(self, logits: torch.Tensor) -> torch.Tensor:
+        """Gemma 2's final soft-cap: logits -> c * tanh(logits / c)."""
+        c = self.cfg.final_softcap
+        return torch.tanh(logits / c) * c if c else logits
 
     def _rescore(self, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         if self.head_exact is None:
@@ -144,7 +169,10 @@ class Transformer:
     def _mlp(self, L: dict, x: torch.Tensor) -> torch.Tensor:
         kern = self.kernels
         h = kern.linear(x, L["w_in.weight"], L.get("w_in.bias"))  # (T, 2F) or (T, F)
-        h = kern.silu_mul(h) if self.cfg.gated_mlp else kern.gelu(h)  # (T, F)
+        act = self.cfg.act
+        h = (
+            kern.silu_mul(h) if act == "silu" else kern.gelu_tanh_mul(h) if act == "gelu_tanh" else kern.gelu(h)
+        )  # (T, F)
         return kern.linear(h, L["w_out.weight"], L.get("w_out.bias"))  # (T, D)
 
     def _qk_norm(self, L: dict, qkv: torch.Tensor) -> torch.Tensor:
@@ -182,11 +210,12 @@ class Transformer:
             k_buf, v_buf = s.cache.layer_kv(
                 li, s.start, k if one else k[:, r0 : r0 + T], v if one else v[:, r0 : r0 + T]
             )
+            var = self.layer_attn[li]
             if attn is not None:  # a policy asked for weights, a token subset or offloading (model/attention.py)
-                out = requested_attention(attn, li, qs, k_buf, v_buf, s.start, self.scale)  # (H, T, hd)
+                out = requested_attention(attn, li, qs, k_buf, v_buf, s.start, self.scale, var)  # (H, T, hd)
                 outs.append(out.transpose(0, 1).reshape(T, self.q_size))
             else:
-                outs.append(kern.attention(qs, k_buf, v_buf, s.start, mask))  # (T, H*hd)
+                outs.append(kern.attention(qs, k_buf, v_buf, s.start, mask, var))  # (T, H*hd)
             r0 += T
         out = outs[0] if len(outs) == 1 else torch.cat(outs)  # (N, H*hd)
         return kern.linear(out, L["wo.weight"], L.get("wo.bias"))  # (N, D)
@@ -212,7 +241,7 @@ class Transformer:
             step = self.kernels.decode_step(tokens, positions, cache, start)
             if step is not None:
                 x, logits = step
-                logits = self._rescore(x.to(self.dtype)[None], logits[None])  # (1, V)
+                logits = self._softcap(self._rescore(x.to(self.dtype)[None], logits[None]))  # (1, V)
                 return logits if all_logits else logits[0]
         return self._forward([BatchItem(tokens, positions, cache, start)], all_logits, attn)[0]
 
@@ -227,6 +256,11 @@ class Transformer:
             return [self.forward(s.tokens, s.positions, s.cache, s.start, all_logits)]
         for s in seqs:
             s.cache.reserve(s.start + s.tokens.shape[0])
+        if not all_logits and all(s.tokens.shape[0] == 1 for s in seqs):  # one token each: a whole-model step
+            step = self.kernels.decode_batch(seqs)
+            if step is not None:
+                x, logits = step  # (B, D), (B, V)
+                return list(self._rescore(x.to(self.dtype), logits).unbind(0))
         return self._forward(seqs, all_logits, None)
 
     def _forward(
@@ -241,9 +275,11 @@ class Transformer:
         positions = seqs[0].positions if one else torch.cat([s.positions for s in seqs])  # (N,)
         compute = kern.compute_dtype(tokens.shape[0])
         x = self.embed[tokens.to(dev)].to(compute)  # (N, D): this call's own tensor (the residual adds in place)
-        if self.cfg.embed_scale != 1.0:
-            x *= self.cfg.embed_scale
+        if self.embed_scale != 1.0:
+            x *= self.embed_scale
         rope = kern.rope_tables(*self.rope.cos_sin(positions, compute))  # (N, rot) each, in the kernels' form
+        local = self.rope.local  # Gemma 3's windowed layers rotate with their own base
+        rope_local = kern.rope_tables(*local.cos_sin(positions, compute)) if local is not None else rope
         masks: list[torch.Tensor | None] = []
         for s, T in zip(seqs, rows, strict=True):  # a call from slot 0 uses SDPA's own causal mask
             if T > 1 and s.start > 0:
@@ -254,13 +290,17 @@ class Transformer:
                 masks.append(None)
         for li, (L, (attn_norm, ffn_norm)) in enumerate(zip(self.layers, self.layer_norms, strict=True)):
             h = self._norm(x, *attn_norm)  # (N, D)
-            a = self._attention(L, h, rope, seqs, rows, masks, li, attn)  # (N, D)
+            a = self._attention(L, h, rope_local if self.cfg.local_rope(li) else rope, seqs, rows, masks, li, attn)
             if self.cfg.parallel_residual:  # x + attn(norm1(x)) + mlp(norm2(x))
                 m = self._mlp(L, self._norm(x, *ffn_norm))
                 x += a
                 x += m
+            elif self.post_norms is not None:  # x + norm3(attn(norm1(x))), then + norm4(mlp(norm2(x))) (Gemma)
+                post_attn, post_ffn = self.post_norms[li]
+                x += self._norm(a, post_attn, None)
+                x += self._norm(self._mlp(L, self._norm(x, *ffn_norm)), post_ffn, None)
             else:
-                x += a
+                x += a  # (N, D)
                 x += self._mlp(L, self._norm(x, *ffn_norm))
         if not all_logits:  # each sequence's last row: the model dtype's (packed) product beats upcasting the head
             x = (x[-1:] if one else x[torch.tensor(rows, device=dev).cumsum(0) - 1]).to(self.dtype)  # (B, D)

@@ -8,6 +8,9 @@ time so the forward runs one matmul for Q/K/V and one for gate/up:
     layers.{i}.wqkv.weight       (Hq*hd + 2*Hkv*hd, D)   rows: [q heads | k heads | v heads]  [+ .bias]
     layers.{i}.q_norm.weight     (hd,)         per-head q / k RMSNorm weights (qk_norm architectures)
     layers.{i}.k_norm.weight     (hd,)
+    layers.{i}.sinks             (Hq,)         learned attention-sink logits (attn_sinks architectures)
+    layers.{i}.post_attn_norm.weight (D,)      norms of the attention / MLP outputs (post_norms: Gemma 2/3)
+    layers.{i}.post_ffn_norm.weight  (D,)
     layers.{i}.wo.weight         (D, Hq*hd)                                                  [+ .bias]
     layers.{i}.ffn_norm.weight   (D,)          [+ .bias]
     layers.{i}.w_in.weight       (2F, D) rows [gate | up] for gated MLPs, (F, D) otherwise   [+ .bias]
@@ -15,6 +18,7 @@ time so the forward runs one matmul for Q/K/V and one for gate/up:
     norm.weight                  (D,)          [+ .bias]
     lm_head.weight               (V, D)        absent when the embeddings are tied
     rope_freqs                   (rot_dim/2,)  optional per-frequency divisors (GGUF Llama 3.1)
+    rope_factors_short / _long   (rot_dim/2,)  GGUF LongRoPE divisors (Phi-3), moved into the config at load
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from infinichat.errors import ModelLoadError
 from infinichat.model.arch import refuse_unused, spec
 from infinichat.model.config import ModelConfig
 
-OPTIONAL = ("rope_freqs",)
+OPTIONAL = ("rope_freqs", "rope_factors_short", "rope_factors_long")
 
 
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -51,6 +55,11 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
         if cfg.qk_norm:
             shapes[p + "q_norm.weight"] = (hd,)
             shapes[p + "k_norm.weight"] = (hd,)
+        if cfg.post_norms:
+            shapes[p + "post_attn_norm.weight"] = (D,)
+            shapes[p + "post_ffn_norm.weight"] = (D,)
+        if cfg.attn_sinks:
+            shapes[p + "sinks"] = (cfg.n_heads,)
         if cfg.qkv_bias:
             shapes[p + "wqkv.bias"] = (q + 2 * kv,)
         if cfg.out_bias:
@@ -61,9 +70,10 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def validate(cfg: ModelConfig, weights: dict[str, torch.Tensor], source: str) -> None:
+def validate(cfg: ModelConfig, weights: dict[str, torch.Tensor], source: str, offset_folded: bool = False) -> None:
     """Every expected tensor present with the right shape, nothing else; a clear error naming the first
-    problems. Then the family's norm offset (arch.py) is folded into the norm weights, in place."""
+    problems. Then the family's norm offset (arch.py) is folded into the norm weights, in place, unless the
+    file has it folded already (`offset_folded`: llama.cpp's converter adds Gemma's 1 to its norms)."""
     expected = expected_shapes(cfg)
     extra = [n for n in weights if n not in expected and n not in OPTIONAL]
     if extra:  # a loader mapped a tensor this config does not read: the checkpoint does not fit its entry
@@ -80,7 +90,7 @@ def validate(cfg: ModelConfig, weights: dict[str, torch.Tensor], source: str) ->
     if wrong:
         raise ModelLoadError(f"{source}: {wrong[0]}" + (f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else ""))
     offset = spec(cfg.arch).norm_offset
-    if offset:
+    if offset and not offset_folded:
         for n in expected:
             if n.endswith("norm.weight"):
                 weights[n] = weights[n].float() + offset

@@ -191,6 +191,9 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.ic_decode.argtypes = [ctypes.POINTER(_Model), i64, p, p, p, p, i64, i64, p, p, p, i32]
     lib.ic_decode_kv.argtypes = [ctypes.POINTER(_Model), i64, p, p, ctypes.POINTER(_KVView), i64, p, p, p, i32]
     lib.ic_matmul.argtypes = [ctypes.POINTER(_Mat), p, i64, p, i32, i32]
+    lib.ic_batch_work_size.argtypes = [ctypes.POINTER(_Model), i32, i32]
+    lib.ic_batch_work_size.restype = ctypes.c_size_t
+    lib.ic_decode_batch.argtypes = [ctypes.POINTER(_Model), i32, p, p, p, p, p, p, p, p, p, p, i32]
 
 
 KIND_INT4, KIND_INT8, KIND_INT8_GROUP = 4, 8, 9  # decode.c's Mat kinds
@@ -434,6 +437,7 @@ class NativeDecoder:
         if code:
             raise ValueError(f"model shape outside the native step's limits (code {code})")
         self.work = torch.empty(lib.ic_work_size(), dtype=torch.uint8)  # the step's scratch: one step at a time
+        self._batch_work = torch.empty(0, dtype=torch.uint8)  # the batched step's, grown to the largest batch
         self._lock = threading.Lock()
         self._bindings: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # cache -> bind(cache)
         self.vocab = model.lm_head.N
@@ -525,6 +529,59 @@ class NativeDecoder:
             )
         if rc:
             raise ValueError(f"native decode refused token {token} at slot {start} (capacity {cap})")
+        return x, out
+
+    def batchable(self, cache) -> bool:
+        """Whether the batched step reads this cache (bf16 buffers; int8 KV takes the one-token step)."""
+        view = self.bind(cache)
+        return view is not None and view.format == DECODE_KV_FORMATS["bfloat16"]
+
+    def decode_batch(
+        self, tokens: list[int], positions: list[torch.Tensor], caches: list, starts: list[int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """B tokens, one per cache (all different caches; `bind(cache)` not None for each), token b at slot
+        starts[b] of caches[b] and RoPE position positions[b] (1,), in one call that reads the weights once
+        (decode.c's ic_decode_batch): -> final hidden states (B, D) and logits (B, V), float32, not yet
+        re-scored. Row b equals `decode` of that token alone with the same thread count, bit for bit."""
+        B, n_layers = len(tokens), self.model.cfg.n_layers
+        if not all(self.batchable(c) for c in caches):
+            raise InfinichatError("the native batched step cannot read one of these caches (check batchable first)")
+        views = [self.bind(c) for c in caches]
+        kp = (ctypes.c_void_p * (B * n_layers))()
+        vp = (ctypes.c_void_p * (B * n_layers))()
+        for b, view in enumerate(views):
+            k, v = view._arrays[:2]  # type: ignore[union-attr]  # the per-layer bf16 buffer pointers
+            kp[b * n_layers : (b + 1) * n_layers] = list(k)
+            vp[b * n_layers : (b + 1) * n_layers] = list(v)
+        caps = torch.tensor([view.cap for view in views], dtype=torch.int64)  # type: ignore[union-attr]
+        cos, sin = self.model.rope.cos_sin(torch.cat(positions), torch.float32)  # (B, hd) each
+        cos, sin = cos.contiguous(), sin.contiguous()
+        toks = torch.tensor(tokens, dtype=torch.int64)
+        st = torch.tensor(starts, dtype=torch.int64)
+        x = torch.empty(B, self.model.cfg.dim, dtype=torch.float32)
+        out = torch.empty(B, self.vocab, dtype=torch.float32)
+        threads = torch.get_num_threads()
+        with self._lock:
+            size = self.lib.ic_batch_work_size(self.mref, B, threads)
+            if self._batch_work.numel() < size:
+                self._batch_work = torch.empty(size, dtype=torch.uint8)
+            rc = self.lib.ic_decode_batch(
+                self.mref,
+                B,
+                toks.data_ptr(),
+                cos.data_ptr(),
+                sin.data_ptr(),
+                kp,
+                vp,
+                caps.data_ptr(),
+                st.data_ptr(),
+                x.data_ptr(),
+                out.data_ptr(),
+                self._batch_work.data_ptr(),
+                threads,
+            )
+        if rc:
+            raise ValueError(f"native batched decode refused tokens {tokens} at slots {starts} (capacities {caps})")
         return x, out
 
 

@@ -455,7 +455,14 @@ static void kv_write_row(const KVView *kv, int li, int h, int hd, int64_t slot, 
     }
 }
 
-static void attend_part(const Model *M, const float *q, const KVView *kv, int li, int64_t a, int64_t b, Partial *P) {
+/* bf16 buffers (Hkv, cap, hd) */
+static void attend_part(const Model *M, const float *q, const uint16_t *kbuf, const uint16_t *vbuf, int64_t cap,
+                        int64_t a, int64_t b, Partial *P) {
+    attend_rows(M, q, kbuf, vbuf, NULL, NULL, cap, a, b, P, 0);
+}
+
+/* layer li of a KV view, in its format */
+static void attend_view(const Model *M, const float *q, const KVView *kv, int li, int64_t a, int64_t b, Partial *P) {
     if (kv->format == KV_INT8)
         attend_rows(M, q, kv->k[li], kv->v[li], kv->ks[li], kv->vs[li], kv->cap, a, b, P, 1);
     else
@@ -544,7 +551,7 @@ int ic_decode_kv(const Model *M, int64_t token, const float *cos, const float *s
             }
             int64_t a, b;
             share(n, ABLK, t, nt, &a, &b);
-            attend_part(M, W->qkv, kv, li, a, b, &W->part[t]);
+            attend_view(M, W->qkv, kv, li, a, b, &W->part[t]);
             #pragma omp barrier
             #pragma omp for schedule(static)
             for (int h = 0; h < H; h++) { /* merge the threads' partial softmaxes */
@@ -593,6 +600,349 @@ int ic_decode(const Model *M, int64_t token, const float *cos, const float *sin,
               int nthreads) {
     const KVView kv = {KV_BF16, cap, (void *const *)kbufs, (void *const *)vbufs, NULL, NULL};
     return ic_decode_kv(M, token, cos, sin, &kv, start, out_x, logits, work, nthreads);
+}
+
+/* ------------------------------------------------------------------------------------------- the batched step
+   B tokens, one per sequence (each with its own KV buffers, capacity and slot), through the model in one
+   parallel region: every weight row is read from memory once per step and multiplied with the B activation
+   rows while it sits in L1, so a step of B sequences costs about one weight read instead of B.
+   Each row's arithmetic is the one-token step's, op for op (the same row products, norms, RoPE, and attention
+   split into the same `nthreads` key ranges, merged in the same order), so row b's results are bit for bit
+   what ic_decode gives for that sequence alone with the same thread count. */
+/* With AVX-512 VNNI, one weight row against the B activation rows: the row's weights are widened once (int4
+   nibbles to bytes, two groups per register; int8 offset by 128 to unsigned) and each activation row takes
+   two dpbusd per two groups, where row_int4 / row_int8 unpack and multiply per row with maddubs + madd. The
+   integer sums are the same exact values (dpbusd's lanes sum the same 4 products as maddubs + madd; the int8
+   offset is taken back exactly with each activation's lane sums, `corr`), and the float steps are row_int4's
+   and row_int8's in the same order (two groups per 512-bit register = their acc0 / acc1), so the result is
+   bit for bit theirs. */
+#define BATCH_VNNI __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512vnni,fma")))
+#define BATCH_MAXP 128 /* group pairs per row the VNNI kernels take: K <= 8192 */
+#define BATCH_MAX 64   /* rows per batched step */
+
+static int batch_vnni(void) {
+    static int v = -1;
+    if (v < 0) {
+        __builtin_cpu_init();
+        v = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+            __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") &&
+            __builtin_cpu_supports("avx512vnni");
+    }
+    return v;
+}
+
+BATCH_VNNI static inline __m512 pair_scale(const float *d) { /* (d[0] x 8 | d[1] x 8) */
+    const __m512i idx = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+    return _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(_mm_castpd_ps(_mm_load_sd((const double *)d))));
+}
+
+/* NB activation rows (acts[0..NB)) against one unpacked int4 weight row, their chains interleaved (each row's
+   own sums in row_int4's order: independent chains keep the FMA units busy instead of waiting on one) */
+BATCH_VNNI static inline __attribute__((always_inline)) void int4_block(
+    const uint8_t *w, int G, const __m512i *wv, const __m512 *S, const float *zs, const float *sc, const Act *acts,
+    float *out, const int NB) {
+    const int P = G / 2;
+    __m512 acc[4];
+    float zacc[4];
+    for (int j = 0; j < NB; j++) {
+        acc[j] = _mm512_setzero_ps();
+        zacc[j] = 0.0f;
+    }
+    for (int p = 0; p < P; p++) {
+        const int g = 2 * p;
+        for (int j = 0; j < NB; j++) {
+            const Act *a = &acts[j];
+            const __m512i x1 = _mm512_loadu_si512((const void *)(a->q + QB * g));
+            const __m512i x2 = _mm512_loadu_si512((const void *)(a->q2 + QB * g));
+            /* (w . x1) * 128 + w . x2, exact in int32: the second product accumulates onto the first */
+            const __m512i p1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv[p], x1);
+            const __m512i pi = _mm512_dpbusd_epi32(_mm512_slli_epi32(p1, 7), wv[p], x2);
+            acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(pi), _mm512_mul_ps(S[p], pair_scale(a->d + g)), acc[j]);
+            zacc[j] += zs[g] * a->sum[g] + zs[g + 1] * a->sum[g + 1];
+        }
+    }
+    for (int j = 0; j < NB; j++) {
+        const Act *a = &acts[j];
+        __m256 acc0 = _mm512_castps512_ps256(acc[j]), acc1 = _mm512_extractf32x8_ps(acc[j], 1);
+        if (G % 2) {
+            const int g = G - 1;
+            __m256i p0 = dot2_i8_32(unpack_nibbles(w + 16 * g), a->q + QB * g, a->q2 + QB * g);
+            acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(sc[g] * a->d[g]), acc0);
+            zacc[j] += zs[g] * a->sum[g];
+        }
+        out[j] = hsum8(_mm256_add_ps(acc0, acc1)) * (1.0f / 128) + zacc[j];
+    }
+}
+
+BATCH_VNNI static void rows_int4_vnni(const Mat *m, int64_t r, const Act *acts, int B, float *out) {
+    const int G = m->k / QB, P = G / 2;
+    const uint8_t *w = m->q + r * (m->k / 2);
+    const uint16_t *sz = m->s + r * G * 2;
+    __m512i wv[BATCH_MAXP];
+    __m512 S[BATCH_MAXP];
+    float zs[2 * BATCH_MAXP + 1], sc[2 * BATCH_MAXP + 1];
+    const __m512i m4 = _mm512_set1_epi8(0x0f);
+    for (int g = 0; g < G; g++) {
+        sc[g] = bf16_f32(sz[2 * g]);
+        zs[g] = bf16_f32(sz[2 * g + 1]) - 8.0f * sc[g];
+    }
+    for (int p = 0; p < P; p++) { /* (lo | hi nibbles of group 2p | lo | hi of 2p+1), as unpack_nibbles' */
+        const __m512i b = _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(w + 32 * p)));
+        __m512i t = _mm512_shuffle_i64x2(b, b, _MM_SHUFFLE(1, 1, 0, 0));
+        t = _mm512_mask_srli_epi16(t, 0xFF00FF00u, t, 4);
+        wv[p] = _mm512_and_si512(t, m4);
+        S[p] = _mm512_insertf32x8(_mm512_set1_ps(sc[2 * p]), _mm256_set1_ps(sc[2 * p + 1]), 1);
+    }
+    int bi = 0;
+    for (; bi + 4 <= B; bi += 4) int4_block(w, G, wv, S, zs, sc, acts + bi, out + bi, 4);
+    for (; bi < B; bi++) int4_block(w, G, wv, S, zs, sc, acts + bi, out + bi, 1);
+}
+
+/* corr (P, 16): 128 * ((lane sums of q) * 128 + lane sums of q2) per group pair, the offset the unsigned int8
+   weights (w + 128) add to the two-level products; odd G: the last group's 8 lanes at the end */
+BATCH_VNNI static void int8_corr(const Act *a, int k, int32_t *corr) {
+    const int G = k / QB;
+    const __m512i one = _mm512_set1_epi8(1);
+    for (int p = 0; p < G / 2; p++) {
+        const __m512i s1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), one, _mm512_loadu_si512((const void *)(a->q + 64 * p)));
+        const __m512i s2 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), one, _mm512_loadu_si512((const void *)(a->q2 + 64 * p)));
+        _mm512_storeu_si512((void *)(corr + 16 * p), _mm512_slli_epi32(_mm512_add_epi32(_mm512_slli_epi32(s1, 7), s2), 7));
+    }
+}
+
+BATCH_VNNI static inline __attribute__((always_inline)) void int8_block(
+    const int8_t *w, int G, const __m512i *wv, float rs, const Act *acts, const int32_t *corr, int64_t ldc,
+    float *out, const int NB) {
+    const int P = G / 2;
+    __m512 acc[4];
+    for (int j = 0; j < NB; j++) acc[j] = _mm512_setzero_ps();
+    for (int p = 0; p < P; p++) {
+        const int g = 2 * p;
+        for (int j = 0; j < NB; j++) {
+            const Act *a = &acts[j];
+            const __m512i p1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv[p], _mm512_loadu_si512((const void *)(a->q + QB * g)));
+            const __m512i base = _mm512_sub_epi32(_mm512_slli_epi32(p1, 7),
+                                                  _mm512_loadu_si512((const void *)(corr + j * ldc + 16 * p)));
+            const __m512i pi = _mm512_dpbusd_epi32(base, wv[p], _mm512_loadu_si512((const void *)(a->q2 + QB * g)));
+            acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(pi), pair_scale(a->d + g), acc[j]);
+        }
+    }
+    for (int j = 0; j < NB; j++) {
+        const Act *a = &acts[j];
+        __m256 acc0 = _mm512_castps512_ps256(acc[j]), acc1 = _mm512_extractf32x8_ps(acc[j], 1);
+        if (G % 2) {
+            const int g = G - 1;
+            __m256i p0 = dot2_s8_32(w + QB * g, a->q + QB * g, a->q2 + QB * g);
+            acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(a->d[g]), acc0);
+        }
+        out[j] = hsum8(_mm256_add_ps(acc0, acc1)) * rs * (1.0f / 128);
+    }
+}
+
+BATCH_VNNI static void rows_int8_vnni(const Mat *m, int64_t r, const Act *acts, const int32_t *corr, int64_t ldc,
+                                      int B, float *out) {
+    const int G = m->k / QB, P = G / 2;
+    const int8_t *w = (const int8_t *)m->q + r * m->k;
+    __m512i wv[BATCH_MAXP];
+    const __m512i flip = _mm512_set1_epi8((char)0x80);
+    for (int p = 0; p < P; p++) wv[p] = _mm512_xor_si512(_mm512_loadu_si512((const void *)(w + 64 * p)), flip);
+    const float rs = bf16_f32(m->s[r]);
+    int bi = 0;
+    for (; bi + 4 <= B; bi += 4) int8_block(w, G, wv, rs, acts + bi, corr + bi * ldc, ldc, out + bi, 4);
+    for (; bi < B; bi++) int8_block(w, G, wv, rs, acts + bi, corr + bi * ldc, ldc, out + bi, 1);
+}
+
+typedef struct {    /* the batched step's scratch, carved out of one buffer (ic_batch_work_size) */
+    float *x, *h, *qkv, *att, *mlp; /* (B, D), (B, D), (B, qkv), (B, H*hd), (B, 2F) */
+    int8_t *q, *q2;                 /* (B, kmax) quantized activations */
+    float *d, *sum;                 /* (B, kmax / QB) */
+    int32_t *corr;                  /* (B, kmax / 4): int8_corr's offsets */
+    Partial *part;                  /* (B, nparts) */
+    int kmax, vnni;
+} BatchWork;
+
+static int batch_kmax(const Model *M) {
+    int k = M->dim > M->ffn ? M->dim : M->ffn;
+    return k > M->n_heads * M->head_dim ? k : M->n_heads * M->head_dim;
+}
+
+static int batch_parts(int nthreads) { return nthreads < 1 ? 1 : nthreads > MAX_THREADS ? MAX_THREADS : nthreads; }
+
+static size_t batch_floats(const Model *M, int B) {
+    const int64_t qkv = (int64_t)(M->n_heads + 2 * M->n_kv) * M->head_dim;
+    return (size_t)B * (2 * (size_t)M->dim + (size_t)qkv + (size_t)M->n_heads * M->head_dim + 2 * (size_t)M->ffn);
+}
+
+size_t ic_batch_work_size(const Model *M, int B, int nthreads) {
+    const size_t kmax = (size_t)batch_kmax(M);
+    return 64 + sizeof(Partial) * (size_t)B * batch_parts(nthreads) + sizeof(float) * batch_floats(M, B) +
+           (size_t)B * (2 * kmax + 2 * sizeof(float) * (kmax / QB) + kmax + 64) + 64;
+}
+
+static BatchWork batch_work(const Model *M, int B, int nparts, void *work) {
+    BatchWork W;
+    const int64_t qkv = (int64_t)(M->n_heads + 2 * M->n_kv) * M->head_dim;
+    uint8_t *p = (uint8_t *)(((uintptr_t)work + 63) & ~(uintptr_t)63);
+    W.part = (Partial *)p;
+    p += sizeof(Partial) * (size_t)B * nparts;
+    float *f = (float *)p;
+    W.x = f, f += (int64_t)B * M->dim;
+    W.h = f, f += (int64_t)B * M->dim;
+    W.qkv = f, f += B * qkv;
+    W.att = f, f += (int64_t)B * M->n_heads * M->head_dim;
+    W.mlp = f, f += (int64_t)B * 2 * M->ffn;
+    W.kmax = batch_kmax(M);
+    W.d = f, f += (int64_t)B * (W.kmax / QB);
+    W.sum = f, f += (int64_t)B * (W.kmax / QB);
+    W.corr = (int32_t *)f;
+    W.q = (int8_t *)(W.corr + (int64_t)B * (W.kmax / 4) + 16);
+    W.q2 = W.q + (int64_t)B * W.kmax;
+    W.vnni = batch_vnni();
+    return W;
+}
+
+static inline Act batch_act(const BatchWork *W, int b) {
+    return (Act){W->q + (int64_t)b * W->kmax, W->q2 + (int64_t)b * W->kmax, W->d + (int64_t)b * (W->kmax / QB),
+                 W->sum + (int64_t)b * (W->kmax / QB)};
+}
+
+/* y[b] = W x[b] (+ bias) (+ y[b] if `accumulate`) for the B quantized rows of W->q..; y rows `ldy` apart.
+   Weight rows split over the team; each one serves all B rows while it is in L1. Ends with the loop's barrier. */
+static void matvec_batch(const Mat *m, const BatchWork *W, int B, float *y, int64_t ldy, int accumulate) {
+    const int64_t n = m->n, ldc = W->kmax / 4;
+    const int fast = W->vnni && m->k / QB / 2 <= BATCH_MAXP && (m->kind == KIND_INT4 || m->kind == KIND_INT8);
+    Act acts[BATCH_MAX];
+    for (int b = 0; b < B; b++) acts[b] = batch_act(W, b);
+    if (fast && m->kind == KIND_INT8) {
+        #pragma omp for schedule(static)
+        for (int b = 0; b < B; b++) int8_corr(&acts[b], m->k, W->corr + b * ldc);
+    }
+    #pragma omp for schedule(static)
+    for (int64_t r = 0; r < n; r++) {
+        float v[BATCH_MAX];
+        if (fast && m->kind == KIND_INT4)
+            rows_int4_vnni(m, r, acts, B, v);
+        else if (fast)
+            rows_int8_vnni(m, r, acts, W->corr, ldc, B, v);
+        else
+            for (int b = 0; b < B; b++) v[b] = row_dot(m, r, &acts[b]);
+        for (int b = 0; b < B; b++) {
+            float vb = v[b];
+            if (m->bias) vb += m->bias[r];
+            float *yb = y + b * ldy;
+            yb[r] = accumulate ? yb[r] + vb : vb;
+        }
+    }
+}
+
+/* rows b of `src` (B rows, `ld` apart) quantized for m, one row per iteration of a worksharing loop */
+static void quantize_batch(const Mat *m, const float *src, int64_t ld, const BatchWork *W, int B) {
+    #pragma omp for schedule(static)
+    for (int b = 0; b < B; b++) {
+        Act a = batch_act(W, b);
+        quantize_act(src + b * ld, m->k, m->kind == KIND_INT4, &a);
+    }
+}
+
+/* tokens (B,); cos/sin (B, hd); kbufs/vbufs (B, n_layers): row b's per-layer (Hkv, caps[b], hd) bf16 buffers;
+   starts (B,): its slot. out_x (B, D) final normed hidden states; logits (B, head rows) or NULL. `work`: at least
+   ic_batch_work_size(M, B, nthreads) bytes. */
+int ic_decode_batch(const Model *M, int B, const int64_t *tokens, const float *cos, const float *sin,
+                    uint16_t *const *kbufs, uint16_t *const *vbufs, const int64_t *caps, const int64_t *starts,
+                    float *out_x, float *logits, void *work, int nthreads) {
+    if (B < 1 || B > BATCH_MAX) return 1;
+    for (int b = 0; b < B; b++)
+        if (tokens[b] < 0 || tokens[b] >= M->vocab || starts[b] < 0 || starts[b] >= caps[b]) return 1;
+    const int nparts = batch_parts(nthreads);
+    const BatchWork W = batch_work(M, B, nparts, work);
+    const int D = M->dim, H = M->n_heads, Hkv = M->n_kv, hd = M->head_dim, F = M->ffn, NL = M->n_layers;
+    const int qs = H * hd, kvs = Hkv * hd, QKV = qs + 2 * kvs;
+    for (int b = 0; b < B; b++)
+        for (int i = 0; i < D; i++) W.x[(int64_t)b * D + i] = bf16_f32(M->embed[tokens[b] * D + i]);
+
+    #pragma omp parallel num_threads(nparts)
+    {
+        for (int li = 0; li < NL; li++) {
+            const Layer *L = &M->layers[li];
+            #pragma omp for schedule(static)
+            for (int b = 0; b < B; b++) {
+                rmsnorm(W.x + (int64_t)b * D, L->attn_norm, D, M->eps, W.h + (int64_t)b * D);
+                Act a = batch_act(&W, b);
+                quantize_act(W.h + (int64_t)b * D, L->wqkv.k, L->wqkv.kind == KIND_INT4, &a);
+            }
+            matvec_batch(&L->wqkv, &W, B, W.qkv, QKV, 0);
+            #pragma omp for schedule(static)
+            for (int b = 0; b < B; b++) {
+                float *q = W.qkv + (int64_t)b * QKV, *k = q + qs, *v = q + qs + kvs;
+                const float *cb = cos + (int64_t)b * hd, *sb = sin + (int64_t)b * hd;
+                for (int h = 0; h < H; h++) {
+                    rope(q + h * hd, cb, sb, hd);
+                    for (int i = 0; i < hd; i++) q[h * hd + i] *= M->attn_scale;
+                }
+                for (int h = 0; h < Hkv; h++) {
+                    rope(k + h * hd, cb, sb, hd);
+                    uint16_t *kd = kbufs[(int64_t)b * NL + li] + ((int64_t)h * caps[b] + starts[b]) * hd;
+                    uint16_t *vd = vbufs[(int64_t)b * NL + li] + ((int64_t)h * caps[b] + starts[b]) * hd;
+                    for (int i = 0; i < hd; i++) {
+                        kd[i] = f32_bf16(k[h * hd + i]);
+                        vd[i] = f32_bf16(v[h * hd + i]);
+                    }
+                }
+            }
+            #pragma omp for schedule(dynamic, 1)
+            for (int task = 0; task < B * nparts; task++) { /* row b's key range p, as ic_decode's thread p */
+                const int b = task / nparts, p = task % nparts;
+                int64_t a, e;
+                share(starts[b] + 1, ABLK, p, nparts, &a, &e);
+                attend_part(M, W.qkv + (int64_t)b * QKV, kbufs[(int64_t)b * NL + li], vbufs[(int64_t)b * NL + li],
+                            caps[b], a, e, &W.part[task]);
+            }
+            #pragma omp for schedule(static)
+            for (int bh = 0; bh < B * H; bh++) { /* merge each row's partial softmaxes, in ic_decode's order */
+                const int b = bh / H, h = bh % H;
+                const Partial *P = W.part + (int64_t)b * nparts;
+                float mx = -INFINITY;
+                for (int p = 0; p < nparts; p++) mx = P[p].m[h] > mx ? P[p].m[h] : mx;
+                float l = 0.0f;
+                float *o = W.att + ((int64_t)b * H + h) * hd;
+                for (int i = 0; i < hd; i++) o[i] = 0.0f;
+                for (int p = 0; p < nparts; p++) {
+                    if (P[p].m[h] == -INFINITY) continue;
+                    float c = expf(P[p].m[h] - mx);
+                    l += P[p].l[h] * c;
+                    for (int i = 0; i < hd; i++) o[i] += P[p].acc[h * hd + i] * c;
+                }
+                for (int i = 0; i < hd; i++) o[i] /= l;
+            }
+            quantize_batch(&L->wo, W.att, qs, &W, B);
+            matvec_batch(&L->wo, &W, B, W.x, D, 1);
+            #pragma omp for schedule(static)
+            for (int b = 0; b < B; b++) {
+                rmsnorm(W.x + (int64_t)b * D, L->ffn_norm, D, M->eps, W.h + (int64_t)b * D);
+                Act a = batch_act(&W, b);
+                quantize_act(W.h + (int64_t)b * D, L->win.k, L->win.kind == KIND_INT4, &a);
+            }
+            matvec_batch(&L->win, &W, B, W.mlp, 2 * F, 0);
+            #pragma omp for schedule(static)
+            for (int b = 0; b < B; b++) {
+                float *mb = W.mlp + (int64_t)b * 2 * F;
+                silu_mul(mb, mb + F, F, mb);
+                Act a = batch_act(&W, b);
+                quantize_act(mb, L->wout.k, L->wout.kind == KIND_INT4, &a);
+            }
+            matvec_batch(&L->wout, &W, B, W.x, D, 1);
+        }
+        #pragma omp for schedule(static)
+        for (int b = 0; b < B; b++) {
+            rmsnorm(W.x + (int64_t)b * D, M->final_norm, D, M->eps, out_x + (int64_t)b * D);
+            if (logits) {
+                Act a = batch_act(&W, b);
+                quantize_act(out_x + (int64_t)b * D, M->head.k, M->head.kind == KIND_INT4, &a);
+            }
+        }
+        if (logits) matvec_batch(&M->head, &W, B, logits, M->head.n, 0);
+    }
+    return 0;
 }
 
 /* ------------------------------------------------------------------------------------------- prompt attention

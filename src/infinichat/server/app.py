@@ -20,7 +20,17 @@ from infinichat.engine.backends import load_engine
 from infinichat.errors import InfinichatError
 from infinichat.kv.quantized import bytes_per_token
 from infinichat.kv.registry import POLICIES
-from infinichat.server import errors, routes_actions, routes_openai, routes_sessions
+from infinichat.model.label import model_label
+from infinichat.model.loader import default_model_path
+from infinichat.server import (
+    errors,
+    routes_actions,
+    routes_chats,
+    routes_llama,
+    routes_openai,
+    routes_sessions,
+    startup,
+)
 from infinichat.server.errors import ApiError
 from infinichat.server.guard import Guard, default_allowed_hosts
 from infinichat.server.metrics import Metrics
@@ -31,14 +41,16 @@ from infinichat.session.manager import SessionManager, default_data_dir
 from infinichat.session.settings import MAX_BUDGET, SessionSettings
 
 MAX_BATCH = 256  # --max-batch: sequences per batched decode call
+MAX_PREFILL_CHUNK = 65536  # --prefill-chunk: prompt tokens per call while others stream
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
 MAX_BODY = 16 << 20  # bytes; a character card PNG in base64 fits
 
 
-def make_engine(args: argparse.Namespace):
-    """(engine, tokenizer, model id, model name) for `--backend`."""
+def make_engine(args: argparse.Namespace, on_progress=None):
+    """(engine, tokenizer, model id, model name) for `--backend`; `on_progress(stage, done, total)` hears the
+    loading stages."""
     return load_engine(
         args.backend,
         args.model,
@@ -48,6 +60,7 @@ def make_engine(args: argparse.Namespace):
         quant=getattr(args, "quant", "none"),
         device=getattr(args, "device", "auto"),
         kv_dtype=getattr(args, "kv_dtype", "auto"),
+        on_progress=on_progress,
     )
 
 
@@ -75,6 +88,9 @@ def _cache_snapshot(metrics: Metrics, lru: PrefixLRU):
                 "kv_offloads": m.n_offloads,
             }
         )
+        batcher = getattr(getattr(m, "engine", None), "batcher", None)
+        if batcher is not None:
+            metrics.snapshot_batches(batcher.sizes)
 
     return snap
 
@@ -91,14 +107,19 @@ def create_app(
     allowed_hosts: Sequence[str] | None = None,
     cors_origins: Sequence[str] | None = None,
     max_batch: int = 8,
+    prefill_chunk: int | None = 256,
+    label: str | None = None,
 ) -> FastAPI:
     """The app. `allowed_hosts`: names the Host header may carry (default: loopback names; "*" = any);
     `cors_origins`: other origins whose pages may call the API (default: none); `max_batch`: generations
-    decoded together in one forward call (1: one at a time)."""
+    decoded together in one forward call (1: one at a time); `prefill_chunk`: prompt tokens per call while
+    other generations stream (None: prompts in one go)."""
     metrics = Metrics()
     lru = PrefixLRU(engine, anon_budget or manager.defaults.budget)
     manager.spare.append(lru)  # anonymous /v1 caches count in the KV memory cap
-    worker = EngineWorker(manager, max_jobs, on_idle=_cache_snapshot(metrics, lru), max_batch=max_batch)
+    worker = EngineWorker(
+        manager, max_jobs, on_idle=_cache_snapshot(metrics, lru), max_batch=max_batch, prefill_chunk=prefill_chunk
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -132,13 +153,21 @@ def create_app(
         )
 
     auth = [Depends(_auth)]
-    for r in (routes_sessions.router, routes_actions.router, routes_openai.router):
+    for r in (
+        routes_chats.router,
+        routes_sessions.router,
+        routes_actions.router,
+        routes_openai.router,
+        routes_llama.router,
+    ):
         app.include_router(r, dependencies=auth)
+    app.include_router(routes_chats.public)  # the code colours of the page
 
     @app.get("/api/info", dependencies=auth)
     async def info():
         return {
             "model": model_name,
+            "label": label or model_name,  # what the web page shows (see model/label.py)
             "backend": backend,
             "policies": list(POLICIES),
             "defaults": manager.defaults.to_json(),
@@ -173,27 +202,34 @@ def default_max_budget(engine, kv_cap_bytes: int) -> int:
     return max(64, min(MAX_BUDGET, trained, by_memory))
 
 
-def serve(args: argparse.Namespace) -> int:
+def build_served(
+    args: argparse.Namespace, progress: startup.Progress, hold: contextlib.ExitStack
+) -> tuple[FastAPI, str]:
+    """`infinichat serve`'s app, built while the loading shell answers (server/startup.py: `serve`): the options
+    checked, the data directory locked (one writer per directory; `hold` keeps the lock until the server stops),
+    then the model loaded. (app, model name)."""
     defaults = SessionSettings().updated(
         {k: v for k, v in (("budget", args.budget), ("policy", args.policy)) if v is not None}
     )
-    if args.port < 0 or args.port > 65535:
-        raise InfinichatError(f"--port must be in [0, 65535], got {args.port}")
     if args.max_budget is not None and not 64 <= args.max_budget <= MAX_BUDGET:
         raise InfinichatError(f"--max-budget must be in [64, {MAX_BUDGET}] tokens, got {args.max_budget}")
     if not 1 <= args.max_batch <= MAX_BATCH:
         raise InfinichatError(f"--max-batch must be in [1, {MAX_BATCH}], got {args.max_batch}")
+    if not 0 <= args.prefill_chunk <= MAX_PREFILL_CHUNK:
+        raise InfinichatError(
+            f"--prefill-chunk must be in [1, {MAX_PREFILL_CHUNK}] tokens, or 0 (prompts in one go), "
+            f"got {args.prefill_chunk}"
+        )
     if args.kv_cap_mb < 1:
         raise InfinichatError(f"--kv-cap-mb must be at least 1, got {args.kv_cap_mb}")
-    # one writer per data directory, taken before the model loads so a second server fails at once
-    with lock_data_dir(args.data_dir or default_data_dir(), f"serve on http://{args.host}:{args.port}"):
-        return _serve_locked(args, defaults)
+    hold.enter_context(lock_data_dir(args.data_dir or default_data_dir(), f"serve on http://{args.host}:{args.port}"))
+    return _build_app(args, defaults, progress)
 
 
-def _serve_locked(args: argparse.Namespace, defaults: SessionSettings) -> int:
-    import uvicorn
-
-    engine, tok, model_id, name = make_engine(args)
+def _build_app(args: argparse.Namespace, defaults: SessionSettings, progress: startup.Progress) -> tuple[FastAPI, str]:
+    progress("loading the model")
+    engine, tok, model_id, name = make_engine(args, progress)
+    progress("opening the sessions")
     cap = args.kv_cap_mb << 20
     max_budget = args.max_budget or default_max_budget(engine, cap)
     if defaults.budget > max_budget:
@@ -217,10 +253,9 @@ def _serve_locked(args: argparse.Namespace, defaults: SessionSettings) -> int:
         allowed_hosts=hosts,
         cors_origins=origins,
         max_batch=args.max_batch,
+        prefill_chunk=args.prefill_chunk or None,
+        label=model_label(args.model or default_model_path(), name),
     )
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         log.warning("serving on %s without --api-key: anyone who can reach it can use it", args.host)
-    # the line a person starting the server reads, on stdout even when it is not a terminal (logging may be off)
-    print(f"infinichat: serving {name} on http://{args.host}:{args.port} (web page /, API /api and /v1)", flush=True)  # noqa: T201
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
-    return 0
+    return app, name

@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from infinichat.errors import DamagedSessionError, InfinichatError, OverloadedError, StorageError
-from infinichat.server.worker import Busy, QueueFull
+from infinichat.server.worker import Busy, Cancelled, QueueFull
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,8 @@ def to_api_error(e: BaseException) -> ApiError:
         return ApiError(409, str(e), type="busy")
     if isinstance(e, QueueFull):
         return ApiError(429, str(e), type="busy")
+    if isinstance(e, Cancelled):
+        return ApiError(409, str(e), type="cancelled")
     if isinstance(e, DamagedSessionError):
         return ApiError(500, str(e), type="damaged_session")
     if isinstance(e, StorageError):

@@ -6,6 +6,8 @@ import threading
 import time
 from collections import Counter
 
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)  # the decode batch size histogram's upper bounds
+
 
 class Metrics:
     def __init__(self):
@@ -23,6 +25,7 @@ class Metrics:
             "evicted_tokens": 0,
             "kv_offloads": 0,
         }
+        self.batch_sizes: dict[int, int] = {}  # sequences per decode forward call -> calls (the worker's batcher)
         self.started = time.time()
 
     def request(self, method: str, route: str, status: int) -> None:
@@ -43,10 +46,29 @@ class Metrics:
         with self._lock:
             self.cache.update(values)
 
+    def snapshot_batches(self, sizes: dict[int, int]) -> None:
+        with self._lock:
+            self.batch_sizes = dict(sizes)
+
+    def _batch_histogram(self) -> list[str]:
+        name = "infinichat_decode_batch_size"
+        lines = [
+            f"# HELP {name} sequences per decode forward call (continuous batching; a step run alone counts 1)",
+            f"# TYPE {name} histogram",
+        ]
+        for le in BATCH_BUCKETS:
+            n = sum(c for b, c in self.batch_sizes.items() if b <= le)
+            lines.append(f'{name}_bucket{{le="{le}"}} {n}')
+        lines.append(f'{name}_bucket{{le="+Inf"}} {sum(self.batch_sizes.values())}')
+        lines.append(f"{name}_sum {sum(b * c for b, c in self.batch_sizes.items())}")
+        lines.append(f"{name}_count {sum(self.batch_sizes.values())}")
+        return lines
+
     def render(self, queue_depth: int) -> str:
         with self._lock:
             now = time.monotonic()
             recent = sum(n for t, n in self._recent if t >= now - 60)
+            recent10 = sum(n for t, n in self._recent if t >= now - 10)
             lines = [
                 "# HELP infinichat_requests_total HTTP requests by endpoint and status",
                 "# TYPE infinichat_requests_total counter",
@@ -57,6 +79,12 @@ class Metrics:
                 ("tokens_in_total", "counter", "prompt tokens evaluated", self.tokens_in),
                 ("tokens_out_total", "counter", "tokens generated", self.tokens_out),
                 ("tokens_per_second", "gauge", "tokens generated per second over the last 60 s", recent / 60),
+                (
+                    "tokens_per_second_10s",
+                    "gauge",
+                    "tokens generated per second over the last 10 s, all sessions together",
+                    recent10 / 10,
+                ),
                 ("queue_depth", "gauge", "requests waiting or running in the engine worker", queue_depth),
                 ("cache_tokens", "gauge", "tokens held in resident KV caches", self.cache["cache_tokens"]),
                 (
@@ -86,4 +114,5 @@ class Metrics:
                     f"# TYPE infinichat_{name} {kind}",
                     f"infinichat_{name} {v:g}" if isinstance(v, float) else f"infinichat_{name} {v}",
                 ]
+            lines += self._batch_histogram()
         return "\n".join(lines) + "\n"

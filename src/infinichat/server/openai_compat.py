@@ -15,17 +15,29 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from infinichat.engine.sampling import DRY_BREAKERS, SamplingParams
+from infinichat.engine.grammar import Grammar, check_grammar
+from infinichat.engine.sampling import DRY_BREAKERS, MAX_LOGIT_BIAS, MAX_LOGIT_BIAS_ENTRIES, SamplingParams
 from infinichat.engine.textgen import Generation, stream_text
+from infinichat.errors import InfinichatError
 from infinichat.server.errors import ApiError
+from infinichat.server.openai_fields import refuse_unsupported
 from infinichat.server.sessionops import check_max_tokens, check_stop, checked_id, get_session
 from infinichat.session.limits import MAX_NEW_TOKENS
 
 
 class Msg(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
     role: str
     content: str | list[dict[str, Any]] | None = None
+    name: str | None = None  # passed to the chat template
+    tool_calls: list[dict[str, Any]] | None = None  # an assistant's calls (tools.py)
+    tool_call_id: str | None = None  # a tool message's answer to that call
+    # what OpenAI's own reply message carries, so a client can send a reply back as it got it: null (or, for
+    # annotations, citations of a web search, which have no effect) is accepted; anything else is a 400
+    refusal: str | None = None
+    annotations: list[Any] | None = None
+    audio: None = None
+    function_call: None = None
 
 
 class StreamOptions(BaseModel):
@@ -34,7 +46,9 @@ class StreamOptions(BaseModel):
 
 
 class GenBody(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    """The fields both endpoints share. Every field is in openai_fields.FIELDS; any other is a 400."""
+
+    model_config = ConfigDict(extra="forbid")
     model: str | None = None
     max_tokens: int | None = Field(None)
     max_completion_tokens: int | None = None
@@ -55,6 +69,14 @@ class GenBody(BaseModel):
     dry_sequence_breakers: list[str] = Field(default_factory=lambda: list(DRY_BREAKERS))
     xtc_probability: float = 0.0
     xtc_threshold: float = 0.1
+    top_k: int = 0
+    min_p: float = 0.0
+    repeat_penalty: float = 1.0
+    repeat_last_n: int = 64
+    logit_bias: dict[str, Any] | list[Any] | None = None  # OpenAI: {"id": bias}; llama.cpp: [[id, bias]]
+    response_format: dict[str, Any] | None = None
+    grammar: str | None = None  # llama.cpp: a GBNF grammar
+    json_schema: dict[str, Any] | None = None  # llama.cpp: a JSON schema
     user: str | None = None
 
 
@@ -62,6 +84,23 @@ class ChatBody(GenBody):
     messages: list[Msg]
     logprobs: bool = False
     top_logprobs: int | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    safety_identifier: str | None = None
+    metadata: dict[str, str] | None = None
+    prompt_cache_key: str | None = None
+    # refused unless neutral (openai_fields.py)
+    service_tier: Any = None
+    store: Any = None
+    modalities: Any = None
+    audio: Any = None
+    prediction: Any = None
+    reasoning_effort: Any = None
+    verbosity: Any = None
+    web_search_options: Any = None
+    functions: Any = None
+    function_call: Any = None
 
 
 class CompletionBody(GenBody):
@@ -69,9 +108,88 @@ class CompletionBody(GenBody):
     logprobs: int | None = None
     echo: bool = False
     suffix: str | None = None
+    best_of: Any = None
 
 
-def params_of(body: GenBody, top: int, default_max: int) -> SamplingParams:
+def logit_bias_of(raw: Any) -> tuple[tuple[int, float], ...]:
+    """OpenAI's {"token id": bias}, or llama.cpp's [[id, bias], ...] (bias false: never), as (id, bias) pairs."""
+    if raw is None:
+        return ()
+    accepted = f"an object mapping token ids to numbers in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}]"
+    pairs = list(raw.items()) if isinstance(raw, dict) else raw
+    if not isinstance(pairs, list) or len(pairs) > MAX_LOGIT_BIAS_ENTRIES:
+        raise ApiError(400, f"logit_bias must be {accepted} (at most {MAX_LOGIT_BIAS_ENTRIES})", param="logit_bias")
+    out = []
+    for pair in pairs:
+        if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+            raise ApiError(
+                400, f"logit_bias: {pair!r} is not a (token id, bias) pair; expected {accepted}", "logit_bias"
+            )
+        key, bias = pair
+        tid = int(key) if isinstance(key, str) and key.strip().isdigit() else key
+        if not isinstance(tid, int) or isinstance(tid, bool) or tid < 0:
+            raise ApiError(400, f"logit_bias: key {key!r} is not a token id; expected {accepted}", param="logit_bias")
+        if bias is False:
+            bias = -MAX_LOGIT_BIAS  # llama.cpp: the token never comes
+        if (
+            not isinstance(bias, (int, float))
+            or isinstance(bias, bool)
+            or not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS
+        ):
+            raise ApiError(400, f"logit_bias: the bias {bias!r} of token {tid} is not in [-100, 100]", "logit_bias")
+        out.append((tid, float(bias)))
+    return tuple(out)
+
+
+def grammar_of(body: GenBody, tok) -> Grammar | None:
+    """The grammar the output must follow: response_format (json_object / json_schema), or llama.cpp's grammar
+    (GBNF) or json_schema fields; at most one of them. Checked against the vocabulary here (a 400 if it does not
+    compile)."""
+    given = [n for n in ("response_format", "grammar", "json_schema") if getattr(body, n) is not None]
+    if len(given) > 1:
+        raise ApiError(400, f"give at most one of response_format, grammar and json_schema, got {given}", given[1])
+    g: Grammar | None = None
+    if body.grammar is not None:
+        g, param = Grammar("gbnf", body.grammar), "grammar"
+    elif body.json_schema is not None:
+        g, param = Grammar.json_schema(body.json_schema), "json_schema"
+    elif body.response_format is not None:
+        g, param = _response_format(body.response_format), "response_format"
+    if g is None:
+        return None
+    try:
+        check_grammar(g, tok)
+    except InfinichatError as e:
+        raise ApiError(400, f"{param}: {e}", param=param) from None
+    return g
+
+
+def _response_format(rf: dict[str, Any]) -> Grammar | None:
+    kind = rf.get("type")
+    if kind == "text":
+        return None
+    if kind == "json_object":  # llama.cpp also reads a "schema" here
+        schema = rf.get("schema")
+        return Grammar.json_object() if schema is None else Grammar.json_schema(schema)
+    if kind == "json_schema":
+        spec = rf.get("json_schema")
+        if not isinstance(spec, dict):
+            raise ApiError(
+                400, "response_format.json_schema must be an object: {name, schema, strict}", "response_format"
+            )
+        schema = spec.get("schema", {"type": "object"})
+        if not isinstance(schema, (dict, bool)):
+            raise ApiError(400, "response_format.json_schema.schema must be a JSON schema object", "response_format")
+        return Grammar.json_schema(schema)
+    raise ApiError(
+        400,
+        f"response_format.type {kind!r} is not supported; accepted: text, json_object, json_schema",
+        "response_format",
+    )
+
+
+def params_of(body: GenBody, top: int, default_max: int, tok=None) -> SamplingParams:
+    refuse_unsupported(body, "chat" if isinstance(body, ChatBody) else "completions")
     if body.n != 1:
         raise ApiError(400, f"n={body.n} is not supported: this server returns exactly one choice (n=1)", param="n")
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
@@ -83,10 +201,11 @@ def params_of(body: GenBody, top: int, default_max: int) -> SamplingParams:
         )
     p = SamplingParams(
         temperature=body.temperature,
-        top_k=0,
+        top_k=body.top_k,
         top_p=body.top_p,
-        min_p=0.0,
-        repetition_penalty=1.0,
+        min_p=body.min_p,
+        repetition_penalty=body.repeat_penalty,
+        repeat_last_n=body.repeat_last_n,
         presence_penalty=body.presence_penalty,
         frequency_penalty=body.frequency_penalty,
         dry_multiplier=body.dry_multiplier,
@@ -100,7 +219,13 @@ def params_of(body: GenBody, top: int, default_max: int) -> SamplingParams:
         max_tokens=default_max if max_tokens is None else max_tokens,
         stop=tuple(stop),
         top_logprobs=top,
+        logit_bias=logit_bias_of(body.logit_bias),
+        grammar=grammar_of(body, tok) if tok is not None else None,
     )
+    if tok is not None:
+        bad = [i for i, _ in p.logit_bias if i >= tok.vocab_size]
+        if bad:
+            raise ApiError(400, f"logit_bias: token id {bad[0]} is not in [0, {tok.vocab_size})", param="logit_bias")
     try:
         p.validate()
     except Exception as e:
@@ -127,21 +252,35 @@ def text_of(msg: Msg, i: int) -> str:
     return "".join(parts)
 
 
-def chat_messages(body: ChatBody) -> list[dict]:
+def chat_messages(body: ChatBody, tools: bool = False) -> list[dict]:
+    """The messages as the chat template reads them. `tools`: the request has tools, so `tool` messages and the
+    assistant's `tool_calls` are accepted (server/tools.py)."""
     if not body.messages:
         raise ApiError(400, "messages must hold at least one message", param="messages")
+    roles = ("system", "user", "assistant", "tool") if tools else ("system", "user", "assistant")
     out = []
     for i, m in enumerate(body.messages):
         role = "system" if m.role == "developer" else m.role
-        if role not in ("system", "user", "assistant"):
+        if role not in roles:
+            hint = "" if tools or m.role != "tool" else " (tool messages need the request's tools)"
             raise ApiError(
                 400,
-                f"messages[{i}].role {m.role!r} is not supported; accepted: system, developer, user, assistant",
+                f"messages[{i}].role {m.role!r} is not supported{hint}; accepted: developer, {', '.join(roles)}",
                 param=f"messages.{i}.role",
             )
         if role == "system" and i > 0:
             raise ApiError(400, f"messages[{i}]: a system message is accepted only first", param=f"messages.{i}.role")
-        out.append({"role": role, "content": text_of(m, i)})
+        if m.tool_calls is not None and (not tools or role != "assistant"):
+            raise ApiError(
+                400, f"messages[{i}].tool_calls: only on assistant messages of a request with tools", f"messages.{i}"
+            )
+        if m.refusal is not None:
+            raise ApiError(400, f"messages[{i}].refusal: only null is accepted", param=f"messages.{i}.refusal")
+        d: dict[str, Any] = {"role": role, "content": text_of(m, i)}
+        for k in ("name", "tool_calls", "tool_call_id"):
+            if getattr(m, k) is not None:
+                d[k] = getattr(m, k)
+        out.append(d)
     return out
 
 
@@ -246,6 +385,10 @@ def session_chat(m, sid: str, messages: list[dict], params: SamplingParams, shou
     """Map the chat onto session `sid` (append only what it lacks) and generate the reply. All or nothing: a
     request that fails before its first token leaves the session as it was (or, if it created it, absent)."""
     checked_id(sid)
+    named = [i for i, msg in enumerate(messages) if "name" in msg]
+    if named:  # a session's turns are role and text only
+        i = named[0]
+        raise ApiError(400, f"messages[{i}].name is not supported with X-Session-Id", param=f"messages.{i}.name")
     system = messages[0]["content"] if messages[0]["role"] == "system" else None
     rest = messages[1:] if system is not None else messages
     if not rest:
@@ -261,7 +404,7 @@ def session_chat(m, sid: str, messages: list[dict], params: SamplingParams, shou
                 param="messages",
             )
     else:
-        s = m.create(sid, system_prompt=system)
+        s = m.create(sid, name=sid, system_prompt=system)
     memo = s.memento()
     try:
         check_max_tokens(params.max_tokens, None, "max_tokens")

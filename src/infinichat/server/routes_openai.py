@@ -5,15 +5,26 @@ otherwise the longest cached token prefix of recent requests is reused."""
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
 import time
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
+from infinichat.engine.grammar import check_grammar
+from infinichat.errors import InfinichatError
 from infinichat.server.errors import ApiError, error_body
 from infinichat.server.openai_compat import ChatBody, CompletionBody, anonymous, chat_messages, params_of, session_chat
 from infinichat.server.streaming import collect, open_stream, sse, sse_response
+from infinichat.server.tools import (
+    call_grammar,
+    check_tools,
+    chosen,
+    parse_calls,
+    template_messages,
+    template_reads_tools,
+)
 
 router = APIRouter(prefix="/v1")
 DEFAULT_MAX_TOKENS = 256
@@ -74,7 +85,7 @@ async def _generate(request: Request, body, kind: str):
         if body.top_logprobs is not None and not body.logprobs:
             raise ApiError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
         top = (body.top_logprobs or 0) if body.logprobs else 0
-        messages = chat_messages(body)
+        messages = chat_messages(body, tools=bool(body.tools))
     else:
         if body.echo or body.suffix:
             raise ApiError(400, "echo and suffix are not supported", param="echo" if body.echo else "suffix")
@@ -84,16 +95,23 @@ async def _generate(request: Request, body, kind: str):
             if len(prompt) != 1:
                 raise ApiError(400, f"prompt: exactly one prompt is supported, got {len(prompt)}", param="prompt")
             prompt = prompt[0]
-    params = params_of(body, top, DEFAULT_MAX_TOKENS)
+    params = params_of(body, top, DEFAULT_MAX_TOKENS, tok)
     sid = request.headers.get("x-session-id")
     if sid is not None and kind != "chat":
         raise ApiError(400, "X-Session-Id is supported on /v1/chat/completions only", param="X-Session-Id")
+    tools, mode, render_extra = [], "none", {}
+    if kind == "chat":
+        tools, mode, params = _tools_of(body, tok, params, sid)
+        if tools:
+            messages = template_messages(messages)
+            render_extra = {"tools": tools}
 
     def run(m, job):
         if sid is not None:
             return session_chat(m, sid, messages, params, job.should_stop, st.metrics)
         if kind == "chat":
-            ids = tok.encode(tok.apply_chat_template(messages, add_generation_prompt=True), add_bos=tok.add_bos)
+            text = tok.apply_chat_template(messages, add_generation_prompt=True, **render_extra)
+            ids = tok.encode(text, add_bos=tok.add_bos)
         elif isinstance(prompt, str):
             ids = tok.encode(prompt, add_bos=tok.add_bos, parse_special=False)
         else:
@@ -120,9 +138,27 @@ async def _generate(request: Request, body, kind: str):
     if body.stream:
         include_usage = body.stream_options is not None and body.stream_options.include_usage
         sent = [0]  # characters of completion text streamed so far (text_offset)
+        held: list[str] = []  # with tools: the reply's text, sent once its calls are parsed out
 
         def frame(item):
             done = "done" in item
+            if kind == "chat" and mode != "none":
+                if not done:
+                    held.append(item["text"])
+                    return ""
+                content, calls = parse_calls("".join(held), tools)
+                calls = calls if body.parallel_tool_calls is not False else calls[:1]
+                delta: dict = {"role": "assistant", "content": content}
+                if calls:
+                    delta["tool_calls"] = [{"index": i, **c} for i, c in enumerate(calls)]
+                head = {"id": rid, "object": obj + ".chunk", "created": created, "model": model}
+                head["system_fingerprint"] = fp
+                reason = "tool_calls" if calls else item["done"]
+                out = sse(None, {**head, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]})
+                out += sse(None, {**head, "choices": [{"index": 0, "delta": {}, "finish_reason": reason}]})
+                if include_usage:
+                    out += sse(None, {**head, "choices": [], "usage": usage(item)})
+                return out
             if kind == "chat":
                 lp = body.logprobs and not done and item["token"] is not None
                 choice = {
@@ -166,12 +202,14 @@ async def _generate(request: Request, body, kind: str):
     toks = [i for i in got if "done" not in i and i["token"] is not None]
     if kind == "chat":
         lp = {"content": [_chat_logprobs(tok, i) for i in toks]} if body.logprobs else None
-        choice = {
-            "index": 0,
-            "message": {"role": "assistant", "content": text},
-            "finish_reason": done["done"],
-            "logprobs": lp,
-        }
+        message: dict = {"role": "assistant", "content": text}
+        reason = done["done"]
+        if mode != "none":
+            content, calls = parse_calls(text, tools)
+            calls = calls if body.parallel_tool_calls is not False else calls[:1]
+            if calls:
+                message, reason = {"role": "assistant", "content": content, "tool_calls": calls}, "tool_calls"
+        choice = {"index": 0, "message": message, "finish_reason": reason, "logprobs": lp}
     else:
         choice = {
             "index": 0,
@@ -190,6 +228,37 @@ async def _generate(request: Request, body, kind: str):
             "usage": usage(done),
         }
     )
+
+
+def _tools_of(body: ChatBody, tok, params, sid):
+    """(the tools as the template reads them, the tool_choice mode, the params: constrained to one call when the
+    choice requires one)."""
+    if not body.tools:
+        if body.tool_choice not in (None, "none") or body.parallel_tool_calls is not None:
+            name = "tool_choice" if body.tool_choice not in (None, "none") else "parallel_tool_calls"
+            raise ApiError(400, f"{name} needs tools", param=name)
+        return [], "none", params
+    if sid is not None:
+        raise ApiError(400, "tools are not supported with X-Session-Id (sessions hold plain text turns)", "tools")
+    if not template_reads_tools(tok.chat_template):
+        raise ApiError(
+            400,
+            "tools: this model's chat template has no tool support (it does not read `tools`); "
+            "serve a model whose template does (Qwen 2.5, Hermes, Llama 3.1, ...)",
+            param="tools",
+        )
+    tools = check_tools(body.tools)
+    mode, usable = chosen(tools, body.tool_choice)
+    if mode == "required":
+        if params.grammar is not None:
+            raise ApiError(400, "a required tool call cannot also follow response_format or a grammar", "tool_choice")
+        g = call_grammar(usable)
+        try:
+            check_grammar(g, tok)
+        except InfinichatError as e:
+            raise ApiError(400, f"tools: {e}", param="tools") from None
+        params = dataclasses.replace(params, grammar=g)
+    return tools, mode, params
 
 
 @router.post("/chat/completions")

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, ConfigDict
 
 from infinichat.server.errors import ApiError
-from infinichat.server.sessionops import checked_id, get_session, require_session
+from infinichat.server.sessionops import checked_id, get_session, history_json, require_session
 
 router = APIRouter(prefix="/api")
 
@@ -26,6 +26,8 @@ class CreateBody(Strict):
     card: dict[str, Any] | None = None
     card_png: str | None = None
     settings: dict[str, Any] | None = None
+    lorebook: dict[str, Any] | None = None
+    user_avatar: str | None = None  # base64 PNG / JPEG / GIF / WebP
 
 
 class TurnBody(Strict):
@@ -45,26 +47,34 @@ def _worker(request: Request):
     return request.app.state.worker
 
 
-def _card(body: CreateBody):
-    if body.card is not None and body.card_png is not None:
-        raise ApiError(400, "give either card (JSON) or card_png (base64 PNG), not both", param="card")
-    if body.card_png is None:
-        return body.card
+def b64(value: str | None, param: str, what: str) -> bytes | None:
+    if value is None:
+        return None
+    if value.startswith("data:") and "," in value:  # a data: URL as the page's FileReader gives it
+        value = value.split(",", 1)[1]
     try:
-        return base64.b64decode(body.card_png, validate=True)
+        return base64.b64decode(value, validate=True)
     except (binascii.Error, ValueError):
-        raise ApiError(400, "card_png must be a base64-encoded PNG file", param="card_png") from None
+        raise ApiError(400, f"{param} must be a base64-encoded {what}", param=param) from None
+
+
+def card_of(card: dict | None, card_png: str | None):
+    if card is not None and card_png is not None:
+        raise ApiError(400, "give either card (JSON) or card_png (base64 PNG), not both", param="card")
+    return card if card_png is None else b64(card_png, "card_png", "PNG file")
 
 
 @router.post("/sessions", status_code=201)
 async def create(body: CreateBody, request: Request):
     sid = checked_id(body.id) if body.id is not None else None
-    card = _card(body)
+    card = card_of(body.card, body.card_png)
+    avatar = b64(body.user_avatar, "user_avatar", "image (PNG, JPEG, GIF or WebP)")
 
     def run(m):
         if sid is not None and (sid in m.sessions or m.db.exists(sid)):
             raise ApiError(409, f"a session named {sid!r} already exists", param="id", type="busy")
-        return m.create(sid, body.name, body.system_prompt, card, body.settings).history()
+        s = m.create(sid, body.name, body.system_prompt, card, body.settings, body.lorebook, avatar)
+        return history_json(m, s)
 
     return await _worker(request).acall(run, session=sid)
 
@@ -76,7 +86,7 @@ async def list_sessions(request: Request):
 
 @router.get("/sessions/{sid}")
 async def history(sid: str, request: Request):
-    return await _worker(request).acall(lambda m: get_session(m, sid).history(), session=sid, mutates=False)
+    return await _worker(request).acall(lambda m: history_json(m, get_session(m, sid)), session=sid, mutates=False)
 
 
 @router.get("/sessions/{sid}/kv")
@@ -90,46 +100,46 @@ async def delete(sid: str, request: Request):
     return Response(status_code=204)
 
 
-async def _edit(request: Request, sid: str, action):
+async def edit_session(request: Request, sid: str, action):
     def run(m):
         s = get_session(m, sid)
         with m.atomic(s):  # a failed edit leaves the session as it was
             action(s)
-        return s.history()
+        return history_json(m, s)
 
     return await _worker(request).acall(run, session=checked_id(sid))
 
 
 @router.post("/sessions/{sid}/revert")
 async def revert(sid: str, body: TurnBody, request: Request):
-    return await _edit(request, sid, lambda s: s.revert_to(body.turn))
+    return await edit_session(request, sid, lambda s: s.revert_to(body.turn))
 
 
 @router.post("/sessions/{sid}/select")
 async def select(sid: str, body: SelectBody, request: Request):
-    return await _edit(request, sid, lambda s: s.select(body.turn, body.index))
+    return await edit_session(request, sid, lambda s: s.select(body.turn, body.index))
 
 
 @router.post("/sessions/{sid}/rag")
 async def rag(sid: str, body: TextBody, request: Request):
-    return await _edit(request, sid, lambda s: s.inject_rag(body.text))
+    return await edit_session(request, sid, lambda s: s.inject_rag(body.text))
 
 
 @router.patch("/sessions/{sid}/messages/{turn}")
 async def edit(sid: str, turn: int, body: TextBody, request: Request):
-    return await _edit(request, sid, lambda s: s.edit(turn, body.text))
+    return await edit_session(request, sid, lambda s: s.edit(turn, body.text))
 
 
 @router.delete("/sessions/{sid}/messages/{turn}")
 async def delete_message(sid: str, turn: int, request: Request):
-    return await _edit(request, sid, lambda s: s.delete(turn))
+    return await edit_session(request, sid, lambda s: s.delete(turn))
 
 
 @router.post("/sessions/{sid}/reset")
 async def reset(sid: str, request: Request):
-    return await _edit(request, sid, lambda s: s.reset())
+    return await edit_session(request, sid, lambda s: s.reset())
 
 
 @router.patch("/sessions/{sid}/settings")
 async def settings(sid: str, body: dict[str, Any], request: Request):
-    return await _edit(request, sid, lambda s: s.update_settings(body))
+    return await edit_session(request, sid, lambda s: s.update_settings(body))

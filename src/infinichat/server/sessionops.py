@@ -6,10 +6,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import fields, replace
 
+from infinichat.engine.detok import StreamDecoder
 from infinichat.engine.sampling import SamplingParams
 from infinichat.errors import InfinichatError
 from infinichat.server.errors import ApiError
-from infinichat.session.db import check_session_id
+from infinichat.server.markdown import render_markdown
+from infinichat.session.db import AVATARS, check_session_id
 from infinichat.session.limits import MAX_NEW_TOKENS, MAX_STOP_CHARS, MAX_STOP_STRINGS
 
 KV_EVERY = 16  # a kv event every this many tokens
@@ -75,11 +77,38 @@ def top_json(tok, top) -> list[dict]:
     return [{"token": int(t), "text": tok.decode([int(t)]), "logprob": float(lp)} for t, lp in top]
 
 
+def history_json(m, s) -> dict:
+    """A session's history for the API: each message with its Markdown rendered as sanitized HTML, and the
+    names and avatars the page shows on the messages."""
+    h = s.history()
+    for msg in h["messages"]:
+        msg["html"] = render_markdown(msg["text"])
+    h["name"] = h["name"] or "New chat"
+    h["system_html"] = render_markdown(h["system_prompt"] or "")
+    h["avatars"] = {who: m.db.avatar_path(s.id, who).exists() for who in AVATARS}
+    return h
+
+
 def message_json(s, turn: int | None) -> dict | None:
     if turn is None:
         return None
     msgs = s.history()["messages"]
-    return msgs[turn] if 0 <= turn < len(msgs) else None
+    if not 0 <= turn < len(msgs):
+        return None
+    msgs[turn]["html"] = render_markdown(msgs[turn]["text"])
+    return msgs[turn]
+
+
+def steps_json(tok, steps: list) -> list[dict]:
+    """Stored per-token data of a reply ([token, logprob, top]) as the stream's token events showed it; each
+    token's text is what it added to the decoded text (whole characters, as streamed)."""
+    dec = StreamDecoder(tok, skip_special=True)
+    out = []
+    for token, logprob, top in steps:
+        out.append({"text": dec.push(int(token)), "token": token, "logprob": logprob, "top": top_json(tok, top)})
+    if out:
+        out[-1]["text"] += dec.flush()
+    return out
 
 
 def session_events(s, gen: Iterator, metrics=None) -> Iterator[tuple[str, dict]]:

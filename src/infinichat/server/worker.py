@@ -11,6 +11,12 @@ active streams in batched forward calls of at most `max_batch` sequences, and ea
 claims its logits and samples with its own sampler. Steps that cannot be batched (eviction, attention
 weights) run alone on the generation's turn; sessions join and leave the batch at token boundaries.
 
+Chunked prefill (engine/batch.py `PrefillPacer`): while other streams are generating, a stream's prompt is
+evaluated in calls of at most `prefill_chunk` tokens, and between two calls the worker runs one round of the
+other generating streams (batched as above), so a long prompt does not freeze their output. A stop or a
+disconnect of the prefilling stream is honoured between its calls: the prefill is abandoned (`Cancelled`), and
+the session's all-or-nothing rule puts it back as it was before the request.
+
 Jobs that touch a session carry its id; a second mutating job on a session that has one running is refused
 (`Busy`, 409), and the number of jobs waiting or running is bounded (`QueueFull`, 429). A stream's job can be
 stopped (`should_stop` turns true: the generation ends with finish_reason "cancelled" and its last item is
@@ -31,7 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from infinichat.engine.base import Engine
-from infinichat.engine.batch import DecodeBatcher
+from infinichat.engine.batch import DecodeBatcher, PrefillPacer
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +50,11 @@ class Busy(Exception):
 
 class QueueFull(Exception):
     """Too many jobs waiting or running."""
+
+
+class Cancelled(Exception):
+    """A stream stopped (or abandoned by its client) while its prompt was being evaluated, before any output:
+    the action did not happen."""
 
 
 def _no_sink(item: Any) -> None:
@@ -68,15 +79,24 @@ class Job:
     abandoned: bool = False
     it: Iterator = field(default_factory=lambda: iter(()))  # a stream's items, once started
     offers: list = field(default_factory=list)  # the decode step its generation offered on its last turn
+    started: bool = False  # a stream that has delivered an item (past its prompt)
 
     def should_stop(self) -> bool:
         return self.stop.is_set()
 
 
 class EngineWorker:
-    def __init__(self, manager, max_jobs: int = 64, on_idle: Callable[[Any], None] | None = None, max_batch: int = 8):
+    def __init__(
+        self,
+        manager,
+        max_jobs: int = 64,
+        on_idle: Callable[[Any], None] | None = None,
+        max_batch: int = 8,
+        prefill_chunk: int | None = 256,
+    ):
         """`max_batch`: sequences per batched decode call (1: no batching; an engine that cannot batch, such
-        as the llama.cpp backend, always steps its generations one by one)."""
+        as the llama.cpp backend, always steps its generations one by one). `prefill_chunk`: tokens per prompt
+        call while other streams are generating (None: prompts in the engine's own chunks, no interleaving)."""
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
         self.manager = manager
@@ -85,6 +105,11 @@ class EngineWorker:
         self.batcher: DecodeBatcher | None = None
         if max_batch > 1 and engine is not None and type(engine).decode_rows is not Engine.decode_rows:
             self.batcher = engine.batcher = DecodeBatcher(engine, max_batch)
+        self._current: Job | None = None  # the stream being stepped
+        self._pausing = False  # inside a pause: a prefill there runs in one go
+        if prefill_chunk is not None and engine is not None:
+            engine.pacer = PrefillPacer(prefill_chunk, self._others_waiting, self._pause)
+        self.rounds = 0  # rounds of stream steps run (the pauses' included)
         self.on_idle = on_idle  # called in the worker between rounds (metrics snapshot)
         self._q: queue.Queue[Job | None] = queue.Queue()
         self._lock = threading.Lock()
@@ -102,6 +127,11 @@ class EngineWorker:
     @property
     def depth(self) -> int:
         return self._jobs
+
+    def busy_sessions(self) -> set[str]:
+        """The sessions with a mutating job waiting or running."""
+        with self._lock:
+            return set(self._busy)
 
     def _admit(self, job: Job) -> None:
         with self._lock:
@@ -182,24 +212,71 @@ class EngineWorker:
                     job = self._q.get_nowait()
                 except queue.Empty:
                     job = False
-            b = self.batcher
-            if b is not None:
-                b.take()  # offers made by calls (not generations driven here) are dropped
-                try:
-                    b.run(o for j in self._active if not j.abandoned for o in j.offers)
-                except Exception:  # a failed batched call: each generation runs its own step instead
-                    log.exception("a batched decode step failed")
-            for job in list(self._active):
-                self._step(job)
-                if b is not None:
-                    job.offers = b.take()
-            if b is not None:
-                b.clear()
+            self._round(list(self._active))
             if self.on_idle is not None:
                 try:
                     self.on_idle(self.manager)
                 except Exception:  # metrics must never stop the worker
                     log.exception("on_idle failed")
+
+    def _round(self, jobs: list[Job]) -> None:
+        """One step of each stream: first their offered decode steps in batched calls, then each in turn (it
+        claims its precomputed logits, or runs its own step). A stream that already stepped in a pause of this
+        round (its new offer is waiting) is skipped: it is batched in the next round."""
+        self.rounds += 1
+        b = self.batcher
+        ran: dict[int, list] = {}  # id(job) -> the offers run for it this round
+        if b is not None:
+            b.take()  # offers made by calls (not generations driven here) are dropped
+            for j in jobs:
+                if not j.abandoned and j.offers:
+                    ran[id(j)] = j.offers
+                j.offers = []
+            try:
+                b.run(o for offers in ran.values() for o in offers)
+            except Exception:  # a failed batched call: each generation runs its own step instead
+                log.exception("a batched decode step failed")
+        for job in jobs:
+            if job not in self._active or job.offers:
+                continue
+            outer, self._current = self._current, job
+            try:
+                self._step(job)
+            finally:
+                self._current = outer
+            if b is not None:
+                new = b.take()
+                if not new and job in self._active:  # its turn delivered an event without a step: keep the result
+                    new = [o for o in ran.get(id(job), []) if b.pending(o)]
+                job.offers = new
+        if b is not None:
+            b.clear(keep=[o for j in self._active for o in j.offers])
+
+    # ------------------------------------------------------------------ chunked prefill (the engine's pacer)
+    def _others_waiting(self) -> bool:
+        """Whether streams other than the prefilling one are generating (so its prompt goes in chunks)."""
+        return not self._pausing and any(j.started and j is not self._current for j in self._active)
+
+    def _pause(self) -> None:
+        """Between two prompt calls of the current stream: cancel it if it was stopped, else advance the other
+        generating streams by one round."""
+        job = self._current
+        if job is not None and job.stop.is_set():
+            raise Cancelled(
+                "the request was stopped while its prompt was being evaluated; nothing was changed"
+                if not job.abandoned
+                else "the client went away while its prompt was being evaluated"
+            )
+        if self._pausing:
+            return
+        others = [j for j in self._active if j.started and j is not job]
+        if not others:
+            return
+        self._pausing = True
+        try:
+            self._round(others)
+        finally:
+            self._pausing = False
 
     def _start(self, job: Job) -> None:
         # A job is finished (the session free again) before its client can see the outcome: a client that
@@ -247,6 +324,7 @@ class EngineWorker:
             t = time.monotonic()
             try:
                 job.sink(next(job.it))
+                job.started = True
             except StopIteration:
                 done = True
             except Exception as e:

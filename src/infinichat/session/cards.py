@@ -271,6 +271,11 @@ def save_card(card: CharacterCard, path: str | os.PathLike[str], image_bytes: by
 _MACRO = re.compile(r"\{\{\s*(char|user|original)\s*\}\}|<(bot|user)>", re.IGNORECASE)
 
 
+def substitute(text: str, char: str, user: str) -> str:
+    """`{{char}}` / `{{user}}` (and V1 `<BOT>` / `<USER>`) replaced, in one pass."""
+    return _substitute(text, char, user)
+
+
 def _substitute(text: str, char: str, user: str, original: str | None = None) -> str:
     """Replace the macros in one pass; `{{original}}` only when `original` is given."""
 

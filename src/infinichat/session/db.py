@@ -46,6 +46,13 @@ CREATE TABLE IF NOT EXISTS messages (
 );
 """
 
+# schema changes after the first, in order; PRAGMA user_version counts the ones applied
+MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    # 1: a session's lorebook (per-token top-n probabilities live in each message's JSON, "steps")
+    ("ALTER TABLE sessions ADD COLUMN lorebook TEXT",),
+)
+AVATARS = ("char", "user")  # a session's avatar images: the character card's PNG, the user's picture
+
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -113,6 +120,7 @@ class SessionDB:
             self.conn.execute("PRAGMA synchronous=NORMAL")  # durable across a process crash in WAL mode
             self.conn.execute("PRAGMA foreign_keys=ON")
             self.conn.executescript(SCHEMA)
+            self._migrate()
         except sqlite3.DatabaseError as e:
             raise InfinichatError(f"cannot open the session database {self.path}: {e}") from None
         try:
@@ -122,6 +130,38 @@ class SessionDB:
         if ok is None or ok[0] != "ok":  # served anyway (the damage may spare most sessions), reported by /health
             log.error("the session database %s is damaged: %s", self.path, ok[0] if ok else "no answer")
             self.damage = "the session database is damaged; restore it from a backup or move it away and restart"
+
+    def _migrate(self) -> None:
+        """Bring an older database up to date, one transaction per step (a crash leaves a whole step or none)."""
+        (version,) = self.conn.execute("PRAGMA user_version").fetchone()
+        for i, step in enumerate(MIGRATIONS[version:], start=version + 1):
+            self.conn.execute("BEGIN IMMEDIATE")
+            try:
+                for stmt in step:
+                    self.conn.execute(stmt)
+                self.conn.execute(f"PRAGMA user_version = {i}")
+                self.conn.execute("COMMIT")
+            except BaseException:
+                self.conn.execute("ROLLBACK")
+                raise
+            log.info("session database %s: schema migrated to version %d", self.path, i)
+
+    def avatar_path(self, sid: str, who: str) -> Path:
+        if who not in AVATARS:
+            raise InfinichatError(f"unknown avatar {who!r}; accepted: {', '.join(AVATARS)}")
+        return self.dir / "avatars" / f"{check_session_id(sid)}-{who}"
+
+    @_storage
+    def write_avatar(self, sid: str, who: str, data: bytes | None) -> None:
+        """Store (None: remove) an avatar image; written to a temporary file and renamed (never half-written)."""
+        path = self.avatar_path(sid, who)
+        if data is None:
+            path.unlink(missing_ok=True)
+            return
+        path.parent.mkdir(exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_bytes(data)
+        tmp.replace(path)
 
     @property
     def fault(self) -> str | None:
@@ -141,14 +181,15 @@ class SessionDB:
             try:
                 c.execute(
                     "INSERT INTO sessions (id, name, created, updated, version, system_prompt, card, settings, "
-                    "next_uid, segments) VALUES (:id, :name, :created, :updated, :version, :system_prompt, :card, "
-                    ":settings, :next_uid, :segments) ON CONFLICT(id) DO UPDATE SET name=:name, updated=:updated, "
-                    "version=:version, system_prompt=:system_prompt, card=:card, settings=:settings, "
-                    "next_uid=:next_uid, segments=:segments",
+                    "next_uid, segments, lorebook) VALUES (:id, :name, :created, :updated, :version, :system_prompt, "
+                    ":card, :settings, :next_uid, :segments, :lorebook) ON CONFLICT(id) DO UPDATE SET name=:name, "
+                    "updated=:updated, version=:version, system_prompt=:system_prompt, card=:card, "
+                    "settings=:settings, next_uid=:next_uid, segments=:segments, lorebook=:lorebook",
                     {
                         **row,
                         "updated": time.time(),
                         "card": _dump(row.get("card")),
+                        "lorebook": _dump(row.get("lorebook")),
                         "settings": _dump(row["settings"]),
                         "segments": _dump(row.get("segments")),
                     },
@@ -167,8 +208,8 @@ class SessionDB:
     def load(self, sid: str) -> tuple[dict, list[dict]] | None:
         with self._lock:
             cur = self.conn.execute(
-                "SELECT id, name, created, updated, version, system_prompt, card, settings, next_uid, segments "
-                "FROM sessions WHERE id = ?",
+                "SELECT id, name, created, updated, version, system_prompt, card, settings, next_uid, segments, "
+                "lorebook FROM sessions WHERE id = ?",
                 (sid,),
             )
             r = cur.fetchone()
@@ -193,9 +234,10 @@ class SessionDB:
             "settings",
             "next_uid",
             "segments",
+            "lorebook",
         )
         row = dict(zip(keys, r, strict=True))
-        for k in ("card", "settings", "segments"):
+        for k in ("card", "settings", "segments", "lorebook"):
             try:
                 row[k] = json.loads(row[k]) if row[k] else None
             except (ValueError, TypeError) as e:
@@ -221,6 +263,8 @@ class SessionDB:
         with self._lock:
             self.conn.execute("DELETE FROM sessions WHERE id = ?", (sid,))
         self.kv_path(sid).unlink(missing_ok=True)
+        for who in AVATARS:
+            self.avatar_path(sid, who).unlink(missing_ok=True)
 
     def close(self) -> None:
         with self._lock:

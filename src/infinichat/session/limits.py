@@ -44,3 +44,24 @@ def check_text(text: object, what: str, max_chars: int = MAX_MESSAGE_CHARS, allo
             "send valid Unicode text"
         )
     return text
+
+
+MAX_IMAGE_BYTES = 8 << 20  # an avatar image
+IMAGE_TYPES = {b"\x89PNG\r\n\x1a\n": "image/png", b"\xff\xd8\xff": "image/jpeg", b"GIF8": "image/gif"}
+
+
+def image_type(data: bytes) -> str | None:
+    """The MIME type of a PNG, JPEG, GIF or WebP image by its first bytes, else None."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "image/webp"
+    return next((t for sig, t in IMAGE_TYPES.items() if data.startswith(sig)), None)
+
+
+def check_image(data: object, what: str) -> bytes:
+    if not isinstance(data, (bytes, bytearray)):
+        raise InfinichatError(f"the {what} must be image bytes, got {type(data).__name__}")
+    if len(data) > MAX_IMAGE_BYTES:
+        raise InfinichatError(f"the {what} is {len(data)} bytes; at most {MAX_IMAGE_BYTES >> 20} MiB is accepted")
+    if image_type(bytes(data)) is None:
+        raise InfinichatError(f"the {what} is not an image; accepted: PNG, JPEG, GIF or WebP")
+    return bytes(data)

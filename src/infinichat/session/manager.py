@@ -24,10 +24,12 @@ from infinichat.errors import DamagedSessionError, InfinichatError, OverloadedEr
 from infinichat.session.cards import CharacterCard, load_card
 from infinichat.session.chatformat import ChatFormat
 from infinichat.session.db import SessionDB, check_session_id, damaged
-from infinichat.session.limits import MAX_MESSAGE_CHARS, MAX_NAME_CHARS, check_text
+from infinichat.session.limits import MAX_MESSAGE_CHARS, MAX_NAME_CHARS, check_image, check_text
+from infinichat.session.lore import Lorebook, load_lorebook
 from infinichat.session.prefix_cache import PrefixCache
-from infinichat.session.session import Memento, Message, Session
+from infinichat.session.session import Memento, Message, Session, default_name
 from infinichat.session.settings import MAX_BUDGET, SessionSettings, check_budget
+from infinichat.session.transfer import parse_chat
 
 T = TypeVar("T")
 
@@ -45,6 +47,15 @@ class SpareKV(Protocol):
 
 
 log = logging.getLogger(__name__)
+
+
+def fit_budget(n_system: int, default: int, cap: int) -> int:
+    """A budget for a session whose system part (prompt or card) is `n_system` tokens: the default, or for a
+    long card room for the card and as much conversation again (at least 1024 tokens), in steps of 256,
+    within the server's cap."""
+    need = max(2 * n_system + 1, n_system + 1024)
+    need = -(-need // 256) * 256
+    return max(64, min(cap, max(default, need)))
 
 
 def default_data_dir() -> Path:
@@ -100,9 +111,12 @@ class SessionManager:
         system_prompt: str | None = None,
         card: CharacterCard | dict | bytes | str | None = None,
         settings: dict | None = None,
+        lorebook: Lorebook | dict | str | None = None,
+        user_avatar: bytes | None = None,
     ) -> Session:
         """A new session. All or nothing: if any part fails (a system prompt over the budget, a full disk),
-        nothing of it is left behind, in memory or on disk."""
+        nothing of it is left behind, in memory or on disk. Without a budget in `settings`, a long card gets
+        one that fits it (see `fit_budget`); a PNG card's image becomes the character's avatar."""
         sid = check_session_id(sid) if sid is not None else secrets.token_hex(6)
         if sid in self.sessions or self.db.exists(sid):
             raise InfinichatError(f"a session named {sid!r} already exists")
@@ -110,8 +124,12 @@ class SessionManager:
         st = self.defaults.updated(settings) if settings else self.defaults
         if settings and "budget" in settings:
             check_budget(st.budget, self.max_budget)
+        image = bytes(card) if isinstance(card, (bytes, bytearray)) and bytes(card).startswith(b"\x89PNG") else None
         if card is not None and not isinstance(card, CharacterCard):
             card = load_card(card)
+        if user_avatar is not None:
+            check_image(user_avatar, "user avatar")
+        book = lorebook if isinstance(lorebook, Lorebook) or lorebook is None else load_lorebook(lorebook)
         if system_prompt is not None:
             check_text(system_prompt, "system prompt", MAX_MESSAGE_CHARS)
         if card is not None:
@@ -122,15 +140,84 @@ class SessionManager:
             for i, g in enumerate(card.greetings(st.user_name)):  # a PNG card's JSON may escape lone surrogates
                 check_text(g, f"character card's greeting {i}", MAX_MESSAGE_CHARS)
             check_text(card.post_history(st.user_name), "character card's post-history instructions")
+            if card.character_book:
+                own = load_lorebook(card.character_book, card.name)
+                book = own if book is None else own.merged(book)
+        if not (settings and "budget" in settings):
+            n_sys = len(self.fmt.system_tokens(system_prompt)) if system_prompt else 0
+            st = st.updated({"budget": fit_budget(n_sys, st.budget, self.max_budget)})
         s = self._session(sid, name, system_prompt, st, card, register=False)
+        s.lorebook = book
         try:
             self.sessions[sid] = s
             s.reset()  # system part (from the prefix cache when seen before) and the card's greeting
+            self.db.write_avatar(sid, "char", image)
+            self.db.write_avatar(sid, "user", user_avatar)
             self._enforce_cap(keep=s)
         except BaseException:
             self._forget(sid)
             raise
         return s
+
+    def import_chat(self, data, sid: str | None = None, name: str = "") -> Session:
+        """A new session from an exported chat (see transfer.py), its cache evaluated. All or nothing."""
+        imp = parse_chat(data)
+        known = set(self.defaults.to_json())
+        settings = {k: v for k, v in imp.settings.items() if k in known}
+        if isinstance(settings.get("budget"), int) and settings["budget"] > self.max_budget:
+            del settings["budget"]  # made on a server with a larger cap: a budget that fits is chosen
+        if isinstance(settings.get("dry_sequence_breakers"), list):
+            settings["dry_sequence_breakers"] = tuple(settings["dry_sequence_breakers"])
+        prompt = imp.system_prompt
+        s = self.create(sid, name or imp.name, prompt, imp.card, settings or None, imp.lorebook)
+        try:
+            if imp.card is not None and prompt is not None and prompt != s.system_prompt:
+                s.system_prompt = check_text(prompt, "system prompt", MAX_MESSAGE_CHARS)
+            vocab = getattr(self.tok, "vocab_size", None)
+            for m in imp.messages:
+                m.uid, s.next_uid = s.next_uid, s.next_uid + 1
+                for a in m.alternatives:  # exported tokens are kept only if this tokenizer reads them as the text
+                    if a.tokens is not None and (
+                        (isinstance(vocab, int) and any(not 0 <= t < vocab for t in a.tokens))
+                        or self.tok.decode(a.tokens, skip_special=True) != a.text
+                    ):
+                        a.tokens = None
+            s.messages = imp.messages
+            s.seq = None
+            s.rebuild()
+            if not s.name:
+                first = next((m.text for m in s.messages if m.kind == "user"), "")
+                s.name = default_name(first) if first else ""
+            s._changed()
+        except BaseException:
+            self._forget(s.id)
+            raise
+        return s
+
+    def inspect(self, card=None, system_prompt: str | None = None, user_name: str | None = None) -> dict:
+        """What a create with this card (or system prompt) would get: its token count and the budget."""
+        user = user_name or self.defaults.user_name
+        check_text(user, "user name", 64)
+        info: dict = {"name": None, "greetings": 0, "lore_entries": 0}
+        if card is not None:
+            c = card if isinstance(card, CharacterCard) else load_card(card)
+            system_prompt = c.chat_system_prompt(user)
+            info.update(
+                name=c.char_name,
+                greetings=len(c.greetings(user)),
+                lore_entries=len(load_lorebook(c.character_book).entries) if c.character_book else 0,
+            )
+        if system_prompt is not None:
+            check_text(system_prompt, "system prompt", MAX_MESSAGE_CHARS)
+        n = len(self.fmt.system_tokens(system_prompt)) if system_prompt else 0
+        return {
+            **info,
+            "system_tokens": n,
+            "budget": fit_budget(n, self.defaults.budget, self.max_budget),
+            "default_budget": self.defaults.budget,
+            "max_budget": self.max_budget,
+            "fits": 2 * n < self.max_budget,
+        }
 
     def _forget(self, sid: str) -> None:
         """Remove every trace of a session that failed to be created."""
@@ -261,6 +348,7 @@ class SessionManager:
             "settings": s.settings.to_json(),
             "next_uid": s.next_uid,
             "segments": s.seq.segments.to_json() if s.seq is not None else None,
+            "lorebook": s.lorebook.to_json() if s.lorebook is not None else None,
         }
         # a reply still being generated is saved when it ends, never half-written
         done = [m for m in s.messages if m.alternatives[m.selected].finish_reason != "incomplete" or m.kind == "user"]
@@ -284,6 +372,7 @@ class SessionManager:
             card = load_card(row["card"]) if row["card"] else None
             settings = SessionSettings.from_json(row["settings"] or {})
             s = self._session(sid, row["name"], row["system_prompt"], settings, card, register=False)
+            s.lorebook = load_lorebook(row["lorebook"]) if row.get("lorebook") else None
             s.created = float(row["created"])
             messages = []
             for i, d in enumerate(msgs):

@@ -30,18 +30,22 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from infinichat.engine.textgen import Generation, stream_text
+from infinichat.engine.textgen import Generation, TextChunk, stream_text
 from infinichat.errors import InfinichatError
 from infinichat.kv.quantized import bytes_per_token
 from infinichat.kv.sequence import KVSequence
+from infinichat.session.cards import substitute
 from infinichat.session.chatformat import ChatFormat
-from infinichat.session.limits import MAX_MESSAGE_CHARS, check_text
+from infinichat.session.limits import MAX_MESSAGE_CHARS, MAX_NAME_CHARS, check_text
+from infinichat.session.lore import Lorebook
 from infinichat.session.settings import SessionSettings, check_budget
+from infinichat.session.speakers import speaker_cut
 
 log = logging.getLogger(__name__)
 
 NARRATOR_PREFIX = "Narrator: "
 GENERATED = ("assistant", "narration")  # kinds whose content the model writes
+SPOKEN = ("user", "assistant", "narration")  # kinds a lorebook scans for its keys
 RAG_PREFIX = "Relevant information for the conversation:\n"
 HISTORY_WINDOW = 4  # messages of context for rendering the next one (see _chat_history)
 
@@ -52,6 +56,8 @@ class Alternative:
     tokens: list[int] | None = None  # the reply's tokens as generated (None: tokenize the text)
     finish_reason: str = "stop"
     logprobs: list[float] = field(default_factory=list)
+    # what the user saw while it streamed: per generated token [token, logprob, [[token, logprob], ...top-n]]
+    steps: list[list] = field(default_factory=list)
 
 
 @dataclass
@@ -65,6 +71,7 @@ class Message:
     n_tokens: int = 0  # tokens its segment had when evaluated
     n_header: int = 0
     created: float = field(default_factory=time.time)
+    meta: dict = field(default_factory=dict)  # a lore message: {"entry": id, "name": entry name, "seen": user turn}
 
     @property
     def text(self) -> str:
@@ -82,7 +89,7 @@ class Message:
 
     def copy(self) -> Message:
         """A copy that later in-place edits of this message (text, selection, alternatives) leave alone."""
-        return replace(self, alternatives=[replace(a) for a in self.alternatives])
+        return replace(self, alternatives=[replace(a) for a in self.alternatives], meta=dict(self.meta))
 
     def fingerprint(self) -> tuple:
         """Cheap, changes whenever to_json() would (str hashes are cached by Python)."""
@@ -94,9 +101,16 @@ class Message:
             self.n_tokens,
             self.n_header,
             tuple(
-                (hash(a.text), a.finish_reason, -1 if a.tokens is None else len(a.tokens), len(a.logprobs))
+                (
+                    hash(a.text),
+                    a.finish_reason,
+                    -1 if a.tokens is None else len(a.tokens),
+                    len(a.logprobs),
+                    len(a.steps),
+                )
                 for a in self.alternatives
             ),
+            tuple(sorted(self.meta.items())),
         )
 
     def to_json(self) -> dict:
@@ -109,8 +123,15 @@ class Message:
             "n_tokens": self.n_tokens,
             "n_header": self.n_header,
             "created": self.created,
+            "meta": self.meta,
             "alternatives": [
-                {"text": a.text, "tokens": a.tokens, "finish_reason": a.finish_reason, "logprobs": a.logprobs}
+                {
+                    "text": a.text,
+                    "tokens": a.tokens,
+                    "finish_reason": a.finish_reason,
+                    "logprobs": a.logprobs,
+                    "steps": a.steps,
+                }
                 for a in self.alternatives
             ],
         }
@@ -118,7 +139,13 @@ class Message:
     @classmethod
     def from_json(cls, d: dict) -> Message:
         alts = [
-            Alternative(a["text"], a.get("tokens"), a.get("finish_reason", "stop"), a.get("logprobs") or [])
+            Alternative(
+                a["text"],
+                a.get("tokens"),
+                a.get("finish_reason", "stop"),
+                a.get("logprobs") or [],
+                a.get("steps") or [],
+            )
             for a in d["alternatives"]
         ]
         return cls(
@@ -131,6 +158,7 @@ class Message:
             d.get("n_tokens", 0),
             d.get("n_header", 0),
             d.get("created", 0.0),
+            dict(d.get("meta") or {}),
         )
 
 
@@ -142,6 +170,7 @@ class Memento:
     system_prompt: str | None
     settings: SessionSettings
     card: object
+    lorebook: Lorebook | None
     next_uid: int
     version: int
     messages: list[Message]
@@ -165,6 +194,15 @@ class Event:
     message: Message | None = None
 
 
+def default_name(text: str, words: int = 6, chars: int = 48) -> str:
+    """A readable chat name from a first message: its first words, on one line."""
+    flat = " ".join(text.split())
+    short = " ".join(flat.split(" ")[:words])
+    if len(short) > chars:
+        short = short[:chars].rsplit(" ", 1)[0] or short[:chars]
+    return short + ("…" if len(short) < len(flat) else "") if short else "New chat"
+
+
 class Session:
     def __init__(
         self,
@@ -180,14 +218,16 @@ class Session:
         prefix_cache=None,
         on_change: Callable[[Session], None] | None = None,
         max_budget: int | None = None,
+        lorebook: Lorebook | None = None,
     ):
         self.id = sid
-        self.name = name or sid
+        self.name = name  # "" until set: the first words of the first user message name it (see send)
         self.engine = engine
         self.tok = tokenizer
         self.fmt = chat_format or ChatFormat(tokenizer)
         self.settings = (settings or SessionSettings()).validate()
         self.card = card
+        self.lorebook = lorebook
         self.system_prompt = system_prompt
         self.messages: list[Message] = []
         self.seq: KVSequence | None = None
@@ -215,6 +255,7 @@ class Session:
             self.system_prompt,
             self.settings,
             self.card,
+            self.lorebook,
             self.next_uid,
             self.version,
             [m.copy() for m in self.messages],
@@ -227,11 +268,12 @@ class Session:
         """Back to `memo` (from `memento`). The cache is kept if the failed action left it as it was, else
         dropped: the next use rebuilds it from the restored transcript."""
         same_cache = self.seq is memo.seq and self._seq_state() == memo.seq_state
-        self.name, self.system_prompt, self.settings, self.card = (
+        self.name, self.system_prompt, self.settings, self.card, self.lorebook = (
             memo.name,
             memo.system_prompt,
             memo.settings,
             memo.card,
+            memo.lorebook,
         )
         self.next_uid, self.version, self.messages = memo.next_uid, memo.version, memo.messages
         if same_cache:
@@ -249,7 +291,9 @@ class Session:
             d.pop("alternatives")
             d["turn"] = i
             d["text"] = m.text
-            d["alternatives"] = [{"text": a.text, "finish_reason": a.finish_reason} for a in m.alternatives]
+            d["alternatives"] = [
+                {"text": a.text, "finish_reason": a.finish_reason, "has_steps": bool(a.steps)} for a in m.alternatives
+            ]
             d["complete"] = m.alternatives[m.selected].finish_reason != "incomplete"
             if held is not None:
                 kept = held.get(m.segment_name, 0) if m.in_context else 0
@@ -261,8 +305,24 @@ class Session:
             "name": self.name,
             "system_prompt": self.system_prompt,
             "settings": self.settings.to_json(),
+            "character": self.card.char_name if self.card is not None else None,
+            "lorebook": self.lorebook_summary(),
             "messages": msgs,
             "cache": self.cache_stats(),
+        }
+
+    def lorebook_summary(self) -> dict | None:
+        book = self.lorebook
+        if book is None:
+            return None
+        live = {m.meta.get("entry") for m in self.messages if m.kind == "lore" and m.in_context}
+        return {
+            "name": book.name,
+            "scan_depth": book.scan_depth,
+            "entries": [
+                {"id": e.id, "name": e.name, "keys": e.keys, "constant": e.constant, "active": e.id in live}
+                for e in book.entries
+            ],
         }
 
     def cache_stats(self) -> dict:
@@ -298,11 +358,12 @@ class Session:
                     "bytes": round(len(s) * per_token),
                     "pinned": s.pinned,
                     "turn": turn,
+                    "label": msg.meta.get("name", "") if msg is not None else "",
                     "evicted": max(0, msg.n_tokens - len(s)) if msg is not None else 0,
                 }
             )
         gone = [
-            {"turn": i, "kind": m.kind, "tokens": m.n_tokens}
+            {"turn": i, "kind": m.kind, "tokens": m.n_tokens, "label": m.meta.get("name", "")}
             for i, m in enumerate(self.messages)
             if m.in_context and m.segment_name not in {s.name for s in seq.segments.segments}
         ]
@@ -368,9 +429,15 @@ class Session:
 
     def rebuild(self) -> None:
         """A fresh cache: the system part (from the prefix cache when possible), then every message."""
-        self.seq = seq = self._new_sequence()
+        self.seq = self._new_sequence()
         self._logits = None
         self._eval_system()
+        self._eval_live_messages()
+
+    def _eval_live_messages(self) -> None:
+        """Evaluate the messages in the model's context after the system part (skipping the old ones the
+        policy would evict at once)."""
+        seq = self.kv
         live = [i for i, m in enumerate(self.messages) if m.in_context]
         first = 0
         if seq.policy.drops_tokens:  # skip turns the policy would evict anyway: rebuilds cost O(budget)
@@ -511,15 +578,21 @@ class Session:
         history = seq.token_ids()  # the cache; generate adds the prompt
         result = Generation()
         logprobs: list[float] = []
+        steps: list[list] = []
         alt = m.alternatives[m.selected]
         prior_text = alt.text
+        chunks = stream_text(
+            self.engine, self.tok, seq, prompt, params, history=history, should_stop=should_stop, result=result
+        )
+        if m.kind == "narration":  # a narration ends at a paragraph or where a character starts to speak
+            chunks = self._bounded(chunks, result, ())
         try:
-            for chunk in stream_text(
-                self.engine, self.tok, seq, prompt, params, history=history, should_stop=should_stop, result=result
-            ):
+            for chunk in chunks:
                 if chunk.step is not None:
-                    logprobs.append(chunk.step.logprob)
-                    yield Event("token", chunk.text, chunk.step.token, chunk.step.logprob, chunk.step.top, turn)
+                    st = chunk.step
+                    logprobs.append(st.logprob)
+                    steps.append([int(st.token), float(st.logprob), [[int(t), float(lp)] for t, lp in st.top]])
+                    yield Event("token", chunk.text, st.token, st.logprob, st.top, turn)
                 elif chunk.text:
                     yield Event("token", chunk.text, turn=turn)
         except GeneratorExit:
@@ -530,6 +603,9 @@ class Session:
             alt.finish_reason = result.finish_reason
             alt.logprobs = alt.logprobs + logprobs
             gen = self._tokens_for(result)
+            if [st[0] for st in steps[: len(gen)]] == gen:
+                steps = steps[: len(gen)]  # a stop string or a speaker cut: only the tokens of the kept text
+            alt.steps = alt.steps + steps
             alt.tokens = body + gen
             self._close_reply(m, turn, header, alt.tokens)
             if after is not None:
@@ -537,6 +613,25 @@ class Session:
             self._make_headroom(params.max_tokens)
             self._changed()
         yield Event("done", turn=turn, finish_reason=result.finish_reason, message=m, text=alt.text)
+
+    def _bounded(self, chunks: Iterator[TextChunk], result: Generation, own: tuple[str, ...]) -> Iterator[TextChunk]:
+        """`chunks` up to a paragraph end or another speaker's line (see speakers.py); `result` is cut to match."""
+        try:
+            for chunk in chunks:
+                emitted = len(result.text) - len(chunk.text)
+                cut = speaker_cut(result.text, own)
+                if cut is None:
+                    yield chunk
+                    continue
+                part = result.text[emitted:cut] if cut > emitted else ""
+                result.text = result.text[:cut].rstrip()
+                result.finish_reason = "stop"
+                yield TextChunk(part, chunk.step)
+                return
+        finally:
+            close = getattr(chunks, "close", None)
+            if close is not None:
+                close()
 
     def _tokens_for(self, result: Generation) -> list[int]:
         """The generated tokens that make exactly the final text (a stop string may have cut it)."""
@@ -603,6 +698,9 @@ class Session:
         self.ensure_cache()
         self.messages.append(self._new_message("user", "user", text))
         self._eval_message(len(self.messages) - 1)
+        if not self.name:
+            self.name = default_name(text)
+        self._update_lore()  # entries whose keys just appeared enter the cache, stale ones leave it
         self._changed()  # the user's message is saved before the reply starts
         yield from self._start_reply("assistant", "assistant", params, should_stop)
 
@@ -701,6 +799,7 @@ class Session:
     def narrate(self, params=None, should_stop=None) -> Iterator[Event]:
         """A narration in the narrator's voice; only the last `narrations_kept` stay in the cache."""
         params = params or self.settings.sampling()
+        params = replace(params, max_tokens=min(params.max_tokens, self.settings.narrate_max_tokens))
         params.validate()
         yield from self._start_reply("narration", "system", params, should_stop, after=self._trim_narrations)
 
@@ -717,6 +816,7 @@ class Session:
     def suggest(self, params=None, should_stop=None) -> Iterator[Event]:
         """Draft the user's next message. The cache afterwards is bit-identical to before."""
         params = params or self.settings.sampling()
+        params = replace(params, max_tokens=min(params.max_tokens, self.settings.suggest_max_tokens))
         params.validate()
         seq = self.ensure_cache()
         header = self.fmt.encode_special(self.fmt.pieces(self._chat_history(), "user").header)
@@ -728,7 +828,7 @@ class Session:
         try:
             if len(header) > 1:
                 self.engine.prefill(work, header[:-1])
-            for chunk in stream_text(
+            chunks = stream_text(
                 self.engine,
                 self.tok,
                 work,
@@ -737,7 +837,8 @@ class Session:
                 history=work.token_ids(),
                 should_stop=should_stop,
                 result=result,
-            ):
+            )
+            for chunk in self._bounded(chunks, result, (self.settings.user_name,)):
                 yield Event(
                     "token",
                     chunk.text,
@@ -784,7 +885,7 @@ class Session:
         self._check_text(text)
         m = self.messages[turn]
         alt = m.alternatives[m.selected]
-        alt.text, alt.tokens = text, None
+        alt.text, alt.tokens, alt.steps = text, None, []
         if alt.finish_reason == "incomplete":
             alt.finish_reason = "stop"
         self._repair_from(turn)
@@ -804,8 +905,136 @@ class Session:
         self.messages = []
         self.seq = None
         self.ensure_cache()
+        self._update_lore()  # the book's constant entries
         self._add_greeting()
         self._changed()
+
+    # ------------------------------------------------------------------ lorebook
+    def _update_lore(self) -> None:
+        """Scan the newest messages for the lorebook's keys: entries that match and are not in the cache enter
+        it (one `lore` message each, at the end, in insertion order); entries that have not matched for
+        `lore_ttl` user turns (or that left the book) have their tokens cut out of the cache (the keys after
+        them re-rotated) and stay in the transcript only."""
+        book = self.lorebook
+        active = [m for m in self.messages if m.kind == "lore" and m.in_context]
+        if book is None and not active:
+            return
+        self.ensure_cache()
+        n_user = sum(m.kind == "user" for m in self.messages)
+        recent = [m.text for m in self.messages if m.kind in SPOKEN]
+        hits = book.matching(recent) if book is not None else []
+        hit_ids, ttl = {e.id for e in hits}, self.settings.lore_ttl
+        for m in active:
+            entry = str(m.meta.get("entry"))
+            if self._segment(m) is None:  # evicted by the budget policy: out, free to enter again
+                m.in_context = False
+            elif entry in hit_ids:
+                m.meta["seen"] = n_user
+            elif book is None or book.get(entry) is None or n_user - int(m.meta.get("seen", 0)) >= ttl:
+                self._drop_from_cache(m)
+        present = {str(m.meta.get("entry")) for m in self.messages if m.kind == "lore" and m.in_context}
+        user = self.settings.user_name
+        for e in hits:
+            if e.id in present:
+                continue
+            text = self._render(e.content, user)
+            m = self._new_message("lore", "system", text)
+            m.meta = {"entry": e.id, "name": e.name, "seen": n_user}
+            self.messages.append(m)
+            self._eval_message(len(self.messages) - 1)
+
+    def _render(self, text: str, user: str) -> str:
+        """A lorebook text with `{{char}}` / `{{user}}` filled in."""
+        return substitute(text, self.card.char_name if self.card is not None else "Assistant", user)
+
+    def _drop_from_cache(self, m: Message) -> None:
+        """Cut message m's tokens out of the cache (later keys re-rotated); it stays in the transcript."""
+        seg = self._segment(m)
+        if seg is not None:
+            self.kv.remove_segment(seg.id, recompute=self.settings.lore_recompute)
+            self._logits = None
+        m.in_context = False
+
+    def set_lorebook(self, book: Lorebook | None) -> None:
+        """Attach (or with None, detach) a lorebook: it is scanned from the next message on; entries of the old
+        book that are not in the new one leave the cache now."""
+        self.lorebook = book
+        self._update_lore()
+        self._changed()
+
+    # ------------------------------------------------------------------ names, system prompt
+    def rename(self, name: str) -> None:
+        self.name = check_text(name, "session name", MAX_NAME_CHARS, allow_empty=False).strip() or self.name
+        self._changed()
+
+    def set_system_prompt(self, text: str | None) -> None:
+        """Replace the system prompt (a card's is replaced too); the cache is cut at its first changed token and
+        everything after it is re-evaluated."""
+        if text is not None:
+            self._check_text(text, "system prompt")
+        self._resystem(text or None)
+        self._changed()
+
+    def _resystem(self, text: str | None) -> None:
+        old_ids = self.fmt.system_tokens(self.system_prompt)
+        new_ids = self.fmt.system_tokens(text)
+        self.system_prompt = text
+        seq = self.seq
+        if seq is None:
+            return
+        if len(new_ids) > seq.budget // 2:
+            raise InfinichatError(
+                f"the system prompt is {len(new_ids)} tokens, more than half the budget of {seq.budget}: "
+                "raise the budget or shorten it"
+            )
+        segs = seq.segments.segments
+        sys_seg = segs[0] if segs and segs[0].kind == "system" else None
+        if (sys_seg is None and old_ids) or seq.token_ids()[: len(old_ids)] != old_ids:
+            self.seq = None  # the cache does not start as expected: rebuild it all
+            self.rebuild()
+            return
+        p = 0
+        while p < min(len(old_ids), len(new_ids)) and old_ids[p] == new_ids[p]:
+            p += 1
+        if p == len(old_ids) == len(new_ids):
+            return
+        self._cut(p)  # drops every message segment; keeps the system segment's first p tokens
+        if seq.segments.segments:
+            seq.reopen_segment(seq.segments.segments[0].id)
+        elif new_ids:
+            seq.create_segment("system", "system", pinned=True)
+        if new_ids[p:]:
+            self._logits = self.engine.prefill(seq, new_ids[p:])
+        seq.close_segment()
+        self._eval_live_messages()
+
+    def _rerender_user(self, old: str, new: str) -> int | None:
+        """`{{user}}` became `new`: re-render what a card or lorebook wrote with it (system prompt, greetings,
+        lore entries) where the text is still as rendered for `old`. Returns the first changed turn."""
+        card = self.card
+        first, greeting = None, True
+        for i, m in enumerate(self.messages):
+            greeting = greeting and m.kind != "user"
+            if m.kind == "assistant" and greeting and card is not None:
+                was, now = card.greetings(old), card.greetings(new)
+                for a in m.alternatives:
+                    if a.text in was:
+                        text = now[was.index(a.text)]
+                        if text != a.text:
+                            a.text, a.tokens, a.steps = text, None, []
+                            first = i if first is None else first
+            elif m.kind == "lore" and self.lorebook is not None:
+                e = self.lorebook.get(str(m.meta.get("entry")))
+                if e is not None and m.text == self._render(e.content, old):
+                    text = self._render(e.content, new)
+                    if text != m.text:
+                        m.alternatives[m.selected].text, m.alternatives[m.selected].tokens = text, None
+                        first = i if first is None else first
+        if card is not None and card.post_history(old) != card.post_history(new):  # in every reply's header
+            replies = [i for i, m in enumerate(self.messages) if m.kind == "assistant"]
+            if replies:
+                first = replies[0] if first is None else min(first, replies[0])
+        return first
 
     def _add_greeting(self, index: int = 0) -> None:
         if self.card is None:
@@ -824,6 +1053,18 @@ class Session:
             check_budget(new.budget, self.max_budget)
         old = self.settings
         self.settings = new
+        if new.user_name != old.user_name:
+            first = self._rerender_user(old.user_name, new.user_name)
+            card = self.card
+            prompt = card.chat_system_prompt(new.user_name) if card is not None else self.system_prompt
+            if (
+                card is not None
+                and self.system_prompt == card.chat_system_prompt(old.user_name)
+                and prompt != self.system_prompt
+            ):
+                self._resystem(prompt)  # re-evaluates every message after it too
+            elif first is not None:
+                self._repair_from(first)
         if self.seq is not None and (new.budget, new.policy, new.n_sink) != (old.budget, old.policy, old.n_sink):
             seq = self._new_sequence()
             if self.seq.length <= seq.budget:

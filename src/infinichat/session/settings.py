@@ -44,6 +44,12 @@ class SessionSettings:
     n_sink: int = 4
     narrations_kept: int = 3  # only the last K narrations stay in the cache
     user_name: str = "User"
+    suggest_max_tokens: int = 64  # a suggestion stops here, at a paragraph end or at another speaker's line
+    narrate_max_tokens: int = 160  # a narration likewise
+    lore_ttl: int = 3  # user turns a lorebook entry stays in the cache after its key last appeared
+    # when an entry leaves: re-evaluate the tokens after it (the cache then equals a fresh evaluation), or
+    # only re-rotate them (cheaper; they keep what they attended to, as with an evicted turn)
+    lore_recompute: bool = True
 
     def validate(self) -> SessionSettings:
         self.sampling().validate()
@@ -55,10 +61,16 @@ class SessionSettings:
             raise InfinichatError(f"max_tokens must be an integer in [1, {MAX_NEW_TOKENS}], got {self.max_tokens!r}")
         if self.policy not in POLICIES:
             raise InfinichatError(f"unknown policy {self.policy!r}; accepted: {', '.join(POLICIES)}")
-        for name, lo in (("n_sink", 0), ("narrations_kept", 0)):
+        for name, lo in (("n_sink", 0), ("narrations_kept", 0), ("lore_ttl", 0)):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= 4096:
                 raise InfinichatError(f"{name} must be an integer in [{lo}, 4096], got {v!r}")
+        if not isinstance(self.lore_recompute, bool):
+            raise InfinichatError(f"lore_recompute must be true or false, got {self.lore_recompute!r}")
+        for name in ("suggest_max_tokens", "narrate_max_tokens"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= MAX_NEW_TOKENS:
+                raise InfinichatError(f"{name} must be an integer in [1, {MAX_NEW_TOKENS}], got {v!r}")
         name = self.user_name
         if not isinstance(name, str) or not 1 <= len(name) <= MAX_USER_NAME_CHARS or bad_code_point(name) is not None:
             raise InfinichatError(

@@ -1,5 +1,6 @@
 // HTTP helpers: JSON calls and Server-Sent Events over a fetch POST (EventSource cannot POST).
-// A 401 asks for the API key once (kept in localStorage) and repeats the request.
+// A 401 asks for the API key once (kept in localStorage) and repeats the request; the dialog says "wrong key"
+// when the key sent was refused.
 
 const KEY = "infinichat.apiKey";
 
@@ -18,6 +19,9 @@ function headers(json) {
   return h;
 }
 
+/** Headers that carry the API key, for requests made without `api` (images, downloads). */
+export function authHeaders() { return headers(false); }
+
 async function errorOf(r) {
   let data = null;
   try { data = await r.json(); } catch { /* not JSON */ }
@@ -29,7 +33,7 @@ async function authed(doFetch) {
   for (let attempt = 0; ; attempt++) {
     const r = await doFetch();
     if (r.status !== 401 || attempt >= 3) return r;
-    const key = await askKeyHook();
+    const key = await askKeyHook(localStorage.getItem(KEY) ? "wrong" : "missing"); // a key was sent: it was wrong
     if (!key) return r;
     localStorage.setItem(KEY, key);
   }

@@ -1,8 +1,7 @@
 // infinichat web page: sessions, streaming chat with role-play actions, settings, a token-probability
 // debug view and the live cache map. Plain ES modules, no build step, no network beyond this server.
-import { api, ApiError, onAuthNeeded, stream } from "./api.js";
+import { api, ApiError, authHeaders, onAuthNeeded, stream } from "./api.js";
 import { renderCacheMap } from "./cachemap.js";
-import { renderMarkdown } from "./markdown.js";
 import { attachTip, h, hideTip } from "./tooltip.js";
 
 const $ = (id) => document.getElementById(id);
@@ -11,6 +10,7 @@ const PLACEHOLDER = matchMedia("(max-width: 600px)").matches ? "Message…"
   : "Message…  (Enter sends · Shift+Enter new line · Ctrl+Enter retries)";
 const INT_FIELDS = new Set([
   "top_k", "seed", "max_tokens", "budget", "n_sink", "narrations_kept", "dry_allowed_length", "dry_penalty_last_n",
+  "lore_ttl", "suggest_max_tokens", "narrate_max_tokens",
 ]);
 const FLOAT_FIELDS = new Set([
   "temperature", "top_p", "min_p", "repetition_penalty", "dry_multiplier", "dry_base", "xtc_probability",
@@ -25,7 +25,8 @@ const state = {
   kv: null,        // its last cache map
   live: null,      // the generation in progress: {mode, kind, turn, text, toks, el, userText}
   ctrl: null,      // AbortController of the running stream
-  tokens: new Map(), // "uid:alt" -> {text, toks}: per-token data of replies generated on this page
+  tokens: new Map(), // "uid:alt" -> {text, toks}: per-token data of replies (streamed here, or stored: /tokens)
+  avatars: {},     // "char" / "user" -> object URL of the current session's avatar images
   debug: localStorage.getItem("infinichat.debug") === "1",
   zoom: localStorage.getItem("infinichat.zoom") === "1", // cache map scaled to the used tokens
 };
@@ -56,9 +57,13 @@ function probColor(p, alpha) {
 
 // ------------------------------------------------------------------ API key
 let keyAsked = null; // one prompt, however many requests got a 401 meanwhile
-onAuthNeeded(() => keyAsked || (keyAsked = new Promise((resolve) => {
+onAuthNeeded((why) => keyAsked || (keyAsked = new Promise((resolve) => {
   const dlg = $("dlg-key");
   $("key-input").value = "";
+  $("key-msg").textContent = why === "wrong"
+    ? "Wrong key: the server refused it. Enter the API key again."
+    : "This server needs an API key.";
+  $("key-msg").classList.toggle("error", why === "wrong");
   dlg.onclose = () => { keyAsked = null; resolve($("key-input").value.trim() || null); };
   dlg.showModal();
 })));
@@ -84,7 +89,7 @@ function renderSessionList() {
     const when = s.updated ? ago(s.updated) : null;
     return h("li", { class: s.id === sid() ? "active" : "", "data-id": s.id },
       h("button", { class: "s-open", onclick: () => { openSession(s.id); closeSidebar(); } },
-        h("span", { class: "s-name" }, s.name || s.id),
+        h("span", { class: "s-name" }, s.name || "New chat"),
         h("span", { class: "s-meta" },
           h("span", { class: s.resident ? "res on" : "res", title: s.resident ? "cache in memory" : "cache on disk" }),
           `${s.messages} msg${s.messages === 1 ? "" : "s"}`, when ? ` · ${when}` : "")),
@@ -94,7 +99,7 @@ function renderSessionList() {
 }
 
 async function deleteSession(id, name) {
-  if (!confirm(`Delete the chat "${name || id}"? This cannot be undone.`)) return;
+  if (!confirm(`Delete the chat "${name || "New chat"}"? This cannot be undone.`)) return;
   try {
     await api("DELETE", `/api/sessions/${enc(id)}`);
     if (id === sid()) { state.cur = null; state.kv = null; location.hash = ""; render(); }
@@ -105,6 +110,7 @@ async function deleteSession(id, name) {
 async function openSession(id) {
   try {
     state.cur = await api("GET", `/api/sessions/${enc(id)}`);
+    await loadAvatars();
     if (location.hash !== `#s=${enc(id)}`) history.replaceState(null, "", `#s=${enc(id)}`);
     setStatus("");
     render();
@@ -115,6 +121,20 @@ async function openSession(id) {
     showError(e);
   } finally {
     markDone();
+  }
+}
+
+/** The session's avatar images as object URLs (fetched with the API key, which an <img src> cannot send). */
+async function loadAvatars() {
+  for (const url of Object.values(state.avatars)) URL.revokeObjectURL(url);
+  state.avatars = {};
+  const cur = state.cur;
+  for (const who of ["char", "user"]) {
+    if (!cur || !cur.avatars || !cur.avatars[who]) continue;
+    try {
+      const r = await fetch(`/api/sessions/${enc(cur.id)}/avatar/${who}`, { headers: authHeaders() });
+      if (r.ok) state.avatars[who] = URL.createObjectURL(await r.blob());
+    } catch (e) { console.warn("avatar", e); }
   }
 }
 
@@ -151,13 +171,60 @@ function readFile(file, how) {
   });
 }
 
+let lorePayload = null; // a parsed lorebook JSON
+let avatarPayload = null; // a data: URL
+
+/** Ask the server what the card (or system prompt) costs and which budget a chat with it gets. */
+let inspectSeq = 0;
+async function inspectCard() {
+  const f = $("new-form");
+  const body = cardPayload ? { ...cardPayload } : { system_prompt: f.system_prompt.value.trim() || null };
+  const user = f.user_name.value.trim();
+  if (user) body.user_name = user;
+  const seq = ++inspectSeq;
+  const hint = $("budget-hint");
+  try {
+    const info = await api("POST", "/api/cards/inspect", body);
+    if (seq !== inspectSeq) return;
+    f.budget.placeholder = `auto: ${info.budget}`;
+    f.budget.max = info.max_budget;
+    hint.replaceChildren(
+      h("b", {}, `${info.system_tokens.toLocaleString("en-US")} tokens`), cardPayload ? " in the card" : " in the system prompt",
+      ` · the budget adapts: ${info.budget.toLocaleString("en-US")} (server cap ${info.max_budget.toLocaleString("en-US")})`,
+      info.lore_entries ? ` · ${info.lore_entries} lorebook ${info.lore_entries === 1 ? "entry" : "entries"}` : "",
+      info.fits ? "" : h("div", { class: "error" }, "Too long for this server: the card must be under half the budget cap."));
+    hint.dataset.tokens = String(info.system_tokens);
+    const label = $("card-preview").querySelector("img + span");
+    if (label && info.name) label.textContent = info.name; // a PNG card: its character's name
+  } catch (e) {
+    if (seq === inspectSeq) hint.replaceChildren(h("span", { class: "error" }, e.message));
+  }
+}
+let inspectTimer = null;
+const inspectSoon = () => { clearTimeout(inspectTimer); inspectTimer = setTimeout(inspectCard, 300); };
+$("new-form").system_prompt.addEventListener("input", inspectSoon);
+$("new-form").user_name.addEventListener("input", inspectSoon);
+
+$("lore-file").addEventListener("change", async (e) => {
+  lorePayload = null;
+  const file = e.target.files[0];
+  if (!file) return;
+  try { lorePayload = JSON.parse(await readFile(file, "text")); } catch (err) {
+    $("new-msg").textContent = `That file is not a lorebook (JSON): ${err.message}`;
+  }
+});
+$("avatar-file").addEventListener("change", async (e) => {
+  const file = e.target.files[0];
+  avatarPayload = file ? await readFile(file, "url") : null;
+});
+
 $("card-file").addEventListener("change", async (e) => {
   const file = e.target.files[0];
   const prev = $("card-preview");
   cardPayload = null;
   $("new-msg").textContent = "";
   prev.replaceChildren();
-  if (!file) return;
+  if (!file) { inspectSoon(); return; }
   try {
     const isPng = file.type === "image/png" || /\.png$/i.test(file.name);
     if (isPng) {
@@ -171,6 +238,7 @@ $("card-file").addEventListener("change", async (e) => {
       prev.replaceChildren(h("div", {}, h("b", {}, d.name || file.name),
         h("div", { class: "muted clamp" }, (d.description || "").slice(0, 240))));
     }
+    await inspectCard();
   } catch (err) {
     $("new-msg").textContent = `That file is not a character card: ${err.message}`;
   }
@@ -179,9 +247,15 @@ $("card-file").addEventListener("change", async (e) => {
 function openNewDialog() {
   $("new-form").reset();
   cardPayload = null;
+  lorePayload = null;
+  avatarPayload = null;
   $("card-preview").replaceChildren();
+  $("budget-hint").replaceChildren();
   $("new-msg").textContent = "";
+  const last = localStorage.getItem("infinichat.userName");
+  if (last) $("new-form").user_name.value = last;
   $("dlg-new").showModal();
+  inspectCard();
 }
 
 $("btn-create").addEventListener("click", async (e) => {
@@ -193,6 +267,17 @@ $("btn-create").addEventListener("click", async (e) => {
   if (name) body.name = name;
   if (cardPayload) Object.assign(body, cardPayload);
   else if (sys) body.system_prompt = sys;
+  const settings = {};
+  const user = f.user_name.value.trim();
+  if (user) { settings.user_name = user; localStorage.setItem("infinichat.userName", user); }
+  if (f.budget.value.trim()) {
+    const b = Number(f.budget.value);
+    if (!Number.isInteger(b)) { $("new-msg").textContent = "The budget must be a whole number of tokens"; return; }
+    settings.budget = b;
+  }
+  if (Object.keys(settings).length) body.settings = settings;
+  if (lorePayload) body.lorebook = lorePayload;
+  if (avatarPayload) body.user_avatar = avatarPayload;
   try {
     const hist = await api("POST", "/api/sessions", body);
     $("dlg-new").close();
@@ -213,6 +298,7 @@ function render() {
   $("composer").hidden = !cur;
   $("session-title").textContent = cur ? cur.name : "";
   if (!cur) {
+    if (!$("settings").hidden) fillChatForm();
     $("messages").replaceChildren();
     $("system-box").hidden = true;
     $("cachemap").hidden = true;
@@ -220,9 +306,11 @@ function render() {
   }
   const sys = cur.system_prompt || "";
   $("system-box").hidden = !sys;
-  $("system-text").innerHTML = renderMarkdown(sys); // escaped first, see markdown.js
+  $("system-text").innerHTML = cur.system_html || ""; // rendered and sanitized on the server (nh3)
+  enhanceCode($("system-text"));
   renderMessages();
   fillSettings();
+  if (!$("settings").hidden) fillChatForm();
   updateButtons();
 }
 
@@ -230,12 +318,54 @@ function whoOf(m) {
   if (m.kind === "user") return (state.cur.settings && state.cur.settings.user_name) || "You";
   if (m.kind === "narration") return "Narrator";
   if (m.kind === "rag") return "Retrieved";
-  return "Assistant";
+  if (m.kind === "lore") return "World info";
+  return state.cur.character || "Assistant";
+}
+
+/** The round picture beside a name: the card's image / the user's avatar, else the name's initial. */
+function avatarEl(m) {
+  const who = m.kind === "user" ? "user" : m.kind === "assistant" ? "char" : null;
+  const name = whoOf(m);
+  const url = who && state.avatars[who];
+  if (url) return h("img", { class: `avatar av-${who}`, src: url, alt: "" });
+  return h("span", { class: `avatar initial av-${who || m.kind}`, "aria-hidden": "true" }, (name.trim()[0] || "?").toUpperCase());
+}
+
+/** Code blocks of rendered Markdown get a copy button. */
+function enhanceCode(root) {
+  for (const pre of root.querySelectorAll("pre")) {
+    if (pre.querySelector(".copy")) continue;
+    const btn = h("button", { class: "copy", type: "button", title: "Copy the code" }, "Copy");
+    btn.addEventListener("click", async () => {
+      const code = pre.querySelector("code");
+      const text = code ? code.textContent : pre.textContent;
+      try { await navigator.clipboard.writeText(text); btn.textContent = "Copied"; } catch { btn.textContent = "Copy failed"; }
+      setTimeout(() => { btn.textContent = "Copy"; }, 1500);
+    });
+    pre.append(btn);
+  }
 }
 
 function tokenEntry(m) {
   const e = state.tokens.get(`${m.uid}:${m.selected}`);
   return e && e.text === m.text ? e : null;
+}
+
+/** The stored per-token data of a reply generated before this page was opened (GET .../tokens). */
+const tokenLoads = new Set();
+async function loadTokens(m, i) {
+  const key = `${state.cur.id}:${m.uid}:${m.selected}`;
+  if (tokenLoads.has(key)) return;
+  tokenLoads.add(key);
+  try {
+    const t = await api("GET", path(`/messages/${i}/tokens?alt=${m.selected}`));
+    const joined = t.tokens.map((x) => x.text).join("");
+    if (t.tokens.length && t.text.endsWith(joined)) { // an edited-then-continued reply: its start is plain text
+      const head = t.text.slice(0, t.text.length - joined.length);
+      state.tokens.set(`${m.uid}:${m.selected}`, { text: t.text, toks: head ? [{ plain: true, text: head }, ...t.tokens] : t.tokens });
+      if (!state.live) renderMessages();
+    }
+  } catch (e) { console.warn("tokens", e); }
 }
 
 /** The debug view of a reply: one span per token, coloured by exp(logprob); hover/tap for the top 5. */
@@ -269,10 +399,13 @@ function topView(t) {
     })) : h("div", { class: "muted" }, "no alternatives recorded"));
 }
 
-function bodyFor(text, toks, kind) {
+/** A message body: the debug token view; the server's sanitized HTML for a finished message; plain text while
+ * a reply streams (replaced by the rendered HTML at "done"). */
+function bodyFor(text, toks, kind, html) {
   const body = h("div", { class: "msg-body" });
   if (state.debug && toks && kind !== "user") body.append(tokenView(toks));
-  else { body.classList.add("md"); body.innerHTML = renderMarkdown(text); } // escaped first, see markdown.js
+  else if (typeof html === "string") { body.classList.add("md"); body.innerHTML = html; enhanceCode(body); }
+  else { body.classList.add("plain"); body.textContent = text; }
   return body;
 }
 
@@ -284,7 +417,20 @@ function cacheBadge(m) {
   return h("span", { class: "badge", title: "Tokens this message holds in the cache" }, `${m.n_tokens} tok`);
 }
 
+function loreEl(m, i) {
+  const inCache = m.in_context && m.tokens_in_cache !== 0;
+  const el = h("div", { class: `msg k-lore lore-chip${inCache ? "" : " forgotten"}`, "data-turn": i, "data-uid": m.uid },
+    h("span", { class: "lore-icon", "aria-hidden": "true" }, "§"),
+    h("b", { class: "lore-name" }, (m.meta && m.meta.name) || "World info"),
+    h("span", { class: "muted" }, inCache ? ` entered the model's memory · ${m.n_tokens} tok` : " left the model's memory"),
+    h("span", { class: "turn" }, `#${i}`));
+  attachTip(el, () => h("div", { class: "tip-seg" }, h("div", { class: "tip-title k-lore" }, h("span", { class: "sw" }), "Lorebook entry"),
+    h("div", { class: "lore-text" }, m.text.slice(0, 400))));
+  return el;
+}
+
 function msgEl(m, i, last) {
+  if (m.kind === "lore") return loreEl(m, i);
   const n = m.alternatives ? m.alternatives.length : 1;
   const gen = m.kind === "assistant" || m.kind === "narration";
   const entry = tokenEntry(m);
@@ -299,22 +445,27 @@ function msgEl(m, i, last) {
     h("button", { class: "alt-next", title: m.selected + 1 < n ? "Next alternative" : "Generate another alternative",
       "aria-label": "Next alternative", disabled: (m.selected + 1 >= n && !last) || !!state.live,
       onclick: () => (m.selected + 1 < n ? select(i, m.selected + 1) : retry()) }, "›")) : null;
-  const finish = m.alternatives && m.alternatives[m.selected] && m.alternatives[m.selected].finish_reason;
+  const alt = m.alternatives && m.alternatives[m.selected];
+  const finish = alt && alt.finish_reason;
+  if (state.debug && gen && !entry && alt && alt.has_steps && typeof m.uid === "number") loadTokens(m, i);
   el.append(...[
     h("div", { class: "msg-head" },
+      avatarEl(m),
       h("span", { class: "who" }, whoOf(m)),
       h("span", { class: "turn" }, `#${i}`),
       cacheBadge(m),
       finish && finish !== "stop" && finish !== "eos" ? h("span", { class: "badge fin", title: "finish reason" }, finish) : null,
       h("span", { class: "spacer" }),
-      alts),
-    bodyFor(m.text, entry && entry.toks, m.kind),
-    entry && state.debug ? debugFoot(entry.toks) : null,
-    h("div", { class: "msg-actions" },
-      h("button", { class: "act-revert", title: "Drop every message after this one", disabled: last || !!state.live,
-        onclick: () => revert(i + 1) }, "Revert to here"),
-      h("button", { class: "act-edit", disabled: !!state.live, onclick: () => startEdit(el, m, i) }, "Edit"),
-      h("button", { class: "act-delete", disabled: !!state.live, onclick: () => del(i) }, "Delete"))].filter(Boolean));
+      alts,
+      typeof m.uid === "number" ? h("span", { class: "msg-actions" },
+        h("button", { class: "act-revert", title: "Revert to here: drop every message after this one", "aria-label": "Revert to here",
+          disabled: last || !!state.live, onclick: () => revert(i + 1) }, "⤺", h("span", { class: "lbl" }, " Revert")),
+        h("button", { class: "act-edit", title: "Edit this message", "aria-label": "Edit", disabled: !!state.live,
+          onclick: () => startEdit(el, m, i) }, "✎", h("span", { class: "lbl" }, " Edit")),
+        h("button", { class: "act-delete", title: "Delete this message", "aria-label": "Delete", disabled: !!state.live,
+          onclick: () => del(i) }, "✕", h("span", { class: "lbl" }, " Delete"))) : null),
+    bodyFor(m.text, entry && entry.toks, m.kind, m.html),
+    entry && state.debug ? debugFoot(entry.toks) : null].filter(Boolean));
   return el;
 }
 
@@ -331,6 +482,7 @@ function liveEl() {
   const m = { kind: L.kind, uid: "live", in_context: true };
   const el = h("div", { class: `msg k-${L.kind} live`, "data-turn": L.turn ?? "" },
     h("div", { class: "msg-head" },
+      avatarEl(m),
       h("span", { class: "who" }, whoOf(m)),
       L.turn !== null && L.turn !== undefined ? h("span", { class: "turn" }, `#${L.turn}`) : null,
       h("span", { class: "badge gen" }, h("span", { class: "pulse" }), L.mode === "continue" ? "continuing" : "generating")));
@@ -347,7 +499,7 @@ function paintLive() {
   if (!L || !L.body) return;
   if (L.text) L.paints = (L.paints || 0) + 1;
   const fresh = bodyFor(L.text, L.toks, L.kind);
-  const tokens = fresh.querySelector(".tokens"); // Markdown bodies get a CSS caret instead
+  const tokens = fresh.querySelector(".tokens") || (fresh.classList.contains("plain") ? fresh : null);
   if (tokens) tokens.append(h("span", { class: "caret" }));
   L.body.replaceWith(fresh);
   L.body = fresh;
@@ -471,8 +623,11 @@ async function generate(mode, url, body, kind) {
   state.ctrl = null;
   if (mode === "suggest") {
     $("input").placeholder = PLACEHOLDER;
-    if (done && typeof done.text === "string") $("input").value = done.text;
-    else if (failed) $("input").value = L.before;
+    if (done && typeof done.text === "string") {
+      $("input").value = done.text;
+      state.suggestion = { before: L.before, text: done.text };
+      $("suggest-bar").hidden = false;
+    } else if (failed) $("input").value = L.before;
     autosize();
     $("input").focus();
   }
@@ -494,7 +649,23 @@ async function generate(mode, url, body, kind) {
   return done;
 }
 
+function endSuggestion() { state.suggestion = null; $("suggest-bar").hidden = true; }
+$("btn-sug-send").addEventListener("click", () => send());
+$("btn-sug-edit").addEventListener("click", () => {
+  const ta = $("input");
+  ta.focus();
+  ta.setSelectionRange(ta.value.length, ta.value.length);
+  $("suggest-bar").hidden = true; // still in the box, now the user's own draft
+});
+$("btn-sug-discard").addEventListener("click", () => {
+  $("input").value = state.suggestion ? state.suggestion.before : "";
+  endSuggestion();
+  autosize();
+  $("input").focus();
+});
+
 function send() {
+  endSuggestion();
   const input = $("input");
   const text = input.value;
   if (!text.trim() || state.live || !state.cur) return;
@@ -606,12 +777,113 @@ $("settings-form").addEventListener("submit", async (e) => {
   }
 });
 
+function fillChatForm() {
+  const cur = state.cur;
+  $("settings-empty").hidden = !!cur;
+  $("chat-form").hidden = !cur;
+  $("settings-form").hidden = !cur;
+  if (!cur) {
+    const info = state.info || {};
+    const d = info.defaults || {};
+    $("server-info").replaceChildren(...[["Model", info.label || info.model], ["Backend", info.backend],
+      ["Default budget", d.budget && `${d.budget} tokens`], ["Default policy", d.policy]]
+      .filter(([, v]) => v).flatMap(([k, v]) => [h("dt", {}, k), h("dd", {}, String(v))]));
+    return;
+  }
+  const f = $("chat-form");
+  if (document.activeElement !== f.chat_name) f.chat_name.value = cur.name || "";
+  if (document.activeElement !== f.chat_system) f.chat_system.value = cur.system_prompt || "";
+  const lb = cur.lorebook;
+  const n = lb ? lb.entries.length : 0;
+  $("lore-info").textContent = lb ? `· ${lb.name || "attached"}: ${n} ${n === 1 ? "entry" : "entries"}, ${lb.entries.filter((e) => e.active).length} in memory` : "· none";
+  $("btn-lore-detach").disabled = !lb;
+}
+
 function toggleSettings(open) {
   const panel = $("settings");
   panel.hidden = open === undefined ? !panel.hidden : !open;
   document.body.classList.toggle("settings-open", !panel.hidden);
-  if (!panel.hidden) { fillSettings(); $("settings-msg").textContent = ""; }
+  if (!panel.hidden) { fillChatForm(); fillSettings(); $("settings-msg").textContent = ""; $("chat-msg").textContent = ""; }
 }
+$("btn-new-settings").addEventListener("click", () => { toggleSettings(false); openNewDialog(); });
+
+async function chatChange(method, suffix, body, okText) {
+  const msg = $("chat-msg");
+  try {
+    state.cur = await api(method, path(suffix), body);
+    await loadAvatars();
+    msg.textContent = okText;
+    msg.className = "form-msg ok";
+    render();
+    fillChatForm();
+    await refreshKv();
+    loadSessions().catch(() => {});
+  } catch (err) {
+    msg.textContent = err.message;
+    msg.className = "form-msg error";
+  } finally { markDone(); }
+}
+
+$("chat-form").addEventListener("submit", (e) => {
+  e.preventDefault();
+  if (!state.cur) return;
+  const f = e.target;
+  const body = {};
+  if (f.chat_name.value.trim() !== (state.cur.name || "")) body.name = f.chat_name.value.trim();
+  if (f.chat_system.value !== (state.cur.system_prompt || "")) body.system_prompt = f.chat_system.value || null;
+  if (!Object.keys(body).length) { $("chat-msg").textContent = "Nothing changed"; $("chat-msg").className = "form-msg"; return; }
+  chatChange("PATCH", "", body, `Saved: ${Object.keys(body).map((k) => k.replace("_", " ")).join(", ")}`);
+});
+$("lore-attach").addEventListener("change", async (e) => {
+  const file = e.target.files[0];
+  if (!file || !state.cur) return;
+  let book;
+  try { book = JSON.parse(await readFile(file, "text")); } catch (err) {
+    $("chat-msg").textContent = `Not a lorebook (JSON): ${err.message}`; $("chat-msg").className = "form-msg error"; return;
+  }
+  e.target.value = "";
+  chatChange("PUT", "/lorebook", { lorebook: book }, `Lorebook attached: ${file.name}`);
+});
+$("btn-lore-detach").addEventListener("click", () => chatChange("PUT", "/lorebook", { lorebook: null }, "Lorebook detached"));
+$("avatar-attach").addEventListener("change", async (e) => {
+  const file = e.target.files[0];
+  if (!file || !state.cur) return;
+  const url = await readFile(file, "url");
+  e.target.value = "";
+  chatChange("PUT", "/avatar/user", { image: url }, "Avatar saved");
+});
+
+async function exportChat(format) {
+  try {
+    const r = await fetch(path(`/export?format=${format}`), { headers: authHeaders() });
+    if (!r.ok) throw new ApiError(`export failed: ${r.status}`, r.status);
+    const blob = await r.blob();
+    const a = h("a", { href: URL.createObjectURL(blob), download: `${(state.cur.name || "chat").replace(/[^\w .-]+/g, "_")}.${format}` });
+    document.body.append(a);
+    a.click();
+    a.remove();
+    setTimeout(() => URL.revokeObjectURL(a.href), 5000);
+    $("chat-msg").textContent = `Exported as .${format}`;
+    $("chat-msg").className = "form-msg ok";
+  } catch (e) { $("chat-msg").textContent = e.message; $("chat-msg").className = "form-msg error"; } finally { markDone(); }
+}
+$("btn-export-json").addEventListener("click", () => exportChat("json"));
+$("btn-export-jsonl").addEventListener("click", () => exportChat("jsonl"));
+
+$("btn-import").addEventListener("click", () => $("import-file").click());
+$("import-file").addEventListener("change", async (e) => {
+  const file = e.target.files[0];
+  if (!file) return;
+  e.target.value = "";
+  try {
+    const text = await readFile(file, "text");
+    const hist = await api("POST", "/api/sessions/import", { data: text });
+    await loadSessions();
+    closeSidebar();
+    await openSession(hist.id);
+    setStatus(`Imported ${file.name}: ${hist.messages.length} messages`);
+  } catch (err) { showError(err); markDone(); }
+});
 $("btn-settings").addEventListener("click", () => toggleSettings());
 $("btn-settings-close").addEventListener("click", () => toggleSettings(false));
 
@@ -669,7 +941,8 @@ async function start() {
   $("input").placeholder = PLACEHOLDER;
   try {
     state.info = await api("GET", "/api/info");
-    $("model-name").textContent = state.info.model || "";
+    $("model-name").textContent = state.info.label || state.info.model || "";
+    $("model-name").title = `Model: ${state.info.model || ""} (${state.info.backend || ""})`;
   } catch (e) { showError(e); }
   try {
     await loadSessions();

@@ -6,7 +6,7 @@ import { attachTip, h } from "./tooltip.js";
 
 export const KIND_LABEL = {
   system: "System / card", user: "User turn", assistant: "Reply", narration: "Narration",
-  rag: "RAG", scratch: "Scratch (suggestion)",
+  rag: "RAG", lore: "Lore (world info)", scratch: "Scratch (suggestion)",
 };
 const fmt = (n) => Number(n ?? 0).toLocaleString("en-US");
 const fmtBytes = (n) => (n >= 1 << 20 ? `${(n / (1 << 20)).toFixed(1)} MiB` : `${((n ?? 0) / 1024).toFixed(1)} KiB`);
@@ -15,6 +15,7 @@ function segTip(seg, budget) {
   return () => {
     const rows = [
       ["Segment", KIND_LABEL[seg.kind] || seg.kind],
+      ...(seg.label ? [["Entry", seg.label]] : []),
       ["Turn", seg.turn === null || seg.turn === undefined ? (seg.kind === "system" ? "— (pinned)" : "—") : `#${seg.turn}`],
       ["In memory", `${fmt(seg.tokens)} tokens (${((100 * seg.tokens) / budget).toFixed(1)}% of the budget)`],
     ];
@@ -43,10 +44,12 @@ export function renderCacheMap(kv, zoom, onPick) {
     if (!seg.tokens) continue;
     kinds.add(seg.kind);
     const pct = (100 * seg.tokens) / budget;
-    const label = seg.kind === "system" ? "sys" : seg.turn !== null && seg.turn !== undefined ? `#${seg.turn}` : "";
+    const label = seg.kind === "system" ? "sys" : seg.kind === "lore" && seg.label ? `§ ${seg.label}`
+      : seg.turn !== null && seg.turn !== undefined ? `#${seg.turn}` : "";
     const el = h("div", {
       class: `cm-seg k-${seg.kind}${seg.evicted ? " partial" : ""}${seg.live ? " live" : ""}`,
       style: `width:${pct}%`, "data-kind": seg.kind, "data-turn": seg.turn ?? "", "data-tokens": seg.tokens,
+      "data-label": seg.label || "",
       "aria-label": `${KIND_LABEL[seg.kind] || seg.kind} ${label} ${seg.tokens} tokens`,
     }, pct > 4.5 ? h("span", { class: "cm-label" }, label) : null);
     attachTip(el, segTip(seg, kv.budget));
@@ -74,7 +77,7 @@ export function renderCacheMap(kv, zoom, onPick) {
       `${fmt(kv.evicted_tokens)} evicted`, kv.evictions ? ` in ${fmt(kv.evictions)} eviction${kv.evictions > 1 ? "s" : ""}` : ""));
 
   const gone = kv.evicted_turns || [];
-  const legend = ["system", "user", "assistant", "narration", "rag", "scratch"].filter((k) => kinds.has(k) || ["system", "user", "assistant"].includes(k));
+  const legend = ["system", "user", "assistant", "narration", "rag", "lore", "scratch"].filter((k) => kinds.has(k) || ["system", "user", "assistant"].includes(k));
   document.getElementById("cm-legend").replaceChildren(
     ...legend.map((k) => h("span", { class: `lg k-${k}` }, h("span", { class: "sw" }), KIND_LABEL[k])),
     h("span", { class: "lg k-free" }, h("span", { class: "sw" }), "Free"),

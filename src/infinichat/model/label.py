@@ -1,0 +1,24 @@
+"""A model's display label: the file's own name when it is a real name ("SmolLM2-135M-Instruct.Q4_1.gguf" ->
+"SmolLM2 135M Instruct"), else the GGUF `general.name`. The metadata name is often a machine-made title
+("Smollm2 135M 8k Lc100K Mix1 Ep2") while the file name is what people call the model."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+_QUANT = re.compile(r"[._-](?:i?q\d[\w]*|bf16|fp16|f16|f32|fp32|int[48])$", re.IGNORECASE)
+_GENERIC = re.compile(r"^(?:ggml-)?model(?:[._-].*)?$|^unnamed$|^weights?$", re.IGNORECASE)
+
+
+def model_label(path: str | Path, meta_name: str | None = None) -> str:
+    p = Path(path)
+    stem = p.name[: -len(p.suffix)] if p.suffix.lower() == ".gguf" else p.name
+    while True:
+        cut = _QUANT.sub("", stem)
+        if cut == stem:
+            break
+        stem = cut
+    if stem and re.search(r"[A-Za-z]", stem) and not _GENERIC.match(stem):
+        return " ".join(re.split(r"[-_ ]+", stem)).strip()
+    return (meta_name or "").strip() or p.name
