@@ -356,3 +356,24 @@ def test_convert_store_keeps_slots_and_values_within_the_format(model, kv_dtype)
     tol = {"int8": 0.0041, "int4": 0.09, "bf16": 0.004}[kv_dtype]
     for a, b in ((k, rk), (v, rv)):
         assert ((a - b).abs() / b.abs().amax(dim=(-1, -2), keepdim=True)).max().item() <= tol
+
+
+@needs_lib
+def test_batched_decode_rows_on_int8_kv_are_their_one_token_steps():
+    """A batch of decode steps over int8 KV stores (the batched native step reads bf16 buffers only): each row
+    runs the one-token native step, so its logits equal that sequence decoded alone, bit for bit."""
+    from infinichat.model.transformer import BatchItem
+
+    qm, _ = _pair("int4")
+    eng = TorchEngine(qm, (), kv_dtype="int8")
+    prompts = [rand_ids(n, seed=20 + n, vocab=qm.cfg.vocab_size) for n in (5, 30, 70)]
+    seqs = [eng.new_cache(128) for _ in prompts]
+    alone = [eng.new_cache(128) for _ in prompts]
+    for p, a, b in zip(prompts, seqs, alone, strict=True):
+        eng.prefill(a, p)
+        eng.prefill(b, p)
+    items = [BatchItem(torch.tensor([7]), s.next_positions(1), s.store, s.length) for s in seqs]
+    got = qm.forward_batch(items)
+    want = [eng.decode_one(b, 7) for b in alone]
+    for g, w in zip(got, want, strict=True):
+        assert torch.equal(g, w)
