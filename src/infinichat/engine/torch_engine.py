@@ -19,6 +19,7 @@ from collections.abc import Iterable, Sequence
 import torch
 
 from infinichat.engine.base import Engine
+from infinichat.engine.threads import ThreadGovernor
 from infinichat.errors import InfinichatError
 from infinichat.kv.policy import EvictionPolicy
 from infinichat.kv.quantized import DENSE_KV_DTYPES, check_kv_dtype, make_store
@@ -59,6 +60,17 @@ def set_threads(n: int | None) -> int:
     return n
 
 
+def configure_threads(engine: TorchEngine, n: int | None, start: int | None = None) -> None:
+    """The engine's CPU threads: `n` fixed, or None (--threads 0, the default) = the physical cores at most, the
+    count chosen at run time by a ThreadGovernor (engine/threads.py) from the measured decode steps, starting at
+    `start` (default: what the idle CPUs allow now)."""
+    cores = set_threads(n)
+    engine.threads = None
+    if n is None and cores > 1 and engine.model.device.type == "cpu":
+        engine.threads = ThreadGovernor(cores, start=start)
+        torch.set_num_threads(engine.threads.current)  # the prompt runs at the starting count too
+
+
 class TorchEngine(Engine):
     max_chunk = PREFILL_CHUNK
     logits_chunk = LOGITS_CHUNK
@@ -70,6 +82,7 @@ class TorchEngine(Engine):
         self.cfg: ModelConfig = model.cfg
         self.eos_ids = frozenset(eos_ids)
         self.kv_dtype = check_kv_dtype(kv_dtype)
+        self.threads: ThreadGovernor | None = None  # configure_threads: decode steps' thread count at run time
 
     @property
     def kv_format(self) -> str:
@@ -112,9 +125,12 @@ class TorchEngine(Engine):
         attn = None
         if policy.needs_attention_weights or policy.offloads:
             attn = policy.attention_request(seq, start, ids.shape[0], stage)
-        out = self.model(
-            ids, positions, torch_store(seq.store, "the torch engine"), start, all_logits=all_logits, attn=attn
-        )
+        store = torch_store(seq.store, "the torch engine")
+        if stage == "decode" and self.threads is not None:
+            with self.threads.step():  # timed: the thread count follows the measured step times
+                out = self.model(ids, positions, store, start, all_logits=all_logits, attn=attn)
+        else:
+            out = self.model(ids, positions, store, start, all_logits=all_logits, attn=attn)
         seq.append(ids, positions)
         if compress and stage == "prompt_end":
             seq.make_room(0)  # down to the budget, with the scores of the prompt's last queries

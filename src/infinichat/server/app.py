@@ -202,12 +202,8 @@ def default_max_budget(engine, kv_cap_bytes: int) -> int:
     return max(64, min(MAX_BUDGET, trained, by_memory))
 
 
-def build_served(
-    args: argparse.Namespace, progress: startup.Progress, hold: contextlib.ExitStack
-) -> tuple[FastAPI, str]:
-    """`infinichat serve`'s app, built while the loading shell answers (server/startup.py: `serve`): the options
-    checked, the data directory locked (one writer per directory; `hold` keeps the lock until the server stops),
-    then the model loaded. (app, model name)."""
+def check_serve_options(args: argparse.Namespace) -> SessionSettings:
+    """`serve`'s options checked before anything loads; the default settings of new sessions."""
     defaults = SessionSettings().updated(
         {k: v for k, v in (("budget", args.budget), ("policy", args.policy)) if v is not None}
     )
@@ -222,14 +218,44 @@ def build_served(
         )
     if args.kv_cap_mb < 1:
         raise InfinichatError(f"--kv-cap-mb must be at least 1, got {args.kv_cap_mb}")
+    if getattr(args, "replicas", None) is None and getattr(args, "ray_address", None):
+        raise InfinichatError("--ray-address needs --replicas N")
+    return defaults
+
+
+def build_served(
+    args: argparse.Namespace, progress: startup.Progress, hold: contextlib.ExitStack
+) -> tuple[FastAPI, str]:
+    """`infinichat serve`'s app, built while the loading shell answers (server/startup.py: `serve`): the options
+    checked, the data directory locked (one writer per directory; `hold` keeps the lock until the server stops),
+    then the model loaded. (app, model name)."""
+    defaults = check_serve_options(args)
     hold.enter_context(lock_data_dir(args.data_dir or default_data_dir(), f"serve on http://{args.host}:{args.port}"))
-    return _build_app(args, defaults, progress)
+    app, name = build_app(args, defaults, progress)
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
+        log.warning("serving on %s without --api-key: anyone who can reach it can use it", args.host)
+    return app, name
 
 
-def _build_app(args: argparse.Namespace, defaults: SessionSettings, progress: startup.Progress) -> tuple[FastAPI, str]:
-    progress("loading the model")
-    engine, tok, model_id, name = make_engine(args, progress)
-    progress("opening the sessions")
+def build_app(
+    args: argparse.Namespace,
+    defaults: SessionSettings,
+    progress: startup.Progress | None = None,
+    data_dir: str | Path | None = None,
+    db_url: str | None = None,
+    kv_dir: str | Path | None = None,
+    shared: bool = False,
+) -> tuple[FastAPI, str]:
+    """The engine, the session manager and the app of `serve` (one process, or one replica of a cluster: then
+    `shared`, with the cluster's store and its own `data_dir`); (app, model name)."""
+
+    def say(stage: str, done: int = 0, total: int = 0) -> None:
+        if progress is not None:
+            progress(stage, done, total)
+
+    say("loading the model")
+    engine, tok, model_id, name = make_engine(args, say)
+    say("opening the sessions")
     cap = args.kv_cap_mb << 20
     max_budget = args.max_budget or default_max_budget(engine, cap)
     if defaults.budget > max_budget:
@@ -238,7 +264,17 @@ def _build_app(args: argparse.Namespace, defaults: SessionSettings, progress: st
     if limit < cap:
         raise InfinichatError(f"--kv-limit-mb {args.kv_limit_mb} is below --kv-cap-mb {args.kv_cap_mb}")
     manager = SessionManager(
-        engine, tok, model_id, args.data_dir, defaults, kv_cap_bytes=cap, max_budget=max_budget, kv_limit_bytes=limit
+        engine,
+        tok,
+        model_id,
+        data_dir or args.data_dir,
+        defaults,
+        kv_cap_bytes=cap,
+        max_budget=max_budget,
+        kv_limit_bytes=limit,
+        db_url=db_url or getattr(args, "db", None),
+        kv_dir=kv_dir or getattr(args, "kv_dir", None),
+        shared=shared,
     )
     hosts = args.allowed_hosts.split(",") if args.allowed_hosts else default_allowed_hosts(args.host)
     origins = [o for o in (args.cors_origins or "").split(",") if o.strip()]
@@ -256,6 +292,24 @@ def _build_app(args: argparse.Namespace, defaults: SessionSettings, progress: st
         prefill_chunk=args.prefill_chunk or None,
         label=model_label(args.model or default_model_path(), name),
     )
+    return app, name
+
+
+def serve_cluster(args: argparse.Namespace) -> int:
+    """`infinichat serve --replicas N`: the Ray Serve application (server/cluster.py) on --host:--port."""
+    defaults = check_serve_options(args)
+    if not 1 <= args.replicas <= 256:
+        raise InfinichatError(f"--replicas must be in [1, 256], got {args.replicas}")
+    if not 0 <= args.port <= 65535:
+        raise InfinichatError(f"--port must be in [0, 65535], got {args.port}")
+    try:
+        from infinichat.server import cluster
+    except ImportError as e:
+        raise InfinichatError(
+            f"--replicas needs Ray Serve ({e.name} is missing): pip install 'infinichat[cluster]'"
+        ) from None
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         log.warning("serving on %s without --api-key: anyone who can reach it can use it", args.host)
-    return app, name
+    # the driver holds the data directory (the replicas on this machine write under it)
+    with lock_data_dir(args.data_dir or default_data_dir(), f"serve --replicas on http://{args.host}:{args.port}"):
+        return cluster.serve_cluster(args, defaults.to_json())

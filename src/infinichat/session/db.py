@@ -1,5 +1,6 @@
-"""Sessions on disk: SQLite (stdlib `sqlite3`, WAL mode) for sessions, messages with their alternatives and
-segment maps; KV snapshots as files beside it (`kv/<session id>.kv`).
+"""The session store: sessions, messages with their alternatives and segment maps in SQL (SQLite in the data
+directory by default, or PostgreSQL shared by the replicas of a cluster: `dbdialect.py`, one schema and one set
+of migrations for both); KV snapshots as files (`kv/<session id>.kv` in the data directory, or `--kv-dir`).
 
 Every save is one transaction, so a process killed at any moment (SIGKILL included) leaves each session as
 it was at its last completed save: a user message is saved before its reply starts, a reply when it ends.
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import ParamSpec, TypeVar
 
 from infinichat.errors import DamagedSessionError, InfinichatError, StorageError
+from infinichat.session.dbdialect import Dialect, open_dialect, safe_url
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +31,8 @@ SCHEMA = """
 CREATE TABLE IF NOT EXISTS sessions (
     id TEXT PRIMARY KEY,
     name TEXT NOT NULL,
-    created REAL NOT NULL,
-    updated REAL NOT NULL,
+    created DOUBLE PRECISION NOT NULL,
+    updated DOUBLE PRECISION NOT NULL,
     version INTEGER NOT NULL,
     system_prompt TEXT,
     card TEXT,
@@ -46,7 +48,9 @@ CREATE TABLE IF NOT EXISTS messages (
 );
 """
 
-# schema changes after the first, in order; PRAGMA user_version counts the ones applied
+# schema changes after the first, in order, in SQL both dialects run (e.g. "ALTER TABLE sessions ADD COLUMN x
+# TEXT"); the database's schema version counts the ones applied (SQLite: PRAGMA user_version; PostgreSQL: the
+# table infinichat_schema). Add a step at the end; never edit or reorder the ones already released.
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
     # 1: a session's lorebook (per-token top-n probabilities live in each message's JSON, "steps")
     ("ALTER TABLE sessions ADD COLUMN lorebook TEXT",),
@@ -61,6 +65,8 @@ R = TypeVar("R")
 def storage_message(e: BaseException) -> str:
     """What a storage fault means for the client, with no internal path in it."""
     text = str(e).lower()
+    if type(e).__module__.split(".")[0] == "psycopg":
+        return _pg_message(e, text)
     if isinstance(e, sqlite3.DatabaseError) and not isinstance(e, sqlite3.OperationalError):
         return "the session database is damaged; restore it from a backup or move it away and restart"
     if "readonly" in text or "read-only" in text or getattr(e, "errno", None) in (13, 30):
@@ -74,15 +80,29 @@ def storage_message(e: BaseException) -> str:
     return f"the session store failed ({type(e).__name__}); the server log has the details"
 
 
+def _pg_message(e: BaseException, text: str) -> str:
+    kind = type(e).__name__
+    if kind in ("OperationalError", "InterfaceError") or "connection" in text or "server closed" in text:
+        return "the session database server cannot be reached; retry later"
+    if "read-only" in text or "read only" in text:
+        return "the session store cannot be written: the database is read-only"
+    if "disk full" in text or "no space" in text:
+        return "the session store cannot be written: the database server's disk is full"
+    if "deadlock" in text or "lock" in text or "serializ" in text:
+        return "the session database is busy; retry later"
+    return f"the session store failed ({kind}); the server log has the details"
+
+
 def _storage(fn: Callable[P, R]) -> Callable[P, R]:
-    """sqlite3 and OS errors of a SessionDB method as StorageError (recorded in `db.fault` for /health)."""
+    """Database and OS errors of a SessionDB method as StorageError (recorded in `db.fault` for /health)."""
 
     @functools.wraps(fn)
     def wrapped(*args: P.args, **kwargs: P.kwargs) -> R:
         db = args[0]
+        errors = _driver_errors(db)
         try:
             out = fn(*args, **kwargs)
-        except (sqlite3.Error, OSError) as e:
+        except errors as e:
             msg = storage_message(e)
             log.error("session store: %s (%s: %s)", msg, type(e).__name__, e)
             if isinstance(db, SessionDB):
@@ -95,6 +115,12 @@ def _storage(fn: Callable[P, R]) -> Callable[P, R]:
     return wrapped
 
 
+def _driver_errors(db: object) -> tuple[type[BaseException], ...]:
+    """The exceptions a store's database driver raises, and OSError (KV files)."""
+    found: tuple[type[BaseException], ...] = db.dialect.errors if isinstance(db, SessionDB) else (sqlite3.Error,)
+    return (*found, OSError)
+
+
 def check_session_id(sid: object) -> str:
     if not isinstance(sid, str) or not SESSION_ID.match(sid):
         raise InfinichatError(
@@ -104,47 +130,29 @@ def check_session_id(sid: object) -> str:
 
 
 class SessionDB:
-    def __init__(self, data_dir: str | Path):
+    """The store of one server (or of every replica of a cluster, with a shared `url` and `kv_dir`)."""
+
+    def __init__(self, data_dir: str | Path, url: str | None = None, kv_dir: str | Path | None = None):
+        """`url`: None (SQLite in `data_dir`), postgresql://... or sqlite:///path; `kv_dir`: where KV snapshot
+        files go (default `data_dir/kv`; a directory every replica reaches in a cluster)."""
         self.dir = Path(data_dir)
-        try:
-            (self.dir / "kv").mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise InfinichatError(f"cannot create the data directory {self.dir}: {e.strerror or e}") from None
-        self.path = self.dir / "sessions.sqlite3"
+        self.kv_dir = Path(kv_dir) if kv_dir is not None else self.dir / "kv"
+        for d, what in ((self.dir, "data directory"), (self.kv_dir, "KV directory")):
+            try:
+                d.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise InfinichatError(f"cannot create the {what} {d}: {e.strerror or e}") from None
         self._lock = threading.Lock()
         self.last_fault: str | None = None  # the last storage fault, until a save succeeds
         self.damage: str | None = None  # found by the integrity check at start: stays until a restart
-        try:
-            self.conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-            self.conn.execute("PRAGMA journal_mode=WAL")
-            self.conn.execute("PRAGMA synchronous=NORMAL")  # durable across a process crash in WAL mode
-            self.conn.execute("PRAGMA foreign_keys=ON")
-            self.conn.executescript(SCHEMA)
-            self._migrate()
-        except sqlite3.DatabaseError as e:
-            raise InfinichatError(f"cannot open the session database {self.path}: {e}") from None
-        try:
-            ok = self.conn.execute("PRAGMA quick_check").fetchone()
-        except sqlite3.DatabaseError as e:
-            ok = (str(e),)
-        if ok is None or ok[0] != "ok":  # served anyway (the damage may spare most sessions), reported by /health
-            log.error("the session database %s is damaged: %s", self.path, ok[0] if ok else "no answer")
+        where = safe_url(url) if url else str(self.dir / "sessions.sqlite3")
+        self.dialect: Dialect = _open(lambda: open_dialect(self.dir, url), where)
+        self.path = Path(getattr(self.dialect, "path", self.dir / "sessions.sqlite3"))  # SQLite's file
+        _open(self._create, self.dialect.where)
+        bad = self.dialect.integrity()
+        if bad is not None:  # served anyway (the damage may spare most sessions), reported by /health
+            log.error("the session database %s is damaged: %s", self.dialect.where, bad)
             self.damage = "the session database is damaged; restore it from a backup or move it away and restart"
-
-    def _migrate(self) -> None:
-        """Bring an older database up to date, one transaction per step (a crash leaves a whole step or none)."""
-        (version,) = self.conn.execute("PRAGMA user_version").fetchone()
-        for i, step in enumerate(MIGRATIONS[version:], start=version + 1):
-            self.conn.execute("BEGIN IMMEDIATE")
-            try:
-                for stmt in step:
-                    self.conn.execute(stmt)
-                self.conn.execute(f"PRAGMA user_version = {i}")
-                self.conn.execute("COMMIT")
-            except BaseException:
-                self.conn.execute("ROLLBACK")
-                raise
-            log.info("session database %s: schema migrated to version %d", self.path, i)
 
     def avatar_path(self, sid: str, who: str) -> Path:
         if who not in AVATARS:
@@ -164,21 +172,45 @@ class SessionDB:
         tmp.replace(path)
 
     @property
+    def conn(self):
+        """The driver's connection (sqlite3.Connection or psycopg.Connection)."""
+        return self.dialect.conn  # type: ignore[attr-defined]
+
+    def _create(self) -> None:
+        """The tables, then the migrations not applied yet, one transaction per step (a crash leaves a whole
+        step or none; on PostgreSQL one process at a time, so replicas starting together migrate once)."""
+        d = self.dialect
+        with d.transaction():
+            d.migration_lock()
+            for stmt in SCHEMA.split(";"):
+                if stmt.strip():
+                    d.execute(stmt)
+        version = d.schema_version()
+        for i in range(version, len(MIGRATIONS)):
+            with d.transaction():
+                d.migration_lock()
+                if d.schema_version() > i:  # another replica did it meanwhile
+                    continue
+                for stmt in MIGRATIONS[i]:
+                    d.execute(stmt)
+                d.set_schema_version(i + 1)
+            log.info("session database %s: schema migrated to version %d", d.where, i + 1)
+
+    @property
     def fault(self) -> str | None:
         """What is wrong with the store now (reported by /health), or None."""
         return self.damage or self.last_fault
 
     def kv_path(self, sid: str) -> Path:
-        return self.dir / "kv" / f"{check_session_id(sid)}.kv"
+        return self.kv_dir / f"{check_session_id(sid)}.kv"
 
     @_storage
     def save(self, row: dict, changed: list[tuple[int, dict]], n_messages: int) -> None:
         """Write a session, the messages that changed (turn, message) and its message count, in one
         transaction."""
         with self._lock:
-            c = self.conn
-            c.execute("BEGIN IMMEDIATE")
-            try:
+            c = self.dialect
+            with c.transaction():  # BEGIN (IMMEDIATE on SQLite) ... COMMIT; ROLLBACK on an error
                 c.execute(
                     "INSERT INTO sessions (id, name, created, updated, version, system_prompt, card, settings, "
                     "next_uid, segments, lorebook) VALUES (:id, :name, :created, :updated, :version, :system_prompt, "
@@ -196,27 +228,23 @@ class SessionDB:
                 )
                 c.execute("DELETE FROM messages WHERE session_id = ? AND turn >= ?", (row["id"], n_messages))
                 c.executemany(
-                    "INSERT OR REPLACE INTO messages (session_id, turn, data) VALUES (?, ?, ?)",
+                    "INSERT INTO messages (session_id, turn, data) VALUES (?, ?, ?) "
+                    "ON CONFLICT(session_id, turn) DO UPDATE SET data = excluded.data",
                     [(row["id"], i, json.dumps(m)) for i, m in changed],
                 )
-                c.execute("COMMIT")
-            except BaseException:
-                c.execute("ROLLBACK")
-                raise
 
     @_storage
     def load(self, sid: str) -> tuple[dict, list[dict]] | None:
         with self._lock:
-            cur = self.conn.execute(
+            found = self.dialect.execute(
                 "SELECT id, name, created, updated, version, system_prompt, card, settings, next_uid, segments, "
                 "lorebook FROM sessions WHERE id = ?",
                 (sid,),
             )
-            r = cur.fetchone()
-            if r is None:
+            if not found:
                 return None
-            raw = self.conn.execute("SELECT turn, data FROM messages WHERE session_id = ? ORDER BY turn", (sid,))
-            rows = raw.fetchall()
+            r = found[0]
+            rows = self.dialect.execute("SELECT turn, data FROM messages WHERE session_id = ? ORDER BY turn", (sid,))
         msgs = []
         for turn, d in rows:
             try:
@@ -247,28 +275,47 @@ class SessionDB:
     @_storage
     def list(self) -> list[dict]:
         with self._lock:
-            rows = self.conn.execute(
+            rows = self.dialect.execute(
                 "SELECT s.id, s.name, s.created, s.updated, COUNT(m.turn) FROM sessions s "
                 "LEFT JOIN messages m ON m.session_id = s.id GROUP BY s.id ORDER BY s.updated DESC"
-            ).fetchall()
+            )
         return [{"id": i, "name": n, "created": c, "updated": u, "messages": k} for i, n, c, u, k in rows]
 
     @_storage
     def exists(self, sid: str) -> bool:
         with self._lock:
-            return self.conn.execute("SELECT 1 FROM sessions WHERE id = ?", (sid,)).fetchone() is not None
+            return bool(self.dialect.execute("SELECT 1 FROM sessions WHERE id = ?", (sid,)))
+
+    @_storage
+    def version(self, sid: str) -> int | None:
+        """The stored version of a session (None: no such session): a replica compares it with its copy."""
+        with self._lock:
+            found = self.dialect.execute("SELECT version FROM sessions WHERE id = ?", (sid,))
+        return int(found[0][0]) if found else None
 
     @_storage
     def delete(self, sid: str) -> None:
         with self._lock:
-            self.conn.execute("DELETE FROM sessions WHERE id = ?", (sid,))
+            self.dialect.execute("DELETE FROM sessions WHERE id = ?", (sid,))
         self.kv_path(sid).unlink(missing_ok=True)
         for who in AVATARS:
             self.avatar_path(sid, who).unlink(missing_ok=True)
 
     def close(self) -> None:
         with self._lock:
-            self.conn.close()
+            self.dialect.close()
+
+
+def _open(fn: Callable[[], R], where: str) -> R:
+    """Opening the store: a driver error is a startup error naming the database (no password)."""
+    try:
+        return fn()
+    except InfinichatError:
+        raise
+    except Exception as e:
+        if type(e).__module__.split(".")[0] not in ("sqlite3", "psycopg") and not isinstance(e, sqlite3.Error):
+            raise
+        raise InfinichatError(f"cannot open the session database {where}: {str(e).strip()[:300]}") from None
 
 
 def damaged(sid: str, what: str) -> str:

@@ -2,7 +2,8 @@
 
 JSON can carry a lone UTF-16 surrogate (`"\\ud800"`), which Python decodes into a `str` that cannot be
 encoded as UTF-8: the tokenizer and SQLite reject it. Every text field is checked with `check_text` before
-it reaches a session, so such input is a 400 naming the field, never a half-applied change.
+it reaches a session, so such input is a 400 naming the field, never a half-applied change. `check_text` also
+refuses the NUL character: PostgreSQL's text columns cannot hold it, and a session must fit either store.
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ def check_text(text: object, what: str, max_chars: int = MAX_MESSAGE_CHARS, allo
             f"the {what} holds an invalid character at index {i} (U+{ord(text[i]):04X}, a lone surrogate); "
             "send valid Unicode text"
         )
+    if "\x00" in text:
+        raise InfinichatError(f"the {what} holds a NUL character (U+0000) at index {text.index(chr(0))}; remove it")
     return text
 
 

@@ -1,9 +1,9 @@
 """Many sessions over one engine: create / get / list / delete, persistence, and a cap on resident KV memory.
 
-Every change of a session is saved to SQLite at once (see `db.py`). The KV caches of the sessions in memory
+Every change of a session is saved to the store at once (see `db.py`). The KV caches of the sessions in memory
 count against `kv_cap_bytes`; when they pass it, the least recently used sessions' caches are written to
-`kv/<id>.kv` and freed. The next request for such a session restores its cache from that file (or, if the
-file is missing or belongs to an older version of the session, e.g. after a crash, rebuilds it from the
+`kv/<id>.kv` (or the `kv_dir`) and freed. The next request for such a session restores its cache from that file
+(or, if the file is missing or belongs to an older version of the session, e.g. after a crash, rebuilds it from the
 transcript), so eviction from memory is invisible except for the time it takes.
 
 Not thread-safe by itself: the server's single engine worker calls it (read-only listing is safe).
@@ -78,10 +78,17 @@ class SessionManager:
         chat_template: str | None = None,
         max_budget: int | None = None,
         kv_limit_bytes: int | None = None,
+        db_url: str | None = None,
+        kv_dir: str | Path | None = None,
+        shared: bool = False,
     ):
+        """`db_url`: the session database (None: SQLite in the data directory; postgresql://... for a cluster);
+        `kv_dir`: where idle KV caches are written (default: the data directory's kv/); `shared`: other
+        processes (the replicas of a cluster) may change the sessions in the store, so a session held in memory
+        is checked against the store's version before each use."""
         self.engine = engine
         self.tok = tokenizer
-        self.db = SessionDB(data_dir or default_data_dir())
+        self.db = SessionDB(data_dir or default_data_dir(), db_url, kv_dir)
         self.defaults = (defaults or SessionSettings()).validate()
         self.kv_cap_bytes = kv_cap_bytes  # past it, idle caches go to disk
         # past it, a new generation is refused (503) while running ones hold the memory: RSS stays bounded
@@ -102,6 +109,8 @@ class SessionManager:
         self.pinned: set[str] = set()  # sessions whose cache must stay resident (a generation is running)
         self.n_offloads = 0
         self.n_restores = 0
+        self.shared = shared
+        self.n_stale = 0  # cluster: copies in memory found older than the store (another replica moved on)
 
     # ------------------------------------------------------------------ lifecycle
     def create(
@@ -306,6 +315,13 @@ class SessionManager:
         """A session by id (loaded from disk if needed; its KV is made resident)."""
         check_session_id(sid)
         s = self.sessions.get(sid)
+        if s is not None and self.shared and sid not in self.pinned and self.db.version(sid) != s.version:
+            # another replica served it meanwhile (a failover, an ingress restart): the store is the truth
+            log.info("session %s: the copy in memory is stale; reloading it from the store", sid)
+            self.n_stale += 1
+            self.sessions.pop(sid, None)
+            self._saved.pop(sid, None)
+            s = None
         if s is None:
             s = self._load(sid)
         if s.seq is None:
