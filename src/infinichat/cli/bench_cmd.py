@@ -100,6 +100,7 @@ def latency(args: argparse.Namespace) -> int:
         model=args.model,
         dtype=args.dtype,
         quant=args.quant,
+        kv_dtype=args.kv_dtype,
         threads=args.threads,
         cache_dir=args.cache_dir,
         decode=args.decode,

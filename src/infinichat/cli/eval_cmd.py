@@ -113,6 +113,7 @@ def ppl(args: argparse.Namespace) -> int:
         trained_context=trained,
         threads=threads,
         quant=args.quant,
+        kv_dtype=args.kv_dtype,
     )
     paths = ev.write_report(report, out_dir)
     _print_table(report)

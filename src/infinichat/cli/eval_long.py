@@ -71,6 +71,8 @@ def _load(args: argparse.Namespace):
         compute = "llama.cpp"
     else:
         compute = args.dtype if args.quant == "none" else f"{args.dtype}+{args.quant}"
+        if args.kv_dtype != "auto":
+            compute += f", KV {args.kv_dtype}"
     return tok, name, engine, args.threads or physical_cores(), compute
 
 

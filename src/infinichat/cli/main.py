@@ -47,6 +47,14 @@ def _add_model_args(p: argparse.ArgumentParser, dtype: str = DEFAULT_DTYPE, ctx:
         "needs --dtype bfloat16; quantized once, then cached (default none)",
     )
     g.add_argument(
+        "--kv-dtype",
+        default="auto",
+        choices=("auto", "bf16", "f16", "f32", "int8", "int4"),
+        help="how the torch backend's KV cache holds keys and values: auto (the --dtype), bf16, f16, f32, int8 (per "
+        "token and head, ~1.9x smaller than bf16) or int4 (KIVI: keys per channel, values per token, the last "
+        "64-95 tokens in full precision, ~3x smaller); budgets stay in tokens (default auto)",
+    )
+    g.add_argument(
         "--device",
         default="auto",
         metavar="{auto,cpu,cuda,cuda:N}",

@@ -20,12 +20,14 @@ def load_engine(
     n_ctx: int | None = None,
     device: str = "auto",
     kernels: str = "auto",
+    kv_dtype: str = "auto",
     on_progress=None,
 ):
     """(engine, tokenizer, model id, model name). `model` None = the embedded default model. The model id
     (the file's SHA-256) keys caches of evaluated KV, together with the engine type and KV dtype.
     llamacpp: a context of `n_ctx` tokens (default: the trained context). torch: the model, its KV stores
-    and its sampling on `device` (auto, cpu, cuda, cuda:N; auto = CUDA when torch sees one). `on_progress(stage,
+    and its sampling on `device` (auto, cpu, cuda, cuda:N; auto = CUDA when torch sees one), its KV stores in
+    `kv_dtype` (auto = the model's dtype, bf16, f16, f32, int8, int4: kv/quantized.py). `on_progress(stage,
     done, total)`: the loading stages (model/loader.py)."""
     if backend not in BACKENDS:
         raise InfinichatError(f"unknown backend {backend!r}; accepted: {', '.join(BACKENDS)}")
@@ -34,15 +36,21 @@ def load_engine(
     from infinichat.engine.threads import starting_count
     from infinichat.engine.torch_engine import TorchEngine, configure_threads, physical_cores, set_threads
     from infinichat.kernels import resolve_device
+    from infinichat.kv.quantized import check_kv_dtype
     from infinichat.model.loader import default_cache_dir, file_sha256, load_model
 
     cache = Path(cache_dir) if cache_dir else None
+    check_kv_dtype(kv_dtype)
     where = resolve_device(device)  # first: --device cuda without CUDA is one clear line, before any loading
     if backend == "llamacpp":
         if device not in ("auto", "cpu"):
             raise InfinichatError(f"--device {device} applies to the torch backend; llama.cpp runs on the CPU here")
         if quant != "none":
             raise InfinichatError("--quant applies to the torch backend; llama.cpp runs the GGUF file's own types")
+        if kv_dtype != "auto":
+            raise InfinichatError(
+                f"--kv-dtype {kv_dtype} applies to the torch backend; llama.cpp keeps its own KV types"
+            )
         from infinichat.engine.llamacpp import gguf_path, load_llamacpp
 
         set_threads(1)  # torch only samples here; its threads would compete with llama.cpp's for the cores
@@ -63,6 +71,6 @@ def load_engine(
         on_progress=on_progress,
     )
     model_id = loaded.file_hash if quant == "none" else f"{loaded.file_hash}:{quant}"
-    torch_engine = TorchEngine(loaded.model, loaded.tokenizer.eos_ids)
+    torch_engine = TorchEngine(loaded.model, loaded.tokenizer.eos_ids, kv_dtype=kv_dtype)
     configure_threads(torch_engine, threads or None, start)  # the default: the decode steps' thread count adapts
     return torch_engine, loaded.tokenizer, model_id, loaded.name

@@ -20,7 +20,9 @@ import torch
 
 from infinichat.engine.base import Engine
 from infinichat.engine.threads import ThreadGovernor
+from infinichat.errors import InfinichatError
 from infinichat.kv.policy import EvictionPolicy
+from infinichat.kv.quantized import DENSE_KV_DTYPES, check_kv_dtype, make_store
 from infinichat.kv.sequence import KVSequence
 from infinichat.kv.store import KVStore, torch_store
 from infinichat.model.config import ModelConfig
@@ -73,11 +75,21 @@ class TorchEngine(Engine):
     max_chunk = PREFILL_CHUNK
     logits_chunk = LOGITS_CHUNK
 
-    def __init__(self, model: Transformer, eos_ids: Iterable[int] = ()):
+    def __init__(self, model: Transformer, eos_ids: Iterable[int] = (), kv_dtype: str = "auto"):
+        """`kv_dtype` (--kv-dtype): how the KV stores hold K/V: auto (the model's dtype), bf16, f16, f32, or
+        quantized int8 / int4 (kv/quantized.py)."""
         self.model = model
         self.cfg: ModelConfig = model.cfg
         self.eos_ids = frozenset(eos_ids)
+        self.kv_dtype = check_kv_dtype(kv_dtype)
         self.threads: ThreadGovernor | None = None  # configure_threads: decode steps' thread count at run time
+
+    @property
+    def kv_format(self) -> str:
+        """What the stores hold (keys the prefix cache): the dtype name of a dense store, or int8 / int4."""
+        if self.kv_dtype in ("int8", "int4"):
+            return self.kv_dtype
+        return str(self.model.dtype if self.kv_dtype == "auto" else DENSE_KV_DTYPES[self.kv_dtype])
 
     def _new_store(self, policy: EvictionPolicy, budget: int | None, capacity: int | None) -> KVStore:
         """The capacity defaults to the budget, else the model's trained context; positions never reach it."""
@@ -92,7 +104,12 @@ class TorchEngine(Engine):
             if getattr(policy, "device", "") is None:  # the offloading policies' compute device: the model's
                 policy.device = str(device)  # type: ignore[attr-defined]
             device = torch.device("cpu")
-        return KVStore(self.cfg, capacity, self.model.dtype, rope=self.model.rope, device=device)
+        if policy.offloads and self.kv_dtype in ("int8", "int4"):
+            raise InfinichatError(
+                f"the {policy.name} policy offloads dense K/V buffers; it does not run on --kv-dtype {self.kv_dtype} "
+                "(use --kv-dtype auto, bf16 or f16)"
+            )
+        return make_store(self.kv_dtype, self.cfg, capacity, self.model.dtype, rope=self.model.rope, device=device)
 
     # ------------------------------------------------------------------ one forward call (prefill / decode_one: Engine)
     def _append(self, seq: KVSequence, ids: torch.Tensor, all_logits: bool, stage: str = "decode") -> torch.Tensor:

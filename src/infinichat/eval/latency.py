@@ -56,6 +56,7 @@ class SweepSettings:
     model: str | None
     dtype: str
     quant: str = "none"
+    kv_dtype: str = "auto"
     threads: int = 0
     cache_dir: str | None = None
     decode: int = 16
@@ -170,7 +171,13 @@ def _load(settings: SweepSettings) -> tuple[Any, Any, str]:
     from infinichat.engine.backends import load_engine
 
     engine, tok, _, name = load_engine(
-        "torch", settings.model, settings.dtype, settings.threads, settings.cache_dir, quant=settings.quant
+        "torch",
+        settings.model,
+        settings.dtype,
+        settings.threads,
+        settings.cache_dir,
+        quant=settings.quant,
+        kv_dtype=settings.kv_dtype,
     )
     return engine, tok, name
 

@@ -222,6 +222,7 @@ def build_report(
     trained_context: int,
     threads: int,
     quant: str = "none",
+    kv_dtype: str = "auto",
 ) -> dict[str, Any]:
     """The whole run as one JSON-able dict (the documented fields, README "Evaluation")."""
     return {
@@ -230,6 +231,7 @@ def build_report(
         "model": model,
         "dtype": dtype,
         "quant": quant,
+        "kv_dtype": kv_dtype,
         "threads": threads,
         "text": text,
         "text_tokens": text_tokens,

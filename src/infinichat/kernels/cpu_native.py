@@ -135,6 +135,9 @@ class CpuNativeKernels(TorchKernels):
             return None
         if any(s.tokens.shape[0] != 1 or dec.bind(s.cache) is None for s in seqs):
             return None
+        if not all(dec.batchable(s.cache) for s in seqs):  # int8 KV: the batched step reads bf16 buffers only
+            steps = [dec.decode(int(s.tokens[0]), s.positions, s.cache, s.start) for s in seqs]  # one step per row
+            return torch.stack([x for x, _ in steps]), torch.stack([lg for _, lg in steps])  # type: ignore[misc]
         xs, outs = [], []
         for a in range(0, len(seqs), NATIVE_BATCH_MAX):
             part = seqs[a : a + NATIVE_BATCH_MAX]

@@ -16,6 +16,7 @@ Token ids, positions and their checks live in `slots.SlotTable`, shared with the
 from __future__ import annotations
 
 import json
+import math
 import struct
 import zlib
 from collections.abc import Sequence
@@ -29,21 +30,42 @@ from infinichat.model.config import ModelConfig
 from infinichat.model.rope import Rope, rotate_half
 
 MAGIC = b"IKVS"
-VERSION = 2  # 2: the header holds the payload's CRC-32
+VERSION = 3  # 2: the header holds the payload's CRC-32; 3: the K/V format and its named parts (quantized KV)
+ACCEPTED_VERSIONS = (2, 3)  # version 2 files (dense K/V) still load
 INITIAL_SLOTS = 256  # buffers start this long and double as tokens arrive
 _SCALING_NAMES = {"dynamic": "dynamic-NTK", "longrope": "LongRoPE"}
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DTYPES = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "int8": torch.int8,
+    "uint8": torch.uint8,
+}
 
 
 @dataclass
 class Snapshot:
-    """A decoded snapshot: the used slots' K/V (L, Hkv, n, hd), token ids, positions, and caller extras."""
+    """A decoded snapshot: the store format's named K/V tensors over the used slots (a dense store's "k", "v"
+    (L, Hkv, n, hd); a quantized store's codes and scales: kv/quantized.py), token ids, positions, caller
+    extras. `meta`: the format's layout parameters."""
 
-    k: torch.Tensor
-    v: torch.Tensor
+    fmt: str
+    meta: dict
+    parts: dict[str, torch.Tensor]
     tokens: torch.Tensor
     positions: torch.Tensor
     extra: dict
+    n_layers: int = 0
+    n_kv_heads: int = 0
+    head_dim: int = 0
+
+    @property
+    def k(self) -> torch.Tensor:
+        return self.parts["k"]
+
+    @property
+    def v(self) -> torch.Tensor:
+        return self.parts["v"]
 
 
 class KVStore(SlotTable):
@@ -74,10 +96,30 @@ class KVStore(SlotTable):
             torch.device(device) if device is not None else rope.device if rope is not None else torch.device("cpu")
         )
         self.rope = rope if rope is not None else Rope(cfg, device=self.device)
-        shape = (cfg.n_layers, cfg.n_kv_heads, min(capacity, max(1, initial)), cfg.head_dim)
+        self._allocate(min(capacity, max(1, initial)))
+
+    def _allocate(self, n: int) -> None:
+        """The empty buffers for `n` slots, at construction."""
+        shape = (self.cfg.n_layers, self.cfg.n_kv_heads, n, self.cfg.head_dim)
         self._set_buffers(
-            torch.zeros(shape, dtype=dtype, device=self.device), torch.zeros(shape, dtype=dtype, device=self.device)
+            torch.zeros(shape, dtype=self.dtype, device=self.device),
+            torch.zeros(shape, dtype=self.dtype, device=self.device),
         )
+
+    @property
+    def kv_format(self) -> str:
+        """How the K/V are held: the buffers' dtype name (bfloat16, float16, float32), or int8 / int4
+        (kv/quantized.py)."""
+        return str(self.dtype).removeprefix("torch.")
+
+    def layer_kv(self, li: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The forward's access to layer `li`: write the new rows k, v (Hkv, T, hd) at slots [start, start+T) and
+        return buffers (Hkv, >= start+T, hd) whose slots [0, start+T) hold the layer's keys and values."""
+        T = k.shape[1]
+        kb, vb = self.k[li], self.v[li]  # (Hkv, A, hd)
+        kb[:, start : start + T] = k
+        vb[:, start : start + T] = v
+        return kb, vb
 
     def _set_buffers(self, k_all: torch.Tensor, v_all: torch.Tensor) -> None:
         self.k_all = k_all  # (L, Hkv, A, hd)
@@ -151,9 +193,25 @@ class KVStore(SlotTable):
         L = self._length
         self._rerotate(start, L, torch.full((L - start,), delta, dtype=torch.long))
 
+    def _dense_from(self, a: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Slots [a, length) as float32 (L, Hkv, n, hd) keys and values."""
+        n = self._length
+        return self.k_all[:, :, a:n].float(), self.v_all[:, :, a:n].float()
+
+    def _rewrite(self, a: int, k: torch.Tensor, v: torch.Tensor, settle: bool = True) -> None:
+        """Store k, v (L, Hkv, m, hd) as slots [a, a+m) (the slot table already says so)."""
+        self.reserve(a + k.shape[2])
+        self.k_all[:, :, a : a + k.shape[2]] = k
+        self.v_all[:, :, a : a + v.shape[2]] = v
+
     def _rerotate(self, start: int, end: int, delta: torch.Tensor) -> None:
-        """Rotate the cached keys of slots [start, end) by per-slot position deltas (n,), each layer with its own
-        frequencies (Gemma 3's windowed layers rotate with a local base)."""
+        """Rotate the cached keys of slots [start, end) by per-slot position deltas (n,)."""
+        k = self.k_all[:, :, start:end]  # (L, Hkv, n, hd) view
+        k.copy_(self._rotated(k.float(), delta))
+
+    def _rotated(self, k: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """Keys k (L, Hkv, n, hd) float32 rotated by per-slot position deltas (n,) (their rotary part), each layer
+        with its own frequencies (Gemma 3's windowed layers rotate with a local base)."""
         cfg = self.cfg
         rs = cfg.rope_scaling
         limit = {"dynamic": cfg.max_position, "longrope": rs.original_max_position}.get(rs.kind)
@@ -168,35 +226,59 @@ class KVStore(SlotTable):
             r = self.rope.layer_rope(i)
             groups.setdefault(id(r), []).append(i)
             ropes[id(r)] = r
+        out = k.clone()
         for key, layers in groups.items():
             angles = delta.double()[:, None] * ropes[key].inv_freq.double()[None, :]  # (n, rot/2), exact enough
             emb = torch.cat((angles, angles), dim=-1)  # (n, rot) half-split layout, as in rope.cos_sin
-            cos, sin = emb.cos().float().to(self.device), emb.sin().float().to(self.device)
+            cos, sin = emb.cos().float().to(k.device), emb.sin().float().to(k.device)
             rot = cos.shape[-1]
             sel = layers if len(layers) < cfg.n_layers else slice(None)
-            k = self.k_all[sel, :, start:end, :rot]  # (L', Hkv, n, rot): a view, or a gathered copy
-            kf = k.float()
-            rotated = kf * cos + rotate_half(kf) * sin
-            if isinstance(sel, slice):
-                k.copy_(rotated)
-            else:
-                self.k_all[sel, :, start:end, :rot] = rotated.to(k.dtype)
+            kr = k[sel, :, :, :rot]  # (L', Hkv, n, rot)
+            out[sel, :, :, :rot] = kr * cos + rotate_half(kr) * sin
+        return out
 
     # ------------------------------------------------------------------ snapshot / restore / fork
+    def _kv_parts(self, n: int) -> dict[str, torch.Tensor]:
+        """The K/V state of slots [0, n) as named tensors (what a snapshot holds; `_load_kv_parts` reads them)."""
+        return {"k": self.k_all[:, :, :n], "v": self.v_all[:, :, :n]}
+
+    def _kv_meta(self) -> dict:
+        """Extra header fields of this store's format (a quantized store's layout parameters)."""
+        return {}
+
+    def _check_parts(self, snap: Snapshot) -> None:
+        """Refuse a snapshot of another format or model (InfinichatError)."""
+        cfg = self.cfg
+        if (snap.n_layers, snap.n_kv_heads, snap.head_dim) != (cfg.n_layers, cfg.n_kv_heads, cfg.head_dim):
+            raise InfinichatError(
+                f"the KV snapshot is for another model: {snap.n_layers} layers x {snap.n_kv_heads} KV heads x "
+                f"{snap.head_dim} dims, this one has {cfg.n_layers} x {cfg.n_kv_heads} x {cfg.head_dim}"
+            )
+        if snap.fmt != self.kv_format:
+            raise InfinichatError(f"the KV snapshot holds {snap.fmt} K/V, this cache is {self.kv_format}")
+        if snap.meta != self._kv_meta():
+            raise InfinichatError(f"the KV snapshot's {snap.fmt} layout {snap.meta} differs from this cache's")
+        want = self._kv_parts(0)
+        if set(snap.parts) != set(want) or any(snap.parts[n].dtype != t.dtype for n, t in want.items()):
+            raise InfinichatError(f"the KV snapshot's parts {sorted(snap.parts)} do not match a {self.kv_format} cache")
+
     def _snapshot_parts(self, extra: dict | None):
         n, cfg = self._length, self.cfg
+        kv = self._kv_parts(n)
         header = {
             "version": VERSION,
             "n_layers": cfg.n_layers,
             "n_kv_heads": cfg.n_kv_heads,
             "head_dim": cfg.head_dim,
-            "dtype": str(self.dtype).removeprefix("torch."),
+            "format": self.kv_format,
+            "meta": self._kv_meta(),
+            "parts": [[name, str(t.dtype).removeprefix("torch."), list(t.shape)] for name, t in kv.items()],
             "length": n,
             "extra": extra or {},
         }
         parts = [
             t.contiguous().cpu().view(torch.uint8).numpy().tobytes()
-            for t in (self.k_all[:, :, :n], self.v_all[:, :, :n], self.tokens[:n], self.positions[:n])
+            for t in (*kv.values(), self.tokens[:n], self.positions[:n])
         ]
         crc = 0
         for p in parts:
@@ -210,34 +292,30 @@ class KVStore(SlotTable):
         return decode_snapshot(data)
 
     def load_snapshot(self, snap: Snapshot) -> None:
-        L, Hkv, n, hd = snap.k.shape
-        cfg = self.cfg
-        if (L, Hkv, hd) != (cfg.n_layers, cfg.n_kv_heads, cfg.head_dim):
-            raise InfinichatError(
-                f"the KV snapshot is for another model: {L} layers x {Hkv} KV heads x {hd} dims, "
-                f"this one has {cfg.n_layers} x {cfg.n_kv_heads} x {cfg.head_dim}"
-            )
-        if snap.k.dtype != self.dtype:
-            raise InfinichatError(f"the KV snapshot holds {snap.k.dtype} keys, this cache is {self.dtype}")
+        self._check_parts(snap)
+        n = snap.tokens.shape[0]
         if n > self.capacity or (n and int(snap.positions[-1]) >= self.capacity):
             raise InfinichatError(f"the KV snapshot holds {n} tokens, more than this cache's capacity {self.capacity}")
-        self.reserve(n)
-        self.k_all[:, :, :n] = snap.k
-        self.v_all[:, :, :n] = snap.v
+        self._load_kv_parts(snap.parts, n)
         self._load_slots(snap.tokens, snap.positions)  # counts the edit
+
+    def _load_kv_parts(self, parts: dict[str, torch.Tensor], n: int) -> None:
+        self.reserve(n)
+        self.k_all[:, :, :n] = parts["k"]
+        self.v_all[:, :, :n] = parts["v"]
+
+    def _empty_like(self) -> KVStore:
+        """A new empty store of this one's kind, capacity, dtype and device, as large as this one now is."""
+        return type(self)(self.cfg, self.capacity, self.dtype, self.rope, self.device, initial=self.allocated)
 
     def fork(self) -> KVStore:
         """An independent copy (no shared storage)."""
-        other = KVStore(self.cfg, self.capacity, self.dtype, self.rope, self.device, initial=self.allocated)
-        other.load_snapshot(
-            Snapshot(
-                self.k_all[:, :, : self._length],
-                self.v_all[:, :, : self._length],
-                self.tokens[: self._length],
-                self.positions[: self._length],
-                {},
-            )
-        )
+        other = self._empty_like()
+        n = self._length
+        parts = self._kv_parts(n)
+        snap = Snapshot(self.kv_format, self._kv_meta(), parts, self.tokens[:n], self.positions[:n], {})
+        snap.n_layers, snap.n_kv_heads, snap.head_dim = self.cfg.n_layers, self.cfg.n_kv_heads, self.cfg.head_dim
+        other.load_snapshot(snap)
         return other
 
 
@@ -262,22 +340,29 @@ def check_spans(spans: Sequence[tuple[int, int]], length: int) -> None:
 
 
 def decode_snapshot(data: bytes) -> Snapshot:
-    """Parse and check `KVStore.snapshot` bytes."""
+    """Parse and check `KVStore.snapshot` bytes (this version, or version 2: dense K/V without a part list)."""
     if len(data) < 8 or data[:4] != MAGIC:
         raise InfinichatError("not an infinichat KV snapshot (bad magic bytes)")
     (hlen,) = struct.unpack("<I", data[4:8])
     try:
         header = json.loads(data[8 : 8 + hlen])
-        L, Hkv, hd, n = (int(header[k]) for k in ("n_layers", "n_kv_heads", "head_dim", "length"))
-        dtype = _DTYPES[header["dtype"]]
         version = header["version"]
+        L, Hkv, hd, n = (int(header[k]) for k in ("n_layers", "n_kv_heads", "head_dim", "length"))
+        specs: list[tuple[str, torch.dtype, tuple[int, ...]]]
+        if version == 2:  # dense K/V of one dtype
+            fmt, meta = header["dtype"], {}
+            specs = [(name, _DTYPES[fmt], (L, Hkv, n, hd)) for name in ("k", "v")]
+        else:
+            fmt, meta = str(header["format"]), dict(header["meta"])
+            specs = [(str(name), _DTYPES[dt], tuple(int(x) for x in shape)) for name, dt, shape in header["parts"]]
         crc = int(header.get("crc32", -1))
     except (ValueError, KeyError, TypeError) as e:
         raise InfinichatError(f"the KV snapshot header is damaged ({e})") from None
-    if version != VERSION:
-        raise InfinichatError(f"KV snapshot version {version} is not supported; accepted: {VERSION}")
-    kv_bytes = L * Hkv * n * hd * torch.empty((), dtype=dtype).element_size()
-    sizes = [kv_bytes, kv_bytes, 8 * n, 8 * n]
+    if version not in ACCEPTED_VERSIONS:
+        raise InfinichatError(
+            f"KV snapshot version {version} is not supported; accepted: {', '.join(map(str, ACCEPTED_VERSIONS))}"
+        )
+    sizes = [math.prod(shape) * torch.empty((), dtype=dt).element_size() for _, dt, shape in specs] + [8 * n, 8 * n]
     off = 8 + hlen
     if len(data) != off + sum(sizes):
         raise InfinichatError(
@@ -285,12 +370,11 @@ def decode_snapshot(data: bytes) -> Snapshot:
         )
     if zlib.crc32(memoryview(data)[8 + hlen :]) != crc:
         raise InfinichatError("the KV snapshot is damaged: its checksum does not match its contents")
-    parts = []
+    raw = []
     for size in sizes:
         buf = bytearray(data[off : off + size])
-        parts.append(torch.frombuffer(buf, dtype=torch.uint8) if size else torch.empty(0, dtype=torch.uint8))
+        raw.append(torch.frombuffer(buf, dtype=torch.uint8) if size else torch.empty(0, dtype=torch.uint8))
         off += size
-    k = parts[0].view(dtype).reshape(L, Hkv, n, hd)
-    v = parts[1].view(dtype).reshape(L, Hkv, n, hd)
-    tokens, positions = parts[2].view(torch.long), parts[3].view(torch.long)
-    return Snapshot(k, v, tokens, positions, header.get("extra") or {})
+    parts = {name: raw[i].view(dt).reshape(shape) for i, (name, dt, shape) in enumerate(specs)}
+    tokens, positions = raw[-2].view(torch.long), raw[-1].view(torch.long)
+    return Snapshot(fmt, meta, parts, tokens, positions, header.get("extra") or {}, L, Hkv, hd)

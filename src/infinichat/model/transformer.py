@@ -35,13 +35,14 @@ RESCORE_TOP = 8
 
 
 class LayerCache(Protocol):
-    """What the forward needs from a KV cache: per-layer buffers (Hkv, allocated, hd) on the model's device, and
-    `reserve(n)`, which makes them hold n slots (a growing store replaces its buffers: kv/store.py)."""
-
-    k: list[torch.Tensor]
-    v: list[torch.Tensor]
+    """What the forward needs from a KV cache: `reserve(n)`, which makes it hold n slots (a growing store replaces
+    its buffers: kv/store.py), and `layer_kv(li, start, k, v)`, which writes a layer's new rows k, v (Hkv, T, hd)
+    at slots [start, start+T) and returns buffers (Hkv, >= start+T, hd) on the model's device holding the layer's
+    slots [0, start+T) (a quantized store's dequantized: kv/quantized.py)."""
 
     def reserve(self, n: int) -> None: ...
+
+    def layer_kv(self, li: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 @dataclass
@@ -204,10 +205,11 @@ class Transformer:
         outs = []
         r0, one = 0, len(seqs) == 1  # one sequence: the fast path, no row slicing
         for s, T, mask in zip(seqs, rows, masks, strict=True):
-            k_buf, v_buf = s.cache.k[li], s.cache.v[li]  # (Hkv, C, hd)
             qs = q if one else q[:, r0 : r0 + T]  # (H, T, hd)
-            k_buf[:, s.start : s.start + T] = k if one else k[:, r0 : r0 + T]
-            v_buf[:, s.start : s.start + T] = v if one else v[:, r0 : r0 + T]
+            # the new rows go into the cache; it hands back (Hkv, >= start+T, hd) buffers (a quantized one dequantized)
+            k_buf, v_buf = s.cache.layer_kv(
+                li, s.start, k if one else k[:, r0 : r0 + T], v if one else v[:, r0 : r0 + T]
+            )
             var = self.layer_attn[li]
             if attn is not None:  # a policy asked for weights, a token subset or offloading (model/attention.py)
                 out = requested_attention(attn, li, qs, k_buf, v_buf, s.start, self.scale, var)  # (H, T, hd)

@@ -1,7 +1,8 @@
 """The native decode step for quantized models (decode.c), built with the system's C compiler at first use.
 
 `--quant int8|int4` decode on CPU runs one token through the whole model in one C call (one OpenMP parallel
-region, integer products over the quantized weights, attention over the KV store's bf16 buffers), instead of
+region, integer products over the quantized weights, attention over the KV store's bf16 buffers, or its int8
+codes and scales with --kv-dtype int8: `DECODE_KV_FORMATS`), instead of
 ~25 PyTorch ops per layer. The library is compiled once per source version into the cache directory
 (`$INFINICHAT_CACHE/native`, by default `~/.cache/infinichat/native`), in about a second, and loaded with
 ctypes; it shares PyTorch's OpenMP runtime (same `libgomp.so.1`, loaded by torch first).
@@ -161,6 +162,22 @@ class _Model(ctypes.Structure):
     ]
 
 
+class _KVView(ctypes.Structure):
+    _fields_ = [
+        ("format", ctypes.c_int32),
+        ("cap", ctypes.c_int64),
+        ("k", ctypes.c_void_p),  # void *const * (per layer)
+        ("v", ctypes.c_void_p),
+        ("ks", ctypes.c_void_p),  # float *const * (int8: per layer), else NULL
+        ("vs", ctypes.c_void_p),
+    ]
+
+
+# The KV store formats (`KVStore.kv_format`) the native step reads directly, and decode.c's code for each; a
+# cache of another format (int4, float32, float16) takes the PyTorch path.
+DECODE_KV_FORMATS = {"bfloat16": 0, "int8": 1}
+
+
 def _declare(lib: ctypes.CDLL) -> None:
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.ic_rmsnorm_rows.argtypes = [p, p, i64, i32, ctypes.c_float, p, i32]
@@ -172,6 +189,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.ic_abi.restype = i32
     lib.ic_check.argtypes = [ctypes.POINTER(_Model)]
     lib.ic_decode.argtypes = [ctypes.POINTER(_Model), i64, p, p, p, p, i64, i64, p, p, p, i32]
+    lib.ic_decode_kv.argtypes = [ctypes.POINTER(_Model), i64, p, p, ctypes.POINTER(_KVView), i64, p, p, p, i32]
     lib.ic_matmul.argtypes = [ctypes.POINTER(_Mat), p, i64, p, i32, i32]
     lib.ic_batch_work_size.argtypes = [ctypes.POINTER(_Model), i32, i32]
     lib.ic_batch_work_size.restype = ctypes.c_size_t
@@ -179,17 +197,18 @@ def _declare(lib: ctypes.CDLL) -> None:
 
 
 KIND_INT4, KIND_INT8, KIND_INT8_GROUP = 4, 8, 9  # decode.c's Mat kinds
-ABI_VERSION = 2  # decode.c's IC_ABI_VERSION: the structures above and the signatures in _declare
+ABI_VERSION = 3  # decode.c's IC_ABI_VERSION: the structures above and the signatures in _declare
 
 
 def check_abi(lib: ctypes.CDLL) -> None:
     """Refuse (RuntimeError) a library whose ABI version or structure sizes differ from the ctypes side's."""
-    sizes = (ctypes.c_int64 * 3)()
+    sizes = (ctypes.c_int64 * 4)()
     version = lib.ic_abi(sizes)
-    want = (ctypes.sizeof(_Mat), ctypes.sizeof(_Layer), ctypes.sizeof(_Model))
+    want = (ctypes.sizeof(_Mat), ctypes.sizeof(_Layer), ctypes.sizeof(_Model), ctypes.sizeof(_KVView))
     if version != ABI_VERSION or tuple(sizes) != want:
         raise RuntimeError(
-            f"ABI mismatch: the library is version {version} with struct sizes {tuple(sizes)} (Mat, Layer, Model); "
+            f"ABI mismatch: the library is version {version} with struct sizes {tuple(sizes)} (Mat, Layer, Model, "
+            "KVView); "
             f"the Python side expects version {ABI_VERSION} with {want}"
         )
 
@@ -428,37 +447,59 @@ class NativeDecoder:
         self._keep.append(t)
         return t.data_ptr()
 
-    def bind(self, cache) -> tuple | None:
-        """The C view of a cache (`LayerCache`: per-layer bf16 (Hkv, capacity, hd) buffers): the layers' key and
-        value pointers and the capacity; None if the step cannot read it. Worked out once per cache object and
-        buffer (a growing KV store replaces its buffers: the binding is redone when they move)."""
-        k, v = cache.k, cache.v
+    def bind(self, cache) -> _KVView | None:
+        """The C view of a cache (a KV store whose `kv_format` is in DECODE_KV_FORMATS: per layer bf16 (Hkv,
+        capacity, hd) buffers, or int8 codes with (Hkv, capacity) float32 scales), or None if the step cannot read
+        it. Worked out once per cache object and buffer (a growing KV store replaces its buffers: the binding is
+        redone when they move)."""
+        fmt = getattr(cache, "kv_format", None)
+        if fmt not in DECODE_KV_FORMATS:
+            return None
+        first = cache.kq if fmt == "int8" else cache.k[0]  # (L, Hkv, A, hd) int8 / layer 0's (Hkv, A, hd) bf16
+        key = (first.data_ptr(), first.shape[-2])
         try:
-            binding, key = self._bindings[cache]
-            if key == (k[0].data_ptr(), v[0].data_ptr(), k[0].shape[1]):  # not moved (a store that grew moves)
+            binding, old = self._bindings[cache]
+            if old == key:  # not moved (a store that grew moves)
                 return binding
         except (KeyError, TypeError):  # TypeError: a cache object that takes no weak reference
             pass
         binding = None
-        if self._fits(k, v):
-            n = len(k)
-            binding = (
-                (ctypes.c_void_p * n)(*[t.data_ptr() for t in k]),
-                (ctypes.c_void_p * n)(*[t.data_ptr() for t in v]),
-                k[0].shape[1],
+        bufs = self._buffers(cache, fmt)
+        if self._fits(bufs, fmt):
+            n = self.model.cfg.n_layers
+            arrays = [(ctypes.c_void_p * n)(*[t.data_ptr() for t in group]) for group in bufs if group]
+            ptrs = [ctypes.cast(a, ctypes.c_void_p) for a in arrays] + [None, None]  # bf16: no scales
+            binding = _KVView(
+                format=DECODE_KV_FORMATS[fmt], cap=bufs[0][0].shape[1], k=ptrs[0], v=ptrs[1], ks=ptrs[2], vs=ptrs[3]
             )
+            binding._arrays = arrays  # the pointer arrays live with the view
         with contextlib.suppress(TypeError):  # a cache object that takes no weak reference
-            self._bindings[cache] = (binding, (k[0].data_ptr(), v[0].data_ptr(), k[0].shape[1]))
+            self._bindings[cache] = (binding, key)
         return binding
 
-    def _fits(self, k: list[torch.Tensor], v: list[torch.Tensor]) -> bool:
+    @staticmethod
+    def _buffers(cache, fmt: str) -> tuple[list[torch.Tensor], ...]:
+        """Per layer (keys, values, key scales, value scales) of a cache in format `fmt` (no scales for bf16)."""
+        if fmt == "int8":
+            return tuple(list(t.unbind(0)) for t in (cache.kq, cache.vq, cache.ks, cache.vs))
+        return list(cache.k), list(cache.v), [], []
+
+    def _fits(self, bufs: tuple[list[torch.Tensor], ...], fmt: str) -> bool:
         cfg = self.model.cfg
+        k, v, ks, vs = bufs
         b = k[0]
-        if len(k) != cfg.n_layers or len(v) != cfg.n_layers or b.dtype != torch.bfloat16 or b.dim() != 3:
+        dtype = torch.int8 if fmt == "int8" else torch.bfloat16
+        if len(k) != cfg.n_layers or len(v) != cfg.n_layers or b.dtype != dtype or b.dim() != 3:
             return False
-        if b.shape[0] != cfg.n_kv_heads or b.shape[2] != cfg.head_dim:
+        if b.shape[0] != cfg.n_kv_heads or b.shape[2] != cfg.head_dim or b.device.type != "cpu":
             return False
-        return all(t.is_contiguous() and t.shape == b.shape and t.dtype == b.dtype for t in (*k, *v))
+        if not all(t.is_contiguous() and t.shape == b.shape and t.dtype == b.dtype for t in (*k, *v)):
+            return False
+        if fmt == "int8":
+            return len(ks) == len(vs) == cfg.n_layers and all(
+                t.is_contiguous() and t.dtype == torch.float32 and t.shape == b.shape[:2] for t in (*ks, *vs)
+            )
+        return True
 
     def decode(
         self, token: int, position: torch.Tensor, cache, start: int, logits: bool = True
@@ -468,20 +509,18 @@ class NativeDecoder:
         binding = self.bind(cache)
         if binding is None:
             raise InfinichatError("the native decode step cannot read this cache (check bind(cache) first)")
-        kp, vp, cap = binding
+        cap = binding.cap
         cos, sin = self.model.rope.cos_sin(position, torch.float32)  # (1, hd) each
         cos, sin = cos.contiguous(), sin.contiguous()
         x = torch.empty(self.model.cfg.dim, dtype=torch.float32)
         out = torch.empty(self.vocab, dtype=torch.float32) if logits else None
         with self._lock:  # threads sharing a model (several engines over one) take turns on the scratch
-            rc = self.lib.ic_decode(
+            rc = self.lib.ic_decode_kv(
                 self.mref,
                 token,
                 cos.data_ptr(),
                 sin.data_ptr(),
-                kp,
-                vp,
-                cap,
+                ctypes.byref(binding),
                 start,
                 x.data_ptr(),
                 None if out is None else out.data_ptr(),
@@ -492,6 +531,11 @@ class NativeDecoder:
             raise ValueError(f"native decode refused token {token} at slot {start} (capacity {cap})")
         return x, out
 
+    def batchable(self, cache) -> bool:
+        """Whether the batched step reads this cache (bf16 buffers; int8 KV takes the one-token step)."""
+        view = self.bind(cache)
+        return view is not None and view.format == DECODE_KV_FORMATS["bfloat16"]
+
     def decode_batch(
         self, tokens: list[int], positions: list[torch.Tensor], caches: list, starts: list[int]
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -500,15 +544,16 @@ class NativeDecoder:
         (decode.c's ic_decode_batch): -> final hidden states (B, D) and logits (B, V), float32, not yet
         re-scored. Row b equals `decode` of that token alone with the same thread count, bit for bit."""
         B, n_layers = len(tokens), self.model.cfg.n_layers
-        bindings = [self.bind(c) for c in caches]
-        if any(b is None for b in bindings):
-            raise InfinichatError("the native decode step cannot read one of these caches (check bind first)")
+        if not all(self.batchable(c) for c in caches):
+            raise InfinichatError("the native batched step cannot read one of these caches (check batchable first)")
+        views = [self.bind(c) for c in caches]
         kp = (ctypes.c_void_p * (B * n_layers))()
         vp = (ctypes.c_void_p * (B * n_layers))()
-        for b, (k, v, _cap) in enumerate(bindings):  # type: ignore[misc]
+        for b, view in enumerate(views):
+            k, v = view._arrays[:2]  # type: ignore[union-attr]  # the per-layer bf16 buffer pointers
             kp[b * n_layers : (b + 1) * n_layers] = list(k)
             vp[b * n_layers : (b + 1) * n_layers] = list(v)
-        caps = torch.tensor([c for _k, _v, c in bindings], dtype=torch.int64)  # type: ignore[misc]
+        caps = torch.tensor([view.cap for view in views], dtype=torch.int64)  # type: ignore[union-attr]
         cos, sin = self.model.rope.cos_sin(torch.cat(positions), torch.float32)  # (B, hd) each
         cos, sin = cos.contiguous(), sin.contiguous()
         toks = torch.tensor(tokens, dtype=torch.int64)

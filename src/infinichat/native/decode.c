@@ -14,8 +14,9 @@
    bound by reading the weights. The zero terms (int4, grouped int8) use the exact float sum of each activation
    block. The same row products serve multi-token calls of the PyTorch path (ic_matmul, end of file).
 
-   The KV cache is the KV store's own bf16 buffers (Hkv, capacity, hd) per layer: the new key/value rows are
-   written at slot `start` and attention reads slots [0, start]. Attention is split over the threads by key
+   The KV cache is the KV store's own buffers (Hkv, capacity, hd) per layer, bf16 or int8 codes with a float32
+   scale per row (KVView, ic_decode_kv): the new key/value rows are written at slot `start` (int8: quantized
+   here) and attention reads slots [0, start]. Attention is split over the threads by key
    slots (flash-decoding): each thread keeps a running max, sum and weighted value sum per query head over
    its slots, in blocks of ABLK, and the partial results are merged at the end. */
 
@@ -342,11 +343,17 @@ typedef struct {
     float acc[MAX_HEADS * MAX_HD];
 } Partial;
 
+static inline __m256 load_i8x8(const int8_t *p) { /* 8 int8 -> 8 floats */
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
+}
+
 /* Partial attention of all query heads over key slots [a, b): running max m, sum l and sum of weighted
-   values acc per head (q already scaled). kbuf/vbuf (Hkv, cap, hd) bf16. The G query heads of a KV head
-   are done together, so each key and value row is read and widened once. */
-static void attend_part(const Model *M, const float *q, const uint16_t *kbuf, const uint16_t *vbuf, int64_t cap,
-                        int64_t a, int64_t b, Partial *P) {
+   values acc per head (q already scaled). kbuf/vbuf (Hkv, cap, hd): bf16, or (`q8`) int8 codes with float32
+   scales ks/vs (Hkv, cap) (the int8 KV store's rows: x = code * scale). The G query heads of a KV head are
+   done together, so each key and value row is read and widened once. Compiled once per format (q8 constant). */
+static inline __attribute__((always_inline)) void attend_rows(
+    const Model *M, const float *q, const void *kbuf, const void *vbuf, const float *ks, const float *vs,
+    int64_t cap, int64_t a, int64_t b, Partial *P, const int q8) {
     const int H = M->n_heads, Hkv = M->n_kv, hd = M->head_dim, G = H / Hkv;
     for (int h = 0; h < H; h++) {
         P->m[h] = -INFINITY;
@@ -356,20 +363,22 @@ static void attend_part(const Model *M, const float *q, const uint16_t *kbuf, co
     float sc[MAX_GROUP][ABLK] __attribute__((aligned(32)));
     float corr[MAX_GROUP];
     for (int kh = 0; kh < Hkv; kh++) {
-        const uint16_t *K = kbuf + (int64_t)kh * cap * hd;
-        const uint16_t *V = vbuf + (int64_t)kh * cap * hd;
+        const int64_t row0 = (int64_t)kh * cap; /* this KV head's first row */
+        const uint16_t *K = (const uint16_t *)kbuf + row0 * hd, *V = (const uint16_t *)vbuf + row0 * hd;
+        const int8_t *K8 = (const int8_t *)kbuf + row0 * hd, *V8 = (const int8_t *)vbuf + row0 * hd;
+        const float *KS = q8 ? ks + row0 : NULL, *VS = q8 ? vs + row0 : NULL;
         const float *qk = q + kh * G * hd;
         for (int64_t t0 = a; t0 < b; t0 += ABLK) {
             const int nb = (int)(b - t0 < ABLK ? b - t0 : ABLK);
             for (int j = 0; j < nb; j++) { /* scores of the block */
-                const uint16_t *kr = K + (t0 + j) * hd;
                 __m256 s[MAX_GROUP];
                 for (int g = 0; g < G; g++) s[g] = _mm256_setzero_ps();
                 for (int i = 0; i < hd; i += 8) {
-                    __m256 kv = load_bf16x8(kr + i);
+                    __m256 kv = q8 ? load_i8x8(K8 + (t0 + j) * hd + i) : load_bf16x8(K + (t0 + j) * hd + i);
                     for (int g = 0; g < G; g++) s[g] = _mm256_fmadd_ps(kv, _mm256_loadu_ps(qk + g * hd + i), s[g]);
                 }
-                for (int g = 0; g < G; g++) sc[g][j] = hsum8(s[g]);
+                const float kscale = q8 ? KS[t0 + j] : 1.0f;
+                for (int g = 0; g < G; g++) sc[g][j] = hsum8(s[g]) * kscale;
             }
             for (int g = 0; g < G; g++) { /* online softmax update */
                 const int h = kh * G + g;
@@ -391,19 +400,73 @@ static void attend_part(const Model *M, const float *q, const uint16_t *kbuf, co
                     lsum += sc[g][j];
                 }
                 P->l[h] = P->l[h] * corr[g] + lsum;
+                if (q8)
+                    for (j = 0; j < nb; j++) sc[g][j] *= VS[t0 + j]; /* the value rows' scales, once per weight */
             }
             for (int i = 0; i < hd; i += 8) { /* weighted values, 8 dims at a time */
                 __m256 o[MAX_GROUP];
                 for (int g = 0; g < G; g++)
                     o[g] = _mm256_mul_ps(_mm256_loadu_ps(P->acc + (kh * G + g) * hd + i), _mm256_set1_ps(corr[g]));
                 for (int j = 0; j < nb; j++) {
-                    __m256 vv = load_bf16x8(V + (t0 + j) * hd + i);
+                    __m256 vv = q8 ? load_i8x8(V8 + (t0 + j) * hd + i) : load_bf16x8(V + (t0 + j) * hd + i);
                     for (int g = 0; g < G; g++) o[g] = _mm256_fmadd_ps(_mm256_set1_ps(sc[g][j]), vv, o[g]);
                 }
                 for (int g = 0; g < G; g++) _mm256_storeu_ps(P->acc + (kh * G + g) * hd + i, o[g]);
             }
         }
     }
+}
+
+/* ------------------------------------------------------------------------------------------- KV formats
+   Where the step keeps a layer's key/value rows: the KV store's bf16 buffers, or its int8 codes + scales
+   (kv/quantized.py Int8KVStore). One KVView per call: per layer, the buffers (Hkv, cap, hd) and for int8 the
+   scales (Hkv, cap). */
+enum { KV_BF16 = 0, KV_INT8 = 1 };
+
+typedef struct {
+    int32_t format;          /* KV_* */
+    int64_t cap;             /* slots per (layer, KV head) */
+    void *const *k, *const *v;         /* per layer: (Hkv, cap, hd) bf16 or int8 */
+    float *const *ks, *const *vs;      /* per layer: (Hkv, cap) float32 scales (int8), else NULL */
+} KVView;
+
+/* one row x (hd,) float32 -> int8 codes and a scale: 127 / max|x| as the multiplier, round half to even (what
+   kv/quantized.py quantize_int8 computes) */
+static void quantize_row_int8(const float *x, int hd, int8_t *q, float *scale) {
+    float amax = 0.0f;
+    for (int i = 0; i < hd; i++) amax = fabsf(x[i]) > amax ? fabsf(x[i]) : amax;
+    const float inv = amax > 0 ? 127.0f / amax : 0.0f;
+    for (int i = 0; i < hd; i++) q[i] = (int8_t)rintf(x[i] * inv);
+    *scale = amax / 127.0f;
+}
+
+/* layer li's key and value rows of KV head h at slot `slot`, from float32 k, v (hd,) */
+static void kv_write_row(const KVView *kv, int li, int h, int hd, int64_t slot, const float *k, const float *v) {
+    const int64_t row = (int64_t)h * kv->cap + slot;
+    if (kv->format == KV_INT8) {
+        quantize_row_int8(k, hd, (int8_t *)kv->k[li] + row * hd, kv->ks[li] + row);
+        quantize_row_int8(v, hd, (int8_t *)kv->v[li] + row * hd, kv->vs[li] + row);
+        return;
+    }
+    uint16_t *kd = (uint16_t *)kv->k[li] + row * hd, *vd = (uint16_t *)kv->v[li] + row * hd;
+    for (int i = 0; i < hd; i++) {
+        kd[i] = f32_bf16(k[i]);
+        vd[i] = f32_bf16(v[i]);
+    }
+}
+
+/* bf16 buffers (Hkv, cap, hd) */
+static void attend_part(const Model *M, const float *q, const uint16_t *kbuf, const uint16_t *vbuf, int64_t cap,
+                        int64_t a, int64_t b, Partial *P) {
+    attend_rows(M, q, kbuf, vbuf, NULL, NULL, cap, a, b, P, 0);
+}
+
+/* layer li of a KV view, in its format */
+static void attend_view(const Model *M, const float *q, const KVView *kv, int li, int64_t a, int64_t b, Partial *P) {
+    if (kv->format == KV_INT8)
+        attend_rows(M, q, kv->k[li], kv->v[li], kv->ks[li], kv->vs[li], kv->cap, a, b, P, 1);
+    else
+        attend_rows(M, q, kv->k[li], kv->v[li], NULL, NULL, kv->cap, a, b, P, 0);
 }
 
 /* ------------------------------------------------------------------------------------------- the step */
@@ -429,11 +492,12 @@ size_t ic_work_size(void) { return sizeof(Work); }
 /* The ABI the Python side (native/__init__.py) was written against: bump IC_ABI_VERSION whenever a struct
    or an exported signature changes. Fills sizes[0..2] with sizeof(Mat), sizeof(Layer), sizeof(Model); the
    loader compares them with its ctypes structures and refuses a library that disagrees. */
-#define IC_ABI_VERSION 2
+#define IC_ABI_VERSION 3 /* 3: KVView and ic_decode_kv (quantized KV) */
 int ic_abi(int64_t *sizes) {
     sizes[0] = (int64_t)sizeof(Mat);
     sizes[1] = (int64_t)sizeof(Layer);
     sizes[2] = (int64_t)sizeof(Model);
+    sizes[3] = (int64_t)sizeof(KVView);
     return IC_ABI_VERSION;
 }
 
@@ -446,13 +510,14 @@ int ic_check(const Model *M) {
     return 0;
 }
 
-/* One token: x = embed[token]; every layer writes its key/value row at slot `start` of kbufs[l]/vbufs[l]
-   (Hkv, cap, hd) bf16 and attends over slots [0, start]. Writes the final normed hidden state (D,) to
+/* One token: x = embed[token]; every layer writes its key/value row at slot `start` of the KV view (bf16 or
+   int8 rows, see KVView) and attends over slots [0, start]. Writes the final normed hidden state (D,) to
    `out_x` and, if `logits` is not NULL, the head's logits (V,). cos/sin: (hd,) for this token's position. */
-int ic_decode(const Model *M, int64_t token, const float *cos, const float *sin, uint16_t *const *kbufs,
-              uint16_t *const *vbufs, int64_t cap, int64_t start, float *out_x, float *logits, void *work,
-              int nthreads) {
+int ic_decode_kv(const Model *M, int64_t token, const float *cos, const float *sin, const KVView *kv,
+                 int64_t start, float *out_x, float *logits, void *work, int nthreads) {
+    const int64_t cap = kv->cap;
     if (token < 0 || token >= M->vocab || start < 0 || start >= cap) return 1;
+    if (kv->format != KV_BF16 && kv->format != KV_INT8) return 2;
     if (nthreads < 1) nthreads = 1;
     if (nthreads > MAX_THREADS) nthreads = MAX_THREADS;
     Work *W = (Work *)work;
@@ -481,17 +546,12 @@ int ic_decode(const Model *M, int64_t token, const float *cos, const float *sin,
                 }
                 for (int h = 0; h < Hkv; h++) {
                     rope(k + h * hd, cos, sin, hd);
-                    uint16_t *kd = kbufs[li] + ((int64_t)h * cap + start) * hd;
-                    uint16_t *vd = vbufs[li] + ((int64_t)h * cap + start) * hd;
-                    for (int i = 0; i < hd; i++) {
-                        kd[i] = f32_bf16(k[h * hd + i]);
-                        vd[i] = f32_bf16(v[h * hd + i]);
-                    }
+                    kv_write_row(kv, li, h, hd, start, k + h * hd, v + h * hd);
                 }
             }
             int64_t a, b;
             share(n, ABLK, t, nt, &a, &b);
-            attend_part(M, W->qkv, kbufs[li], vbufs[li], cap, a, b, &W->part[t]);
+            attend_view(M, W->qkv, kv, li, a, b, &W->part[t]);
             #pragma omp barrier
             #pragma omp for schedule(static)
             for (int h = 0; h < H; h++) { /* merge the threads' partial softmaxes */
@@ -532,6 +592,14 @@ int ic_decode(const Model *M, int64_t token, const float *cos, const float *sin,
         if (logits) matvec(&M->head, act_for(&M->head, W), logits, 0);
     }
     return 0;
+}
+
+/* ic_decode_kv over the KV store's bf16 buffers kbufs[l]/vbufs[l] (Hkv, cap, hd) */
+int ic_decode(const Model *M, int64_t token, const float *cos, const float *sin, uint16_t *const *kbufs,
+              uint16_t *const *vbufs, int64_t cap, int64_t start, float *out_x, float *logits, void *work,
+              int nthreads) {
+    const KVView kv = {KV_BF16, cap, (void *const *)kbufs, (void *const *)vbufs, NULL, NULL};
+    return ic_decode_kv(M, token, cos, sin, &kv, start, out_x, logits, work, nthreads);
 }
 
 /* ------------------------------------------------------------------------------------------- the batched step

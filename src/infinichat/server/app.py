@@ -18,6 +18,7 @@ from fastapi.staticfiles import StaticFiles
 
 from infinichat.engine.backends import load_engine
 from infinichat.errors import InfinichatError
+from infinichat.kv.quantized import bytes_per_token
 from infinichat.kv.registry import POLICIES
 from infinichat.model.label import model_label
 from infinichat.model.loader import default_model_path
@@ -58,6 +59,7 @@ def make_engine(args: argparse.Namespace, on_progress=None):
         args.cache_dir,
         quant=getattr(args, "quant", "none"),
         device=getattr(args, "device", "auto"),
+        kv_dtype=getattr(args, "kv_dtype", "auto"),
         on_progress=on_progress,
     )
 
@@ -79,6 +81,7 @@ def _cache_snapshot(metrics: Metrics, lru: PrefixLRU):
         metrics.snapshot_cache(
             {
                 "cache_tokens": sum(q.length for q in seqs),
+                "cache_bytes": sum(int(getattr(q.store, "nbytes", 0)) for q in seqs),
                 "resident_sessions": sum(s.seq is not None for s in m.sessions.values()),
                 "evictions": sum(q.n_evictions for q in seqs),
                 "evicted_tokens": sum(q.n_evicted for q in seqs),
@@ -193,8 +196,8 @@ def default_max_budget(engine, kv_cap_bytes: int) -> int:
     trained = getattr(cfg, "max_position", None) or MAX_BUDGET
     per_token = 0
     if cfg is not None:
-        size = torch.empty((), dtype=getattr(getattr(engine, "model", None), "dtype", torch.float32)).element_size()
-        per_token = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * size
+        dtype = getattr(getattr(engine, "model", None), "dtype", torch.float32)
+        per_token = int(bytes_per_token(cfg, getattr(engine, "kv_format", str(dtype))))
     by_memory = kv_cap_bytes // 2 // per_token if per_token else MAX_BUDGET
     return max(64, min(MAX_BUDGET, trained, by_memory))
 

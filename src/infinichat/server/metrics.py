@@ -17,7 +17,14 @@ class Metrics:
         self.tokens_out = 0
         self.gen_seconds = 0.0  # wall time with at least one generation running
         self._recent: list[tuple[float, int]] = []  # (time, tokens out) for the 60 s rate
-        self.cache = {"cache_tokens": 0, "resident_sessions": 0, "evictions": 0, "evicted_tokens": 0, "kv_offloads": 0}
+        self.cache = {
+            "cache_tokens": 0,
+            "cache_bytes": 0,
+            "resident_sessions": 0,
+            "evictions": 0,
+            "evicted_tokens": 0,
+            "kv_offloads": 0,
+        }
         self.batch_sizes: dict[int, int] = {}  # sequences per decode forward call -> calls (the worker's batcher)
         self.started = time.time()
 
@@ -80,6 +87,12 @@ class Metrics:
                 ),
                 ("queue_depth", "gauge", "requests waiting or running in the engine worker", queue_depth),
                 ("cache_tokens", "gauge", "tokens held in resident KV caches", self.cache["cache_tokens"]),
+                (
+                    "cache_bytes",
+                    "gauge",
+                    "bytes of K/V memory the resident KV caches hold (allocated; --kv-dtype sets the bytes per token)",
+                    self.cache["cache_bytes"],
+                ),
                 ("resident_sessions", "gauge", "sessions whose KV cache is in memory", self.cache["resident_sessions"]),
                 ("evictions_total", "counter", "eviction events in resident caches", self.cache["evictions"]),
                 (

@@ -100,7 +100,8 @@ class SessionManager:
         self.spare: list[SpareKV] = []  # other KV memory counted in the cap
         self.fmt = ChatFormat(tokenizer, chat_template)
         # the KV of a prefix depends on the model file, the backend and the KV dtype
-        kv_id = f"{model_id}:{type(engine).__name__}:{getattr(getattr(engine, 'model', None), 'dtype', '')}"
+        kv_format = getattr(engine, "kv_format", None) or getattr(getattr(engine, "model", None), "dtype", "")
+        kv_id = f"{model_id}:{type(engine).__name__}:{kv_format}"  # kv_format: torch.bfloat16, int8, int4, ...
         self.prefix = PrefixCache(self.db.dir / "prefix", kv_id)
         self.model_id = model_id
         self.sessions: dict[str, Session] = {}  # loaded (their KV may or may not be resident)

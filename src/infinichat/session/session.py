@@ -32,6 +32,7 @@ import torch
 
 from infinichat.engine.textgen import Generation, TextChunk, stream_text
 from infinichat.errors import InfinichatError
+from infinichat.kv.quantized import bytes_per_token
 from infinichat.kv.sequence import KVSequence
 from infinichat.session.cards import substitute
 from infinichat.session.chatformat import ChatFormat
@@ -336,12 +337,14 @@ class Session:
             "evictions": seq.n_evictions,
             "evicted_tokens": seq.n_evicted,
             "bytes": seq.store.nbytes,
+            "kv_format": kv_bytes(seq.store)[0],
         }
 
     def kv_map(self) -> dict:
         """The cache map: segments in slot order with kind, tokens, pinned, and the message they hold."""
         seq = self.ensure_cache()
         by_name = {m.segment_name: (i, m) for i, m in enumerate(self.messages)}
+        fmt, per_token = kv_bytes(seq.store)
         segs = []
         for s in seq.segments.segments:
             turn, msg = by_name.get(s.name, (None, None))
@@ -352,6 +355,7 @@ class Session:
                     "name": s.name,
                     "start": s.start,
                     "tokens": len(s),
+                    "bytes": round(len(s) * per_token),
                     "pinned": s.pinned,
                     "turn": turn,
                     "label": msg.meta.get("name", "") if msg is not None else "",
@@ -368,6 +372,9 @@ class Session:
             "budget": seq.budget,
             "free": seq.budget - seq.length,
             "policy": seq.policy.name,
+            "kv_format": fmt,
+            "bytes": seq.store.nbytes,  # allocated K/V memory
+            "bytes_per_token": per_token,
             "segments": segs,
             "evicted_turns": gone,
             "evictions": seq.n_evictions,
@@ -1068,3 +1075,12 @@ class Session:
                 self.rebuild()
         self._changed()
         return new
+
+
+def kv_bytes(store) -> tuple[str, float]:
+    """(format, bytes per cached token) of a KV store: a torch store's dtype name / int8 / int4 and its nominal
+    size per token; another backend's store ("llama.cpp"): its memory over its capacity."""
+    fmt = getattr(store, "kv_format", None)
+    if fmt is None:
+        return "llama.cpp", store.nbytes / max(1, store.capacity)
+    return fmt, bytes_per_token(store.cfg, fmt)

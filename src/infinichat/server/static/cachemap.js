@@ -9,6 +9,7 @@ export const KIND_LABEL = {
   rag: "RAG", lore: "Lore (world info)", scratch: "Scratch (suggestion)",
 };
 const fmt = (n) => Number(n ?? 0).toLocaleString("en-US");
+const fmtBytes = (n) => (n >= 1 << 20 ? `${(n / (1 << 20)).toFixed(1)} MiB` : `${((n ?? 0) / 1024).toFixed(1)} KiB`);
 
 function segTip(seg, budget) {
   return () => {
@@ -18,6 +19,7 @@ function segTip(seg, budget) {
       ["Turn", seg.turn === null || seg.turn === undefined ? (seg.kind === "system" ? "— (pinned)" : "—") : `#${seg.turn}`],
       ["In memory", `${fmt(seg.tokens)} tokens (${((100 * seg.tokens) / budget).toFixed(1)}% of the budget)`],
     ];
+    if (seg.bytes !== undefined) rows.push(["K/V bytes", fmtBytes(seg.bytes)]);
     if (seg.evicted) rows.push(["Evicted", `${fmt(seg.evicted)} tokens`]);
     if (seg.start !== undefined && seg.start !== null) rows.push(["Slots", `${fmt(seg.start)} – ${fmt(seg.start + seg.tokens - 1)}`]);
     if (seg.pinned) rows.push(["Pinned", "never evicted"]);
@@ -69,6 +71,7 @@ export function renderCacheMap(kv, zoom, onPick) {
     h("b", {}, fmt(used)), ` / ${fmt(kv.budget)} tokens`,
     h("span", { class: "dot" }, "·"), `${fmt(free)} free`,
     h("span", { class: "dot" }, "·"), `policy `, h("b", {}, kv.policy || "?"),
+    ...(kv.bytes !== undefined ? [h("span", { class: "dot" }, "·"), `${fmtBytes(kv.bytes)} ${kv.kv_format || ""} K/V`] : []),
     h("span", { class: "dot" }, "·"),
     h("span", { class: kv.evicted_tokens ? "ev-count hot" : "ev-count" },
       `${fmt(kv.evicted_tokens)} evicted`, kv.evictions ? ` in ${fmt(kv.evictions)} eviction${kv.evictions > 1 ? "s" : ""}` : ""));
