@@ -229,9 +229,11 @@ def new_sequence(engine: Engine, run: PolicyRun, n_prompt: int, max_new: int) ->
     params = dict(run.params)
     if cls.drops_tokens:
         budget = budget if budget is not None else room
-        # a prefill-phase policy (SnapKV) takes the whole prompt before compressing it to the budget
-        capacity = room if cls.phase == "prefill" else None
-        seq = engine.new_sequence(budget=min(budget, room), policy=run.name, capacity=capacity, **params)
+        # a prefill-phase policy (SnapKV) takes the whole prompt before compressing it to the budget, plus the
+        # scratch room of its scoring pass (KVzip)
+        policy = make_policy(run.name, **params)
+        capacity = room + policy.scratch_slots() if cls.phase == "prefill" else None
+        seq = engine.new_sequence(budget=min(budget, room), policy=policy, capacity=capacity)
         return seq, budget
     select_field = selection_budget_field(cls)
     if select_field is not None and budget is not None:
