@@ -181,6 +181,7 @@ def run(args: argparse.Namespace) -> int:
         "filter-layers": filter_layers,
         "passkey": eval_long.passkey,
         "niah": eval_long.niah,
+        "ruler": eval_long.ruler,
         "longbench": eval_long.longbench,
         "infinitebench": eval_long.infinitebench,
     }[args.eval_command](args)
