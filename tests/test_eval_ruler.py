@@ -86,7 +86,9 @@ def test_cli_ruler_writes_json_markdown_and_heatmaps(tiny_gguf_1k, tmp_path, cap
         assert r["kept"] <= (r["length"] if r["policy"] == "full" else r["budget"])
         assert 0.0 <= r["score"] <= r["score_part"] <= 1.0
     cell = report["summary"]["kvzip 50%"]["by_task"]["vt"]["500"]
-    mine = [r["score"] for r in report["results"] if r["policy"] == "kvzip 50%" and r["task"] == "vt" and r["length"] == 500]
+    mine = [
+        r["score"] for r in report["results"] if r["policy"] == "kvzip 50%" and r["task"] == "vt" and r["length"] == 500
+    ]
     assert cell["score"] == pytest.approx(sum(mine) / 2)
     md = (out / "ruler.md").read_text()
     assert "| policy | niah_single | vt | mean |" in md and "## RULER subset at 500 tokens" in md

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_kv_attention_policies import V, hf, ids_of  # noqa: F401  (hf: the shared fixture)
+from test_kv_attention_policies import hf as hf
+from test_kv_attention_policies import ids_of
 from test_kv_store import rand_ids, tiny_engine
 
 from infinichat.engine.torch_engine import TorchEngine

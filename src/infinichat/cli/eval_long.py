@@ -276,6 +276,56 @@ def ruler(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------------ multiturn
+
+
+def multiturn(args: argparse.Namespace) -> int:
+    from infinichat.eval import multiturn as mt
+
+    _check_common(args)
+    lengths = _check_lengths_samples(args)
+    if args.turns < 1:
+        raise InfinichatError(f"--turns must be >= 1, got {args.turns}")
+    runs = _policy_runs(args)
+    max_new = args.max_new_tokens or mt.MAX_NEW
+    out_dir = Path(args.out) if args.out else Path("results") / time.strftime("multiturn-%Y%m%d-%H%M%S")
+
+    err = Console(stderr=True, highlight=False)
+    tok, name, engine, threads, compute = _load(args)
+    convs = [mt.conversation(tok, n, i, args.turns, args.seed) for n in lengths for i in range(args.samples)]
+
+    def decode(ids):
+        return tok.decode(ids, skip_special=True)
+
+    records: list[dict] = []
+    with _progress(err) as progress:
+        for run in runs:
+            bar = progress.add_task(run.label, total=len(convs), acc="")
+            for conv in convs:
+                records += mt.run_conversation(engine, run, conv, max_new, decode)
+                mine = [x["correct"] for x in records if x["policy"] == run.label]
+                progress.update(bar, advance=1, acc=f"acc {100 * sum(mine) / len(mine):.0f}%")
+    report = mt.build_report(
+        runs=runs,
+        records=records,
+        lengths=lengths,
+        turns=args.turns,
+        model=name,
+        dtype=compute,
+        threads=threads,
+        seed=args.seed,
+        samples=args.samples,
+        max_new_tokens=max_new,
+    )
+    paths = mt.write_report(report, out_dir)
+    for n in lengths:
+        _print_table(f"multi-turn accuracy (%) per turn, {n}-token context, {name}", *mt.turn_rows(report, n))
+    Console(highlight=False).print(
+        f"results: {paths['json']}  tables: {paths['md']}  heatmaps: {out_dir}/multiturn-*.png"
+    )
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------ longbench
 
 

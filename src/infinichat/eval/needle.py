@@ -155,7 +155,9 @@ def build_prompt(
     # distractors at seeded sentence boundaries (never exactly where the answer goes, when there is a choice)
     others = [b for b in bounds if b != answer_at] or bounds
     if ordered:
-        spots = sorted(rng.sample(bounds, len(items)) if len(bounds) >= len(items) else rng.choices(bounds, k=len(items)))
+        spots = sorted(
+            rng.sample(bounds, len(items)) if len(bounds) >= len(items) else rng.choices(bounds, k=len(items))
+        )
         placed = [(at, float(i), x) for i, (at, x) in enumerate(zip(spots, items, strict=True))]
     else:
         placed = [(answer_at, 0, x) if x.answer else (rng.choice(others), rng.random(), x) for x in items]

@@ -22,6 +22,7 @@ per policy run, like `eval passkey` / `eval niah`.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import random
@@ -161,7 +162,7 @@ def _variable_tracking(tok: Tokenizer, fmt: PromptFormat, length: int, index: in
     taken: set[str] = set()
     names = [_variable_name(rng, taken) for _ in range(HOPS + 1)]
     value = haystack.random_number(rng, 5)
-    chain = [f"VAR {names[0]} = {value}."] + [f"VAR {b} = VAR {a}." for a, b in zip(names, names[1:], strict=False)]
+    chain = [f"VAR {names[0]} = {value}."] + [f"VAR {b} = VAR {a}." for a, b in itertools.pairwise(names)]
     s = needle.build_prompt(
         tok,
         fmt,
@@ -276,7 +277,11 @@ def summarize(
 
 
 def build_report(
-    *, runs: Sequence[PolicyRun], records: Sequence[dict[str, Any]], tasks: Sequence[str], lengths: Sequence[int],
+    *,
+    runs: Sequence[PolicyRun],
+    records: Sequence[dict[str, Any]],
+    tasks: Sequence[str],
+    lengths: Sequence[int],
     **settings: Any,
 ) -> dict[str, Any]:
     return {
@@ -321,7 +326,15 @@ def markdown(report: dict[str, Any]) -> str:
             for n in report["lengths"]:
                 c = s["by_task"][t][str(n)]
                 rows.append(
-                    [label, t, str(n), pct(c["score"]), pct(c["score_part"]), num(c["kept"], ".0f"), num(c["prefill_s"], ".2f")]
+                    [
+                        label,
+                        t,
+                        str(n),
+                        pct(c["score"]),
+                        pct(c["score_part"]),
+                        num(c["kept"], ".0f"),
+                        num(c["prefill_s"], ".2f"),
+                    ]
                 )
     parts.append(md_table(header, rows))
     return "\n".join(parts)
@@ -340,7 +353,12 @@ def write_report(report: dict[str, Any], out_dir: Path) -> dict[str, Any]:
             grid = [[s["by_task"][t][str(n)]["score"] for n in report["lengths"]] for t in report["tasks"]]
             png = out_dir / f"ruler-heatmap-{slug(label)}.png"
             plot_grid(
-                grid, report["tasks"], [str(n) for n in report["lengths"]], "task", f"RULER: {label} (string_match_all %)", png
+                grid,
+                report["tasks"],
+                [str(n) for n in report["lengths"]],
+                "task",
+                f"RULER: {label} (string_match_all %)",
+                png,
             )
             paths["png"].append(png)
     except OSError as e:

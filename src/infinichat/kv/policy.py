@@ -28,8 +28,8 @@ A forward call's `stage` is "prompt" (a chunk of a prompt), "prompt_end" (its la
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
