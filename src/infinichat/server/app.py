@@ -19,7 +19,7 @@ from fastapi.staticfiles import StaticFiles
 from infinichat.engine.backends import load_engine
 from infinichat.errors import InfinichatError
 from infinichat.kv.registry import POLICIES
-from infinichat.server import errors, routes_actions, routes_openai, routes_sessions
+from infinichat.server import errors, routes_actions, routes_openai, routes_sessions, routes_tokenize
 from infinichat.server.errors import ApiError
 from infinichat.server.guard import Guard, default_allowed_hosts
 from infinichat.server.metrics import Metrics
@@ -129,7 +129,7 @@ def create_app(
         )
 
     auth = [Depends(_auth)]
-    for r in (routes_sessions.router, routes_actions.router, routes_openai.router):
+    for r in (routes_sessions.router, routes_actions.router, routes_openai.router, routes_tokenize.router):
         app.include_router(r, dependencies=auth)
 
     @app.get("/api/info", dependencies=auth)
