@@ -27,6 +27,7 @@ import logging
 import sys
 from typing import Any
 
+import lm_eval.models  # noqa: F401  (lm-eval's own models first: it fills an empty registry only)
 import torch
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
