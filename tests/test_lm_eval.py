@@ -158,9 +158,7 @@ def test_lm_eval_local_completions_and_in_process_infinichat_agree_with_ours(
         model_args=f"base_url={live.url}/v1/completions,model=tiny,tokenizer_backend=remote,max_retries=1",
         **common,
     )
-    local = lm_eval.simple_evaluate(
-        model="infinichat", model_args=f"model={tiny_chat_model.path},threads=1", **common
-    )
+    local = lm_eval.simple_evaluate(model="infinichat", model_args=f"model={tiny_chat_model.path},threads=1", **common)
     assert set(server["results"]) == set(local["results"]) == set(TASKS)
     assert _check_samples(server, engine, tok) == _check_samples(local, engine, tok)  # same greedy answers too
     for task, metric in [("infinichat_tiny_mc", "acc,none"), ("infinichat_tiny_rolling", "word_perplexity,none")]:
@@ -194,5 +192,5 @@ def test_unknown_model_args_are_a_clear_error(tiny_chat_model):
     from infinichat.errors import InfinichatError
     from infinichat.eval.lm_harness import InfinichatLM
 
-    with pytest.raises(InfinichatError, match="unknown \\['windw'\\]; accepted: .*window"):
+    with pytest.raises(InfinichatError, match=r"unknown \['windw'\]; accepted: .*window"):
         InfinichatLM(policy="snapkv", model=str(tiny_chat_model.path), windw=8)

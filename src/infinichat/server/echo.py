@@ -41,10 +41,7 @@ def prompt_list(prompt: Any) -> list[str | list[int]]:
 
 
 def prompt_ids(tok, prompt: str | list[int], i: int) -> list[int]:
-    if isinstance(prompt, str):
-        ids = tok.encode(prompt, add_bos=tok.add_bos, parse_special=False)
-    else:
-        ids = list(prompt)
+    ids = tok.encode(prompt, add_bos=tok.add_bos, parse_special=False) if isinstance(prompt, str) else list(prompt)
     if not ids or any(not 0 <= t < tok.vocab_size for t in ids):
         raise ApiError(
             400,
@@ -71,7 +68,9 @@ def scored_prompt(engine, tok, ids: list[int], top: int, params, should_stop) ->
         tops += [_top(tok, row, top) for row in logp] if top else [{} for _ in ids[1:]]
     gen, steps = Generation(), []
     if params.max_tokens > 0:
-        for chunk in stream_text(engine, tok, seq, ids[-1:], params, history=ids[:-1], should_stop=should_stop, result=gen):
+        for chunk in stream_text(
+            engine, tok, seq, ids[-1:], params, history=ids[:-1], should_stop=should_stop, result=gen
+        ):
             if chunk.step is not None:
                 steps.append(chunk.step)
     else:

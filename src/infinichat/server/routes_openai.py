@@ -85,7 +85,9 @@ async def _generate(request: Request, body, kind: str):
         prompts = prompt_list(body.prompt)
         if len(prompts) != 1:
             raise ApiError(
-                400, f"prompt: exactly one prompt is supported (a batch only with echo), got {len(prompts)}", param="prompt"
+                400,
+                f"prompt: exactly one prompt is supported (a batch only with echo), got {len(prompts)}",
+                param="prompt",
             )
         prompt = prompts[0]
     params = params_of(body, top, DEFAULT_MAX_TOKENS)
