@@ -18,7 +18,6 @@ Attention) or one that drops nothing (OmniKV) should not degrade with the turn. 
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import time
@@ -31,7 +30,7 @@ from infinichat.engine.base import Engine
 from infinichat.errors import InfinichatError
 from infinichat.eval import haystack, needle
 from infinichat.eval.prompt import encode_text, prompt_format
-from infinichat.eval.retrieval import md_table, mean_of, num, pct, slug
+from infinichat.eval.retrieval import md_table, mean_of, num, pct, write_files
 from infinichat.eval.runner import PolicyRun, continue_in, new_sequence
 from infinichat.model.tokenizer import Tokenizer
 
@@ -202,18 +201,21 @@ def write_report(report: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     """`multiturn.json`, `multiturn.md`, a policy x turn heatmap PNG per length; returns the paths."""
     from infinichat.eval.plot import plot_grid
 
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        paths: dict[str, Any] = {"json": out_dir / "multiturn.json", "md": out_dir / "multiturn.md", "png": []}
-        paths["json"].write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
-        paths["md"].write_text(markdown(report), encoding="utf-8")
-        labels = list(report["summary"])
-        turns = [str(t) for t in range(1, report["turns"] + 1)]
-        for n in report["lengths"]:
-            grid = [[report["summary"][lb]["by_length"][str(n)]["by_turn"][t] for t in turns] for lb in labels]
-            png = out_dir / f"multiturn-{slug(str(n))}.png"
-            plot_grid(grid, labels, turns, "policy", f"multi-turn, {n}-token context (accuracy %)", png, "turn")
-            paths["png"].append(png)
-    except OSError as e:
-        raise InfinichatError(f"cannot write the results into {out_dir}: {e.strerror or e}") from None
-    return paths
+    labels = list(report["summary"])
+    turns = [str(t) for t in range(1, report["turns"] + 1)]
+
+    def plots() -> list[Path]:
+        return [
+            plot_grid(
+                [[report["summary"][lb]["by_length"][str(n)]["by_turn"][t] for t in turns] for lb in labels],
+                labels,
+                turns,
+                "policy",
+                f"multi-turn, {n}-token context (accuracy %)",
+                out_dir / f"multiturn-{n}.png",
+                "turn",
+            )
+            for n in report["lengths"]
+        ]
+
+    return write_files(out_dir, "multiturn", report, markdown(report), plots)

@@ -219,15 +219,27 @@ def write_report(report: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     from infinichat.eval.plot import plot_accuracy_heatmap
 
     task = report["task"]
+
+    def plots() -> list[Path]:
+        return [
+            plot_accuracy_heatmap(report, label, out_dir / f"{task}-heatmap-{slug(label)}.png")
+            for label in report["summary"]
+        ]
+
+    return write_files(out_dir, task, report, markdown(report), plots)
+
+
+def write_files(
+    out_dir: Path, stem: str, report: dict[str, Any], md: str, plots: Callable[[], list[Path]]
+) -> dict[str, Any]:
+    """`<stem>.json`, `<stem>.md` and the PNG files `plots()` draws into `out_dir`; returns the paths. A failed
+    write is one clear error."""
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        paths: dict[str, Any] = {"json": out_dir / f"{task}.json", "md": out_dir / f"{task}.md", "png": []}
+        paths: dict[str, Any] = {"json": out_dir / f"{stem}.json", "md": out_dir / f"{stem}.md"}
         paths["json"].write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
-        paths["md"].write_text(markdown(report), encoding="utf-8")
-        for label in report["summary"]:
-            png = out_dir / f"{task}-heatmap-{slug(label)}.png"
-            plot_accuracy_heatmap(report, label, png)
-            paths["png"].append(png)
+        paths["md"].write_text(md, encoding="utf-8")
+        paths["png"] = plots()
     except OSError as e:
         raise InfinichatError(f"cannot write the results into {out_dir}: {e.strerror or e}") from None
     return paths

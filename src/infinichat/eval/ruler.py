@@ -23,7 +23,6 @@ per policy run, like `eval passkey` / `eval niah`.
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import random
 import string
@@ -37,7 +36,7 @@ from infinichat.engine.base import Engine
 from infinichat.errors import InfinichatError
 from infinichat.eval import haystack, needle
 from infinichat.eval.prompt import PromptFormat, encode_text
-from infinichat.eval.retrieval import md_table, mean_of, num, pct, slug
+from infinichat.eval.retrieval import md_table, mean_of, num, pct, slug, write_files
 from infinichat.eval.runner import PolicyRun, generate
 from infinichat.model.tokenizer import Tokenizer
 
@@ -344,23 +343,19 @@ def write_report(report: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     """`ruler.json`, `ruler.md`, one task x length heatmap PNG per policy run; returns the paths."""
     from infinichat.eval.plot import plot_grid
 
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        paths: dict[str, Any] = {"json": out_dir / "ruler.json", "md": out_dir / "ruler.md", "png": []}
-        paths["json"].write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
-        paths["md"].write_text(markdown(report), encoding="utf-8")
-        for label, s in report["summary"].items():
-            grid = [[s["by_task"][t][str(n)]["score"] for n in report["lengths"]] for t in report["tasks"]]
-            png = out_dir / f"ruler-heatmap-{slug(label)}.png"
+    lengths = [str(n) for n in report["lengths"]]
+
+    def plots() -> list[Path]:
+        return [
             plot_grid(
-                grid,
+                [[s["by_task"][t][n]["score"] for n in lengths] for t in report["tasks"]],
                 report["tasks"],
-                [str(n) for n in report["lengths"]],
+                lengths,
                 "task",
                 f"RULER: {label} (string_match_all %)",
-                png,
+                out_dir / f"ruler-heatmap-{slug(label)}.png",
             )
-            paths["png"].append(png)
-    except OSError as e:
-        raise InfinichatError(f"cannot write the results into {out_dir}: {e.strerror or e}") from None
-    return paths
+            for label, s in report["summary"].items()
+        ]
+
+    return write_files(out_dir, "ruler", report, markdown(report), plots)
