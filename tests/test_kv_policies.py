@@ -26,6 +26,8 @@ CAPABILITIES = {  # name: (phase, needs_attention_weights, offloads, drops_token
     "h2o": ("overflow", True, False, True, False),
     "tova": ("overflow", True, False, True, False),
     "snapkv": ("prefill", True, False, True, False),
+    "expected_attention": ("prefill", True, False, True, False),
+    "kvzip": ("prefill", True, False, True, False),
     "omnikv": ("decode", True, False, False, False),
     "brutal-offload": ("decode", False, True, False, False),
 }
@@ -38,6 +40,7 @@ def test_policies_declare_capabilities():
         assert (cls.phase, cls.needs_attention_weights, cls.offloads, cls.drops_tokens, cls.recompute) == CAPABILITIES[
             name
         ]
+        assert cls.scoring_pass == (name == "kvzip")  # scratch forward calls before compressing
 
 
 @pytest.mark.parametrize("policy", ["streaming", "window", "recompute", "turns"])

@@ -182,6 +182,8 @@ def run(args: argparse.Namespace) -> int:
         "filter-layers": filter_layers,
         "passkey": eval_long.passkey,
         "niah": eval_long.niah,
+        "ruler": eval_long.ruler,
+        "multiturn": eval_long.multiturn,
         "longbench": eval_long.longbench,
         "infinitebench": eval_long.infinitebench,
     }[args.eval_command](args)

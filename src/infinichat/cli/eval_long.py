@@ -1,4 +1,5 @@
-"""`infinichat eval passkey|niah|longbench`: long-context retrieval and LongBench under KV policies."""
+"""`infinichat eval passkey|niah|ruler|longbench|infinitebench`: long-context retrieval, RULER, LongBench and
+InfiniteBench under KV policies."""
 
 from __future__ import annotations
 
@@ -211,6 +212,120 @@ def passkey(args: argparse.Namespace) -> int:
 
 def niah(args: argparse.Namespace) -> int:
     return _retrieval(args, "niah")
+
+
+# ------------------------------------------------------------------------------------------------ ruler
+
+
+def _check_lengths_samples(args: argparse.Namespace) -> list[int]:
+    from infinichat.eval import needle
+
+    lengths = parse_list("--lengths", args.lengths, int, "an integer")
+    needle.check_lengths(lengths)
+    if args.samples < 1:
+        raise InfinichatError(f"--samples must be >= 1, got {args.samples}")
+    return lengths
+
+
+def ruler(args: argparse.Namespace) -> int:
+    from infinichat.eval import ruler as rl
+    from infinichat.eval.prompt import prompt_format
+
+    _check_common(args)
+    tasks = rl.check_tasks(parse_list("--tasks", args.tasks, str, "a task name"))
+    lengths = _check_lengths_samples(args)
+    runs = _policy_runs(args)
+    out_dir = Path(args.out) if args.out else Path("results") / time.strftime("ruler-%Y%m%d-%H%M%S")
+
+    err = Console(stderr=True, highlight=False)
+    tok, name, engine, threads, compute = _load(args)
+    fmt = prompt_format(tok, chat=not args.no_chat_template)
+    samples = [rl.sample(tok, fmt, t, n, i, args.seed) for t in tasks for n in lengths for i in range(args.samples)]
+
+    def decode(ids):
+        return tok.decode(ids, skip_special=True)
+
+    records: list[dict] = []
+    with _progress(err) as progress:
+        bars = {r.label: progress.add_task(r.label, total=len(samples), acc="") for r in runs}
+
+        def step(run, sample, rec) -> None:
+            records.append(rec)
+            mine = [x["score"] for x in records if x["policy"] == run.label]
+            progress.update(bars[run.label], advance=1, acc=f"score {100 * sum(mine) / len(mine):.0f}%  {sample.task}")
+
+        rl.run_samples(engine, decode, runs, samples, args.max_new_tokens, on_result=step)
+
+    report = rl.build_report(
+        runs=runs,
+        records=records,
+        tasks=tasks,
+        lengths=lengths,
+        model=name,
+        dtype=compute,
+        threads=threads,
+        chat_template=fmt.chat,
+        seed=args.seed,
+        samples=args.samples,
+        max_new_tokens=args.max_new_tokens or "per task",
+    )
+    paths = rl.write_report(report, out_dir)
+    for n in lengths:
+        _print_table(f"RULER at {n} tokens: string_match_all (%), {name}", *rl.score_rows(report, n))
+    Console(highlight=False).print(
+        f"results: {paths['json']}  tables: {paths['md']}  heatmaps: {out_dir}/ruler-heatmap-*.png"
+    )
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ multiturn
+
+
+def multiturn(args: argparse.Namespace) -> int:
+    from infinichat.eval import multiturn as mt
+
+    _check_common(args)
+    lengths = _check_lengths_samples(args)
+    if args.turns < 1:
+        raise InfinichatError(f"--turns must be >= 1, got {args.turns}")
+    runs = _policy_runs(args)
+    max_new = args.max_new_tokens or mt.MAX_NEW
+    out_dir = Path(args.out) if args.out else Path("results") / time.strftime("multiturn-%Y%m%d-%H%M%S")
+
+    err = Console(stderr=True, highlight=False)
+    tok, name, engine, threads, compute = _load(args)
+    convs = [mt.conversation(tok, n, i, args.turns, args.seed) for n in lengths for i in range(args.samples)]
+
+    def decode(ids):
+        return tok.decode(ids, skip_special=True)
+
+    records: list[dict] = []
+    with _progress(err) as progress:
+        for run in runs:
+            bar = progress.add_task(run.label, total=len(convs), acc="")
+            for conv in convs:
+                records += mt.run_conversation(engine, run, conv, max_new, decode)
+                mine = [x["correct"] for x in records if x["policy"] == run.label]
+                progress.update(bar, advance=1, acc=f"acc {100 * sum(mine) / len(mine):.0f}%")
+    report = mt.build_report(
+        runs=runs,
+        records=records,
+        lengths=lengths,
+        turns=args.turns,
+        model=name,
+        dtype=compute,
+        threads=threads,
+        seed=args.seed,
+        samples=args.samples,
+        max_new_tokens=max_new,
+    )
+    paths = mt.write_report(report, out_dir)
+    for n in lengths:
+        _print_table(f"multi-turn accuracy (%) per turn, {n}-token context, {name}", *mt.turn_rows(report, n))
+    Console(highlight=False).print(
+        f"results: {paths['json']}  tables: {paths['md']}  heatmaps: {out_dir}/multiturn-*.png"
+    )
+    return 0
 
 
 # ------------------------------------------------------------------------------------------------ longbench

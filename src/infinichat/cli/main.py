@@ -118,7 +118,8 @@ def _add_sampling_args(p: argparse.ArgumentParser, max_tokens: int, temperature:
 
 def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
     ev = sub.add_parser(
-        "eval", help="evaluation under KV policies: perplexity, passkey, niah, longbench, infinitebench"
+        "eval",
+        help="evaluation under KV policies: perplexity, passkey, niah, ruler, multiturn, longbench, infinitebench",
     )
     ev_sub = ev.add_subparsers(dest="eval_command", metavar="EVAL", required=True)
     p = ev_sub.add_parser("ppl", help="token-by-token perplexity over a long text, per KV policy (JSON + PNG)")
@@ -228,6 +229,33 @@ def _add_long_eval_parsers(ev_sub: argparse._SubParsersAction) -> None:
                 help="a UTF-8 text file as the haystack (default: generated essay-like text)",
             )
         _add_long_context_args(p, "default 12" if name == "passkey" else "default 32")
+    p = ev_sub.add_parser(
+        "ruler",
+        help="a RULER subset (niah single/multikey/multivalue/multiquery, vt, cwe), generated, "
+        "per policy x task x length",
+    )
+    g = p.add_argument_group("prompts")
+    g.add_argument(
+        "--tasks",
+        default="niah_single,niah_multikey,niah_multivalue,niah_multiquery,vt,cwe",
+        metavar="T,T...",
+        help="RULER tasks (default: all six: niah_single,niah_multikey,niah_multivalue,niah_multiquery,vt,cwe)",
+    )
+    g.add_argument("--lengths", default="4096", metavar="N,N...", help="prompt lengths in model tokens (default 4096)")
+    g.add_argument("--samples", type=int, default=3, help="prompts per task x length (default 3)")
+    _add_long_context_args(p, "default: RULER's per task, 32 to 64")
+    p = ev_sub.add_parser(
+        "multiturn",
+        help="several questions about one long context in successive turns of one KV sequence (SCBench-style), "
+        "per policy x turn",
+    )
+    g = p.add_argument_group("prompts")
+    g.add_argument(
+        "--lengths", default="4096", metavar="N,N...", help="tokens of turn 1: context + first question (default 4096)"
+    )
+    g.add_argument("--turns", type=int, default=4, help="facts in the context, one question per turn (default 4)")
+    g.add_argument("--samples", type=int, default=3, help="conversations per length (default 3)")
+    _add_long_context_args(p, "default 12", chat_flag=False)
     p = ev_sub.add_parser("longbench", help="LongBench-format JSONL files (--data), official prompts and metrics")
     g = p.add_argument_group("data")
     g.add_argument("--data", action="append", default=[], metavar="FILE", help="a LongBench JSONL file (repeatable)")

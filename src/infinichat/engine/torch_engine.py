@@ -94,7 +94,7 @@ class TorchEngine(Engine):
     def _new_store(self, policy: EvictionPolicy, budget: int | None, capacity: int | None) -> KVStore:
         """The capacity defaults to the budget, else the model's trained context; positions never reach it."""
         if not capacity and policy.phase == "prefill":  # a prompt grows past the budget before compression
-            capacity = max(budget or 0, self.cfg.max_position)
+            capacity = max(budget or 0, self.cfg.max_position) + policy.scratch_slots()
         capacity = capacity or budget or self.cfg.max_position
         device = self.model.device
         if (
@@ -133,8 +133,17 @@ class TorchEngine(Engine):
             out = self.model(ids, positions, store, start, all_logits=all_logits, attn=attn)
         seq.append(ids, positions)
         if compress and stage == "prompt_end":
+            if policy.scoring_pass and seq.length > seq.budget:
+                self._scoring_pass(seq)
             seq.make_room(0)  # down to the budget, with the scores of the prompt's last queries
         return out
+
+    def _scoring_pass(self, seq: KVSequence) -> None:
+        """The policy's scratch forward calls after the cache's last slot (KVzip's reconstruction): their K/V
+        go into the store's free slots and nothing is appended, so the cache is as before."""
+        store = torch_store(seq.store, "the torch engine")
+        for ids, req in seq.policy.probe_calls(seq):
+            self.model(ids, store.next_positions(ids.shape[0]), store, seq.length, attn=req)
 
     # ------------------------------------------------------------------ batched decode (engine/batch.py)
     def can_batch(self, seq: KVSequence) -> bool:

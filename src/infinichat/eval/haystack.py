@@ -173,6 +173,9 @@ _TEMPLATES = (
 )
 
 
+WORD_LISTS = (_ADJ, _NOUN, _PLURAL, _VERB, _ABSTRACT)  # the filler's vocabulary (RULER's common-words task)
+
+
 def passkey_filler(rng: random.Random) -> Iterator[str]:
     """The classic filler, starting at a seeded sentence of its five-sentence block."""
     start = rng.randrange(len(PASSKEY_SENTENCES))

@@ -134,8 +134,11 @@ def build_prompt(
     key: str,
     filler: Iterator[str],
     rng: random.Random,
+    ordered: bool = False,
 ) -> NeedleSample:
-    """Instruction + haystack (filler with the needles) + question, exactly `length` tokens."""
+    """Instruction + haystack (filler with the needles) + question, exactly `length` tokens. `ordered`: the
+    needles go to seeded sentence boundaries in the order given (a chain of statements), not the answer at
+    `depth`."""
     head = encode_text(tok, instruction + "\n\n")
     tail = encode_text(tok, "\n\n" + question + ("" if fmt.chat else answer_prefix))
     items = [_Needle(encode_text(tok, " " + text), value, is_answer) for text, value, is_answer in needles]
@@ -151,8 +154,14 @@ def build_prompt(
     answer_at = min(bounds, key=lambda b: (abs(b - target), b))
     # distractors at seeded sentence boundaries (never exactly where the answer goes, when there is a choice)
     others = [b for b in bounds if b != answer_at] or bounds
-    placed = [(answer_at, 0, x) if x.answer else (rng.choice(others), rng.random(), x) for x in items]
-    placed.sort(key=lambda p: (p[0], p[1]))
+    if ordered:
+        spots = sorted(
+            rng.sample(bounds, len(items)) if len(bounds) >= len(items) else rng.choices(bounds, k=len(items))
+        )
+        placed = [(at, float(i), x) for i, (at, x) in enumerate(zip(spots, items, strict=True))]
+    else:
+        placed = [(answer_at, 0, x) if x.answer else (rng.choice(others), rng.random(), x) for x in items]
+        placed.sort(key=lambda p: (p[0], p[1]))
 
     content: list[int] = list(head)
     needle_span = (0, 0)

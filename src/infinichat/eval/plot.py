@@ -54,32 +54,49 @@ def plot_running_ppl(report: dict[str, Any], path: Path) -> Path:
 
 def plot_accuracy_heatmap(report: dict[str, Any], label: str, path: Path) -> Path:
     """Accuracy of one policy run as a depth (rows) x length (columns) heatmap, each cell annotated (%)."""
+    lengths, depths = report["lengths"], report["depths"]
+    by_length = report["summary"][label]["by_length"]
+    grid = [[by_length[str(n)]["by_depth"][f"{d:g}"] for n in lengths] for d in depths]
+    task = report["task"] + ("" if report["task"] == "passkey" else f" {report['variant']}")
+    return plot_grid(
+        grid,
+        [f"{d:g}" for d in depths],
+        [str(n) for n in lengths],
+        "needle depth",
+        f"{task}: {label} (accuracy %)",
+        path,
+    )
+
+
+def plot_grid(
+    grid: list[list[float | None]],
+    rows: list[str],
+    columns: list[str],
+    row_label: str,
+    title: str,
+    path: Path,
+    column_label: str = "context length (tokens)",
+) -> Path:
+    """Scores in [0, 1] (None: no data) as a rows x columns heatmap in %, each cell annotated."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
-    lengths, depths = report["lengths"], report["depths"]
-    by_length = report["summary"][label]["by_length"]
-    grid = np.full((len(depths), len(lengths)), np.nan)
-    for j, n in enumerate(lengths):
-        for i, d in enumerate(depths):
-            v = by_length[str(n)]["by_depth"][f"{d:g}"]
-            if v is not None:
-                grid[i, j] = 100 * v
-    fig, ax = plt.subplots(figsize=(1.2 * len(lengths) + 2.5, 0.6 * len(depths) + 1.8), dpi=110)
-    im = ax.imshow(np.ma.masked_invalid(grid), cmap="RdYlGn", vmin=0, vmax=100, aspect="auto")
-    for i in range(len(depths)):
-        for j in range(len(lengths)):
-            if not np.isnan(grid[i, j]):
-                ax.text(j, i, f"{grid[i, j]:.0f}", ha="center", va="center", fontsize=8)
-    ax.set_xticks(range(len(lengths)), [str(n) for n in lengths])
-    ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths])
-    ax.set_xlabel("context length (tokens)")
-    ax.set_ylabel("needle depth")
-    task = report["task"] + ("" if report["task"] == "passkey" else f" {report['variant']}")
-    ax.set_title(f"{task}: {label} (accuracy %)", fontsize=10)
+    values = np.array([[np.nan if v is None else 100 * v for v in row] for row in grid], dtype=float)
+    width = 1.2 * len(columns) + 0.09 * max(len(r) for r in rows) + 2.0  # room for long row labels
+    fig, ax = plt.subplots(figsize=(width, 0.6 * len(rows) + 1.8), dpi=110)
+    im = ax.imshow(np.ma.masked_invalid(values), cmap="RdYlGn", vmin=0, vmax=100, aspect="auto")
+    for i in range(len(rows)):
+        for j in range(len(columns)):
+            if not np.isnan(values[i, j]):
+                ax.text(j, i, f"{values[i, j]:.0f}", ha="center", va="center", fontsize=8)
+    ax.set_xticks(range(len(columns)), columns)
+    ax.set_yticks(range(len(rows)), rows)
+    ax.set_xlabel(column_label)
+    ax.set_ylabel(row_label)
+    ax.set_title(title, fontsize=10)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     fig.tight_layout()
     fig.savefig(path)

@@ -69,7 +69,7 @@ def run_samples(
     return records
 
 
-def _mean(xs: Sequence[float]) -> float | None:
+def mean_of(xs: Sequence[float]) -> float | None:
     return sum(xs) / len(xs) if xs else None
 
 
@@ -83,24 +83,24 @@ def summarize(
         by_len: dict[str, Any] = {}
         for n in lengths:
             at_n = [r for r in mine if r["length"] == n]
-            cells = {f"{d:g}": _mean([float(r["correct"]) for r in at_n if r["depth"] == d]) for d in depths}
+            cells = {f"{d:g}": mean_of([float(r["correct"]) for r in at_n if r["depth"] == d]) for d in depths}
             gen = sum(r["generated"] for r in at_n)
             dec = sum(r["decode_s"] for r in at_n)
             by_len[str(n)] = {
-                "accuracy": _mean([v for v in cells.values() if v is not None]),
+                "accuracy": mean_of([v for v in cells.values() if v is not None]),
                 "by_depth": cells,
-                "prefill_s": _mean([r["prefill_s"] for r in at_n]),
+                "prefill_s": mean_of([r["prefill_s"] for r in at_n]),
                 "prefill_tok_s": (
                     sum(r["prompt_tokens"] for r in at_n) / sum(r["prefill_s"] for r in at_n)
                     if at_n and sum(r["prefill_s"] for r in at_n) > 0
                     else None
                 ),
                 "decode_tok_s": gen / dec if dec > 0 else None,
-                "kept": _mean([r["kept"] for r in at_n]),
-                "n_evictions": _mean([r["n_evictions"] for r in at_n]),
-                "distractor_rate": _mean([float(r["distractor_answered"]) for r in at_n]),
+                "kept": mean_of([r["kept"] for r in at_n]),
+                "n_evictions": mean_of([r["n_evictions"] for r in at_n]),
+                "distractor_rate": mean_of([float(r["distractor_answered"]) for r in at_n]),
             }
-        out[label] = {"accuracy": _mean([float(r["correct"]) for r in mine]), "by_length": by_len}
+        out[label] = {"accuracy": mean_of([float(r["correct"]) for r in mine]), "by_length": by_len}
     return out
 
 
@@ -145,15 +145,15 @@ def build_report(
     }
 
 
-def _pct(x: float | None) -> str:
+def pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.0f}"
 
 
-def _num(x: float | None, fmt: str = ".1f") -> str:
+def num(x: float | None, fmt: str = ".1f") -> str:
     return "-" if x is None else format(x, fmt)
 
 
-def _table(header: list[str], rows: list[list[str]]) -> str:
+def md_table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows]) + "\n"
 
@@ -163,8 +163,8 @@ def accuracy_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     header = ["policy", *[str(n) for n in report["lengths"]], "mean"]
     rows = []
     for label, s in report["summary"].items():
-        cells = [_pct(s["by_length"][str(n)]["accuracy"]) for n in report["lengths"]]
-        rows.append([label, *cells, _pct(s["accuracy"])])
+        cells = [pct(s["by_length"][str(n)]["accuracy"]) for n in report["lengths"]]
+        rows.append([label, *cells, pct(s["accuracy"])])
     return header, rows
 
 
@@ -177,7 +177,7 @@ def markdown(report: dict[str, Any]) -> str:
             f"greedy, {report['max_new_tokens']} new tokens; "
             f"chat template: {'yes' if report['chat_template'] else 'no'}.\n"
         ),
-        _table(*accuracy_rows(report)),
+        md_table(*accuracy_rows(report)),
         "\n### accuracy (%) by depth\n",
     ]
     header = ["policy", "length", *[f"{d:g}" for d in report["depths"]], "mean"]
@@ -186,9 +186,9 @@ def markdown(report: dict[str, Any]) -> str:
         for n in report["lengths"]:
             cell = s["by_length"][str(n)]
             rows.append(
-                [label, str(n), *[_pct(cell["by_depth"][f"{d:g}"]) for d in report["depths"]], _pct(cell["accuracy"])]
+                [label, str(n), *[pct(cell["by_depth"][f"{d:g}"]) for d in report["depths"]], pct(cell["accuracy"])]
             )
-    parts.append(_table(header, rows))
+    parts.append(md_table(header, rows))
     parts.append("\n### cost\n")
     header = ["policy", "length", "kept tokens", "evictions", "prefill s", "prefill tok/s", "decode tok/s"]
     rows = []
@@ -199,14 +199,14 @@ def markdown(report: dict[str, Any]) -> str:
                 [
                     label,
                     str(n),
-                    _num(c["kept"], ".0f"),
-                    _num(c["n_evictions"], ".1f"),
-                    _num(c["prefill_s"], ".2f"),
-                    _num(c["prefill_tok_s"], ".0f"),
-                    _num(c["decode_tok_s"], ".1f"),
+                    num(c["kept"], ".0f"),
+                    num(c["n_evictions"], ".1f"),
+                    num(c["prefill_s"], ".2f"),
+                    num(c["prefill_tok_s"], ".0f"),
+                    num(c["decode_tok_s"], ".1f"),
                 ]
             )
-    parts.append(_table(header, rows))
+    parts.append(md_table(header, rows))
     return "\n".join(parts)
 
 
@@ -219,15 +219,27 @@ def write_report(report: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     from infinichat.eval.plot import plot_accuracy_heatmap
 
     task = report["task"]
+
+    def plots() -> list[Path]:
+        return [
+            plot_accuracy_heatmap(report, label, out_dir / f"{task}-heatmap-{slug(label)}.png")
+            for label in report["summary"]
+        ]
+
+    return write_files(out_dir, task, report, markdown(report), plots)
+
+
+def write_files(
+    out_dir: Path, stem: str, report: dict[str, Any], md: str, plots: Callable[[], list[Path]]
+) -> dict[str, Any]:
+    """`<stem>.json`, `<stem>.md` and the PNG files `plots()` draws into `out_dir`; returns the paths. A failed
+    write is one clear error."""
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        paths: dict[str, Any] = {"json": out_dir / f"{task}.json", "md": out_dir / f"{task}.md", "png": []}
+        paths: dict[str, Any] = {"json": out_dir / f"{stem}.json", "md": out_dir / f"{stem}.md"}
         paths["json"].write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
-        paths["md"].write_text(markdown(report), encoding="utf-8")
-        for label in report["summary"]:
-            png = out_dir / f"{task}-heatmap-{slug(label)}.png"
-            plot_accuracy_heatmap(report, label, png)
-            paths["png"].append(png)
+        paths["md"].write_text(md, encoding="utf-8")
+        paths["png"] = plots()
     except OSError as e:
         raise InfinichatError(f"cannot write the results into {out_dir}: {e.strerror or e}") from None
     return paths

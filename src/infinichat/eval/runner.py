@@ -220,18 +220,22 @@ class Generation:
         }
 
 
-def new_sequence(engine: Engine, run: PolicyRun, n_prompt: int, max_new: int) -> tuple[KVSequence, int | None]:
+def new_sequence(
+    engine: Engine, run: PolicyRun, n_prompt: int, max_new: int, budget_of: int | None = None
+) -> tuple[KVSequence, int | None]:
     """The run's KV sequence for a prompt of `n_prompt` tokens and up to `max_new` generated ones, and the
-    budget it applies (None: budget-free)."""
+    budget it applies (None: budget-free); a budget fraction is of `budget_of` tokens (default: the prompt)."""
     cls = policy_class(run.name)
     room = n_prompt + max_new
-    budget = run.budget_for(n_prompt)
+    budget = run.budget_for(n_prompt if budget_of is None else budget_of)
     params = dict(run.params)
     if cls.drops_tokens:
         budget = budget if budget is not None else room
-        # a prefill-phase policy (SnapKV) takes the whole prompt before compressing it to the budget
-        capacity = room if cls.phase == "prefill" else None
-        seq = engine.new_sequence(budget=min(budget, room), policy=run.name, capacity=capacity, **params)
+        # a prefill-phase policy (SnapKV) takes the whole prompt before compressing it to the budget, plus the
+        # scratch room of its scoring pass (KVzip)
+        policy = make_policy(run.name, **params)
+        capacity = room + policy.scratch_slots() if cls.phase == "prefill" else None
+        seq = engine.new_sequence(budget=min(budget, room), policy=policy, capacity=capacity)
         return seq, budget
     select_field = selection_budget_field(cls)
     if select_field is not None and budget is not None:
@@ -244,11 +248,36 @@ def generate(
 ) -> Generation:
     """Greedy decoding of up to `max_new` tokens after `ids` under `run` (stops at EOS)."""
     seq, budget = new_sequence(engine, run, len(ids), max_new)
+    return continue_in(engine, seq, budget, ids, max_new, decode_text)
+
+
+def continue_in(
+    engine: Engine,
+    seq: KVSequence,
+    budget: int | None,
+    ids: Sequence[int],
+    max_new: int,
+    decode_text: Callable[[list[int]], str],
+    history: Sequence[int] = (),
+) -> Generation:
+    """Greedy decoding of up to `max_new` tokens after appending `ids` to `seq` (which holds `history`: a
+    later turn of one session); the evictions counted are this call's."""
+    n_evictions, n_evicted = seq.n_evictions, seq.n_evicted
     t0 = time.perf_counter()
     logits = engine.prefill(seq, ids)
     t1 = time.perf_counter()
     kept = seq.length
     params = SamplingParams(temperature=0.0, max_tokens=max_new)
-    out = [s.token for s in engine.generate(seq, [], params, history=ids, logits=logits)]
+    out = [s.token for s in engine.generate(seq, [], params, history=[*history, *ids], logits=logits)]
     t2 = time.perf_counter()
-    return Generation(decode_text(out), out, len(ids), budget, kept, seq.n_evictions, seq.n_evicted, t1 - t0, t2 - t1)
+    return Generation(
+        decode_text(out),
+        out,
+        len(ids),
+        budget,
+        kept,
+        seq.n_evictions - n_evictions,
+        seq.n_evicted - n_evicted,
+        t1 - t0,
+        t2 - t1,
+    )

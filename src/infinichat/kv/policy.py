@@ -18,6 +18,9 @@ Engines branch on the declared capabilities, never on the policy's type:
 - `drops_tokens`: False for a policy that never evicts (`full`) or only selects what to attend to.
 - `recompute`: kept slots after an eviction must have their K/V recomputed from scratch (the engine
   re-evaluates `seq.stale_from..length` before appending).
+- `scoring_pass`: after a prompt that leaves the cache over budget, before compressing it, the engine runs
+  the policy's `probe_calls(seq)`: scratch forward calls after the cache's last slot (in the store's
+  `scratch_slots()` extra room) whose tokens are never appended, each with its attention request (KVzip).
 
 A forward call's `stage` is "prompt" (a chunk of a prompt), "prompt_end" (its last chunk) or "decode"
 (one generated token).
@@ -25,6 +28,7 @@ A forward call's `stage` is "prompt" (a chunk of a prompt), "prompt_end" (its la
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
@@ -47,6 +51,7 @@ class EvictionPolicy:
     phase: ClassVar[str] = "overflow"
     drops_tokens: ClassVar[bool] = True
     recompute: ClassVar[bool] = False
+    scoring_pass: ClassVar[bool] = False
 
     def home_in_host_memory(self) -> bool:
         """Whether this instance keeps the store's K/V in host memory, the compute device holding only mirrors and
@@ -70,6 +75,14 @@ class EvictionPolicy:
         """What the forward call appending `n` tokens at slot `start` must compute for this policy (only
         asked when `needs_attention_weights`)."""
         return None
+
+    def scratch_slots(self) -> int:
+        """Slots past the budget the store needs for the scratch calls of a `scoring_pass`."""
+        return 0
+
+    def probe_calls(self, seq: KVSequence) -> Iterator[tuple[torch.Tensor, AttentionRequest]]:
+        """The scratch forward calls of a `scoring_pass`: (ids (n,), request) each."""
+        return iter(())
 
 
 @dataclass

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from infinichat.errors import InfinichatError
 from infinichat.kv.brutal_offload import BrutalOffloadPolicy
+from infinichat.kv.expected_attention import ExpectedAttentionPolicy
 from infinichat.kv.full import FullPolicy
 from infinichat.kv.h2o import H2OPolicy
+from infinichat.kv.kvzip import KVzipPolicy
 from infinichat.kv.omnikv import OmniKVPolicy
 from infinichat.kv.policy import EvictionPolicy
 from infinichat.kv.recompute import RecomputePolicy
@@ -26,6 +28,8 @@ POLICIES: dict[str, type[EvictionPolicy]] = {
         H2OPolicy,
         TOVAPolicy,
         SnapKVPolicy,
+        ExpectedAttentionPolicy,
+        KVzipPolicy,
         OmniKVPolicy,
         BrutalOffloadPolicy,
     )

@@ -15,6 +15,8 @@ policy that needs more passes an `AttentionRequest`:
   forward for the layers after the one observed.
 - `resident`: per layer, (k, v) buffers on the compute device that mirror the cache's (offloading: the
   cache itself stays in CPU memory); the new rows are written to both and the mirror is read.
+- `queries`: called as `queries(layer, q, start)` with every layer's post-RoPE queries (H, T, hd) of the
+  call (slots start..), before its attention (Expected Attention's query statistics); computes nothing.
 - `transfer`: count in `moved_bytes` the K/V bytes read from the cache's own buffers (not from a
   mirror): what an offloaded layer moves to the compute device. Reads are moved to the query's device.
 
@@ -43,6 +45,7 @@ class AttentionRequest:
     layers: frozenset[int] = frozenset()
     rows: int = 1
     observe: Observer | None = None
+    queries: Observer | None = None
     subset: dict[int, torch.Tensor] = field(default_factory=dict)
     resident: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     transfer: bool = False
@@ -63,6 +66,8 @@ def requested_attention(
     already written into the cache buffers (Hkv, C, hd). Returns (H, T, hd) in q's dtype."""
     _H, T, _ = q.shape
     end = start + T
+    if req.queries is not None:
+        req.queries(li, q, start)
     mirror = req.resident.get(li)
     if mirror is not None:
         kb, vb = mirror

@@ -29,6 +29,7 @@ from infinichat.server import (
     routes_llama,
     routes_openai,
     routes_sessions,
+    routes_tokenize,
     startup,
 )
 from infinichat.server.errors import ApiError
@@ -159,6 +160,7 @@ def create_app(
         routes_actions.router,
         routes_openai.router,
         routes_llama.router,
+        routes_tokenize.router,
     ):
         app.include_router(r, dependencies=auth)
     app.include_router(routes_chats.public)  # the code colours of the page

@@ -104,7 +104,7 @@ class ChatBody(GenBody):
 
 
 class CompletionBody(GenBody):
-    prompt: str | list[str] | list[int]
+    prompt: str | list[str] | list[int] | list[list[int]]  # a text, token ids, or a batch (echo only)
     logprobs: int | None = None
     echo: bool = False
     suffix: str | None = None

@@ -40,7 +40,7 @@ FIELDS: tuple[FieldRule, ...] = (
         "prompt",
         (COMPLETIONS,),
         "supported",
-        "one string, or token ids",
+        "one string, or token ids; with echo, a batch of either",
         _T + "test_server_compat.py::test_text_offset_and_fingerprint",
     ),
     FieldRule(
@@ -178,7 +178,13 @@ FIELDS: tuple[FieldRule, ...] = (
     FieldRule("functions", (CHAT,), "refused", "deprecated by OpenAI: use tools"),
     FieldRule("function_call", (CHAT,), "refused", "deprecated by OpenAI: use tool_choice"),
     FieldRule("best_of", (COMPLETIONS,), "refused", "one candidate per request", neutral=(None, 1)),
-    FieldRule("echo", (COMPLETIONS,), "refused", "the prompt is not echoed", neutral=(False,)),
+    FieldRule(
+        "echo",
+        (COMPLETIONS,),
+        "supported",
+        "the prompt's tokens with their logprobs (lm-evaluation-harness); not with stream",
+        _T + "test_lm_eval.py::test_echo_returns_each_prompt_tokens_logprob_and_top",
+    ),
     FieldRule("suffix", (COMPLETIONS,), "refused", "no insertion (fill-in-the-middle)"),
     # --- llama.cpp server's extensions honoured on /v1
     FieldRule("top_k", BOTH, "extension", "0 = off", _T + "test_openai_fields.py::test_extensions_are_honoured"),

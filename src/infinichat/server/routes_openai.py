@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse
 
 from infinichat.engine.grammar import check_grammar
 from infinichat.errors import InfinichatError
+from infinichat.server.echo import echo_completion, prompt_list
 from infinichat.server.errors import ApiError, error_body
 from infinichat.server.openai_compat import ChatBody, CompletionBody, anonymous, chat_messages, params_of, session_chat
 from infinichat.server.streaming import collect, open_stream, sse, sse_response
@@ -87,14 +88,19 @@ async def _generate(request: Request, body, kind: str):
         top = (body.top_logprobs or 0) if body.logprobs else 0
         messages = chat_messages(body, tools=bool(body.tools))
     else:
-        if body.echo or body.suffix:
-            raise ApiError(400, "echo and suffix are not supported", param="echo" if body.echo else "suffix")
+        if body.echo:  # the prompt's logprobs (lm-evaluation-harness): server/echo.py
+            return await echo_completion(request, body, fingerprint(st.info))
+        if body.suffix:
+            raise ApiError(400, "suffix is not supported", param="suffix")
         top = body.logprobs or 0
-        prompt = body.prompt
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
-            if len(prompt) != 1:
-                raise ApiError(400, f"prompt: exactly one prompt is supported, got {len(prompt)}", param="prompt")
-            prompt = prompt[0]
+        prompts = prompt_list(body.prompt)
+        if len(prompts) != 1:
+            raise ApiError(
+                400,
+                f"prompt: exactly one prompt is supported (a batch only with echo), got {len(prompts)}",
+                param="prompt",
+            )
+        prompt = prompts[0]
     params = params_of(body, top, DEFAULT_MAX_TOKENS, tok)
     sid = request.headers.get("x-session-id")
     if sid is not None and kind != "chat":

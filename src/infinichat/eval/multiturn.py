@@ -1,0 +1,221 @@
+"""`eval multiturn`: several questions about one long context, asked in successive turns of one KV sequence
+(SCBench-style: Li et al. 2024, "SCBench: A KV Cache-Centric Analysis of Long-Context Methods",
+https://arxiv.org/abs/2412.10319).
+
+A conversation: a generated haystack (essay-like filler) holding `turns` facts ("One of the special magic
+numbers for {key} is: {value}."), then the questions, one per turn, in a seeded order. Turn 1 is the
+context plus the first question (so a query-aware policy such as SnapKV compresses the context for that
+question, as in SCBench's shared-context setting); each later turn appends only its question to the same
+sequence, after the previous answers (which stay in the cache, as in a chat). Every question ends with an
+answer prefix (completion style, which the default model needs; no chat template). An answer is right when
+it holds the asked value as a whole number. A budget fraction is of turn 1's tokens (the context).
+
+What it shows: the per-turn accuracy of each policy; a policy that compressed for the first question keeps
+what that question needed and may have lost what later ones need; a query-agnostic one (KVzip, Expected
+Attention) or one that drops nothing (OmniKV) should not degrade with the turn. Results: `multiturn.json`,
+`multiturn.md` and a policy x turn heatmap PNG per context length.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from infinichat.engine.base import Engine
+from infinichat.errors import InfinichatError
+from infinichat.eval import haystack, needle
+from infinichat.eval.prompt import encode_text, prompt_format
+from infinichat.eval.retrieval import md_table, mean_of, num, pct, write_files
+from infinichat.eval.runner import PolicyRun, continue_in, new_sequence
+from infinichat.model.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+MAX_NEW = 12  # the default model answers " 12345. ..." within its first tokens after the answer prefix
+
+
+@dataclass
+class Conversation:
+    length: int  # tokens of turn 1 (the context and the first question)
+    index: int
+    turns: list[list[int]]  # the ids each turn appends
+    keys: list[str]  # asked in this order
+    values: list[str]
+
+
+def conversation(tok: Tokenizer, length: int, index: int, n_turns: int, seed: int = 0) -> Conversation:
+    """A seeded conversation: turn 1 = instruction + haystack with `n_turns` facts + question 1 (`length` tokens)."""
+    if n_turns < 1:
+        raise InfinichatError(f"--turns must be >= 1, got {n_turns}")
+    rng = random.Random(f"{seed}:multiturn:{length}:{n_turns}:{index}")
+    keys: list[str] = []
+    values: list[str] = []
+    for _ in range(n_turns):
+        keys.append(haystack.random_key(rng, set(keys)))
+        values.append(haystack.random_number(rng, 5, set(values)))
+    order = list(range(n_turns))
+    rng.shuffle(order)
+    first = order[0]
+    s = needle.build_prompt(
+        tok,
+        prompt_format(tok, chat=False),
+        task="multiturn",
+        variant="facts",
+        length=length,
+        depth=rng.random(),
+        index=index,
+        instruction=needle.NIAH_INSTRUCTION,
+        question=needle.NIAH_QUESTION.format(key=keys[first]),
+        answer_prefix=needle.NIAH_ANSWER_PREFIX.format(key=keys[first]),
+        needles=[
+            (needle.NIAH_NEEDLE.format(key=k, value=v), v, i == first)
+            for i, (k, v) in enumerate(zip(keys, values, strict=True))
+        ],
+        key=keys[first],
+        filler=haystack.essay_filler(rng),
+        rng=rng,
+    )
+    later = [
+        encode_text(
+            tok, "\n\n" + needle.NIAH_QUESTION.format(key=keys[i]) + needle.NIAH_ANSWER_PREFIX.format(key=keys[i])
+        )
+        for i in order[1:]
+    ]
+    return Conversation(length, index, [s.ids, *later], [keys[i] for i in order], [values[i] for i in order])
+
+
+def run_conversation(
+    engine: Engine, run: PolicyRun, conv: Conversation, max_new: int, decode_text: Callable[[list[int]], str]
+) -> list[dict[str, Any]]:
+    """Every turn of `conv` in one sequence under `run`: one record per turn."""
+    n_prompt = sum(len(t) for t in conv.turns)
+    seq, budget = new_sequence(engine, run, n_prompt, len(conv.turns) * max_new, budget_of=conv.length)
+    history: list[int] = []
+    records = []
+    for k, ids in enumerate(conv.turns):
+        gen = continue_in(engine, seq, budget, ids, max_new, decode_text, history)
+        history += [*ids, *gen.tokens]
+        rec = {
+            "policy": run.label,
+            "length": conv.length,
+            "sample": conv.index,
+            "turn": k + 1,
+            "key": conv.keys[k],
+            "answer": conv.values[k],
+            "correct": needle.contains_number(gen.text, conv.values[k]),
+            "cached_after": seq.length,
+            **gen.to_json(),
+        }
+        records.append(rec)
+        log.info("%s len %d #%d turn %d: %s (%r)", run.label, conv.length, conv.index, k + 1, rec["correct"], gen.text)
+    return records
+
+
+def summarize(
+    records: Sequence[dict[str, Any]], labels: Sequence[str], lengths: Sequence[int], n_turns: int
+) -> dict[str, Any]:
+    """Per label and length: accuracy per turn, over the later turns (2..), and overall; turn-1 prefill cost."""
+    out: dict[str, Any] = {}
+    for label in labels:
+        by_len: dict[str, Any] = {}
+        for n in lengths:
+            mine = [r for r in records if r["policy"] == label and r["length"] == n]
+            by_turn = {
+                str(t): mean_of([float(r["correct"]) for r in mine if r["turn"] == t]) for t in range(1, n_turns + 1)
+            }
+            first = [r for r in mine if r["turn"] == 1]
+            by_len[str(n)] = {
+                "accuracy": mean_of([float(r["correct"]) for r in mine]),
+                "later_turns": mean_of([float(r["correct"]) for r in mine if r["turn"] > 1]),
+                "by_turn": by_turn,
+                "kept_after_turn1": mean_of([r["kept"] for r in first]),
+                "prefill_s_turn1": mean_of([r["prefill_s"] for r in first]),
+            }
+        out[label] = {
+            "accuracy": mean_of([float(r["correct"]) for r in records if r["policy"] == label]),
+            "by_length": by_len,
+        }
+    return out
+
+
+def build_report(
+    *, runs: Sequence[PolicyRun], records: Sequence[dict[str, Any]], lengths: Sequence[int], turns: int, **settings: Any
+) -> dict[str, Any]:
+    return {
+        "version": 1,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "task": "multiturn",
+        **settings,
+        "turns": turns,
+        "lengths": list(lengths),
+        "policies": [r.to_json() for r in runs],
+        "summary": summarize(records, [r.label for r in runs], lengths, turns),
+        "results": list(records),
+    }
+
+
+def turn_rows(report: dict[str, Any], length: int) -> tuple[list[str], list[list[str]]]:
+    """Policy x turn accuracy (%) at one context length, the later turns' mean and the overall mean."""
+    turns = range(1, report["turns"] + 1)
+    header = ["policy", *[f"turn {t}" for t in turns], "turns 2+", "mean"]
+    rows = []
+    for label, s in report["summary"].items():
+        c = s["by_length"][str(length)]
+        rows.append([label, *[pct(c["by_turn"][str(t)]) for t in turns], pct(c["later_turns"]), pct(c["accuracy"])])
+    return header, rows
+
+
+def markdown(report: dict[str, Any]) -> str:
+    parts = []
+    for n in report["lengths"]:
+        parts += [
+            f"## multi-turn retrieval, {n}-token context: accuracy (%) per turn, {report['model']}\n",
+            (
+                f"{report['samples']} conversation(s) of {report['turns']} questions; greedy, "
+                f"{report['max_new_tokens']} new tokens per answer; plain text with answer prefixes.\n"
+            ),
+            md_table(*turn_rows(report, n)),
+        ]
+    parts.append("\n### cost of turn 1\n")
+    header = ["policy", "length", "kept tokens after turn 1", "turn-1 prefill s"]
+    rows = [
+        [
+            label,
+            str(n),
+            num(s["by_length"][str(n)]["kept_after_turn1"], ".0f"),
+            num(s["by_length"][str(n)]["prefill_s_turn1"], ".2f"),
+        ]
+        for label, s in report["summary"].items()
+        for n in report["lengths"]
+    ]
+    parts.append(md_table(header, rows))
+    return "\n".join(parts)
+
+
+def write_report(report: dict[str, Any], out_dir: Path) -> dict[str, Any]:
+    """`multiturn.json`, `multiturn.md`, a policy x turn heatmap PNG per length; returns the paths."""
+    from infinichat.eval.plot import plot_grid
+
+    labels = list(report["summary"])
+    turns = [str(t) for t in range(1, report["turns"] + 1)]
+
+    def plots() -> list[Path]:
+        return [
+            plot_grid(
+                [[report["summary"][lb]["by_length"][str(n)]["by_turn"][t] for t in turns] for lb in labels],
+                labels,
+                turns,
+                "policy",
+                f"multi-turn, {n}-token context (accuracy %)",
+                out_dir / f"multiturn-{n}.png",
+                "turn",
+            )
+            for n in report["lengths"]
+        ]
+
+    return write_files(out_dir, "multiturn", report, markdown(report), plots)

@@ -1,0 +1,103 @@
+"""`eval ruler`: the generated RULER subset (lengths, seeds, references in the prompt), RULER's scoring, and the
+CLI end to end on a tiny random GGUF model (JSON, Markdown, PNG)."""
+
+from __future__ import annotations
+
+import collections
+import json
+import re
+
+import pytest
+
+from infinichat.cli.main import main
+from infinichat.eval import ruler
+from infinichat.eval.prompt import prompt_format
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def test_string_match_all_and_part_are_rulers():
+    refs = ["12345", "Harbor", "QXZTA"]
+    assert ruler.string_match_all("the numbers are 12345 and harbor", refs) == pytest.approx(2 / 3)
+    assert ruler.string_match_part("the numbers are 12345 and harbor", refs) == 1.0
+    assert ruler.string_match_all("nothing", refs) == 0.0 == ruler.string_match_part("nothing", refs)
+    assert ruler.string_match_all("123456 harbors qxzta", refs) == 1.0  # substrings, case-insensitive (RULER)
+
+
+@pytest.mark.parametrize("chat", [False, True])
+@pytest.mark.parametrize("task", ruler.TASKS)
+def test_samples_hit_the_length_hold_their_references_and_are_seeded(default_tokenizer, task, chat):
+    tok = default_tokenizer
+    fmt = prompt_format(tok, chat=chat)
+    s = ruler.sample(tok, fmt, task, 1500, 0, seed=3)
+    assert s.task == task and s.refs
+    if task == "cwe":
+        assert 1500 - 40 <= len(s.ids) <= 1500  # the longest list that fits
+    else:
+        assert len(s.ids) == 1500
+    text = tok.decode(s.ids)
+    assert ruler.sample(tok, fmt, task, 1500, 0, seed=3).ids == s.ids
+    assert ruler.sample(tok, fmt, task, 1500, 1, seed=3).ids != s.ids
+    question = text[text.rindex("\n\n") :]
+    if task.startswith("niah"):
+        for v in s.refs:
+            assert f"is: {v}." in text and v not in question
+        keys = re.findall(r"numbers? for ([a-z, -]+?) mentioned", question)[0].split(", ")
+        assert len(keys) == (ruler.N_NEEDLES if task == "niah_multiquery" else 1)
+        needles = re.findall(r"One of the special magic numbers for ([a-z-]+) is: (\d+)\.", text)
+        assert len(needles) == (1 if task == "niah_single" else ruler.N_NEEDLES)
+    elif task == "vt":
+        value = re.findall(r"value (\d+)", question)[0]
+        chain = re.findall(r"VAR ([A-Z]{5}) = (VAR [A-Z]{5}|\d+)\.", text)
+        assert [name for name, _ in chain] == s.refs and chain[0][1] == value  # in order, the value first
+        assert all(rhs == f"VAR {s.refs[i]}" for i, (_, rhs) in enumerate(chain[1:]))
+    else:
+        words = re.findall(r"\d+\. ([a-z]+)", text)
+        top = [w for w, _ in collections.Counter(words).most_common(10)]
+        counts = collections.Counter(words)
+        assert sorted(top) == sorted(s.refs) and min(counts[w] for w in s.refs) > max(
+            c for w, c in counts.items() if w not in s.refs
+        )
+
+
+def test_unknown_task_and_short_lengths_are_clear_errors(default_tokenizer):
+    from infinichat.errors import InfinichatError
+
+    with pytest.raises(InfinichatError, match="unknown RULER task 'qa' in --tasks; accepted: niah_single"):
+        ruler.check_tasks(["vt", "qa"])
+    with pytest.raises(InfinichatError, match="too short"):
+        ruler.sample(default_tokenizer, prompt_format(default_tokenizer), "niah_multiquery", 60, 0)
+
+
+def test_cli_ruler_writes_json_markdown_and_heatmaps(tiny_gguf_1k, tmp_path, capsys, cli_threads):
+    out = tmp_path / "out"
+    args = ["eval", "ruler", "--tasks", "niah_single,vt", "--lengths", "400,500", "--samples", "2"]
+    args += ["--policies", "full,kvzip,expected_attention", "--budget-frac", "0.5", "--max-new-tokens", "3"]
+    args += ["--out", str(out), "--model", str(tiny_gguf_1k), "--cache-dir", str(tmp_path / "c"), "--threads", "1"]
+    rc = main(args)
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    report = json.loads((out / "ruler.json").read_text())
+    labels = ["full", "kvzip 50%", "expected_attention 50%"]
+    assert [p["label"] for p in report["policies"]] == labels and report["tasks"] == ["niah_single", "vt"]
+    assert len(report["results"]) == 3 * 2 * 2 * 2
+    for r in report["results"]:
+        assert r["prompt_tokens"] == r["length"] and r["generated"] <= 3
+        assert r["kept"] <= (r["length"] if r["policy"] == "full" else r["budget"])
+        assert 0.0 <= r["score"] <= r["score_part"] <= 1.0
+    cell = report["summary"]["kvzip 50%"]["by_task"]["vt"]["500"]
+    mine = [
+        r["score"] for r in report["results"] if r["policy"] == "kvzip 50%" and r["task"] == "vt" and r["length"] == 500
+    ]
+    assert cell["score"] == pytest.approx(sum(mine) / 2)
+    md = (out / "ruler.md").read_text()
+    assert "| policy | niah_single | vt | mean |" in md and "## RULER subset at 500 tokens" in md
+    for label in ("full", "kvzip-50pct", "expected-attention-50pct"):
+        assert (out / f"ruler-heatmap-{label}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "RULER at 400 tokens" in captured.out
+
+
+def test_cli_ruler_bad_task_is_one_line_and_exit_2(tmp_path, capsys):
+    rc = main(["eval", "ruler", "--tasks", "niah,vt", "--model", str(tmp_path / "never-loaded.gguf")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "unknown RULER task 'niah'" in err[0]
