@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from infinichat.errors import InfinichatError
-from infinichat.kv.store import KVStore
+from infinichat.kv.store import KVStore, grown_size
 
 KV_DTYPES = ("auto", "bf16", "f16", "f32", "int8", "int4")  # --kv-dtype: auto = the model's dtype
 DENSE_KV_DTYPES = {"bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32}
@@ -222,10 +222,7 @@ class Int8KVStore(QuantKVStore):
         have = self.allocated
         if n <= have:
             return
-        size = have
-        while size < n:
-            size *= 2
-        size = min(size, self.capacity)
+        size = grown_size(have, n, self.capacity)
         old = (self.kq, self.vq, self.ks, self.vs)
         self._allocate(size)
         for new, t in zip((self.kq, self.vq, self.ks, self.vs), old, strict=True):
@@ -333,10 +330,7 @@ class Int4KVStore(QuantKVStore):
         have = self.rk.shape[2]
         if need <= have:
             return
-        size = have
-        while size < need:
-            size *= 2
-        self._alloc_residual(min(size, self.capacity), keep=have)
+        self._alloc_residual(grown_size(have, need, self.capacity), keep=have)
 
     @property
     def nbytes(self) -> int:

@@ -43,6 +43,14 @@ _DTYPES = {
 }
 
 
+def grown_size(have: int, n: int, capacity: int) -> int:
+    """Slots to hold at least n (<= capacity) when `have` are held: double until enough, at most the capacity."""
+    size = max(have, 1)
+    while size < n:
+        size *= 2
+    return min(size, capacity)
+
+
 @dataclass
 class Snapshot:
     """A decoded snapshot: the store format's named K/V tensors over the used slots (a dense store's "k", "v"
@@ -137,10 +145,7 @@ class KVStore(SlotTable):
         have = self.allocated
         if n <= have:
             return
-        size = have
-        while size < n:
-            size *= 2
-        size = min(size, self.capacity)
+        size = grown_size(have, n, self.capacity)
         L, H, _, hd = self.k_all.shape
         k = self.k_all.new_zeros((L, H, size, hd))
         v = self.v_all.new_zeros((L, H, size, hd))
