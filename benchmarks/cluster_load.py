@@ -25,7 +25,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -34,19 +33,9 @@ import time
 from pathlib import Path
 
 import httpx
+from server_load import free_port, pct  # the sibling benchmark (this script's folder is on sys.path)
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def pct(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, round(q * (len(xs) - 1)))] if xs else float("nan")
 
 
 async def turn(c: httpx.AsyncClient, sid: str, text: str, max_tokens: int, stats: dict) -> str | None:

@@ -11,7 +11,6 @@ random model) over a real PostgreSQL store (pg_util.py) and a shared KV director
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -23,7 +22,7 @@ import httpx
 import pytest
 from gguf_util import tiny_llama, write_gguf
 from pg_util import postgres  # noqa: F401  (fixture)
-from server_util import free_port
+from server_util import events, free_port
 
 ray = pytest.importorskip("ray", reason="Ray Serve is not installed: pip install 'infinichat[cluster]'")
 HEADER = "x-infinichat-replica"
@@ -66,16 +65,6 @@ def cluster(tmp_path_factory, postgres):  # noqa: F811
 
     serve.shutdown()
     ray.shutdown()
-
-
-def events(resp) -> list[tuple[str, dict]]:
-    out, name = [], None
-    for line in resp.iter_lines():
-        if line.startswith("event: "):
-            name = line[7:]
-        elif line.startswith("data: "):
-            out.append((name, json.loads(line[6:])))
-    return out
 
 
 def send(client: httpx.Client, sid: str, text: str) -> str:

@@ -10,7 +10,7 @@ import time
 
 import httpx
 import pytest
-from server_util import LiveServer
+from server_util import LiveServer, events
 
 from infinichat.model.loader import load_model
 from infinichat.session.session import Session
@@ -28,16 +28,6 @@ def live(tiny_chat_model, tmp_path_factory):
 def client(live):
     with httpx.Client(base_url=live.url, timeout=60) as c:
         yield c
-
-
-def events(resp) -> list[tuple[str, dict]]:
-    out, name = [], None
-    for line in resp.iter_lines():
-        if line.startswith("event: "):
-            name = line[7:]
-        elif line.startswith("data: "):
-            out.append((name, json.loads(line[6:])))
-    return out
 
 
 def stream(client, path, body) -> list[tuple[str, dict]]:
