@@ -470,6 +470,34 @@ def test_sessions_on_quantized_kv_persist_and_share_prefixes(tmp_path):
     two.close()
 
 
+def test_cache_map_and_metrics_bytes_on_int4h(tmp_path):
+    """Budgets stay in tokens; the cache map and the /metrics gauge (the resident stores' `nbytes`) show bytes for
+    Hadamard-rotated int4 as for int4: the rotation costs no bytes, the format name says the keys are rotated."""
+    from gguf_util import tiny_llama, write_gguf
+
+    from infinichat.model.loader import load_model
+    from infinichat.session.manager import SessionManager
+
+    write_gguf(tmp_path / "tiny.gguf", tiny_llama(seed=3, max_position_embeddings=4096))
+    loaded = load_model(tmp_path / "tiny.gguf", "float32", cache_dir=tmp_path / "cache")
+    eng = TorchEngine(loaded.model, loaded.tokenizer.eos_ids, kv_dtype="int4h")
+    assert eng.kv_format == "int4h"
+    mgr = SessionManager(eng, loaded.tokenizer, loaded.file_hash, tmp_path / "data")
+    a = mgr.create("a", system_prompt="You are terse. " * 20, settings={"temperature": 0.0, "max_tokens": 4})
+    for _ in a.send("hello there"):
+        pass
+    kv = a.kv_map()
+    store = a.seq.store
+    assert isinstance(store, kq.Int4HKVStore) and store.qlen > 0  # some keys quantized (rotated)
+    assert kv["kv_format"] == "int4h" and kv["bytes"] == store.nbytes > 0
+    assert kv["bytes_per_token"] == kq.bytes_per_token(loaded.model.cfg, "int4") < 0.35 * kq.bytes_per_token(
+        loaded.model.cfg, "bfloat16"
+    )
+    assert all(seg["bytes"] == round(seg["tokens"] * kv["bytes_per_token"]) for seg in kv["segments"])
+    assert mgr.total_kv_bytes() >= store.nbytes
+    mgr.close()
+
+
 @pytest.mark.parametrize("kv_dtype", ["int8", "int4", "bf16"])
 def test_convert_store_keeps_slots_and_values_within_the_format(model, kv_dtype):
     eng = TorchEngine(model, ())
@@ -485,21 +513,34 @@ def test_convert_store_keeps_slots_and_values_within_the_format(model, kv_dtype)
 
 
 @needs_lib
-def test_batched_decode_rows_on_int8_kv_are_their_one_token_steps():
-    """A batch of decode steps over int8 KV stores (the batched native step reads bf16 buffers only): each row
-    runs the one-token native step, so its logits equal that sequence decoded alone, bit for bit."""
+@pytest.mark.parametrize("kv_dtypes", [("int8",), ("int4",), ("int8h", "bf16", "int4h")])
+def test_batched_decode_rows_on_quantized_kv_are_their_one_token_steps(kv_dtypes):
+    """A batch of decode steps over quantized KV stores (the batched native step reads every format the one-token
+    step does, rows of different formats in one call; int4 rows with quantized slots): each row's logits equal
+    that sequence decoded alone by the one-token step, bit for bit, and the batched step did run."""
     from infinichat.model.transformer import BatchItem
 
     qm, _ = _pair("int4")
-    eng = TorchEngine(qm, (), kv_dtype="int8")
-    prompts = [rand_ids(n, seed=20 + n, vocab=qm.cfg.vocab_size) for n in (5, 30, 70)]
-    seqs = [eng.new_cache(128) for _ in prompts]
-    alone = [eng.new_cache(128) for _ in prompts]
-    for p, a, b in zip(prompts, seqs, alone, strict=True):
-        eng.prefill(a, p)
-        eng.prefill(b, p)
-    items = [BatchItem(torch.tensor([7]), s.next_positions(1), s.store, s.length) for s in seqs]
-    got = qm.forward_batch(items)
-    want = [eng.decode_one(b, 7) for b in alone]
+    lens = (5, 70, 200)
+    items, want = [], []
+    for i, n in enumerate(lens):
+        eng = TorchEngine(qm, (), kv_dtype=kv_dtypes[i % len(kv_dtypes)])
+        prompt = rand_ids(n, seed=20 + n, vocab=qm.cfg.vocab_size)
+        seq, alone = eng.new_cache(256), eng.new_cache(256)
+        eng.prefill(seq, prompt)
+        eng.prefill(alone, prompt)
+        items.append(BatchItem(torch.tensor([7]), seq.next_positions(1), seq.store, seq.length))
+        want.append(eng.decode_one(alone, 7))
+    if any(k.startswith("int4") for k in kv_dtypes):  # the 200-token row's
+        assert getattr(items[-1].cache, "qlen", 0) > 0
+    calls = []
+    dec = qm.kernels.decoder
+    real = dec.decode_batch
+    dec.decode_batch = lambda *a, **k: calls.append(1) or real(*a, **k)
+    try:
+        got = qm.forward_batch(items)
+    finally:
+        dec.decode_batch = real
+    assert calls == [1]
     for g, w in zip(got, want, strict=True):
         assert torch.equal(g, w)

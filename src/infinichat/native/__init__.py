@@ -203,7 +203,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.ic_matmul.argtypes = [ctypes.POINTER(_Mat), p, i64, p, i32, i32]
     lib.ic_batch_work_size.argtypes = [ctypes.POINTER(_Model), i32, i32]
     lib.ic_batch_work_size.restype = ctypes.c_size_t
-    lib.ic_decode_batch.argtypes = [ctypes.POINTER(_Model), i32, p, p, p, p, p, p, p, p, p, p, i32]
+    lib.ic_decode_batch.argtypes = [ctypes.POINTER(_Model), i32, p, p, p, p, p, p, p, p, i32]
 
 
 KIND_INT4, KIND_INT8, KIND_INT8_GROUP = 4, 8, 9  # decode.c's Mat kinds
@@ -539,7 +539,7 @@ class NativeDecoder:
             return (
                 A % 32 == 0
                 and hd % vg == 0
-                and vg % 8 == 0
+                and vg % 16 == 0
                 and all(shaped(i, torch.uint8, (H, A, hd // 2)) for i in (0, 1))
                 and all(shaped(i, torch.float16, (H, A // 32, hd)) for i in (2, 4))
                 and all(shaped(i, torch.float16, (H, A, hd // vg)) for i in (3, 5))
@@ -559,8 +559,7 @@ class NativeDecoder:
         if binding is None:
             raise InfinichatError("the native decode step cannot read this cache (check bind(cache) first)")
         cap = binding.cap
-        if binding.format == DECODE_KV_FORMATS["int4"][0]:
-            binding.qlen = cache.qlen  # moves as the store quantizes whole key groups
+        self._set_qlen(binding, cache)
         cos, sin = self.model.rope.cos_sin(position, torch.float32)  # (1, hd) each
         cos, sin = cos.contiguous(), sin.contiguous()
         x = torch.empty(self.model.cfg.dim, dtype=torch.float32)
@@ -582,10 +581,14 @@ class NativeDecoder:
             raise ValueError(f"native decode refused token {token} at slot {start} (capacity {cap})")
         return x, out
 
+    @staticmethod
+    def _set_qlen(binding: _KVView, cache) -> None:
+        if binding.format == DECODE_KV_FORMATS["int4"][0]:
+            binding.qlen = cache.qlen  # moves as the store quantizes whole key groups
+
     def batchable(self, cache) -> bool:
-        """Whether the batched step reads this cache (bf16 buffers; quantized KV takes the one-token step)."""
-        view = self.bind(cache)
-        return view is not None and view.format == DECODE_KV_FORMATS["bfloat16"][0]
+        """Whether the batched step reads this cache (every format `bind` takes)."""
+        return self.bind(cache) is not None
 
     def decode_batch(
         self, tokens: list[int], positions: list[torch.Tensor], caches: list, starts: list[int]
@@ -594,17 +597,14 @@ class NativeDecoder:
         starts[b] of caches[b] and RoPE position positions[b] (1,), in one call that reads the weights once
         (decode.c's ic_decode_batch): -> final hidden states (B, D) and logits (B, V), float32, not yet
         re-scored. Row b equals `decode` of that token alone with the same thread count, bit for bit."""
-        B, n_layers = len(tokens), self.model.cfg.n_layers
+        B = len(tokens)
         if not all(self.batchable(c) for c in caches):
             raise InfinichatError("the native batched step cannot read one of these caches (check batchable first)")
         views = [self.bind(c) for c in caches]
-        kp = (ctypes.c_void_p * (B * n_layers))()
-        vp = (ctypes.c_void_p * (B * n_layers))()
-        for b, view in enumerate(views):
-            k, v = view._arrays[:2]  # type: ignore[union-attr]  # the per-layer bf16 buffer pointers
-            kp[b * n_layers : (b + 1) * n_layers] = list(k)
-            vp[b * n_layers : (b + 1) * n_layers] = list(v)
-        caps = torch.tensor([view.cap for view in views], dtype=torch.int64)  # type: ignore[union-attr]
+        for view, c in zip(views, caches, strict=True):
+            self._set_qlen(view, c)  # type: ignore[arg-type]
+        # a copy of each view (its pointer arrays stay alive with the bindings in `views`)
+        packed = (_KVView * B)(*views)
         cos, sin = self.model.rope.cos_sin(torch.cat(positions), torch.float32)  # (B, hd) each
         cos, sin = cos.contiguous(), sin.contiguous()
         toks = torch.tensor(tokens, dtype=torch.int64)
@@ -622,9 +622,7 @@ class NativeDecoder:
                 toks.data_ptr(),
                 cos.data_ptr(),
                 sin.data_ptr(),
-                kp,
-                vp,
-                caps.data_ptr(),
+                ctypes.cast(packed, ctypes.c_void_p),
                 st.data_ptr(),
                 x.data_ptr(),
                 out.data_ptr(),
@@ -632,7 +630,7 @@ class NativeDecoder:
                 threads,
             )
         if rc:
-            raise ValueError(f"native batched decode refused tokens {tokens} at slots {starts} (capacities {caps})")
+            raise ValueError(f"native batched decode refused tokens {tokens} at slots {starts} (code {rc})")
         return x, out
 
 

@@ -348,20 +348,19 @@ static inline __m256 load_i8x8(const int8_t *p) { /* 8 int8 -> 8 floats */
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
 }
 
-/* 8 int4 codes (4 bytes: channel 2j in the low nibble, 2j+1 in the high one) -> 8 floats 0..15 */
-static inline __m256 load_u4x8(const uint8_t *p) {
-    int32_t w;
-    memcpy(&w, p, 4);
-    __m128i b = _mm_cvtsi32_si128(w);
-    b = _mm_unpacklo_epi8(b, b); /* b0 b0 b1 b1 b2 b2 b3 b3 */
-    __m256i x = _mm256_srlv_epi32(_mm256_cvtepu8_epi32(b), _mm256_setr_epi32(0, 4, 0, 4, 0, 4, 0, 4));
-    return _mm256_cvtepi32_ps(_mm256_and_si256(x, _mm256_set1_epi32(15)));
+/* 16 int4 codes (8 bytes: channel 2j in the low nibble, 2j+1 in the high one) -> channels 0..7 in *lo, 8..15 in
+   *hi, as floats 0..15 */
+static inline void load_u4x16(const uint8_t *p, __m256 *lo, __m256 *hi) {
+    const __m128i b = _mm_loadl_epi64((const __m128i *)p), m = _mm_set1_epi8(15);
+    const __m128i x = _mm_unpacklo_epi8(_mm_and_si128(b, m), _mm_and_si128(_mm_srli_epi16(b, 4), m));
+    *lo = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(x));
+    *hi = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_unpackhi_epi64(x, x)));
 }
 
 static inline __m256 load_f16x8(const uint16_t *p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)); }
 
 #define KV_GROUP 32 /* int4 keys: tokens per scale/zero (kv/quantized.py K_GROUP) */
-#define MAX_VGROUPS (MAX_HD / 8)
+#define MAX_VGROUPS (MAX_HD / 16) /* int4 value groups per row: at least 16 channels each */
 
 /* One layer's rows in one format, as attend_rows reads them. Pointers at the layer's (Hkv, cap, ...) buffers:
    bf16 / int8 k, v (Hkv, cap, hd), int8's float32 scales ks, vs (Hkv, cap); int4 (kv/quantized.py Int4KVStore)
@@ -398,7 +397,9 @@ static inline __attribute__((always_inline)) void attend_rows(const Model *M, co
     float sc[MAX_GROUP][ABLK] __attribute__((aligned(32)));
     float corr[MAX_GROUP];
     float qs[MAX_GROUP][MAX_HD] __attribute__((aligned(32))); /* int4: q * key scale, per query head */
-    float qz[MAX_GROUP], vsf[ABLK][MAX_VGROUPS], zsum[MAX_GROUP][MAX_VGROUPS];
+    float qz[MAX_GROUP], zsum[MAX_GROUP][MAX_VGROUPS];
+    float vsf[ABLK * MAX_VGROUPS + 8], vzf[ABLK * MAX_VGROUPS + 8]; /* int4 value scales / zeros of a block */
+    float pw[MAX_VGROUPS][MAX_GROUP][ABLK];                           /* int4: weight x value scale */
     for (int kh = 0; kh < Hkv; kh++) {
         const int64_t row0 = (int64_t)kh * cap; /* this KV head's first row */
         const uint16_t *K = (const uint16_t *)R->k + row0 * hd, *V = (const uint16_t *)R->v + row0 * hd;
@@ -431,9 +432,13 @@ static inline __attribute__((always_inline)) void attend_rows(const Model *M, co
                             qz[g] = hsum8(z);
                         }
                     }
-                    for (int i = 0; i < hd; i += 8) {
-                        __m256 kv = load_u4x8(K4 + t * hb + i / 2);
-                        for (int g = 0; g < G; g++) s[g] = _mm256_fmadd_ps(kv, _mm256_load_ps(qs[g] + i), s[g]);
+                    for (int i = 0; i < hd; i += 16) {
+                        __m256 k0, k1;
+                        load_u4x16(K4 + t * hb + i / 2, &k0, &k1);
+                        for (int g = 0; g < G; g++) {
+                            s[g] = _mm256_fmadd_ps(k0, _mm256_load_ps(qs[g] + i), s[g]);
+                            s[g] = _mm256_fmadd_ps(k1, _mm256_load_ps(qs[g] + i + 8), s[g]);
+                        }
                     }
                     for (int g = 0; g < G; g++) sc[g][j] = hsum8(s[g]) + qz[g];
                     continue;
@@ -445,9 +450,18 @@ static inline __attribute__((always_inline)) void attend_rows(const Model *M, co
                 const float kscale = fmt == ROWS_INT8 ? KS[t] : 1.0f;
                 for (int g = 0; g < G; g++) sc[g][j] = hsum8(s[g]) * kscale;
             }
-            if (fmt == ROWS_INT4)
-                for (int j = 0; j < nb; j++)
-                    for (int c = 0; c < nvg; c++) vsf[j][c] = _cvtsh_ss(VS4[(t0 + j) * nvg + c]);
+            if (fmt == ROWS_INT4) /* the block's value scales and zeros (nb x nvg, contiguous) to float32 */
+                for (int u = 0; u < nb * nvg; u += 8) {
+                    const int64_t o = t0 * nvg + u;
+                    if (u + 8 <= nb * nvg) {
+                        _mm256_storeu_ps(vsf + u, load_f16x8(VS4 + o));
+                        _mm256_storeu_ps(vzf + u, load_f16x8(VZ4 + o));
+                    } else
+                        for (int w = u; w < nb * nvg; w++) {
+                            vsf[w] = _cvtsh_ss(VS4[t0 * nvg + w]);
+                            vzf[w] = _cvtsh_ss(VZ4[t0 * nvg + w]);
+                        }
+                }
             for (int g = 0; g < G; g++) { /* online softmax update */
                 const int h = kh * G + g;
                 float bmax = -INFINITY;
@@ -471,27 +485,47 @@ static inline __attribute__((always_inline)) void attend_rows(const Model *M, co
                 if (fmt == ROWS_INT8)
                     for (j = 0; j < nb; j++) sc[g][j] *= VS[t0 + j]; /* the value rows' scales, once per weight */
                 if (fmt == ROWS_INT4)
-                    for (int c = 0; c < nvg; c++) { /* sum_j p_j z_j per value group, then p_j s_j */
+                    for (int c = 0; c < nvg; c++) { /* sum_j p_j z_j per value group, and p_j s_j */
                         float zs = 0.0f;
-                        for (j = 0; j < nb; j++) zs += sc[g][j] * _cvtsh_ss(VZ4[(t0 + j) * nvg + c]);
+                        for (j = 0; j < nb; j++) {
+                            zs += sc[g][j] * vzf[j * nvg + c];
+                            pw[c][g][j] = sc[g][j] * vsf[j * nvg + c];
+                        }
                         zsum[g][c] = zs;
                     }
             }
+            if (fmt == ROWS_INT4) { /* weighted values, 16 dims (within one value group) at a time */
+                for (int i = 0; i < hd; i += 16) {
+                    __m256 o[MAX_GROUP], o2[MAX_GROUP];
+                    const int c = i / vg;
+                    for (int g = 0; g < G; g++) {
+                        float *acc = P->acc + (kh * G + g) * hd + i;
+                        const __m256 cg = _mm256_set1_ps(corr[g]), zg = _mm256_set1_ps(zsum[g][c]);
+                        o[g] = _mm256_fmadd_ps(_mm256_loadu_ps(acc), cg, zg);
+                        o2[g] = _mm256_fmadd_ps(_mm256_loadu_ps(acc + 8), cg, zg);
+                    }
+                    for (int j = 0; j < nb; j++) {
+                        __m256 v0, v1;
+                        load_u4x16(V4 + (t0 + j) * hb + i / 2, &v0, &v1);
+                        for (int g = 0; g < G; g++) {
+                            const __m256 w = _mm256_broadcast_ss(&pw[c][g][j]);
+                            o[g] = _mm256_fmadd_ps(w, v0, o[g]);
+                            o2[g] = _mm256_fmadd_ps(w, v1, o2[g]);
+                        }
+                    }
+                    for (int g = 0; g < G; g++) {
+                        _mm256_storeu_ps(P->acc + (kh * G + g) * hd + i, o[g]);
+                        _mm256_storeu_ps(P->acc + (kh * G + g) * hd + i + 8, o2[g]);
+                    }
+                }
+                continue;
+            }
             for (int i = 0; i < hd; i += 8) { /* weighted values, 8 dims at a time */
                 __m256 o[MAX_GROUP];
-                const int c = i / vg;
-                for (int g = 0; g < G; g++) {
+                for (int g = 0; g < G; g++)
                     o[g] = _mm256_mul_ps(_mm256_loadu_ps(P->acc + (kh * G + g) * hd + i), _mm256_set1_ps(corr[g]));
-                    if (fmt == ROWS_INT4) o[g] = _mm256_add_ps(o[g], _mm256_set1_ps(zsum[g][c]));
-                }
                 for (int j = 0; j < nb; j++) {
                     const int64_t t = t0 + j;
-                    if (fmt == ROWS_INT4) {
-                        __m256 vv = load_u4x8(V4 + t * hb + i / 2);
-                        for (int g = 0; g < G; g++)
-                            o[g] = _mm256_fmadd_ps(_mm256_set1_ps(sc[g][j] * vsf[j][c]), vv, o[g]);
-                        continue;
-                    }
                     __m256 vv = fmt == ROWS_INT8 ? load_i8x8(V8 + t * hd + i) : load_bf16x8(V + t * hd + i);
                     for (int g = 0; g < G; g++) o[g] = _mm256_fmadd_ps(_mm256_set1_ps(sc[g][j]), vv, o[g]);
                 }
@@ -573,12 +607,17 @@ static void kv_write_row(const KVView *kv, int li, int h, int hd, int64_t slot, 
     bf16_row(v, hd, (uint16_t *)kv->v[li] + row * hd);
 }
 
-/* bf16 buffers (Hkv, cap, hd) */
-static void attend_part(const Model *M, const float *q, const uint16_t *kbuf, const uint16_t *vbuf, int64_t cap,
-                        int64_t a, int64_t b, Partial *P) {
-    const Rows R = {.k = kbuf, .v = vbuf, .cap = cap};
-    init_partial(M, P);
-    attend_rows(M, q, &R, a, b, P, ROWS_BF16);
+/* 0 if the step can write slot `start` of the view and read slots [0, start]; 1 a slot outside it, 2 a view
+   it does not take */
+static int check_view(const Model *M, const KVView *kv, int64_t start) {
+    if (start < 0) return 1;
+    if (kv->format != KV_BF16 && kv->format != KV_INT8 && kv->format != KV_INT4) return 2;
+    if ((kv->flags & KV_HADAMARD) && (kv->format == KV_BF16 || (M->head_dim & (M->head_dim - 1)))) return 2;
+    if (kv->format != KV_INT4) return start >= kv->cap;
+    /* int4: slot `start` goes to the residual */
+    if (kv->vgroup < 16 || kv->vgroup % 16 || M->head_dim % kv->vgroup) return 2; /* 16 channels at a time */
+    const int64_t ql = kv->qlen;
+    return ql < 0 || ql % KV_GROUP || ql > kv->cap || ql > start || start - ql >= kv->rcap;
 }
 
 /* layer li of a KV view, slots [a, b), in its format. q: the queries; qh: q times H (used with KV_HADAMARD) */
@@ -630,7 +669,8 @@ size_t ic_work_size(void) { return sizeof(Work); }
 /* The ABI the Python side (native/__init__.py) was written against: bump IC_ABI_VERSION whenever a struct
    or an exported signature changes. Fills sizes[0..2] with sizeof(Mat), sizeof(Layer), sizeof(Model); the
    loader compares them with its ctypes structures and refuses a library that disagrees. */
-#define IC_ABI_VERSION 4 /* 3: KVView and ic_decode_kv (quantized KV); 4: int4 KV and Hadamard keys in KVView */
+#define IC_ABI_VERSION 4 /* 3: KVView and ic_decode_kv (quantized KV); 4: int4 KV and Hadamard keys in KVView,
+                            ic_decode_batch over KV views */
 int ic_abi(int64_t *sizes) {
     sizes[0] = (int64_t)sizeof(Mat);
     sizes[1] = (int64_t)sizeof(Layer);
@@ -654,16 +694,9 @@ int ic_check(const Model *M) {
    position. */
 int ic_decode_kv(const Model *M, int64_t token, const float *cos, const float *sin, const KVView *kv,
                  int64_t start, float *out_x, float *logits, void *work, int nthreads) {
-    const int64_t cap = kv->cap;
-    if (token < 0 || token >= M->vocab || start < 0) return 1;
-    if (kv->format == KV_INT4) { /* slot `start` goes to the residual */
-        if (kv->qlen < 0 || kv->qlen % KV_GROUP || kv->qlen > cap || kv->qlen > start || start - kv->qlen >= kv->rcap)
-            return 1;
-        if (kv->vgroup < 8 || kv->vgroup % 8 || M->head_dim % kv->vgroup) return 2;
-    } else if (start >= cap)
-        return 1;
-    if (kv->format != KV_BF16 && kv->format != KV_INT8 && kv->format != KV_INT4) return 2;
-    if ((kv->flags & KV_HADAMARD) && (kv->format == KV_BF16 || (M->head_dim & (M->head_dim - 1)))) return 2;
+    if (token < 0 || token >= M->vocab) return 1;
+    const int bad = check_view(M, kv, start);
+    if (bad) return bad;
     if (nthreads < 1) nthreads = 1;
     if (nthreads > MAX_THREADS) nthreads = MAX_THREADS;
     Work *W = (Work *)work;
@@ -994,15 +1027,18 @@ static void quantize_batch(const Mat *m, const float *src, int64_t ld, const Bat
     }
 }
 
-/* tokens (B,); cos/sin (B, hd); kbufs/vbufs (B, n_layers): row b's per-layer (Hkv, caps[b], hd) bf16 buffers;
+/* tokens (B,); cos/sin (B, hd); views (B,): row b's KV view (any format ic_decode_kv takes, see KVView);
    starts (B,): its slot. out_x (B, D) final normed hidden states; logits (B, head rows) or NULL. `work`: at least
    ic_batch_work_size(M, B, nthreads) bytes. */
 int ic_decode_batch(const Model *M, int B, const int64_t *tokens, const float *cos, const float *sin,
-                    uint16_t *const *kbufs, uint16_t *const *vbufs, const int64_t *caps, const int64_t *starts,
-                    float *out_x, float *logits, void *work, int nthreads) {
+                    const KVView *views, const int64_t *starts, float *out_x, float *logits, void *work,
+                    int nthreads) {
     if (B < 1 || B > BATCH_MAX) return 1;
-    for (int b = 0; b < B; b++)
-        if (tokens[b] < 0 || tokens[b] >= M->vocab || starts[b] < 0 || starts[b] >= caps[b]) return 1;
+    for (int b = 0; b < B; b++) {
+        if (tokens[b] < 0 || tokens[b] >= M->vocab) return 1;
+        const int bad = check_view(M, &views[b], starts[b]);
+        if (bad) return bad;
+    }
     const int nparts = batch_parts(nthreads);
     const BatchWork W = batch_work(M, B, nparts, work);
     const int D = M->dim, H = M->n_heads, Hkv = M->n_kv, hd = M->head_dim, F = M->ffn, NL = M->n_layers;
@@ -1031,21 +1067,22 @@ int ic_decode_batch(const Model *M, int B, const int64_t *tokens, const float *c
                 }
                 for (int h = 0; h < Hkv; h++) {
                     rope(k + h * hd, cb, sb, hd);
-                    uint16_t *kd = kbufs[(int64_t)b * NL + li] + ((int64_t)h * caps[b] + starts[b]) * hd;
-                    uint16_t *vd = vbufs[(int64_t)b * NL + li] + ((int64_t)h * caps[b] + starts[b]) * hd;
-                    for (int i = 0; i < hd; i++) {
-                        kd[i] = f32_bf16(k[h * hd + i]);
-                        vd[i] = f32_bf16(v[h * hd + i]);
-                    }
+                    kv_write_row(&views[b], li, h, hd, starts[b], k + h * hd, v + h * hd);
                 }
             }
             #pragma omp for schedule(dynamic, 1)
             for (int task = 0; task < B * nparts; task++) { /* row b's key range p, as ic_decode's thread p */
                 const int b = task / nparts, p = task % nparts;
+                const float *qb = W.qkv + (int64_t)b * QKV;
+                const int rot = views[b].flags & KV_HADAMARD;
+                float qh[rot ? qs : 1]; /* the queries times H, made per task as ic_decode_kv makes them */
+                if (rot) {
+                    memcpy(qh, qb, sizeof(float) * qs);
+                    for (int h = 0; h < H; h++) hadamard(qh + h * hd, hd);
+                }
                 int64_t a, e;
                 share(starts[b] + 1, ABLK, p, nparts, &a, &e);
-                attend_part(M, W.qkv + (int64_t)b * QKV, kbufs[(int64_t)b * NL + li], vbufs[(int64_t)b * NL + li],
-                            caps[b], a, e, &W.part[task]);
+                attend_view(M, qb, qh, &views[b], li, a, e, &W.part[task]);
             }
             #pragma omp for schedule(static)
             for (int bh = 0; bh < B * H; bh++) { /* merge each row's partial softmaxes, in ic_decode's order */
