@@ -363,8 +363,8 @@ def test_native_step_over_int8_kv_equals_the_torch_path_from_the_same_state(mode
 
 
 @needs_lib
-@pytest.mark.parametrize("kv_dtype", ["int4", "int4h", "int8h"])
-def test_native_step_over_int4_and_rotated_kv_follows_the_torch_path(kv_dtype):
+@pytest.mark.parametrize("kv_dtype,head_dim", [("int4", 32), ("int4", 64), ("int4h", 64), ("int8h", 32)])
+def test_native_step_over_int4_and_rotated_kv_follows_the_torch_path(kv_dtype, head_dim):
     """The native step reads int4 KIVI groups (packed keys with per-channel scales and zeros per 32 slots, values
     per token) and the bf16 residual directly, and Hadamard-rotated keys (queries times H). A 300-token prompt by
     the quantized model, then 20 decode steps from two forks of its store: natively on one, by the float32 model of
@@ -372,9 +372,10 @@ def test_native_step_over_int4_and_rotated_kv_follows_the_torch_path(kv_dtype):
     2% of the largest (measured 0.2-1.2%: the native step's int8 activations and int8 head; the stores drift
     apart only by the rows each path writes); then the same spans removed from both (keys re-rotated to their
     new positions and quantized again) and 8 steps more, same tolerance. 2 threads split the slots, so a thread's
-    range crosses from the quantized slots into the residual."""
+    range crosses from the quantized slots into the residual. head_dim 32: one value group per row; 64 (the default
+    model's): two."""
     torch.set_num_threads(2)
-    qm, ref = _pair("int4")
+    qm, ref = _pair("int4", head_dim=head_dim)
     ids = rand_ids(330, seed=16, vocab=qm.cfg.vocab_size)
     eq, er = TorchEngine(qm, (), kv_dtype=kv_dtype), TorchEngine(ref, (), kv_dtype=kv_dtype)
     seq = eq.new_cache(512)
