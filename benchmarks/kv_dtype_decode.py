@@ -4,12 +4,13 @@
                                           [--quant int8] [--kv bf16,int8,int4]
 
 The default model (--quant int8: its decode runs the native step, which reads bf16 K/V, int8 codes and int4 KIVI
-groups with their bf16 residual directly; int8h / int4h: the same with Hadamard-rotated keys) evaluates a --context-token prompt of Moby Dick once (first dtype's store); the other dtypes' stores are
-converted from it (kv/quantized.py convert_store: the same context, quantized). Then each round times --steps
-greedy decode steps on every store in turn (the order reversed every other round) and truncates them back to
-the context. Printed: ms per token per round, the median over rounds of each round's speed-up against the first
-dtype, the K/V bytes per store, and the largest logit difference of the first step against the first dtype;
-then the same median ratio for every pair of dtypes.
+groups with their bf16 residual directly; int8h / int4h: the same with Hadamard-rotated keys) evaluates a
+--context-token prompt of Moby Dick once (first dtype's store); the other dtypes' stores are converted from it
+(kv/quantized.py convert_store: the same context, quantized). Then each round times --steps greedy decode steps
+on every store in turn (the order reversed every other round) and truncates them back to the context. Printed:
+ms per token per round, the median over rounds of each round's speed-up against the first dtype, the K/V bytes
+per store, and the largest logit difference of the first step against the first dtype; then the same median
+ratio for every pair of dtypes.
 """
 
 from __future__ import annotations

@@ -491,8 +491,10 @@ def test_cache_map_and_metrics_bytes_on_int4h(tmp_path):
     store = a.seq.store
     assert isinstance(store, kq.Int4HKVStore) and store.qlen > 0  # some keys quantized (rotated)
     assert kv["kv_format"] == "int4h" and kv["bytes"] == store.nbytes > 0
-    assert kv["bytes_per_token"] == kq.bytes_per_token(loaded.model.cfg, "int4") < 0.35 * kq.bytes_per_token(
-        loaded.model.cfg, "bfloat16"
+    assert (
+        kv["bytes_per_token"]
+        == kq.bytes_per_token(loaded.model.cfg, "int4")
+        < 0.35 * kq.bytes_per_token(loaded.model.cfg, "bfloat16")
     )
     assert all(seg["bytes"] == round(seg["tokens"] * kv["bytes_per_token"]) for seg in kv["segments"])
     assert mgr.total_kv_bytes() >= store.nbytes

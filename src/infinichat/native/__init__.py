@@ -185,7 +185,13 @@ class _KVView(ctypes.Structure):
 # The KV store formats (`KVStore.kv_format`) the native step reads directly: decode.c's format code and flags
 # for each; a cache of another format (float32, float16) takes the PyTorch path.
 KV_HADAMARD = 1
-DECODE_KV_FORMATS = {"bfloat16": (0, 0), "int8": (1, 0), "int8h": (1, KV_HADAMARD), "int4": (2, 0), "int4h": (2, KV_HADAMARD)}
+DECODE_KV_FORMATS = {
+    "bfloat16": (0, 0),
+    "int8": (1, 0),
+    "int8h": (1, KV_HADAMARD),
+    "int4": (2, 0),
+    "int4h": (2, KV_HADAMARD),
+}
 
 
 def _declare(lib: ctypes.CDLL) -> None:
@@ -517,7 +523,8 @@ class NativeDecoder:
             names = ("kq", "vq", "ks", "vs", "kz", "vz", "rk", "rv")
             return tuple(list(getattr(cache, n).unbind(0)) for n in names)
         if fmt.startswith("int8"):
-            return tuple(list(t.unbind(0)) for t in (cache.kq, cache.vq, cache.ks, cache.vs)) + ([], [], [], [])
+            k, v, ks, vs = (list(t.unbind(0)) for t in (cache.kq, cache.vq, cache.ks, cache.vs))
+            return k, v, ks, vs, [], [], [], []
         return list(cache.k), list(cache.v), [], [], [], [], [], []
 
     def _fits(self, cache, bufs: tuple[list[torch.Tensor], ...], fmt: str) -> bool:
@@ -600,9 +607,12 @@ class NativeDecoder:
         B = len(tokens)
         if not all(self.batchable(c) for c in caches):
             raise InfinichatError("the native batched step cannot read one of these caches (check batchable first)")
-        views = [self.bind(c) for c in caches]
-        for view, c in zip(views, caches, strict=True):
-            self._set_qlen(view, c)  # type: ignore[arg-type]
+        views: list[_KVView] = []
+        for c in caches:
+            view = self.bind(c)
+            assert view is not None  # batchable above
+            self._set_qlen(view, c)
+            views.append(view)
         # a copy of each view (its pointer arrays stay alive with the bindings in `views`)
         packed = (_KVView * B)(*views)
         cos, sin = self.model.rope.cos_sin(torch.cat(positions), torch.float32)  # (B, hd) each
