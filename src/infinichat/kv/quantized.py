@@ -91,7 +91,7 @@ def convert_store(store: KVStore, kv_dtype: str) -> KVStore:
 def hadamard(x: torch.Tensor) -> torch.Tensor:
     """x (..., n) float32, n a power of 2 -> x H (..., n), H the orthonormal Hadamard matrix of Sylvester's order
     (symmetric, H H = I): butterflies of stride 1, 2, 4, ... then 1/sqrt(n), the operations native/decode.c's
-    `hadamard` does in the same order (so a key row rotated there quantizes to the same codes)."""
+    `hadamard` does, in the same order."""
     *lead, n = x.shape
     h = 1
     while h < n:
