@@ -97,19 +97,21 @@ class TorchEngine(Engine):
             capacity = max(budget or 0, self.cfg.max_position) + policy.scratch_slots()
         capacity = capacity or budget or self.cfg.max_position
         device = self.model.device
-        if (
-            policy.home_in_host_memory() and device.type != "cpu"
-        ):  # OmniKV / brutal offload: the store is the home copy in
-            # host memory; the policy's mirrors and the picked rows go to the model's device (kv/offload.py)
+        home = policy.home_in_host_memory() and device.type != "cpu"
+        if home:  # OmniKV / brutal offload: the store is the home copy in host memory; the policy's mirrors and
+            # the picked rows go to the model's device (kv/offload.py)
             if getattr(policy, "device", "") is None:  # the offloading policies' compute device: the model's
                 policy.device = str(device)  # type: ignore[attr-defined]
             device = torch.device("cpu")
-        if policy.offloads and self.kv_dtype in ("int8", "int4"):
+        if (policy.offloads or policy.home_in_host_memory()) and self.kv_dtype in ("int8", "int4"):
             raise InfinichatError(
                 f"the {policy.name} policy offloads dense K/V buffers; it does not run on --kv-dtype {self.kv_dtype} "
                 "(use --kv-dtype auto, bf16 or f16)"
             )
-        return make_store(self.kv_dtype, self.cfg, capacity, self.model.dtype, rope=self.model.rope, device=device)
+        store = make_store(self.kv_dtype, self.cfg, capacity, self.model.dtype, rope=self.model.rope, device=device)
+        if home and self.model.device.type == "cuda":
+            store.pin_host_memory()  # page-locked: the per-step row copies to the GPU run asynchronously
+        return store
 
     # ------------------------------------------------------------------ one forward call (prefill / decode_one: Engine)
     def _append(self, seq: KVSequence, ids: torch.Tensor, all_logits: bool, stage: str = "decode") -> torch.Tensor:

@@ -120,16 +120,32 @@ class KVStore(SlotTable):
         (kv/quantized.py)."""
         return str(self.dtype).removeprefix("torch.")
 
+    pinned = False  # buffers in page-locked host memory (`pin_host_memory`)
+
     def layer_kv(self, li: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The forward's access to layer `li`: write the new rows k, v (Hkv, T, hd) at slots [start, start+T) and
-        return buffers (Hkv, >= start+T, hd) whose slots [0, start+T) hold the layer's keys and values."""
+        return buffers (Hkv, >= start+T, hd) whose slots [0, start+T) hold the layer's keys and values. Into a
+        pinned store the rows from a CUDA device are copied asynchronously, ordered on the current stream (what
+        reads the store next waits for that stream: the engine's sampling, an offloading step's index transfer)."""
         T = k.shape[1]
         kb, vb = self.k[li], self.v[li]  # (Hkv, A, hd)
-        kb[:, start : start + T] = k
-        vb[:, start : start + T] = v
+        kb[:, start : start + T].copy_(k, non_blocking=self.pinned)
+        vb[:, start : start + T].copy_(v, non_blocking=self.pinned)
         return kb, vb
 
+    def pin_host_memory(self) -> None:
+        """Hold the buffers at their whole capacity in page-locked host memory, for a model on a CUDA device that
+        offloads to this store (kv/offload.py): copies to and from it can then run asynchronously. Growth,
+        restores and removals keep them pinned."""
+        if self.k_all.device.type != "cpu":
+            raise InfinichatError(f"only a host-memory KV store can be pinned; this one is on {self.k_all.device}")
+        self.pinned = True
+        self.reserve(self.capacity)
+        self._set_buffers(self.k_all, self.v_all)
+
     def _set_buffers(self, k_all: torch.Tensor, v_all: torch.Tensor) -> None:
+        if self.pinned and not k_all.is_pinned():
+            k_all, v_all = k_all.pin_memory(), v_all.pin_memory()
         self.k_all = k_all  # (L, Hkv, A, hd)
         self.v_all = v_all  # (L, Hkv, A, hd)
         self.k = list(self.k_all.unbind(0))  # L x (Hkv, A, hd) views
