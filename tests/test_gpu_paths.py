@@ -10,6 +10,11 @@ capture), and as `@pytest.mark.cuda` tests (skipped without a GPU; benchmarks/gp
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -268,3 +273,14 @@ def test_cuda_omnikv_offload_pins_the_store_and_equals_resident():
     assert off.store.k_all.device.type == "cpu" and off.store.k_all.is_pinned()
     assert off.policy._fetcher.stream is not None
     assert off.policy._mirrors.nbytes < runs[False][1].store.nbytes  # only layers 0..2 are on the GPU
+
+
+def test_compile_without_cuda_is_one_clear_line():
+    if torch.cuda.is_available():
+        return
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(repo / "src"), "NO_COLOR": "1", "COLUMNS": "250"}
+    cmd = [sys.executable, "-m", "infinichat", "generate", "hi", "-n", "1", "--device", "cpu", "--compile"]
+    run = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=120)
+    lines = [ln for ln in run.stderr.splitlines() if ln.strip()]
+    assert run.returncode == 2 and len(lines) == 1 and "--compile captures the CUDA decode step" in lines[0], run.stderr

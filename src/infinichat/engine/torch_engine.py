@@ -133,6 +133,8 @@ class TorchEngine(Engine):
                 out = self.model(ids, positions, store, start, all_logits=all_logits, attn=attn)
         else:
             out = self.model(ids, positions, store, start, all_logits=all_logits, attn=attn)
+        if store.pinned:  # the forward's rows go into pinned host memory asynchronously: done before anyone reads
+            torch.cuda.current_stream(self.model.device).synchronize()
         seq.append(ids, positions)
         if compress and stage == "prompt_end":
             if policy.scoring_pass and seq.length > seq.budget:
