@@ -65,7 +65,7 @@ def _add_model_args(p: argparse.ArgumentParser, dtype: str = DEFAULT_DTYPE, ctx:
         "--compile",
         action="store_true",
         help="CUDA only: decode through a static-shape step captured with torch.compile (CUDA graphs); the KV "
-        "cache is preallocated at its whole budget and the first steps compile (slow start); suits one long "
+        "cache is preallocated at its whole budget (--ctx) and the first steps compile (slow start); suits one long "
         "generation, not many sessions (untested on a GPU so far: see README, GPU)",
     )
     g.add_argument(
