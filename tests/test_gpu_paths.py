@@ -285,3 +285,20 @@ def test_compile_without_cuda_is_one_clear_line():
     run = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=120)
     lines = [ln for ln in run.stderr.splitlines() if ln.strip()]
     assert run.returncode == 2 and len(lines) == 1 and "--compile captures the CUDA decode step" in lines[0], run.stderr
+
+
+@pytest.mark.cuda
+def test_cuda_brutal_offload_equals_full():
+    """Whole offloaded layers from pinned host memory (rows staged asynchronously, placed after each call) give
+    full attention's logits."""
+    engine = TorchEngine(Transformer(CFG, _weights(), torch.float32, device="cuda"), eos_ids=())
+    prompt, follow = _ids(120, seed=7), _ids(6, seed=8)
+    full = engine.new_sequence(budget=400)
+    brutal = engine.new_sequence(budget=400, policy="brutal-offload", filter_layers=(1,))
+    for s in (full, brutal):
+        engine.prefill(s, prompt)
+    assert brutal.store.k_all.is_pinned() and not brutal.store._pending
+    for tok in follow:
+        a, b = engine.decode_one(full, tok), engine.decode_one(brutal, tok)
+        assert (a - b).abs().max().item() <= 1e-4 * a.abs().max().item()
+    assert torch.equal(brutal.store.k_all[:, :, : brutal.length].cuda(), full.store.k_all[:, :, : full.length])

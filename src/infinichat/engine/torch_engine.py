@@ -133,8 +133,8 @@ class TorchEngine(Engine):
                 out = self.model(ids, positions, store, start, all_logits=all_logits, attn=attn)
         else:
             out = self.model(ids, positions, store, start, all_logits=all_logits, attn=attn)
-        if store.pinned:  # the forward's rows go into pinned host memory asynchronously: done before anyone reads
-            torch.cuda.current_stream(self.model.device).synchronize()
+        if store.pinned:  # the forward's rows went to pinned host memory asynchronously: placed before anyone reads
+            store.flush()
         seq.append(ids, positions)
         if compress and stage == "prompt_end":
             if policy.scoring_pass and seq.length > seq.budget:
@@ -148,6 +148,7 @@ class TorchEngine(Engine):
         store = torch_store(seq.store, "the torch engine")
         for ids, req in seq.policy.probe_calls(seq):
             self.model(ids, store.next_positions(ids.shape[0]), store, seq.length, attn=req)
+            store.flush()
 
     # ------------------------------------------------------------------ batched decode (engine/batch.py)
     def can_batch(self, seq: KVSequence) -> bool:
@@ -178,4 +179,5 @@ class TorchEngine(Engine):
         for a in range(stale_from, end, PREFILL_CHUNK):
             b = min(a + PREFILL_CHUNK, end)
             self.model(store.tokens[a:b], store.positions[a:b], store, a)
+            store.flush()
         seq.mark_fresh()
