@@ -121,6 +121,7 @@ def _backend(args: argparse.Namespace) -> ChatBackend:
                 show_progress=err.is_terminal,
                 quant=getattr(args, "quant", "none"),
                 device=getattr(args, "device", "auto"),
+                compile=getattr(args, "compile", False),
                 kv_dtype=getattr(args, "kv_dtype", "auto"),
             )
         return LocalBackend(SessionManager(engine, tok, model_id, data_dir, SessionSettings()), name, lock)

@@ -48,6 +48,7 @@ def load_engine(args: argparse.Namespace, n_ctx: int | None = None) -> tuple[Tok
             quant=getattr(args, "quant", "none"),
             n_ctx=n_ctx,
             device=getattr(args, "device", "auto"),
+            compile=getattr(args, "compile", False),
             kv_dtype=getattr(args, "kv_dtype", "auto"),
         )
     return tok, name, engine

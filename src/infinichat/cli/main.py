@@ -42,9 +42,9 @@ def _add_model_args(p: argparse.ArgumentParser, dtype: str = DEFAULT_DTYPE, ctx:
         "--quant",
         default="none",
         choices=("none", "int8", "int4"),
-        help="store the weights as int8 or int4 (per group of 32 inputs; int8 per row where the "
-        "native library cannot be built) for faster CPU decode; "
-        "needs --dtype bfloat16; quantized once, then cached (default none)",
+        help="store the weights as int8 or int4 (per group of 32 inputs; int8 per row on CUDA and where the "
+        "native library cannot be built) for faster decode (CPU: native kernels; CUDA: PyTorch's int8/int4 "
+        "kernels); needs --dtype bfloat16; quantized once, then cached (default none)",
     )
     g.add_argument(
         "--kv-dtype",
@@ -60,7 +60,14 @@ def _add_model_args(p: argparse.ArgumentParser, dtype: str = DEFAULT_DTYPE, ctx:
         default="auto",
         metavar="{auto,cpu,cuda,cuda:N}",
         help="where the torch backend runs the model and keeps its KV cache (auto: CUDA when torch sees a "
-        "GPU, else the CPU; --quant runs on the CPU) (default auto)",
+        "GPU, else the CPU) (default auto)",
+    )
+    g.add_argument(
+        "--compile",
+        action="store_true",
+        help="CUDA only: decode through a static-shape step captured with torch.compile (CUDA graphs); the KV "
+        "cache is preallocated at its whole budget (--ctx) and the first steps compile (slow start); suits one long "
+        "generation, not many sessions (untested on a GPU so far: see README, GPU)",
     )
     g.add_argument(
         "--threads",

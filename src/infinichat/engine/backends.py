@@ -22,13 +22,15 @@ def load_engine(
     kernels: str = "auto",
     kv_dtype: str = "auto",
     on_progress=None,
+    compile: bool = False,
 ):
     """(engine, tokenizer, model id, model name). `model` None = the embedded default model. The model id
     (the file's SHA-256) keys caches of evaluated KV, together with the engine type and KV dtype.
     llamacpp: a context of `n_ctx` tokens (default: the trained context). torch: the model, its KV stores
     and its sampling on `device` (auto, cpu, cuda, cuda:N; auto = CUDA when torch sees one), its KV stores in
     `kv_dtype` (auto = the model's dtype, bf16, f16, f32, int8, int4, int8h, int4h: kv/quantized.py).
-    `on_progress(stage, done, total)`: the loading stages (model/loader.py)."""
+    `on_progress(stage, done, total)`: the loading stages (model/loader.py). `compile` (--compile): one-token
+    steps through the static-shape step under torch.compile (CUDA graphs on CUDA: kernels/static_step.py)."""
     if backend not in BACKENDS:
         raise InfinichatError(f"unknown backend {backend!r}; accepted: {', '.join(BACKENDS)}")
     if not isinstance(threads, int) or threads < 0:
@@ -58,8 +60,13 @@ def load_engine(
         return engine, tok, file_sha256(gguf_path(model), cache or default_cache_dir()), name
     start = None if threads else starting_count(physical_cores())  # the default: what the idle CPUs allow
     set_threads(threads or start)  # loading (conversion, quantization, packing) runs at that count too
-    if where.type != "cpu" and device == "auto" and quant != "none":
-        where = resolve_device("cpu")  # auto with --quant: the quantized kernels are CPU ones
+    if compile and where.type != "cuda":
+        raise InfinichatError(
+            f"--compile captures the CUDA decode step (CUDA graphs); on {where} the cpu-native kernels' own "
+            "decode step runs: leave --compile out"
+        )
+    if compile and backend != "torch":
+        raise InfinichatError("--compile applies to the torch backend")
     loaded = load_model(
         model,
         dtype,
@@ -69,6 +76,7 @@ def load_engine(
         device=where,
         kernels=kernels,
         on_progress=on_progress,
+        step="compiled" if compile else "layers",
     )
     model_id = loaded.file_hash if quant == "none" else f"{loaded.file_hash}:{quant}"
     torch_engine = TorchEngine(loaded.model, loaded.tokenizer.eos_ids, kv_dtype=kv_dtype)

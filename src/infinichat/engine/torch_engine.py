@@ -100,19 +100,21 @@ class TorchEngine(Engine):
             capacity = max(budget or 0, self.cfg.max_position) + policy.scratch_slots()
         capacity = capacity or budget or self.cfg.max_position
         device = self.model.device
-        if (
-            policy.home_in_host_memory() and device.type != "cpu"
-        ):  # OmniKV / brutal offload: the store is the home copy in
-            # host memory; the policy's mirrors and the picked rows go to the model's device (kv/offload.py)
+        home = policy.home_in_host_memory() and device.type != "cpu"
+        if home:  # OmniKV / brutal offload: the store is the home copy in host memory; the policy's mirrors and
+            # the picked rows go to the model's device (kv/offload.py)
             if getattr(policy, "device", "") is None:  # the offloading policies' compute device: the model's
                 policy.device = str(device)  # type: ignore[attr-defined]
             device = torch.device("cpu")
-        if policy.offloads and self.kv_dtype in QUANT_KV_DTYPES:
+        if (policy.offloads or policy.home_in_host_memory()) and self.kv_dtype in QUANT_KV_DTYPES:
             raise InfinichatError(
                 f"the {policy.name} policy offloads dense K/V buffers; it does not run on --kv-dtype {self.kv_dtype} "
                 "(use --kv-dtype auto, bf16 or f16)"
             )
-        return make_store(self.kv_dtype, self.cfg, capacity, self.model.dtype, rope=self.model.rope, device=device)
+        store = make_store(self.kv_dtype, self.cfg, capacity, self.model.dtype, rope=self.model.rope, device=device)
+        if home and self.model.device.type == "cuda":
+            store.pin_host_memory()  # page-locked: the per-step row copies to the GPU run asynchronously
+        return store
 
     # ------------------------------------------------------------------ one forward call (prefill / decode_one: Engine)
     def _append(self, seq: KVSequence, ids: torch.Tensor, all_logits: bool, stage: str = "decode") -> torch.Tensor:
@@ -134,6 +136,8 @@ class TorchEngine(Engine):
                 out = self.model(ids, positions, store, start, all_logits=all_logits, attn=attn)
         else:
             out = self.model(ids, positions, store, start, all_logits=all_logits, attn=attn)
+        if store.pinned:  # the forward's rows went to pinned host memory asynchronously: placed before anyone reads
+            store.flush()
         seq.append(ids, positions)
         if compress and stage == "prompt_end":
             if policy.scoring_pass and seq.length > seq.budget:
@@ -147,6 +151,7 @@ class TorchEngine(Engine):
         store = torch_store(seq.store, "the torch engine")
         for ids, req in seq.policy.probe_calls(seq):
             self.model(ids, store.next_positions(ids.shape[0]), store, seq.length, attn=req)
+            store.flush()
 
     # ------------------------------------------------------------------ batched decode (engine/batch.py)
     def can_batch(self, seq: KVSequence) -> bool:
@@ -177,4 +182,5 @@ class TorchEngine(Engine):
         for a in range(stale_from, end, PREFILL_CHUNK):
             b = min(a + PREFILL_CHUNK, end)
             self.model(store.tokens[a:b], store.positions[a:b], store, a)
+            store.flush()
         seq.mark_fresh()

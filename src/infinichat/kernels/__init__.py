@@ -1,6 +1,9 @@
 """Kernel sets: *how* and *where* the forward's ops run, chosen once at load.
 
 - `torch`: plain PyTorch ops, any device (CPU or CUDA); what a CUDA device runs, and what CI runs on the CPU.
+  Its members chosen at load: PyTorch's int8/int4 weight-only kernels for quantized weights (model/quant.py:
+  the CPU or the CUDA variant by the weights' device) and, with --compile, the static-shape one-token step
+  under torch.compile / CUDA graphs (static_step.py).
 - `cpu-native`: the torch ops plus the CPU's faster members (oneDNN-packed bf16 weights, the CPU flash
   kernel, the native C library's row ops, prompt attention and one-token decode step).
 

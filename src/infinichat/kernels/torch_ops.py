@@ -15,12 +15,16 @@ import torch
 import torch.nn.functional as F
 
 from infinichat.kernels.attn_variants import PLAIN, AttnVariant, buffer_attention
+from infinichat.kernels.static_step import StaticDecode
 from infinichat.model.arch import ALL_FEATURES
 from infinichat.model.quant import QuantLinear
 from infinichat.model.rope import apply_rope, rotate, signed_sin
 
 if TYPE_CHECKING:
     from infinichat.model.transformer import BatchItem, Transformer
+
+# how one-token steps run: the layer-by-layer forward, the static-shape step, or that step under torch.compile
+STEP_MODES = ("layers", "static", "compiled")
 
 
 @dataclass
@@ -45,9 +49,13 @@ class TorchKernels:
         self.dtype = model.dtype
         self.H, self.Hkv, self.hd = model.cfg.n_heads, model.cfg.n_kv_heads, model.cfg.head_dim
         self.scale = model.scale
+        # --compile: one-token steps through the static-shape step, captured (kernels/static_step.py)
+        self.static_step: StaticDecode | None = None
+        if model.step in STEP_MODES[1:]:
+            self.static_step = StaticDecode(model, compile=model.step == "compiled")
 
     def describe(self) -> str:
-        return self.name
+        return self.name if self.static_step is None else f"{self.name} ({self.static_step.describe()})"
 
     # ------------------------------------------------------------------ per-call choices
     def compute_dtype(self, rows: int) -> torch.dtype:
@@ -56,8 +64,10 @@ class TorchKernels:
 
     def decode_step(self, tokens: torch.Tensor, positions: torch.Tensor, cache, start: int):
         """A whole-model one-token step, (hidden (D,) float32, logits (V,) float32), or None: the layer-by-layer
-        forward runs. The torch set has none (a CUDA-graph captured step would go here)."""
-        return None
+        forward runs. The torch set's: the static-shape step where the model was loaded with one (--compile)."""
+        if self.static_step is None:
+            return None
+        return self.static_step(tokens, positions, cache, start)
 
     def decode_batch(self, seqs: Sequence[BatchItem]) -> tuple[torch.Tensor, torch.Tensor] | None:
         """A whole-model step of several sequences, one token each, (hidden (B, D), logits (B, V)) float32, or

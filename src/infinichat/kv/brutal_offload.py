@@ -6,7 +6,8 @@ https://openreview.net/forum?id=ulCAPXYXfa (the "brutal offload" baseline of its
 
 Attention is full everywhere (the logits equal `full`); what differs is where the K/V live: the layers
 OmniKV with the same `filter_layers` would serve with picked tokens are offloaded, the others get
-device-resident mirrors (kv/offload.py). On a CPU-only machine nothing moves; `moved_bytes` counts it.
+device-resident mirrors (kv/offload.py). Prompts too: the offloaded layers' K/V are read from host memory for
+every call. On a CPU-only machine nothing moves; `moved_bytes` counts it.
 """
 
 from __future__ import annotations
@@ -44,8 +45,6 @@ class BrutalOffloadPolicy(EvictionPolicy):
         raise context_full(seq, n_needed, f"{self.name} never evicts: raise the budget")
 
     def attention_request(self, seq: KVSequence, start: int, n: int, stage: str) -> AttentionRequest | None:
-        if stage != "decode":
-            return None
         store = torch_store(seq.store, self.name)
         filters = resolve_filter_layers(self.name, self.filter_layers, store.cfg)
         self._mirrors = mirrors_for(self._mirrors, filters, store, self.device)

@@ -18,9 +18,11 @@ picks from (the cache before decoding started, sinks excluded). Prompts are eval
 The cache keeps every token (`drops_tokens=False`): past the budget, appending fails like `full`.
 
 `offload=True`: the K/V of the layers that attend only to picked tokens stay in the KV store's memory
-(CPU) and, at each step, only the picked rows are gathered and moved to the compute device (`device`,
-default the store's); the full-attention layers read device-resident mirrors (kv/offload.py). On a
-CPU-only machine this changes no numbers and moves nothing; it exists for a model on a GPU.
+(host memory, pinned when the model is on CUDA) and, at each step, only the picked rows are gathered and
+moved to the compute device (`device`, default the store's), a layer ahead of the compute on a side stream
+(kv/offload.py's RowFetcher); the full-attention layers read device-resident mirrors. Prompts read the
+offloaded layers' whole K/V (moved per call, as brutal offload does). On a CPU-only machine the same code
+runs with no streams: it changes no numbers and moves nothing; it exists for a model on a GPU.
 
 Default filter layers: measured per model by `infinichat eval filter-layers` (kv/omnikv_defaults.py); for
 other models, the same relative depths.
@@ -34,7 +36,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 
 from infinichat.errors import InfinichatError
-from infinichat.kv.offload import LayerMirrors, mirrors_for
+from infinichat.kv.offload import LayerMirrors, RowFetcher, mirrors_for
 from infinichat.kv.omnikv_defaults import default_filter_layers
 from infinichat.kv.policy import EvictionPolicy, context_full
 from infinichat.kv.store import torch_store
@@ -61,6 +63,7 @@ class OmniKVPolicy(EvictionPolicy):
     device: str | None = None  # the compute device of the offloaded path (None: the store's)
     _decode_start: int | None = field(default=None, init=False, repr=False, compare=False)
     _mirrors: LayerMirrors | None = field(default=None, init=False, repr=False, compare=False)
+    _fetcher: RowFetcher | None = field(default=None, init=False, repr=False, compare=False)
     # the latest decode step, for inspection (eval, tests): its request, and each filter layer's picks
     last_request: AttentionRequest | None = field(default=None, init=False, repr=False, compare=False)
     picked: dict[int, torch.Tensor] = field(default_factory=dict, init=False, repr=False, compare=False)
@@ -95,7 +98,11 @@ class OmniKVPolicy(EvictionPolicy):
         end = start + n
         if stage != "decode":
             self._decode_start = end  # prompts: full attention; decoding starts after them
-            return None
+            if not self.offload:
+                return None
+            store = torch_store(seq.store, f"{self.name} with offload")
+            self._mirrors = mirrors_for(self._mirrors, self.filters(store.cfg), store, self.device)
+            return AttentionRequest(resident=self._mirrors.sync(store, start, end), transfer=True)
         cfg = torch_store(seq.store, self.name).cfg
         filters = self.filters(cfg)
         if self._decode_start is None:  # attached to a filled cache: what it holds is the context
@@ -105,18 +112,27 @@ class OmniKVPolicy(EvictionPolicy):
         served = {f: range(f + 1, nxt) for f, nxt in zip(filters, bounds[1:], strict=True)}  # layers fed by each filter
         req = AttentionRequest(layers=frozenset(filters), rows=1)
 
-        def observe(layer: int, probs: torch.Tensor, row0: int) -> None:
-            idx = self.pick(probs[:, -1].sum(dim=0), decode_start, end)  # (S,) summed over heads
-            self.picked[layer] = idx
-            for li in served[layer]:
-                req.subset[li] = idx
-
-        req.observe = observe
+        fetcher = None
         if self.offload:
             store = torch_store(seq.store, f"{self.name} with offload")
             self._mirrors = mirrors_for(self._mirrors, filters, store, self.device)
             req.resident = self._mirrors.sync(store, start, end)
             req.transfer = True
+            if self._fetcher is None or self._fetcher.device != self._mirrors.device:
+                self._fetcher = RowFetcher(self._mirrors.device)
+            fetcher = self._fetcher
+            req.fetch = fetcher.take
+
+        def observe(layer: int, probs: torch.Tensor, row0: int) -> None:
+            idx = self.pick(probs[:, -1].sum(dim=0), decode_start, end)  # (S,) summed over heads
+            self.picked[layer] = idx
+            for li in served[layer]:
+                req.subset[li] = idx
+            if fetcher is not None:  # the served layers' older picked rows start moving now
+                host = idx.cpu()
+                fetcher.plan(store, list(served[layer]), host[host < start])
+
+        req.observe = observe
         self.last_request = req
         return req
 

@@ -98,6 +98,7 @@ class KVStore(SlotTable):
         initial: int = INITIAL_SLOTS,
     ):
         super().__init__(capacity)
+        self._pending: list[tuple[int, int, torch.Tensor]] = []  # pinned store: (layer, start, rows) to place
         self.cfg = cfg
         self.dtype = dtype
         self.device = (
@@ -120,16 +121,52 @@ class KVStore(SlotTable):
         (kv/quantized.py)."""
         return str(self.dtype).removeprefix("torch.")
 
+    pinned = False  # buffers in page-locked host memory (`pin_host_memory`)
+
     def layer_kv(self, li: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The forward's access to layer `li`: write the new rows k, v (Hkv, T, hd) at slots [start, start+T) and
-        return buffers (Hkv, >= start+T, hd) whose slots [0, start+T) hold the layer's keys and values."""
+        return buffers (Hkv, >= start+T, hd) whose slots [0, start+T) hold the layer's keys and values.
+
+        A pinned store fed from a CUDA device is the exception: the rows go into a pinned staging tensor with an
+        asynchronous copy (a copy into the buffers' strided rows would wait for the GPU at every layer) and land
+        in the buffers at `flush()`, which the engine calls after each forward call. Until then the returned
+        buffers lack slots [start, start+T): the offloading paths read those rows from the forward's own K/V."""
         T = k.shape[1]
         kb, vb = self.k[li], self.v[li]  # (Hkv, A, hd)
+        if self.pinned and k.device.type == "cuda":
+            stage = torch.empty((2, *k.shape), dtype=self.dtype, pin_memory=True)  # (2, Hkv, T, hd), cached by torch
+            stage[0].copy_(k, non_blocking=True)
+            stage[1].copy_(v, non_blocking=True)
+            self._pending.append((li, start, stage))
+            return kb, vb
         kb[:, start : start + T] = k
         vb[:, start : start + T] = v
         return kb, vb
 
+    def flush(self) -> None:
+        """Land the rows `layer_kv` staged (pinned store, CUDA forward): wait for the copies, place them."""
+        if not self._pending:
+            return
+        torch.cuda.synchronize()
+        for li, start, stage in self._pending:
+            T = stage.shape[2]
+            self.k[li][:, start : start + T].copy_(stage[0])
+            self.v[li][:, start : start + T].copy_(stage[1])
+        self._pending.clear()
+
+    def pin_host_memory(self) -> None:
+        """Hold the buffers at their whole capacity in page-locked host memory, for a model on a CUDA device that
+        offloads to this store (kv/offload.py): copies to and from it can then run asynchronously. Growth,
+        restores and removals keep them pinned."""
+        if self.k_all.device.type != "cpu":
+            raise InfinichatError(f"only a host-memory KV store can be pinned; this one is on {self.k_all.device}")
+        self.pinned = True
+        self.reserve(self.capacity)
+        self._set_buffers(self.k_all, self.v_all)
+
     def _set_buffers(self, k_all: torch.Tensor, v_all: torch.Tensor) -> None:
+        if self.pinned and not k_all.is_pinned():
+            k_all, v_all = k_all.pin_memory(), v_all.pin_memory()
         self.k_all = k_all  # (L, Hkv, A, hd)
         self.v_all = v_all  # (L, Hkv, A, hd)
         self.k = list(self.k_all.unbind(0))  # L x (Hkv, A, hd) views

@@ -19,6 +19,10 @@ policy that needs more passes an `AttentionRequest`:
   call (slots start..), before its attention (Expected Attention's query statistics); computes nothing.
 - `transfer`: count in `moved_bytes` the K/V bytes read from the cache's own buffers (not from a
   mirror): what an offloaded layer moves to the compute device. Reads are moved to the query's device.
+- `fetch`: for a layer with a `subset` and no mirror, `fetch(layer)` hands over the subset's rows before the
+  call's own slots, already on the compute device (kv/offload.py's RowFetcher: gathered from host memory and
+  copied ahead of the compute); the call's new rows are appended from the forward's own K/V (`new_kv`), which
+  never leave the device.
 
 Layers with nothing requested take the same SDPA path as a forward without a request. A layer whose attention
 is not plain (a sliding window, soft-capping, sinks: kernels/attn_variants.py) takes the variant path for its
@@ -50,6 +54,7 @@ class AttentionRequest:
     resident: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     transfer: bool = False
     moved_bytes: int = 0
+    fetch: Callable[[int], tuple[torch.Tensor, torch.Tensor]] | None = None
 
 
 def requested_attention(
@@ -61,27 +66,39 @@ def requested_attention(
     start: int,
     scale: float,
     var: AttnVariant = PLAIN,
+    new_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Layer `li`'s attention under `req`. q (H, T, hd) for slots [start, start+T), whose K/V the caller has
-    already written into the cache buffers (Hkv, C, hd). Returns (H, T, hd) in q's dtype."""
+    already written into the cache buffers (Hkv, C, hd); `new_kv`: those new rows (Hkv, T, hd) as the forward
+    computed them, on q's device (default: read back from the buffers). Returns (H, T, hd) in q's dtype."""
     _H, T, _ = q.shape
     end = start + T
     if req.queries is not None:
         req.queries(li, q, start)
+    k_new, v_new = new_kv if new_kv is not None else (k_buf[:, start:end], v_buf[:, start:end])
     mirror = req.resident.get(li)
     if mirror is not None:
         kb, vb = mirror
-        kb[:, start:end] = k_buf[:, start:end]  # the new rows go to the mirror as well
-        vb[:, start:end] = v_buf[:, start:end]
+        kb[:, start:end] = k_new  # the new rows go to the mirror as well
+        vb[:, start:end] = v_new
     else:
         kb, vb = k_buf, v_buf
     idx = req.subset.get(li)
-    if idx is None:
+    if idx is None and mirror is None and req.transfer and new_kv is not None:  # an offloaded layer, every slot:
+        # the older rows from the cache's memory, the call's own from the forward (a pinned store places them later)
+        keys = torch.cat((kb[:, :start].to(q.device, q.dtype), k_new.to(q.dtype)), dim=1)  # (Hkv, S, hd)
+        values = torch.cat((vb[:, :start].to(q.device, q.dtype), v_new.to(q.dtype)), dim=1)
+    elif idx is None:
         keys, values = kb[:, :end], vb[:, :end]  # (Hkv, S, hd) views
+    elif mirror is None and req.fetch is not None:  # offloaded: the picked older rows, moved ahead of time
+        k_old, v_old = req.fetch(li)  # (Hkv, n - T, hd) on the compute device
+        req.moved_bytes += k_old.nbytes + v_old.nbytes
+        keys = torch.cat((k_old, k_new.to(k_old.device, k_old.dtype)), dim=1)  # (Hkv, n, hd): idx's order
+        values = torch.cat((v_old, v_new.to(v_old.device, v_old.dtype)), dim=1)
     else:
         idx = idx.to(kb.device)
         keys, values = kb.index_select(1, idx), vb.index_select(1, idx)  # (Hkv, n, hd) gathered
-    if mirror is None and req.transfer:
+    if mirror is None and req.transfer and (idx is None or req.fetch is None):
         req.moved_bytes += keys.nbytes + values.nbytes
     keys, values = keys.to(q.device, q.dtype), values.to(q.device, q.dtype)
     slots = None if idx is None else idx.to(q.device)

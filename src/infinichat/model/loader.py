@@ -167,20 +167,23 @@ def _convert_gguf(path: Path, target: Path, show_progress: bool, on_progress: Pr
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _cached_weights(entry: Path, dtype: torch.dtype, quant: str = "none") -> dict[str, torch.Tensor]:
+def _cached_weights(
+    entry: Path, dtype: torch.dtype, quant: str = "none", device: torch.device | None = None
+) -> dict[str, torch.Tensor]:
     """The converted weights in `dtype` (and quantized when `quant` is int8/int4), memory-mapped; made from
     the float32 file on first use of a dtype / quantization (later starts skip the conversion, reading the
     twice-larger float32 file, and the quantization, which takes seconds)."""
     if dtype == torch.float32 and quant == "none":
         return load_file(str(entry / "weights.safetensors"))
-    suffix = "" if quant == "none" else f"-{cache_tag(quant)}v{QUANT_FORMAT}"
+    tag = cache_tag(quant, device or "cpu")  # int8 is grouped on a CPU with the native library, per row elsewhere
+    suffix = "" if quant == "none" else f"-{tag}v{QUANT_FORMAT}"
     path = entry / f"weights-{str(dtype).removeprefix('torch.')}{suffix}.safetensors"
     if not path.is_file():
         weights = load_file(str(entry / "weights.safetensors"))  # float32
         if quant != "none":  # from float32: a Q4_1 file's grid is recovered exactly (quant.py)
             log.info("quantizing the weights to %s (first use only)", quant)
             cfg = config_from_json((entry / "config.json").read_text())
-            weights = quantize(weights, quant, cfg.tie_embeddings)
+            weights = quantize(weights, quant, cfg.tie_embeddings, tag == "int8g")
         weights = {n: t if n == "rope_freqs" or n.endswith(QUANT_SUFFIXES) else t.to(dtype) for n, t in weights.items()}
         _atomic_write(path, lambda tmp: save_file(weights, tmp))
         return weights
@@ -196,11 +199,13 @@ def load_model(
     device: str | torch.device = "cpu",
     kernels: str = "auto",
     on_progress: ProgressFn | None = None,
+    step: str = "layers",
 ) -> LoadedModel:
     """Load a model ready for the engine. `path=None` loads the embedded default model. `quant` (none, int8,
     int4) stores the layers' weights quantized (bfloat16 activations; see model/quant.py). `device` (auto,
     cpu, cuda, cuda:N) is where the weights and the KV stores live; `kernels` (auto, torch, cpu-native) how
-    the forward's ops run there (kernels/). `on_progress(stage, done, total)` hears the loading stages (a
+    the forward's ops run there (kernels/); `step` how the torch kernels run one-token steps (layers, static,
+    compiled: --compile, kernels/static_step.py). `on_progress(stage, done, total)` hears the loading stages (a
     server's loading screen); without it `show_progress` draws the conversion's bar on the terminal."""
     from infinichat.kernels import resolve_device
 
@@ -210,7 +215,7 @@ def load_model(
     quant = check_mode(quant)
     if quant != "none" and dtype != torch.bfloat16:
         raise ModelLoadError(
-            f"--quant {quant} runs with --dtype bfloat16 (the CPU int8/int4 kernels take bfloat16 activations), "
+            f"--quant {quant} runs with --dtype bfloat16 (the int8/int4 kernels take bfloat16 activations), "
             f"not {str(dtype).removeprefix('torch.')}"
         )
     path = Path(path) if path is not None else default_model_path()
@@ -226,7 +231,7 @@ def load_model(
             b"".join(file_sha256(f, cache_dir).encode() for f in sorted(path.glob("*.safetensors")))
         ).hexdigest()
         return LoadedModel(
-            cfg, Transformer(cfg, weights, dtype, quant, device, kernels), tokenizer, path, digest, path.name
+            cfg, Transformer(cfg, weights, dtype, quant, device, kernels, step), tokenizer, path, digest, path.name
         )
 
     if path.suffix.lower() != ".gguf":
@@ -241,11 +246,11 @@ def load_model(
             on_progress("loading the weights", 0, 0)
         try:
             cfg = config_from_json((entry / "config.json").read_text())
-            weights = _cached_weights(entry, dtype, quant)
+            weights = _cached_weights(entry, dtype, quant, device)
             tokenizer = Tokenizer.from_saved(entry / "tokenizer")
             name = json.loads((entry / "source.json").read_text()).get("name", path.stem)
             return LoadedModel(
-                cfg, Transformer(cfg, weights, dtype, quant, device, kernels), tokenizer, path, digest, name
+                cfg, Transformer(cfg, weights, dtype, quant, device, kernels, step), tokenizer, path, digest, name
             )
         except Exception as e:
             if attempt == 2:

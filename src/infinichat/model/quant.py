@@ -1,10 +1,12 @@
-"""Weight-only quantization for CPU decode: int8 and int4 per group of 32 inputs.
+"""Weight-only quantization: int8 and int4 per group of 32 inputs, on the CPU and on CUDA.
 
-Decode on CPU reads every weight once per token, so it runs at the memory bandwidth: fewer bytes per weight
-is more tokens per second. One-token steps run in the native decode step (native/decode.c); other calls of
-fewer than transformer.QUANT_DENSE_MIN_T tokens run in the native multi-token product (grouped int8) or in
+Decode reads every weight once per token, so it runs at the memory bandwidth: fewer bytes per weight is more
+tokens per second. On the CPU, one-token steps run in the native decode step (native/decode.c); other calls of
+fewer than cpu_native.QUANT_DENSE_MIN_T tokens run in the native multi-token product (grouped int8) or in
 PyTorch's own CPU kernels (`aten._weight_int4pack_mm_for_cpu`, `torch._weight_int8pack_mm`), with bfloat16
-activations.
+activations. On CUDA the same objects run PyTorch's CUDA kernels (`torch._weight_int8pack_mm`,
+`aten._convert_weight_to_int4pack` + `aten._weight_int4pack_mm`, both in torch >= 2.9): which kernel is chosen
+once, when the object is built on its device (`Int4Linear`), never per call.
 
     int8 (grouped):  w = q * s + z        q int8 in [-128, 127], s and z per row and group of GROUP inputs
                                           (the group's min/max on 256 levels; 9 bits per weight)
@@ -98,17 +100,17 @@ def int4_fits(w: torch.Tensor, group: int = GROUP) -> bool:
     return N % 16 == 0 and K % group == 0
 
 
-def int8_layout() -> str:
-    """'group' where the native library runs (its products take per-group scales), else 'row' (PyTorch's
-    int8 kernel takes per-row scales only)."""
+def int8_layout(device: torch.device | str = "cpu") -> str:
+    """'group' on the CPU where the native library runs (its products take per-group scales), else 'row'
+    (PyTorch's int8 kernels, CPU and CUDA, take per-row scales only)."""
     from infinichat import native
 
-    return "group" if native.library() is not None else "row"
+    return "group" if torch.device(device).type == "cpu" and native.library() is not None else "row"
 
 
-def cache_tag(mode: str) -> str:
-    """The name of what `quantize(.., mode)` makes on this machine, for cached files: int8g, int8, int4."""
-    return "int8g" if mode == "int8" and int8_layout() == "group" else mode
+def cache_tag(mode: str, device: torch.device | str = "cpu") -> str:
+    """The name of what `quantize(.., mode)` makes for `device`, for cached files: int8g, int8, int4."""
+    return "int8g" if mode == "int8" and int8_layout(device) == "group" else mode
 
 
 def quantize(
@@ -234,31 +236,57 @@ class Int8GroupLinear(QuantLinear):
 
 
 class Int4Linear(QuantLinear):
-    """Two copies of the 4-bit values: the kernel's packed layout (it depends on the CPU's vector width,
-    so it is made at load, never cached) and our own nibbles (low nibble = even input), which `dense`
-    dequantizes for large products."""
+    """Two copies of the 4-bit values: the kernel's packed layout (it depends on the device, and on a CPU on its
+    vector width, so it is made at load, never cached) and our own nibbles (low nibble = even input), which
+    `dense` dequantizes for large products. The kernel is chosen here, once, by the nibbles' device: PyTorch's
+    CPU int4 kernel, or its CUDA one (tensor cores, sm80+), whose packing takes the even input in the high
+    nibble and whose nibbles copy stays in host memory (only `dense` reads it). Both compute
+    (q - 8) * s + z from scale_zero laid out (K/g, N, 2)."""
 
     def __init__(self, nibbles: torch.Tensor, scale_zero: torch.Tensor):
         N, K2 = nibbles.shape
         super().__init__(N, 2 * K2)
-        self.nibbles = nibbles.contiguous()  # (N, K/2) uint8
         self.group = self.K // scale_zero.shape[1]
+        self.kernel_sz = scale_zero.to(ACT_DTYPE).transpose(0, 1).contiguous()  # (K/g, N, 2): the kernels' layout
+        if nibbles.device.type == "cuda":
+            self.packed = torch.ops.aten._convert_weight_to_int4pack(
+                cuda_int4_bytes(nibbles.contiguous()), inner_k_tiles(self.K)
+            )  # (N/8, K/(16 t), 32, t/2) int32
+            self._kernel = torch.ops.aten._weight_int4pack_mm
+            nibbles, scale_zero = nibbles.cpu(), scale_zero.cpu()
+        else:
+            q = unpack_nibbles(nibbles.contiguous()).to(torch.int32)  # (N, K)
+            self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)  # (N, K/2) uint8
+            self._kernel = torch.ops.aten._weight_int4pack_mm_for_cpu
+        self.nibbles = nibbles.contiguous()  # (N, K/2) uint8
         self.scale_zero = scale_zero.to(ACT_DTYPE).contiguous()  # (N, K/g, 2)
-        q = unpack_nibbles(self.nibbles).to(torch.int32)  # (N, K)
-        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)  # (N, K/2) uint8, kernel layout
-        self.kernel_sz = self.scale_zero.transpose(0, 1).contiguous()  # (K/g, N, 2): the kernel's layout
 
     def _mm(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, self.group, self.kernel_sz)  # (T, N)
+        return self._kernel(x.contiguous(), self.packed, self.group, self.kernel_sz)  # (T, N) bf16
 
     def dense(self, dtype: torch.dtype) -> torch.Tensor:
         q = unpack_nibbles(self.nibbles).view(self.N, -1, self.group).to(torch.float32)  # (N, K/g, g)
         s, z = self.scale_zero.float().unbind(-1)  # (N, K/g) each
-        return ((q - 8) * s[..., None] + z[..., None]).view(self.N, self.K).to(dtype)  # (N, K)
+        w = ((q - 8) * s[..., None] + z[..., None]).view(self.N, self.K).to(dtype)  # (N, K)
+        return w.to(self.packed.device)
 
     @property
     def nbytes(self) -> int:
-        return self.nibbles.nbytes + self.packed.nbytes + self.scale_zero.nbytes + self.kernel_sz.nbytes
+        """Bytes held on the kernel's device."""
+        dev = self.packed.device
+        parts = (self.nibbles, self.packed, self.scale_zero, self.kernel_sz)
+        return sum(t.nbytes for t in parts if t.device == dev)
+
+
+def inner_k_tiles(K: int) -> int:
+    """The CUDA int4 packing's k-tiles per load (2, 4 or 8 tiles of 16 inputs): the widest that divides K."""
+    return next(t for t in (8, 4, 2) if K % (16 * t) == 0)
+
+
+def cuda_int4_bytes(nibbles: torch.Tensor) -> torch.Tensor:
+    """Our nibbles (N, K/2) uint8, even input in the low nibble -> the byte order PyTorch's CUDA int4 packing
+    reads (`_convert_weight_to_int4pack`: even input in the high nibble)."""
+    return (nibbles << 4) | (nibbles >> 4)
 
 
 def pack_nibbles(q: torch.Tensor) -> torch.Tensor:

@@ -22,10 +22,11 @@ import torch
 from infinichat.errors import DeviceError, InfinichatError
 from infinichat.kernels import RopeTables, make_kernels, resolve_device
 from infinichat.kernels.attn_variants import PLAIN, AttnVariant
+from infinichat.kernels.torch_ops import STEP_MODES
 from infinichat.model.arch import features
 from infinichat.model.attention import AttentionRequest, requested_attention
 from infinichat.model.config import ModelConfig
-from infinichat.model.quant import QUANT_SUFFIXES, QuantLinear, check_mode, quantize
+from infinichat.model.quant import QUANT_SUFFIXES, QuantLinear, cache_tag, check_mode, quantize
 from infinichat.model.rope import Rope
 
 LINEARS = ("wqkv", "wo", "w_in", "w_out")
@@ -68,29 +69,37 @@ class Transformer:
         quant: str = "none",
         device: str | torch.device = "cpu",
         kernels: str = "auto",
+        step: str = "layers",
     ):
         """`weights`: the canonical dense layout (weights.py), or its quantized form (quant.quantize).
-        `device`: auto, cpu, cuda, cuda:N (the weights are moved there); `kernels`: auto, torch, cpu-native."""
+        `device`: auto, cpu, cuda, cuda:N (the weights are moved there); `kernels`: auto, torch, cpu-native.
+        `step`: how the torch kernels run one-token steps: layers (the forward below), static (the static-shape
+        step, kernels/static_step.py) or compiled (that step under torch.compile / CUDA graphs: --compile)."""
+        if step not in STEP_MODES:
+            raise InfinichatError(f"unknown decode step {step!r}; accepted: {', '.join(STEP_MODES)}")
+        self.step = step
         self.cfg = cfg
         self.dtype = dtype
         self.device = resolve_device(device)
         self.quant = check_mode(quant)
         if self.quant != "none":
-            if self.device.type != "cpu":
-                raise DeviceError(
-                    f"--quant {self.quant} runs on the CPU only (its kernels are CPU ones); on {self.device} use "
-                    "--quant none with --dtype bfloat16 or float16"
-                )
             if dtype != torch.bfloat16:
                 raise InfinichatError(
-                    f"--quant {self.quant} runs with --dtype bfloat16 (the CPU int8/int4 kernels take bfloat16 "
+                    f"--quant {self.quant} runs with --dtype bfloat16 (the int8/int4 kernels take bfloat16 "
                     f"activations), not {str(dtype).removeprefix('torch.')}"
                 )
             if not any(n.endswith((".q8", ".q8g", ".q4")) for n in weights):
-                weights = quantize(weights, self.quant, cfg.tie_embeddings)
+                # int8 grouped where the CPU's native products take it, per row for PyTorch's kernels (torch set)
+                grouped = kernels != "torch" and cache_tag(self.quant, self.device) == "int8g"
+                weights = quantize(weights, self.quant, cfg.tie_embeddings, grouped)
+            if self.device.type != "cpu" and any(n.endswith(".q8g") for n in weights):
+                raise DeviceError(
+                    f"these weights are grouped int8 (the CPU's native layout); on {self.device} --quant int8 "
+                    "takes per-row int8 weights: quantize from the dense weights"
+                )
         dev = self.device
-        w = {  # no copy when the dtype and device are already right; quantized tensors stay as they are
-            n: t if n.endswith(QUANT_SUFFIXES) else t.to(dev, dtype).contiguous()
+        w = {  # no copy when the dtype and device are already right; quantized tensors keep their dtype
+            n: t.to(dev) if n.endswith(QUANT_SUFFIXES) else t.to(dev, dtype).contiguous()
             for n, t in weights.items()
             if n != "rope_freqs"
         }
@@ -140,6 +149,11 @@ class Transformer:
         self.embed_scale = float(torch.tensor(cfg.embed_scale, dtype=dtype))
         self.features = features(cfg)
         self.kernels = make_kernels(kernels, self.device, self.features)
+        if step != "layers" and self.kernels.name != "torch":
+            raise InfinichatError(
+                f"--compile captures the torch kernel set's decode step (the set CUDA runs), not {self.kernels.name}'s "
+                "(on the CPU, cpu-native has its own native decode step)"
+            )
         self.kernels.bind(self)
 
     # ------------------------------------------------------------------ pieces
@@ -207,12 +221,11 @@ class Transformer:
         for s, T, mask in zip(seqs, rows, masks, strict=True):
             qs = q if one else q[:, r0 : r0 + T]  # (H, T, hd)
             # the new rows go into the cache; it hands back (Hkv, >= start+T, hd) buffers (a quantized one dequantized)
-            k_buf, v_buf = s.cache.layer_kv(
-                li, s.start, k if one else k[:, r0 : r0 + T], v if one else v[:, r0 : r0 + T]
-            )
+            ks, vs = (k, v) if one else (k[:, r0 : r0 + T], v[:, r0 : r0 + T])  # (Hkv, T, hd)
+            k_buf, v_buf = s.cache.layer_kv(li, s.start, ks, vs)
             var = self.layer_attn[li]
             if attn is not None:  # a policy asked for weights, a token subset or offloading (model/attention.py)
-                out = requested_attention(attn, li, qs, k_buf, v_buf, s.start, self.scale, var)  # (H, T, hd)
+                out = requested_attention(attn, li, qs, k_buf, v_buf, s.start, self.scale, var, (ks, vs))  # (H, T, hd)
                 outs.append(out.transpose(0, 1).reshape(T, self.q_size))
             else:
                 outs.append(kern.attention(qs, k_buf, v_buf, s.start, mask, var))  # (T, H*hd)
@@ -288,6 +301,27 @@ class Transformer:
                 masks.append(j <= i + s.start)  # (T, start+T) bool
             else:
                 masks.append(None)
+        x = self.layers_forward(x, rope, rope_local, seqs, rows, masks, attn)  # (N, D)
+        if not all_logits:  # each sequence's last row: the model dtype's (packed) product beats upcasting the head
+            x = (x[-1:] if one else x[torch.tensor(rows, device=dev).cumsum(0) - 1]).to(self.dtype)  # (B, D)
+        x = self._norm(x, *self.norm)
+        logits = self._head(x)  # (N, V) or (B, V)
+        if not all_logits:
+            return list(logits.unbind(0))
+        return list(logits.split(rows)) if not one else [logits]
+
+    def layers_forward(
+        self,
+        x: torch.Tensor,
+        rope: RopeTables,
+        rope_local: RopeTables,
+        seqs: Sequence[BatchItem],
+        rows: list[int],
+        masks: list[torch.Tensor | None],
+        attn: AttentionRequest | None = None,
+    ) -> torch.Tensor:
+        """The decoder layers over the stacked rows x (N, D) of `seqs` (rows[i] each, with their attention masks);
+        x is updated in place and returned. The static decode step (kernels/static_step.py) calls this too."""
         for li, (L, (attn_norm, ffn_norm)) in enumerate(zip(self.layers, self.layer_norms, strict=True)):
             h = self._norm(x, *attn_norm)  # (N, D)
             a = self._attention(L, h, rope_local if self.cfg.local_rope(li) else rope, seqs, rows, masks, li, attn)
@@ -302,12 +336,6 @@ class Transformer:
             else:
                 x += a  # (N, D)
                 x += self._mlp(L, self._norm(x, *ffn_norm))
-        if not all_logits:  # each sequence's last row: the model dtype's (packed) product beats upcasting the head
-            x = (x[-1:] if one else x[torch.tensor(rows, device=dev).cumsum(0) - 1]).to(self.dtype)  # (B, D)
-        x = self._norm(x, *self.norm)
-        logits = self._head(x)  # (N, V) or (B, V)
-        if not all_logits:
-            return list(logits.unbind(0))
-        return list(logits.split(rows)) if not one else [logits]
+        return x
 
     __call__ = forward

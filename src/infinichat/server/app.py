@@ -60,6 +60,7 @@ def make_engine(args: argparse.Namespace, on_progress=None):
         args.cache_dir,
         quant=getattr(args, "quant", "none"),
         device=getattr(args, "device", "auto"),
+        compile=getattr(args, "compile", False),
         kv_dtype=getattr(args, "kv_dtype", "auto"),
         on_progress=on_progress,
     )
