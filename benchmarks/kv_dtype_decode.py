@@ -1,14 +1,16 @@
 """Decode speed at a long context by KV dtype (--kv-dtype), measured side by side in one process.
 
     python3 benchmarks/kv_dtype_decode.py [--context 4000] [--steps 16] [--rounds 6] [--threads 2]
-                                          [--quant int8] [--kv bf16,int8]
+                                          [--quant int8] [--kv bf16,int8,int4]
 
-The default model (--quant int8: its decode runs the native step, which reads bf16 K/V or int8 codes directly)
-evaluates a --context-token prompt of Moby Dick once (first dtype's store); the other dtypes' stores are
-converted from it (kv/quantized.py convert_store: the same context, quantized). Then each round times --steps
-greedy decode steps on every store in turn (the order reversed every other round) and truncates them back to
-the context. Printed: ms per token per round, the median over rounds of each round's speed-up against the first
-dtype, the K/V bytes per store, and the largest logit difference of the first step against the first dtype.
+The default model (--quant int8: its decode runs the native step, which reads bf16 K/V, int8 codes and int4 KIVI
+groups with their bf16 residual directly; int8h / int4h: the same with Hadamard-rotated keys) evaluates a
+--context-token prompt of Moby Dick once (first dtype's store); the other dtypes' stores are converted from it
+(kv/quantized.py convert_store: the same context, quantized). Then each round times --steps greedy decode steps
+on every store in turn (the order reversed every other round) and truncates them back to the context. Printed:
+ms per token per round, the median over rounds of each round's speed-up against the first dtype, the K/V bytes
+per store, and the largest logit difference of the first step against the first dtype; then the same median
+ratio for every pair of dtypes.
 """
 
 from __future__ import annotations
@@ -35,7 +37,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quant", default="int8", choices=("none", "int8", "int4"))
-    ap.add_argument("--kv", default="bf16,int8", help="KV dtypes, the first one the baseline (default bf16,int8)")
+    ap.add_argument(
+        "--kv", default="bf16,int8,int4", help="KV dtypes, the first one the baseline (default bf16,int8,int4)"
+    )
     ap.add_argument("--text", type=Path, default=MOBY)
     args = ap.parse_args()
     set_threads(args.threads)
@@ -81,6 +85,11 @@ def main() -> None:
             diff = (first[k] - first[base]).abs().max().item() / first[base].abs().max().item()
             line += f"   median speed-up vs {base}: {ratio:.3f}x; first step's logits within {diff:.2%}"
         print(line)
+    print("pairwise: median over rounds of (column ms / row ms) = the row's speed-up over the column")
+    print("        " + "".join(f"{k:>8s}" for k in kvs))
+    for a in kvs:
+        ratios = [statistics.median(y / x for x, y in zip(ms[a], ms[b], strict=True)) for b in kvs]
+        print(f"  {a:6s}" + "".join(f"{r:7.3f}x" for r in ratios))
 
 
 if __name__ == "__main__":

@@ -263,9 +263,9 @@ def test_cli_bad_input_is_one_line_and_exit_2(case, tmp_path, capsys):
     assert re.search(pattern, lines[0]), lines[0]
 
 
-@pytest.mark.parametrize("kv_dtype", ["int8", "int4"])
+@pytest.mark.parametrize("kv_dtype", ["int8", "int4", "int4h"])
 def test_cli_kv_dtype_reaches_the_store_and_the_report(kv_dtype, tiny_gguf, tmp_path, capsys, cli_threads):
-    """--kv-dtype int8 / int4: the run's perplexities stay within 3% of the float32 KV run's on this tiny
+    """--kv-dtype int8 / int4 / int4h: the run's perplexities stay within 3% of the float32 KV run's on this tiny
     model (streaming: removals with re-rotation on the quantized store), and the JSON says which it used."""
     text = tmp_path / "text.txt"
     text.write_text(TEXT, encoding="utf-8")

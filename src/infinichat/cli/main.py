@@ -49,10 +49,11 @@ def _add_model_args(p: argparse.ArgumentParser, dtype: str = DEFAULT_DTYPE, ctx:
     g.add_argument(
         "--kv-dtype",
         default="auto",
-        choices=("auto", "bf16", "f16", "f32", "int8", "int4"),
+        choices=("auto", "bf16", "f16", "f32", "int8", "int4", "int8h", "int4h"),
         help="how the torch backend's KV cache holds keys and values: auto (the --dtype), bf16, f16, f32, int8 (per "
         "token and head, ~1.9x smaller than bf16) or int4 (KIVI: keys per channel, values per token, the last "
-        "64-95 tokens in full precision, ~3x smaller); budgets stay in tokens (default auto)",
+        "64-95 tokens in full precision, ~3x smaller); int8h / int4h: the same with the keys multiplied by a "
+        "Hadamard matrix before quantization (head_dim a power of 2); budgets stay in tokens (default auto)",
     )
     g.add_argument(
         "--device",

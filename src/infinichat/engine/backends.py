@@ -28,9 +28,9 @@ def load_engine(
     (the file's SHA-256) keys caches of evaluated KV, together with the engine type and KV dtype.
     llamacpp: a context of `n_ctx` tokens (default: the trained context). torch: the model, its KV stores
     and its sampling on `device` (auto, cpu, cuda, cuda:N; auto = CUDA when torch sees one), its KV stores in
-    `kv_dtype` (auto = the model's dtype, bf16, f16, f32, int8, int4: kv/quantized.py). `on_progress(stage,
-    done, total)`: the loading stages (model/loader.py). `compile` (--compile): one-token steps through the
-    static-shape step under torch.compile (CUDA graphs on CUDA: kernels/static_step.py)."""
+    `kv_dtype` (auto = the model's dtype, bf16, f16, f32, int8, int4, int8h, int4h: kv/quantized.py).
+    `on_progress(stage, done, total)`: the loading stages (model/loader.py). `compile` (--compile): one-token
+    steps through the static-shape step under torch.compile (CUDA graphs on CUDA: kernels/static_step.py)."""
     if backend not in BACKENDS:
         raise InfinichatError(f"unknown backend {backend!r}; accepted: {', '.join(BACKENDS)}")
     if not isinstance(threads, int) or threads < 0:

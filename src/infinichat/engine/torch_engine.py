@@ -22,7 +22,7 @@ from infinichat.engine.base import Engine
 from infinichat.engine.threads import ThreadGovernor
 from infinichat.errors import InfinichatError
 from infinichat.kv.policy import EvictionPolicy
-from infinichat.kv.quantized import DENSE_KV_DTYPES, check_kv_dtype, make_store
+from infinichat.kv.quantized import DENSE_KV_DTYPES, QUANT_KV_DTYPES, check_hadamard, check_kv_dtype, make_store
 from infinichat.kv.sequence import KVSequence
 from infinichat.kv.store import KVStore, torch_store
 from infinichat.model.config import ModelConfig
@@ -77,17 +77,20 @@ class TorchEngine(Engine):
 
     def __init__(self, model: Transformer, eos_ids: Iterable[int] = (), kv_dtype: str = "auto"):
         """`kv_dtype` (--kv-dtype): how the KV stores hold K/V: auto (the model's dtype), bf16, f16, f32, or
-        quantized int8 / int4 (kv/quantized.py)."""
+        quantized int8 / int4, int8h / int4h with Hadamard-rotated keys (kv/quantized.py)."""
         self.model = model
         self.cfg: ModelConfig = model.cfg
         self.eos_ids = frozenset(eos_ids)
         self.kv_dtype = check_kv_dtype(kv_dtype)
+        if kv_dtype in ("int8h", "int4h"):
+            check_hadamard(self.cfg.head_dim)  # refused here, not at the first sequence
         self.threads: ThreadGovernor | None = None  # configure_threads: decode steps' thread count at run time
 
     @property
     def kv_format(self) -> str:
-        """What the stores hold (keys the prefix cache): the dtype name of a dense store, or int8 / int4."""
-        if self.kv_dtype in ("int8", "int4"):
+        """What the stores hold (keys the prefix cache): the dtype name of a dense store, or int8 / int4 / int8h /
+        int4h."""
+        if self.kv_dtype in QUANT_KV_DTYPES:
             return self.kv_dtype
         return str(self.model.dtype if self.kv_dtype == "auto" else DENSE_KV_DTYPES[self.kv_dtype])
 
@@ -103,7 +106,7 @@ class TorchEngine(Engine):
             if getattr(policy, "device", "") is None:  # the offloading policies' compute device: the model's
                 policy.device = str(device)  # type: ignore[attr-defined]
             device = torch.device("cpu")
-        if (policy.offloads or policy.home_in_host_memory()) and self.kv_dtype in ("int8", "int4"):
+        if (policy.offloads or policy.home_in_host_memory()) and self.kv_dtype in QUANT_KV_DTYPES:
             raise InfinichatError(
                 f"the {policy.name} policy offloads dense K/V buffers; it does not run on --kv-dtype {self.kv_dtype} "
                 "(use --kv-dtype auto, bf16 or f16)"

@@ -129,15 +129,13 @@ class CpuNativeKernels(TorchKernels):
 
     def decode_batch(self, seqs: Sequence[BatchItem]) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The native batched step (decode.c's ic_decode_batch: the weights read once for all rows, each row
-        bit for bit its one-token step) for distinct caches it can read, at most NATIVE_BATCH_MAX rows per call."""
+        bit for bit its one-token step; bf16, int8 and int4 KV, rows of different formats together) for distinct
+        caches it can read, at most NATIVE_BATCH_MAX rows per call."""
         dec = self.decoder
         if dec is None or len({id(s.cache) for s in seqs}) != len(seqs):
             return None
-        if any(s.tokens.shape[0] != 1 or dec.bind(s.cache) is None for s in seqs):
+        if any(s.tokens.shape[0] != 1 or not dec.batchable(s.cache) for s in seqs):  # any KV format bind reads
             return None
-        if not all(dec.batchable(s.cache) for s in seqs):  # int8 KV: the batched step reads bf16 buffers only
-            steps = [dec.decode(int(s.tokens[0]), s.positions, s.cache, s.start) for s in seqs]  # one step per row
-            return torch.stack([x for x, _ in steps]), torch.stack([lg for _, lg in steps])  # type: ignore[misc]
         xs, outs = [], []
         for a in range(0, len(seqs), NATIVE_BATCH_MAX):
             part = seqs[a : a + NATIVE_BATCH_MAX]

@@ -7,6 +7,11 @@
   V_GROUP channels; both asymmetric (x ~ q * s + z, q in 0..15, s and z float16). The most recent tokens stay
   in full precision (the residual: between RESIDUAL and RESIDUAL + K_GROUP - 1 of them) until a whole group
   of keys can be quantized together. 0.63 bytes per value at hd 64.
+- `int8h` / `int4h`: the same, with the keys multiplied by the orthonormal Hadamard matrix H over head_dim
+  before they are quantized (as llama.cpp does for quantized KV since 2025, QuaRot's idea): an outlier channel
+  is spread over all channels, so a row's range (int8's scale) shrinks. H is symmetric and its own inverse, so
+  the store multiplies dequantized keys by H again (`layer_kv`, edits), and the native step multiplies the query
+  by H instead (q H . k H = q . k). int4's residual holds plain keys; only what is quantized is rotated.
 
 The forward asks `layer_kv(li, start, k, v)` for a layer's K/V (model/transformer.py): the store writes the new
 rows (quantizing them, or into the residual) and hands back the layer's slots [0, start+T) dequantized to the
@@ -16,17 +21,23 @@ Edits keep the slot semantics of `KVStore` (kv/store.py): a removal gathers the 
 keys in float32 and quantizes them again (for int4, from the key group holding the first changed slot on: its
 group boundaries move with the slots); a truncation into quantized int4 groups returns them to the residual.
 Requantizing rotated keys adds a rounding error per re-rotation (tests/test_kv_quantized.py bounds it).
-Snapshots hold the codes and scales as they are (format "int8" / "int4"); forks copy them.
+Snapshots hold the codes and scales as they are (format "int8", "int4", "int8h" or "int4h": the format names
+whether the keys are rotated, and a snapshot restores only into a store of its own format); forks copy them.
+With Hadamard keys, a removal dequantizes and rotates the keys back (H H = I), re-rotates RoPE in float32, and
+multiplies by H again before quantizing: the same steps as without, one more exact orthonormal product each way.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
 from infinichat.errors import InfinichatError
 from infinichat.kv.store import KVStore, grown_size
 
-KV_DTYPES = ("auto", "bf16", "f16", "f32", "int8", "int4")  # --kv-dtype: auto = the model's dtype
+KV_DTYPES = ("auto", "bf16", "f16", "f32", "int8", "int4", "int8h", "int4h")  # --kv-dtype: auto = the model's dtype
+QUANT_KV_DTYPES = ("int8", "int4", "int8h", "int4h")  # h: Hadamard-rotated keys
 DENSE_KV_DTYPES = {"bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32}
 K_GROUP = 32  # int4 keys: tokens per quantization group (per channel)
 V_GROUP = 32  # int4 values: channels per quantization group (per token)
@@ -43,17 +54,17 @@ def make_store(kv_dtype: str, cfg, capacity: int, dtype: torch.dtype, rope=None,
     """A store for --kv-dtype `kv_dtype` (auto: dense in `dtype`, the model's). Quantized stores keep their
     full-precision rows (int4's residual) in `dtype`."""
     check_kv_dtype(kv_dtype)
-    if kv_dtype == "int8":
-        return Int8KVStore(cfg, capacity, dtype, rope, device)
-    if kv_dtype == "int4":
-        return Int4KVStore(cfg, capacity, dtype, rope, device)
+    kinds = {"int8": Int8KVStore, "int4": Int4KVStore, "int8h": Int8HKVStore, "int4h": Int4HKVStore}
+    if kv_dtype in kinds:
+        return kinds[kv_dtype](cfg, capacity, dtype, rope, device)
     return KVStore(cfg, capacity, DENSE_KV_DTYPES.get(kv_dtype, dtype), rope=rope, device=device)
 
 
 def bytes_per_token(cfg, kv_format: str) -> float:
-    """Bytes one cached token takes in a store of `kv_format` (a dtype name, int8 or int4; int4 without its
-    full-precision residual rows)."""
+    """Bytes one cached token takes in a store of `kv_format` (a dtype name, int8 or int4, int8h or int4h; int4
+    without its full-precision residual rows)."""
     kv = cfg.n_layers * cfg.n_kv_heads  # (layer, KV head) rows of keys and of values
+    kv_format = {"int8h": "int8", "int4h": "int4"}.get(kv_format, kv_format)  # the rotation costs no bytes
     hd = cfg.head_dim
     if kv_format == "int8":
         return 2 * kv * (hd + 4)  # codes + a float32 scale, keys and values
@@ -74,6 +85,28 @@ def convert_store(store: KVStore, kv_dtype: str) -> KVStore:
     other._load_slots(store.tokens[:n], store.positions[:n])
     other._rewrite(0, k, v)
     return other
+
+
+# ---------------------------------------------------------------------------------------------- Hadamard
+def hadamard(x: torch.Tensor) -> torch.Tensor:
+    """x (..., n) float32, n a power of 2 -> x H (..., n), H the orthonormal Hadamard matrix of Sylvester's order
+    (symmetric, H H = I): butterflies of stride 1, 2, 4, ... then 1/sqrt(n), the operations native/decode.c's
+    `hadamard` does, in the same order."""
+    *lead, n = x.shape
+    h = 1
+    while h < n:
+        y = x.reshape(*lead, n // (2 * h), 2, h)  # pairs (j, j + h) in blocks of 2h
+        x = torch.stack((y[..., 0, :] + y[..., 1, :], y[..., 0, :] - y[..., 1, :]), dim=-2)
+        h *= 2
+    return x.reshape(*lead, n) * (1.0 / math.sqrt(n))
+
+
+def check_hadamard(head_dim: int) -> None:
+    if head_dim < 1 or head_dim & (head_dim - 1):
+        raise InfinichatError(
+            f"--kv-dtype int8h/int4h rotate keys by a Hadamard matrix of size head_dim, a power of 2; this model's "
+            f"head_dim is {head_dim} (use int8 or int4)"
+        )
 
 
 # ---------------------------------------------------------------------------------------------- int8 codes
@@ -150,7 +183,19 @@ def dequantize_values_int4(p: torch.Tensor, s: torch.Tensor, z: torch.Tensor) ->
 class QuantKVStore(KVStore):
     """What the quantized stores share: edits through `_dense_from` (the slots from one on, dequantized to
     float32) and `_rewrite` (slots from one on, quantized again). No `k`/`v` buffer lists: what reads the
-    K/V goes through `layer_kv`, the snapshot parts or the native binding (`native_parts`)."""
+    K/V goes through `layer_kv`, the snapshot parts or the native binding (native/__init__.py `bind`).
+    `hadamard`: keys are stored multiplied by H (the variants int8h / int4h); `_rot` applies H (its own inverse)
+    on the way in and out."""
+
+    hadamard = False
+
+    def _allocate(self, n: int) -> None:
+        if self.hadamard:
+            check_hadamard(self.cfg.head_dim)
+
+    def _rot(self, k: torch.Tensor) -> torch.Tensor:
+        """float32 keys (..., hd) into (or back out of) the stored basis."""
+        return hadamard(k) if self.hadamard else k
 
     def _set_buffers(self, k_all: torch.Tensor, v_all: torch.Tensor) -> None:  # pragma: no cover - not used
         raise InfinichatError(f"a {self.kv_format} KV store has no dense buffers")
@@ -206,6 +251,7 @@ class Int8KVStore(QuantKVStore):
     kv_format = "int8"
 
     def _allocate(self, n: int) -> None:
+        super()._allocate(n)
         cfg = self.cfg
         shape = (cfg.n_layers, cfg.n_kv_heads, n, cfg.head_dim)
         dev = self.device
@@ -235,9 +281,13 @@ class Int8KVStore(QuantKVStore):
     def layer_kv(self, li: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         T = k.shape[1]
         end = start + T
-        self.kq[li, :, start:end], self.ks[li, :, start:end] = quantize_int8(k)  # (Hkv, T, hd), (Hkv, T)
+        kin = self._rot(k.float()) if self.hadamard else k
+        self.kq[li, :, start:end], self.ks[li, :, start:end] = quantize_int8(kin)  # (Hkv, T, hd), (Hkv, T)
         self.vq[li, :, start:end], self.vs[li, :, start:end] = quantize_int8(v)
-        keys = dequantize_int8(self.kq[li, :, :end], self.ks[li, :, :end], k.dtype)  # (Hkv, end, hd)
+        if self.hadamard:
+            keys = self._rot(dequantize_int8(self.kq[li, :, :end], self.ks[li, :, :end], torch.float32)).to(k.dtype)
+        else:
+            keys = dequantize_int8(self.kq[li, :, :end], self.ks[li, :, :end], k.dtype)  # (Hkv, end, hd)
         values = dequantize_int8(self.vq[li, :, :end], self.vs[li, :, :end], v.dtype)
         return keys, values
 
@@ -247,12 +297,12 @@ class Int8KVStore(QuantKVStore):
 
     def _dense_from(self, a: int) -> tuple[torch.Tensor, torch.Tensor]:
         b = self._length
-        k = dequantize_int8(self.kq[:, :, a:b], self.ks[:, :, a:b], torch.float32)
+        k = self._rot(dequantize_int8(self.kq[:, :, a:b], self.ks[:, :, a:b], torch.float32))
         return k, dequantize_int8(self.vq[:, :, a:b], self.vs[:, :, a:b], torch.float32)
 
     def _rewrite(self, a: int, k: torch.Tensor, v: torch.Tensor, settle: bool = True) -> None:
         b = a + k.shape[2]
-        self.kq[:, :, a:b], self.ks[:, :, a:b] = quantize_int8(k)
+        self.kq[:, :, a:b], self.ks[:, :, a:b] = quantize_int8(self._rot(k))
         self.vq[:, :, a:b], self.vs[:, :, a:b] = quantize_int8(v)
 
     def _kv_parts(self, n: int) -> dict[str, torch.Tensor]:
@@ -274,6 +324,7 @@ class Int4KVStore(QuantKVStore):
     rv: torch.Tensor
 
     def _allocate(self, n: int) -> None:
+        super()._allocate(n)
         cfg = self.cfg
         if cfg.head_dim % 2:
             raise InfinichatError(f"--kv-dtype int4 needs an even head_dim, this model has {cfg.head_dim}")
@@ -347,6 +398,7 @@ class Int4KVStore(QuantKVStore):
         if not q:
             return self.rk[li], self.rv[li]  # (Hkv, R, hd): slots [0, end) at the front
         keys = dequantize_keys_int4(self.kq[li, :, :q], self.ks[li, :, : q // K_GROUP], self.kz[li, :, : q // K_GROUP])
+        keys = self._rot(keys)  # (Hkv, q, hd) float32
         values = dequantize_values_int4(self.vq[li, :, :q], self.vs[li, :, :q], self.vz[li, :, :q])
         keys = torch.cat((keys.to(k.dtype), self.rk[li, :, : end - q].to(k.dtype)), dim=1)  # (Hkv, end, hd)
         values = torch.cat((values.to(v.dtype), self.rv[li, :, : end - q].to(v.dtype)), dim=1)
@@ -371,7 +423,7 @@ class Int4KVStore(QuantKVStore):
             self._alloc_quant(size)
         k, v = self.rk[:, :, :m].float(), self.rv[:, :, :m].float()  # (L, Hkv, m, hd)
         g0, g1 = q // K_GROUP, (q + m) // K_GROUP
-        self.kq[:, :, q : q + m], self.ks[:, :, g0:g1], self.kz[:, :, g0:g1] = quantize_keys_int4(k)
+        self.kq[:, :, q : q + m], self.ks[:, :, g0:g1], self.kz[:, :, g0:g1] = quantize_keys_int4(self._rot(k))
         self.vq[:, :, q : q + m], self.vs[:, :, q : q + m], self.vz[:, :, q : q + m] = quantize_values_int4(
             v, self.v_group
         )
@@ -388,7 +440,7 @@ class Int4KVStore(QuantKVStore):
         s0, s1 = g0 * K_GROUP, g1 * K_GROUP
         k = dequantize_keys_int4(self.kq[:, :, s0:s1], self.ks[:, :, g0:g1], self.kz[:, :, g0:g1])
         v = dequantize_values_int4(self.vq[:, :, a:b], self.vs[:, :, a:b], self.vz[:, :, a:b])
-        return k[:, :, a - s0 : b - s0], v
+        return self._rot(k[:, :, a - s0 : b - s0]), v
 
     def _dense_from(self, a: int) -> tuple[torch.Tensor, torch.Tensor]:
         q, n = self.qlen, self._length
@@ -471,3 +523,17 @@ class Int4KVStore(QuantKVStore):
         self._alloc_residual(max(n - q, RESIDUAL + K_GROUP, 1))
         self.rk[:, :, : n - q] = parts["rk"]
         self.rv[:, :, : n - q] = parts["rv"]
+
+
+class Int8HKVStore(Int8KVStore):
+    """int8 with Hadamard-rotated keys (the codes and scales are of k H)."""
+
+    kv_format = "int8h"
+    hadamard = True
+
+
+class Int4HKVStore(Int4KVStore):
+    """int4 KIVI with Hadamard-rotated keys (the quantized groups hold k H; the residual plain keys)."""
+
+    kv_format = "int4h"
+    hadamard = True

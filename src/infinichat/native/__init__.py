@@ -1,8 +1,9 @@
 """The native decode step for quantized models (decode.c), built with the system's C compiler at first use.
 
 `--quant int8|int4` decode on CPU runs one token through the whole model in one C call (one OpenMP parallel
-region, integer products over the quantized weights, attention over the KV store's bf16 buffers, or its int8
-codes and scales with --kv-dtype int8: `DECODE_KV_FORMATS`), instead of
+region, integer products over the quantized weights, attention over the KV store's bf16 buffers, its int8
+codes and scales (--kv-dtype int8), or its int4 KIVI groups and bf16 residual (--kv-dtype int4), keys optionally
+Hadamard-rotated (int8h, int4h): `DECODE_KV_FORMATS`), instead of
 ~25 PyTorch ops per layer. The library is compiled once per source version into the cache directory
 (`$INFINICHAT_CACHE/native`, by default `~/.cache/infinichat/native`), in about a second, and loaded with
 ctypes; it shares PyTorch's OpenMP runtime (same `libgomp.so.1`, loaded by torch first).
@@ -165,17 +166,32 @@ class _Model(ctypes.Structure):
 class _KVView(ctypes.Structure):
     _fields_ = [
         ("format", ctypes.c_int32),
+        ("flags", ctypes.c_int32),  # KV_HADAMARD: the quantized keys are stored times H
         ("cap", ctypes.c_int64),
         ("k", ctypes.c_void_p),  # void *const * (per layer)
         ("v", ctypes.c_void_p),
-        ("ks", ctypes.c_void_p),  # float *const * (int8: per layer), else NULL
+        ("ks", ctypes.c_void_p),  # void *const * scales (int8 float32, int4 float16: per layer), else NULL
         ("vs", ctypes.c_void_p),
+        ("kz", ctypes.c_void_p),  # int4: float16 zeros per layer, else NULL
+        ("vz", ctypes.c_void_p),
+        ("rk", ctypes.c_void_p),  # int4: the bf16 residual per layer, else NULL
+        ("rv", ctypes.c_void_p),
+        ("rcap", ctypes.c_int64),
+        ("qlen", ctypes.c_int64),  # int4: quantized slots, set before each call (the store moves it)
+        ("vgroup", ctypes.c_int32),
     ]
 
 
-# The KV store formats (`KVStore.kv_format`) the native step reads directly, and decode.c's code for each; a
-# cache of another format (int4, float32, float16) takes the PyTorch path.
-DECODE_KV_FORMATS = {"bfloat16": 0, "int8": 1}
+# The KV store formats (`KVStore.kv_format`) the native step reads directly: decode.c's format code and flags
+# for each; a cache of another format (float32, float16) takes the PyTorch path.
+KV_HADAMARD = 1
+DECODE_KV_FORMATS = {
+    "bfloat16": (0, 0),
+    "int8": (1, 0),
+    "int8h": (1, KV_HADAMARD),
+    "int4": (2, 0),
+    "int4h": (2, KV_HADAMARD),
+}
 
 
 def _declare(lib: ctypes.CDLL) -> None:
@@ -193,11 +209,11 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.ic_matmul.argtypes = [ctypes.POINTER(_Mat), p, i64, p, i32, i32]
     lib.ic_batch_work_size.argtypes = [ctypes.POINTER(_Model), i32, i32]
     lib.ic_batch_work_size.restype = ctypes.c_size_t
-    lib.ic_decode_batch.argtypes = [ctypes.POINTER(_Model), i32, p, p, p, p, p, p, p, p, p, p, i32]
+    lib.ic_decode_batch.argtypes = [ctypes.POINTER(_Model), i32, p, p, p, p, p, p, p, p, i32]
 
 
 KIND_INT4, KIND_INT8, KIND_INT8_GROUP = 4, 8, 9  # decode.c's Mat kinds
-ABI_VERSION = 3  # decode.c's IC_ABI_VERSION: the structures above and the signatures in _declare
+ABI_VERSION = 4  # decode.c's IC_ABI_VERSION: the structures above and the signatures in _declare
 
 
 def check_abi(lib: ctypes.CDLL) -> None:
@@ -449,14 +465,14 @@ class NativeDecoder:
 
     def bind(self, cache) -> _KVView | None:
         """The C view of a cache (a KV store whose `kv_format` is in DECODE_KV_FORMATS: per layer bf16 (Hkv,
-        capacity, hd) buffers, or int8 codes with (Hkv, capacity) float32 scales), or None if the step cannot read
-        it. Worked out once per cache object and buffer (a growing KV store replaces its buffers: the binding is
-        redone when they move)."""
+        capacity, hd) buffers; int8 codes with (Hkv, capacity) float32 scales; int4 packed groups with float16
+        scales and zeros plus the bf16 residual), or None if the step cannot read it. Worked out once per cache
+        object and buffers (a growing KV store replaces its buffers, an int4 one also when it quantizes a prompt:
+        the binding is redone when they move); int4's quantized length is set per call (`decode`)."""
         fmt = getattr(cache, "kv_format", None)
         if fmt not in DECODE_KV_FORMATS:
             return None
-        first = cache.kq if fmt == "int8" else cache.k[0]  # (L, Hkv, A, hd) int8 / layer 0's (Hkv, A, hd) bf16
-        key = (first.data_ptr(), first.shape[-2])
+        key = tuple((t.data_ptr(), tuple(t.shape)) for t in self._moving(cache, fmt))
         try:
             binding, old = self._bindings[cache]
             if old == key:  # not moved (a store that grew moves)
@@ -465,12 +481,27 @@ class NativeDecoder:
             pass
         binding = None
         bufs = self._buffers(cache, fmt)
-        if self._fits(bufs, fmt):
+        if self._fits(cache, bufs, fmt):
             n = self.model.cfg.n_layers
-            arrays = [(ctypes.c_void_p * n)(*[t.data_ptr() for t in group]) for group in bufs if group]
-            ptrs = [ctypes.cast(a, ctypes.c_void_p) for a in arrays] + [None, None]  # bf16: no scales
+            arrays = [(ctypes.c_void_p * n)(*[t.data_ptr() for t in group]) for group in bufs]
+            ptrs = [ctypes.cast(a, ctypes.c_void_p) if len(a) else None for a in arrays]
+            code, flags = DECODE_KV_FORMATS[fmt]
+            int4 = fmt.startswith("int4")
             binding = _KVView(
-                format=DECODE_KV_FORMATS[fmt], cap=bufs[0][0].shape[1], k=ptrs[0], v=ptrs[1], ks=ptrs[2], vs=ptrs[3]
+                format=code,
+                flags=flags,
+                cap=bufs[0][0].shape[1],
+                k=ptrs[0],
+                v=ptrs[1],
+                ks=ptrs[2],
+                vs=ptrs[3],
+                kz=ptrs[4],
+                vz=ptrs[5],
+                rk=ptrs[6],
+                rv=ptrs[7],
+                rcap=bufs[6][0].shape[1] if int4 else 0,
+                qlen=cache.qlen if int4 else 0,
+                vgroup=cache.v_group if int4 else 0,
             )
             binding._arrays = arrays  # the pointer arrays live with the view
         with contextlib.suppress(TypeError):  # a cache object that takes no weak reference
@@ -478,28 +509,53 @@ class NativeDecoder:
         return binding
 
     @staticmethod
-    def _buffers(cache, fmt: str) -> tuple[list[torch.Tensor], ...]:
-        """Per layer (keys, values, key scales, value scales) of a cache in format `fmt` (no scales for bf16)."""
-        if fmt == "int8":
-            return tuple(list(t.unbind(0)) for t in (cache.kq, cache.vq, cache.ks, cache.vs))
-        return list(cache.k), list(cache.v), [], []
+    def _moving(cache, fmt: str) -> list[torch.Tensor]:
+        """The tensors whose moving (reallocation) invalidates a binding."""
+        if fmt.startswith("int4"):
+            return [getattr(cache, n) for n in ("kq", "vq", "ks", "vs", "kz", "vz", "rk", "rv")]
+        return [cache.kq, cache.vq, cache.ks, cache.vs] if fmt.startswith("int8") else [cache.k[0]]
 
-    def _fits(self, bufs: tuple[list[torch.Tensor], ...], fmt: str) -> bool:
+    @staticmethod
+    def _buffers(cache, fmt: str) -> tuple[list[torch.Tensor], ...]:
+        """Per layer (keys, values, key scales, value scales, key zeros, value zeros, residual keys, residual
+        values) of a cache in format `fmt` (empty lists where the format has none)."""
+        if fmt.startswith("int4"):
+            names = ("kq", "vq", "ks", "vs", "kz", "vz", "rk", "rv")
+            return tuple(list(getattr(cache, n).unbind(0)) for n in names)
+        if fmt.startswith("int8"):
+            k, v, ks, vs = (list(t.unbind(0)) for t in (cache.kq, cache.vq, cache.ks, cache.vs))
+            return k, v, ks, vs, [], [], [], []
+        return list(cache.k), list(cache.v), [], [], [], [], [], []
+
+    def _fits(self, cache, bufs: tuple[list[torch.Tensor], ...], fmt: str) -> bool:
+        """Whether the buffers have the shapes, dtypes and layout decode.c reads (see its KVView and Rows)."""
         cfg = self.model.cfg
-        k, v, ks, vs = bufs
-        b = k[0]
-        dtype = torch.int8 if fmt == "int8" else torch.bfloat16
-        if len(k) != cfg.n_layers or len(v) != cfg.n_layers or b.dtype != dtype or b.dim() != 3:
+        L, H, hd = cfg.n_layers, cfg.n_kv_heads, cfg.head_dim
+        if any(len(group) not in (0, L) for group in bufs) or not bufs[0]:
             return False
-        if b.shape[0] != cfg.n_kv_heads or b.shape[2] != cfg.head_dim or b.device.type != "cpu":
+        if not all(t.device.type == "cpu" and t.is_contiguous() for group in bufs for t in group):
             return False
-        if not all(t.is_contiguous() and t.shape == b.shape and t.dtype == b.dtype for t in (*k, *v)):
-            return False
-        if fmt == "int8":
-            return len(ks) == len(vs) == cfg.n_layers and all(
-                t.is_contiguous() and t.dtype == torch.float32 and t.shape == b.shape[:2] for t in (*ks, *vs)
+        k = bufs[0][0]
+        A = k.shape[1] if k.dim() == 3 else -1
+
+        def shaped(i: int, dtype: torch.dtype, shape: tuple[int, ...]) -> bool:
+            return len(bufs[i]) == L and all(t.dtype == dtype and tuple(t.shape) == shape for t in bufs[i])
+
+        if fmt.startswith("int4"):
+            R, vg = bufs[6][0].shape[1], cache.v_group
+            return (
+                A % 32 == 0
+                and hd % vg == 0
+                and vg % 16 == 0
+                and all(shaped(i, torch.uint8, (H, A, hd // 2)) for i in (0, 1))
+                and all(shaped(i, torch.float16, (H, A // 32, hd)) for i in (2, 4))
+                and all(shaped(i, torch.float16, (H, A, hd // vg)) for i in (3, 5))
+                and all(shaped(i, torch.bfloat16, (H, R, hd)) for i in (6, 7))
             )
-        return True
+        dtype = torch.int8 if fmt.startswith("int8") else torch.bfloat16
+        if not all(shaped(i, dtype, (H, A, hd)) for i in (0, 1)):
+            return False
+        return not fmt.startswith("int8") or all(shaped(i, torch.float32, (H, A)) for i in (2, 3))
 
     def decode(
         self, token: int, position: torch.Tensor, cache, start: int, logits: bool = True
@@ -510,6 +566,7 @@ class NativeDecoder:
         if binding is None:
             raise InfinichatError("the native decode step cannot read this cache (check bind(cache) first)")
         cap = binding.cap
+        self._set_qlen(binding, cache)
         cos, sin = self.model.rope.cos_sin(position, torch.float32)  # (1, hd) each
         cos, sin = cos.contiguous(), sin.contiguous()
         x = torch.empty(self.model.cfg.dim, dtype=torch.float32)
@@ -531,10 +588,14 @@ class NativeDecoder:
             raise ValueError(f"native decode refused token {token} at slot {start} (capacity {cap})")
         return x, out
 
+    @staticmethod
+    def _set_qlen(binding: _KVView, cache) -> None:
+        if binding.format == DECODE_KV_FORMATS["int4"][0]:
+            binding.qlen = cache.qlen  # moves as the store quantizes whole key groups
+
     def batchable(self, cache) -> bool:
-        """Whether the batched step reads this cache (bf16 buffers; int8 KV takes the one-token step)."""
-        view = self.bind(cache)
-        return view is not None and view.format == DECODE_KV_FORMATS["bfloat16"]
+        """Whether the batched step reads this cache (every format `bind` takes)."""
+        return self.bind(cache) is not None
 
     def decode_batch(
         self, tokens: list[int], positions: list[torch.Tensor], caches: list, starts: list[int]
@@ -543,17 +604,17 @@ class NativeDecoder:
         starts[b] of caches[b] and RoPE position positions[b] (1,), in one call that reads the weights once
         (decode.c's ic_decode_batch): -> final hidden states (B, D) and logits (B, V), float32, not yet
         re-scored. Row b equals `decode` of that token alone with the same thread count, bit for bit."""
-        B, n_layers = len(tokens), self.model.cfg.n_layers
+        B = len(tokens)
         if not all(self.batchable(c) for c in caches):
             raise InfinichatError("the native batched step cannot read one of these caches (check batchable first)")
-        views = [self.bind(c) for c in caches]
-        kp = (ctypes.c_void_p * (B * n_layers))()
-        vp = (ctypes.c_void_p * (B * n_layers))()
-        for b, view in enumerate(views):
-            k, v = view._arrays[:2]  # type: ignore[union-attr]  # the per-layer bf16 buffer pointers
-            kp[b * n_layers : (b + 1) * n_layers] = list(k)
-            vp[b * n_layers : (b + 1) * n_layers] = list(v)
-        caps = torch.tensor([view.cap for view in views], dtype=torch.int64)  # type: ignore[union-attr]
+        views: list[_KVView] = []
+        for c in caches:
+            view = self.bind(c)
+            assert view is not None  # batchable above
+            self._set_qlen(view, c)
+            views.append(view)
+        # a copy of each view (its pointer arrays stay alive with the bindings in `views`)
+        packed = (_KVView * B)(*views)
         cos, sin = self.model.rope.cos_sin(torch.cat(positions), torch.float32)  # (B, hd) each
         cos, sin = cos.contiguous(), sin.contiguous()
         toks = torch.tensor(tokens, dtype=torch.int64)
@@ -571,9 +632,7 @@ class NativeDecoder:
                 toks.data_ptr(),
                 cos.data_ptr(),
                 sin.data_ptr(),
-                kp,
-                vp,
-                caps.data_ptr(),
+                ctypes.cast(packed, ctypes.c_void_p),
                 st.data_ptr(),
                 x.data_ptr(),
                 out.data_ptr(),
@@ -581,7 +640,7 @@ class NativeDecoder:
                 threads,
             )
         if rc:
-            raise ValueError(f"native batched decode refused tokens {tokens} at slots {starts} (capacities {caps})")
+            raise ValueError(f"native batched decode refused tokens {tokens} at slots {starts} (code {rc})")
         return x, out
 
 

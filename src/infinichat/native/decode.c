@@ -14,11 +14,12 @@
    bound by reading the weights. The zero terms (int4, grouped int8) use the exact float sum of each activation
    block. The same row products serve multi-token calls of the PyTorch path (ic_matmul, end of file).
 
-   The KV cache is the KV store's own buffers (Hkv, capacity, hd) per layer, bf16 or int8 codes with a float32
-   scale per row (KVView, ic_decode_kv): the new key/value rows are written at slot `start` (int8: quantized
-   here) and attention reads slots [0, start]. Attention is split over the threads by key
-   slots (flash-decoding): each thread keeps a running max, sum and weighted value sum per query head over
-   its slots, in blocks of ABLK, and the partial results are merged at the end. */
+   The KV cache is the KV store's own buffers (Hkv, capacity, hd) per layer: bf16, int8 codes with a float32
+   scale per row, or int4 KIVI groups plus a bf16 residual of the newest slots, keys optionally Hadamard-rotated
+   (KVView, ic_decode_kv): the new key/value rows are written at slot `start` (int8: quantized here; int4: into
+   the residual) and attention reads slots [0, start], each format's codes directly. Attention is split over
+   the threads by key slots (flash-decoding): each thread keeps a running max, sum and weighted value sum per
+   query head over its slots, in blocks of ABLK, and the partial results are merged at the end. */
 
 #include <immintrin.h>
 #include <math.h>
@@ -347,39 +348,120 @@ static inline __m256 load_i8x8(const int8_t *p) { /* 8 int8 -> 8 floats */
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
 }
 
-/* Partial attention of all query heads over key slots [a, b): running max m, sum l and sum of weighted
-   values acc per head (q already scaled). kbuf/vbuf (Hkv, cap, hd): bf16, or (`q8`) int8 codes with float32
-   scales ks/vs (Hkv, cap) (the int8 KV store's rows: x = code * scale). The G query heads of a KV head are
-   done together, so each key and value row is read and widened once. Compiled once per format (q8 constant). */
-static inline __attribute__((always_inline)) void attend_rows(
-    const Model *M, const float *q, const void *kbuf, const void *vbuf, const float *ks, const float *vs,
-    int64_t cap, int64_t a, int64_t b, Partial *P, const int q8) {
-    const int H = M->n_heads, Hkv = M->n_kv, hd = M->head_dim, G = H / Hkv;
-    for (int h = 0; h < H; h++) {
+/* 16 int4 codes (8 bytes: channel 2j in the low nibble, 2j+1 in the high one) -> channels 0..7 in *lo, 8..15 in
+   *hi, as floats 0..15 */
+static inline void load_u4x16(const uint8_t *p, __m256 *lo, __m256 *hi) {
+    const __m128i b = _mm_loadl_epi64((const __m128i *)p), m = _mm_set1_epi8(15);
+    const __m128i x = _mm_unpacklo_epi8(_mm_and_si128(b, m), _mm_and_si128(_mm_srli_epi16(b, 4), m));
+    *lo = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(x));
+    *hi = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_unpackhi_epi64(x, x)));
+}
+
+static inline __m256 load_f16x8(const uint16_t *p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)); }
+
+#define KV_GROUP 32 /* int4 keys: tokens per scale/zero (kv/quantized.py K_GROUP) */
+#define MAX_VGROUPS (MAX_HD / 16) /* int4 value groups per row: at least 16 channels each */
+
+/* One layer's rows in one format, as attend_rows reads them. Pointers at the layer's (Hkv, cap, ...) buffers:
+   bf16 / int8 k, v (Hkv, cap, hd), int8's float32 scales ks, vs (Hkv, cap); int4 (kv/quantized.py Int4KVStore)
+   packed k, v (Hkv, cap, hd/2), float16 key scale/zero ks, kz (Hkv, cap/KV_GROUP, hd) (per channel over a group
+   of KV_GROUP slots), value scale/zero vs, vz (Hkv, cap, hd/vg) (per slot over vg channels). */
+typedef struct {
+    const void *k, *v, *ks, *vs, *kz, *vz;
+    int64_t cap;
+    int vg;
+} Rows;
+
+enum { ROWS_BF16 = 0, ROWS_INT8 = 1, ROWS_INT4 = 2 };
+
+static void init_partial(const Model *M, Partial *P) {
+    for (int h = 0; h < M->n_heads; h++) {
         P->m[h] = -INFINITY;
         P->l[h] = 0.0f;
-        memset(P->acc + h * hd, 0, sizeof(float) * hd);
+        memset(P->acc + h * M->head_dim, 0, sizeof(float) * M->head_dim);
     }
+}
+
+/* Partial attention of all query heads over key slots [a, b) of R, added to P's running max m, sum l and sum of
+   weighted values acc per head (q already scaled; P initialised by init_partial, so several ranges of different
+   formats can go into one P). x = code * scale (int8), code * scale + zero (int4). The G query heads of a KV head
+   are done together, so each key and value row is read and widened once. Compiled once per format (fmt
+   constant). int4 keys: q . k = (q * s) . code + q . z over a key group, so q * s and q . z are made once per
+   group and head; int4 values: sum_j p_j (s_j code_j + z_j) = sum_j (p_j s_j) code_j + sum_j p_j z_j, the zero
+   sums once per block and value group. */
+static inline __attribute__((always_inline)) void attend_rows(const Model *M, const float *q, const Rows *R,
+                                                              int64_t a, int64_t b, Partial *P, const int fmt) {
+    const int H = M->n_heads, Hkv = M->n_kv, hd = M->head_dim, G = H / Hkv, hb = hd / 2;
+    const int64_t cap = R->cap;
+    const int vg = fmt == ROWS_INT4 ? R->vg : hd, nvg = hd / vg;
     float sc[MAX_GROUP][ABLK] __attribute__((aligned(32)));
     float corr[MAX_GROUP];
+    float qs[MAX_GROUP][MAX_HD] __attribute__((aligned(32))); /* int4: q * key scale, per query head */
+    float qz[MAX_GROUP], zsum[MAX_GROUP][MAX_VGROUPS];
+    float vsf[ABLK * MAX_VGROUPS + 8], vzf[ABLK * MAX_VGROUPS + 8]; /* int4 value scales / zeros of a block */
+    float pw[MAX_VGROUPS][MAX_GROUP][ABLK];                           /* int4: weight x value scale */
     for (int kh = 0; kh < Hkv; kh++) {
         const int64_t row0 = (int64_t)kh * cap; /* this KV head's first row */
-        const uint16_t *K = (const uint16_t *)kbuf + row0 * hd, *V = (const uint16_t *)vbuf + row0 * hd;
-        const int8_t *K8 = (const int8_t *)kbuf + row0 * hd, *V8 = (const int8_t *)vbuf + row0 * hd;
-        const float *KS = q8 ? ks + row0 : NULL, *VS = q8 ? vs + row0 : NULL;
+        const uint16_t *K = (const uint16_t *)R->k + row0 * hd, *V = (const uint16_t *)R->v + row0 * hd;
+        const int8_t *K8 = (const int8_t *)R->k + row0 * hd, *V8 = (const int8_t *)R->v + row0 * hd;
+        const uint8_t *K4 = (const uint8_t *)R->k + row0 * hb, *V4 = (const uint8_t *)R->v + row0 * hb;
+        const float *KS = fmt == ROWS_INT8 ? (const float *)R->ks + row0 : NULL;
+        const float *VS = fmt == ROWS_INT8 ? (const float *)R->vs + row0 : NULL;
+        const uint16_t *KS4 = (const uint16_t *)R->ks + (int64_t)kh * (cap / KV_GROUP) * hd;
+        const uint16_t *KZ4 = (const uint16_t *)R->kz + (int64_t)kh * (cap / KV_GROUP) * hd;
+        const uint16_t *VS4 = (const uint16_t *)R->vs + row0 * nvg, *VZ4 = (const uint16_t *)R->vz + row0 * nvg;
         const float *qk = q + kh * G * hd;
+        int64_t kgroup = -1; /* int4: the key group qs / qz were made for */
         for (int64_t t0 = a; t0 < b; t0 += ABLK) {
             const int nb = (int)(b - t0 < ABLK ? b - t0 : ABLK);
             for (int j = 0; j < nb; j++) { /* scores of the block */
+                const int64_t t = t0 + j;
                 __m256 s[MAX_GROUP];
                 for (int g = 0; g < G; g++) s[g] = _mm256_setzero_ps();
+                if (fmt == ROWS_INT4) {
+                    if (t / KV_GROUP != kgroup) { /* q * scale and q . zero for this key group */
+                        kgroup = t / KV_GROUP;
+                        const uint16_t *gs = KS4 + kgroup * hd, *gz = KZ4 + kgroup * hd;
+                        for (int g = 0; g < G; g++) {
+                            __m256 z = _mm256_setzero_ps();
+                            for (int i = 0; i < hd; i += 8) {
+                                __m256 qv = _mm256_loadu_ps(qk + g * hd + i);
+                                _mm256_store_ps(qs[g] + i, _mm256_mul_ps(qv, load_f16x8(gs + i)));
+                                z = _mm256_fmadd_ps(qv, load_f16x8(gz + i), z);
+                            }
+                            qz[g] = hsum8(z);
+                        }
+                    }
+                    for (int i = 0; i < hd; i += 16) {
+                        __m256 k0, k1;
+                        load_u4x16(K4 + t * hb + i / 2, &k0, &k1);
+                        for (int g = 0; g < G; g++) {
+                            s[g] = _mm256_fmadd_ps(k0, _mm256_load_ps(qs[g] + i), s[g]);
+                            s[g] = _mm256_fmadd_ps(k1, _mm256_load_ps(qs[g] + i + 8), s[g]);
+                        }
+                    }
+                    for (int g = 0; g < G; g++) sc[g][j] = hsum8(s[g]) + qz[g];
+                    continue;
+                }
                 for (int i = 0; i < hd; i += 8) {
-                    __m256 kv = q8 ? load_i8x8(K8 + (t0 + j) * hd + i) : load_bf16x8(K + (t0 + j) * hd + i);
+                    __m256 kv = fmt == ROWS_INT8 ? load_i8x8(K8 + t * hd + i) : load_bf16x8(K + t * hd + i);
                     for (int g = 0; g < G; g++) s[g] = _mm256_fmadd_ps(kv, _mm256_loadu_ps(qk + g * hd + i), s[g]);
                 }
-                const float kscale = q8 ? KS[t0 + j] : 1.0f;
+                const float kscale = fmt == ROWS_INT8 ? KS[t] : 1.0f;
                 for (int g = 0; g < G; g++) sc[g][j] = hsum8(s[g]) * kscale;
             }
+            if (fmt == ROWS_INT4) /* the block's value scales and zeros (nb x nvg, contiguous) to float32 */
+                for (int u = 0; u < nb * nvg; u += 8) {
+                    const int64_t o = t0 * nvg + u;
+                    if (u + 8 <= nb * nvg) {
+                        _mm256_storeu_ps(vsf + u, load_f16x8(VS4 + o));
+                        _mm256_storeu_ps(vzf + u, load_f16x8(VZ4 + o));
+                    } else
+                        for (int w = u; w < nb * nvg; w++) {
+                            vsf[w] = _cvtsh_ss(VS4[t0 * nvg + w]);
+                            vzf[w] = _cvtsh_ss(VZ4[t0 * nvg + w]);
+                        }
+                }
             for (int g = 0; g < G; g++) { /* online softmax update */
                 const int h = kh * G + g;
                 float bmax = -INFINITY;
@@ -400,15 +482,51 @@ static inline __attribute__((always_inline)) void attend_rows(
                     lsum += sc[g][j];
                 }
                 P->l[h] = P->l[h] * corr[g] + lsum;
-                if (q8)
+                if (fmt == ROWS_INT8)
                     for (j = 0; j < nb; j++) sc[g][j] *= VS[t0 + j]; /* the value rows' scales, once per weight */
+                if (fmt == ROWS_INT4)
+                    for (int c = 0; c < nvg; c++) { /* sum_j p_j z_j per value group, and p_j s_j */
+                        float zs = 0.0f;
+                        for (j = 0; j < nb; j++) {
+                            zs += sc[g][j] * vzf[j * nvg + c];
+                            pw[c][g][j] = sc[g][j] * vsf[j * nvg + c];
+                        }
+                        zsum[g][c] = zs;
+                    }
+            }
+            if (fmt == ROWS_INT4) { /* weighted values, 16 dims (within one value group) at a time */
+                for (int i = 0; i < hd; i += 16) {
+                    __m256 o[MAX_GROUP], o2[MAX_GROUP];
+                    const int c = i / vg;
+                    for (int g = 0; g < G; g++) {
+                        float *acc = P->acc + (kh * G + g) * hd + i;
+                        const __m256 cg = _mm256_set1_ps(corr[g]), zg = _mm256_set1_ps(zsum[g][c]);
+                        o[g] = _mm256_fmadd_ps(_mm256_loadu_ps(acc), cg, zg);
+                        o2[g] = _mm256_fmadd_ps(_mm256_loadu_ps(acc + 8), cg, zg);
+                    }
+                    for (int j = 0; j < nb; j++) {
+                        __m256 v0, v1;
+                        load_u4x16(V4 + (t0 + j) * hb + i / 2, &v0, &v1);
+                        for (int g = 0; g < G; g++) {
+                            const __m256 w = _mm256_broadcast_ss(&pw[c][g][j]);
+                            o[g] = _mm256_fmadd_ps(w, v0, o[g]);
+                            o2[g] = _mm256_fmadd_ps(w, v1, o2[g]);
+                        }
+                    }
+                    for (int g = 0; g < G; g++) {
+                        _mm256_storeu_ps(P->acc + (kh * G + g) * hd + i, o[g]);
+                        _mm256_storeu_ps(P->acc + (kh * G + g) * hd + i + 8, o2[g]);
+                    }
+                }
+                continue;
             }
             for (int i = 0; i < hd; i += 8) { /* weighted values, 8 dims at a time */
                 __m256 o[MAX_GROUP];
                 for (int g = 0; g < G; g++)
                     o[g] = _mm256_mul_ps(_mm256_loadu_ps(P->acc + (kh * G + g) * hd + i), _mm256_set1_ps(corr[g]));
                 for (int j = 0; j < nb; j++) {
-                    __m256 vv = q8 ? load_i8x8(V8 + (t0 + j) * hd + i) : load_bf16x8(V + (t0 + j) * hd + i);
+                    const int64_t t = t0 + j;
+                    __m256 vv = fmt == ROWS_INT8 ? load_i8x8(V8 + t * hd + i) : load_bf16x8(V + t * hd + i);
                     for (int g = 0; g < G; g++) o[g] = _mm256_fmadd_ps(_mm256_set1_ps(sc[g][j]), vv, o[g]);
                 }
                 for (int g = 0; g < G; g++) _mm256_storeu_ps(P->acc + (kh * G + g) * hd + i, o[g]);
@@ -418,17 +536,40 @@ static inline __attribute__((always_inline)) void attend_rows(
 }
 
 /* ------------------------------------------------------------------------------------------- KV formats
-   Where the step keeps a layer's key/value rows: the KV store's bf16 buffers, or its int8 codes + scales
-   (kv/quantized.py Int8KVStore). One KVView per call: per layer, the buffers (Hkv, cap, hd) and for int8 the
-   scales (Hkv, cap). */
-enum { KV_BF16 = 0, KV_INT8 = 1 };
+   Where the step keeps a layer's key/value rows: the KV store's bf16 buffers, its int8 codes + scales
+   (kv/quantized.py Int8KVStore), or its int4 KIVI groups (Int4KVStore) plus the bf16 residual of the newest
+   slots. One KVView per call: per layer, pointers at the buffers (see Rows for their shapes). With KV_HADAMARD
+   the quantized keys were stored multiplied by the orthonormal Hadamard matrix H (symmetric, H H = I): their
+   scores take the query multiplied by H too, q H . k H = q . k (the int4 residual holds plain keys). */
+enum { KV_BF16 = 0, KV_INT8 = 1, KV_INT4 = 2 };
+#define KV_HADAMARD 1
 
 typedef struct {
-    int32_t format;          /* KV_* */
-    int64_t cap;             /* slots per (layer, KV head) */
-    void *const *k, *const *v;         /* per layer: (Hkv, cap, hd) bf16 or int8 */
-    float *const *ks, *const *vs;      /* per layer: (Hkv, cap) float32 scales (int8), else NULL */
+    int32_t format;                /* KV_* */
+    int32_t flags;                 /* KV_HADAMARD or 0 */
+    int64_t cap;                   /* slots per (layer, KV head) in k/v (int4: quantized slots allocated) */
+    void *const *k, *const *v;     /* per layer: (Hkv, cap, hd) bf16 / int8; int4 (Hkv, cap, hd/2) packed */
+    void *const *ks, *const *vs;   /* per layer: int8 float32 scales; int4 float16 scales (see Rows); else NULL */
+    void *const *kz, *const *vz;   /* per layer: int4 float16 zeros, else NULL */
+    void *const *rk, *const *rv;   /* per layer: int4's residual (Hkv, rcap, hd) bf16, slots [qlen, ...) */
+    int64_t rcap;                  /* int4: residual rows per (layer, KV head) */
+    int64_t qlen;                  /* int4: slots [0, qlen) quantized (a multiple of KV_GROUP) */
+    int32_t vgroup;                /* int4: value channels per scale / zero */
 } KVView;
+
+/* In place: x (n,) times the orthonormal Hadamard matrix (Sylvester order, n a power of 2): butterflies of
+   stride 1, 2, 4, ..., then 1/sqrt(n); the same operations in the same order as kv/quantized.py hadamard */
+static void hadamard(float *x, int n) {
+    for (int h = 1; h < n; h *= 2)
+        for (int blk = 0; blk < n; blk += 2 * h)
+            for (int j = blk; j < blk + h; j++) {
+                const float u = x[j], w = x[j + h];
+                x[j] = u + w;
+                x[j + h] = u - w;
+            }
+    const float s = (float)(1.0 / sqrt((double)n));
+    for (int i = 0; i < n; i++) x[i] *= s;
+}
 
 /* one row x (hd,) float32 -> int8 codes and a scale: 127 / max|x| as the multiplier, round half to even (what
    kv/quantized.py quantize_int8 computes) */
@@ -440,33 +581,68 @@ static void quantize_row_int8(const float *x, int hd, int8_t *q, float *scale) {
     *scale = amax / 127.0f;
 }
 
-/* layer li's key and value rows of KV head h at slot `slot`, from float32 k, v (hd,) */
+static void bf16_row(const float *x, int hd, uint16_t *out) {
+    for (int i = 0; i < hd; i++) out[i] = f32_bf16(x[i]);
+}
+
+/* layer li's key and value rows of KV head h at slot `slot`, from float32 k, v (hd,): bf16, int8 (keys rotated
+   first with KV_HADAMARD), or int4's residual (bf16, plain keys: the store quantizes whole groups later) */
 static void kv_write_row(const KVView *kv, int li, int h, int hd, int64_t slot, const float *k, const float *v) {
-    const int64_t row = (int64_t)h * kv->cap + slot;
-    if (kv->format == KV_INT8) {
-        quantize_row_int8(k, hd, (int8_t *)kv->k[li] + row * hd, kv->ks[li] + row);
-        quantize_row_int8(v, hd, (int8_t *)kv->v[li] + row * hd, kv->vs[li] + row);
+    if (kv->format == KV_INT4) {
+        const int64_t row = (int64_t)h * kv->rcap + slot - kv->qlen;
+        bf16_row(k, hd, (uint16_t *)kv->rk[li] + row * hd);
+        bf16_row(v, hd, (uint16_t *)kv->rv[li] + row * hd);
         return;
     }
-    uint16_t *kd = (uint16_t *)kv->k[li] + row * hd, *vd = (uint16_t *)kv->v[li] + row * hd;
-    for (int i = 0; i < hd; i++) {
-        kd[i] = f32_bf16(k[i]);
-        vd[i] = f32_bf16(v[i]);
+    const int64_t row = (int64_t)h * kv->cap + slot;
+    if (kv->format == KV_INT8) {
+        float kr[MAX_HD];
+        memcpy(kr, k, sizeof(float) * hd);
+        if (kv->flags & KV_HADAMARD) hadamard(kr, hd);
+        quantize_row_int8(kr, hd, (int8_t *)kv->k[li] + row * hd, (float *)kv->ks[li] + row);
+        quantize_row_int8(v, hd, (int8_t *)kv->v[li] + row * hd, (float *)kv->vs[li] + row);
+        return;
     }
+    bf16_row(k, hd, (uint16_t *)kv->k[li] + row * hd);
+    bf16_row(v, hd, (uint16_t *)kv->v[li] + row * hd);
 }
 
-/* bf16 buffers (Hkv, cap, hd) */
-static void attend_part(const Model *M, const float *q, const uint16_t *kbuf, const uint16_t *vbuf, int64_t cap,
-                        int64_t a, int64_t b, Partial *P) {
-    attend_rows(M, q, kbuf, vbuf, NULL, NULL, cap, a, b, P, 0);
+/* 0 if the step can write slot `start` of the view and read slots [0, start]; 1 a slot outside it, 2 a view
+   it does not take */
+static int check_view(const Model *M, const KVView *kv, int64_t start) {
+    if (start < 0) return 1;
+    if (kv->format != KV_BF16 && kv->format != KV_INT8 && kv->format != KV_INT4) return 2;
+    if ((kv->flags & KV_HADAMARD) && (kv->format == KV_BF16 || (M->head_dim & (M->head_dim - 1)))) return 2;
+    if (kv->format != KV_INT4) return start >= kv->cap;
+    /* int4: slot `start` goes to the residual */
+    if (kv->vgroup < 16 || kv->vgroup % 16 || M->head_dim % kv->vgroup) return 2; /* 16 channels at a time */
+    const int64_t ql = kv->qlen;
+    return ql < 0 || ql % KV_GROUP || ql > kv->cap || ql > start || start - ql >= kv->rcap;
 }
 
-/* layer li of a KV view, in its format */
-static void attend_view(const Model *M, const float *q, const KVView *kv, int li, int64_t a, int64_t b, Partial *P) {
-    if (kv->format == KV_INT8)
-        attend_rows(M, q, kv->k[li], kv->v[li], kv->ks[li], kv->vs[li], kv->cap, a, b, P, 1);
-    else
-        attend_rows(M, q, kv->k[li], kv->v[li], NULL, NULL, kv->cap, a, b, P, 0);
+/* layer li of a KV view, slots [a, b), in its format. q: the queries; qh: q times H (used with KV_HADAMARD) */
+static void attend_view(const Model *M, const float *q, const float *qh, const KVView *kv, int li, int64_t a,
+                        int64_t b, Partial *P) {
+    init_partial(M, P);
+    const float *qk = kv->flags & KV_HADAMARD ? qh : q; /* what the quantized keys pair with */
+    if (kv->format == KV_INT8) {
+        const Rows R = {.k = kv->k[li], .v = kv->v[li], .ks = kv->ks[li], .vs = kv->vs[li], .cap = kv->cap};
+        attend_rows(M, qk, &R, a, b, P, ROWS_INT8);
+    } else if (kv->format == KV_INT4) {
+        const int64_t ql = kv->qlen;
+        if (a < ql) {
+            const Rows R = {.k = kv->k[li], .v = kv->v[li], .ks = kv->ks[li], .vs = kv->vs[li], .kz = kv->kz[li],
+                            .vz = kv->vz[li], .cap = kv->cap, .vg = kv->vgroup};
+            attend_rows(M, qk, &R, a, b < ql ? b : ql, P, ROWS_INT4);
+        }
+        if (b > ql) {
+            const Rows R = {.k = kv->rk[li], .v = kv->rv[li], .cap = kv->rcap};
+            attend_rows(M, q, &R, (a > ql ? a : ql) - ql, b - ql, P, ROWS_BF16);
+        }
+    } else {
+        const Rows R = {.k = kv->k[li], .v = kv->v[li], .cap = kv->cap};
+        attend_rows(M, q, &R, a, b, P, ROWS_BF16);
+    }
 }
 
 /* ------------------------------------------------------------------------------------------- the step */
@@ -474,6 +650,7 @@ typedef struct {
     float x[1 << 14];      /* residual stream */
     float h[1 << 14];      /* normed input of a product */
     float qkv[1 << 15];
+    float qh[1 << 15];     /* the queries times H (KV_HADAMARD) */
     float att[1 << 14];
     float mlp[1 << 17];
     QAct a4, a8;
@@ -492,7 +669,8 @@ size_t ic_work_size(void) { return sizeof(Work); }
 /* The ABI the Python side (native/__init__.py) was written against: bump IC_ABI_VERSION whenever a struct
    or an exported signature changes. Fills sizes[0..2] with sizeof(Mat), sizeof(Layer), sizeof(Model); the
    loader compares them with its ctypes structures and refuses a library that disagrees. */
-#define IC_ABI_VERSION 3 /* 3: KVView and ic_decode_kv (quantized KV) */
+#define IC_ABI_VERSION 4 /* 3: KVView and ic_decode_kv (quantized KV); 4: int4 KV and Hadamard keys in KVView,
+                            ic_decode_batch over KV views */
 int ic_abi(int64_t *sizes) {
     sizes[0] = (int64_t)sizeof(Mat);
     sizes[1] = (int64_t)sizeof(Layer);
@@ -511,13 +689,14 @@ int ic_check(const Model *M) {
 }
 
 /* One token: x = embed[token]; every layer writes its key/value row at slot `start` of the KV view (bf16 or
-   int8 rows, see KVView) and attends over slots [0, start]. Writes the final normed hidden state (D,) to
-   `out_x` and, if `logits` is not NULL, the head's logits (V,). cos/sin: (hd,) for this token's position. */
+   int8 rows, int4's residual: see KVView) and attends over slots [0, start]. Writes the final normed hidden
+   state (D,) to `out_x` and, if `logits` is not NULL, the head's logits (V,). cos/sin: (hd,) for this token's
+   position. */
 int ic_decode_kv(const Model *M, int64_t token, const float *cos, const float *sin, const KVView *kv,
                  int64_t start, float *out_x, float *logits, void *work, int nthreads) {
-    const int64_t cap = kv->cap;
-    if (token < 0 || token >= M->vocab || start < 0 || start >= cap) return 1;
-    if (kv->format != KV_BF16 && kv->format != KV_INT8) return 2;
+    if (token < 0 || token >= M->vocab) return 1;
+    const int bad = check_view(M, kv, start);
+    if (bad) return bad;
     if (nthreads < 1) nthreads = 1;
     if (nthreads > MAX_THREADS) nthreads = MAX_THREADS;
     Work *W = (Work *)work;
@@ -544,6 +723,10 @@ int ic_decode_kv(const Model *M, int64_t token, const float *cos, const float *s
                     rope(q + h * hd, cos, sin, hd);
                     for (int i = 0; i < hd; i++) q[h * hd + i] *= M->attn_scale;
                 }
+                if (kv->flags & KV_HADAMARD) {
+                    memcpy(W->qh, q, sizeof(float) * qs);
+                    for (int h = 0; h < H; h++) hadamard(W->qh + h * hd, hd);
+                }
                 for (int h = 0; h < Hkv; h++) {
                     rope(k + h * hd, cos, sin, hd);
                     kv_write_row(kv, li, h, hd, start, k + h * hd, v + h * hd);
@@ -551,7 +734,7 @@ int ic_decode_kv(const Model *M, int64_t token, const float *cos, const float *s
             }
             int64_t a, b;
             share(n, ABLK, t, nt, &a, &b);
-            attend_view(M, W->qkv, kv, li, a, b, &W->part[t]);
+            attend_view(M, W->qkv, W->qh, kv, li, a, b, &W->part[t]);
             #pragma omp barrier
             #pragma omp for schedule(static)
             for (int h = 0; h < H; h++) { /* merge the threads' partial softmaxes */
@@ -598,7 +781,7 @@ int ic_decode_kv(const Model *M, int64_t token, const float *cos, const float *s
 int ic_decode(const Model *M, int64_t token, const float *cos, const float *sin, uint16_t *const *kbufs,
               uint16_t *const *vbufs, int64_t cap, int64_t start, float *out_x, float *logits, void *work,
               int nthreads) {
-    const KVView kv = {KV_BF16, cap, (void *const *)kbufs, (void *const *)vbufs, NULL, NULL};
+    const KVView kv = {.format = KV_BF16, .cap = cap, .k = (void *const *)kbufs, .v = (void *const *)vbufs};
     return ic_decode_kv(M, token, cos, sin, &kv, start, out_x, logits, work, nthreads);
 }
 
@@ -844,15 +1027,18 @@ static void quantize_batch(const Mat *m, const float *src, int64_t ld, const Bat
     }
 }
 
-/* tokens (B,); cos/sin (B, hd); kbufs/vbufs (B, n_layers): row b's per-layer (Hkv, caps[b], hd) bf16 buffers;
+/* tokens (B,); cos/sin (B, hd); views (B,): row b's KV view (any format ic_decode_kv takes, see KVView);
    starts (B,): its slot. out_x (B, D) final normed hidden states; logits (B, head rows) or NULL. `work`: at least
    ic_batch_work_size(M, B, nthreads) bytes. */
 int ic_decode_batch(const Model *M, int B, const int64_t *tokens, const float *cos, const float *sin,
-                    uint16_t *const *kbufs, uint16_t *const *vbufs, const int64_t *caps, const int64_t *starts,
-                    float *out_x, float *logits, void *work, int nthreads) {
+                    const KVView *views, const int64_t *starts, float *out_x, float *logits, void *work,
+                    int nthreads) {
     if (B < 1 || B > BATCH_MAX) return 1;
-    for (int b = 0; b < B; b++)
-        if (tokens[b] < 0 || tokens[b] >= M->vocab || starts[b] < 0 || starts[b] >= caps[b]) return 1;
+    for (int b = 0; b < B; b++) {
+        if (tokens[b] < 0 || tokens[b] >= M->vocab) return 1;
+        const int bad = check_view(M, &views[b], starts[b]);
+        if (bad) return bad;
+    }
     const int nparts = batch_parts(nthreads);
     const BatchWork W = batch_work(M, B, nparts, work);
     const int D = M->dim, H = M->n_heads, Hkv = M->n_kv, hd = M->head_dim, F = M->ffn, NL = M->n_layers;
@@ -881,21 +1067,22 @@ int ic_decode_batch(const Model *M, int B, const int64_t *tokens, const float *c
                 }
                 for (int h = 0; h < Hkv; h++) {
                     rope(k + h * hd, cb, sb, hd);
-                    uint16_t *kd = kbufs[(int64_t)b * NL + li] + ((int64_t)h * caps[b] + starts[b]) * hd;
-                    uint16_t *vd = vbufs[(int64_t)b * NL + li] + ((int64_t)h * caps[b] + starts[b]) * hd;
-                    for (int i = 0; i < hd; i++) {
-                        kd[i] = f32_bf16(k[h * hd + i]);
-                        vd[i] = f32_bf16(v[h * hd + i]);
-                    }
+                    kv_write_row(&views[b], li, h, hd, starts[b], k + h * hd, v + h * hd);
                 }
             }
             #pragma omp for schedule(dynamic, 1)
             for (int task = 0; task < B * nparts; task++) { /* row b's key range p, as ic_decode's thread p */
                 const int b = task / nparts, p = task % nparts;
+                const float *qb = W.qkv + (int64_t)b * QKV;
+                const int rot = views[b].flags & KV_HADAMARD;
+                float qh[rot ? qs : 1]; /* the queries times H, made per task as ic_decode_kv makes them */
+                if (rot) {
+                    memcpy(qh, qb, sizeof(float) * qs);
+                    for (int h = 0; h < H; h++) hadamard(qh + h * hd, hd);
+                }
                 int64_t a, e;
                 share(starts[b] + 1, ABLK, p, nparts, &a, &e);
-                attend_part(M, W.qkv + (int64_t)b * QKV, kbufs[(int64_t)b * NL + li], vbufs[(int64_t)b * NL + li],
-                            caps[b], a, e, &W.part[task]);
+                attend_view(M, qb, qh, &views[b], li, a, e, &W.part[task]);
             }
             #pragma omp for schedule(static)
             for (int bh = 0; bh < B * H; bh++) { /* merge each row's partial softmaxes, in ic_decode's order */
