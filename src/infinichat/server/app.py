@@ -20,7 +20,7 @@ from infinichat.engine.backends import load_engine
 from infinichat.errors import InfinichatError
 from infinichat.kv.quantized import bytes_per_token
 from infinichat.kv.registry import POLICIES
-from infinichat.model.label import model_label
+from infinichat.model.label import model_label, served_id
 from infinichat.model.loader import default_model_path
 from infinichat.server import (
     errors,
@@ -114,7 +114,11 @@ def create_app(
     """The app. `allowed_hosts`: names the Host header may carry (default: loopback names; "*" = any);
     `cors_origins`: other origins whose pages may call the API (default: none); `max_batch`: generations
     decoded together in one forward call (1: one at a time); `prefill_chunk`: prompt tokens per call while
-    other generations stream (None: prompts in one go)."""
+    other generations stream (None: prompts in one go). `model_name`: the model's own name (GGUF `general.name`);
+    `label`: what people call it (model/label.py); the API serves `served_id(label)` as the model id and
+    accepts the other two names for it too."""
+    label = label or model_name
+    served = served_id(label)
     metrics = Metrics()
     lru = PrefixLRU(engine, anon_budget or manager.defaults.budget)
     manager.spare.append(lru)  # anonymous /v1 caches count in the KV memory cap
@@ -137,7 +141,14 @@ def create_app(
         "tokenizer": tokenizer,
         "manager": manager,
         "api_key": api_key,
-        "info": {"model": model_name, "backend": backend, "started": time.time(), "model_hash": str(manager.model_id)},
+        "info": {
+            "model": served,
+            "aliases": sorted({served, label, model_name}),  # names GET /v1/models/{id} also answers to
+            "name": model_name,
+            "backend": backend,
+            "started": time.time(),
+            "model_hash": str(manager.model_id),
+        },
     }.items():
         setattr(app.state, k, v)
     errors.install(app)
@@ -168,8 +179,8 @@ def create_app(
     @app.get("/api/info", dependencies=auth)
     async def info():
         return {
-            "model": model_name,
-            "label": label or model_name,  # what the web page shows (see model/label.py)
+            "model": served,
+            "label": label,  # what the web page and the terminal client show (see model/label.py)
             "backend": backend,
             "policies": list(POLICIES),
             "defaults": manager.defaults.to_json(),
@@ -178,7 +189,7 @@ def create_app(
     @app.get("/health")
     async def health():
         fault = manager.db.fault
-        body = {"status": "ok" if fault is None else "degraded", "model": model_name, "queue_depth": worker.depth}
+        body = {"status": "ok" if fault is None else "degraded", "model": served, "queue_depth": worker.depth}
         if fault is not None:  # the process serves, but sessions cannot be stored: 503 for a load balancer
             return JSONResponse({**body, "storage": fault}, status_code=503, headers={"Retry-After": "30"})
         return body
