@@ -378,7 +378,13 @@ def anonymous(
             yield _item(tok, chunk.text, chunk.step)
     finally:
         lru.release(seq)
-    yield {"done": result.finish_reason, "prompt_tokens": len(ids), "completion_tokens": n, "cached_tokens": keep}
+    yield {
+        "done": result.finish_reason,
+        "stop_word": result.stop_word,
+        "prompt_tokens": len(ids),
+        "completion_tokens": n,
+        "cached_tokens": keep,
+    }
 
 
 def session_chat(m, sid: str, messages: list[dict], params: SamplingParams, should_stop, metrics) -> Iterator[dict]:
