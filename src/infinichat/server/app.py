@@ -10,7 +10,6 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
 from fastapi import Depends, FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse
@@ -18,7 +17,6 @@ from fastapi.staticfiles import StaticFiles
 
 from infinichat.engine.backends import load_engine
 from infinichat.errors import InfinichatError
-from infinichat.kv.quantized import bytes_per_token
 from infinichat.kv.registry import POLICIES
 from infinichat.model.label import model_label, served_id
 from infinichat.model.loader import default_model_path
@@ -38,7 +36,7 @@ from infinichat.server.metrics import Metrics
 from infinichat.server.openai_compat import PrefixLRU
 from infinichat.server.worker import EngineWorker
 from infinichat.session.datalock import lock_data_dir
-from infinichat.session.manager import SessionManager, default_data_dir
+from infinichat.session.manager import SessionManager, default_data_dir, kv_bytes_per_token
 from infinichat.session.settings import MAX_BUDGET, SessionSettings
 
 MAX_BATCH = 256  # --max-batch: sequences per batched decode call
@@ -207,10 +205,7 @@ def default_max_budget(engine, kv_cap_bytes: int) -> int:
     """The trained context, and no more tokens than half the KV memory cap holds (at least 64)."""
     cfg = getattr(engine, "cfg", None)
     trained = getattr(cfg, "max_position", None) or MAX_BUDGET
-    per_token = 0
-    if cfg is not None:
-        dtype = getattr(getattr(engine, "model", None), "dtype", torch.float32)
-        per_token = int(bytes_per_token(cfg, getattr(engine, "kv_format", str(dtype))))
+    per_token = kv_bytes_per_token(engine)
     by_memory = kv_cap_bytes // 2 // per_token if per_token else MAX_BUDGET
     return max(64, min(MAX_BUDGET, trained, by_memory))
 
