@@ -345,3 +345,26 @@ def test_retry_continue_and_narrate_scan_the_current_text(mgr):
     assert lore_names(t) == ["Always", "The dragon"]
     assert [m.kind for m in t.messages][-2:] == ["lore", "narration"]
     assert_equals_fresh(t)
+
+
+def test_an_entry_whose_key_was_edited_away_leaves_at_the_retry(mgr):
+    """The text that triggers must be the current one: an entry that entered for a message edited since leaves the
+    cache at the retry; one that had matched at an earlier turn too stays for that turn's lore_ttl."""
+    s = mgr.create("ea", system_prompt="You tell stories.", settings=GREEDY, lorebook=WORLD_INFO)
+    list(s.send("Tell me about the dragon."))
+    assert lore_names(s) == ["Always", "The dragon"]
+    user_turn = max(i for i, m in enumerate(s.messages) if m.kind == "user")
+    s.edit(user_turn, "Tell me about lunch.")
+    list(s.retry())
+    assert lore_names(s) == ["Always"]  # entered for the dragon, which is no longer asked about
+    assert_equals_fresh(s)
+    t = mgr.create("eb", system_prompt="You tell stories.", settings=GREEDY, lorebook=WORLD_INFO)
+    list(t.send("Tell me about the dragon."))
+    list(t.send("And the wyrm's hoard?"))  # matched again at turn 2
+    user_turn = max(i for i, m in enumerate(t.messages) if m.kind == "user")
+    t.edit(user_turn, "And lunch?")
+    list(t.retry())
+    assert lore_names(t) == ["Always", "The dragon"]  # seen at turn 1 still, within lore_ttl 2
+    list(t.send("And the weather?"))  # turn 3: 2 turns since turn 1, it leaves
+    assert lore_names(t) == ["Always"]
+    assert_equals_fresh(t)

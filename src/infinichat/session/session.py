@@ -934,7 +934,7 @@ class Session:
             if self._segment(m) is None:  # evicted by the budget policy: out, free to enter again
                 m.in_context = False
             elif entry in hit_ids:
-                m.meta["seen"] = n_user
+                _seen(m, n_user)
             elif book is None or book.get(entry) is None or n_user - int(m.meta.get("seen", 0)) >= ttl:
                 self._drop_from_cache(m)
         self._enter_lore(hits, n_user)
@@ -957,7 +957,9 @@ class Session:
         old text is being replaced and does not count) or extended (True: a continue, whose text so far counts):
         scan the transcript as it is now (an edited message counts with its new text) and let the entries it
         triggers enter the cache before that message, whose tokens are cut and evaluated again after them.
-        Entries in the cache that still match count as seen this turn; none leaves (that waits for a user turn)."""
+        Entries in the cache that still match count as seen this turn. One seen this turn that no longer matches
+        (its key was edited away) goes back to when it was seen before, and leaves if that is `lore_ttl` user
+        turns ago or if it entered this turn."""
         book = self.lorebook
         if book is None:
             return
@@ -967,14 +969,23 @@ class Session:
         n_user = sum(m.kind == "user" for m in self.messages)
         hit_ids = {e.id for e in hits}
         live = {str(m.meta.get("entry")): m for m in self.messages if m.kind == "lore" and m.in_context}
+        stale = []
         for entry, m in live.items():
             if entry in hit_ids:
-                m.meta["seen"] = n_user
-        if all(e.id in live for e in hits):
+                _seen(m, n_user)
+            elif int(m.meta.get("seen", -1)) == n_user:  # seen this turn, for a text that is gone
+                prev = m.meta.pop("prev_seen", None)
+                if prev is None or n_user - int(prev) >= self.settings.lore_ttl:
+                    stale.append(m)
+                else:
+                    m.meta["seen"] = int(prev)
+        if not stale and all(e.id in live for e in hits):
             return
         self._cut_from_turn(len(self.messages) - 1)  # the last message's tokens leave; it is evaluated after the lore
         self.messages.pop()
         try:
+            for m in stale:
+                self._drop_from_cache(m)
             self._enter_lore(hits, n_user)
         finally:
             self.messages.append(last)
@@ -1120,3 +1131,10 @@ def kv_bytes(store) -> tuple[str, float]:
     if fmt is None:
         return "llama.cpp", store.nbytes / max(1, store.capacity)
     return fmt, bytes_per_token(store.cfg, fmt)
+
+
+def _seen(m: Message, n_user: int) -> None:
+    """Lore message m's entry matched at user turn n_user (the turn before is kept: an edit may take it back)."""
+    if m.meta.get("seen") != n_user:
+        m.meta["prev_seen"] = m.meta.get("seen")
+    m.meta["seen"] = n_user
