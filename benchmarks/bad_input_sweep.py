@@ -1,4 +1,5 @@
-"""Bad-input sweep of the real server: every class of bad input sent to every endpoint.
+"""Bad-input sweep of the real server: every class of bad input sent to every endpoint (the session API, the
+OpenAI API and the llama-server endpoints: /completion, /tokenize, /detokenize, /apply-template, /slots, /props).
 
 Starts `infinichat serve` in a subprocess on 127.0.0.1 (a fresh data dir; by default a tiny random Llama GGUF
 written for the run, so no download is needed), creates a session with two turns and a witness session, then
@@ -6,11 +7,12 @@ sends, for each endpoint, its valid body mutated field by field: lone surrogates
 NaN / inf / 1e-300 / 1e300 / -1 / 2**70 / wrong types / null, missing and unknown fields; and for every endpoint
 malformed or non-object JSON, invalid UTF-8, 60-level nesting, non-JSON content types, a cross-site Origin, a
 foreign Host, an oversized body (declared and chunked), a wrong method, headers over 64 KB, unknown or invalid
-session ids. After each refused request (4xx / 5xx), the target session's history is compared with its state
-before; at the end, the witness session's too. Prints tried / 2xx / 4xx / 5xx, the 5xx, and the sessions changed
-by a failed request (the target is 0 and 0).
+session ids, slot ids and actions out of range or of the wrong type. After each refused request (4xx / 5xx),
+the target session's history is compared with its state before; at the end, the witness session's too. Prints
+tried / 2xx / 4xx / 5xx, the 5xx, and the sessions changed by a failed request (the target is 0 and 0).
 
-    python benchmarks/bad_input_sweep.py [--model PATH] [--max 0] [--timeout 120] [--verbose]
+    python benchmarks/bad_input_sweep.py [--model PATH] [--max 0] [--timeout 120] [--only /completion,/slots]
+                                         [--verbose]
 """
 
 from __future__ import annotations
@@ -69,6 +71,45 @@ ENDPOINTS: list[tuple[str, str, Any]] = [  # (method, path, a valid body): bodie
     ("GET", "/v1/models", None),
     ("GET", "/api/info", None),
     ("GET", "/api/sessions", None),
+    # llama-server's endpoints (server/routes_llama.py, routes_tokenize.py)
+    (
+        "POST",
+        "/completion",
+        {
+            "prompt": "Once",
+            "n_predict": 2,
+            "temperature": 0.0,
+            "top_k": 5,
+            "stop": ["x"],
+            "n_probs": 1,
+            "seed": 1,
+            "logit_bias": [[5, 1.0]],
+            "dry_sequence_breakers": ["\n"],
+        },
+    ),
+    ("POST", "/completion", {"prompt": [1, 2, 3], "n_predict": 2, "stream": True, "grammar": 'root ::= "a"'}),
+    ("POST", "/completion", {"prompt": "Once", "n_predict": 2, "json_schema": {"type": "integer"}}),
+    ("POST", "/completion", {"prompt": "Once", "n_predict": 2, "logit_bias": {"5": -1.0}}),
+    ("POST", "/tokenize", {"content": "hello <|im_start|>", "add_special": True, "with_pieces": True}),
+    ("POST", "/detokenize", {"tokens": [1, 2, 3]}),
+    ("POST", "/apply-template", {"messages": [{"role": "user", "content": "hi"}]}),
+    ("POST", "/slots/0?action=save", {"filename": "f1"}),
+    ("POST", "/slots/0?action=restore", {"filename": "f1"}),
+    ("POST", "/slots/1?action=erase", None),
+    ("GET", "/props", None),
+    ("GET", "/slots", None),
+    ("GET", "/tokenizer_info", None),
+]
+QUERIES: list[tuple[str, str]] = [  # (class, path) with a bad path or query value, for the llama-server endpoints
+    ("slot id huge", "/slots/99999999999999999999999?action=save"),
+    ("slot id negative", "/slots/-1?action=save"),
+    ("slot id text", "/slots/abc?action=save"),
+    ("slot id float", "/slots/1.5?action=save"),
+    ("slot id surrogate", "/slots/%ED%A0%80?action=save"),
+    ("slot action unknown", "/slots/0?action=delete"),
+    ("slot action surrogate", "/slots/0?action=%ED%A0%80"),
+    ("slot action huge", "/slots/0?action=" + "a" * 60_000),
+    ("slot action missing", "/slots/0"),
 ]
 NUMBERS: list[Any] = [float("nan"), float("inf"), -float("inf"), 1e-300, 1e300, -1, 0, 2**70, 0.5, True, "7"]
 BIG = 5_000_000
@@ -150,7 +191,8 @@ def mutations(body: Any) -> Iterator[tuple[str, Any]]:
 
 
 class Sweep:
-    def __init__(self, url: str, verbose: bool, timeout: float = 120.0):
+    def __init__(self, url: str, verbose: bool, timeout: float = 120.0, only: tuple[str, ...] = ()):
+        self.only = only  # path prefixes: only the endpoints whose path starts with one (empty: all)
         self.c = httpx.Client(base_url=url, timeout=timeout)
         self.url, self.verbose = url, verbose
         self.counts: Counter = Counter()
@@ -186,8 +228,9 @@ class Sweep:
         self.by_class[(what.split(" ")[0], status)] += 1
         if status >= 500:
             self.five.append(f"{status} {method} {path} [{what}]: {text[:200]}")
-        if status >= 400 and self.state(SID) != before:
-            self.changed.append(f"{SID} changed by {method} {path} [{what}] -> {status}")
+        after = self.state(SID) if status >= 400 else before
+        if after != before:
+            self.changed.append(f"{SID} changed by {method} {path} [{what}] -> {status}: {str(after)[:300]}")
         if self.verbose:
             print(status, method, path, what[:80], text[:120].replace("\n", " "), flush=True)
         try:
@@ -207,6 +250,8 @@ class Sweep:
         witness = self.state("witness")
         n = 0
         for method, path, body in ENDPOINTS:
+            if self.only and not path.startswith(self.only):
+                continue
             sent: list[tuple[str, bytes]] = []
             if body is not None:
                 sent += [(w, json.dumps(b).encode()) for w, b in mutations(body)]  # ensure_ascii: \ud800 escapes
@@ -239,6 +284,9 @@ class Sweep:
             if method == "POST" and path.startswith("/v1/chat"):
                 for bad in ("a.b", "x" * 65, "new-one\\"):
                     self.send(f"X-Session-Id {bad[:8]}", method, path, valid, {"X-Session-Id": bad})
+        for what, path in QUERIES:
+            if not self.only or path.startswith(self.only):
+                self.send(what, "POST", path, json.dumps({"filename": "f2"}).encode())
         self.send("17 MB with Content-Length", "POST", "/api/sessions", b" " * (17 << 20))
         self.send("17 MB chunked", "POST", "/api/sessions", (b" " * (1 << 20) for _ in range(17)))
         if self.state("witness") != witness:
@@ -251,6 +299,7 @@ def main() -> int:
     ap.add_argument("--max", type=int, default=0, help="stop after this many mutated bodies (0 = all)")
     ap.add_argument("--verbose", action="store_true", help="print each request's status, class and answer")
     ap.add_argument("--timeout", type=float, default=120.0, help="seconds per request; a timeout counts as 5xx")
+    ap.add_argument("--only", default="", help="comma-separated path prefixes: sweep only those endpoints")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as d:
         model = args.model or str(tiny_model(Path(d)))
@@ -273,7 +322,7 @@ def main() -> int:
                     raise SystemExit("the server did not start")
                 time.sleep(0.2)
             t0 = time.monotonic()
-            sweep = Sweep(url, args.verbose, args.timeout)
+            sweep = Sweep(url, args.verbose, args.timeout, tuple(o for o in args.only.split(",") if o))
             sweep.run(args.max)
             alive = proc.poll() is None and httpx.get(f"{url}/health", timeout=10).status_code == 200
         finally:

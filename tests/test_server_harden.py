@@ -182,6 +182,51 @@ def test_anonymous_caches_count_in_the_kv_cap(live, client):
         live.manager.kv_cap_bytes = cap
 
 
+def test_echo_sequences_count_in_the_kv_cap(tiny_chat_model, tmp_path):
+    """/v1/completions with echo evaluates each prompt in a temporary sequence of its own: its KV memory is reserved
+    first (idle session caches are offloaded to make room under --kv-cap-mb), counted while it lives, and a prompt
+    whose sequence alone passes the hard limit (--kv-limit-mb) is refused with a message that says so."""
+    from infinichat.session.manager import kv_bytes_per_token
+
+    with LiveServer(tiny_chat_model, tmp_path) as srv, httpx.Client(base_url=srv.url, timeout=60) as c:
+        m = srv.manager
+        session(c, "idle")
+        send(c, "idle", "Hello there.")
+        history = c.get("/api/sessions/idle").json()["messages"]
+        resident = m.total_kv_bytes()
+        assert m.sessions["idle"].seq is not None and resident > 0
+        prompt = list(range(10, 110))
+        body = {"prompt": prompt, "echo": True, "logprobs": 1, "max_tokens": 1, "temperature": 0}
+        need = kv_bytes_per_token(srv.app.state.engine) * (len(prompt) + 1 + 1)
+        seen: list[int] = []
+        engine = srv.app.state.engine
+        prefill = engine.prefill
+
+        def watched(seq, ids, **kw):  # the KV memory the manager counts while the echo sequence is evaluated
+            seen.append(m.total_kv_bytes())
+            return prefill(seq, ids, **kw)
+
+        n_spare = len(m.spare)
+        m.kv_cap_bytes = resident + need - 1  # the session's cache and the echo sequence do not both fit
+        engine.prefill = watched
+        try:
+            r = c.post("/v1/completions", json=body)
+        finally:
+            del engine.prefill
+        assert r.status_code == 200, r.text
+        assert len(r.json()["choices"][0]["logprobs"]["token_logprobs"]) == len(prompt) + 1
+        assert m.sessions["idle"].seq is None  # offloaded to make room
+        assert seen and set(seen) == {need}  # while it lived, the echo sequence was counted, and was all there was
+        assert len(m.spare) == n_spare  # and is no longer
+        assert c.get("/api/sessions/idle").json()["messages"] == history
+        send(c, "idle", "Still here?")  # its cache comes back from disk
+        m.kv_limit_bytes = need - 1
+        r = c.post("/v1/completions", json=body)
+        assert r.status_code == 400, r.text
+        msg = r.json()["error"]["message"]
+        assert "KV memory" in msg and "--kv-limit-mb" in msg and f"{len(prompt)} tokens" in msg
+
+
 def test_generations_over_the_kv_cap_get_503(live, client):
     session(client, "hog", settings={"temperature": 0.0})
     session(client, "late")

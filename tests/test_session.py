@@ -182,7 +182,31 @@ def test_suggest_leaves_cache_bit_identical(mgr):
     assert s.seq.snapshot() == before
 
 
-def test_seeded_retry_reproduces_and_select_swaps(mgr):
+@pytest.fixture
+def mgr_alone(backend, tmp_path):
+    """`mgr`, but on the llama.cpp backend with a context of its own. llama.cpp's logits for the same tokens depend
+    on where the sequence's cells sit in the unified KV cache (measured on the default model, same tokens and
+    batch shapes: cells shifted by 1, 7 or 33 -> up to 1.1 apart in a logit; by 16 or 256 -> bit-identical;
+    benchmarks/llamacpp_placement.py; the thread count and the prompt's split into calls change nothing), and
+    on the shared session-wide engine that placement depends on every earlier test's sequences and on when the
+    garbage collector releases them. A seeded draw lands within 0.006 of probability mass of another token's
+    edge (seed 1234 below), so a moved cell changes the text: only a context nothing else uses reproduces."""
+    engine, tok, model_id, exact = backend
+    own = None
+    if not exact:
+        from infinichat.engine.llamacpp import LlamaCppEngine
+
+        engine = own = LlamaCppEngine(None, n_ctx=4096, threads=1, eos_ids=engine.eos_ids)
+    m = SessionManager(engine, tok, model_id, tmp_path / "data")
+    m.exact = exact
+    yield m
+    m.db.close()
+    if own is not None:
+        own.close()
+
+
+def test_seeded_retry_reproduces_and_select_swaps(mgr_alone):
+    mgr = mgr_alone
     s = mgr.create("a", system_prompt=SYSTEM, settings={"temperature": 0.9, "max_tokens": 10})
     p = SamplingParams(temperature=0.9, seed=1234, max_tokens=10)
     run(s.send("tell me something", p))

@@ -9,7 +9,7 @@ import json
 import httpx
 import pytest
 import torch
-from server_util import LiveServer
+from server_util import LiveServer, events
 
 from infinichat.engine.grammar import Grammar, GrammarConstraint, GrammarError, check_grammar
 from infinichat.engine.sampling import Sampler, SamplingParams
@@ -107,25 +107,76 @@ def test_gbnf_grammar_field(live):
     assert {a, b} <= {"yes", "no", "maybe"} and r.json()["choices"][0]["finish_reason"] == "stop"
 
 
-@pytest.mark.parametrize(
-    ("extra", "param", "words"),
-    [
-        ({"response_format": {"type": "xml"}}, "response_format", ["xml", "json_schema"]),
-        ({"response_format": {"type": "json_schema", "json_schema": "nope"}}, "response_format", ["object"]),
-        ({"response_format": _schema_format({"type": "wizard"})}, "response_format", ["wizard"]),
-        ({"json_schema": {"type": "object"}, "grammar": 'root ::= "a"'}, "json_schema", ["at most one"]),
-        ({"grammar": "root ::= ("}, "grammar", ["grammar"]),
-        ({"logit_bias": {"abc": 1}}, "logit_bias", ["abc"]),
-        ({"logit_bias": {"5": 101}}, "logit_bias", ["101"]),
-        ({"logit_bias": {"99999": 1}}, "logit_bias", ["99999"]),
-        ({"logit_bias": {"5": "x"}}, "logit_bias", ["'x'"]),
-    ],
-)
+BAD_CONSTRAINTS = [
+    ({"response_format": {"type": "xml"}}, "response_format", ["xml", "json_schema"]),
+    ({"response_format": {"type": "json_schema", "json_schema": "nope"}}, "response_format", ["object"]),
+    ({"response_format": _schema_format({"type": "wizard"})}, "response_format", ["wizard"]),
+    ({"json_schema": {"type": "object"}, "grammar": 'root ::= "a"'}, "json_schema", ["at most one"]),
+    ({"grammar": "root ::= ("}, "grammar", ["grammar"]),
+    ({"logit_bias": {"abc": 1}}, "logit_bias", ["abc"]),
+    ({"logit_bias": {"5": 101}}, "logit_bias", ["101"]),
+    ({"logit_bias": {"99999": 1}}, "logit_bias", ["99999"]),
+    ({"logit_bias": {"5": "x"}}, "logit_bias", ["'x'"]),
+]
+
+
+@pytest.mark.parametrize(("extra", "param", "words"), BAD_CONSTRAINTS)
 def test_bad_structured_requests_are_400(live, extra, param, words):
     r = httpx.post(live.url + "/v1/chat/completions", json={"messages": MSGS, "max_tokens": 4, **extra}, timeout=60)
     assert r.status_code == 400, r.text
     err = r.json()["error"]
     assert err["param"] == param and all(w in err["message"] for w in words), err
+
+
+def _session_reply(live, sid: str, params: dict) -> httpx.Response | dict:
+    """The done event of a send to session `sid` with `params`, or the response when it is refused."""
+    with httpx.stream(
+        "POST",
+        f"{live.url}/api/sessions/{sid}/messages",
+        json={"text": "Describe a person.", "params": params},
+        timeout=60,
+    ) as r:
+        if r.status_code != 200:
+            r.read()
+            return r
+        return next(d for name, d in events(r) if name == "done")
+
+
+def test_session_api_takes_the_same_constraints(live, tiny_chat_model):
+    """The session API's params take response_format, grammar, json_schema and logit_bias, read as /v1 reads them
+    (one function: server/constraints.py), and refuse the same bad values with a 400 naming params.FIELD."""
+    assert httpx.post(live.url + "/api/sessions", json={"id": "constrained"}).status_code == 201
+    done = _session_reply(
+        live, "constrained", {"max_tokens": 120, "temperature": 1.0, "seed": 1, "response_format": _schema_format()}
+    )
+    assert done["finish_reason"] == "stop"
+    jsonschema.validate(json.loads(done["text"]), SCHEMA)
+    g = 'root ::= answer " " answer\nanswer ::= "yes" | "no" | "maybe"'
+    done = _session_reply(live, "constrained", {"max_tokens": 30, "temperature": 1.0, "seed": 2, "grammar": g})
+    assert set(done["text"].split(" ")) <= {"yes", "no", "maybe"} and done["finish_reason"] == "stop"
+    schema = {"type": "array", "items": {"type": "integer"}, "maxItems": 3}
+    done = _session_reply(live, "constrained", {"max_tokens": 40, "temperature": 1.0, "seed": 3, "json_schema": schema})
+    jsonschema.validate(json.loads(done["text"]), schema)
+    target = tiny_chat_model.tokenizer.encode("Q")[0]
+    done = _session_reply(
+        live, "constrained", {"max_tokens": 5, "temperature": 1.0, "seed": 4, "logit_bias": {str(target): 100}}
+    )
+    assert done["text"] == "QQQQQ"
+    done = _session_reply(live, "constrained", {"max_tokens": 5, "temperature": 1.0, "logit_bias": [[target, 100]]})
+    assert done["text"] == "QQQQQ"  # llama.cpp's form too
+    before = httpx.get(live.url + "/api/sessions/constrained").json()["messages"]
+    wrong_types = [  # /v1's pydantic model refuses these before; the session API's params are plain JSON
+        ({"grammar": 5}, "grammar", ["string"]),
+        ({"response_format": "json"}, "response_format", ["object"]),
+        ({"json_schema": [1]}, "json_schema", ["schema"]),
+        ({"logit_bias": 7}, "logit_bias", ["token ids"]),
+    ]
+    for extra, param, words in [*BAD_CONSTRAINTS, *wrong_types]:
+        r = _session_reply(live, "constrained", {"max_tokens": 4, **extra})
+        assert isinstance(r, httpx.Response) and r.status_code == 400, (extra, r)
+        err = r.json()["error"]
+        assert err["param"] == "params." + param and all(w in err["message"] for w in words), err
+    assert httpx.get(live.url + "/api/sessions/constrained").json()["messages"] == before  # refused: unchanged
 
 
 def test_logit_bias_through_the_openai_client(oc, tiny_chat_model):

@@ -103,6 +103,8 @@ def _backend(args: argparse.Namespace) -> ChatBackend:
     if args.server:
         return HttpBackend(args.server, args.api_key)
     from infinichat.engine.backends import load_engine
+    from infinichat.model.label import model_label
+    from infinichat.model.loader import default_model_path
     from infinichat.session.datalock import lock_data_dir
     from infinichat.session.manager import SessionManager, default_data_dir
     from infinichat.session.settings import SessionSettings
@@ -124,7 +126,8 @@ def _backend(args: argparse.Namespace) -> ChatBackend:
                 compile=getattr(args, "compile", False),
                 kv_dtype=getattr(args, "kv_dtype", "auto"),
             )
-        return LocalBackend(SessionManager(engine, tok, model_id, data_dir, SessionSettings()), name, lock)
+        label = model_label(args.model or default_model_path(), name)  # the file's name, not a machine-made title
+        return LocalBackend(SessionManager(engine, tok, model_id, data_dir, SessionSettings()), label, lock)
     except BaseException:
         lock.release()
         raise

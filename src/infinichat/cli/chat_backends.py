@@ -136,8 +136,9 @@ class HttpBackend:
         self.c = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=httpx.Timeout(30, read=600))
         self.sid: str | None = None
         try:
-            self.name = self.c.get("/api/info").raise_for_status().json()["model"]
-        except (httpx.HTTPError, ValueError, KeyError, TypeError) as e:
+            info = self.c.get("/api/info").raise_for_status().json()
+            self.name = info.get("label") or info["model"]
+        except (httpx.HTTPError, ValueError, KeyError, TypeError, AttributeError) as e:
             self.c.close()
             raise InfinichatError(f"cannot reach an infinichat server at {url}: {e}") from None
 

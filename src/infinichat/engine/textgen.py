@@ -27,6 +27,7 @@ class Generation:
     tokens: list[int] = field(default_factory=list)
     text: str = ""
     finish_reason: str = "length"  # "stop" (EOS or a stop string) | "length" | "cancelled"
+    stop_word: str | None = None  # the stop string that ended it, if one did
 
 
 def stream_text(
@@ -60,7 +61,7 @@ def stream_text(
         result.text += text
         yield TextChunk(text, step)
         if hit:
-            result.finish_reason = "stop"
+            result.finish_reason, result.stop_word = "stop", stops.hit
             return
     tail, hit = stops.push(decoder.flush())
     tail += "" if hit else stops.flush()
@@ -68,6 +69,6 @@ def stream_text(
     if should_stop is not None and should_stop():
         result.finish_reason = "cancelled"
     elif hit or (n < params.max_tokens and not cache.full):
-        result.finish_reason = "stop"  # a stop string at the very end, or EOS
+        result.finish_reason, result.stop_word = "stop", stops.hit  # a stop string at the very end, or EOS
     if tail:
         yield TextChunk(tail, None)

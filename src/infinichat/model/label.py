@@ -22,3 +22,11 @@ def model_label(path: str | Path, meta_name: str | None = None) -> str:
     if stem and re.search(r"[A-Za-z]", stem) and not _GENERIC.match(stem):
         return " ".join(re.split(r"[-_ ]+", stem)).strip()
     return (meta_name or "").strip() or p.name
+
+
+def served_id(label: str) -> str:
+    """The model id the API serves (`/v1/models`, the `model` field of responses): the label lower-cased, every
+    run of characters other than letters, digits, '.' and '_' made one '-' ("SmolLM2 135M Instruct" ->
+    "smollm2-135m-instruct"). It depends on the file name (or `general.name`) only, so it stays stable."""
+    slug = re.sub(r"[^a-z0-9._]+", "-", label.lower()).strip("-.")
+    return slug or "model"

@@ -10,7 +10,6 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
 from fastapi import Depends, FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse
@@ -18,9 +17,8 @@ from fastapi.staticfiles import StaticFiles
 
 from infinichat.engine.backends import load_engine
 from infinichat.errors import InfinichatError
-from infinichat.kv.quantized import bytes_per_token
 from infinichat.kv.registry import POLICIES
-from infinichat.model.label import model_label
+from infinichat.model.label import model_label, served_id
 from infinichat.model.loader import default_model_path
 from infinichat.server import (
     errors,
@@ -38,7 +36,7 @@ from infinichat.server.metrics import Metrics
 from infinichat.server.openai_compat import PrefixLRU
 from infinichat.server.worker import EngineWorker
 from infinichat.session.datalock import lock_data_dir
-from infinichat.session.manager import SessionManager, default_data_dir
+from infinichat.session.manager import SessionManager, default_data_dir, kv_bytes_per_token
 from infinichat.session.settings import MAX_BUDGET, SessionSettings
 
 MAX_BATCH = 256  # --max-batch: sequences per batched decode call
@@ -115,7 +113,11 @@ def create_app(
     """The app. `allowed_hosts`: names the Host header may carry (default: loopback names; "*" = any);
     `cors_origins`: other origins whose pages may call the API (default: none); `max_batch`: generations
     decoded together in one forward call (1: one at a time); `prefill_chunk`: prompt tokens per call while
-    other generations stream (None: prompts in one go)."""
+    other generations stream (None: prompts in one go). `model_name`: the model's own name (GGUF `general.name`);
+    `label`: what people call it (model/label.py); the API serves `served_id(label)` as the model id and
+    accepts the other two names for it too."""
+    label = label or model_name
+    served = served_id(label)
     metrics = Metrics()
     lru = PrefixLRU(engine, anon_budget or manager.defaults.budget)
     manager.spare.append(lru)  # anonymous /v1 caches count in the KV memory cap
@@ -138,7 +140,14 @@ def create_app(
         "tokenizer": tokenizer,
         "manager": manager,
         "api_key": api_key,
-        "info": {"model": model_name, "backend": backend, "started": time.time(), "model_hash": str(manager.model_id)},
+        "info": {
+            "model": served,
+            "aliases": sorted({served, label, model_name}),  # names GET /v1/models/{id} also answers to
+            "name": model_name,
+            "backend": backend,
+            "started": time.time(),
+            "model_hash": str(manager.model_id),
+        },
     }.items():
         setattr(app.state, k, v)
     errors.install(app)
@@ -169,8 +178,8 @@ def create_app(
     @app.get("/api/info", dependencies=auth)
     async def info():
         return {
-            "model": model_name,
-            "label": label or model_name,  # what the web page shows (see model/label.py)
+            "model": served,
+            "label": label,  # what the web page and the terminal client show (see model/label.py)
             "backend": backend,
             "policies": list(POLICIES),
             "defaults": manager.defaults.to_json(),
@@ -179,7 +188,7 @@ def create_app(
     @app.get("/health")
     async def health():
         fault = manager.db.fault
-        body = {"status": "ok" if fault is None else "degraded", "model": model_name, "queue_depth": worker.depth}
+        body = {"status": "ok" if fault is None else "degraded", "model": served, "queue_depth": worker.depth}
         if fault is not None:  # the process serves, but sessions cannot be stored: 503 for a load balancer
             return JSONResponse({**body, "storage": fault}, status_code=503, headers={"Retry-After": "30"})
         return body
@@ -197,10 +206,7 @@ def default_max_budget(engine, kv_cap_bytes: int) -> int:
     """The trained context, and no more tokens than half the KV memory cap holds (at least 64)."""
     cfg = getattr(engine, "cfg", None)
     trained = getattr(cfg, "max_position", None) or MAX_BUDGET
-    per_token = 0
-    if cfg is not None:
-        dtype = getattr(getattr(engine, "model", None), "dtype", torch.float32)
-        per_token = int(bytes_per_token(cfg, getattr(engine, "kv_format", str(dtype))))
+    per_token = kv_bytes_per_token(engine)
     by_memory = kv_cap_bytes // 2 // per_token if per_token else MAX_BUDGET
     return max(64, min(MAX_BUDGET, trained, by_memory))
 

@@ -26,6 +26,7 @@ from infinichat.server.errors import ApiError, error_body
 from infinichat.server.openai_compat import CompletionBody, params_of
 from infinichat.server.sessionops import check_max_tokens
 from infinichat.server.streaming import collect, open_stream
+from infinichat.session.manager import kv_bytes_per_token
 
 MAX_ECHO_PROMPTS = 64  # prompts per request
 MAX_TOP = 20  # top_logprobs per position
@@ -56,9 +57,47 @@ def _top(tok, row: torch.Tensor, k: int) -> dict[str, float]:
     return {tok.decode([int(t)]): float(v) for t, v in zip(idx.tolist(), values.tolist(), strict=True)}
 
 
-def scored_prompt(engine, tok, ids: list[int], top: int, params, should_stop) -> Iterator[dict[str, Any]]:
-    """Runs in the engine worker: the prompt's logprobs, then the generation after it (one item)."""
-    seq = engine.new_sequence(budget=len(ids) + params.max_tokens + 1, policy="full")
+class _Temporary:
+    """A temporary sequence's KV memory, counted in the session manager's cap and limit while it lives (SpareKV:
+    in use the whole time, never dropped)."""
+
+    def __init__(self, seq) -> None:
+        self.seq = seq
+
+    @property
+    def nbytes(self) -> int:
+        return int(getattr(self.seq.store, "nbytes", 0))
+
+    @property
+    def busy_bytes(self) -> int:
+        return self.nbytes
+
+    def drop_idle(self) -> bool:
+        return False
+
+
+def scored_prompt(engine, tok, ids: list[int], top: int, params, should_stop, m=None) -> Iterator[dict[str, Any]]:
+    """Runs in the engine worker: the prompt's logprobs, then the generation after it (one item). With the session
+    manager `m`, the sequence's KV memory is reserved first (idle caches offloaded to fit the cap; refused past the
+    hard limit) and counted while it lives."""
+    n = len(ids) + params.max_tokens + 1
+    if m is not None:
+        m.reserve(
+            kv_bytes_per_token(engine) * n, f"an echo prompt of {len(ids)} tokens + max_tokens {params.max_tokens}"
+        )
+    seq = engine.new_sequence(budget=n, policy="full")
+    if m is None:
+        yield from _score(engine, tok, seq, ids, top, params, should_stop)
+        return
+    held = _Temporary(seq)
+    m.spare.append(held)
+    try:
+        yield from _score(engine, tok, seq, ids, top, params, should_stop)
+    finally:
+        m.spare.remove(held)
+
+
+def _score(engine, tok, seq, ids: list[int], top: int, params, should_stop) -> Iterator[dict[str, Any]]:
     lps: list[float | None] = [None]
     tops: list[dict[str, float] | None] = [None]
     if len(ids) > 1:
@@ -127,7 +166,7 @@ async def echo_completion(request: Request, body: CompletionBody, fingerprint: s
     def run(m, job):
         m.check_room()
         for ids in ids_list:
-            yield from scored_prompt(st.engine, tok, ids, top, params, job.should_stop)
+            yield from scored_prompt(st.engine, tok, ids, top, params, job.should_stop, m)
 
     _, items = await open_stream(st.worker, run)
     got = await collect(request, items)

@@ -8,6 +8,7 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from infinichat.errors import DamagedSessionError, InfinichatError, OverloadedError, StorageError
@@ -55,6 +56,9 @@ def to_api_error(e: BaseException) -> ApiError:
     """Any exception raised while serving a request, as the ApiError the client sees."""
     if isinstance(e, ApiError):
         return e
+    if isinstance(e, ValidationError):  # a handler's own model_validate of a part of the body
+        msg, param = _validation_message(e)
+        return ApiError(400, msg, param=param)
     if isinstance(e, Busy):
         return ApiError(409, str(e), type="busy")
     if isinstance(e, QueueFull):
@@ -84,7 +88,7 @@ def error_response(e: BaseException) -> JSONResponse:
     )
 
 
-def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+def _validation_message(exc: RequestValidationError | ValidationError) -> tuple[str, str | None]:
     errs = exc.errors()
     if not errs:
         return "invalid request", None
@@ -142,5 +146,9 @@ def install(app: FastAPI) -> None:
     async def _as_json(request: Request, exc: Exception):
         return error_response(exc)  # maps each exception type to its status and message
 
-    for kind in (ApiError, InfinichatError, Busy, QueueFull, Exception):
+    # each type named here is answered by the app's own handler and the connection stays open; Exception is last:
+    # Starlette answers it, then re-raises it to the server, which drops the connection (a keep-alive client's
+    # next request fails), so a handler's own pydantic ValidationError (a part of the body it validates itself) is
+    # named too
+    for kind in (ApiError, InfinichatError, Busy, QueueFull, ValidationError, Exception):
         app.add_exception_handler(kind, _as_json)

@@ -2,7 +2,8 @@
 
 - **Host allow-list**: a request whose `Host` header names another host is refused (400), so a web page that
   rebinds its own DNS name to 127.0.0.1 cannot read or drive the server (`--allowed-hosts`).
-- **Cross-site requests**: a changing request (POST, PUT, PATCH, DELETE) to `/api` or `/v1` that carries an
+- **Cross-site requests**: a changing request (POST, PUT, PATCH, DELETE), to any path (`/api`, `/v1` and the
+  llama-server endpoints `/completion`, `/tokenize`, `/slots/N`, ... alike), that carries an
   `Origin` other than the server's own (or one of `--cors-origins`) is refused (403), and a body must be sent
   as `Content-Type: application/json` (415 otherwise): the "simple" requests a browser sends to any site
   without asking (form posts, `text/plain`) never reach a handler.
@@ -117,7 +118,7 @@ class Guard:
 
     async def _serve(self, scope: Scope, receive: Receive, send: Send) -> None:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        path, method = scope["path"], scope["method"]
+        method = scope["method"]
         host = headers.get("host")
         if host is not None and not self.any_host and host_name(host) not in self.hosts:
             shown = host[:100].encode("ascii", "backslashreplace").decode()
@@ -129,8 +130,8 @@ class Guard:
                 "Host",
             )
             return
-        api = path.startswith(("/api/", "/v1/"))
-        if api and method in CHANGING:
+        api = method in CHANGING  # every route that changes something, whatever its prefix
+        if api:
             origin = headers.get("origin")
             if origin is not None and not self._origin_ok(origin, host):
                 await _refuse(

@@ -15,10 +15,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from infinichat.engine.grammar import Grammar, check_grammar
-from infinichat.engine.sampling import DRY_BREAKERS, MAX_LOGIT_BIAS, MAX_LOGIT_BIAS_ENTRIES, SamplingParams
+from infinichat.engine.sampling import DRY_BREAKERS, SamplingParams
 from infinichat.engine.textgen import Generation, stream_text
-from infinichat.errors import InfinichatError
+from infinichat.server.constraints import grammar_of, logit_bias_of
 from infinichat.server.errors import ApiError
 from infinichat.server.openai_fields import refuse_unsupported
 from infinichat.server.sessionops import check_max_tokens, check_stop, checked_id, get_session
@@ -111,83 +110,6 @@ class CompletionBody(GenBody):
     best_of: Any = None
 
 
-def logit_bias_of(raw: Any) -> tuple[tuple[int, float], ...]:
-    """OpenAI's {"token id": bias}, or llama.cpp's [[id, bias], ...] (bias false: never), as (id, bias) pairs."""
-    if raw is None:
-        return ()
-    accepted = f"an object mapping token ids to numbers in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}]"
-    pairs = list(raw.items()) if isinstance(raw, dict) else raw
-    if not isinstance(pairs, list) or len(pairs) > MAX_LOGIT_BIAS_ENTRIES:
-        raise ApiError(400, f"logit_bias must be {accepted} (at most {MAX_LOGIT_BIAS_ENTRIES})", param="logit_bias")
-    out = []
-    for pair in pairs:
-        if not isinstance(pair, (list, tuple)) or len(pair) != 2:
-            raise ApiError(
-                400, f"logit_bias: {pair!r} is not a (token id, bias) pair; expected {accepted}", "logit_bias"
-            )
-        key, bias = pair
-        tid = int(key) if isinstance(key, str) and key.strip().isdigit() else key
-        if not isinstance(tid, int) or isinstance(tid, bool) or tid < 0:
-            raise ApiError(400, f"logit_bias: key {key!r} is not a token id; expected {accepted}", param="logit_bias")
-        if bias is False:
-            bias = -MAX_LOGIT_BIAS  # llama.cpp: the token never comes
-        if (
-            not isinstance(bias, (int, float))
-            or isinstance(bias, bool)
-            or not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS
-        ):
-            raise ApiError(400, f"logit_bias: the bias {bias!r} of token {tid} is not in [-100, 100]", "logit_bias")
-        out.append((tid, float(bias)))
-    return tuple(out)
-
-
-def grammar_of(body: GenBody, tok) -> Grammar | None:
-    """The grammar the output must follow: response_format (json_object / json_schema), or llama.cpp's grammar
-    (GBNF) or json_schema fields; at most one of them. Checked against the vocabulary here (a 400 if it does not
-    compile)."""
-    given = [n for n in ("response_format", "grammar", "json_schema") if getattr(body, n) is not None]
-    if len(given) > 1:
-        raise ApiError(400, f"give at most one of response_format, grammar and json_schema, got {given}", given[1])
-    g: Grammar | None = None
-    if body.grammar is not None:
-        g, param = Grammar("gbnf", body.grammar), "grammar"
-    elif body.json_schema is not None:
-        g, param = Grammar.json_schema(body.json_schema), "json_schema"
-    elif body.response_format is not None:
-        g, param = _response_format(body.response_format), "response_format"
-    if g is None:
-        return None
-    try:
-        check_grammar(g, tok)
-    except InfinichatError as e:
-        raise ApiError(400, f"{param}: {e}", param=param) from None
-    return g
-
-
-def _response_format(rf: dict[str, Any]) -> Grammar | None:
-    kind = rf.get("type")
-    if kind == "text":
-        return None
-    if kind == "json_object":  # llama.cpp also reads a "schema" here
-        schema = rf.get("schema")
-        return Grammar.json_object() if schema is None else Grammar.json_schema(schema)
-    if kind == "json_schema":
-        spec = rf.get("json_schema")
-        if not isinstance(spec, dict):
-            raise ApiError(
-                400, "response_format.json_schema must be an object: {name, schema, strict}", "response_format"
-            )
-        schema = spec.get("schema", {"type": "object"})
-        if not isinstance(schema, (dict, bool)):
-            raise ApiError(400, "response_format.json_schema.schema must be a JSON schema object", "response_format")
-        return Grammar.json_schema(schema)
-    raise ApiError(
-        400,
-        f"response_format.type {kind!r} is not supported; accepted: text, json_object, json_schema",
-        "response_format",
-    )
-
-
 def params_of(body: GenBody, top: int, default_max: int, tok=None) -> SamplingParams:
     refuse_unsupported(body, "chat" if isinstance(body, ChatBody) else "completions")
     if body.n != 1:
@@ -219,13 +141,9 @@ def params_of(body: GenBody, top: int, default_max: int, tok=None) -> SamplingPa
         max_tokens=default_max if max_tokens is None else max_tokens,
         stop=tuple(stop),
         top_logprobs=top,
-        logit_bias=logit_bias_of(body.logit_bias),
-        grammar=grammar_of(body, tok) if tok is not None else None,
+        logit_bias=logit_bias_of(body.logit_bias, tok.vocab_size if tok is not None else None),
+        grammar=grammar_of(body.response_format, body.grammar, body.json_schema, tok) if tok is not None else None,
     )
-    if tok is not None:
-        bad = [i for i, _ in p.logit_bias if i >= tok.vocab_size]
-        if bad:
-            raise ApiError(400, f"logit_bias: token id {bad[0]} is not in [0, {tok.vocab_size})", param="logit_bias")
     try:
         p.validate()
     except Exception as e:
@@ -378,7 +296,13 @@ def anonymous(
             yield _item(tok, chunk.text, chunk.step)
     finally:
         lru.release(seq)
-    yield {"done": result.finish_reason, "prompt_tokens": len(ids), "completion_tokens": n, "cached_tokens": keep}
+    yield {
+        "done": result.finish_reason,
+        "stop_word": result.stop_word,
+        "prompt_tokens": len(ids),
+        "completion_tokens": n,
+        "cached_tokens": keep,
+    }
 
 
 def session_chat(m, sid: str, messages: list[dict], params: SamplingParams, should_stop, metrics) -> Iterator[dict]:

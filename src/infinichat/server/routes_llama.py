@@ -126,7 +126,9 @@ async def completion(body: LlamaCompletion, request: Request):
 
     def final(done: dict, text: str, n: int, probs: list) -> dict:
         dt = time.perf_counter() - t0
-        stop_type = "limit" if done["done"] == "length" else "eos"  # "eos" also for a stop string (not told apart)
+        word = done.get("stop_word")
+        # llama-server's: "word" (a stop string ended it), "limit" (n_predict or the budget), else "eos"
+        stop_type = "word" if word is not None else "limit" if done["done"] == "length" else "eos"
         out = {
             "content": text,
             "id_slot": -1,
@@ -136,6 +138,7 @@ async def completion(body: LlamaCompletion, request: Request):
             "tokens_evaluated": done["prompt_tokens"],
             "tokens_cached": done["cached_tokens"],
             "stop_type": stop_type,
+            "stopping_word": word or "",
             "truncated": False,
             "timings": {"predicted_n": n, "predicted_ms": dt * 1e3, "prompt_n": done["prompt_tokens"]},
         }

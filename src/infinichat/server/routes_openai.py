@@ -43,7 +43,7 @@ async def models(request: Request):
 @router.get("/models/{model_id:path}")
 async def model(model_id: str, request: Request):
     info = request.app.state.info
-    if model_id != info["model"]:
+    if model_id not in info["aliases"]:  # the served id, or the model's label or own name
         raise ApiError(
             404, f"no model {model_id!r}; this server serves {info['model']!r}", param="model", code="model_not_found"
         )

@@ -6,18 +6,24 @@
   written in the text become their ids; `with_pieces`: `{"tokens": [{"id", "piece"}]}`, a piece being the
   token's text, or its bytes as a list of ints when they are not valid UTF-8 on their own.
 - `POST /detokenize` `{"tokens": [ids]}` -> `{"content": text, "prompt": text}`.
+- Both run in a thread of their own (a long text does not hold up the event loop); /tokenize takes at most
+  MAX_TOKENIZE_CHARS characters per request.
 - `GET /tokenizer_info` -> the special tokens (text and id), the vocabulary size, the BOS policy and the chat
   template.
 """
 
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict
 
 from infinichat.server.errors import ApiError
 
 router = APIRouter()
+MAX_TOKENIZE_CHARS = 1_000_000  # per /tokenize request (~1 s of tokenizing here); longer texts go in pieces
 
 
 class TokenizeBody(BaseModel):
@@ -46,14 +52,24 @@ def _piece(tok, i: int) -> str | list[int]:
 @router.post("/tokenize")
 async def tokenize(body: TokenizeBody, request: Request):
     tok = request.app.state.tokenizer
+    field = "content" if body.content is not None else "prompt"
     text = body.content if body.content is not None else body.prompt
     if text is None:
         raise ApiError(400, "give the text to tokenize as 'content' (or 'prompt')", param="content")
+    if len(text) > MAX_TOKENIZE_CHARS:
+        raise ApiError(
+            400, f"{field} is {len(text)} characters; at most {MAX_TOKENIZE_CHARS} per request (split it)", field
+        )
     add = body.add_special if body.add_special is not None else bool(body.add_special_tokens)
-    ids = tok.encode(text, add_bos=add and tok.add_bos and tok.bos_id is not None, parse_special=body.parse_special)
-    if body.with_pieces:
-        return {"tokens": [{"id": i, "piece": _piece(tok, i)} for i in ids]}
-    return {"tokens": ids}
+
+    def work() -> JSONResponse:
+        bos = add and tok.add_bos and tok.bos_id is not None
+        ids = tok.encode(text, add_bos=bos, parse_special=body.parse_special)
+        if body.with_pieces:
+            return JSONResponse({"tokens": [{"id": i, "piece": _piece(tok, i)} for i in ids]})
+        return JSONResponse({"tokens": ids})
+
+    return await asyncio.to_thread(work)  # a long text: the event loop keeps serving meanwhile
 
 
 @router.post("/detokenize")
@@ -62,8 +78,12 @@ async def detokenize(body: DetokenizeBody, request: Request):
     bad = [t for t in body.tokens if not 0 <= t < tok.vocab_size]
     if bad:
         raise ApiError(400, f"tokens: {bad[0]} is not a token id; accepted: 0..{tok.vocab_size - 1}", param="tokens")
-    text = tok.decode(body.tokens)
-    return {"content": text, "prompt": text}
+
+    def work() -> JSONResponse:
+        text = tok.decode(body.tokens)
+        return JSONResponse({"content": text, "prompt": text})
+
+    return await asyncio.to_thread(work)
 
 
 @router.get("/tokenizer_info")

@@ -9,6 +9,7 @@ from dataclasses import fields, replace
 from infinichat.engine.detok import StreamDecoder
 from infinichat.engine.sampling import SamplingParams
 from infinichat.errors import InfinichatError
+from infinichat.server.constraints import GRAMMAR_FIELDS, grammar_of, logit_bias_of
 from infinichat.server.errors import ApiError
 from infinichat.server.markdown import render_markdown
 from infinichat.session.db import AVATARS, check_session_id
@@ -16,6 +17,8 @@ from infinichat.session.limits import MAX_NEW_TOKENS, MAX_STOP_CHARS, MAX_STOP_S
 
 KV_EVERY = 16  # a kv event every this many tokens
 SAMPLING_KEYS = tuple(f.name for f in fields(SamplingParams))
+CONSTRAINT_KEYS = ("logit_bias", *GRAMMAR_FIELDS)  # read as the OpenAI API reads them (server/constraints.py)
+PARAM_KEYS = tuple(dict.fromkeys(SAMPLING_KEYS + CONSTRAINT_KEYS))
 
 
 def checked_id(sid: str) -> str:
@@ -38,20 +41,27 @@ def get_session(m, sid: str):
 
 
 def sampling(s, overrides: dict | None) -> SamplingParams:
-    """The session's sampling settings with per-request overrides (names of SamplingParams fields)."""
+    """The session's sampling settings with per-request overrides (names of SamplingParams fields, and
+    `logit_bias`, `grammar`, `json_schema`, `response_format` in the OpenAI API's forms)."""
     p = s.settings.sampling()
     if overrides:
-        bad = sorted(set(overrides) - set(SAMPLING_KEYS))
+        bad = sorted(set(overrides) - set(PARAM_KEYS))
         if bad:
             raise ApiError(
                 400,
-                f"unknown sampling parameter(s) {', '.join(bad)}; accepted: {', '.join(SAMPLING_KEYS)}",
+                f"unknown sampling parameter(s) {', '.join(bad)}; accepted: {', '.join(PARAM_KEYS)}",
                 param="params",
             )
-        p = replace(p, **overrides)
+        p = replace(p, **{k: v for k, v in overrides.items() if k not in CONSTRAINT_KEYS})
         p.__post_init__()  # a stop given as a string or list
         p.validate()
         check_stop(p.stop)
+        got = {k: overrides.get(k) for k in CONSTRAINT_KEYS}
+        p = replace(
+            p,
+            logit_bias=logit_bias_of(got["logit_bias"], s.tok.vocab_size, "params."),
+            grammar=grammar_of(got["response_format"], got["grammar"], got["json_schema"], s.tok, "params."),
+        )
     check_max_tokens(p.max_tokens, None, "params.max_tokens")
     return p
 

@@ -49,6 +49,19 @@ class SpareKV(Protocol):
 log = logging.getLogger(__name__)
 
 
+def kv_bytes_per_token(engine) -> int:
+    """Bytes of KV memory one cached token takes in `engine`'s stores (0 when the engine does not say)."""
+    import torch
+
+    from infinichat.kv.quantized import bytes_per_token
+
+    cfg = getattr(engine, "cfg", None)
+    if cfg is None:
+        return 0
+    dtype = getattr(getattr(engine, "model", None), "dtype", torch.float32)
+    return int(bytes_per_token(cfg, getattr(engine, "kv_format", str(dtype))))
+
+
 def fit_budget(n_system: int, default: int, cap: int) -> int:
     """A budget for a session whose system part (prompt or card) is `n_system` tokens: the default, or for a
     long card room for the card and as much conversation again (at least 1024 tokens), in steps of 256,
@@ -290,6 +303,25 @@ class SessionManager:
                 f"limit {self.kv_limit_bytes >> 20} MiB: serve --kv-limit-mb); retry when they finish"
             )
 
+    def reserve(self, nbytes: int, what: str) -> None:
+        """Before `nbytes` of KV memory outside the sessions is allocated (a temporary sequence, `what`): idle
+        caches are offloaded until it fits under the cap with what stays resident; refused with an error that
+        says so when it is more than the hard limit on its own (InfinichatError: a 400), or when with the caches
+        of running generations it would pass that limit (OverloadedError: a 503, retry later)."""
+        mib = -(-nbytes // (1 << 20))
+        if nbytes > self.kv_limit_bytes:
+            raise InfinichatError(
+                f"{what} needs {mib} MiB of KV memory, more than this server's limit of "
+                f"{self.kv_limit_bytes >> 20} MiB (serve --kv-limit-mb); send a shorter prompt or fewer tokens"
+            )
+        self._enforce_cap(keep=None, extra=nbytes)
+        if self.total_kv_bytes() + nbytes > self.kv_limit_bytes:
+            raise OverloadedError(
+                f"{what} needs {mib} MiB of KV memory; with the caches of running generations "
+                f"({self.total_kv_bytes() >> 20} MiB) that passes the limit of {self.kv_limit_bytes >> 20} MiB "
+                "(serve --kv-limit-mb); retry when they finish"
+            )
+
     def total_kv_bytes(self) -> int:
         return self.resident_bytes() + sum(sp.nbytes for sp in self.spare)
 
@@ -444,17 +476,20 @@ class SessionManager:
     def resident_bytes(self) -> int:
         return sum(s.seq.store.nbytes for s in self.sessions.values() if s.seq is not None)
 
-    def _enforce_cap(self, keep: Session | None) -> None:
+    def _enforce_cap(self, keep: Session | None, extra: int = 0) -> None:
+        """Offload idle caches (anonymous ones first, then the least recently used sessions but `keep`) until the
+        resident KV memory plus `extra` bytes about to be allocated is within the cap."""
         resident = sorted(
             (s for s in self.sessions.values() if s.seq is not None and s is not keep and s.id not in self.pinned),
             key=lambda s: s.last_used,
         )
+        cap = self.kv_cap_bytes - extra
         total = self.total_kv_bytes()
         for sp in self.spare:  # idle anonymous caches go first: they are only a speed-up
-            while total > self.kv_cap_bytes and sp.drop_idle():
+            while total > cap and sp.drop_idle():
                 total = self.total_kv_bytes()
         for s in resident:
-            if total <= self.kv_cap_bytes:
+            if total <= cap:
                 break
             total -= s.kv.store.nbytes
             self._offload(s)

@@ -726,6 +726,7 @@ class Session:
         last = self.messages[-1]
         if last.kind == "user":
             self.ensure_cache()
+            self._update_lore()  # the user's message as it is now (it may have been edited since)
             yield from self._start_reply("assistant", "assistant", params, should_stop)
             return
         if last.kind not in ("assistant", "narration"):
@@ -733,6 +734,7 @@ class Session:
                 f"the last message is a {last.kind} message: only a reply or a narration can be retried"
             )
         self.ensure_cache()
+        self._lore_before_last(own_text=False)
         turn = len(self.messages) - 1
         seg = self._segment(last)
         header, body = self._gen_header(self._chat_history(turn), last), list[int]()
@@ -774,6 +776,7 @@ class Session:
         params = params or self.settings.sampling()
         params.validate()
         self.ensure_cache()
+        self._lore_before_last(own_text=True)
         turn = len(self.messages) - 1
         m = self.messages[turn]
         alt = m.alternatives[m.selected]
@@ -801,6 +804,8 @@ class Session:
         params = params or self.settings.sampling()
         params = replace(params, max_tokens=min(params.max_tokens, self.settings.narrate_max_tokens))
         params.validate()
+        self.ensure_cache()
+        self._update_lore()  # the reply just given counts too
         yield from self._start_reply("narration", "system", params, should_stop, after=self._trim_narrations)
 
     def _trim_narrations(self) -> None:
@@ -929,9 +934,13 @@ class Session:
             if self._segment(m) is None:  # evicted by the budget policy: out, free to enter again
                 m.in_context = False
             elif entry in hit_ids:
-                m.meta["seen"] = n_user
+                _seen(m, n_user)
             elif book is None or book.get(entry) is None or n_user - int(m.meta.get("seen", 0)) >= ttl:
                 self._drop_from_cache(m)
+        self._enter_lore(hits, n_user)
+
+    def _enter_lore(self, hits: list, n_user: int) -> None:
+        """The entries of `hits` not in the cache yet enter it: one `lore` message each, at the end."""
         present = {str(m.meta.get("entry")) for m in self.messages if m.kind == "lore" and m.in_context}
         user = self.settings.user_name
         for e in hits:
@@ -942,6 +951,44 @@ class Session:
             m.meta = {"entry": e.id, "name": e.name, "seen": n_user}
             self.messages.append(m)
             self._eval_message(len(self.messages) - 1)
+
+    def _lore_before_last(self, own_text: bool) -> None:
+        """Before the last message (a reply or a narration) is generated again (`own_text` False: a retry, whose
+        old text is being replaced and does not count) or extended (True: a continue, whose text so far counts):
+        scan the transcript as it is now (an edited message counts with its new text) and let the entries it
+        triggers enter the cache before that message, whose tokens are cut and evaluated again after them.
+        Entries in the cache that still match count as seen this turn. One seen this turn that no longer matches
+        (its key was edited away) goes back to when it was seen before, and leaves if that is `lore_ttl` user
+        turns ago or if it entered this turn."""
+        book = self.lorebook
+        if book is None:
+            return
+        last = self.messages[-1]
+        recent = [m.text for m in self.messages[:-1] if m.kind in SPOKEN] + ([last.text] if own_text else [])
+        hits = book.matching(recent)
+        n_user = sum(m.kind == "user" for m in self.messages)
+        hit_ids = {e.id for e in hits}
+        live = {str(m.meta.get("entry")): m for m in self.messages if m.kind == "lore" and m.in_context}
+        stale = []
+        for entry, m in live.items():
+            if entry in hit_ids:
+                _seen(m, n_user)
+            elif int(m.meta.get("seen", -1)) == n_user:  # seen this turn, for a text that is gone
+                prev = m.meta.pop("prev_seen", None)
+                if prev is None or n_user - int(prev) >= self.settings.lore_ttl:
+                    stale.append(m)
+                else:
+                    m.meta["seen"] = int(prev)
+        if not stale and all(e.id in live for e in hits):
+            return
+        self._cut_from_turn(len(self.messages) - 1)  # the last message's tokens leave; it is evaluated after the lore
+        self.messages.pop()
+        try:
+            for m in stale:
+                self._drop_from_cache(m)
+            self._enter_lore(hits, n_user)
+        finally:
+            self.messages.append(last)
 
     def _render(self, text: str, user: str) -> str:
         """A lorebook text with `{{char}}` / `{{user}}` filled in."""
@@ -1084,3 +1131,10 @@ def kv_bytes(store) -> tuple[str, float]:
     if fmt is None:
         return "llama.cpp", store.nbytes / max(1, store.capacity)
     return fmt, bytes_per_token(store.cfg, fmt)
+
+
+def _seen(m: Message, n_user: int) -> None:
+    """Lore message m's entry matched at user turn n_user (the turn before is kept: an edit may take it back)."""
+    if m.meta.get("seen") != n_user:
+        m.meta["prev_seen"] = m.meta.get("seen")
+    m.meta["seen"] = n_user
