@@ -73,6 +73,8 @@ async def client(c: httpx.AsyncClient, i: int, turns: int, max_tokens: int, stat
                     if event == "token":
                         now = time.perf_counter()
                         if data["token"] is not None:
+                            if last is not None:
+                                stats["itl"].append(now - last)
                             first = first or now
                             last = now
                             n += 1
@@ -89,6 +91,7 @@ async def client(c: httpx.AsyncClient, i: int, turns: int, max_tokens: int, stat
         got.append(streamed)
         if first is not None:
             stats["ttft"].append(first - t0)
+            stats["ttft_later" if t else "ttft_first"].append(first - t0)
             if n > 1:
                 stats["tps"].append((n - 1) / (last - first))
         stats["tokens"] += n
@@ -103,13 +106,23 @@ async def client(c: httpx.AsyncClient, i: int, turns: int, max_tokens: int, stat
 
 
 async def main_async(args, url: str) -> dict:
-    stats = {"errors": [], "ttft": [], "tps": [], "tokens": 0, "checked": 0}
+    stats = {
+        "errors": [],
+        "ttft": [],
+        "ttft_first": [],  # each client's first turn (a new session: system prompt + message)
+        "ttft_later": [],
+        "itl": [],  # gaps between two tokens of one reply
+        "tps": [],
+        "tokens": 0,
+        "checked": 0,
+    }
     limits = httpx.Limits(max_connections=args.clients + 5)
     async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(60, read=1800), limits=limits) as c:
         # warm-up, untimed: a fresh server's first generation pays one-time costs (native library, first buffers)
         r = await c.post("/api/sessions", json={"id": "warmup"})
         if r.status_code == 201:
             await c.post("/api/sessions/warmup/messages", json={"text": "Hello", "params": {"max_tokens": 4}})
+        stats["metrics_warmup"] = (await c.get("/metrics")).text  # the warm-up's probes, subtracted in the report
         t0 = time.perf_counter()
         await asyncio.gather(*(client(c, i, args.turns, args.max_tokens, stats) for i in range(args.clients)))
         stats["wall"] = time.perf_counter() - t0
@@ -147,6 +160,17 @@ def run_server(args, clients: int) -> dict | None:
             proc.wait(60)
 
 
+def first_item_parts(metrics: str) -> dict[str, float]:
+    """The worker's time-to-first-item sums by part from /metrics (empty for a server without them)."""
+    out = {}
+    for line in metrics.splitlines():
+        if line.startswith("infinichat_first_item_seconds{part="):
+            out[line.split('"')[1]] = float(line.split()[-1])
+        elif line.startswith("infinichat_first_item_seconds_count"):
+            out["count"] = float(line.split()[-1])
+    return out
+
+
 def report(args, clients: int, stats: dict) -> bool:
     n = clients * args.turns
     print(
@@ -163,6 +187,9 @@ def report(args, clients: int, stats: dict) -> bool:
     print("\n| measure | p50 | p95 | mean |\n|---|---:|---:|---:|")
     for name, xs, unit in (
         ("time to first token", stats["ttft"], "s"),
+        ("  first turn (new session)", stats["ttft_first"], "s"),
+        ("  later turns", stats["ttft_later"], "s"),
+        ("inter-token latency", stats["itl"], "s"),
         ("decode tokens/s per reply", stats["tps"], ""),
     ):
         print(
@@ -174,6 +201,17 @@ def report(args, clients: int, stats: dict) -> bool:
         f"\naggregate: {stats['tokens']} tokens generated in {stats['wall']:.0f} s = "
         f"{stats['tokens'] / stats['wall']:.1f} tok/s over all clients"
     )
+    parts = first_item_parts(stats["metrics"])
+    warm = first_item_parts(stats.get("metrics_warmup", ""))
+    parts = {k: v - warm.get(k, 0.0) for k, v in parts.items()}
+    if parts:
+        n = parts.pop("count") or 1
+        http = statistics.fmean(stats["ttft"]) - sum(parts.values()) / n if stats["ttft"] else float("nan")
+        print(
+            "time to first token, mean by part (s; the worker's probes, server/first_item.py): "
+            + ", ".join(f"{k} {v / n:.3f}" for k, v in parts.items())
+            + f", HTTP/SSE and the rest {http:.3f}"
+        )
     for line in stats["metrics"].splitlines():
         if line.startswith(
             (
@@ -209,13 +247,17 @@ def main() -> int:
     if len(results) > 1:
         base = min(results)
         b = results[base]
-        print(f"\n| clients | aggregate tok/s | TTFT p50 (s) | TTFT p95 (s) | p95 / p95 of {base} client(s) |")
-        print("|---:|---:|---:|---:|---:|")
+        print(
+            "\n| clients | aggregate tok/s | TTFT p50 (s) | TTFT p95 (s) | p95 / p95 of "
+            f"{base} client(s) | later turns TTFT p50 / p95 (s) | ITL p50 / p95 (s) |"
+        )
+        print("|---:|---:|---:|---:|---:|---:|---:|")
         for clients, st in results.items():
             ratio = pct(st["ttft"], 0.95) / pct(b["ttft"], 0.95)
             print(
                 f"| {clients} | {st['tokens'] / st['wall']:.1f} | {pct(st['ttft'], 0.5):.2f} | "
-                f"{pct(st['ttft'], 0.95):.2f} | {ratio:.2f} |"
+                f"{pct(st['ttft'], 0.95):.2f} | {ratio:.2f} | {pct(st['ttft_later'], 0.5):.2f} / "
+                f"{pct(st['ttft_later'], 0.95):.2f} | {pct(st['itl'], 0.5):.3f} / {pct(st['itl'], 0.95):.3f} |"
             )
     return 0 if ok else 1
 

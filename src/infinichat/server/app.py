@@ -185,7 +185,8 @@ def create_app(
 
     @app.get("/metrics")
     async def metrics_text():
-        return PlainTextResponse(metrics.render(worker.depth), media_type="text/plain; version=0.0.4")
+        text = metrics.render(worker.depth) + "\n".join(worker.first_item.lines()) + "\n"
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
     if (STATIC / "index.html").exists():  # the web page (last: every API route takes precedence)
         app.mount("/", StaticFiles(directory=STATIC, html=True), name="static")
