@@ -11,7 +11,10 @@ untimed warm-up request on its own session).
     python benchmarks/server_load.py [--clients 20] [--turns 10] [--max-tokens 24] [--threads 1]
         [--quant none|int8|int4] [--max-batch 8]
     python benchmarks/server_load.py --clients 1 8 --turns 3    # one server per client count, then compared:
-        aggregate tok/s and time to first token p50 / p95 (issue 17: p95 with 8 clients <= 2x that of 1)
+        aggregate tok/s and time to first token p50 / p95 (issue 17: p95 with 8 clients <= 2x that of 1), the
+        first turns (new sessions) apart, inter-token latency, and where the time to first token went (the
+        worker's probes in /metrics, server/first_item.py, where the served tree has them)
+    python benchmarks/server_load.py --clients 1 8 --turns 3 --src /work/main/src src   # before / after
 """
 
 from __future__ import annotations
@@ -137,7 +140,7 @@ def run_server(args, clients: int) -> dict | None:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryDirectory() as data:
-        env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_WAIT_POLICY": "PASSIVE"}
+        env = {**os.environ, "PYTHONPATH": str(args.src), "OMP_WAIT_POLICY": "PASSIVE"}
         cmd = [sys.executable, "-m", "infinichat", "serve", "--port", str(port), "--data-dir", data]
         cmd += ["--threads", str(args.threads), "--budget", str(args.budget), "--dtype", args.dtype]
         cmd += ["--quant", args.quant, "--max-batch", str(args.max_batch)]
@@ -236,17 +239,35 @@ def main() -> int:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--quant", default="none", choices=["none", "int8", "int4"])
     ap.add_argument("--max-batch", type=int, default=8, help="serve --max-batch (1: round-robin, no batching)")
+    ap.add_argument(
+        "--src",
+        nargs="+",
+        type=Path,
+        default=[ROOT / "src"],
+        help="the source tree(s) to serve (default: this checkout's); several (e.g. main's and a branch's): each "
+        "client count runs on each in turn, back to back, for a before/after comparison in the same conditions",
+    )
     args = ap.parse_args()
     ok, results = True, {}
     for clients in args.clients:
-        stats = run_server(args, clients)
-        if stats is None:
-            return 1
-        ok = report(args, clients, stats) and ok
-        results[clients] = stats
+        for src in args.src:
+            print(f"\n== {clients} client(s), serving {src}")
+            stats = run_server(argparse.Namespace(**{**vars(args), "src": src}), clients)
+            if stats is None:
+                return 1
+            ok = report(args, clients, stats) and ok
+            results[(str(src), clients)] = stats
+    for src in args.src:
+        table({c: st for (s, c), st in results.items() if s == str(src)}, str(src) if len(args.src) > 1 else "")
+    return 0 if ok else 1
+
+
+def table(results: dict[int, dict], title: str) -> None:
     if len(results) > 1:
         base = min(results)
         b = results[base]
+        if title:
+            print(f"\n{title}:")
         print(
             "\n| clients | aggregate tok/s | TTFT p50 (s) | TTFT p95 (s) | p95 / p95 of "
             f"{base} client(s) | later turns TTFT p50 / p95 (s) | ITL p50 / p95 (s) |"
@@ -259,7 +280,6 @@ def main() -> int:
                 f"{pct(st['ttft'], 0.95):.2f} | {ratio:.2f} | {pct(st['ttft_later'], 0.5):.2f} / "
                 f"{pct(st['ttft_later'], 0.95):.2f} | {pct(st['itl'], 0.5):.3f} / {pct(st['itl'], 0.95):.3f} |"
             )
-    return 0 if ok else 1
 
 
 if __name__ == "__main__":

@@ -9,16 +9,18 @@ The worker runs rounds; each round, over the active jobs (prefill first, then de
 1. *Prompt chunks* (batched prefill): a job evaluating a prompt hands each chunk to the worker (the engine's
    `PrefillPacer.submit`) and is suspended. The pending chunks, oldest first, up to the round's token budget
    (`prefill_chunk` tokens while a stream is generating, else the engine's `max_chunk`; a chunk that does not fit
-   is split), run in one forward call (`Engine.prefill_rows`): the matrix products on the stacked tokens, attention
-   per sequence. Then each of those jobs resumes: it hands over its next chunk, or samples its first token.
+   is split), run in forward calls (`Engine.prefill_rows`: the matrix products on the stacked tokens, attention per
+   sequence) that each hold consecutive chunks of at most `prefill_group` tokens together (PREFILL_GROUP below: only
+   small prompts gain from sharing a call on a CPU). After its call each of those jobs resumes: it hands over its
+   next chunk (for the next round), or samples and sends its first token.
 2. *Decode steps* (continuous batching, engine/batch.py): the decode steps the generating streams offered on their
    last turn run in batched forward calls of at most `max_batch` sequences.
 3. *Turns*: every other job resumes once: a generation claims its precomputed logits and samples with its own
    sampler (or runs its own step: eviction, attention weights); a new job starts (template, tokenizing) until
    it hands over its first prompt chunk; a job paused between two prompt calls it ran itself goes on.
-So every generating stream gets one token per round, and a round holds at most one prompt call of at most the
-budget: a new request waits for the current round, never behind whole prompts of others; the running streams'
-inter-token latency grows by that prompt call in the rounds that have one.
+So every generating stream gets one token per round, and a round's prompt calls hold at most the budget: a new
+request waits for the current round (and the older prompts of its own round), never behind whole long prompts of
+others; the running streams' inter-token latency grows by the round's prompt calls in the rounds that have some.
 A prompt chunk the engine cannot batch (eviction during the prompt, a policy that needs attention weights or
 compresses at the prompt's end) is evaluated by its job alone, in calls of at most `prefill_chunk` tokens while
 others are active, with a pause (the rest of the round) between two calls.
@@ -56,6 +58,13 @@ from infinichat.server.first_item import FirstItemTimes
 
 log = logging.getLogger(__name__)
 
+# Prompt chunks of several sequences share a forward call while their tokens total at most this many. On a CPU a
+# call of a few rows costs about what a one-token step does (the weights are read once), but from a few tens of
+# rows on it is bound by arithmetic: 8 prompts of 25-40 tokens in one call cost nearly what 8 calls do
+# (benchmarks/batch_prefill.py, README), and every one of them would wait for the whole call. Small chunks (short
+# messages, a reply's closing tokens) are batched; larger ones run one per call, oldest first, each job sending its
+# first token as soon as its own call is done.
+PREFILL_GROUP = 32
 END = object()  # the last item a stream's sink receives
 PAUSE = object()  # what a job hands the worker between two prompt calls it ran itself
 
@@ -124,11 +133,13 @@ class EngineWorker:
         on_idle: Callable[[Any], None] | None = None,
         max_batch: int = 8,
         prefill_chunk: int | None = 256,
+        prefill_group: int = PREFILL_GROUP,
     ):
         """`max_batch`: sequences per batched decode call (1: no batching; an engine that cannot batch, such
         as the llama.cpp backend, always steps its generations one by one). `prefill_chunk`: prompt tokens per
         round while a stream is generating (None: each prompt in one go, in the engine's own chunks: no
-        interleaving, no batched prompts)."""
+        interleaving, no batched prompts). `prefill_group`: prompt tokens at most in one call of several sequences'
+        chunks."""
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
         self.manager = manager
@@ -141,6 +152,7 @@ class EngineWorker:
         self._current: Job | None = None  # the job running in its greenlet
         self._main: greenlet | None = None  # the worker thread's own greenlet
         self.prefill_chunk = prefill_chunk
+        self.prefill_group = prefill_group
         self.pacer: PrefillPacer | None = None
         if prefill_chunk is not None and engine is not None:
             submit = self._submit if type(engine).prefill_rows is not Engine.prefill_rows else None
@@ -290,9 +302,11 @@ class EngineWorker:
             b.clear(keep=[o for j in self._active for o in j.offers])
 
     def _prompts(self, waiting: list[Job]) -> None:
-        """The prompt chunks the jobs wait for, oldest first, within the round's token budget, in one forward call;
-        each job then resumes. A job stopped before its first item resumes without its chunk (it raises
-        `Cancelled`); one stopped later (closing its reply: the reply's last tokens go into the cache) gets it."""
+        """The prompt chunks the jobs wait for, oldest first, within the round's token budget: consecutive chunks
+        of at most `prefill_group` tokens together go in one forward call, and each job resumes right after its
+        call (so it sends its first token before the next call runs). A job stopped before its first item resumes
+        without its chunk (it raises `Cancelled`); one stopped later (closing its reply: the reply's last tokens go
+        into the cache) gets it."""
         for j in [j for j in waiting if j.stop.is_set() and not j.started]:
             waiting.remove(j)
             self._advance(j)
@@ -300,14 +314,25 @@ class EngineWorker:
             return
         generating = any(j.started and j.future is None for j in self._active)
         budget = self.prefill_chunk if generating and self.prefill_chunk else self.engine.max_chunk
-        rows: list[tuple[Job, PromptChunk, int]] = []
+        groups: list[list[tuple[Job, PromptChunk, int]]] = []
+        size = 0  # tokens in the last group
         for j in waiting:
             assert isinstance(j.waiting, PromptChunk)
             n = min(j.waiting.ids.shape[0], budget)
             if n < 1:
                 break
-            rows.append((j, j.waiting, n))
+            if not groups or size + n > self.prefill_group:
+                groups.append([])
+                size = 0
+            groups[-1].append((j, j.waiting, n))
+            size += n
             budget -= n
+        for rows in groups:
+            self._prompt_call(rows)
+
+    def _prompt_call(self, rows: list[tuple[Job, PromptChunk, int]]) -> None:
+        """One forward call for the rows' chunks (n tokens of each); then each job resumes with its result."""
+        assert self.engine is not None
         t0 = time.perf_counter()
         try:
             outs = self.engine.prefill_rows([(c.seq, c.ids[:n]) for _, c, n in rows])
