@@ -1,17 +1,19 @@
 """Batched prefill (issue 17, time to first token): B short prompts of different sessions in one forward call
-(`Engine.prefill_rows`, what the server's worker runs each round) against the same B prompts evaluated one
-after another (one `Engine.prefill` call each, what the worker did before).
+(`Engine.prefill_rows`, what the server's worker runs for prompt chunks that fit `prefill_group` together) against
+the same B prompts evaluated one after another (one `Engine.prefill` call each).
 
-    python3 benchmarks/batch_prefill.py [--quant none int4] [--sessions 1 2 4 8] [--tokens 40] [--history 0 60]
+    python3 benchmarks/batch_prefill.py [--quant none int4] [--sessions 1 2 4 8] [--tokens 8 40] [--history 0 60]
         [--repeats 3] [--threads 2]
 
-For each weight format, history length H (the tokens already in each session's cache: 0 = a new session,
-> 0 = a later turn, whose chunk attends to the history through a mask) and number of sessions B: B caches are
-prepared (the history prefilled, untimed), then B prompts of `--tokens` tokens each are evaluated, sequentially
-and batched, back to back (the order reversed every other repeat); each time is the median over the repeats
-(the caches truncated back to H between them). Prints both times and the ratio sequential / batched: on a CPU
-a prompt of tens of tokens reads every weight once like a decode step, so B prompts in one call cost far less
-than B calls. Also checks that each batched prompt's logits match its sequential ones (max |diff| printed).
+For each weight format, prompt length T, history length H (the tokens already in each session's cache: 0 = a new
+session, > 0 = a later turn, whose chunk attends to the history through a mask) and number of sessions B: B caches
+are prepared (the history prefilled, untimed), then B prompts of T tokens each are evaluated, sequentially and
+batched, back to back (the order reversed every other repeat); each time is the median over the repeats (the caches
+truncated back to H between them). Prints both times and the ratio sequential / batched: a call whose rows are few
+is bound by reading the weights (B such prompts in one call cost about one), a call of many rows by arithmetic (B
+prompts cost about B). Also prints how far each batched prompt's logits are from its sequential ones (max |diff|:
+0 where both take the same kernels; bf16 models compute calls of >= 32 rows in float32, so a batched call of short
+prompts can differ from their calls alone by a bf16 rounding).
 """
 
 from __future__ import annotations

@@ -42,7 +42,7 @@ from infinichat.session.manager import SessionManager, default_data_dir
 from infinichat.session.settings import MAX_BUDGET, SessionSettings
 
 MAX_BATCH = 256  # --max-batch: sequences per batched decode call
-MAX_PREFILL_CHUNK = 65536  # --prefill-chunk: prompt tokens per call while others stream
+MAX_PREFILL_CHUNK = 65536  # --prefill-chunk: prompt tokens per worker round while others stream
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
@@ -113,8 +113,8 @@ def create_app(
 ) -> FastAPI:
     """The app. `allowed_hosts`: names the Host header may carry (default: loopback names; "*" = any);
     `cors_origins`: other origins whose pages may call the API (default: none); `max_batch`: generations
-    decoded together in one forward call (1: one at a time); `prefill_chunk`: prompt tokens per call while
-    other generations stream (None: prompts in one go)."""
+    decoded together in one forward call (1: one at a time); `prefill_chunk`: prompt tokens per worker round
+    while other generations stream (None: prompts in one go, not batched: server/worker.py)."""
     metrics = Metrics()
     lru = PrefixLRU(engine, anon_budget or manager.defaults.budget)
     manager.spare.append(lru)  # anonymous /v1 caches count in the KV memory cap

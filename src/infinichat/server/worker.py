@@ -16,8 +16,10 @@ The worker runs rounds; each round, over the active jobs (prefill first, then de
 2. *Decode steps* (continuous batching, engine/batch.py): the decode steps the generating streams offered on their
    last turn run in batched forward calls of at most `max_batch` sequences.
 3. *Turns*: every other job resumes once: a generation claims its precomputed logits and samples with its own
-   sampler (or runs its own step: eviction, attention weights); a new job starts (template, tokenizing) until
-   it hands over its first prompt chunk; a job paused between two prompt calls it ran itself goes on.
+   sampler (or runs its own step: eviction, attention weights); a job paused between two prompt calls it ran
+   itself goes on.
+A new job takes its first step when the worker takes it in, between two rounds (template, tokenizing, up to its
+first prompt chunk), so its prompt is evaluated in the next round.
 So every generating stream gets one token per round, and a round's prompt calls hold at most the budget: a new
 request waits for the current round (and the older prompts of its own round), never behind whole long prompts of
 others; the running streams' inter-token latency grows by the round's prompt calls in the rounds that have some.
@@ -415,6 +417,13 @@ class EngineWorker:
             job.sink(END)
             return
         self._active.append(job)
+        # its first step now (template, tokenizing), up to its first prompt chunk: the next round evaluates it
+        b = self.batcher
+        if b is not None:
+            b.take()  # offers made by calls (not generations driven here) are dropped
+        self._advance(job)
+        if b is not None:
+            job.offers = b.take()
 
     def _call(self, job: Job) -> Iterator:
         yield job.fn(self.manager)
