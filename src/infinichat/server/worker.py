@@ -11,8 +11,10 @@ The worker runs rounds; each round, over the active jobs (prefill first, then de
    (`prefill_chunk` tokens while a stream is generating, else the engine's `max_chunk`; a chunk that does not fit
    is split), run in forward calls (`Engine.prefill_rows`: the matrix products on the stacked tokens, attention per
    sequence) that each hold consecutive chunks of at most `prefill_group` tokens together (PREFILL_GROUP below: only
-   small prompts gain from sharing a call on a CPU). After its call each of those jobs resumes: it hands over its
-   next chunk (for the next round), or samples and sends its first token.
+   small prompts gain from sharing a call on a CPU). After its call each of those jobs resumes: it samples and
+   sends its first token, or hands over its next chunk, served in this round too while the budget lasts (the
+   session evaluates a turn in several calls: the message, the reply's header, its last token; the jobs' second
+   and third calls, a few tokens each, then share one call).
 2. *Decode steps* (continuous batching, engine/batch.py): the decode steps the generating streams offered on their
    last turn run in batched forward calls of at most `max_batch` sequences.
 3. *Turns*: every other job resumes once: a generation claims its precomputed logits and samples with its own
@@ -316,21 +318,24 @@ class EngineWorker:
             return
         generating = any(j.started and j.future is None for j in self._active)
         budget = self.prefill_chunk if generating and self.prefill_chunk else self.engine.max_chunk
-        groups: list[list[tuple[Job, PromptChunk, int]]] = []
-        size = 0  # tokens in the last group
-        for j in waiting:
-            assert isinstance(j.waiting, PromptChunk)
-            n = min(j.waiting.ids.shape[0], budget)
-            if n < 1:
-                break
-            if not groups or size + n > self.prefill_group:
-                groups.append([])
-                size = 0
-            groups[-1].append((j, j.waiting, n))
-            size += n
-            budget -= n
-        for rows in groups:
-            self._prompt_call(rows)
+        while waiting and budget > 0:  # a job that hands over another chunk at once (the session evaluates a turn
+            # in several calls: message, reply header, its last token) is served again, while the budget lasts
+            groups: list[list[tuple[Job, PromptChunk, int]]] = []
+            size = 0  # tokens in the last group
+            for j in waiting:
+                assert isinstance(j.waiting, PromptChunk)
+                n = min(j.waiting.ids.shape[0], budget)
+                if n < 1:
+                    break
+                if not groups or size + n > self.prefill_group:
+                    groups.append([])
+                    size = 0
+                groups[-1].append((j, j.waiting, n))
+                size += n
+                budget -= n
+            for rows in groups:
+                self._prompt_call(rows)
+            waiting = [j for rows in groups for j, _, _ in rows if isinstance(j.waiting, PromptChunk)]
 
     def _prompt_call(self, rows: list[tuple[Job, PromptChunk, int]]) -> None:
         """One forward call for the rows' chunks (n tokens of each); then each job resumes with its result."""
