@@ -223,6 +223,7 @@ def report(args, clients: int, stats: dict) -> bool:
                 "infinichat_tokens_in",
                 "infinichat_tokens_out",
                 "infinichat_decode_batch_size",
+                "infinichat_prefill_batch_size",
             )
         ):
             print(line)

@@ -185,6 +185,7 @@ def create_app(
 
     @app.get("/metrics")
     async def metrics_text():
+        metrics.snapshot_prompt_batches(worker.prompt_calls)  # a copy in one C call (the GIL held): no lock needed
         text = metrics.render(worker.depth) + "\n".join(worker.first_item.lines()) + "\n"
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
