@@ -597,10 +597,13 @@ class Session:
         should_stop,
         after: Callable[[], None] | None = None,
     ) -> Iterator[Event]:
-        """Generate into message m's open segment, which holds `header` + `body` minus the last token;
-        append the new alternative text/tokens to `body`. Closes the segment consistently at the end."""
+        """Generate into message m's open segment, which holds a prefix of `header` + `body` (all but the last token,
+        or less: the rest is evaluated here, in the generation's first forward call); append the new alternative
+        text/tokens to `body`. Closes the segment consistently at the end."""
         seq = self.kv
-        prompt = (header + body)[-1:]
+        seg = seq.segments.open
+        held = seq.length - seg.start if seg is not None else len(header) + len(body) - 1
+        prompt = (header + body)[min(held, len(header) + len(body) - 1) :]
         history = seq.token_ids()  # the cache; generate adds the prompt
         result = Generation()
         logprobs: list[float] = []
@@ -710,9 +713,7 @@ class Session:
         header = self._gen_header(self._chat_history(), m)
         self.messages.append(m)
         turn = len(self.messages) - 1
-        self.kv.create_segment(kind, m.segment_name)
-        if len(header) > 1:
-            self.engine.prefill(self.kv, header[:-1])
+        self.kv.create_segment(kind, m.segment_name)  # the header is evaluated with the generation's first call
         yield from self._generate(m, turn, header, [], params, should_stop, after)
 
     # ------------------------------------------------------------------ actions
