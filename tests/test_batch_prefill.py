@@ -225,3 +225,25 @@ def test_a_prompt_cancelled_half_way_truncates_the_cache_back(tiny_chat_model, t
         assert reply[-1].kind == "done" and len(b.messages) == 4
     finally:
         worker.close()
+
+
+def test_shutdown_cancels_a_prompt_still_waiting(engine):
+    """A stream suspended in its prompt when the worker shuts down gets `Cancelled` (then END); its cache is
+    untouched."""
+    worker = EngineWorker(types.SimpleNamespace(engine=engine, close=lambda: None), prefill_chunk=256).start()
+    gate = threading.Event()
+    blocked = worker.call(lambda m: gate.wait(60))  # holds the worker while the stream and the shutdown queue up
+    seq = engine.new_sequence()
+    items: list = []
+    worker.stream(lambda m, job: (st.token for st in engine.generate(seq, _prompt(0, 9), GREEDY)), items.append, "s")
+    closing = threading.Thread(target=worker.close)
+    closing.start()
+    deadline = time.monotonic() + 60
+    while worker._q.qsize() < 2:  # the stream, then the shutdown
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    gate.set()
+    closing.join(60)
+    assert blocked.result(1) is True
+    assert len(items) == 2 and isinstance(items[0], Cancelled) and items[1] is END, items
+    assert seq.length == 0

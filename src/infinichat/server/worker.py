@@ -13,8 +13,8 @@ The worker runs rounds; each round, over the active jobs (prefill first, then de
    sequence) that each hold consecutive chunks of at most `prefill_group` tokens together (PREFILL_GROUP below: only
    small prompts gain from sharing a call on a CPU). After its call each of those jobs resumes: it samples and
    sends its first token, or hands over its next chunk, served in this round too while the budget lasts (the
-   session evaluates a turn in several calls: the message, the reply's header, its last token; the jobs' second
-   and third calls, a few tokens each, then share one call).
+   session evaluates a turn in two calls, the message then the reply's header: the jobs' second calls, a few
+   tokens each, then share one call).
 2. *Decode steps* (continuous batching, engine/batch.py): the decode steps the generating streams offered on their
    last turn run in batched forward calls of at most `max_batch` sequences.
 3. *Turns*: every other job resumes once: a generation claims its precomputed logits and samples with its own
@@ -319,7 +319,7 @@ class EngineWorker:
         generating = any(j.started and j.future is None for j in self._active)
         budget = self.prefill_chunk if generating and self.prefill_chunk else self.engine.max_chunk
         while waiting and budget > 0:  # a job that hands over another chunk at once (the session evaluates a turn
-            # in several calls: message, reply header, its last token) is served again, while the budget lasts
+            # in two calls: the message, then the reply's header) is served again, while the budget lasts
             groups: list[list[tuple[Job, PromptChunk, int]]] = []
             size = 0  # tokens in the last group
             for j in waiting:
@@ -387,7 +387,8 @@ class EngineWorker:
         if job is None:
             return None
         out = self._suspend(job, PromptChunk(seq, ids))
-        assert isinstance(out, tuple)
+        if not isinstance(out, tuple):  # resumed without its chunk: only a stopped job is
+            raise Cancelled("the request was stopped while its prompt was being evaluated")
         return out
 
     def _others_waiting(self) -> bool:
@@ -509,8 +510,14 @@ class EngineWorker:
         job.sink(END)
 
     def _shutdown(self) -> None:
-        for job in list(self._active):
+        for job in self._active:
             job.stop.set()
+        for _ in range(1000):  # the prompt calls still waiting: a job past its first item finishes its reply's closing
+            waiting = [j for j in self._active if isinstance(j.waiting, PromptChunk)]  # (the others are cancelled)
+            if not waiting:
+                break
+            self._prompts(waiting)
+        for job in list(self._active):
             try:
                 if job.g is not None:
                     self._advance(job)  # a job suspended in its prompt raises Cancelled
