@@ -11,7 +11,10 @@ untimed warm-up request on its own session).
     python benchmarks/server_load.py [--clients 20] [--turns 10] [--max-tokens 24] [--threads 1]
         [--quant none|int8|int4] [--max-batch 8]
     python benchmarks/server_load.py --clients 1 8 --turns 3    # one server per client count, then compared:
-        aggregate tok/s and time to first token p50 / p95 (issue 17: p95 with 8 clients <= 2x that of 1)
+        aggregate tok/s and time to first token p50 / p95 (issue 17: p95 with 8 clients <= 2x that of 1), the
+        first turns (new sessions) apart, inter-token latency, and where the time to first token went (the
+        worker's probes in /metrics, server/first_item.py, where the served tree has them)
+    python benchmarks/server_load.py --clients 1 8 --turns 3 --src /work/main/src src   # before / after
 """
 
 from __future__ import annotations
@@ -73,6 +76,8 @@ async def client(c: httpx.AsyncClient, i: int, turns: int, max_tokens: int, stat
                     if event == "token":
                         now = time.perf_counter()
                         if data["token"] is not None:
+                            if last is not None:
+                                stats["itl"].append(now - last)
                             first = first or now
                             last = now
                             n += 1
@@ -89,6 +94,7 @@ async def client(c: httpx.AsyncClient, i: int, turns: int, max_tokens: int, stat
         got.append(streamed)
         if first is not None:
             stats["ttft"].append(first - t0)
+            stats["ttft_later" if t else "ttft_first"].append(first - t0)
             if n > 1:
                 stats["tps"].append((n - 1) / (last - first))
         stats["tokens"] += n
@@ -103,13 +109,23 @@ async def client(c: httpx.AsyncClient, i: int, turns: int, max_tokens: int, stat
 
 
 async def main_async(args, url: str) -> dict:
-    stats = {"errors": [], "ttft": [], "tps": [], "tokens": 0, "checked": 0}
+    stats = {
+        "errors": [],
+        "ttft": [],
+        "ttft_first": [],  # each client's first turn (a new session: system prompt + message)
+        "ttft_later": [],
+        "itl": [],  # gaps between two tokens of one reply
+        "tps": [],
+        "tokens": 0,
+        "checked": 0,
+    }
     limits = httpx.Limits(max_connections=args.clients + 5)
     async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(60, read=1800), limits=limits) as c:
         # warm-up, untimed: a fresh server's first generation pays one-time costs (native library, first buffers)
         r = await c.post("/api/sessions", json={"id": "warmup"})
         if r.status_code == 201:
             await c.post("/api/sessions/warmup/messages", json={"text": "Hello", "params": {"max_tokens": 4}})
+        stats["metrics_warmup"] = (await c.get("/metrics")).text  # the warm-up's probes, subtracted in the report
         t0 = time.perf_counter()
         await asyncio.gather(*(client(c, i, args.turns, args.max_tokens, stats) for i in range(args.clients)))
         stats["wall"] = time.perf_counter() - t0
@@ -124,7 +140,7 @@ def run_server(args, clients: int) -> dict | None:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryDirectory() as data:
-        env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_WAIT_POLICY": "PASSIVE"}
+        env = {**os.environ, "PYTHONPATH": str(args.src), "OMP_WAIT_POLICY": "PASSIVE"}
         cmd = [sys.executable, "-m", "infinichat", "serve", "--port", str(port), "--data-dir", data]
         cmd += ["--threads", str(args.threads), "--budget", str(args.budget), "--dtype", args.dtype]
         cmd += ["--quant", args.quant, "--max-batch", str(args.max_batch)]
@@ -147,6 +163,17 @@ def run_server(args, clients: int) -> dict | None:
             proc.wait(60)
 
 
+def first_item_parts(metrics: str) -> dict[str, float]:
+    """The worker's time-to-first-item sums by part from /metrics (empty for a server without them)."""
+    out = {}
+    for line in metrics.splitlines():
+        if line.startswith("infinichat_first_item_seconds{part="):
+            out[line.split('"')[1]] = float(line.split()[-1])
+        elif line.startswith("infinichat_first_item_seconds_count"):
+            out["count"] = float(line.split()[-1])
+    return out
+
+
 def report(args, clients: int, stats: dict) -> bool:
     n = clients * args.turns
     print(
@@ -163,6 +190,9 @@ def report(args, clients: int, stats: dict) -> bool:
     print("\n| measure | p50 | p95 | mean |\n|---|---:|---:|---:|")
     for name, xs, unit in (
         ("time to first token", stats["ttft"], "s"),
+        ("  first turn (new session)", stats["ttft_first"], "s"),
+        ("  later turns", stats["ttft_later"], "s"),
+        ("inter-token latency", stats["itl"], "s"),
         ("decode tokens/s per reply", stats["tps"], ""),
     ):
         print(
@@ -174,6 +204,17 @@ def report(args, clients: int, stats: dict) -> bool:
         f"\naggregate: {stats['tokens']} tokens generated in {stats['wall']:.0f} s = "
         f"{stats['tokens'] / stats['wall']:.1f} tok/s over all clients"
     )
+    parts = first_item_parts(stats["metrics"])
+    warm = first_item_parts(stats.get("metrics_warmup", ""))
+    parts = {k: v - warm.get(k, 0.0) for k, v in parts.items()}
+    if parts:
+        n = parts.pop("count") or 1
+        http = statistics.fmean(stats["ttft"]) - sum(parts.values()) / n if stats["ttft"] else float("nan")
+        print(
+            "time to first token, mean by part (s; the worker's probes, server/first_item.py): "
+            + ", ".join(f"{k} {v / n:.3f}" for k, v in parts.items())
+            + f", HTTP/SSE and the rest {http:.3f}"
+        )
     for line in stats["metrics"].splitlines():
         if line.startswith(
             (
@@ -182,6 +223,7 @@ def report(args, clients: int, stats: dict) -> bool:
                 "infinichat_tokens_in",
                 "infinichat_tokens_out",
                 "infinichat_decode_batch_size",
+                "infinichat_prefill_batch_size",
             )
         ):
             print(line)
@@ -198,26 +240,47 @@ def main() -> int:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--quant", default="none", choices=["none", "int8", "int4"])
     ap.add_argument("--max-batch", type=int, default=8, help="serve --max-batch (1: round-robin, no batching)")
+    ap.add_argument(
+        "--src",
+        nargs="+",
+        type=Path,
+        default=[ROOT / "src"],
+        help="the source tree(s) to serve (default: this checkout's); several (e.g. main's and a branch's): each "
+        "client count runs on each in turn, back to back, for a before/after comparison in the same conditions",
+    )
     args = ap.parse_args()
     ok, results = True, {}
     for clients in args.clients:
-        stats = run_server(args, clients)
-        if stats is None:
-            return 1
-        ok = report(args, clients, stats) and ok
-        results[clients] = stats
+        for src in args.src:
+            print(f"\n== {clients} client(s), serving {src}")
+            stats = run_server(argparse.Namespace(**{**vars(args), "src": src}), clients)
+            if stats is None:
+                return 1
+            ok = report(args, clients, stats) and ok
+            results[(str(src), clients)] = stats
+    for src in args.src:
+        table({c: st for (s, c), st in results.items() if s == str(src)}, str(src) if len(args.src) > 1 else "")
+    return 0 if ok else 1
+
+
+def table(results: dict[int, dict], title: str) -> None:
     if len(results) > 1:
         base = min(results)
         b = results[base]
-        print(f"\n| clients | aggregate tok/s | TTFT p50 (s) | TTFT p95 (s) | p95 / p95 of {base} client(s) |")
-        print("|---:|---:|---:|---:|---:|")
+        if title:
+            print(f"\n{title}:")
+        print(
+            "\n| clients | aggregate tok/s | TTFT p50 (s) | TTFT p95 (s) | p95 / p95 of "
+            f"{base} client(s) | later turns TTFT p50 / p95 (s) | ITL p50 / p95 (s) |"
+        )
+        print("|---:|---:|---:|---:|---:|---:|---:|")
         for clients, st in results.items():
             ratio = pct(st["ttft"], 0.95) / pct(b["ttft"], 0.95)
             print(
                 f"| {clients} | {st['tokens'] / st['wall']:.1f} | {pct(st['ttft'], 0.5):.2f} | "
-                f"{pct(st['ttft'], 0.95):.2f} | {ratio:.2f} |"
+                f"{pct(st['ttft'], 0.95):.2f} | {ratio:.2f} | {pct(st['ttft_later'], 0.5):.2f} / "
+                f"{pct(st['ttft_later'], 0.95):.2f} | {pct(st['itl'], 0.5):.3f} / {pct(st['itl'], 0.95):.3f} |"
             )
-    return 0 if ok else 1
 
 
 if __name__ == "__main__":

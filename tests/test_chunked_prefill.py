@@ -70,22 +70,28 @@ class Log:
 
     def __init__(self, engine, seq_b):
         self.items, self.lock = [], threading.Lock()
-        self.engine, self.seq_b, self._real = engine, seq_b, engine._append
-        self.on_b_call = None
+        self.engine, self.seq_b = engine, seq_b
+        self._real, self._real_rows = engine._append, engine.prefill_rows
 
     def __enter__(self):
         def rec(seq, ids, *a, **k):
             if seq is self.seq_b and len(ids) > 1:
                 self.add(("B", len(ids)))
-                if self.on_b_call is not None:
-                    self.on_b_call(sum(1 for x in self.items if x[0] == "B"))
             return self._real(seq, ids, *a, **k)
 
+        def rec_rows(items):  # the worker's batched prompt calls
+            for seq, ids in items:
+                if seq is self.seq_b and len(ids) > 1:
+                    self.add(("B", len(ids)))
+            return self._real_rows(items)
+
         self.engine._append = rec
+        self.engine.prefill_rows = rec_rows
         return self
 
     def __exit__(self, *exc):
         del self.engine._append
+        del self.engine.prefill_rows
 
     def add(self, item):
         with self.lock:
@@ -178,21 +184,22 @@ def test_a_stop_between_chunks_cancels_the_prefill_and_changes_nothing(tiny_chat
         worker.stream(lambda mm, job: mm.guarded(a, a.send("tell me", params, job.should_stop)), sink_a, session="a")
         _wait(lambda: len(got_a) >= 3)
         calls = []
-        real = engine._append
+        real = engine.prefill_rows
 
-        def spy(seq, ids, *args, **kw):
-            if seq is b.seq and len(ids) > 1:
-                calls.append(len(ids))
-                if len(calls) == 3:
-                    worker.stop_session("b")
-            return real(seq, ids, *args, **kw)
+        def spy(items):  # the worker's batched prompt calls
+            for seq, ids in items:
+                if seq is b.seq and len(ids) > 1:
+                    calls.append(len(ids))
+                    if len(calls) == 3:
+                        worker.stop_session("b")
+            return real(items)
 
-        engine._append = spy
+        engine.prefill_rows = spy
         try:
             worker.stream(lambda mm, job: mm.guarded(b, b.send(long_text, params, job.should_stop)), sink_b, "b")
             _wait(lambda: b_error or got_b)
         finally:
-            del engine._append
+            del engine.prefill_rows
         assert got_b == [] and len(b_error) == 1 and isinstance(b_error[0], Cancelled)
         assert len(calls) == 3 and max(calls) <= 16
         assert [(x.kind, x.text) for x in b.messages] == before

@@ -331,6 +331,14 @@ def test_metrics_batch_size_histogram(client):
     assert int(lines['infinichat_decode_batch_size_bucket{le="+Inf"}']) == count
     buckets = [int(lines[f'infinichat_decode_batch_size_bucket{{le="{le}"}}']) for le in (1, 2, 4, 8)]
     assert buckets == sorted(buckets) and buckets[-1] <= count
+    text = client.get("/metrics").text  # the prompts went through the worker's batched prompt calls
+    lines = dict(ln.rsplit(" ", 1) for ln in text.splitlines() if ln.startswith("infinichat_prefill_batch"))
+    assert int(lines["infinichat_prefill_batch_size_count"]) > 0
+    parts = dict(ln.rsplit(" ", 1) for ln in text.splitlines() if ln.startswith("infinichat_first_item_seconds"))
+    assert (
+        int(parts["infinichat_first_item_seconds_count"]) >= 2
+        and float(parts['infinichat_first_item_seconds{part="prefill"}']) > 0
+    )
 
 
 @pytest.mark.slow

@@ -458,8 +458,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--prefill-chunk",
         type=int,
         default=256,
-        help="while other replies stream, a new prompt is evaluated this many tokens at a time with their "
-        "next tokens in between (0: in one go; default 256)",
+        help="while other replies stream, prompts get at most this many tokens per round of the worker (new "
+        "requests' short prompts share one forward call), with the other replies' next tokens in between (0: each "
+        "prompt in one go, not batched; default 256)",
     )
     serve.add_argument(
         "--max-queue", type=int, default=64, help="requests waiting or running at once; more get 429 (default 64)"

@@ -8,6 +8,7 @@ every backend (given the same logits).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -86,6 +87,15 @@ class Engine:
         a = 0
         pacer = self.pacer
         while a < n:
+            if pacer is not None and pacer.submit is not None and not all_logits and chunk is None:
+                want = min(self.max_chunk, seq.policy.prefill_chunk(seq), n - a)
+                got = pacer.submit(seq, ids[a : a + want]) if self.can_batch_prompt(seq, want) else None
+                if got is not None:  # the driver evaluated a prefix of it, batched with other sequences' chunks
+                    done, out = got
+                    a += done
+                    if a >= n:
+                        outs.append(out)
+                    continue
             cap = self.logits_chunk if all_logits else self.max_chunk
             if pacer is not None and pacer.waiting():
                 cap = min(cap, pacer.chunk)
@@ -93,7 +103,10 @@ class Engine:
             if step < n - a < step + tail:  # the last call must hold the policy's tail (SnapKV's window)
                 step = max(1, n - a - tail)
             last = a + step >= n
+            t0 = time.perf_counter()
             out = self._append(seq, ids[a : a + step], all_logits, "prompt_end" if last else "prompt")
+            if pacer is not None:
+                pacer.seconds += time.perf_counter() - t0
             a += step
             if all_logits or last:
                 outs.append(out)
@@ -109,6 +122,16 @@ class Engine:
                 seq.append(torch.tensor([token]), positions)
                 return logits
         return self._append(seq, torch.tensor([token]), False, "decode")
+
+    def can_batch_prompt(self, seq: KVSequence, n: int) -> bool:
+        """Whether the next `n` prompt tokens of `seq` may be evaluated in a batched call (`prefill_rows`): a plain
+        forward call (no eviction, recomputation, attention weights or prompt-end compression)."""
+        return False
+
+    def prefill_rows(self, items: Sequence[tuple[KVSequence, torch.Tensor]]) -> list[torch.Tensor]:
+        """One forward call for several sequences' prompt chunks (ids (T_i,) each): appends each chunk to its
+        sequence; per sequence the logits (V,) of its chunk's last token."""
+        raise NotImplementedError(f"{type(self).__name__} does not batch prompts")
 
     def can_batch(self, seq: KVSequence) -> bool:
         """Whether the next decode step of `seq` may run in a batched call (`decode_rows`): an engine that

@@ -14,7 +14,9 @@ A driver that never calls `run` changes nothing: every claim misses and each ste
 
 Chunked prefill (`PrefillPacer`): a driver that also sets `Engine.pacer` has a long prompt evaluated in calls of
 at most `chunk` tokens while other generations are waiting, and advances them between the calls, so a long
-prompt does not freeze the other streams.
+prompt does not freeze the other streams. A driver that can suspend a prefill (the server's worker) also takes
+the prompt chunks themselves (`submit`) and evaluates the chunks of several sequences in one forward call
+(`Engine.prefill_rows`): batched prefill.
 """
 
 from __future__ import annotations
@@ -120,11 +122,17 @@ class PrefillPacer:
     While `waiting()` says others are waiting, `Engine.prefill` evaluates a prompt in forward calls of at most
     `chunk` tokens and calls `pause()` between two calls: the driver advances the others there, or raises to
     cancel this prefill (the tokens evaluated so far stay in the cache, consistent; the caller's all-or-nothing
-    rule decides what to keep). With nobody waiting, a prompt is evaluated as without a pacer."""
+    rule decides what to keep). With nobody waiting, a prompt is evaluated as without a pacer.
+    With `submit`, a chunk the engine can batch (`Engine.can_batch_prompt`) goes to the driver instead."""
 
     chunk: int
     waiting: Callable[[], bool]
     pause: Callable[[], None]
+    # hands a prompt chunk (seq, ids (T,)) to the driver, which evaluates a prefix of it, batched with other
+    # sequences' chunks (`Engine.prefill_rows`), and returns (tokens evaluated, logits (V,) of the last); None
+    # where the caller cannot wait for it (the engine evaluates the chunk itself)
+    submit: Callable[[KVSequence, torch.Tensor], tuple[int, torch.Tensor] | None] | None = None
+    seconds: float = 0.0  # time spent in prompt forward calls (the driver's metrics: server/first_item.py)
 
     def __post_init__(self) -> None:
         if self.chunk < 1:

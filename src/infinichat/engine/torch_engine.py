@@ -163,6 +163,29 @@ class TorchEngine(Engine):
             and isinstance(seq.store, KVStore)
         )
 
+    def can_batch_prompt(self, seq: KVSequence, n: int) -> bool:
+        p = seq.policy
+        return (
+            not (p.needs_attention_weights or p.offloads or p.scoring_pass)
+            and p.phase != "prefill"
+            and p.prompt_tail == 0
+            and seq.stale_from is None
+            and seq.length + n <= seq.budget  # make_room would do nothing
+            and isinstance(seq.store, KVStore)
+        )
+
+    def prefill_rows(self, items: Sequence[tuple[KVSequence, torch.Tensor]]) -> list[torch.Tensor]:
+        batch = []
+        for seq, ids in items:
+            if not self.can_batch_prompt(seq, ids.shape[0]):
+                raise ValueError("prefill_rows: a sequence whose prompt needs eviction or attention weights")
+            positions = seq.next_positions(ids.shape[0])  # (T,)
+            batch.append(BatchItem(ids, positions, torch_store(seq.store, "the torch engine"), seq.length))
+        logits = self.model.forward_batch(batch)  # B x (V,)
+        for (seq, ids), b in zip(items, batch, strict=True):
+            seq.append(ids, b.positions)
+        return logits
+
     def decode_rows(self, items: Sequence[tuple[KVSequence, int]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         batch = []
         for seq, token in items:

@@ -480,6 +480,9 @@ class Int4KVStore(QuantKVStore):
             rv[:, :, :rows] = torch.cat(heads_v, dim=2)
         self.rk, self.rv, self.qlen = rk, rv, g
 
+    def truncate_is_exact(self, n: int) -> bool:
+        return n >= self.qlen  # below, a quantized group is unpacked back into the residual (dequantized)
+
     def truncate(self, n: int) -> None:
         self._check_truncate(n)
         if n < self.qlen:

@@ -73,6 +73,11 @@ class SlotTable:
     def truncate(self, n: int) -> None:
         raise NotImplementedError
 
+    def truncate_is_exact(self, n: int) -> bool:
+        """Whether `truncate(n)` leaves slots [0, n) exactly as they are (a store that re-quantizes or re-packs
+        slots below n when it truncates says no)."""
+        return True
+
     def remove_spans(self, spans: Sequence[tuple[int, int]], shift: bool = True, rotate: bool = True) -> None:
         """Cut out sorted, disjoint slot spans (with `shift`, later positions close the gap; with `rotate`, their
         keys are re-rotated to the new positions)."""

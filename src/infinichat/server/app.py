@@ -40,7 +40,7 @@ from infinichat.session.manager import SessionManager, default_data_dir, kv_byte
 from infinichat.session.settings import MAX_BUDGET, SessionSettings
 
 MAX_BATCH = 256  # --max-batch: sequences per batched decode call
-MAX_PREFILL_CHUNK = 65536  # --prefill-chunk: prompt tokens per call while others stream
+MAX_PREFILL_CHUNK = 65536  # --prefill-chunk: prompt tokens per worker round while others stream
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
@@ -112,10 +112,10 @@ def create_app(
 ) -> FastAPI:
     """The app. `allowed_hosts`: names the Host header may carry (default: loopback names; "*" = any);
     `cors_origins`: other origins whose pages may call the API (default: none); `max_batch`: generations
-    decoded together in one forward call (1: one at a time); `prefill_chunk`: prompt tokens per call while
-    other generations stream (None: prompts in one go). `model_name`: the model's own name (GGUF `general.name`);
-    `label`: what people call it (model/label.py); the API serves `served_id(label)` as the model id and
-    accepts the other two names for it too."""
+    decoded together in one forward call (1: one at a time); `prefill_chunk`: prompt tokens per worker round
+    while other generations stream (None: prompts in one go, not batched: server/worker.py). `model_name`: the
+    model's own name (GGUF `general.name`); `label`: what people call it (model/label.py); the API serves
+    `served_id(label)` as the model id and accepts the other two names for it too."""
     label = label or model_name
     served = served_id(label)
     metrics = Metrics()
@@ -195,7 +195,9 @@ def create_app(
 
     @app.get("/metrics")
     async def metrics_text():
-        return PlainTextResponse(metrics.render(worker.depth), media_type="text/plain; version=0.0.4")
+        metrics.snapshot_prompt_batches(worker.prompt_calls)  # a copy in one C call (the GIL held): no lock needed
+        text = metrics.render(worker.depth) + "\n".join(worker.first_item.lines()) + "\n"
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
     if (STATIC / "index.html").exists():  # the web page (last: every API route takes precedence)
         app.mount("/", StaticFiles(directory=STATIC, html=True), name="static")

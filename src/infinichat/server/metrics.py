@@ -9,6 +9,18 @@ from collections import Counter
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)  # the decode batch size histogram's upper bounds
 
 
+def histogram(name: str, help_: str, sizes: dict[int, int]) -> list[str]:
+    """A Prometheus histogram of batch sizes (size -> calls) over BATCH_BUCKETS."""
+    lines = [f"# HELP {name} {help_}", f"# TYPE {name} histogram"]
+    for le in BATCH_BUCKETS:
+        n = sum(c for b, c in sizes.items() if b <= le)
+        lines.append(f'{name}_bucket{{le="{le}"}} {n}')
+    lines.append(f'{name}_bucket{{le="+Inf"}} {sum(sizes.values())}')
+    lines.append(f"{name}_sum {sum(b * c for b, c in sizes.items())}")
+    lines.append(f"{name}_count {sum(sizes.values())}")
+    return lines
+
+
 class Metrics:
     def __init__(self):
         self._lock = threading.Lock()
@@ -26,6 +38,7 @@ class Metrics:
             "kv_offloads": 0,
         }
         self.batch_sizes: dict[int, int] = {}  # sequences per decode forward call -> calls (the worker's batcher)
+        self.prompt_batch_sizes: dict[int, int] = {}  # sequences per batched prompt call -> calls (the worker's)
         self.started = time.time()
 
     def request(self, method: str, route: str, status: int) -> None:
@@ -50,19 +63,20 @@ class Metrics:
         with self._lock:
             self.batch_sizes = dict(sizes)
 
+    def snapshot_prompt_batches(self, sizes: dict[int, int]) -> None:
+        with self._lock:
+            self.prompt_batch_sizes = dict(sizes)
+
     def _batch_histogram(self) -> list[str]:
-        name = "infinichat_decode_batch_size"
-        lines = [
-            f"# HELP {name} sequences per decode forward call (continuous batching; a step run alone counts 1)",
-            f"# TYPE {name} histogram",
-        ]
-        for le in BATCH_BUCKETS:
-            n = sum(c for b, c in self.batch_sizes.items() if b <= le)
-            lines.append(f'{name}_bucket{{le="{le}"}} {n}')
-        lines.append(f'{name}_bucket{{le="+Inf"}} {sum(self.batch_sizes.values())}')
-        lines.append(f"{name}_sum {sum(b * c for b, c in self.batch_sizes.items())}")
-        lines.append(f"{name}_count {sum(self.batch_sizes.values())}")
-        return lines
+        return histogram(
+            "infinichat_decode_batch_size",
+            "sequences per decode forward call (continuous batching; a step run alone counts 1)",
+            self.batch_sizes,
+        ) + histogram(
+            "infinichat_prefill_batch_size",
+            "sequences per prompt forward call of the worker (batched prefill; prompts it cannot batch not counted)",
+            self.prompt_batch_sizes,
+        )
 
     def render(self, queue_depth: int) -> str:
         with self._lock:

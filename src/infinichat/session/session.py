@@ -33,6 +33,7 @@ import torch
 from infinichat.engine.textgen import Generation, TextChunk, stream_text
 from infinichat.errors import InfinichatError
 from infinichat.kv.quantized import bytes_per_token
+from infinichat.kv.segments import Segment
 from infinichat.kv.sequence import KVSequence
 from infinichat.session.cards import substitute
 from infinichat.session.chatformat import ChatFormat
@@ -177,6 +178,7 @@ class Memento:
     seq: KVSequence | None
     seq_state: tuple | None
     logits: torch.Tensor | None
+    segments: list[Segment] | None = None  # copies of the cache's segments (to truncate back to them)
 
 
 @dataclass
@@ -262,12 +264,14 @@ class Session:
             self.seq,
             self._seq_state(),
             self._logits,
+            [replace(x) for x in self.seq.segments.segments] if self.seq is not None else None,
         )
 
     def restore(self, memo: Memento) -> None:
-        """Back to `memo` (from `memento`). The cache is kept if the failed action left it as it was, else
-        dropped: the next use rebuilds it from the restored transcript."""
-        same_cache = self.seq is memo.seq and self._seq_state() == memo.seq_state
+        """Back to `memo` (from `memento`). The cache is kept if the failed action left it as it was, truncated
+        back if the action only appended tokens to it (e.g. a prompt cancelled half-way), else dropped: the next
+        use rebuilds it from the restored transcript."""
+        same_cache = self.seq is memo.seq and (self._seq_state() == memo.seq_state or self._truncate_back(memo))
         self.name, self.system_prompt, self.settings, self.card, self.lorebook = (
             memo.name,
             memo.system_prompt,
@@ -280,6 +284,28 @@ class Session:
             self._logits = memo.logits
         else:
             self.seq, self._logits = None, None
+
+    def _truncate_back(self, memo: Memento) -> bool:
+        """Put the cache back to `memo`'s if the failed action only appended to it (no eviction or other edit,
+        no attention statistics gathered): truncate to the old length, restore the segments. False: not possible."""
+        seq = self.seq
+        if seq is None or memo.seq_state is None or memo.segments is None:
+            return False
+        edits, length, next_id = memo.seq_state[:3]
+        p = seq.policy
+        if (
+            seq.store.edits != edits
+            or seq.length < length
+            or p.needs_attention_weights
+            or p.offloads
+            or seq.stale_from is not None
+            or not seq.store.truncate_is_exact(length)
+        ):
+            return False
+        seq.truncate(length)
+        seq.segments.segments = [replace(x) for x in memo.segments]
+        seq.segments.next_id = next_id
+        return True
 
     # ------------------------------------------------------------------ queries
     def history(self) -> dict:
@@ -571,10 +597,13 @@ class Session:
         should_stop,
         after: Callable[[], None] | None = None,
     ) -> Iterator[Event]:
-        """Generate into message m's open segment, which holds `header` + `body` minus the last token;
-        append the new alternative text/tokens to `body`. Closes the segment consistently at the end."""
+        """Generate into message m's open segment, which holds a prefix of `header` + `body` (all but the last token,
+        or less: the rest is evaluated here, in the generation's first forward call); append the new alternative
+        text/tokens to `body`. Closes the segment consistently at the end."""
         seq = self.kv
-        prompt = (header + body)[-1:]
+        seg = seq.segments.open
+        held = seq.length - seg.start if seg is not None else len(header) + len(body) - 1
+        prompt = (header + body)[min(held, len(header) + len(body) - 1) :]
         history = seq.token_ids()  # the cache; generate adds the prompt
         result = Generation()
         logprobs: list[float] = []
@@ -684,9 +713,7 @@ class Session:
         header = self._gen_header(self._chat_history(), m)
         self.messages.append(m)
         turn = len(self.messages) - 1
-        self.kv.create_segment(kind, m.segment_name)
-        if len(header) > 1:
-            self.engine.prefill(self.kv, header[:-1])
+        self.kv.create_segment(kind, m.segment_name)  # the header is evaluated with the generation's first call
         yield from self._generate(m, turn, header, [], params, should_stop, after)
 
     # ------------------------------------------------------------------ actions
