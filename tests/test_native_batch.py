@@ -10,6 +10,7 @@ import pytest
 import torch
 from test_native import _pair, needs_lib
 
+from infinichat import native
 from infinichat.kv.cache import KVCache
 from infinichat.model.transformer import BatchItem
 
@@ -30,6 +31,20 @@ def _caches(qm, seed: int) -> tuple[list[KVCache], list[int], torch.Tensor]:
     return caches, LENGTHS, torch.randint(0, cfg.vocab_size, (len(LENGTHS),), generator=g)
 
 
+@pytest.fixture(params=["vnni", "avx2"])
+def batch_kernels(request):
+    """The batched step's products: the AVX-512 VNNI kernels (tokens in the lanes; skipped on CPUs without them),
+    or the AVX2 row products every CPU runs (decode.c's ic_batch_vnni(0) forces them here)."""
+    lib = native.library()
+    assert lib is not None
+    if request.param == "vnni" and not lib.ic_batch_vnni(-1):
+        pytest.skip("no AVX-512 VNNI here")
+    if request.param == "avx2":
+        assert lib.ic_batch_vnni(0) == 0
+    yield request.param
+    lib.ic_batch_vnni(-1)
+
+
 @needs_lib
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize(
@@ -39,10 +54,11 @@ def _caches(qm, seed: int) -> tuple[list[KVCache], list[int], torch.Tensor]:
         ("int8", {}),
         ("int8-row", {}),
         ("int4", {"qkv_bias": True, "tie_embeddings": True}),
-        ("int4", {"dim": 128, "ffn_dim": 256}),  # even group counts (the tiny default's dim 96 has 3: odd)
+        ("int4", {"dim": 128, "ffn_dim": 256}),  # 4 groups per row (the tiny default's dim 96 has 3)
+        ("int4", {"dim": 160, "ffn_dim": 352}),  # 5 and 11 groups: full 4-group steps and a tail
     ],
 )
-def test_batched_rows_equal_each_step_alone_bit_for_bit(mode, kw, threads):
+def test_batched_rows_equal_each_step_alone_bit_for_bit(mode, kw, threads, batch_kernels):
     qm, _ = _pair(mode, **kw)
     dec = qm.kernels.decoder
     assert dec is not None
