@@ -233,31 +233,46 @@ typedef struct {
     float d[4], sum[4];
 } Tail4;
 
-static float row_int4(const Mat *m, int64_t r, const Act *a) {
+/* row r against NA activation rows a[0..NA): out[j] = row_int4 of a[j] (the row's nibbles unpacked once) */
+static inline __attribute__((always_inline)) void rows_int4(const Mat *m, int64_t r, const Act *a, float *out,
+                                                           const int NA) {
     const int G = m->k / QB;
     const uint8_t *w = m->q + r * (m->k / 2);
     const uint16_t *sz = m->s + r * G * 2;
-    __m128 acc = _mm_setzero_ps();
+    __m128 acc[4];
+    for (int j = 0; j < NA; j++) acc[j] = _mm_setzero_ps();
     int g = 0;
     for (; g + 4 <= G; g += 4) {
-        __m256i v[4];
-        for (int i = 0; i < 4; i++)
-            v[i] = dot2_i8_32(unpack_nibbles(w + 16 * (g + i)), a->q + QB * (g + i), a->q2 + QB * (g + i));
-        acc = int4_step4(acc, group_sums4(v[0], v[1], v[2], v[3]), _mm_loadu_si128((const __m128i *)(sz + 2 * g)),
-                         _mm_loadu_ps(a->d + g), _mm_loadu_ps(a->sum + g));
-    }
-    if (g < G) {
-        Tail4 t;
-        memset(&t, 0, sizeof t);
-        for (int i = 0; g + i < G; i++) {
-            t.isum[i] = hsum_epi32(dot2_i8_32(unpack_nibbles(w + 16 * (g + i)), a->q + QB * (g + i), a->q2 + QB * (g + i)));
-            t.sz[2 * i] = sz[2 * (g + i)], t.sz[2 * i + 1] = sz[2 * (g + i) + 1];
-            t.d[i] = a->d[g + i], t.sum[i] = a->sum[g + i];
+        __m256i wu[4];
+        for (int i = 0; i < 4; i++) wu[i] = unpack_nibbles(w + 16 * (g + i));
+        const __m128i sz8 = _mm_loadu_si128((const __m128i *)(sz + 2 * g));
+        for (int j = 0; j < NA; j++) {
+            __m256i v[4];
+            for (int i = 0; i < 4; i++) v[i] = dot2_i8_32(wu[i], a[j].q + QB * (g + i), a[j].q2 + QB * (g + i));
+            acc[j] = int4_step4(acc[j], group_sums4(v[0], v[1], v[2], v[3]), sz8, _mm_loadu_ps(a[j].d + g),
+                                _mm_loadu_ps(a[j].sum + g));
         }
-        acc = int4_step4(acc, _mm_loadu_si128((const __m128i *)t.isum), _mm_loadu_si128((const __m128i *)t.sz),
-                         _mm_loadu_ps(t.d), _mm_loadu_ps(t.sum));
     }
-    return hsum4(acc);
+    for (int j = 0; j < NA; j++) {
+        if (g < G) {
+            Tail4 t;
+            memset(&t, 0, sizeof t);
+            for (int i = 0; g + i < G; i++) {
+                t.isum[i] = hsum_epi32(dot2_i8_32(unpack_nibbles(w + 16 * (g + i)), a[j].q + QB * (g + i), a[j].q2 + QB * (g + i)));
+                t.sz[2 * i] = sz[2 * (g + i)], t.sz[2 * i + 1] = sz[2 * (g + i) + 1];
+                t.d[i] = a[j].d[g + i], t.sum[i] = a[j].sum[g + i];
+            }
+            acc[j] = int4_step4(acc[j], _mm_loadu_si128((const __m128i *)t.isum), _mm_loadu_si128((const __m128i *)t.sz),
+                                _mm_loadu_ps(t.d), _mm_loadu_ps(t.sum));
+        }
+        out[j] = hsum4(acc[j]);
+    }
+}
+
+static float row_int4(const Mat *m, int64_t r, const Act *a) {
+    float out;
+    rows_int4(m, r, a, &out, 1);
+    return out;
 }
 
 /* int8 weights: u8 x s8 products as |w| times x with w's sign. w in [-128, 127]: |-128| is 128 as a u8, and
@@ -270,29 +285,41 @@ static inline __m256i dot2_s8_32(const int8_t *w, const int8_t *x, const int8_t 
     return _mm256_add_epi32(_mm256_slli_epi32(p1, 7), p2);
 }
 
-static float row_int8(const Mat *m, int64_t r, const Act *a) {
+/* row r against NA activation rows: out[j] = row_int8 of a[j] */
+static inline __attribute__((always_inline)) void rows_int8(const Mat *m, int64_t r, const Act *a, float *out,
+                                                           const int NA) {
     const int G = m->k / QB;
     const int8_t *w = (const int8_t *)m->q + r * m->k;
     const __m128 inv = _mm_set1_ps(1.0f / 128);
-    __m128 acc = _mm_setzero_ps();
+    __m128 acc[4];
+    for (int j = 0; j < NA; j++) acc[j] = _mm_setzero_ps();
     int g = 0;
-    for (; g + 4 <= G; g += 4) {
-        __m256i v[4];
-        for (int i = 0; i < 4; i++) v[i] = dot2_s8_32(w + QB * (g + i), a->q + QB * (g + i), a->q2 + QB * (g + i));
-        acc = _mm_fmadd_ps(_mm_cvtepi32_ps(group_sums4(v[0], v[1], v[2], v[3])), _mm_mul_ps(_mm_loadu_ps(a->d + g), inv),
-                           acc);
-    }
-    if (g < G) {
-        Tail4 t;
-        memset(&t, 0, sizeof t);
-        for (int i = 0; g + i < G; i++) {
-            t.isum[i] = hsum_epi32(dot2_s8_32(w + QB * (g + i), a->q + QB * (g + i), a->q2 + QB * (g + i)));
-            t.d[i] = a->d[g + i];
+    for (; g + 4 <= G; g += 4)
+        for (int j = 0; j < NA; j++) {
+            __m256i v[4];
+            for (int i = 0; i < 4; i++) v[i] = dot2_s8_32(w + QB * (g + i), a[j].q + QB * (g + i), a[j].q2 + QB * (g + i));
+            acc[j] = _mm_fmadd_ps(_mm_cvtepi32_ps(group_sums4(v[0], v[1], v[2], v[3])),
+                                  _mm_mul_ps(_mm_loadu_ps(a[j].d + g), inv), acc[j]);
         }
-        acc = _mm_fmadd_ps(_mm_cvtepi32_ps(_mm_loadu_si128((const __m128i *)t.isum)), _mm_mul_ps(_mm_loadu_ps(t.d), inv),
-                           acc);
+    for (int j = 0; j < NA; j++) {
+        if (g < G) {
+            Tail4 t;
+            memset(&t, 0, sizeof t);
+            for (int i = 0; g + i < G; i++) {
+                t.isum[i] = hsum_epi32(dot2_s8_32(w + QB * (g + i), a[j].q + QB * (g + i), a[j].q2 + QB * (g + i)));
+                t.d[i] = a[j].d[g + i];
+            }
+            acc[j] = _mm_fmadd_ps(_mm_cvtepi32_ps(_mm_loadu_si128((const __m128i *)t.isum)),
+                                  _mm_mul_ps(_mm_loadu_ps(t.d), inv), acc[j]);
+        }
+        out[j] = hsum4(acc[j]) * bf16_f32(m->s[r]);
     }
-    return hsum4(acc) * bf16_f32(m->s[r]);
+}
+
+static float row_int8(const Mat *m, int64_t r, const Act *a) {
+    float out;
+    rows_int8(m, r, a, &out, 1);
+    return out;
 }
 
 static float row_int8_group(const Mat *m, int64_t r, const Act *a) {
@@ -678,7 +705,7 @@ int ic_decode(const Model *M, int64_t token, const float *cos, const float *sin,
 #define BATCH_MAX 64 /* rows per batched step */
 #define BT 8         /* tokens per tile */
 #define BR 2         /* weight rows per kernel call */
-#define BATCH_TILE_MIN 3 /* fewer rows take the one-token row products (a tile costs about 8 rows' products) */
+#define BATCH_TILE_MIN 3 /* fewer rows take the one-token row products (a tile costs about 4 rows' products) */
 
 static int batch_force = -1; /* ic_batch_vnni: -1 the CPU decides, 0 never (the AVX2 row products) */
 
@@ -827,33 +854,117 @@ BATCH_VNNI static inline __attribute__((always_inline)) void tile_rows(
     }
 }
 
-/* rows b of the quantized activations -> tiles; rows [B, tiles * BT) and an odd G's last group are zeros */
-BATCH_VNNI static void tile_acts(const Act *acts, int B, int k, const Tiles *T) {
-    const int G = k / QB, Gp = G + G % 2, tiles = (B + BT - 1) / BT;
+/* rows b of the quantized activations -> tiles of bt (8 or 4) tokens; rows [B, tiles * bt) and an odd G's last
+   group are zeros. bt 8: chunk c (inputs 8c..8c+7 of the group as stored) of token j at 64 c + 8 j; bt 4: the
+   group's first 16 inputs of token j at 16 j, its last 16 at 64 + 16 j */
+BATCH_VNNI static void tile_acts(const Act *acts, int B, int k, const Tiles *T, const int bt) {
+    const int G = k / QB, Gp = G + G % 2, tiles = (B + bt - 1) / bt;
     #pragma omp for schedule(static)
-    for (int b = 0; b < tiles * BT; b++) {
-        const int64_t t = b / BT, lane = b % BT;
+    for (int b = 0; b < tiles * bt; b++) {
+        const int64_t t = b / bt, lane = b % bt;
         for (int g = 0; g < Gp; g++) {
             const int64_t tg = t * Gp + g;
-            int8_t *dq = T->xq + tg * 256 + lane * 8, *dq2 = T->xq2 + tg * 256 + lane * 8;
-            if (b >= B || g >= G) {
-                for (int c = 0; c < QB / 8; c++) memset(dq + 64 * c, 0, 8), memset(dq2 + 64 * c, 0, 8);
-                T->dd[tg * BT + lane] = T->sum[tg * BT + lane] = 0.0f;
-                T->corr[tg * BT + lane] = 0;
+            int8_t *dq = T->xq + tg * (bt * QB), *dq2 = T->xq2 + tg * (bt * QB);
+            const int zero = b >= B || g >= G;
+            for (int c = 0; c < QB / 8; c++) {
+                const int64_t off = bt == 8 ? 64 * c + 8 * lane : 64 * (c / 2) + 16 * lane + 8 * (c % 2);
+                if (zero) {
+                    memset(dq + off, 0, 8), memset(dq2 + off, 0, 8);
+                } else {
+                    memcpy(dq + off, acts[b].q + QB * g + 8 * c, 8);
+                    memcpy(dq2 + off, acts[b].q2 + QB * g + 8 * c, 8);
+                }
+            }
+            if (zero) {
+                T->dd[tg * bt + lane] = T->sum[tg * bt + lane] = 0.0f;
+                T->corr[tg * bt + lane] = 0;
                 continue;
             }
             const Act *a = &acts[b];
-            for (int c = 0; c < QB / 8; c++) {
-                memcpy(dq + 64 * c, a->q + QB * g + 8 * c, 8);
-                memcpy(dq2 + 64 * c, a->q2 + QB * g + 8 * c, 8);
-            }
             const __m256i one = _mm256_set1_epi8(1);
             const __m256i s1 = _mm256_dpbusd_epi32(_mm256_setzero_si256(), one, _mm256_loadu_si256((const __m256i *)(a->q + QB * g)));
             const __m256i s2 = _mm256_dpbusd_epi32(_mm256_setzero_si256(), one, _mm256_loadu_si256((const __m256i *)(a->q2 + QB * g)));
-            T->dd[tg * BT + lane] = a->d[g] * (1.0f / 128);
-            T->sum[tg * BT + lane] = a->sum[g];
-            T->corr[tg * BT + lane] = 128 * (128 * hsum_epi32(s1) + hsum_epi32(s2));
+            T->dd[tg * bt + lane] = a->d[g] * (1.0f / 128);
+            T->sum[tg * bt + lane] = a->sum[g];
+            T->corr[tg * bt + lane] = 128 * (128 * hsum_epi32(s1) + hsum_epi32(s2));
         }
+    }
+}
+
+/* The 4-token tiles (3 or 4 rows: an 8-token tile would be half padding): one 512-bit register holds 4 tokens x
+   16 inputs of a group (its first or last 16 as stored), the weights a 128-bit broadcast of the matching 16
+   (int4: one group's 16 packed bytes, low nibbles against the first 16 inputs, high against the last; int8: w +
+   128). Token t's products end in lanes 4t..4t+3, folded to one sum per token and group, the two groups of a
+   pair in one 256-bit register (4 tokens of g | 4 of g+1); the float steps as in tile_pairs. */
+BATCH_VNNI static inline __attribute__((always_inline)) void tile4_pair(
+    const Mat *m, int64_t r0, int p, const Tiles *T, int64_t tg, __m256 *acc, const int NR, const int int4) {
+    const int G = m->k / QB;
+    __m512i is[2][BR];
+    for (int k = 0; k < 2; k++) {
+        const int g = 2 * p + k;
+        const int8_t *x = T->xq + (tg + k) * 128, *x2 = T->xq2 + (tg + k) * 128;
+        for (int i = 0; i < NR; i++) {
+            if (g >= G) {
+                is[k][i] = _mm512_setzero_si512();
+                continue;
+            }
+            if (int4) {
+                const __m512i m4 = _mm512_set1_epi8(0x0f), ones = _mm512_set1_epi16(1);
+                const __m512i v = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)(m->q + (r0 + i) * (m->k / 2) + 16 * g)));
+                const __m512i wl = _mm512_and_si512(v, m4), wh = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
+                const __m512i a = _mm512_add_epi16(_mm512_maddubs_epi16(wl, _mm512_load_si512((const void *)x)),
+                                                   _mm512_maddubs_epi16(wh, _mm512_load_si512((const void *)(x + 64))));
+                const __m512i b = _mm512_add_epi16(_mm512_maddubs_epi16(wl, _mm512_load_si512((const void *)x2)),
+                                                   _mm512_maddubs_epi16(wh, _mm512_load_si512((const void *)(x2 + 64))));
+                is[k][i] = _mm512_add_epi32(_mm512_slli_epi32(_mm512_madd_epi16(a, ones), 7), _mm512_madd_epi16(b, ones));
+            } else {
+                const __m512i flip = _mm512_set1_epi8((char)0x80);
+                const int8_t *w = (const int8_t *)m->q + (r0 + i) * m->k + QB * g;
+                const __m512i w0 = _mm512_xor_si512(_mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)w)), flip);
+                const __m512i w1 = _mm512_xor_si512(_mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)(w + 16))), flip);
+                __m512i a = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w0, _mm512_load_si512((const void *)x));
+                a = _mm512_dpbusd_epi32(a, w1, _mm512_load_si512((const void *)(x + 64)));
+                a = _mm512_slli_epi32(a, 7);
+                a = _mm512_dpbusd_epi32(a, w0, _mm512_load_si512((const void *)x2));
+                is[k][i] = _mm512_dpbusd_epi32(a, w1, _mm512_load_si512((const void *)(x2 + 64)));
+            }
+        }
+    }
+    const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+    const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+    const __m256 dd = _mm256_load_ps(T->dd + tg * 4);
+    for (int i = 0; i < NR; i++) {
+        const __m512i a = is[0][i], b = is[1][i];
+        const __m512i h = _mm512_add_epi32(_mm512_permutex2var_epi32(a, even, b), _mm512_permutex2var_epi32(a, odd, b));
+        __m256i sum = _mm512_cvtepi64_epi32(_mm512_add_epi32(h, _mm512_srli_epi64(h, 32))); /* (g: 4 | g+1: 4) */
+        __m256 v = acc[i];
+        if (int4) {
+            __m512 sv, zsv;
+            pair_sz(m->s + (r0 + i) * G * 2, 2 * p, G, &sv, &zsv);
+            /* lanes 0-7 of sv are s_g, 8-15 s_g+1: (s_g x 4 | s_g+1 x 4) */
+            const __m256i pick = _mm256_set_epi32(11, 10, 9, 8, 3, 2, 1, 0);
+            const __m256 s4 = _mm512_castps512_ps256(_mm512_permutexvar_ps(_mm512_castsi256_si512(pick), sv));
+            const __m256 z4 = _mm512_castps512_ps256(_mm512_permutexvar_ps(_mm512_castsi256_si512(pick), zsv));
+            v = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_mul_ps(s4, dd), v);
+            v = _mm256_fmadd_ps(z4, _mm256_load_ps(T->sum + tg * 4), v);
+        } else {
+            sum = _mm256_sub_epi32(sum, _mm256_load_si256((const __m256i *)(T->corr + tg * 4)));
+            v = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), dd, v);
+        }
+        acc[i] = v;
+    }
+}
+
+BATCH_VNNI static inline __attribute__((always_inline)) void tile4_rows(
+    const Mat *m, int64_t r0, const Tiles *T, float out[][BT], const int NR, const int int4) {
+    __m256 acc[2][BR]; /* row i: (acc0 | acc1), (acc2 | acc3) over 4 tokens */
+    for (int k = 0; k < 2; k++)
+        for (int i = 0; i < NR; i++) acc[k][i] = _mm256_setzero_ps();
+    const int P = (m->k / QB + 1) / 2;
+    for (int p = 0; p < P; p++) tile4_pair(m, r0, p, T, 2 * p, acc[p % 2], NR, int4);
+    for (int i = 0; i < NR; i++) {
+        const __m256 s = _mm256_add_ps(acc[0][i], acc[1][i]);
+        _mm_storeu_ps(out[i], _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1)));
     }
 }
 
@@ -861,6 +972,19 @@ BATCH_VNNI static void tile_acts(const Act *acts, int B, int k, const Tiles *T) 
 BATCH_VNNI static void rows_vnni(const Mat *m, int64_t r0, int nr, const Tiles *T, int B, float *v) {
     const int int4 = m->kind == KIND_INT4, tiles = (B + BT - 1) / BT;
     float out[BR][BT];
+    if (B <= 4) {
+        if (nr == BR && int4)
+            tile4_rows(m, r0, T, out, BR, 1);
+        else if (nr == BR)
+            tile4_rows(m, r0, T, out, BR, 0);
+        else if (int4)
+            tile4_rows(m, r0, T, out, 1, 1);
+        else
+            tile4_rows(m, r0, T, out, 1, 0);
+        for (int i = 0; i < nr; i++)
+            for (int j = 0; j < B; j++) v[(int64_t)j * BR + i] = int4 ? out[i][j] : out[i][j] * bf16_f32(m->s[r0 + i]);
+        return;
+    }
     for (int t = 0; t < tiles; t++) {
         if (nr == BR && int4)
             tile_rows(m, r0, T, t, out, BR, 1);
@@ -957,7 +1081,7 @@ static void matvec_batch(const Mat *m, const BatchWork *W, int B, float *y, int6
     Act acts[BATCH_MAX];
     for (int b = 0; b < B; b++) acts[b] = batch_act(W, b);
     if (batch_fast(m, W, B)) {
-        tile_acts(acts, B, m->k, &W->tiles);
+        tile_acts(acts, B, m->k, &W->tiles, B <= 4 ? 4 : BT);
         #pragma omp for schedule(static)
         for (int64_t rp = 0; rp < (n + BR - 1) / BR; rp++) {
             const int64_t r0 = rp * BR;
@@ -976,8 +1100,18 @@ static void matvec_batch(const Mat *m, const BatchWork *W, int B, float *y, int6
     }
     #pragma omp for schedule(static)
     for (int64_t r = 0; r < n; r++) {
-        for (int b = 0; b < B; b++) {
-            float vb = row_dot(m, r, &acts[b]);
+        float v[BATCH_MAX];
+        int b = 0; /* int4 / int8: up to 4 rows per pass over the weight row */
+        if (m->kind == KIND_INT4) {
+            for (; b + 4 <= B; b += 4) rows_int4(m, r, acts + b, v + b, 4);
+            for (; b + 2 <= B; b += 2) rows_int4(m, r, acts + b, v + b, 2);
+        } else if (m->kind == KIND_INT8) {
+            for (; b + 4 <= B; b += 4) rows_int8(m, r, acts + b, v + b, 4);
+            for (; b + 2 <= B; b += 2) rows_int8(m, r, acts + b, v + b, 2);
+        }
+        for (; b < B; b++) v[b] = row_dot(m, r, &acts[b]);
+        for (b = 0; b < B; b++) {
+            float vb = v[b];
             if (m->bias) vb += m->bias[r];
             float *yb = y + b * ldy;
             yb[r] = accumulate ? yb[r] + vb : vb;
