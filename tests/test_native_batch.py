@@ -6,31 +6,54 @@ alone bit for bit, logits, hidden state and the K/V rows written, at the same th
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from test_native import _pair, needs_lib
 
+from infinichat import native
 from infinichat.kv.cache import KVCache
 from infinichat.model.transformer import BatchItem
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 LENGTHS = [3, 70, 150, 1, 129]  # one and more key blocks of 64, split over the threads differently
+# with AVX-512 VNNI, 3 rows take the 4-token tiles, 5 one 8-token tile, 11 two (the second one partly padding);
+# the AVX2 row products take 4 and 2 rows per pass over a weight row, and single rows
+ROWS = {2: LENGTHS[1:3], 3: LENGTHS[:3], 5: LENGTHS, 11: LENGTHS * 2 + [40]}
 
 
-def _caches(qm, seed: int) -> tuple[list[KVCache], list[int], torch.Tensor]:
-    """Sequences of LENGTHS prompt tokens (through the PyTorch path), and each one's next token."""
+def _caches(qm, seed: int, lengths: list[int] = LENGTHS) -> tuple[list[KVCache], list[int], torch.Tensor]:
+    """Sequences of `lengths` prompt tokens (through the PyTorch path), and each one's next token."""
     cfg = qm.cfg
     g = torch.Generator().manual_seed(seed)
     caches = []
-    for n in LENGTHS:
+    for n in lengths:
         c = KVCache(cfg, 256, torch.bfloat16)
         qm(torch.randint(0, cfg.vocab_size, (n,), generator=g), torch.arange(n), c, 0)
         caches.append(c)
-    return caches, LENGTHS, torch.randint(0, cfg.vocab_size, (len(LENGTHS),), generator=g)
+    return caches, list(lengths), torch.randint(0, cfg.vocab_size, (len(lengths),), generator=g)
+
+
+@contextlib.contextmanager
+def _batch_kernels(path: str):
+    """The batched step's products: "vnni", the AVX-512 VNNI kernels (tokens in the lanes; skipped on CPUs without
+    them), or "avx2", the AVX2 row products every CPU runs (decode.c's ic_batch_vnni(0) forces them here)."""
+    lib = native.library()
+    assert lib is not None
+    if path == "vnni" and not lib.ic_batch_vnni(-1):
+        pytest.skip("no AVX-512 VNNI here")
+    try:
+        if path == "avx2":
+            assert lib.ic_batch_vnni(0) == 0
+        yield
+    finally:
+        lib.ic_batch_vnni(-1)
 
 
 @needs_lib
+@pytest.mark.parametrize("path, rows", [("vnni", 3), ("vnni", 5), ("vnni", 11), ("avx2", 2), ("avx2", 5)])
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize(
     "mode, kw",
@@ -38,20 +61,23 @@ def _caches(qm, seed: int) -> tuple[list[KVCache], list[int], torch.Tensor]:
         ("int4", {}),
         ("int8", {}),
         ("int8-row", {}),
+        ("int8-row", {"qkv_bias": True}),
         ("int4", {"qkv_bias": True, "tie_embeddings": True}),
-        ("int4", {"dim": 128, "ffn_dim": 256}),  # even group counts (the tiny default's dim 96 has 3: odd)
+        ("int4", {"dim": 128, "ffn_dim": 256}),  # 4 groups per row (the tiny default's dim 96 has 3)
+        ("int4", {"dim": 160, "ffn_dim": 352}),  # 5 and 11 groups: full 4-group steps and a tail
     ],
 )
-def test_batched_rows_equal_each_step_alone_bit_for_bit(mode, kw, threads):
+def test_batched_rows_equal_each_step_alone_bit_for_bit(mode, kw, threads, path, rows):
     qm, _ = _pair(mode, **kw)
     dec = qm.kernels.decoder
     assert dec is not None
-    solo, starts, toks = _caches(qm, 7)
-    batch, _, _ = _caches(qm, 7)
+    solo, starts, toks = _caches(qm, 7, ROWS[rows])
+    batch, _, _ = _caches(qm, 7, ROWS[rows])
     torch.set_num_threads(threads)
     try:
         alone = [dec.decode(int(t), torch.tensor([n]), c, n) for c, n, t in zip(solo, starts, toks, strict=True)]
-        x, logits = dec.decode_batch([int(t) for t in toks], [torch.tensor([n]) for n in starts], batch, starts)
+        with _batch_kernels(path):
+            x, logits = dec.decode_batch([int(t) for t in toks], [torch.tensor([n]) for n in starts], batch, starts)
     finally:
         torch.set_num_threads(1)
     for i, (xa, la) in enumerate(alone):

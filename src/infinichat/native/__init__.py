@@ -210,10 +210,12 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.ic_batch_work_size.argtypes = [ctypes.POINTER(_Model), i32, i32]
     lib.ic_batch_work_size.restype = ctypes.c_size_t
     lib.ic_decode_batch.argtypes = [ctypes.POINTER(_Model), i32, p, p, p, p, p, p, p, p, i32]
+    lib.ic_batch_vnni.argtypes = [i32]
+    lib.ic_batch_vnni.restype = i32
 
 
 KIND_INT4, KIND_INT8, KIND_INT8_GROUP = 4, 8, 9  # decode.c's Mat kinds
-ABI_VERSION = 4  # decode.c's IC_ABI_VERSION: the structures above and the signatures in _declare
+ABI_VERSION = 5  # decode.c's IC_ABI_VERSION: the structures above and the signatures in _declare
 
 
 def check_abi(lib: ctypes.CDLL) -> None:

@@ -192,29 +192,88 @@ static inline __m256i unpack_nibbles(const uint8_t *p) {
     return _mm256_set_m128i(hi, lo);
 }
 
-static float row_int4(const Mat *m, int64_t r, const Act *a) {
+/* The row products' float steps, shared with the batched step's kernels (which must give the same bits): each
+   group's integer product sum is made exact first (`isum`: 128 x the sum of w * (x + x2 / 128) over its 32
+   inputs), then groups g, g+1, g+2, g+3 go to the 4 lanes of a float accumulator, lane g % 4:
+     int4:  acc[g % 4] = fma(isum, s * (d / 128), acc); acc[g % 4] = fma(z - 8 s, sum, acc)
+     int8:  acc[g % 4] = fma(isum, d / 128, acc)            (the row's scale applied once at the end)
+   and the row's result is hsum4(acc) = (acc0 + acc2) + (acc1 + acc3). */
+
+/* the exact sums of the 8 int32 lanes of v0..v3: (4,) */
+static inline __m128i group_sums4(__m256i v0, __m256i v1, __m256i v2, __m256i v3) {
+    const __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(v0, v1), _mm256_hadd_epi32(v2, v3));
+    return _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+}
+
+static inline float hsum4(__m128 s) { /* (s0 + s2) + (s1 + s3) */
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* the int4 float step of 4 groups: sz8 their 4 (scale, zero) bf16 pairs, d / sum their activation blocks' */
+static inline __m128 int4_step4(__m128 acc, __m128i isum, __m128i sz8, __m128 d, __m128 sum) {
+    const __m128 s = _mm_castsi128_ps(_mm_slli_epi32(sz8, 16));
+    const __m128 z = _mm_castsi128_ps(_mm_and_si128(sz8, _mm_set1_epi32((int)0xffff0000u)));
+    const __m128 zs = _mm_sub_ps(z, _mm_mul_ps(_mm_set1_ps(8.0f), s)); /* 8 s is exact: one rounding */
+    acc = _mm_fmadd_ps(_mm_cvtepi32_ps(isum), _mm_mul_ps(s, _mm_mul_ps(d, _mm_set1_ps(1.0f / 128))), acc);
+    return _mm_fmadd_ps(zs, sum, acc);
+}
+
+static inline int32_t hsum_epi32(__m256i v) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(1, 0, 3, 2)));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(2, 3, 0, 1)));
+    return _mm_cvtsi128_si32(s);
+}
+
+/* the last G % 4 groups' operands of a row, zeros in the lanes past G (each such lane's step adds exactly 0) */
+typedef struct {
+    int32_t isum[4];
+    uint16_t sz[8];
+    float d[4], sum[4];
+} Tail4;
+
+/* row r against NA activation rows a[0..NA): out[j] = row_int4 of a[j] (the row's nibbles unpacked once) */
+static inline __attribute__((always_inline)) void rows_int4(const Mat *m, int64_t r, const Act *a, float *out,
+                                                           const int NA) {
     const int G = m->k / QB;
     const uint8_t *w = m->q + r * (m->k / 2);
     const uint16_t *sz = m->s + r * G * 2;
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-    float zacc = 0.0f;
+    __m128 acc[4];
+    for (int j = 0; j < NA; j++) acc[j] = _mm_setzero_ps();
     int g = 0;
-    for (; g + 1 < G; g += 2) {
-        __m256i p0 = dot2_i8_32(unpack_nibbles(w + 16 * g), a->q + QB * g, a->q2 + QB * g);
-        __m256i p1 = dot2_i8_32(unpack_nibbles(w + 16 * (g + 1)), a->q + QB * (g + 1), a->q2 + QB * (g + 1));
-        float s0 = bf16_f32(sz[2 * g]), z0 = bf16_f32(sz[2 * g + 1]);
-        float s1 = bf16_f32(sz[2 * g + 2]), z1 = bf16_f32(sz[2 * g + 3]);
-        acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(s0 * a->d[g]), acc0);
-        acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_set1_ps(s1 * a->d[g + 1]), acc1);
-        zacc += (z0 - 8.0f * s0) * a->sum[g] + (z1 - 8.0f * s1) * a->sum[g + 1];
+    for (; g + 4 <= G; g += 4) {
+        __m256i wu[4];
+        for (int i = 0; i < 4; i++) wu[i] = unpack_nibbles(w + 16 * (g + i));
+        const __m128i sz8 = _mm_loadu_si128((const __m128i *)(sz + 2 * g));
+        for (int j = 0; j < NA; j++) {
+            __m256i v[4];
+            for (int i = 0; i < 4; i++) v[i] = dot2_i8_32(wu[i], a[j].q + QB * (g + i), a[j].q2 + QB * (g + i));
+            acc[j] = int4_step4(acc[j], group_sums4(v[0], v[1], v[2], v[3]), sz8, _mm_loadu_ps(a[j].d + g),
+                                _mm_loadu_ps(a[j].sum + g));
+        }
     }
-    for (; g < G; g++) {
-        __m256i p0 = dot2_i8_32(unpack_nibbles(w + 16 * g), a->q + QB * g, a->q2 + QB * g);
-        float s0 = bf16_f32(sz[2 * g]), z0 = bf16_f32(sz[2 * g + 1]);
-        acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(s0 * a->d[g]), acc0);
-        zacc += (z0 - 8.0f * s0) * a->sum[g];
+    for (int j = 0; j < NA; j++) {
+        if (g < G) {
+            Tail4 t;
+            memset(&t, 0, sizeof t);
+            for (int i = 0; g + i < G; i++) {
+                t.isum[i] = hsum_epi32(dot2_i8_32(unpack_nibbles(w + 16 * (g + i)), a[j].q + QB * (g + i), a[j].q2 + QB * (g + i)));
+                t.sz[2 * i] = sz[2 * (g + i)], t.sz[2 * i + 1] = sz[2 * (g + i) + 1];
+                t.d[i] = a[j].d[g + i], t.sum[i] = a[j].sum[g + i];
+            }
+            acc[j] = int4_step4(acc[j], _mm_loadu_si128((const __m128i *)t.isum), _mm_loadu_si128((const __m128i *)t.sz),
+                                _mm_loadu_ps(t.d), _mm_loadu_ps(t.sum));
+        }
+        out[j] = hsum4(acc[j]);
     }
-    return hsum8(_mm256_add_ps(acc0, acc1)) * (1.0f / 128) + zacc;
+}
+
+static float row_int4(const Mat *m, int64_t r, const Act *a) {
+    float out;
+    rows_int4(m, r, a, &out, 1);
+    return out;
 }
 
 /* int8 weights: u8 x s8 products as |w| times x with w's sign. w in [-128, 127]: |-128| is 128 as a u8, and
@@ -227,22 +286,41 @@ static inline __m256i dot2_s8_32(const int8_t *w, const int8_t *x, const int8_t 
     return _mm256_add_epi32(_mm256_slli_epi32(p1, 7), p2);
 }
 
-static float row_int8(const Mat *m, int64_t r, const Act *a) {
+/* row r against NA activation rows: out[j] = row_int8 of a[j] */
+static inline __attribute__((always_inline)) void rows_int8(const Mat *m, int64_t r, const Act *a, float *out,
+                                                           const int NA) {
     const int G = m->k / QB;
     const int8_t *w = (const int8_t *)m->q + r * m->k;
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    const __m128 inv = _mm_set1_ps(1.0f / 128);
+    __m128 acc[4];
+    for (int j = 0; j < NA; j++) acc[j] = _mm_setzero_ps();
     int g = 0;
-    for (; g + 1 < G; g += 2) {
-        __m256i p0 = dot2_s8_32(w + QB * g, a->q + QB * g, a->q2 + QB * g);
-        __m256i p1 = dot2_s8_32(w + QB * (g + 1), a->q + QB * (g + 1), a->q2 + QB * (g + 1));
-        acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(a->d[g]), acc0);
-        acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_set1_ps(a->d[g + 1]), acc1);
+    for (; g + 4 <= G; g += 4)
+        for (int j = 0; j < NA; j++) {
+            __m256i v[4];
+            for (int i = 0; i < 4; i++) v[i] = dot2_s8_32(w + QB * (g + i), a[j].q + QB * (g + i), a[j].q2 + QB * (g + i));
+            acc[j] = _mm_fmadd_ps(_mm_cvtepi32_ps(group_sums4(v[0], v[1], v[2], v[3])),
+                                  _mm_mul_ps(_mm_loadu_ps(a[j].d + g), inv), acc[j]);
+        }
+    for (int j = 0; j < NA; j++) {
+        if (g < G) {
+            Tail4 t;
+            memset(&t, 0, sizeof t);
+            for (int i = 0; g + i < G; i++) {
+                t.isum[i] = hsum_epi32(dot2_s8_32(w + QB * (g + i), a[j].q + QB * (g + i), a[j].q2 + QB * (g + i)));
+                t.d[i] = a[j].d[g + i];
+            }
+            acc[j] = _mm_fmadd_ps(_mm_cvtepi32_ps(_mm_loadu_si128((const __m128i *)t.isum)),
+                                  _mm_mul_ps(_mm_loadu_ps(t.d), inv), acc[j]);
+        }
+        out[j] = hsum4(acc[j]) * bf16_f32(m->s[r]);
     }
-    for (; g < G; g++) {
-        __m256i p0 = dot2_s8_32(w + QB * g, a->q + QB * g, a->q2 + QB * g);
-        acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(a->d[g]), acc0);
-    }
-    return hsum8(_mm256_add_ps(acc0, acc1)) * bf16_f32(m->s[r]) * (1.0f / 128);
+}
+
+static float row_int8(const Mat *m, int64_t r, const Act *a) {
+    float out;
+    rows_int8(m, r, a, &out, 1);
+    return out;
 }
 
 static float row_int8_group(const Mat *m, int64_t r, const Act *a) {
@@ -669,8 +747,8 @@ size_t ic_work_size(void) { return sizeof(Work); }
 /* The ABI the Python side (native/__init__.py) was written against: bump IC_ABI_VERSION whenever a struct
    or an exported signature changes. Fills sizes[0..2] with sizeof(Mat), sizeof(Layer), sizeof(Model); the
    loader compares them with its ctypes structures and refuses a library that disagrees. */
-#define IC_ABI_VERSION 4 /* 3: KVView and ic_decode_kv (quantized KV); 4: int4 KV and Hadamard keys in KVView,
-                            ic_decode_batch over KV views */
+#define IC_ABI_VERSION 5 /* 3: KVView and ic_decode_kv (quantized KV); 4: int4 KV and Hadamard keys in KVView,
+                            ic_decode_batch over KV views; 5: ic_batch_vnni */
 int ic_abi(int64_t *sizes) {
     sizes[0] = (int64_t)sizeof(Mat);
     sizes[1] = (int64_t)sizeof(Layer);
@@ -792,16 +870,27 @@ int ic_decode(const Model *M, int64_t token, const float *cos, const float *sin,
    Each row's arithmetic is the one-token step's, op for op (the same row products, norms, RoPE, and attention
    split into the same `nthreads` key ranges, merged in the same order), so row b's results are bit for bit
    what ic_decode gives for that sequence alone with the same thread count. */
-/* With AVX-512 VNNI, one weight row against the B activation rows: the row's weights are widened once (int4
-   nibbles to bytes, two groups per register; int8 offset by 128 to unsigned) and each activation row takes
-   two dpbusd per two groups, where row_int4 / row_int8 unpack and multiply per row with maddubs + madd. The
-   integer sums are the same exact values (dpbusd's lanes sum the same 4 products as maddubs + madd; the int8
-   offset is taken back exactly with each activation's lane sums, `corr`), and the float steps are row_int4's
-   and row_int8's in the same order (two groups per 512-bit register = their acc0 / acc1), so the result is
-   bit for bit theirs. */
+/* With AVX-512 (BW, VNNI) and int4 or per-row int8 weights, the tokens go in the vector lanes: in a tile of
+   BT = 8 rows' activations, 8 inputs of a group (chunk c: its bytes 8c..8c+7 as quantize_act stores them; int4:
+   the split order, so chunks 0, 1 are the even inputs of the group's two halves and 2, 3 the odd ones) of the 8
+   tokens make one 512-bit register, for each of the two levels q and q2, and one instruction multiplies them
+   with the same 8 weights (one 64-bit broadcast: int4, 8 packed bytes give chunk 0's or 1's weights in their
+   low nibbles and chunk 2's or 3's in their high nibbles; int8, w + 128 as unsigned bytes for dpbusd). int4
+   products: maddubs (nibble x int8 pairs, summed over the 4 chunks in int16: at most 4 x 2 x 15 x 127, exact)
+   widened by madd; int8: dpbusd. Token t's products end in lanes 2t, 2t+1; those of two groups are added into
+   one register (tokens of group g | of group g+1) holding the groups' exact integer sums (isum, as row_int4 /
+   row_int8 make them: 128 x the q sums + the q2 sums, the int8 offset taken back with the tokens' block sums,
+   `corr`). Then row_int4's / row_int8's float steps run with the tokens in the lanes: accumulator (acc0 | acc1)
+   gets groups g % 4 == 0 | 1, (acc2 | acc3) groups 2 | 3, added at the end as hsum4 does. So each row b's
+   result is bit for bit row_int4's / row_int8's, a group's float steps are done once for 8 tokens, and BR
+   weight rows share each activation load. */
 #define BATCH_VNNI __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512vnni,fma")))
-#define BATCH_MAXP 128 /* group pairs per row the VNNI kernels take: K <= 8192 */
-#define BATCH_MAX 64   /* rows per batched step */
+#define BATCH_MAX 64 /* rows per batched step */
+#define BT 8         /* tokens per tile */
+#define BR 2         /* weight rows per kernel call */
+#define BATCH_TILE_MIN 3 /* fewer rows take the one-token row products (a tile costs about 4 rows' products) */
+
+static int batch_force = -1; /* ic_batch_vnni: -1 the CPU decides, 0 never (the AVX2 row products) */
 
 static int batch_vnni(void) {
     static int v = -1;
@@ -811,135 +900,296 @@ static int batch_vnni(void) {
             __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") &&
             __builtin_cpu_supports("avx512vnni");
     }
-    return v;
+    return v && batch_force != 0;
 }
 
-BATCH_VNNI static inline __m512 pair_scale(const float *d) { /* (d[0] x 8 | d[1] x 8) */
-    const __m512i idx = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
-    return _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(_mm_castpd_ps(_mm_load_sd((const double *)d))));
+/* mode -1: the batched step uses the AVX-512 VNNI kernels where the CPU has them (the default); 0: never (the
+   AVX2 row products every CPU runs; tests compare both). Returns whether they are used now. */
+int ic_batch_vnni(int mode) {
+    batch_force = mode < 0 ? -1 : mode > 0 ? 1 : 0;
+    return batch_vnni();
 }
 
-/* NB activation rows (acts[0..NB)) against one unpacked int4 weight row, their chains interleaved (each row's
-   own sums in row_int4's order: independent chains keep the FMA units busy instead of waiting on one) */
-BATCH_VNNI static inline __attribute__((always_inline)) void int4_block(
-    const uint8_t *w, int G, const __m512i *wv, const __m512 *S, const float *zs, const float *sc, const Act *acts,
-    float *out, const int NB) {
-    const int P = G / 2;
-    __m512 acc[4];
-    float zacc[4];
-    for (int j = 0; j < NB; j++) {
-        acc[j] = _mm512_setzero_ps();
-        zacc[j] = 0.0f;
+/* The activation tiles of one product, Gp = G rounded up to even (an odd G's last group: zeros): tile t, group
+   g (index tg = t * Gp + g): xq / xq2 (4 chunks x 8 tokens x 8 inputs) int8; dd (8,) the tokens' d / 128, sum
+   (8,) their block sums, corr (8,) int32 (int8 weights: 128 x (128 sum q + sum q2)) */
+typedef struct {
+    int8_t *xq, *xq2;
+    float *dd, *sum;
+    int32_t *corr;
+} Tiles;
+
+/* int4 row r's scales of groups (g, g+1): s (g x 8 | g+1 x 8) and z - 8 s; g + 1 == G: zeros for g+1 */
+BATCH_VNNI static inline __attribute__((always_inline)) void pair_sz(const uint16_t *sz, int g, int G, __m512 *s,
+                                                                    __m512 *zs) {
+    int64_t four; /* s_g, z_g, s_g+1, z_g+1 (bf16) */
+    if (g + 1 < G) {
+        memcpy(&four, sz + 2 * g, 8);
+    } else {
+        uint16_t t[4] = {sz[2 * g], sz[2 * g + 1], 0, 0};
+        memcpy(&four, t, 8);
     }
-    for (int p = 0; p < P; p++) {
-        const int g = 2 * p;
-        for (int j = 0; j < NB; j++) {
-            const Act *a = &acts[j];
-            const __m512i x1 = _mm512_loadu_si512((const void *)(a->q + QB * g));
-            const __m512i x2 = _mm512_loadu_si512((const void *)(a->q2 + QB * g));
-            /* (w . x1) * 128 + w . x2, exact in int32: the second product accumulates onto the first */
-            const __m512i p1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv[p], x1);
-            const __m512i pi = _mm512_dpbusd_epi32(_mm512_slli_epi32(p1, 7), wv[p], x2);
-            acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(pi), _mm512_mul_ps(S[p], pair_scale(a->d + g)), acc[j]);
-            zacc[j] += zs[g] * a->sum[g] + zs[g + 1] * a->sum[g + 1];
+    const __m512i v = _mm512_set1_epi64(four);
+    /* each float lane's high half <- the bf16 (its low half 0): lanes 0-7 from word 0 / 1, 8-15 from word 2 / 3 */
+    const __m512i is = _mm512_set_epi16(2, 0, 2, 0, 2, 0, 2, 0, 2, 0, 2, 0, 2, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+                                        0, 0, 0, 0, 0, 0);
+    const __m512i iz = _mm512_add_epi16(is, _mm512_set1_epi16(1));
+    *s = _mm512_castsi512_ps(_mm512_maskz_permutexvar_epi16(0xAAAAAAAAu, is, v));
+    const __m512 z = _mm512_castsi512_ps(_mm512_maskz_permutexvar_epi16(0xAAAAAAAAu, iz, v));
+    *zs = _mm512_fnmadd_ps(_mm512_set1_ps(8.0f), *s, z); /* z - 8 s: 8 s is exact, one rounding as row_int4's */
+}
+
+/* NP pairs of groups (from group 2p) of NR (<= BR) weight rows r0.. against one tile: acc[k][i] (group g | g+1
+   x 8 tokens) += the pair's float steps for row i. The NP x 2 x NR integer chains are interleaved. */
+BATCH_VNNI static inline __attribute__((always_inline)) void tile_pairs(
+    const Mat *m, int64_t r0, int p, const Tiles *T, int64_t tg, __m512 acc[][BR], const int NP, const int NR,
+    const int int4) {
+    const int G = m->k / QB;
+    __m512i is[4][BR]; /* group 2p + k, row i: exact int32 sums, token t in lanes 2t, 2t+1 */
+    if (int4) {
+        const __m512i m4 = _mm512_set1_epi8(0x0f), ones = _mm512_set1_epi16(1);
+        for (int k = 0; k < 2 * NP; k++) {
+            const int g = 2 * p + k;
+            const int8_t *x = T->xq + (tg + k) * 256, *x2 = T->xq2 + (tg + k) * 256;
+            for (int i = 0; i < NR; i++) {
+                if (g >= G) { /* an odd G's zero group */
+                    is[k][i] = _mm512_setzero_si512();
+                    continue;
+                }
+                const uint8_t *w = m->q + (r0 + i) * (m->k / 2) + 16 * g;
+                int64_t b0, b1;
+                memcpy(&b0, w, 8);
+                memcpy(&b1, w + 8, 8);
+                const __m512i q0 = _mm512_set1_epi64(b0), q1 = _mm512_set1_epi64(b1);
+                const __m512i w0 = _mm512_and_si512(q0, m4), w1 = _mm512_and_si512(q1, m4);
+                const __m512i w2 = _mm512_and_si512(_mm512_srli_epi16(q0, 4), m4);
+                const __m512i w3 = _mm512_and_si512(_mm512_srli_epi16(q1, 4), m4);
+                __m512i a = _mm512_maddubs_epi16(w0, _mm512_load_si512((const void *)x));
+                a = _mm512_add_epi16(a, _mm512_maddubs_epi16(w1, _mm512_load_si512((const void *)(x + 64))));
+                a = _mm512_add_epi16(a, _mm512_maddubs_epi16(w2, _mm512_load_si512((const void *)(x + 128))));
+                a = _mm512_add_epi16(a, _mm512_maddubs_epi16(w3, _mm512_load_si512((const void *)(x + 192))));
+                __m512i b = _mm512_maddubs_epi16(w0, _mm512_load_si512((const void *)x2));
+                b = _mm512_add_epi16(b, _mm512_maddubs_epi16(w1, _mm512_load_si512((const void *)(x2 + 64))));
+                b = _mm512_add_epi16(b, _mm512_maddubs_epi16(w2, _mm512_load_si512((const void *)(x2 + 128))));
+                b = _mm512_add_epi16(b, _mm512_maddubs_epi16(w3, _mm512_load_si512((const void *)(x2 + 192))));
+                is[k][i] = _mm512_add_epi32(_mm512_slli_epi32(_mm512_madd_epi16(a, ones), 7), _mm512_madd_epi16(b, ones));
+            }
+        }
+    } else {
+        const __m512i flip = _mm512_set1_epi8((char)0x80);
+        for (int k = 0; k < 2 * NP; k++) {
+            const int g = 2 * p + k;
+            const int8_t *x = T->xq + (tg + k) * 256, *x2 = T->xq2 + (tg + k) * 256;
+            for (int i = 0; i < NR; i++) {
+                if (g >= G) { /* an odd G's zero group */
+                    is[k][i] = _mm512_setzero_si512();
+                    continue;
+                }
+                int64_t e[4];
+                memcpy(e, (const int8_t *)m->q + (r0 + i) * m->k + QB * g, 32);
+                __m512i wb[4];
+                for (int c = 0; c < 4; c++) wb[c] = _mm512_xor_si512(_mm512_set1_epi64(e[c]), flip);
+                __m512i a = _mm512_setzero_si512();
+                for (int c = 0; c < 4; c++) a = _mm512_dpbusd_epi32(a, wb[c], _mm512_load_si512((const void *)(x + 64 * c)));
+                a = _mm512_slli_epi32(a, 7); /* q2 on top of 128 x the q sums */
+                for (int c = 0; c < 4; c++) a = _mm512_dpbusd_epi32(a, wb[c], _mm512_load_si512((const void *)(x2 + 64 * c)));
+                is[k][i] = a;
+            }
         }
     }
-    for (int j = 0; j < NB; j++) {
-        const Act *a = &acts[j];
-        __m256 acc0 = _mm512_castps512_ps256(acc[j]), acc1 = _mm512_extractf32x8_ps(acc[j], 1);
-        if (G % 2) {
-            const int g = G - 1;
-            __m256i p0 = dot2_i8_32(unpack_nibbles(w + 16 * g), a->q + QB * g, a->q2 + QB * g);
-            acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(sc[g] * a->d[g]), acc0);
-            zacc[j] += zs[g] * a->sum[g];
-        }
-        out[j] = hsum8(_mm256_add_ps(acc0, acc1)) * (1.0f / 128) + zacc[j];
-    }
-}
-
-BATCH_VNNI static void rows_int4_vnni(const Mat *m, int64_t r, const Act *acts, int B, float *out) {
-    const int G = m->k / QB, P = G / 2;
-    const uint8_t *w = m->q + r * (m->k / 2);
-    const uint16_t *sz = m->s + r * G * 2;
-    __m512i wv[BATCH_MAXP];
-    __m512 S[BATCH_MAXP];
-    float zs[2 * BATCH_MAXP + 1], sc[2 * BATCH_MAXP + 1];
-    const __m512i m4 = _mm512_set1_epi8(0x0f);
-    for (int g = 0; g < G; g++) {
-        sc[g] = bf16_f32(sz[2 * g]);
-        zs[g] = bf16_f32(sz[2 * g + 1]) - 8.0f * sc[g];
-    }
-    for (int p = 0; p < P; p++) { /* (lo | hi nibbles of group 2p | lo | hi of 2p+1), as unpack_nibbles' */
-        const __m512i b = _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(w + 32 * p)));
-        __m512i t = _mm512_shuffle_i64x2(b, b, _MM_SHUFFLE(1, 1, 0, 0));
-        t = _mm512_mask_srli_epi16(t, 0xFF00FF00u, t, 4);
-        wv[p] = _mm512_and_si512(t, m4);
-        S[p] = _mm512_insertf32x8(_mm512_set1_ps(sc[2 * p]), _mm256_set1_ps(sc[2 * p + 1]), 1);
-    }
-    int bi = 0;
-    for (; bi + 4 <= B; bi += 4) int4_block(w, G, wv, S, zs, sc, acts + bi, out + bi, 4);
-    for (; bi < B; bi++) int4_block(w, G, wv, S, zs, sc, acts + bi, out + bi, 1);
-}
-
-/* corr (P, 16): 128 * ((lane sums of q) * 128 + lane sums of q2) per group pair, the offset the unsigned int8
-   weights (w + 128) add to the two-level products; odd G: the last group's 8 lanes at the end */
-BATCH_VNNI static void int8_corr(const Act *a, int k, int32_t *corr) {
-    const int G = k / QB;
-    const __m512i one = _mm512_set1_epi8(1);
-    for (int p = 0; p < G / 2; p++) {
-        const __m512i s1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), one, _mm512_loadu_si512((const void *)(a->q + 64 * p)));
-        const __m512i s2 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), one, _mm512_loadu_si512((const void *)(a->q2 + 64 * p)));
-        _mm512_storeu_si512((void *)(corr + 16 * p), _mm512_slli_epi32(_mm512_add_epi32(_mm512_slli_epi32(s1, 7), s2), 7));
-    }
-}
-
-BATCH_VNNI static inline __attribute__((always_inline)) void int8_block(
-    const int8_t *w, int G, const __m512i *wv, float rs, const Act *acts, const int32_t *corr, int64_t ldc,
-    float *out, const int NB) {
-    const int P = G / 2;
-    __m512 acc[4];
-    for (int j = 0; j < NB; j++) acc[j] = _mm512_setzero_ps();
-    for (int p = 0; p < P; p++) {
-        const int g = 2 * p;
-        for (int j = 0; j < NB; j++) {
-            const Act *a = &acts[j];
-            const __m512i p1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv[p], _mm512_loadu_si512((const void *)(a->q + QB * g)));
-            const __m512i base = _mm512_sub_epi32(_mm512_slli_epi32(p1, 7),
-                                                  _mm512_loadu_si512((const void *)(corr + j * ldc + 16 * p)));
-            const __m512i pi = _mm512_dpbusd_epi32(base, wv[p], _mm512_loadu_si512((const void *)(a->q2 + QB * g)));
-            acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(pi), pair_scale(a->d + g), acc[j]);
+    const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+    const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+    for (int k = 0; k < NP; k++) {
+        const int64_t tk = tg + 2 * k; /* groups tk, tk + 1: their dd / sum / corr are 16 values in a row */
+        const __m512 dd = _mm512_load_ps(T->dd + tk * BT);
+        for (int i = 0; i < NR; i++) {
+            const __m512i a = is[2 * k][i], b = is[2 * k + 1][i];
+            __m512i sum = _mm512_add_epi32(_mm512_permutex2var_epi32(a, even, b), _mm512_permutex2var_epi32(a, odd, b));
+            __m512 v = acc[k][i];
+            if (int4) {
+                __m512 sv, zsv;
+                pair_sz(m->s + (r0 + i) * G * 2, 2 * (p + k), G, &sv, &zsv);
+                v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_mul_ps(sv, dd), v);
+                v = _mm512_fmadd_ps(zsv, _mm512_load_ps(T->sum + tk * BT), v);
+            } else {
+                sum = _mm512_sub_epi32(sum, _mm512_load_si512((const void *)(T->corr + tk * BT)));
+                v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), dd, v);
+            }
+            acc[k][i] = v;
         }
     }
-    for (int j = 0; j < NB; j++) {
-        const Act *a = &acts[j];
-        __m256 acc0 = _mm512_castps512_ps256(acc[j]), acc1 = _mm512_extractf32x8_ps(acc[j], 1);
-        if (G % 2) {
-            const int g = G - 1;
-            __m256i p0 = dot2_s8_32(w + QB * g, a->q + QB * g, a->q2 + QB * g);
-            acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(a->d[g]), acc0);
-        }
-        out[j] = hsum8(_mm256_add_ps(acc0, acc1)) * rs * (1.0f / 128);
+}
+
+/* NR weight rows r0.. x tile `t` (its 8 tokens) -> out[i][token] (int8: before the row's scale) */
+BATCH_VNNI static inline __attribute__((always_inline)) void tile_rows(
+    const Mat *m, int64_t r0, const Tiles *T, int64_t t, float out[][BT], const int NR, const int int4) {
+    __m512 acc[2][BR]; /* row i: (acc0 | acc1), (acc2 | acc3) */
+    for (int k = 0; k < 2; k++)
+        for (int i = 0; i < NR; i++) acc[k][i] = _mm512_setzero_ps();
+    const int P = (m->k / QB + 1) / 2;
+    const int64_t tg = t * (2 * P);
+    int p = 0;
+    for (; p + 2 <= P; p += 2) tile_pairs(m, r0, p, T, tg + 2 * p, acc, 2, NR, int4);
+    if (p < P) tile_pairs(m, r0, p, T, tg + 2 * p, acc, 1, NR, int4); /* groups g % 4 == 0, 1 */
+    for (int i = 0; i < NR; i++) {
+        const __m512 s = _mm512_add_ps(acc[0][i], acc[1][i]); /* (acc0 + acc2 | acc1 + acc3) */
+        _mm256_storeu_ps(out[i], _mm256_add_ps(_mm512_castps512_ps256(s), _mm512_extractf32x8_ps(s, 1)));
     }
 }
 
-BATCH_VNNI static void rows_int8_vnni(const Mat *m, int64_t r, const Act *acts, const int32_t *corr, int64_t ldc,
-                                      int B, float *out) {
-    const int G = m->k / QB, P = G / 2;
-    const int8_t *w = (const int8_t *)m->q + r * m->k;
-    __m512i wv[BATCH_MAXP];
-    const __m512i flip = _mm512_set1_epi8((char)0x80);
-    for (int p = 0; p < P; p++) wv[p] = _mm512_xor_si512(_mm512_loadu_si512((const void *)(w + 64 * p)), flip);
-    const float rs = bf16_f32(m->s[r]);
-    int bi = 0;
-    for (; bi + 4 <= B; bi += 4) int8_block(w, G, wv, rs, acts + bi, corr + bi * ldc, ldc, out + bi, 4);
-    for (; bi < B; bi++) int8_block(w, G, wv, rs, acts + bi, corr + bi * ldc, ldc, out + bi, 1);
+/* rows b of the quantized activations -> tiles of bt (8 or 4) tokens; rows [B, tiles * bt) and an odd G's last
+   group are zeros. bt 8: chunk c (inputs 8c..8c+7 of the group as stored) of token j at 64 c + 8 j; bt 4: the
+   group's first 16 inputs of token j at 16 j, its last 16 at 64 + 16 j */
+BATCH_VNNI static void tile_acts(const Act *acts, int B, int k, const Tiles *T, const int bt) {
+    const int G = k / QB, Gp = G + G % 2, tiles = (B + bt - 1) / bt;
+    #pragma omp for schedule(static)
+    for (int b = 0; b < tiles * bt; b++) {
+        const int64_t t = b / bt, lane = b % bt;
+        for (int g = 0; g < Gp; g++) {
+            const int64_t tg = t * Gp + g;
+            int8_t *dq = T->xq + tg * (bt * QB), *dq2 = T->xq2 + tg * (bt * QB);
+            const int zero = b >= B || g >= G;
+            for (int c = 0; c < QB / 8; c++) {
+                const int64_t off = bt == 8 ? 64 * c + 8 * lane : 64 * (c / 2) + 16 * lane + 8 * (c % 2);
+                if (zero) {
+                    memset(dq + off, 0, 8), memset(dq2 + off, 0, 8);
+                } else {
+                    memcpy(dq + off, acts[b].q + QB * g + 8 * c, 8);
+                    memcpy(dq2 + off, acts[b].q2 + QB * g + 8 * c, 8);
+                }
+            }
+            if (zero) {
+                T->dd[tg * bt + lane] = T->sum[tg * bt + lane] = 0.0f;
+                T->corr[tg * bt + lane] = 0;
+                continue;
+            }
+            const Act *a = &acts[b];
+            const __m256i one = _mm256_set1_epi8(1);
+            const __m256i s1 = _mm256_dpbusd_epi32(_mm256_setzero_si256(), one, _mm256_loadu_si256((const __m256i *)(a->q + QB * g)));
+            const __m256i s2 = _mm256_dpbusd_epi32(_mm256_setzero_si256(), one, _mm256_loadu_si256((const __m256i *)(a->q2 + QB * g)));
+            T->dd[tg * bt + lane] = a->d[g] * (1.0f / 128);
+            T->sum[tg * bt + lane] = a->sum[g];
+            T->corr[tg * bt + lane] = 128 * (128 * hsum_epi32(s1) + hsum_epi32(s2));
+        }
+    }
+}
+
+/* The 4-token tiles (3 or 4 rows: an 8-token tile would be half padding): one 512-bit register holds 4 tokens x
+   16 inputs of a group (its first or last 16 as stored), the weights a 128-bit broadcast of the matching 16
+   (int4: one group's 16 packed bytes, low nibbles against the first 16 inputs, high against the last; int8: w +
+   128). Token t's products end in lanes 4t..4t+3, folded to one sum per token and group, the two groups of a
+   pair in one 256-bit register (4 tokens of g | 4 of g+1); the float steps as in tile_pairs. */
+BATCH_VNNI static inline __attribute__((always_inline)) void tile4_pair(
+    const Mat *m, int64_t r0, int p, const Tiles *T, int64_t tg, __m256 *acc, const int NR, const int int4) {
+    const int G = m->k / QB;
+    __m512i is[2][BR];
+    for (int k = 0; k < 2; k++) {
+        const int g = 2 * p + k;
+        const int8_t *x = T->xq + (tg + k) * 128, *x2 = T->xq2 + (tg + k) * 128;
+        for (int i = 0; i < NR; i++) {
+            if (g >= G) {
+                is[k][i] = _mm512_setzero_si512();
+                continue;
+            }
+            if (int4) {
+                const __m512i m4 = _mm512_set1_epi8(0x0f), ones = _mm512_set1_epi16(1);
+                const __m512i v = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)(m->q + (r0 + i) * (m->k / 2) + 16 * g)));
+                const __m512i wl = _mm512_and_si512(v, m4), wh = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
+                const __m512i a = _mm512_add_epi16(_mm512_maddubs_epi16(wl, _mm512_load_si512((const void *)x)),
+                                                   _mm512_maddubs_epi16(wh, _mm512_load_si512((const void *)(x + 64))));
+                const __m512i b = _mm512_add_epi16(_mm512_maddubs_epi16(wl, _mm512_load_si512((const void *)x2)),
+                                                   _mm512_maddubs_epi16(wh, _mm512_load_si512((const void *)(x2 + 64))));
+                is[k][i] = _mm512_add_epi32(_mm512_slli_epi32(_mm512_madd_epi16(a, ones), 7), _mm512_madd_epi16(b, ones));
+            } else {
+                const __m512i flip = _mm512_set1_epi8((char)0x80);
+                const int8_t *w = (const int8_t *)m->q + (r0 + i) * m->k + QB * g;
+                const __m512i w0 = _mm512_xor_si512(_mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)w)), flip);
+                const __m512i w1 = _mm512_xor_si512(_mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)(w + 16))), flip);
+                __m512i a = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w0, _mm512_load_si512((const void *)x));
+                a = _mm512_dpbusd_epi32(a, w1, _mm512_load_si512((const void *)(x + 64)));
+                a = _mm512_slli_epi32(a, 7);
+                a = _mm512_dpbusd_epi32(a, w0, _mm512_load_si512((const void *)x2));
+                is[k][i] = _mm512_dpbusd_epi32(a, w1, _mm512_load_si512((const void *)(x2 + 64)));
+            }
+        }
+    }
+    const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+    const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+    const __m256 dd = _mm256_load_ps(T->dd + tg * 4);
+    for (int i = 0; i < NR; i++) {
+        const __m512i a = is[0][i], b = is[1][i];
+        const __m512i h = _mm512_add_epi32(_mm512_permutex2var_epi32(a, even, b), _mm512_permutex2var_epi32(a, odd, b));
+        __m256i sum = _mm512_cvtepi64_epi32(_mm512_add_epi32(h, _mm512_srli_epi64(h, 32))); /* (g: 4 | g+1: 4) */
+        __m256 v = acc[i];
+        if (int4) {
+            __m512 sv, zsv;
+            pair_sz(m->s + (r0 + i) * G * 2, 2 * p, G, &sv, &zsv);
+            /* lanes 0-7 of sv are s_g, 8-15 s_g+1: (s_g x 4 | s_g+1 x 4) */
+            const __m256i pick = _mm256_set_epi32(11, 10, 9, 8, 3, 2, 1, 0);
+            const __m256 s4 = _mm512_castps512_ps256(_mm512_permutexvar_ps(_mm512_castsi256_si512(pick), sv));
+            const __m256 z4 = _mm512_castps512_ps256(_mm512_permutexvar_ps(_mm512_castsi256_si512(pick), zsv));
+            v = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_mul_ps(s4, dd), v);
+            v = _mm256_fmadd_ps(z4, _mm256_load_ps(T->sum + tg * 4), v);
+        } else {
+            sum = _mm256_sub_epi32(sum, _mm256_load_si256((const __m256i *)(T->corr + tg * 4)));
+            v = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), dd, v);
+        }
+        acc[i] = v;
+    }
+}
+
+BATCH_VNNI static inline __attribute__((always_inline)) void tile4_rows(
+    const Mat *m, int64_t r0, const Tiles *T, float out[][BT], const int NR, const int int4) {
+    __m256 acc[2][BR]; /* row i: (acc0 | acc1), (acc2 | acc3) over 4 tokens */
+    for (int k = 0; k < 2; k++)
+        for (int i = 0; i < NR; i++) acc[k][i] = _mm256_setzero_ps();
+    const int P = (m->k / QB + 1) / 2;
+    for (int p = 0; p < P; p++) tile4_pair(m, r0, p, T, 2 * p, acc[p % 2], NR, int4);
+    for (int i = 0; i < NR; i++) {
+        const __m256 s = _mm256_add_ps(acc[0][i], acc[1][i]);
+        _mm_storeu_ps(out[i], _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1)));
+    }
+}
+
+/* weight rows [r0, r0 + nr) (nr <= BR) against all tiles -> v[b * BR + i] */
+BATCH_VNNI static void rows_vnni(const Mat *m, int64_t r0, int nr, const Tiles *T, int B, float *v) {
+    const int int4 = m->kind == KIND_INT4, tiles = (B + BT - 1) / BT;
+    float out[BR][BT];
+    if (B <= 4) {
+        if (nr == BR && int4)
+            tile4_rows(m, r0, T, out, BR, 1);
+        else if (nr == BR)
+            tile4_rows(m, r0, T, out, BR, 0);
+        else if (int4)
+            tile4_rows(m, r0, T, out, 1, 1);
+        else
+            tile4_rows(m, r0, T, out, 1, 0);
+        for (int i = 0; i < nr; i++)
+            for (int j = 0; j < B; j++) v[(int64_t)j * BR + i] = int4 ? out[i][j] : out[i][j] * bf16_f32(m->s[r0 + i]);
+        return;
+    }
+    for (int t = 0; t < tiles; t++) {
+        if (nr == BR && int4)
+            tile_rows(m, r0, T, t, out, BR, 1);
+        else if (nr == BR)
+            tile_rows(m, r0, T, t, out, BR, 0);
+        else if (int4)
+            tile_rows(m, r0, T, t, out, 1, 1);
+        else
+            tile_rows(m, r0, T, t, out, 1, 0);
+        for (int i = 0; i < nr; i++) {
+            const float rs = int4 ? 1.0f : bf16_f32(m->s[r0 + i]);
+            for (int j = 0; j < BT && t * BT + j < B; j++)
+                v[(int64_t)(t * BT + j) * BR + i] = int4 ? out[i][j] : out[i][j] * rs;
+        }
+    }
 }
 
 typedef struct {    /* the batched step's scratch, carved out of one buffer (ic_batch_work_size) */
     float *x, *h, *qkv, *att, *mlp; /* (B, D), (B, D), (B, qkv), (B, H*hd), (B, 2F) */
     int8_t *q, *q2;                 /* (B, kmax) quantized activations */
     float *d, *sum;                 /* (B, kmax / QB) */
-    int32_t *corr;                  /* (B, kmax / 4): int8_corr's offsets */
+    Tiles tiles;                    /* (tiles * BT, kmax) bytes each, (tiles * BT, kmax / QB) each */
     Partial *part;                  /* (B, nparts) */
     int kmax, vnni;
 } BatchWork;
@@ -956,16 +1206,23 @@ static size_t batch_floats(const Model *M, int B) {
     return (size_t)B * (2 * (size_t)M->dim + (size_t)qkv + (size_t)M->n_heads * M->head_dim + 2 * (size_t)M->ffn);
 }
 
+static size_t batch_tile_bytes(const Model *M, int B) { /* xq, xq2, dd, sum, corr of all tiles */
+    const size_t rows = (size_t)(B + BT - 1) / BT * BT, kmax = (size_t)batch_kmax(M) + 2 * QB;
+    return rows * (2 * kmax + 3 * sizeof(float) * (kmax / QB));
+}
+
 size_t ic_batch_work_size(const Model *M, int B, int nthreads) {
     const size_t kmax = (size_t)batch_kmax(M);
     return 64 + sizeof(Partial) * (size_t)B * batch_parts(nthreads) + sizeof(float) * batch_floats(M, B) +
-           (size_t)B * (2 * kmax + 2 * sizeof(float) * (kmax / QB) + kmax + 64) + 64;
+           (size_t)B * (2 * kmax + 2 * sizeof(float) * (kmax / QB)) + 64 + batch_tile_bytes(M, B) + 64;
 }
+
+static uint8_t *align64(void *p) { return (uint8_t *)(((uintptr_t)p + 63) & ~(uintptr_t)63); }
 
 static BatchWork batch_work(const Model *M, int B, int nparts, void *work) {
     BatchWork W;
     const int64_t qkv = (int64_t)(M->n_heads + 2 * M->n_kv) * M->head_dim;
-    uint8_t *p = (uint8_t *)(((uintptr_t)work + 63) & ~(uintptr_t)63);
+    uint8_t *p = align64(work);
     W.part = (Partial *)p;
     p += sizeof(Partial) * (size_t)B * nparts;
     float *f = (float *)p;
@@ -977,9 +1234,15 @@ static BatchWork batch_work(const Model *M, int B, int nparts, void *work) {
     W.kmax = batch_kmax(M);
     W.d = f, f += (int64_t)B * (W.kmax / QB);
     W.sum = f, f += (int64_t)B * (W.kmax / QB);
-    W.corr = (int32_t *)f;
-    W.q = (int8_t *)(W.corr + (int64_t)B * (W.kmax / 4) + 16);
+    W.q = (int8_t *)f;
     W.q2 = W.q + (int64_t)B * W.kmax;
+    p = align64(W.q2 + (int64_t)B * W.kmax);
+    const int64_t rows = (B + BT - 1) / BT * BT, gmax = W.kmax / QB + 2 - (W.kmax / QB) % 2; /* even: + an odd G's zero group, and 64-byte aligned rows */
+    W.tiles.xq = (int8_t *)p, p += rows * gmax * QB;
+    W.tiles.xq2 = (int8_t *)p, p += rows * gmax * QB;
+    W.tiles.dd = (float *)p, p += rows * gmax * sizeof(float);
+    W.tiles.sum = (float *)p, p += rows * gmax * sizeof(float);
+    W.tiles.corr = (int32_t *)p, p += rows * gmax * sizeof(int32_t);
     W.vnni = batch_vnni();
     return W;
 }
@@ -989,27 +1252,48 @@ static inline Act batch_act(const BatchWork *W, int b) {
                  W->sum + (int64_t)b * (W->kmax / QB)};
 }
 
+/* whether m's product of B rows takes the VNNI kernels (else each row's row_dot, as the one-token step) */
+static inline int batch_fast(const Mat *m, const BatchWork *W, int B) {
+    return W->vnni && B >= BATCH_TILE_MIN && (m->kind == KIND_INT4 || m->kind == KIND_INT8);
+}
+
 /* y[b] = W x[b] (+ bias) (+ y[b] if `accumulate`) for the B quantized rows of W->q..; y rows `ldy` apart.
    Weight rows split over the team; each one serves all B rows while it is in L1. Ends with the loop's barrier. */
 static void matvec_batch(const Mat *m, const BatchWork *W, int B, float *y, int64_t ldy, int accumulate) {
-    const int64_t n = m->n, ldc = W->kmax / 4;
-    const int fast = W->vnni && m->k / QB / 2 <= BATCH_MAXP && (m->kind == KIND_INT4 || m->kind == KIND_INT8);
+    const int64_t n = m->n;
     Act acts[BATCH_MAX];
     for (int b = 0; b < B; b++) acts[b] = batch_act(W, b);
-    if (fast && m->kind == KIND_INT8) {
+    if (batch_fast(m, W, B)) {
+        tile_acts(acts, B, m->k, &W->tiles, B <= 4 ? 4 : BT);
         #pragma omp for schedule(static)
-        for (int b = 0; b < B; b++) int8_corr(&acts[b], m->k, W->corr + b * ldc);
+        for (int64_t rp = 0; rp < (n + BR - 1) / BR; rp++) {
+            const int64_t r0 = rp * BR;
+            const int nr = (int)(n - r0 < BR ? n - r0 : BR);
+            float v[BATCH_MAX * BR];
+            rows_vnni(m, r0, nr, &W->tiles, B, v);
+            for (int i = 0; i < nr; i++)
+                for (int b = 0; b < B; b++) {
+                    float vb = v[b * BR + i];
+                    if (m->bias) vb += m->bias[r0 + i];
+                    float *yb = y + b * ldy;
+                    yb[r0 + i] = accumulate ? yb[r0 + i] + vb : vb;
+                }
+        }
+        return;
     }
     #pragma omp for schedule(static)
     for (int64_t r = 0; r < n; r++) {
         float v[BATCH_MAX];
-        if (fast && m->kind == KIND_INT4)
-            rows_int4_vnni(m, r, acts, B, v);
-        else if (fast)
-            rows_int8_vnni(m, r, acts, W->corr, ldc, B, v);
-        else
-            for (int b = 0; b < B; b++) v[b] = row_dot(m, r, &acts[b]);
-        for (int b = 0; b < B; b++) {
+        int b = 0; /* int4 / int8: up to 4 rows per pass over the weight row */
+        if (m->kind == KIND_INT4) {
+            for (; b + 4 <= B; b += 4) rows_int4(m, r, acts + b, v + b, 4);
+            for (; b + 2 <= B; b += 2) rows_int4(m, r, acts + b, v + b, 2);
+        } else if (m->kind == KIND_INT8) {
+            for (; b + 4 <= B; b += 4) rows_int8(m, r, acts + b, v + b, 4);
+            for (; b + 2 <= B; b += 2) rows_int8(m, r, acts + b, v + b, 2);
+        }
+        for (; b < B; b++) v[b] = row_dot(m, r, &acts[b]);
+        for (b = 0; b < B; b++) {
             float vb = v[b];
             if (m->bias) vb += m->bias[r];
             float *yb = y + b * ldy;
