@@ -240,7 +240,9 @@ def ruler(args: argparse.Namespace) -> int:
     err = Console(stderr=True, highlight=False)
     tok, name, engine, threads, compute = _load(args)
     fmt = prompt_format(tok, chat=not args.no_chat_template)
-    samples = [rl.sample(tok, fmt, t, n, i, args.seed) for t in tasks for n in lengths for i in range(args.samples)]
+    samples = [
+        rl.sample(tok, fmt, t, n, i, args.samples, args.seed) for t in tasks for n in lengths for i in range(args.samples)
+    ]
 
     def decode(ids):
         return tok.decode(ids, skip_special=True)
