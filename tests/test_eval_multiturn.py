@@ -89,12 +89,17 @@ def test_longbench_records_of_one_context_become_the_turns_of_one_conversation(d
     assert [len(c.turns) for c in convs] == [3, 2] and [c.dataset for c in convs] == ["hotpotqa"] * 2
     c = convs[0]
     assert c.keys[1] == "Who designed the Harbor Bridge?" and c.answers == [["1932"], ["Karel Novak"], ["Brno"]]
+    # hotpotqa is a chat in LongBench: turn 1 is one user message, each later turn closes the answer and is the
+    # next user message
     first = tok.decode(c.turns[0])
-    assert first.startswith("Answer the question based on the given passages.") and "opened in 1932" in first
-    assert first.endswith("Question: In which year was the Harbor Bridge opened?\nAnswer:")
+    assert "<|im_start|>user\nAnswer the question based on the given passages." in first and "in 1932" in first
+    assert first.endswith(
+        "Question: In which year was the Harbor Bridge opened?\nAnswer:<|im_end|>\n<|im_start|>assistant\n"
+    )
     later = tok.decode(c.turns[1])
-    assert later.startswith("\n\nAnswer the question based on the given passages.") and "Passage" not in later
-    assert later.endswith("Question: Who designed the Harbor Bridge?\nAnswer:")
+    assert later.startswith("<|im_end|>\n<|im_start|>user\nAnswer the question based on the given passages.")
+    assert later.endswith("Question: Who designed the Harbor Bridge?\nAnswer:<|im_end|>\n<|im_start|>assistant\n")
+    assert "Passage" not in later
     assert c.max_new == 32  # hotpotqa's LongBench answer length
     # the dataset's metric (qa_f1), best over the references
     assert convs[1].score(0, "Sella.") == 1.0 and convs[1].score(0, "none") == 0.0
@@ -105,8 +110,8 @@ def test_longbench_records_of_one_context_become_the_turns_of_one_conversation(d
 
 def test_a_long_longbench_context_is_cut_in_the_middle_to_the_length(default_tokenizer):
     tok = default_tokenizer
-    c = multiturn.load_conversations(tok, LONGBENCH, 110, 3, 1)[0]
-    assert len(c.turns[0]) <= 110
+    c = multiturn.load_conversations(tok, LONGBENCH, 140, 3, 1)[0]
+    assert len(c.turns[0]) <= 140
     text = tok.decode(c.turns[0])
     assert "Passage 1:\nThe Harbor Bridge" in text and "built eleven bridges" in text  # both ends kept
     assert "opened in 1932" not in text  # the middle went

@@ -338,7 +338,8 @@ def multiturn(args: argparse.Namespace) -> int:
     )
     paths = mt.write_report(report, out_dir)
     for n in lengths:
-        _print_table(f"multi-turn accuracy (%) per turn, {n}-token context, {name}", *mt.turn_rows(report, n))
+        what = "accuracy (%)" if args.data is None else "LongBench score (x100)"
+        _print_table(f"multi-turn {what} per turn, {n}-token context, {name}", *mt.turn_rows(report, n))
     Console(highlight=False).print(
         f"results: {paths['json']}  tables: {paths['md']}  heatmaps: {out_dir}/multiturn-*.png"
     )

@@ -14,9 +14,11 @@ A LongBench-format file (`--data FILE.jsonl`: records with `context`, `input`, `
 instead: the records that share one `context` (in file order) are one conversation, one question (`input`) per
 turn, at most `turns`. Turn 1 is the dataset's LongBench prompt with the first question (longbench.DATASETS;
 the context cut in the middle so that turn 1 fits the length); a later turn appends the part of that prompt
-after the context, with its own question ("...Question: {input}\nAnswer:"). Plain text; answers are scored
-with the dataset's LongBench metric (qa_f1, rouge_l, ...: a score in [0, 1], not right or wrong), up to its
-LongBench answer length. Datasets whose prompt has no question (summaries, counting, code) are refused.
+after the context, with its own question ("...Question: {input}\nAnswer:"): a new user message where LongBench
+wraps the dataset's prompt in the chat template (the template's turn markers around it), else plain text.
+Answers are scored with the dataset's LongBench metric (qa_f1, rouge_l, ...: a score in [0, 1], not right or
+wrong), up to its LongBench answer length. Datasets whose prompt has no question (summaries, counting, code) are
+refused.
 
 What it shows: the per-turn accuracy of each policy; a policy that compressed for the first question keeps
 what that question needed and may have lost what later ones need; a query-agnostic one (KVzip, Expected
@@ -37,7 +39,7 @@ from typing import Any
 from infinichat.engine.base import Engine
 from infinichat.errors import InfinichatError
 from infinichat.eval import haystack, longbench, needle
-from infinichat.eval.prompt import encode_text, prompt_format
+from infinichat.eval.prompt import encode_text, next_turn_format, prompt_format
 from infinichat.eval.retrieval import md_table, mean_of, num, pct, write_files
 from infinichat.eval.runner import PolicyRun, continue_in, new_sequence
 from infinichat.model.tokenizer import Tokenizer
@@ -139,11 +141,12 @@ def load_conversations(
             )
         if len(mine) < n_turns:
             mine.append(rec)
-    fmt = prompt_format(tok, chat=False)
     convs = []
     for index, recs in enumerate(list(groups.values())[:limit]):
         name = recs[0].dataset
         head, tail = split_prompt(name)
+        chat = longbench.DATASETS[name].chat  # LongBench's choice per dataset, as `eval longbench`
+        fmt, later_fmt = prompt_format(tok, chat=chat), next_turn_format(tok, chat=chat)
         head_ids = encode_text(tok, head)
         tail_ids = encode_text(tok, tail.format(input=recs[0].input))
         room = length - fmt.overhead - len(head_ids) - len(tail_ids)
@@ -153,8 +156,8 @@ def load_conversations(
                 f"it needs at least {length - room + needle.MIN_FILLER} tokens"
             )
         context = longbench.truncate_middle(encode_text(tok, recs[0].context), room)
-        later_tail = tail if tail.startswith("\n") else "\n\n" + tail
-        later = [encode_text(tok, later_tail.format(input=r.input)) for r in recs[1:]]
+        later_tail = tail.lstrip("\n ") if chat else (tail if tail.startswith("\n") else "\n\n" + tail)
+        later = [later_fmt.ids(encode_text(tok, later_tail.format(input=r.input))) for r in recs[1:]]
         convs.append(
             Conversation(
                 length,
