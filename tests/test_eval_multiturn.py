@@ -67,7 +67,11 @@ def test_cli_multiturn_writes_json_markdown_and_a_heatmap(tiny_gguf_1k, tmp_path
     s = report["summary"]["snapkv 50%"]["by_length"]["700"]
     assert set(s["by_turn"]) == {"1", "2", "3"}
     md = (out / "multiturn.md").read_text()
-    assert "| policy | turn 1 | turn 2 | turn 3 | turns 2+ | mean |" in md
+    assert "| policy | turn 1 | turn 2 | turn 3 | turns 2+ | mean | any fact |" in md
+    for label, summary in report["summary"].items():  # any fact: answers with any of the conversation's values
+        mine = [r for r in report["results"] if r["policy"] == label]
+        assert all(r["any_fact"] >= r["correct"] for r in mine)
+        assert summary["by_length"]["700"]["any_fact"] == pytest.approx(sum(r["any_fact"] for r in mine) / len(mine))
     assert (out / "multiturn-700.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "multi-turn accuracy" in captured.out
 
@@ -164,3 +168,16 @@ def test_cli_multiturn_longbench_dataset_without_questions_is_one_line_and_exit_
     rc = main(["eval", "multiturn", "--data", str(data), "--model", str(tmp_path / "never-loaded.gguf")])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "'gov_report' asks no question" in err[0]
+
+
+def test_any_fact_counts_an_answer_naming_another_fact_of_the_context():
+    turns = [rand_ids(60, seed=1), rand_ids(10, seed=2), rand_ids(10, seed=3)]
+    conv = multiturn.Conversation(60, 0, turns, ["a", "b", "c"], ["11111", "22222", "33333"])
+    recs = multiturn.run_conversation(tiny_engine(), PolicyRun("full"), conv, 2, lambda ids: " 22222.")
+    assert [(r["correct"], r["any_fact"], r["score"]) for r in recs] == [
+        (False, True, 0.0),
+        (True, True, 1.0),
+        (False, True, 0.0),
+    ]
+    s = multiturn.summarize(recs, ["full"], [60], 3)["full"]["by_length"]["60"]
+    assert s["any_fact"] == 1.0 and s["accuracy"] == pytest.approx(1 / 3)

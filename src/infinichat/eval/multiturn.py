@@ -193,7 +193,11 @@ def run_conversation(
             "dataset": conv.dataset,
             "key": conv.keys[k],
             "answer": conv.values[k],
-            **({"correct": score == 1.0} if conv.answers is None else {"answers": conv.answers[k]}),
+            **(
+                {"correct": score == 1.0, "any_fact": any(needle.contains_number(gen.text, v) for v in conv.values)}
+                if conv.answers is None
+                else {"answers": conv.answers[k]}
+            ),
             "score": score,
             "cached_after": seq.length,
             **gen.to_json(),
@@ -217,6 +221,8 @@ def summarize(
             by_len[str(n)] = {
                 "accuracy": mean_of([r["score"] for r in mine]),
                 "later_turns": mean_of([r["score"] for r in mine if r["turn"] > 1]),
+                # generated haystack: answers holding one of the conversation's values (kept, maybe misattributed)
+                "any_fact": mean_of([float(r["any_fact"]) for r in mine if "any_fact" in r]),
                 "by_turn": by_turn,
                 "kept_after_turn1": mean_of([r["kept"] for r in first]),
                 "prefill_s_turn1": mean_of([r["prefill_s"] for r in first]),
@@ -248,11 +254,13 @@ def turn_rows(report: dict[str, Any], length: int) -> tuple[list[str], list[list
     """Policy x turn accuracy (%; LongBench: the metric x100) at one context length, the later turns' mean and
     the overall mean."""
     turns = range(1, report["turns"] + 1)
-    header = ["policy", *[f"turn {t}" for t in turns], "turns 2+", "mean"]
+    facts = not report.get("data")  # the generated haystack: also the answers naming any of its facts
+    header = ["policy", *[f"turn {t}" for t in turns], "turns 2+", "mean", *(["any fact"] if facts else [])]
     rows = []
     for label, s in report["summary"].items():
         c = s["by_length"][str(length)]
-        rows.append([label, *[pct(c["by_turn"][str(t)]) for t in turns], pct(c["later_turns"]), pct(c["accuracy"])])
+        row = [label, *[pct(c["by_turn"][str(t)]) for t in turns], pct(c["later_turns"]), pct(c["accuracy"])]
+        rows.append(row + ([pct(c.get("any_fact"))] if facts else []))
     return header, rows
 
 
@@ -277,7 +285,8 @@ def markdown(report: dict[str, Any]) -> str:
             f"## multi-turn retrieval, {n}-token context: accuracy (%) per turn, {report['model']}\n",
             (
                 f"{report['samples']} conversation(s) of {report['turns']} questions; greedy, "
-                f"{report['max_new_tokens']} new tokens per answer; plain text with answer prefixes.\n"
+                f"{report['max_new_tokens']} new tokens per answer; plain text with answer prefixes. any fact: the "
+                "answers holding one of the context's values, the asked one or another (kept, maybe misattributed).\n"
             ),
             md_table(*turn_rows(report, n)),
         ]
