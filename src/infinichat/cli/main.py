@@ -242,7 +242,12 @@ def _add_long_eval_parsers(ev_sub: argparse._SubParsersAction) -> None:
         help="RULER tasks (default: all six: niah_single,niah_multikey,niah_multivalue,niah_multiquery,vt,cwe)",
     )
     g.add_argument("--lengths", default="4096", metavar="N,N...", help="prompt lengths in model tokens (default 4096)")
-    g.add_argument("--samples", type=int, default=3, help="prompts per task x length (default 3)")
+    g.add_argument(
+        "--samples",
+        type=int,
+        default=3,
+        help="prompts per task x length; sample i of n puts its needle at depth (i + 0.5) / n (default 3)",
+    )
     _add_long_context_args(p, "default: RULER's per task, 32 to 64")
     p = ev_sub.add_parser(
         "multiturn",
