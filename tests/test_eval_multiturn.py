@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 from test_kv_store import rand_ids, tiny_engine
 
 from infinichat.cli.main import main
+from infinichat.errors import InfinichatError
 from infinichat.eval import multiturn
 from infinichat.eval.runner import PolicyRun
 
@@ -59,13 +61,17 @@ def test_cli_multiturn_writes_json_markdown_and_a_heatmap(tiny_gguf_1k, tmp_path
     assert [p["label"] for p in report["policies"]] == ["full", "snapkv 50%"] and report["turns"] == 3
     assert len(report["results"]) == 2 * 2 * 3
     for r in report["results"]:
-        assert isinstance(r["correct"], bool) and r["generated"] <= 3
+        assert isinstance(r["correct"], bool) and r["score"] == float(r["correct"]) and r["generated"] <= 3
         if r["policy"] == "snapkv 50%":
             assert r["budget"] == 350 and r["cached_after"] <= 350
     s = report["summary"]["snapkv 50%"]["by_length"]["700"]
     assert set(s["by_turn"]) == {"1", "2", "3"}
     md = (out / "multiturn.md").read_text()
-    assert "| policy | turn 1 | turn 2 | turn 3 | turns 2+ | mean |" in md
+    assert "| policy | turn 1 | turn 2 | turn 3 | turns 2+ | mean | any fact |" in md
+    for label, summary in report["summary"].items():  # any fact: answers with any of the conversation's values
+        mine = [r for r in report["results"] if r["policy"] == label]
+        assert all(r["any_fact"] >= r["correct"] for r in mine)
+        assert summary["by_length"]["700"]["any_fact"] == pytest.approx(sum(r["any_fact"] for r in mine) / len(mine))
     assert (out / "multiturn-700.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "multi-turn accuracy" in captured.out
 
@@ -74,3 +80,104 @@ def test_cli_multiturn_bad_turns_is_one_line_and_exit_2(tmp_path, capsys):
     rc = main(["eval", "multiturn", "--turns", "0", "--model", str(tmp_path / "never-loaded.gguf")])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "--turns must be >= 1, got 0" in err[0]
+
+
+# ------------------------------------------------------------------------------ LongBench-format contexts (--data)
+
+LONGBENCH = Path(__file__).parent / "data" / "longbench_multiturn.jsonl"  # hotpotqa: 2 contexts, 3 + 2 questions
+
+
+def test_longbench_records_of_one_context_become_the_turns_of_one_conversation(default_tokenizer):
+    tok = default_tokenizer
+    convs = multiturn.load_conversations(tok, LONGBENCH, 1000, 4, 5)
+    assert [len(c.turns) for c in convs] == [3, 2] and [c.dataset for c in convs] == ["hotpotqa"] * 2
+    c = convs[0]
+    assert c.keys[1] == "Who designed the Harbor Bridge?" and c.answers == [["1932"], ["Karel Novak"], ["Brno"]]
+    # hotpotqa is a chat in LongBench: turn 1 is one user message, each later turn closes the answer and is the
+    # next user message
+    first = tok.decode(c.turns[0])
+    assert "<|im_start|>user\nAnswer the question based on the given passages." in first and "in 1932" in first
+    assert first.endswith(
+        "Question: In which year was the Harbor Bridge opened?\nAnswer:<|im_end|>\n<|im_start|>assistant\n"
+    )
+    later = tok.decode(c.turns[1])
+    assert later.startswith("<|im_end|>\n<|im_start|>user\nAnswer the question based on the given passages.")
+    assert later.endswith("Question: Who designed the Harbor Bridge?\nAnswer:<|im_end|>\n<|im_start|>assistant\n")
+    assert "Passage" not in later
+    assert c.max_new == 32  # hotpotqa's LongBench answer length
+    # the dataset's metric (qa_f1), best over the references
+    assert convs[1].score(0, "Sella.") == 1.0 and convs[1].score(0, "none") == 0.0
+    assert 0.0 < c.score(1, "the engineer Karel Novak") < 1.0
+    # --turns caps the questions of a context, --samples the contexts
+    assert [len(x.turns) for x in multiturn.load_conversations(tok, LONGBENCH, 1000, 2, 1)] == [2]
+
+
+def test_a_long_longbench_context_is_cut_in_the_middle_to_the_length(default_tokenizer):
+    tok = default_tokenizer
+    c = multiturn.load_conversations(tok, LONGBENCH, 140, 3, 1)[0]
+    assert len(c.turns[0]) <= 140
+    text = tok.decode(c.turns[0])
+    assert "Passage 1:\nThe Harbor Bridge" in text and "built eleven bridges" in text  # both ends kept
+    assert "opened in 1932" not in text  # the middle went
+    with pytest.raises(InfinichatError, match="--lengths 60 is too short for the hotpotqa prompt"):
+        multiturn.load_conversations(tok, LONGBENCH, 60, 3, 1)
+
+
+def test_longbench_datasets_without_a_question_and_bad_files_are_clear_errors(default_tokenizer, tmp_path):
+    with pytest.raises(InfinichatError, match=r"'gov_report' asks no question .* multiturn accepts: narrativeqa"):
+        multiturn.split_prompt("gov_report")
+    bad = tmp_path / "x.jsonl"
+    bad.write_text('{"input": "q", "context": "c"}\n')
+    with pytest.raises(InfinichatError, match="line 1: missing field"):
+        multiturn.load_conversations(default_tokenizer, bad, 1000, 3, 1, "hotpotqa")
+    bad.write_text(
+        '{"input": "q", "context": "c", "answers": ["a"], "dataset": "hotpotqa"}\n'
+        '{"input": "r", "context": "c", "answers": ["b"], "dataset": "musique"}\n'
+    )
+    with pytest.raises(InfinichatError, match=r"line 2: the context of line 1 \(hotpotqa\) again, but as musique"):
+        multiturn.load_conversations(default_tokenizer, bad, 1000, 3, 1)
+
+
+def test_cli_multiturn_on_longbench_data(tiny_gguf_1k, tmp_path, capsys, cli_threads):
+    out = tmp_path / "out"
+    args = ["eval", "multiturn", "--data", str(LONGBENCH), "--lengths", "300", "--policies", "full,snapkv"]
+    args += ["--budget-frac", "0.5", "--max-new-tokens", "3", "--out", str(out), "--model", str(tiny_gguf_1k)]
+    args += ["--cache-dir", str(tmp_path / "c"), "--threads", "1"]
+    rc = main(args)
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    report = json.loads((out / "multiturn.json").read_text())
+    assert report["data"] == str(LONGBENCH) and report["datasets"] == ["hotpotqa"] and report["samples"] == 2
+    assert len(report["results"]) == 2 * (3 + 2)
+    for r in report["results"]:
+        assert r["dataset"] == "hotpotqa" and r["answers"] and 0.0 <= r["score"] <= 1.0 and r["generated"] <= 3
+        if r["policy"] == "snapkv 50%":
+            first = next(x for x in report["results"] if x["sample"] == r["sample"] and x["turn"] == 1)
+            assert r["budget"] == round(first["prompt_tokens"] / 2) and r["cached_after"] <= r["budget"]
+    s = report["summary"]["full"]["by_length"]["300"]
+    mine = [r["score"] for r in report["results"] if r["policy"] == "full" and r["turn"] == 3]
+    assert len(mine) == 1 and s["by_turn"]["3"] == pytest.approx(mine[0])  # only one context has a third question
+    md = (out / "multiturn.md").read_text()
+    assert "## multi-turn LongBench (hotpotqa), turn 1 <= 300 tokens" in md
+    assert "| policy | turn 1 | turn 2 | turn 3 | turns 2+ | mean |" in md
+
+
+def test_cli_multiturn_longbench_dataset_without_questions_is_one_line_and_exit_2(tmp_path, capsys):
+    data = tmp_path / "gov_report.jsonl"
+    data.write_text('{"input": "", "context": "a report", "answers": ["a summary"]}\n')
+    rc = main(["eval", "multiturn", "--data", str(data), "--model", str(tmp_path / "never-loaded.gguf")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "'gov_report' asks no question" in err[0]
+
+
+def test_any_fact_counts_an_answer_naming_another_fact_of_the_context():
+    turns = [rand_ids(60, seed=1), rand_ids(10, seed=2), rand_ids(10, seed=3)]
+    conv = multiturn.Conversation(60, 0, turns, ["a", "b", "c"], ["11111", "22222", "33333"])
+    recs = multiturn.run_conversation(tiny_engine(), PolicyRun("full"), conv, 2, lambda ids: " 22222.")
+    assert [(r["correct"], r["any_fact"], r["score"]) for r in recs] == [
+        (False, True, 0.0),
+        (True, True, 1.0),
+        (False, True, 0.0),
+    ]
+    s = multiturn.summarize(recs, ["full"], [60], 3)["full"]["by_length"]["60"]
+    assert s["any_fact"] == 1.0 and s["accuracy"] == pytest.approx(1 / 3)

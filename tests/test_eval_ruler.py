@@ -29,15 +29,15 @@ def test_string_match_all_and_part_are_rulers():
 def test_samples_hit_the_length_hold_their_references_and_are_seeded(default_tokenizer, task, chat):
     tok = default_tokenizer
     fmt = prompt_format(tok, chat=chat)
-    s = ruler.sample(tok, fmt, task, 1500, 0, seed=3)
+    s = ruler.sample(tok, fmt, task, 1500, 0, 2, seed=3)
     assert s.task == task and s.refs
     if task == "cwe":
         assert 1500 - 40 <= len(s.ids) <= 1500  # the longest list that fits
     else:
         assert len(s.ids) == 1500
     text = tok.decode(s.ids)
-    assert ruler.sample(tok, fmt, task, 1500, 0, seed=3).ids == s.ids
-    assert ruler.sample(tok, fmt, task, 1500, 1, seed=3).ids != s.ids
+    assert ruler.sample(tok, fmt, task, 1500, 0, 2, seed=3).ids == s.ids
+    assert ruler.sample(tok, fmt, task, 1500, 1, 2, seed=3).ids != s.ids
     question = text[text.rindex("\n\n") :]
     if task.startswith("niah"):
         for v in s.refs:
@@ -60,13 +60,29 @@ def test_samples_hit_the_length_hold_their_references_and_are_seeded(default_tok
         )
 
 
+@pytest.mark.parametrize("task", ["niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery"])
+def test_needle_depths_are_spread_over_the_samples_not_drawn(default_tokenizer, task):
+    tok = default_tokenizer
+    fmt = prompt_format(tok, chat=False)
+    n = 4
+    for seed in (0, 1):
+        depths = [ruler.sample(tok, fmt, task, 1200, i, n, seed=seed).depth for i in range(n)]
+        # sample i of n at (i + 0.5) / n, to the sentence boundary nearest (filler sentences are ~20 tokens)
+        assert depths == pytest.approx([(i + 0.5) / n for i in range(n)], abs=0.03), depths
+    text = tok.decode(ruler.sample(tok, fmt, task, 1200, 0, n).ids)
+    first = re.search(r"One of the special magic numbers for [a-z-]+ is: \d+\.", text)
+    assert first is not None and first.start() < len(text) / 2  # the asked needle really sits early
+    assert ruler.spread_depth(0, 3) == pytest.approx(1 / 6) and ruler.spread_depth(2, 3) == pytest.approx(5 / 6)
+    assert ruler.sample(tok, fmt, "vt", 1200, 0, n).depth is None
+
+
 def test_unknown_task_and_short_lengths_are_clear_errors(default_tokenizer):
     from infinichat.errors import InfinichatError
 
     with pytest.raises(InfinichatError, match="unknown RULER task 'qa' in --tasks; accepted: niah_single"):
         ruler.check_tasks(["vt", "qa"])
     with pytest.raises(InfinichatError, match="too short"):
-        ruler.sample(default_tokenizer, prompt_format(default_tokenizer), "niah_multiquery", 60, 0)
+        ruler.sample(default_tokenizer, prompt_format(default_tokenizer), "niah_multiquery", 60, 0, 1)
 
 
 def test_cli_ruler_writes_json_markdown_and_heatmaps(tiny_gguf_1k, tmp_path, capsys, cli_threads):
@@ -85,6 +101,10 @@ def test_cli_ruler_writes_json_markdown_and_heatmaps(tiny_gguf_1k, tmp_path, cap
         assert r["prompt_tokens"] == r["length"] and r["generated"] <= 3
         assert r["kept"] <= (r["length"] if r["policy"] == "full" else r["budget"])
         assert 0.0 <= r["score"] <= r["score_part"] <= 1.0
+        if r["task"] == "vt":
+            assert r["depth"] is None
+        else:  # sample 0 of 2 in the first half, sample 1 in the second (filler sentences are coarse at 400 tokens)
+            assert (r["depth"] < 0.5) == (r["sample"] == 0), r
     cell = report["summary"]["kvzip 50%"]["by_task"]["vt"]["500"]
     mine = [
         r["score"] for r in report["results"] if r["policy"] == "kvzip 50%" and r["task"] == "vt" and r["length"] == 500

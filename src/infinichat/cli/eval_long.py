@@ -240,7 +240,12 @@ def ruler(args: argparse.Namespace) -> int:
     err = Console(stderr=True, highlight=False)
     tok, name, engine, threads, compute = _load(args)
     fmt = prompt_format(tok, chat=not args.no_chat_template)
-    samples = [rl.sample(tok, fmt, t, n, i, args.seed) for t in tasks for n in lengths for i in range(args.samples)]
+    samples = [
+        rl.sample(tok, fmt, t, n, i, args.samples, args.seed)
+        for t in tasks
+        for n in lengths
+        for i in range(args.samples)
+    ]
 
     def decode(ids):
         return tok.decode(ids, skip_special=True)
@@ -289,12 +294,24 @@ def multiturn(args: argparse.Namespace) -> int:
     if args.turns < 1:
         raise InfinichatError(f"--turns must be >= 1, got {args.turns}")
     runs = _policy_runs(args)
-    max_new = args.max_new_tokens or mt.MAX_NEW
     out_dir = Path(args.out) if args.out else Path("results") / time.strftime("multiturn-%Y%m%d-%H%M%S")
+    if args.data is not None:  # the file's records are checked before the model loads
+        from infinichat.eval import longbench as lb
+
+        for d in sorted({r.dataset for r in lb.load_jsonl(args.data, args.dataset)}):
+            mt.split_prompt(d)
 
     err = Console(stderr=True, highlight=False)
     tok, name, engine, threads, compute = _load(args)
-    convs = [mt.conversation(tok, n, i, args.turns, args.seed) for n in lengths for i in range(args.samples)]
+    if args.data is None:
+        convs = [mt.conversation(tok, n, i, args.turns, args.seed) for n in lengths for i in range(args.samples)]
+        source: dict = {"seed": args.seed}
+    else:
+        convs = [
+            c for n in lengths for c in mt.load_conversations(tok, args.data, n, args.turns, args.samples, args.dataset)
+        ]
+        source = {"data": str(args.data), "datasets": sorted({c.dataset for c in convs})}
+    max_new = args.max_new_tokens or (mt.MAX_NEW if args.data is None else "per dataset")
 
     def decode(ids):
         return tok.decode(ids, skip_special=True)
@@ -304,24 +321,25 @@ def multiturn(args: argparse.Namespace) -> int:
         for run in runs:
             bar = progress.add_task(run.label, total=len(convs), acc="")
             for conv in convs:
-                records += mt.run_conversation(engine, run, conv, max_new, decode)
-                mine = [x["correct"] for x in records if x["policy"] == run.label]
-                progress.update(bar, advance=1, acc=f"acc {100 * sum(mine) / len(mine):.0f}%")
+                records += mt.run_conversation(engine, run, conv, args.max_new_tokens or conv.max_new, decode)
+                mine = [x["score"] for x in records if x["policy"] == run.label]
+                progress.update(bar, advance=1, acc=f"score {100 * sum(mine) / len(mine):.0f}%")
     report = mt.build_report(
         runs=runs,
         records=records,
         lengths=lengths,
-        turns=args.turns,
+        turns=max(len(c.turns) for c in convs),  # --data: the most questions of one context
         model=name,
         dtype=compute,
         threads=threads,
-        seed=args.seed,
-        samples=args.samples,
+        **source,
+        samples=args.samples if args.data is None else len(convs) // len(lengths),
         max_new_tokens=max_new,
     )
     paths = mt.write_report(report, out_dir)
     for n in lengths:
-        _print_table(f"multi-turn accuracy (%) per turn, {n}-token context, {name}", *mt.turn_rows(report, n))
+        what = "accuracy (%)" if args.data is None else "LongBench score (x100)"
+        _print_table(f"multi-turn {what} per turn, {n}-token context, {name}", *mt.turn_rows(report, n))
     Console(highlight=False).print(
         f"results: {paths['json']}  tables: {paths['md']}  heatmaps: {out_dir}/multiturn-*.png"
     )

@@ -250,7 +250,12 @@ def _add_long_eval_parsers(ev_sub: argparse._SubParsersAction) -> None:
         help="RULER tasks (default: all six: niah_single,niah_multikey,niah_multivalue,niah_multiquery,vt,cwe)",
     )
     g.add_argument("--lengths", default="4096", metavar="N,N...", help="prompt lengths in model tokens (default 4096)")
-    g.add_argument("--samples", type=int, default=3, help="prompts per task x length (default 3)")
+    g.add_argument(
+        "--samples",
+        type=int,
+        default=3,
+        help="prompts per task x length; sample i of n puts its needle at depth (i + 0.5) / n (default 3)",
+    )
     _add_long_context_args(p, "default: RULER's per task, 32 to 64")
     p = ev_sub.add_parser(
         "multiturn",
@@ -261,9 +266,28 @@ def _add_long_eval_parsers(ev_sub: argparse._SubParsersAction) -> None:
     g.add_argument(
         "--lengths", default="4096", metavar="N,N...", help="tokens of turn 1: context + first question (default 4096)"
     )
-    g.add_argument("--turns", type=int, default=4, help="facts in the context, one question per turn (default 4)")
+    g.add_argument(
+        "--turns",
+        type=int,
+        default=4,
+        help="facts in the context, one question per turn (default 4); with --data: at most this many questions "
+        "of one context",
+    )
     g.add_argument("--samples", type=int, default=3, help="conversations per length (default 3)")
-    _add_long_context_args(p, "default 12", chat_flag=False)
+    g.add_argument(
+        "--data",
+        default=None,
+        metavar="FILE",
+        help="a LongBench-format JSONL file (context, input, answers) instead of the generated haystack: the "
+        "records of one context are one conversation, its questions the turns; the context is cut in the middle "
+        "to the length; scored with the dataset's LongBench metric (default: the generated haystack)",
+    )
+    g.add_argument(
+        "--dataset",
+        default=None,
+        help="with --data: the dataset of records without a 'dataset' field (default: from the file name)",
+    )
+    _add_long_context_args(p, "default 12; with --data: the dataset's LongBench answer length", chat_flag=False)
     p = ev_sub.add_parser("longbench", help="LongBench-format JSONL files (--data), official prompts and metrics")
     g = p.add_argument_group("data")
     g.add_argument("--data", action="append", default=[], metavar="FILE", help="a LongBench JSONL file (repeatable)")

@@ -10,6 +10,16 @@ sequence, after the previous answers (which stay in the cache, as in a chat). Ev
 answer prefix (completion style, which the default model needs; no chat template). An answer is right when
 it holds the asked value as a whole number. A budget fraction is of turn 1's tokens (the context).
 
+A LongBench-format file (`--data FILE.jsonl`: records with `context`, `input`, `answers`) gives real contexts
+instead: the records that share one `context` (in file order) are one conversation, one question (`input`) per
+turn, at most `turns`. Turn 1 is the dataset's LongBench prompt with the first question (longbench.DATASETS;
+the context cut in the middle so that turn 1 fits the length); a later turn appends the part of that prompt
+after the context, with its own question ("...Question: {input}\nAnswer:"): a new user message where LongBench
+wraps the dataset's prompt in the chat template (the template's turn markers around it), else plain text.
+Answers are scored with the dataset's LongBench metric (qa_f1, rouge_l, ...: a score in [0, 1], not right or
+wrong), up to its LongBench answer length. Datasets whose prompt has no question (summaries, counting, code) are
+refused.
+
 What it shows: the per-turn accuracy of each policy; a policy that compressed for the first question keeps
 what that question needed and may have lost what later ones need; a query-agnostic one (KVzip, Expected
 Attention) or one that drops nothing (OmniKV) should not degrade with the turn. Results: `multiturn.json`,
@@ -28,8 +38,8 @@ from typing import Any
 
 from infinichat.engine.base import Engine
 from infinichat.errors import InfinichatError
-from infinichat.eval import haystack, needle
-from infinichat.eval.prompt import encode_text, prompt_format
+from infinichat.eval import haystack, longbench, needle
+from infinichat.eval.prompt import encode_text, next_turn_format, prompt_format
 from infinichat.eval.retrieval import md_table, mean_of, num, pct, write_files
 from infinichat.eval.runner import PolicyRun, continue_in, new_sequence
 from infinichat.model.tokenizer import Tokenizer
@@ -44,8 +54,20 @@ class Conversation:
     length: int  # tokens of turn 1 (the context and the first question)
     index: int
     turns: list[list[int]]  # the ids each turn appends
-    keys: list[str]  # asked in this order
-    values: list[str]
+    keys: list[str]  # asked in this order (LongBench: the questions)
+    values: list[str]  # the expected answer of each turn (LongBench: the first reference)
+    answers: list[list[str]] | None = None  # LongBench: every reference of each turn
+    dataset: str = "haystack"  # or the LongBench dataset, whose metric scores the answers
+    max_new: int = MAX_NEW
+
+    def score(self, turn: int, text: str) -> float:
+        """Turn `turn` (0-based)'s answer `text`: 1.0 / 0.0 (holds the value) or the LongBench metric."""
+        if self.answers is None:
+            return float(needle.contains_number(text, self.values[turn]))
+        from infinichat.eval.longbench_metrics import score_sample
+
+        metric = longbench.DATASETS[self.dataset].metric
+        return score_sample(metric, longbench.postprocess(self.dataset, text), self.answers[turn])
 
 
 def conversation(tok: Tokenizer, length: int, index: int, n_turns: int, seed: int = 0) -> Conversation:
@@ -89,30 +111,99 @@ def conversation(tok: Tokenizer, length: int, index: int, n_turns: int, seed: in
     return Conversation(length, index, [s.ids, *later], [keys[i] for i in order], [values[i] for i in order])
 
 
+def split_prompt(dataset: str) -> tuple[str, str]:
+    """A LongBench prompt template's text before `{context}` and after it (which holds `{input}`)."""
+    spec = longbench.DATASETS[dataset]
+    head, sep, tail = spec.prompt.partition("{context}")
+    if not sep or "{input}" not in tail or "{input}" in head:
+        asking = [d for d, x in longbench.DATASETS.items() if "{input}" in x.prompt.partition("{context}")[2]]
+        raise InfinichatError(
+            f"the LongBench dataset {dataset!r} asks no question after its context, so it has no turns to ask; "
+            f"multiturn accepts: {', '.join(asking)}"
+        )
+    return head, tail
+
+
+def load_conversations(
+    tok: Tokenizer, path: str | Path, length: int, n_turns: int, limit: int, dataset: str | None = None
+) -> list[Conversation]:
+    """The first `limit` contexts of a LongBench JSONL file as conversations (their questions in file order, at
+    most `n_turns`); each context is cut in the middle so that turn 1 is at most `length` tokens."""
+    if n_turns < 1:
+        raise InfinichatError(f"--turns must be >= 1, got {n_turns}")
+    groups: dict[str, list[longbench.Record]] = {}
+    for rec in longbench.load_jsonl(path, dataset):
+        mine = groups.setdefault(rec.context, [])
+        if mine and mine[0].dataset != rec.dataset:
+            raise InfinichatError(
+                f"--data {path}, line {rec.line}: the context of line {mine[0].line} ({mine[0].dataset}) again, "
+                f"but as {rec.dataset}: one context, one dataset"
+            )
+        if len(mine) < n_turns:
+            mine.append(rec)
+    convs = []
+    for index, recs in enumerate(list(groups.values())[:limit]):
+        name = recs[0].dataset
+        head, tail = split_prompt(name)
+        chat = longbench.DATASETS[name].chat  # LongBench's choice per dataset, as `eval longbench`
+        fmt, later_fmt = prompt_format(tok, chat=chat), next_turn_format(tok, chat=chat)
+        head_ids = encode_text(tok, head)
+        tail_ids = encode_text(tok, tail.format(input=recs[0].input))
+        room = length - fmt.overhead - len(head_ids) - len(tail_ids)
+        if room < needle.MIN_FILLER:
+            raise InfinichatError(
+                f"--lengths {length} is too short for the {name} prompt of --data {path}, line {recs[0].line}: "
+                f"it needs at least {length - room + needle.MIN_FILLER} tokens"
+            )
+        context = longbench.truncate_middle(encode_text(tok, recs[0].context), room)
+        later_tail = tail.lstrip("\n ") if chat else (tail if tail.startswith("\n") else "\n\n" + tail)
+        later = [later_fmt.ids(encode_text(tok, later_tail.format(input=r.input))) for r in recs[1:]]
+        convs.append(
+            Conversation(
+                length,
+                index,
+                [fmt.ids(head_ids + context + tail_ids), *later],
+                [r.input for r in recs],
+                [r.answers[0] for r in recs],
+                answers=[r.answers for r in recs],
+                dataset=name,
+                max_new=longbench.DATASETS[name].max_gen,
+            )
+        )
+    return convs
+
+
 def run_conversation(
     engine: Engine, run: PolicyRun, conv: Conversation, max_new: int, decode_text: Callable[[list[int]], str]
 ) -> list[dict[str, Any]]:
     """Every turn of `conv` in one sequence under `run`: one record per turn."""
     n_prompt = sum(len(t) for t in conv.turns)
-    seq, budget = new_sequence(engine, run, n_prompt, len(conv.turns) * max_new, budget_of=conv.length)
+    seq, budget = new_sequence(engine, run, n_prompt, len(conv.turns) * max_new, budget_of=len(conv.turns[0]))
     history: list[int] = []
     records = []
     for k, ids in enumerate(conv.turns):
         gen = continue_in(engine, seq, budget, ids, max_new, decode_text, history)
         history += [*ids, *gen.tokens]
+        score = conv.score(k, gen.text)
         rec = {
             "policy": run.label,
             "length": conv.length,
             "sample": conv.index,
             "turn": k + 1,
+            "dataset": conv.dataset,
             "key": conv.keys[k],
             "answer": conv.values[k],
-            "correct": needle.contains_number(gen.text, conv.values[k]),
+            **(
+                {"correct": score == 1.0, "any_fact": any(needle.contains_number(gen.text, v) for v in conv.values)}
+                if conv.answers is None
+                else {"answers": conv.answers[k]}
+            ),
+            "score": score,
             "cached_after": seq.length,
             **gen.to_json(),
         }
         records.append(rec)
-        log.info("%s len %d #%d turn %d: %s (%r)", run.label, conv.length, conv.index, k + 1, rec["correct"], gen.text)
+        log.info("%s len %d #%d turn %d: %.2f (%r)", run.label, conv.length, conv.index, k + 1, score, gen.text)
     return records
 
 
@@ -125,19 +216,19 @@ def summarize(
         by_len: dict[str, Any] = {}
         for n in lengths:
             mine = [r for r in records if r["policy"] == label and r["length"] == n]
-            by_turn = {
-                str(t): mean_of([float(r["correct"]) for r in mine if r["turn"] == t]) for t in range(1, n_turns + 1)
-            }
+            by_turn = {str(t): mean_of([r["score"] for r in mine if r["turn"] == t]) for t in range(1, n_turns + 1)}
             first = [r for r in mine if r["turn"] == 1]
             by_len[str(n)] = {
-                "accuracy": mean_of([float(r["correct"]) for r in mine]),
-                "later_turns": mean_of([float(r["correct"]) for r in mine if r["turn"] > 1]),
+                "accuracy": mean_of([r["score"] for r in mine]),
+                "later_turns": mean_of([r["score"] for r in mine if r["turn"] > 1]),
+                # generated haystack: answers holding one of the conversation's values (kept, maybe misattributed)
+                "any_fact": mean_of([float(r["any_fact"]) for r in mine if "any_fact" in r]),
                 "by_turn": by_turn,
                 "kept_after_turn1": mean_of([r["kept"] for r in first]),
                 "prefill_s_turn1": mean_of([r["prefill_s"] for r in first]),
             }
         out[label] = {
-            "accuracy": mean_of([float(r["correct"]) for r in records if r["policy"] == label]),
+            "accuracy": mean_of([r["score"] for r in records if r["policy"] == label]),
             "by_length": by_len,
         }
     return out
@@ -160,24 +251,42 @@ def build_report(
 
 
 def turn_rows(report: dict[str, Any], length: int) -> tuple[list[str], list[list[str]]]:
-    """Policy x turn accuracy (%) at one context length, the later turns' mean and the overall mean."""
+    """Policy x turn accuracy (%; LongBench: the metric x100) at one context length, the later turns' mean and
+    the overall mean."""
     turns = range(1, report["turns"] + 1)
-    header = ["policy", *[f"turn {t}" for t in turns], "turns 2+", "mean"]
+    facts = not report.get("data")  # the generated haystack: also the answers naming any of its facts
+    header = ["policy", *[f"turn {t}" for t in turns], "turns 2+", "mean", *(["any fact"] if facts else [])]
     rows = []
     for label, s in report["summary"].items():
         c = s["by_length"][str(length)]
-        rows.append([label, *[pct(c["by_turn"][str(t)]) for t in turns], pct(c["later_turns"]), pct(c["accuracy"])])
+        row = [label, *[pct(c["by_turn"][str(t)]) for t in turns], pct(c["later_turns"]), pct(c["accuracy"])]
+        rows.append(row + ([pct(c.get("any_fact"))] if facts else []))
     return header, rows
 
 
 def markdown(report: dict[str, Any]) -> str:
     parts = []
     for n in report["lengths"]:
+        if report.get("data"):
+            parts += [
+                (
+                    f"## multi-turn LongBench ({', '.join(report['datasets'])}), turn 1 <= {n} tokens: score (x100) "
+                    f"per turn, {report['model']}\n"
+                ),
+                (
+                    f"{report['samples']} context(s) of --data {report['data']}, up to {report['turns']} questions "
+                    f"each; greedy, {report['max_new_tokens']} new tokens per answer; plain text; LongBench's metric "
+                    "per dataset.\n"
+                ),
+                md_table(*turn_rows(report, n)),
+            ]
+            continue
         parts += [
             f"## multi-turn retrieval, {n}-token context: accuracy (%) per turn, {report['model']}\n",
             (
                 f"{report['samples']} conversation(s) of {report['turns']} questions; greedy, "
-                f"{report['max_new_tokens']} new tokens per answer; plain text with answer prefixes.\n"
+                f"{report['max_new_tokens']} new tokens per answer; plain text with answer prefixes. any fact: the "
+                "answers holding one of the context's values, the asked one or another (kept, maybe misattributed).\n"
             ),
             md_table(*turn_rows(report, n)),
         ]

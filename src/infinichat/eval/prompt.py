@@ -51,6 +51,27 @@ def prompt_format(tok: Tokenizer, chat: bool = True) -> PromptFormat:
     return PromptFormat(tuple(prefix), tuple(tok.encode(after, parse_special=True)), True)
 
 
+def next_turn_format(tok: Tokenizer, chat: bool = True) -> PromptFormat:
+    """A later user turn of one conversation, after the assistant's answer (the cache holds the answer without
+    its end-of-turn token: generation stops at EOS without evaluating it): chat: the template's text from the
+    end of an assistant message to the next user message, and its generation prompt after it; plain text:
+    nothing around the content."""
+    if not chat:
+        return PromptFormat((), (), False)
+    marks = [_MARK + str(i) for i in range(3)]
+    msgs = [{"role": role, "content": m} for role, m in zip(("user", "assistant", "user"), marks, strict=True)]
+    rendered = tok.apply_chat_template(msgs, add_generation_prompt=True)
+    if any(rendered.count(m) != 1 for m in marks):
+        raise InfinichatError(
+            "the model's chat template does not place the messages verbatim, so a later turn cannot be assembled"
+        )
+    between = rendered.split(marks[1])[1].split(marks[2])[0]
+    after = rendered.split(marks[2])[1]
+    return PromptFormat(
+        tuple(tok.encode(between, parse_special=True)), tuple(tok.encode(after, parse_special=True)), True
+    )
+
+
 def encode_text(tok: Tokenizer, text: str) -> list[int]:
     """User text as ids; control-token spellings in it stay plain text."""
     return tok.encode(text, parse_special=False)

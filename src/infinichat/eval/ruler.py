@@ -16,7 +16,11 @@ https://arxiv.org/abs/2404.06654. Tasks (RULER's names):
 Scores (RULER's, per sample): `string_match_all` = the fraction of the references found in the answer (case
 insensitive substrings), the task score; `string_match_part` = 1 if any is found. Prompts end with the
 question and, in plain text, an answer prefix (the completion style the default model needs). Every sample
-is seeded by (seed, task, length, index). Results: `ruler.json`, `ruler.md` and one task x length heatmap PNG
+is seeded by (seed, task, length, index). Needle depths are spread, not drawn: sample i of n puts the asked
+needle (niah_*: the answer needle; multivalue / multiquery: the first needle, the others at seeded sentence
+boundaries) at depth (i + 0.5) / n, so a few samples cover the start, the middle and the end of the context
+(a random draw can put them all near one end). vt's chain is spread over the whole haystack in order (its
+own layout), and cwe has no needles. Results: `ruler.json`, `ruler.md` and one task x length heatmap PNG
 per policy run, like `eval passkey` / `eval niah`.
 """
 
@@ -78,6 +82,7 @@ class RulerSample:
     index: int
     ids: list[int]
     refs: list[str]  # every reference the answer should contain
+    depth: float | None = None  # where the asked needle was placed (None: vt and cwe, no single needle)
 
     @property
     def max_new(self) -> int:
@@ -104,15 +109,26 @@ def string_match_part(pred: str, refs: Sequence[str]) -> float:
 # ---------------------------------------------------------------------------------------------- generation
 
 
-def sample(tok: Tokenizer, fmt: PromptFormat, task: str, length: int, index: int, seed: int = 0) -> RulerSample:
-    """One seeded prompt of `task` at `length` tokens."""
+def spread_depth(index: int, n_samples: int) -> float:
+    """The needle depth of sample `index` of `n_samples`: the middle of its n-th of the context."""
+    if not 0 <= index < n_samples:
+        raise InfinichatError(f"sample index {index} is outside 0..{n_samples - 1}")
+    return (index + 0.5) / n_samples
+
+
+def sample(
+    tok: Tokenizer, fmt: PromptFormat, task: str, length: int, index: int, n_samples: int, seed: int = 0
+) -> RulerSample:
+    """One seeded prompt of `task` at `length` tokens: sample `index` of `n_samples`, whose needle sits at
+    `spread_depth(index, n_samples)`."""
     rng = random.Random(f"{seed}:ruler:{task}:{length}:{index}")
+    depth = spread_depth(index, n_samples)
     if task in ("niah_single", "niah_multikey"):
         variant = "single" if task == "niah_single" else "multikey"
-        s = needle.niah_sample(tok, fmt, length, rng.random(), index, seed, variant, N_NEEDLES)
-        return RulerSample(task, length, index, s.ids, [s.answer])
+        s = needle.niah_sample(tok, fmt, length, depth, index, seed, variant, N_NEEDLES)
+        return RulerSample(task, length, index, s.ids, [s.answer], s.needle_depth)
     if task in ("niah_multivalue", "niah_multiquery"):
-        return _multi(tok, fmt, task, length, index, rng)
+        return _multi(tok, fmt, task, length, index, depth, rng)
     if task == "vt":
         return _variable_tracking(tok, fmt, length, index, rng)
     if task == "cwe":
@@ -120,7 +136,9 @@ def sample(tok: Tokenizer, fmt: PromptFormat, task: str, length: int, index: int
     raise InfinichatError(f"unknown RULER task {task!r}; accepted: {', '.join(TASKS)}")
 
 
-def _multi(tok: Tokenizer, fmt: PromptFormat, task: str, length: int, index: int, rng: random.Random) -> RulerSample:
+def _multi(
+    tok: Tokenizer, fmt: PromptFormat, task: str, length: int, index: int, depth: float, rng: random.Random
+) -> RulerSample:
     n_keys = 1 if task == "niah_multivalue" else N_NEEDLES
     keys: list[str] = []
     for _ in range(n_keys):
@@ -136,7 +154,7 @@ def _multi(tok: Tokenizer, fmt: PromptFormat, task: str, length: int, index: int
         task="ruler",
         variant=task,
         length=length,
-        depth=rng.random(),
+        depth=depth,
         index=index,
         instruction=needle.NIAH_INSTRUCTION,
         question=MULTI_QUESTION.format(keys=asked),
@@ -146,7 +164,7 @@ def _multi(tok: Tokenizer, fmt: PromptFormat, task: str, length: int, index: int
         filler=haystack.essay_filler(rng),
         rng=rng,
     )
-    return RulerSample(task, length, index, s.ids, values)
+    return RulerSample(task, length, index, s.ids, values, s.needle_depth)
 
 
 def _variable_name(rng: random.Random, taken: set[str]) -> str:
@@ -241,6 +259,7 @@ def run_samples(
                 "length": s.length,
                 "sample": s.index,
                 "refs": s.refs,
+                "depth": None if s.depth is None else round(s.depth, 3),
                 "score": string_match_all(gen.text, s.refs),
                 "score_part": string_match_part(gen.text, s.refs),
                 **gen.to_json(),
