@@ -49,15 +49,21 @@ def test_the_turns_share_one_sequence(run):
         assert recs[0]["n_evicted"] > 0 and recs[1]["n_evicted"] > 0  # later turns evict again
 
 
-def test_cli_multiturn_writes_json_markdown_and_a_heatmap(tiny_gguf_1k, tmp_path, capsys, cli_threads):
+def run_multiturn_cli(first: list[str], model, tmp_path, capsys) -> tuple[Path, dict, str]:
+    """`eval multiturn` with `first` + full,snapkv at 50%, 3 new tokens, on `model`: (out dir, multiturn.json,
+    what it printed)."""
     out = tmp_path / "out"
-    args = ["eval", "multiturn", "--lengths", "700", "--turns", "3", "--samples", "2", "--policies", "full,snapkv"]
-    args += ["--budget-frac", "0.5", "--max-new-tokens", "3", "--out", str(out), "--model", str(tiny_gguf_1k)]
-    args += ["--cache-dir", str(tmp_path / "c"), "--threads", "1"]
+    args = ["eval", "multiturn", *first, "--policies", "full,snapkv", "--budget-frac", "0.5", "--max-new-tokens", "3"]
+    args += ["--out", str(out), "--model", str(model), "--cache-dir", str(tmp_path / "c"), "--threads", "1"]
     rc = main(args)
     captured = capsys.readouterr()
     assert rc == 0, captured.err
-    report = json.loads((out / "multiturn.json").read_text())
+    return out, json.loads((out / "multiturn.json").read_text()), captured.out
+
+
+def test_cli_multiturn_writes_json_markdown_and_a_heatmap(tiny_gguf_1k, tmp_path, capsys, cli_threads):
+    first = ["--lengths", "700", "--turns", "3", "--samples", "2"]
+    out, report, printed = run_multiturn_cli(first, tiny_gguf_1k, tmp_path, capsys)
     assert [p["label"] for p in report["policies"]] == ["full", "snapkv 50%"] and report["turns"] == 3
     assert len(report["results"]) == 2 * 2 * 3
     for r in report["results"]:
@@ -73,7 +79,7 @@ def test_cli_multiturn_writes_json_markdown_and_a_heatmap(tiny_gguf_1k, tmp_path
         assert all(r["any_fact"] >= r["correct"] for r in mine)
         assert summary["by_length"]["700"]["any_fact"] == pytest.approx(sum(r["any_fact"] for r in mine) / len(mine))
     assert (out / "multiturn-700.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "multi-turn accuracy" in captured.out
+    assert "multi-turn accuracy" in printed
 
 
 def test_cli_multiturn_bad_turns_is_one_line_and_exit_2(tmp_path, capsys):
@@ -139,14 +145,8 @@ def test_longbench_datasets_without_a_question_and_bad_files_are_clear_errors(de
 
 
 def test_cli_multiturn_on_longbench_data(tiny_gguf_1k, tmp_path, capsys, cli_threads):
-    out = tmp_path / "out"
-    args = ["eval", "multiturn", "--data", str(LONGBENCH), "--lengths", "300", "--policies", "full,snapkv"]
-    args += ["--budget-frac", "0.5", "--max-new-tokens", "3", "--out", str(out), "--model", str(tiny_gguf_1k)]
-    args += ["--cache-dir", str(tmp_path / "c"), "--threads", "1"]
-    rc = main(args)
-    captured = capsys.readouterr()
-    assert rc == 0, captured.err
-    report = json.loads((out / "multiturn.json").read_text())
+    first = ["--data", str(LONGBENCH), "--lengths", "300"]
+    out, report, _ = run_multiturn_cli(first, tiny_gguf_1k, tmp_path, capsys)
     assert report["data"] == str(LONGBENCH) and report["datasets"] == ["hotpotqa"] and report["samples"] == 2
     assert len(report["results"]) == 2 * (3 + 2)
     for r in report["results"]:
