@@ -193,26 +193,34 @@ class LlamaSnapshot:
     state: bytes
 
 
-class _Batch:
-    """One reusable `llama_batch` whose arrays are numpy buffers; every token points at one shared seq id."""
+class _BatchBuffers:
+    """A reusable `llama_batch` of at most n tokens whose arrays are numpy buffers (one seq id per token, each
+    pointed at by `seq_ptrs`); subclasses say how the seq ids and logits flags are laid out."""
 
-    def __init__(self, lib, n: int):
+    def __init__(self, lib, n: int, seq_ptrs, logits_flag: int):
         self.n = n
         self.token = np.zeros(n, dtype=np.int32)
         self.pos = np.zeros(n, dtype=np.int32)
         self.n_seq_id = np.ones(n, dtype=np.int32)
-        self.logits = np.zeros(n, dtype=np.int8)
-        self.sid = ctypes.c_int32(0)
-        self._seq_ptrs = (ctypes.POINTER(ctypes.c_int32) * n)(*([ctypes.pointer(self.sid)] * n))
+        self.logits = np.full(n, logits_flag, dtype=np.int8)
+        self._seq_ptrs = seq_ptrs
         self.struct = lib.llama_batch(
             n_tokens=0,
             token=self.token.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)),
             embd=None,
             pos=self.pos.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)),
             n_seq_id=self.n_seq_id.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)),
-            seq_id=self._seq_ptrs,
+            seq_id=seq_ptrs,
             logits=self.logits.ctypes.data_as(ctypes.POINTER(ctypes.c_int8)),
         )
+
+
+class _Batch(_BatchBuffers):
+    """Tokens of one sequence: every token points at one shared seq id."""
+
+    def __init__(self, lib, n: int):
+        self.sid = ctypes.c_int32(0)
+        super().__init__(lib, n, (ctypes.POINTER(ctypes.c_int32) * n)(*([ctypes.pointer(self.sid)] * n)), 0)
 
     def fill(self, sid: int, tokens: np.ndarray, first_pos: int, all_logits: bool) -> None:
         m = tokens.shape[0]
@@ -228,30 +236,17 @@ class _Batch:
         self.struct.n_tokens = m
 
 
-class _RowsBatch:
-    """A reusable `llama_batch` of one token per sequence, each with its own seq id (batched decode steps)."""
+class _RowsBatch(_BatchBuffers):
+    """One token per sequence, each with its own seq id (batched decode steps)."""
 
     def __init__(self, lib, n: int):
-        self.n = n
-        self.token = np.zeros(n, dtype=np.int32)
-        self.pos = np.zeros(n, dtype=np.int32)
-        self.n_seq_id = np.ones(n, dtype=np.int32)
-        self.logits = np.ones(n, dtype=np.int8)
         self.sids = (ctypes.c_int32 * n)()
         base = ctypes.addressof(self.sids)
         step = ctypes.sizeof(ctypes.c_int32)
-        self._seq_ptrs = (ctypes.POINTER(ctypes.c_int32) * n)(
+        ptrs = (ctypes.POINTER(ctypes.c_int32) * n)(
             *[ctypes.cast(base + i * step, ctypes.POINTER(ctypes.c_int32)) for i in range(n)]
         )
-        self.struct = lib.llama_batch(
-            n_tokens=0,
-            token=self.token.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)),
-            embd=None,
-            pos=self.pos.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)),
-            n_seq_id=self.n_seq_id.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)),
-            seq_id=self._seq_ptrs,
-            logits=self.logits.ctypes.data_as(ctypes.POINTER(ctypes.c_int8)),
-        )
+        super().__init__(lib, n, ptrs, 1)
 
     def fill(self, rows: list[tuple[int, int, int]]) -> None:
         """rows: (seq id, token, position), at most n."""
