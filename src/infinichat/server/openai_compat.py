@@ -44,7 +44,28 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class GenBody(BaseModel):
+class SamplerExtras(BaseModel):
+    """Sampling fields with llama.cpp server's names and defaults that /v1 and llama-server's /completion share
+    (engine/sampling.py; DRY and XTC are off unless given; the constraints: server/constraints.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    dry_multiplier: float = 0.0
+    dry_base: float = 1.75
+    dry_allowed_length: int = 2
+    dry_penalty_last_n: int = -1
+    dry_sequence_breakers: list[str] = Field(default_factory=lambda: list(DRY_BREAKERS))
+    xtc_probability: float = 0.0
+    xtc_threshold: float = 0.1
+    repeat_penalty: float = 1.0
+    repeat_last_n: int = 64
+    logit_bias: dict[str, Any] | list[Any] | None = None  # OpenAI: {"id": bias}; llama.cpp: [[id, bias]]
+    grammar: str | None = None  # llama.cpp: a GBNF grammar
+    json_schema: dict[str, Any] | None = None  # llama.cpp: a JSON schema
+
+
+class GenBody(SamplerExtras):
     """The fields both endpoints share. Every field is in openai_fields.FIELDS; any other is a 400."""
 
     model_config = ConfigDict(extra="forbid")
@@ -58,24 +79,9 @@ class GenBody(BaseModel):
     stop: str | list[str] | None = None
     seed: int | None = None  # -1 (llama.cpp's convention) or null: a random seed
     stream_options: StreamOptions | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    # extensions with llama.cpp server's names (engine/sampling.py); DRY and XTC are off unless given
-    dry_multiplier: float = 0.0
-    dry_base: float = 1.75
-    dry_allowed_length: int = 2
-    dry_penalty_last_n: int = -1
-    dry_sequence_breakers: list[str] = Field(default_factory=lambda: list(DRY_BREAKERS))
-    xtc_probability: float = 0.0
-    xtc_threshold: float = 0.1
     top_k: int = 0
     min_p: float = 0.0
-    repeat_penalty: float = 1.0
-    repeat_last_n: int = 64
-    logit_bias: dict[str, Any] | list[Any] | None = None  # OpenAI: {"id": bias}; llama.cpp: [[id, bias]]
     response_format: dict[str, Any] | None = None
-    grammar: str | None = None  # llama.cpp: a GBNF grammar
-    json_schema: dict[str, Any] | None = None  # llama.cpp: a JSON schema
     user: str | None = None
 
 

@@ -25,16 +25,15 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from infinichat.engine.sampling import DRY_BREAKERS
 from infinichat.server.errors import ApiError, error_body
-from infinichat.server.openai_compat import CompletionBody, anonymous, params_of
+from infinichat.server.openai_compat import CompletionBody, SamplerExtras, anonymous, params_of
 from infinichat.server.streaming import collect, open_stream, sse, sse_response
 from infinichat.session.limits import MAX_NEW_TOKENS
 
 router = APIRouter()
 
 
-class LlamaCompletion(BaseModel):
+class LlamaCompletion(SamplerExtras):
     """llama-server's /completion body: the fields this server honours; any other is a 400."""
 
     model_config = ConfigDict(extra="forbid")
@@ -48,22 +47,8 @@ class LlamaCompletion(BaseModel):
     top_k: int = 40
     top_p: float = 0.95
     min_p: float = 0.05
-    repeat_penalty: float = 1.0
-    repeat_last_n: int = 64
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
     seed: int = -1
     stop: list[str] = Field(default_factory=list)
-    dry_multiplier: float = 0.0
-    dry_base: float = 1.75
-    dry_allowed_length: int = 2
-    dry_penalty_last_n: int = -1
-    dry_sequence_breakers: list[str] = Field(default_factory=lambda: list(DRY_BREAKERS))
-    xtc_probability: float = 0.0
-    xtc_threshold: float = 0.1
-    grammar: str | None = None
-    json_schema: dict[str, Any] | None = None
-    logit_bias: dict[str, Any] | list[Any] | None = None
 
 
 def _probs(tok, item: dict) -> dict:
