@@ -77,6 +77,16 @@ def _load(args: argparse.Namespace):
     return tok, name, engine, args.threads or physical_cores(), compute
 
 
+def _decoder(tok):
+    """Generated ids -> text, special tokens left out (how every long-context eval reads an answer)."""
+    return lambda ids: tok.decode(ids, skip_special=True)
+
+
+def _print_paths(paths: dict, heatmaps: str) -> None:
+    """The one line that says where a report's files went."""
+    Console(highlight=False).print(f"results: {paths['json']}  tables: {paths['md']}  heatmaps: {heatmaps}")
+
+
 def _progress(err: Console) -> Progress:
     return Progress(
         TextColumn("{task.description:<34}"),
@@ -165,9 +175,7 @@ def _retrieval(args: argparse.Namespace, task: str) -> int:
                 else:
                     samples.append(needle.niah_sample(tok, fmt, n, d, i, args.seed, variant, n_keys, sentences))
 
-    def decode(ids):
-        return tok.decode(ids, skip_special=True)
-
+    decode = _decoder(tok)
     records: list[dict] = []
     with _progress(err) as progress:
         bars = {r.label: progress.add_task(r.label, total=len(samples), acc="") for r in runs}
@@ -200,9 +208,7 @@ def _retrieval(args: argparse.Namespace, task: str) -> int:
     paths = retrieval.write_report(report, out_dir)
     header, rows = retrieval.accuracy_rows(report)
     _print_table(f"{task} accuracy (%), mean over depths, {name}", header, rows)
-    Console(highlight=False).print(
-        f"results: {paths['json']}  tables: {paths['md']}  heatmaps: {out_dir}/{task}-heatmap-*.png"
-    )
+    _print_paths(paths, f"{out_dir}/{task}-heatmap-*.png")
     return 0
 
 
@@ -247,9 +253,7 @@ def ruler(args: argparse.Namespace) -> int:
         for i in range(args.samples)
     ]
 
-    def decode(ids):
-        return tok.decode(ids, skip_special=True)
-
+    decode = _decoder(tok)
     records: list[dict] = []
     with _progress(err) as progress:
         bars = {r.label: progress.add_task(r.label, total=len(samples), acc="") for r in runs}
@@ -277,9 +281,7 @@ def ruler(args: argparse.Namespace) -> int:
     paths = rl.write_report(report, out_dir)
     for n in lengths:
         _print_table(f"RULER at {n} tokens: string_match_all (%), {name}", *rl.score_rows(report, n))
-    Console(highlight=False).print(
-        f"results: {paths['json']}  tables: {paths['md']}  heatmaps: {out_dir}/ruler-heatmap-*.png"
-    )
+    _print_paths(paths, f"{out_dir}/ruler-heatmap-*.png")
     return 0
 
 
@@ -313,9 +315,7 @@ def multiturn(args: argparse.Namespace) -> int:
         source = {"data": str(args.data), "datasets": sorted({c.dataset for c in convs})}
     max_new = args.max_new_tokens or (mt.MAX_NEW if args.data is None else "per dataset")
 
-    def decode(ids):
-        return tok.decode(ids, skip_special=True)
-
+    decode = _decoder(tok)
     records: list[dict] = []
     with _progress(err) as progress:
         for run in runs:
@@ -340,9 +340,7 @@ def multiturn(args: argparse.Namespace) -> int:
     for n in lengths:
         what = "accuracy (%)" if args.data is None else "LongBench score (x100)"
         _print_table(f"multi-turn {what} per turn, {n}-token context, {name}", *mt.turn_rows(report, n))
-    Console(highlight=False).print(
-        f"results: {paths['json']}  tables: {paths['md']}  heatmaps: {out_dir}/multiturn-*.png"
-    )
+    _print_paths(paths, f"{out_dir}/multiturn-*.png")
     return 0
 
 
