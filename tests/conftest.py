@@ -27,6 +27,23 @@ def tiny_chat_model(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def live(tiny_chat_model, tmp_path_factory):
+    """A real server on `tiny_chat_model`, one per test module (server_util.LiveServer); a module that needs
+    other options defines its own `live`."""
+    from server_util import LiveServer
+
+    with LiveServer(tiny_chat_model, tmp_path_factory.mktemp("data")) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def oc(live):
+    """The OpenAI client on the module's `live` server (skipped where the openai package is not installed)."""
+    openai = pytest.importorskip("openai")
+    return openai.OpenAI(base_url=live.url + "/v1", api_key="unused", max_retries=0)
+
+
+@pytest.fixture(scope="module")
 def one_torch_thread():
     """For a module's tiny models (`pytestmark = pytest.mark.usefixtures("one_torch_thread")`): they gain nothing
     from threads, and two threads on a busy 2-core machine only contend (spinning, up to ~50x slower)."""

@@ -25,12 +25,6 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 GREEDY = {"temperature": 0.0, "max_tokens": 6}
 
 
-@pytest.fixture(scope="module")
-def live(tiny_chat_model, tmp_path_factory):
-    with LiveServer(tiny_chat_model, tmp_path_factory.mktemp("server-data")) as srv:
-        yield srv
-
-
 @pytest.fixture(params=["local", "http"])
 def backend(request, tiny_chat_model, tmp_path):
     if request.param == "local":

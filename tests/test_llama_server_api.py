@@ -8,15 +8,8 @@ import json
 
 import httpx
 import pytest
-from server_util import LiveServer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(scope="module")
-def live(tiny_chat_model, tmp_path_factory):
-    with LiveServer(tiny_chat_model, tmp_path_factory.mktemp("data")) as srv:
-        yield srv
 
 
 @pytest.fixture(scope="module")

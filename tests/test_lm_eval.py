@@ -11,7 +11,6 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from server_util import LiveServer
 
 from infinichat.engine.torch_engine import TorchEngine
 
@@ -24,12 +23,6 @@ import infinichat.eval.lm_harness  # noqa: E402, F401  (registers the "infinicha
 DATA = Path(__file__).parent / "data" / "lm_eval"
 TASKS = ["infinichat_tiny_mc", "infinichat_tiny_rolling", "infinichat_tiny_gen"]
 TOL = 1e-3
-
-
-@pytest.fixture(scope="module")
-def live(tiny_chat_model, tmp_path_factory):
-    with LiveServer(tiny_chat_model, tmp_path_factory.mktemp("data")) as srv:
-        yield srv
 
 
 @pytest.fixture(scope="module")

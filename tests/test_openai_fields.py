@@ -9,7 +9,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-from server_util import LiveServer
 
 from infinichat.server.openai_compat import ChatBody, CompletionBody
 from infinichat.server.openai_fields import CHAT, COMPLETIONS, FIELDS, fields_of
@@ -35,12 +34,6 @@ ASKS = {
     "echo": True,
     "suffix": "the end",
 }
-
-
-@pytest.fixture(scope="module")
-def live(tiny_chat_model, tmp_path_factory):
-    with LiveServer(tiny_chat_model, tmp_path_factory.mktemp("data")) as srv:
-        yield srv
 
 
 def post(live, endpoint: str, **body) -> httpx.Response:

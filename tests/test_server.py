@@ -19,12 +19,6 @@ GREEDY = {"temperature": 0.0, "max_tokens": 8}
 
 
 @pytest.fixture(scope="module")
-def live(tiny_chat_model, tmp_path_factory):
-    with LiveServer(tiny_chat_model, tmp_path_factory.mktemp("data")) as srv:
-        yield srv
-
-
-@pytest.fixture(scope="module")
 def client(live):
     with httpx.Client(base_url=live.url, timeout=60) as c:
         yield c

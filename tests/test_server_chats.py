@@ -11,7 +11,6 @@ import zlib
 
 import httpx
 import pytest
-from server_util import LiveServer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -42,12 +41,6 @@ CARD = {
     "spec_version": "2.0",
     "data": {"name": "Mira", "description": "{{char}} is a captain.", "first_mes": "Hi {{user}}!"},
 }
-
-
-@pytest.fixture(scope="module")
-def live(tiny_chat_model, tmp_path_factory):
-    with LiveServer(tiny_chat_model, tmp_path_factory.mktemp("data")) as srv:
-        yield srv
 
 
 @pytest.fixture(scope="module")

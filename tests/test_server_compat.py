@@ -16,17 +16,6 @@ from infinichat.model.label import model_label
 openai = pytest.importorskip("openai")
 
 
-@pytest.fixture(scope="module")
-def live(tiny_chat_model, tmp_path_factory):
-    with LiveServer(tiny_chat_model, tmp_path_factory.mktemp("data")) as srv:
-        yield srv
-
-
-@pytest.fixture(scope="module")
-def oc(live):
-    return openai.OpenAI(base_url=live.url + "/v1", api_key="unused", max_retries=0)
-
-
 MSGS = [{"role": "user", "content": "Tell me a story about a cat."}]
 
 

@@ -9,7 +9,7 @@ import json
 import httpx
 import pytest
 import torch
-from server_util import LiveServer, events
+from server_util import events
 
 from infinichat.engine.grammar import Grammar, GrammarConstraint, GrammarError, check_grammar
 from infinichat.engine.sampling import Sampler, SamplingParams
@@ -30,17 +30,6 @@ SCHEMA = {
     "additionalProperties": False,
 }
 MSGS = [{"role": "user", "content": "Describe a person as JSON."}]
-
-
-@pytest.fixture(scope="module")
-def live(tiny_chat_model, tmp_path_factory):
-    with LiveServer(tiny_chat_model, tmp_path_factory.mktemp("data")) as srv:
-        yield srv
-
-
-@pytest.fixture(scope="module")
-def oc(live):
-    return openai.OpenAI(base_url=live.url + "/v1", api_key="unused", max_retries=0)
 
 
 def _schema_format(schema=SCHEMA):

@@ -85,11 +85,6 @@ def live(tiny_chat_model, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def oc(live):
-    return openai.OpenAI(base_url=live.url + "/v1", api_key="unused", max_retries=0)
-
-
-@pytest.fixture(scope="module")
 def plain(tiny_chat_model, tmp_path_factory):
     with LiveServer(tiny_chat_model, tmp_path_factory.mktemp("data2")) as srv:
         yield openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0)
