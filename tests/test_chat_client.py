@@ -8,6 +8,7 @@ import io
 import json
 import re
 import sys
+import uuid
 
 import pytest
 from rich.console import Console
@@ -48,7 +49,8 @@ class Run:
         console = Console(file=self.buf, width=250, highlight=False, soft_wrap=True)
         self.client = ChatClient(console, backend, ScriptReader(console, lines), settings=settings or GREEDY)
         self.b = backend
-        self.client.open(sid or f"s{id(self)}", given=given)
+        # a fresh id each run: the module's server outlives a Run, and id(self) is reused once a Run is freed
+        self.client.open(sid or f"s{uuid.uuid4().hex[:12]}", given=given)
         self.rc = self.client.loop()
 
     @property
