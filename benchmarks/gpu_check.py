@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import inspect
 import json
 import os
 import signal
@@ -229,24 +230,27 @@ def parity(ours: Transformer, hf, vocab: int, device: torch.device, n: int = 64,
     engine = TorchEngine(ours)
     seq = engine.new_cache(n + steps + 1)
     got = [engine.prefill(seq, ids[:n].tolist(), all_logits=True).float()]
+    # transformers 5.x renames the forward's `past_key_values` to `cache` (the old name warns, then goes in 5.40):
+    # whichever this version takes; the cache object is updated in place, so it is passed again as it is
+    key = "cache" if "cache" in inspect.signature(hf.forward).parameters else "past_key_values"
     with torch.inference_mode():
-        cache = DynamicCache(config=hf.config)
-        out = hf(ids[None, :n].to(device), past_key_values=cache, use_cache=True)
+        cache = {key: DynamicCache(config=hf.config)}
+        out = hf(ids[None, :n].to(device), use_cache=True, **cache)
         want = [out.logits[0].float()]
         for t in range(n, n + steps):
             got.append(engine.decode_one(seq, int(ids[t])).float()[None])
-            out = hf(ids[None, t : t + 1].to(device), past_key_values=out.past_key_values, use_cache=True)
+            out = hf(ids[None, t : t + 1].to(device), use_cache=True, **cache)
             want.append(out.logits[0].float())
     return rel(torch.cat(got), torch.cat(want))
 
 
 def section_parity(args, device: torch.device) -> None:
-    from infinichat.model.loader import load_model
-
     for dtype in (torch.float32, torch.bfloat16):
         tol = 1e-4 if dtype == torch.float32 else 3e-2
         name = str(dtype).removeprefix("torch.")
         if args.default_model:
+            from infinichat.model.loader import load_model  # a GGUF file: needs the gguf package (the rest does not)
+
             ours = load_model(None, dtype, device=device, kernels="torch").model
             hf = hf_from_ours(ours, dtype)
             r = parity(ours, hf, ours.cfg.vocab_size, device)
@@ -450,7 +454,7 @@ def kv_gpu_bytes(seq, device: torch.device) -> int:
     """Bytes of K/V this sequence holds on the compute device: its store if it lives there, else the policy's
     mirrors and the offloaded rows' device buffers (kv/offload.py)."""
     store = seq.store
-    if store.k_all.device == device:
+    if store.k_all.device.type == device.type:  # one device of its type: cuda:0 and cuda are the same one here
         return store.nbytes
     total = 0
     mirrors = getattr(seq.policy, "_mirrors", None)
@@ -544,10 +548,15 @@ def section_omnikv(args, device: torch.device) -> None:
 
 # ---------------------------------------------------------------------------------------------- 6. CUDA tests
 def section_tests(args, device: torch.device, budget: float) -> None:
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
-    cmd = [sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-rs", "-p", "no:cacheprovider", *CUDA_TESTS]
+    paths = [str(REPO / "src"), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}  # ours first; what the caller had stays after it
+    cmd = [sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-rfEs", "-p", "no:cacheprovider", *CUDA_TESTS]
+    cmd.append("--continue-on-collection-errors")  # a module this machine cannot import costs its tests only
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=max(10, budget - 5))
-    tail = proc.stdout.strip().splitlines()[-12:]
+    lines = proc.stdout.strip().splitlines()
+    tail = [ln for ln in lines if ln.startswith(("ERROR ", "FAILED "))][:20] + lines[-12:]
+    if proc.returncode not in (0, 5):
+        tail += proc.stderr.strip().splitlines()[-12:]
     log("\n".join("  " + ln for ln in tail))
     log(f"  pytest exit code {proc.returncode}")
     R.current["pytest_exit"] = proc.returncode
@@ -601,6 +610,8 @@ def main() -> int:
         )
         return 2
     device = torch.device(args.device)
+    if device.type == "cuda" and device.index is None:  # the models' device is cuda:N: compare like with like
+        device = torch.device("cuda", torch.cuda.current_device())
     out = Path(args.out) if args.out else REPO / "results" / time.strftime("gpu-check-%Y%m%d-%H%M%S")
     torch.set_num_threads(min(4, torch.get_num_threads()))
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
