@@ -548,18 +548,30 @@ def section_omnikv(args, device: torch.device) -> None:
 
 # ---------------------------------------------------------------------------------------------- 6. CUDA tests
 def section_tests(args, device: torch.device, budget: float) -> None:
+    """pytest -m cuda on CUDA_TESTS, one line per test as it finishes (-v): a run cut short by its time limit
+    still reports the tests it got through."""
     paths = [str(REPO / "src"), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}  # ours first; what the caller had stays after it
-    cmd = [sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-rfEs", "-p", "no:cacheprovider", *CUDA_TESTS]
+    cmd = [sys.executable, "-m", "pytest", "-v", "-m", "cuda", "-rfEs", "-p", "no:cacheprovider", *CUDA_TESTS]
     cmd.append("--continue-on-collection-errors")  # a module this machine cannot import costs its tests only
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=max(10, budget - 5))
-    lines = proc.stdout.strip().splitlines()
-    tail = [ln for ln in lines if ln.startswith(("ERROR ", "FAILED "))][:20] + lines[-12:]
-    if proc.returncode not in (0, 5):
-        tail += proc.stderr.strip().splitlines()[-12:]
+    try:
+        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=max(10, budget - 5))
+        code: int | str = proc.returncode
+        stdout, stderr = proc.stdout, proc.stderr
+    except subprocess.TimeoutExpired as e:
+        code = "timeout"
+        stdout, stderr = (x.decode(errors="replace") if isinstance(x, bytes) else x or "" for x in (e.stdout, e.stderr))
+    lines = stdout.strip().splitlines()
+    verdicts = (" PASSED", " FAILED", " ERROR", " SKIPPED", " XFAIL", " XPASS")
+    per_test = [ln for ln in lines if "::" in ln and any(v in ln for v in verdicts)]
+    at = next((i for i, ln in enumerate(lines) if "short test summary" in ln), max(0, len(lines) - 1))
+    summary = lines[at:][-30:]  # the summary (failures, errors, skips) and the counts
+    tail = per_test + [ln for ln in summary if ln not in per_test]
+    if code not in (0, 5):
+        tail += stderr.strip().splitlines()[-12:]
     log("\n".join("  " + ln for ln in tail))
-    log(f"  pytest exit code {proc.returncode}")
-    R.current["pytest_exit"] = proc.returncode
+    log(f"  pytest exit code {code}")
+    R.current["pytest_exit"] = code
     R.current["pytest_tail"] = tail
 
 

@@ -122,3 +122,27 @@ def test_gpu_check_without_cuda_is_one_clear_line():
         [sys.executable, "benchmarks/gpu_check.py"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
     )
     assert run.returncode == 2 and "torch sees no CUDA device" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_a_cuda_test_run_cut_short_still_reports_the_tests_it_got_through(monkeypatch):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_check", REPO / "benchmarks" / "gpu_check.py")
+    assert spec is not None and spec.loader is not None
+    gc = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "gpu_check", gc)  # its dataclasses look their module up there
+    spec.loader.exec_module(gc)
+    partial = b"tests/test_device.py::test_a PASSED [ 50%]\ntests/test_gpu_paths.py::test_b FAILED [ 75%]\n"
+
+    def run(cmd, **kw):
+        assert "-m" in cmd and "cuda" in cmd and "--continue-on-collection-errors" in cmd
+        raise subprocess.TimeoutExpired(cmd, kw["timeout"], output=partial, stderr=b"")
+
+    monkeypatch.setattr(gc.subprocess, "run", run)
+    gc.R.current = {}
+    gc.section_tests(None, None, 75.0)
+    assert gc.R.current["pytest_exit"] == "timeout"
+    assert gc.R.current["pytest_tail"][:2] == [
+        "tests/test_device.py::test_a PASSED [ 50%]",
+        "tests/test_gpu_paths.py::test_b FAILED [ 75%]",
+    ]
