@@ -5,7 +5,8 @@ only (no download, no default model needed), writing report.json + report.txt to
     python3 benchmarks/gpu_check.py --dry-run --device cpu --out DIR  # tiny shapes on the CPU: every section's code
 
 Sections (each under a hard time limit, --budget-* seconds, 430 s in all, and at most what is left of --total,
-450 s: under 8 minutes with the start-up; a section that fails or runs out is reported and the next one runs):
+450 s: under 8 minutes with the start-up; the last section run gets all that is left; a section that fails or
+runs out is reported and the next one runs; the report is rewritten after each section):
 1. parity: our logits against transformers' on the same device and weights, float32 and bfloat16, for a random
    Llama-3-8B-shaped model with 2 layers (prefill of 64 tokens, then 8 decode steps; max abs difference
    relative to the logits' scale; tolerances 1e-4 and 3e-2). --default-model adds the default model.
@@ -644,7 +645,8 @@ def main() -> int:
     failed = []
     for sec in args.sections:
         left = args.total * args.budget_scale - (time.perf_counter() - t0)
-        budget = min(getattr(args, f"budget_{sec}") * args.budget_scale, left)
+        last = sec == args.sections[-1]  # the last section takes what the others left over (nothing comes after it)
+        budget = left if last else min(getattr(args, f"budget_{sec}") * args.budget_scale, left)
         log(f"\n[{sec}] (at {time.perf_counter() - t0:.0f} s; budget {budget:.0f} s)")
         R.current = {"budget_s": budget}
         args.deadline = time.perf_counter() + budget
@@ -674,6 +676,7 @@ def main() -> int:
         with contextlib.suppress(Exception):  # a section stopped inside a compilation leaves nothing behind
             torch._dynamo.reset()
         free(device)
+        R.write(out, meta)  # after every section: a run killed from outside keeps what it measured
     total = time.perf_counter() - t0
     log(f"\ndone in {total:.0f} s; sections not ok: {', '.join(failed) or 'none'}")
     meta["seconds"] = round(total, 1)
