@@ -43,7 +43,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 
 def test_resolve_device():
     assert resolve_device("cpu") == torch.device("cpu")
-    assert resolve_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device("auto") == (torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu"))
     with pytest.raises(DeviceError, match=r"unknown --device 'tpu'; accepted: auto, cpu, cuda, cuda:N"):
         resolve_device("tpu")
     with pytest.raises(DeviceError, match=r"--device cuda:99"):
