@@ -5,7 +5,8 @@ only (no download, no default model needed), writing report.json + report.txt to
     python3 benchmarks/gpu_check.py --dry-run --device cpu --out DIR  # tiny shapes on the CPU: every section's code
 
 Sections (each under a hard time limit, --budget-* seconds, 430 s in all, and at most what is left of --total,
-450 s: under 8 minutes with the start-up; a section that fails or runs out is reported and the next one runs):
+450 s: under 8 minutes with the start-up; the last section run gets all that is left; a section that fails or
+runs out is reported and the next one runs; the report is rewritten after each section):
 1. parity: our logits against transformers' on the same device and weights, float32 and bfloat16, for a random
    Llama-3-8B-shaped model with 2 layers (prefill of 64 tokens, then 8 decode steps; max abs difference
    relative to the logits' scale; tolerances 1e-4 and 3e-2). --default-model adds the default model.
@@ -32,6 +33,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import inspect
 import json
 import os
 import signal
@@ -229,24 +231,27 @@ def parity(ours: Transformer, hf, vocab: int, device: torch.device, n: int = 64,
     engine = TorchEngine(ours)
     seq = engine.new_cache(n + steps + 1)
     got = [engine.prefill(seq, ids[:n].tolist(), all_logits=True).float()]
+    # transformers 5.x renames the forward's `past_key_values` to `cache` (the old name warns, then goes in 5.40):
+    # whichever this version takes; the cache object is updated in place, so it is passed again as it is
+    key = "cache" if "cache" in inspect.signature(hf.forward).parameters else "past_key_values"
     with torch.inference_mode():
-        cache = DynamicCache(config=hf.config)
-        out = hf(ids[None, :n].to(device), past_key_values=cache, use_cache=True)
+        cache = {key: DynamicCache(config=hf.config)}
+        out = hf(ids[None, :n].to(device), use_cache=True, **cache)
         want = [out.logits[0].float()]
         for t in range(n, n + steps):
             got.append(engine.decode_one(seq, int(ids[t])).float()[None])
-            out = hf(ids[None, t : t + 1].to(device), past_key_values=out.past_key_values, use_cache=True)
+            out = hf(ids[None, t : t + 1].to(device), use_cache=True, **cache)
             want.append(out.logits[0].float())
     return rel(torch.cat(got), torch.cat(want))
 
 
 def section_parity(args, device: torch.device) -> None:
-    from infinichat.model.loader import load_model
-
     for dtype in (torch.float32, torch.bfloat16):
         tol = 1e-4 if dtype == torch.float32 else 3e-2
         name = str(dtype).removeprefix("torch.")
         if args.default_model:
+            from infinichat.model.loader import load_model  # a GGUF file: needs the gguf package (the rest does not)
+
             ours = load_model(None, dtype, device=device, kernels="torch").model
             hf = hf_from_ours(ours, dtype)
             r = parity(ours, hf, ours.cfg.vocab_size, device)
@@ -450,7 +455,7 @@ def kv_gpu_bytes(seq, device: torch.device) -> int:
     """Bytes of K/V this sequence holds on the compute device: its store if it lives there, else the policy's
     mirrors and the offloaded rows' device buffers (kv/offload.py)."""
     store = seq.store
-    if store.k_all.device == device:
+    if store.k_all.device.type == device.type:  # one device of its type: cuda:0 and cuda are the same one here
         return store.nbytes
     total = 0
     mirrors = getattr(seq.policy, "_mirrors", None)
@@ -544,13 +549,30 @@ def section_omnikv(args, device: torch.device) -> None:
 
 # ---------------------------------------------------------------------------------------------- 6. CUDA tests
 def section_tests(args, device: torch.device, budget: float) -> None:
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
-    cmd = [sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-rs", "-p", "no:cacheprovider", *CUDA_TESTS]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=max(10, budget - 5))
-    tail = proc.stdout.strip().splitlines()[-12:]
+    """pytest -m cuda on CUDA_TESTS, one line per test as it finishes (-v): a run cut short by its time limit
+    still reports the tests it got through."""
+    paths = [str(REPO / "src"), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}  # ours first; what the caller had stays after it
+    cmd = [sys.executable, "-m", "pytest", "-v", "-m", "cuda", "-rfEs", "-p", "no:cacheprovider", *CUDA_TESTS]
+    cmd.append("--continue-on-collection-errors")  # a module this machine cannot import costs its tests only
+    try:
+        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=max(10, budget - 5))
+        code: int | str = proc.returncode
+        stdout, stderr = proc.stdout, proc.stderr
+    except subprocess.TimeoutExpired as e:
+        code = "timeout"
+        stdout, stderr = (x.decode(errors="replace") if isinstance(x, bytes) else x or "" for x in (e.stdout, e.stderr))
+    lines = stdout.strip().splitlines()
+    verdicts = (" PASSED", " FAILED", " ERROR", " SKIPPED", " XFAIL", " XPASS")
+    per_test = [ln for ln in lines if "::" in ln and any(v in ln for v in verdicts)]
+    at = next((i for i, ln in enumerate(lines) if "short test summary" in ln), max(0, len(lines) - 1))
+    summary = lines[at:][-30:]  # the summary (failures, errors, skips) and the counts
+    tail = per_test + [ln for ln in summary if ln not in per_test]
+    if code not in (0, 5):
+        tail += stderr.strip().splitlines()[-12:]
     log("\n".join("  " + ln for ln in tail))
-    log(f"  pytest exit code {proc.returncode}")
-    R.current["pytest_exit"] = proc.returncode
+    log(f"  pytest exit code {code}")
+    R.current["pytest_exit"] = code
     R.current["pytest_tail"] = tail
 
 
@@ -601,6 +623,8 @@ def main() -> int:
         )
         return 2
     device = torch.device(args.device)
+    if device.type == "cuda" and device.index is None:  # the models' device is cuda:N: compare like with like
+        device = torch.device("cuda", torch.cuda.current_device())
     out = Path(args.out) if args.out else REPO / "results" / time.strftime("gpu-check-%Y%m%d-%H%M%S")
     torch.set_num_threads(min(4, torch.get_num_threads()))
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
@@ -621,7 +645,8 @@ def main() -> int:
     failed = []
     for sec in args.sections:
         left = args.total * args.budget_scale - (time.perf_counter() - t0)
-        budget = min(getattr(args, f"budget_{sec}") * args.budget_scale, left)
+        last = sec == args.sections[-1]  # the last section takes what the others left over (nothing comes after it)
+        budget = left if last else min(getattr(args, f"budget_{sec}") * args.budget_scale, left)
         log(f"\n[{sec}] (at {time.perf_counter() - t0:.0f} s; budget {budget:.0f} s)")
         R.current = {"budget_s": budget}
         args.deadline = time.perf_counter() + budget
@@ -651,6 +676,7 @@ def main() -> int:
         with contextlib.suppress(Exception):  # a section stopped inside a compilation leaves nothing behind
             torch._dynamo.reset()
         free(device)
+        R.write(out, meta)  # after every section: a run killed from outside keeps what it measured
     total = time.perf_counter() - t0
     log(f"\ndone in {total:.0f} s; sections not ok: {', '.join(failed) or 'none'}")
     meta["seconds"] = round(total, 1)

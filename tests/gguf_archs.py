@@ -11,13 +11,18 @@ byte-level one, so `load_model` can build a tokenizer from the file.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import gguf_util
 import numpy as np
+import tiny_vocab
 import torch
-from gguf import GGUFWriter
 
-V = gguf_util.VOCAB_SIZE
+if TYPE_CHECKING:
+    from gguf import GGUFWriter
+
+# the tiny transformers models need neither gguf nor gguf_util (the CUDA tests run where gguf is not installed);
+# the GGUF writers import them
+V = tiny_vocab.VOCAB_SIZE
 # a Gemma/Phi-3-style SentencePiece vocabulary with byte fallback: specials, the 256 byte pieces, a few pieces
 SPM_SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>", "<|end|>", "<|endoftext|>"]
 SPM_PIECES = ["▁the", "▁hello", "▁world", "▁wor", "▁he", "▁th", "he", "ll", "lo", "or", "ld", "▁w", "▁h", "▁t"]
@@ -47,8 +52,8 @@ _SMALL = {
     "num_key_value_heads": 2,
     "head_dim": 16,
     "initializer_range": 0.08,
-    "bos_token_id": gguf_util.EOS_ID,
-    "eos_token_id": gguf_util.EOS_ID,
+    "bos_token_id": tiny_vocab.EOS_ID,
+    "eos_token_id": tiny_vocab.EOS_ID,
     "pad_token_id": 0,
 }
 _LONG = {  # LongRoPE divisors for 8 frequencies (head_dim 16)
@@ -164,6 +169,8 @@ def _np(sd, name) -> np.ndarray:
 
 
 def _tensors(model) -> tuple[str, dict[str, np.ndarray]]:
+    import gguf_util
+
     c = model.config
     sd = model.state_dict()
     kind = c.model_type
@@ -219,6 +226,9 @@ def write_arch_gguf(
     `add`: tensors added (ones no loader knows, for the strictness tests); `vocab`: "bpe" (gguf_util's tiny
     byte-level one), "spm" (`spm_vocab`, Gemma-style: no space prefix; the model needs SPM_V tokens) or
     "spm-phi3" (with Phi-3's special tokens, which llama.cpp's phi3 loader needs; PHI3_V tokens)."""
+    import gguf_util
+    from gguf import GGUFWriter
+
     c = model.config
     arch, tensors = _tensors(model)
     rope = _rope(c)
@@ -312,6 +322,9 @@ def tiny_granite(seed: int = 0):
 
 def write_granite_gguf(path: Path | str, model) -> None:
     """`tiny_granite` as llama.cpp's converter writes it (the Llama layout, Q/K rows interleaved)."""
+    import gguf_util
+    from gguf import GGUFWriter
+
     c = model.config
     sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
     a = "granite"

@@ -43,7 +43,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 
 def test_resolve_device():
     assert resolve_device("cpu") == torch.device("cpu")
-    assert resolve_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device("auto") == (torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu"))
     with pytest.raises(DeviceError, match=r"unknown --device 'tpu'; accepted: auto, cpu, cuda, cuda:N"):
         resolve_device("tpu")
     with pytest.raises(DeviceError, match=r"--device cuda:99"):
@@ -62,7 +62,16 @@ def test_device_cuda_without_cuda_is_one_clear_line(device):
 
 
 def test_device_flag_is_on_every_model_command():
-    for cmd in (["generate"], ["story"], ["chat"], ["serve"], ["eval", "ppl"], ["eval", "passkey"]):
+    for cmd in (
+        ["generate"],
+        ["story"],
+        ["chat"],
+        ["serve"],
+        ["eval", "ppl"],
+        ["eval", "passkey"],
+        ["eval", "filter-layers"],
+        ["bench", "latency"],
+    ):
         env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
         out = subprocess.run(
             [sys.executable, "-m", "infinichat", *cmd, "--help"], env=env, capture_output=True, text=True, timeout=60
@@ -130,3 +139,30 @@ def test_cuda_batch_gives_each_sequence_its_solo_logits():
     items = [BatchItem(t, torch.arange(len(t)), KVStore(CFG, 16, device=gpu.device), 0) for t in ids]
     for a, b in zip(solo, gpu.forward_batch(items), strict=True):
         assert (a - b).abs().max().item() <= 1e-4
+
+
+# the commands that run a model outside the engine worker's usual path: the same --device / --compile lines
+DEVICE_COMMANDS = [["generate", "hi", "-n", "1"], ["bench", "latency"], ["eval", "filter-layers"]]
+
+
+def _error_line(capsys, argv: list[str]) -> str:
+    from infinichat.cli.main import main
+
+    rc = main(argv)
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert rc == 2 and len(lines) == 1 and "Traceback" not in lines[0], lines
+    return lines[0]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_device_and_compile_lines_are_the_same_on_every_command(capsys, tmp_path):
+    """--device cuda without CUDA, and --compile on the CPU: each command stops before loading anything with the
+    line `generate` gives (the checks are shared: engine/backends.py check_device_options)."""
+    never = ["--model", str(tmp_path / "never-loaded.gguf")]
+    cuda = {" ".join(c): _error_line(capsys, [*c, *never, "--device", "cuda"]) for c in DEVICE_COMMANDS}
+    assert len(set(cuda.values())) == 1, cuda
+    line = next(iter(cuda.values()))
+    assert line.startswith("infinichat: error: --device cuda: no CUDA device") and "--device cpu" in line
+    comp = {" ".join(c): _error_line(capsys, [*c, *never, "--device", "cpu", "--compile"]) for c in DEVICE_COMMANDS}
+    assert len(set(comp.values())) == 1, comp
+    assert "--compile captures the CUDA decode step" in next(iter(comp.values()))

@@ -120,6 +120,8 @@ def test_cli_writes_json_png_and_table(tiny_gguf, tmp_path, capsys, monkeypatch)
             str(tmp_path / "c"),
             "--threads",
             "1",
+            "--device",
+            "cpu",
         ]
     )
     torch.set_num_threads(n_threads)
@@ -127,7 +129,9 @@ def test_cli_writes_json_png_and_table(tiny_gguf, tmp_path, capsys, monkeypatch)
     assert rc == 0, captured.err
     report = json.loads((out / "filter_layers.json").read_text())
     assert (out / "filter_layers.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "| candidate layer |" in (out / "filter_layers.md").read_text()
+    md = (out / "filter_layers.md").read_text()
+    assert "| candidate layer |" in md and "float32 on cpu; 200 tokens of text.txt" in md
+    assert report["device"] == "cpu" and report["dtype"] == "float32" and report["quant"] == "none"
     L = report["n_layers"]
     assert report["tokens"] == 200 and report["queries"] == 8 and [r["k"] for r in report["results"]] == [0.2, 16]
     assert report["results"][1]["k_tokens"] == 16 and len(report["results"][0]["coverage_of_later_layers"]) == L - 1
@@ -143,6 +147,8 @@ def test_cli_writes_json_png_and_table(tiny_gguf, tmp_path, capsys, monkeypatch)
         ([], r"eval filter-layers needs a text to evaluate: --text FILE"),
         (["--text", "{tmp}/ok.txt", "--k", "2.5"], r"--k '2.5': give a token count"),
         (["--text", "{tmp}/ok.txt", "--tokens", "10"], r"--tokens must be >= 128"),
+        (["--text", "{tmp}/ok.txt", "--backend", "llamacpp"], r"filter-layers runs on the torch backend"),
+        (["--text", "{tmp}/ok.txt", "--device", "cpu", "--compile"], r"--compile captures the CUDA decode step"),
     ],
 )
 def test_cli_bad_input_is_one_line_and_exit_2(args, pattern, tmp_path, capsys):
@@ -159,3 +165,26 @@ def test_cli_bad_input_is_one_line_and_exit_2(args, pattern, tmp_path, capsys):
     err = capsys.readouterr().err
     lines = err.strip().splitlines()
     assert rc == 2 and len(lines) == 1 and re.search(pattern, lines[0]), err
+
+
+def test_cli_refuses_compile_on_cuda_too(tmp_path, capsys, monkeypatch):
+    """On a CUDA device --compile passes the shared check; filter-layers has no decode step for it to capture."""
+    import infinichat.kernels
+
+    monkeypatch.setattr(infinichat.kernels, "resolve_device", lambda name: torch.device("cuda", 0))
+    (tmp_path / "ok.txt").write_text(TEXT, encoding="utf-8")
+    argv = ["eval", "filter-layers", "--text", str(tmp_path / "ok.txt"), "--device", "cuda", "--compile"]
+    rc = main([*argv, "--model", str(tmp_path / "never-loaded.gguf")])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(lines) == 1 and "filter-layers runs one prompt forward call" in lines[0], lines
+
+
+@pytest.mark.cuda
+def test_attention_rows_on_cuda_equal_the_cpu(tiny_gguf, tmp_path):
+    from infinichat.model.loader import load_model
+
+    cpu = load_model(tiny_gguf, "float32", tmp_path, device="cpu")
+    gpu = load_model(tiny_gguf, "float32", tmp_path, device="cuda")
+    ids = cpu.tokenizer.encode(TEXT, add_bos=True)[:200]
+    a, b = fl.attention_rows(cpu.model, ids, 8), fl.attention_rows(gpu.model, ids, 8)
+    assert b.device.type == "cpu" and (a - b).abs().max().item() <= 1e-4

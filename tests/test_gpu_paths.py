@@ -219,6 +219,97 @@ def test_row_fetcher_hands_over_the_picked_rows_one_layer_ahead():
     assert f.moved == 2 * 2 * 4 * CFG.n_kv_heads * CFG.head_dim * 4
 
 
+class FakePinning:
+    """Stands in for page-locked memory on a CPU-only torch (where pinning raises): `kv.store`'s pinned_zeros / pin
+    / is_pinned, the store's only ways to it. A "pinned" tensor is one whose storage came from here (kept alive, so
+    no other tensor reuses its address)."""
+
+    def __init__(self) -> None:
+        self.held: list[torch.UntypedStorage] = []
+
+    def _hold(self, t: torch.Tensor) -> torch.Tensor:
+        self.held.append(t.untyped_storage())
+        return t
+
+    def zeros(self, shape, dtype):
+        return self._hold(torch.zeros(shape, dtype=dtype))
+
+    def pin(self, t):
+        return self._hold(t.clone())
+
+    def is_pinned(self, t) -> bool:
+        ptr = t.untyped_storage().data_ptr()
+        return any(s.data_ptr() == ptr for s in self.held)
+
+
+@pytest.fixture
+def fake_pinning(monkeypatch):
+    from infinichat.kv import store as store_mod
+
+    fake = FakePinning()
+    monkeypatch.setattr(store_mod, "pinned_zeros", fake.zeros)
+    monkeypatch.setattr(store_mod, "pin", fake.pin)
+    monkeypatch.setattr(store_mod, "is_pinned", fake.is_pinned)
+    return fake
+
+
+def test_a_fork_of_a_pinned_store_is_pinned_and_independent(fake_pinning):
+    src = KVStore(CFG, 300, initial=8)
+    src.pin_host_memory()
+    assert fake_pinning.is_pinned(src.k_all) and src.allocated == 300  # the whole capacity, pinned
+    src.next_positions(40)  # slots [0, 40)
+    src._load_slots(torch.arange(40), torch.arange(40))
+    src.k_all[:, :, :40].copy_(torch.randn(src.k_all[:, :, :40].shape))
+    src.v_all[:, :, :40].copy_(torch.randn(src.v_all[:, :, :40].shape))
+    fork = src.fork()
+    assert fork.pinned and fake_pinning.is_pinned(fork.k_all) and fake_pinning.is_pinned(fork.v_all)
+    assert all(fake_pinning.is_pinned(t) for t in (*fork.k, *fork.v))  # the forward's per-layer views too
+    assert fork.allocated == 300 and fork.length == 40
+    assert torch.equal(fork.k_all[:, :, :40], src.k_all[:, :, :40]) and torch.equal(fork.tokens[:40], torch.arange(40))
+    assert fork.k_all.untyped_storage().data_ptr() != src.k_all.untyped_storage().data_ptr()
+    fork.k_all.zero_()
+    assert src.k_all[:, :, :40].abs().sum() > 0  # no shared storage
+    plain = KVStore(CFG, 300, initial=8)
+    assert not plain.fork().pinned and not fake_pinning.is_pinned(plain.fork().k_all)  # unpinned stays unpinned
+
+
+def test_pinned_store_copies_stay_pinned(fake_pinning):
+    """Growth, snapshot restore and a dense conversion of a pinned store: still page-locked."""
+    from infinichat.kv.quantized import convert_store
+
+    src = KVStore(CFG, 300, dtype=torch.bfloat16, initial=8)
+    src.pin_host_memory()
+    src.next_positions(20)
+    src._load_slots(torch.arange(20), torch.arange(20))
+    other = KVStore(CFG, 300, dtype=torch.bfloat16, initial=8)
+    other.pin_host_memory()
+    other.load_snapshot(other.decode_snapshot(src.snapshot()))
+    assert fake_pinning.is_pinned(other.k_all) and other.length == 20
+    conv = convert_store(src, "f16")
+    assert conv.pinned and fake_pinning.is_pinned(conv.k_all) and conv.k_all.dtype == torch.float16
+
+
+def test_a_fork_of_an_offloaded_omnikv_sequence(fake_pinning):
+    """The engine's fork of an OmniKV-offload sequence whose store is pinned (as on CUDA): the fork's store is
+    pinned, its policy brings no mirrors or row fetcher along (their CUDA stream could not be copied: a stand-in
+    stream here refuses it too), and both sequences go on decoding the same logits."""
+    engine = TorchEngine(Transformer(CFG, _weights(), torch.float32, kernels="torch"), eos_ids=())
+    seq = _omni(engine, offload=True)
+    seq.store.pin_host_memory()  # what the engine does for a model on CUDA
+    list(engine.generate(seq, _ids(120, seed=5), SamplingParams(temperature=0, max_tokens=4)))
+    assert seq.policy._fetcher is not None and seq.policy._mirrors is not None
+    seq.policy._fetcher.stream = torch.Stream("cpu")  # a device stream: copy.deepcopy cannot copy one
+    fork = seq.fork()
+    assert fork.store.pinned and fake_pinning.is_pinned(fork.store.k_all)
+    assert fork.policy._fetcher is None and fork.policy._mirrors is None
+    assert fork.policy._decode_start == seq.policy._decode_start and fork.policy.offload
+    seq.policy._fetcher.stream = None
+    for tok in _ids(4, seed=9):
+        a, b = engine.decode_one(seq, tok), engine.decode_one(fork, tok)
+        assert torch.equal(a, b), tok
+    assert fork.policy._mirrors is not None and fork.policy._mirrors.store_id == id(fork.store)
+
+
 # ---------------------------------------------------------------------------------------------- CUDA
 @pytest.mark.cuda
 @pytest.mark.parametrize("mode,kind", [("int8", quant.Int8Linear), ("int4", quant.Int4Linear)])
@@ -303,3 +394,17 @@ def test_cuda_brutal_offload_equals_full():
         assert (a - b).abs().max().item() <= 1e-4 * a.abs().max().item()
     placed, want = brutal.store.k_all[:, :, : brutal.length].cuda(), full.store.k_all[:, :, : full.length]
     assert (placed - want).abs().max().item() <= 1e-4 * want.abs().max().item()  # every staged row landed
+
+
+@pytest.mark.cuda
+def test_cuda_fork_of_an_offloaded_omnikv_sequence_is_pinned_and_decodes_the_same():
+    engine = TorchEngine(Transformer(CFG, _weights(), torch.bfloat16, device="cuda"), eos_ids=())
+    seq = _omni(engine, offload=True)
+    list(engine.generate(seq, _ids(120, seed=5), SamplingParams(temperature=0, max_tokens=4)))
+    fork = seq.fork()  # the source's fetcher holds a CUDA stream and events
+    assert seq.store.k_all.is_pinned() and fork.store.k_all.is_pinned() and fork.store.k[0].is_pinned()
+    assert fork.store.k_all.data_ptr() != seq.store.k_all.data_ptr()
+    for tok in _ids(4, seed=9):
+        a, b = engine.decode_one(seq, tok), engine.decode_one(fork, tok)
+        assert (a - b).abs().max().item() <= 1e-6 * a.abs().max().item(), tok
+    assert fork.policy._fetcher.stream is not None and fork.policy._fetcher is not seq.policy._fetcher

@@ -10,6 +10,7 @@ import pytest
 from infinichat.cli.main import main
 from infinichat.errors import InfinichatError
 from infinichat.eval import latency as lat
+from infinichat.kernels import resolve_device
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -46,11 +47,13 @@ def test_sweep_writes_json_markdown_and_png(tiny_gguf_1k, tmp_path, capsys, cli_
     out = tmp_path / "sweep"
     args = ["bench", "latency", "--policies", "full,streaming", "--lengths", "128,256", "--budget", "64"]
     args += ["--decode", "3", "--warmup", "1", "--dtype", "float32", "--threads", "1", "--out", str(out)]
-    rc = main([*args, "--model", str(tiny_gguf_1k), "--cache-dir", str(tmp_path / "cache")])
+    rc = main([*args, "--model", str(tiny_gguf_1k), "--cache-dir", str(tmp_path / "cache"), "--device", "cpu"])
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     report = json.loads((out / "latency.json").read_text())
     assert report["lengths"] == [128, 256] and report["isolate"] is True and "partial" not in report
+    assert report["settings"]["device"] == "cpu" and report["settings"]["compile"] is False
+    assert report["machine"]["gpu"] is None
     points = report["points"]
     assert [(p["policy"], p["length"]) for p in points] == [
         (label, n) for n in (128, 256) for label in ("full", "streaming 64")
@@ -63,6 +66,7 @@ def test_sweep_writes_json_markdown_and_png(tiny_gguf_1k, tmp_path, capsys, cli_
         # K and V: layers x kv heads x capacity x head dim, float32 (the tiny model: 2 layers, 2 kv heads, hd 16)
         assert p["kv_bytes"] == 2 * 2 * 2 * p["capacity"] * 16 * 4
         assert p["kv_used_bytes"] <= p["kv_bytes"]
+        assert "peak_gpu_bytes" not in p  # a CUDA device's counter only
     by = {(p["policy"], p["length"]): p for p in points}
     assert by[("full", 256)]["kept_after_prefill"] == 256
     assert by[("streaming 64", 256)]["kept_after_prefill"] <= 64 and by[("streaming 64", 256)]["capacity"] == 64
@@ -70,6 +74,7 @@ def test_sweep_writes_json_markdown_and_png(tiny_gguf_1k, tmp_path, capsys, cli_
         assert (out / name).read_bytes()[:8] == PNG_MAGIC
     md = (out / "latency.md").read_text()
     assert "| streaming 64 | 256 | 64 |" in md and "each point in a fresh process" in md
+    assert "(float32 on cpu, 1 threads," in md and "peak GPU MB" not in md
 
 
 def test_sweep_in_process_and_skips(tiny_gguf_1k, tmp_path, capsys, cli_threads):
@@ -77,7 +82,9 @@ def test_sweep_in_process_and_skips(tiny_gguf_1k, tmp_path, capsys, cli_threads)
     args = ["bench", "latency", "--policies", "full,h2o", "--lengths", "512,1100", "--budget", "128"]
     args += ["--decode", "2", "--dtype", "float32", "--threads", "1", "--no-isolate", "--out", str(out)]
     assert main([*args, "--model", str(tiny_gguf_1k), "--cache-dir", str(tmp_path / "cache")]) == 0
-    points = json.loads((out / "latency.json").read_text())["points"]
+    report = json.loads((out / "latency.json").read_text())
+    assert report["settings"]["device"] == str(resolve_device("auto"))  # the default, resolved: cpu here
+    points = report["points"]
     skipped = [p for p in points if "skipped" in p]
     assert [(p["policy"], p["length"]) for p in skipped] == [("full", 1100)]  # trained context 1024
     assert all(p["rss_scope"] == "process so far" for p in points if "skipped" not in p)
@@ -108,8 +115,24 @@ def test_a_point_whose_process_dies_is_recorded_and_the_sweep_goes_on(tiny_gguf_
         (["--policies", "fast"], r"unknown policy 'fast'"),
         (["--budget-frac", "h2o=2"], r"not POLICY=FRACTION"),
         (["--backend", "llamacpp"], r"runs on the torch backend"),
+        (["--device", "tpu"], r"unknown --device 'tpu'; accepted: auto, cpu, cuda, cuda:N"),
     ],
 )
 def test_bad_input(extra, pattern, capsys):
     assert main(["bench", "latency", *extra]) == 2
     assert __import__("re").search(pattern, capsys.readouterr().err)
+
+
+@pytest.mark.cuda
+def test_sweep_on_cuda_records_the_device_and_its_peak_memory(tiny_gguf_1k, tmp_path, capsys, cli_threads):
+    out = tmp_path / "sweep"
+    args = ["bench", "latency", "--policies", "full,streaming", "--lengths", "256", "--budget", "64"]
+    args += ["--decode", "3", "--dtype", "bfloat16", "--no-isolate", "--out", str(out)]
+    rc = main([*args, "--model", str(tiny_gguf_1k), "--cache-dir", str(tmp_path / "c"), "--device", "cuda"])
+    assert rc == 0, capsys.readouterr().err
+    report = json.loads((out / "latency.json").read_text())
+    assert report["settings"]["device"] == "cuda:0" and report["machine"]["gpu"]
+    for p in report["points"]:
+        assert p["peak_gpu_bytes"] >= p["kv_bytes"] > 0 and p["decode_ms_median"] > 0
+    md = (out / "latency.md").read_text()
+    assert "on cuda:0 (" in md and "peak GPU MB" in md

@@ -78,11 +78,13 @@ def add_parser(sub: argparse._SubParsersAction, add_model_args: Any) -> None:
 
 def latency(args: argparse.Namespace) -> int:
     from infinichat.cli.eval_long import parse_list
+    from infinichat.engine.backends import check_device_options
     from infinichat.eval import latency as lat
     from infinichat.eval import runner
 
     if args.backend != "torch":
         raise InfinichatError("bench latency runs on the torch backend (the KV policies are ours); drop --backend")
+    where = check_device_options(args.backend, args.device, args.compile)  # before the points' processes start
     if args.decode < 1 or args.warmup < 0 or args.threads < 0:
         raise InfinichatError(
             f"--decode must be >= 1, --warmup and --threads >= 0; got {args.decode}, {args.warmup}, {args.threads}"
@@ -103,6 +105,8 @@ def latency(args: argparse.Namespace) -> int:
         kv_dtype=args.kv_dtype,
         threads=args.threads,
         cache_dir=args.cache_dir,
+        device=str(where),  # auto resolved here: each point's process runs on it, and the report says which
+        compile=args.compile,
         decode=args.decode,
         warmup=args.warmup,
         past_trained=args.past_trained,

@@ -136,6 +136,7 @@ def _print_table(report: dict) -> None:
 
 
 def filter_layers(args: argparse.Namespace) -> int:
+    from infinichat.engine.backends import check_device_options
     from infinichat.engine.torch_engine import set_threads
     from infinichat.eval import filter_layers as fl
     from infinichat.model.loader import load_model
@@ -146,13 +147,26 @@ def filter_layers(args: argparse.Namespace) -> int:
             f"--tokens must be >= 128, --queries >= 1, --sinks and --threads >= 0; got {args.tokens}, "
             f"{args.queries}, {args.sinks}, {args.threads}"
         )
+    if args.backend != "torch":
+        raise InfinichatError("eval filter-layers runs on the torch backend (it reads every layer's attention)")
+    where = check_device_options(args.backend, args.device, args.compile)
+    if args.compile:  # on CUDA: the check above refuses it elsewhere
+        raise InfinichatError(
+            "--compile captures the one-token decode step; eval filter-layers runs one prompt forward call "
+            "(with explicit attention rows) and no decode step: leave --compile out"
+        )
     text = read_text(args.text, "eval filter-layers")
     out_dir = Path(args.out) if args.out else Path("results") / time.strftime("filter-layers-%Y%m%d-%H%M%S")
     err = Console(stderr=True, highlight=False)
     set_threads(args.threads or None)
     with err.status("loading model...", spinner="dots"):
         loaded = load_model(
-            args.model, args.dtype, Path(args.cache_dir) if args.cache_dir else None, show_progress=err.is_terminal
+            args.model,
+            args.dtype,
+            Path(args.cache_dir) if args.cache_dir else None,
+            show_progress=err.is_terminal,
+            quant=args.quant,
+            device=where,
         )
     tokens = min(args.tokens, loaded.cfg.max_position)
     ids = loaded.tokenizer.encode(text, add_bos=loaded.tokenizer.add_bos, parse_special=False)[:tokens]
@@ -166,7 +180,7 @@ def filter_layers(args: argparse.Namespace) -> int:
     )
     with err.status(f"attention of {args.queries} queries over {len(ids)} tokens...", spinner="dots"):
         report = fl.analyze(loaded.model, ids, settings)
-    report.update(model=loaded.name, text=Path(args.text).name, dtype=args.dtype)
+    report.update(model=loaded.name, text=Path(args.text).name, dtype=args.dtype, quant=args.quant, device=str(where))
     paths = fl.write_report(report, out_dir)
     console = Console(highlight=False)
     console.print(fl.markdown(report))

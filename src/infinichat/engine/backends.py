@@ -3,10 +3,33 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from infinichat.errors import InfinichatError
 
+if TYPE_CHECKING:
+    import torch
+
 BACKENDS = ("torch", "llamacpp")
+
+
+def check_device_options(backend: str, device: str, compile: bool = False) -> torch.device:
+    """`--device` and `--compile` of a command that runs a model, checked before anything loads (every command
+    shares these lines): the torch.device (auto resolved), or one clear error: a device this machine lacks
+    (DeviceError), a device or --compile for a backend that does not take it, --compile off CUDA."""
+    from infinichat.kernels import resolve_device
+
+    where = resolve_device(device)  # --device cuda without CUDA: one clear line
+    if backend == "llamacpp" and device not in ("auto", "cpu"):
+        raise InfinichatError(f"--device {device} applies to the torch backend; llama.cpp runs on the CPU here")
+    if compile and where.type != "cuda":
+        raise InfinichatError(
+            f"--compile captures the CUDA decode step (CUDA graphs); on {where} the cpu-native kernels' own "
+            "decode step runs: leave --compile out"
+        )
+    if compile and backend != "torch":
+        raise InfinichatError("--compile applies to the torch backend")
+    return where
 
 
 def load_engine(
@@ -37,16 +60,13 @@ def load_engine(
         raise InfinichatError(f"--threads must be a positive number, got {threads}")
     from infinichat.engine.threads import starting_count
     from infinichat.engine.torch_engine import TorchEngine, configure_threads, physical_cores, set_threads
-    from infinichat.kernels import resolve_device
     from infinichat.kv.quantized import check_kv_dtype
     from infinichat.model.loader import default_cache_dir, file_sha256, load_model
 
     cache = Path(cache_dir) if cache_dir else None
     check_kv_dtype(kv_dtype)
-    where = resolve_device(device)  # first: --device cuda without CUDA is one clear line, before any loading
+    where = check_device_options(backend, device, compile)  # first: one clear line before any loading
     if backend == "llamacpp":
-        if device not in ("auto", "cpu"):
-            raise InfinichatError(f"--device {device} applies to the torch backend; llama.cpp runs on the CPU here")
         if quant != "none":
             raise InfinichatError("--quant applies to the torch backend; llama.cpp runs the GGUF file's own types")
         if kv_dtype != "auto":
@@ -60,13 +80,6 @@ def load_engine(
         return engine, tok, file_sha256(gguf_path(model), cache or default_cache_dir()), name
     start = None if threads else starting_count(physical_cores())  # the default: what the idle CPUs allow
     set_threads(threads or start)  # loading (conversion, quantization, packing) runs at that count too
-    if compile and where.type != "cuda":
-        raise InfinichatError(
-            f"--compile captures the CUDA decode step (CUDA graphs); on {where} the cpu-native kernels' own "
-            "decode step runs: leave --compile out"
-        )
-    if compile and backend != "torch":
-        raise InfinichatError("--compile applies to the torch backend")
     loaded = load_model(
         model,
         dtype,

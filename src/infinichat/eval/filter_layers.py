@@ -69,10 +69,10 @@ def n_pick(k: int | float, n_candidates: int) -> int:
 def attention_rows(model: Transformer, ids: list[int], queries: int) -> torch.Tensor:
     """(L, Q, N) float32: each layer's attention of the last Q queries over the N tokens, mean over heads."""
     n, L = len(ids), model.cfg.n_layers
-    rows = torch.zeros(L, queries, n)
+    rows = torch.zeros(L, queries, n)  # on the CPU, whatever the model's device
 
     def observe(layer: int, probs: torch.Tensor, row0: int) -> None:
-        rows[layer, row0 : row0 + probs.shape[1]] = probs.mean(dim=0)  # (r, N)
+        rows[layer, row0 : row0 + probs.shape[1]] = probs.mean(dim=0).float().cpu()  # (r, N)
 
     req = AttentionRequest(layers=frozenset(range(L)), rows=queries, observe=observe)
     model(torch.tensor(ids), torch.arange(n), KVStore(model.cfg, n, rope=model.rope, initial=n), 0, attn=req)
@@ -209,6 +209,9 @@ def markdown(report: dict[str, Any]) -> str:
         f"# Filter-layer analysis: {report.get('model', '?')}",
         "",
         (
+            f"{report.get('dtype', '?')}"
+            + ("" if report.get("quant", "none") == "none" else f"+{report['quant']}")
+            + f" on {report.get('device', 'cpu')}; "  # a report from before the device was recorded ran on the CPU
             f"{report['tokens']} tokens of {report.get('text', '?')}; the last {report['queries']} act as decode "
             f"steps; {report['n_sink']} sinks. Mean share of the later layers' attention mass on each layer's picks:"
         ),

@@ -11,7 +11,9 @@ then decodes `decode` greedy tokens one forward call each, after `warmup` untime
   resident), and `kv_used_bytes`: the part that holds cached tokens after the last step;
 - `peak_rss_bytes`: the process's resident-memory high-water mark (`VmHWM`, else `ru_maxrss`). It is per
   process lifetime, so each point runs in a fresh process by default (`isolate`); in-process points report
-  the high-water mark of every point so far (`rss_scope` says which).
+  the high-water mark of every point so far (`rss_scope` says which);
+- on a CUDA device, `peak_gpu_bytes`: the device memory torch allocated at most during the point (its counter
+  is reset before the prefill; the model's weights count). Timings wait for the device (synchronize).
 
 A policy that keeps every token (full, omnikv) is skipped at context lengths past the model's trained context
 unless `past_trained` is set: its positions would run past those the model was trained on. Policies with a bounded
@@ -59,6 +61,8 @@ class SweepSettings:
     kv_dtype: str = "auto"
     threads: int = 0
     cache_dir: str | None = None
+    device: str = "cpu"  # a resolved torch device (cpu, cuda:0): recorded, so results of two devices do not mix
+    compile: bool = False
     decode: int = 16
     warmup: int = 2
     past_trained: bool = False
@@ -127,8 +131,14 @@ def measure(engine: Any, tok: Any, point: Point, settings: SweepSettings) -> dic
     ids = context_ids(tok, point.length, settings.seed)
     seq, budget = new_sequence(engine, point.run, len(ids), steps)
     rss_loaded = peak_rss_bytes()
+    device = engine.model.device
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
     logits = engine.prefill(seq, ids)
+    if cuda:
+        torch.cuda.synchronize(device)  # the prefill's kernels are done, not just queued
     prefill_s = time.perf_counter() - t0
     kept = seq.length
     times: list[float] = []
@@ -136,10 +146,10 @@ def measure(engine: Any, tok: Any, point: Point, settings: SweepSettings) -> dic
     for i in range(steps):
         t = time.perf_counter()
         logits = engine.decode_one(seq, token)
+        token = int(torch.argmax(logits))  # reads the logits: waits for the step's kernels on a CUDA device too
         dt = time.perf_counter() - t
         if i >= settings.warmup:
             times.append(dt)
-        token = int(torch.argmax(logits))
     store = seq.store
     if not isinstance(store, KVStore):
         raise InfinichatError("bench latency measures the torch engine's KV store; use --backend torch")
@@ -164,6 +174,7 @@ def measure(engine: Any, tok: Any, point: Point, settings: SweepSettings) -> dic
         "kv_used_bytes": per_token * seq.length,
         "rss_at_start_bytes": rss_loaded,
         "peak_rss_bytes": peak_rss_bytes(),
+        **({"peak_gpu_bytes": int(torch.cuda.max_memory_allocated(device))} if cuda else {}),
     }
 
 
@@ -178,6 +189,8 @@ def _load(settings: SweepSettings) -> tuple[Any, Any, str]:
         settings.cache_dir,
         quant=settings.quant,
         kv_dtype=settings.kv_dtype,
+        device=settings.device,
+        compile=settings.compile,
     )
     return engine, tok, name
 
@@ -255,12 +268,22 @@ def build_report(
             "cpu_count": os.cpu_count(),
             "platform": platform.platform(),
             "torch": torch.__version__,
+            "gpu": torch.cuda.get_device_name(settings.device) if settings.device.startswith("cuda") else None,
             "load_avg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         },
         "lengths": list(lengths),
         "policies": [r.to_json() for r in runs],
         "points": list(records),
     }
+
+
+def device_label(report: dict[str, Any]) -> str:
+    """Where the sweep ran: the device (cpu, cuda:0: a report of version 1 before it was recorded ran on the CPU),
+    with its name on CUDA, and "compiled" with --compile."""
+    s = report["settings"]
+    dev = str(s.get("device", "cpu"))
+    name = report["machine"].get("gpu")
+    return dev + (f" ({name})" if name else "") + (", compiled" if s.get("compile") else "")
 
 
 def _mb(x: int | None) -> str:
@@ -282,10 +305,14 @@ def markdown(report: dict[str, Any]) -> str:
         "KV used MB",
         "peak RSS MB",
     ]
+    gpu = any("peak_gpu_bytes" in p for p in report["points"])
+    if gpu:
+        header.append("peak GPU MB")
     lines = [
         f"## Latency sweep, {report['model']} ({s['dtype']}"
         + ("" if s["quant"] == "none" else f"+{s['quant']}")
-        + f", {s['threads'] or 'all'} threads, {s['decode']} timed decode steps after {s['warmup']} warm-up)\n",
+        + f" on {device_label(report)}, {s['threads'] or 'all'} threads, {s['decode']} timed decode steps after "
+        f"{s['warmup']} warm-up)\n",
         "| " + " | ".join(header) + " |",
         "|---|" + "---:|" * (len(header) - 1),
     ]
@@ -305,6 +332,7 @@ def markdown(report: dict[str, Any]) -> str:
             _mb(p["kv_bytes"]),
             _mb(p["kv_used_bytes"]),
             _mb(p["peak_rss_bytes"]),
+            *([_mb(p.get("peak_gpu_bytes"))] if gpu else []),
         ]
         lines.append("| " + " | ".join(row) + " |")
     scope = "each point in a fresh process" if report["isolate"] else "one process: the high-water mark so far"
@@ -346,7 +374,7 @@ def plot(report: dict[str, Any], out_dir: Path) -> dict[str, Path]:
         ax.axvline(report["trained_context"], color="grey", linestyle=":", linewidth=1)
         ax.grid(True, alpha=0.3)
 
-    title = f"{report['model']} ({report['settings']['dtype']})"
+    title = f"{report['model']} ({report['settings']['dtype']}, {device_label(report)})"
     paths = {"latency_png": out_dir / "latency.png", "memory_png": out_dir / "memory.png"}
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5), dpi=110)
     order = {p["label"]: i for i, p in enumerate(report["policies"])}

@@ -26,13 +26,14 @@ DEVICE_CHOICES = "auto, cpu, cuda, cuda:N"
 
 
 def resolve_device(name: str | torch.device | None) -> torch.device:
-    """`auto` (CUDA when torch sees one, else the CPU), `cpu`, `cuda` or `cuda:N` -> a torch.device; a clear
-    DeviceError when the device does not exist here."""
+    """`auto` (CUDA when torch sees one, else the CPU), `cpu`, `cuda` or `cuda:N` -> a torch.device with its index
+    (cuda:0 for `cuda` and `auto`: a device compares equal to its tensors' devices, and reports say which GPU); a
+    clear DeviceError when the device does not exist here."""
     if isinstance(name, torch.device):
         name = str(name)
     name = (name or "auto").strip().lower()
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cpu":
         return torch.device("cpu")
     if name == "cuda" or (name.startswith("cuda:") and name[5:].isdigit()):

@@ -12,8 +12,8 @@ every call. On a CPU-only machine nothing moves; `moved_bytes` counts it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, ClassVar
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, ClassVar, Self
 
 from infinichat.kv.offload import LayerMirrors, mirrors_for
 from infinichat.kv.omnikv import check_filter_layers, resolve_filter_layers
@@ -40,6 +40,10 @@ class BrutalOffloadPolicy(EvictionPolicy):
     def __post_init__(self) -> None:
         if self.filter_layers is not None:
             self.filter_layers = check_filter_layers(self.name, self.filter_layers)
+
+    def fork(self) -> Self:
+        """The settings alone: the mirrors belong to the source's store (the fork's first call builds its own)."""
+        return replace(self)
 
     def select(self, seq: KVSequence, n_needed: int) -> list[tuple[int, int]]:
         raise context_full(seq, n_needed, f"{self.name} never evicts: raise the budget")

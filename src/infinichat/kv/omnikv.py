@@ -30,8 +30,8 @@ other models, the same relative depths.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any, ClassVar, Self
 
 import torch
 
@@ -77,6 +77,13 @@ class OmniKVPolicy(EvictionPolicy):
             raise InfinichatError(f"{self.name}: n_sink must be >= 0, got {self.n_sink}")
         if self.filter_layers is not None:
             self.filter_layers = check_filter_layers(self.name, self.filter_layers)
+
+    def fork(self) -> Self:
+        """The settings and where decoding started; no mirrors, row fetcher (its CUDA stream and events cannot be
+        copied) or last request: they belong to the source's store, and the fork's first step builds its own."""
+        other = replace(self)
+        other._decode_start = self._decode_start
+        return other
 
     def select(self, seq: KVSequence, n_needed: int) -> list[tuple[int, int]]:
         raise context_full(

@@ -28,9 +28,10 @@ A forward call's `stage` is "prompt" (a chunk of a prompt), "prompt_end" (its la
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, ClassVar, Self
 
 import torch
 
@@ -57,6 +58,12 @@ class EvictionPolicy:
         """Whether this instance keeps the store's K/V in host memory, the compute device holding only mirrors and
         moved rows (kv/offload.py): where the model is on a GPU, the engine then allocates the store on the CPU."""
         return self.offloads
+
+    def fork(self) -> Self:
+        """This policy for a forked sequence (`KVSequence.fork`): a deep copy, its settings and what it learned of
+        the sequence. A policy holding per-store device state (offload mirrors, CUDA streams: nothing a deep
+        copy can or should copy) overrides it."""
+        return copy.deepcopy(self)
 
     def select(self, seq: KVSequence, n_needed: int) -> list[tuple[int, int]]:
         """Slot spans to evict so that at least `n_needed` slots are freed."""

@@ -79,6 +79,8 @@ def convert_store(store: KVStore, kv_dtype: str) -> KVStore:
     """A copy of `store` (same capacity, slots, tokens and positions) holding its K/V in `kv_dtype`: dequantized
     to float32, then stored in the new format (quantized again for int8 / int4)."""
     other = make_store(kv_dtype, store.cfg, store.capacity, store.dtype, store.rope, store.device)
+    if store.pinned and type(other) is KVStore:  # a dense copy of an offloading store stays page-locked
+        other.pin_host_memory()
     n = store.length
     k, v = store._dense_from(0)  # (L, Hkv, n, hd) float32
     other.reserve(n)

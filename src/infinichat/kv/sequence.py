@@ -217,7 +217,7 @@ class KVSequence:
 
     def fork(self) -> KVSequence:
         """An independent copy: own buffers, own segment map, a copy of the policy."""
-        other = KVSequence(self.store.fork(), self.budget, copy.deepcopy(self.policy))
+        other = KVSequence(self.store.fork(), self.budget, self.policy.fork())
         other.segments = copy.deepcopy(self.segments)
         other.stale_from = self.stale_from
         other._scores = None if self._scores is None else self._scores.clone()

@@ -43,6 +43,21 @@ _DTYPES = {
 }
 
 
+def pinned_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """Zeros in page-locked host memory. With `pin` and `is_pinned`, the only way the store touches pinned memory
+    (a CPU-only torch raises for it: tests put stand-ins here)."""
+    return torch.zeros(shape, dtype=dtype, pin_memory=True)
+
+
+def pin(t: torch.Tensor) -> torch.Tensor:
+    """A copy of host tensor t in page-locked memory."""
+    return t.pin_memory()
+
+
+def is_pinned(t: torch.Tensor) -> bool:
+    return t.is_pinned()
+
+
 def grown_size(have: int, n: int, capacity: int) -> int:
     """Slots to hold at least n (<= capacity) when `have` are held: double until enough, at most the capacity."""
     size = max(have, 1)
@@ -157,7 +172,7 @@ class KVStore(SlotTable):
     def pin_host_memory(self) -> None:
         """Hold the buffers at their whole capacity in page-locked host memory, for a model on a CUDA device that
         offloads to this store (kv/offload.py): copies to and from it can then run asynchronously. Growth,
-        restores and removals keep them pinned."""
+        restores, removals and forks keep them pinned."""
         if self.k_all.device.type != "cpu":
             raise InfinichatError(f"only a host-memory KV store can be pinned; this one is on {self.k_all.device}")
         self.pinned = True
@@ -165,8 +180,8 @@ class KVStore(SlotTable):
         self._set_buffers(self.k_all, self.v_all)
 
     def _set_buffers(self, k_all: torch.Tensor, v_all: torch.Tensor) -> None:
-        if self.pinned and not k_all.is_pinned():
-            k_all, v_all = k_all.pin_memory(), v_all.pin_memory()
+        if self.pinned and not is_pinned(k_all):
+            k_all, v_all = pin(k_all), pin(v_all)
         self.k_all = k_all  # (L, Hkv, A, hd)
         self.v_all = v_all  # (L, Hkv, A, hd)
         self.k = list(self.k_all.unbind(0))  # L x (Hkv, A, hd) views
@@ -184,8 +199,10 @@ class KVStore(SlotTable):
             return
         size = grown_size(have, n, self.capacity)
         L, H, _, hd = self.k_all.shape
-        k = self.k_all.new_zeros((L, H, size, hd))
-        v = self.v_all.new_zeros((L, H, size, hd))
+        if self.pinned:  # straight into page-locked memory: no second copy of the buffers on the way
+            k, v = pinned_zeros((L, H, size, hd), self.k_all.dtype), pinned_zeros((L, H, size, hd), self.v_all.dtype)
+        else:
+            k, v = self.k_all.new_zeros((L, H, size, hd)), self.v_all.new_zeros((L, H, size, hd))
         k[:, :, :have] = self.k_all  # every old slot: a forward may have written past `length` (not yet appended)
         v[:, :, :have] = self.v_all
         self._set_buffers(k, v)
@@ -347,12 +364,16 @@ class KVStore(SlotTable):
         self.v_all[:, :, :n] = parts["v"]
 
     def _empty_like(self) -> KVStore:
-        """A new empty store of this one's kind, capacity, dtype and device, as large as this one now is."""
-        return type(self)(self.cfg, self.capacity, self.dtype, self.rope, self.device, initial=self.allocated)
+        """A new empty store of this one's kind, capacity, dtype and device, as large as this one now is (a pinned
+        one: a slot, `fork` pins it at its whole capacity)."""
+        initial = 1 if self.pinned else self.allocated
+        return type(self)(self.cfg, self.capacity, self.dtype, self.rope, self.device, initial=initial)
 
     def fork(self) -> KVStore:
-        """An independent copy (no shared storage)."""
+        """An independent copy (no shared storage), pinned where this one is."""
         other = self._empty_like()
+        if self.pinned:
+            other.pin_host_memory()
         n = self._length
         parts = self._kv_parts(n)
         snap = Snapshot(self.kv_format, self._kv_meta(), parts, self.tokens[:n], self.positions[:n], {})

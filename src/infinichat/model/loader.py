@@ -25,7 +25,6 @@ from safetensors.torch import load_file, save_file
 
 from infinichat.errors import ModelLoadError
 from infinichat.model.config import ModelConfig, RopeScaling
-from infinichat.model.gguf_meta import read_gguf_fields
 from infinichat.model.quant import QUANT_FORMAT, QUANT_SUFFIXES, cache_tag, check_mode, quantize
 from infinichat.model.tokenizer import Tokenizer
 from infinichat.model.transformer import Transformer
@@ -123,11 +122,13 @@ def config_from_json(text: str) -> ModelConfig:
 
 def _convert_gguf(path: Path, target: Path, show_progress: bool, on_progress: ProgressFn | None = None) -> None:
     """Dequantize a GGUF file into `target` (weights.safetensors, config.json, tokenizer files)."""
-    from infinichat.model.gguf_loader import (  # gguf import only when converting
+    # the gguf package is imported for a GGUF file only: an HF folder loads without it (benchmarks/gpu_check.py)
+    from infinichat.model.gguf_loader import (
         gguf_rope_scaling,
         load_gguf_weights,
         open_reader,
     )
+    from infinichat.model.gguf_meta import read_gguf_fields
 
     fields = read_gguf_fields(path)
     cfg = ModelConfig.from_gguf(fields, source=str(path))
