@@ -7,6 +7,7 @@ import argparse
 import json
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -80,6 +81,35 @@ def _load(args: argparse.Namespace):
 def _decoder(tok):
     """Generated ids -> text, special tokens left out (how every long-context eval reads an answer)."""
     return lambda ids: tok.decode(ids, skip_special=True)
+
+
+def _out_dir(args: argparse.Namespace, task: str) -> Path:
+    if getattr(args, "resume", False) and not args.out:
+        raise InfinichatError("--resume needs --out: the folder of the run to complete")
+    return Path(args.out) if args.out else Path("results") / time.strftime(f"{task}-%Y%m%d-%H%M%S")
+
+
+def _journal(args: argparse.Namespace, out_dir: Path, task: str, key_fields: tuple[str, ...], **settings: Any):
+    """The run's results file (`<task>.jsonl`), opened before the model loads: new, or with --resume the one in
+    `out_dir`, whose recorded settings must be this command's (the model, how it computes, decoding, and
+    `settings`: what else makes the records)."""
+    from infinichat.eval.journal import Journal
+
+    model = args.model
+    if model is not None and Path(model).exists():
+        model = str(Path(model).resolve())
+    common = {
+        "model": model,
+        "backend": args.backend,
+        "dtype": args.dtype,
+        "quant": args.quant,
+        "kv_dtype": args.kv_dtype,
+        "max_new_tokens": args.max_new_tokens,
+        "seed": args.seed,
+    }
+    if hasattr(args, "no_chat_template"):
+        common["chat_template"] = not args.no_chat_template
+    return Journal.open(out_dir, task, {**common, **settings}, key_fields, getattr(args, "resume", False))
 
 
 def _print_paths(paths: dict, heatmaps: str) -> None:
@@ -241,7 +271,10 @@ def ruler(args: argparse.Namespace) -> int:
     tasks = rl.check_tasks(parse_list("--tasks", args.tasks, str, "a task name"))
     lengths = _check_lengths_samples(args)
     runs = _policy_runs(args)
-    out_dir = Path(args.out) if args.out else Path("results") / time.strftime("ruler-%Y%m%d-%H%M%S")
+    out_dir = _out_dir(args, "ruler")
+    journal = _journal(
+        args, out_dir, "ruler", ("policy", "task", "length", "sample"), lengths=lengths, samples=args.samples
+    )
 
     err = Console(stderr=True, highlight=False)
     tok, name, engine, threads, compute = _load(args)
@@ -252,35 +285,49 @@ def ruler(args: argparse.Namespace) -> int:
         for n in lengths
         for i in range(args.samples)
     ]
+    plan = [(r.label, s.task, s.length, s.index) for r in runs for s in samples]
+
+    def write(plots: bool) -> dict:
+        report = rl.build_report(
+            runs=runs,
+            records=journal.ordered(plan),
+            tasks=tasks,
+            lengths=lengths,
+            model=name,
+            dtype=compute,
+            threads=threads,
+            chat_template=fmt.chat,
+            seed=args.seed,
+            samples=args.samples,
+            max_new_tokens=args.max_new_tokens or "per task",
+        )
+        return {"report": report, **rl.write_report(report, out_dir, plots=plots)}
 
     decode = _decoder(tok)
-    records: list[dict] = []
+    cells = Counter((k[0], k[1], k[2]) for k in plan if journal.has(*k))  # (policy, task, length): samples done
+    write(plots=False)
     with _progress(err) as progress:
-        bars = {r.label: progress.add_task(r.label, total=len(samples), acc="") for r in runs}
+        bars = {r.label: progress.add_task(r.label, total=len(samples), completed=0, acc="") for r in runs}
+        for k in plan:
+            progress.update(bars[k[0]], advance=journal.has(*k))
 
         def step(run, sample, rec) -> None:
-            records.append(rec)
-            mine = [x["score"] for x in records if x["policy"] == run.label]
+            journal.append([rec])
+            cell = (run.label, sample.task, sample.length)
+            cells[cell] += 1
+            if cells[cell] == args.samples:  # a finished cell: the tables again
+                write(plots=False)
+            mine = [x["score"] for x in journal.records if x["policy"] == run.label]
             progress.update(bars[run.label], advance=1, acc=f"score {100 * sum(mine) / len(mine):.0f}%  {sample.task}")
 
-        rl.run_samples(engine, decode, runs, samples, args.max_new_tokens, on_result=step)
+        def done(run, sample) -> bool:
+            return journal.has(run.label, sample.task, sample.length, sample.index)
 
-    report = rl.build_report(
-        runs=runs,
-        records=records,
-        tasks=tasks,
-        lengths=lengths,
-        model=name,
-        dtype=compute,
-        threads=threads,
-        chat_template=fmt.chat,
-        seed=args.seed,
-        samples=args.samples,
-        max_new_tokens=args.max_new_tokens or "per task",
-    )
-    paths = rl.write_report(report, out_dir)
+        rl.run_samples(engine, decode, runs, samples, args.max_new_tokens, on_result=step, skip=done)
+
+    paths = write(plots=True)
     for n in lengths:
-        _print_table(f"RULER at {n} tokens: string_match_all (%), {name}", *rl.score_rows(report, n))
+        _print_table(f"RULER at {n} tokens: string_match_all (%), {name}", *rl.score_rows(paths["report"], n))
     _print_paths(paths, f"{out_dir}/ruler-heatmap-*.png")
     return 0
 

@@ -306,14 +306,14 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(parts)
 
 
-def write_report(report: dict[str, Any], out_dir: Path) -> dict[str, Any]:
-    """`multiturn.json`, `multiturn.md`, a policy x turn heatmap PNG per length; returns the paths."""
+def write_report(report: dict[str, Any], out_dir: Path, plots: bool = True) -> dict[str, Any]:
+    """`multiturn.json`, `multiturn.md`, a policy x turn heatmap PNG per length (`plots`); returns the paths."""
     from infinichat.eval.plot import plot_grid
 
     labels = list(report["summary"])
     turns = [str(t) for t in range(1, report["turns"] + 1)]
 
-    def plots() -> list[Path]:
+    def draw() -> list[Path]:
         return [
             plot_grid(
                 [[report["summary"][lb]["by_length"][str(n)]["by_turn"][t] for t in turns] for lb in labels],
@@ -327,4 +327,4 @@ def write_report(report: dict[str, Any], out_dir: Path) -> dict[str, Any]:
             for n in report["lengths"]
         ]
 
-    return write_files(out_dir, "multiturn", report, markdown(report), plots)
+    return write_files(out_dir, "multiturn", report, markdown(report), draw if plots else list)

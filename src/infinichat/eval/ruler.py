@@ -247,11 +247,14 @@ def run_samples(
     samples: Sequence[RulerSample],
     max_new: int | None = None,
     on_result: Callable[[PolicyRun, RulerSample, dict[str, Any]], None] | None = None,
+    skip: Callable[[PolicyRun, RulerSample], bool] | None = None,
 ) -> list[dict[str, Any]]:
-    """One record per (policy run, sample): the answer and both scores."""
+    """One record per (policy run, sample): the answer and both scores; `skip(run, sample)`: already done."""
     records = []
     for run in runs:
         for s in samples:
+            if skip is not None and skip(run, s):
+                continue
             gen = generate(engine, run, s.ids, max_new or s.max_new, decode_text)
             rec = {
                 "policy": run.label,
@@ -358,13 +361,13 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(parts)
 
 
-def write_report(report: dict[str, Any], out_dir: Path) -> dict[str, Any]:
-    """`ruler.json`, `ruler.md`, one task x length heatmap PNG per policy run; returns the paths."""
+def write_report(report: dict[str, Any], out_dir: Path, plots: bool = True) -> dict[str, Any]:
+    """`ruler.json`, `ruler.md`, one task x length heatmap PNG per policy run (`plots`); returns the paths."""
     from infinichat.eval.plot import plot_grid
 
     lengths = [str(n) for n in report["lengths"]]
 
-    def plots() -> list[Path]:
+    def draw() -> list[Path]:
         return [
             plot_grid(
                 [[s["by_task"][t][n]["score"] for n in lengths] for t in report["tasks"]],
@@ -377,4 +380,4 @@ def write_report(report: dict[str, Any], out_dir: Path) -> dict[str, Any]:
             for label, s in report["summary"].items()
         ]
 
-    return write_files(out_dir, "ruler", report, markdown(report), plots)
+    return write_files(out_dir, "ruler", report, markdown(report), draw if plots else list)
