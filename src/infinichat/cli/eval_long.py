@@ -343,17 +343,32 @@ def multiturn(args: argparse.Namespace) -> int:
     if args.turns < 1:
         raise InfinichatError(f"--turns must be >= 1, got {args.turns}")
     runs = _policy_runs(args)
-    out_dir = Path(args.out) if args.out else Path("results") / time.strftime("multiturn-%Y%m%d-%H%M%S")
+    out_dir = _out_dir(args, "multiturn")
     if args.data is not None:  # the file's records are checked before the model loads
         from infinichat.eval import longbench as lb
 
         for d in sorted({r.dataset for r in lb.load_jsonl(args.data, args.dataset)}):
             mt.split_prompt(d)
+    journal = _journal(
+        args,
+        out_dir,
+        "multiturn",
+        ("policy", "length", "sample"),  # a conversation's turns: written together, skipped together
+        lengths=lengths,
+        samples=args.samples,
+        turns=args.turns,
+        data=None if args.data is None else str(Path(args.data).resolve()),
+        dataset=args.dataset,
+    )
 
     err = Console(stderr=True, highlight=False)
     tok, name, engine, threads, compute = _load(args)
     if args.data is None:
-        convs = [mt.conversation(tok, n, i, args.turns, args.seed) for n in lengths for i in range(args.samples)]
+        convs = [
+            mt.conversation(tok, n, i, args.samples, args.turns, args.seed)
+            for n in lengths
+            for i in range(args.samples)
+        ]
         source: dict = {"seed": args.seed}
     else:
         convs = [
@@ -361,32 +376,45 @@ def multiturn(args: argparse.Namespace) -> int:
         ]
         source = {"data": str(args.data), "datasets": sorted({c.dataset for c in convs})}
     max_new = args.max_new_tokens or (mt.MAX_NEW if args.data is None else "per dataset")
+    plan = [(r.label, c.length, c.index) for r in runs for c in convs]
+    turns_of = {(c.length, c.index): len(c.turns) for c in convs}
+    # a conversation whose turns were not all written (a cut in the middle of their lines) runs again
+    whole = Counter(journal.key(r) for r in journal.records)
+    journal.discard([k for k in plan if 0 < whole[k] < turns_of[k[1:]]])
+
+    def write(plots: bool) -> dict:
+        report = mt.build_report(
+            runs=runs,
+            records=journal.ordered(plan),
+            lengths=lengths,
+            turns=max(len(c.turns) for c in convs),  # --data: the most questions of one context
+            model=name,
+            dtype=compute,
+            threads=threads,
+            **source,
+            samples=args.samples if args.data is None else len(convs) // len(lengths),
+            max_new_tokens=max_new,
+        )
+        return {"report": report, **mt.write_report(report, out_dir, plots=plots)}
 
     decode = _decoder(tok)
-    records: list[dict] = []
+    write(plots=False)
     with _progress(err) as progress:
         for run in runs:
             bar = progress.add_task(run.label, total=len(convs), acc="")
             for conv in convs:
-                records += mt.run_conversation(engine, run, conv, args.max_new_tokens or conv.max_new, decode)
-                mine = [x["score"] for x in records if x["policy"] == run.label]
+                if journal.has(run.label, conv.length, conv.index):
+                    progress.update(bar, advance=1)
+                    continue
+                journal.append(mt.run_conversation(engine, run, conv, args.max_new_tokens or conv.max_new, decode))
+                if all(journal.has(run.label, c.length, c.index) for c in convs if c.length == conv.length):
+                    write(plots=False)  # a finished (policy, length) cell: the tables again
+                mine = [x["score"] for x in journal.records if x["policy"] == run.label]
                 progress.update(bar, advance=1, acc=f"score {100 * sum(mine) / len(mine):.0f}%")
-    report = mt.build_report(
-        runs=runs,
-        records=records,
-        lengths=lengths,
-        turns=max(len(c.turns) for c in convs),  # --data: the most questions of one context
-        model=name,
-        dtype=compute,
-        threads=threads,
-        **source,
-        samples=args.samples if args.data is None else len(convs) // len(lengths),
-        max_new_tokens=max_new,
-    )
-    paths = mt.write_report(report, out_dir)
+    paths = write(plots=True)
     for n in lengths:
         what = "accuracy (%)" if args.data is None else "LongBench score (x100)"
-        _print_table(f"multi-turn {what} per turn, {n}-token context, {name}", *mt.turn_rows(report, n))
+        _print_table(f"multi-turn {what} per turn, {n}-token context, {name}", *mt.turn_rows(paths["report"], n))
     _print_paths(paths, f"{out_dir}/multiturn-*.png")
     return 0
 

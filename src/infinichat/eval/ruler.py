@@ -39,6 +39,7 @@ from typing import Any
 from infinichat.engine.base import Engine
 from infinichat.errors import InfinichatError
 from infinichat.eval import haystack, needle
+from infinichat.eval.needle import spread_depth
 from infinichat.eval.prompt import PromptFormat, encode_text
 from infinichat.eval.retrieval import md_table, mean_of, num, pct, slug, write_files
 from infinichat.eval.runner import PolicyRun, generate
@@ -107,13 +108,6 @@ def string_match_part(pred: str, refs: Sequence[str]) -> float:
 
 
 # ---------------------------------------------------------------------------------------------- generation
-
-
-def spread_depth(index: int, n_samples: int) -> float:
-    """The needle depth of sample `index` of `n_samples`: the middle of its n-th of the context."""
-    if not 0 <= index < n_samples:
-        raise InfinichatError(f"sample index {index} is outside 0..{n_samples - 1}")
-    return (index + 0.5) / n_samples
 
 
 def sample(
