@@ -6,6 +6,7 @@ from __future__ import annotations
 import collections
 import json
 import re
+from typing import Any
 
 import pytest
 
@@ -141,15 +142,30 @@ def comparable(out, stem: str) -> tuple[list[dict], dict, str]:
     assert "settings" in lines[0]
     records = [{k: v for k, v in r.items() if k not in RESULT_TIMES} for r in lines[1:]]
     report = json.loads((out / f"{stem}.json").read_text())
-    for s in report["summary"].values():  # mean prefill times: timings
-        for cells in s.get("by_task", s.get("by_length", {})).values():
-            for c in cells.values() if "by_turn" not in cells else [cells]:
-                for k in [k for k in c if "prefill" in k or "decode" in k]:
-                    del c[k]
     results = [{k: v for k, v in r.items() if k not in RESULT_TIMES} for r in report["results"]]
     assert results == records  # the report holds the journal's records, in order
-    md = re.sub(r"\| [0-9.]+ \|\n", "| t |\n", (out / f"{stem}.md").read_text())  # the prefill-seconds column
-    return records, report["summary"], md
+    return records, untimed(report["summary"]), untimed_markdown((out / f"{stem}.md").read_text())
+
+
+def untimed(summary: Any) -> Any:
+    """`summary` without its timings (keys of prefill / decode times and speeds), at any depth."""
+    if not isinstance(summary, dict):
+        return summary
+    return {k: untimed(v) for k, v in summary.items() if "prefill" not in k and "decode" not in k}
+
+
+def untimed_markdown(md: str) -> str:
+    """`md` with the cells of its timing columns (seconds, tokens per second) masked."""
+    out, timed = [], set()
+    lines = md.splitlines()
+    for i, line in enumerate(lines):
+        cells = line.split(" | ")
+        if line.startswith("| ") and i + 1 < len(lines) and lines[i + 1].startswith("|---|"):
+            timed = {j for j, c in enumerate(cells) if re.search(r"(^| )s( |$)|tok/s|prefill s", c.strip("| "))}
+        elif line.startswith("| ") and not line.startswith("|---|"):
+            cells = ["t" if j in timed else c for j, c in enumerate(cells)]
+        out.append(" | ".join(cells))
+    return "\n".join(out)
 
 
 def test_cli_ruler_cut_after_a_policy_keeps_it_and_resume_completes_it(

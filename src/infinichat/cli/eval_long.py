@@ -185,7 +185,20 @@ def _retrieval(args: argparse.Namespace, task: str) -> int:
             sentences = haystack.read_sentences(args.haystack)
     runs = _policy_runs(args)
     max_new = args.max_new_tokens or DEFAULT_MAX_NEW[task]
-    out_dir = Path(args.out) if args.out else Path("results") / time.strftime(f"{task}-%Y%m%d-%H%M%S")
+    out_dir = _out_dir(args, task)
+    haystack_file = getattr(args, "haystack", None)
+    journal = _journal(
+        args,
+        out_dir,
+        task,
+        ("policy", "length", "depth", "sample"),
+        lengths=lengths,
+        depths=depths,
+        samples=args.samples,
+        variant=variant,
+        n_keys=n_keys if variant == "multikey" else None,
+        haystack=None if haystack_file is None else str(Path(haystack_file).resolve()),
+    )
 
     err = Console(stderr=True, highlight=False)
     tok, name, engine, threads, compute = _load(args)
@@ -205,38 +218,54 @@ def _retrieval(args: argparse.Namespace, task: str) -> int:
                 else:
                     samples.append(needle.niah_sample(tok, fmt, n, d, i, args.seed, variant, n_keys, sentences))
 
+    plan = [(r.label, s.length, s.depth, s.index) for r in runs for s in samples]
+
+    def write(plots: bool) -> dict:
+        report = retrieval.build_report(
+            task=task,
+            variant=variant,
+            runs=runs,
+            records=journal.ordered(plan),
+            lengths=lengths,
+            depths=depths,
+            samples=args.samples,
+            seed=args.seed,
+            max_new=max_new,
+            model=name,
+            dtype=compute,
+            threads=threads,
+            chat_template=fmt.chat,
+            haystack=haystack_file,
+            n_keys=n_keys if variant == "multikey" else None,
+        )
+        return {"report": report, **retrieval.write_report(report, out_dir, plots=plots)}
+
     decode = _decoder(tok)
-    records: list[dict] = []
+    cells = Counter(k[:2] for k in plan if journal.has(*k))  # (policy, length): samples done
+    per_cell = len(depths) * args.samples
+    journal.begin()
+    write(plots=False)
     with _progress(err) as progress:
         bars = {r.label: progress.add_task(r.label, total=len(samples), acc="") for r in runs}
+        for k in plan:
+            progress.update(bars[k[0]], advance=journal.has(*k))
 
         def step(run, sample, rec) -> None:
-            records.append(rec)
-            mine = [x["correct"] for x in records if x["policy"] == run.label]
+            journal.append([rec])
+            cells[(run.label, sample.length)] += 1
+            if cells[(run.label, sample.length)] == per_cell:  # a finished cell: the tables again
+                write(plots=False)
+            mine = [x["correct"] for x in journal.records if x["policy"] == run.label]
             acc = f"acc {100 * sum(mine) / len(mine):.0f}%  len {sample.length}"
             progress.update(bars[run.label], advance=1, acc=acc)
 
-        retrieval.run_samples(engine, decode, runs, samples, max_new, on_result=step)
+        def done(run, sample) -> bool:
+            return journal.has(run.label, sample.length, sample.depth, sample.index)
 
-    report = retrieval.build_report(
-        task=task,
-        variant=variant,
-        runs=runs,
-        records=records,
-        lengths=lengths,
-        depths=depths,
-        samples=args.samples,
-        seed=args.seed,
-        max_new=max_new,
-        model=name,
-        dtype=compute,
-        threads=threads,
-        chat_template=fmt.chat,
-        haystack=getattr(args, "haystack", None),
-        n_keys=n_keys if variant == "multikey" else None,
-    )
-    paths = retrieval.write_report(report, out_dir)
-    header, rows = retrieval.accuracy_rows(report)
+        retrieval.run_samples(engine, decode, runs, samples, max_new, on_result=step, skip=done)
+
+    paths = write(plots=True)
+    header, rows = retrieval.accuracy_rows(paths["report"])
     _print_table(f"{task} accuracy (%), mean over depths, {name}", header, rows)
     _print_paths(paths, f"{out_dir}/{task}-heatmap-*.png")
     return 0
@@ -305,6 +334,7 @@ def ruler(args: argparse.Namespace) -> int:
 
     decode = _decoder(tok)
     cells = Counter((k[0], k[1], k[2]) for k in plan if journal.has(*k))  # (policy, task, length): samples done
+    journal.begin()
     write(plots=False)
     with _progress(err) as progress:
         bars = {r.label: progress.add_task(r.label, total=len(samples), completed=0, acc="") for r in runs}
@@ -398,6 +428,7 @@ def multiturn(args: argparse.Namespace) -> int:
         return {"report": report, **mt.write_report(report, out_dir, plots=plots)}
 
     decode = _decoder(tok)
+    journal.begin()
     write(plots=False)
     with _progress(err) as progress:
         for run in runs:

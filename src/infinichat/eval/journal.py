@@ -39,11 +39,14 @@ def _normal(value: Any) -> Any:
 class Journal:
     """The records of one run in `<stem>.jsonl`, keyed by `key_fields` (e.g. policy, task, length, sample)."""
 
-    def __init__(self, path: Path, key_fields: Sequence[str], records: list[dict[str, Any]]) -> None:
+    def __init__(
+        self, path: Path, key_fields: Sequence[str], records: list[dict[str, Any]], head: dict[str, Any] | None = None
+    ) -> None:
         self.path = path
         self.key_fields = tuple(key_fields)
         self.records = records  # every record in the file, in file order
         self._keys = {self.key(r) for r in records}
+        self._head = head  # a new run's settings line, written by `begin` (once the model has loaded)
 
     # ------------------------------------------------------------------------------------------ opening
 
@@ -52,7 +55,7 @@ class Journal:
         cls, out_dir: Path, stem: str, settings: dict[str, Any], key_fields: Sequence[str], resume: bool
     ) -> Journal:
         """The journal of `out_dir`: new (refused if the folder already holds results of a run, unless `resume`),
-        or, with `resume`, the one there, whose settings must equal `settings`."""
+        or, with `resume`, the one there, whose settings must equal `settings`. Nothing is written before `begin`."""
         path = out_dir / f"{stem}.jsonl"
         settings = _normal(settings)
         head: dict[str, Any] | None = None
@@ -70,12 +73,18 @@ class Journal:
             return cls(path, key_fields, records)
         if resume:
             log.warning("--resume: %s holds no earlier run; starting one", path)
+        return cls(path, key_fields, [], {"journal": VERSION, "task": stem, "settings": settings})
+
+    def begin(self) -> None:
+        """A new run: its settings line starts the file (a resumed one: nothing to do)."""
+        if self._head is None:
+            return
         try:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            write_text_atomic(path, json.dumps({"journal": VERSION, "task": stem, "settings": settings}) + "\n")
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(self.path, json.dumps(self._head) + "\n")
         except OSError as e:
-            raise InfinichatError(f"cannot write the results into {out_dir}: {e.strerror or e}") from None
-        return cls(path, key_fields, [])
+            raise InfinichatError(f"cannot write the results into {self.path.parent}: {e.strerror or e}") from None
+        self._head = None
 
     @staticmethod
     def _read(path: Path) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
@@ -132,6 +141,7 @@ class Journal:
 
     def append(self, records: Sequence[dict[str, Any]]) -> None:
         """Append `records` (one write, flushed to the disk)."""
+        self.begin()
         text = "".join(json.dumps(r) + "\n" for r in records)
         try:
             with self.path.open("a", encoding="utf-8") as f:
