@@ -212,7 +212,7 @@ def multiturn_cli(out, model, tmp_path, *extra: str) -> int:
 def test_cli_multiturn_cut_after_a_policy_keeps_it_and_resume_completes_it(
     tiny_gguf_1k, tmp_path, capsys, cli_threads, monkeypatch
 ):
-    from test_eval_ruler import comparable
+    from test_eval_ruler import comparable, cut_at
 
     whole = tmp_path / "whole"
     assert multiturn_cli(whole, tiny_gguf_1k, tmp_path) == 0
@@ -221,16 +221,9 @@ def test_cli_multiturn_cut_after_a_policy_keeps_it_and_resume_completes_it(
     assert sorted({(r["sample"], r["depth"] < 0.5) for r in want[0]}) == [(0, True), (1, False)]
 
     cut = tmp_path / "cut"
-    run_conversation = multiturn.run_conversation
-
-    def dies_on_snapkv(engine, run, *a):
-        if run.name == "snapkv":
-            raise RuntimeError("the machine went away")
-        return run_conversation(engine, run, *a)
-
-    monkeypatch.setattr(multiturn, "run_conversation", dies_on_snapkv)
-    with pytest.raises(RuntimeError, match="went away"):
-        multiturn_cli(cut, tiny_gguf_1k, tmp_path)
+    run_conversation = cut_at(
+        monkeypatch, multiturn, "run_conversation", "snapkv", lambda: multiturn_cli(cut, tiny_gguf_1k, tmp_path)
+    )
     records, summary, md = comparable(cut, "multiturn")
     assert records == want[0][:4] and {r["policy"] for r in records} == {"full"}
     assert summary["full"] == want[1]["full"] and summary["snapkv 50%"]["accuracy"] is None

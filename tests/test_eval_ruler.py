@@ -6,6 +6,7 @@ from __future__ import annotations
 import collections
 import json
 import re
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -168,6 +169,23 @@ def untimed_markdown(md: str) -> str:
     return "\n".join(out)
 
 
+def cut_at(monkeypatch, module, name: str, policy: str, run_cli) -> Callable:
+    """Run `run_cli()` with `module.name` (what runs one prompt or conversation under a policy run) raising for the
+    runs of `policy`: a run cut there. Returns the real function (put back)."""
+    real = getattr(module, name)
+
+    def dies(engine, run, *a):
+        if run.name == policy:
+            raise RuntimeError("the machine went away")
+        return real(engine, run, *a)
+
+    monkeypatch.setattr(module, name, dies)
+    with pytest.raises(RuntimeError, match="went away"):
+        run_cli()
+    monkeypatch.setattr(module, name, real)
+    return real
+
+
 def test_cli_ruler_cut_after_a_policy_keeps_it_and_resume_completes_it(
     tiny_gguf_1k, tmp_path, capsys, cli_threads, monkeypatch
 ):
@@ -177,23 +195,13 @@ def test_cli_ruler_cut_after_a_policy_keeps_it_and_resume_completes_it(
     assert len(want[0]) == 2 * 2 * 2
 
     cut = tmp_path / "cut"
-    generate = ruler.generate
-
-    def dies_on_streaming(engine, run, *a):
-        if run.name == "streaming":
-            raise RuntimeError("the machine went away")
-        return generate(engine, run, *a)
-
-    monkeypatch.setattr(ruler, "generate", dies_on_streaming)
-    with pytest.raises(RuntimeError, match="went away"):
-        ruler_cli(cut, tiny_gguf_1k, tmp_path)
+    generate = cut_at(monkeypatch, ruler, "generate", "streaming", lambda: ruler_cli(cut, tiny_gguf_1k, tmp_path))
     records, summary, md = comparable(cut, "ruler")
     assert records == want[0][:4] and {r["policy"] for r in records} == {"full"}  # the first policy, whole
     assert summary["full"] == want[1]["full"] and summary["streaming 50%"]["score"] is None
     assert "| full |" in md and re.search(r"\| streaming 50% \| - \| - \| - \|", md)
     assert not list(cut.glob("*.png")) and not list(cut.glob(".*.tmp"))  # heatmaps at the end; no temp file left
 
-    monkeypatch.setattr(ruler, "generate", generate)
     capsys.readouterr()
     assert ruler_cli(cut, tiny_gguf_1k, tmp_path) == 2  # not without --resume: the records there stay
     assert "already holds 4 record(s)" in capsys.readouterr().err
