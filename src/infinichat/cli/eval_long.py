@@ -89,8 +89,8 @@ def _out_dir(args: argparse.Namespace, task: str) -> Path:
     return Path(args.out) if args.out else Path("results") / time.strftime(f"{task}-%Y%m%d-%H%M%S")
 
 
-def _journal(args: argparse.Namespace, out_dir: Path, task: str, key_fields: tuple[str, ...], **settings: Any):
-    """The run's results file (`<task>.jsonl`), opened before the model loads: new, or with --resume the one in
+def _journal(args: argparse.Namespace, out_dir: Path, stem: str, key_fields: tuple[str, ...], **settings: Any):
+    """The run's results file (`<stem>.jsonl`), opened before the model loads: new, or with --resume the one in
     `out_dir`, whose recorded settings must be this command's (the model, how it computes, decoding, and
     `settings`: what else makes the records)."""
     from infinichat.eval.journal import Journal
@@ -109,7 +109,7 @@ def _journal(args: argparse.Namespace, out_dir: Path, task: str, key_fields: tup
     }
     if hasattr(args, "no_chat_template"):
         common["chat_template"] = not args.no_chat_template
-    return Journal.open(out_dir, task, {**common, **settings}, key_fields, getattr(args, "resume", False))
+    return Journal.open(out_dir, stem, {**common, **settings}, key_fields, getattr(args, "resume", False))
 
 
 def _print_paths(paths: dict, heatmaps: str) -> None:
@@ -131,24 +131,67 @@ def _progress(err: Console) -> Progress:
     )
 
 
-def _write_scores(
-    out_dir: Path, stem: str, report: dict, md: str, title: str, columns: list[str], key: str, fmt: str
-) -> int:
-    """Write `<stem>.json` and `<stem>.md` into `out_dir`, then print the summary (per policy: a score per column
-    under `key`, and the mean) as a table. Returns the exit code."""
+def _write_files(out_dir: Path, stem: str, report: dict, md: str) -> None:
+    """`<stem>.json` and `<stem>.md` into `out_dir`, each through a temporary file and a rename."""
+    from infinichat.eval.journal import write_text_atomic
+
     try:
-        (out_dir / f"{stem}.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
-        (out_dir / f"{stem}.md").write_text(md, encoding="utf-8")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(out_dir / f"{stem}.json", json.dumps(report, indent=1) + "\n")
+        write_text_atomic(out_dir / f"{stem}.md", md)
     except OSError as e:
         raise InfinichatError(f"cannot write the results into {out_dir}: {e.strerror or e}") from None
+
+
+def _print_scores(out_dir: Path, stem: str, report: dict, title: str, columns: list[str], key: str, fmt: str) -> int:
+    """Print the summary (per policy: a score per column under `key`, and the mean) as a table, and where the
+    files went. Returns the exit code."""
 
     def show(v: float | None) -> str:
         return "-" if v is None else format(v, fmt)
 
     rows = [[label, *[show(s[key][c]) for c in columns], show(s["mean"])] for label, s in report["summary"].items()]
     _print_table(title, ["policy", *columns, "mean"], rows)
-    Console(highlight=False).print(f"results: {out_dir / f'{stem}.json'}  table: {out_dir / f'{stem}.md'}")
+    Console(highlight=False).print(
+        f"results: {out_dir / f'{stem}.json'}  table: {out_dir / f'{stem}.md'}  records: {out_dir / f'{stem}.jsonl'}"
+    )
     return 0
+
+
+def _each_item(err: Console, journal, runs, items: list, group: Callable, one: Callable, write: Callable) -> dict:
+    """Every policy run x item (LongBench / InfiniteBench records, in order): `one(run, item)` scores it into a
+    result record, appended to the journal with the item's place (`item`) at once; `write()` writes the tables
+    (and returns the report) first, after each finished group (`group(item)`: its dataset / task) of a run and
+    last. Items already in the journal are skipped (--resume). Returns the last report."""
+    journal.begin()
+    write()
+    with _progress(err) as progress:
+        for run in runs:
+            bar = progress.add_task(run.label, total=len(items), acc="")
+            for i, item in enumerate(items):
+                if not journal.has(run.label, i):
+                    rec = {"policy": run.label, "item": i, **one(run, item)}
+                    journal.append([rec])
+                    if i + 1 == len(items) or group(items[i + 1]) != group(item):
+                        write()
+                    progress.update(bar, acc=f"{group(item)} {100 * rec['score']:.0f}")
+                progress.update(bar, advance=1)
+    return write()
+
+
+def _data_report(task: str, args: argparse.Namespace, name: str, compute: str, threads: int, engine) -> dict:
+    """The head of a LongBench / InfiniteBench report: what ran, on which files."""
+    return {
+        "version": 1,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "task": task,
+        "model": name,
+        "dtype": compute,
+        "threads": threads,
+        "data": [str(p) for p in args.data],
+        "limit": args.limit,
+        "max_length": args.max_length or f"{engine.cfg.max_position} - answer tokens - 64",
+    }
 
 
 def _print_table(title: str, header: list[str], rows: list[list[str]]) -> None:
@@ -470,59 +513,58 @@ def longbench(args: argparse.Namespace) -> int:
         raise InfinichatError(f"--max-length must be at least 16 tokens, got {args.max_length}")
     records = [r for path in args.data for r in lb.load_jsonl(path, args.dataset, args.limit)]
     runs = _policy_runs(args)
-    out_dir = Path(args.out) if args.out else Path("results") / time.strftime("longbench-%Y%m%d-%H%M%S")
+    out_dir = _out_dir(args, "longbench")
+    journal = _journal(
+        args,
+        out_dir,
+        "longbench",
+        ("policy", "item"),  # the record's place in the files given, in order
+        data=[str(Path(p).resolve()) for p in args.data],
+        dataset=args.dataset,
+        limit=args.limit,
+        max_length=args.max_length,
+    )
 
     err = Console(stderr=True, highlight=False)
     tok, name, engine, threads, compute = _load(args)
     chat_fmt = prompt_format(tok, chat=not args.no_chat_template)
     plain_fmt = prompt_format(tok, chat=False)
     datasets = list(dict.fromkeys(r.dataset for r in records))
-    results: list[dict] = []
-    with _progress(err) as progress:
-        for run in runs:
-            bar = progress.add_task(run.label, total=len(records), acc="")
-            for rec in records:
-                spec = lb.DATASETS[rec.dataset]
-                max_new = args.max_new_tokens or spec.max_gen
-                max_length = args.max_length or max(16, engine.cfg.max_position - max_new - 64)
-                ids, truncated = lb.build_prompt(tok, rec, max_length, chat_fmt, plain_fmt)
-                gen = generate(engine, run, ids, max_new, lambda x: tok.decode(x, skip_special=True))
-                pred = lb.postprocess(rec.dataset, gen.text)
-                score = score_sample(spec.metric, pred, rec.answers, rec.all_classes)
-                results.append(
-                    {
-                        "policy": run.label,
-                        "dataset": rec.dataset,
-                        "id": rec.id,
-                        "line": rec.line,
-                        "truncated": truncated,
-                        "prediction": pred,
-                        "answers": rec.answers,
-                        "score": score,
-                        **gen.to_json(),
-                    }
-                )
-                progress.update(bar, advance=1, acc=f"{rec.dataset} {100 * score:.0f}")
-    report = {
-        "version": 1,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "task": "longbench",
-        "model": name,
-        "dtype": compute,
-        "threads": threads,
-        "data": [str(p) for p in args.data],
-        "limit": args.limit,
-        "max_length": args.max_length or f"{engine.cfg.max_position} - answer tokens - 64",
-        "chat_template": chat_fmt.chat,
-        "datasets": datasets,
-        "policies": [r.to_json() for r in runs],
-        "summary": lb.records_summary(results, [r.label for r in runs], datasets),
-        "results": results,
-    }
-    out_dir.mkdir(parents=True, exist_ok=True)
-    return _write_scores(
-        out_dir, "longbench", report, lb.markdown(report), f"LongBench scores, {name}", datasets, "by_dataset", ".2f"
-    )
+    plan = [(r.label, i) for r in runs for i in range(len(records))]
+
+    def one(run, rec) -> dict:
+        spec = lb.DATASETS[rec.dataset]
+        max_new = args.max_new_tokens or spec.max_gen
+        max_length = args.max_length or max(16, engine.cfg.max_position - max_new - 64)
+        ids, truncated = lb.build_prompt(tok, rec, max_length, chat_fmt, plain_fmt)
+        gen = generate(engine, run, ids, max_new, lambda x: tok.decode(x, skip_special=True))
+        pred = lb.postprocess(rec.dataset, gen.text)
+        return {
+            "dataset": rec.dataset,
+            "id": rec.id,
+            "line": rec.line,
+            "truncated": truncated,
+            "prediction": pred,
+            "answers": rec.answers,
+            "score": score_sample(spec.metric, pred, rec.answers, rec.all_classes),
+            **gen.to_json(),
+        }
+
+    def write() -> dict:
+        results = journal.ordered(plan)
+        report = {
+            **_data_report("longbench", args, name, compute, threads, engine),
+            "chat_template": chat_fmt.chat,
+            "datasets": datasets,
+            "policies": [r.to_json() for r in runs],
+            "summary": lb.records_summary(results, [r.label for r in runs], datasets),
+            "results": results,
+        }
+        _write_files(out_dir, "longbench", report, lb.markdown(report))
+        return report
+
+    report = _each_item(err, journal, runs, records, lambda r: r.dataset, one, write)
+    return _print_scores(out_dir, "longbench", report, f"LongBench scores, {name}", datasets, "by_dataset", ".2f")
 
 
 # ------------------------------------------------------------------------------------------- infinitebench
@@ -555,7 +597,21 @@ def infinitebench(args: argparse.Namespace) -> int:
         )
     records = [r for path in args.data for r in ib.load_jsonl(path, args.task, args.limit)]
     runs = _policy_runs(args)
-    out_dir = Path(args.out) if args.out else Path("results") / time.strftime("infinitebench-%Y%m%d-%H%M%S")
+    out_dir = _out_dir(args, "infinitebench")
+    journal = _journal(
+        args,
+        out_dir,
+        "infinitebench",
+        ("policy", "item"),  # the record's place in the files given, then the generated ones
+        data=[str(Path(p).resolve()) for p in args.data],
+        task=args.task,
+        limit=args.limit,
+        max_length=args.max_length,
+        prompts=args.prompts,
+        generate=gen_tasks,
+        gen_samples=args.gen_samples if gen_tasks else None,
+        gen_length=args.gen_length if gen_tasks else None,
+    )
 
     err = Console(stderr=True, highlight=False)
     tok, name, engine, threads, compute = _load(args)
@@ -570,49 +626,40 @@ def infinitebench(args: argparse.Namespace) -> int:
     chat_fmt = prompt_format(tok, chat=True) if args.prompts == "chat" else prompt_format(tok, chat=False)
     plain_fmt = prompt_format(tok, chat=False)
     tasks = list(dict.fromkeys(r.task for r in records))
-    results: list[dict] = []
-    with _progress(err) as progress:
-        for run in runs:
-            bar = progress.add_task(run.label, total=len(records), acc="")
-            for rec in records:
-                max_new = args.max_new_tokens or ib.TASKS[rec.task].max_new
-                max_length = args.max_length or max(16, engine.cfg.max_position - max_new - 64)
-                ids, truncated = ib.build_prompt(tok, rec, max_length, args.prompts, chat_fmt, plain_fmt)
-                gen = generate(engine, run, ids, max_new, lambda x: tok.decode(x, skip_special=True))
-                score = ib.score(rec.task, gen.text, rec.answers, rec.options)
-                results.append(
-                    {
-                        "policy": run.label,
-                        "task": rec.task,
-                        "id": rec.id,
-                        "line": rec.line,
-                        "truncated": truncated,
-                        "prediction": gen.text,
-                        "answers": rec.answers,
-                        "score": score,
-                        **gen.to_json(),
-                    }
-                )
-                progress.update(bar, advance=1, acc=f"{rec.task} {100 * score:.0f}")
-    report = {
-        "version": 1,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "task": "infinitebench",
-        "model": name,
-        "dtype": compute,
-        "threads": threads,
-        "data": [str(p) for p in args.data],
-        "generated": {
-            t: {"samples": args.gen_samples, "tokens": args.gen_length, "seed": args.seed} for t in gen_tasks
-        },
-        "limit": args.limit,
-        "prompts": args.prompts,
-        "max_length": args.max_length or f"{engine.cfg.max_position} - answer tokens - 64",
-        "tasks": tasks,
-        "policies": [r.to_json() for r in runs],
-        "summary": ib.summary(results, [r.label for r in runs], tasks),
-        "results": results,
-    }
-    return _write_scores(
-        out_dir, "infinitebench", report, ib.markdown(report), f"InfiniteBench scores, {name}", tasks, "by_task", ".1f"
-    )
+    plan = [(r.label, i) for r in runs for i in range(len(records))]
+
+    def one(run, rec) -> dict:
+        max_new = args.max_new_tokens or ib.TASKS[rec.task].max_new
+        max_length = args.max_length or max(16, engine.cfg.max_position - max_new - 64)
+        ids, truncated = ib.build_prompt(tok, rec, max_length, args.prompts, chat_fmt, plain_fmt)
+        gen = generate(engine, run, ids, max_new, lambda x: tok.decode(x, skip_special=True))
+        return {
+            "task": rec.task,
+            "id": rec.id,
+            "line": rec.line,
+            "truncated": truncated,
+            "prediction": gen.text,
+            "answers": rec.answers,
+            "score": ib.score(rec.task, gen.text, rec.answers, rec.options),
+            **gen.to_json(),
+        }
+
+    def write() -> dict:
+        results = journal.ordered(plan)
+        report = {
+            **_data_report("infinitebench", args, name, compute, threads, engine),
+            "generated": {
+                t: {"samples": args.gen_samples, "tokens": args.gen_length, "seed": args.seed} for t in gen_tasks
+            },
+            "prompts": args.prompts,
+            "tasks": tasks,
+            "policies": [r.to_json() for r in runs],
+            "summary": ib.summary(results, [r.label for r in runs], tasks),
+            "results": results,
+        }
+        _write_files(out_dir, "infinitebench", report, ib.markdown(report))
+        return report
+
+    report = _each_item(err, journal, runs, records, lambda r: r.task, one, write)
+    title = f"InfiniteBench scores, {name}"
+    return _print_scores(out_dir, "infinitebench", report, title, tasks, "by_task", ".1f")

@@ -315,7 +315,7 @@ def _add_long_eval_parsers(ev_sub: argparse._SubParsersAction) -> None:
         help="prompts longer than N tokens are "
         "cut in the middle (default: the trained context - the answer length - 64)",
     )
-    _add_long_context_args(p, "default: the dataset's LongBench answer length")
+    _add_long_context_args(p, "default: the dataset's LongBench answer length", resume="longbench")
 
     p = ev_sub.add_parser(
         "infinitebench",
@@ -353,7 +353,9 @@ def _add_long_eval_parsers(ev_sub: argparse._SubParsersAction) -> None:
         help="prompts longer than N tokens are cut in the middle (default: the trained context - the answer "
         "length - 64)",
     )
-    _add_long_context_args(p, "default: the task's InfiniteBench answer length", chat_flag=False)
+    _add_long_context_args(
+        p, "default: the task's InfiniteBench answer length", chat_flag=False, resume="infinitebench"
+    )
 
     f = ev_sub.add_parser(
         "filter-layers",
