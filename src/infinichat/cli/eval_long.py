@@ -114,7 +114,10 @@ def _journal(args: argparse.Namespace, out_dir: Path, stem: str, key_fields: tup
 
 def _print_paths(paths: dict, heatmaps: str) -> None:
     """The one line that says where a report's files went."""
-    Console(highlight=False).print(f"results: {paths['json']}  tables: {paths['md']}  heatmaps: {heatmaps}")
+    records = paths["json"].with_suffix(".jsonl")
+    Console(highlight=False).print(
+        f"results: {paths['json']}  tables: {paths['md']}  heatmaps: {heatmaps}  records: {records}"
+    )
 
 
 def _progress(err: Console) -> Progress:
