@@ -5,8 +5,10 @@
 
 The default model (--quant int8: its decode runs the native step, which reads bf16 K/V, int8 codes and int4 KIVI
 groups with their bf16 residual directly; int8h / int4h: the same with Hadamard-rotated keys) evaluates a
---context-token prompt of Moby Dick once (first dtype's store); the other dtypes' stores are converted from it
-(kv/quantized.py convert_store: the same context, quantized). Then each round times --steps greedy decode steps
+--context-token prompt of Moby Dick (--text; default: shared/data/moby_dick.txt in a folder above this checkout,
+which finds /work/shared from /work/main and from /work/wt/*, else the repository's tests/data excerpt, repeated)
+once (first dtype's store); the other dtypes' stores are converted from it (kv/quantized.py convert_store: the
+same context, quantized). Then each round times --steps greedy decode steps
 on every store in turn (the order reversed every other round) and truncates them back to the context. Printed:
 ms per token per round, the median over rounds of each round's speed-up against the first dtype, the K/V bytes
 per store, and the largest logit difference of the first step against the first dtype; then the same median
@@ -17,17 +19,29 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # this checkout's code, wherever it is
 from infinichat.engine.torch_engine import TorchEngine, set_threads
 from infinichat.kv.quantized import convert_store
 from infinichat.kv.sequence import KVSequence
 from infinichat.model.loader import load_model
 
-MOBY = Path(__file__).resolve().parents[2] / "shared" / "data" / "moby_dick.txt"
+REPO = Path(__file__).resolve().parents[1]
+EXCERPT = REPO / "tests" / "data" / "moby_dick_loomings.txt"  # ~800 tokens, in every checkout
+
+
+def default_text() -> Path:
+    """The developers' copy of the novel in `shared/data/` beside this checkout or a folder above it, else the
+    repository's excerpt."""
+    for folder in REPO.parents:
+        if (folder / "shared" / "data" / "moby_dick.txt").is_file():
+            return folder / "shared" / "data" / "moby_dick.txt"
+    return EXCERPT
 
 
 def main() -> None:
@@ -40,17 +54,24 @@ def main() -> None:
     ap.add_argument(
         "--kv", default="bf16,int8,int4", help="KV dtypes, the first one the baseline (default bf16,int8,int4)"
     )
-    ap.add_argument("--text", type=Path, default=MOBY)
+    ap.add_argument("--text", type=Path, default=None, help="a UTF-8 text (default: Moby Dick, see above)")
     args = ap.parse_args()
     set_threads(args.threads)
     kvs = [k.strip() for k in args.kv.split(",") if k.strip()]
 
     loaded = load_model(None, torch.bfloat16, quant=args.quant)
     model = loaded.model
-    text = args.text.read_text(encoding="utf-8")
+    path = args.text or default_text()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise SystemExit(f"cannot read --text {path}: {e}") from None
+    if args.text is None and path == EXCERPT:  # the short excerpt, repeated to the context (decode speed does not
+        text = "\n\n".join([text] * (12 * args.context // max(1, len(text)) + 1))  # depend on the words)
     ids = loaded.tokenizer.encode(text[: 12 * args.context], parse_special=False)[: args.context]
     if len(ids) < args.context:
-        raise SystemExit(f"the text holds only {len(ids)} tokens")
+        raise SystemExit(f"{path} holds only {len(ids)} tokens; --context {args.context} needs more")
+    print(f"text: {path}", flush=True)
     engines = {k: TorchEngine(model, (), kv_dtype=k) for k in kvs}
     t0 = time.perf_counter()
     base_seq = engines[kvs[0]].new_cache(args.context + args.steps + 2)

@@ -180,3 +180,41 @@ def test_cli_infinitebench_scores_and_writes(tiny_gguf_1k, tmp_path, capsys, cli
 def test_cli_infinitebench_bad_input(args, pattern, capsys):
     assert main(["eval", "infinitebench", *args]) == 2
     assert pattern and __import__("re").search(pattern, capsys.readouterr().err)
+
+
+def test_cli_infinitebench_cut_after_a_policy_keeps_it_and_resume_completes_it(
+    tiny_gguf_1k, tmp_path, capsys, cli_threads, monkeypatch
+):
+    from test_eval_ruler import comparable, cut_at
+
+    from infinichat.eval import runner
+
+    def infinitebench(out, *extra: str) -> int:
+        args = ["eval", "infinitebench", "--policies", "full,streaming", "--budget-frac", "0.5"]
+        args += ["--data", str(DATA / "passkey.jsonl"), "--generate", "kv_retrieval", "--gen-samples", "1"]
+        args += ["--gen-length", "300", "--max-length", "200", "--max-new-tokens", "2", "--out", str(out)]
+        return main([*args, "--model", str(tiny_gguf_1k), "--cache-dir", str(tmp_path / "c"), "--threads", "1", *extra])
+
+    assert infinitebench(tmp_path / "whole") == 0
+    want = comparable(tmp_path / "whole", "infinitebench")
+    assert [(r["policy"], r["item"], r["task"]) for r in want[0]] == [
+        ("full", 0, "passkey"),
+        ("full", 1, "kv_retrieval"),
+        ("streaming 50%", 0, "passkey"),
+        ("streaming 50%", 1, "kv_retrieval"),
+    ]
+    cut = tmp_path / "cut"
+    cut_at(monkeypatch, runner, "generate", "streaming", lambda: infinitebench(cut))
+    records, summary, md = comparable(cut, "infinitebench")
+    assert records == want[0][:2] and summary["full"] == want[1]["full"] and summary["streaming 50%"]["samples"] == 0
+    assert "| streaming 50% | - | - | - | 0 | - |" in md
+    capsys.readouterr()
+    assert infinitebench(cut) == 2 and "add --resume to complete it" in capsys.readouterr().err
+    assert infinitebench(cut, "--resume") == 0
+    assert comparable(cut, "infinitebench") == want
+    before = {p.name: p.read_bytes() for p in cut.iterdir()}
+    capsys.readouterr()
+    assert infinitebench(cut, "--resume", "--prompts", "chat") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and 'was run with prompts="open", this command has prompts="chat"' in err[0], err
+    assert {p.name: p.read_bytes() for p in cut.iterdir()} == before

@@ -230,3 +230,32 @@ def test_cli_longbench_bad_input(args, pattern, tmp_path, capsys):
     err = capsys.readouterr().err
     lines = err.strip().splitlines()
     assert rc == 2 and len(lines) == 1 and re.search(pattern, lines[0]), err
+
+
+def test_cli_longbench_cut_after_a_policy_keeps_it_and_resume_completes_it(
+    tiny_gguf_1k, tmp_path, capsys, cli_threads, monkeypatch
+):
+    from test_eval_ruler import comparable, cut_at
+
+    from infinichat.eval import runner
+
+    data = _write(tmp_path / "lb.jsonl", [json.dumps(r) for r in RECORDS])
+
+    def longbench(out, *extra: str) -> int:
+        args = ["eval", "longbench", "--data", str(data), "--policies", "full,streaming", "--budget-frac", "0.5"]
+        args += ["--max-length", "300", "--max-new-tokens", "2", "--out", str(out), "--model", str(tiny_gguf_1k)]
+        return main([*args, "--cache-dir", str(tmp_path / "cache"), "--threads", "1", *extra])
+
+    assert longbench(tmp_path / "whole") == 0
+    want = comparable(tmp_path / "whole", "longbench")
+    assert len(want[0]) == 2 * len(RECORDS)
+    cut = tmp_path / "cut"
+    cut_at(monkeypatch, runner, "generate", "streaming", lambda: longbench(cut))
+    records, summary, _ = comparable(cut, "longbench")
+    assert records == want[0][: len(RECORDS)] and summary["full"] == want[1]["full"]
+    assert summary["streaming 50%"]["mean"] is None
+    assert longbench(cut, "--resume") == 0
+    assert comparable(cut, "longbench") == want
+    capsys.readouterr()
+    assert longbench(cut, "--resume", "--max-length", "250") == 2
+    assert "was run with max_length=300, this command has max_length=250" in capsys.readouterr().err

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 def test_conversation_holds_every_fact_and_asks_each_once(default_tokenizer):
     tok = default_tokenizer
-    c = multiturn.conversation(tok, 1200, 0, 4, seed=1)
+    c = multiturn.conversation(tok, 1200, 0, 2, 4, seed=1)
     assert len(c.turns) == 4 and len(c.turns[0]) == 1200
     context = tok.decode(c.turns[0])
     facts = dict(re.findall(r"One of the special magic numbers for ([a-z-]+) is: (\d+)\.", context))
@@ -30,8 +30,8 @@ def test_conversation_holds_every_fact_and_asks_each_once(default_tokenizer):
         assert q.endswith(f"The special magic number for {k} mentioned in the provided text is")
     later = tok.decode(c.turns[1])
     assert later.startswith("\n\nWhat is the special magic number for " + c.keys[1]) and "One of" not in later
-    assert multiturn.conversation(tok, 1200, 0, 4, seed=1).turns == c.turns
-    assert multiturn.conversation(tok, 1200, 1, 4, seed=1).turns != c.turns
+    assert multiturn.conversation(tok, 1200, 0, 2, 4, seed=1).turns == c.turns
+    assert multiturn.conversation(tok, 1200, 1, 2, 4, seed=1).turns != c.turns
 
 
 @pytest.mark.parametrize("run", [PolicyRun("full"), PolicyRun("streaming", frac=0.5), PolicyRun("snapkv", frac=0.5)])
@@ -181,3 +181,77 @@ def test_any_fact_counts_an_answer_naming_another_fact_of_the_context():
     ]
     s = multiturn.summarize(recs, ["full"], [60], 3)["full"]["by_length"]["60"]
     assert s["any_fact"] == 1.0 and s["accuracy"] == pytest.approx(1 / 3)
+
+
+def test_the_first_fact_depth_is_spread_over_the_conversations_not_drawn(default_tokenizer):
+    tok = default_tokenizer
+    n = 4
+    for seed in (0, 1):
+        convs = [multiturn.conversation(tok, 1200, i, n, 3, seed=seed) for i in range(n)]
+        # conversation i of n at (i + 0.5) / n, to the sentence boundary nearest (filler sentences are ~20 tokens)
+        assert [c.depth for c in convs] == pytest.approx([(i + 0.5) / n for i in range(n)], abs=0.03)
+    c = multiturn.conversation(tok, 1200, 0, n, 3, seed=0)
+    context = tok.decode(c.turns[0])
+    first = context.index(f"One of the special magic numbers for {c.keys[0]} is: {c.values[0]}.")
+    assert first < len(context) / 4  # the fact asked first really sits early
+    turns = [rand_ids(60, seed=1), rand_ids(10, seed=2)]
+    conv = multiturn.Conversation(60, 0, turns, ["a", "b"], ["11111", "22222"], depth=0.123456)
+    recs = multiturn.run_conversation(tiny_engine(), PolicyRun("full"), conv, 1, str)
+    assert [r["depth"] for r in recs] == [0.1235] * 2  # recorded with each turn
+
+
+# ------------------------------------------------------------------------------ written as it goes, --resume
+
+
+def multiturn_cli(out, model, tmp_path, *extra: str) -> int:
+    args = ["eval", "multiturn", "--lengths", "500", "--turns", "2", "--samples", "2", "--policies", "full,snapkv"]
+    args += ["--budget-frac", "0.5", "--max-new-tokens", "2", "--out", str(out), "--model", str(model)]
+    return main([*args, "--cache-dir", str(tmp_path / "c"), "--threads", "1", *extra])
+
+
+def test_cli_multiturn_cut_after_a_policy_keeps_it_and_resume_completes_it(
+    tiny_gguf_1k, tmp_path, capsys, cli_threads, monkeypatch
+):
+    from test_eval_ruler import comparable, cut_at
+
+    whole = tmp_path / "whole"
+    assert multiturn_cli(whole, tiny_gguf_1k, tmp_path) == 0
+    want = comparable(whole, "multiturn")
+    assert len(want[0]) == 2 * 2 * 2
+    assert sorted({(r["sample"], r["depth"] < 0.5) for r in want[0]}) == [(0, True), (1, False)]
+
+    cut = tmp_path / "cut"
+    run_conversation = cut_at(
+        monkeypatch, multiturn, "run_conversation", "snapkv", lambda: multiturn_cli(cut, tiny_gguf_1k, tmp_path)
+    )
+    records, summary, md = comparable(cut, "multiturn")
+    assert records == want[0][:4] and {r["policy"] for r in records} == {"full"}
+    assert summary["full"] == want[1]["full"] and summary["snapkv 50%"]["accuracy"] is None
+    assert "| full |" in md and "| snapkv 50% | - | - | - | - | - |" in md
+
+    seen = []
+
+    def counted(engine, run, conv, *a):
+        seen.append((run.label, conv.index))
+        return run_conversation(engine, run, conv, *a)
+
+    monkeypatch.setattr(multiturn, "run_conversation", counted)
+    assert multiturn_cli(cut, tiny_gguf_1k, tmp_path, "--resume") == 0
+    assert seen == [("snapkv 50%", 0), ("snapkv 50%", 1)]
+    assert comparable(cut, "multiturn") == want
+    assert (cut / "multiturn-500.png").is_file()
+
+    # a run cut while writing a conversation's turns: the turns written, then half a line
+    lines = (cut / "multiturn.jsonl").read_text().splitlines(keepends=True)
+    (cut / "multiturn.jsonl").write_text("".join(lines[:-1]) + lines[-1][:20])
+    seen.clear()
+    assert multiturn_cli(cut, tiny_gguf_1k, tmp_path, "--resume") == 0
+    assert seen == [("snapkv 50%", 1)]  # that conversation again, whole
+    assert comparable(cut, "multiturn") == want
+
+    capsys.readouterr()
+    before = {p.name: p.read_bytes() for p in cut.iterdir()}
+    assert multiturn_cli(cut, tiny_gguf_1k, tmp_path, "--resume", "--turns", "3") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "was run with turns=2, this command has turns=3" in err[0], err
+    assert {p.name: p.read_bytes() for p in cut.iterdir()} == before

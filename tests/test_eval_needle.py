@@ -390,3 +390,29 @@ def test_default_model_retrieves_a_passkey_at_1k_tokens_with_full_attention():
     s = needle.passkey_sample(loaded.tokenizer, prompt_format(loaded.tokenizer), 1024, 0.5, index=0, seed=0)
     gen = runner.generate(engine, runner.PolicyRun("full"), s.ids, 12, loaded.tokenizer.decode)
     assert needle.contains_number(gen.text, s.answer), (s.answer, gen.text)
+
+
+def test_cli_passkey_cut_after_a_policy_keeps_it_and_resume_completes_it(
+    tiny_gguf_1k, tmp_path, capsys, cli_threads, monkeypatch
+):
+    from test_eval_ruler import comparable, cut_at
+
+    from infinichat.eval import retrieval
+
+    def passkey(out, *extra: str) -> int:
+        args = ["eval", "passkey", "--lengths", "420", "--depths", "0.2,0.8", "--policies", "full,streaming"]
+        args += ["--budget-frac", "0.5", "--max-new-tokens", "2", "--out", str(out), "--model", str(tiny_gguf_1k)]
+        return main([*args, "--cache-dir", str(tmp_path / "cache"), "--threads", "1", *extra])
+
+    assert passkey(tmp_path / "whole") == 0
+    want = comparable(tmp_path / "whole", "passkey")
+    assert len(want[0]) == 2 * 2 and "| t |" in want[2]  # the timing columns masked
+    cut = tmp_path / "cut"
+    cut_at(monkeypatch, retrieval, "generate", "streaming", lambda: passkey(cut))
+    records, summary, md = comparable(cut, "passkey")
+    assert records == want[0][:2] and summary["full"] == want[1]["full"] and "| streaming 50% | - | - |" in md
+    assert passkey(cut, "--resume") == 0
+    assert comparable(cut, "passkey") == want
+    capsys.readouterr()
+    assert passkey(cut, "--resume", "--depths", "0.2,0.5") == 2
+    assert "was run with depths=[0.2, 0.8], this command has depths=[0.2, 0.5]" in capsys.readouterr().err

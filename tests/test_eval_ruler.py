@@ -6,6 +6,8 @@ from __future__ import annotations
 import collections
 import json
 import re
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 
@@ -121,3 +123,114 @@ def test_cli_ruler_bad_task_is_one_line_and_exit_2(tmp_path, capsys):
     rc = main(["eval", "ruler", "--tasks", "niah,vt", "--model", str(tmp_path / "never-loaded.gguf")])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "unknown RULER task 'niah'" in err[0]
+
+
+# ------------------------------------------------------------------------------ written as it goes, --resume
+
+RESULT_TIMES = ("prefill_s", "decode_s")  # what differs between two runs of the same records
+
+
+def ruler_cli(out, model, tmp_path, *extra: str) -> int:
+    args = ["eval", "ruler", "--tasks", "niah_single,vt", "--lengths", "400", "--samples", "2"]
+    args += ["--policies", "full,streaming", "--budget-frac", "0.5", "--max-new-tokens", "2", "--out", str(out)]
+    args += ["--model", str(model), "--cache-dir", str(tmp_path / "c"), "--threads", "1", *extra]
+    return main(args)
+
+
+def comparable(out, stem: str) -> tuple[list[dict], dict, str]:
+    """(the JSONL records, the JSON report's summaries, the Markdown tables) without timings."""
+    lines = [json.loads(x) for x in (out / f"{stem}.jsonl").read_text().splitlines()]
+    assert "settings" in lines[0]
+    records = [{k: v for k, v in r.items() if k not in RESULT_TIMES} for r in lines[1:]]
+    report = json.loads((out / f"{stem}.json").read_text())
+    results = [{k: v for k, v in r.items() if k not in RESULT_TIMES} for r in report["results"]]
+    assert results == records  # the report holds the journal's records, in order
+    return records, untimed(report["summary"]), untimed_markdown((out / f"{stem}.md").read_text())
+
+
+def untimed(summary: Any) -> Any:
+    """`summary` without its timings (keys of prefill / decode times and speeds), at any depth."""
+    if not isinstance(summary, dict):
+        return summary
+    return {k: untimed(v) for k, v in summary.items() if "prefill" not in k and "decode" not in k}
+
+
+def untimed_markdown(md: str) -> str:
+    """`md` with the cells of its timing columns (seconds, tokens per second) masked."""
+    out, timed = [], set()
+    lines = md.splitlines()
+    for i, line in enumerate(lines):
+        cells = line.split(" | ")
+        if line.startswith("| ") and i + 1 < len(lines) and lines[i + 1].startswith("|---|"):
+            timed = {j for j, c in enumerate(cells) if re.search(r"(^| )s( |$)|tok/s|prefill s", c.strip("| "))}
+        elif line.startswith("| ") and not line.startswith("|---|"):
+            cells = ["t" if j in timed else c for j, c in enumerate(cells)]
+        out.append(" | ".join(cells))
+    return "\n".join(out)
+
+
+def cut_at(monkeypatch, module, name: str, policy: str, run_cli) -> Callable:
+    """Run `run_cli()` with `module.name` (what runs one prompt or conversation under a policy run) raising for the
+    runs of `policy`: a run cut there. Returns the real function (put back)."""
+    real = getattr(module, name)
+
+    def dies(engine, run, *a):
+        if run.name == policy:
+            raise RuntimeError("the machine went away")
+        return real(engine, run, *a)
+
+    monkeypatch.setattr(module, name, dies)
+    with pytest.raises(RuntimeError, match="went away"):
+        run_cli()
+    monkeypatch.setattr(module, name, real)
+    return real
+
+
+def test_cli_ruler_cut_after_a_policy_keeps_it_and_resume_completes_it(
+    tiny_gguf_1k, tmp_path, capsys, cli_threads, monkeypatch
+):
+    whole = tmp_path / "whole"
+    assert ruler_cli(whole, tiny_gguf_1k, tmp_path) == 0
+    want = comparable(whole, "ruler")
+    assert len(want[0]) == 2 * 2 * 2
+
+    cut = tmp_path / "cut"
+    generate = cut_at(monkeypatch, ruler, "generate", "streaming", lambda: ruler_cli(cut, tiny_gguf_1k, tmp_path))
+    records, summary, md = comparable(cut, "ruler")
+    assert records == want[0][:4] and {r["policy"] for r in records} == {"full"}  # the first policy, whole
+    assert summary["full"] == want[1]["full"] and summary["streaming 50%"]["score"] is None
+    assert "| full |" in md and re.search(r"\| streaming 50% \| - \| - \| - \|", md)
+    assert not list(cut.glob("*.png")) and not list(cut.glob(".*.tmp"))  # heatmaps at the end; no temp file left
+
+    capsys.readouterr()
+    assert ruler_cli(cut, tiny_gguf_1k, tmp_path) == 2  # not without --resume: the records there stay
+    assert "already holds 4 record(s)" in capsys.readouterr().err
+    seen = []
+
+    def counted(engine, run, ids, *a):
+        seen.append(run.label)
+        return generate(engine, run, ids, *a)
+
+    monkeypatch.setattr(ruler, "generate", counted)
+    assert ruler_cli(cut, tiny_gguf_1k, tmp_path, "--resume") == 0
+    assert seen == ["streaming 50%"] * 4  # only what was missing ran
+    assert comparable(cut, "ruler") == want
+    assert sorted(p.name for p in cut.glob("*.png")) == sorted(p.name for p in whole.glob("*.png"))
+
+
+def test_cli_ruler_resume_with_other_settings_refuses_and_changes_nothing(tiny_gguf_1k, tmp_path, capsys, cli_threads):
+    out = tmp_path / "out"
+    assert ruler_cli(out, tiny_gguf_1k, tmp_path) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    capsys.readouterr()
+    for flag, value in (("--seed", "1"), ("--kv-dtype", "int8"), ("--max-new-tokens", "3")):
+        extra = [flag, value] if flag != "--max-new-tokens" else []
+        args = ["eval", "ruler", "--tasks", "niah_single,vt", "--lengths", "400", "--samples", "2"]
+        args += ["--policies", "full,streaming", "--budget-frac", "0.5", "--max-new-tokens"]
+        args += [value if flag == "--max-new-tokens" else "2", "--out", str(out), "--resume", *extra]
+        rc = main([*args, "--model", str(tiny_gguf_1k), "--cache-dir", str(tmp_path / "c"), "--threads", "1"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1 and "--resume:" in err[0] and "give the same settings" in err[0], err
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    rc = main(["eval", "ruler", "--resume", "--model", str(tmp_path / "never-loaded.gguf")])
+    assert rc == 2 and "--resume needs --out" in capsys.readouterr().err

@@ -161,7 +161,9 @@ def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
     _add_long_eval_parsers(ev_sub)
 
 
-def _add_long_context_args(p: argparse.ArgumentParser, max_new: str, chat_flag: bool = True) -> None:
+def _add_long_context_args(
+    p: argparse.ArgumentParser, max_new: str, chat_flag: bool = True, resume: str | None = None
+) -> None:
     """Flags shared by eval passkey / niah / longbench: policies, budgets, decoding, output."""
     g = p.add_argument_group("KV policies")
     g.add_argument(
@@ -204,6 +206,14 @@ def _add_long_context_args(p: argparse.ArgumentParser, max_new: str, chat_flag: 
     g.add_argument(
         "--out", metavar="DIR", help="where the JSON, Markdown and PNG files go (default results/<task>-<time>/)"
     )
+    if resume is not None:
+        g.add_argument(
+            "--resume",
+            action="store_true",
+            help=f"complete the run in --out: every record is appended to {resume}.jsonl as soon as it is scored "
+            "(the tables are rewritten after each finished cell); this skips the records already there, if the "
+            "settings (model, dtypes, seed, lengths, samples, ...) are the same",
+        )
     _add_model_args(p, dtype=EVAL_DTYPE, ctx=False)
 
 
@@ -236,7 +246,7 @@ def _add_long_eval_parsers(ev_sub: argparse._SubParsersAction) -> None:
                 metavar="FILE",
                 help="a UTF-8 text file as the haystack (default: generated essay-like text)",
             )
-        _add_long_context_args(p, "default 12" if name == "passkey" else "default 32")
+        _add_long_context_args(p, "default 12" if name == "passkey" else "default 32", resume=name)
     p = ev_sub.add_parser(
         "ruler",
         help="a RULER subset (niah single/multikey/multivalue/multiquery, vt, cwe), generated, "
@@ -256,7 +266,7 @@ def _add_long_eval_parsers(ev_sub: argparse._SubParsersAction) -> None:
         default=3,
         help="prompts per task x length; sample i of n puts its needle at depth (i + 0.5) / n (default 3)",
     )
-    _add_long_context_args(p, "default: RULER's per task, 32 to 64")
+    _add_long_context_args(p, "default: RULER's per task, 32 to 64", resume="ruler")
     p = ev_sub.add_parser(
         "multiturn",
         help="several questions about one long context in successive turns of one KV sequence (SCBench-style), "
@@ -287,7 +297,9 @@ def _add_long_eval_parsers(ev_sub: argparse._SubParsersAction) -> None:
         default=None,
         help="with --data: the dataset of records without a 'dataset' field (default: from the file name)",
     )
-    _add_long_context_args(p, "default 12; with --data: the dataset's LongBench answer length", chat_flag=False)
+    _add_long_context_args(
+        p, "default 12; with --data: the dataset's LongBench answer length", chat_flag=False, resume="multiturn"
+    )
     p = ev_sub.add_parser("longbench", help="LongBench-format JSONL files (--data), official prompts and metrics")
     g = p.add_argument_group("data")
     g.add_argument("--data", action="append", default=[], metavar="FILE", help="a LongBench JSONL file (repeatable)")
@@ -303,7 +315,7 @@ def _add_long_eval_parsers(ev_sub: argparse._SubParsersAction) -> None:
         help="prompts longer than N tokens are "
         "cut in the middle (default: the trained context - the answer length - 64)",
     )
-    _add_long_context_args(p, "default: the dataset's LongBench answer length")
+    _add_long_context_args(p, "default: the dataset's LongBench answer length", resume="longbench")
 
     p = ev_sub.add_parser(
         "infinitebench",
@@ -341,7 +353,9 @@ def _add_long_eval_parsers(ev_sub: argparse._SubParsersAction) -> None:
         help="prompts longer than N tokens are cut in the middle (default: the trained context - the answer "
         "length - 64)",
     )
-    _add_long_context_args(p, "default: the task's InfiniteBench answer length", chat_flag=False)
+    _add_long_context_args(
+        p, "default: the task's InfiniteBench answer length", chat_flag=False, resume="infinitebench"
+    )
 
     f = ev_sub.add_parser(
         "filter-layers",

@@ -3,7 +3,9 @@
 https://arxiv.org/abs/2412.10319).
 
 A conversation: a generated haystack (essay-like filler) holding `turns` facts ("One of the special magic
-numbers for {key} is: {value}."), then the questions, one per turn, in a seeded order. Turn 1 is the
+numbers for {key} is: {value}."), then the questions, one per turn, in a seeded order. The fact asked first
+sits at a depth spread over the samples (conversation i of n at (i + 0.5) / n, as `eval ruler`'s needles; the
+depth placed is in each record), the others at seeded sentence boundaries. Turn 1 is the
 context plus the first question (so a query-aware policy such as SnapKV compresses the context for that
 question, as in SCBench's shared-context setting); each later turn appends only its question to the same
 sequence, after the previous answers (which stay in the cache, as in a chat). Every question ends with an
@@ -59,6 +61,7 @@ class Conversation:
     answers: list[list[str]] | None = None  # LongBench: every reference of each turn
     dataset: str = "haystack"  # or the LongBench dataset, whose metric scores the answers
     max_new: int = MAX_NEW
+    depth: float | None = None  # generated haystack: where turn 1's fact sits (haystack fraction before it)
 
     def score(self, turn: int, text: str) -> float:
         """Turn `turn` (0-based)'s answer `text`: 1.0 / 0.0 (holds the value) or the LongBench metric."""
@@ -70,10 +73,13 @@ class Conversation:
         return score_sample(metric, longbench.postprocess(self.dataset, text), self.answers[turn])
 
 
-def conversation(tok: Tokenizer, length: int, index: int, n_turns: int, seed: int = 0) -> Conversation:
-    """A seeded conversation: turn 1 = instruction + haystack with `n_turns` facts + question 1 (`length` tokens)."""
+def conversation(tok: Tokenizer, length: int, index: int, n_samples: int, n_turns: int, seed: int = 0) -> Conversation:
+    """A seeded conversation: turn 1 = instruction + haystack with `n_turns` facts + question 1 (`length` tokens).
+    Conversation `index` of `n_samples` puts the fact asked first at depth (index + 0.5) / n_samples (spread over
+    the samples as in `eval ruler`, not drawn); the other facts go to seeded sentence boundaries."""
     if n_turns < 1:
         raise InfinichatError(f"--turns must be >= 1, got {n_turns}")
+    depth = needle.spread_depth(index, n_samples)
     rng = random.Random(f"{seed}:multiturn:{length}:{n_turns}:{index}")
     keys: list[str] = []
     values: list[str] = []
@@ -89,7 +95,7 @@ def conversation(tok: Tokenizer, length: int, index: int, n_turns: int, seed: in
         task="multiturn",
         variant="facts",
         length=length,
-        depth=rng.random(),
+        depth=depth,
         index=index,
         instruction=needle.NIAH_INSTRUCTION,
         question=needle.NIAH_QUESTION.format(key=keys[first]),
@@ -108,7 +114,9 @@ def conversation(tok: Tokenizer, length: int, index: int, n_turns: int, seed: in
         )
         for i in order[1:]
     ]
-    return Conversation(length, index, [s.ids, *later], [keys[i] for i in order], [values[i] for i in order])
+    return Conversation(
+        length, index, [s.ids, *later], [keys[i] for i in order], [values[i] for i in order], depth=s.needle_depth
+    )
 
 
 def split_prompt(dataset: str) -> tuple[str, str]:
@@ -193,6 +201,7 @@ def run_conversation(
             "dataset": conv.dataset,
             "key": conv.keys[k],
             "answer": conv.values[k],
+            "depth": None if conv.depth is None else round(conv.depth, 4),
             **(
                 {"correct": score == 1.0, "any_fact": any(needle.contains_number(gen.text, v) for v in conv.values)}
                 if conv.answers is None
@@ -306,14 +315,14 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(parts)
 
 
-def write_report(report: dict[str, Any], out_dir: Path) -> dict[str, Any]:
-    """`multiturn.json`, `multiturn.md`, a policy x turn heatmap PNG per length; returns the paths."""
+def write_report(report: dict[str, Any], out_dir: Path, plots: bool = True) -> dict[str, Any]:
+    """`multiturn.json`, `multiturn.md`, a policy x turn heatmap PNG per length (`plots`); returns the paths."""
     from infinichat.eval.plot import plot_grid
 
     labels = list(report["summary"])
     turns = [str(t) for t in range(1, report["turns"] + 1)]
 
-    def plots() -> list[Path]:
+    def draw() -> list[Path]:
         return [
             plot_grid(
                 [[report["summary"][lb]["by_length"][str(n)]["by_turn"][t] for t in turns] for lb in labels],
@@ -327,4 +336,4 @@ def write_report(report: dict[str, Any], out_dir: Path) -> dict[str, Any]:
             for n in report["lengths"]
         ]
 
-    return write_files(out_dir, "multiturn", report, markdown(report), plots)
+    return write_files(out_dir, "multiturn", report, markdown(report), draw if plots else list)

@@ -118,6 +118,14 @@ def _fill(sentences: Iterator[str], tok: Tokenizer, n: int) -> tuple[list[int], 
     return ids[:n], [*starts, n]
 
 
+def spread_depth(index: int, n_samples: int) -> float:
+    """The needle depth of sample `index` of `n_samples`: the middle of its n-th of the context (`eval ruler`'s
+    needles, `eval multiturn`'s first fact: a few samples cover the start, the middle and the end)."""
+    if not 0 <= index < n_samples:
+        raise InfinichatError(f"sample index {index} is outside 0..{n_samples - 1}")
+    return (index + 0.5) / n_samples
+
+
 def build_prompt(
     tok: Tokenizer,
     fmt: PromptFormat,

@@ -18,6 +18,7 @@ from typing import Any
 
 from infinichat.engine.base import Engine
 from infinichat.errors import InfinichatError
+from infinichat.eval.journal import write_text_atomic
 from infinichat.eval.needle import NeedleSample, contains_number
 from infinichat.eval.runner import Generation, PolicyRun, generate
 
@@ -33,11 +34,14 @@ def run_samples(
     samples: Sequence[NeedleSample],
     max_new: int,
     on_result: Callable[[PolicyRun, NeedleSample, dict[str, Any]], None] | None = None,
+    skip: Callable[[PolicyRun, NeedleSample], bool] | None = None,
 ) -> list[dict[str, Any]]:
-    """One record per (policy run, sample), in that order."""
+    """One record per (policy run, sample), in that order; `skip(run, sample)`: already done."""
     records = []
     for run in runs:
         for s in samples:
+            if skip is not None and skip(run, s):
+                continue
             gen: Generation = generate(engine, run, s.ids, max_new, decode_text)
             rec = {
                 "policy": run.label,
@@ -214,31 +218,32 @@ def slug(label: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", label.replace("%", "pct")).strip("-").lower()
 
 
-def write_report(report: dict[str, Any], out_dir: Path) -> dict[str, Any]:
-    """`<task>.json`, `<task>.md`, one heatmap PNG per policy run; returns the paths."""
+def write_report(report: dict[str, Any], out_dir: Path, plots: bool = True) -> dict[str, Any]:
+    """`<task>.json`, `<task>.md`, one heatmap PNG per policy run (`plots`); returns the paths."""
     from infinichat.eval.plot import plot_accuracy_heatmap
 
     task = report["task"]
 
-    def plots() -> list[Path]:
+    def draw() -> list[Path]:
         return [
             plot_accuracy_heatmap(report, label, out_dir / f"{task}-heatmap-{slug(label)}.png")
             for label in report["summary"]
         ]
 
-    return write_files(out_dir, task, report, markdown(report), plots)
+    return write_files(out_dir, task, report, markdown(report), draw if plots else list)
 
 
 def write_files(
     out_dir: Path, stem: str, report: dict[str, Any], md: str, plots: Callable[[], list[Path]]
 ) -> dict[str, Any]:
-    """`<stem>.json`, `<stem>.md` and the PNG files `plots()` draws into `out_dir`; returns the paths. A failed
-    write is one clear error."""
+    """`<stem>.json`, `<stem>.md` (each through a temporary file and a rename: a reader, or a run cut meanwhile,
+    never sees half a file) and the PNG files `plots()` draws into `out_dir`; returns the paths. A failed write is
+    one clear error."""
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         paths: dict[str, Any] = {"json": out_dir / f"{stem}.json", "md": out_dir / f"{stem}.md"}
-        paths["json"].write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
-        paths["md"].write_text(md, encoding="utf-8")
+        write_text_atomic(paths["json"], json.dumps(report, indent=1) + "\n")
+        write_text_atomic(paths["md"], md)
         paths["png"] = plots()
     except OSError as e:
         raise InfinichatError(f"cannot write the results into {out_dir}: {e.strerror or e}") from None

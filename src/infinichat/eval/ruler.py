@@ -39,6 +39,7 @@ from typing import Any
 from infinichat.engine.base import Engine
 from infinichat.errors import InfinichatError
 from infinichat.eval import haystack, needle
+from infinichat.eval.needle import spread_depth
 from infinichat.eval.prompt import PromptFormat, encode_text
 from infinichat.eval.retrieval import md_table, mean_of, num, pct, slug, write_files
 from infinichat.eval.runner import PolicyRun, generate
@@ -107,13 +108,6 @@ def string_match_part(pred: str, refs: Sequence[str]) -> float:
 
 
 # ---------------------------------------------------------------------------------------------- generation
-
-
-def spread_depth(index: int, n_samples: int) -> float:
-    """The needle depth of sample `index` of `n_samples`: the middle of its n-th of the context."""
-    if not 0 <= index < n_samples:
-        raise InfinichatError(f"sample index {index} is outside 0..{n_samples - 1}")
-    return (index + 0.5) / n_samples
 
 
 def sample(
@@ -247,11 +241,14 @@ def run_samples(
     samples: Sequence[RulerSample],
     max_new: int | None = None,
     on_result: Callable[[PolicyRun, RulerSample, dict[str, Any]], None] | None = None,
+    skip: Callable[[PolicyRun, RulerSample], bool] | None = None,
 ) -> list[dict[str, Any]]:
-    """One record per (policy run, sample): the answer and both scores."""
+    """One record per (policy run, sample): the answer and both scores; `skip(run, sample)`: already done."""
     records = []
     for run in runs:
         for s in samples:
+            if skip is not None and skip(run, s):
+                continue
             gen = generate(engine, run, s.ids, max_new or s.max_new, decode_text)
             rec = {
                 "policy": run.label,
@@ -358,13 +355,13 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(parts)
 
 
-def write_report(report: dict[str, Any], out_dir: Path) -> dict[str, Any]:
-    """`ruler.json`, `ruler.md`, one task x length heatmap PNG per policy run; returns the paths."""
+def write_report(report: dict[str, Any], out_dir: Path, plots: bool = True) -> dict[str, Any]:
+    """`ruler.json`, `ruler.md`, one task x length heatmap PNG per policy run (`plots`); returns the paths."""
     from infinichat.eval.plot import plot_grid
 
     lengths = [str(n) for n in report["lengths"]]
 
-    def plots() -> list[Path]:
+    def draw() -> list[Path]:
         return [
             plot_grid(
                 [[s["by_task"][t][n]["score"] for n in lengths] for t in report["tasks"]],
@@ -377,4 +374,4 @@ def write_report(report: dict[str, Any], out_dir: Path) -> dict[str, Any]:
             for label, s in report["summary"].items()
         ]
 
-    return write_files(out_dir, "ruler", report, markdown(report), plots)
+    return write_files(out_dir, "ruler", report, markdown(report), draw if plots else list)
