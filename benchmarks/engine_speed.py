@@ -37,13 +37,14 @@ import time
 from pathlib import Path
 
 import torch
+from bench_data import shared_moby
 
 from infinichat.engine.sampling import SamplingParams
 from infinichat.engine.torch_engine import TorchEngine, set_threads
 from infinichat.model.loader import default_model_path, load_model
 
 SHORT_PROMPT = "Once upon a time, in a small village by the sea,"
-MOBY = Path(__file__).resolve().parents[2] / "shared" / "data" / "moby_dick.txt"
+MOBY = shared_moby()
 METRICS = ("decode_short", "decode_long", "prefill")
 # issue 9's targets: (metric, reference, minimum ratio ours / reference)
 TARGETS = [

@@ -26,22 +26,18 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # this checkout's code, wherever it is
+from bench_data import EXCERPT, shared_moby
+
 from infinichat.engine.torch_engine import TorchEngine, set_threads
 from infinichat.kv.quantized import convert_store
 from infinichat.kv.sequence import KVSequence
 from infinichat.model.loader import load_model
 
-REPO = Path(__file__).resolve().parents[1]
-EXCERPT = REPO / "tests" / "data" / "moby_dick_loomings.txt"  # ~800 tokens, in every checkout
-
 
 def default_text() -> Path:
-    """The developers' copy of the novel in `shared/data/` beside this checkout or a folder above it, else the
-    repository's excerpt."""
-    for folder in REPO.parents:
-        if (folder / "shared" / "data" / "moby_dick.txt").is_file():
-            return folder / "shared" / "data" / "moby_dick.txt"
-    return EXCERPT
+    """The developers' copy of the novel (bench_data.shared_moby), else the repository's excerpt."""
+    moby = shared_moby()
+    return moby if moby.is_file() else EXCERPT
 
 
 def main() -> None:

@@ -28,6 +28,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from bench_data import shared_moby
+
 from infinichat.engine.llamacpp import LlamaCppEngine, gguf_path
 from infinichat.engine.sampling import SamplingParams
 from infinichat.engine.torch_engine import physical_cores
@@ -35,7 +37,7 @@ from infinichat.model.tokenizer import Tokenizer
 
 CONTEXTS = (0, 1024, 4096)
 TEXT_CANDIDATES = (
-    Path(__file__).resolve().parents[2] / "shared" / "data" / "moby_dick.txt",
+    shared_moby(),
     Path(__file__).resolve().parents[1] / "tests" / "data" / "moby_dick_loomings.txt",
 )
 

@@ -19,11 +19,12 @@ import time
 from pathlib import Path
 
 import torch
+from bench_data import shared_moby
 
 from infinichat.engine.torch_engine import TorchEngine, set_threads
 from infinichat.model.loader import load_model
 
-MOBY = Path(__file__).resolve().parents[2] / "shared" / "data" / "moby_dick.txt"
+MOBY = shared_moby()
 
 
 def alternate(variants: dict, apply, measure, rounds: int) -> tuple[dict[str, list[float]], dict]:

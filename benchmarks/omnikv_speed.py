@@ -18,16 +18,16 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from pathlib import Path
 
 import torch
+from bench_data import shared_moby
 
 from infinichat.engine.torch_engine import TorchEngine, set_threads
 from infinichat.kv.registry import make_policy
 from infinichat.kv.sequence import KVSequence
 from infinichat.model.loader import load_model
 
-MOBY = Path(__file__).resolve().parents[2] / "shared" / "data" / "moby_dick.txt"
+MOBY = shared_moby()
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 
 

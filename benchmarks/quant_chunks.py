@@ -19,14 +19,15 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from pathlib import Path
 from unittest import mock
+
+from bench_data import shared_moby
 
 from infinichat.engine.torch_engine import TorchEngine, set_threads
 from infinichat.model import quant
 from infinichat.model.loader import load_model
 
-MOBY = Path(__file__).resolve().parents[2] / "shared" / "data" / "moby_dick.txt"
+MOBY = shared_moby()
 CONTEXT = 64
 
 

@@ -17,11 +17,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from bench_data import shared_moby
 
 from infinichat.engine.torch_engine import TorchEngine, set_threads
 from infinichat.model.loader import load_model
 
-MOBY = Path(__file__).resolve().parents[2] / "shared" / "data" / "moby_dick.txt"
+MOBY = shared_moby()
 
 
 def teacher_forced_logits(loaded, ids: list[int], chunk: int) -> torch.Tensor:

@@ -22,13 +22,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import torch
+from bench_data import shared_moby
 
 from infinichat.engine.sampling import Sampler
 from infinichat.engine.torch_engine import TorchEngine, set_threads
 from infinichat.model.loader import load_model
 from infinichat.session.settings import SessionSettings
 
-BOOK = Path(__file__).resolve().parents[2] / "shared" / "data" / "moby_dick.txt"
+BOOK = shared_moby()
 
 
 def median_ms(xs: list[float]) -> float:

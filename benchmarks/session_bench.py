@@ -21,6 +21,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from bench_data import shared_moby
+
 from infinichat.engine.torch_engine import TorchEngine, set_threads
 from infinichat.model.loader import load_model
 from infinichat.session.manager import SessionManager
@@ -82,7 +84,7 @@ def part_ttft(engine, tok, model_id, args) -> None:
 
 
 def card_text(n_tokens: int, tok) -> str:
-    src = Path(__file__).resolve().parents[2] / "shared" / "data" / "moby_dick.txt"
+    src = shared_moby()
     base = (
         src.read_text(encoding="utf-8")[20000:80000]
         if src.exists()

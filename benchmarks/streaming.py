@@ -29,11 +29,13 @@ import statistics
 import time
 from pathlib import Path
 
+from bench_data import shared_moby
+
 from infinichat.engine.torch_engine import TorchEngine, set_threads
 from infinichat.kv.sequence import KVSequence
 from infinichat.model.loader import load_model
 
-MOBY = Path(__file__).resolve().parents[2] / "shared" / "data" / "moby_dick.txt"
+MOBY = shared_moby()
 STREAM_CHUNK = 64
 AMORTIZED = 256  # the engine's default n_discard: (c) also times streaming with it, over one eviction cycle
 FEED = 4096  # tokens handed to one prefill call while streaming (it evaluates them 64 at a time)
