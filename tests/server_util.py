@@ -24,6 +24,7 @@ class LiveServer:
     def __init__(self, loaded, data_dir, **app_kw):
         engine = TorchEngine(loaded.model, loaded.tokenizer.eos_ids)
         self.manager = SessionManager(engine, loaded.tokenizer, loaded.file_hash, data_dir)
+        app_kw.setdefault("model_path", loaded.path)
         self.app = create_app(self.manager, engine, loaded.tokenizer, loaded.name, **app_kw)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
