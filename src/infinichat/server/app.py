@@ -86,6 +86,8 @@ def _cache_snapshot(metrics: Metrics, lru: PrefixLRU):
                 "evictions": sum(q.n_evictions for q in seqs),
                 "evicted_tokens": sum(q.n_evicted for q in seqs),
                 "kv_offloads": m.n_offloads,
+                "kv_peak_bytes": m.kv_peak_bytes,
+                "kv_limit_bytes": m.kv_limit_bytes,
             }
         )
         batcher = getattr(getattr(m, "engine", None), "batcher", None)

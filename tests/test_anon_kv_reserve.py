@@ -1,0 +1,199 @@
+"""Anonymous sequences (/v1/chat/completions, /v1/completions and llama-server's /completion without a session)
+reserve their KV memory before they are created (openai_compat.anonymous, SessionManager.reserve), as sessions and
+echo prompts do: the KV memory actually allocated never passes the hard limit however many requests arrive at
+once; a request that alone needs more than the limit is a 400 that says so; a full server answers 503 and serves
+again once the running requests end; a cancelled or abandoned request gives its reservation back."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+from gguf_util import EOS_ID
+from server_util import LiveServer
+
+from infinichat.errors import InfinichatError
+from infinichat.kv.store import KVStore
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+BUDGET = 1024  # the anonymous sequences' budget (create_app anon_budget)
+NO_EOS = {str(EOS_ID): -100}  # the random model's replies run to max_tokens
+
+
+@pytest.fixture(scope="module")
+def live(tiny_chat_model, tmp_path_factory):
+    with LiveServer(tiny_chat_model, tmp_path_factory.mktemp("data"), anon_budget=BUDGET) as srv:
+        yield srv
+
+
+@pytest.fixture
+def limits(live):
+    """Sets the cap and the hard limit (bytes) for a test, and puts the module's back after it."""
+    m = live.manager
+    old = m.kv_cap_bytes, m.kv_limit_bytes
+
+    def set_(nbytes: int) -> None:
+        m.kv_cap_bytes = m.kv_limit_bytes = nbytes
+
+    yield set_
+    m.kv_cap_bytes, m.kv_limit_bytes = old
+
+
+def allocated(live) -> int:
+    """The KV bytes the stores of the server's sequences hold right now (sessions, idle and running anonymous)."""
+    lru = live.app.state.prefix_lru
+    seqs = [s.seq for s in live.manager.sessions.values() if s.seq is not None] + lru.free + lru.busy
+    return sum(q.store.nbytes for q in seqs)
+
+
+def idle(live) -> None:
+    """Nothing held: no request runs, no reservation is left, the count is what the stores hold."""
+    lru, m = live.app.state.prefix_lru, live.manager
+    deadline = time.monotonic() + 30
+    while lru.busy or live.app.state.worker.depth:
+        assert time.monotonic() < deadline, "requests still running"
+        time.sleep(0.02)
+    assert lru.held == {} and lru.busy_bytes == 0
+    assert m.total_kv_bytes() == allocated(live)
+    assert lru.overruns == 0  # no sequence took more than its request reserved
+
+
+def body(max_tokens: int, **kw) -> dict:
+    return {"prompt": "Once upon a time", "max_tokens": max_tokens, "logit_bias": NO_EOS, **kw}
+
+
+def test_concurrent_requests_stay_under_the_limit(live, limits, monkeypatch):
+    lru = live.app.state.prefix_lru
+    per = lru.bytes_for(5 + 300 + 1)  # one request: a few prompt tokens + 300 (512 slots)
+    limits(2 * per + per // 2)  # two such requests fit, not three
+    peak = [0]
+    grow = KVStore.reserve
+
+    def watched(self, n):  # every growth of a store's buffers, in the worker: the bytes allocated now
+        grow(self, n)
+        peak[0] = max(peak[0], allocated(live))
+
+    monkeypatch.setattr(KVStore, "reserve", watched)
+
+    def one(i: int) -> int:
+        with httpx.Client(base_url=live.url, timeout=120) as c:
+            r = c.post("/v1/completions", json=body(300, seed=i))
+            assert r.status_code in (200, 503), r.text
+            if r.status_code == 503:
+                assert r.json()["error"]["type"] == "overloaded" and "--kv-limit-mb" in r.json()["error"]["message"]
+            return r.status_code
+
+    with ThreadPoolExecutor(6) as pool:
+        codes = list(pool.map(one, range(6)))
+    assert codes.count(200) >= 2, codes
+    assert 0 < peak[0] <= live.manager.kv_limit_bytes, (peak[0], live.manager.kv_limit_bytes)
+    assert live.manager.kv_peak_bytes >= peak[0]
+    idle(live)
+
+
+def test_request_over_the_limit_alone_is_400(live, limits):
+    lru = live.app.state.prefix_lru
+    limits(lru.bytes_for(512))  # 1024 slots do not fit
+    with httpx.Client(base_url=live.url, timeout=60) as c:
+        before = c.get("/metrics").text
+        for path, payload in (
+            ("/v1/completions", body(900)),
+            ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 900}),
+            ("/completion", {"prompt": "Once upon a time", "n_predict": -1}),  # -1: up to the budget
+        ):
+            r = c.post(path, json=payload)
+            assert r.status_code == 400, (path, r.text)
+            msg = r.json()["error"]["message"]
+            assert "KV memory" in msg and "limit of" in msg and "--kv-limit-mb" in msg, msg
+            assert "tokens)" in msg and "fewer tokens" in msg, msg  # how many fit, and what to change
+        r = c.post("/v1/completions", json=body(100))  # what fits is served
+        assert r.status_code == 200, r.text
+        assert c.get("/metrics").status_code == 200 and before
+    idle(live)
+
+
+def hold(live, path: str, payload: dict, started: threading.Event, stop: threading.Event) -> threading.Thread:
+    """A streaming request that runs until `stop`, then disconnects (the server cancels it)."""
+
+    def run():
+        with httpx.Client(base_url=live.url, timeout=120) as c, c.stream("POST", path, json=payload) as r:
+            assert r.status_code == 200
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    started.set()
+                if stop.is_set():
+                    break
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t
+
+
+@pytest.mark.parametrize(
+    ("path", "payload"),
+    [
+        ("/v1/completions", body(BUDGET - 40, stream=True)),
+        (
+            "/v1/chat/completions",
+            {
+                "messages": [{"role": "user", "content": "hi"}],
+                "max_tokens": BUDGET - 40,
+                "logit_bias": NO_EOS,
+                "stream": True,
+            },
+        ),
+        (
+            "/completion",
+            {"prompt": "Once upon a time", "n_predict": -1, "stream": True, "logit_bias": [[EOS_ID, False]]},
+        ),
+    ],
+)
+def test_full_server_is_503_then_recovers_after_disconnect(live, limits, path, payload):
+    lru = live.app.state.prefix_lru
+    limits(lru.bytes_for(BUDGET) + lru.bytes_for(100) // 2)  # one long request fits, not a second small one
+    started, stop = threading.Event(), threading.Event()
+    t = hold(live, path, payload, started, stop)
+    try:
+        assert started.wait(60)
+        assert lru.busy and lru.busy_bytes >= lru.bytes_for(BUDGET)  # its whole budget reserved from the start
+        with httpx.Client(base_url=live.url, timeout=60) as c:
+            r = c.post("/v1/completions", json=body(100))
+            assert r.status_code == 503, r.text
+            err = r.json()["error"]
+            assert err["type"] == "overloaded" and "retry when they finish" in err["message"]
+            assert r.headers["retry-after"]
+            assert lru.busy, "the long request ended before the check: it must still be running here"
+    finally:
+        stop.set()
+        t.join(60)
+    idle(live)  # the abandoned request gave its reservation back
+    with httpx.Client(base_url=live.url, timeout=60) as c:
+        r = c.post("/v1/completions", json=body(100))
+        assert r.status_code == 200, r.text
+    idle(live)
+
+
+def test_reservation_released_on_error(live, limits, monkeypatch):
+    """A request that fails inside its generation (here: the engine refuses the prompt) releases its reservation
+    too."""
+    lru = live.app.state.prefix_lru
+    limits(2 * lru.bytes_for(BUDGET))
+    engine = live.app.state.engine
+
+    def broken(*a, **kw):
+        raise InfinichatError("injected engine failure")
+
+    monkeypatch.setattr(engine, "prefill", broken)
+    monkeypatch.setattr(engine, "prefill_rows", broken, raising=False)
+    with httpx.Client(base_url=live.url, timeout=60) as c:
+        r = c.post("/v1/completions", json=body(50, prompt="A fresh prompt nobody sent before"))
+        assert r.status_code == 400 and "injected engine failure" in r.json()["error"]["message"], r.text
+        monkeypatch.undo()
+        idle(live)
+        r = c.post("/v1/completions", json=body(50))
+        assert r.status_code == 200, r.text
+    idle(live)
