@@ -93,6 +93,11 @@ def test_concurrent_requests_stay_under_the_limit(live, limits, monkeypatch):
     assert 0 < peak[0] <= live.manager.kv_limit_bytes, (peak[0], live.manager.kv_limit_bytes)
     assert live.manager.kv_peak_bytes >= peak[0]
     idle(live)
+    with httpx.Client(base_url=live.url, timeout=60) as c:
+        c.post("/v1/completions", json=body(2))  # a round of the worker after the others: its metrics snapshot
+        lines = dict(x.split(" ", 1) for x in c.get("/metrics").text.splitlines() if x.startswith("infinichat_kv_"))
+    assert int(lines["infinichat_kv_limit_bytes"]) == live.manager.kv_limit_bytes
+    assert peak[0] <= int(lines["infinichat_kv_peak_bytes"]) <= live.manager.kv_limit_bytes
 
 
 def test_request_over_the_limit_alone_is_400(live, limits):
@@ -152,8 +157,16 @@ def hold(live, path: str, payload: dict, started: threading.Event, stop: threadi
         ),
     ],
 )
-def test_full_server_is_503_then_recovers_after_disconnect(live, limits, path, payload):
+def test_full_server_is_503_then_recovers_after_disconnect(live, limits, monkeypatch, path, payload):
     lru = live.app.state.prefix_lru
+    metrics = live.app.state.metrics
+    counted = metrics.tokens
+
+    def slowly(**kw):  # each anonymous token, in the worker: the long request outlives the checks below
+        counted(**kw)
+        time.sleep(0.01)
+
+    monkeypatch.setattr(metrics, "tokens", slowly)
     limits(lru.bytes_for(BUDGET) + lru.bytes_for(100) // 2)  # one long request fits, not a second small one
     started, stop = threading.Event(), threading.Event()
     t = hold(live, path, payload, started, stop)

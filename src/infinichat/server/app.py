@@ -232,6 +232,8 @@ def check_serve_options(args: argparse.Namespace) -> SessionSettings:
             f"--prefill-chunk must be in [1, {MAX_PREFILL_CHUNK}] tokens, or 0 (prompts in one go), "
             f"got {args.prefill_chunk}"
         )
+    if not 1 <= getattr(args, "max_header_kb", 64) <= 1024:
+        raise InfinichatError(f"--max-header-kb must be in [1, 1024] KiB, got {args.max_header_kb}")
     if args.kv_cap_mb < 1:
         raise InfinichatError(f"--kv-cap-mb must be at least 1, got {args.kv_cap_mb}")
     if getattr(args, "replicas", None) is None and getattr(args, "ray_address", None):

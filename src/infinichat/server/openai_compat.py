@@ -222,7 +222,7 @@ class PrefixLRU:
         self.engine, self.budget, self.size = engine, budget, size
         self.free: list = []  # least recently used first
         self.busy: list = []  # in use by running requests
-        self.held: dict[int, int] = {}  # id(a sequence in use) -> the KV bytes its request reserved
+        self.held: dict[int, int] = {}  # id(a sequence in use) -> the KV bytes its request reserved (or it held)
         self.hits = 0
         self.overruns = 0  # released sequences that took more bytes than their request reserved (a wrong estimate)
 
@@ -262,7 +262,7 @@ class PrefixLRU:
             best.truncate(keep)
             self.hits += keep > 0
             self.busy.append(best)
-            self.held[id(best)] = reserved
+            self.held[id(best)] = max(reserved, _store_bytes(best))  # its buffers may be larger already
             return best, keep
         seq = self.engine.new_sequence(budget=self.budget, policy="full")
         self.busy.append(seq)
@@ -273,7 +273,7 @@ class PrefixLRU:
         """The request is over (finished, failed, stopped or abandoned): its reservation ends, the sequence is
         idle (dropped first when memory is short)."""
         reserved = self.held.pop(id(seq), 0)
-        if reserved and _store_bytes(seq) > reserved:
+        if reserved and _store_bytes(seq) > reserved:  # grew past what its request reserved: a wrong estimate
             self.overruns += 1
             log.warning("an anonymous sequence took %d KV bytes, %d reserved", _store_bytes(seq), reserved)
         if seq in self.busy:
