@@ -89,6 +89,16 @@ def test_real_sized_heads_pass(live):
         assert r.status_code == 431 and "x-pad" in r.json()["error"]["message"].lower()
 
 
+@pytest.mark.parametrize("size", [70_000, 200_000, 2_000_000])
+def test_a_client_still_sending_reads_the_431(live, size):
+    """An HTTP client that writes its whole request before it reads gets the answer, not a reset connection (the
+    server reads and drops the rest of a refused head before it closes: a lingering close)."""
+    with httpx.Client(base_url=live.url, timeout=30) as c:
+        r = c.post("/v1/completions", json={"prompt": "x", "max_tokens": 1}, headers={"X-Junk": "a" * size})
+        assert r.status_code == 431 and r.json()["error"]["code"] == "header_too_large", r.text
+        assert c.get("/health").status_code == 200  # a new connection of the same client
+
+
 def test_other_connections_unaffected(live):
     """A client trickling a huge head does not hold up a request on another connection."""
     stop = threading.Event()

@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 
 MAX_HEAD_KB = 64  # serve --max-header-kb: the request line and all header lines together
 MAX_LINE_KB = 32  # one line (the request line, or one header's name and value), at most the whole bound
+LINGER_S = 5.0  # after a 431, how long what the client still sends is read and dropped before the connection closes
 
 
 class HeadTooLarge(Exception):
@@ -112,6 +113,13 @@ def _bounded_base() -> type:
                 b"connection: close\r\n\r\n",
             ]
             self.transport.write(b"".join(head) + body)
-            self.transport.close()
+            # a lingering close: the answer, then the end of our side; what the client still sends is read and
+            # dropped (data_received) until it closes, for at most LINGER_S. Closing at once with its bytes unread
+            # would reset the connection, and a client still sending could lose the answer.
+            if self.transport.can_write_eof():
+                self.transport.write_eof()
+                self.loop.call_later(LINGER_S, self.transport.close)
+            else:
+                self.transport.close()
 
     return HeadBoundedHttpTools
