@@ -46,6 +46,16 @@ class SpareKV(Protocol):
     def drop_idle(self) -> bool: ...  # free one idle sequence; False when none is left
 
 
+class _Held:
+    """Reserved KV bytes (SpareKV), in use until released."""
+
+    def __init__(self, nbytes: int) -> None:
+        self.nbytes = self.busy_bytes = nbytes
+
+    def drop_idle(self) -> bool:
+        return False
+
+
 log = logging.getLogger(__name__)
 
 
@@ -84,6 +94,8 @@ def fit_budget(n_system: int, default: int, cap: int) -> int:
 
 
 def _mib(nbytes: int) -> str:
+    if nbytes < 1 << 20:
+        return f"{-(-nbytes // 1024)} KiB"
     return f"{nbytes / (1 << 20):.1f} MiB" if nbytes < 10 << 20 else f"{-(-nbytes // (1 << 20))} MiB"
 
 
@@ -342,6 +354,18 @@ class SessionManager:
                 "(serve --kv-limit-mb); retry when they finish"
             )
         self.kv_peak_bytes = max(self.kv_peak_bytes, total + nbytes)
+
+    @contextlib.contextmanager
+    def reserved(self, nbytes: int, what: str, per_token: int = 0) -> Iterator[None]:
+        """`reserve`, then the bytes counted in the cap and the limit until the block ends (a temporary sequence
+        the caller cannot hand over, e.g. a copy a session makes inside an action)."""
+        self.reserve(nbytes, what, per_token)
+        held = _Held(nbytes)
+        self.spare.append(held)
+        try:
+            yield
+        finally:
+            self.spare.remove(held)
 
     def total_kv_bytes(self) -> int:
         return self.resident_bytes() + sum(sp.nbytes for sp in self.spare)

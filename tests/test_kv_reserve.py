@@ -1,8 +1,10 @@
-"""Anonymous sequences (/v1/chat/completions, /v1/completions and llama-server's /completion without a session)
-reserve their KV memory before they are created (openai_compat.anonymous, SessionManager.reserve), as sessions and
-echo prompts do: the KV memory actually allocated never passes the hard limit however many requests arrive at
-once; a request that alone needs more than the limit is a 400 that says so; a full server answers 503 and serves
-again once the running requests end; a cancelled or abandoned request gives its reservation back."""
+"""Sequences without a session of their own reserve their KV memory before they are created, as sessions and echo
+prompts do (SessionManager.reserve): anonymous ones (/v1/chat/completions, /v1/completions and llama-server's
+/completion without a session: openai_compat.anonymous) and the copy of a session's cache a suggestion near its
+budget drafts in (sessionops.suggestion). The KV memory actually allocated never passes the hard limit however
+many requests arrive at once; a request that alone needs more than the limit is a 400 that says so; a full server
+answers 503 and serves again once the running requests end; a failed, cancelled or abandoned request gives its
+reservation back."""
 
 from __future__ import annotations
 
@@ -210,3 +212,49 @@ def test_reservation_released_on_error(live, limits, monkeypatch):
         r = c.post("/v1/completions", json=body(50))
         assert r.status_code == 200, r.text
     idle(live)
+
+
+def test_suggestion_copy_is_reserved(live, limits, monkeypatch):
+    """/suggest near the session's budget drafts in a copy of its cache: that copy's KV memory is reserved first
+    (400 when it alone passes the limit, the session unchanged) and counted while it lives, then released."""
+    m = live.manager
+    with httpx.Client(base_url=live.url, timeout=60) as c:
+        assert c.post("/api/sessions", json={"id": "sg", "settings": {"temperature": 0.0}}).status_code == 201
+        with c.stream("POST", "/api/sessions/sg/messages", json={"text": "hello", "params": {"max_tokens": 8}}) as r:
+            assert r.status_code == 200 and "event: done" in r.read().decode()
+        n = m.sessions["sg"].seq.length
+        assert c.patch("/api/sessions/sg/settings", json={"budget": max(64, n + 8)}).status_code == 200
+        before = c.get("/api/sessions/sg").json()
+        s = m.sessions["sg"]
+        need = s.suggest_scratch()
+        assert need > 0  # the draft does not fit in the cache: it goes to a copy
+        copy = s.seq.store.nbytes  # the copy is as large as the cache (its capacity: the budget)
+        limits(copy + 1)  # the session's cache fits, not its copy beside it
+        r = c.post("/api/sessions/sg/suggest", json={})
+        assert r.status_code == 503 and r.json()["error"]["type"] == "overloaded", r.text
+        assert c.get("/api/sessions/sg").json() == before
+        limits(copy - 1)  # nor the copy alone
+        r = c.post("/api/sessions/sg/suggest", json={})
+        assert r.status_code == 400, r.text
+        msg = r.json()["error"]["message"]
+        assert "suggestion" in msg and "KV memory" in msg and "--kv-limit-mb" in msg and "KiB" in msg, msg
+        assert c.get("/api/sessions/sg").json() == before
+
+        limits(16 << 20)
+        engine, seen = live.app.state.engine, []
+        prefill = engine.prefill
+
+        def watched(seq, ids, **kw):  # the copy's prompt call: what the manager counts meanwhile
+            if seq is not m.sessions["sg"].seq:
+                seen.append((m.total_kv_bytes(), allocated(live), seq.store.nbytes, len(m.spare)))
+            return prefill(seq, ids, **kw)
+
+        monkeypatch.setattr(engine, "prefill", watched)
+        n_spare = len(m.spare)
+        with c.stream("POST", "/api/sessions/sg/suggest", json={}) as r:
+            assert r.status_code == 200 and "event: done" in r.read().decode()
+        assert seen, "the suggestion was not drafted in a copy"
+        total, resident, copy, spares = seen[0]
+        assert spares == n_spare + 1 and total >= resident + copy  # counted beside the caches, while it lives
+        assert len(m.spare) == n_spare and m.total_kv_bytes() == allocated(live)  # and released
+        assert c.get("/api/sessions/sg").json()["messages"] == before["messages"]
