@@ -11,6 +11,7 @@ import uvicorn
 
 from infinichat.engine.torch_engine import TorchEngine
 from infinichat.server.app import create_app
+from infinichat.server.http_limits import MAX_HEAD_KB, protocol_options
 from infinichat.session.manager import SessionManager
 
 
@@ -21,13 +22,16 @@ def free_port() -> int:
 
 
 class LiveServer:
-    def __init__(self, loaded, data_dir, **app_kw):
+    def __init__(self, loaded, data_dir, max_header_kb: int = MAX_HEAD_KB, **app_kw):
         engine = TorchEngine(loaded.model, loaded.tokenizer.eos_ids)
         self.manager = SessionManager(engine, loaded.tokenizer, loaded.file_hash, data_dir)
+        app_kw.setdefault("model_path", loaded.path)
         self.app = create_app(self.manager, engine, loaded.tokenizer, loaded.name, **app_kw)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning"))
+        heads = protocol_options(max_header_kb)  # as `infinichat serve` runs uvicorn (server/startup.py)
+        config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning", **heads)
+        self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def __enter__(self) -> LiveServer:

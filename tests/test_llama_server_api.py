@@ -97,7 +97,10 @@ def test_completion_bad_input_is_400(http, body, param):
 
 def test_props_slots_apply_template(http, tiny_chat_model):
     p = http.get("/props").json()
-    assert p["model_path"] == "tiny-llama" and p["default_generation_settings"]["n_ctx"] > 0
+    # llama-server's model_path is the model file; the id clients send as `model` is its alias
+    assert p["model_path"] == str(tiny_chat_model.path.resolve()) and p["model_path"].endswith("tiny.gguf")
+    assert p["model_alias"] == http.get("/v1/models").json()["data"][0]["id"] == "tiny-llama"
+    assert p["default_generation_settings"]["n_ctx"] > 0
     assert p["eos_token"] == tiny_chat_model.tokenizer.eos_token
     http.post(
         "/v1/chat/completions",
@@ -142,3 +145,21 @@ def test_slot_save_restore_erase(http):
     ]:
         assert http.post(f"/slots/{slot['id']}?{q}", json=body).status_code == status, q
     assert http.post("/slots/999?action=erase").status_code == 404
+
+
+def test_props_model_path_of_serve(tmp_path):
+    """`infinichat serve --model FILE` (build_app): /props names the file it loaded, the id stays the alias."""
+    from fastapi.testclient import TestClient
+    from gguf_util import tiny_llama, write_gguf
+
+    from infinichat.cli.main import build_parser
+    from infinichat.server.app import build_app, check_serve_options
+
+    write_gguf(tmp_path / "tiny.gguf", tiny_llama(seed=3, max_position_embeddings=4096))
+    argv = ["serve", "--threads", "1", "--model", str(tmp_path / "tiny.gguf"), "--dtype", "float32"]
+    args = build_parser().parse_args([*argv, "--cache-dir", str(tmp_path / "c"), "--data-dir", str(tmp_path / "d")])
+    app, _ = build_app(args, check_serve_options(args))
+    with TestClient(app, base_url="http://127.0.0.1") as c:
+        p = c.get("/props").json()
+        assert p["model_path"] == str((tmp_path / "tiny.gguf").resolve())
+        assert p["model_alias"] == c.get("/v1/models").json()["data"][0]["id"] != p["model_path"]

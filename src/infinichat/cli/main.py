@@ -501,6 +501,12 @@ def build_parser() -> argparse.ArgumentParser:
         "prompt in one go, not batched; default 256)",
     )
     serve.add_argument(
+        "--max-header-kb",
+        type=int,
+        default=64,
+        help="a request's line and headers together, KiB (one line at most 32); more get 431 (default 64)",
+    )
+    serve.add_argument(
         "--max-queue", type=int, default=64, help="requests waiting or running at once; more get 429 (default 64)"
     )
     serve.add_argument(

@@ -86,6 +86,8 @@ def _cache_snapshot(metrics: Metrics, lru: PrefixLRU):
                 "evictions": sum(q.n_evictions for q in seqs),
                 "evicted_tokens": sum(q.n_evicted for q in seqs),
                 "kv_offloads": m.n_offloads,
+                "kv_peak_bytes": m.kv_peak_bytes,
+                "kv_limit_bytes": m.kv_limit_bytes,
             }
         )
         batcher = getattr(getattr(m, "engine", None), "batcher", None)
@@ -109,13 +111,15 @@ def create_app(
     max_batch: int = 8,
     prefill_chunk: int | None = 256,
     label: str | None = None,
+    model_path: str | Path | None = None,
 ) -> FastAPI:
     """The app. `allowed_hosts`: names the Host header may carry (default: loopback names; "*" = any);
     `cors_origins`: other origins whose pages may call the API (default: none); `max_batch`: generations
     decoded together in one forward call (1: one at a time); `prefill_chunk`: prompt tokens per worker round
     while other generations stream (None: prompts in one go, not batched: server/worker.py). `model_name`: the
     model's own name (GGUF `general.name`); `label`: what people call it (model/label.py); the API serves
-    `served_id(label)` as the model id and accepts the other two names for it too."""
+    `served_id(label)` as the model id and accepts the other two names for it too. `model_path`: the loaded model's
+    file or checkpoint folder (llama-server's /props `model_path`)."""
     label = label or model_name
     served = served_id(label)
     metrics = Metrics()
@@ -147,6 +151,7 @@ def create_app(
             "backend": backend,
             "started": time.time(),
             "model_hash": str(manager.model_id),
+            "path": str(Path(model_path).expanduser().resolve()) if model_path else "",
         },
     }.items():
         setattr(app.state, k, v)
@@ -227,6 +232,8 @@ def check_serve_options(args: argparse.Namespace) -> SessionSettings:
             f"--prefill-chunk must be in [1, {MAX_PREFILL_CHUNK}] tokens, or 0 (prompts in one go), "
             f"got {args.prefill_chunk}"
         )
+    if not 1 <= getattr(args, "max_header_kb", 64) <= 1024:
+        raise InfinichatError(f"--max-header-kb must be in [1, 1024] KiB, got {args.max_header_kb}")
     if args.kv_cap_mb < 1:
         raise InfinichatError(f"--kv-cap-mb must be at least 1, got {args.kv_cap_mb}")
     if getattr(args, "replicas", None) is None and getattr(args, "ray_address", None):
@@ -288,6 +295,7 @@ def build_app(
         shared=shared,
     )
     hosts = args.allowed_hosts.split(",") if args.allowed_hosts else default_allowed_hosts(args.host)
+    model_path = args.model or default_model_path()
     origins = [o for o in (args.cors_origins or "").split(",") if o.strip()]
     app = create_app(
         manager,
@@ -301,7 +309,8 @@ def build_app(
         cors_origins=origins,
         max_batch=args.max_batch,
         prefill_chunk=args.prefill_chunk or None,
-        label=model_label(args.model or default_model_path(), name),
+        label=model_label(model_path, name),
+        model_path=model_path,
     )
     return app, name
 

@@ -82,9 +82,8 @@ def scored_prompt(engine, tok, ids: list[int], top: int, params, should_stop, m=
     hard limit) and counted while it lives."""
     n = len(ids) + params.max_tokens + 1
     if m is not None:
-        m.reserve(
-            kv_bytes_per_token(engine) * n, f"an echo prompt of {len(ids)} tokens + max_tokens {params.max_tokens}"
-        )
+        per_token = kv_bytes_per_token(engine)
+        m.reserve(per_token * n, f"an echo prompt of {len(ids)} tokens + max_tokens {params.max_tokens}", per_token)
     seq = engine.new_sequence(budget=n, policy="full")
     if m is None:
         yield from _score(engine, tok, seq, ids, top, params, should_stop)

@@ -36,6 +36,8 @@ class Metrics:
             "evictions": 0,
             "evicted_tokens": 0,
             "kv_offloads": 0,
+            "kv_peak_bytes": 0,
+            "kv_limit_bytes": 0,
         }
         self.batch_sizes: dict[int, int] = {}  # sequences per decode forward call -> calls (the worker's batcher)
         self.prompt_batch_sizes: dict[int, int] = {}  # sequences per batched prompt call -> calls (the worker's)
@@ -120,6 +122,18 @@ class Metrics:
                     "counter",
                     "session caches written to disk under the memory cap",
                     self.cache["kv_offloads"],
+                ),
+                (
+                    "kv_peak_bytes",
+                    "gauge",
+                    "the most KV memory counted when a generation began (resident caches, requests' reservations)",
+                    self.cache["kv_peak_bytes"],
+                ),
+                (
+                    "kv_limit_bytes",
+                    "gauge",
+                    "the hard limit on KV memory: past it a new generation gets 503 (--kv-limit-mb)",
+                    self.cache["kv_limit_bytes"],
                 ),
             ]
             for name, kind, help_, v in gauges:

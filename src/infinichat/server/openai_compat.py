@@ -10,6 +10,7 @@ requests, and the mapping of a chat onto a named session.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from typing import Any
 
@@ -22,6 +23,9 @@ from infinichat.server.errors import ApiError
 from infinichat.server.openai_fields import refuse_unsupported
 from infinichat.server.sessionops import check_max_tokens, check_stop, checked_id, get_session
 from infinichat.session.limits import MAX_NEW_TOKENS
+from infinichat.session.manager import kv_bytes_at, kv_bytes_per_token
+
+log = logging.getLogger(__name__)
 
 
 class Msg(BaseModel):
@@ -210,13 +214,21 @@ def chat_messages(body: ChatBody, tools: bool = False) -> list[dict]:
 
 class PrefixLRU:
     """A few KV sequences of recent anonymous requests; a new prompt takes the one sharing the longest token
-    prefix with it (truncated to that prefix), or a fresh one. A sequence in use is out of the list."""
+    prefix with it (truncated to that prefix), or a fresh one. A sequence in use is out of the list, and counts
+    in the KV memory cap with the bytes its request reserved (`bytes_for`) until it is released, or its own
+    bytes if they are more."""
 
     def __init__(self, engine, budget: int, size: int = 4):
         self.engine, self.budget, self.size = engine, budget, size
         self.free: list = []  # least recently used first
         self.busy: list = []  # in use by running requests
+        self.held: dict[int, int] = {}  # id(a sequence in use) -> the KV bytes its request reserved (or it held)
         self.hits = 0
+        self.overruns = 0  # released sequences that took more bytes than their request reserved (a wrong estimate)
+
+    def bytes_for(self, n: int) -> int:
+        """The KV bytes one of these sequences takes once it holds n tokens (at most the budget)."""
+        return kv_bytes_at(self.engine, n, self.budget)
 
     # SpareKV (session/manager.py): counted in the server's KV memory cap
     @property
@@ -225,7 +237,7 @@ class PrefixLRU:
 
     @property
     def busy_bytes(self) -> int:
-        return sum(_store_bytes(q) for q in self.busy)
+        return sum(max(_store_bytes(q), self.held.get(id(q), 0)) for q in self.busy)
 
     def drop_idle(self) -> bool:
         if not self.free:
@@ -233,8 +245,9 @@ class PrefixLRU:
         self.free.pop(0)
         return True
 
-    def acquire(self, ids: list[int], reuse: bool = True):
-        """(sequence, tokens of `ids` it already holds); `reuse=False`: none (a sequence from scratch)."""
+    def acquire(self, ids: list[int], reuse: bool = True, reserved: int = 0):
+        """(sequence, tokens of `ids` it already holds); `reuse=False`: none (a sequence from scratch). `reserved`:
+        the KV bytes the request reserved (SessionManager.reserve), held until `release`."""
         best, keep = None, 0
         for seq in self.free:
             have = seq.token_ids()
@@ -249,12 +262,20 @@ class PrefixLRU:
             best.truncate(keep)
             self.hits += keep > 0
             self.busy.append(best)
+            self.held[id(best)] = max(reserved, _store_bytes(best))  # its buffers may be larger already
             return best, keep
         seq = self.engine.new_sequence(budget=self.budget, policy="full")
         self.busy.append(seq)
+        self.held[id(seq)] = reserved
         return seq, 0
 
     def release(self, seq) -> None:
+        """The request is over (finished, failed, stopped or abandoned): its reservation ends, the sequence is
+        idle (dropped first when memory is short)."""
+        reserved = self.held.pop(id(seq), 0)
+        if reserved and _store_bytes(seq) > reserved:  # grew past what its request reserved: a wrong estimate
+            self.overruns += 1
+            log.warning("an anonymous sequence took %d KV bytes, %d reserved", _store_bytes(seq), reserved)
         if seq in self.busy:
             self.busy.remove(seq)
         self.free.append(seq)
@@ -284,12 +305,17 @@ def anonymous(
             param="messages",
         )
     check_max_tokens(params.max_tokens, lru.budget, "max_tokens")
+    # the KV bytes this request may take (its prompt and max_tokens, within the budget), reserved before its
+    # sequence exists: idle caches offloaded to fit the cap; 400 past the hard limit alone, 503 past it with
+    # the running generations' memory
+    need = lru.bytes_for(len(ids) + params.max_tokens + 1)
     if m is not None:
-        m.check_room()  # idle caches offloaded; 503 if running generations already hold the KV memory cap
+        what = f"a prompt of {len(ids)} tokens + max_tokens {params.max_tokens}"
+        m.reserve(need, what, kv_bytes_per_token(engine))
     # A seeded request evaluates its whole prompt from scratch: a prompt evaluated in other pieces (a cached prefix,
     # then the rest) gives logits that differ in the last float bits, enough to change a sampled token, so the same
     # request and seed would give another text depending on what the cache held.
-    seq, keep = lru.acquire(ids, reuse=params.seed is None)
+    seq, keep = lru.acquire(ids, reuse=params.seed is None, reserved=need if m is not None else 0)
     result = Generation()
     n = 0
     try:

@@ -7,7 +7,14 @@ from typing import Any
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict
 
-from infinichat.server.sessionops import checked_id, get_session, require_session, sampling, session_events
+from infinichat.server.sessionops import (
+    checked_id,
+    get_session,
+    require_session,
+    sampling,
+    session_events,
+    suggestion,
+)
 from infinichat.server.streaming import open_stream, sse, sse_response
 
 router = APIRouter(prefix="/api")
@@ -34,6 +41,8 @@ async def _stream(request: Request, sid: str, action: str, params: dict | None, 
         m.check_room(s)
         if action == "send":
             gen = s.send(text, p, job.should_stop)
+        elif action == "suggest":
+            gen = suggestion(m, s, p, job.should_stop)
         else:
             gen = getattr(s, {"continue": "continue_"}.get(action, action))(p, job.should_stop)
         return m.guarded(s, session_events(s, gen, metrics))  # a failure before the first token changes nothing

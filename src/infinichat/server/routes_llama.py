@@ -159,7 +159,8 @@ async def props(request: Request):
     return {
         "default_generation_settings": {"n_ctx": st.prefix_lru.budget, "params": d.to_json()},
         "total_slots": len(st.manager.sessions),
-        "model_path": st.info["model"],
+        "model_path": st.info["path"],  # the loaded .gguf file or checkpoint folder, as llama-server's
+        "model_alias": st.info["model"],  # the id /v1/models serves (llama-server: --alias)
         "chat_template": tok.chat_template or "",
         "bos_token": tok.bos_token,
         "eos_token": tok.eos_token,

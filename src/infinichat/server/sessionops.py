@@ -14,6 +14,7 @@ from infinichat.server.errors import ApiError
 from infinichat.server.markdown import render_markdown
 from infinichat.session.db import AVATARS, check_session_id
 from infinichat.session.limits import MAX_NEW_TOKENS, MAX_STOP_CHARS, MAX_STOP_STRINGS
+from infinichat.session.manager import kv_bytes_at, kv_bytes_per_token
 
 KV_EVERY = 16  # a kv event every this many tokens
 SAMPLING_KEYS = tuple(f.name for f in fields(SamplingParams))
@@ -64,6 +65,21 @@ def sampling(s, overrides: dict | None) -> SamplingParams:
         )
     check_max_tokens(p.max_tokens, None, "params.max_tokens")
     return p
+
+
+def suggestion(m, s, params: SamplingParams, should_stop) -> Iterator:
+    """`s.suggest`, with the KV memory of the copy of the cache it drafts in (when the cache has no room for the
+    draft) reserved first and counted while it runs (SessionManager.reserved): 400 when it alone passes the hard
+    limit, 503 when running generations leave no room for it."""
+    n = s.suggest_scratch(params)
+    if not n:
+        yield from s.suggest(params, should_stop)
+        return
+    store = s.kv.store  # the copy starts as large as the cache, and grows with the draft
+    nbytes = max(int(getattr(store, "nbytes", 0)), kv_bytes_at(m.engine, n, store.capacity))
+    what = f"a suggestion in a copy of session {s.id}'s cache ({n} tokens)"
+    with m.reserved(nbytes, what, kv_bytes_per_token(m.engine)):
+        yield from s.suggest(params, should_stop)
 
 
 def check_max_tokens(n: int, budget: int | None, param: str) -> None:

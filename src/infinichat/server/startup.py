@@ -177,6 +177,8 @@ def serve(args: Any) -> int:
     """`infinichat serve` (see the module's docstring); raises InfinichatError when the start fails."""
     import uvicorn
 
+    from infinichat.server.http_limits import MAX_HEAD_KB, protocol_options
+
     if not 0 <= args.port <= 65535:
         raise InfinichatError(f"--port must be in [0, 65535], got {args.port}")
     sock = bind(args.host, args.port)
@@ -199,7 +201,8 @@ def serve(args: Any) -> int:
             holder[0].should_exit = True
 
         shell = LoadingShell(build, failed)
-        holder.append(uvicorn.Server(uvicorn.Config(shell, log_level="warning", lifespan="on")))
+        heads = protocol_options(getattr(args, "max_header_kb", MAX_HEAD_KB))  # 431 past it (http_limits.py)
+        holder.append(uvicorn.Server(uvicorn.Config(shell, log_level="warning", lifespan="on", **heads)))
         try:
             holder[0].run(sockets=[sock])
         finally:

@@ -46,6 +46,16 @@ class SpareKV(Protocol):
     def drop_idle(self) -> bool: ...  # free one idle sequence; False when none is left
 
 
+class _Held:
+    """Reserved KV bytes (SpareKV), in use until released."""
+
+    def __init__(self, nbytes: int) -> None:
+        self.nbytes = self.busy_bytes = nbytes
+
+    def drop_idle(self) -> bool:
+        return False
+
+
 log = logging.getLogger(__name__)
 
 
@@ -62,6 +72,18 @@ def kv_bytes_per_token(engine) -> int:
     return int(bytes_per_token(cfg, getattr(engine, "kv_format", str(dtype))))
 
 
+def kv_bytes_at(engine, n: int, capacity: int) -> int:
+    """Bytes of KV memory a store of `engine` with room for `capacity` tokens takes once it holds `n` of them: its
+    buffers start at INITIAL_SLOTS and double up to the capacity (kv/store.py), so this is what a request that may
+    reach n tokens reserves. Exact for dense and int8 stores; an int4 store's full-precision residual rows are not
+    counted (0 when the engine does not say its bytes per token)."""
+    from infinichat.kv.store import INITIAL_SLOTS, grown_size
+
+    capacity = max(1, capacity)
+    slots = grown_size(min(capacity, INITIAL_SLOTS), min(max(1, n), capacity), capacity)
+    return kv_bytes_per_token(engine) * slots
+
+
 def fit_budget(n_system: int, default: int, cap: int) -> int:
     """A budget for a session whose system part (prompt or card) is `n_system` tokens: the default, or for a
     long card room for the card and as much conversation again (at least 1024 tokens), in steps of 256,
@@ -69,6 +91,12 @@ def fit_budget(n_system: int, default: int, cap: int) -> int:
     need = max(2 * n_system + 1, n_system + 1024)
     need = -(-need // 256) * 256
     return max(64, min(cap, max(default, need)))
+
+
+def _mib(nbytes: int) -> str:
+    if nbytes < 1 << 20:
+        return f"{-(-nbytes // 1024)} KiB"
+    return f"{nbytes / (1 << 20):.1f} MiB" if nbytes < 10 << 20 else f"{-(-nbytes // (1 << 20))} MiB"
 
 
 def default_data_dir() -> Path:
@@ -124,6 +152,7 @@ class SessionManager:
         self.n_restores = 0
         self.shared = shared
         self.n_stale = 0  # cluster: copies in memory found older than the store (another replica moved on)
+        self.kv_peak_bytes = 0  # the most KV memory counted when a generation or a reservation began (/metrics)
 
     # ------------------------------------------------------------------ lifecycle
     def create(
@@ -297,30 +326,46 @@ class SessionManager:
         busy = [x for x in self.sessions.values() if x.seq is not None and x.id in self.pinned and x is not s]
         busy_bytes = sum(int(getattr(x.seq.store, "nbytes", 0)) for x in busy if x.seq is not None)
         busy_bytes += sum(sp.busy_bytes for sp in self.spare)
+        self.kv_peak_bytes = max(self.kv_peak_bytes, self.total_kv_bytes())
         if busy_bytes > 0 and self.total_kv_bytes() > self.kv_limit_bytes:
             raise OverloadedError(
                 f"the server's KV memory is in use by running generations ({self.total_kv_bytes() >> 20} MiB, "
                 f"limit {self.kv_limit_bytes >> 20} MiB: serve --kv-limit-mb); retry when they finish"
             )
 
-    def reserve(self, nbytes: int, what: str) -> None:
-        """Before `nbytes` of KV memory outside the sessions is allocated (a temporary sequence, `what`): idle
-        caches are offloaded until it fits under the cap with what stays resident; refused with an error that
-        says so when it is more than the hard limit on its own (InfinichatError: a 400), or when with the caches
-        of running generations it would pass that limit (OverloadedError: a 503, retry later)."""
-        mib = -(-nbytes // (1 << 20))
+    def reserve(self, nbytes: int, what: str, per_token: int = 0) -> None:
+        """Before `nbytes` of KV memory outside the sessions is allocated (a temporary or anonymous sequence,
+        `what`): idle caches are offloaded until it fits under the cap with what stays resident; refused with an
+        error that says so when it is more than the hard limit on its own (InfinichatError: a 400; `per_token`:
+        the bytes of one token, to say how many fit), or when with the caches of running generations it would pass
+        that limit (OverloadedError: a 503, retry later). The caller counts the bytes (a SpareKV) from here on."""
         if nbytes > self.kv_limit_bytes:
+            fit = f" (about {self.kv_limit_bytes // per_token} tokens)" if per_token else ""
             raise InfinichatError(
-                f"{what} needs {mib} MiB of KV memory, more than this server's limit of "
-                f"{self.kv_limit_bytes >> 20} MiB (serve --kv-limit-mb); send a shorter prompt or fewer tokens"
+                f"{what} needs {_mib(nbytes)} of KV memory, more than this server's limit of "
+                f"{_mib(self.kv_limit_bytes)}{fit} (serve --kv-limit-mb); send a shorter prompt or fewer tokens"
             )
         self._enforce_cap(keep=None, extra=nbytes)
-        if self.total_kv_bytes() + nbytes > self.kv_limit_bytes:
+        total = self.total_kv_bytes()
+        if total + nbytes > self.kv_limit_bytes:
             raise OverloadedError(
-                f"{what} needs {mib} MiB of KV memory; with the caches of running generations "
-                f"({self.total_kv_bytes() >> 20} MiB) that passes the limit of {self.kv_limit_bytes >> 20} MiB "
+                f"{what} needs {_mib(nbytes)} of KV memory; with the caches of running generations "
+                f"({_mib(total)}) that passes the limit of {_mib(self.kv_limit_bytes)} "
                 "(serve --kv-limit-mb); retry when they finish"
             )
+        self.kv_peak_bytes = max(self.kv_peak_bytes, total + nbytes)
+
+    @contextlib.contextmanager
+    def reserved(self, nbytes: int, what: str, per_token: int = 0) -> Iterator[None]:
+        """`reserve`, then the bytes counted in the cap and the limit until the block ends (a temporary sequence
+        the caller cannot hand over, e.g. a copy a session makes inside an action)."""
+        self.reserve(nbytes, what, per_token)
+        held = _Held(nbytes)
+        self.spare.append(held)
+        try:
+            yield
+        finally:
+            self.spare.remove(held)
 
     def total_kv_bytes(self) -> int:
         return self.resident_bytes() + sum(sp.nbytes for sp in self.spare)

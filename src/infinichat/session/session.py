@@ -30,6 +30,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from infinichat.engine.sampling import SamplingParams
 from infinichat.engine.textgen import Generation, TextChunk, stream_text
 from infinichat.errors import InfinichatError
 from infinichat.kv.quantized import bytes_per_token
@@ -845,14 +846,25 @@ class Session:
                 self._logits = None
             m.in_context = False
 
-    def suggest(self, params=None, should_stop=None) -> Iterator[Event]:
-        """Draft the user's next message. The cache afterwards is bit-identical to before."""
+    def _suggest_plan(self, params) -> tuple[SamplingParams, KVSequence, list[int], int]:
+        """(params, cache, the user turn's header, tokens the draft's sequence reaches at most)."""
         params = params or self.settings.sampling()
         params = replace(params, max_tokens=min(params.max_tokens, self.settings.suggest_max_tokens))
         params.validate()
         seq = self.ensure_cache()
         header = self.fmt.encode_special(self.fmt.pieces(self._chat_history(), "user").header)
-        in_place = seq.length + len(header) + params.max_tokens + 1 <= seq.budget
+        return params, seq, header, seq.length + len(header) + params.max_tokens + 1
+
+    def suggest_scratch(self, params=None) -> int:
+        """Tokens the copy of the cache that `suggest` drafts in may reach (at most its capacity); 0 when it drafts
+        in the cache itself, which has room for the draft. The server reserves that copy's KV memory first."""
+        _, seq, _, need = self._suggest_plan(params)
+        return 0 if need <= seq.budget else min(need, seq.store.capacity)
+
+    def suggest(self, params=None, should_stop=None) -> Iterator[Event]:
+        """Draft the user's next message. The cache afterwards is bit-identical to before."""
+        params, seq, header, need = self._suggest_plan(params)
+        in_place = need <= seq.budget
         work = seq if in_place else seq.fork()
         logits0, next_id = self._logits, seq.segments.next_id
         result = Generation()
