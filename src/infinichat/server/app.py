@@ -116,9 +116,9 @@ def create_app(
     `cors_origins`: other origins whose pages may call the API (default: none); `max_batch`: generations
     decoded together in one forward call (1: one at a time); `prefill_chunk`: prompt tokens per worker round
     while other generations stream (None: prompts in one go, not batched: server/worker.py); `prefill_group`: prompt
-    tokens of several requests at most in one forward call (0 or 1: each request's chunk in its own call). `model_name`: the
-    model's own name (GGUF `general.name`); `label`: what people call it (model/label.py); the API serves
-    `served_id(label)` as the model id and accepts the other two names for it too."""
+    tokens of several requests at most in one forward call (0 or 1: each request's chunk in its own call).
+    `model_name`: the model's own name (GGUF `general.name`); `label`: what people call it (model/label.py); the API
+    serves `served_id(label)` as the model id and accepts the other two names for it too."""
     label = label or model_name
     served = served_id(label)
     metrics = Metrics()

@@ -11,10 +11,10 @@ The worker runs rounds; each round, over the active jobs (prefill first, then de
    (`prefill_chunk` tokens while a stream is generating, else the engine's `max_chunk`; a chunk that does not fit
    is split), run in forward calls (`Engine.prefill_rows`: the matrix products on the stacked tokens, attention per
    sequence) that each hold consecutive chunks of at most `prefill_group` tokens together (`serve --prefill-group`,
-   default PREFILL_GROUP below: only small prompts gain from sharing a call on a CPU; 0 or 1: one chunk per call). After its call each of those jobs resumes: it samples and
-   sends its first token, or hands over its next chunk, served in this round too while the budget lasts (the
-   session evaluates a turn in two calls, the message then the reply's header: the jobs' second calls, a few
-   tokens each, then share one call).
+   default PREFILL_GROUP below: only small prompts gain from sharing a call on a CPU; 0 or 1: one chunk per call).
+   After its call each of those jobs resumes: it samples and sends its first token, or hands over its next chunk,
+   served in this round too while the budget lasts (the session evaluates a turn in two calls, the message then the
+   reply's header: the jobs' second calls, a few tokens each, then share one call).
 2. *Decode steps* (continuous batching, engine/batch.py): the decode steps the generating streams offered on their
    last turn run in batched forward calls of at most `max_batch` sequences.
 3. *Turns*: every other job resumes once: a generation claims its precomputed logits and samples with its own
