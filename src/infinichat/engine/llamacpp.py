@@ -769,8 +769,8 @@ class LlamaCppEngine(Engine):
     def _prompt_call(self, items: list[tuple[KVSequence, torch.Tensor]]) -> list[torch.Tensor]:
         """One `llama_decode` of the chunks (at most `n_seq_max` sequences, `n_batch` tokens); logits (V,) each."""
         lib, mem, pool = self._lib, self._mem, self._pool
-        stores = [seq.store for seq, _ in items]
-        assert all(isinstance(st, LlamaCppStore) for st in stores)
+        stores = [st for seq, _ in items if isinstance(st := seq.store, LlamaCppStore)]
+        assert len(stores) == len(items)  # checked by prefill_rows
         for st in stores:  # the resident ones first become the most recently used: a new one that takes an id
             if st._sid is not None:  # parks a sequence outside the call (there is one: the call holds at most
                 pool.touch(st._sid)  # n_seq_max sequences)
