@@ -139,8 +139,8 @@ class EngineWorker:
         prefill_chunk: int | None = 256,
         prefill_group: int = PREFILL_GROUP,
     ):
-        """`max_batch`: sequences per batched decode call (1: no batching; an engine that cannot batch, such
-        as the llama.cpp backend, always steps its generations one by one). `prefill_chunk`: prompt tokens per
+        """`max_batch`: sequences per batched decode call (1: no batching; an engine that cannot batch always
+        steps its generations one by one). `prefill_chunk`: prompt tokens per
         round while a stream is generating (None: each prompt in one go, in the engine's own chunks: no
         interleaving, no batched prompts). `prefill_group`: prompt tokens at most in one call of several sequences'
         chunks (0 or 1: each chunk in its own call)."""
