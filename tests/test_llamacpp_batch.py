@@ -7,6 +7,7 @@ within 5% of the largest logit, and the greedy tokens exactly."""
 
 from __future__ import annotations
 
+import logging
 import threading
 
 import pytest
@@ -264,3 +265,39 @@ def test_a_stopped_prompt_leaves_no_cell(llamacpp_default_engine, default_tokeni
         assert reply[-1].kind == "done"
     finally:
         worker.close()
+
+
+def test_a_prompt_call_without_free_cells_parks_others_or_runs_one_by_one(caplog):
+    """A context of 256 cells. (1) A sequence outside the call holds 200 cells; two new sequences' chunks of 40 tokens
+    do not fit the 56 free cells: the outside sequence is parked and the call runs. (2) The call's own sequences fill
+    the context (a resident one of 180 cells + 40, a new one + 60): nothing outside to park, so the chunks run one
+    by one (the second parks the first). Each time every chunk is recorded and evaluated as alone (logits within 5%:
+    other placement) against an engine with room for all."""
+    eng, ref = _fresh(n_ctx=256), _fresh(n_ctx=2048)
+    try:
+        other = eng.new_sequence(budget=256)
+        eng.prefill(other, _tokens(9, 200))
+        for history, sizes in (((0, 0), (40, 40)), ((180, 0), (40, 60))):
+            seqs = [eng.new_sequence(budget=256) for _ in sizes]
+            refs = [ref.new_sequence(budget=256) for _ in sizes]
+            for i, h in enumerate(history):
+                if h:
+                    eng.prefill(seqs[i], _tokens(20 + i, h))
+                    ref.prefill(refs[i], _tokens(20 + i, h))
+            parked = eng.n_parked
+            chunks = [_tokens(i, n) for i, n in enumerate(sizes)]
+            caplog.clear()
+            with caplog.at_level(logging.DEBUG, logger="infinichat.engine.llamacpp"):
+                got = eng.prefill_rows([(s, torch.tensor(c)) for s, c in zip(seqs, chunks, strict=True)])
+            one_by_one = any("one by one" in r.getMessage() for r in caplog.records)
+            assert one_by_one == (history[0] > 0)
+            want = [ref.prefill(r, c) for r, c in zip(refs, chunks, strict=True)]
+            assert eng.n_parked > parked
+            for s, r, x, y in zip(seqs, refs, want, got, strict=True):
+                assert s.token_ids() == r.token_ids() and s.positions() == r.positions()
+                assert (x - y).abs().max().item() <= 0.05 * x.abs().max().item()
+            del seqs  # free their cells for the next case
+        assert other.store.parked
+    finally:
+        eng.close()
+        ref.close()
