@@ -13,7 +13,8 @@ turn after the first, as a person reads and types: arrivals drift apart (the agg
 thinking time too).
 
     python benchmarks/server_load.py [--clients 20] [--turns 10] [--max-tokens 24] [--threads 1]
-        [--quant none|int8|int4] [--max-batch 8] [--prefill-group N] [--think SECONDS] [--think-seed 0]
+        [--quant none|int8|int4] [--backend torch|llamacpp] [--max-batch 8] [--prefill-group N]
+        [--think SECONDS] [--think-seed 0]
     python benchmarks/server_load.py --clients 1 8 --turns 3    # one server per client count, then compared:
         aggregate tok/s and time to first token p50 / p95 (issue 17: p95 with 8 clients <= 2x that of 1), the
         first turns (new sessions) apart, inter-token latency, and where the time to first token went (the
@@ -152,7 +153,9 @@ def run_server(args, clients: int) -> dict | None:
         env = {**os.environ, "PYTHONPATH": str(args.src), "OMP_WAIT_POLICY": "PASSIVE"}
         cmd = [sys.executable, "-m", "infinichat", "serve", "--port", str(port), "--data-dir", data]
         cmd += ["--threads", str(args.threads), "--budget", str(args.budget), "--dtype", args.dtype]
-        cmd += ["--quant", args.quant, "--max-batch", str(args.max_batch)]
+        cmd += ["--max-batch", str(args.max_batch), "--backend", args.backend]
+        if args.backend == "torch":
+            cmd += ["--quant", args.quant]
         if args.prefill_group is not None:
             cmd += ["--prefill-group", str(args.prefill_group)]
         proc = subprocess.Popen(cmd, env=env)
@@ -185,6 +188,10 @@ def first_item_parts(metrics: str) -> dict[str, float]:
     return out
 
 
+def _weights(args) -> str:
+    return f"{args.dtype} quant {args.quant}" if args.backend == "torch" else "llama.cpp backend (the GGUF's types)"
+
+
 def _think(args) -> str:
     if args.think <= 0:
         return "no think time (each client sends its next message at once; all start together)"
@@ -199,7 +206,7 @@ def report(args, clients: int, stats: dict) -> bool:
     n = clients * args.turns
     print(
         f"\n{clients} clients x {args.turns} turns, max_tokens {args.max_tokens}, budget {args.budget}, "
-        f"{args.dtype} quant {args.quant}, max_batch {args.max_batch}, {_group(args)}{args.threads} thread(s), "
+        f"{_weights(args)}, max_batch {args.max_batch}, {_group(args)}{args.threads} thread(s), "
         f"{_think(args)}, wall {stats['wall']:.0f} s"
     )
     print(
@@ -260,6 +267,7 @@ def main() -> int:
     ap.add_argument("--budget", type=int, default=1024)
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--quant", default="none", choices=["none", "int8", "int4"])
+    ap.add_argument("--backend", choices=["torch", "llamacpp"], default="torch", help="serve --backend")
     ap.add_argument("--max-batch", type=int, default=8, help="serve --max-batch (1: round-robin, no batching)")
     ap.add_argument("--prefill-group", type=int, default=None, help="serve --prefill-group (default: the server's)")
     ap.add_argument(
