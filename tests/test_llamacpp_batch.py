@@ -28,6 +28,13 @@ def prompts(default_tokenizer) -> list[list[int]]:
     return [default_tokenizer.encode(t, parse_special=False) for t in TEXTS]
 
 
+def _hold(seqs, prompts, toks) -> None:
+    """Each sequence holds its prompt and reply, one llama.cpp cell per token."""
+    for s, p, t in zip(seqs, prompts, toks, strict=True):
+        assert s.token_ids() == p + t
+        assert s.store.cell_positions() == (0, s.length - 1)
+
+
 def test_batched_greedy_replies_equal_each_alone(llamacpp_default_engine, prompts):
     eng = llamacpp_default_engine
     params = SamplingParams(temperature=0.0, max_tokens=12)
@@ -40,9 +47,7 @@ def test_batched_greedy_replies_equal_each_alone(llamacpp_default_engine, prompt
     toks, sizes = drive(eng, [eng.generate(s, p, params) for s, p in zip(seqs, prompts, strict=True)])
     assert max(sizes) == len(prompts) and sizes[len(prompts)] >= 8  # the steps really ran together
     assert toks == alone
-    for s, p, t in zip(seqs, prompts, toks, strict=True):
-        assert s.token_ids() == p + t
-        assert s.store.cell_positions() == (0, s.length - 1)
+    _hold(seqs, prompts, toks)
 
 
 def test_batched_logits_follow_the_one_token_step(llamacpp_default_engine, prompts):
@@ -158,9 +163,7 @@ def test_batched_prompts_then_greedy_replies_equal_each_alone(llamacpp_default_e
         assert (x - y).abs().max().item() <= 0.05 * x.abs().max().item()
     toks, _ = drive(eng, [eng.generate(s, [], params, logits=x) for s, x in zip(seqs, first, strict=True)])
     assert toks == alone
-    for s, p, t in zip(seqs, prompts, toks, strict=True):
-        assert s.token_ids() == p + t
-        assert s.store.cell_positions() == (0, s.length - 1)
+    _hold(seqs, prompts, toks)
 
 
 def test_which_prompts_are_batched(llamacpp_default_engine, prompts):
