@@ -3,7 +3,7 @@ context advanced in one `llama_decode` (one token each, its own seq id). Greedy 
 decoded alone; a step computed but never claimed (a cancel between the batched call and the generation's turn)
 leaves no cell behind; parked sequences run alone. Logits: llama.cpp's matrix products for several rows are not
 its one-row kernels (measured here: 2.1% of the largest logit apart on the default model), so logits are compared
-within 5% of the largest logit, and the greedy tokens exactly."""
+within 5% of the largest logit, and the greedy tokens exactly. Batched prompts (`prefill_rows`): see below."""
 
 from __future__ import annotations
 

@@ -22,6 +22,10 @@ the store under the sequence differs.
   (`kv_unified=False`): they split `n_ctx` evenly, while our sequences have different budgets. The price
   of sharing: a decode attends over the used cell range of every resident sequence (masked), so idle
   resident sequences slow the others a little; park them (snapshot + drop) when many are idle.
+- Batching (server/worker.py): the decode steps of several resident sequences run in one `llama_decode`
+  (`decode_rows`: one token each under its own sequence id), and so do their prompt chunks (`prefill_rows`: each
+  chunk's tokens under its sequence's id, the logits of its last token); a parked sequence, or a call that must
+  evict or re-evaluate, runs alone.
 - Policies that need attention weights (H2O, TOVA, SnapKV, OmniKV) are refused: llama.cpp does not
   expose them. `recompute` works by re-evaluating the kept tokens (except across a positional gap made
   by a positive `shift`: llama.cpp evaluates consecutive positions only).
