@@ -234,12 +234,16 @@ def test_prefill_group_reaches_the_worker(tiny_chat_model, tmp_path):
     """`serve --prefill-group N` (config key `prefill_group`, default 32) is checked with the other options and
     handed to the worker by `create_app`."""
     from infinichat.cli.main import build_parser
+    from infinichat.config_file import namespace
     from infinichat.server.app import check_serve_options, create_app
 
     parse = build_parser().parse_args
     assert parse(["serve"]).prefill_group == 32
     for n in (0, 1, 65536):
         check_serve_options(parse(["serve", "--prefill-group", str(n)]))  # accepted
+    cfg = tmp_path / "serve.toml"
+    cfg.write_text("[serve]\nprefill_group = 4\n")
+    assert namespace(cfg, "serve").prefill_group == 4
     engine = TorchEngine(tiny_chat_model.model, tiny_chat_model.tokenizer.eos_ids)
     manager = SessionManager(engine, tiny_chat_model.tokenizer, tiny_chat_model.file_hash, tmp_path)
     app = create_app(manager, engine, tiny_chat_model.tokenizer, "tiny", prefill_group=5)
