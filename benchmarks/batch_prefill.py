@@ -3,7 +3,7 @@
 the same B prompts evaluated one after another (one `Engine.prefill` call each).
 
     python3 benchmarks/batch_prefill.py [--quant none int4] [--sessions 1 2 4 8] [--tokens 8 40] [--history 0 60]
-        [--repeats 3] [--threads 2]
+        [--repeats 3] [--threads 2] [--backend torch|llamacpp]
 
 For each weight format, prompt length T, history length H (the tokens already in each session's cache: 0 = a new
 session, > 0 = a later turn, whose chunk attends to the history through a mask) and number of sessions B: B caches
@@ -13,7 +13,10 @@ truncated back to H between them). Prints both times and the ratio sequential / 
 is bound by reading the weights (B such prompts in one call cost about one), a call of many rows by arithmetic (B
 prompts cost about B). Also prints how far each batched prompt's logits are from its sequential ones (max |diff|:
 0 where both take the same kernels; bf16 models compute calls of >= 32 rows in float32, so a batched call of short
-prompts can differ from their calls alone by a bf16 rounding).
+prompts can differ from their calls alone by a bf16 rounding). `--backend llamacpp`: the llama.cpp backend on the GGUF
+file (its own quantization; `--quant` is ignored), sequential = one `llama_decode` per prompt, batched = one for
+all (its logits also depend on where the cells sit in the shared cache; here the batched call puts each prompt's
+cells where the sequential calls put them, so the diff is 0 when the kernels agree).
 """
 
 from __future__ import annotations
@@ -26,13 +29,26 @@ import time
 
 import torch
 
+from infinichat.engine.base import Engine
 from infinichat.engine.torch_engine import TorchEngine, set_threads
 from infinichat.model.loader import default_model_path, load_model
+from infinichat.model.tokenizer import Tokenizer
 
 TEXT = (
     "I am client {i}, this is my message. Tell me about the sea, the ships that sail on it, the fish that live "
     "in it and the storms that cross it, in a few words please. Thank you, friend number {i}, and good night."
 )
+
+
+def _engine(args, path, quant: str) -> tuple[Engine, Tokenizer]:
+    if args.backend == "llamacpp":
+        from infinichat.engine.llamacpp import LlamaCppEngine
+
+        # enough sequence ids for every session, and cells for their histories and prompts
+        eng = LlamaCppEngine(path, n_ctx=4096, threads=args.threads, n_seq_max=max(args.sessions), eos_ids=())
+        return eng, Tokenizer.from_gguf(path)
+    loaded = load_model(path, "bfloat16", quant=quant)
+    return TorchEngine(loaded.model, eos_ids=()), loaded.tokenizer
 
 
 def main() -> None:
@@ -44,9 +60,10 @@ def main() -> None:
     ap.add_argument("--history", nargs="+", type=int, default=[0, 60], help="tokens already in each cache")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--backend", choices=["torch", "llamacpp"], default="torch")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    set_threads(args.threads)
+    set_threads(args.threads if args.backend == "torch" else 1)  # llama.cpp: torch only compares logits
     path = default_model_path() if args.model is None else args.model
     print(f"{args.threads} thread(s), median of {args.repeats} repeats\n")
     print(
@@ -54,10 +71,8 @@ def main() -> None:
         "| max logit diff |"
     )
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
-    for q in args.quant:
-        loaded = load_model(path, "bfloat16", quant=q)
-        eng = TorchEngine(loaded.model, eos_ids=())
-        tok = loaded.tokenizer
+    for q in args.quant if args.backend == "torch" else ["gguf"]:
+        eng, tok = _engine(args, path, q)
         texts = [tok.encode(TEXT.format(i=i) * 4, parse_special=False) for i in range(max(args.sessions))]
         hist = torch.tensor(tok.encode(TEXT.format(i=99) * 8, parse_special=False))
         eng.prefill(eng.new_sequence(budget=1024), texts[0][:64])  # warm-up (first buffers, packing)
@@ -82,7 +97,7 @@ def main() -> None:
                 pairs = zip(outs["seq"], outs["bat"], strict=True)
                 diff = max([diff] + [float((a - b).abs().max()) for a, b in pairs])
             s_ms, b_ms = statistics.median(seq_t) * 1e3, statistics.median(bat_t) * 1e3
-            label = {"none": "bf16"}.get(q, q)
+            label = {"none": "bf16", "gguf": "llama.cpp (GGUF)"}.get(q, q)
             print(f"| {label} | {T} | {H} | {B} | {s_ms:.0f} | {b_ms:.0f} | {s_ms / b_ms:.2f}x | {diff:.3g} |")
 
 

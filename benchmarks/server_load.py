@@ -6,10 +6,15 @@ session, sending T messages one after the other through the session API (SSE), a
 - each transcript, read back with GET /api/sessions/{id}, holds exactly that client's messages in order,
   each reply equal to the text streamed for it (no lost or mixed-up turns);
 then prints time-to-first-token and per-reply decode tokens/s (p50 / p95) and the aggregate throughput (after one
-untimed warm-up request on its own session).
+untimed warm-up request on its own session). By default every client sends its next message the moment its reply
+ends, and all start together: the worst case for time to first token (requests arrive in bursts). With `--think S`
+each client waits a random time, uniform in [0, 2 S] (seeded by `--think-seed` and the client's number), before each
+turn after the first, as a person reads and types: arrivals drift apart (the aggregate tok/s then counts the
+thinking time too).
 
     python benchmarks/server_load.py [--clients 20] [--turns 10] [--max-tokens 24] [--threads 1]
-        [--quant none|int8|int4] [--max-batch 8]
+        [--quant none|int8|int4] [--backend torch|llamacpp] [--max-batch 8] [--prefill-group N]
+        [--think SECONDS] [--think-seed 0]
     python benchmarks/server_load.py --clients 1 8 --turns 3    # one server per client count, then compared:
         aggregate tok/s and time to first token p50 / p95 (issue 17: p95 with 8 clients <= 2x that of 1), the
         first turns (new sessions) apart, inter-token latency, and where the time to first token went (the
@@ -23,6 +28,7 @@ import argparse
 import asyncio
 import json
 import os
+import random
 import socket
 import statistics
 import subprocess
@@ -47,7 +53,9 @@ def pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, round(q * (len(xs) - 1)))] if xs else float("nan")
 
 
-async def client(c: httpx.AsyncClient, i: int, turns: int, max_tokens: int, stats: dict) -> None:
+async def client(c: httpx.AsyncClient, i: int, args, stats: dict) -> None:
+    turns, max_tokens = args.turns, args.max_tokens
+    think = random.Random(args.think_seed * 100003 + i)  # this client's thinking times
     sid = f"load-{i:02d}"
     r = await c.post("/api/sessions", json={"id": sid, "system_prompt": "You are a helpful assistant. Be brief."})
     if r.status_code != 201:
@@ -55,6 +63,8 @@ async def client(c: httpx.AsyncClient, i: int, turns: int, max_tokens: int, stat
         return
     sent, got = [], []
     for t in range(turns):
+        if t and args.think > 0:
+            await asyncio.sleep(think.uniform(0, 2 * args.think))
         text = f"I am client {i}, this is my message {t}. Name a fruit."
         t0 = time.perf_counter()
         first = last = None
@@ -127,7 +137,7 @@ async def main_async(args, url: str) -> dict:
             await c.post("/api/sessions/warmup/messages", json={"text": "Hello", "params": {"max_tokens": 4}})
         stats["metrics_warmup"] = (await c.get("/metrics")).text  # the warm-up's probes, subtracted in the report
         t0 = time.perf_counter()
-        await asyncio.gather(*(client(c, i, args.turns, args.max_tokens, stats) for i in range(args.clients)))
+        await asyncio.gather(*(client(c, i, args, stats) for i in range(args.clients)))
         stats["wall"] = time.perf_counter() - t0
         stats["metrics"] = (await c.get("/metrics")).text
     return stats
@@ -143,7 +153,11 @@ def run_server(args, clients: int) -> dict | None:
         env = {**os.environ, "PYTHONPATH": str(args.src), "OMP_WAIT_POLICY": "PASSIVE"}
         cmd = [sys.executable, "-m", "infinichat", "serve", "--port", str(port), "--data-dir", data]
         cmd += ["--threads", str(args.threads), "--budget", str(args.budget), "--dtype", args.dtype]
-        cmd += ["--quant", args.quant, "--max-batch", str(args.max_batch)]
+        cmd += ["--max-batch", str(args.max_batch), "--backend", args.backend]
+        if args.backend == "torch":
+            cmd += ["--quant", args.quant]
+        if args.prefill_group is not None:
+            cmd += ["--prefill-group", str(args.prefill_group)]
         proc = subprocess.Popen(cmd, env=env)
         try:
             deadline = time.monotonic() + 300
@@ -174,12 +188,26 @@ def first_item_parts(metrics: str) -> dict[str, float]:
     return out
 
 
+def _weights(args) -> str:
+    return f"{args.dtype} quant {args.quant}" if args.backend == "torch" else "llama.cpp backend (the GGUF's types)"
+
+
+def _think(args) -> str:
+    if args.think <= 0:
+        return "no think time (each client sends its next message at once; all start together)"
+    return f"think time uniform in [0, {2 * args.think:g}] s before each later turn (seed {args.think_seed})"
+
+
+def _group(args) -> str:
+    return "" if args.prefill_group is None else f"prefill_group {args.prefill_group}, "
+
+
 def report(args, clients: int, stats: dict) -> bool:
     n = clients * args.turns
     print(
         f"\n{clients} clients x {args.turns} turns, max_tokens {args.max_tokens}, budget {args.budget}, "
-        f"{args.dtype} quant {args.quant}, max_batch {args.max_batch}, {args.threads} thread(s), "
-        f"wall {stats['wall']:.0f} s"
+        f"{_weights(args)}, max_batch {args.max_batch}, {_group(args)}{args.threads} thread(s), "
+        f"{_think(args)}, wall {stats['wall']:.0f} s"
     )
     print(
         f"errors: {len(stats['errors'])}; transcripts checked and intact: {stats['checked']}/{clients}; "
@@ -239,7 +267,17 @@ def main() -> int:
     ap.add_argument("--budget", type=int, default=1024)
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--quant", default="none", choices=["none", "int8", "int4"])
+    ap.add_argument("--backend", choices=["torch", "llamacpp"], default="torch", help="serve --backend")
     ap.add_argument("--max-batch", type=int, default=8, help="serve --max-batch (1: round-robin, no batching)")
+    ap.add_argument("--prefill-group", type=int, default=None, help="serve --prefill-group (default: the server's)")
+    ap.add_argument(
+        "--think",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="each client waits uniform [0, 2 x SECONDS] before each turn after the first (default 0: at once)",
+    )
+    ap.add_argument("--think-seed", type=int, default=0, help="seed of the clients' thinking times")
     ap.add_argument(
         "--src",
         nargs="+",
@@ -249,6 +287,8 @@ def main() -> int:
         "client count runs on each in turn, back to back, for a before/after comparison in the same conditions",
     )
     args = ap.parse_args()
+    if not 0 <= args.think <= 3600:
+        ap.error(f"--think must be in [0, 3600] seconds, got {args.think}")
     ok, results = True, {}
     for clients in args.clients:
         for src in args.src:
@@ -260,6 +300,8 @@ def main() -> int:
             results[(str(src), clients)] = stats
     for src in args.src:
         table({c: st for (s, c), st in results.items() if s == str(src)}, str(src) if len(args.src) > 1 else "")
+    if len(results) > 1:
+        print(f"\n({_think(args)})")
     return 0 if ok else 1
 
 

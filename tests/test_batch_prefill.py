@@ -84,7 +84,8 @@ def _collect(got, ends):
 
 @pytest.mark.parametrize(
     "group, calls",
-    [(1024, {5: 1}), (32, {2: 2, 1: 1})],  # all in one call; or [5, 9], [40], [3, 25] (at most 32 tokens a call)
+    # all in one call; or [5, 9], [40], [3, 25] (at most 32 tokens a call); or each alone (no grouping: 1 or 0)
+    [(1024, {5: 1}), (32, {2: 2, 1: 1}), (1, {1: 5}), (0, {1: 5})],
 )
 def test_the_worker_evaluates_simultaneous_prompts_together(engine, group, calls):
     """Five streams submitted together: their prompts (one chunk each, different lengths) go in calls of at most

@@ -216,10 +216,37 @@ def test_a_stop_between_chunks_cancels_the_prefill_and_changes_nothing(tiny_chat
 
 @pytest.mark.parametrize(
     "flag, value, says",
-    [("--prefill-chunk", "-1", "--prefill-chunk must be in [1, 65536]"), ("--max-batch", "0", "--max-batch must")],
+    [
+        ("--prefill-chunk", "-1", "--prefill-chunk must be in [1, 65536]"),
+        ("--max-batch", "0", "--max-batch must"),
+        ("--prefill-group", "-1", "--prefill-group must be in [2, 65536] tokens, or 0 or 1 (no prompts of several"),
+        ("--prefill-group", "65537", "got 65537"),
+    ],
 )
 def test_serve_refuses_bad_batching_flags(tmp_path, capsys, flag, value, says):
     from infinichat.cli.main import main
 
     assert main(["serve", flag, value, "--data-dir", str(tmp_path)]) == 2
     assert says in capsys.readouterr().err
+
+
+def test_prefill_group_reaches_the_worker(tiny_chat_model, tmp_path):
+    """`serve --prefill-group N` (config key `prefill_group`, default 32) is checked with the other options and
+    handed to the worker by `create_app`."""
+    from infinichat.cli.main import build_parser
+    from infinichat.config_file import namespace
+    from infinichat.server.app import check_serve_options, create_app
+
+    parse = build_parser().parse_args
+    assert parse(["serve"]).prefill_group == 32
+    for n in (0, 1, 65536):
+        check_serve_options(parse(["serve", "--prefill-group", str(n)]))  # accepted
+    cfg = tmp_path / "serve.toml"
+    cfg.write_text("[serve]\nprefill_group = 4\n")
+    assert namespace(cfg, "serve").prefill_group == 4
+    engine = TorchEngine(tiny_chat_model.model, tiny_chat_model.tokenizer.eos_ids)
+    manager = SessionManager(engine, tiny_chat_model.tokenizer, tiny_chat_model.file_hash, tmp_path)
+    app = create_app(manager, engine, tiny_chat_model.tokenizer, "tiny", prefill_group=5)
+    assert app.state.worker.prefill_group == 5
+    with pytest.raises(ValueError, match="prefill_group must be at least 0"):
+        EngineWorker(manager, prefill_group=-1)

@@ -43,6 +43,16 @@ def test_single_process_serve_imports_no_ray():
     assert out.stdout.strip() == "[]"
 
 
+def test_replicas_get_the_worker_options(tmp_path):
+    """`serve --replicas N` hands every replica the worker's options (each replica builds its app from them)."""
+    from infinichat.cli.main import build_parser
+    from infinichat.server.cluster import replica_options
+
+    argv = ["serve", "--replicas", "2", "--max-batch", "3", "--prefill-chunk", "64", "--prefill-group", "5"]
+    opts = replica_options(build_parser().parse_args([*argv, "--data-dir", str(tmp_path)]), {})
+    assert (opts["max_batch"], opts["prefill_chunk"], opts["prefill_group"]) == (3, 64, 5)
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory, postgres):  # noqa: F811
     from infinichat.cli.main import build_parser

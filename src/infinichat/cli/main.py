@@ -501,6 +501,14 @@ def build_parser() -> argparse.ArgumentParser:
         "prompt in one go, not batched; default 256)",
     )
     serve.add_argument(
+        "--prefill-group",
+        type=int,
+        default=32,
+        metavar="N",
+        help="prompt chunks of several requests share one forward call while they total at most N tokens (0 or 1: "
+        "each request's chunk in its own call; default 32)",
+    )
+    serve.add_argument(
         "--max-header-kb",
         type=int,
         default=64,

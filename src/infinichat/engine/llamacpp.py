@@ -22,6 +22,10 @@ the store under the sequence differs.
   (`kv_unified=False`): they split `n_ctx` evenly, while our sequences have different budgets. The price
   of sharing: a decode attends over the used cell range of every resident sequence (masked), so idle
   resident sequences slow the others a little; park them (snapshot + drop) when many are idle.
+- Batching (server/worker.py): the decode steps of several resident sequences run in one `llama_decode`
+  (`decode_rows`: one token each under its own sequence id), and so do their prompt chunks (`prefill_rows`: each
+  chunk's tokens under its sequence's id, the logits of its last token); a parked sequence, or a call that must
+  evict or re-evaluate, runs alone.
 - Policies that need attention weights (H2O, TOVA, SnapKV, OmniKV) are refused: llama.cpp does not
   expose them. `recompute` works by re-evaluating the kept tokens (except across a positional gap made
   by a positive `shift`: llama.cpp evaluates consecutive positions only).
@@ -237,10 +241,12 @@ class _Batch(_BatchBuffers):
 
 
 class _RowsBatch(_BatchBuffers):
-    """One token per sequence, each with its own seq id (batched decode steps)."""
+    """Tokens of several sequences, each token with its own seq id: one token per sequence (batched decode steps),
+    or a chunk per sequence (batched prompts)."""
 
     def __init__(self, lib, n: int):
         self.sids = (ctypes.c_int32 * n)()
+        self.sid = np.ctypeslib.as_array(self.sids)  # (n,) int32 view of the same memory
         base = ctypes.addressof(self.sids)
         step = ctypes.sizeof(ctypes.c_int32)
         ptrs = (ctypes.POINTER(ctypes.c_int32) * n)(
@@ -249,10 +255,27 @@ class _RowsBatch(_BatchBuffers):
         super().__init__(lib, n, ptrs, 1)
 
     def fill(self, rows: list[tuple[int, int, int]]) -> None:
-        """rows: (seq id, token, position), at most n."""
+        """rows: (seq id, token, position), at most n; logits for every row."""
         for i, (sid, tok, pos) in enumerate(rows):
             self.sids[i], self.token[i], self.pos[i] = sid, tok, pos
+        self.logits[: len(rows)] = 1
         self.struct.n_tokens = len(rows)
+
+    def fill_chunks(self, chunks: list[tuple[int, np.ndarray, int]]) -> list[int]:
+        """chunks: (seq id, tokens (m,), first position), at most n tokens in all; logits for each chunk's last
+        token. Returns the batch index of each chunk's last token (where its logits are)."""
+        a, last = 0, []
+        for sid, tokens, p0 in chunks:
+            m = tokens.shape[0]
+            self.sid[a : a + m] = sid
+            self.token[a : a + m] = tokens  # int64 -> int32
+            self.pos[a : a + m] = np.arange(p0, p0 + m, dtype=np.int32)
+            self.logits[a : a + m] = 0
+            self.logits[a + m - 1] = 1
+            a += m
+            last.append(a - 1)
+        self.struct.n_tokens = a
+        return last
 
 
 class _SeqPool:
@@ -288,12 +311,12 @@ class _SeqPool:
         if self.resident.pop(sid, None) is not None:
             self.free.append(sid)
 
-    def park_lru(self, keep: LlamaCppStore) -> bool:
-        """Park the least recently used resident store other than `keep`; False if there is none."""
+    def park_lru(self, *keep: LlamaCppStore) -> bool:
+        """Park the least recently used resident store other than those of `keep`; False if there is none."""
         self.drain()
         for ref in list(self.resident.values()):
             store = ref()
-            if store is not None and store is not keep:
+            if store is not None and all(store is not k for k in keep):
                 store.park()
                 return True
         return False
@@ -320,6 +343,11 @@ class LlamaCppStore(SlotTable):
     @property
     def resident(self) -> bool:
         return self._sid is not None
+
+    @property
+    def parked(self) -> bool:
+        """Its cells are in host memory (state bytes), to be copied back on its next use."""
+        return self._sid is None and self._parked is not None
 
     def cell_positions(self) -> tuple[int, int] | None:
         """(lowest, highest) position llama.cpp holds for this sequence (None while parked or empty): a
@@ -585,8 +613,9 @@ class LlamaCppEngine(Engine):
         self.eos_ids = frozenset(eos_ids)
         self.n_batch = self.max_chunk = n_batch  # tokens per llama_decode call
         self._batch = _Batch(lib, n_batch)
-        self._rows = _RowsBatch(lib, n_seq_max)  # batched decode steps: one token of each resident sequence
-        self.max_rows = n_seq_max  # sequences per batched step (engine/batch.py reads it)
+        # batched decode steps (one token of each resident sequence) and batched prompts (chunks of several)
+        self._rows = _RowsBatch(lib, max(n_batch, n_seq_max))
+        self.max_rows = n_seq_max  # sequences per batched call (engine/batch.py reads it)
         self._pool = _SeqPool(lib, self._mem, n_seq_max)
         self.n_parked = 0  # how often a sequence was moved out to host memory
         self.fingerprint = {  # what a snapshot must match
@@ -673,8 +702,8 @@ class LlamaCppEngine(Engine):
         """One `llama_decode` of one token per sequence, each under its own seq id at its next position. The
         cell written for a step that is not claimed (a stop between the batched call and the generation's turn)
         is removed by `discard_row`, or, at the latest, by the sequence's next write."""
-        if len(items) > self._rows.n:
-            raise ValueError(f"decode_rows: {len(items)} sequences, the context holds {self._rows.n} at once")
+        if len(items) > self.max_rows:
+            raise ValueError(f"decode_rows: {len(items)} sequences, the context holds {self.max_rows} at once")
         lib, mem = self._lib, self._mem
         rows, positions = [], []
         for seq, token in items:
@@ -700,6 +729,81 @@ class LlamaCppEngine(Engine):
             logits = torch.empty(self.n_vocab, dtype=torch.float32)  # (V,)
             ctypes.memmove(logits.data_ptr(), lib.llama_get_logits_ith(self._ctx, i), logits.nbytes)
             out.append((pos, logits))
+        return out
+
+    # ------------------------------------------------------------------ batched prompts (server/worker.py)
+    def can_batch_prompt(self, seq: KVSequence, n: int) -> bool:
+        """A plain prompt call (no eviction, no re-evaluation, consecutive positions) of at most `n_batch` tokens
+        of a sequence of this engine that is resident or new: a parked sequence (its cells in host memory) runs
+        alone, as in `can_batch`."""
+        store = seq.store
+        if not (isinstance(store, LlamaCppStore) and store.engine is self) or store.parked:
+            return False
+        L = store.length
+        return (
+            seq.stale_from is None
+            and 1 <= n <= self.n_batch
+            and seq.length + n <= seq.budget  # make_room would do nothing
+            and store.next_position + n <= store.capacity
+            and (L == 0 or int(store.positions[L - 1]) + 1 == store.next_position)  # no gap (a positive shift)
+        )
+
+    def prefill_rows(self, items: Sequence[tuple[KVSequence, torch.Tensor]]) -> list[torch.Tensor]:
+        """Several sequences' prompt chunks in one `llama_decode` (in several where they hold more than
+        `n_seq_max` sequences or `n_batch` tokens): each token under its sequence's id at its next position,
+        logits of each chunk's last token. Each sequence records its chunk exactly as `prefill` does alone. A new
+        sequence takes an id here (parking a sequence outside the call if none is free); a call that finds no free
+        cells parks sequences outside it, else its chunks run one by one."""
+        for seq, ids in items:
+            if not self.can_batch_prompt(seq, ids.shape[0]):
+                raise ValueError("prefill_rows: a sequence that is parked or whose prompt needs eviction")
+        if len({id(seq) for seq, _ in items}) != len(items):
+            raise ValueError("prefill_rows: a sequence appears twice")
+        out: list[torch.Tensor] = []
+        group: list[tuple[KVSequence, torch.Tensor]] = []
+        size = 0
+        for seq, ids in items:
+            if group and (len(group) == self.max_rows or size + ids.shape[0] > self.n_batch):
+                out += self._prompt_call(group)
+                group, size = [], 0
+            group.append((seq, ids))
+            size += ids.shape[0]
+        return out + self._prompt_call(group)
+
+    def _prompt_call(self, items: list[tuple[KVSequence, torch.Tensor]]) -> list[torch.Tensor]:
+        """One `llama_decode` of the chunks (at most `n_seq_max` sequences, `n_batch` tokens); logits (V,) each."""
+        lib, mem, pool = self._lib, self._mem, self._pool
+        stores = [st for seq, _ in items if isinstance(st := seq.store, LlamaCppStore)]
+        assert len(stores) == len(items)  # checked by prefill_rows
+        for st in stores:  # the resident ones first become the most recently used: a new one that takes an id
+            if st._sid is not None:  # parks a sequence outside the call (there is one: the call holds at most
+                pool.touch(st._sid)  # n_seq_max sequences)
+        chunks = []
+        for (seq, ids), st in zip(items, stores, strict=True):
+            sid = st.activate()
+            st.drop_uncommitted()  # the cell of an unclaimed batched step (decode_rows), if any
+            p0 = seq.store.next_position
+            last = lib.llama_memory_seq_pos_max(mem, sid)  # -1 when empty
+            if last >= 0 and p0 != last + 1:
+                raise InfinichatError(_GAP)
+            chunks.append((sid, ids.numpy(), p0))
+        if any(not st.resident for st in stores):  # not expected (see above): the chunks run one by one
+            return [self._append(seq, ids, False, "prompt") for seq, ids in items]
+        index = self._rows.fill_chunks(chunks)
+        while (rc := lib.llama_decode(self._ctx, self._rows.struct)) == 1:  # no free cells: park another sequence
+            if not pool.park_lru(*stores):
+                log.debug("no free cells for a batched prompt call of %d sequences: one by one", len(items))
+                return [self._append(seq, ids, False, "prompt") for seq, ids in items]
+        if rc != 0:
+            raise InfinichatError(
+                f"llama.cpp could not evaluate a batch of {len(items)} prompt chunks (llama_decode {rc})"
+            )
+        out = []
+        for (seq, ids), i in zip(items, index, strict=True):
+            logits = torch.empty(self.n_vocab, dtype=torch.float32)  # (V,)
+            ctypes.memmove(logits.data_ptr(), lib.llama_get_logits_ith(self._ctx, i), logits.nbytes)
+            seq.append(ids, seq.next_positions(ids.shape[0]))
+            out.append(logits)
         return out
 
     def discard_row(self, seq: KVSequence, positions: torch.Tensor) -> None:

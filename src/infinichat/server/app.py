@@ -34,13 +34,14 @@ from infinichat.server.errors import ApiError
 from infinichat.server.guard import Guard, default_allowed_hosts
 from infinichat.server.metrics import Metrics
 from infinichat.server.openai_compat import PrefixLRU
-from infinichat.server.worker import EngineWorker
+from infinichat.server.worker import PREFILL_GROUP, EngineWorker
 from infinichat.session.datalock import lock_data_dir
 from infinichat.session.manager import SessionManager, default_data_dir, kv_bytes_per_token
 from infinichat.session.settings import MAX_BUDGET, SessionSettings
 
 MAX_BATCH = 256  # --max-batch: sequences per batched decode call
 MAX_PREFILL_CHUNK = 65536  # --prefill-chunk: prompt tokens per worker round while others stream
+MAX_PREFILL_GROUP = 65536  # --prefill-group: prompt tokens of several requests in one forward call
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
@@ -112,21 +113,28 @@ def create_app(
     prefill_chunk: int | None = 256,
     label: str | None = None,
     model_path: str | Path | None = None,
+    prefill_group: int = PREFILL_GROUP,
 ) -> FastAPI:
     """The app. `allowed_hosts`: names the Host header may carry (default: loopback names; "*" = any);
     `cors_origins`: other origins whose pages may call the API (default: none); `max_batch`: generations
     decoded together in one forward call (1: one at a time); `prefill_chunk`: prompt tokens per worker round
-    while other generations stream (None: prompts in one go, not batched: server/worker.py). `model_name`: the
-    model's own name (GGUF `general.name`); `label`: what people call it (model/label.py); the API serves
-    `served_id(label)` as the model id and accepts the other two names for it too. `model_path`: the loaded model's
-    file or checkpoint folder (llama-server's /props `model_path`)."""
+    while other generations stream (None: prompts in one go, not batched: server/worker.py); `prefill_group`: prompt
+    tokens of several requests at most in one forward call (0 or 1: each request's chunk in its own call).
+    `model_name`: the model's own name (GGUF `general.name`); `label`: what people call it (model/label.py); the API
+    serves `served_id(label)` as the model id and accepts the other two names for it too. `model_path`: the loaded
+    model's file or checkpoint folder (llama-server's /props `model_path`)."""
     label = label or model_name
     served = served_id(label)
     metrics = Metrics()
     lru = PrefixLRU(engine, anon_budget or manager.defaults.budget)
     manager.spare.append(lru)  # anonymous /v1 caches count in the KV memory cap
     worker = EngineWorker(
-        manager, max_jobs, on_idle=_cache_snapshot(metrics, lru), max_batch=max_batch, prefill_chunk=prefill_chunk
+        manager,
+        max_jobs,
+        on_idle=_cache_snapshot(metrics, lru),
+        max_batch=max_batch,
+        prefill_chunk=prefill_chunk,
+        prefill_group=prefill_group,
     )
 
     @contextlib.asynccontextmanager
@@ -234,6 +242,11 @@ def check_serve_options(args: argparse.Namespace) -> SessionSettings:
         )
     if not 1 <= getattr(args, "max_header_kb", 64) <= 1024:
         raise InfinichatError(f"--max-header-kb must be in [1, 1024] KiB, got {args.max_header_kb}")
+    if not 0 <= args.prefill_group <= MAX_PREFILL_GROUP:
+        raise InfinichatError(
+            f"--prefill-group must be in [2, {MAX_PREFILL_GROUP}] tokens, or 0 or 1 (no prompts of several requests "
+            f"in one call), got {args.prefill_group}"
+        )
     if args.kv_cap_mb < 1:
         raise InfinichatError(f"--kv-cap-mb must be at least 1, got {args.kv_cap_mb}")
     if getattr(args, "replicas", None) is None and getattr(args, "ray_address", None):
@@ -311,6 +324,7 @@ def build_app(
         prefill_chunk=args.prefill_chunk or None,
         label=model_label(model_path, name),
         model_path=model_path,
+        prefill_group=args.prefill_group,
     )
     return app, name
 

@@ -10,11 +10,11 @@ The worker runs rounds; each round, over the active jobs (prefill first, then de
    `PrefillPacer.submit`) and is suspended. The pending chunks, oldest first, up to the round's token budget
    (`prefill_chunk` tokens while a stream is generating, else the engine's `max_chunk`; a chunk that does not fit
    is split), run in forward calls (`Engine.prefill_rows`: the matrix products on the stacked tokens, attention per
-   sequence) that each hold consecutive chunks of at most `prefill_group` tokens together (PREFILL_GROUP below: only
-   small prompts gain from sharing a call on a CPU). After its call each of those jobs resumes: it samples and
-   sends its first token, or hands over its next chunk, served in this round too while the budget lasts (the
-   session evaluates a turn in two calls, the message then the reply's header: the jobs' second calls, a few
-   tokens each, then share one call).
+   sequence) that each hold consecutive chunks of at most `prefill_group` tokens together (`serve --prefill-group`,
+   default PREFILL_GROUP below: only small prompts gain from sharing a call on a CPU; 0 or 1: one chunk per call).
+   After its call each of those jobs resumes: it samples and sends its first token, or hands over its next chunk,
+   served in this round too while the budget lasts (the session evaluates a turn in two calls, the message then the
+   reply's header: the jobs' second calls, a few tokens each, then share one call).
 2. *Decode steps* (continuous batching, engine/batch.py): the decode steps the generating streams offered on their
    last turn run in batched forward calls of at most `max_batch` sequences.
 3. *Turns*: every other job resumes once: a generation claims its precomputed logits and samples with its own
@@ -67,7 +67,7 @@ log = logging.getLogger(__name__)
 # rows on it is bound by arithmetic: 8 prompts of 25-40 tokens in one call cost nearly what 8 calls do
 # (benchmarks/batch_prefill.py, README), and every one of them would wait for the whole call. Small chunks (short
 # messages, a reply's closing tokens) are batched; larger ones run one per call, oldest first, each job sending its
-# first token as soon as its own call is done.
+# first token as soon as its own call is done. The default of `serve --prefill-group`.
 PREFILL_GROUP = 32
 END = object()  # the last item a stream's sink receives
 PAUSE = object()  # what a job hands the worker between two prompt calls it ran itself
@@ -139,13 +139,15 @@ class EngineWorker:
         prefill_chunk: int | None = 256,
         prefill_group: int = PREFILL_GROUP,
     ):
-        """`max_batch`: sequences per batched decode call (1: no batching; an engine that cannot batch, such
-        as the llama.cpp backend, always steps its generations one by one). `prefill_chunk`: prompt tokens per
+        """`max_batch`: sequences per batched decode call (1: no batching; an engine that cannot batch always
+        steps its generations one by one). `prefill_chunk`: prompt tokens per
         round while a stream is generating (None: each prompt in one go, in the engine's own chunks: no
         interleaving, no batched prompts). `prefill_group`: prompt tokens at most in one call of several sequences'
-        chunks."""
+        chunks (0 or 1: each chunk in its own call)."""
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
+        if prefill_group < 0:
+            raise ValueError(f"prefill_group must be at least 0 (0 or 1: no grouping), got {prefill_group}")
         self.manager = manager
         self.max_jobs = max_jobs
         engine = getattr(manager, "engine", None)
