@@ -477,3 +477,20 @@ def test_status_details(live, client):
         gate.set()
     for f in held:
         f.result(30)
+
+
+def test_an_unexpected_error_is_a_json_500_and_the_connection_serves_on(live, client, monkeypatch):
+    """A bug in a handler (an exception no handler names): a readable JSON 500, and the same keep-alive connection
+    serves the next request (Starlette's last handler re-raised to the server, which dropped the connection)."""
+
+    def broken():
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(live.manager, "list", broken)
+    for _ in range(2):  # the second on the connection the first one used
+        r = client.get("/api/sessions")
+        assert r.status_code == 500, r.text
+        err = r.json()["error"]
+        assert err["type"] == "server_error" and "RuntimeError" in err["message"] and "a bug" not in err["message"]
+    monkeypatch.undo()
+    assert client.get("/api/sessions").status_code == 200

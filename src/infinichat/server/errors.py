@@ -146,9 +146,37 @@ def install(app: FastAPI) -> None:
     async def _as_json(request: Request, exc: Exception):
         return error_response(exc)  # maps each exception type to its status and message
 
-    # each type named here is answered by the app's own handler and the connection stays open; Exception is last:
-    # Starlette answers it, then re-raises it to the server, which drops the connection (a keep-alive client's
-    # next request fails), so a handler's own pydantic ValidationError (a part of the body it validates itself) is
-    # named too
+    # each type named here is answered by the app's own handler and the connection stays open (a handler's own
+    # pydantic ValidationError: a part of the body it validates itself); any other exception is answered by
+    # LastResort below, before Starlette's own last handler would answer it and re-raise it to the server, which
+    # drops the connection (a keep-alive client's next request would fail)
     for kind in (ApiError, InfinichatError, Busy, QueueFull, ValidationError, Exception):
         app.add_exception_handler(kind, _as_json)
+    app.add_middleware(LastResort)  # the innermost middleware: the Guard around it counts the 500
+
+
+class LastResort:
+    """An exception no handler took, raised before the response started: the JSON 500 (error_response, which logs
+    the traceback), and the exception ends here, so the server keeps the connection. One raised after the
+    response started (a stream cut halfway) goes on to the server: the client sees its stream end."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def send_seen(message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_seen)
+        except Exception as e:
+            if started:
+                raise
+            await error_response(e)(scope, receive, send)
