@@ -791,6 +791,25 @@ AVX512 static inline __attribute__((always_inline)) void int4_values(const uint8
     }
 }
 
+/* nb (a multiple of 16) slots' float16 value scales (or zeros) x (nb, nvg) -> out[c][j] float32, per value group */
+AVX512 static inline void value_scales(const uint16_t *x, int nb, int nvg, float (*out)[ABLK]) {
+    if (nvg == 1)
+        for (int j = 0; j < nb; j += 16)
+            _mm512_store_ps(out[0] + j, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(x + j))));
+    else if (nvg == 2) { /* 16 slots' (group 0, group 1) pairs -> group 0's and group 1's */
+        const __m512i ev = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+        const __m512i od = _mm512_add_epi32(ev, _mm512_set1_epi32(1));
+        for (int j = 0; j < nb; j += 16) {
+            const __m512 a = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(x + 2 * j)));
+            const __m512 b = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(x + 2 * j + 16)));
+            _mm512_store_ps(out[0] + j, _mm512_permutex2var_ps(a, ev, b));
+            _mm512_store_ps(out[1] + j, _mm512_permutex2var_ps(a, od, b));
+        }
+    } else
+        for (int j = 0; j < nb; j++)
+            for (int c = 0; c < nvg; c++) out[c][j] = _cvtsh_ss(x[j * nvg + c]);
+}
+
 AVX512 static void attend_int4_512(const Model *M, const float *q, const Rows *R, int64_t a, int64_t b, Partial *P) {
     const int H = M->n_heads, Hkv = M->n_kv, hd = M->head_dim, G = H / Hkv, hb = hd / 2;
     const int64_t cap = R->cap;
@@ -815,16 +834,18 @@ AVX512 static void attend_int4_512(const Model *M, const float *q, const Rows *R
             for (int j0 = 0; j0 < nb; j0 += KV_GROUP) { /* scores, one key group at a time */
                 const int64_t kg = (t0 + j0) / KV_GROUP;
                 const uint16_t *gs = KS4 + kg * hd, *gz = KZ4 + kg * hd;
-                for (int g = 0; g < G; g++) { /* q * scale and q . zero for this key group */
-                    __m512 z = _mm512_setzero_ps();
-                    for (int i = 0; i < hd; i += 16) {
+                __m512 zq[MAX_GROUP]; /* q * scale and q . zero for this key group, its scales widened once */
+                for (int g = 0; g < G; g++) zq[g] = _mm512_setzero_ps();
+                for (int i = 0; i < hd; i += 16) {
+                    const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(gs + i)));
+                    const __m512 z = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(gz + i)));
+                    for (int g = 0; g < G; g++) {
                         const __m512 qv = _mm512_loadu_ps(qk + g * hd + i);
-                        const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(gs + i)));
                         _mm512_store_ps(qs + g * MAX_HD + i, _mm512_mul_ps(qv, s));
-                        z = _mm512_fmadd_ps(qv, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(gz + i))), z);
+                        zq[g] = _mm512_fmadd_ps(qv, z, zq[g]);
                     }
-                    qz[g] = _mm512_reduce_add_ps(z);
                 }
+                for (int g = 0; g < G; g++) qz[g] = _mm512_reduce_add_ps(zq[g]);
                 transpose_group(K4 + (t0 + j0) * hb, hd, kt);
                 for (int g0 = 0; g0 < G; g0 += KV_GH) {
                     const int gh = G - g0 < KV_GH ? G - g0 : KV_GH;
@@ -841,11 +862,8 @@ AVX512 static void attend_int4_512(const Model *M, const float *q, const Rows *R
                     }
                 }
             }
-            for (int j = 0; j < nb; j++) /* the block's value scales and zeros, per value group */
-                for (int c = 0; c < nvg; c++) {
-                    vsf[c][j] = _cvtsh_ss(VS4[(t0 + j) * nvg + c]);
-                    vzf[c][j] = _cvtsh_ss(VZ4[(t0 + j) * nvg + c]);
-                }
+            value_scales(VS4 + t0 * nvg, nb, nvg, vsf); /* the block's value scales and zeros, per value group */
+            value_scales(VZ4 + t0 * nvg, nb, nvg, vzf);
             const int nv = nb / 16;
             for (int g = 0; g < G; g++) { /* online softmax update; p_j s_j and sum_j p_j z_j */
                 const int h = kh * G + g;
