@@ -1048,8 +1048,8 @@ size_t ic_work_size(void) { return sizeof(Work); }
 /* The ABI the Python side (native/__init__.py) was written against: bump IC_ABI_VERSION whenever a struct
    or an exported signature changes. Fills sizes[0..2] with sizeof(Mat), sizeof(Layer), sizeof(Model); the
    loader compares them with its ctypes structures and refuses a library that disagrees. */
-#define IC_ABI_VERSION 5 /* 3: KVView and ic_decode_kv (quantized KV); 4: int4 KV and Hadamard keys in KVView,
-                            ic_decode_batch over KV views; 5: ic_batch_vnni */
+#define IC_ABI_VERSION 6 /* 3: KVView and ic_decode_kv (quantized KV); 4: int4 KV and Hadamard keys in KVView,
+                            ic_decode_batch over KV views; 5: ic_batch_vnni; 6: ic_kv_avx512 */
 int ic_abi(int64_t *sizes) {
     sizes[0] = (int64_t)sizeof(Mat);
     sizes[1] = (int64_t)sizeof(Layer);
