@@ -17,9 +17,10 @@
    The KV cache is the KV store's own buffers (Hkv, capacity, hd) per layer: bf16, int8 codes with a float32
    scale per row, or int4 KIVI groups plus a bf16 residual of the newest slots, keys optionally Hadamard-rotated
    (KVView, ic_decode_kv): the new key/value rows are written at slot `start` (int8: quantized here; int4: into
-   the residual) and attention reads slots [0, start], each format's codes directly. Attention is split over
-   the threads by key slots (flash-decoding): each thread keeps a running max, sum and weighted value sum per
-   query head over its slots, in blocks of ABLK, and the partial results are merged at the end. */
+   the residual) and attention reads slots [0, start], each format's codes directly (int4 with AVX-512 where the
+   CPU has it). Attention is split over the threads by key slots (flash-decoding): each thread keeps a running
+   max, sum and weighted value sum per query head over its slots, in blocks of ABLK, and the partial results are
+   merged at the end. */
 
 #include <immintrin.h>
 #include <math.h>
@@ -719,9 +720,11 @@ AVX512 static inline __attribute__((always_inline)) void transpose_group(const u
         }
         for (int c = 0; c < hb; c += 32) { /* dwords c/4 .. c/4 + 7 */
             __m512i r[8], o[8];
-            for (int i = 0; i < 8; i++)
-                r[i] = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(k + 2 * i * hb + c))),
-                                          _mm256_loadu_si256((const __m256i *)(k + (2 * i + 1) * hb + c)), 1);
+            for (int i = 0; i < 8; i++) {
+                const __m256i s0 = _mm256_loadu_si256((const __m256i *)(k + 2 * i * hb + c));
+                const __m256i s1 = _mm256_loadu_si256((const __m256i *)(k + (2 * i + 1) * hb + c));
+                r[i] = _mm512_inserti64x4(_mm512_castsi256_si512(s0), s1, 1);
+            }
             transpose16x8(r, o);
             for (int d = 0; d < 8; d++) _mm512_store_si512((void *)(kt + (c / 4 + d) * 32 + 16 * h), o[d]);
         }
