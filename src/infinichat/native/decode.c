@@ -637,8 +637,8 @@ static inline __attribute__((always_inline)) void attend_rows(const Model *M, co
    bytes (32 channels, within one value group) widened to dwords give the even channels through the table and
    the odd ones after a shift by 4, each times p_j s_j broadcast per query head; the accumulators of such a
    chunk hold (even | odd) channels and are permuted back at the block's end. Softmax, p_j s_j and the zero
-   sums sum_j p_j z_j in registers of 16 slots. Needs a, b multiples of KV_GROUP, head_dim a multiple of 32
-   and value groups of a multiple of 32 channels (else attend_rows runs). */
+   sums sum_j p_j z_j in registers of 16 slots. Needs a, b multiples of KV_GROUP, head_dim 32 or a multiple of
+   64 and value groups of a multiple of 32 channels (else attend_rows runs). */
 #define KV_GH 8 /* query heads per pass over a block's codes (registers: 2 x KV_GH accumulators) */
 
 static int kv512_force = -1; /* ic_kv_avx512: -1 the CPU decides, 0 never (attend_rows' AVX2 int4) */
@@ -1012,7 +1012,8 @@ static void attend_view(const Model *M, const float *q, const float *qh, const K
             const Rows R = {.k = kv->k[li], .v = kv->v[li], .ks = kv->ks[li], .vs = kv->vs[li], .kz = kv->kz[li],
                             .vz = kv->vz[li], .cap = kv->cap, .vg = kv->vgroup};
             const int64_t e = b < ql ? b : ql;
-            if (kv512() && a % KV_GROUP == 0 && e % KV_GROUP == 0 && M->head_dim % 32 == 0 && kv->vgroup % 32 == 0)
+            const int hd = M->head_dim; /* whole key rows of 16 or 32k bytes (transpose_group) */
+            if (kv512() && a % KV_GROUP == 0 && e % KV_GROUP == 0 && (hd == 32 || hd % 64 == 0) && kv->vgroup % 32 == 0)
                 attend_int4_512(M, qk, &R, a, e, P);
             else
                 attend_rows(M, qk, &R, a, e, P, ROWS_INT4);
