@@ -16,6 +16,7 @@ import torch
 from test_kv_store import rand_ids, tiny_model
 from test_native import CAN_BUILD, _pair
 
+from infinichat import native
 from infinichat.engine.torch_engine import TorchEngine
 from infinichat.errors import InfinichatError
 from infinichat.kv import quantized as kq
@@ -422,6 +423,49 @@ def test_native_int4_reads_what_the_store_holds():
     got, want = eq.decode_one(a, 5), er.decode_one(b, 5)
     assert (got - base).abs().max().item() > 0.05 * base.abs().max().item()
     assert (got - want).abs().max().item() <= 0.02 * want.abs().max().item()
+
+
+@needs_lib
+@pytest.mark.parametrize("kv_dtype,head_dim", [("int4", 32), ("int4", 64), ("int4h", 64)])
+def test_native_int4_attention_with_avx512_equals_the_avx2_code_up_to_summation_order(kv_dtype, head_dim):
+    """decode.c reads int4 KV with AVX-512 where the CPU has it (keys 16 slots in the lanes, values 32 channels
+    per load) and with the AVX2 code every CPU runs otherwise (ic_kv_avx512(0) forces it here): the same products
+    summed in another order. At 10 successive slots of one sequence (300 prompt tokens, qlen >= 224), the native
+    step from the same state by both paths at 2 threads (a thread's range crosses into the residual), float32
+    logits: within 2e-3 of the largest (measured <= 8.6e-4: the step's int8 activations and bf16 residual rows
+    turn a last-bit difference into more), no further apart than 3x what the AVX2 path itself moves between 1
+    and 2 threads (its slots merged in another order; measured 3e-4 to 1e-3), and not all bit for bit (so both
+    paths ran). The attention alone (a C harness over random int4 rows, not in CI): within 1.5e-6."""
+    lib = native.library()
+    assert lib is not None
+    if not lib.ic_kv_avx512(-1):
+        pytest.skip("no AVX-512 here")
+    qm, _ = _pair("int4", head_dim=head_dim)
+    ids = rand_ids(310, seed=18, vocab=qm.cfg.vocab_size)
+    eng, dec = TorchEngine(qm, (), kv_dtype=kv_dtype), qm.kernels.decoder
+    seq = eng.new_cache(512)
+    eng.prefill(seq, ids[:300])
+    assert seq.store.qlen >= 224 and dec.bind(seq.store) is not None
+    same, paths, orders = [], 0.0, 0.0
+    try:
+        for t in ids[300:310]:
+            pos, step = seq.next_positions(1), (int(t), seq.store, seq.length)
+            torch.set_num_threads(2)
+            fast = dec.decode(step[0], pos, *step[1:])[1]
+            assert lib.ic_kv_avx512(0) == 0
+            avx2 = dec.decode(step[0], pos, *step[1:])[1]
+            torch.set_num_threads(1)
+            avx2_1 = dec.decode(step[0], pos, *step[1:])[1]
+            assert lib.ic_kv_avx512(-1) == 1
+            top = avx2.abs().max().item()
+            paths = max(paths, (fast - avx2).abs().max().item() / top)
+            orders = max(orders, (avx2_1 - avx2).abs().max().item() / top)
+            same.append(torch.equal(fast, avx2))
+            eng.decode_one(seq, t)
+    finally:
+        lib.ic_kv_avx512(-1)
+        torch.set_num_threads(1)
+    assert paths <= 2e-3 and paths <= 3 * orders and not all(same), (paths, orders, same)
 
 
 # ------------------------------------------------------------------ sessions: persistence, prefix cache, cache map

@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("decode.c")
 CFLAGS = ("-O3", "-std=gnu11", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC")
 BLOCK = 32  # decode.c's QB: int4 group and activation block
-AVX512 = {"avx512f", "avx512bw", "avx512dq", "avx512vl"}  # the prompt attention's
+AVX512 = {"avx512f", "avx512bw", "avx512dq", "avx512vl"}  # the prompt attention's (and decode.c's int4 KV attention's)
 VNNI = AVX512 | {"avx512_vnni"}  # the int8 multi-token product's tokens-in-lanes kernel
 
 _state: dict[str, object] = {}
@@ -212,10 +212,12 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.ic_decode_batch.argtypes = [ctypes.POINTER(_Model), i32, p, p, p, p, p, p, p, p, i32]
     lib.ic_batch_vnni.argtypes = [i32]
     lib.ic_batch_vnni.restype = i32
+    lib.ic_kv_avx512.argtypes = [i32]
+    lib.ic_kv_avx512.restype = i32
 
 
 KIND_INT4, KIND_INT8, KIND_INT8_GROUP = 4, 8, 9  # decode.c's Mat kinds
-ABI_VERSION = 5  # decode.c's IC_ABI_VERSION: the structures above and the signatures in _declare
+ABI_VERSION = 6  # decode.c's IC_ABI_VERSION: the structures above and the signatures in _declare
 
 
 def check_abi(lib: ctypes.CDLL) -> None:

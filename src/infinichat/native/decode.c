@@ -17,9 +17,10 @@
    The KV cache is the KV store's own buffers (Hkv, capacity, hd) per layer: bf16, int8 codes with a float32
    scale per row, or int4 KIVI groups plus a bf16 residual of the newest slots, keys optionally Hadamard-rotated
    (KVView, ic_decode_kv): the new key/value rows are written at slot `start` (int8: quantized here; int4: into
-   the residual) and attention reads slots [0, start], each format's codes directly. Attention is split over
-   the threads by key slots (flash-decoding): each thread keeps a running max, sum and weighted value sum per
-   query head over its slots, in blocks of ABLK, and the partial results are merged at the end. */
+   the residual) and attention reads slots [0, start], each format's codes directly (int4 with AVX-512 where the
+   CPU has it). Attention is split over the threads by key slots (flash-decoding): each thread keeps a running
+   max, sum and weighted value sum per query head over its slots, in blocks of ABLK, and the partial results are
+   merged at the end. */
 
 #include <immintrin.h>
 #include <math.h>
@@ -114,6 +115,19 @@ static inline __m256 exp8(__m256 x) {
     __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
     __m256 y = _mm256_mul_ps(p, _mm256_castsi256_ps(e));
     return _mm256_andnot_ps(under, y);
+}
+
+/* AVX-512 code (the prompt attention, int4 KV scores): compiled for it, run only where the CPU has it */
+#define AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,fma")))
+
+AVX512 static inline __m512 exp16(__m512 x) { /* e^x for x <= 0, below -87 -> 0; same polynomial as exp8 */
+    const __m512 lo = _mm512_set1_ps(-87.0f);
+    __mmask16 under = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
+    x = _mm512_max_ps(x, lo);
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(LOG2E)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = EXP_REDUCE(_mm512_fnmadd_ps, _mm512_set1_ps, n, x);
+    __m512 p = EXP_POLY(_mm512_fmadd_ps, _mm512_set1_ps, r);
+    return _mm512_maskz_mov_ps(~under, _mm512_scalef_ps(p, n));
 }
 
 /* thread `t` of `nt`: its share [*a, *b) of n items, in whole units of `unit` */
@@ -613,6 +627,292 @@ static inline __attribute__((always_inline)) void attend_rows(const Model *M, co
     }
 }
 
+/* int4 rows with AVX-512 (attend_rows' ROWS_INT4 arithmetic, reassociated; kv512 says where it runs): the same
+   blocks of ABLK slots, online softmax and merged P, with fewer instructions per slot.
+   Keys, 16 slots in the lanes: a key group's 32 packed rows are transposed (3 levels of two-source dword
+   permutes) so that dword d of 16 slots sits in one register; its nibble k is channel 8d + k, turned into the
+   float code by a permute from the 16-entry table 0..15 (vpermps reads only an index's low 4 bits, so a shift
+   is the whole unpacking) and multiplied by (q * scale)[8d + k] broadcast, for every query head of the group:
+   the scores of 16 slots come out in one register, no horizontal sums. Values, channels in the lanes: 16 packed
+   bytes (32 channels, within one value group) widened to dwords give the even channels through the table and
+   the odd ones after a shift by 4, each times p_j s_j broadcast per query head; the accumulators of such a
+   chunk hold (even | odd) channels and are permuted back at the block's end. Softmax, p_j s_j and the zero
+   sums sum_j p_j z_j in registers of 16 slots. Needs a, b multiples of KV_GROUP, head_dim 32 or a multiple of
+   64 and value groups of a multiple of 32 channels (else attend_rows runs). */
+#define KV_GH 8 /* query heads per pass over a block's codes (registers: 2 x KV_GH accumulators) */
+
+static int kv512_force = -1; /* ic_kv_avx512: -1 the CPU decides, 0 never (attend_rows' AVX2 int4) */
+
+static int kv512(void) {
+    static int v = -1;
+    if (v < 0) {
+        __builtin_cpu_init();
+        v = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+            __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
+    }
+    return v && kv512_force != 0;
+}
+
+/* mode -1: int4 KV attention with AVX-512 where the CPU has it (the default); 0: never (the AVX2 code every
+   CPU runs; tests compare both). Returns whether it is used now. */
+int ic_kv_avx512(int mode) {
+    kv512_force = mode < 0 ? -1 : mode > 0 ? 1 : 0;
+    return kv512();
+}
+
+/* 16 slots x 8 dwords -> out[d] (16,) dword d of each slot. r[i]: slots 2i, 2i+1 (lanes 8s + d: slot 2i+s) */
+AVX512 static inline __attribute__((always_inline)) void transpose16x8(const __m512i r[8], __m512i out[8]) {
+    /* level 1, slots 4m + u (u < 4) from r[2m], r[2m+1]: lane 4d + u <- 8u + d (dwords 0..3), 8u + d + 4 (4..7) */
+    const __m512i i1 = _mm512_set_epi32(27, 19, 11, 3, 26, 18, 10, 2, 25, 17, 9, 1, 24, 16, 8, 0);
+    const __m512i i1h = _mm512_add_epi32(i1, _mm512_set1_epi32(4));
+    /* level 2, slots 8p + v from two level-1 registers: lane 8d + v <- 16 (v / 4) + 4d + v % 4, d in {0, 1} or
+       {2, 3} (+8) */
+    const __m512i i2 = _mm512_set_epi32(23, 22, 21, 20, 7, 6, 5, 4, 19, 18, 17, 16, 3, 2, 1, 0);
+    const __m512i i2h = _mm512_add_epi32(i2, _mm512_set1_epi32(8));
+    /* level 3, 16 slots from two level-2 registers: lane w <- 16 (w / 8) + w % 8 (+8: the pair's second dword) */
+    const __m512i i3 = _mm512_set_epi32(23, 22, 21, 20, 19, 18, 17, 16, 7, 6, 5, 4, 3, 2, 1, 0);
+    const __m512i i3h = _mm512_add_epi32(i3, _mm512_set1_epi32(8));
+    __m512i l1[8], l2[8];
+    for (int m = 0; m < 4; m++) { /* l1[2m]: slots 4m.., dwords 0..3; l1[2m+1]: dwords 4..7 */
+        l1[2 * m] = _mm512_permutex2var_epi32(r[2 * m], i1, r[2 * m + 1]);
+        l1[2 * m + 1] = _mm512_permutex2var_epi32(r[2 * m], i1h, r[2 * m + 1]);
+    }
+    for (int p = 0; p < 2; p++)     /* slots 8p.. */
+        for (int h = 0; h < 2; h++) { /* l2[4p + 2h + e]: dwords 4h + 2e, 4h + 2e + 1 */
+            l2[4 * p + 2 * h] = _mm512_permutex2var_epi32(l1[4 * p + h], i2, l1[4 * p + 2 + h]);
+            l2[4 * p + 2 * h + 1] = _mm512_permutex2var_epi32(l1[4 * p + h], i2h, l1[4 * p + 2 + h]);
+        }
+    for (int e = 0; e < 4; e++) { /* dwords 2e, 2e + 1 of slots 0..7 (l2[e]) and 8..15 (l2[4 + e]) */
+        out[2 * e] = _mm512_permutex2var_epi32(l2[e], i3, l2[4 + e]);
+        out[2 * e + 1] = _mm512_permutex2var_epi32(l2[e], i3h, l2[4 + e]);
+    }
+}
+
+/* 16 slots x 4 dwords -> out[d] (16,). r[i]: slots 4i..4i+3 (lane 4s + d) */
+AVX512 static inline __attribute__((always_inline)) void transpose16x4(const __m512i r[4], __m512i out[4]) {
+    /* level 1, slots 8m + v from r[2m], r[2m+1]: lane 8d + v <- 4v + d, d in {0, 1} or {2, 3} (+2) */
+    const __m512i i1 = _mm512_set_epi32(29, 25, 21, 17, 13, 9, 5, 1, 28, 24, 20, 16, 12, 8, 4, 0);
+    const __m512i i1h = _mm512_add_epi32(i1, _mm512_set1_epi32(2));
+    const __m512i i3 = _mm512_set_epi32(23, 22, 21, 20, 19, 18, 17, 16, 7, 6, 5, 4, 3, 2, 1, 0);
+    const __m512i i3h = _mm512_add_epi32(i3, _mm512_set1_epi32(8));
+    __m512i l1[4];
+    for (int m = 0; m < 2; m++) {
+        l1[2 * m] = _mm512_permutex2var_epi32(r[2 * m], i1, r[2 * m + 1]);
+        l1[2 * m + 1] = _mm512_permutex2var_epi32(r[2 * m], i1h, r[2 * m + 1]);
+    }
+    for (int e = 0; e < 2; e++) {
+        out[2 * e] = _mm512_permutex2var_epi32(l1[e], i3, l1[2 + e]);
+        out[2 * e + 1] = _mm512_permutex2var_epi32(l1[e], i3h, l1[2 + e]);
+    }
+}
+
+/* A key group's 32 packed rows K4 (32, hd/2) -> kt (hd/8, 32): dword d of slot s at kt[d * 32 + s] */
+AVX512 static inline __attribute__((always_inline)) void transpose_group(const uint8_t *K4, int hd, uint32_t *kt) {
+    const int hb = hd / 2;
+    for (int h = 0; h < 2; h++) { /* slots 16h.. */
+        const uint8_t *k = K4 + (int64_t)16 * h * hb;
+        if (hd == 32) { /* rows of 16 bytes: 4 slots per register */
+            __m512i r[4], o[4];
+            for (int i = 0; i < 4; i++) r[i] = _mm512_loadu_si512((const void *)(k + 64 * i));
+            transpose16x4(r, o);
+            for (int d = 0; d < 4; d++) _mm512_store_si512((void *)(kt + d * 32 + 16 * h), o[d]);
+            continue;
+        }
+        for (int c = 0; c < hb; c += 32) { /* dwords c/4 .. c/4 + 7 */
+            __m512i r[8], o[8];
+            for (int i = 0; i < 8; i++) {
+                const __m256i s0 = _mm256_loadu_si256((const __m256i *)(k + 2 * i * hb + c));
+                const __m256i s1 = _mm256_loadu_si256((const __m256i *)(k + (2 * i + 1) * hb + c));
+                r[i] = _mm512_inserti64x4(_mm512_castsi256_si512(s0), s1, 1);
+            }
+            transpose16x8(r, o);
+            for (int d = 0; d < 8; d++) _mm512_store_si512((void *)(kt + (c / 4 + d) * 32 + 16 * h), o[d]);
+        }
+    }
+}
+
+/* scores of a key group's 32 slots for GH query heads: sc[g][j0 + s] = (q * scale)[g] . codes[s] + qz[g] */
+AVX512 static inline __attribute__((always_inline)) void int4_scores(const uint32_t *kt, int hd, const float *qs,
+                                                                     const float *qz, float (*sc)[ABLK], int j0,
+                                                                     const int GH) {
+    const __m512 lut = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    __m512 s0[KV_GH], s1[KV_GH];
+    for (int g = 0; g < GH; g++) s0[g] = s1[g] = _mm512_setzero_ps();
+    for (int d = 0; d < hd / 8; d++) {
+        const __m512i x0 = _mm512_load_si512((const void *)(kt + d * 32));
+        const __m512i x1 = _mm512_load_si512((const void *)(kt + d * 32 + 16));
+#pragma GCC unroll 8
+        for (int k = 0; k < 8; k++) {
+            const __m512 c0 = _mm512_permutexvar_ps(_mm512_srli_epi32(x0, 4 * k), lut);
+            const __m512 c1 = _mm512_permutexvar_ps(_mm512_srli_epi32(x1, 4 * k), lut);
+            for (int g = 0; g < GH; g++) {
+                const __m512 w = _mm512_set1_ps(qs[g * MAX_HD + 8 * d + k]);
+                s0[g] = _mm512_fmadd_ps(c0, w, s0[g]);
+                s1[g] = _mm512_fmadd_ps(c1, w, s1[g]);
+            }
+        }
+    }
+    for (int g = 0; g < GH; g++) {
+        const __m512 z = _mm512_set1_ps(qz[g]);
+        _mm512_store_ps(sc[g] + j0, _mm512_add_ps(s0[g], z));
+        _mm512_store_ps(sc[g] + j0 + 16, _mm512_add_ps(s1[g], z));
+    }
+}
+
+/* acc[g] (hd,) of GH query heads = acc * corr + zsum + sum_j pw[g][j] codes_j over channels [i, i + 32) of the
+   block's nb value rows V4 (nb, hd/2); pw, zsum: this chunk's value group */
+AVX512 static inline __attribute__((always_inline)) void int4_values(const uint8_t *V4, int hb, int nb, int i,
+                                                                     float *const acc[], const float *corr,
+                                                                     const float *zsum, const float (*pw)[ABLK],
+                                                                     const int GH) {
+    const __m512 lut = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512i ev = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+    const __m512i od = _mm512_add_epi32(ev, _mm512_set1_epi32(1));
+    __m512 oe[KV_GH], oo[KV_GH]; /* channels i + 2l, i + 2l + 1 */
+    for (int g = 0; g < GH; g++) {
+        const __m512 a0 = _mm512_loadu_ps(acc[g] + i), a1 = _mm512_loadu_ps(acc[g] + i + 16);
+        const __m512 cg = _mm512_set1_ps(corr[g]), zg = _mm512_set1_ps(zsum[g]);
+        oe[g] = _mm512_fmadd_ps(_mm512_permutex2var_ps(a0, ev, a1), cg, zg);
+        oo[g] = _mm512_fmadd_ps(_mm512_permutex2var_ps(a0, od, a1), cg, zg);
+    }
+    const uint8_t *v = V4 + i / 2;
+    for (int j = 0; j < nb; j++) {
+        const __m512i x = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(v + (int64_t)j * hb)));
+        const __m512 ce = _mm512_permutexvar_ps(x, lut), co = _mm512_permutexvar_ps(_mm512_srli_epi32(x, 4), lut);
+        for (int g = 0; g < GH; g++) {
+            const __m512 w = _mm512_set1_ps(pw[g][j]);
+            oe[g] = _mm512_fmadd_ps(w, ce, oe[g]);
+            oo[g] = _mm512_fmadd_ps(w, co, oo[g]);
+        }
+    }
+    /* back to channel order: lane 2l <- even l, 2l + 1 <- odd l */
+    const __m512i lo = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    const __m512i hi = _mm512_add_epi32(lo, _mm512_set1_epi32(8));
+    for (int g = 0; g < GH; g++) {
+        _mm512_storeu_ps(acc[g] + i, _mm512_permutex2var_ps(oe[g], lo, oo[g]));
+        _mm512_storeu_ps(acc[g] + i + 16, _mm512_permutex2var_ps(oe[g], hi, oo[g]));
+    }
+}
+
+/* nb (a multiple of 16) slots' float16 value scales (or zeros) x (nb, nvg) -> out[c][j] float32, per value group */
+AVX512 static inline void value_scales(const uint16_t *x, int nb, int nvg, float (*out)[ABLK]) {
+    if (nvg == 1)
+        for (int j = 0; j < nb; j += 16)
+            _mm512_store_ps(out[0] + j, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(x + j))));
+    else if (nvg == 2) { /* 16 slots' (group 0, group 1) pairs -> group 0's and group 1's */
+        const __m512i ev = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+        const __m512i od = _mm512_add_epi32(ev, _mm512_set1_epi32(1));
+        for (int j = 0; j < nb; j += 16) {
+            const __m512 a = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(x + 2 * j)));
+            const __m512 b = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(x + 2 * j + 16)));
+            _mm512_store_ps(out[0] + j, _mm512_permutex2var_ps(a, ev, b));
+            _mm512_store_ps(out[1] + j, _mm512_permutex2var_ps(a, od, b));
+        }
+    } else
+        for (int j = 0; j < nb; j++)
+            for (int c = 0; c < nvg; c++) out[c][j] = _cvtsh_ss(x[j * nvg + c]);
+}
+
+AVX512 static void attend_int4_512(const Model *M, const float *q, const Rows *R, int64_t a, int64_t b, Partial *P) {
+    const int H = M->n_heads, Hkv = M->n_kv, hd = M->head_dim, G = H / Hkv, hb = hd / 2;
+    const int64_t cap = R->cap;
+    const int vg = R->vg, nvg = hd / vg;
+    float sc[MAX_GROUP][ABLK] __attribute__((aligned(64)));
+    float qs[MAX_GROUP * MAX_HD] __attribute__((aligned(64))); /* q * key scale, per query head */
+    uint32_t kt[MAX_HD / 8 * KV_GROUP] __attribute__((aligned(64)));
+    float qz[MAX_GROUP], corr[MAX_GROUP], zsum[MAX_HD / 32][MAX_GROUP];
+    float vsf[MAX_HD / 32][ABLK] __attribute__((aligned(64))), vzf[MAX_HD / 32][ABLK] __attribute__((aligned(64)));
+    float pw[MAX_HD / 32][MAX_GROUP][ABLK] __attribute__((aligned(64))); /* weight x value scale */
+    for (int kh = 0; kh < Hkv; kh++) {
+        const int64_t row0 = (int64_t)kh * cap;
+        const uint8_t *K4 = (const uint8_t *)R->k + row0 * hb, *V4 = (const uint8_t *)R->v + row0 * hb;
+        const uint16_t *KS4 = (const uint16_t *)R->ks + (int64_t)kh * (cap / KV_GROUP) * hd;
+        const uint16_t *KZ4 = (const uint16_t *)R->kz + (int64_t)kh * (cap / KV_GROUP) * hd;
+        const uint16_t *VS4 = (const uint16_t *)R->vs + row0 * nvg, *VZ4 = (const uint16_t *)R->vz + row0 * nvg;
+        const float *qk = q + kh * G * hd;
+        float *accp[MAX_GROUP];
+        for (int g = 0; g < G; g++) accp[g] = P->acc + (kh * G + g) * hd;
+        for (int64_t t0 = a; t0 < b; t0 += ABLK) {
+            const int nb = (int)(b - t0 < ABLK ? b - t0 : ABLK); /* 32 or 64 */
+            for (int j0 = 0; j0 < nb; j0 += KV_GROUP) { /* scores, one key group at a time */
+                const int64_t kg = (t0 + j0) / KV_GROUP;
+                const uint16_t *gs = KS4 + kg * hd, *gz = KZ4 + kg * hd;
+                __m512 zq[MAX_GROUP]; /* q * scale and q . zero for this key group, its scales widened once */
+                for (int g = 0; g < G; g++) zq[g] = _mm512_setzero_ps();
+                for (int i = 0; i < hd; i += 16) {
+                    const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(gs + i)));
+                    const __m512 z = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(gz + i)));
+                    for (int g = 0; g < G; g++) {
+                        const __m512 qv = _mm512_loadu_ps(qk + g * hd + i);
+                        _mm512_store_ps(qs + g * MAX_HD + i, _mm512_mul_ps(qv, s));
+                        zq[g] = _mm512_fmadd_ps(qv, z, zq[g]);
+                    }
+                }
+                for (int g = 0; g < G; g++) qz[g] = _mm512_reduce_add_ps(zq[g]);
+                transpose_group(K4 + (t0 + j0) * hb, hd, kt);
+                for (int g0 = 0; g0 < G; g0 += KV_GH) {
+                    const int gh = G - g0 < KV_GH ? G - g0 : KV_GH;
+                    const float *qsg = qs + g0 * MAX_HD;
+                    switch (gh) {
+                    case 1: int4_scores(kt, hd, qsg, qz + g0, sc + g0, j0, 1); break;
+                    case 2: int4_scores(kt, hd, qsg, qz + g0, sc + g0, j0, 2); break;
+                    case 3: int4_scores(kt, hd, qsg, qz + g0, sc + g0, j0, 3); break;
+                    case 4: int4_scores(kt, hd, qsg, qz + g0, sc + g0, j0, 4); break;
+                    case 5: int4_scores(kt, hd, qsg, qz + g0, sc + g0, j0, 5); break;
+                    case 6: int4_scores(kt, hd, qsg, qz + g0, sc + g0, j0, 6); break;
+                    case 7: int4_scores(kt, hd, qsg, qz + g0, sc + g0, j0, 7); break;
+                    default: int4_scores(kt, hd, qsg, qz + g0, sc + g0, j0, 8); break;
+                    }
+                }
+            }
+            value_scales(VS4 + t0 * nvg, nb, nvg, vsf); /* the block's value scales and zeros, per value group */
+            value_scales(VZ4 + t0 * nvg, nb, nvg, vzf);
+            const int nv = nb / 16;
+            for (int g = 0; g < G; g++) { /* online softmax update; p_j s_j and sum_j p_j z_j */
+                const int h = kh * G + g;
+                __m512 mx = _mm512_load_ps(sc[g]);
+                for (int u = 1; u < nv; u++) mx = _mm512_max_ps(mx, _mm512_load_ps(sc[g] + 16 * u));
+                const float bmax = _mm512_reduce_max_ps(mx);
+                const float mnew = bmax > P->m[h] ? bmax : P->m[h];
+                corr[g] = P->m[h] == -INFINITY ? 0.0f : expf(P->m[h] - mnew);
+                P->m[h] = mnew;
+                __m512 ls = _mm512_setzero_ps(), zs[MAX_HD / 32];
+                for (int c = 0; c < nvg; c++) zs[c] = _mm512_setzero_ps();
+                for (int u = 0; u < nv; u++) {
+                    const __m512 p = exp16(_mm512_sub_ps(_mm512_load_ps(sc[g] + 16 * u), _mm512_set1_ps(mnew)));
+                    ls = _mm512_add_ps(ls, p);
+                    for (int c = 0; c < nvg; c++) {
+                        zs[c] = _mm512_fmadd_ps(p, _mm512_load_ps(vzf[c] + 16 * u), zs[c]);
+                        _mm512_store_ps(pw[c][g] + 16 * u, _mm512_mul_ps(p, _mm512_load_ps(vsf[c] + 16 * u)));
+                    }
+                }
+                P->l[h] = P->l[h] * corr[g] + _mm512_reduce_add_ps(ls);
+                for (int c = 0; c < nvg; c++) zsum[c][g] = _mm512_reduce_add_ps(zs[c]);
+            }
+            const uint8_t *Vb = V4 + t0 * hb;
+            for (int i = 0; i < hd; i += 32) { /* weighted values, 32 channels (one value group) at a time */
+                const int c = i / vg;
+                for (int g0 = 0; g0 < G; g0 += KV_GH) {
+                    const int gh = G - g0 < KV_GH ? G - g0 : KV_GH;
+                    float *const *ap = accp + g0;
+                    const float *cr = corr + g0, *zz = zsum[c] + g0;
+                    const float(*pp)[ABLK] = (const float(*)[ABLK])pw[c][g0];
+                    switch (gh) {
+                    case 1: int4_values(Vb, hb, nb, i, ap, cr, zz, pp, 1); break;
+                    case 2: int4_values(Vb, hb, nb, i, ap, cr, zz, pp, 2); break;
+                    case 3: int4_values(Vb, hb, nb, i, ap, cr, zz, pp, 3); break;
+                    case 4: int4_values(Vb, hb, nb, i, ap, cr, zz, pp, 4); break;
+                    case 5: int4_values(Vb, hb, nb, i, ap, cr, zz, pp, 5); break;
+                    case 6: int4_values(Vb, hb, nb, i, ap, cr, zz, pp, 6); break;
+                    case 7: int4_values(Vb, hb, nb, i, ap, cr, zz, pp, 7); break;
+                    default: int4_values(Vb, hb, nb, i, ap, cr, zz, pp, 8); break;
+                    }
+                }
+            }
+        }
+    }
+}
+
 /* ------------------------------------------------------------------------------------------- KV formats
    Where the step keeps a layer's key/value rows: the KV store's bf16 buffers, its int8 codes + scales
    (kv/quantized.py Int8KVStore), or its int4 KIVI groups (Int4KVStore) plus the bf16 residual of the newest
@@ -711,7 +1011,12 @@ static void attend_view(const Model *M, const float *q, const float *qh, const K
         if (a < ql) {
             const Rows R = {.k = kv->k[li], .v = kv->v[li], .ks = kv->ks[li], .vs = kv->vs[li], .kz = kv->kz[li],
                             .vz = kv->vz[li], .cap = kv->cap, .vg = kv->vgroup};
-            attend_rows(M, qk, &R, a, b < ql ? b : ql, P, ROWS_INT4);
+            const int64_t e = b < ql ? b : ql;
+            const int hd = M->head_dim; /* whole key rows of 16 or 32k bytes (transpose_group) */
+            if (kv512() && a % KV_GROUP == 0 && e % KV_GROUP == 0 && (hd == 32 || hd % 64 == 0) && kv->vgroup % 32 == 0)
+                attend_int4_512(M, qk, &R, a, e, P);
+            else
+                attend_rows(M, qk, &R, a, e, P, ROWS_INT4);
         }
         if (b > ql) {
             const Rows R = {.k = kv->rk[li], .v = kv->rv[li], .cap = kv->rcap};
@@ -747,8 +1052,8 @@ size_t ic_work_size(void) { return sizeof(Work); }
 /* The ABI the Python side (native/__init__.py) was written against: bump IC_ABI_VERSION whenever a struct
    or an exported signature changes. Fills sizes[0..2] with sizeof(Mat), sizeof(Layer), sizeof(Model); the
    loader compares them with its ctypes structures and refuses a library that disagrees. */
-#define IC_ABI_VERSION 5 /* 3: KVView and ic_decode_kv (quantized KV); 4: int4 KV and Hadamard keys in KVView,
-                            ic_decode_batch over KV views; 5: ic_batch_vnni */
+#define IC_ABI_VERSION 6 /* 3: KVView and ic_decode_kv (quantized KV); 4: int4 KV and Hadamard keys in KVView,
+                            ic_decode_batch over KV views; 5: ic_batch_vnni; 6: ic_kv_avx512 */
 int ic_abi(int64_t *sizes) {
     sizes[0] = (int64_t)sizeof(Mat);
     sizes[1] = (int64_t)sizeof(Layer);
@@ -1424,18 +1729,6 @@ int ic_decode_batch(const Model *M, int B, const int64_t *tokens, const float *c
    and O += P V (4 rows x hd). Online softmax per row, as in flash attention. */
 #define PQ 32
 #define PK 64
-
-#define AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,fma")))
-
-AVX512 static inline __m512 exp16(__m512 x) { /* e^x for x <= 0, below -87 -> 0; same polynomial as exp8 */
-    const __m512 lo = _mm512_set1_ps(-87.0f);
-    __mmask16 under = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
-    x = _mm512_max_ps(x, lo);
-    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(LOG2E)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = EXP_REDUCE(_mm512_fnmadd_ps, _mm512_set1_ps, n, x);
-    __m512 p = EXP_POLY(_mm512_fmadd_ps, _mm512_set1_ps, r);
-    return _mm512_maskz_mov_ps(~under, _mm512_scalef_ps(p, n));
-}
 
 /* One task. NV = hd / 16 (4 or 8), R rows per register tile. kt: this KV head's keys transposed (hd, ldk) and
    vv its values (kend, hd), float32. */
