@@ -17,6 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from infinichat.errors import InfinichatError
+from infinichat.eval.journal import NUMBER
 
 log = logging.getLogger(__name__)
 
@@ -89,11 +90,13 @@ def _out_dir(args: argparse.Namespace, task: str) -> Path:
     return Path(args.out) if args.out else Path("results") / time.strftime(f"{task}-%Y%m%d-%H%M%S")
 
 
-def _journal(args: argparse.Namespace, out_dir: Path, stem: str, key_fields: tuple[str, ...], **settings: Any):
+def _journal(
+    args: argparse.Namespace, out_dir: Path, stem: str, key_fields: tuple[str, ...], fields: dict, **settings: Any
+):
     """The run's results file (`<stem>.jsonl`), opened before the model loads: new, or with --resume the one in
     `out_dir`, whose recorded settings must be this command's (the model, how it computes, decoding, and
-    `settings`: what else makes the records)."""
-    from infinichat.eval.journal import Journal
+    `settings`: what else makes the records) and whose records must hold `fields` (what the reports read)."""
+    from infinichat.eval.journal import GENERATION, Journal
 
     model = args.model
     if model is not None and Path(model).exists():
@@ -109,7 +112,8 @@ def _journal(args: argparse.Namespace, out_dir: Path, stem: str, key_fields: tup
     }
     if hasattr(args, "no_chat_template"):
         common["chat_template"] = not args.no_chat_template
-    return Journal.open(out_dir, stem, {**common, **settings}, key_fields, getattr(args, "resume", False))
+    resume = getattr(args, "resume", False)
+    return Journal.open(out_dir, stem, {**common, **settings}, key_fields, resume, {**GENERATION, **fields})
 
 
 def _print_paths(paths: dict, heatmaps: str) -> None:
@@ -238,6 +242,7 @@ def _retrieval(args: argparse.Namespace, task: str) -> int:
         out_dir,
         task,
         ("policy", "length", "depth", "sample"),
+        {"policy": str, "length": int, "depth": NUMBER, "correct": bool, "distractor_answered": bool},
         lengths=lengths,
         depths=depths,
         samples=args.samples,
@@ -348,7 +353,13 @@ def ruler(args: argparse.Namespace) -> int:
     runs = _policy_runs(args)
     out_dir = _out_dir(args, "ruler")
     journal = _journal(
-        args, out_dir, "ruler", ("policy", "task", "length", "sample"), lengths=lengths, samples=args.samples
+        args,
+        out_dir,
+        "ruler",
+        ("policy", "task", "length", "sample"),
+        {"policy": str, "task": str, "length": int, "score": NUMBER, "score_part": NUMBER},
+        lengths=lengths,
+        samples=args.samples,
     )
 
     err = Console(stderr=True, highlight=False)
@@ -430,6 +441,7 @@ def multiturn(args: argparse.Namespace) -> int:
         out_dir,
         "multiturn",
         ("policy", "length", "sample"),  # a conversation's turns: written together, skipped together
+        {"policy": str, "length": int, "turn": int, "score": NUMBER},
         lengths=lengths,
         samples=args.samples,
         turns=args.turns,
@@ -522,6 +534,7 @@ def longbench(args: argparse.Namespace) -> int:
         out_dir,
         "longbench",
         ("policy", "item"),  # the record's place in the files given, in order
+        {"policy": str, "dataset": str, "score": NUMBER},
         data=[str(Path(p).resolve()) for p in args.data],
         dataset=args.dataset,
         limit=args.limit,
@@ -606,6 +619,7 @@ def infinitebench(args: argparse.Namespace) -> int:
         out_dir,
         "infinitebench",
         ("policy", "item"),  # the record's place in the files given, then the generated ones
+        {"policy": str, "task": str, "score": NUMBER},
         data=[str(Path(p).resolve()) for p in args.data],
         task=args.task,
         limit=args.limit,
