@@ -39,7 +39,7 @@ def parse_list(flag: str, text: str, conv: Callable[[str], Any], what: str) -> l
         if value not in items:
             items.append(value)
     if not items:
-        raise InfinichatError(f"{flag} is empty; give a comma-separated list of {what}s")
+        raise InfinichatError(f"{flag} is empty; give a comma-separated list, each {what}")
     return items
 
 
@@ -222,8 +222,7 @@ def _retrieval(args: argparse.Namespace, task: str) -> int:
     needle.check_lengths(lengths)
     depths = parse_list("--depths", args.depths, float, "a number")
     needle.check_depths(depths)
-    if args.samples < 1:
-        raise InfinichatError(f"--samples must be >= 1, got {args.samples}")
+    needle.check_samples(args.samples)
     variant = getattr(args, "variant", "single")
     n_keys: int = getattr(args, "n_keys", 4)  # niah's --n-keys (passkey has none)
     sentences = None
@@ -338,8 +337,7 @@ def _check_lengths_samples(args: argparse.Namespace) -> list[int]:
 
     lengths = parse_list("--lengths", args.lengths, int, "an integer")
     needle.check_lengths(lengths)
-    if args.samples < 1:
-        raise InfinichatError(f"--samples must be >= 1, got {args.samples}")
+    needle.check_samples(args.samples)
     return lengths
 
 

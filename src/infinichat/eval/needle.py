@@ -80,10 +80,22 @@ def contains_number(text: str, value: str) -> bool:
     return re.search(rf"(?<!\d){re.escape(value)}(?!\d)", text) is not None
 
 
+MAX_LENGTH = 1 << 24  # tokens of one prompt: beyond it, building the prompts alone exhausts the memory
+MAX_SAMPLES = 10_000  # per cell: every sample's prompt is built before the first one runs
+
+
 def check_lengths(lengths: list[int]) -> None:
     bad = [n for n in lengths if n < 1]
     if bad:
         raise InfinichatError(f"--lengths must be positive token counts, got {bad[0]}")
+    bad = [n for n in lengths if n > MAX_LENGTH]
+    if bad:
+        raise InfinichatError(f"--lengths: {bad[0]} tokens is too long; at most {MAX_LENGTH} tokens")
+
+
+def check_samples(samples: int) -> None:
+    if not 1 <= samples <= MAX_SAMPLES:
+        raise InfinichatError(f"--samples must be from 1 to {MAX_SAMPLES}, got {samples}")
 
 
 def check_depths(depths: list[float]) -> None:
