@@ -158,3 +158,20 @@ def test_without_httptools_h11_bounds_the_head(tiny_chat_model, tmp_path, monkey
         assert status == 400
         status, _, body = exchange(srv.port, get("/health"))
         assert status == 200, body
+
+
+def test_a_431_pipelined_behind_a_request_follows_its_answer(live):
+    """A keep-alive client that pipelines a request and then one with a head over the bound (one TCP write) gets the
+    first request's answer, then the 431: answers in order. (The 431 used to be written at once, in the first
+    request's place, and that request's answer then failed in the server: write() after write_eof().)"""
+    first = get("/health").replace(b"Connection: close\r\n", b"")
+    with socket.create_connection(("127.0.0.1", live.port), timeout=30) as s:
+        s.sendall(first + get("/health", "X-Big: " + "a" * (40 << 10)))
+        data = b""
+        while got := s.recv(65536):
+            data += got
+    answers = data.split(b"HTTP/1.1 ")[1:]
+    assert [a[:3] for a in answers] == [b"200", b"431"], data[:500]
+    assert b'"status":"ok"' in answers[0] and b"header_too_large" in answers[1]
+    status, _, _ = exchange(live.port, get("/health"))
+    assert status == 200

@@ -51,6 +51,7 @@ def _bounded_base() -> type:
         _raw = 0  # bytes received since the head began, while it has not ended
         _counted = 0  # the head's bytes seen by the callbacks (the URL, each header: name: value CRLF)
         _refused = False
+        _deferred: bytes | None = None  # a 431 waiting for the answers to the earlier requests of its connection
 
         def data_received(self, data: bytes) -> None:
             if self._refused:
@@ -112,7 +113,25 @@ def _bounded_base() -> type:
                 b"content-length: " + str(len(body)).encode() + b"\r\n",
                 b"connection: close\r\n\r\n",
             ]
-            self.transport.write(b"".join(head) + body)
+            answer = b"".join(head) + body
+            if self.cycle is not None and not self.cycle.response_complete:
+                # pipelined behind requests of this connection still being answered: HTTP answers in order, so the
+                # 431 follows their answers (sent at once, it took the place of the first one, whose answer then
+                # failed: write() after write_eof())
+                self._deferred = answer
+                return
+            self._send_refusal(answer)
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if self._deferred is not None and self.cycle is not None and self.cycle.response_complete:
+                answer, self._deferred = self._deferred, None
+                self._send_refusal(answer)
+
+        def _send_refusal(self, answer: bytes) -> None:
+            if self.transport.is_closing():  # the client went away, or the last answer closed the connection
+                return
+            self.transport.write(answer)
             # a lingering close: the answer, then the end of our side; what the client still sends is read and
             # dropped (data_received) until it closes, for at most LINGER_S. Closing at once with its bytes unread
             # would reset the connection, and a client still sending could lose the answer.
