@@ -18,7 +18,7 @@ from fastapi.staticfiles import StaticFiles
 from infinichat.engine.backends import load_engine
 from infinichat.errors import InfinichatError
 from infinichat.kv.registry import POLICIES
-from infinichat.model.label import model_label, served_id
+from infinichat.model.label import model_label, served_id, shown
 from infinichat.model.loader import default_model_path
 from infinichat.server import (
     errors,
@@ -159,7 +159,7 @@ def create_app(
             "backend": backend,
             "started": time.time(),
             "model_hash": str(manager.model_id),
-            "path": str(Path(model_path).expanduser().resolve()) if model_path else "",
+            "path": shown(Path(model_path).expanduser().resolve()) if model_path else "",
         },
     }.items():
         setattr(app.state, k, v)
