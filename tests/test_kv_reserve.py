@@ -258,3 +258,23 @@ def test_suggestion_copy_is_reserved(live, limits, monkeypatch):
         assert spares == n_spare + 1 and total >= resident + copy  # counted beside the caches, while it lives
         assert len(m.spare) == n_spare and m.total_kv_bytes() == allocated(live)  # and released
         assert c.get("/api/sessions/sg").json()["messages"] == before["messages"]
+
+
+@pytest.mark.parametrize(
+    ("path", "extra", "param"),
+    [
+        ("/v1/completions", {"prompt": "word " * 1100}, "prompt"),  # was: param "messages"
+        ("/completion", {"prompt": "word " * 1100, "n_predict": 4}, "prompt"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "word " * 1100}]}, "messages"),
+    ],
+)
+def test_a_prompt_over_the_budget_names_its_field(live, path, extra, param):
+    with httpx.Client(base_url=live.url, timeout=60) as c:
+        r = c.post(path, json={"max_tokens": 4, **extra} if path != "/completion" else extra)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+        assert f"context budget of this server is {BUDGET} tokens" in r.json()["error"]["message"]
+        r = c.post("/v1/completions", json={"prompt": "x", "max_tokens": BUDGET + 1})
+        assert r.status_code == 400
+        msg = r.json()["error"]["message"]  # was: "(the budget of 1024 tokens, and at most 16384 limit)"
+        assert msg == f"max_tokens={BUDGET + 1} is over the limit of {BUDGET} (the context budget of {BUDGET} tokens; 16384 at most)"
+    idle(live)

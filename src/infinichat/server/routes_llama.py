@@ -104,7 +104,7 @@ async def completion(body: LlamaCompletion, request: Request):
         params.seed = params.seed if params.seed is not None else secrets.randbits(63)
 
     def run(m, job):
-        return anonymous(st.engine, tok, lru, ids, params, job.should_stop, st.metrics, m)
+        return anonymous(st.engine, tok, lru, ids, params, job.should_stop, st.metrics, m, "prompt")
 
     t0 = time.perf_counter()
     _, items = await open_stream(st.worker, run)
