@@ -89,6 +89,8 @@ def _cache_snapshot(metrics: Metrics, lru: PrefixLRU):
                 "kv_offloads": m.n_offloads,
                 "kv_peak_bytes": m.kv_peak_bytes,
                 "kv_limit_bytes": m.kv_limit_bytes,
+                # requests without a session of their own, running: their reservations (or stores, when larger)
+                "kv_reserved_bytes": sum(sp.busy_bytes for sp in m.spare),
             }
         )
         batcher = getattr(getattr(m, "engine", None), "batcher", None)
