@@ -139,8 +139,10 @@ class Metrics:
                 (
                     "kv_reserved_bytes",
                     "gauge",
-                    "KV memory reserved by running requests without a session of their own (anonymous /v1 and "
-                    "/completion, echo, /suggest's copy); 0 when none runs",
+                    (
+                        "KV memory reserved by running requests without a session of their own (anonymous /v1 and "
+                        "/completion, echo, /suggest's copy); 0 when none runs"
+                    ),
                     self.cache["kv_reserved_bytes"],
                 ),
             ]

@@ -87,7 +87,7 @@ def check_max_tokens(n: int, budget: int | None, param: str) -> None:
     A session's reply may outgrow its budget: its policy evicts old turns."""
     cap = MAX_NEW_TOKENS if budget is None else min(budget, MAX_NEW_TOKENS)
     if n > cap:
-        why = f"the context budget of {budget} tokens; {MAX_NEW_TOKENS} at most" if budget is not None else "per request"
+        why = "per request" if budget is None else f"the context budget of {budget} tokens; {MAX_NEW_TOKENS} at most"
         raise ApiError(400, f"max_tokens={n} is over the limit of {cap} ({why})", param=param)
 
 
