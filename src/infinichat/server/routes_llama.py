@@ -107,7 +107,7 @@ async def completion(body: LlamaCompletion, request: Request):
         return anonymous(st.engine, tok, lru, ids, params, job.should_stop, st.metrics, m, "prompt")
 
     t0 = time.perf_counter()
-    _, items = await open_stream(st.worker, run)
+    _, items = await open_stream(st.worker, run, request=request)
 
     def final(done: dict, text: str, n: int, probs: list) -> dict:
         dt = time.perf_counter() - t0
