@@ -175,3 +175,17 @@ def test_a_431_pipelined_behind_a_request_follows_its_answer(live):
     assert b'"status":"ok"' in answers[0] and b"header_too_large" in answers[1]
     status, _, _ = exchange(live.port, get("/health"))
     assert status == 200
+
+
+def test_the_bound_does_not_depend_on_the_packets(live):
+    """A head of exactly the bound's counted bytes (the URL and each header line) is served, one byte more is
+    refused, whether it arrives at once or with a pause inside it (it used to be refused when the bytes already
+    received, request line and line ends included, passed the bound before its end arrived)."""
+    fixed = len("/health") + (4 + 9 + 4) + (10 + 5 + 4)  # URL, Host, Connection (name + value + ": " + CRLF)
+    value = (MAX_HEAD_KB * 1024 - fixed) // 3 - 3 - 4  # three "X-N: value" lines fill the bound exactly
+    assert fixed + 3 * (3 + value + 4) == MAX_HEAD_KB * 1024
+    at = get("/health", *[f"X-{i}: " + "v" * value for i in range(3)])
+    over = get("/health", *[f"X-{i}: " + "v" * (value + (i == 2)) for i in range(3)])
+    for head, want in ((at, 200), (over, 431)):
+        assert exchange(live.port, head)[0] == want
+        assert exchange(live.port, head, chunk=len(head) - 8, pause=0.3)[0] == want  # the end arrives later

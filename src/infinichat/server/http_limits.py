@@ -22,6 +22,10 @@ log = logging.getLogger(__name__)
 
 MAX_HEAD_KB = 64  # serve --max-header-kb: the request line and all header lines together
 MAX_LINE_KB = 32  # one line (the request line, or one header's name and value), at most the whole bound
+# the bytes of a head the callbacks do not count (its method, HTTP version and line ends, spaces around values): a
+# head still arriving is refused past max_head + HEAD_SLACK raw bytes, so that the bound does not depend on how it
+# was cut into packets (a head of exactly max_head counted bytes got 200 in one piece, 431 trickled)
+HEAD_SLACK = 1024
 LINGER_S = 5.0  # after a 431, how long what the client still sends is read and dropped before the connection closes
 
 
@@ -59,7 +63,7 @@ def _bounded_base() -> type:
             if self._in_head:
                 self._raw += len(data)
             super().data_received(data)
-            if self._in_head and not self._refused and self._raw > self.max_head:
+            if self._in_head and not self._refused and self._raw > self.max_head + HEAD_SLACK:
                 # still inside the head: these bytes all belong to it (a single line no callback has seen yet)
                 self._refuse(f"the request's head is over {self.max_head >> 10} KiB and still coming")
 
