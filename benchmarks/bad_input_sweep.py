@@ -411,7 +411,11 @@ class Sweep:
         for _ in range(100):  # the gauge is a snapshot taken between the worker's rounds
             self.c.post("/v1/completions", json={"prompt": "x", "max_tokens": 1})
             lines = self.c.get("/metrics").text.splitlines()
-            left = int(next(x for x in lines if x.startswith("infinichat_kv_reserved_bytes")).split()[1])
+            gauge = next((x for x in lines if x.startswith("infinichat_kv_reserved_bytes")), None)
+            if gauge is None:  # a server from before the gauge
+                self.five.append("/metrics has no infinichat_kv_reserved_bytes")
+                break
+            left = int(gauge.split()[1])
             if left == 0:
                 break
             time.sleep(0.1)
