@@ -165,3 +165,19 @@ def test_a_run_started_in_the_same_folder_while_this_one_loaded_is_not_overwritt
     with pytest.raises(InfinichatError, match=r"now holds 1 record\(s\) of another run, started there while"):
         j.begin()
     assert (tmp_path / "out" / "ruler.jsonl").read_text() == before
+
+
+def test_a_discard_after_a_cut_line_keeps_the_file_whole(tmp_path):
+    """multiturn's order on --resume: open (a cut last line found), discard an incomplete conversation (the file
+    rewritten), begin (where the cut line would be cut): the file is the settings line and the records kept."""
+    j = Journal.open(tmp_path, "multiturn", SETTINGS, ("policy", "sample"), resume=False)
+    j.append([{"policy": "full", "sample": 0, "turn": 1}, {"policy": "full", "sample": 1, "turn": 1}])
+    path = tmp_path / "multiturn.jsonl"
+    head = path.read_text().splitlines()[0]
+    path.write_text(path.read_text() + '{"policy": "full", "sample": 1, "tu')
+    again = Journal.open(tmp_path, "multiturn", SETTINGS, ("policy", "sample"), resume=True)
+    again.discard([("full", 1)])
+    again.begin()
+    again.append([{"policy": "full", "sample": 1, "turn": 1}])
+    lines = path.read_text().splitlines()
+    assert lines[0] == head and [json.loads(x)["sample"] for x in lines[1:]] == [0, 1]
