@@ -4,6 +4,7 @@ a JSON error and its connection closed, at any speed it arrives; the server and 
 from __future__ import annotations
 
 import json
+import re
 import socket
 import threading
 import time
@@ -189,3 +190,28 @@ def test_the_bound_does_not_depend_on_the_packets(live):
     for head, want in ((at, 200), (over, 431)):
         assert exchange(live.port, head)[0] == want
         assert exchange(live.port, head, chunk=len(head) - 8, pause=0.3)[0] == want  # the end arrives later
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-A: a\r\n  folded\r\n\r\n",  # obs-fold
+        b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-A: a\x00b\r\n\r\n",  # NUL
+        b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-\xc3\x9c: v\r\n\r\n",  # a non-ASCII header name
+        b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n",  # TLS sent to the plain-HTTP port
+    ],
+    ids=["obs-fold", "NUL", "non-ASCII-name", "TLS"],
+)
+def test_a_malformed_head_gets_a_json_400_after_the_answers_before_it(live, head):
+    """A head the parser refuses gets the server's JSON error (uvicorn's own was plain text), and pipelined behind
+    a request, after that request's answer (which used to be lost: the 400 was written in its place)."""
+    status, headers, body = exchange(live.port, head)
+    assert status == 400 and headers["content-type"] == "application/json"
+    err = json.loads(body)["error"]
+    assert err["code"] == "bad_http_request" and "well-formed HTTP/1.1" in err["message"]
+    with socket.create_connection(("127.0.0.1", live.port), timeout=30) as s:
+        s.sendall(get("/health").replace(b"Connection: close\r\n", b"") + head)
+        data = b""
+        while got := s.recv(65536):
+            data += got
+    assert re.findall(rb"HTTP/1\.1 (\d{3}) ", data) == [b"200", b"400"], data[:300]
