@@ -425,8 +425,7 @@ def multiturn(args: argparse.Namespace) -> int:
 
     _check_common(args)
     lengths = _check_lengths_samples(args)
-    if args.turns < 1:
-        raise InfinichatError(f"--turns must be >= 1, got {args.turns}")
+    mt.check_turns(args.turns)  # before the model loads (past 900 the keys ran out: the draw looped forever)
     runs = _policy_runs(args)
     out_dir = _out_dir(args, "multiturn")
     if args.data is not None:  # the file's records are checked before the model loads
