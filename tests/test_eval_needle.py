@@ -356,6 +356,8 @@ BAD = {
     "not a number": (["passkey", "--lengths", "1k"], r"--lengths: '1k' is not an integer"),
     "depth above 1": (["passkey", "--depths", "0.5,1.5"], r"--depths must be fractions in \[0, 1\].*1\.5"),
     "unknown variant": (["niah", "--variant", "multi"], r"unknown --variant 'multi'; accepted: single, multikey"),
+    # (past the 900 keys the draw looped forever, after the model had loaded)
+    "too many keys": (["niah", "--variant", "multikey", "--n-keys", "1000"], r"--n-keys must be from 2 to 100 for"),
     "unknown policy": (["passkey", "--policies", "full,h2oo"], r"unknown policy 'h2oo' in --policies; accepted: "),
     "bad budget frac": (["niah", "--budget-frac", "0"], r"--budget-frac must be in \(0, 1\]"),
     "bad budget": (["niah", "--budget", "-3"], r"--budget must be a positive number of tokens"),

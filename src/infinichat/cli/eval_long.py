@@ -228,8 +228,8 @@ def _retrieval(args: argparse.Namespace, task: str) -> int:
     sentences = None
     if task == "niah":
         needle.check_variant(variant)
-        if variant == "multikey" and n_keys < 2:
-            raise InfinichatError(f"--n-keys must be at least 2 for the multikey variant, got {n_keys}")
+        if variant == "multikey":
+            needle.check_n_keys(n_keys)  # before the model loads (past 900 the key draw looped forever)
         if args.haystack:
             sentences = haystack.read_sentences(args.haystack)
     runs = _policy_runs(args)

@@ -104,6 +104,16 @@ def check_depths(depths: list[float]) -> None:
         raise InfinichatError(f"--depths must be fractions in [0, 1] (0 = start of the haystack), got {bad[0]:g}")
 
 
+MAX_KEYS = 100  # needles of the multikey variant: their keys are drawn without repeats from 900
+
+
+def check_n_keys(n_keys: int) -> None:
+    if not 2 <= n_keys <= MAX_KEYS:
+        raise InfinichatError(
+            f"--n-keys must be from 2 to {MAX_KEYS} for the multikey variant (one asked, others distract), got {n_keys}"
+        )
+
+
 def check_variant(variant: str) -> None:
     if variant not in VARIANTS:
         raise InfinichatError(f"unknown --variant {variant!r}; accepted: {', '.join(VARIANTS)}")
@@ -256,10 +266,8 @@ def niah_sample(
 ) -> NeedleSample:
     """`sentences`: the haystack file's sentences (None: generated essay-like filler)."""
     check_variant(variant)
-    if variant == "multikey" and n_keys < 2:
-        raise InfinichatError(
-            f"--n-keys must be at least 2 for the multikey variant (one asked, others distract), got {n_keys}"
-        )
+    if variant == "multikey":
+        check_n_keys(n_keys)
     rng = _rng(seed, "niah", variant, length, depth, index)
     digits = 7 if variant == "value7" else 5
     n = n_keys if variant == "multikey" else 1
