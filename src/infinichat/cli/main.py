@@ -240,7 +240,7 @@ def _add_long_eval_parsers(ev_sub: argparse._SubParsersAction) -> None:
         g.add_argument("--samples", type=int, default=1, help="prompts per length x depth, at most 10000 (default 1)")
         if name == "niah":
             g.add_argument("--variant", default="single", help="single, multikey or value7 (default single)")
-            g.add_argument("--n-keys", type=int, default=4, help="needles of the multikey variant, 2 to 100 (default 4)")
+            g.add_argument("--n-keys", type=int, default=4, help="multikey needles, 2 to 100 (default 4)")
             g.add_argument(
                 "--haystack",
                 metavar="FILE",
