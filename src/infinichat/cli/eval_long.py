@@ -604,9 +604,13 @@ def infinitebench(args: argparse.Namespace) -> int:
         raise InfinichatError(f"--limit must be >= 1, got {args.limit}")
     if args.max_length is not None and args.max_length < 16:
         raise InfinichatError(f"--max-length must be at least 16 tokens, got {args.max_length}")
-    if args.gen_samples < 1 or args.gen_length < 64:
+    from infinichat.eval.needle import MAX_LENGTH, MAX_SAMPLES
+
+    # (huge ones were accepted: the records, all generated before the first runs, grew until the memory ran out)
+    if not (1 <= args.gen_samples <= MAX_SAMPLES and 64 <= args.gen_length <= MAX_LENGTH):
         raise InfinichatError(
-            f"--gen-samples must be >= 1 and --gen-length >= 64 tokens, got {args.gen_samples}, {args.gen_length}"
+            f"--gen-samples must be from 1 to {MAX_SAMPLES} and --gen-length from 64 to {MAX_LENGTH} tokens, got "
+            f"{args.gen_samples}, {args.gen_length}"
         )
     records = [r for path in args.data for r in ib.load_jsonl(path, args.task, args.limit)]
     runs = _policy_runs(args)
