@@ -7,7 +7,11 @@ sends, for each endpoint, its valid body mutated field by field: lone surrogates
 NaN / inf / 1e-300 / 1e300 / -1 / 2**70 / wrong types / null, missing and unknown fields; and for every endpoint
 malformed or non-object JSON, invalid UTF-8, 60-level nesting, non-JSON content types, a cross-site Origin, a
 foreign Host, an oversized body (declared and chunked), a wrong method, headers over 64 KB, unknown or invalid
-session ids, slot ids and actions out of range or of the wrong type. After each refused request (4xx / 5xx),
+session ids, slot ids and actions out of range or of the wrong type. Then raw request heads around the
+--max-header-kb bound (exactly at it, one byte over, in 1-byte packets, 8000 tiny headers, obs-fold, non-ASCII and
+NUL bytes, a 431 pipelined behind a request: each must get the expected answers, in order), and 16 generating
+requests at once (anonymous /v1, /completion n_predict -1, /suggest) cut by their clients halfway, after which
+/metrics' infinichat_kv_reserved_bytes must be back to 0. After each refused request (4xx / 5xx),
 the target session's history is compared with its state before; at the end, the witness session's too. Prints
 tried / 2xx / 4xx / 5xx, the 5xx, and the sessions changed by a failed request (the target is 0 and 0).
 
@@ -111,7 +115,9 @@ QUERIES: list[tuple[str, str]] = [  # (class, path) with a bad path or query val
     ("slot action huge", "/slots/0?action=" + "a" * 60_000),
     ("slot action missing", "/slots/0"),
 ]
-NUMBERS: list[Any] = [float("nan"), float("inf"), -float("inf"), 1e-300, 1e300, -1, 0, 2**70, 0.5, True, "7"]
+NUMBERS: list[Any] = [
+    *(float("nan"), float("inf"), -float("inf"), 1e-300, 1e300, 1e308, -1, -2, 0, 10**18, 2**70, 0.5, True, "7"),
+]
 BIG = 5_000_000
 
 
@@ -166,6 +172,7 @@ def mutations(body: Any) -> Iterator[tuple[str, Any]]:
             yield f"lone low surrogate {where}", put(body, path, "\udfff")
             yield f"5MB string {where}", put(body, path, "x" * BIG)
             yield f"NUL {where}", put(body, path, "a\x00b")
+            yield f"empty string {where}", put(body, path, "")
         if isinstance(v, (int, float)) and not isinstance(v, bool):
             for n in NUMBERS:
                 yield f"number {n!r} {where}", put(body, path, n)
@@ -190,6 +197,62 @@ def mutations(body: Any) -> Iterator[tuple[str, Any]]:
     yield "string body", "hello"
 
 
+def raw_answers(port: int, data: bytes, chunk: int = 1 << 20) -> list[int]:
+    """Send `data` on a fresh connection (in pieces of `chunk` bytes) and read until the server closes it: the
+    status of each answer, in order ([] when none came)."""
+    got = b""
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as sk:
+        try:
+            for i in range(0, len(data), chunk):
+                sk.sendall(data[i : i + chunk])
+        except OSError:
+            pass
+        try:
+            while piece := sk.recv(65536):
+                got += piece
+        except OSError:
+            pass
+    return [int(a[:3]) for a in got.split(b"HTTP/1.1 ")[1:] if a[:3].isdigit()]
+
+
+def head(*lines: str, close: bool = True) -> bytes:
+    """A GET /health request with these header lines."""
+    return (
+        "\r\n".join(["GET /health HTTP/1.1", "Host: 127.0.0.1", *lines, *(["Connection: close"] if close else [])])
+        + "\r\n\r\n"
+    ).encode("latin-1")
+
+
+def head_cases(max_head: int = 64 << 10) -> list[tuple[str, bytes, int, list[int]]]:
+    """(class, bytes, chunk, the statuses expected) of request heads around serve's --max-header-kb bound (the URL
+    and each header line, "name: value" + CRLF, counted; one line at most 32 KiB)."""
+    fixed = len("/health") + (4 + 4 + 9) + (10 + 5 + 4)  # URL, Host, Connection
+    n = 24  # lines of "X-Pad-NN: " + value, each under the 32 KiB bound of one line
+    per = (max_head - fixed) // n
+    pads = [f"X-Pad-{i:02d}: " + "p" * (per - 12 - 4) for i in range(n)]
+    short = max_head - fixed - sum(len(x) - 2 + 4 for x in pads)  # counted: name + value + 4
+    at = [*pads, "X-Last: " + "q" * (short - 6 - 4)]
+    over = [*pads, "X-Last: " + "q" * (short - 6 - 4 + 1)]
+    return [
+        ("head exactly at the bound", head(*at), 1 << 20, [200]),
+        ("head one byte over the bound", head(*over), 1 << 20, [431]),
+        ("head at the bound, 1-byte packets", head(*at), 1, [200]),
+        ("head over the bound, 7-byte packets", head(*over), 7 << 10, [431]),
+        ("one line split across packets", head("X-Split: " + "s" * 40_000), 1000, [431]),
+        ("8000 tiny headers", head(*[f"a{i}: b" for i in range(8000)]), 1 << 20, [431]),
+        ("non-ASCII header value (UTF-8)", head("X-U: caf\u00c3\u00a9"), 1 << 20, [200]),
+        ("latin-1 byte in a header value", head("X-U: \u00ff\u00fe"), 1 << 20, [200]),
+        ("obs-fold header line", head("X-A: a", "  folded"), 1 << 20, [400]),
+        ("NUL in a header value", head("X-A: a\x00b"), 1 << 20, [400]),
+        (
+            "pipelined: a request, then a head over",
+            head(close=False) + head("X-Big: " + "a" * 40_000),
+            1 << 20,
+            [200, 431],
+        ),
+    ]
+
+
 class Sweep:
     def __init__(self, url: str, verbose: bool, timeout: float = 120.0, only: tuple[str, ...] = ()):
         self.only = only  # path prefixes: only the endpoints whose path starts with one (empty: all)
@@ -199,6 +262,7 @@ class Sweep:
         self.five: list[str] = []
         self.changed: list[str] = []
         self.by_class: Counter = Counter()
+        self.cut: tuple[int, int] | None = None  # (requests cut halfway, KV bytes still reserved after them)
 
     def state(self, sid: str) -> Any:
         try:
@@ -289,8 +353,78 @@ class Sweep:
                 self.send(what, "POST", path, json.dumps({"filename": "f2"}).encode())
         self.send("17 MB with Content-Length", "POST", "/api/sessions", b" " * (17 << 20))
         self.send("17 MB chunked", "POST", "/api/sessions", (b" " * (1 << 20) for _ in range(17)))
+        if not self.only:
+            self.heads()
+            self.cut_requests()
         if self.state("witness") != witness:
             self.changed.append("witness changed")
+
+    def heads(self) -> None:
+        """Raw request heads around the --max-header-kb bound (a wrong answer counts as a 5xx)."""
+        port = int(self.url.rsplit(":", 1)[1])
+        for what, data, chunk, want in head_cases():
+            before = self.state(SID)
+            got = raw_answers(port, data, chunk)
+            status = got[-1] if got else 599
+            self.counts["tried"] += 1
+            self.counts[f"{status // 100}xx"] += 1
+            self.by_class[(what.split(" ")[0], status)] += 1
+            if got != want:
+                self.five.append(f"raw head [{what}]: answers {got}, expected {want}")
+            if self.state(SID) != before:
+                self.changed.append(f"{SID} changed by a raw head [{what}]")
+            if self.verbose:
+                print(got, "raw head", what, flush=True)
+
+    def cut_requests(self, n: int = 16) -> None:
+        """n generating requests at once (anonymous /v1 and /completion, /suggest on the target), most cut by their
+        client halfway; afterwards /metrics' infinichat_kv_reserved_bytes must be 0 and the target unchanged."""
+        import threading
+
+        before = self.state(SID)
+        chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 100}
+        kinds = [
+            ("/v1/completions", {"prompt": "Once upon a time", "max_tokens": 100, "stream": True}),
+            ("/v1/chat/completions", {**chat, "stream": True}),
+            ("/completion", {"prompt": "Once", "n_predict": -1, "stream": True}),
+            (f"/api/sessions/{SID}/suggest", {"params": {"max_tokens": 40}}),
+        ]
+
+        def one(i: int) -> None:
+            path, body = kinds[i % len(kinds)]
+            try:
+                if i % 3 == 2:  # not waiting for the answer
+                    httpx.post(self.url + path, json={**body, "stream": False}, timeout=0.05)
+                    return
+                with httpx.Client(base_url=self.url, timeout=60) as c, c.stream("POST", path, json=body) as r:
+                    for _ in r.iter_lines():
+                        break  # cut after the first line
+            except httpx.HTTPError:
+                pass
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        left = -1
+        for _ in range(100):  # the gauge is a snapshot taken between the worker's rounds
+            self.c.post("/v1/completions", json={"prompt": "x", "max_tokens": 1})
+            lines = self.c.get("/metrics").text.splitlines()
+            gauge = next((x for x in lines if x.startswith("infinichat_kv_reserved_bytes")), None)
+            if gauge is None:  # a server from before the gauge
+                self.five.append("/metrics has no infinichat_kv_reserved_bytes")
+                break
+            left = int(gauge.split()[1])
+            if left == 0:
+                break
+            time.sleep(0.1)
+        self.counts["tried"] += n
+        self.cut = (n, left)
+        if left:
+            self.five.append(f"{left} KV bytes still reserved after {n} requests cut halfway")
+        if self.state(SID) != before:
+            self.changed.append(f"{SID} changed by a /suggest cut halfway")
 
 
 def main() -> int:
@@ -336,6 +470,8 @@ def main() -> int:
         f"(of which connection reset or timeout: {resets})"
     )
     print(f"sessions changed by a failed request: {len(sweep.changed)}; server alive at the end: {alive}")
+    if sweep.cut is not None:
+        print(f"requests cut halfway: {sweep.cut[0]}; KV bytes still reserved after them: {sweep.cut[1]}")
     statuses: Counter = Counter()
     for (_, s), n in sweep.by_class.items():
         statuses[s] += n

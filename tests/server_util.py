@@ -22,8 +22,9 @@ def free_port() -> int:
 
 
 class LiveServer:
-    def __init__(self, loaded, data_dir, max_header_kb: int = MAX_HEAD_KB, **app_kw):
-        engine = TorchEngine(loaded.model, loaded.tokenizer.eos_ids)
+    def __init__(self, loaded, data_dir, max_header_kb: int = MAX_HEAD_KB, engine=None, **app_kw):
+        """`loaded`: a loaded model (its tokenizer, file_hash, name, path), run on a TorchEngine unless `engine`."""
+        engine = engine or TorchEngine(loaded.model, loaded.tokenizer.eos_ids)
         self.manager = SessionManager(engine, loaded.tokenizer, loaded.file_hash, data_dir)
         app_kw.setdefault("model_path", loaded.path)
         self.app = create_app(self.manager, engine, loaded.tokenizer, loaded.name, **app_kw)

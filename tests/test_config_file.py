@@ -82,6 +82,10 @@ def _write(tmp_path, text: str, name: str = "c.toml") -> Path:
         ("[chat]\nport = 1\n", "chat", r"unknown key 'port' in \[chat\]; accepted: .*ctx"),
         ("[eval]\nport = 1\n", "eval ppl", r"unknown key 'port' in \[eval\]; accepted: .*eval.passkey"),
         ("threads = 'two'\n", "chat", r"threads must be an integer, got 'two'"),
+        ("[serve]\nmax_header_kb = [64]\n", "serve", r"max_header_kb must be an integer, got \[64\]"),  # was: '64'
+        ("[serve]\nmax_header_kb = true\n", "serve", r"max_header_kb must be an integer, got true"),  # was: "a int"
+        ("[serve]\nprefill_group = 1.5\n", "serve", r"prefill_group must be an integer, got 1.5"),
+        ("[sampling]\ntemperature = [1]\n", "chat", r"temperature must be a number, got \[1\]"),
         ("[sampling]\ntemperature = 'hot'\n", "chat", r"temperature must be a number"),
         ("dtype = 'float64'\n", "chat", r"dtype = 'float64' is not one of float32, bfloat16, float16"),
         ("[eval.passkey]\nno_chat_template = 1\n", "eval passkey", r"no_chat_template must be true or false"),

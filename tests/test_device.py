@@ -48,6 +48,23 @@ def test_resolve_device():
         resolve_device("tpu")
     with pytest.raises(DeviceError, match=r"--device cuda:99"):
         resolve_device("cuda:99")  # no CUDA here, or fewer than 100 devices
+    for junk in ("cpu:0", "mps", "meta", "cuda:-1", "cuda:x", "cuda:²"):
+        with pytest.raises(DeviceError, match=r"accepted: auto, cpu, cuda, cuda:N"):
+            resolve_device(junk)
+    with pytest.raises(DeviceError, match=r"--device is empty; accepted: auto"):
+        resolve_device(" ")  # was: auto
+
+
+def test_resolve_device_junk_indexes_on_a_cuda_machine(monkeypatch):
+    """Where CUDA is available: an index past the devices is one clear error; "cuda:²" (a digit to isdigit(), no
+    int) was a ValueError traceback."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("cuda:1") == torch.device("cuda", 1) and resolve_device("CUDA") == torch.device("cuda", 0)
+    with pytest.raises(DeviceError, match=r"--device cuda:99: there are 2 CUDA devices \(cuda:0..cuda:1\)"):
+        resolve_device("cuda:99")
+    with pytest.raises(DeviceError, match=r"unknown --device 'cuda:²'"):
+        resolve_device("cuda:²")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")

@@ -175,6 +175,12 @@ def test_cli_infinitebench_scores_and_writes(tiny_gguf_1k, tmp_path, capsys, cli
         (["--generate", "math_find"], r"--generate 'math_find': only passkey, kv_retrieval"),
         (["--task", "wiki"], r"unknown InfiniteBench task 'wiki' in --task"),
         (["--data", "/nonexistent/passkey.jsonl"], r"cannot read --data"),
+        (["--generate", "passkey", "--gen-samples", "0"], r"--gen-samples must be from 1 to 10000 and --gen-length"),
+        (
+            ["--generate", "passkey", "--gen-length", "99999999999"],
+            r"--gen-length from 64 to 16777216 tokens, got 5, 99999999999",
+        ),
+        (["--generate", "passkey", "--gen-samples", "10001"], r"--gen-samples must be from 1 to 10000"),
     ],
 )
 def test_cli_infinitebench_bad_input(args, pattern, capsys):

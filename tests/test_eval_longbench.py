@@ -144,12 +144,28 @@ def test_load_jsonl(tmp_path):
             r"line 2: unknown LongBench dataset 'nope'",
         ),
         ('{"input": 3, "context": "c", "answers": ["x"]}', r"line 2: 'input' and 'context' must be strings"),
+        # a list as the dataset (was: TypeError unhashable type)
+        ('{"input": "q", "context": "c", "answers": "x", "dataset": ["hotpotqa"]}', r"line 2: unknown LongBench"),
+        # an integer of 5000 digits (was: ValueError from json.loads)
+        pytest.param(
+            '{"input": "q", "context": "c", "answers": "x", "length": 1' + "0" * 5000 + "}",
+            r"line 2: not valid JSON",
+            id="5000-digit-int",
+        ),
+        # lone surrogates (were accepted; the tokenizer then failed with a TypeError after the model loaded)
+        ('{"input": "q\\ud800", "context": "c", "answers": "x"}', r"line 2: a lone surrogate \('\\ud800' escaped"),
+        ('{"input": "q", "context": "c", "answers": ["\\udfff"]}', r"line 2: a lone surrogate"),
     ],
 )
 def test_malformed_lines_name_the_line(tmp_path, line, pattern):
     f = _write(tmp_path / "hotpotqa.jsonl", [json.dumps(RECORDS[0]), line])
     with pytest.raises(InfinichatError, match=pattern):
         lb.load_jsonl(f)
+
+
+def test_a_surrogate_pair_is_text(tmp_path):
+    f = _write(tmp_path / "hotpotqa.jsonl", [json.dumps({**RECORDS[0], "input": "\U0001f600"})])  # \ud83d\ude00
+    assert lb.load_jsonl(f)[0].input == "\U0001f600"
 
 
 def test_truncate_middle():

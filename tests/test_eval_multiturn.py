@@ -82,10 +82,25 @@ def test_cli_multiturn_writes_json_markdown_and_a_heatmap(tiny_gguf_1k, tmp_path
     assert "multi-turn accuracy" in printed
 
 
-def test_cli_multiturn_bad_turns_is_one_line_and_exit_2(tmp_path, capsys):
-    rc = main(["eval", "multiturn", "--turns", "0", "--model", str(tmp_path / "never-loaded.gguf")])
+@pytest.mark.parametrize("turns", ["0", "-3", "901", "1000000000"])
+def test_cli_multiturn_bad_turns_is_one_line_and_exit_2(tmp_path, capsys, turns):
+    """--turns past the 900 keys a haystack can draw looped forever (after the model loaded): refused first."""
+    rc = main(["eval", "multiturn", "--turns", turns, "--model", str(tmp_path / "never-loaded.gguf")])
     err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2 and len(err) == 1 and "--turns must be >= 1, got 0" in err[0]
+    assert rc == 2 and len(err) == 1 and f"--turns must be from 1 to 100, got {turns}" in err[0]
+
+
+def test_the_keys_running_out_is_an_error_not_a_loop():
+    import random
+
+    from infinichat.eval import haystack
+
+    rng = random.Random(0)
+    taken: set[str] = set()
+    for _ in range(900):
+        taken.add(haystack.random_key(rng, taken))
+    with pytest.raises(ValueError, match="all 900 keys are taken"):
+        haystack.random_key(rng, taken)
 
 
 # ------------------------------------------------------------------------------ LongBench-format contexts (--data)

@@ -356,10 +356,16 @@ BAD = {
     "not a number": (["passkey", "--lengths", "1k"], r"--lengths: '1k' is not an integer"),
     "depth above 1": (["passkey", "--depths", "0.5,1.5"], r"--depths must be fractions in \[0, 1\].*1\.5"),
     "unknown variant": (["niah", "--variant", "multi"], r"unknown --variant 'multi'; accepted: single, multikey"),
+    # (past the 900 keys the draw looped forever, after the model had loaded)
+    "too many keys": (["niah", "--variant", "multikey", "--n-keys", "1000"], r"--n-keys must be from 2 to 100 for"),
     "unknown policy": (["passkey", "--policies", "full,h2oo"], r"unknown policy 'h2oo' in --policies; accepted: "),
     "bad budget frac": (["niah", "--budget-frac", "0"], r"--budget-frac must be in \(0, 1\]"),
     "bad budget": (["niah", "--budget", "-3"], r"--budget must be a positive number of tokens"),
-    "zero samples": (["passkey", "--samples", "0"], r"--samples must be >= 1"),
+    "zero samples": (["passkey", "--samples", "0"], r"--samples must be from 1 to 10000, got 0"),
+    # huge numbers: (were accepted; the prompts were then built until the memory ran out)
+    "huge samples": (["passkey", "--samples", "1000000000000"], r"--samples must be from 1 to 10000, got 10{12}"),
+    "huge length": (["niah", "--lengths", "1024,99999999999999"], r"--lengths: 99999999999999 tokens is too long; at"),
+    "empty lengths": (["passkey", "--lengths", " , "], r"--lengths is empty; give a comma-separated list, each an int"),
     "bad param": (["passkey", "--param", "streaming.nope=1"], r"streaming has no parameter 'nope'"),
     "missing haystack": (["niah", "--haystack", "{tmp}/nope.txt"], r"cannot read --haystack .*nope\.txt"),
 }

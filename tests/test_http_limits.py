@@ -4,6 +4,7 @@ a JSON error and its connection closed, at any speed it arrives; the server and 
 from __future__ import annotations
 
 import json
+import re
 import socket
 import threading
 import time
@@ -158,3 +159,59 @@ def test_without_httptools_h11_bounds_the_head(tiny_chat_model, tmp_path, monkey
         assert status == 400
         status, _, body = exchange(srv.port, get("/health"))
         assert status == 200, body
+
+
+def test_a_431_pipelined_behind_a_request_follows_its_answer(live):
+    """A keep-alive client that pipelines a request and then one with a head over the bound (one TCP write) gets the
+    first request's answer, then the 431: answers in order. (The 431 used to be written at once, in the first
+    request's place, and that request's answer then failed in the server: write() after write_eof().)"""
+    first = get("/health").replace(b"Connection: close\r\n", b"")
+    with socket.create_connection(("127.0.0.1", live.port), timeout=30) as s:
+        s.sendall(first + get("/health", "X-Big: " + "a" * (40 << 10)))
+        data = b""
+        while got := s.recv(65536):
+            data += got
+    answers = data.split(b"HTTP/1.1 ")[1:]
+    assert [a[:3] for a in answers] == [b"200", b"431"], data[:500]
+    assert b'"status":"ok"' in answers[0] and b"header_too_large" in answers[1]
+    status, _, _ = exchange(live.port, get("/health"))
+    assert status == 200
+
+
+def test_the_bound_does_not_depend_on_the_packets(live):
+    """A head of exactly the bound's counted bytes (the URL and each header line) is served, one byte more is
+    refused, whether it arrives at once or with a pause inside it (it used to be refused when the bytes already
+    received, request line and line ends included, passed the bound before its end arrived)."""
+    fixed = len("/health") + (4 + 9 + 4) + (10 + 5 + 4)  # URL, Host, Connection (name + value + ": " + CRLF)
+    value = (MAX_HEAD_KB * 1024 - fixed) // 3 - 3 - 4  # three "X-N: value" lines fill the bound exactly
+    assert fixed + 3 * (3 + value + 4) == MAX_HEAD_KB * 1024
+    at = get("/health", *[f"X-{i}: " + "v" * value for i in range(3)])
+    over = get("/health", *[f"X-{i}: " + "v" * (value + (i == 2)) for i in range(3)])
+    for head, want in ((at, 200), (over, 431)):
+        assert exchange(live.port, head)[0] == want
+        assert exchange(live.port, head, chunk=len(head) - 8, pause=0.3)[0] == want  # the end arrives later
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-A: a\r\n  folded\r\n\r\n",  # obs-fold
+        b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-A: a\x00b\r\n\r\n",  # NUL
+        b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-\xc3\x9c: v\r\n\r\n",  # a non-ASCII header name
+        b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n",  # TLS sent to the plain-HTTP port
+    ],
+    ids=["obs-fold", "NUL", "non-ASCII-name", "TLS"],
+)
+def test_a_malformed_head_gets_a_json_400_after_the_answers_before_it(live, head):
+    """A head the parser refuses gets the server's JSON error (uvicorn's own was plain text), and pipelined behind
+    a request, after that request's answer (which used to be lost: the 400 was written in its place)."""
+    status, headers, body = exchange(live.port, head)
+    assert status == 400 and headers["content-type"] == "application/json"
+    err = json.loads(body)["error"]
+    assert err["code"] == "bad_http_request" and "well-formed HTTP/1.1" in err["message"]
+    with socket.create_connection(("127.0.0.1", live.port), timeout=30) as s:
+        s.sendall(get("/health").replace(b"Connection: close\r\n", b"") + head)
+        data = b""
+        while got := s.recv(65536):
+            data += got
+    assert re.findall(rb"HTTP/1\.1 (\d{3}) ", data) == [b"200", b"400"], data[:300]

@@ -8,6 +8,7 @@ reservation back."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -258,3 +259,84 @@ def test_suggestion_copy_is_reserved(live, limits, monkeypatch):
         assert spares == n_spare + 1 and total >= resident + copy  # counted beside the caches, while it lives
         assert len(m.spare) == n_spare and m.total_kv_bytes() == allocated(live)  # and released
         assert c.get("/api/sessions/sg").json()["messages"] == before["messages"]
+
+
+@pytest.mark.parametrize(
+    ("path", "extra", "param"),
+    [
+        ("/v1/completions", {"prompt": "word " * 1100}, "prompt"),  # was: param "messages"
+        ("/completion", {"prompt": "word " * 1100, "n_predict": 4}, "prompt"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "word " * 1100}]}, "messages"),
+    ],
+)
+def test_a_prompt_over_the_budget_names_its_field(live, path, extra, param):
+    with httpx.Client(base_url=live.url, timeout=60) as c:
+        r = c.post(path, json={"max_tokens": 4, **extra} if path != "/completion" else extra)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+        assert f"context budget of this server is {BUDGET} tokens" in r.json()["error"]["message"]
+        r = c.post("/v1/completions", json={"prompt": "x", "max_tokens": BUDGET + 1})
+        assert r.status_code == 400
+        msg = r.json()["error"]["message"]  # was: "(the budget of 1024 tokens, and at most 16384 limit)"
+        want = f"(the context budget of {BUDGET} tokens; 16384 at most)"
+        assert msg == f"max_tokens={BUDGET + 1} is over the limit of {BUDGET} {want}"
+    idle(live)
+
+
+def reserved_gauge(c: httpx.Client) -> int:
+    lines = dict(x.split(" ", 1) for x in c.get("/metrics").text.splitlines() if x.startswith("infinichat_kv_"))
+    return int(lines["infinichat_kv_reserved_bytes"])
+
+
+def test_concurrent_requests_cut_halfway_give_every_reservation_back(live, limits, monkeypatch):
+    """Anonymous /v1/completions, /v1/chat/completions, /completion (n_predict -1) and a session's /suggest, 12 at
+    once, most cut by their client halfway (a stream closed after its first token, a response not waited for):
+    while they run /metrics' infinichat_kv_reserved_bytes counts them, and once they are gone nothing is held and
+    the gauge is 0 again; the session a cut /suggest ran on is as it was."""
+    metrics = live.app.state.metrics
+    counted = metrics.tokens
+
+    def slowly(**kw):  # each token, in the worker: the requests are still running when their clients go
+        counted(**kw)
+        time.sleep(0.005)
+
+    monkeypatch.setattr(metrics, "tokens", slowly)
+    limits(64 << 20)
+    with httpx.Client(base_url=live.url, timeout=60) as c:
+        assert c.post("/api/sessions", json={"id": "cut", "settings": {"temperature": 0.0}}).status_code == 201
+        with c.stream("POST", "/api/sessions/cut/messages", json={"text": "hi", "params": {"max_tokens": 4}}) as r:
+            r.read()
+        before = c.get("/api/sessions/cut").json()
+        chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 200, "logit_bias": NO_EOS}
+        requests = [
+            ("/v1/completions", body(900, stream=True)),  # request 0: it outlives the gauge's check
+            ("/v1/chat/completions", {**chat, "stream": True}),
+            ("/completion", {"prompt": "Once", "n_predict": -1, "stream": True, "logit_bias": [[EOS_ID, False]]}),
+            ("/api/sessions/cut/suggest", {"params": {"max_tokens": 60}}),
+        ]
+        seen: list[int] = []
+
+        def one(i: int) -> None:
+            path, payload = requests[i % len(requests)]
+            if i % 3 == 2:  # a client that does not wait for its answer
+                with contextlib.suppress(httpx.TimeoutException):
+                    httpx.post(live.url + path, json={**payload, "stream": False}, timeout=0.2)
+                return
+            with httpx.Client(base_url=live.url, timeout=60) as cc, cc.stream("POST", path, json=payload) as r:
+                assert r.status_code in (200, 409, 503), r.read()  # 409: the session runs another suggestion
+                for line in r.iter_lines():
+                    if line.startswith(("data: ", "event: token")):
+                        if i == 0:  # the gauge is a snapshot between the worker's rounds: wait for one
+                            deadline = time.monotonic() + 10
+                            while not reserved_gauge(c) and time.monotonic() < deadline:
+                                time.sleep(0.02)
+                            seen.append(reserved_gauge(c))
+                        break  # cut halfway: the server cancels the rest
+
+        with ThreadPoolExecutor(12) as pool:
+            list(pool.map(one, range(12)))
+        assert seen == [seen[0]] and seen[0] > 0  # request 0's reservation, counted while it streamed
+        idle(live)
+        c.post("/v1/completions", json=body(2))  # a round of the worker after the others: its metrics snapshot
+        assert reserved_gauge(c) == 0
+        assert live.manager.spare == [live.app.state.prefix_lru]  # no /suggest copy left
+        assert c.get("/api/sessions/cut").json()["messages"] == before["messages"]

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import httpx
 import pytest
@@ -147,7 +148,8 @@ def test_slot_save_restore_erase(http):
     assert http.post("/slots/999?action=erase").status_code == 404
 
 
-def test_props_model_path_of_serve(tmp_path):
+@pytest.mark.parametrize("name", [b"tiny.gguf", b"t\xffiny.gguf"])  # a name that is not UTF-8: /props was a 500
+def test_props_model_path_of_serve(tmp_path, name):
     """`infinichat serve --model FILE` (build_app): /props names the file it loaded, the id stays the alias."""
     from fastapi.testclient import TestClient
     from gguf_util import tiny_llama, write_gguf
@@ -155,11 +157,12 @@ def test_props_model_path_of_serve(tmp_path):
     from infinichat.cli.main import build_parser
     from infinichat.server.app import build_app, check_serve_options
 
-    write_gguf(tmp_path / "tiny.gguf", tiny_llama(seed=3, max_position_embeddings=4096))
-    argv = ["serve", "--threads", "1", "--model", str(tmp_path / "tiny.gguf"), "--dtype", "float32"]
+    model = tmp_path / os.fsdecode(name)
+    write_gguf(model, tiny_llama(seed=3, max_position_embeddings=4096))
+    argv = ["serve", "--threads", "1", "--model", str(model), "--dtype", "float32"]
     args = build_parser().parse_args([*argv, "--cache-dir", str(tmp_path / "c"), "--data-dir", str(tmp_path / "d")])
     app, _ = build_app(args, check_serve_options(args))
     with TestClient(app, base_url="http://127.0.0.1") as c:
         p = c.get("/props").json()
-        assert p["model_path"] == str((tmp_path / "tiny.gguf").resolve())
+        assert p["model_path"] == str(model.resolve()).replace("\udcff", "\ufffd")
         assert p["model_alias"] == c.get("/v1/models").json()["data"][0]["id"] != p["model_path"]

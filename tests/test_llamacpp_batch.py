@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 import pytest
 import torch
@@ -304,3 +305,54 @@ def test_a_prompt_call_without_free_cells_parks_others_or_runs_one_by_one(caplog
     finally:
         eng.close()
         ref.close()
+
+
+def test_a_session_cut_halfway_through_its_batched_prompt_is_left_as_it_was(
+    llamacpp_default_engine, default_tokenizer, tmp_path
+):
+    """`serve --backend llamacpp`: three sessions send long messages at once (their prompts' chunks in shared
+    llama_decode calls); one client goes away in the middle of its prompt. Its session keeps neither the message nor
+    a reply (the same tokens and llama.cpp cells), the others get their replies, and all three go on. (Before, the
+    cut session's whole prompt ran and the session kept the message and a one-token reply.)"""
+    from types import SimpleNamespace
+
+    import httpx
+    from server_util import LiveServer
+
+    loaded = SimpleNamespace(tokenizer=default_tokenizer, file_hash="default", name="smollm2", path=None)
+    eng = llamacpp_default_engine
+    greedy = {"temperature": 0.0, "max_tokens": 3}
+    text = "The quick brown fox jumps over the lazy dog. " * 60  # ~600 tokens: seconds of prompt on one thread
+    srv = LiveServer(loaded, tmp_path, engine=eng, backend="llamacpp", prefill_chunk=64, prefill_group=256)
+    with srv, httpx.Client(base_url=srv.url, timeout=300) as c:
+        for sid in ("a", "b", "cut"):
+            assert c.post("/api/sessions", json={"id": sid}).status_code == 201
+            with c.stream("POST", f"/api/sessions/{sid}/messages", json={"text": "hi", "params": greedy}) as r:
+                r.read()
+        seq = srv.manager.sessions["cut"].seq
+        before = (c.get("/api/sessions/cut").json()["messages"], seq.token_ids(), seq.store.cell_positions())
+        done: dict[str, str] = {}
+
+        def send(sid: str, timeout: float) -> None:
+            try:
+                with httpx.Client(base_url=srv.url, timeout=timeout) as cc:
+                    r = cc.post(f"/api/sessions/{sid}/messages", json={"text": text, "params": greedy})
+                    done[sid] = "event: done" if "event: done" in r.text else r.text
+            except httpx.ReadTimeout:
+                done[sid] = "cut"
+
+        threads = [threading.Thread(target=send, args=(s, t)) for s, t in (("a", 300), ("b", 300), ("cut", 0.5))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert done == {"a": "event: done", "b": "event: done", "cut": "cut"}, done
+        deadline = time.monotonic() + 60
+        while srv.app.state.worker.depth and time.monotonic() < deadline:
+            time.sleep(0.05)
+        seq = srv.manager.sessions["cut"].seq
+        after = (c.get("/api/sessions/cut").json()["messages"], seq.token_ids(), seq.store.cell_positions())
+        assert after == before
+        for sid in ("a", "b", "cut"):
+            with c.stream("POST", f"/api/sessions/{sid}/messages", json={"text": "and?", "params": greedy}) as r:
+                assert "event: done" in r.read().decode()

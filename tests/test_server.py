@@ -414,3 +414,44 @@ def test_terminal_client_commands(backend):
     assert not run_command(":exit")
     out = console.export_text()
     assert "bot>" in out and "narrator>" in out and "suggestion>" in out and sid in out and ":revert N" in out
+
+
+def test_a_disconnect_during_the_prompt_leaves_the_session_as_it_was(tiny_chat_model, tmp_path, monkeypatch):
+    """A client that goes away while its long prompt is still being computed (before any token) cancels the
+    message: the session keeps neither it nor a reply, and takes the next message. (Nothing watched the client
+    before the first item: the whole prompt ran, and the session kept the message and a one-token reply its client
+    never saw.) Anonymous requests cut the same way leave nothing behind either."""
+    with LiveServer(tiny_chat_model, tmp_path) as srv:
+        engine = srv.app.state.engine
+        prefill, rows = engine.prefill, engine.prefill_rows
+
+        def slow(seq, ids, **kw):  # prompt tokens, in the worker: 1 ms each
+            time.sleep(0.001 * len(ids))
+            return prefill(seq, ids, **kw)
+
+        def slow_rows(items):
+            time.sleep(0.001 * sum(len(ids) for _, ids in items))
+            return rows(items)
+
+        monkeypatch.setattr(engine, "prefill", slow)
+        monkeypatch.setattr(engine, "prefill_rows", slow_rows)
+        with httpx.Client(base_url=srv.url, timeout=60) as c:
+            new_session(c, "dc", settings={"temperature": 0.0})
+            stream(c, "/api/sessions/dc/messages", {"text": "hi", "params": GREEDY})
+            before = c.get("/api/sessions/dc").json()
+            text = "alpha beta gamma delta " * 100  # 2300 tokens of the byte-level vocabulary: 2 s or more
+            for path, body in (
+                ("/api/sessions/dc/messages", {"text": text, "params": GREEDY}),
+                ("/v1/completions", {"prompt": text[:1500], "max_tokens": 4, "stream": True}),
+                ("/completion", {"prompt": text[:1500], "n_predict": 4}),
+            ):
+                with pytest.raises(httpx.ReadTimeout), httpx.Client(base_url=srv.url, timeout=0.5) as short:
+                    short.post(path, json=body)
+                deadline = time.monotonic() + 60
+                while (srv.app.state.worker.depth or srv.app.state.prefix_lru.busy) and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                after = c.get("/api/sessions/dc").json()
+                assert after["messages"] == before["messages"], path
+                assert after["cache"]["tokens"] == before["cache"]["tokens"], path
+                assert srv.app.state.prefix_lru.held == {} and srv.app.state.prefix_lru.busy_bytes == 0
+            assert stream(c, "/api/sessions/dc/messages", {"text": "again", "params": GREEDY})[-1][0] == "done"

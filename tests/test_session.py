@@ -338,3 +338,13 @@ def test_bad_input(mgr):
     run(s.send("ok"))
     with pytest.raises(InfinichatError, match="alternative"):
         s.select(1, 5)
+
+
+def test_fit_budget_keeps_the_default_without_a_system_part():
+    """`serve --budget 512`: a session without a system prompt or card gets 512 (it got 1024: the room kept for a
+    card's conversation applied to none); a card still gets room for itself and as much conversation again."""
+    from infinichat.session.manager import fit_budget
+
+    assert fit_budget(0, 512, 8192) == 512 and fit_budget(0, 2048, 8192) == 2048
+    assert fit_budget(300, 512, 8192) == 1536 and fit_budget(1500, 2048, 8192) == 3072
+    assert fit_budget(5000, 2048, 8192) == 8192  # within the cap

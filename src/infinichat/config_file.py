@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -253,6 +254,9 @@ def _convert(key: str, value: Any, action: argparse.Action, where: str) -> Any:
 
 
 def _convert_one(key: str, value: Any, action: argparse.Action, where: str) -> Any:
+    if isinstance(value, (dict, bool, list)) and action.type in (int, float):  # (a list: not joined into "64")
+        what = "an integer" if action.type is int else "a number"
+        raise InfinichatError(f"{where}: {key} must be {what}, got {json.dumps(value)}")
     if isinstance(value, (dict, bool)) and action.type is not None:
         raise InfinichatError(f"{where}: {key} must be a {getattr(action.type, '__name__', 'value')}, got {value!r}")
     if isinstance(value, dict):

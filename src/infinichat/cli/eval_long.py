@@ -17,6 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from infinichat.errors import InfinichatError
+from infinichat.eval.journal import NUMBER
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ def parse_list(flag: str, text: str, conv: Callable[[str], Any], what: str) -> l
         if value not in items:
             items.append(value)
     if not items:
-        raise InfinichatError(f"{flag} is empty; give a comma-separated list of {what}s")
+        raise InfinichatError(f"{flag} is empty; give a comma-separated list, each {what}")
     return items
 
 
@@ -89,11 +90,13 @@ def _out_dir(args: argparse.Namespace, task: str) -> Path:
     return Path(args.out) if args.out else Path("results") / time.strftime(f"{task}-%Y%m%d-%H%M%S")
 
 
-def _journal(args: argparse.Namespace, out_dir: Path, stem: str, key_fields: tuple[str, ...], **settings: Any):
+def _journal(
+    args: argparse.Namespace, out_dir: Path, stem: str, key_fields: tuple[str, ...], fields: dict, **settings: Any
+):
     """The run's results file (`<stem>.jsonl`), opened before the model loads: new, or with --resume the one in
     `out_dir`, whose recorded settings must be this command's (the model, how it computes, decoding, and
-    `settings`: what else makes the records)."""
-    from infinichat.eval.journal import Journal
+    `settings`: what else makes the records) and whose records must hold `fields` (what the reports read)."""
+    from infinichat.eval.journal import GENERATION, Journal
 
     model = args.model
     if model is not None and Path(model).exists():
@@ -109,7 +112,8 @@ def _journal(args: argparse.Namespace, out_dir: Path, stem: str, key_fields: tup
     }
     if hasattr(args, "no_chat_template"):
         common["chat_template"] = not args.no_chat_template
-    return Journal.open(out_dir, stem, {**common, **settings}, key_fields, getattr(args, "resume", False))
+    resume = getattr(args, "resume", False)
+    return Journal.open(out_dir, stem, {**common, **settings}, key_fields, resume, {**GENERATION, **fields})
 
 
 def _print_paths(paths: dict, heatmaps: str) -> None:
@@ -218,15 +222,14 @@ def _retrieval(args: argparse.Namespace, task: str) -> int:
     needle.check_lengths(lengths)
     depths = parse_list("--depths", args.depths, float, "a number")
     needle.check_depths(depths)
-    if args.samples < 1:
-        raise InfinichatError(f"--samples must be >= 1, got {args.samples}")
+    needle.check_samples(args.samples)
     variant = getattr(args, "variant", "single")
     n_keys: int = getattr(args, "n_keys", 4)  # niah's --n-keys (passkey has none)
     sentences = None
     if task == "niah":
         needle.check_variant(variant)
-        if variant == "multikey" and n_keys < 2:
-            raise InfinichatError(f"--n-keys must be at least 2 for the multikey variant, got {n_keys}")
+        if variant == "multikey":
+            needle.check_n_keys(n_keys)  # before the model loads (past 900 the key draw looped forever)
         if args.haystack:
             sentences = haystack.read_sentences(args.haystack)
     runs = _policy_runs(args)
@@ -238,6 +241,7 @@ def _retrieval(args: argparse.Namespace, task: str) -> int:
         out_dir,
         task,
         ("policy", "length", "depth", "sample"),
+        {"policy": str, "length": int, "depth": NUMBER, "correct": bool, "distractor_answered": bool},
         lengths=lengths,
         depths=depths,
         samples=args.samples,
@@ -333,8 +337,7 @@ def _check_lengths_samples(args: argparse.Namespace) -> list[int]:
 
     lengths = parse_list("--lengths", args.lengths, int, "an integer")
     needle.check_lengths(lengths)
-    if args.samples < 1:
-        raise InfinichatError(f"--samples must be >= 1, got {args.samples}")
+    needle.check_samples(args.samples)
     return lengths
 
 
@@ -348,7 +351,13 @@ def ruler(args: argparse.Namespace) -> int:
     runs = _policy_runs(args)
     out_dir = _out_dir(args, "ruler")
     journal = _journal(
-        args, out_dir, "ruler", ("policy", "task", "length", "sample"), lengths=lengths, samples=args.samples
+        args,
+        out_dir,
+        "ruler",
+        ("policy", "task", "length", "sample"),
+        {"policy": str, "task": str, "length": int, "score": NUMBER, "score_part": NUMBER},
+        lengths=lengths,
+        samples=args.samples,
     )
 
     err = Console(stderr=True, highlight=False)
@@ -416,8 +425,7 @@ def multiturn(args: argparse.Namespace) -> int:
 
     _check_common(args)
     lengths = _check_lengths_samples(args)
-    if args.turns < 1:
-        raise InfinichatError(f"--turns must be >= 1, got {args.turns}")
+    mt.check_turns(args.turns)  # before the model loads (past 900 the keys ran out: the draw looped forever)
     runs = _policy_runs(args)
     out_dir = _out_dir(args, "multiturn")
     if args.data is not None:  # the file's records are checked before the model loads
@@ -430,6 +438,7 @@ def multiturn(args: argparse.Namespace) -> int:
         out_dir,
         "multiturn",
         ("policy", "length", "sample"),  # a conversation's turns: written together, skipped together
+        {"policy": str, "length": int, "turn": int, "score": NUMBER},
         lengths=lengths,
         samples=args.samples,
         turns=args.turns,
@@ -522,6 +531,7 @@ def longbench(args: argparse.Namespace) -> int:
         out_dir,
         "longbench",
         ("policy", "item"),  # the record's place in the files given, in order
+        {"policy": str, "dataset": str, "score": NUMBER},
         data=[str(Path(p).resolve()) for p in args.data],
         dataset=args.dataset,
         limit=args.limit,
@@ -594,9 +604,13 @@ def infinitebench(args: argparse.Namespace) -> int:
         raise InfinichatError(f"--limit must be >= 1, got {args.limit}")
     if args.max_length is not None and args.max_length < 16:
         raise InfinichatError(f"--max-length must be at least 16 tokens, got {args.max_length}")
-    if args.gen_samples < 1 or args.gen_length < 64:
+    from infinichat.eval.needle import MAX_LENGTH, MAX_SAMPLES
+
+    # (huge ones were accepted: the records, all generated before the first runs, grew until the memory ran out)
+    if not (1 <= args.gen_samples <= MAX_SAMPLES and 64 <= args.gen_length <= MAX_LENGTH):
         raise InfinichatError(
-            f"--gen-samples must be >= 1 and --gen-length >= 64 tokens, got {args.gen_samples}, {args.gen_length}"
+            f"--gen-samples must be from 1 to {MAX_SAMPLES} and --gen-length from 64 to {MAX_LENGTH} tokens, got "
+            f"{args.gen_samples}, {args.gen_length}"
         )
     records = [r for path in args.data for r in ib.load_jsonl(path, args.task, args.limit)]
     runs = _policy_runs(args)
@@ -606,6 +620,7 @@ def infinitebench(args: argparse.Namespace) -> int:
         out_dir,
         "infinitebench",
         ("policy", "item"),  # the record's place in the files given, then the generated ones
+        {"policy": str, "task": str, "score": NUMBER},
         data=[str(Path(p).resolve()) for p in args.data],
         task=args.task,
         limit=args.limit,

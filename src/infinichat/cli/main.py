@@ -237,10 +237,10 @@ def _add_long_eval_parsers(ev_sub: argparse._SubParsersAction) -> None:
             metavar="D,D...",
             help="needle depths, fractions of the haystack before it (default 0.1,0.3,0.5,0.7,0.9)",
         )
-        g.add_argument("--samples", type=int, default=1, help="prompts per length x depth (default 1)")
+        g.add_argument("--samples", type=int, default=1, help="prompts per length x depth, at most 10000 (default 1)")
         if name == "niah":
             g.add_argument("--variant", default="single", help="single, multikey or value7 (default single)")
-            g.add_argument("--n-keys", type=int, default=4, help="needles of the multikey variant (default 4)")
+            g.add_argument("--n-keys", type=int, default=4, help="multikey needles, 2 to 100 (default 4)")
             g.add_argument(
                 "--haystack",
                 metavar="FILE",
@@ -264,7 +264,8 @@ def _add_long_eval_parsers(ev_sub: argparse._SubParsersAction) -> None:
         "--samples",
         type=int,
         default=3,
-        help="prompts per task x length; sample i of n puts its needle at depth (i + 0.5) / n (default 3)",
+        help="prompts per task x length, at most 10000; sample i of n puts its needle at depth (i + 0.5) / n "
+        "(default 3)",
     )
     _add_long_context_args(p, "default: RULER's per task, 32 to 64", resume="ruler")
     p = ev_sub.add_parser(
@@ -280,10 +281,10 @@ def _add_long_eval_parsers(ev_sub: argparse._SubParsersAction) -> None:
         "--turns",
         type=int,
         default=4,
-        help="facts in the context, one question per turn (default 4); with --data: at most this many questions "
-        "of one context",
+        help="facts in the context, one question per turn, 1 to 100 (default 4); with --data: at most this many "
+        "questions of one context",
     )
-    g.add_argument("--samples", type=int, default=3, help="conversations per length (default 3)")
+    g.add_argument("--samples", type=int, default=3, help="conversations per length, at most 10000 (default 3)")
     g.add_argument(
         "--data",
         default=None,

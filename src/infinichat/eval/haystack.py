@@ -227,6 +227,8 @@ def file_filler(sentences: list[str], rng: random.Random) -> Iterator[str]:
 
 def random_key(rng: random.Random, taken: Set[str] = frozenset()) -> str:
     """An 'adjective-noun' key not in `taken`."""
+    if len(taken) >= len(_ADJ) * len(_NOUN):
+        raise ValueError(f"all {len(_ADJ) * len(_NOUN)} keys are taken")
     while True:
         key = f"{rng.choice(_ADJ)}-{rng.choice(_NOUN)}"
         if key not in taken:

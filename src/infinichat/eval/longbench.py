@@ -178,8 +178,17 @@ def jsonl_objects(path: str | Path, limit: int | None = None) -> Iterator[tuple[
             obj = json.loads(line)
         except json.JSONDecodeError as e:
             raise InfinichatError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+        except ValueError as e:  # e.g. an integer of more than 4300 digits
+            raise InfinichatError(f"{where}: not valid JSON ({e})") from None
         if not isinstance(obj, dict):
             raise InfinichatError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+        try:  # a lone surrogate (an escape like \\ud800 without its pair) is no text a tokenizer takes
+            json.dumps(obj, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise InfinichatError(
+                f"{where}: a lone surrogate ({e.object[e.start : e.end]!r} escaped in the JSON); the text must be "
+                "valid Unicode (a \\ud800-\\udfff escape only as half of a pair)"
+            ) from None
         n += 1
         yield where, no, obj
 
@@ -204,7 +213,7 @@ def load_jsonl(path: str | Path, dataset: str | None = None, limit: int | None =
         if not isinstance(obj["input"], str) or not isinstance(obj["context"], str):
             raise InfinichatError(f"{where}: 'input' and 'context' must be strings")
         name = obj.get("dataset") or fallback
-        if name not in DATASETS:
+        if not isinstance(name, str) or name not in DATASETS:
             raise InfinichatError(
                 f"{where}: unknown LongBench dataset {name!r} (give --dataset NAME); accepted: {', '.join(DATASETS)}"
             )

@@ -73,12 +73,19 @@ class Conversation:
         return score_sample(metric, longbench.postprocess(self.dataset, text), self.answers[turn])
 
 
+MAX_TURNS = 100  # facts of a generated haystack: its keys are 900 adjective-noun pairs, drawn without repeats
+
+
+def check_turns(n_turns: int) -> None:
+    if not 1 <= n_turns <= MAX_TURNS:
+        raise InfinichatError(f"--turns must be from 1 to {MAX_TURNS}, got {n_turns}")
+
+
 def conversation(tok: Tokenizer, length: int, index: int, n_samples: int, n_turns: int, seed: int = 0) -> Conversation:
     """A seeded conversation: turn 1 = instruction + haystack with `n_turns` facts + question 1 (`length` tokens).
     Conversation `index` of `n_samples` puts the fact asked first at depth (index + 0.5) / n_samples (spread over
     the samples as in `eval ruler`, not drawn); the other facts go to seeded sentence boundaries."""
-    if n_turns < 1:
-        raise InfinichatError(f"--turns must be >= 1, got {n_turns}")
+    check_turns(n_turns)
     depth = needle.spread_depth(index, n_samples)
     rng = random.Random(f"{seed}:multiturn:{length}:{n_turns}:{index}")
     keys: list[str] = []
@@ -137,8 +144,7 @@ def load_conversations(
 ) -> list[Conversation]:
     """The first `limit` contexts of a LongBench JSONL file as conversations (their questions in file order, at
     most `n_turns`); each context is cut in the middle so that turn 1 is at most `length` tokens."""
-    if n_turns < 1:
-        raise InfinichatError(f"--turns must be >= 1, got {n_turns}")
+    check_turns(n_turns)
     groups: dict[str, list[longbench.Record]] = {}
     for rec in longbench.load_jsonl(path, dataset):
         mine = groups.setdefault(rec.context, [])

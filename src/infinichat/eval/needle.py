@@ -80,16 +80,38 @@ def contains_number(text: str, value: str) -> bool:
     return re.search(rf"(?<!\d){re.escape(value)}(?!\d)", text) is not None
 
 
+MAX_LENGTH = 1 << 24  # tokens of one prompt: beyond it, building the prompts alone exhausts the memory
+MAX_SAMPLES = 10_000  # per cell: every sample's prompt is built before the first one runs
+
+
 def check_lengths(lengths: list[int]) -> None:
     bad = [n for n in lengths if n < 1]
     if bad:
         raise InfinichatError(f"--lengths must be positive token counts, got {bad[0]}")
+    bad = [n for n in lengths if n > MAX_LENGTH]
+    if bad:
+        raise InfinichatError(f"--lengths: {bad[0]} tokens is too long; at most {MAX_LENGTH} tokens")
+
+
+def check_samples(samples: int) -> None:
+    if not 1 <= samples <= MAX_SAMPLES:
+        raise InfinichatError(f"--samples must be from 1 to {MAX_SAMPLES}, got {samples}")
 
 
 def check_depths(depths: list[float]) -> None:
     bad = [d for d in depths if not 0.0 <= d <= 1.0]
     if bad:
         raise InfinichatError(f"--depths must be fractions in [0, 1] (0 = start of the haystack), got {bad[0]:g}")
+
+
+MAX_KEYS = 100  # needles of the multikey variant: their keys are drawn without repeats from 900
+
+
+def check_n_keys(n_keys: int) -> None:
+    if not 2 <= n_keys <= MAX_KEYS:
+        raise InfinichatError(
+            f"--n-keys must be from 2 to {MAX_KEYS} for the multikey variant (one asked, others distract), got {n_keys}"
+        )
 
 
 def check_variant(variant: str) -> None:
@@ -244,10 +266,8 @@ def niah_sample(
 ) -> NeedleSample:
     """`sentences`: the haystack file's sentences (None: generated essay-like filler)."""
     check_variant(variant)
-    if variant == "multikey" and n_keys < 2:
-        raise InfinichatError(
-            f"--n-keys must be at least 2 for the multikey variant (one asked, others distract), got {n_keys}"
-        )
+    if variant == "multikey":
+        check_n_keys(n_keys)
     rng = _rng(seed, "niah", variant, length, depth, index)
     digits = 7 if variant == "value7" else 5
     n = n_keys if variant == "multikey" else 1

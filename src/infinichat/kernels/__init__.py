@@ -31,19 +31,21 @@ def resolve_device(name: str | torch.device | None) -> torch.device:
     clear DeviceError when the device does not exist here."""
     if isinstance(name, torch.device):
         name = str(name)
-    name = (name or "auto").strip().lower()
+    name = "auto" if name is None else name.strip().lower()
+    if not name:  # `--device ""` (a script's empty variable) is no device; it used to mean auto, silently
+        raise DeviceError(f"--device is empty; accepted: {DEVICE_CHOICES}")
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cpu":
         return torch.device("cpu")
-    if name == "cuda" or (name.startswith("cuda:") and name[5:].isdigit()):
+    if name == "cuda" or (name.startswith("cuda:") and name[5:].isdecimal()):
         if not torch.cuda.is_available():
             build = "a CPU-only torch build" if torch.version.cuda is None else f"CUDA {torch.version.cuda} build"
             raise DeviceError(
                 f"--device {name}: no CUDA device is available (torch {torch.__version__}, {build}); "
                 "use --device cpu or auto"
             )
-        index = int(name[5:]) if ":" in name else 0
+        index = int(name[5:]) if ":" in name else 0  # (isdecimal: "cuda:²" is isdigit() but no int())
         if index >= torch.cuda.device_count():
             raise DeviceError(
                 f"--device {name}: there are {torch.cuda.device_count()} CUDA devices (cuda:0..cuda:"

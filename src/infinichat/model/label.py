@@ -11,8 +11,14 @@ _QUANT = re.compile(r"[._-](?:i?q\d[\w]*|bf16|fp16|f16|f32|fp32|int[48])$", re.I
 _GENERIC = re.compile(r"^(?:ggml-)?model(?:[._-].*)?$|^unnamed$|^weights?$", re.IGNORECASE)
 
 
+def shown(path: str | Path) -> str:
+    """A file name as text: bytes of a name that are not UTF-8 (kept by Python as lone surrogates, which no JSON
+    answer can encode) become U+FFFD."""
+    return str(path).encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
 def model_label(path: str | Path, meta_name: str | None = None) -> str:
-    p = Path(path)
+    p = Path(shown(path))
     stem = p.name[: -len(p.suffix)] if p.suffix.lower() == ".gguf" else p.name
     while True:
         cut = _QUANT.sub("", stem)

@@ -18,7 +18,7 @@ from fastapi.staticfiles import StaticFiles
 from infinichat.engine.backends import load_engine
 from infinichat.errors import InfinichatError
 from infinichat.kv.registry import POLICIES
-from infinichat.model.label import model_label, served_id
+from infinichat.model.label import model_label, served_id, shown
 from infinichat.model.loader import default_model_path
 from infinichat.server import (
     errors,
@@ -89,6 +89,8 @@ def _cache_snapshot(metrics: Metrics, lru: PrefixLRU):
                 "kv_offloads": m.n_offloads,
                 "kv_peak_bytes": m.kv_peak_bytes,
                 "kv_limit_bytes": m.kv_limit_bytes,
+                # requests without a session of their own, running: their reservations (or stores, when larger)
+                "kv_reserved_bytes": sum(sp.busy_bytes for sp in m.spare),
             }
         )
         batcher = getattr(getattr(m, "engine", None), "batcher", None)
@@ -159,7 +161,7 @@ def create_app(
             "backend": backend,
             "started": time.time(),
             "model_hash": str(manager.model_id),
-            "path": str(Path(model_path).expanduser().resolve()) if model_path else "",
+            "path": shown(Path(model_path).expanduser().resolve()) if model_path else "",
         },
     }.items():
         setattr(app.state, k, v)

@@ -167,7 +167,7 @@ async def echo_completion(request: Request, body: CompletionBody, fingerprint: s
         for ids in ids_list:
             yield from scored_prompt(st.engine, tok, ids, top, params, job.should_stop, m)
 
-    _, items = await open_stream(st.worker, run)
+    _, items = await open_stream(st.worker, run, request=request)
     got = await collect(request, items)
     if got is None:
         return JSONResponse(error_body(499, "the client closed the request"), status_code=499)

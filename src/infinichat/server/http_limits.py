@@ -2,9 +2,11 @@
 
 A head over `MAX_HEAD_KB` KiB in all, or with one line over `MAX_LINE_KB` KiB, is answered 431 (Request Header
 Fields Too Large) with a JSON error in the server's shape, and its connection is closed; the app never sees it,
-and the other connections are not touched. The largest heads real clients send (browsers' cookies, OpenAI SDKs'
-headers, bearer tokens of a few KiB) stay far below: nginx allows 4 x 8 KiB lines by default, llama.cpp's
-server 8 KiB a line.
+and the other connections are not touched. A head the parser cannot read gets a JSON 400 the same way (uvicorn's
+own was plain text). Either refusal of a request pipelined behind others follows their answers.
+
+The largest heads real clients send (browsers' cookies, OpenAI SDKs' headers, bearer tokens of a few KiB) stay far
+below: nginx allows 4 x 8 KiB lines by default, llama.cpp's server 8 KiB a line.
 
 uvicorn has no such bound on its default parser (httptools: a 2 MB header used to get 200, and a client could
 stream headers until memory ran out); `HeadBoundedHttpTools` counts the bytes of a head as they arrive, so at most
@@ -22,6 +24,10 @@ log = logging.getLogger(__name__)
 
 MAX_HEAD_KB = 64  # serve --max-header-kb: the request line and all header lines together
 MAX_LINE_KB = 32  # one line (the request line, or one header's name and value), at most the whole bound
+# the bytes of a head the callbacks do not count (its method, HTTP version and line ends, spaces around values): a
+# head still arriving is refused past max_head + HEAD_SLACK raw bytes, so that the bound does not depend on how it
+# was cut into packets (a head of exactly max_head counted bytes got 200 in one piece, 431 trickled)
+HEAD_SLACK = 1024
 LINGER_S = 5.0  # after a 431, how long what the client still sends is read and dropped before the connection closes
 
 
@@ -51,6 +57,7 @@ def _bounded_base() -> type:
         _raw = 0  # bytes received since the head began, while it has not ended
         _counted = 0  # the head's bytes seen by the callbacks (the URL, each header: name: value CRLF)
         _refused = False
+        _deferred: bytes | None = None  # a 431 waiting for the answers to the earlier requests of its connection
 
         def data_received(self, data: bytes) -> None:
             if self._refused:
@@ -58,7 +65,7 @@ def _bounded_base() -> type:
             if self._in_head:
                 self._raw += len(data)
             super().data_received(data)
-            if self._in_head and not self._refused and self._raw > self.max_head:
+            if self._in_head and not self._refused and self._raw > self.max_head + HEAD_SLACK:
                 # still inside the head: these bytes all belong to it (a single line no callback has seen yet)
                 self._refuse(f"the request's head is over {self.max_head >> 10} KiB and still coming")
 
@@ -94,25 +101,58 @@ def _bounded_base() -> type:
             self._in_head, self._raw = True, 0
 
         def send_400_response(self, msg: str) -> None:
-            if not self._refused:  # else the parser stopped on HeadTooLarge: the 431 is already sent
-                super().send_400_response(msg)
+            """A request the parser cannot read: a JSON 400 after the answers to the requests before it (uvicorn's
+            own was plain text, written at once in the place of a pipelined request's answer, which was lost)."""
+            if self._refused:  # the parser stopped on HeadTooLarge: the 431 is already sent
+                return
+            self._refused = True
+            log.warning("400 to %s: %s", self.client, msg)
+            why = (
+                "invalid HTTP request: its request line or a header line is malformed (a folded header line, a "
+                "control byte or a bare LF in it, a space or a non-ASCII byte in a header name, ...); send a "
+                "well-formed HTTP/1.1 request"
+            )
+            self._reject(self._answer(400, b"Bad Request", why, "bad_http_request"))
 
         def _refuse(self, why: str) -> None:
             self._refused = True
             msg = f"{why}; send smaller headers (this server accepts {self.max_head >> 10} KiB in all: --max-header-kb)"
             log.warning("431 to %s: %s", self.client, why)
+            self._reject(self._answer(431, b"Request Header Fields Too Large", msg, "header_too_large"))
+
+        def _answer(self, status: int, reason: bytes, msg: str, code: str) -> bytes:
             # the server's error shape (server/errors.py, not imported: it pulls in torch, and the loading shell
             # answers before that is loaded)
-            err = {"message": msg, "type": "invalid_request_error", "param": None, "code": "header_too_large"}
+            err = {"message": msg, "type": "invalid_request_error", "param": None, "code": code}
             body = json.dumps({"error": err}).encode()
-            head = [b"HTTP/1.1 431 Request Header Fields Too Large\r\n"]
+            head = [b"HTTP/1.1 %d %s\r\n" % (status, reason)]
             head += [name + b": " + value + b"\r\n" for name, value in self.server_state.default_headers]
             head += [
                 b"content-type: application/json\r\n",
                 b"content-length: " + str(len(body)).encode() + b"\r\n",
                 b"connection: close\r\n\r\n",
             ]
-            self.transport.write(b"".join(head) + body)
+            return b"".join(head) + body
+
+        def _reject(self, answer: bytes) -> None:
+            if self.cycle is not None and not self.cycle.response_complete:
+                # pipelined behind requests of this connection still being answered: HTTP answers in order, so the
+                # refusal follows their answers (sent at once, it took the place of the first one, whose answer
+                # then failed: write() after write_eof())
+                self._deferred = answer
+                return
+            self._send_refusal(answer)
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if self._deferred is not None and self.cycle is not None and self.cycle.response_complete:
+                answer, self._deferred = self._deferred, None
+                self._send_refusal(answer)
+
+        def _send_refusal(self, answer: bytes) -> None:
+            if self.transport.is_closing():  # the client went away, or the last answer closed the connection
+                return
+            self.transport.write(answer)
             # a lingering close: the answer, then the end of our side; what the client still sends is read and
             # dropped (data_received) until it closes, for at most LINGER_S. Closing at once with its bytes unread
             # would reset the connection, and a client still sending could lose the answer.

@@ -38,6 +38,7 @@ class Metrics:
             "kv_offloads": 0,
             "kv_peak_bytes": 0,
             "kv_limit_bytes": 0,
+            "kv_reserved_bytes": 0,
         }
         self.batch_sizes: dict[int, int] = {}  # sequences per decode forward call -> calls (the worker's batcher)
         self.prompt_batch_sizes: dict[int, int] = {}  # sequences per batched prompt call -> calls (the worker's)
@@ -134,6 +135,15 @@ class Metrics:
                     "gauge",
                     "the hard limit on KV memory: past it a new generation gets 503 (--kv-limit-mb)",
                     self.cache["kv_limit_bytes"],
+                ),
+                (
+                    "kv_reserved_bytes",
+                    "gauge",
+                    (
+                        "KV memory reserved by running requests without a session of their own (anonymous /v1 and "
+                        "/completion, echo, /suggest's copy); 0 when none runs"
+                    ),
+                    self.cache["kv_reserved_bytes"],
                 ),
             ]
             for name, kind, help_, v in gauges:

@@ -295,14 +295,23 @@ def _item(tok, chunk_text: str, step) -> dict:
 
 
 def anonymous(
-    engine, tok, lru: PrefixLRU, ids: list[int], params: SamplingParams, should_stop, metrics, m=None
+    engine,
+    tok,
+    lru: PrefixLRU,
+    ids: list[int],
+    params: SamplingParams,
+    should_stop,
+    metrics,
+    m=None,
+    prompt_param: str = "messages",
 ) -> Iterator[dict]:
+    """An anonymous generation; `prompt_param`: the request field its prompt came from (named in a 400)."""
     if len(ids) + 1 > lru.budget:
         raise ApiError(
             400,
             f"the prompt is {len(ids)} tokens; the context budget of this server is {lru.budget} "
             f"tokens (serve --budget)",
-            param="messages",
+            param=prompt_param,
         )
     check_max_tokens(params.max_tokens, lru.budget, "max_tokens")
     # the KV bytes this request may take (its prompt and max_tokens, within the budget), reserved before its

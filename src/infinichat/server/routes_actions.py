@@ -47,7 +47,7 @@ async def _stream(request: Request, sid: str, action: str, params: dict | None, 
             gen = getattr(s, {"continue": "continue_"}.get(action, action))(p, job.should_stop)
         return m.guarded(s, session_events(s, gen, metrics))  # a failure before the first token changes nothing
 
-    _, items = await open_stream(request.app.state.worker, run, session=sid)
+    _, items = await open_stream(request.app.state.worker, run, session=sid, request=request)
     return sse_response(items, lambda item: sse(item[0], item[1]))
 
 

@@ -104,10 +104,10 @@ async def completion(body: LlamaCompletion, request: Request):
         params.seed = params.seed if params.seed is not None else secrets.randbits(63)
 
     def run(m, job):
-        return anonymous(st.engine, tok, lru, ids, params, job.should_stop, st.metrics, m)
+        return anonymous(st.engine, tok, lru, ids, params, job.should_stop, st.metrics, m, "prompt")
 
     t0 = time.perf_counter()
-    _, items = await open_stream(st.worker, run)
+    _, items = await open_stream(st.worker, run, request=request)
 
     def final(done: dict, text: str, n: int, probs: list) -> dict:
         dt = time.perf_counter() - t0

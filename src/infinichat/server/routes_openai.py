@@ -126,9 +126,10 @@ async def _generate(request: Request, body, kind: str):
                     400, f"prompt token ids must be a non-empty list in [0, {tok.vocab_size})", param="prompt"
                 )
             ids = list(prompt)
-        return anonymous(st.engine, tok, st.prefix_lru, ids, params, job.should_stop, st.metrics, m)
+        where = "messages" if kind == "chat" else "prompt"
+        return anonymous(st.engine, tok, st.prefix_lru, ids, params, job.should_stop, st.metrics, m, where)
 
-    _, items = await open_stream(st.worker, run, session=sid)
+    _, items = await open_stream(st.worker, run, session=sid, request=request)
     rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + secrets.token_hex(12)
     obj = "chat.completion" if kind == "chat" else "text_completion"
     created, model, fp = int(time.time()), st.info["model"], fingerprint(st.info)

@@ -87,8 +87,8 @@ def check_max_tokens(n: int, budget: int | None, param: str) -> None:
     A session's reply may outgrow its budget: its policy evicts old turns."""
     cap = MAX_NEW_TOKENS if budget is None else min(budget, MAX_NEW_TOKENS)
     if n > cap:
-        why = f"the budget of {budget} tokens, and at most {MAX_NEW_TOKENS}" if budget is not None else "the server's"
-        raise ApiError(400, f"max_tokens={n} is over the limit of {cap} ({why} limit)", param=param)
+        why = "per request" if budget is None else f"the context budget of {budget} tokens; {MAX_NEW_TOKENS} at most"
+        raise ApiError(400, f"max_tokens={n} is over the limit of {cap} ({why})", param=param)
 
 
 def check_stop(stop: tuple[str, ...], param: str = "params.stop") -> None:

@@ -11,20 +11,25 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
-from infinichat.server.errors import error_body, to_api_error
+from infinichat.server.errors import ApiError, error_body, to_api_error
 from infinichat.server.worker import END, EngineWorker, Job
+
+DISCONNECT_POLL_S = 0.1  # how often a request waiting for its first item checks that its client is still there
 
 
 async def open_stream(
-    worker: EngineWorker, fn: Callable[[Any, Job], Iterator], session: str | None = None
+    worker: EngineWorker, fn: Callable[[Any, Job], Iterator], session: str | None = None, request: Request | None = None
 ) -> tuple[Job, AsyncGenerator]:
     """Submit `fn` as a stream job and wait for its first item, so that an error before any output (bad
-    parameters, a prompt over the budget) still becomes a plain JSON error with its 4xx status."""
+    parameters, a prompt over the budget) still becomes a plain JSON error with its 4xx status. With `request`, a
+    client that goes away meanwhile (during a long prompt) cancels the job there and then (a 499 nobody reads):
+    nothing watched it before the first item, so the whole prompt ran, and a session kept the message and a
+    one-token reply its client never saw."""
     loop = asyncio.get_running_loop()
     q: asyncio.Queue = asyncio.Queue()
     job = worker.stream(fn, lambda item: loop.call_soon_threadsafe(q.put_nowait, item), session)
     try:
-        first = await q.get()
+        first = await _first(q, request)
     except BaseException:
         worker.abandon(job)
         raise
@@ -51,6 +56,24 @@ async def open_stream(
                 worker.abandon(job)
 
     return job, items()
+
+
+async def _first(q: asyncio.Queue, request: Request | None) -> Any:
+    """The queue's first item; ApiError 499 if `request`'s client disconnects before it comes. (One get, waited
+    on in steps: a get cancelled by a timeout could lose the item it was handed.)"""
+    if request is None:
+        return await q.get()
+    getter = asyncio.ensure_future(q.get())
+    try:
+        while True:
+            done, _ = await asyncio.wait({getter}, timeout=DISCONNECT_POLL_S)
+            if done:
+                return getter.result()
+            if await request.is_disconnected():
+                raise ApiError(499, "the client closed the request")
+    finally:
+        if not getter.done():
+            getter.cancel()
 
 
 async def collect(request: Request, items: AsyncGenerator) -> list | None:
