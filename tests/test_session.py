@@ -341,10 +341,12 @@ def test_bad_input(mgr):
 
 
 def test_fit_budget_keeps_the_default_without_a_system_part():
-    """`serve --budget 512`: a session without a system prompt or card gets 512 (it got 1024: the room kept for a
-    card's conversation applied to none); a card still gets room for itself and as much conversation again."""
+    """`serve --budget 512`: a session without a system prompt or card, or with one of at most half of it, gets 512
+    (it got 1024 / 1280: the room kept for a long card's conversation applied to any); a longer card still gets room
+    for itself and as much conversation again (at least 1024 tokens)."""
     from infinichat.session.manager import fit_budget
 
     assert fit_budget(0, 512, 8192) == 512 and fit_budget(0, 2048, 8192) == 2048
+    assert fit_budget(10, 512, 8192) == 512 and fit_budget(256, 512, 8192) == 512  # a prompt within half of it
     assert fit_budget(300, 512, 8192) == 1536 and fit_budget(1500, 2048, 8192) == 3072
     assert fit_budget(5000, 2048, 8192) == 8192  # within the cap

@@ -87,8 +87,9 @@ def kv_bytes_at(engine, n: int, capacity: int) -> int:
 def fit_budget(n_system: int, default: int, cap: int) -> int:
     """A budget for a session whose system part (prompt or card) is `n_system` tokens: the default, or for a
     long card room for the card and as much conversation again (at least 1024 tokens), in steps of 256,
-    within the server's cap. Without a system part, the default (`serve --budget 512`: sessions got 1024)."""
-    if n_system == 0:
+    within the server's cap. A system part of at most half the default keeps the default (`serve --budget 512`:
+    sessions without one, or with a one-line system prompt, got 1024 or 1280)."""
+    if 2 * n_system <= default:
         return default
     need = max(2 * n_system + 1, n_system + 1024)
     need = -(-need // 256) * 256
