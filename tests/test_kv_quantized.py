@@ -448,8 +448,9 @@ def test_native_int8_attention_with_avx512_equals_the_avx2_code_up_to_summation_
     products summed in another order. 10 successive steps after 300 prompt tokens at 2 threads (the second
     thread's range ends in a partial block of 16 slots), float32 logits: within 2e-3 of the largest (measured
     5.7e-4 to 7.3e-4: the step's int8 activations amplify a last-bit difference), within 3x of what the AVX2 path
-    moves between 1 and 2 threads (measured 5.9e-4 to 8.8e-4), and not all bit for bit (both paths ran). With one
-    key channel dropped in the AVX-512 scores the difference is 0.7-0.85 of the largest logit."""
+    moves between 1 and 2 threads (measured 5.9e-4 to 8.8e-4), and not all bit for bit (both paths ran). Deliberate
+    bugs in the AVX-512 code fail it: a key channel dropped (0.7-0.85 of the largest logit), a value channel dropped
+    (0.5-0.7), the partial block's empty slots left unmasked (6.5e-3 to 8.8e-3)."""
     paths, orders, same = _avx512_vs_avx2(kv_dtype, head_dim, seed=19)
     assert paths <= 2e-3 and paths <= 3 * orders and not all(same), (paths, orders, same)
 
