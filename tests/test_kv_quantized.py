@@ -436,16 +436,41 @@ def test_native_int4_attention_with_avx512_equals_the_avx2_code_up_to_summation_
     turn a last-bit difference into more), no further apart than 3x what the AVX2 path itself moves between 1
     and 2 threads (its slots merged in another order; measured 3e-4 to 1e-3), and not all bit for bit (so both
     paths ran). The attention alone (a C harness over random int4 rows, not in CI): within 1.5e-6."""
+    paths, orders, same = _avx512_vs_avx2(kv_dtype, head_dim, seed=18)
+    assert paths <= 2e-3 and paths <= 3 * orders and not all(same), (paths, orders, same)
+
+
+@needs_lib
+@pytest.mark.parametrize("kv_dtype,head_dim", [("int8", 32), ("int8", 64), ("int8h", 64)])
+def test_native_int8_attention_with_avx512_equals_the_avx2_code_up_to_summation_order(kv_dtype, head_dim):
+    """int8 KV with AVX-512 (keys 16 slots in the lanes from 16 transposed rows, values 32 channels per widened
+    load, softmax and p * value scale 16 slots at a time) against the AVX2 code (ic_kv_avx512(0)): the same
+    products summed in another order. 10 successive steps after 300 prompt tokens at 2 threads (the second
+    thread's range ends in a partial block of 16 slots), float32 logits: within 2e-3 of the largest (measured
+    5.7e-4 to 7.3e-4: the step's int8 activations amplify a last-bit difference), within 3x of what the AVX2 path
+    moves between 1 and 2 threads (measured 5.9e-4 to 8.8e-4), and not all bit for bit (both paths ran). Deliberate
+    bugs in the AVX-512 code fail it: a key channel dropped (0.7-0.85 of the largest logit), a value channel dropped
+    (0.5-0.7), the partial block's empty slots left unmasked (6.5e-3 to 8.8e-3)."""
+    paths, orders, same = _avx512_vs_avx2(kv_dtype, head_dim, seed=19)
+    assert paths <= 2e-3 and paths <= 3 * orders and not all(same), (paths, orders, same)
+
+
+def _avx512_vs_avx2(kv_dtype: str, head_dim: int, seed: int) -> tuple[float, float, list[bool]]:
+    """10 native steps of one sequence (300 prompt tokens) by the AVX-512 and the AVX2 KV attention at 2 threads,
+    and by the AVX2 one at 1 thread: (largest AVX-512 - AVX2 difference, largest 1 - 2 threads difference, both
+    relative to the largest logit; per step whether both paths agreed bit for bit)"""
     lib = native.library()
     assert lib is not None
     if not lib.ic_kv_avx512(-1):
         pytest.skip("no AVX-512 here")
     qm, _ = _pair("int4", head_dim=head_dim)
-    ids = rand_ids(310, seed=18, vocab=qm.cfg.vocab_size)
+    ids = rand_ids(310, seed=seed, vocab=qm.cfg.vocab_size)
     eng, dec = TorchEngine(qm, (), kv_dtype=kv_dtype), qm.kernels.decoder
     seq = eng.new_cache(512)
     eng.prefill(seq, ids[:300])
-    assert seq.store.qlen >= 224 and dec.bind(seq.store) is not None
+    assert dec.bind(seq.store) is not None
+    if kv_dtype.startswith("int4"):
+        assert seq.store.qlen >= 224
     same, paths, orders = [], 0.0, 0.0
     try:
         for t in ids[300:310]:
@@ -465,7 +490,7 @@ def test_native_int4_attention_with_avx512_equals_the_avx2_code_up_to_summation_
     finally:
         lib.ic_kv_avx512(-1)
         torch.set_num_threads(1)
-    assert paths <= 2e-3 and paths <= 3 * orders and not all(same), (paths, orders, same)
+    return paths, orders, same
 
 
 # ------------------------------------------------------------------ sessions: persistence, prefix cache, cache map

@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("decode.c")
 CFLAGS = ("-O3", "-std=gnu11", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC")
 BLOCK = 32  # decode.c's QB: int4 group and activation block
-AVX512 = {"avx512f", "avx512bw", "avx512dq", "avx512vl"}  # the prompt attention's (and decode.c's int4 KV attention's)
+AVX512 = {"avx512f", "avx512bw", "avx512dq", "avx512vl"}  # the prompt attention's (and decode.c's int4, int8 KV)
 VNNI = AVX512 | {"avx512_vnni"}  # the int8 multi-token product's tokens-in-lanes kernel
 
 _state: dict[str, object] = {}

@@ -641,7 +641,7 @@ static inline __attribute__((always_inline)) void attend_rows(const Model *M, co
    64 and value groups of a multiple of 32 channels (else attend_rows runs). */
 #define KV_GH 8 /* query heads per pass over a block's codes (registers: 2 x KV_GH accumulators) */
 
-static int kv512_force = -1; /* ic_kv_avx512: -1 the CPU decides, 0 never (attend_rows' AVX2 int4) */
+static int kv512_force = -1; /* ic_kv_avx512: -1 the CPU decides, 0 never (attend_rows' AVX2 int4 / int8) */
 
 static int kv512(void) {
     static int v = -1;
@@ -653,7 +653,7 @@ static int kv512(void) {
     return v && kv512_force != 0;
 }
 
-/* mode -1: int4 KV attention with AVX-512 where the CPU has it (the default); 0: never (the AVX2 code every
+/* mode -1: int4 and int8 KV attention with AVX-512 where the CPU has it (the default); 0: never (the AVX2 code every
    CPU runs; tests compare both). Returns whether it is used now. */
 int ic_kv_avx512(int mode) {
     kv512_force = mode < 0 ? -1 : mode > 0 ? 1 : 0;
@@ -913,6 +913,163 @@ AVX512 static void attend_int4_512(const Model *M, const float *q, const Rows *R
     }
 }
 
+/* int8 rows with AVX-512 (attend_rows' ROWS_INT8 arithmetic, reassociated; kv512 says where it runs): the same
+   blocks of ABLK slots, online softmax and merged P. Keys, 16 slots in the lanes: 16 rows are transposed 32
+   bytes at a time (transpose16x8) so that dword d of 16 slots (channels 4d..4d+3) sits in one register; a byte
+   shuffle puts channel 4d + k in the top byte of each lane (the rest zero), converted exactly to code * 2^24 and
+   multiplied by (q * 2^-24)[4d + k] broadcast, for every query head of the group: the scores of 16 slots come
+   out in one register (times the slots' key scales), no horizontal sums. Values, channels in the lanes: 32 codes
+   of a row widened (vpmovsxbd) once for all query heads, times p_j * value scale_j broadcast. Slots past b are
+   zero rows with score -inf (weight 0). Needs head_dim a multiple of 32 (else attend_rows runs). */
+AVX512 static inline __attribute__((always_inline)) void int8_scores(const uint32_t *kt, int hd, const float *qs,
+                                                                     __m512 *out, const int GH) {
+    __m512i sh[4]; /* channel 4d + k of each lane's dword into its top byte */
+    for (int k = 0; k < 4; k++)
+        sh[k] = _mm512_add_epi32(_mm512_set4_epi32(0x0c808080, 0x08808080, 0x04808080, 0x00808080),
+                                 _mm512_set1_epi32(k << 24));
+    __m512 s[KV_GH];
+    for (int g = 0; g < GH; g++) s[g] = _mm512_setzero_ps();
+    for (int d = 0; d < hd / 4; d++) {
+        const __m512i x = _mm512_load_si512((const void *)(kt + d * 16));
+#pragma GCC unroll 4
+        for (int k = 0; k < 4; k++) {
+            const __m512 c = _mm512_cvtepi32_ps(_mm512_shuffle_epi8(x, sh[k]));
+            for (int g = 0; g < GH; g++) s[g] = _mm512_fmadd_ps(c, _mm512_set1_ps(qs[g * MAX_HD + 4 * d + k]), s[g]);
+        }
+    }
+    for (int g = 0; g < GH; g++) out[g] = s[g];
+}
+
+/* acc[g] (hd,) of GH query heads = acc * corr + sum_j pw[g][j] codes_j over channels [i, i + 32) of the block's nb
+   value rows V8 (nb, hd) */
+AVX512 static inline __attribute__((always_inline)) void int8_values(const int8_t *V8, int hd, int nb, int i,
+                                                                     float *const acc[], const float *corr,
+                                                                     const float (*pw)[ABLK], const int GH) {
+    __m512 o0[KV_GH], o1[KV_GH];
+    for (int g = 0; g < GH; g++) {
+        const __m512 cg = _mm512_set1_ps(corr[g]);
+        o0[g] = _mm512_mul_ps(_mm512_loadu_ps(acc[g] + i), cg);
+        o1[g] = _mm512_mul_ps(_mm512_loadu_ps(acc[g] + i + 16), cg);
+    }
+    const int8_t *v = V8 + i;
+    for (int j = 0; j < nb; j++) {
+        const int8_t *r = v + (int64_t)j * hd;
+        const __m512 x0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)r)));
+        const __m512 x1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(r + 16))));
+        for (int g = 0; g < GH; g++) {
+            const __m512 w = _mm512_set1_ps(pw[g][j]);
+            o0[g] = _mm512_fmadd_ps(w, x0, o0[g]);
+            o1[g] = _mm512_fmadd_ps(w, x1, o1[g]);
+        }
+    }
+    for (int g = 0; g < GH; g++) {
+        _mm512_storeu_ps(acc[g] + i, o0[g]);
+        _mm512_storeu_ps(acc[g] + i + 16, o1[g]);
+    }
+}
+
+/* n (<= 16) rows K8 (n, hd) int8 -> kt (hd/4, 16): dword d of slot s at kt[d * 16 + s]; rows n.. zero */
+AVX512 static inline __attribute__((always_inline)) void transpose_rows8(const int8_t *K8, int hd, int n,
+                                                                         uint32_t *kt) {
+    for (int c = 0; c < hd; c += 32) { /* dwords c/4 .. c/4 + 7 */
+        __m512i r[8], o[8];
+        for (int i = 0; i < 8; i++) {
+            const __m256i z = _mm256_setzero_si256();
+            const __m256i s0 = 2 * i < n ? _mm256_loadu_si256((const __m256i *)(K8 + 2 * i * hd + c)) : z;
+            const __m256i s1 = 2 * i + 1 < n ? _mm256_loadu_si256((const __m256i *)(K8 + (2 * i + 1) * hd + c)) : z;
+            r[i] = _mm512_inserti64x4(_mm512_castsi256_si512(s0), s1, 1);
+        }
+        transpose16x8(r, o);
+        for (int d = 0; d < 8; d++) _mm512_store_si512((void *)(kt + (c / 4 + d) * 16), o[d]);
+    }
+}
+
+AVX512 static void attend_int8_512(const Model *M, const float *q, const Rows *R, int64_t a, int64_t b, Partial *P) {
+    const int H = M->n_heads, Hkv = M->n_kv, hd = M->head_dim, G = H / Hkv;
+    const int64_t cap = R->cap;
+    float sc[MAX_GROUP][ABLK] __attribute__((aligned(64)));
+    float qs[MAX_GROUP * MAX_HD] __attribute__((aligned(64))); /* q * 2^-24, per query head */
+    uint32_t kt[MAX_HD / 4 * 16] __attribute__((aligned(64)));
+    float corr[MAX_GROUP];
+    float pw[MAX_GROUP][ABLK] __attribute__((aligned(64))); /* weight x value scale */
+    for (int kh = 0; kh < Hkv; kh++) {
+        const int64_t row0 = (int64_t)kh * cap;
+        const int8_t *K8 = (const int8_t *)R->k + row0 * hd, *V8 = (const int8_t *)R->v + row0 * hd;
+        const float *KS = (const float *)R->ks + row0, *VS = (const float *)R->vs + row0;
+        const float *qk = q + kh * G * hd;
+        float *accp[MAX_GROUP];
+        for (int g = 0; g < G; g++) {
+            accp[g] = P->acc + (kh * G + g) * hd;
+            for (int i = 0; i < hd; i += 16) /* exact: a power of 2 (the codes come times 2^24) */
+                _mm512_store_ps(qs + g * MAX_HD + i, _mm512_mul_ps(_mm512_loadu_ps(qk + g * hd + i),
+                                                                   _mm512_set1_ps(1.0f / 16777216.0f)));
+        }
+        for (int64_t t0 = a; t0 < b; t0 += ABLK) {
+            const int nb = (int)(b - t0 < ABLK ? b - t0 : ABLK), nv = (nb + 15) / 16;
+            for (int u = 0; u < nv; u++) { /* scores, 16 slots at a time */
+                const int n = nb - 16 * u < 16 ? nb - 16 * u : 16;
+                const __mmask16 live = (__mmask16)((1u << n) - 1);
+                const int64_t t = t0 + 16 * u;
+                transpose_rows8(K8 + t * hd, hd, n, kt);
+                const __m512 ksc = _mm512_maskz_loadu_ps(live, KS + t), ninf = _mm512_set1_ps(-INFINITY);
+                for (int g0 = 0; g0 < G; g0 += KV_GH) {
+                    const int gh = G - g0 < KV_GH ? G - g0 : KV_GH;
+                    const float *qsg = qs + g0 * MAX_HD;
+                    __m512 s[KV_GH];
+                    switch (gh) {
+                    case 1: int8_scores(kt, hd, qsg, s, 1); break;
+                    case 2: int8_scores(kt, hd, qsg, s, 2); break;
+                    case 3: int8_scores(kt, hd, qsg, s, 3); break;
+                    case 4: int8_scores(kt, hd, qsg, s, 4); break;
+                    case 5: int8_scores(kt, hd, qsg, s, 5); break;
+                    case 6: int8_scores(kt, hd, qsg, s, 6); break;
+                    case 7: int8_scores(kt, hd, qsg, s, 7); break;
+                    default: int8_scores(kt, hd, qsg, s, 8); break;
+                    }
+                    for (int g = 0; g < gh; g++)
+                        _mm512_store_ps(sc[g0 + g] + 16 * u, _mm512_mask_mul_ps(ninf, live, s[g], ksc));
+                }
+            }
+            for (int g = 0; g < G; g++) { /* online softmax update; p_j times the value row's scale */
+                const int h = kh * G + g;
+                __m512 mx = _mm512_load_ps(sc[g]);
+                for (int u = 1; u < nv; u++) mx = _mm512_max_ps(mx, _mm512_load_ps(sc[g] + 16 * u));
+                const float bmax = _mm512_reduce_max_ps(mx);
+                const float mnew = bmax > P->m[h] ? bmax : P->m[h];
+                corr[g] = P->m[h] == -INFINITY ? 0.0f : expf(P->m[h] - mnew);
+                P->m[h] = mnew;
+                __m512 ls = _mm512_setzero_ps();
+                for (int u = 0; u < nv; u++) {
+                    const int n = nb - 16 * u < 16 ? nb - 16 * u : 16;
+                    const __mmask16 live = (__mmask16)((1u << n) - 1);
+                    const __m512 p = exp16(_mm512_sub_ps(_mm512_load_ps(sc[g] + 16 * u), _mm512_set1_ps(mnew)));
+                    ls = _mm512_add_ps(ls, p);
+                    _mm512_store_ps(pw[g] + 16 * u, _mm512_mul_ps(p, _mm512_maskz_loadu_ps(live, VS + t0 + 16 * u)));
+                }
+                P->l[h] = P->l[h] * corr[g] + _mm512_reduce_add_ps(ls);
+            }
+            const int8_t *Vb = V8 + t0 * hd;
+            for (int i = 0; i < hd; i += 32) /* weighted values, 32 channels at a time */
+                for (int g0 = 0; g0 < G; g0 += KV_GH) {
+                    const int gh = G - g0 < KV_GH ? G - g0 : KV_GH;
+                    float *const *ap = accp + g0;
+                    const float *cr = corr + g0;
+                    const float(*pp)[ABLK] = (const float(*)[ABLK])pw[g0];
+                    switch (gh) {
+                    case 1: int8_values(Vb, hd, nb, i, ap, cr, pp, 1); break;
+                    case 2: int8_values(Vb, hd, nb, i, ap, cr, pp, 2); break;
+                    case 3: int8_values(Vb, hd, nb, i, ap, cr, pp, 3); break;
+                    case 4: int8_values(Vb, hd, nb, i, ap, cr, pp, 4); break;
+                    case 5: int8_values(Vb, hd, nb, i, ap, cr, pp, 5); break;
+                    case 6: int8_values(Vb, hd, nb, i, ap, cr, pp, 6); break;
+                    case 7: int8_values(Vb, hd, nb, i, ap, cr, pp, 7); break;
+                    default: int8_values(Vb, hd, nb, i, ap, cr, pp, 8); break;
+                    }
+                }
+        }
+    }
+}
+
 /* ------------------------------------------------------------------------------------------- KV formats
    Where the step keeps a layer's key/value rows: the KV store's bf16 buffers, its int8 codes + scales
    (kv/quantized.py Int8KVStore), or its int4 KIVI groups (Int4KVStore) plus the bf16 residual of the newest
@@ -1005,7 +1162,10 @@ static void attend_view(const Model *M, const float *q, const float *qh, const K
     const float *qk = kv->flags & KV_HADAMARD ? qh : q; /* what the quantized keys pair with */
     if (kv->format == KV_INT8) {
         const Rows R = {.k = kv->k[li], .v = kv->v[li], .ks = kv->ks[li], .vs = kv->vs[li], .cap = kv->cap};
-        attend_rows(M, qk, &R, a, b, P, ROWS_INT8);
+        if (kv512() && M->head_dim % 32 == 0) /* whole 32-byte row chunks (transpose_rows8) */
+            attend_int8_512(M, qk, &R, a, b, P);
+        else
+            attend_rows(M, qk, &R, a, b, P, ROWS_INT8);
     } else if (kv->format == KV_INT4) {
         const int64_t ql = kv->qlen;
         if (a < ql) {
