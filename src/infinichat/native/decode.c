@@ -661,6 +661,18 @@ int ic_kv_avx512(int mode) {
 }
 
 /* 16 slots x 8 dwords -> out[d] (16,) dword d of each slot. r[i]: slots 2i, 2i+1 (lanes 8s + d: slot 2i+s) */
+/* The online softmax after a block of scores s (nv x 16): the running max m becomes max(m, the block's) (returned);
+   corr <- the factor that rescales what was accumulated under the old max (0 before any) */
+AVX512 static inline float block_max(const float *s, int nv, float *m, float *corr) {
+    __m512 mx = _mm512_load_ps(s);
+    for (int u = 1; u < nv; u++) mx = _mm512_max_ps(mx, _mm512_load_ps(s + 16 * u));
+    const float bmax = _mm512_reduce_max_ps(mx);
+    const float mnew = bmax > *m ? bmax : *m;
+    *corr = *m == -INFINITY ? 0.0f : expf(*m - mnew);
+    *m = mnew;
+    return mnew;
+}
+
 AVX512 static inline __attribute__((always_inline)) void transpose16x8(const __m512i r[8], __m512i out[8]) {
     /* level 1, slots 4m + u (u < 4) from r[2m], r[2m+1]: lane 4d + u <- 8u + d (dwords 0..3), 8u + d + 4 (4..7) */
     const __m512i i1 = _mm512_set_epi32(27, 19, 11, 3, 26, 18, 10, 2, 25, 17, 9, 1, 24, 16, 8, 0);
@@ -870,12 +882,7 @@ AVX512 static void attend_int4_512(const Model *M, const float *q, const Rows *R
             const int nv = nb / 16;
             for (int g = 0; g < G; g++) { /* online softmax update; p_j s_j and sum_j p_j z_j */
                 const int h = kh * G + g;
-                __m512 mx = _mm512_load_ps(sc[g]);
-                for (int u = 1; u < nv; u++) mx = _mm512_max_ps(mx, _mm512_load_ps(sc[g] + 16 * u));
-                const float bmax = _mm512_reduce_max_ps(mx);
-                const float mnew = bmax > P->m[h] ? bmax : P->m[h];
-                corr[g] = P->m[h] == -INFINITY ? 0.0f : expf(P->m[h] - mnew);
-                P->m[h] = mnew;
+                const float mnew = block_max(sc[g], nv, &P->m[h], &corr[g]);
                 __m512 ls = _mm512_setzero_ps(), zs[MAX_HD / 32];
                 for (int c = 0; c < nvg; c++) zs[c] = _mm512_setzero_ps();
                 for (int u = 0; u < nv; u++) {
@@ -1032,12 +1039,7 @@ AVX512 static void attend_int8_512(const Model *M, const float *q, const Rows *R
             }
             for (int g = 0; g < G; g++) { /* online softmax update; p_j times the value row's scale */
                 const int h = kh * G + g;
-                __m512 mx = _mm512_load_ps(sc[g]);
-                for (int u = 1; u < nv; u++) mx = _mm512_max_ps(mx, _mm512_load_ps(sc[g] + 16 * u));
-                const float bmax = _mm512_reduce_max_ps(mx);
-                const float mnew = bmax > P->m[h] ? bmax : P->m[h];
-                corr[g] = P->m[h] == -INFINITY ? 0.0f : expf(P->m[h] - mnew);
-                P->m[h] = mnew;
+                const float mnew = block_max(sc[g], nv, &P->m[h], &corr[g]);
                 __m512 ls = _mm512_setzero_ps();
                 for (int u = 0; u < nv; u++) {
                     const int n = nb - 16 * u < 16 ? nb - 16 * u : 16;
