@@ -455,6 +455,21 @@ def test_native_int8_attention_with_avx512_equals_the_avx2_code_up_to_summation_
     assert paths <= 2e-3 and paths <= 3 * orders and not all(same), (paths, orders, same)
 
 
+@needs_lib
+@pytest.mark.parametrize("kv_dtype,head_dim", [("bf16", 32), ("bf16", 64)])
+def test_native_bf16_attention_with_avx512_equals_the_avx2_code_up_to_summation_order(kv_dtype, head_dim):
+    """bf16 KV (the default format) with AVX-512 (keys 16 slots in the lanes from 16 transposed rows, values 32
+    channels per widened row, softmax 16 slots at a time) against the AVX2 code (ic_kv_avx512(0)): bf16 -> float32
+    is exact, so the same products summed in another order. Same bounds as the int8 / int4 tests: 10 steps after
+    300 prompt tokens at 2 threads (the second thread's range ends in a partial block of 16 slots), within 2e-3 of
+    the largest logit (measured 8.7e-4 / 1.1e-3 at head_dim 32 / 64), within 3x of the AVX2 path's 1 vs 2 threads
+    difference (7.4e-4 / 5.4e-4), not all bit for bit. Deliberate bugs in the AVX-512 code fail it: a key channel
+    dropped (0.74-0.94 of the largest logit), a value channel dropped (0.47-0.49), the partial block's empty slots
+    left unmasked (7.8e-3 to 9.7e-3)."""
+    paths, orders, same = _avx512_vs_avx2(kv_dtype, head_dim, seed=20)
+    assert paths <= 2e-3 and paths <= 3 * orders and not all(same), (paths, orders, same)
+
+
 def _avx512_vs_avx2(kv_dtype: str, head_dim: int, seed: int) -> tuple[float, float, list[bool]]:
     """10 native steps of one sequence (300 prompt tokens) by the AVX-512 and the AVX2 KV attention at 2 threads,
     and by the AVX2 one at 1 thread: (largest AVX-512 - AVX2 difference, largest 1 - 2 threads difference, both

@@ -641,7 +641,7 @@ static inline __attribute__((always_inline)) void attend_rows(const Model *M, co
    64 and value groups of a multiple of 32 channels (else attend_rows runs). */
 #define KV_GH 8 /* query heads per pass over a block's codes (registers: 2 x KV_GH accumulators) */
 
-static int kv512_force = -1; /* ic_kv_avx512: -1 the CPU decides, 0 never (attend_rows' AVX2 int4 / int8) */
+static int kv512_force = -1; /* ic_kv_avx512: -1 the CPU decides, 0 never (attend_rows' AVX2 int4 / int8 / bf16) */
 
 static int kv512(void) {
     static int v = -1;
@@ -653,8 +653,8 @@ static int kv512(void) {
     return v && kv512_force != 0;
 }
 
-/* mode -1: int4 and int8 KV attention with AVX-512 where the CPU has it (the default); 0: never (the AVX2 code every
-   CPU runs; tests compare both). Returns whether it is used now. */
+/* mode -1: int4, int8 and bf16 KV attention with AVX-512 where the CPU has it (the default); 0: never (the AVX2
+   code every CPU runs; tests compare both). Returns whether it is used now. */
 int ic_kv_avx512(int mode) {
     kv512_force = mode < 0 ? -1 : mode > 0 ? 1 : 0;
     return kv512();
@@ -1072,6 +1072,135 @@ AVX512 static void attend_int8_512(const Model *M, const float *q, const Rows *R
     }
 }
 
+/* bf16 rows with AVX-512 (attend_rows' ROWS_BF16 arithmetic, reassociated; kv512 says where it runs): the same
+   blocks of ABLK slots, online softmax and merged P. bf16 -> float32 is exact (the 16 bits into a lane's top
+   half). Keys, 16 slots in the lanes: 16 rows are transposed 32 bytes (16 channels) at a time (transpose_rows8
+   over rows of 2 hd bytes) so that dword d of 16 slots (channels 2d, 2d + 1) sits in one register; a shift by
+   16 gives channel 2d, a mask of the top half channel 2d + 1, each times q[c] broadcast for every query head of
+   the group: the scores of 16 slots in one register, no horizontal sums. Values, channels in the lanes: 32
+   channels of a row widened once for all query heads, times p_j broadcast. Slots past b are zero rows with
+   score -inf (weight 0). Needs head_dim a multiple of 32 (else attend_rows runs). */
+AVX512 static inline __attribute__((always_inline)) void bf16_scores(const uint32_t *kt, int hd, const float *qg,
+                                                                     __m512 *out, const int GH) {
+    const __m512i hi = _mm512_set1_epi32((int)0xffff0000u);
+    __m512 s[KV_GH];
+    for (int g = 0; g < GH; g++) s[g] = _mm512_setzero_ps();
+    for (int d = 0; d < hd / 2; d++) {
+        const __m512i x = _mm512_load_si512((const void *)(kt + d * 16));
+        const __m512 c0 = _mm512_castsi512_ps(_mm512_slli_epi32(x, 16)); /* channel 2d */
+        const __m512 c1 = _mm512_castsi512_ps(_mm512_and_si512(x, hi));   /* channel 2d + 1 */
+        for (int g = 0; g < GH; g++) {
+            s[g] = _mm512_fmadd_ps(c0, _mm512_set1_ps(qg[g * hd + 2 * d]), s[g]);
+            s[g] = _mm512_fmadd_ps(c1, _mm512_set1_ps(qg[g * hd + 2 * d + 1]), s[g]);
+        }
+    }
+    for (int g = 0; g < GH; g++) out[g] = s[g];
+}
+
+/* 16 bf16 at p -> 16 floats (exact) */
+AVX512 static inline __m512 load_bf16x16(const uint16_t *p) {
+    const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+}
+
+/* acc[g] (hd,) of GH query heads = acc * corr + sum_j pw[g][j] rows_j over channels [i, i + 32) of the block's nb
+   value rows V (nb, hd) bf16 */
+AVX512 static inline __attribute__((always_inline)) void bf16_values(const uint16_t *V, int hd, int nb, int i,
+                                                                     float *const acc[], const float *corr,
+                                                                     const float (*pw)[ABLK], const int GH) {
+    __m512 o0[KV_GH], o1[KV_GH];
+    for (int g = 0; g < GH; g++) {
+        const __m512 cg = _mm512_set1_ps(corr[g]);
+        o0[g] = _mm512_mul_ps(_mm512_loadu_ps(acc[g] + i), cg);
+        o1[g] = _mm512_mul_ps(_mm512_loadu_ps(acc[g] + i + 16), cg);
+    }
+    const uint16_t *v = V + i;
+    for (int j = 0; j < nb; j++) {
+        const uint16_t *r = v + (int64_t)j * hd;
+        const __m512 x0 = load_bf16x16(r), x1 = load_bf16x16(r + 16);
+        for (int g = 0; g < GH; g++) {
+            const __m512 w = _mm512_set1_ps(pw[g][j]);
+            o0[g] = _mm512_fmadd_ps(w, x0, o0[g]);
+            o1[g] = _mm512_fmadd_ps(w, x1, o1[g]);
+        }
+    }
+    for (int g = 0; g < GH; g++) {
+        _mm512_storeu_ps(acc[g] + i, o0[g]);
+        _mm512_storeu_ps(acc[g] + i + 16, o1[g]);
+    }
+}
+
+AVX512 static void attend_bf16_512(const Model *M, const float *q, const Rows *R, int64_t a, int64_t b, Partial *P) {
+    const int H = M->n_heads, Hkv = M->n_kv, hd = M->head_dim, G = H / Hkv;
+    const int64_t cap = R->cap;
+    float sc[MAX_GROUP][ABLK] __attribute__((aligned(64)));
+    uint32_t kt[MAX_HD / 2 * 16] __attribute__((aligned(64)));
+    float corr[MAX_GROUP];
+    for (int kh = 0; kh < Hkv; kh++) {
+        const int64_t row0 = (int64_t)kh * cap;
+        const uint16_t *K = (const uint16_t *)R->k + row0 * hd, *V = (const uint16_t *)R->v + row0 * hd;
+        const float *qk = q + kh * G * hd;
+        float *accp[MAX_GROUP];
+        for (int g = 0; g < G; g++) accp[g] = P->acc + (kh * G + g) * hd;
+        for (int64_t t0 = a; t0 < b; t0 += ABLK) {
+            const int nb = (int)(b - t0 < ABLK ? b - t0 : ABLK), nv = (nb + 15) / 16;
+            for (int u = 0; u < nv; u++) { /* scores, 16 slots at a time */
+                const int n = nb - 16 * u < 16 ? nb - 16 * u : 16;
+                const __mmask16 live = (__mmask16)((1u << n) - 1);
+                const int64_t t = t0 + 16 * u;
+                transpose_rows8((const int8_t *)(K + t * hd), 2 * hd, n, kt);
+                const __m512 ninf = _mm512_set1_ps(-INFINITY);
+                for (int g0 = 0; g0 < G; g0 += KV_GH) {
+                    const int gh = G - g0 < KV_GH ? G - g0 : KV_GH;
+                    const float *qg = qk + g0 * hd;
+                    __m512 s[KV_GH];
+                    switch (gh) {
+                    case 1: bf16_scores(kt, hd, qg, s, 1); break;
+                    case 2: bf16_scores(kt, hd, qg, s, 2); break;
+                    case 3: bf16_scores(kt, hd, qg, s, 3); break;
+                    case 4: bf16_scores(kt, hd, qg, s, 4); break;
+                    case 5: bf16_scores(kt, hd, qg, s, 5); break;
+                    case 6: bf16_scores(kt, hd, qg, s, 6); break;
+                    case 7: bf16_scores(kt, hd, qg, s, 7); break;
+                    default: bf16_scores(kt, hd, qg, s, 8); break;
+                    }
+                    for (int g = 0; g < gh; g++)
+                        _mm512_store_ps(sc[g0 + g] + 16 * u, _mm512_mask_mov_ps(ninf, live, s[g]));
+                }
+            }
+            for (int g = 0; g < G; g++) { /* online softmax update: sc becomes p */
+                const int h = kh * G + g;
+                const float mnew = block_max(sc[g], nv, &P->m[h], &corr[g]);
+                __m512 ls = _mm512_setzero_ps();
+                for (int u = 0; u < nv; u++) {
+                    const __m512 p = exp16(_mm512_sub_ps(_mm512_load_ps(sc[g] + 16 * u), _mm512_set1_ps(mnew)));
+                    ls = _mm512_add_ps(ls, p);
+                    _mm512_store_ps(sc[g] + 16 * u, p);
+                }
+                P->l[h] = P->l[h] * corr[g] + _mm512_reduce_add_ps(ls);
+            }
+            const uint16_t *Vb = V + t0 * hd;
+            for (int i = 0; i < hd; i += 32) /* weighted values, 32 channels at a time */
+                for (int g0 = 0; g0 < G; g0 += KV_GH) {
+                    const int gh = G - g0 < KV_GH ? G - g0 : KV_GH;
+                    float *const *ap = accp + g0;
+                    const float *cr = corr + g0;
+                    const float(*pp)[ABLK] = (const float(*)[ABLK])sc[g0];
+                    switch (gh) {
+                    case 1: bf16_values(Vb, hd, nb, i, ap, cr, pp, 1); break;
+                    case 2: bf16_values(Vb, hd, nb, i, ap, cr, pp, 2); break;
+                    case 3: bf16_values(Vb, hd, nb, i, ap, cr, pp, 3); break;
+                    case 4: bf16_values(Vb, hd, nb, i, ap, cr, pp, 4); break;
+                    case 5: bf16_values(Vb, hd, nb, i, ap, cr, pp, 5); break;
+                    case 6: bf16_values(Vb, hd, nb, i, ap, cr, pp, 6); break;
+                    case 7: bf16_values(Vb, hd, nb, i, ap, cr, pp, 7); break;
+                    default: bf16_values(Vb, hd, nb, i, ap, cr, pp, 8); break;
+                    }
+                }
+        }
+    }
+}
+
 /* ------------------------------------------------------------------------------------------- KV formats
    Where the step keeps a layer's key/value rows: the KV store's bf16 buffers, its int8 codes + scales
    (kv/quantized.py Int8KVStore), or its int4 KIVI groups (Int4KVStore) plus the bf16 residual of the newest
@@ -1157,6 +1286,14 @@ static int check_view(const Model *M, const KVView *kv, int64_t start) {
     return ql < 0 || ql % KV_GROUP || ql > kv->cap || ql > start || start - ql >= kv->rcap;
 }
 
+/* bf16 rows (the bf16 store, int4's residual): AVX-512 where it runs and head_dim allows, else the AVX2 code */
+static void attend_bf16(const Model *M, const float *q, const Rows *R, int64_t a, int64_t b, Partial *P) {
+    if (kv512() && M->head_dim % 32 == 0) /* whole 32-byte row chunks (transpose_rows8), 32 value channels */
+        attend_bf16_512(M, q, R, a, b, P);
+    else
+        attend_rows(M, q, R, a, b, P, ROWS_BF16);
+}
+
 /* layer li of a KV view, slots [a, b), in its format. q: the queries; qh: q times H (used with KV_HADAMARD) */
 static void attend_view(const Model *M, const float *q, const float *qh, const KVView *kv, int li, int64_t a,
                         int64_t b, Partial *P) {
@@ -1182,11 +1319,11 @@ static void attend_view(const Model *M, const float *q, const float *qh, const K
         }
         if (b > ql) {
             const Rows R = {.k = kv->rk[li], .v = kv->rv[li], .cap = kv->rcap};
-            attend_rows(M, q, &R, (a > ql ? a : ql) - ql, b - ql, P, ROWS_BF16);
+            attend_bf16(M, q, &R, (a > ql ? a : ql) - ql, b - ql, P);
         }
     } else {
         const Rows R = {.k = kv->k[li], .v = kv->v[li], .cap = kv->cap};
-        attend_rows(M, q, &R, a, b, P, ROWS_BF16);
+        attend_bf16(M, q, &R, a, b, P);
     }
 }
 
