@@ -661,6 +661,20 @@ int ic_kv_avx512(int mode) {
 }
 
 /* 16 slots x 8 dwords -> out[d] (16,) dword d of each slot. r[i]: slots 2i, 2i+1 (lanes 8s + d: slot 2i+s) */
+/* fn(args..., GH) for gh query heads per pass, GH a constant 1..8 (KV_GH) in each case, so that the compiler
+   specialises fn's loops over the heads for each count */
+#define BY_GH(gh, fn, ...)                                                                                           \
+    switch (gh) {                                                                                                    \
+    case 1: fn(__VA_ARGS__, 1); break;                                                                               \
+    case 2: fn(__VA_ARGS__, 2); break;                                                                               \
+    case 3: fn(__VA_ARGS__, 3); break;                                                                               \
+    case 4: fn(__VA_ARGS__, 4); break;                                                                               \
+    case 5: fn(__VA_ARGS__, 5); break;                                                                               \
+    case 6: fn(__VA_ARGS__, 6); break;                                                                               \
+    case 7: fn(__VA_ARGS__, 7); break;                                                                               \
+    default: fn(__VA_ARGS__, 8); break;                                                                              \
+    }
+
 /* The online softmax after a block of scores s (nv x 16): the running max m becomes max(m, the block's) (returned);
    corr <- the factor that rescales what was accumulated under the old max (0 before any) */
 AVX512 static inline float block_max(const float *s, int nv, float *m, float *corr) {
@@ -865,16 +879,7 @@ AVX512 static void attend_int4_512(const Model *M, const float *q, const Rows *R
                 for (int g0 = 0; g0 < G; g0 += KV_GH) {
                     const int gh = G - g0 < KV_GH ? G - g0 : KV_GH;
                     const float *qsg = qs + g0 * MAX_HD;
-                    switch (gh) {
-                    case 1: int4_scores(kt, hd, qsg, qz + g0, sc + g0, j0, 1); break;
-                    case 2: int4_scores(kt, hd, qsg, qz + g0, sc + g0, j0, 2); break;
-                    case 3: int4_scores(kt, hd, qsg, qz + g0, sc + g0, j0, 3); break;
-                    case 4: int4_scores(kt, hd, qsg, qz + g0, sc + g0, j0, 4); break;
-                    case 5: int4_scores(kt, hd, qsg, qz + g0, sc + g0, j0, 5); break;
-                    case 6: int4_scores(kt, hd, qsg, qz + g0, sc + g0, j0, 6); break;
-                    case 7: int4_scores(kt, hd, qsg, qz + g0, sc + g0, j0, 7); break;
-                    default: int4_scores(kt, hd, qsg, qz + g0, sc + g0, j0, 8); break;
-                    }
+                    BY_GH(gh, int4_scores, kt, hd, qsg, qz + g0, sc + g0, j0);
                 }
             }
             value_scales(VS4 + t0 * nvg, nb, nvg, vsf); /* the block's value scales and zeros, per value group */
@@ -904,16 +909,7 @@ AVX512 static void attend_int4_512(const Model *M, const float *q, const Rows *R
                     float *const *ap = accp + g0;
                     const float *cr = corr + g0, *zz = zsum[c] + g0;
                     const float(*pp)[ABLK] = (const float(*)[ABLK])pw[c][g0];
-                    switch (gh) {
-                    case 1: int4_values(Vb, hb, nb, i, ap, cr, zz, pp, 1); break;
-                    case 2: int4_values(Vb, hb, nb, i, ap, cr, zz, pp, 2); break;
-                    case 3: int4_values(Vb, hb, nb, i, ap, cr, zz, pp, 3); break;
-                    case 4: int4_values(Vb, hb, nb, i, ap, cr, zz, pp, 4); break;
-                    case 5: int4_values(Vb, hb, nb, i, ap, cr, zz, pp, 5); break;
-                    case 6: int4_values(Vb, hb, nb, i, ap, cr, zz, pp, 6); break;
-                    case 7: int4_values(Vb, hb, nb, i, ap, cr, zz, pp, 7); break;
-                    default: int4_values(Vb, hb, nb, i, ap, cr, zz, pp, 8); break;
-                    }
+                    BY_GH(gh, int4_values, Vb, hb, nb, i, ap, cr, zz, pp);
                 }
             }
         }
@@ -1023,16 +1019,7 @@ AVX512 static void attend_int8_512(const Model *M, const float *q, const Rows *R
                     const int gh = G - g0 < KV_GH ? G - g0 : KV_GH;
                     const float *qsg = qs + g0 * MAX_HD;
                     __m512 s[KV_GH];
-                    switch (gh) {
-                    case 1: int8_scores(kt, hd, qsg, s, 1); break;
-                    case 2: int8_scores(kt, hd, qsg, s, 2); break;
-                    case 3: int8_scores(kt, hd, qsg, s, 3); break;
-                    case 4: int8_scores(kt, hd, qsg, s, 4); break;
-                    case 5: int8_scores(kt, hd, qsg, s, 5); break;
-                    case 6: int8_scores(kt, hd, qsg, s, 6); break;
-                    case 7: int8_scores(kt, hd, qsg, s, 7); break;
-                    default: int8_scores(kt, hd, qsg, s, 8); break;
-                    }
+                    BY_GH(gh, int8_scores, kt, hd, qsg, s);
                     for (int g = 0; g < gh; g++)
                         _mm512_store_ps(sc[g0 + g] + 16 * u, _mm512_mask_mul_ps(ninf, live, s[g], ksc));
                 }
@@ -1057,16 +1044,7 @@ AVX512 static void attend_int8_512(const Model *M, const float *q, const Rows *R
                     float *const *ap = accp + g0;
                     const float *cr = corr + g0;
                     const float(*pp)[ABLK] = (const float(*)[ABLK])pw[g0];
-                    switch (gh) {
-                    case 1: int8_values(Vb, hd, nb, i, ap, cr, pp, 1); break;
-                    case 2: int8_values(Vb, hd, nb, i, ap, cr, pp, 2); break;
-                    case 3: int8_values(Vb, hd, nb, i, ap, cr, pp, 3); break;
-                    case 4: int8_values(Vb, hd, nb, i, ap, cr, pp, 4); break;
-                    case 5: int8_values(Vb, hd, nb, i, ap, cr, pp, 5); break;
-                    case 6: int8_values(Vb, hd, nb, i, ap, cr, pp, 6); break;
-                    case 7: int8_values(Vb, hd, nb, i, ap, cr, pp, 7); break;
-                    default: int8_values(Vb, hd, nb, i, ap, cr, pp, 8); break;
-                    }
+                    BY_GH(gh, int8_values, Vb, hd, nb, i, ap, cr, pp);
                 }
         }
     }
@@ -1154,16 +1132,7 @@ AVX512 static void attend_bf16_512(const Model *M, const float *q, const Rows *R
                     const int gh = G - g0 < KV_GH ? G - g0 : KV_GH;
                     const float *qg = qk + g0 * hd;
                     __m512 s[KV_GH];
-                    switch (gh) {
-                    case 1: bf16_scores(kt, hd, qg, s, 1); break;
-                    case 2: bf16_scores(kt, hd, qg, s, 2); break;
-                    case 3: bf16_scores(kt, hd, qg, s, 3); break;
-                    case 4: bf16_scores(kt, hd, qg, s, 4); break;
-                    case 5: bf16_scores(kt, hd, qg, s, 5); break;
-                    case 6: bf16_scores(kt, hd, qg, s, 6); break;
-                    case 7: bf16_scores(kt, hd, qg, s, 7); break;
-                    default: bf16_scores(kt, hd, qg, s, 8); break;
-                    }
+                    BY_GH(gh, bf16_scores, kt, hd, qg, s);
                     for (int g = 0; g < gh; g++)
                         _mm512_store_ps(sc[g0 + g] + 16 * u, _mm512_mask_mov_ps(ninf, live, s[g]));
                 }
@@ -1186,16 +1155,7 @@ AVX512 static void attend_bf16_512(const Model *M, const float *q, const Rows *R
                     float *const *ap = accp + g0;
                     const float *cr = corr + g0;
                     const float(*pp)[ABLK] = (const float(*)[ABLK])sc[g0];
-                    switch (gh) {
-                    case 1: bf16_values(Vb, hd, nb, i, ap, cr, pp, 1); break;
-                    case 2: bf16_values(Vb, hd, nb, i, ap, cr, pp, 2); break;
-                    case 3: bf16_values(Vb, hd, nb, i, ap, cr, pp, 3); break;
-                    case 4: bf16_values(Vb, hd, nb, i, ap, cr, pp, 4); break;
-                    case 5: bf16_values(Vb, hd, nb, i, ap, cr, pp, 5); break;
-                    case 6: bf16_values(Vb, hd, nb, i, ap, cr, pp, 6); break;
-                    case 7: bf16_values(Vb, hd, nb, i, ap, cr, pp, 7); break;
-                    default: bf16_values(Vb, hd, nb, i, ap, cr, pp, 8); break;
-                    }
+                    BY_GH(gh, bf16_values, Vb, hd, nb, i, ap, cr, pp);
                 }
         }
     }
