@@ -213,16 +213,23 @@ def _print_table(title: str, header: list[str], rows: list[list[str]]) -> None:
 # ------------------------------------------------------------------------------------------- passkey / niah
 
 
+def _check_lengths_samples(args: argparse.Namespace) -> list[int]:
+    from infinichat.eval import needle
+
+    lengths = parse_list("--lengths", args.lengths, int, "an integer")
+    needle.check_lengths(lengths)
+    needle.check_samples(args.samples)
+    return lengths
+
+
 def _retrieval(args: argparse.Namespace, task: str) -> int:
     from infinichat.eval import haystack, needle, retrieval
     from infinichat.eval.prompt import prompt_format
 
     _check_common(args)
-    lengths = parse_list("--lengths", args.lengths, int, "an integer")
-    needle.check_lengths(lengths)
+    lengths = _check_lengths_samples(args)
     depths = parse_list("--depths", args.depths, float, "a number")
     needle.check_depths(depths)
-    needle.check_samples(args.samples)
     variant = getattr(args, "variant", "single")
     n_keys: int = getattr(args, "n_keys", 4)  # niah's --n-keys (passkey has none)
     sentences = None
@@ -330,15 +337,6 @@ def niah(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------------------------------------ ruler
-
-
-def _check_lengths_samples(args: argparse.Namespace) -> list[int]:
-    from infinichat.eval import needle
-
-    lengths = parse_list("--lengths", args.lengths, int, "an integer")
-    needle.check_lengths(lengths)
-    needle.check_samples(args.samples)
-    return lengths
 
 
 def ruler(args: argparse.Namespace) -> int:
