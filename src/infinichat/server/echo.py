@@ -57,43 +57,18 @@ def _top(tok, row: torch.Tensor, k: int) -> dict[str, float]:
     return {tok.decode([int(t)]): float(v) for t, v in zip(idx.tolist(), values.tolist(), strict=True)}
 
 
-class _Temporary:
-    """A temporary sequence's KV memory, counted in the session manager's cap and limit while it lives (SpareKV:
-    in use the whole time, never dropped)."""
-
-    def __init__(self, seq) -> None:
-        self.seq = seq
-
-    @property
-    def nbytes(self) -> int:
-        return int(getattr(self.seq.store, "nbytes", 0))
-
-    @property
-    def busy_bytes(self) -> int:
-        return self.nbytes
-
-    def drop_idle(self) -> bool:
-        return False
-
-
 def scored_prompt(engine, tok, ids: list[int], top: int, params, should_stop, m=None) -> Iterator[dict[str, Any]]:
     """Runs in the engine worker: the prompt's logprobs, then the generation after it (one item). With the session
-    manager `m`, the sequence's KV memory is reserved first (idle caches offloaded to fit the cap; refused past the
-    hard limit) and counted while it lives."""
+    manager `m`, the sequence's KV memory (its whole capacity) is reserved first (idle caches offloaded to fit the
+    cap; refused past the hard limit) and held while it lives (SessionManager.reserved)."""
     n = len(ids) + params.max_tokens + 1
-    if m is not None:
-        per_token = kv_bytes_per_token(engine)
-        m.reserve(per_token * n, f"an echo prompt of {len(ids)} tokens + max_tokens {params.max_tokens}", per_token)
-    seq = engine.new_sequence(budget=n, policy="full")
     if m is None:
-        yield from _score(engine, tok, seq, ids, top, params, should_stop)
+        yield from _score(engine, tok, engine.new_sequence(budget=n, policy="full"), ids, top, params, should_stop)
         return
-    held = _Temporary(seq)
-    m.spare.append(held)
-    try:
-        yield from _score(engine, tok, seq, ids, top, params, should_stop)
-    finally:
-        m.spare.remove(held)
+    per_token = kv_bytes_per_token(engine)
+    what = f"an echo prompt of {len(ids)} tokens + max_tokens {params.max_tokens}"
+    with m.reserved(per_token * n, what, per_token):
+        yield from _score(engine, tok, engine.new_sequence(budget=n, policy="full"), ids, top, params, should_stop)
 
 
 def _score(engine, tok, seq, ids: list[int], top: int, params, should_stop) -> Iterator[dict[str, Any]]:
