@@ -115,13 +115,31 @@ def default_tokenizer():
     return Tokenizer.from_gguf(default_model_path())
 
 
-def pytest_collection_modifyitems(config, items):
-    """`@pytest.mark.cuda` tests need a CUDA device: skipped (with the reason) where torch sees none."""
+def pytest_generate_tests(metafunc):
+    """A `@pytest.mark.cuda` test runs twice: on the real GPU ("gpu", skipped where torch sees none) and on the
+    simulated CUDA device of tests/simcuda.py ("sim", CPU compute under CUDA's device rules; skipped where a real
+    GPU runs it). `@pytest.mark.cuda(sim="why")` keeps a test off the simulation (what it measures needs the GPU)."""
+    marker = metafunc.definition.get_closest_marker("cuda")
+    if marker is None:
+        return
     import torch
 
-    if torch.cuda.is_available():
+    real = torch.cuda.is_available()
+    params = [pytest.param("gpu", marks=() if real else pytest.mark.skip(reason="needs a CUDA device (none here)"))]
+    why_not = marker.kwargs.get("sim")
+    if why_not is None:
+        params.append(pytest.param("sim", marks=pytest.mark.skip(reason="a real GPU runs it") if real else ()))
+    metafunc.parametrize("cuda_run", params, indirect=True)
+
+
+@pytest.fixture(autouse=True)
+def cuda_run(request):
+    """For `@pytest.mark.cuda` tests: None on the real GPU, the simulation's records (simcuda.SimCuda) on the
+    simulated one; None for every other test."""
+    if getattr(request, "param", None) != "sim":
+        yield None
         return
-    skip = pytest.mark.skip(reason="needs a CUDA device (torch sees none here)")
-    for item in items:
-        if item.get_closest_marker("cuda") is not None:
-            item.add_marker(skip)
+    from simcuda import simulated_cuda
+
+    with simulated_cuda() as sim:
+        yield sim

@@ -1,0 +1,526 @@
+"""A simulated CUDA device, so that CI (no GPU) runs the engine's CUDA code paths with CUDA's device rules.
+
+Inside `simulated_cuda()` torch believes it has one CUDA device: `torch.cuda.is_available()` is True, tensors
+made on or moved to `cuda:0` report that device (`.device`, `.is_cuda`), and every op on them runs on the CPU
+underneath (a wrapper tensor holding a CPU tensor). What it checks, as a GPU would refuse them:
+
+- an op mixing CUDA tensors with CPU tensors of one or more dimensions (CPU 0-dim scalars are allowed, as CUDA's
+  elementwise ops allow them; copies and index tensors may cross devices, as on CUDA);
+- a CUDA op given a CPU `torch.Generator` or the reverse;
+- a CUDA tensor read as host memory: `.numpy()`;
+- `pin_memory=True` / `.pin_memory()` / `.is_pinned()` work on host tensors (page-locked memory is simulated).
+
+What it records (`SimCuda`): host syncs (`.item()`, `.tolist()` of CUDA tensors, `torch.cuda.synchronize`),
+host-to-device copies and how many of them were `non_blocking` from memory that was not pinned (such a copy
+does not overlap anything on a real GPU), and the bytes held by live CUDA tensors (`torch.cuda.memory_allocated`;
+its peak is sampled at syncs, events and allocation counts every 64 allocations).
+
+PyTorch's CUDA-only int4 kernels are emulated from their documented contract: `_convert_weight_to_int4pack`
+keeps the bytes (even input in the high nibble) in the packed shape, `_weight_int4pack_mm` computes
+x @ ((q - 8) * scale + zero).T from the (K/g, N, 2) scales. Not simulated: torch.compile / CUDA graphs, kernel
+speed, the real packed layout, the CUDA caching allocator, and stream concurrency (streams and events are
+recorded, work runs in order). A pass here says the code keeps CUDA's device rules on these paths, not that a
+GPU runs it fast or at all (benchmarks/gpu_check.py does that on a GPU).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import traceback
+import weakref
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_map
+
+aten = torch.ops.aten
+CUDA0 = torch.device("cuda", 0)
+
+
+class SimCudaError(RuntimeError):
+    """What a real CUDA device would refuse."""
+
+
+class SimTensor(torch.Tensor):
+    """A tensor on the simulated cuda:0: its data is a CPU tensor (`inner`) that only the simulation touches."""
+
+    inner: torch.Tensor
+
+    @staticmethod
+    def __new__(cls, inner: torch.Tensor) -> SimTensor:
+        r = torch.Tensor._make_wrapper_subclass(
+            cls,
+            inner.shape,
+            strides=inner.stride(),
+            storage_offset=inner.storage_offset(),
+            dtype=inner.dtype,
+            device=CUDA0,
+            requires_grad=False,
+        )
+        r.inner = inner
+        return r
+
+    __torch_function__ = torch._C._disabled_torch_function_impl  # type: ignore[assignment]
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        raise SimCudaError(f"a simulated CUDA tensor was used after the simulation ended ({func})")
+
+    def data_ptr(self) -> int:  # type: ignore[override]
+        return self.inner.data_ptr()  # an address (identity, alignment), as on CUDA; the C library is CPU-only
+
+    def numpy(self, *a: Any, **k: Any) -> Any:  # type: ignore[override]
+        raise SimCudaError("can't convert cuda:0 device type tensor to numpy: use .cpu() first")
+
+    def __repr__(self) -> str:  # type: ignore[override]
+        return f"SimTensor(cuda:0, {self.inner!r})"
+
+    # Python's indexing enters C++ through a CUDA device guard, which a CPU-only torch does not have: indexing is
+    # done here on the CPU tensor (index tensors may be CPU tensors, as on CUDA)
+    def __getitem__(self, idx: Any) -> Any:
+        sim = _active("indexing")
+        return sim.wrap(self.inner[_unwrap_index(idx)])
+
+    def __setitem__(self, idx: Any, value: Any) -> None:
+        sim = _active("indexing")
+        if isinstance(value, torch.Tensor) and not isinstance(value, SimTensor) and value.dim() > 0:
+            sim.note("h2d_copies")  # a slice assigned from host memory: a synchronous copy on CUDA
+        self.inner[_unwrap_index(idx)] = value.inner if isinstance(value, SimTensor) else value
+
+
+def _unwrap_index(idx: Any) -> Any:
+    if isinstance(idx, tuple):
+        return tuple(_unwrap_index(i) for i in idx)
+    if isinstance(idx, list):
+        return [_unwrap_index(i) for i in idx]
+    return idx.inner if isinstance(idx, SimTensor) else idx
+
+
+def _active(what: str) -> SimCuda:
+    if _ACTIVE is None:
+        raise SimCudaError(f"a simulated CUDA tensor was used after the simulation ended ({what})")
+    return _ACTIVE
+
+
+# ops whose tensors may sit on different devices on CUDA too (copies; CPU index tensors for advanced indexing)
+_CROSS_DEVICE = {
+    aten._to_copy.default,
+    aten.copy_.default,
+    aten.lift_fresh.default,
+    aten.lift_fresh_copy.default,
+    *(getattr(aten.to, o) for o in aten.to.overloads()),
+}
+_INDEXING = {aten.index.Tensor, aten.index_put_.default, aten.index_put.default, aten._index_put_impl_.default}
+# ops on host memory only
+_HOST_ONLY = {aten.is_pinned.default, aten._pin_memory.default}
+# a CUDA tensor's value read on the host: a sync on a real GPU
+_SYNCS = {aten._local_scalar_dense.default}
+# factory-like ops that allocate (for the bytes held)
+
+
+_RealGenerator = torch.Generator
+
+
+class _SimGenerator(_RealGenerator):
+    """`torch.Generator(device="cuda")` inside the simulation: a CPU generator that says it belongs to the GPU;
+    `torch.Generator` is this class while the simulation runs (any other device: a plain generator)."""
+
+    def __new__(cls, device: Any = "cpu") -> Any:
+        dev = device if isinstance(device, torch.device) else torch.device(device)
+        if dev.type != "cuda":
+            return _RealGenerator(dev)
+        g = _RealGenerator.__new__(cls, "cpu")
+        g.sim_cuda = True
+        return g
+
+    def __init__(self, device: Any = "cpu") -> None:
+        pass
+
+
+def _gen_is_cuda(g: torch.Generator) -> bool:
+    return bool(getattr(g, "sim_cuda", False))
+
+
+class _Stream:
+    """A recorded stream: work runs in order on the CPU, so waits only count."""
+
+    def __init__(self, device: Any = None, priority: int = 0, **_: Any):
+        self.device = CUDA0
+        self.waits = 0
+
+    def wait_stream(self, other: _Stream) -> None:
+        self.waits += 1
+
+    def wait_event(self, ev: _Event) -> None:
+        self.waits += 1
+
+    def record_event(self, ev: _Event | None = None) -> _Event:
+        ev = ev or _Event()
+        ev.record(self)
+        return ev
+
+    def synchronize(self) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
+
+
+class _Event:
+    def __init__(self, enable_timing: bool = False, blocking: bool = False, interprocess: bool = False):
+        self.t: float | None = None
+
+    def record(self, stream: _Stream | None = None) -> None:
+        self.t = time.perf_counter()
+        if _ACTIVE is not None:
+            _ACTIVE._sample_peak()
+
+    def wait(self, stream: _Stream | None = None) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
+
+    def elapsed_time(self, end: _Event) -> float:
+        if self.t is None or end.t is None:
+            raise SimCudaError("elapsed_time() of an event that was not recorded")
+        return (end.t - self.t) * 1000.0
+
+
+@dataclass
+class SimCuda:
+    """The simulation's records (see the module's docstring)."""
+
+    syncs: int = 0
+    h2d_copies: int = 0
+    h2d_unpinned_non_blocking: int = 0
+    d2h_copies: int = 0
+    peak_bytes: int = 0
+    ops: int = 0
+    _live: weakref.WeakSet = field(default_factory=weakref.WeakSet, repr=False)
+    _pinned: dict[int, torch.UntypedStorage] = field(default_factory=dict, repr=False)
+    _allocs: int = field(default=0, repr=False)
+    default_stream: _Stream = field(default_factory=_Stream, repr=False)
+    _current: list[_Stream] = field(default_factory=list, repr=False)
+
+    where: list[tuple[str, str]] | None = field(default=None, repr=False)  # a list: (what, where) of each event
+
+    def note(self, what: str) -> None:
+        """Count a sync / copy; with `where` set to a list, also record the innermost infinichat frame."""
+        setattr(self, what, getattr(self, what) + 1)
+        if self.where is not None:
+            frames = [f for f in traceback.extract_stack() if "/infinichat/" in f.filename]
+            at = f"{frames[-1].filename.split('/infinichat/')[-1]}:{frames[-1].lineno}" if frames else "(test)"
+            self.where.append((what, at))
+
+    # ------------------------------------------------------------------ host memory
+    def pin(self, t: torch.Tensor) -> torch.Tensor:
+        s = t.untyped_storage()
+        self._pinned[s.data_ptr()] = s  # held for the simulation's life: the address is never reused meanwhile
+        return t
+
+    def is_pinned(self, t: torch.Tensor) -> bool:
+        return not isinstance(t, SimTensor) and t.untyped_storage().data_ptr() in self._pinned
+
+    # ------------------------------------------------------------------ device memory
+    def memory_allocated(self) -> int:
+        seen: dict[int, int] = {}
+        for w in list(self._live):
+            s = w.inner.untyped_storage()
+            seen[s.data_ptr()] = s.nbytes()
+        return sum(seen.values())
+
+    def _sample_peak(self) -> int:
+        now = self.memory_allocated()
+        self.peak_bytes = max(self.peak_bytes, now)
+        return now
+
+    def wrap(self, t: torch.Tensor) -> SimTensor:
+        w = SimTensor(t)
+        self._live.add(w)
+        self._allocs += 1
+        if self._allocs % 64 == 0:
+            self._sample_peak()
+        return w
+
+
+_ACTIVE: SimCuda | None = None
+
+
+class _Mode(TorchDispatchMode):
+    def __init__(self, sim: SimCuda):
+        super().__init__()
+        self.sim = sim
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        sim = self.sim
+        sim.ops += 1
+        kwargs = dict(kwargs or {})
+        originals: dict[int, SimTensor] = {}
+        roles: list[tuple[str, int, torch.Tensor]] = []  # (device type, dim, tensor) of every tensor argument
+
+        def unwrap(x: Any) -> Any:
+            if isinstance(x, SimTensor):
+                originals[id(x.inner)] = x
+                roles.append(("cuda", x.dim(), x.inner))
+                return x.inner
+            if isinstance(x, torch.Tensor):
+                if x.device.type != "cpu":
+                    raise SimCudaError(f"{func}: a {x.device} tensor in the simulation")
+                roles.append(("cpu", x.dim(), x))
+            return x
+
+        a = tree_map(unwrap, args)
+        k = tree_map(unwrap, kwargs)
+        target: str | None = None  # the device a factory / copy was asked for
+        if k.get("device") is not None:
+            target = torch.device(k["device"]).type
+            if target == "cuda":
+                k["device"] = torch.device("cpu")
+        if any(isinstance(x, torch.device) for x in a):  # e.g. aten.to.device(self, device, dtype, ...)
+            target = next(x for x in a if isinstance(x, torch.device)).type
+            a = tuple(torch.device("cpu") if isinstance(x, torch.device) else x for x in a)
+        pin = bool(k.pop("pin_memory", False)) if "pin_memory" in k else False
+        if pin and target == "cuda":
+            raise SimCudaError(f"{func}: pin_memory=True for a CUDA tensor (only host memory can be pinned)")
+        has_cuda = any(r[0] == "cuda" for r in roles)
+
+        if func in _HOST_ONLY:
+            if has_cuda:
+                raise SimCudaError(f"{func}: pinning is for host tensors, not a CUDA tensor")
+            if func is aten.is_pinned.default:
+                return sim.is_pinned(a[0])
+            return sim.pin(a[0].clone())
+
+        if func is aten._convert_weight_to_int4pack.default:
+            return self._int4pack(a, has_cuda)
+        if func is aten._weight_int4pack_mm.default:
+            return self._int4mm(a, roles)
+
+        # -- CUDA's device rules
+        src_dev = dst_dev = ""
+        if func in _CROSS_DEVICE:
+            src_dev = roles[-1][0] if func is aten.copy_.default else roles[0][0] if roles else "cpu"
+            dst_dev = roles[0][0] if func is aten.copy_.default else (target or src_dev)
+            is_copy = func is aten.copy_.default
+            non_blocking = bool(k.get("non_blocking") or (is_copy and len(a) > 2 and a[2] is True))
+            if src_dev == "cpu" and dst_dev == "cuda":
+                sim.note("h2d_copies")
+                if non_blocking and not sim.is_pinned(roles[-1][2] if is_copy else roles[0][2]):
+                    sim.note("h2d_unpinned_non_blocking")  # from pageable memory: staged, no overlap
+            elif src_dev == "cuda" and dst_dev == "cpu":
+                sim.note("d2h_copies")
+                # the host waits for the GPU, but for a non_blocking copy into pinned memory (`.to("cpu",
+                # non_blocking=True)` pins its own output): then only a later sync makes the bytes readable
+                if not non_blocking or (is_copy and not sim.is_pinned(roles[0][2])):
+                    sim.note("syncs")
+            out_dev = dst_dev
+        elif func in _INDEXING:
+            self_dev = roles[0][0]
+            # indices may be CPU tensors; the values put must be on self's device (or a 0-dim scalar)
+            if func is not aten.index.Tensor:
+                vals = a[2] if len(a) > 2 else k.get("values")
+                if isinstance(vals, torch.Tensor) and vals.dim() > 0:
+                    vdev = "cuda" if id(vals) in originals else "cpu"
+                    if vdev != self_dev:
+                        raise SimCudaError(f"{func}: values on {vdev}, tensor on {self_dev}")
+            out_dev = self_dev
+        else:
+            devs = {r[0] for r in roles if r[0] == "cuda" or r[1] > 0}
+            if len(devs) > 1 or (target == "cuda" and "cpu" in devs) or (target == "cpu" and has_cuda):
+                shapes = ", ".join(f"{d}:{tuple(t.shape)}" for d, _, t in roles)
+                raise SimCudaError(
+                    f"Expected all tensors to be on the same device, but found at least two devices, cuda:0 and "
+                    f"cpu! ({func} on {shapes})"
+                )
+            out_dev = "cuda" if (target == "cuda" or has_cuda) else "cpu"
+        if func in _SYNCS and has_cuda:
+            sim.note("syncs")
+
+        out = func(*a, **k)
+        if func in _CROSS_DEVICE and func is not aten.copy_.default and src_dev != dst_dev and out is a[0]:
+            out = out.clone()  # `.to()` across devices copies; on the CPU underneath it would return its input
+
+        if pin:
+            tree_map(lambda t: sim.pin(t) if isinstance(t, torch.Tensor) else t, out)
+        if out_dev != "cuda":
+            return out
+
+        def wrap(t: Any) -> Any:
+            if not isinstance(t, torch.Tensor):
+                return t
+            if id(t) in originals:
+                return originals[id(t)]  # an in-place op returns its own argument
+            return sim.wrap(t)
+
+        return tree_map(wrap, out)
+
+    def _int4pack(self, a: tuple, has_cuda: bool) -> Any:
+        w, tiles = a[0], int(a[1])
+        if not has_cuda:
+            raise SimCudaError("_convert_weight_to_int4pack is a CUDA kernel: its input must be on the GPU")
+        if w.dtype != torch.uint8 or w.dim() != 2:
+            raise SimCudaError(f"_convert_weight_to_int4pack takes (N, K/2) uint8, got {w.dtype} {tuple(w.shape)}")
+        N, K = w.shape[0], w.shape[1] * 2
+        if N % 8 or K % (16 * tiles) or tiles not in (2, 4, 8):
+            raise SimCudaError(f"_convert_weight_to_int4pack: N={N} K={K} inner k tiles={tiles} not a valid layout")
+        packed = w.contiguous().view(torch.int32).reshape(N // 8, K // (16 * tiles), 32, tiles // 2)
+        return self.sim.wrap(packed.clone())
+
+    def _int4mm(self, a: tuple, roles: list) -> Any:
+        x, packed, group, sz = a[0], a[1], int(a[2]), a[3]
+        if any(r[0] != "cuda" for r in roles):
+            raise SimCudaError("_weight_int4pack_mm (CUDA): all its tensors must be on the GPU")
+        if x.dtype != torch.bfloat16 or sz.dtype != torch.bfloat16:
+            raise SimCudaError(f"_weight_int4pack_mm takes bfloat16 activations and scales, got {x.dtype} {sz.dtype}")
+        N = packed.shape[0] * 8
+        K = x.shape[-1]
+        b = packed.contiguous().view(torch.uint8).reshape(N, K // 2)
+        q = torch.stack((b >> 4, b & 15), dim=-1).reshape(N, K).float()  # even input in the high nibble
+        if tuple(sz.shape) != (K // group, N, 2):
+            raise SimCudaError(f"_weight_int4pack_mm: scales {tuple(sz.shape)}, expected {(K // group, N, 2)}")
+        s, z = sz.float().unbind(-1)  # (K/g, N)
+        w = (q.view(N, K // group, group) - 8) * s.t()[..., None] + z.t()[..., None]  # (N, K/g, g)
+        y = x.float() @ w.view(N, K).t()
+        return self.sim.wrap(y.to(torch.bfloat16))
+
+
+_OP_NAMES = {"__invert__": "bitwise_not", "__rand__": "__and__", "__ror__": "__or__", "__rxor__": "__xor__"}
+_HOST_READS = {"__int__", "__float__", "__bool__", "__index__", "item", "tolist", "__format__"}
+
+
+class _FunctionMode(TorchFunctionMode):
+    """Checks at the Python level what the dispatcher cannot see: a generator's device (a Generator crosses into
+    C++ and comes back a new object), and `.to("cuda")` / `.cuda()` without an index, which a CPU-only torch cannot
+    resolve (they mean cuda:0 here, the current device on a real GPU)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        gen = kwargs.get("generator")
+        if gen is not None:
+            dev = kwargs.get("device")
+            on_cuda = (
+                torch.device(dev).type == "cuda"
+                if dev is not None
+                else any(isinstance(t, SimTensor) for t in args if isinstance(t, torch.Tensor))
+            )
+            if bool(getattr(gen, "sim_cuda", False)) != on_cuda:
+                raise SimCudaError(
+                    f"{getattr(func, '__name__', func)}: Expected a '{'cuda' if on_cuda else 'cpu'}' device type "
+                    f"for generator but found '{'cuda' if getattr(gen, 'sim_cuda', False) else 'cpu'}'"
+                )
+        if func in (torch.tensor, torch.as_tensor) and kwargs.get("device") is not None:
+            dev = torch.device(kwargs.pop("device"))
+            t = func(*args, **kwargs)  # built on the host by C++, which a dispatch mode does not see: move it
+            return t.to(CUDA0) if dev.type == "cuda" else t
+        if args and isinstance(args[0], SimTensor) and getattr(func, "__name__", "") in _HOST_READS:
+            _active("a read").note("syncs")  # the value comes to the host: a sync on a real GPU
+            return getattr(args[0].inner, func.__name__)(*args[1:], **kwargs)
+        if func is torch.Tensor.cuda:
+            return args[0].to(CUDA0, **{n: v for n, v in kwargs.items() if n == "non_blocking"})
+        if func is torch.Tensor.to:
+            args = tuple(CUDA0 if a in ("cuda", torch.device("cuda")) else a for a in args)
+            if kwargs.get("device") in ("cuda", torch.device("cuda")):
+                kwargs["device"] = CUDA0
+        try:
+            return func(*args, **kwargs)
+        except RuntimeError as e:
+            if "not linked with support for cuda" not in str(e):
+                raise
+            # a hand-written Python binding (contiguous, copy_, ...) takes a CUDA device guard before its op; the
+            # op called through torch.ops takes none (the guard fails before the op runs: nothing happened yet)
+            name = getattr(func, "__name__", "")
+            op = getattr(torch.ops.aten, _OP_NAMES.get(name, name), None)
+            if op is None:
+                raise SimCudaError(f"{func}: a Python binding that needs a real CUDA device guard ({e})") from e
+            return op(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def simulated_cuda() -> Iterator[SimCuda]:
+    """Run the block as if torch had one CUDA device (see the module's docstring); yields its records."""
+    global _ACTIVE
+    if _ACTIVE is not None:
+        raise SimCudaError("simulated_cuda() is already active")
+    if torch.cuda.is_available():
+        raise SimCudaError("a real CUDA device is here: run on it instead of the simulation")
+    sim = SimCuda()
+    cuda = torch.cuda
+
+    def synchronize(device: Any = None) -> None:
+        sim.note("syncs")
+        sim._sample_peak()
+
+    def current_stream(device: Any = None) -> _Stream:
+        return sim._current[-1] if sim._current else sim.default_stream
+
+    @contextlib.contextmanager
+    def stream(s: _Stream | None) -> Iterator[None]:
+        if s is not None:
+            sim._current.append(s)
+        try:
+            yield
+        finally:
+            if s is not None:
+                sim._current.pop()
+
+    def max_memory_allocated(device: Any = None) -> int:
+        sim._sample_peak()
+        return sim.peak_bytes
+
+    def reset_peak_memory_stats(device: Any = None) -> None:
+        sim.peak_bytes = sim.memory_allocated()
+
+    class _Props:
+        name = "simulated CUDA (CPU underneath)"
+        total_memory = 80 * 2**30
+        major, minor = 9, 0
+        multi_processor_count = 132
+
+    patches: dict[str, Any] = {
+        "_lazy_init": lambda: None,
+        "is_available": lambda: True,
+        "device_count": lambda: 1,
+        "current_device": lambda: 0,
+        "get_device_name": lambda device=None: _Props.name,
+        "get_device_properties": lambda device=None: _Props(),
+        "get_device_capability": lambda device=None: (9, 0),
+        "is_bf16_supported": lambda *a, **k: True,
+        "synchronize": synchronize,
+        "Stream": _Stream,
+        "Event": _Event,
+        "current_stream": current_stream,
+        "default_stream": lambda device=None: sim.default_stream,
+        "stream": stream,
+        "memory_allocated": lambda device=None: sim.memory_allocated(),
+        "max_memory_allocated": max_memory_allocated,
+        "reset_peak_memory_stats": reset_peak_memory_stats,
+        "memory_reserved": lambda device=None: sim.memory_allocated(),
+        "max_memory_reserved": max_memory_allocated,
+        "empty_cache": lambda: None,
+        "manual_seed": lambda seed: None,
+        "manual_seed_all": lambda seed: None,
+        "mem_get_info": lambda device=None: (_Props.total_memory - sim.memory_allocated(), _Props.total_memory),
+    }
+    saved = {name: getattr(cuda, name) for name in patches}
+    mode = _Mode(sim)
+    _ACTIVE = sim
+    try:
+        for name, fn in patches.items():
+            setattr(cuda, name, fn)
+        torch.Generator = _SimGenerator  # type: ignore[misc]
+        with _FunctionMode(), mode:
+            yield sim
+    finally:
+        for name, fn in saved.items():
+            setattr(cuda, name, fn)
+        torch.Generator = _RealGenerator  # type: ignore[misc]
+        _ACTIVE = None
