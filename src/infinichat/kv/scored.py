@@ -79,7 +79,7 @@ class ScoredPolicy(EvictionPolicy):
         n_recent = min(self.recent(seq), free.shape[0] - n_needed)
         cand = free[: free.shape[0] - n_recent]
         count = max(n_needed, min(self.n_discard, cand.shape[0] // 2))
-        scores = seq.scores[: seq.length][cand]  # (n_cand,)
+        scores = seq.scores[: seq.length].cpu()[cand]  # (n_cand,): the choice is made on the host
         lowest = torch.argsort(scores, stable=True)[:count]  # ties: the oldest first
         return slots_to_spans(cand[lowest].sort().values)
 

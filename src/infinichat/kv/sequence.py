@@ -73,9 +73,10 @@ class KVSequence:
     @property
     def scores(self) -> torch.Tensor:
         """Per-slot attention statistics (capacity,) float32 kept by a scoring policy (H2O, TOVA, SnapKV):
-        compacted with the slots on every removal, reset to 0 by a restore. Allocated on first use."""
+        compacted with the slots on every removal, reset to 0 by a restore. Allocated on first use, on the device
+        where attention is computed (the policies fold each layer's probabilities in there: no copy per layer)."""
         if self._scores is None:
-            self._scores = torch.zeros(self.capacity, dtype=torch.float32)
+            self._scores = torch.zeros(self.capacity, dtype=torch.float32, device=self.store.compute_device)
         return self._scores
 
     def pinned_mask(self) -> torch.Tensor:
@@ -139,7 +140,7 @@ class KVSequence:
     def remove_spans(self, spans: list[tuple[int, int]], rotate: bool = True) -> None:
         spans = [(s, e) for s, e in spans if e > s]
         if self._scores is not None and spans:
-            keep = torch.ones(self.length, dtype=torch.bool)  # (length,)
+            keep = torch.ones(self.length, dtype=torch.bool, device=self._scores.device)  # (length,)
             for s, e in spans:
                 keep[s:e] = False
             kept = self._scores[: self.length][keep]

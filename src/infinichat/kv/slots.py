@@ -30,6 +30,9 @@ class SlotTable:
     snapshot methods (what `KVSequence` and the policies call, whichever backend holds the K/V)."""
 
     cfg: ModelShape  # the model whose K/V the store holds
+    # where the model computes attention over these slots (a torch store: its rope's device, also for a store held
+    # in host memory for a GPU): the policies' per-slot statistics live there, next to the probabilities
+    compute_device: torch.device = torch.device("cpu")
 
     def __init__(self, capacity: int):
         if capacity < 1:

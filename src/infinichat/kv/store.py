@@ -120,6 +120,7 @@ class KVStore(SlotTable):
             torch.device(device) if device is not None else rope.device if rope is not None else torch.device("cpu")
         )
         self.rope = rope if rope is not None else Rope(cfg, device=self.device)
+        self.compute_device = self.rope.device
         self._allocate(min(capacity, max(1, initial)))
 
     def _allocate(self, n: int) -> None:

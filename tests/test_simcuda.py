@@ -1,0 +1,257 @@
+"""The CUDA paths on the simulated device of tests/simcuda.py (CI has no GPU): the simulation itself refuses what a
+GPU refuses; every KV policy, KV format, weight format and decode step gives the CPU run's logits on "cuda" with
+no more host syncs per decode step than its design needs; sessions (messages, edits, restore from disk, the
+prefix cache) run on it; benchmarks/gpu_check.py's sections run on it end to end.
+
+The sync counts are GPU performance properties checked as counts (a `.item()` per layer would stall a GPU at
+every layer); the simulation's timings mean nothing and nothing here measures time."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from simcuda import SimCudaError, SimTensor, simulated_cuda
+from test_gpu_paths import CFG, _ids, _weights
+
+from infinichat.engine.sampling import SamplingParams
+from infinichat.engine.torch_engine import TorchEngine
+from infinichat.kv.registry import POLICIES
+from infinichat.model.transformer import Transformer
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="a real GPU is here: the CUDA-marked tests run")
+
+
+# ---------------------------------------------------------------------------------------------- the simulation
+def test_the_simulation_refuses_what_a_gpu_refuses():
+    with simulated_cuda() as sim:
+        a = torch.ones(3, 4, device="cuda")
+        assert isinstance(a, SimTensor) and a.device == torch.device("cuda", 0) and a.is_cuda
+        with pytest.raises(SimCudaError, match="same device"):
+            a + torch.ones(3, 4)  # a CPU tensor of one or more dimensions
+        assert (a * torch.tensor(2.0)).is_cuda  # a CPU 0-dim scalar is allowed, as on CUDA
+        assert a[torch.tensor([0, 2])].shape == (2, 4)  # CPU index tensors too
+        with pytest.raises(SimCudaError, match="generator"):
+            torch.rand(2, generator=torch.Generator().manual_seed(1), device="cuda")
+        with pytest.raises(SimCudaError, match="generator"):
+            torch.rand(2, generator=torch.Generator(device="cuda"))  # a CUDA generator for a CPU tensor
+        with pytest.raises(SimCudaError, match="numpy"):
+            a.numpy()
+        with pytest.raises(SimCudaError, match="pin"):
+            torch.zeros(2, device="cuda", pin_memory=True)
+        b = a.cpu()
+        b += 1  # `.cpu()` copies: the GPU tensor is unchanged
+        assert not b.is_cuda and a.sum().item() == 12.0 and sim.syncs >= 2 and sim.d2h_copies == 1
+
+
+def test_the_simulation_counts_copies_and_pinned_memory():
+    with simulated_cuda() as sim:
+        pinned, pageable = torch.zeros(8, pin_memory=True), torch.zeros(8)
+        assert pinned.is_pinned() and not pageable.is_pinned() and torch.zeros(2).pin_memory().is_pinned()
+        d = torch.empty(8, device="cuda")
+        d.copy_(pinned, non_blocking=True)
+        assert (sim.h2d_copies, sim.h2d_unpinned_non_blocking) == (1, 0)
+        d.copy_(pageable, non_blocking=True)  # from pageable memory: no overlap on a real GPU
+        assert (sim.h2d_copies, sim.h2d_unpinned_non_blocking) == (2, 1)
+        syncs = sim.syncs
+        pinned.copy_(d, non_blocking=True)  # into pinned memory, asynchronous: no sync
+        assert sim.syncs == syncs and sim.d2h_copies == 1
+        pageable.copy_(d, non_blocking=True)  # into pageable memory: the host waits
+        assert sim.syncs == syncs + 1
+        before = torch.cuda.memory_allocated()
+        big = torch.empty(1000, device="cuda")
+        assert torch.cuda.memory_allocated() == before + 4000 and torch.cuda.max_memory_allocated() >= before + 4000
+        del big
+
+
+@pytest.mark.parametrize("N,K", [(64, 256), (96, 576)])
+def test_the_emulated_cuda_int4_kernel_computes_the_dequantized_product(N, K):
+    """Int4Linear on "cuda" packs with the CUDA layout's byte order and calls the CUDA kernel, emulated from its
+    contract: equal to the product with Int4Linear's own dequantized weights."""
+    from infinichat.model import quant
+
+    g = torch.Generator().manual_seed(N)
+    w = torch.randn(N, K, generator=g)
+    x = torch.randn(5, K, generator=g).to(torch.bfloat16)
+    qw = quant.quantize({"layers.0.wo.weight": w}, "int4", False)
+    cpu = quant.QuantLinear.from_tensors(qw, "layers.0.wo")
+    assert cpu is not None
+    ref = x.float() @ cpu.dense(torch.float32).t()
+    with simulated_cuda():
+        lin = quant.QuantLinear.from_tensors({n: t.to("cuda") for n, t in qw.items()}, "layers.0.wo")
+        assert lin is not None and lin.packed.is_cuda and lin.packed.dtype == torch.int32
+        y = lin(x.to("cuda")).float().cpu()
+    assert (y - ref).abs().max().item() <= 2e-2 * ref.abs().max().item()
+
+
+# ---------------------------------------------------------------------------------------------- the engine
+# host syncs a decode step may take (the test's own read of the logits aside): the policy's design
+SYNCS_PER_STEP = {
+    "full": 0,
+    "window": 0,
+    "streaming": 1,  # an eviction's re-rotation: positions read on the host
+    "turns": 1,
+    "recompute": 0,
+    "h2o": 1,  # the eviction's choice is made on the host: one read of the scores
+    "tova": 1,
+    "snapkv": 1,
+    "expected_attention": 1,
+    "kvzip": 1,
+    "omnikv": 0,
+    "brutal-offload": 1,  # the flush of the rows staged into pinned host memory
+}
+FULL_BUDGET = ("full", "omnikv", "brutal-offload", "recompute")
+
+
+def _run(device: str, policy: str, sim=None, kv: str = "auto", quant: str = "none", step: str = "layers", **kw):
+    """Prefill 60 tokens then 10 decode steps; the logits on the CPU and, on the simulation, each step's syncs."""
+    model = Transformer(CFG, _weights(), torch.bfloat16, quant, device=device, kernels="torch", step=step)
+    eng = TorchEngine(model, kv_dtype=kv)
+    budget = 96 if policy in FULL_BUDGET else 40  # the evicting policies evict at every step
+    seq = eng.new_sequence(budget=budget, policy=policy, capacity=96, **kw)
+    logits = [eng.prefill(seq, _ids(60, 3)).float().cpu()]
+    syncs = []
+    for tok in _ids(10, 5):
+        before = sim.syncs if sim else 0
+        out = eng.decode_one(seq, tok)
+        syncs.append(sim.syncs - before if sim else 0)
+        logits.append(out.float().cpu())
+        if sim:
+            assert out.is_cuda and (seq.store.device.type == "cuda") != seq.store.pinned  # pinned: host memory
+    return logits, syncs, seq
+
+
+def _check(policy: str, budget_syncs: int, tol: float = 1e-6, **kw):
+    ref, _, _ = _run("cpu", policy, **kw)
+    with simulated_cuda() as sim:
+        got, syncs, seq = _run("cuda", policy, sim, **kw)
+        assert sim.h2d_unpinned_non_blocking == 0  # every asynchronous upload reads pinned memory
+    for a, b in zip(ref, got, strict=True):  # the same arithmetic on the same CPU underneath (but int4 weights)
+        assert (a - b).abs().max().item() <= tol * a.abs().max().item()
+    assert max(syncs) <= budget_syncs, f"{policy}: host syncs per decode step {syncs}"
+    return seq
+
+
+@pytest.mark.parametrize("policy", sorted(POLICIES))
+def test_every_policy_on_cuda_gives_the_cpu_logits_without_extra_syncs(policy):
+    seq = _check(policy, SYNCS_PER_STEP[policy])
+    if policy not in FULL_BUDGET:
+        assert seq.n_evictions > 0  # the decode steps did evict
+
+
+def test_omnikv_offload_on_cuda_syncs_twice_per_step_and_keeps_its_store_in_pinned_memory():
+    """The picked rows' indices come to the host (one sync) and the new rows land in the pinned store at the
+    forward call's end (one); the picked rows go up from pinned staging asynchronously."""
+    seq = _check("omnikv", 2, offload=True, filter_layers=(1,))
+    assert seq.store.pinned
+
+
+@pytest.mark.parametrize(
+    "opts",
+    [
+        {"kv": "int8"},
+        {"kv": "int4"},
+        {"kv": "int4h"},
+        {"quant": "int8"},
+        {"quant": "int4"},
+        {"step": "static"},
+    ],
+    ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()),
+)
+def test_kv_formats_weight_formats_and_the_static_step_on_cuda(opts):
+    # int4 weights: PyTorch's CPU kernel against the emulated CUDA one (another order of bf16 sums)
+    tol = 2e-2 if opts.get("quant") == "int4" else 1e-6
+    _check("streaming" if "kv" in opts else "full", 1 if "kv" in opts else 0, tol, **opts)
+
+
+def test_batched_prompts_steps_and_sampling_on_cuda_equal_the_cpu():
+    """prefill_rows / decode_rows (several sequences in one forward call) and seeded sampling (its generator made
+    on the logits' device) give the CPU's logits and tokens."""
+    outs = []
+    for device in ("cpu", "cuda"):
+        with simulated_cuda() if device == "cuda" else contextlib.nullcontext():
+            eng = TorchEngine(Transformer(CFG, _weights(), torch.float32, device=device, kernels="torch"))
+            seqs = [eng.new_sequence(budget=64) for _ in range(3)]
+            first = eng.prefill_rows([(s, torch.tensor(_ids(5 + 7 * i, i))) for i, s in enumerate(seqs)])
+            rows = [x for _, x in eng.decode_rows(list(zip(seqs, [1, 2, 3], strict=True)))]
+            params = SamplingParams(temperature=0.8, seed=11, max_tokens=6)
+            steps = list(eng.generate(eng.new_sequence(budget=64), _ids(9, 4), params))
+            outs.append(([x.float().cpu() for x in (*first, *rows)], [(st.token, st.logprob) for st in steps]))
+    (rows_a, steps_a), (rows_b, steps_b) = outs
+    assert [t for t, _ in steps_a] == [t for t, _ in steps_b] and len(steps_a) > 0
+    for a, b in zip(rows_a, rows_b, strict=True):
+        assert a.shape == b.shape and (a - b).abs().max().item() <= 1e-5
+
+
+# ---------------------------------------------------------------------------------------------- sessions
+def _session_run(model_path: Path, device: str, data: Path) -> tuple[list, list]:
+    from infinichat.model.loader import load_model
+    from infinichat.session.manager import SessionManager
+
+    m = load_model(model_path, "float32", cache_dir=data / "cache", device=device)
+    eng = TorchEngine(m.model, m.tokenizer.eos_ids)
+    p = SamplingParams(temperature=0.0, max_tokens=6)
+    mgr = SessionManager(eng, m.tokenizer, m.file_hash, data)
+    s = mgr.create("a", system_prompt="You are terse.", settings={"budget": 96, "policy": "streaming"})
+    for text in ("hello there", "tell me more about the weather in spring", "and then?"):
+        list(s.send(text, p))
+    list(s.retry(p))
+    s.edit(1, "hello again")
+    list(s.send("one more", p))
+    s.revert_to(3)
+    assert s.kv.store.k_all.device.type == (device if device == "cpu" else "cuda")
+    logits = s.next_logits().float().cpu()
+    transcript = [(x.kind, x.text) for x in s.messages]
+    mgr.close()
+    # a second manager on the same folder: the session and its KV file come back onto the device
+    mgr2 = SessionManager(eng, m.tokenizer, m.file_hash, data)
+    s2 = mgr2.get("a")
+    assert [(x.kind, x.text) for x in s2.messages] == transcript
+    logits2 = s2.next_logits().float().cpu()
+    assert (logits - logits2).abs().max().item() <= 1e-5
+    b = mgr2.create("b", system_prompt="You are terse.")  # its system part from the prefix cache file
+    list(b.send("hello there", p))
+    mgr2.close()
+    return transcript, [logits, b.next_logits().float().cpu()]
+
+
+def test_sessions_on_cuda_equal_the_cpu(tmp_path):
+    from gguf_util import tiny_llama, write_gguf
+
+    path = tmp_path / "tiny.gguf"
+    write_gguf(path, tiny_llama(seed=3, max_position_embeddings=1024))
+    ref = _session_run(path, "cpu", tmp_path / "cpu")
+    with simulated_cuda():
+        got = _session_run(path, "cuda", tmp_path / "cuda")
+    assert got[0] == ref[0]
+    for a, b in zip(ref[1], got[1], strict=True):
+        assert (a - b).abs().max().item() <= 1e-4 * a.abs().max().item()
+
+
+# ---------------------------------------------------------------------------------------------- the GPU script
+def test_gpu_check_runs_every_section_on_the_simulated_device(tmp_path, monkeypatch):
+    """benchmarks/gpu_check.py's dry run with --device cuda: every section but the test run (a subprocess, which
+    the CUDA-marked tests' own simulated runs cover) on the CUDA code paths: pinned stores, side stream, peak
+    memory, the CUDA int4 kernel. Its figures mean nothing here."""
+    import json
+
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    import gpu_check
+
+    out = tmp_path / "report"
+    sections = ["parity", "speed", "quant", "compile", "omnikv"]
+    monkeypatch.setattr(sys, "argv", ["gpu_check", "--dry-run", "--device", "cuda", "--out", str(out), "--sections"])
+    sys.argv += sections
+    with simulated_cuda() as sim:
+        rc = gpu_check.main()
+    report = json.loads((out / "report.json").read_text())
+    assert rc == 0, (out / "report.txt").read_text()
+    assert report["meta"]["device"] == "cuda:0" and "simulated" in report["meta"]["device_name"]
+    assert [report["sections"][s]["status"] for s in sections] == ["ok"] * 5
+    assert sim.h2d_unpinned_non_blocking == 0
+    txt = (out / "report.txt").read_text()
+    assert "omnikv offload" in txt and "brutal offload" in txt and "| int4 |" in txt
