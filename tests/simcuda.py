@@ -26,6 +26,7 @@ GPU runs it fast or at all (benchmarks/gpu_check.py does that on a GPU).
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 import traceback
 import weakref
@@ -511,16 +512,26 @@ def simulated_cuda() -> Iterator[SimCuda]:
         "mem_get_info": lambda device=None: (_Props.total_memory - sim.memory_allocated(), _Props.total_memory),
     }
     saved = {name: getattr(cuda, name) for name in patches}
+    bootstrap = threading.Thread._bootstrap_inner  # type: ignore[attr-defined]
+
+    def bootstrap_in_simulation(self: threading.Thread) -> None:
+        # torch's modes are per thread: a thread started inside the simulation (a server, its engine worker,
+        # anyio's pool) runs in it too; it must end before the simulation does
+        with _FunctionMode(), _Mode(sim):
+            bootstrap(self)
+
     mode = _Mode(sim)
     _ACTIVE = sim
     try:
         for name, fn in patches.items():
             setattr(cuda, name, fn)
         torch.Generator = _SimGenerator  # type: ignore[misc]
+        threading.Thread._bootstrap_inner = bootstrap_in_simulation  # type: ignore[attr-defined]
         with _FunctionMode(), mode:
             yield sim
     finally:
         for name, fn in saved.items():
             setattr(cuda, name, fn)
         torch.Generator = _RealGenerator  # type: ignore[misc]
+        threading.Thread._bootstrap_inner = bootstrap  # type: ignore[attr-defined]
         _ACTIVE = None
