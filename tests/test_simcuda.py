@@ -255,3 +255,139 @@ def test_gpu_check_runs_every_section_on_the_simulated_device(tmp_path, monkeypa
     assert sim.h2d_unpinned_non_blocking == 0
     txt = (out / "report.txt").read_text()
     assert "omnikv offload" in txt and "brutal offload" in txt and "| int4 |" in txt
+
+
+# ---------------------------------------------------------------------------------------------- the server
+def _server_scenario(model_path: Path, device: str, data: Path) -> list:
+    """The session API, the OpenAI and llama-server APIs and two sessions decoding together (the worker batches
+    their steps), greedy: what a client sees, timings and ids left out."""
+    import threading
+
+    import httpx
+    from server_util import LiveServer, events
+
+    from infinichat.model.loader import load_model
+
+    # the torch kernels on both: the same arithmetic, so the same tokens and log-probabilities
+    loaded = load_model(model_path, "float32", cache_dir=data / "cache", device=device, kernels="torch")
+    assert loaded.model.device.type == device
+    seen: list = []
+    greedy = {"temperature": 0.0, "max_tokens": 6, "top_logprobs": 2}
+    with LiveServer(loaded, data) as srv, httpx.Client(base_url=srv.url, timeout=120) as c:
+
+        def stream(path: str, body: dict) -> list:
+            with c.stream("POST", path, json=body) as r:
+                assert r.status_code == 200, r.read()
+                return [(k, d.get("text"), _top(d.get("top"))) for k, d in events(r) if k in ("token", "done")]
+
+        for sid, policy in (("a", "h2o"), ("b", "omnikv"), ("c", "streaming"), ("d", "turns")):
+            settings = {"temperature": 0, "policy": policy, "budget": 160}
+            r = c.post("/api/sessions", json={"id": sid, "system_prompt": "You are terse.", "settings": settings})
+            assert r.status_code == 201, r.text
+        for text in ("hello there", "tell me about the weather in spring, in detail", "why?"):
+            seen.append(stream("/api/sessions/a/messages", {"text": text, "params": greedy}))
+        seen.append(stream("/api/sessions/a/retry", {"params": {"seed": 5, "temperature": 1.0, "max_tokens": 5}}))
+        seen.append(stream("/api/sessions/a/suggest", {"params": {"max_tokens": 4, "temperature": 0}}))
+        c.patch("/api/sessions/a/messages/0", json={"text": "hi again"}).raise_for_status()
+        kv = c.get("/api/sessions/a/kv").json()
+        seen.append((kv["length"], kv["evictions"] > 0, [s["tokens"] for s in kv["segments"]]))
+        outs: dict = {}
+        threads = [  # two sessions at once: their decode steps may share forward calls (c, d: batchable policies)
+            threading.Thread(
+                target=lambda s=s: outs.__setitem__(
+                    s,
+                    stream(
+                        f"/api/sessions/{s}/messages",
+                        {"text": "count to five", "params": {"temperature": 0, "max_tokens": 12}},
+                    ),
+                )
+            )
+            for s in ("c", "d")
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        seen.append([outs.get("c"), outs.get("d")])
+        r = c.post(
+            "/v1/chat/completions",
+            json={
+                "model": "x",
+                "messages": [{"role": "user", "content": "hi"}],
+                "max_tokens": 5,
+                "temperature": 0,
+                "logprobs": True,
+                "top_logprobs": 2,
+            },
+        )
+        assert r.status_code == 200, r.text
+        ch = r.json()["choices"][0]
+        seen.append((ch["message"]["content"], [(t["token"], t["logprob"]) for t in ch["logprobs"]["content"]]))
+        r = c.post("/v1/completions", json={"model": "x", "prompt": "Once upon", "max_tokens": 5, "temperature": 0})
+        seen.append(r.json()["choices"][0]["text"])
+        r = c.post("/completion", json={"prompt": "Once upon", "n_predict": 4, "temperature": 0, "n_probs": 2})
+        seen.append(r.json()["content"])
+        metrics = dict(ln.rsplit(" ", 1) for ln in c.get("/metrics").text.splitlines() if ln[:1] not in ("#", ""))
+        assert int(metrics["infinichat_kv_peak_bytes"]) > 0 and int(metrics["infinichat_kv_reserved_bytes"]) == 0
+    return seen
+
+
+def _top(top: list | None) -> list | None:
+    return None if top is None else [(t["token"], t["logprob"]) for t in top]
+
+
+def _same(a, b) -> bool:
+    """Equal, but floats within 1e-4 (the sampler's CPU and device paths differ in the last float bits)."""
+    if isinstance(a, float) and isinstance(b, float):
+        return abs(a - b) <= 1e-4
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    return a == b
+
+
+def test_the_server_on_cuda_answers_as_on_the_cpu(tmp_path):
+    from gguf_util import tiny_llama, write_gguf
+
+    path = tmp_path / "tiny.gguf"
+    write_gguf(path, tiny_llama(seed=3, max_position_embeddings=1024))
+    ref = _server_scenario(path, "cpu", tmp_path / "cpu")
+    with simulated_cuda() as sim:
+        got = _server_scenario(path, "cuda", tmp_path / "cuda")
+    assert sim.ops > 0 and sim.h2d_unpinned_non_blocking == 0
+    assert _same(got, ref), (got, ref)
+
+
+# ---------------------------------------------------------------------------------------------- commands
+def test_eval_ppl_on_cuda_gives_the_cpu_perplexities(tiny_gguf_1k, tmp_path, cli_threads):
+    """`eval ppl --device cuda` crashed (the targets stayed on the CPU for a gather with the GPU's log-probs)."""
+    import json
+
+    from infinichat.cli.main import main
+
+    text = tmp_path / "t.txt"
+    text.write_text(" ".join(f"word{i} and some more" for i in range(300)), encoding="utf-8")
+    ppl = {}
+    for device in ("cpu", "cuda"):
+        args = ["eval", "ppl", "--text", str(text), "--policy", "full,streaming,h2o", "--budget", "64"]
+        args += ["--chunk", "16", "--tokens", "200", "--out", str(tmp_path / device), "--model", str(tiny_gguf_1k)]
+        args += ["--cache-dir", str(tmp_path / "c"), "--device", device, "--dtype", "float32"]
+        with simulated_cuda() if device == "cuda" else contextlib.nullcontext():
+            assert main(args) == 0
+        ppl[device] = [p["ppl_all"] for p in json.loads((tmp_path / device / "ppl.json").read_text())["policies"]]
+    assert ppl["cuda"] == pytest.approx(ppl["cpu"], rel=1e-4)  # the CPU's own kernels against the torch set's
+
+
+@pytest.mark.parametrize("ev", ["passkey", "multiturn"])
+def test_long_evals_on_cuda(ev, tiny_gguf_1k, tmp_path, cli_threads):
+    import json
+
+    from infinichat.cli.main import main
+
+    args = ["eval", ev, "--lengths", "500", "--policies", "full,snapkv,omnikv", "--budget-frac", "0.5"]
+    args += ["--depths", "0.5"] if ev == "passkey" else ["--turns", "2", "--samples", "1"]
+    args += ["--max-new-tokens", "2", "--out", str(tmp_path / ev), "--model", str(tiny_gguf_1k)]
+    with simulated_cuda():
+        assert main([*args, "--cache-dir", str(tmp_path / "c"), "--device", "cuda"]) == 0
+    report = json.loads((tmp_path / ev / f"{ev}.json").read_text())
+    assert list(report["summary"]) == ["full", "snapkv 50%", "omnikv 50%"]
+    assert len(report["results"]) == 3 * (2 if ev == "multiturn" else 1)  # every policy's record(s) scored

@@ -159,7 +159,8 @@ def evaluate(
         pred = logits[:-1] if prev is None else torch.cat([prev, logits[:-1]])  # predicts tokens [a or 1, b)
         first = b - pred.shape[0]
         logp = torch.log_softmax(pred.double(), dim=-1)  # (m, V)
-        nll[first:b] = -logp.gather(1, target[first:b].unsqueeze(1)).squeeze(1).numpy()
+        picked = logp.gather(1, target[first:b].unsqueeze(1).to(logp.device))  # (m, 1) on the logits' device
+        nll[first:b] = -picked.squeeze(1).cpu().numpy()
         prev = logits[-1:]
         if on_chunk is not None:
             on_chunk(seq, b)
