@@ -102,6 +102,11 @@ def _unwrap_index(idx: Any) -> Any:
     return idx.inner if isinstance(idx, SimTensor) else idx
 
 
+def _bool_index(args: tuple) -> bool:
+    """Indexing with a boolean mask on the GPU: its nonzero() sizes the output (a sync)."""
+    return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] if len(args) > 1 else ()) or ())
+
+
 def _active(what: str) -> SimCuda:
     if _ACTIVE is None:
         raise SimCudaError(f"a simulated CUDA tensor was used after the simulation ended ({what})")
@@ -120,7 +125,14 @@ _INDEXING = {aten.index.Tensor, aten.index_put_.default, aten.index_put.default,
 # ops on host memory only
 _HOST_ONLY = {aten.is_pinned.default, aten._pin_memory.default}
 # a CUDA tensor's value read on the host: a sync on a real GPU
-_SYNCS = {aten._local_scalar_dense.default}
+# (and ops whose output size depends on the data: the host reads the size before it allocates)
+_SYNCS = {
+    aten._local_scalar_dense.default,
+    aten.nonzero.default,
+    aten.masked_select.default,
+    aten._unique2.default,
+    aten.unique_consecutive.default,
+}
 # factory-like ops that allocate (for the bytes held)
 
 
@@ -343,7 +355,7 @@ class _Mode(TorchDispatchMode):
                     f"cpu! ({func} on {shapes})"
                 )
             out_dev = "cuda" if (target == "cuda" or has_cuda) else "cpu"
-        if func in _SYNCS and has_cuda:
+        if has_cuda and (func in _SYNCS or (func is aten.index.Tensor and _bool_index(args))):
             sim.note("syncs")
 
         out = func(*a, **k)
