@@ -187,6 +187,35 @@ def test_batched_prompts_steps_and_sampling_on_cuda_equal_the_cpu():
         assert a.shape == b.shape and (a - b).abs().max().item() <= 1e-5
 
 
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(temperature=0.0, max_tokens=8),
+        SamplingParams(temperature=0.0, max_tokens=8, top_logprobs=3),
+        SamplingParams(temperature=0.9, max_tokens=8, seed=4),
+    ],
+    ids=["greedy", "greedy-logprobs", "seeded"],
+)
+def test_a_generated_token_on_cuda_reads_the_device_once(params):
+    """The sampler's numbers for a step (token, its log-probability, the draw's total) come to the host in one
+    read; the tokens and log-probabilities are the CPU path's. Asked-for alternatives cost their own reads."""
+    runs = []
+    for device in ("cpu", "cuda"):
+        with simulated_cuda() if device == "cuda" else contextlib.nullcontext() as sim:
+            eng = TorchEngine(Transformer(CFG, _weights(), torch.float32, device=device, kernels="torch"))
+            steps = eng.generate(eng.new_sequence(budget=96), _ids(20, 3), params)
+            got, syncs = [next(steps)], []
+            for _ in range(params.max_tokens - 1):
+                before = sim.syncs if sim else 0
+                got.append(next(steps))
+                syncs.append(sim.syncs - before if sim else 0)
+            runs.append((got, syncs))
+    (cpu, _), (gpu, syncs) = runs
+    assert [st.token for st in gpu] == [st.token for st in cpu]
+    assert [st.logprob for st in gpu] == pytest.approx([st.logprob for st in cpu], abs=1e-5)
+    assert max(syncs) <= (1 if not params.top_logprobs else 3), syncs
+
+
 # ---------------------------------------------------------------------------------------------- sessions
 def _session_run(model_path: Path, device: str, data: Path) -> tuple[list, list]:
     from infinichat.model.loader import load_model

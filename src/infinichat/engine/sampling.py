@@ -497,13 +497,19 @@ class Sampler:
         if p.dry_active:
             _dry_(x, history, p, self.dry_breakers)
 
+        on_device = x.device.type != "cpu"  # a GPU: the step's numbers come to the host in one read (one sync)
         if p.greedy:
-            j = _argmax(x)
-            if x[j] == -math.inf:
+            if on_device:
+                jt = torch.argmax(x)
+                j_f, xj, lse = torch.stack((jt.double(), x[jt].double(), torch.logsumexp(x, dim=0).double())).tolist()
+                j = int(j_f)  # a vocabulary index is exact in float64
+            else:
+                j = _argmax(x)
+                xj, lse = float(x[j]), float(torch.logsumexp(x, dim=0))  # temperature 1
+            if xj == -math.inf:
                 raise ValueError(_NO_MASS)
-            lse = float(torch.logsumexp(x, dim=0))  # temperature 1
             top = [(i, v - lse) for i, v in _top(x, None, p.top_logprobs)]
-            return SampledToken(j, float(x[j]) - lse, top)
+            return SampledToken(j, xj - lse, top)
 
         # Each filter shrinks the candidate set; `ids` maps candidates to vocab ids (None: the whole vocab).
         ids: torch.Tensor | None = None
@@ -530,16 +536,26 @@ class Sampler:
 
         probs = torch.softmax(scaled, dim=0)  # (n,)
         cdf = torch.cumsum(probs, dim=0)  # (n,)
-        total = float(cdf[-1])
+        if on_device:  # the same draw on the device; total, j, p_j and the token read back together
+            total_t = cdf[-1]
+            u_t = torch.rand((), generator=self._generator, device=x.device) * total_t  # inverse CDF draw
+            jt = torch.searchsorted(cdf, u_t.reshape(1), right=True)[0].clamp(max=cdf.shape[0] - 1)
+            tok_t = jt if ids is None else ids[jt]
+            read = torch.stack((total_t.double(), jt.double(), probs[jt].double(), tok_t.double())).tolist()
+            total, j, pj, token = read[0], int(read[1]), read[2], int(read[3])
+        else:
+            total = float(cdf[-1])
+            if total > 0 and not math.isinf(total):
+                u = float(torch.rand((), generator=self._generator, device=x.device)) * total  # inverse CDF draw
+                j = min(int(torch.searchsorted(cdf, u, right=True)), cdf.shape[0] - 1)
+                pj = float(probs[j])
         if not total > 0 or math.isinf(total):
             raise ValueError(_NO_MASS)
-        u = float(torch.rand((), generator=self._generator, device=x.device)) * total  # inverse CDF draw
-        j = min(int(torch.searchsorted(cdf, u, right=True)), cdf.shape[0] - 1)
-        pj = float(probs[j])
         if pj <= 0:  # u rounded up onto the total: take the last token that has mass
             j = int(torch.nonzero(probs).max())
             pj = float(probs[j])
-        token = j if ids is None else int(ids[j])
+        if not on_device or pj <= 0:
+            token = j if ids is None else int(ids[j])
         if p.top_logprobs:
             logp = torch.log_softmax(scaled, dim=0)  # (n,)
             return SampledToken(token, float(logp[j]), _top(logp, ids, p.top_logprobs))
