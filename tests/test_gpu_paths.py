@@ -58,7 +58,9 @@ def _dequantized(model: Transformer) -> dict[str, torch.Tensor]:
     """A quantized model's weights as dense float32 (on the CPU): the reference model's weights."""
     out = {"norm.weight": model.norm[0].float().cpu()}
     head = model.lm_head
-    out["embed.weight" if model.cfg.tie_embeddings else "lm_head.weight"] = head.dense(torch.float32).cpu()
+    # (on a GPU the head is the dense bf16 table: transformer.py)
+    dense_head = head.dense(torch.float32) if isinstance(head, quant.QuantLinear) else head.float()
+    out["embed.weight" if model.cfg.tie_embeddings else "lm_head.weight"] = dense_head.cpu()
     out["embed.weight"] = model.embed.float().cpu()
     for i, L in enumerate(model.layers):
         for n, t in L.items():
@@ -316,6 +318,7 @@ def test_a_fork_of_an_offloaded_omnikv_sequence(fake_pinning):
 def test_cuda_quantized_weights(mode, kind):
     qm = Transformer(CFG, _weights(), torch.bfloat16, quant=mode, device="cuda")
     assert qm.kernels.name == "torch" and qm.layers[0]["wqkv.weight"].nbytes > 0  # type: ignore[union-attr]
+    assert isinstance(qm.lm_head, torch.Tensor) and qm.lm_head.dtype == torch.bfloat16 and qm.head_exact is None
     if mode == "int4":
         assert qm.layers[0]["wqkv.weight"]._kernel is torch.ops.aten._weight_int4pack_mm  # type: ignore[union-attr]
     _check_quantized(qm, kind)

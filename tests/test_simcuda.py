@@ -125,13 +125,13 @@ def _run(device: str, policy: str, sim=None, kv: str = "auto", quant: str = "non
     return logits, syncs, seq
 
 
-def _check(policy: str, budget_syncs: int, tol: float = 1e-6, **kw):
+def _check(policy: str, budget_syncs: int, tol: float | None = 1e-6, **kw):
     ref, _, _ = _run("cpu", policy, **kw)
     with simulated_cuda() as sim:
         got, syncs, seq = _run("cuda", policy, sim, **kw)
         assert sim.h2d_unpinned_non_blocking == 0  # every asynchronous upload reads pinned memory
-    for a, b in zip(ref, got, strict=True):  # the same arithmetic on the same CPU underneath (but int4 weights)
-        assert (a - b).abs().max().item() <= tol * a.abs().max().item()
+    for a, b in zip(ref, got, strict=True):  # the same arithmetic on the same CPU underneath
+        assert tol is None or (a - b).abs().max().item() <= tol * a.abs().max().item()
     assert max(syncs) <= budget_syncs, f"{policy}: host syncs per decode step {syncs}"
     return seq
 
@@ -163,8 +163,10 @@ def test_omnikv_offload_on_cuda_syncs_twice_per_step_and_keeps_its_store_in_pinn
     ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()),
 )
 def test_kv_formats_weight_formats_and_the_static_step_on_cuda(opts):
-    # int4 weights: PyTorch's CPU kernel against the emulated CUDA one (another order of bf16 sums)
-    tol = 2e-2 if opts.get("quant") == "int4" else 1e-6
+    # quantized weights run other arithmetic on the GPU (int8 as a bf16 GEMM, the emulated CUDA int4 kernel, the
+    # head dense): test_gpu_paths' test_cuda_quantized_weights[sim-*] checks their logits against float32 models
+    # of the dequantized weights; here the device rules and the syncs
+    tol = None if "quant" in opts else 1e-6
     _check("streaming" if "kv" in opts else "full", 1 if "kv" in opts else 0, tol, **opts)
 
 

@@ -4,9 +4,9 @@ Decode reads every weight once per token, so it runs at the memory bandwidth: fe
 tokens per second. On the CPU, one-token steps run in the native decode step (native/decode.c); other calls of
 fewer than cpu_native.QUANT_DENSE_MIN_T tokens run in the native multi-token product (grouped int8) or in
 PyTorch's own CPU kernels (`aten._weight_int4pack_mm_for_cpu`, `torch._weight_int8pack_mm`), with bfloat16
-activations. On CUDA the same objects run PyTorch's CUDA kernels (`torch._weight_int8pack_mm`,
-`aten._convert_weight_to_int4pack` + `aten._weight_int4pack_mm`, both in torch >= 2.9): which kernel is chosen
-once, when the object is built on its device (`Int4Linear`), never per call.
+activations. On CUDA the same objects run int4 through PyTorch's CUDA kernel (`aten._convert_weight_to_int4pack`
++ `aten._weight_int4pack_mm`, torch >= 2.9) and int8 as a bf16 GEMM over the widened weights (`Int8Linear`):
+which kernel is chosen once, when the object is built on its device, never per call.
 
     int8 (grouped):  w = q * s + z        q int8 in [-128, 127], s and z per row and group of GROUP inputs
                                           (the group's min/max on 256 levels; 9 bits per weight)
@@ -186,13 +186,22 @@ def aligned(t: torch.Tensor, to: int = 64) -> torch.Tensor:
 
 
 class Int8Linear(QuantLinear):
+    """Per-row int8. On the CPU through PyTorch's int8 kernel; on a GPU as x @ q.T (q widened to bf16, exact)
+    times the row scales: PyTorch's CUDA `_weight_int8pack_mm` is one thread per output walking K with
+    uncoalesced loads (aten/src/ATen/native/cuda/int8mm.cu), while this form runs the GPU's bf16 GEMM (the
+    widening costs a bf16 copy per call) and is what torch.compile (--compile) fuses into one int8-reading
+    kernel, as gpt-fast's int8 weight-only layer is. Chosen once, by the weights' device."""
+
     def __init__(self, q: torch.Tensor, scale: torch.Tensor):
         super().__init__(*q.shape)
-        self.q = aligned(q)  # (N, K) int8
-        self.scale = aligned(scale.to(ACT_DTYPE))  # (N,)
+        self.q = aligned(q) if q.device.type == "cpu" else q.contiguous()  # (N, K) int8
+        self.scale = aligned(scale.to(ACT_DTYPE)) if q.device.type == "cpu" else scale.to(ACT_DTYPE).contiguous()
+        self._cpu = q.device.type == "cpu"
 
     def _mm(self, x: torch.Tensor) -> torch.Tensor:
-        return torch._weight_int8pack_mm(x, self.q, self.scale)  # (T, N) bf16
+        if self._cpu:
+            return torch._weight_int8pack_mm(x, self.q, self.scale)  # (T, N) bf16
+        return F.linear(x, self.q.to(x.dtype)) * self.scale  # (T, N) bf16
 
     def dense(self, dtype: torch.dtype) -> torch.Tensor:
         return self.q.to(dtype) * self.scale.to(dtype)[:, None]  # (N, K)

@@ -98,13 +98,17 @@ class Transformer:
                     "takes per-row int8 weights: quantize from the dense weights"
                 )
         dev = self.device
+        head = "embed" if cfg.tie_embeddings else "lm_head"
+        # A quantized head is left on the host side on a GPU: there the dense bf16 table (held anyway for the
+        # embedding and the re-scoring) is the better head, a GEMM reading 2 bytes a weight where the int8 one
+        # widens to bf16 first; all its logits are exact, with no re-scoring.
+        skip = {n for n in weights if dev.type != "cpu" and n.startswith(head + ".") and n.endswith(QUANT_SUFFIXES)}
         w = {  # no copy when the dtype and device are already right; quantized tensors keep their dtype
             n: t.to(dev) if n.endswith(QUANT_SUFFIXES) else t.to(dev, dtype).contiguous()
             for n, t in weights.items()
-            if n != "rope_freqs"
+            if n != "rope_freqs" and n not in skip
         }
         self.rope = Rope(cfg, weights.get("rope_freqs"), device=dev)
-        head = "embed" if cfg.tie_embeddings else "lm_head"
         qhead = QuantLinear.from_tensors(w, head)
         self.lm_head: torch.Tensor | QuantLinear = qhead or w[head + ".weight"]  # (V, D)
         self.head_exact = w[head + ".weight"] if qhead else None  # (V, D) dense rows for re-scoring
