@@ -376,3 +376,31 @@ def test_sampler_never_picks_masked_logits() -> None:
     for kw in ({}, {"top_p": 0.99}, {"min_p": 0.01}, {"top_k": 10}):
         s = Sampler(SamplingParams(seed=1, **kw), 64)
         assert {s.sample(x, []).token for _ in range(100)} == {5, 9}
+
+
+@pytest.mark.parametrize("top_k", [0, 1, 5, 40])
+@pytest.mark.parametrize("top_p", [1.0, 0.9, 0.5, 0.05])
+@pytest.mark.parametrize("min_p", [0.0, 0.05, 0.5])
+def test_masked_filters_keep_the_candidate_paths_tokens(top_k, top_p, min_p):
+    """A GPU filters by masking the whole vocabulary (no set sized on the host, so no sync); the tokens it
+    keeps are the ones the CPU's shrinking candidate sets keep, ties and all (logits rounded to make ties)."""
+    from infinichat.engine import sampling as sm
+
+    p = SamplingParams(temperature=1.0, top_k=top_k, top_p=top_p, min_p=min_p)
+    g = torch.Generator().manual_seed(top_k * 100 + int(top_p * 10) + int(min_p * 100))
+    for trial in range(20):
+        x = (torch.randn(300, generator=g) * (1 + trial % 4)).round(decimals=1)  # (V,) with ties
+        x[torch.randint(0, 300, (10,), generator=g)] = -math.inf  # a logit bias / grammar's masked tokens
+        cand, ids = x.clone(), torch.arange(300)
+        for fn, on in (
+            (lambda c: sm._top_k_keep(c, top_k), 0 < top_k < cand.shape[0]),
+            (lambda c: sm._top_p_keep(c, top_p), top_p < 1.0),
+            (lambda c: sm._min_p_keep(c, min_p), min_p > 0.0),
+        ):
+            if on:
+                keep = fn(cand)
+                cand, ids = cand[keep], ids[keep]
+        kept = set(ids[cand > -math.inf].tolist())
+        masked = sm._masked_filters_(x.clone(), p)
+        assert set(torch.nonzero(masked > -math.inf).flatten().tolist()) == kept, (trial, x)
+        assert torch.equal(masked[sorted(kept)], x[sorted(kept)])  # the kept logits are untouched

@@ -229,11 +229,11 @@ def _penalties_active(params: SamplingParams) -> bool:
 def _penalize_(x: torch.Tensor, window: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """In place on float32 `x` (V,): repetition (once per distinct id), then presence and frequency."""
     V = x.shape[0]
-    window = window.to(x.device)
     window = window[(window >= 0) & (window < V)]  # (n,) ids outside the logits cannot be penalized
     if window.numel() == 0:
         return x
-    ids, counts = torch.unique(window, return_counts=True)  # (u,), (u,)
+    ids, counts = torch.unique(window, return_counts=True)  # (u,), (u,) where the history is (the host)
+    ids, counts = ids.to(x.device), counts.to(x.device)  # (a GPU sizes nothing: no sync)
     vals = x[ids]  # (u,)
     if params.repetition_penalty != 1.0:
         rp = params.repetition_penalty
@@ -393,6 +393,23 @@ def _top_p_keep(logits: torch.Tensor, p: float) -> torch.Tensor:
     return near_ids[near >= vals[cut]]
 
 
+def _masked_filters_(x: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    """top-k, top-p and min-p in that order as masks over the whole of x (V,), in place: the filtered tokens go to
+    -inf. The kept set is the `_keep` functions' (ties with the last token kept stay), but nothing is sized on
+    the host, so on a GPU it takes no sync."""
+    if 0 < p.top_k < x.shape[0]:
+        x.masked_fill_(x < torch.topk(x, p.top_k).values[-1], -math.inf)  # below the k-th largest
+    if p.top_p < 1.0:
+        vals = torch.sort(x, descending=True).values  # (V,) best first; the masked ones last, with no mass
+        mass = torch.exp(vals.double() - torch.logsumexp(x, dim=0).double()).cumsum(0)  # (V,) float64
+        want = torch.full((1,), p.top_p, dtype=torch.float64, device=x.device)
+        cut = torch.searchsorted(mass, want).clamp(max=x.shape[0] - 1)  # (1,) first position reaching p
+        x.masked_fill_(x < vals[cut], -math.inf)
+    if p.min_p > 0.0:
+        x.masked_fill_(x < x.max() + math.log(p.min_p), -math.inf)  # p < min_p * p_max
+    return x
+
+
 def _min_p_keep(logits: torch.Tensor, min_p: float) -> torch.Tensor:
     return _nonzero(logits >= logits.max() + math.log(min_p))  # p >= min_p * p_max
 
@@ -511,7 +528,8 @@ class Sampler:
             top = [(i, v - lse) for i, v in _top(x, None, p.top_logprobs)]
             return SampledToken(j, xj - lse, top)
 
-        # Each filter shrinks the candidate set; `ids` maps candidates to vocab ids (None: the whole vocab).
+        # Each filter shrinks the candidate set; `ids` maps candidates to vocab ids (None: the whole vocab). On a
+        # GPU the filters mask the whole vocabulary instead (the same kept set; no set sized on the host).
         ids: torch.Tensor | None = None
         cand = x  # (n,)
         filters: tuple[tuple[Callable[[torch.Tensor], torch.Tensor], bool], ...] = (
@@ -519,7 +537,9 @@ class Sampler:
             (lambda c: _top_p_keep(c, p.top_p), p.top_p < 1.0),
             (lambda c: _min_p_keep(c, p.min_p), p.min_p > 0.0),
         )
-        for keep_fn, on in filters:
+        if on_device:
+            cand = _masked_filters_(x, p)
+        for keep_fn, on in filters if not on_device else ():
             if on:
                 keep = keep_fn(cand)  # (m,) positions in cand
                 if keep.numel() == 0:
@@ -577,4 +597,6 @@ def _top(logp: torch.Tensor, ids: torch.Tensor | None, n: int) -> list[tuple[int
     vals, idx = torch.topk(logp, min(n, logp.shape[0]))  # (n,), sorted
     if ids is not None:
         idx = ids[idx]
+    if logp.device.type != "cpu":  # one read from a GPU (ids are exact in float64)
+        return [(int(i), v) for i, v in torch.stack((idx.double(), vals.double()), 1).tolist() if v > -math.inf]
     return [(int(i), float(v)) for i, v in zip(idx.tolist(), vals.tolist(), strict=True) if v > -math.inf]
