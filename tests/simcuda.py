@@ -12,8 +12,8 @@ underneath (a wrapper tensor holding a CPU tensor). What it checks, as a GPU wou
 
 What it records (`SimCuda`): host syncs (`.item()`, `.tolist()` of CUDA tensors, `torch.cuda.synchronize`),
 host-to-device copies and how many of them were `non_blocking` from memory that was not pinned (such a copy
-does not overlap anything on a real GPU), and the bytes held by live CUDA tensors (`torch.cuda.memory_allocated`;
-its peak is sampled at syncs, events and allocation counts every 64 allocations).
+does not overlap anything on a real GPU), and the bytes of the live GPU storages (`torch.cuda.memory_allocated`,
+its peak, `mem_get_info`). Past `memory_bytes` an allocation raises `torch.OutOfMemoryError`, as on a GPU.
 
 PyTorch's CUDA-only int4 kernels are emulated from their documented contract: `_convert_weight_to_int4pack`
 keeps the bytes (even input in the high nibble) in the packed shape, `_weight_int4pack_mm` computes
@@ -190,8 +190,6 @@ class _Event:
 
     def record(self, stream: _Stream | None = None) -> None:
         self.t = time.perf_counter()
-        if _ACTIVE is not None:
-            _ACTIVE._sample_peak()
 
     def wait(self, stream: _Stream | None = None) -> None:
         pass
@@ -218,9 +216,10 @@ class SimCuda:
     d2h_copies: int = 0
     peak_bytes: int = 0
     ops: int = 0
-    _live: weakref.WeakSet = field(default_factory=weakref.WeakSet, repr=False)
+    memory_limit: int = 80 * 2**30  # bytes the GPU has: past them an allocation raises torch.OutOfMemoryError
+    allocated: int = 0  # bytes of the live GPU storages
+    _storages: dict[int, list[int]] = field(default_factory=dict, repr=False)  # address -> [live wrappers, bytes]
     _pinned: dict[int, torch.UntypedStorage] = field(default_factory=dict, repr=False)
-    _allocs: int = field(default=0, repr=False)
     default_stream: _Stream = field(default_factory=_Stream, repr=False)
     _current: list[_Stream] = field(default_factory=list, repr=False)
 
@@ -245,24 +244,37 @@ class SimCuda:
 
     # ------------------------------------------------------------------ device memory
     def memory_allocated(self) -> int:
-        seen: dict[int, int] = {}
-        for w in list(self._live):
-            s = w.inner.untyped_storage()
-            seen[s.data_ptr()] = s.nbytes()
-        return sum(seen.values())
-
-    def _sample_peak(self) -> int:
-        now = self.memory_allocated()
-        self.peak_bytes = max(self.peak_bytes, now)
-        return now
+        return self.allocated
 
     def wrap(self, t: torch.Tensor) -> SimTensor:
+        """`t` as a GPU tensor. A storage no live GPU tensor held before is an allocation: counted (and refused
+        past `memory_limit`, as the CUDA allocator would) until its last GPU tensor is gone."""
+        st = t.untyped_storage()
+        ptr = st.data_ptr()
+        entry = self._storages.get(ptr)
+        if entry is None:
+            n = st.nbytes()
+            if self.allocated + n > self.memory_limit:
+                free = self.memory_limit - self.allocated
+                raise torch.OutOfMemoryError(
+                    f"CUDA out of memory (simulated). Tried to allocate {n / 2**20:.2f} MiB. GPU 0 has a total "
+                    f"capacity of {self.memory_limit / 2**30:.2f} GiB of which {free / 2**20:.2f} MiB is free."
+                )
+            entry = self._storages[ptr] = [0, n]
+            self.allocated += n
+            self.peak_bytes = max(self.peak_bytes, self.allocated)
+        entry[0] += 1
         w = SimTensor(t)
-        self._live.add(w)
-        self._allocs += 1
-        if self._allocs % 64 == 0:
-            self._sample_peak()
+        weakref.finalize(w, self._release, ptr)
         return w
+
+    def _release(self, ptr: int) -> None:
+        entry = self._storages.get(ptr)
+        if entry is not None:
+            entry[0] -= 1
+            if entry[0] == 0:
+                del self._storages[ptr]
+                self.allocated -= entry[1]
 
 
 _ACTIVE: SimCuda | None = None
@@ -458,19 +470,19 @@ class _FunctionMode(TorchFunctionMode):
 
 
 @contextlib.contextmanager
-def simulated_cuda() -> Iterator[SimCuda]:
-    """Run the block as if torch had one CUDA device (see the module's docstring); yields its records."""
+def simulated_cuda(memory_bytes: int = 80 * 2**30) -> Iterator[SimCuda]:
+    """Run the block as if torch had one CUDA device of `memory_bytes` (see the module's docstring); yields its
+    records."""
     global _ACTIVE
     if _ACTIVE is not None:
         raise SimCudaError("simulated_cuda() is already active")
     if torch.cuda.is_available():
         raise SimCudaError("a real CUDA device is here: run on it instead of the simulation")
-    sim = SimCuda()
+    sim = SimCuda(memory_limit=memory_bytes)
     cuda = torch.cuda
 
     def synchronize(device: Any = None) -> None:
         sim.note("syncs")
-        sim._sample_peak()
 
     def current_stream(device: Any = None) -> _Stream:
         return sim._current[-1] if sim._current else sim.default_stream
@@ -486,7 +498,6 @@ def simulated_cuda() -> Iterator[SimCuda]:
                 sim._current.pop()
 
     def max_memory_allocated(device: Any = None) -> int:
-        sim._sample_peak()
         return sim.peak_bytes
 
     def reset_peak_memory_stats(device: Any = None) -> None:
@@ -494,7 +505,7 @@ def simulated_cuda() -> Iterator[SimCuda]:
 
     class _Props:
         name = "simulated CUDA (CPU underneath)"
-        total_memory = 80 * 2**30
+        total_memory = sim.memory_limit
         major, minor = 9, 0
         multi_processor_count = 132
 
@@ -521,7 +532,7 @@ def simulated_cuda() -> Iterator[SimCuda]:
         "empty_cache": lambda: None,
         "manual_seed": lambda seed: None,
         "manual_seed_all": lambda seed: None,
-        "mem_get_info": lambda device=None: (_Props.total_memory - sim.memory_allocated(), _Props.total_memory),
+        "mem_get_info": lambda device=None: (sim.memory_limit - sim.allocated, sim.memory_limit),
     }
     saved = {name: getattr(cuda, name) for name in patches}
     bootstrap = threading.Thread._bootstrap_inner  # type: ignore[attr-defined]
