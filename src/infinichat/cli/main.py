@@ -484,8 +484,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--kv-cap-mb",
         type=int,
-        default=1024,
-        help="resident KV memory of all sessions; past it, idle caches go to disk (default 1024)",
+        default=None,
+        help="resident KV memory of all sessions; past it, idle caches go to disk (default 1024; on a GPU at most "
+        "45%% of its memory free after the model)",
     )
     serve.add_argument(
         "--max-batch",
@@ -523,7 +524,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help="hard limit of resident KV memory: past it, new generations get 503 while running ones hold it "
-        "(default twice --kv-cap-mb)",
+        "(default twice --kv-cap-mb; on a GPU at most 85%% of its memory free after the model)",
     )
     serve.add_argument(
         "--max-budget",
@@ -625,6 +626,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(file=sys.stderr)  # noqa: T201  (ends the interrupted line)
         return 130
+    except MemoryError as e:  # torch.OutOfMemoryError (a GPU's) is a RuntimeError, not one of these
+        print(  # noqa: T201  (the CLI's error line)
+            f"infinichat: error: out of memory ({e}); try a smaller --budget, --quant int4 or a smaller model",
+            file=sys.stderr,
+        )
+        return 1
+    except RuntimeError as e:
+        if type(e).__name__ != "OutOfMemoryError":  # torch.OutOfMemoryError, checked without importing torch here
+            raise
+        first = str(e).splitlines()[0] if str(e) else ""
+        print(  # noqa: T201  (the CLI's error line)
+            f"infinichat: error: the GPU ran out of memory ({first}); try a smaller --budget, --quant int4 or "
+            "--kv-dtype int8",
+            file=sys.stderr,
+        )
+        return 1
 
 
 if __name__ == "__main__":

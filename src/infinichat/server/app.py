@@ -219,6 +219,50 @@ def create_app(
     return app
 
 
+DEFAULT_KV_CAP_MB = 1024
+# on a GPU, the defaults take at most these shares of the memory free once the model is loaded (the rest: the
+# activations of prompt chunks, the allocator's slack)
+GPU_KV_CAP_SHARE, GPU_KV_LIMIT_SHARE = 0.45, 0.85
+
+
+def kv_memory(args: argparse.Namespace, engine) -> tuple[int, int]:
+    """(--kv-cap-mb, --kv-limit-mb) in bytes. Defaults: 1024 MiB and twice the cap; on a GPU at most 45% and 85%
+    of the memory free after the weights (a 6 GB card holding a 4 GB model has no 2 GiB for caches), and a
+    warning where the given limit is more than that memory."""
+    cap = (args.kv_cap_mb or DEFAULT_KV_CAP_MB) << 20
+    device = getattr(getattr(engine, "model", None), "device", None)
+    free = None
+    if device is not None and device.type == "cuda":
+        import torch
+
+        free, total = torch.cuda.mem_get_info(device)
+        if args.kv_cap_mb is None:
+            cap = min(cap, int(free * GPU_KV_CAP_SHARE))
+        if cap < 1 << 20:
+            raise InfinichatError(
+                f"{device} has {free >> 20} MiB free of {total >> 20} once the model is loaded: no room for KV "
+                "caches; use --quant int4, a smaller model or --device cpu"
+            )
+    limit = (args.kv_limit_mb << 20) if args.kv_limit_mb else 2 * cap
+    if free is not None and args.kv_limit_mb is None:
+        limit = max(cap, min(limit, int(free * GPU_KV_LIMIT_SHARE)))
+    if limit < cap:
+        raise InfinichatError(f"--kv-limit-mb {args.kv_limit_mb} is below --kv-cap-mb {cap >> 20}")
+    if free is not None:
+        log.info(
+            "%s: %d MiB free after the model: KV cap %d MiB, limit %d MiB", device, free >> 20, cap >> 20, limit >> 20
+        )
+        if limit > free:
+            log.warning(
+                "the KV limit (%d MiB) is more than the %d MiB free on %s: generations may run out of GPU memory "
+                "(they are refused with 503, the sessions unchanged)",
+                limit >> 20,
+                free >> 20,
+                device,
+            )
+    return cap, limit
+
+
 def default_max_budget(engine, kv_cap_bytes: int) -> int:
     """The trained context, and no more tokens than half the KV memory cap holds (at least 64)."""
     cfg = getattr(engine, "cfg", None)
@@ -249,8 +293,10 @@ def check_serve_options(args: argparse.Namespace) -> SessionSettings:
             f"--prefill-group must be in [2, {MAX_PREFILL_GROUP}] tokens, or 0 or 1 (no prompts of several requests "
             f"in one call), got {args.prefill_group}"
         )
-    if args.kv_cap_mb < 1:
+    if args.kv_cap_mb is not None and args.kv_cap_mb < 1:
         raise InfinichatError(f"--kv-cap-mb must be at least 1, got {args.kv_cap_mb}")
+    if args.kv_limit_mb is not None and args.kv_limit_mb < 1:
+        raise InfinichatError(f"--kv-limit-mb must be at least 1, got {args.kv_limit_mb}")
     if getattr(args, "replicas", None) is None and getattr(args, "ray_address", None):
         raise InfinichatError("--ray-address needs --replicas N")
     return defaults
@@ -289,13 +335,10 @@ def build_app(
     say("loading the model")
     engine, tok, model_id, name = make_engine(args, say)
     say("opening the sessions")
-    cap = args.kv_cap_mb << 20
+    cap, limit = kv_memory(args, engine)
     max_budget = args.max_budget or default_max_budget(engine, cap)
     if defaults.budget > max_budget:
         raise InfinichatError(f"--budget {defaults.budget} is over --max-budget {max_budget}")
-    limit = (args.kv_limit_mb << 20) if args.kv_limit_mb else 2 * cap
-    if limit < cap:
-        raise InfinichatError(f"--kv-limit-mb {args.kv_limit_mb} is below --kv-cap-mb {args.kv_cap_mb}")
     manager = SessionManager(
         engine,
         tok,
