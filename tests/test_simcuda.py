@@ -322,7 +322,10 @@ def _server_scenario(model_path: Path, device: str, data: Path) -> list:
             assert r.status_code == 201, r.text
         for text in ("hello there", "tell me about the weather in spring, in detail", "why?"):
             seen.append(stream("/api/sessions/a/messages", {"text": text, "params": greedy}))
-        seen.append(stream("/api/sessions/a/retry", {"params": {"seed": 5, "temperature": 1.0, "max_tokens": 5}}))
+        # a seeded draw, without the session's top-k / top-p / min-p (a GPU draws over its masked vocabulary, not the
+        # CPU's candidate list: the same seed may pick another token; test_sampling checks the kept sets agree)
+        plain = {"seed": 5, "temperature": 1.0, "max_tokens": 5, "top_k": 0, "top_p": 1.0, "min_p": 0.0}
+        seen.append(stream("/api/sessions/a/retry", {"params": plain}))
         seen.append(stream("/api/sessions/a/suggest", {"params": {"max_tokens": 4, "temperature": 0}}))
         c.patch("/api/sessions/a/messages/0", json={"text": "hi again"}).raise_for_status()
         kv = c.get("/api/sessions/a/kv").json()
@@ -427,3 +430,88 @@ def test_long_evals_on_cuda(ev, tiny_gguf_1k, tmp_path, cli_threads):
     report = json.loads((tmp_path / ev / f"{ev}.json").read_text())
     assert list(report["summary"]) == ["full", "snapkv 50%", "omnikv 50%"]
     assert len(report["results"]) == 3 * (2 if ev == "multiturn" else 1)  # every policy's record(s) scored
+
+
+# ---------------------------------------------------------------------------------------------- GPU memory
+def test_serve_fits_its_kv_memory_defaults_to_the_gpu(tiny_gguf_1k, tmp_path, caplog):
+    """On a GPU `serve`'s KV cap and limit default to 45% / 85% of the memory free after the model (1024 MiB /
+    twice that on the CPU); given values are kept, with a warning past the free memory; a GPU with no room left
+    is one clear error."""
+    import logging
+
+    from infinichat.cli.main import build_parser
+    from infinichat.errors import InfinichatError
+    from infinichat.server.app import kv_memory, make_engine
+
+    def parsed(*extra: str, device: str = "cuda"):
+        argv = ["serve", "--model", str(tiny_gguf_1k), "--device", device, "--cache-dir", str(tmp_path / "c")]
+        return build_parser().parse_args([*argv, "--dtype", "float32", "--threads", "1", *extra])
+
+    assert kv_memory(parsed(device="cpu"), make_engine(parsed(device="cpu"))[0]) == (1024 << 20, 2048 << 20)
+    with simulated_cuda(memory_bytes=600 << 20) as sim:
+        engine = make_engine(parsed())[0]
+        free = sim.memory_limit - sim.allocated
+        assert 0 < sim.allocated < 100 << 20  # the tiny model's weights
+        assert kv_memory(parsed(), engine) == (int(free * 0.45), int(free * 0.85))
+        assert kv_memory(parsed("--kv-cap-mb", "100"), engine) == (100 << 20, 200 << 20)
+        with caplog.at_level(logging.WARNING):
+            assert kv_memory(parsed("--kv-limit-mb", "4096"), engine)[1] == 4096 << 20
+        assert "more than the" in caplog.text and "MiB free on cuda:0" in caplog.text
+        sim.memory_limit = sim.allocated + (1 << 20)  # a card the model fills
+        with pytest.raises(InfinichatError, match="no room for KV caches"):
+            kv_memory(parsed(), engine)
+
+
+def test_a_gpu_out_of_memory_is_a_503_and_leaves_the_session_as_it_was(tmp_path):
+    """A request that runs the GPU out of memory gets 503 (type out_of_memory) and changes nothing; the server
+    and the session go on."""
+    import httpx
+    from gguf_util import tiny_llama, write_gguf
+    from server_util import LiveServer
+
+    from infinichat.model.loader import load_model
+
+    path = tmp_path / "tiny.gguf"
+    write_gguf(path, tiny_llama(seed=3, max_position_embeddings=4096))
+    with simulated_cuda() as sim:
+        loaded = load_model(path, "float32", cache_dir=tmp_path / "cache", device="cuda")
+        with LiveServer(loaded, tmp_path / "data") as srv, httpx.Client(base_url=srv.url, timeout=120) as c:
+            params = {"temperature": 0, "max_tokens": 4}
+
+            def send(text: str) -> httpx.Response:  # the reply streams (SSE); an error before it is an HTTP error
+                with c.stream("POST", "/api/sessions/s/messages", json={"text": text, "params": params}) as r:
+                    r.read()
+                    return r
+
+            assert c.post("/api/sessions", json={"id": "s", "settings": {"budget": 4000}}).status_code == 201
+            assert send("hello").status_code == 200
+            before = c.get("/api/sessions/s").json()
+            sim.memory_limit = sim.allocated + (2 << 20)  # 2 MiB left: a 3000-token prompt does not fit
+            r = send("word " * 3000)
+            assert r.status_code == 503 and r.json()["error"]["type"] == "out_of_memory", r.text
+            assert "nothing was changed" in r.json()["error"]["message"] and r.headers["retry-after"]
+            assert c.get("/api/sessions/s").json()["messages"] == before["messages"]
+            sim.memory_limit = 80 << 30
+            assert send("and again").status_code == 200
+            assert len(c.get("/api/sessions/s").json()["messages"]) == len(before["messages"]) + 2
+
+
+@pytest.mark.parametrize("when", ["loading", "prompt"])
+def test_a_command_out_of_gpu_memory_says_so_in_one_line(when, tiny_gguf_1k, tmp_path, capsys, cli_threads):
+    """Out of GPU memory while loading the weights or while evaluating a prompt: one line, exit 1, no traceback.
+    While loading it is not taken for a damaged cache (which was deleted and converted again)."""
+    from infinichat.cli.main import main
+    from infinichat.model.loader import load_model
+
+    with simulated_cuda() as sim:  # what the model's weights take there
+        m = load_model(tiny_gguf_1k, "float32", cache_dir=tmp_path / "c", device="cuda")
+        weights = sim.allocated
+        del m
+    entries = list((tmp_path / "c" / "models").iterdir())
+    memory = weights // 2 if when == "loading" else weights + (256 << 10)
+    argv = ["generate", "word " * 800, "-n", "2", "--model", str(tiny_gguf_1k), "--cache-dir", str(tmp_path / "c")]
+    with simulated_cuda(memory_bytes=memory):
+        rc = main([*argv, "--device", "cuda", "--dtype", "float32"])
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip() and not ln.startswith("WARNING")]
+    assert rc == 1 and len(err) == 1 and "the GPU ran out of memory" in err[0] and "Traceback" not in err[0], err
+    assert list((tmp_path / "c" / "models").iterdir()) == entries and all(e.is_dir() for e in entries)

@@ -136,7 +136,7 @@ def _run_prompt(args: argparse.Namespace, prompt: list[dict] | str) -> int:
     console = _console()
     result = Generation()
     timing = Timing(time.perf_counter())
-    finish = "stopped with Ctrl-C"
+    finish = None  # an error (out of memory...) prints no summary: its one line follows
     err = _err_console()
     chunks = stream_text(engine, tok, cache, ids, params, result=result)
     try:
@@ -147,8 +147,12 @@ def _run_prompt(args: argparse.Namespace, prompt: list[dict] | str) -> int:
         else:
             steps = _stream(console, chunks, timing)
         finish = {"stop": "the text ended", "length": "reached --max-tokens"}.get(result.finish_reason, "stopped")
+    except KeyboardInterrupt:
+        finish = "stopped with Ctrl-C"
+        raise
     finally:  # the speed goes to stderr, after the text: stdout stays the text alone
-        err.print(f"[dim]{timing.summary(len(ids), params.max_tokens, finish)}[/]", highlight=False, soft_wrap=True)
+        if finish is not None:
+            err.print(f"[dim]{timing.summary(len(ids), params.max_tokens, finish)}[/]", highlight=False, soft_wrap=True)
     if getattr(args, "show_probs", False):
         console.print(_probs_table(tok, steps))
     return 0

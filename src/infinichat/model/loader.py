@@ -253,6 +253,8 @@ def load_model(
             return LoadedModel(
                 cfg, Transformer(cfg, weights, dtype, quant, device, kernels, step), tokenizer, path, digest, name
             )
+        except (MemoryError, torch.OutOfMemoryError):
+            raise  # the device is full, the cache may well be sound: not a reason to convert again
         except Exception as e:
             if attempt == 2:
                 raise ModelLoadError(f"{entry}: the converted model cannot be read back ({e})") from None

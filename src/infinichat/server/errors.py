@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 
+import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -26,7 +27,7 @@ TYPES = {
     413: "invalid_request_error",
     415: "invalid_request_error",
     429: "busy",
-    503: "unavailable",
+    503: "unavailable",  # (or overloaded, storage_error, out_of_memory)
 }
 RETRY_AFTER = 1  # seconds, sent with 429 and 503
 
@@ -71,6 +72,14 @@ def to_api_error(e: BaseException) -> ApiError:
         return ApiError(503, str(e), type="storage_error")
     if isinstance(e, OverloadedError):
         return ApiError(503, str(e), type="overloaded")
+    if isinstance(e, torch.OutOfMemoryError):
+        return ApiError(
+            503,
+            "the GPU ran out of memory during this request; nothing was changed (a session is as it was before): "
+            "retry later or with a shorter prompt; the server's --kv-cap-mb / --kv-limit-mb / --prefill-chunk bound "
+            "the memory requests take",
+            type="out_of_memory",
+        )
     if isinstance(e, InfinichatError):
         return ApiError(400, str(e))
     log.error("internal error", exc_info=e)

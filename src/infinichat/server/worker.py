@@ -501,6 +501,8 @@ class EngineWorker:
             self._active.remove(job)
         self._pin(job, False)
         self._finish(job)
+        if isinstance(error, torch.OutOfMemoryError) and torch.cuda.is_available():
+            torch.cuda.empty_cache()  # the failed call's blocks go back to the GPU (the action was rolled back)
         if job.future is not None:
             if error is None:
                 job.future.set_result(result)
