@@ -412,7 +412,9 @@ def test_eval_ppl_on_cuda_gives_the_cpu_perplexities(tiny_gguf_1k, tmp_path, cli
         args += ["--cache-dir", str(tmp_path / "c"), "--device", device, "--dtype", "float32"]
         with simulated_cuda() if device == "cuda" else contextlib.nullcontext():
             assert main(args) == 0
-        ppl[device] = [p["ppl_all"] for p in json.loads((tmp_path / device / "ppl.json").read_text())["policies"]]
+        report = json.loads((tmp_path / device / "ppl.json").read_text())
+        assert report["device"] == ("cuda:0" if device == "cuda" else "cpu")
+        ppl[device] = [p["ppl_all"] for p in report["policies"]]
     assert ppl["cuda"] == pytest.approx(ppl["cpu"], rel=1e-4)  # the CPU's own kernels against the torch set's
 
 
@@ -428,7 +430,7 @@ def test_long_evals_on_cuda(ev, tiny_gguf_1k, tmp_path, cli_threads):
     with simulated_cuda():
         assert main([*args, "--cache-dir", str(tmp_path / "c"), "--device", "cuda"]) == 0
     report = json.loads((tmp_path / ev / f"{ev}.json").read_text())
-    assert list(report["summary"]) == ["full", "snapkv 50%", "omnikv 50%"]
+    assert list(report["summary"]) == ["full", "snapkv 50%", "omnikv 50%"] and report["dtype"].endswith(" on cuda:0")
     assert len(report["results"]) == 3 * (2 if ev == "multiturn" else 1)  # every policy's record(s) scored
 
 

@@ -224,6 +224,7 @@ def build_report(
     threads: int,
     quant: str = "none",
     kv_dtype: str = "auto",
+    device: str = "cpu",
 ) -> dict[str, Any]:
     """The whole run as one JSON-able dict (the documented fields, README "Evaluation")."""
     return {
@@ -233,6 +234,7 @@ def build_report(
         "dtype": dtype,
         "quant": quant,
         "kv_dtype": kv_dtype,
+        "device": device,
         "threads": threads,
         "text": text,
         "text_tokens": text_tokens,
