@@ -8,7 +8,13 @@ underneath (a wrapper tensor holding a CPU tensor). What it checks, as a GPU wou
   elementwise ops allow them; copies and index tensors may cross devices, as on CUDA);
 - a CUDA op given a CPU `torch.Generator` or the reverse;
 - a CUDA tensor read as host memory: `.numpy()`;
-- `pin_memory=True` / `.pin_memory()` / `.is_pinned()` work on host tensors (page-locked memory is simulated).
+- `pin_memory=True` / `.pin_memory()` / `.is_pinned()` work on host tensors (page-locked memory is simulated);
+- memory touched by two streams, or by a stream and the host, with nothing ordering the two accesses
+  (`StreamRace`): a stream reading or overwriting GPU memory another stream wrote or reads without a
+  wait_stream / wait_event / host sync between them, the host writing pinned memory an asynchronous host-to-device
+  copy may still read or touching memory an asynchronous device-to-host copy may still write. Ops run at once in
+  program order underneath, so the results are right whatever the order; the check says whether a GPU, which
+  runs streams concurrently, would give them too (vector clocks per stream and for the host, `_Clock`).
 
 What it records (`SimCuda`): host syncs (`.item()`, `.tolist()` of CUDA tensors, `torch.cuda.synchronize`),
 host-to-device copies and how many of them were `non_blocking` from memory that was not pinned (such a copy
@@ -18,9 +24,9 @@ its peak, `mem_get_info`). Past `memory_bytes` an allocation raises `torch.OutOf
 PyTorch's CUDA-only int4 kernels are emulated from their documented contract: `_convert_weight_to_int4pack`
 keeps the bytes (even input in the high nibble) in the packed shape, `_weight_int4pack_mm` computes
 x @ ((q - 8) * scale + zero).T from the (K/g, N, 2) scales. Not simulated: torch.compile / CUDA graphs, kernel
-speed, the real packed layout, the CUDA caching allocator, and stream concurrency (streams and events are
-recorded, work runs in order). A pass here says the code keeps CUDA's device rules on these paths, not that a
-GPU runs it fast or at all (benchmarks/gpu_check.py does that on a GPU).
+speed, the real packed layout, the caching allocator's reuse of a block freed on one stream while another still
+uses it (`record_stream`), events' timing. A pass here says the code keeps CUDA's device and ordering rules on
+these paths, not that a GPU runs it fast or at all (benchmarks/gpu_check.py does that on a GPU).
 """
 
 from __future__ import annotations
@@ -89,6 +95,17 @@ class SimTensor(torch.Tensor):
 
     def __setitem__(self, idx: Any, value: Any) -> None:
         sim = _active("indexing")
+        if sim.check_streams:
+            s = sim.stream()
+            src = value.inner.untyped_storage().data_ptr() if isinstance(value, SimTensor) else None
+            dst = self.inner.untyped_storage().data_ptr()
+            if src is not None:
+                sim.clock.check(s, src, False, "__setitem__")
+            sim.clock.check(s, dst, True, "__setitem__")
+            c = sim.clock.issue(s)
+            if src is not None:
+                sim.clock.record(s, c, src, False)
+            sim.clock.record(s, c, dst, True)
         if isinstance(value, torch.Tensor) and not isinstance(value, SimTensor) and value.dim() > 0:
             sim.note("h2d_copies")  # a slice assigned from host memory: a synchronous copy on CUDA
         self.inner[_unwrap_index(idx)] = value.inner if isinstance(value, SimTensor) else value
@@ -100,6 +117,18 @@ def _unwrap_index(idx: Any) -> Any:
     if isinstance(idx, list):
         return [_unwrap_index(i) for i in idx]
     return idx.inner if isinstance(idx, SimTensor) else idx
+
+
+def _written_ids(func, a: tuple, k: dict) -> set[int]:
+    """ids of the tensors the op writes (its schema's mutable arguments, `out=` included)."""
+    ids: set[int] = set()
+    for i, arg in enumerate(func._schema.arguments):
+        if arg.alias_info is not None and arg.alias_info.is_write:
+            v = a[i] if i < len(a) and not arg.kwarg_only else k.get(arg.name)
+            for t in v if isinstance(v, (list, tuple)) else (v,):
+                if isinstance(t, torch.Tensor):
+                    ids.add(id(t))
+    return ids
 
 
 def _bool_index(args: tuple) -> bool:
@@ -160,7 +189,8 @@ def _gen_is_cuda(g: torch.Generator) -> bool:
 
 
 class _Stream:
-    """A recorded stream: work runs in order on the CPU, so waits only count."""
+    """A stream: its work runs at once, in program order, on the CPU; what it would wait for on a GPU (other
+    streams' work it was told to wait for) is kept by the simulation's `_Clock`, which checks every access."""
 
     def __init__(self, device: Any = None, priority: int = 0, **_: Any):
         self.device = CUDA0
@@ -168,9 +198,13 @@ class _Stream:
 
     def wait_stream(self, other: _Stream) -> None:
         self.waits += 1
+        if _ACTIVE is not None:
+            _ACTIVE.clock.wait_stream(self, other)
 
     def wait_event(self, ev: _Event) -> None:
         self.waits += 1
+        if _ACTIVE is not None and ev.at is not None:
+            _ACTIVE.clock.learn(self, *ev.at)
 
     def record_event(self, ev: _Event | None = None) -> _Event:
         ev = ev or _Event()
@@ -178,7 +212,8 @@ class _Stream:
         return ev
 
     def synchronize(self) -> None:
-        pass
+        if _ACTIVE is not None:
+            _ACTIVE.clock.host_waits(self)
 
     def query(self) -> bool:
         return True
@@ -187,15 +222,21 @@ class _Stream:
 class _Event:
     def __init__(self, enable_timing: bool = False, blocking: bool = False, interprocess: bool = False):
         self.t: float | None = None
+        self.at: tuple[_Stream, int] | None = None  # the stream and the point of its work the event marks
 
     def record(self, stream: _Stream | None = None) -> None:
         self.t = time.perf_counter()
+        if _ACTIVE is not None:
+            s = stream or _ACTIVE.stream()
+            self.at = (s, _ACTIVE.clock.count.get(s, 0))
 
     def wait(self, stream: _Stream | None = None) -> None:
-        pass
+        if _ACTIVE is not None and self.at is not None:
+            _ACTIVE.clock.learn(stream or _ACTIVE.stream(), *self.at)
 
     def synchronize(self) -> None:
-        pass
+        if _ACTIVE is not None and self.at is not None:
+            _ACTIVE.clock.host_learns(*self.at)
 
     def query(self) -> bool:
         return True
@@ -204,6 +245,77 @@ class _Event:
         if self.t is None or end.t is None:
             raise SimCudaError("elapsed_time() of an event that was not recorded")
         return (end.t - self.t) * 1000.0
+
+
+class StreamRace(SimCudaError):
+    """Memory touched by two streams (or a stream and the host) with nothing ordering the two accesses: on a GPU
+    the result depends on timing."""
+
+
+class _Clock:
+    """What each stream, and the host, know to be finished: per stream the number of ops issued, and per stream
+    (and for the host) the point of every other stream's work it is ordered after (by wait_stream, wait_event, a
+    host sync). Per GPU storage its last writer and its readers since; per pinned host storage its asynchronous
+    copies in flight. An access that two streams (or a stream and the host) make without that order is a race."""
+
+    def __init__(self) -> None:
+        self.count: dict[_Stream, int] = {}
+        self.known: dict[_Stream, dict[_Stream, int]] = {}
+        self.host: dict[_Stream, int] = {}
+        self.writer: dict[int, tuple[_Stream, int]] = {}  # GPU storage -> (stream, op) of its last write
+        self.readers: dict[int, dict[_Stream, int]] = {}  # GPU storage -> stream -> its last read there
+        self.in_flight: dict[int, list[tuple[_Stream, int, str]]] = {}  # pinned storage -> async copies
+
+    def issue(self, s: _Stream) -> int:
+        self.count[s] = self.count.get(s, 0) + 1
+        return self.count[s]
+
+    def knows(self, s: _Stream, t: _Stream, c: int) -> bool:
+        """Stream s's next op is ordered after op c of stream t."""
+        return s is t or max(self.known.get(s, {}).get(t, 0), self.host.get(t, 0)) >= c
+
+    def learn(self, s: _Stream, t: _Stream, c: int) -> None:
+        k = self.known.setdefault(s, {})
+        k[t] = max(k.get(t, 0), c)
+
+    def wait_stream(self, s: _Stream, t: _Stream) -> None:
+        self.learn(s, t, self.count.get(t, 0))
+
+    def host_learns(self, t: _Stream, c: int) -> None:
+        self.host[t] = max(self.host.get(t, 0), c)
+
+    def host_waits(self, t: _Stream | None = None) -> None:
+        for s in [t] if t is not None else list(self.count):
+            self.host_learns(s, self.count.get(s, 0))
+
+    def check(self, s: _Stream, ptr: int, write: bool, what: str) -> None:
+        w = self.writer.get(ptr)
+        if w is not None and not self.knows(s, *w):
+            raise StreamRace(f"{what}: GPU memory written on another stream (op {w[1]}) with no wait before this")
+        if write:
+            for t, r in self.readers.get(ptr, {}).items():
+                if not self.knows(s, t, r):
+                    raise StreamRace(f"{what}: GPU memory overwritten while another stream may still read it")
+
+    def record(self, s: _Stream, c: int, ptr: int, write: bool) -> None:
+        if write:
+            self.writer[ptr] = (s, c)
+            self.readers[ptr] = {}
+        else:
+            self.readers.setdefault(ptr, {})[s] = c
+
+    def host_access(self, ptr: int, write: bool, what: str) -> None:
+        flights = self.in_flight.get(ptr)
+        if not flights:
+            return
+        left = [(t, c, kind) for t, c, kind in flights if self.host.get(t, 0) < c]
+        for _t, _c, kind in left:
+            if kind == "d2h" or write:
+                raise StreamRace(
+                    f"{what}: the host {'writes' if write else 'reads'} pinned memory an asynchronous "
+                    f"{'device-to-host' if kind == 'd2h' else 'host-to-device'} copy may still be using"
+                )
+        self.in_flight[ptr] = left
 
 
 @dataclass
@@ -222,6 +334,11 @@ class SimCuda:
     _pinned: dict[int, torch.UntypedStorage] = field(default_factory=dict, repr=False)
     default_stream: _Stream = field(default_factory=_Stream, repr=False)
     _current: list[_Stream] = field(default_factory=list, repr=False)
+    clock: _Clock = field(default_factory=_Clock, repr=False)
+    check_streams: bool = True  # raise StreamRace on unordered accesses
+
+    def stream(self) -> _Stream:
+        return self._current[-1] if self._current else self.default_stream
 
     where: list[tuple[str, str]] | None = field(default=None, repr=False)  # a list: (what, where) of each event
 
@@ -262,6 +379,8 @@ class SimCuda:
                 )
             entry = self._storages[ptr] = [0, n]
             self.allocated += n
+            self.clock.writer.pop(ptr, None)  # new memory (an address the allocator may have had before)
+            self.clock.readers.pop(ptr, None)
             self.peak_bytes = max(self.peak_bytes, self.allocated)
         entry[0] += 1
         w = SimTensor(t)
@@ -370,13 +489,17 @@ class _Mode(TorchDispatchMode):
         if has_cuda and (func in _SYNCS or (func is aten.index.Tensor and _bool_index(args))):
             sim.note("syncs")
 
-        out = func(*a, **k)
+        on_gpu = out_dev == "cuda" or has_cuda
+        order = self._order(func, a, k, roles, on_gpu, src_dev, dst_dev) if sim.check_streams else None
+        out = func(*a, **k)  # (a race is raised before the op runs: it changes nothing)
         if func in _CROSS_DEVICE and func is not aten.copy_.default and src_dev != dst_dev and out is a[0]:
             out = out.clone()  # `.to()` across devices copies; on the CPU underneath it would return its input
 
         if pin:
             tree_map(lambda t: sim.pin(t) if isinstance(t, torch.Tensor) else t, out)
         if out_dev != "cuda":
+            if order is not None:
+                order(out)
             return out
 
         def wrap(t: Any) -> Any:
@@ -386,7 +509,54 @@ class _Mode(TorchDispatchMode):
                 return originals[id(t)]  # an in-place op returns its own argument
             return sim.wrap(t)
 
-        return tree_map(wrap, out)
+        wrapped = tree_map(wrap, out)  # (a new storage's address starts with no history: before the record)
+        if order is not None:
+            order(out)
+        return wrapped
+
+    def _order(self, func, a: tuple, k: dict, roles: list, on_gpu: bool, src_dev: str, dst_dev: str):
+        """The op's accesses against the streams' order (see _Clock), checked before it runs: a GPU op runs on
+        the current stream and reads / writes its GPU tensors there; a host op touching pinned memory meets the
+        copies in flight. Returns what records the op's outputs once it ran (None: nothing to record)."""
+        sim, clock = self.sim, self.sim.clock
+        if func.is_view or func in (aten.lift_fresh.default, aten.is_pinned.default):
+            return None  # no data touched
+        written = _written_ids(func, a, k)
+        what = str(func)
+        if not on_gpu:  # runs on the host now
+            for dev, _, t in roles:
+                if dev == "cpu" and sim.is_pinned(t):
+                    clock.host_access(t.untyped_storage().data_ptr(), id(t) in written, what)
+            return None
+        s = sim.stream()
+        for dev, _, t in roles:
+            if dev == "cuda":
+                clock.check(s, t.untyped_storage().data_ptr(), id(t) in written, what)
+        c = clock.issue(s)
+        for dev, _, t in roles:
+            if dev == "cuda":
+                clock.record(s, c, t.untyped_storage().data_ptr(), id(t) in written)
+        non_blocking = bool(k.get("non_blocking") or (func is aten.copy_.default and len(a) > 2 and a[2]))
+        crossing = func in _CROSS_DEVICE and src_dev != dst_dev
+
+        def outputs(out: Any) -> None:
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor) and id(t) not in written and (dst_dev or "cuda") != "cpu":
+                    clock.record(s, c, t.untyped_storage().data_ptr(), True)  # a new GPU tensor
+            if crossing:
+                if dst_dev == "cuda":  # the host side: the source
+                    host = roles[-1][2] if func is aten.copy_.default else roles[0][2]
+                else:  # the destination: copy_'s own, or the new tensor
+                    host = roles[0][2] if func is aten.copy_.default else out
+                if non_blocking and isinstance(host, torch.Tensor) and sim.is_pinned(host):
+                    flight = (s, c, "d2h" if dst_dev == "cpu" else "h2d")
+                    clock.in_flight.setdefault(host.untyped_storage().data_ptr(), []).append(flight)
+                else:  # a synchronous copy: the host waits for it (device to host: for the stream up to it)
+                    clock.host_learns(s, c)
+            elif func in _SYNCS:
+                clock.host_learns(s, c)
+
+        return outputs
 
     def _int4pack(self, a: tuple, has_cuda: bool) -> Any:
         w, tiles = a[0], int(a[1])
@@ -447,7 +617,9 @@ class _FunctionMode(TorchFunctionMode):
             t = func(*args, **kwargs)  # built on the host by C++, which a dispatch mode does not see: move it
             return t.to(CUDA0) if dev.type == "cuda" else t
         if args and isinstance(args[0], SimTensor) and getattr(func, "__name__", "") in _HOST_READS:
-            _active("a read").note("syncs")  # the value comes to the host: a sync on a real GPU
+            sim = _active("a read")
+            sim.note("syncs")  # the value comes to the host: a sync on a real GPU
+            sim.clock.host_waits(sim.stream())
             return getattr(args[0].inner, func.__name__)(*args[1:], **kwargs)
         if func is torch.Tensor.cuda:
             return args[0].to(CUDA0, **{n: v for n, v in kwargs.items() if n == "non_blocking"})
@@ -483,6 +655,7 @@ def simulated_cuda(memory_bytes: int = 80 * 2**30) -> Iterator[SimCuda]:
 
     def synchronize(device: Any = None) -> None:
         sim.note("syncs")
+        sim.clock.host_waits()
 
     def current_stream(device: Any = None) -> _Stream:
         return sim._current[-1] if sim._current else sim.default_stream

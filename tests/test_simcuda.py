@@ -68,6 +68,53 @@ def test_the_simulation_counts_copies_and_pinned_memory():
         del big
 
 
+def test_the_simulation_finds_unordered_stream_and_host_accesses():
+    """Two streams touching memory with nothing ordering them, or the host touching pinned memory an asynchronous
+    copy may still use: StreamRace; the same with the wait / event / sync in place: fine."""
+    from simcuda import StreamRace
+
+    with simulated_cuda():
+        side = torch.cuda.Stream()
+        buf = torch.zeros(8, device="cuda")  # written on the default stream
+        with torch.cuda.stream(side), pytest.raises(StreamRace, match="written on another stream"):
+            buf.add_(1)  # with no wait for it
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            buf.add_(1)  # written on the side stream
+        with pytest.raises(StreamRace, match="written on another stream"):
+            buf.sum()  # read on the default stream with no wait
+        ev = torch.cuda.Event()
+        with torch.cuda.stream(side):
+            buf.add_(1)
+            ev.record(side)
+        torch.cuda.current_stream().wait_event(ev)
+        buf.sum()  # ordered by the event
+        with torch.cuda.stream(side):
+            with pytest.raises(StreamRace, match="may still read"):
+                buf.mul_(2)  # the default stream read it just now: the side stream must wait for it first
+            side.wait_stream(torch.cuda.default_stream())
+            buf.mul_(2)
+
+        stage = torch.full((8,), 5.0, pin_memory=True)
+        side.wait_stream(torch.cuda.default_stream())
+        with torch.cuda.stream(side):
+            buf.copy_(stage, non_blocking=True)  # host -> device from pinned memory, asynchronous
+            done = torch.cuda.Event()
+            done.record(side)
+        with pytest.raises(StreamRace, match="host writes pinned memory"):
+            stage.fill_(3)  # refilled while the copy may still read it
+        done.synchronize()
+        stage.fill_(3)
+
+        back = torch.empty(8, pin_memory=True)
+        torch.cuda.current_stream().wait_stream(side)
+        back.copy_(buf, non_blocking=True)  # device -> host, asynchronous
+        with pytest.raises(StreamRace, match="host reads pinned memory"):
+            back.sum()
+        torch.cuda.synchronize()
+        assert back.sum().item() == 40.0  # every op a race was raised for did not run
+
+
 @pytest.mark.parametrize("N,K", [(64, 256), (96, 576)])
 def test_the_emulated_cuda_int4_kernel_computes_the_dequantized_product(N, K):
     """Int4Linear on "cuda" packs with the CUDA layout's byte order and calls the CUDA kernel, emulated from its
