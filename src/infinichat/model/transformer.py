@@ -99,9 +99,9 @@ class Transformer:
                 )
         dev = self.device
         head = "embed" if cfg.tie_embeddings else "lm_head"
-        # A quantized head is left on the host side on a GPU: there the dense bf16 table (held anyway for the
-        # embedding and the re-scoring) is the better head, a GEMM reading 2 bytes a weight where the int8 one
-        # widens to bf16 first; all its logits are exact, with no re-scoring.
+        # On a GPU a quantized head is not moved there: the dense bf16 table (held anyway for the embedding and
+        # the re-scoring) is the better head, a GEMM reading 2 bytes a weight where the int8 one widens to bf16
+        # first; all its logits are exact, with no re-scoring.
         skip = {n for n in weights if dev.type != "cpu" and n.startswith(head + ".") and n.endswith(QUANT_SUFFIXES)}
         w = {  # no copy when the dtype and device are already right; quantized tensors keep their dtype
             n: t.to(dev) if n.endswith(QUANT_SUFFIXES) else t.to(dev, dtype).contiguous()
