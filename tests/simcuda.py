@@ -16,7 +16,8 @@ underneath (a wrapper tensor holding a CPU tensor). What it checks, as a GPU wou
   program order underneath, so the results are right whatever the order; the check says whether a GPU, which
   runs streams concurrently, would give them too (vector clocks per stream and for the host, `_Clock`).
 
-What it records (`SimCuda`): host syncs (`.item()`, `.tolist()` of CUDA tensors, `torch.cuda.synchronize`),
+What it records (`SimCuda`): host syncs (`.item()`, `.tolist()` of CUDA tensors, blocking copies either way,
+`torch.cuda.synchronize`),
 host-to-device copies and how many of them were `non_blocking` from memory that was not pinned (such a copy
 does not overlap anything on a real GPU), and the bytes of the live GPU storages (`torch.cuda.memory_allocated`,
 its peak, `mem_get_info`). Past `memory_bytes` an allocation raises `torch.OutOfMemoryError`, as on a GPU.
@@ -119,6 +120,14 @@ def _unwrap_index(idx: Any) -> Any:
     return idx.inner if isinstance(idx, SimTensor) else idx
 
 
+def _arg(func, a: tuple, k: dict, name: str) -> Any:
+    """The op's argument `name`, given by position or by keyword (None where absent)."""
+    for i, arg in enumerate(func._schema.arguments):
+        if arg.name == name:
+            return a[i] if i < len(a) and not arg.kwarg_only else k.get(name)
+    return None
+
+
 def _written_ids(func, a: tuple, k: dict) -> set[int]:
     """ids of the tensors the op writes (its schema's mutable arguments, `out=` included)."""
     ids: set[int] = set()
@@ -152,7 +161,7 @@ _CROSS_DEVICE = {
 }
 _INDEXING = {aten.index.Tensor, aten.index_put_.default, aten.index_put.default, aten._index_put_impl_.default}
 # ops on host memory only
-_HOST_ONLY = {aten.is_pinned.default, aten._pin_memory.default}
+_HOST_ONLY = {aten.is_pinned.default, aten._pin_memory.default, aten.pin_memory.default}
 # a CUDA tensor's value read on the host: a sync on a real GPU
 # (and ops whose output size depends on the data: the host reads the size before it allocates)
 _SYNCS = {
@@ -442,6 +451,8 @@ class _Mode(TorchDispatchMode):
                 raise SimCudaError(f"{func}: pinning is for host tensors, not a CUDA tensor")
             if func is aten.is_pinned.default:
                 return sim.is_pinned(a[0])
+            if func is aten.pin_memory.default and sim.is_pinned(a[0]):
+                return a[0]  # already page-locked: itself, as torch does
             return sim.pin(a[0].clone())
 
         if func is aten._convert_weight_to_int4pack.default:
@@ -455,11 +466,13 @@ class _Mode(TorchDispatchMode):
             src_dev = roles[-1][0] if func is aten.copy_.default else roles[0][0] if roles else "cpu"
             dst_dev = roles[0][0] if func is aten.copy_.default else (target or src_dev)
             is_copy = func is aten.copy_.default
-            non_blocking = bool(k.get("non_blocking") or (is_copy and len(a) > 2 and a[2] is True))
+            non_blocking = bool(_arg(func, a, k, "non_blocking"))
             if src_dev == "cpu" and dst_dev == "cuda":
                 sim.note("h2d_copies")
                 if non_blocking and not sim.is_pinned(roles[-1][2] if is_copy else roles[0][2]):
                     sim.note("h2d_unpinned_non_blocking")  # from pageable memory: staged, no overlap
+                if not non_blocking:
+                    sim.note("syncs")  # PyTorch's blocking copy synchronizes the stream (memcpy_and_sync)
             elif src_dev == "cuda" and dst_dev == "cpu":
                 sim.note("d2h_copies")
                 # the host waits for the GPU, but for a non_blocking copy into pinned memory (`.to("cpu",
@@ -469,7 +482,12 @@ class _Mode(TorchDispatchMode):
             out_dev = dst_dev
         elif func in _INDEXING:
             self_dev = roles[0][0]
-            # indices may be CPU tensors; the values put must be on self's device (or a 0-dim scalar)
+            # indices may be CPU tensors (PyTorch copies them to the GPU first, a blocking copy: a sync); the values
+            # put must be on self's device (or a 0-dim scalar)
+            idx = a[1] if len(a) > 1 else k.get("indices", ())
+            if self_dev == "cuda" and any(isinstance(i, torch.Tensor) and id(i) not in originals for i in idx or ()):
+                sim.note("h2d_copies")
+                sim.note("syncs")
             if func is not aten.index.Tensor:
                 vals = a[2] if len(a) > 2 else k.get("values")
                 if isinstance(vals, torch.Tensor) and vals.dim() > 0:
@@ -536,7 +554,7 @@ class _Mode(TorchDispatchMode):
         for dev, _, t in roles:
             if dev == "cuda":
                 clock.record(s, c, t.untyped_storage().data_ptr(), id(t) in written)
-        non_blocking = bool(k.get("non_blocking") or (func is aten.copy_.default and len(a) > 2 and a[2]))
+        non_blocking = bool(_arg(func, a, k, "non_blocking"))
         crossing = func in _CROSS_DEVICE and src_dev != dst_dev
 
         def outputs(out: Any) -> None:
