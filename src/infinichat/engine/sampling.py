@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 from infinichat.errors import InfinichatError
+from infinichat.model.transfer import to_device
 
 if TYPE_CHECKING:
     from infinichat.engine.grammar import Grammar
@@ -233,7 +234,7 @@ def _penalize_(x: torch.Tensor, window: torch.Tensor, params: SamplingParams) ->
     if window.numel() == 0:
         return x
     ids, counts = torch.unique(window, return_counts=True)  # (u,), (u,) where the history is (the host)
-    ids, counts = ids.to(x.device), counts.to(x.device)  # (a GPU sizes nothing: no sync)
+    ids, counts = to_device(ids, x.device), to_device(counts, x.device)  # (uploads only: no sync on a GPU)
     vals = x[ids]  # (u,)
     if params.repetition_penalty != 1.0:
         rp = params.repetition_penalty
@@ -321,8 +322,8 @@ def _dry_(
     ids, pen = dry_penalties(history, params, breakers)
     keep = ids < x.shape[0]
     if keep.any():
-        idx = torch.from_numpy(ids[keep]).to(x.device)
-        x[idx] -= torch.from_numpy(pen[keep]).to(device=x.device, dtype=x.dtype)
+        idx = to_device(torch.from_numpy(ids[keep]), x.device)
+        x[idx] -= to_device(torch.from_numpy(pen[keep]).to(x.dtype), x.device)
 
 
 def apply_dry(

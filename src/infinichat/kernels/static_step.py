@@ -27,6 +27,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from infinichat.model.transfer import to_device
+
 if TYPE_CHECKING:
     from infinichat.model.transformer import Transformer
 
@@ -110,7 +112,7 @@ class StaticDecode:
         assert self.mask is not None
         self.mask[0, : start + 1] = True  # slots [0, start] are attended to
         self.mask[0, start + 1 :] = False
-        x = m.embed[tokens.to(dev)].to(m.dtype)  # (1, D)
+        x = m.embed[to_device(tokens, dev)].to(m.dtype)  # (1, D)
         if m.embed_scale != 1.0:
             x *= m.embed_scale
         self.x.copy_(x)

@@ -28,6 +28,7 @@ from infinichat.errors import InfinichatError
 from infinichat.kv.slots import SlotTable
 from infinichat.model.config import ModelConfig
 from infinichat.model.rope import Rope, rotate_half
+from infinichat.model.transfer import to_device
 
 MAGIC = b"IKVS"
 VERSION = 3  # 2: the header holds the payload's CRC-32; 3: the K/V format and its named parts (quantized KV)
@@ -238,7 +239,7 @@ class KVStore(SlotTable):
             return
         first, src, delta = self._cut(spans, shift)
         m = src.shape[0]
-        src = src.to(self.device)
+        src = to_device(src, self.device)
         self.k_all[:, :, first : first + m] = self.k_all[:, :, src]  # (L, Hkv, m, hd); the gather copies first
         self.v_all[:, :, first : first + m] = self.v_all[:, :, src]
         if shift and rotate and m:
@@ -290,7 +291,7 @@ class KVStore(SlotTable):
         for key, layers in groups.items():
             angles = delta.double()[:, None] * ropes[key].inv_freq.double()[None, :]  # (n, rot/2), exact enough
             emb = torch.cat((angles, angles), dim=-1)  # (n, rot) half-split layout, as in rope.cos_sin
-            cos, sin = emb.cos().float().to(k.device), emb.sin().float().to(k.device)
+            cos, sin = to_device(emb.cos().float(), k.device), to_device(emb.sin().float(), k.device)
             rot = cos.shape[-1]
             sel = layers if len(layers) < cfg.n_layers else slice(None)
             kr = k[sel, :, :, :rot]  # (L', Hkv, n, rot)

@@ -86,8 +86,9 @@ def requested_attention(
     idx = req.subset.get(li)
     if idx is None and mirror is None and req.transfer and new_kv is not None:  # an offloaded layer, every slot:
         # the older rows from the cache's memory, the call's own from the forward (a pinned store places them later)
-        keys = torch.cat((kb[:, :start].to(q.device, q.dtype), k_new.to(q.dtype)), dim=1)  # (Hkv, S, hd)
-        values = torch.cat((vb[:, :start].to(q.device, q.dtype), v_new.to(q.dtype)), dim=1)
+        # (from a pinned store: an asynchronous copy; the host writes those rows only after the call's flush)
+        keys = torch.cat((kb[:, :start].to(q.device, q.dtype, non_blocking=True), k_new.to(q.dtype)), dim=1)
+        values = torch.cat((vb[:, :start].to(q.device, q.dtype, non_blocking=True), v_new.to(q.dtype)), dim=1)
     elif idx is None:
         keys, values = kb[:, :end], vb[:, :end]  # (Hkv, S, hd) views
     elif mirror is None and req.fetch is not None:  # offloaded: the picked older rows, moved ahead of time

@@ -28,6 +28,7 @@ from infinichat.model.attention import AttentionRequest, requested_attention
 from infinichat.model.config import ModelConfig
 from infinichat.model.quant import QUANT_SUFFIXES, QuantLinear, cache_tag, check_mode, quantize
 from infinichat.model.rope import Rope
+from infinichat.model.transfer import to_device
 
 LINEARS = ("wqkv", "wo", "w_in", "w_out")
 # A quantized head's RESCORE_TOP best tokens per row get their logits again from the dense bf16 table
@@ -291,7 +292,9 @@ class Transformer:
         tokens = seqs[0].tokens if one else torch.cat([s.tokens for s in seqs])  # (N,)
         positions = seqs[0].positions if one else torch.cat([s.positions for s in seqs])  # (N,)
         compute = kern.compute_dtype(tokens.shape[0])
-        x = self.embed[tokens.to(dev)].to(compute)  # (N, D): this call's own tensor (the residual adds in place)
+        x = self.embed[to_device(tokens, dev)].to(
+            compute
+        )  # (N, D): this call's own tensor (the residual adds in place)
         if self.embed_scale != 1.0:
             x *= self.embed_scale
         rope = kern.rope_tables(*self.rope.cos_sin(positions, compute))  # (N, rot) each, in the kernels' form
@@ -307,7 +310,7 @@ class Transformer:
                 masks.append(None)
         x = self.layers_forward(x, rope, rope_local, seqs, rows, masks, attn)  # (N, D)
         if not all_logits:  # each sequence's last row: the model dtype's (packed) product beats upcasting the head
-            x = (x[-1:] if one else x[torch.tensor(rows, device=dev).cumsum(0) - 1]).to(self.dtype)  # (B, D)
+            x = (x[-1:] if one else x[to_device(torch.tensor(rows), dev).cumsum(0) - 1]).to(self.dtype)  # (B, D)
         x = self._norm(x, *self.norm)
         logits = self._head(x)  # (N, V) or (B, V)
         if not all_logits:
