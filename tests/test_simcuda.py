@@ -564,3 +564,31 @@ def test_a_command_out_of_gpu_memory_says_so_in_one_line(when, tiny_gguf_1k, tmp
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip() and not ln.startswith("WARNING")]
     assert rc == 1 and len(err) == 1 and "the GPU ran out of memory" in err[0] and "Traceback" not in err[0], err
     assert list((tmp_path / "c" / "models").iterdir()) == entries and all(e.is_dir() for e in entries)
+
+
+def test_the_terminal_chat_says_out_of_gpu_memory_and_goes_on(tmp_path):
+    """`chat` in-process on a GPU: a message that runs it out of memory is one error line, the session is as it
+    was, and the next message works."""
+    from gguf_util import tiny_llama, write_gguf
+    from test_chat_client import Run, texts
+
+    from infinichat.cli.chat_backends import LocalBackend
+    from infinichat.model.loader import load_model
+    from infinichat.session.manager import SessionManager
+
+    path = tmp_path / "tiny.gguf"
+    write_gguf(path, tiny_llama(seed=3, max_position_embeddings=4096))
+    with simulated_cuda() as sim:
+        m = load_model(path, "float32", cache_dir=tmp_path / "cache", device="cuda")
+        eng = TorchEngine(m.model, m.tokenizer.eos_ids)
+        b = LocalBackend(SessionManager(eng, m.tokenizer, m.file_hash, tmp_path / "data"), "tiny")
+        assert not Run(b, ["Hello", ":exit"], sid="s", given={"budget": 4000}).errors()
+        before = texts(b.history())
+        sim.memory_limit = sim.allocated + (2 << 20)  # 2 MiB left: a 3000-token message does not fit
+        r = Run(b, ["word " * 3000, ":exit"], sid="s")
+        assert r.rc == 0 and len(r.errors()) == 1 and "the GPU ran out of memory" in r.errors()[0], r.out
+        assert texts(b.history()) == before and "Traceback" not in r.out
+        sim.memory_limit = 80 << 30
+        assert not Run(b, ["again", ":exit"], sid="s").errors()
+        assert [k for k, _ in texts(b.history())] == ["user", "assistant", "user", "assistant"]
+        b.close()

@@ -192,7 +192,7 @@ class ChatClient:
         self.console.print(f"[bold cyan]{label}[/]", end="\n" if self.markdown else " ")
         try:
             return print_stream(self.console, self.backend.act(action, self.params, text), self.markdown)
-        except InfinichatError:
+        except (InfinichatError, RuntimeError):  # (RuntimeError: torch's, such as the GPU out of memory)
             if not self.markdown:
                 self.console.print()  # the error goes on a line of its own
             raise
@@ -257,6 +257,13 @@ class ChatClient:
                     return 0
             except InfinichatError as e:
                 self.error(str(e))
+            except RuntimeError as e:  # torch.OutOfMemoryError (a GPU's), named without importing torch here
+                if type(e).__name__ != "OutOfMemoryError":
+                    raise
+                self.error(
+                    "the GPU ran out of memory: nothing was changed (a reply it cut short is kept); try a shorter "
+                    "message, or a smaller budget (:set budget N)"
+                )
 
 
 def _escape(text: str) -> str:
