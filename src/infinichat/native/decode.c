@@ -943,22 +943,33 @@ AVX512 static inline __attribute__((always_inline)) void int8_scores(const uint3
     for (int g = 0; g < GH; g++) out[g] = s[g];
 }
 
-/* acc[g] (hd,) of GH query heads = acc * corr + sum_j pw[g][j] codes_j over channels [i, i + 32) of the block's nb
-   value rows V8 (nb, hd) */
-AVX512 static inline __attribute__((always_inline)) void int8_values(const int8_t *V8, int hd, int nb, int i,
-                                                                     float *const acc[], const float *corr,
-                                                                     const float (*pw)[ABLK], const int GH) {
+/* 16 int8 codes at p -> 16 floats (exact) */
+AVX512 static inline __m512 load_i8x16(const int8_t *p) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
+}
+
+/* 16 bf16 at p -> 16 floats (exact) */
+AVX512 static inline __m512 load_bf16x16(const uint16_t *p) {
+    const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+}
+
+/* acc[g] (hd,) of GH query heads = acc * corr + sum_j pw[g][j] row_j over channels [i, i + 32) of the block's nb
+   value rows V (nb, hd): int8 codes (bf16 = 0: pw carries the rows' scales) or bf16 values (bf16 = 1); `bf16` is a
+   constant where this is inlined, so each caller gets the loop of its own format */
+AVX512 static inline __attribute__((always_inline)) void row_values(const void *V, int bf16, int hd, int nb, int i,
+                                                                    float *const acc[], const float *corr,
+                                                                    const float (*pw)[ABLK], const int GH) {
     __m512 o0[KV_GH], o1[KV_GH];
     for (int g = 0; g < GH; g++) {
         const __m512 cg = _mm512_set1_ps(corr[g]);
         o0[g] = _mm512_mul_ps(_mm512_loadu_ps(acc[g] + i), cg);
         o1[g] = _mm512_mul_ps(_mm512_loadu_ps(acc[g] + i + 16), cg);
     }
-    const int8_t *v = V8 + i;
     for (int j = 0; j < nb; j++) {
-        const int8_t *r = v + (int64_t)j * hd;
-        const __m512 x0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)r)));
-        const __m512 x1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(r + 16))));
+        const int64_t at = (int64_t)j * hd + i;
+        const __m512 x0 = bf16 ? load_bf16x16((const uint16_t *)V + at) : load_i8x16((const int8_t *)V + at);
+        const __m512 x1 = bf16 ? load_bf16x16((const uint16_t *)V + at + 16) : load_i8x16((const int8_t *)V + at + 16);
         for (int g = 0; g < GH; g++) {
             const __m512 w = _mm512_set1_ps(pw[g][j]);
             o0[g] = _mm512_fmadd_ps(w, x0, o0[g]);
@@ -1044,7 +1055,7 @@ AVX512 static void attend_int8_512(const Model *M, const float *q, const Rows *R
                     float *const *ap = accp + g0;
                     const float *cr = corr + g0;
                     const float(*pp)[ABLK] = (const float(*)[ABLK])pw[g0];
-                    BY_GH(gh, int8_values, Vb, hd, nb, i, ap, cr, pp);
+                    BY_GH(gh, row_values, Vb, 0, hd, nb, i, ap, cr, pp);
                 }
         }
     }
@@ -1073,39 +1084,6 @@ AVX512 static inline __attribute__((always_inline)) void bf16_scores(const uint3
         }
     }
     for (int g = 0; g < GH; g++) out[g] = s[g];
-}
-
-/* 16 bf16 at p -> 16 floats (exact) */
-AVX512 static inline __m512 load_bf16x16(const uint16_t *p) {
-    const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
-}
-
-/* acc[g] (hd,) of GH query heads = acc * corr + sum_j pw[g][j] rows_j over channels [i, i + 32) of the block's nb
-   value rows V (nb, hd) bf16 */
-AVX512 static inline __attribute__((always_inline)) void bf16_values(const uint16_t *V, int hd, int nb, int i,
-                                                                     float *const acc[], const float *corr,
-                                                                     const float (*pw)[ABLK], const int GH) {
-    __m512 o0[KV_GH], o1[KV_GH];
-    for (int g = 0; g < GH; g++) {
-        const __m512 cg = _mm512_set1_ps(corr[g]);
-        o0[g] = _mm512_mul_ps(_mm512_loadu_ps(acc[g] + i), cg);
-        o1[g] = _mm512_mul_ps(_mm512_loadu_ps(acc[g] + i + 16), cg);
-    }
-    const uint16_t *v = V + i;
-    for (int j = 0; j < nb; j++) {
-        const uint16_t *r = v + (int64_t)j * hd;
-        const __m512 x0 = load_bf16x16(r), x1 = load_bf16x16(r + 16);
-        for (int g = 0; g < GH; g++) {
-            const __m512 w = _mm512_set1_ps(pw[g][j]);
-            o0[g] = _mm512_fmadd_ps(w, x0, o0[g]);
-            o1[g] = _mm512_fmadd_ps(w, x1, o1[g]);
-        }
-    }
-    for (int g = 0; g < GH; g++) {
-        _mm512_storeu_ps(acc[g] + i, o0[g]);
-        _mm512_storeu_ps(acc[g] + i + 16, o1[g]);
-    }
 }
 
 AVX512 static void attend_bf16_512(const Model *M, const float *q, const Rows *R, int64_t a, int64_t b, Partial *P) {
@@ -1155,7 +1133,7 @@ AVX512 static void attend_bf16_512(const Model *M, const float *q, const Rows *R
                     float *const *ap = accp + g0;
                     const float *cr = corr + g0;
                     const float(*pp)[ABLK] = (const float(*)[ABLK])sc[g0];
-                    BY_GH(gh, bf16_values, Vb, hd, nb, i, ap, cr, pp);
+                    BY_GH(gh, row_values, Vb, 1, hd, nb, i, ap, cr, pp);
                 }
         }
     }
