@@ -114,7 +114,7 @@ def ppl(args: argparse.Namespace) -> int:
         threads=threads,
         quant=args.quant,
         kv_dtype=args.kv_dtype,
-        device=str(getattr(getattr(engine, "model", None), "device", "cpu")),
+        device=str(engine.device),
     )
     paths = ev.write_report(report, out_dir)
     _print_table(report)

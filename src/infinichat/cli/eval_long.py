@@ -76,9 +76,8 @@ def _load(args: argparse.Namespace):
         compute = args.dtype if args.quant == "none" else f"{args.dtype}+{args.quant}"
         if args.kv_dtype != "auto":
             compute += f", KV {args.kv_dtype}"
-        device = getattr(getattr(engine, "model", None), "device", None)
-        if device is not None and device.type != "cpu":  # recorded with the run (--resume elsewhere is refused)
-            compute += f" on {device}"
+        if engine.device.type != "cpu":  # recorded with the run (--resume elsewhere is refused)
+            compute += f" on {engine.device}"
     return tok, name, engine, args.threads or physical_cores(), compute
 
 

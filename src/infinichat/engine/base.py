@@ -45,6 +45,11 @@ class Engine:
     batcher: DecodeBatcher | None = None  # set by a driver that batches decode steps (engine/batch.py)
     pacer: PrefillPacer | None = None  # set by a driver that interleaves prompts with other steps (engine/batch.py)
 
+    @property
+    def device(self) -> torch.device:
+        """Where the model computes (llama.cpp here: the CPU; the torch engine: its model's device)."""
+        return torch.device("cpu")
+
     def new_sequence(
         self,
         budget: int | None = None,

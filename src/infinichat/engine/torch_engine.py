@@ -87,6 +87,10 @@ class TorchEngine(Engine):
         self.threads: ThreadGovernor | None = None  # configure_threads: decode steps' thread count at run time
 
     @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
     def kv_format(self) -> str:
         """What the stores hold (keys the prefix cache): the dtype name of a dense store, or int8 / int4 / int8h /
         int4h."""

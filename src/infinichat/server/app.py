@@ -230,9 +230,9 @@ def kv_memory(args: argparse.Namespace, engine) -> tuple[int, int]:
     of the memory free after the weights (a 6 GB card holding a 4 GB model has no 2 GiB for caches), and a
     warning where the given limit is more than that memory."""
     cap = (args.kv_cap_mb or DEFAULT_KV_CAP_MB) << 20
-    device = getattr(getattr(engine, "model", None), "device", None)
+    device = engine.device
     free = None
-    if device is not None and device.type == "cuda":
+    if device.type == "cuda":
         import torch
 
         free, total = torch.cuda.mem_get_info(device)
