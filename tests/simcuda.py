@@ -203,15 +203,12 @@ class _Stream:
 
     def __init__(self, device: Any = None, priority: int = 0, **_: Any):
         self.device = CUDA0
-        self.waits = 0
 
     def wait_stream(self, other: _Stream) -> None:
-        self.waits += 1
         if _ACTIVE is not None:
             _ACTIVE.clock.wait_stream(self, other)
 
     def wait_event(self, ev: _Event) -> None:
-        self.waits += 1
         if _ACTIVE is not None and ev.at is not None:
             _ACTIVE.clock.learn(self, *ev.at)
 
