@@ -23,5 +23,10 @@ class DamagedSessionError(StorageError):
     are unaffected."""
 
 
+def gpu_out_of_memory(e: BaseException) -> bool:
+    """`e` is torch.OutOfMemoryError (a GPU's; a RuntimeError), told apart without importing torch here."""
+    return isinstance(e, RuntimeError) and type(e).__name__ == "OutOfMemoryError"
+
+
 class OverloadedError(InfinichatError):
     """The server's memory limit for resident KV caches is reached by generations in progress; retry later."""

@@ -14,7 +14,7 @@ from rich.console import Console
 from infinichat.cli.chat_backends import ChatBackend, HttpBackend, LocalBackend
 from infinichat.cli.chat_commands import ALIASES, BY_NAME
 from infinichat.cli.chat_io import LineReader, make_reader, print_stream
-from infinichat.errors import InfinichatError
+from infinichat.errors import InfinichatError, gpu_out_of_memory
 
 # chat flags that are session settings (used when the session is created) / per-request parameters
 SETTING_FLAGS = {
@@ -257,8 +257,8 @@ class ChatClient:
                     return 0
             except InfinichatError as e:
                 self.error(str(e))
-            except RuntimeError as e:  # torch.OutOfMemoryError (a GPU's), named without importing torch here
-                if type(e).__name__ != "OutOfMemoryError":
+            except RuntimeError as e:
+                if not gpu_out_of_memory(e):
                     raise
                 self.error(
                     "the GPU ran out of memory: nothing was changed (a reply it cut short is kept); try a shorter "

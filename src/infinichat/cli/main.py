@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 from infinichat import __version__
 from infinichat.cli.chat_commands import COMMANDS
-from infinichat.errors import InfinichatError
+from infinichat.errors import InfinichatError, gpu_out_of_memory
 
 log = logging.getLogger("infinichat")
 
@@ -633,7 +633,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 1
     except RuntimeError as e:
-        if type(e).__name__ != "OutOfMemoryError":  # torch.OutOfMemoryError, checked without importing torch here
+        if not gpu_out_of_memory(e):
             raise
         first = str(e).splitlines()[0] if str(e) else ""
         print(  # noqa: T201  (the CLI's error line)
