@@ -194,9 +194,9 @@ class Int8Linear(QuantLinear):
 
     def __init__(self, q: torch.Tensor, scale: torch.Tensor):
         super().__init__(*q.shape)
-        self.q = aligned(q) if q.device.type == "cpu" else q.contiguous()  # (N, K) int8
-        self.scale = aligned(scale.to(ACT_DTYPE)) if q.device.type == "cpu" else scale.to(ACT_DTYPE).contiguous()
         self._cpu = q.device.type == "cpu"
+        self.q = aligned(q) if self._cpu else q.contiguous()  # (N, K) int8
+        self.scale = aligned(scale.to(ACT_DTYPE)) if self._cpu else scale.to(ACT_DTYPE).contiguous()  # (N,)
 
     def _mm(self, x: torch.Tensor) -> torch.Tensor:
         if self._cpu:
