@@ -24,7 +24,8 @@ from infinichat.kv.store import KVStore
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 BUDGET = 1024  # the anonymous sequences' budget (create_app anon_budget)
-NO_EOS = {str(EOS_ID): -100}  # the random model's replies run to max_tokens
+STOP_IDS = (EOS_ID, EOS_ID + 2)  # <|endoftext|> and <|im_end|> (tiny_vocab.SPECIALS): both end a reply
+NO_EOS = {str(i): -100 for i in STOP_IDS}  # the random model's replies run to max_tokens
 
 
 @pytest.fixture(scope="module")
@@ -156,7 +157,12 @@ def hold(live, path: str, payload: dict, started: threading.Event, stop: threadi
         ),
         (
             "/completion",
-            {"prompt": "Once upon a time", "n_predict": -1, "stream": True, "logit_bias": [[EOS_ID, False]]},
+            {
+                "prompt": "Once upon a time",
+                "n_predict": -1,
+                "stream": True,
+                "logit_bias": [[i, False] for i in STOP_IDS],
+            },
         ),
     ],
 )
@@ -310,7 +316,10 @@ def test_concurrent_requests_cut_halfway_give_every_reservation_back(live, limit
         requests = [
             ("/v1/completions", body(900, stream=True)),  # request 0: it outlives the gauge's check
             ("/v1/chat/completions", {**chat, "stream": True}),
-            ("/completion", {"prompt": "Once", "n_predict": -1, "stream": True, "logit_bias": [[EOS_ID, False]]}),
+            (
+                "/completion",
+                {"prompt": "Once", "n_predict": -1, "stream": True, "logit_bias": [[i, False] for i in STOP_IDS]},
+            ),
             ("/api/sessions/cut/suggest", {"params": {"max_tokens": 60}}),
         ]
         seen: list[int] = []
